@@ -1,0 +1,5 @@
+//! CivicGrid's integration and end-to-end tests live in `tests/integration/`
+//! (one test binary); this library holds what they share, above all the
+//! multi-cluster Kubernetes harness in [`controlplane`].
+
+pub mod controlplane;

@@ -1,0 +1,4 @@
+//! All of CivicGrid's integration and end-to-end tests, in one test binary so
+//! the workspace links it once.
+
+mod controlplane_smoke;
