@@ -669,10 +669,11 @@ current-context: {cluster}
 }
 
 fn free_port() -> Result<u16, HarnessError> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|source| HarnessError::Io {
-        what: "find a free loopback port".to_owned(),
-        source,
-    })?;
+    let listener =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|source| HarnessError::Io {
+            what: "find a free loopback port".to_owned(),
+            source,
+        })?;
     listener
         .local_addr()
         .map(|address| address.port())
@@ -743,7 +744,10 @@ fn kill_recorded_processes(dir: &Path) {
         return;
     };
     let needle = dir.display().to_string();
-    for pid in pids.lines().filter_map(|line| line.trim().parse::<i32>().ok()) {
+    for pid in pids
+        .lines()
+        .filter_map(|line| line.trim().parse::<i32>().ok())
+    {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         if String::from_utf8_lossy(&cmdline).contains(&needle) {
             // SIGKILL via the kill(1) program keeps this crate free of a

@@ -119,9 +119,7 @@ async fn deployment_pods_reach_running_on_kwok_nodes() -> anyhow::Result<()> {
         let running: Vec<Pod> = list
             .items
             .into_iter()
-            .filter(|pod| {
-                pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-            })
+            .filter(|pod| pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
             .collect();
         (running.len() == 3).then_some(running)
     })
@@ -156,7 +154,10 @@ async fn client_fails_while_apiserver_is_down_and_recovers_after_restart() -> an
     let namespaces: Api<Namespace> = Api::all(client);
     let down = namespaces.list(&ListParams::default()).await;
     assert!(
-        matches!(down, Err(kube::Error::HyperError(_) | kube::Error::Service(_))),
+        matches!(
+            down,
+            Err(kube::Error::HyperError(_) | kube::Error::Service(_))
+        ),
         "requests fail while the API server is down: {down:?}"
     );
 
@@ -166,12 +167,20 @@ async fn client_fails_while_apiserver_is_down_and_recovers_after_restart() -> an
         .list(&ListParams::default())
         .await?;
     ensure!(
-        listed.items.iter().any(|ns| ns.metadata.name.as_deref() == Some("default")),
+        listed
+            .items
+            .iter()
+            .any(|ns| ns.metadata.name.as_deref() == Some("default")),
         "default namespace served after restart"
     );
-    let kept = Api::<ConfigMap>::namespaced(fresh, "default").get("marker").await?;
+    let kept = Api::<ConfigMap>::namespaced(fresh, "default")
+        .get("marker")
+        .await?;
     assert_eq!(
-        kept.data.unwrap_or_default().get("kept").map(String::as_str),
+        kept.data
+            .unwrap_or_default()
+            .get("kept")
+            .map(String::as_str),
         Some("yes"),
         "data in etcd survives the API server restart"
     );
@@ -289,11 +298,16 @@ async fn killed_test_leaves_no_process_and_its_data_is_swept() -> anyhow::Result
     child.kill()?;
     child.wait()?;
     let pids = report.pids.clone();
-    eventually("control-plane processes die with the test", WAIT, || async {
-        pids.iter().all(|pid| !alive(*pid)).then_some(())
-    })
+    eventually(
+        "control-plane processes die with the test",
+        WAIT,
+        || async { pids.iter().all(|pid| !alive(*pid)).then_some(()) },
+    )
     .await?;
-    ensure!(report.data_dir.exists(), "no destructor ran, so the data is still there");
+    ensure!(
+        report.data_dir.exists(),
+        "no destructor ran, so the data is still there"
+    );
     sweep_orphaned_clusters();
     ensure!(
         !report.data_dir.exists(),

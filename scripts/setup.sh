@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs everything CivicGrid's build and tests need on a fresh machine
+# (Debian, root or sudo; Go and rustup already present). Idempotent: a second
+# run takes seconds.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+# The toolchain pinned in rust-toolchain.toml, with its components and targets.
+toolchain=$(sed -n 's/^channel = "\(.*\)"/\1/p' rust-toolchain.toml)
+if ! rustup run "$toolchain" rustc --print target-list >/dev/null 2>&1 ||
+    ! rustup target list --installed --toolchain "$toolchain" | grep -qx wasm32-wasip1 ||
+    ! rustup component list --installed --toolchain "$toolchain" | grep -q '^clippy'; then
+    log "installing Rust $toolchain with rustfmt, clippy and wasm32-wasip1"
+    rustup toolchain install "$toolchain" --profile minimal \
+        --component rustfmt --component clippy --target wasm32-wasip1
+fi
+
+command -v go >/dev/null || { echo "Go is required to build the test control planes" >&2; exit 1; }
+
+# Real kube-apiserver, etcd, controller-manager, scheduler and kwok, built from
+# the Go module proxy into a cache keyed by version.
+log "control-plane binaries"
+bash tests/controlplane/build.sh >/dev/null

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole CivicGrid test suite: set-up, format check, clippy with warnings
+# denied, and every test (unit, property, integration on real control planes).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bash scripts/setup.sh
+CIVICGRID_CONTROLPLANE_BIN=$(bash tests/controlplane/build.sh)
+export CIVICGRID_CONTROLPLANE_BIN
+
+echo "==> cargo fmt --check" >&2
+cargo fmt --all -- --check
+echo "==> cargo clippy -D warnings" >&2
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> cargo test" >&2
+cargo test --workspace --all-targets --locked
+# Doc tests: examples in rustdoc must run too.
+cargo test --workspace --doc --locked
