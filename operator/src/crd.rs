@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 pub const GROUP: &str = "civicgrid.io";
 
 /// What kind of data center this is.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Tier {
     /// The municipal core (government cloud).

@@ -1,0 +1,359 @@
+//! Wire types ([`crate::crd`]) → engine types ([`crate::engine::model`]).
+//!
+//! Parse, don't validate: everything the engine relies on is checked here once,
+//! and every refusal names the object and the field.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::ResourceExt;
+
+use crate::crd::{self, ComputeWorkload, DataCenter};
+use crate::engine::model::{
+    self, FallbackGroup, Reachability, ReplicaDemand, Resources, Selector, SelectorExpression,
+    Spread, Taint, Toleration, Weights, WorkloadKey,
+};
+use crate::quantity;
+
+/// A spec the engine cannot use, with the object and field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} `{object}`: {field}: {message}")]
+pub struct FieldError {
+    /// `DataCenter` or `ComputeWorkload`.
+    pub kind: &'static str,
+    /// Object name (`namespace/name` for workloads).
+    pub object: String,
+    /// Field path, e.g. `spec.resources.cpu`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+struct At<'a> {
+    kind: &'static str,
+    object: &'a str,
+}
+
+impl At<'_> {
+    fn err(&self, field: impl Into<String>, message: impl Into<String>) -> FieldError {
+        FieldError {
+            kind: self.kind,
+            object: self.object.to_owned(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    fn cpu(&self, field: &str, q: &str) -> Result<u64, FieldError> {
+        quantity::cpu_millis(q).map_err(|e| self.err(field, e.to_string()))
+    }
+
+    fn bytes(&self, field: &str, q: &str) -> Result<u64, FieldError> {
+        quantity::bytes(q).map_err(|e| self.err(field, e.to_string()))
+    }
+}
+
+fn capacity(at: &At<'_>, field: &str, c: &crd::Capacity) -> Result<Resources, FieldError> {
+    Ok(Resources {
+        cpu_millis: at.cpu(&format!("{field}.cpu"), &c.cpu.0)?,
+        memory_bytes: at.bytes(&format!("{field}.memory"), &c.memory.0)?,
+        ephemeral_bytes: match &c.ephemeral_storage {
+            Some(q) => at.bytes(&format!("{field}.ephemeralStorage"), &q.0)?,
+            // Not declared: not a constraint.
+            None => u64::MAX,
+        },
+        gpus: c
+            .gpus
+            .iter()
+            .map(|(model, n)| (model.clone(), u64::from(*n)))
+            .collect(),
+    })
+}
+
+/// Converts a `DataCenter`. `now_unix` decides whether a pushed carbon value
+/// is still fresh; `reachability` comes from the controller's health checks.
+///
+/// # Errors
+/// Unparsable capacity quantities, a PUE below 1, or capacity neither
+/// declared nor observed.
+pub fn data_center(
+    dc: &DataCenter,
+    now_unix: i64,
+    reachability: Reachability,
+) -> Result<model::DataCenter, FieldError> {
+    let name = dc.name_any();
+    let at = At {
+        kind: "DataCenter",
+        object: &name,
+    };
+    let spec = &dc.spec;
+    if spec.region.trim().is_empty() {
+        return Err(at.err("spec.region", "must not be empty"));
+    }
+    let capacity = match (
+        &spec.capacity,
+        dc.status.as_ref().and_then(|s| s.allocatable.as_ref()),
+    ) {
+        (Some(c), _) => capacity(&at, "spec.capacity", c)?,
+        (None, Some(observed)) => capacity(&at, "status.allocatable", observed)?,
+        (None, None) => {
+            return Err(at.err(
+                "spec.capacity",
+                "not declared and not yet observed from the member cluster's nodes",
+            ));
+        }
+    };
+    let (carbon_intensity, pue_milli) = match &spec.energy {
+        None => (None, 1000),
+        Some(energy) => {
+            if !(energy.pue >= 1.0 && energy.pue.is_finite() && energy.pue < 10.0) {
+                return Err(at.err(
+                    "spec.energy.pue",
+                    format!("{} is not within [1.0, 10.0)", energy.pue),
+                ));
+            }
+            let fresh = energy
+                .pushed
+                .as_ref()
+                .filter(|p| p.expires_at.0.as_second() > now_unix)
+                .map(|p| p.carbon_intensity);
+            // Rounded to 1/1000: PUE is reported to two decimals in practice.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let pue_milli = (energy.pue * 1000.0).round() as u32;
+            (Some(fresh.unwrap_or(energy.carbon_intensity)), pue_milli)
+        }
+    };
+    let cost = spec.cost.clone().unwrap_or_default();
+    Ok(model::DataCenter {
+        name: name.clone(),
+        tier: spec.tier,
+        region: spec.region.clone(),
+        zone: spec.zone.clone(),
+        labels: spec.labels.clone(),
+        taints: spec
+            .taints
+            .iter()
+            .map(|t| Taint {
+                key: t.key.clone(),
+                value: t.value.clone(),
+                effect: t.effect,
+            })
+            .collect(),
+        capacity,
+        cost_per_core_hour: cost.per_core_hour,
+        cost_per_gib_hour: cost.per_gib_hour,
+        cost_per_gpu_hour: cost.per_gpu_hour,
+        carbon_intensity,
+        pue_milli,
+        latency_ms: spec.latency_ms.clone(),
+        datasets: spec.datasets.iter().cloned().collect(),
+        cordoned: spec.cordoned,
+        reachability,
+    })
+}
+
+fn selector(at: &At<'_>, s: &LabelSelector) -> Result<Selector, FieldError> {
+    let mut expressions = Vec::new();
+    for (i, e) in s.match_expressions.iter().flatten().enumerate() {
+        let field = format!("spec.placement.dataCenterSelector.matchExpressions[{i}]");
+        let values: BTreeSet<String> = e.values.iter().flatten().cloned().collect();
+        let expression = match e.operator.as_str() {
+            "In" | "NotIn" if values.is_empty() => {
+                return Err(at.err(
+                    format!("{field}.values"),
+                    format!("{} needs at least one value", e.operator),
+                ));
+            }
+            "In" => SelectorExpression::In(e.key.clone(), values),
+            "NotIn" => SelectorExpression::NotIn(e.key.clone(), values),
+            "Exists" => SelectorExpression::Exists(e.key.clone()),
+            "DoesNotExist" => SelectorExpression::DoesNotExist(e.key.clone()),
+            other => {
+                return Err(at.err(
+                    format!("{field}.operator"),
+                    format!("`{other}` is not one of In, NotIn, Exists, DoesNotExist"),
+                ));
+            }
+        };
+        expressions.push(expression);
+    }
+    Ok(Selector {
+        match_labels: s.match_labels.clone().unwrap_or_default(),
+        expressions,
+    })
+}
+
+/// Converts a `ComputeWorkload`.
+///
+/// # Errors
+/// Negative replicas, unparsable quantities, a replica that asks for nothing,
+/// inconsistent spread bounds, duplicate or empty static weights and fallback
+/// groups, each naming the field.
+pub fn workload(cw: &ComputeWorkload) -> Result<model::Workload, FieldError> {
+    let key = WorkloadKey::new(
+        cw.namespace().unwrap_or_else(|| "default".to_owned()),
+        cw.name_any(),
+    );
+    let object = key.to_string();
+    let at = At {
+        kind: "ComputeWorkload",
+        object: &object,
+    };
+    let spec = &cw.spec;
+    let replicas = u32::try_from(spec.replicas)
+        .map_err(|_| at.err("spec.replicas", format!("{} is negative", spec.replicas)))?;
+    let r = &spec.resources;
+    let gpu = r.gpu.as_ref();
+    if gpu.is_some_and(|g| g.count == 0) {
+        return Err(at.err("spec.resources.gpu.count", "must be at least 1"));
+    }
+    if gpu
+        .and_then(|g| g.model.as_deref())
+        .is_some_and(|m| m.trim().is_empty())
+    {
+        return Err(at.err("spec.resources.gpu.model", "must not be empty when given"));
+    }
+    let demand = ReplicaDemand {
+        cpu_millis: at.cpu("spec.resources.cpu", &r.cpu.0)?,
+        memory_bytes: at.bytes("spec.resources.memory", &r.memory.0)?,
+        ephemeral_bytes: match &r.ephemeral_storage {
+            Some(q) => at.bytes("spec.resources.ephemeralStorage", &q.0)?,
+            None => 0,
+        },
+        gpu_count: gpu.map_or(0, |g| u64::from(g.count)),
+        gpu_model: gpu.and_then(|g| g.model.clone()),
+    };
+    if demand.cpu_millis == 0 && demand.memory_bytes == 0 && demand.gpu_count == 0 {
+        return Err(at.err(
+            "spec.resources",
+            "a replica must request some CPU, memory or GPU, or capacity cannot be accounted",
+        ));
+    }
+    let p = &spec.placement;
+    let spread = p.spread.clone().unwrap_or_default();
+    if let (Some(min), Some(max)) = (spread.min_domains, spread.max_domains)
+        && min > max
+    {
+        return Err(at.err(
+            "spec.placement.spread.minDomains",
+            format!("{min} exceeds spec.placement.spread.maxDomains {max}"),
+        ));
+    }
+    if spread.max_domains == Some(0) {
+        return Err(at.err("spec.placement.spread.maxDomains", "must be at least 1"));
+    }
+    let mut static_weights = BTreeMap::new();
+    for (i, w) in p.strategy.static_weights.iter().enumerate() {
+        if static_weights
+            .insert(w.data_center.clone(), w.weight)
+            .is_some()
+        {
+            return Err(at.err(
+                format!("spec.placement.strategy.staticWeights[{i}].dataCenter"),
+                format!("`{}` is listed twice", w.data_center),
+            ));
+        }
+    }
+    if p.strategy.kind == crd::StrategyKind::StaticWeights
+        && static_weights.values().all(|w| *w == 0)
+    {
+        return Err(at.err(
+            "spec.placement.strategy.staticWeights",
+            "StaticWeights needs at least one data center with a weight above 0",
+        ));
+    }
+    let mut fallback_groups = Vec::new();
+    let mut group_names = BTreeSet::new();
+    for (i, g) in p.fallback_groups.iter().enumerate() {
+        let field = format!("spec.placement.fallbackGroups[{i}]");
+        if g.tiers.is_empty() && g.regions.is_empty() && g.data_centers.is_empty() {
+            return Err(at.err(
+                field,
+                "lists no tiers, regions or data centers, so it matches nothing",
+            ));
+        }
+        if !group_names.insert(g.name.clone()) {
+            return Err(at.err(
+                format!("{field}.name"),
+                format!("`{}` is used twice", g.name),
+            ));
+        }
+        fallback_groups.push(FallbackGroup {
+            name: g.name.clone(),
+            tiers: g.tiers.iter().copied().collect(),
+            regions: g.regions.iter().cloned().collect(),
+            data_centers: g.data_centers.iter().cloned().collect(),
+        });
+    }
+    let selector = p
+        .data_center_selector
+        .as_ref()
+        .map(|s| selector(&at, s))
+        .transpose()?;
+    let w = &p.weights;
+    let affinity = p.data_affinity.clone().unwrap_or_default();
+    Ok(model::Workload {
+        key,
+        replicas,
+        demand,
+        placement: model::PlacementRules {
+            required_tiers: p.required_tiers.iter().copied().collect(),
+            preferred_tiers: p.preferred_tiers.iter().copied().collect(),
+            fallback_groups,
+            allowed_regions: p.allowed_regions.iter().cloned().collect(),
+            selector,
+            tolerations: p
+                .tolerations
+                .iter()
+                .map(|t| Toleration {
+                    key: t.key.clone(),
+                    operator: t.operator,
+                    value: t.value.clone(),
+                    effect: t.effect,
+                })
+                .collect(),
+            max_latency: p
+                .max_latency
+                .as_ref()
+                .map(|l| (l.from_site.clone(), l.max_ms)),
+            required_datasets: affinity.required.into_iter().collect(),
+            preferred_datasets: affinity.preferred.into_iter().collect(),
+            spread: Spread {
+                by: spread.by,
+                min_domains: spread.min_domains,
+                max_domains: spread.max_domains,
+                max_replicas_per_data_center: spread.max_replicas_per_data_center,
+            },
+            strategy: p.strategy.kind,
+            static_weights,
+            gang: p.gang,
+            weights: Weights {
+                free_capacity: w.free_capacity,
+                cost: w.cost,
+                carbon: w.carbon,
+                latency: w.latency,
+                locality: w.locality,
+                tier: w.tier,
+            },
+            rebalance: p.rebalance.mode,
+            max_moves_per_round: p.rebalance.max_moves_per_round,
+        },
+        priority: spec.priority,
+        preemption: spec.preemption_policy,
+        grace_period_seconds: spec.failover.grace_period_seconds,
+    })
+}
+
+/// The workload's current placement as recorded in its status.
+pub fn current_placement(cw: &ComputeWorkload) -> BTreeMap<String, u32> {
+    cw.status
+        .iter()
+        .flat_map(|s| &s.placement)
+        .filter_map(|e| {
+            u32::try_from(e.replicas)
+                .ok()
+                .map(|r| (e.data_center.clone(), r))
+        })
+        .filter(|(_, r)| *r > 0)
+        .collect()
+}

@@ -1,0 +1,1278 @@
+//! The placement engine: `schedule(snapshot) -> decisions`.
+//!
+//! A pure function with no I/O. The controller feeds it from its caches, and
+//! `civicgrid-operator plan` feeds it from manifests on disk.
+//!
+//! # Expected flow
+//! Workloads are decided one at a time in priority order (higher first, ties
+//! by namespace/name). For each: **filter** every data center through the hard
+//! rules (the first failing rule is the reason it was rejected), **score** the
+//! survivors, **divide** the replicas by the workload's strategy, **preempt**
+//! strictly lower priorities if it still does not fit and its policy allows,
+//! then **explain** every data center that got nothing.
+//!
+//! # Guarantees
+//! - Deterministic: the same snapshot gives the same decisions, byte for byte.
+//! - Never over-commits: the replicas decided for a data center, summed over
+//!   all workloads, fit its capacity in every resource.
+//! - Stable: replicas stay where they run while that stays valid. An unchanged
+//!   world moves nothing; a change moves only what it must (for static
+//!   weights, what the new weights demand), and rebalancing towards a better
+//!   fallback group happens only when the workload asks, at its pace.
+//! - Capacity held by replicas of not-yet-decided workloads is respected:
+//!   a workload takes it only by preemption, and only from strictly lower
+//!   priorities.
+//! - A data center that stops answering keeps its replicas for the workload's
+//!   grace period; it takes nothing new meanwhile.
+
+pub mod model;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::Serialize;
+
+use model::{
+    DataCenter, PreemptionPolicy, Reachability, RebalanceMode, ReplicaDemand, Resources, Snapshot,
+    SpreadDomain, StrategyKind, TaintEffect, Workload, WorkloadKey,
+};
+
+/// Tuning of one scheduling run.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Record a rejection for every data center not chosen. With `false`, only
+    /// counts per rule are kept (for very large what-if runs).
+    pub explain: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { explain: true }
+    }
+}
+
+/// The rule that rejected a data center, in the order rules are checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Rule {
+    /// Cordoned and the workload had nothing there.
+    Cordoned,
+    /// The member cluster is not answering.
+    Unreachable,
+    /// Tier not in `requiredTiers`.
+    Tier,
+    /// Region not in `allowedRegions` (residency).
+    Region,
+    /// In no fallback group.
+    FallbackGroup,
+    /// Labels do not match `dataCenterSelector`.
+    Selector,
+    /// Has a NoSchedule taint the workload does not tolerate.
+    Taint,
+    /// Does not host a required dataset.
+    Dataset,
+    /// Too far from the latency site.
+    Latency,
+    /// Has no GPUs of the requested model.
+    Gpu,
+    /// No StaticWeights entry for it.
+    StaticWeight,
+    /// Not enough free capacity for one replica.
+    Capacity,
+    /// Excluded by the spread bounds.
+    Spread,
+    /// An earlier fallback group had room.
+    Fallback,
+    /// Passed every rule but lost on score.
+    Score,
+}
+
+/// Score components (each 0–100) and the weighted total.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScoreBreakdown {
+    /// Room left after one more replica.
+    pub free_capacity: u32,
+    /// Cheaper is higher.
+    pub cost: u32,
+    /// Lower carbon intensity × PUE is higher.
+    pub carbon: u32,
+    /// Lower latency to the latency site is higher.
+    pub latency: u32,
+    /// Share of preferred datasets hosted.
+    pub locality: u32,
+    /// 100 in a preferred tier.
+    pub tier: u32,
+    /// Weighted sum.
+    pub total: u64,
+}
+
+/// Why a data center got none of a workload's replicas.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rejection {
+    /// The data center.
+    pub data_center: String,
+    /// The first rule that rejected it.
+    pub rule: Rule,
+    /// What exactly failed.
+    pub message: String,
+    /// For [`Rule::Score`] and [`Rule::Fallback`]: how it scored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub score: Option<ScoreBreakdown>,
+}
+
+/// Replicas of a lower-priority workload evicted to make room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Preemption {
+    /// The evicted workload.
+    pub victim: WorkloadKey,
+    /// Where.
+    pub data_center: String,
+    /// How many of its replicas.
+    pub replicas: u32,
+}
+
+/// How completely a workload was placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Outcome {
+    /// Every replica placed.
+    Scheduled,
+    /// Some replicas placed.
+    PartiallyScheduled,
+    /// Nothing placed (or nothing wanted).
+    Unschedulable,
+}
+
+/// The decision for one workload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Decision {
+    /// The workload.
+    pub workload: WorkloadKey,
+    /// Replicas per data center (only non-zero entries).
+    pub placement: BTreeMap<String, u32>,
+    /// Replicas wanted (per data center when Duplicated).
+    pub desired: u32,
+    /// How completely it was placed.
+    pub outcome: Outcome,
+    /// Why not completely, when it was not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Every data center not chosen, with the reason (empty unless explaining).
+    pub rejections: Vec<Rejection>,
+    /// Rejection counts per rule (always filled).
+    pub rejected_by_rule: BTreeMap<Rule, u32>,
+    /// Scores of the chosen data centers.
+    pub scores: BTreeMap<String, ScoreBreakdown>,
+    /// Lower-priority replicas evicted for this workload.
+    pub preemptions: Vec<Preemption>,
+    /// Replicas taken away from data centers where they ran.
+    pub moved_replicas: u32,
+}
+
+impl Decision {
+    /// Total replicas placed.
+    pub fn placed(&self) -> u32 {
+        self.placement.values().sum()
+    }
+}
+
+/// Decisions for every workload of the snapshot, sorted by workload key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Schedule {
+    /// One per workload.
+    pub decisions: Vec<Decision>,
+}
+
+impl Schedule {
+    /// The decision for `key`.
+    pub fn decision(&self, key: &WorkloadKey) -> Option<&Decision> {
+        self.decisions
+            .binary_search_by(|d| d.workload.cmp(key))
+            .ok()
+            .map(|i| &self.decisions[i])
+    }
+
+    /// The resulting placement of every workload, as the next snapshot's
+    /// `current`.
+    pub fn placements(&self) -> BTreeMap<WorkloadKey, BTreeMap<String, u32>> {
+        self.decisions
+            .iter()
+            .filter(|d| !d.placement.is_empty())
+            .map(|d| (d.workload.clone(), d.placement.clone()))
+            .collect()
+    }
+}
+
+/// Places every workload of `snapshot`. See the module docs for the contract.
+pub fn schedule(snapshot: &Snapshot, options: &Options) -> Schedule {
+    Scheduler::new(snapshot, *options).run()
+}
+
+/// A data center that passed the hard rules.
+#[derive(Debug, Clone)]
+struct Candidate {
+    dc: usize,
+    /// Fallback group index (0 without groups).
+    group: usize,
+    /// Untolerated PreferNoSchedule taint: used last.
+    discouraged: bool,
+    /// Keeps what runs there but takes nothing new (cordoned or briefly unreachable).
+    keep_only: bool,
+    current: u32,
+    /// Replicas that fit without preemption (capped by spread and keep-only).
+    available: u32,
+    score: ScoreBreakdown,
+    domain: usize,
+    /// StaticWeights weight.
+    weight: u32,
+}
+
+struct Scheduler<'a> {
+    snapshot: &'a Snapshot,
+    options: Options,
+    dc_index: HashMap<&'a str, usize>,
+    committed: Vec<Resources>,
+    held_total: Vec<Resources>,
+    held_by_priority: Vec<BTreeMap<i32, Resources>>,
+    /// Current replicas per workload index, per data center index; reduced
+    /// when a workload is preempted.
+    current: Vec<Vec<(usize, u32)>>,
+    zone_ids: Vec<usize>,
+    region_ids: Vec<usize>,
+}
+
+const MILLI: u64 = 1000;
+const GIB: u64 = 1 << 30;
+
+impl<'a> Scheduler<'a> {
+    fn new(snapshot: &'a Snapshot, options: Options) -> Self {
+        let dcs = &snapshot.data_centers;
+        let dc_index: HashMap<&str, usize> = dcs
+            .iter()
+            .enumerate()
+            .map(|(i, dc)| (dc.name.as_str(), i))
+            .collect();
+        let intern = |key: &dyn Fn(&DataCenter) -> String| {
+            let mut ids: HashMap<String, usize> = HashMap::new();
+            dcs.iter()
+                .map(|dc| {
+                    let next = ids.len();
+                    *ids.entry(key(dc)).or_insert(next)
+                })
+                .collect::<Vec<_>>()
+        };
+        let zone_ids = intern(&|dc| format!("{}/{}", dc.region, dc.zone));
+        let region_ids = intern(&|dc| dc.region.clone());
+        let mut scheduler = Self {
+            snapshot,
+            options,
+            committed: vec![Resources::default(); dcs.len()],
+            held_total: vec![Resources::default(); dcs.len()],
+            held_by_priority: vec![BTreeMap::new(); dcs.len()],
+            current: Vec::with_capacity(snapshot.workloads.len()),
+            dc_index,
+            zone_ids,
+            region_ids,
+        };
+        for workload in &snapshot.workloads {
+            let mut holdings = Vec::new();
+            if let Some(current) = snapshot.current.get(&workload.key) {
+                for (name, replicas) in current {
+                    if let Some(&dc) = scheduler.dc_index.get(name.as_str())
+                        && *replicas > 0
+                    {
+                        holdings.push((dc, *replicas));
+                        let res = demand_of(&dcs[dc], &workload.demand, u64::from(*replicas));
+                        scheduler.held_total[dc].add(&res);
+                        scheduler.held_by_priority[dc]
+                            .entry(workload.priority)
+                            .or_default()
+                            .add(&res);
+                    }
+                }
+            }
+            scheduler.current.push(holdings);
+        }
+        scheduler
+    }
+
+    fn run(mut self) -> Schedule {
+        let workloads = &self.snapshot.workloads;
+        let mut order: Vec<usize> = (0..workloads.len()).collect();
+        order.sort_by(|&a, &b| {
+            workloads[b]
+                .priority
+                .cmp(&workloads[a].priority)
+                .then_with(|| workloads[a].key.cmp(&workloads[b].key))
+        });
+        let mut decided = vec![false; workloads.len()];
+        let mut decisions = Vec::with_capacity(workloads.len());
+        for w in order {
+            self.release_holdings(w);
+            let decision = self.place(w, &decided);
+            decided[w] = true;
+            for (name, replicas) in &decision.placement {
+                let dc = self.dc_index[name.as_str()];
+                let res = demand_of(
+                    &self.snapshot.data_centers[dc],
+                    &workloads[w].demand,
+                    u64::from(*replicas),
+                );
+                self.committed[dc].add(&res);
+            }
+            decisions.push(decision);
+        }
+        decisions.sort_by(|a, b| a.workload.cmp(&b.workload));
+        Schedule { decisions }
+    }
+
+    fn release_holdings(&mut self, w: usize) {
+        let workload = &self.snapshot.workloads[w];
+        for &(dc, replicas) in &self.current[w] {
+            let res = demand_of(
+                &self.snapshot.data_centers[dc],
+                &workload.demand,
+                u64::from(replicas),
+            );
+            self.held_total[dc].sub(&res);
+            if let Some(held) = self.held_by_priority[dc].get_mut(&workload.priority) {
+                held.sub(&res);
+            }
+        }
+    }
+
+    fn place(&mut self, w: usize, decided: &[bool]) -> Decision {
+        let snapshot = self.snapshot;
+        let workload = &snapshot.workloads[w];
+        let rules = &workload.placement;
+        let current: HashMap<usize, u32> = self.current[w].iter().copied().collect();
+        let mut rejections = Vec::new();
+        let mut rejected_by_rule = BTreeMap::new();
+        let mut reject = |dc: &DataCenter, rule: Rule, message: String| {
+            *rejected_by_rule.entry(rule).or_insert(0u32) += 1;
+            if self.options.explain {
+                rejections.push(Rejection {
+                    data_center: dc.name.clone(),
+                    rule,
+                    message,
+                    score: None,
+                });
+            }
+        };
+
+        // Filter.
+        let mut candidates = Vec::new();
+        for (i, dc) in snapshot.data_centers.iter().enumerate() {
+            let here = current.get(&i).copied().unwrap_or(0);
+            match self.filter(workload, dc, here) {
+                Ok((group, discouraged, keep_only)) => candidates.push(Candidate {
+                    dc: i,
+                    group,
+                    discouraged,
+                    keep_only,
+                    current: here,
+                    available: 0,
+                    score: ScoreBreakdown::default(),
+                    domain: self.domain(i, rules.spread.by),
+                    weight: rules.static_weights.get(&dc.name).copied().unwrap_or(0),
+                }),
+                Err((rule, message)) => reject(dc, rule, message),
+            }
+        }
+
+        // Capacity without preemption, then scores.
+        for c in &mut candidates {
+            let dc = &snapshot.data_centers[c.dc];
+            let free = dc
+                .capacity
+                .saturating_sub(&self.committed[c.dc])
+                .saturating_sub(&self.held_total[c.dc]);
+            c.available = self.cap_available(workload, c, fits(dc, &free, &workload.demand));
+        }
+        self.score(workload, &mut candidates);
+        candidates.sort_by(|a, b| fill_order(a, b, snapshot));
+
+        let mut assignment = divide(workload, &candidates);
+        let mut preemptions = Vec::new();
+        let wanted = desired_total(workload);
+        if placed_total(workload, &assignment) < wanted
+            && workload.preemption == PreemptionPolicy::PreemptLowerPriority
+        {
+            let mut with_preemption = candidates.clone();
+            for c in &mut with_preemption {
+                let dc = &snapshot.data_centers[c.dc];
+                let free = self.free_with_preemption(c.dc, workload.priority);
+                c.available = self.cap_available(workload, c, fits(dc, &free, &workload.demand));
+            }
+            let preempting = divide(workload, &with_preemption);
+            if placed_total(workload, &preempting) > placed_total(workload, &assignment) {
+                preemptions = self.evict(w, &with_preemption, &preempting, decided);
+                candidates = with_preemption;
+                assignment = preempting;
+            }
+        }
+
+        let mut reason = None;
+        let placed = placed_total(workload, &assignment);
+        if rules.gang && placed < wanted {
+            reason = Some(format!(
+                "gang: only {placed} of {wanted} replicas fit, so none are placed"
+            ));
+            assignment.iter_mut().for_each(|a| *a = 0);
+            preemptions.clear();
+        }
+
+        // Explain and assemble.
+        let mut placement = BTreeMap::new();
+        let mut scores = BTreeMap::new();
+        let chosen_best_group = candidates
+            .iter()
+            .zip(&assignment)
+            .filter(|(_, a)| **a > 0)
+            .map(|(c, _)| c.group)
+            .max();
+        let lowest_chosen = candidates
+            .iter()
+            .zip(&assignment)
+            .filter(|(_, a)| **a > 0)
+            .map(|(c, _)| c.score.total)
+            .min();
+        let used_domains: BTreeSet<usize> = candidates
+            .iter()
+            .zip(&assignment)
+            .filter(|(_, a)| **a > 0)
+            .map(|(c, _)| c.domain)
+            .collect();
+        for (c, &a) in candidates.iter().zip(&assignment) {
+            let dc = &snapshot.data_centers[c.dc];
+            if a > 0 {
+                placement.insert(dc.name.clone(), a);
+                scores.insert(dc.name.clone(), c.score);
+                continue;
+            }
+            let (rule, message) = if c.available == 0 && c.keep_only {
+                (
+                    if dc.cordoned {
+                        Rule::Cordoned
+                    } else {
+                        Rule::Unreachable
+                    },
+                    "takes no new replicas".to_owned(),
+                )
+            } else if c.available == 0 {
+                (
+                    Rule::Capacity,
+                    capacity_message(dc, &workload.demand, self, c.dc),
+                )
+            } else if rules.gang && placed < wanted {
+                (Rule::Capacity, "gang could not be placed whole".to_owned())
+            } else if let Some(max) = rules.spread.max_domains
+                && !used_domains.contains(&c.domain)
+                && used_domains.len() >= max as usize
+            {
+                (
+                    Rule::Spread,
+                    format!("spread allows at most {max} {:?} domains", rules.spread.by),
+                )
+            } else if chosen_best_group.is_some_and(|g| c.group > g) {
+                (
+                    Rule::Fallback,
+                    format!(
+                        "fallback group `{}` not needed: an earlier group had room",
+                        group_name(workload, c.group)
+                    ),
+                )
+            } else {
+                (
+                    Rule::Score,
+                    format!(
+                        "scored {} against {} for the lowest chosen data center",
+                        c.score.total,
+                        lowest_chosen.unwrap_or(0)
+                    ),
+                )
+            };
+            *rejected_by_rule.entry(rule).or_insert(0) += 1;
+            if self.options.explain {
+                rejections.push(Rejection {
+                    data_center: dc.name.clone(),
+                    rule,
+                    message,
+                    score: matches!(rule, Rule::Score | Rule::Fallback | Rule::Spread)
+                        .then_some(c.score),
+                });
+            }
+        }
+        rejections.sort_by(|a, b| a.data_center.cmp(&b.data_center));
+
+        let placed = placed_total(workload, &assignment);
+        let outcome = if wanted == 0 && workload.replicas == 0 {
+            Outcome::Scheduled
+        } else if placed == 0 {
+            Outcome::Unschedulable
+        } else if placed < wanted {
+            Outcome::PartiallyScheduled
+        } else {
+            Outcome::Scheduled
+        };
+        if outcome != Outcome::Scheduled && reason.is_none() {
+            reason = Some(unscheduled_reason(
+                workload,
+                placed,
+                wanted,
+                &candidates,
+                &rejected_by_rule,
+                snapshot.data_centers.len(),
+            ));
+        }
+        let moved_replicas = current
+            .iter()
+            .map(|(dc, cur)| {
+                let now = placement
+                    .get(&snapshot.data_centers[*dc].name)
+                    .copied()
+                    .unwrap_or(0);
+                cur.saturating_sub(now)
+            })
+            .sum();
+        Decision {
+            workload: workload.key.clone(),
+            placement,
+            desired: workload.replicas,
+            outcome,
+            reason,
+            rejections,
+            rejected_by_rule,
+            scores,
+            preemptions,
+            moved_replicas,
+        }
+    }
+
+    /// The hard rules, in order. `Ok((group, discouraged, keep_only))`.
+    fn filter(
+        &self,
+        workload: &Workload,
+        dc: &DataCenter,
+        here: u32,
+    ) -> Result<(usize, bool, bool), (Rule, String)> {
+        let rules = &workload.placement;
+        let mut keep_only = false;
+        if let Reachability::UnreachableSince(since) = dc.reachability {
+            let down = self.snapshot.now_unix.saturating_sub(since).max(0);
+            if down >= i64::from(workload.grace_period_seconds) {
+                return Err((
+                    Rule::Unreachable,
+                    format!(
+                        "unreachable for {down}s, past the {}s grace period",
+                        workload.grace_period_seconds
+                    ),
+                ));
+            }
+            if here == 0 {
+                return Err((
+                    Rule::Unreachable,
+                    format!("unreachable for {down}s; takes no new replicas"),
+                ));
+            }
+            keep_only = true;
+        }
+        if dc.cordoned {
+            if here == 0 {
+                return Err((Rule::Cordoned, "cordoned".to_owned()));
+            }
+            keep_only = true;
+        }
+        if !rules.required_tiers.is_empty() && !rules.required_tiers.contains(&dc.tier) {
+            return Err((
+                Rule::Tier,
+                format!(
+                    "tier {:?} is not one of the required tiers {:?}",
+                    dc.tier, rules.required_tiers
+                ),
+            ));
+        }
+        if !rules.allowed_regions.is_empty() && !rules.allowed_regions.contains(&dc.region) {
+            return Err((
+                Rule::Region,
+                format!(
+                    "region `{}` is outside the allowed regions {:?}",
+                    dc.region, rules.allowed_regions
+                ),
+            ));
+        }
+        let group = if rules.fallback_groups.is_empty() {
+            0
+        } else {
+            match rules.fallback_groups.iter().position(|g| g.contains(dc)) {
+                Some(g) => g,
+                None => {
+                    return Err((
+                        Rule::FallbackGroup,
+                        "in none of the fallback groups".to_owned(),
+                    ));
+                }
+            }
+        };
+        if let Some(selector) = &rules.selector
+            && !selector.matches(&dc.labels)
+        {
+            return Err((
+                Rule::Selector,
+                "labels do not match dataCenterSelector".to_owned(),
+            ));
+        }
+        let untolerated = |effect: TaintEffect| {
+            dc.taints.iter().find(|t| {
+                t.effect == effect && !rules.tolerations.iter().any(|tol| tol.tolerates(t))
+            })
+        };
+        if let Some(taint) = untolerated(TaintEffect::NoSchedule) {
+            return Err((
+                Rule::Taint,
+                format!("taint `{}` (NoSchedule) is not tolerated", taint.key),
+            ));
+        }
+        if let Some(missing) = rules
+            .required_datasets
+            .iter()
+            .find(|d| !dc.datasets.contains(*d))
+        {
+            return Err((
+                Rule::Dataset,
+                format!("does not host required dataset `{missing}`"),
+            ));
+        }
+        if let Some((site, max_ms)) = &rules.max_latency {
+            match dc.latency_ms.get(site) {
+                None => {
+                    return Err((Rule::Latency, format!("no latency known to site `{site}`")));
+                }
+                Some(ms) if ms > max_ms => {
+                    return Err((
+                        Rule::Latency,
+                        format!("{ms} ms to `{site}` exceeds the {max_ms} ms bound"),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        let demand = &workload.demand;
+        if demand.gpu_count > 0 {
+            let has = match &demand.gpu_model {
+                Some(model) => dc.capacity.gpus.get(model).copied().unwrap_or(0),
+                None => dc.capacity.gpus.values().copied().max().unwrap_or(0),
+            };
+            if has < demand.gpu_count {
+                return Err((
+                    Rule::Gpu,
+                    match &demand.gpu_model {
+                        Some(model) => format!(
+                            "has {has} `{model}` GPUs; a replica needs {}",
+                            demand.gpu_count
+                        ),
+                        None => format!("has no GPU model with {} GPUs", demand.gpu_count),
+                    },
+                ));
+            }
+        }
+        if rules.strategy == StrategyKind::StaticWeights
+            && rules.static_weights.get(&dc.name).copied().unwrap_or(0) == 0
+        {
+            return Err((Rule::StaticWeight, "has no static weight".to_owned()));
+        }
+        let discouraged = untolerated(TaintEffect::PreferNoSchedule).is_some();
+        Ok((group, discouraged, keep_only))
+    }
+
+    fn domain(&self, dc: usize, by: SpreadDomain) -> usize {
+        match by {
+            SpreadDomain::DataCenter => dc,
+            SpreadDomain::Zone => self.zone_ids[dc],
+            SpreadDomain::Region => self.region_ids[dc],
+        }
+    }
+
+    fn cap_available(&self, workload: &Workload, c: &Candidate, fit: u64) -> u32 {
+        let mut available = u32::try_from(fit).unwrap_or(u32::MAX);
+        if let Some(max) = workload.placement.spread.max_replicas_per_data_center {
+            available = available.min(max);
+        }
+        if c.keep_only {
+            available = available.min(c.current);
+        }
+        available
+    }
+
+    fn free_with_preemption(&self, dc: usize, priority: i32) -> Resources {
+        let mut blocking = Resources::default();
+        for (_, held) in self.held_by_priority[dc].range(priority..) {
+            blocking.add(held);
+        }
+        self.snapshot.data_centers[dc]
+            .capacity
+            .saturating_sub(&self.committed[dc])
+            .saturating_sub(&blocking)
+    }
+
+    /// Evicts lower-priority, not yet decided replicas where `assignment`
+    /// needs more than the free capacity.
+    fn evict(
+        &mut self,
+        w: usize,
+        candidates: &[Candidate],
+        assignment: &[u32],
+        decided: &[bool],
+    ) -> Vec<Preemption> {
+        let snapshot = self.snapshot;
+        let workload = &snapshot.workloads[w];
+        let mut preemptions = Vec::new();
+        for (c, &a) in candidates.iter().zip(assignment) {
+            if a == 0 {
+                continue;
+            }
+            let dc = &snapshot.data_centers[c.dc];
+            let free = dc
+                .capacity
+                .saturating_sub(&self.committed[c.dc])
+                .saturating_sub(&self.held_total[c.dc]);
+            let need = demand_of(dc, &workload.demand, u64::from(a));
+            if need.fits_within(&free) {
+                continue;
+            }
+            // Victims: lowest priority first, then by key.
+            let mut holders: Vec<(usize, u32)> = (0..snapshot.workloads.len())
+                .filter(|&v| {
+                    !decided[v] && v != w && snapshot.workloads[v].priority < workload.priority
+                })
+                .filter_map(|v| {
+                    self.current[v]
+                        .iter()
+                        .find(|(d, r)| *d == c.dc && *r > 0)
+                        .map(|(_, r)| (v, *r))
+                })
+                .collect();
+            holders.sort_by(|a, b| {
+                let (wa, wb) = (&snapshot.workloads[a.0], &snapshot.workloads[b.0]);
+                wa.priority
+                    .cmp(&wb.priority)
+                    .then_with(|| wa.key.cmp(&wb.key))
+            });
+            let mut freed = free;
+            for (v, replicas) in holders {
+                if need.fits_within(&freed) {
+                    break;
+                }
+                let victim = &snapshot.workloads[v];
+                let mut evicted = 0;
+                while evicted < replicas && !need.fits_within(&freed) {
+                    freed.add(&demand_of(dc, &victim.demand, 1));
+                    evicted += 1;
+                }
+                let res = demand_of(dc, &victim.demand, u64::from(evicted));
+                self.held_total[c.dc].sub(&res);
+                if let Some(held) = self.held_by_priority[c.dc].get_mut(&victim.priority) {
+                    held.sub(&res);
+                }
+                if let Some(slot) = self.current[v].iter_mut().find(|(d, _)| *d == c.dc) {
+                    slot.1 -= evicted;
+                }
+                preemptions.push(Preemption {
+                    victim: victim.key.clone(),
+                    data_center: dc.name.clone(),
+                    replicas: evicted,
+                });
+            }
+        }
+        preemptions
+    }
+
+    fn score(&self, workload: &Workload, candidates: &mut [Candidate]) {
+        let dcs = &self.snapshot.data_centers;
+        let rules = &workload.placement;
+        let demand = &workload.demand;
+        let cost = |dc: &DataCenter| -> u64 {
+            let gpu_price = match &demand.gpu_model {
+                Some(model) => dc.cost_per_gpu_hour.get(model).copied().unwrap_or(0),
+                None => dc.cost_per_gpu_hour.values().copied().min().unwrap_or(0),
+            };
+            demand.cpu_millis.saturating_mul(dc.cost_per_core_hour) / MILLI
+                + demand.memory_bytes.saturating_mul(dc.cost_per_gib_hour) / GIB
+                + demand.gpu_count.saturating_mul(gpu_price)
+        };
+        let carbon = |dc: &DataCenter| -> u64 {
+            dc.carbon_intensity
+                .map_or(u64::MAX, |g| u64::from(g) * u64::from(dc.pue_milli))
+        };
+        let latency = |dc: &DataCenter| -> u64 {
+            rules
+                .max_latency
+                .as_ref()
+                .and_then(|(site, _)| dc.latency_ms.get(site))
+                .map_or(0, |ms| u64::from(*ms))
+        };
+        let range = |f: &dyn Fn(&DataCenter) -> u64| {
+            candidates.iter().fold((u64::MAX, 0u64), |(lo, hi), c| {
+                let v = f(&dcs[c.dc]);
+                (lo.min(v), hi.max(v))
+            })
+        };
+        let (cost_lo, cost_hi) = range(&cost);
+        let (carbon_lo, carbon_hi) = range(&carbon);
+        let (lat_lo, lat_hi) = range(&latency);
+        let weights = rules.weights;
+        for c in candidates.iter_mut() {
+            let dc = &dcs[c.dc];
+            let free = dc
+                .capacity
+                .saturating_sub(&self.committed[c.dc])
+                .saturating_sub(&self.held_total[c.dc]);
+            let mut s = ScoreBreakdown {
+                free_capacity: free_share(&dc.capacity, &free, demand),
+                cost: lower_is_better(cost(dc), cost_lo, cost_hi),
+                carbon: lower_is_better(carbon(dc), carbon_lo, carbon_hi),
+                latency: lower_is_better(latency(dc), lat_lo, lat_hi),
+                locality: if rules.preferred_datasets.is_empty() {
+                    100
+                } else {
+                    let hosted = rules
+                        .preferred_datasets
+                        .iter()
+                        .filter(|d| dc.datasets.contains(*d))
+                        .count();
+                    u32::try_from(hosted * 100 / rules.preferred_datasets.len()).unwrap_or(100)
+                },
+                tier: if rules.preferred_tiers.is_empty()
+                    || rules.preferred_tiers.contains(&dc.tier)
+                {
+                    100
+                } else {
+                    0
+                },
+                total: 0,
+            };
+            s.total = u64::from(s.free_capacity) * u64::from(weights.free_capacity)
+                + u64::from(s.cost) * u64::from(weights.cost)
+                + u64::from(s.carbon) * u64::from(weights.carbon)
+                + u64::from(s.latency) * u64::from(weights.latency)
+                + u64::from(s.locality) * u64::from(weights.locality)
+                + u64::from(s.tier) * u64::from(weights.tier);
+            c.score = s;
+        }
+    }
+}
+
+/// Resources for `n` replicas of `demand` in `dc`. "Any GPU model" means the
+/// data center's most plentiful model (ties by name), chosen the same way
+/// every time so accounting stays consistent.
+fn demand_of(dc: &DataCenter, demand: &ReplicaDemand, n: u64) -> Resources {
+    let mut gpus = BTreeMap::new();
+    if demand.gpu_count > 0 {
+        let model = demand.gpu_model.clone().or_else(|| any_gpu_model(dc));
+        if let Some(model) = model {
+            gpus.insert(model, demand.gpu_count.saturating_mul(n));
+        }
+    }
+    Resources {
+        cpu_millis: demand.cpu_millis.saturating_mul(n),
+        memory_bytes: demand.memory_bytes.saturating_mul(n),
+        ephemeral_bytes: demand.ephemeral_bytes.saturating_mul(n),
+        gpus,
+    }
+}
+
+fn any_gpu_model(dc: &DataCenter) -> Option<String> {
+    dc.capacity
+        .gpus
+        .iter()
+        .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)))
+        .map(|(model, _)| model.clone())
+}
+
+/// How many replicas of `demand` fit in `free`.
+fn fits(dc: &DataCenter, free: &Resources, demand: &ReplicaDemand) -> u64 {
+    let per = |free: u64, need: u64| if need == 0 { u64::MAX } else { free / need };
+    let mut n = per(free.cpu_millis, demand.cpu_millis)
+        .min(per(free.memory_bytes, demand.memory_bytes))
+        .min(per(free.ephemeral_bytes, demand.ephemeral_bytes));
+    if demand.gpu_count > 0 {
+        let model = demand.gpu_model.clone().or_else(|| any_gpu_model(dc));
+        let free_gpus = model.and_then(|m| free.gpus.get(&m).copied()).unwrap_or(0);
+        n = n.min(free_gpus / demand.gpu_count);
+    }
+    if n == u64::MAX {
+        // A replica that needs nothing still takes a slot; bound it sanely.
+        n = u64::from(u32::MAX);
+    }
+    n
+}
+
+fn free_share(capacity: &Resources, free: &Resources, demand: &ReplicaDemand) -> u32 {
+    let share = |cap: u64, free: u64, need: u64| -> u64 {
+        if cap == 0 {
+            return if need == 0 { 100 } else { 0 };
+        }
+        free.saturating_sub(need).saturating_mul(100) / cap
+    };
+    let s = share(capacity.cpu_millis, free.cpu_millis, demand.cpu_millis).min(share(
+        capacity.memory_bytes,
+        free.memory_bytes,
+        demand.memory_bytes,
+    ));
+    u32::try_from(s.min(100)).unwrap_or(100)
+}
+
+fn lower_is_better(v: u64, lo: u64, hi: u64) -> u32 {
+    if hi <= lo {
+        return 100;
+    }
+    u32::try_from((hi - v.min(hi)).saturating_mul(100) / (hi - lo)).unwrap_or(0)
+}
+
+fn fill_order(a: &Candidate, b: &Candidate, snapshot: &Snapshot) -> std::cmp::Ordering {
+    a.discouraged
+        .cmp(&b.discouraged)
+        .then_with(|| a.group.cmp(&b.group))
+        .then_with(|| b.score.total.cmp(&a.score.total))
+        .then_with(|| {
+            snapshot.data_centers[a.dc]
+                .name
+                .cmp(&snapshot.data_centers[b.dc].name)
+        })
+}
+
+fn group_name(workload: &Workload, group: usize) -> String {
+    workload
+        .placement
+        .fallback_groups
+        .get(group)
+        .map_or_else(|| group.to_string(), |g| g.name.clone())
+}
+
+fn desired_total(workload: &Workload) -> u32 {
+    if workload.placement.strategy == StrategyKind::Duplicated {
+        // Duplicated is complete when at least the minimum number of domains
+        // runs a full copy; `placed_total` counts domains the same way.
+        workload.placement.spread.min_domains.unwrap_or(1).max(1) * workload.replicas
+    } else {
+        workload.replicas
+    }
+}
+
+fn placed_total(workload: &Workload, assignment: &[u32]) -> u32 {
+    if workload.placement.strategy == StrategyKind::Duplicated {
+        let copies = u32::try_from(assignment.iter().filter(|a| **a > 0).count()).unwrap_or(0);
+        let min = workload.placement.spread.min_domains.unwrap_or(1).max(1);
+        copies.min(min) * workload.replicas
+    } else {
+        assignment.iter().sum()
+    }
+}
+
+/// Divides replicas among `candidates` (already in fill order). Returns the
+/// replicas per candidate.
+fn divide(workload: &Workload, candidates: &[Candidate]) -> Vec<u32> {
+    let rules = &workload.placement;
+    let spread = rules.spread;
+    // Spread: pick the domains that may be used, current ones first.
+    let allowed = allowed_domains(candidates, spread.max_domains);
+    let available: Vec<u32> = candidates
+        .iter()
+        .map(|c| {
+            if allowed.contains(&c.domain) {
+                c.available
+            } else {
+                0
+            }
+        })
+        .collect();
+    let mut assignment = match rules.strategy {
+        StrategyKind::Duplicated => candidates
+            .iter()
+            .zip(&available)
+            .map(|(_, &a)| {
+                if a >= workload.replicas && workload.replicas > 0 {
+                    workload.replicas
+                } else {
+                    0
+                }
+            })
+            .collect(),
+        StrategyKind::StaticWeights => divide_static(workload, candidates, &available),
+        StrategyKind::AvailableCapacity | StrategyKind::Score => {
+            divide_stable(workload, candidates, &available)
+        }
+    };
+    if rules.strategy != StrategyKind::Duplicated {
+        enforce_min_domains(workload, candidates, &available, &mut assignment);
+    }
+    assignment
+}
+
+fn allowed_domains(candidates: &[Candidate], max: Option<u32>) -> BTreeSet<usize> {
+    let mut order: Vec<&Candidate> = candidates.iter().filter(|c| c.available > 0).collect();
+    // Stable sort keeps fill order within each class.
+    order.sort_by_key(|c| c.current == 0);
+    let mut allowed = BTreeSet::new();
+    for c in order {
+        if allowed.contains(&c.domain) {
+            continue;
+        }
+        if max.is_some_and(|m| allowed.len() >= m as usize) {
+            continue;
+        }
+        allowed.insert(c.domain);
+    }
+    allowed
+}
+
+fn divide_static(workload: &Workload, candidates: &[Candidate], available: &[u32]) -> Vec<u32> {
+    let weights: Vec<u64> = candidates
+        .iter()
+        .zip(available)
+        .map(|(c, &a)| if a == 0 { 0 } else { u64::from(c.weight) })
+        .collect();
+    let total_weight: u64 = weights.iter().sum();
+    let replicas = u64::from(workload.replicas);
+    let mut assignment = vec![0u32; candidates.len()];
+    if total_weight == 0 {
+        return assignment;
+    }
+    // Largest remainder: exact shares, then leftovers by biggest remainder.
+    let mut remainders: Vec<(u64, usize)> = Vec::new();
+    let mut given = 0u64;
+    for (i, &w) in weights.iter().enumerate() {
+        let share = replicas * w / total_weight;
+        assignment[i] = u32::try_from(share).unwrap_or(u32::MAX);
+        given += share;
+        if w > 0 {
+            remainders.push((replicas * w % total_weight, i));
+        }
+    }
+    remainders.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (_, i) in remainders.iter().cycle().take((replicas - given) as usize) {
+        assignment[*i] += 1;
+    }
+    // Clamp to what fits; hand overflow to the heaviest with room.
+    let mut overflow = 0u32;
+    for (i, a) in assignment.iter_mut().enumerate() {
+        if *a > available[i] {
+            overflow += *a - available[i];
+            *a = available[i];
+        }
+    }
+    let mut by_weight: Vec<usize> = (0..candidates.len()).filter(|&i| weights[i] > 0).collect();
+    by_weight.sort_by(|&a, &b| weights[b].cmp(&weights[a]).then(a.cmp(&b)));
+    for i in by_weight {
+        if overflow == 0 {
+            break;
+        }
+        let room = available[i] - assignment[i];
+        let give = room.min(overflow);
+        assignment[i] += give;
+        overflow -= give;
+    }
+    assignment
+}
+
+fn divide_stable(workload: &Workload, candidates: &[Candidate], available: &[u32]) -> Vec<u32> {
+    let rules = &workload.placement;
+    let desired = workload.replicas;
+    // Keep what runs where it still may.
+    let mut assignment: Vec<u32> = candidates
+        .iter()
+        .zip(available)
+        .map(|(c, &a)| c.current.min(a))
+        .collect();
+    // Optional rebalancing towards earlier fallback groups.
+    if rules.rebalance == RebalanceMode::WhenBetterGroupHasRoom {
+        let mut budget = rules.max_moves_per_round.unwrap_or(u32::MAX);
+        for i in (0..candidates.len()).rev() {
+            let group = candidates[i].group;
+            let room: u32 = (0..candidates.len())
+                .filter(|&j| candidates[j].group < group && !candidates[j].keep_only)
+                .map(|j| available[j] - assignment[j])
+                .sum();
+            let release = assignment[i].min(room).min(budget);
+            assignment[i] -= release;
+            budget -= release;
+        }
+    }
+    // Scale down: trim from the back of the fill order.
+    let mut kept: u32 = assignment.iter().sum();
+    for i in (0..candidates.len()).rev() {
+        if kept <= desired {
+            break;
+        }
+        let trim = assignment[i].min(kept - desired);
+        assignment[i] -= trim;
+        kept -= trim;
+    }
+    let mut remaining = desired - kept;
+    let headroom = |i: usize, assignment: &[u32]| {
+        if candidates[i].keep_only {
+            0
+        } else {
+            available[i] - assignment[i]
+        }
+    };
+    match rules.strategy {
+        StrategyKind::AvailableCapacity => {
+            // Group by group, in proportion to headroom.
+            let mut start = 0;
+            while start < candidates.len() && remaining > 0 {
+                let key = (candidates[start].discouraged, candidates[start].group);
+                let end = (start..candidates.len())
+                    .find(|&i| (candidates[i].discouraged, candidates[i].group) != key)
+                    .unwrap_or(candidates.len());
+                let rooms: Vec<u64> = (start..end)
+                    .map(|i| u64::from(headroom(i, &assignment)))
+                    .collect();
+                let total: u64 = rooms.iter().sum();
+                if total <= u64::from(remaining) {
+                    for (k, i) in (start..end).enumerate() {
+                        assignment[i] += u32::try_from(rooms[k]).unwrap_or(0);
+                    }
+                    remaining -= u32::try_from(total).unwrap_or(remaining);
+                } else {
+                    let r = u64::from(remaining);
+                    let mut given = 0u64;
+                    for (k, i) in (start..end).enumerate() {
+                        let share = r * rooms[k] / total;
+                        assignment[i] += u32::try_from(share).unwrap_or(0);
+                        given += share;
+                    }
+                    let mut leftover = r - given;
+                    let mut order: Vec<usize> = (start..end).collect();
+                    order.sort_by(|&a, &b| {
+                        headroom(b, &assignment)
+                            .cmp(&headroom(a, &assignment))
+                            .then(a.cmp(&b))
+                    });
+                    for i in order {
+                        if leftover == 0 {
+                            break;
+                        }
+                        if headroom(i, &assignment) > 0 {
+                            assignment[i] += 1;
+                            leftover -= 1;
+                        }
+                    }
+                    remaining = 0;
+                }
+                start = end;
+            }
+        }
+        _ => {
+            for i in 0..candidates.len() {
+                if remaining == 0 {
+                    break;
+                }
+                let give = headroom(i, &assignment).min(remaining);
+                assignment[i] += give;
+                remaining -= give;
+            }
+        }
+    }
+    assignment
+}
+
+/// Moves single replicas into unused domains until `minDomains` holds, taking
+/// them from the fullest data center.
+fn enforce_min_domains(
+    workload: &Workload,
+    candidates: &[Candidate],
+    available: &[u32],
+    assignment: &mut [u32],
+) {
+    let Some(min) = workload.placement.spread.min_domains else {
+        return;
+    };
+    let mut used: BTreeSet<usize> = candidates
+        .iter()
+        .zip(assignment.iter())
+        .filter(|(_, a)| **a > 0)
+        .map(|(c, _)| c.domain)
+        .collect();
+    for i in 0..candidates.len() {
+        if used.len() >= min as usize {
+            return;
+        }
+        let c = &candidates[i];
+        if used.contains(&c.domain) || available[i] == 0 || c.keep_only {
+            continue;
+        }
+        let donor = (0..candidates.len())
+            .filter(|&j| assignment[j] > 1)
+            .max_by(|&a, &b| assignment[a].cmp(&assignment[b]).then(b.cmp(&a)));
+        let Some(donor) = donor else { return };
+        assignment[donor] -= 1;
+        assignment[i] += 1;
+        used.insert(c.domain);
+    }
+}
+
+fn capacity_message(
+    dc: &DataCenter,
+    demand: &ReplicaDemand,
+    s: &Scheduler<'_>,
+    i: usize,
+) -> String {
+    let free = dc
+        .capacity
+        .saturating_sub(&s.committed[i])
+        .saturating_sub(&s.held_total[i]);
+    format!(
+        "free {}m CPU / {} MiB memory{}; one replica needs {}m CPU / {} MiB{}",
+        free.cpu_millis,
+        free.memory_bytes >> 20,
+        if demand.gpu_count > 0 {
+            format!(" / {:?} GPUs", free.gpus)
+        } else {
+            String::new()
+        },
+        demand.cpu_millis,
+        demand.memory_bytes >> 20,
+        if demand.gpu_count > 0 {
+            format!(" / {} GPUs", demand.gpu_count)
+        } else {
+            String::new()
+        },
+    )
+}
+
+fn unscheduled_reason(
+    workload: &Workload,
+    placed: u32,
+    wanted: u32,
+    candidates: &[Candidate],
+    rejected_by_rule: &BTreeMap<Rule, u32>,
+    total: usize,
+) -> String {
+    if wanted == 0 {
+        return "no replicas requested".to_owned();
+    }
+    let by_rule = rejected_by_rule
+        .iter()
+        .map(|(rule, n)| format!("{rule:?}: {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if candidates.is_empty() {
+        return format!("no data center passes the hard rules (of {total} rejected — {by_rule})");
+    }
+    if workload.placement.strategy == StrategyKind::Duplicated {
+        let min = workload.placement.spread.min_domains.unwrap_or(1);
+        return format!(
+            "Duplicated needs {min} data center(s) with room for {} replicas each; \
+             {} passed the hard rules but too few have room ({by_rule})",
+            workload.replicas,
+            candidates.len()
+        );
+    }
+    let room: u64 = candidates.iter().map(|c| u64::from(c.available)).sum();
+    format!(
+        "only {placed} of {wanted} replicas fit: {} data center(s) pass the hard rules with room for {room} replicas in total ({by_rule})",
+        candidates.len()
+    )
+}
