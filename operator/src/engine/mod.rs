@@ -394,7 +394,7 @@ impl<'a> Scheduler<'a> {
         candidates.sort_by(|a, b| fill_order(a, b, snapshot));
 
         let mut assignment = divide(workload, &candidates);
-        let mut preemptions = Vec::new();
+        let mut preempting = false;
         let wanted = desired_total(workload);
         if placed_total(workload, &assignment) < wanted
             && workload.preemption == PreemptionPolicy::PreemptLowerPriority
@@ -405,11 +405,11 @@ impl<'a> Scheduler<'a> {
                 let free = self.free_with_preemption(c.dc, workload.priority);
                 c.available = self.cap_available(workload, c, fits(dc, &free, &workload.demand));
             }
-            let preempting = divide(workload, &with_preemption);
-            if placed_total(workload, &preempting) > placed_total(workload, &assignment) {
-                preemptions = self.evict(w, &with_preemption, &preempting, decided);
+            let better = divide(workload, &with_preemption);
+            if placed_total(workload, &better) > placed_total(workload, &assignment) {
+                preempting = true;
                 candidates = with_preemption;
-                assignment = preempting;
+                assignment = better;
             }
         }
 
@@ -420,8 +420,15 @@ impl<'a> Scheduler<'a> {
                 "gang: only {placed} of {wanted} replicas fit, so none are placed"
             ));
             assignment.iter_mut().for_each(|a| *a = 0);
-            preemptions.clear();
+            preempting = false;
         }
+        // Evict only once the placement that needs it is final: a gang that
+        // does not fit whole must not cost anybody their replicas.
+        let preemptions = if preempting {
+            self.evict(w, &candidates, &assignment, decided)
+        } else {
+            Vec::new()
+        };
 
         // Explain and assemble.
         let mut placement = BTreeMap::new();
@@ -973,31 +980,33 @@ fn placed_total(workload: &Workload, assignment: &[u32]) -> u32 {
 /// Divides replicas among `candidates` (already in fill order). Returns the
 /// replicas per candidate.
 fn divide(workload: &Workload, candidates: &[Candidate]) -> Vec<u32> {
+    let max_domains = workload.placement.spread.max_domains;
+    // Spread: pick the domains that may be used — running ones first, then in
+    // fill order. If that leaves replicas unplaced, the roomiest domains may
+    // do better: take whichever places more.
+    let preferred = divide_within(workload, candidates, &allowed_domains(candidates, max_domains, false));
+    if max_domains.is_none() || placed_total(workload, &preferred) >= desired_total(workload) {
+        return preferred;
+    }
+    let roomiest = divide_within(workload, candidates, &allowed_domains(candidates, max_domains, true));
+    if placed_total(workload, &roomiest) > placed_total(workload, &preferred) {
+        roomiest
+    } else {
+        preferred
+    }
+}
+
+fn divide_within(workload: &Workload, candidates: &[Candidate], allowed: &BTreeSet<usize>) -> Vec<u32> {
     let rules = &workload.placement;
-    let spread = rules.spread;
-    // Spread: pick the domains that may be used, current ones first.
-    let allowed = allowed_domains(candidates, spread.max_domains);
     let available: Vec<u32> = candidates
         .iter()
-        .map(|c| {
-            if allowed.contains(&c.domain) {
-                c.available
-            } else {
-                0
-            }
-        })
+        .map(|c| if allowed.contains(&c.domain) { c.available } else { 0 })
         .collect();
     let mut assignment = match rules.strategy {
         StrategyKind::Duplicated => candidates
             .iter()
             .zip(&available)
-            .map(|(_, &a)| {
-                if a >= workload.replicas && workload.replicas > 0 {
-                    workload.replicas
-                } else {
-                    0
-                }
-            })
+            .map(|(_, &a)| if a >= workload.replicas && workload.replicas > 0 { workload.replicas } else { 0 })
             .collect(),
         StrategyKind::StaticWeights => divide_static(workload, candidates, &available),
         StrategyKind::AvailableCapacity | StrategyKind::Score => {
@@ -1010,9 +1019,16 @@ fn divide(workload: &Workload, candidates: &[Candidate]) -> Vec<u32> {
     assignment
 }
 
-fn allowed_domains(candidates: &[Candidate], max: Option<u32>) -> BTreeSet<usize> {
+fn allowed_domains(candidates: &[Candidate], max: Option<u32>, by_room: bool) -> BTreeSet<usize> {
     let mut order: Vec<&Candidate> = candidates.iter().filter(|c| c.available > 0).collect();
-    // Stable sort keeps fill order within each class.
+    // Stable sorts keep fill order within each class.
+    if by_room {
+        let mut room: HashMap<usize, u64> = HashMap::new();
+        for c in &order {
+            *room.entry(c.domain).or_default() += u64::from(c.available);
+        }
+        order.sort_by_key(|c| std::cmp::Reverse(room[&c.domain]));
+    }
     order.sort_by_key(|c| c.current == 0);
     let mut allowed = BTreeSet::new();
     for c in order {
@@ -1050,7 +1066,16 @@ fn divide_static(workload: &Workload, candidates: &[Candidate], available: &[u32
             remainders.push((replicas * w % total_weight, i));
         }
     }
-    remainders.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    // Ties go to data centers already running more than their exact share,
+    // so an unchanged world keeps its placement.
+    remainders.sort_by(|a, b| {
+        b.0.cmp(&a.0)
+            .then_with(|| {
+                let keeps = |i: usize| candidates[i].current > assignment[i];
+                keeps(b.1).cmp(&keeps(a.1))
+            })
+            .then(a.1.cmp(&b.1))
+    });
     for (_, i) in remainders.iter().cycle().take((replicas - given) as usize) {
         assignment[*i] += 1;
     }
@@ -1063,7 +1088,12 @@ fn divide_static(workload: &Workload, candidates: &[Candidate], available: &[u32
         }
     }
     let mut by_weight: Vec<usize> = (0..candidates.len()).filter(|&i| weights[i] > 0).collect();
-    by_weight.sort_by(|&a, &b| weights[b].cmp(&weights[a]).then(a.cmp(&b)));
+    by_weight.sort_by(|&a, &b| {
+        weights[b]
+            .cmp(&weights[a])
+            .then_with(|| candidates[b].current.cmp(&candidates[a].current))
+            .then(a.cmp(&b))
+    });
     for i in by_weight {
         if overflow == 0 {
             break;

@@ -1,0 +1,146 @@
+//! The offline planner: committed CRDs and golden plans match the code, and
+//! bad manifests get errors that name the object and the field.
+
+use std::path::Path;
+
+use civicgrid_operator::plan::{self, Format, PlanError};
+use proptest::prelude::*;
+
+const AT: i64 = 1_790_000_000;
+
+fn root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+#[test]
+fn committed_crds_match_the_rust_types() {
+    let committed = std::fs::read_to_string(root().join("charts/civicgrid/crds/civicgrid.io.yaml"))
+        .expect("committed CRDs");
+    let generated = civicgrid_operator::crds_yaml().expect("CRDs render");
+    assert!(
+        committed == generated,
+        "charts/civicgrid/crds/civicgrid.io.yaml is stale: run \
+         `cargo run -p civicgrid-operator -- crds > charts/civicgrid/crds/civicgrid.io.yaml`"
+    );
+}
+
+#[test]
+fn sample_city_plan_matches_the_golden_files() {
+    for (format, golden) in [(Format::Table, "city.txt"), (Format::Json, "city.json")] {
+        let out = plan::run(&root().join("examples/city"), format, AT).expect("city plans");
+        let expected = std::fs::read_to_string(root().join("operator/tests/golden").join(golden))
+            .expect("golden file");
+        assert!(
+            out == expected,
+            "plan output for {golden} changed; if intended, regenerate with \
+             `cargo run -p civicgrid-operator -- plan -f examples/city --at-unix {AT} -o ...`\n{out}"
+        );
+    }
+}
+
+fn plan_text(yaml: &str) -> Result<String, PlanError> {
+    let dir = std::env::temp_dir().join(format!(
+        "civicgrid-plan-{}-{}",
+        std::process::id(),
+        std::thread::current().name().unwrap_or("t").replace("::", "-")
+    ));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let file = dir.join("input.yaml");
+    std::fs::write(&file, yaml).expect("write");
+    let result = plan::run(&file, Format::Table, AT);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+const DC: &str = "apiVersion: civicgrid.io/v1alpha1
+kind: DataCenter
+metadata: {name: core}
+spec:
+  tier: municipal
+  region: city
+  capacity: {cpu: \"16\", memory: 64Gi}
+";
+
+fn err(yaml: &str) -> String {
+    match plan_text(yaml) {
+        Ok(out) => panic!("expected an error, got a plan:\n{out}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn unknown_tier_names_the_object_and_field() {
+    let e = err(&DC.replace("tier: municipal", "tier: core"));
+    assert!(e.contains("DataCenter `core`") && e.contains("spec.tier") && e.contains("unknown variant `core`"), "{e}");
+}
+
+#[test]
+fn unparsable_and_negative_quantities_name_the_field() {
+    let e = err(&DC.replace("cpu: \"16\"", "cpu: lots"));
+    assert!(e.contains("spec.capacity.cpu") && e.contains("`lots` is not a Kubernetes quantity"), "{e}");
+    let workload = format!(
+        "{DC}---
+apiVersion: civicgrid.io/v1alpha1
+kind: ComputeWorkload
+metadata: {{name: etl, namespace: data}}
+spec:
+  kind: Job
+  replicas: 1
+  template: {{}}
+  resources: {{cpu: \"-2\", memory: 1Gi}}
+"
+    );
+    let e = err(&workload);
+    assert!(e.contains("ComputeWorkload `data/etl`") && e.contains("spec.resources.cpu") && e.contains("negative"), "{e}");
+}
+
+#[test]
+fn impossible_constraints_are_rejected_with_the_field() {
+    let workload = format!(
+        "{DC}---
+apiVersion: civicgrid.io/v1alpha1
+kind: ComputeWorkload
+metadata: {{name: web}}
+spec:
+  kind: Deployment
+  replicas: 2
+  template: {{}}
+  resources: {{cpu: 1, memory: 1Gi}}
+  placement:
+    spread: {{minDomains: 3, maxDomains: 2}}
+"
+    );
+    let e = err(&workload);
+    assert!(e.contains("spec.placement.spread.minDomains") && e.contains("exceeds"), "{e}");
+}
+
+#[test]
+fn duplicate_names_point_at_both_definitions() {
+    let e = err(&format!("{DC}---\n{DC}"));
+    assert!(e.contains("DataCenter `core` is defined twice") && e.contains("document 1") && e.contains("document 2"), "{e}");
+}
+
+#[test]
+fn foreign_yaml_is_not_mistaken_for_a_civicgrid_resource() {
+    let e = err("apiVersion: v1\nkind: Service\nmetadata: {name: web}\n");
+    assert!(e.contains("apiVersion `v1`, kind `Service` is not a CivicGrid resource"), "{e}");
+    let e = err("{ not yaml: [");
+    assert!(e.contains("not valid YAML"), "{e}");
+}
+
+proptest! {
+    #[test]
+    fn plan_never_panics_on_arbitrary_input(text in "(?s).{0,300}") {
+        let _ = plan_text(&text);
+    }
+
+    #[test]
+    fn plan_never_panics_on_mutated_manifests(cut in 0usize..200, insert in ".{0,12}") {
+        let mut text = DC.to_owned();
+        let at = cut.min(text.len());
+        if text.is_char_boundary(at) {
+            text.insert_str(at, &insert);
+        }
+        let _ = plan_text(&text);
+    }
+}
