@@ -171,11 +171,21 @@ fn cost_and_carbon_weights_pick_the_cheap_clean_data_center() {
         tier: 0,
     };
     let s = run(&snapshot(dcs, vec![w]));
-    assert_eq!(placement(&s, "w"), BTreeMap::from([("partner".to_owned(), 2)]));
+    assert_eq!(
+        placement(&s, "w"),
+        BTreeMap::from([("partner".to_owned(), 2)])
+    );
     let d = s.decision(&WorkloadKey::new("ns", "w")).expect("decision");
-    let lost = d.rejections.iter().find(|r| r.data_center == "core").expect("core explained");
+    let lost = d
+        .rejections
+        .iter()
+        .find(|r| r.data_center == "core")
+        .expect("core explained");
     assert_eq!(lost.rule, Rule::Score);
-    assert!(lost.score.is_some_and(|b| b.total < d.scores["partner"].total));
+    assert!(
+        lost.score
+            .is_some_and(|b| b.total < d.scores["partner"].total)
+    );
 }
 
 #[test]
@@ -202,7 +212,10 @@ fn fallback_group_is_used_only_when_the_first_is_full() {
     assert_eq!(rule_for(&s, "w", "edge"), Some(Rule::FallbackGroup));
     w.replicas = 10;
     let s = run(&snapshot(dcs, vec![w]));
-    assert_eq!(placement(&s, "w"), BTreeMap::from([("core".to_owned(), 10)]));
+    assert_eq!(
+        placement(&s, "w"),
+        BTreeMap::from([("core".to_owned(), 10)])
+    );
     assert_eq!(rule_for(&s, "w", "partner"), Some(Rule::Fallback));
 }
 
@@ -227,7 +240,11 @@ fn available_capacity_divides_in_proportion_to_room() {
     // Room: core 16, edge 8, partner 32 → 4 : 2 : 8.
     assert_eq!(
         placement(&s, "w"),
-        BTreeMap::from([("core".to_owned(), 4), ("edge".to_owned(), 2), ("partner".to_owned(), 8)])
+        BTreeMap::from([
+            ("core".to_owned(), 4),
+            ("edge".to_owned(), 2),
+            ("partner".to_owned(), 8)
+        ])
     );
 }
 
@@ -266,7 +283,11 @@ fn gang_places_nothing_when_not_everything_fits() {
     let d = &s.decisions[0];
     assert!(d.placement.is_empty());
     assert_eq!(d.outcome, Outcome::Unschedulable);
-    assert!(d.reason.as_deref().is_some_and(|r| r.contains("56 of 100")), "{:?}", d.reason);
+    assert!(
+        d.reason.as_deref().is_some_and(|r| r.contains("56 of 100")),
+        "{:?}",
+        d.reason
+    );
 }
 
 #[test]
@@ -275,7 +296,10 @@ fn unschedulable_workload_gets_a_precise_reason() {
     w.placement.allowed_regions = ["nowhere".to_owned()].into();
     let s = run(&snapshot(three_dcs(), vec![w]));
     let reason = s.decisions[0].reason.clone().unwrap_or_default();
-    assert!(reason.contains("no data center passes the hard rules"), "{reason}");
+    assert!(
+        reason.contains("no data center passes the hard rules"),
+        "{reason}"
+    );
     assert!(reason.contains("Region: 3"), "{reason}");
 }
 
@@ -290,11 +314,23 @@ fn higher_priority_preempts_only_strictly_lower_priority() {
     high.priority = 5;
     high.preemption = PreemptionPolicy::PreemptLowerPriority;
     let mut s = snapshot(dcs, vec![low, high, same]);
-    s.current.insert(WorkloadKey::new("ns", "low"), BTreeMap::from([("only".into(), 10)]));
+    s.current.insert(
+        WorkloadKey::new("ns", "low"),
+        BTreeMap::from([("only".into(), 10)]),
+    );
     let out = run(&s);
-    assert_eq!(placement(&out, "high"), BTreeMap::from([("only".to_owned(), 4)]));
-    assert_eq!(placement(&out, "low"), BTreeMap::from([("only".to_owned(), 6)]));
-    let pre = &out.decision(&WorkloadKey::new("ns", "high")).expect("high").preemptions;
+    assert_eq!(
+        placement(&out, "high"),
+        BTreeMap::from([("only".to_owned(), 4)])
+    );
+    assert_eq!(
+        placement(&out, "low"),
+        BTreeMap::from([("only".to_owned(), 6)])
+    );
+    let pre = &out
+        .decision(&WorkloadKey::new("ns", "high"))
+        .expect("high")
+        .preemptions;
     assert_eq!(pre.len(), 1);
     assert_eq!(pre[0].victim, WorkloadKey::new("ns", "low"));
     assert_eq!(pre[0].replicas, 4);
@@ -307,9 +343,15 @@ fn higher_priority_preempts_only_strictly_lower_priority() {
     newcomer.priority = 5;
     newcomer.preemption = PreemptionPolicy::PreemptLowerPriority;
     let mut s = snapshot(dcs, vec![peer, newcomer]);
-    s.current.insert(WorkloadKey::new("ns", "peer"), BTreeMap::from([("only".into(), 10)]));
+    s.current.insert(
+        WorkloadKey::new("ns", "peer"),
+        BTreeMap::from([("only".into(), 10)]),
+    );
     let out = run(&s);
-    assert_eq!(placement(&out, "peer"), BTreeMap::from([("only".to_owned(), 10)]));
+    assert_eq!(
+        placement(&out, "peer"),
+        BTreeMap::from([("only".to_owned(), 10)])
+    );
     assert!(placement(&out, "newcomer").is_empty());
 }
 
@@ -321,10 +363,16 @@ fn without_preemption_policy_running_replicas_keep_their_capacity() {
     let mut high = workload("high", 4, 1, 1);
     high.priority = 5;
     let mut s = snapshot(dcs, vec![low, high]);
-    s.current.insert(WorkloadKey::new("ns", "low"), BTreeMap::from([("only".into(), 10)]));
+    s.current.insert(
+        WorkloadKey::new("ns", "low"),
+        BTreeMap::from([("only".into(), 10)]),
+    );
     let out = run(&s);
     assert!(placement(&out, "high").is_empty());
-    assert_eq!(placement(&out, "low"), BTreeMap::from([("only".to_owned(), 10)]));
+    assert_eq!(
+        placement(&out, "low"),
+        BTreeMap::from([("only".to_owned(), 10)])
+    );
 }
 
 #[test]
@@ -333,9 +381,15 @@ fn unreachable_data_center_keeps_replicas_until_grace_period_ends() {
     dcs[0].reachability = Reachability::UnreachableSince(1_000_000 - 30);
     let w = workload("w", 4, 1, 1);
     let mut s = snapshot(dcs, vec![w]);
-    s.current.insert(WorkloadKey::new("ns", "w"), BTreeMap::from([("core".into(), 4)]));
+    s.current.insert(
+        WorkloadKey::new("ns", "w"),
+        BTreeMap::from([("core".into(), 4)]),
+    );
     let within = run(&s);
-    assert_eq!(placement(&within, "w"), BTreeMap::from([("core".to_owned(), 4)]));
+    assert_eq!(
+        placement(&within, "w"),
+        BTreeMap::from([("core".to_owned(), 4)])
+    );
 
     s.data_centers[0].reachability = Reachability::UnreachableSince(1_000_000 - 61);
     let after = run(&s);
@@ -390,7 +444,10 @@ fn rebalancing_moves_back_at_most_the_allowed_replicas_per_round() {
     w.placement.max_moves_per_round = Some(3);
     let mut s = snapshot(dcs, vec![w]);
     let first = run(&s);
-    assert_eq!(placement(&first, "w"), BTreeMap::from([("partner".to_owned(), 10)]));
+    assert_eq!(
+        placement(&first, "w"),
+        BTreeMap::from([("partner".to_owned(), 10)])
+    );
     // Capacity returns.
     s.current = first.placements();
     s.data_centers[0].capacity.cpu_millis = 16_000;
@@ -402,7 +459,10 @@ fn rebalancing_moves_back_at_most_the_allowed_replicas_per_round() {
     // Without the policy nothing moves.
     s.workloads[0].placement.rebalance = RebalanceMode::Never;
     let stable = run(&s);
-    assert_eq!(placement(&stable, "w"), BTreeMap::from([("partner".to_owned(), 10)]));
+    assert_eq!(
+        placement(&stable, "w"),
+        BTreeMap::from([("partner".to_owned(), 10)])
+    );
 }
 
 #[test]
@@ -411,7 +471,10 @@ fn cordoned_data_center_keeps_what_runs_but_takes_nothing_new() {
     dcs[2].cordoned = true;
     let w = workload("w", 8, 1, 1);
     let mut s = snapshot(dcs, vec![w]);
-    s.current.insert(WorkloadKey::new("ns", "w"), BTreeMap::from([("partner".into(), 4)]));
+    s.current.insert(
+        WorkloadKey::new("ns", "w"),
+        BTreeMap::from([("partner".into(), 4)]),
+    );
     let out = run(&s);
     let p = placement(&out, "w");
     assert_eq!(p.get("partner"), Some(&4));
@@ -422,7 +485,15 @@ fn cordoned_data_center_keeps_what_runs_but_takes_nothing_new() {
 
 fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
     let dcs = prop::collection::vec(
-        (0usize..3, 0usize..3, 0usize..3, 0u64..40, 0u64..160, any::<bool>(), 0u64..4),
+        (
+            0usize..3,
+            0usize..3,
+            0usize..3,
+            0u64..40,
+            0u64..160,
+            any::<bool>(),
+            0u64..4,
+        ),
         1..8,
     );
     let workloads = prop::collection::vec(
@@ -446,7 +517,14 @@ fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
             .into_iter()
             .enumerate()
             .map(|(i, (t, r, z, cores, gib, cordoned, gpus))| {
-                let mut d = dc(&format!("dc{i}"), tiers[t], &format!("r{r}"), &format!("z{z}"), cores, gib);
+                let mut d = dc(
+                    &format!("dc{i}"),
+                    tiers[t],
+                    &format!("r{r}"),
+                    &format!("z{z}"),
+                    cores,
+                    gib,
+                );
                 d.cordoned = cordoned && i % 3 == 0;
                 if gpus > 0 {
                     d.capacity.gpus.insert("l4".into(), gpus);
@@ -464,40 +542,56 @@ fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
         let workloads: Vec<Workload> = workloads
             .into_iter()
             .enumerate()
-            .map(|(i, (replicas, cores, gib, priority, strategy, gang, preempt, (min, max), region, gpu))| {
-                let mut w = workload(&format!("w{i}"), replicas, cores, gib);
-                w.priority = priority;
-                w.placement.strategy = strategies[strategy];
-                w.placement.gang = gang;
-                w.demand.gpu_count = gpu;
-                if gpu > 0 {
-                    w.demand.gpu_model = Some("l4".into());
-                }
-                if w.placement.strategy == StrategyKind::StaticWeights {
-                    w.placement.static_weights = data_centers
-                        .iter()
-                        .enumerate()
-                        .map(|(j, d)| (d.name.clone(), u32::try_from((i + j) % 3).unwrap_or(1)))
-                        .collect();
-                }
-                let (min, max) = match (min, max) {
-                    (Some(a), Some(b)) if a > b => (Some(b), Some(a)),
-                    other => other,
-                };
-                w.placement.spread = Spread {
-                    by: SpreadDomain::DataCenter,
-                    min_domains: min,
-                    max_domains: max,
-                    max_replicas_per_data_center: None,
-                };
-                if region {
-                    w.placement.allowed_regions = ["r0".to_owned()].into();
-                }
-                if preempt {
-                    w.preemption = PreemptionPolicy::PreemptLowerPriority;
-                }
-                w
-            })
+            .map(
+                |(
+                    i,
+                    (
+                        replicas,
+                        cores,
+                        gib,
+                        priority,
+                        strategy,
+                        gang,
+                        preempt,
+                        (min, max),
+                        region,
+                        gpu,
+                    ),
+                )| {
+                    let mut w = workload(&format!("w{i}"), replicas, cores, gib);
+                    w.priority = priority;
+                    w.placement.strategy = strategies[strategy];
+                    w.placement.gang = gang;
+                    w.demand.gpu_count = gpu;
+                    if gpu > 0 {
+                        w.demand.gpu_model = Some("l4".into());
+                    }
+                    if w.placement.strategy == StrategyKind::StaticWeights {
+                        w.placement.static_weights = data_centers
+                            .iter()
+                            .enumerate()
+                            .map(|(j, d)| (d.name.clone(), u32::try_from((i + j) % 3).unwrap_or(1)))
+                            .collect();
+                    }
+                    let (min, max) = match (min, max) {
+                        (Some(a), Some(b)) if a > b => (Some(b), Some(a)),
+                        other => other,
+                    };
+                    w.placement.spread = Spread {
+                        by: SpreadDomain::DataCenter,
+                        min_domains: min,
+                        max_domains: max,
+                        max_replicas_per_data_center: None,
+                    };
+                    if region {
+                        w.placement.allowed_regions = ["r0".to_owned()].into();
+                    }
+                    if preempt {
+                        w.preemption = PreemptionPolicy::PreemptLowerPriority;
+                    }
+                    w
+                },
+            )
             .collect();
         Snapshot {
             now_unix: 0,
@@ -511,7 +605,11 @@ fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
 fn used_per_dc(s: &Snapshot, out: &Schedule) -> BTreeMap<String, Resources> {
     let mut used: BTreeMap<String, Resources> = BTreeMap::new();
     for d in &out.decisions {
-        let w = s.workloads.iter().find(|w| w.key == d.workload).expect("workload");
+        let w = s
+            .workloads
+            .iter()
+            .find(|w| w.key == d.workload)
+            .expect("workload");
         for (dc, n) in &d.placement {
             let n = u64::from(*n);
             let entry = used.entry(dc.clone()).or_default();

@@ -38,16 +38,19 @@ fn sample_city_plan_matches_the_golden_files() {
     }
 }
 
-fn plan_text(yaml: &str) -> Result<String, PlanError> {
+fn plan_text(yaml: &str) -> Result<String, Box<PlanError>> {
     let dir = std::env::temp_dir().join(format!(
         "civicgrid-plan-{}-{}",
         std::process::id(),
-        std::thread::current().name().unwrap_or("t").replace("::", "-")
+        std::thread::current()
+            .name()
+            .unwrap_or("t")
+            .replace("::", "-")
     ));
     std::fs::create_dir_all(&dir).expect("scratch dir");
     let file = dir.join("input.yaml");
     std::fs::write(&file, yaml).expect("write");
-    let result = plan::run(&file, Format::Table, AT);
+    let result = plan::run(&file, Format::Table, AT).map_err(Box::new);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
@@ -71,13 +74,21 @@ fn err(yaml: &str) -> String {
 #[test]
 fn unknown_tier_names_the_object_and_field() {
     let e = err(&DC.replace("tier: municipal", "tier: core"));
-    assert!(e.contains("DataCenter `core`") && e.contains("spec.tier") && e.contains("unknown variant `core`"), "{e}");
+    assert!(
+        e.contains("DataCenter `core`")
+            && e.contains("spec.tier")
+            && e.contains("unknown variant `core`"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unparsable_and_negative_quantities_name_the_field() {
     let e = err(&DC.replace("cpu: \"16\"", "cpu: lots"));
-    assert!(e.contains("spec.capacity.cpu") && e.contains("`lots` is not a Kubernetes quantity"), "{e}");
+    assert!(
+        e.contains("spec.capacity.cpu") && e.contains("`lots` is not a Kubernetes quantity"),
+        "{e}"
+    );
     let workload = format!(
         "{DC}---
 apiVersion: civicgrid.io/v1alpha1
@@ -91,7 +102,12 @@ spec:
 "
     );
     let e = err(&workload);
-    assert!(e.contains("ComputeWorkload `data/etl`") && e.contains("spec.resources.cpu") && e.contains("negative"), "{e}");
+    assert!(
+        e.contains("ComputeWorkload `data/etl`")
+            && e.contains("spec.resources.cpu")
+            && e.contains("negative"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -111,19 +127,30 @@ spec:
 "
     );
     let e = err(&workload);
-    assert!(e.contains("spec.placement.spread.minDomains") && e.contains("exceeds"), "{e}");
+    assert!(
+        e.contains("spec.placement.spread.minDomains") && e.contains("exceeds"),
+        "{e}"
+    );
 }
 
 #[test]
 fn duplicate_names_point_at_both_definitions() {
     let e = err(&format!("{DC}---\n{DC}"));
-    assert!(e.contains("DataCenter `core` is defined twice") && e.contains("document 1") && e.contains("document 2"), "{e}");
+    assert!(
+        e.contains("DataCenter `core` is defined twice")
+            && e.contains("document 1")
+            && e.contains("document 2"),
+        "{e}"
+    );
 }
 
 #[test]
 fn foreign_yaml_is_not_mistaken_for_a_civicgrid_resource() {
     let e = err("apiVersion: v1\nkind: Service\nmetadata: {name: web}\n");
-    assert!(e.contains("apiVersion `v1`, kind `Service` is not a CivicGrid resource"), "{e}");
+    assert!(
+        e.contains("apiVersion `v1`, kind `Service` is not a CivicGrid resource"),
+        "{e}"
+    );
     let e = err("{ not yaml: [");
     assert!(e.contains("not valid YAML"), "{e}");
 }

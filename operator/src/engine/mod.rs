@@ -242,6 +242,14 @@ struct Scheduler<'a> {
     region_ids: Vec<usize>,
 }
 
+/// A rejection message, built only when explaining: formatting a message for
+/// each of a thousand data centers would dominate a large run.
+macro_rules! msg {
+    ($self:ident, $($arg:tt)*) => {
+        if $self.options.explain { format!($($arg)*) } else { String::new() }
+    };
+}
+
 const MILLI: u64 = 1000;
 const GIB: u64 = 1 << 30;
 
@@ -383,12 +391,8 @@ impl<'a> Scheduler<'a> {
 
         // Capacity without preemption, then scores.
         for c in &mut candidates {
-            let dc = &snapshot.data_centers[c.dc];
-            let free = dc
-                .capacity
-                .saturating_sub(&self.committed[c.dc])
-                .saturating_sub(&self.held_total[c.dc]);
-            c.available = self.cap_available(workload, c, fits(dc, &free, &workload.demand));
+            let fit = self.fit_without_preemption(c.dc, &workload.demand);
+            c.available = self.cap_available(workload, c, fit);
         }
         self.score(workload, &mut candidates);
         candidates.sort_by(|a, b| fill_order(a, b, snapshot));
@@ -465,7 +469,7 @@ impl<'a> Scheduler<'a> {
                     } else {
                         Rule::Unreachable
                     },
-                    "takes no new replicas".to_owned(),
+                    msg!(self, "takes no new replicas"),
                 )
             } else if c.available == 0 {
                 (
@@ -473,19 +477,24 @@ impl<'a> Scheduler<'a> {
                     capacity_message(dc, &workload.demand, self, c.dc),
                 )
             } else if rules.gang && placed < wanted {
-                (Rule::Capacity, "gang could not be placed whole".to_owned())
+                (Rule::Capacity, msg!(self, "gang could not be placed whole"))
             } else if let Some(max) = rules.spread.max_domains
                 && !used_domains.contains(&c.domain)
                 && used_domains.len() >= max as usize
             {
                 (
                     Rule::Spread,
-                    format!("spread allows at most {max} {:?} domains", rules.spread.by),
+                    msg!(
+                        self,
+                        "spread allows at most {max} {:?} domains",
+                        rules.spread.by
+                    ),
                 )
             } else if chosen_best_group.is_some_and(|g| c.group > g) {
                 (
                     Rule::Fallback,
-                    format!(
+                    msg!(
+                        self,
                         "fallback group `{}` not needed: an earlier group had room",
                         group_name(workload, c.group)
                     ),
@@ -493,7 +502,8 @@ impl<'a> Scheduler<'a> {
             } else {
                 (
                     Rule::Score,
-                    format!(
+                    msg!(
+                        self,
                         "scored {} against {} for the lowest chosen data center",
                         c.score.total,
                         lowest_chosen.unwrap_or(0)
@@ -571,7 +581,8 @@ impl<'a> Scheduler<'a> {
             if down >= i64::from(workload.grace_period_seconds) {
                 return Err((
                     Rule::Unreachable,
-                    format!(
+                    msg!(
+                        self,
                         "unreachable for {down}s, past the {}s grace period",
                         workload.grace_period_seconds
                     ),
@@ -580,32 +591,36 @@ impl<'a> Scheduler<'a> {
             if here == 0 {
                 return Err((
                     Rule::Unreachable,
-                    format!("unreachable for {down}s; takes no new replicas"),
+                    msg!(self, "unreachable for {down}s; takes no new replicas"),
                 ));
             }
             keep_only = true;
         }
         if dc.cordoned {
             if here == 0 {
-                return Err((Rule::Cordoned, "cordoned".to_owned()));
+                return Err((Rule::Cordoned, msg!(self, "cordoned")));
             }
             keep_only = true;
         }
         if !rules.required_tiers.is_empty() && !rules.required_tiers.contains(&dc.tier) {
             return Err((
                 Rule::Tier,
-                format!(
+                msg!(
+                    self,
                     "tier {:?} is not one of the required tiers {:?}",
-                    dc.tier, rules.required_tiers
+                    dc.tier,
+                    rules.required_tiers
                 ),
             ));
         }
         if !rules.allowed_regions.is_empty() && !rules.allowed_regions.contains(&dc.region) {
             return Err((
                 Rule::Region,
-                format!(
+                msg!(
+                    self,
                     "region `{}` is outside the allowed regions {:?}",
-                    dc.region, rules.allowed_regions
+                    dc.region,
+                    rules.allowed_regions
                 ),
             ));
         }
@@ -617,7 +632,7 @@ impl<'a> Scheduler<'a> {
                 None => {
                     return Err((
                         Rule::FallbackGroup,
-                        "in none of the fallback groups".to_owned(),
+                        msg!(self, "in none of the fallback groups"),
                     ));
                 }
             }
@@ -627,7 +642,7 @@ impl<'a> Scheduler<'a> {
         {
             return Err((
                 Rule::Selector,
-                "labels do not match dataCenterSelector".to_owned(),
+                msg!(self, "labels do not match dataCenterSelector"),
             ));
         }
         let untolerated = |effect: TaintEffect| {
@@ -638,7 +653,7 @@ impl<'a> Scheduler<'a> {
         if let Some(taint) = untolerated(TaintEffect::NoSchedule) {
             return Err((
                 Rule::Taint,
-                format!("taint `{}` (NoSchedule) is not tolerated", taint.key),
+                msg!(self, "taint `{}` (NoSchedule) is not tolerated", taint.key),
             ));
         }
         if let Some(missing) = rules
@@ -648,18 +663,21 @@ impl<'a> Scheduler<'a> {
         {
             return Err((
                 Rule::Dataset,
-                format!("does not host required dataset `{missing}`"),
+                msg!(self, "does not host required dataset `{missing}`"),
             ));
         }
         if let Some((site, max_ms)) = &rules.max_latency {
             match dc.latency_ms.get(site) {
                 None => {
-                    return Err((Rule::Latency, format!("no latency known to site `{site}`")));
+                    return Err((
+                        Rule::Latency,
+                        msg!(self, "no latency known to site `{site}`"),
+                    ));
                 }
                 Some(ms) if ms > max_ms => {
                     return Err((
                         Rule::Latency,
-                        format!("{ms} ms to `{site}` exceeds the {max_ms} ms bound"),
+                        msg!(self, "{ms} ms to `{site}` exceeds the {max_ms} ms bound"),
                     ));
                 }
                 Some(_) => {}
@@ -675,11 +693,12 @@ impl<'a> Scheduler<'a> {
                 return Err((
                     Rule::Gpu,
                     match &demand.gpu_model {
-                        Some(model) => format!(
+                        Some(model) => msg!(
+                            self,
                             "has {has} `{model}` GPUs; a replica needs {}",
                             demand.gpu_count
                         ),
-                        None => format!("has no GPU model with {} GPUs", demand.gpu_count),
+                        None => msg!(self, "has no GPU model with {} GPUs", demand.gpu_count),
                     },
                 ));
             }
@@ -687,10 +706,62 @@ impl<'a> Scheduler<'a> {
         if rules.strategy == StrategyKind::StaticWeights
             && rules.static_weights.get(&dc.name).copied().unwrap_or(0) == 0
         {
-            return Err((Rule::StaticWeight, "has no static weight".to_owned()));
+            return Err((Rule::StaticWeight, msg!(self, "has no static weight")));
         }
         let discouraged = untolerated(TaintEffect::PreferNoSchedule).is_some();
         Ok((group, discouraged, keep_only))
+    }
+
+    /// Replicas of `demand` that fit in data center `i` next to what is
+    /// committed and held, without allocating.
+    fn fit_without_preemption(&self, i: usize, demand: &ReplicaDemand) -> u64 {
+        let (cpu, memory, ephemeral) = self.free_scalars(i);
+        let per = |free: u64, need: u64| free.checked_div(need).unwrap_or(u64::MAX);
+        let mut n = per(cpu, demand.cpu_millis)
+            .min(per(memory, demand.memory_bytes))
+            .min(per(ephemeral, demand.ephemeral_bytes));
+        if demand.gpu_count > 0 {
+            let dc = &self.snapshot.data_centers[i];
+            let model = match &demand.gpu_model {
+                Some(model) => Some(model.as_str()),
+                None => dc
+                    .capacity
+                    .gpus
+                    .iter()
+                    .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)))
+                    .map(|(m, _)| m.as_str()),
+            };
+            let free_gpus = model.map_or(0, |m| {
+                let get = |r: &Resources| r.gpus.get(m).copied().unwrap_or(0);
+                get(&dc.capacity)
+                    .saturating_sub(get(&self.committed[i]))
+                    .saturating_sub(get(&self.held_total[i]))
+            });
+            n = n.min(free_gpus.checked_div(demand.gpu_count).unwrap_or(u64::MAX));
+        }
+        if n == u64::MAX {
+            n = u64::from(u32::MAX);
+        }
+        n
+    }
+
+    fn free_scalars(&self, i: usize) -> (u64, u64, u64) {
+        let (cap, used, held) = (
+            &self.snapshot.data_centers[i].capacity,
+            &self.committed[i],
+            &self.held_total[i],
+        );
+        (
+            cap.cpu_millis
+                .saturating_sub(used.cpu_millis)
+                .saturating_sub(held.cpu_millis),
+            cap.memory_bytes
+                .saturating_sub(used.memory_bytes)
+                .saturating_sub(held.memory_bytes),
+            cap.ephemeral_bytes
+                .saturating_sub(used.ephemeral_bytes)
+                .saturating_sub(held.ephemeral_bytes),
+        )
     }
 
     fn domain(&self, dc: usize, by: SpreadDomain) -> usize {
@@ -831,12 +902,9 @@ impl<'a> Scheduler<'a> {
         let weights = rules.weights;
         for c in candidates.iter_mut() {
             let dc = &dcs[c.dc];
-            let free = dc
-                .capacity
-                .saturating_sub(&self.committed[c.dc])
-                .saturating_sub(&self.held_total[c.dc]);
+            let (free_cpu, free_memory, _) = self.free_scalars(c.dc);
             let mut s = ScoreBreakdown {
-                free_capacity: free_share(&dc.capacity, &free, demand),
+                free_capacity: free_share(&dc.capacity, free_cpu, free_memory, demand),
                 cost: lower_is_better(cost(dc), cost_lo, cost_hi),
                 carbon: lower_is_better(carbon(dc), carbon_lo, carbon_hi),
                 latency: lower_is_better(latency(dc), lat_lo, lat_hi),
@@ -899,14 +967,14 @@ fn any_gpu_model(dc: &DataCenter) -> Option<String> {
 
 /// How many replicas of `demand` fit in `free`.
 fn fits(dc: &DataCenter, free: &Resources, demand: &ReplicaDemand) -> u64 {
-    let per = |free: u64, need: u64| if need == 0 { u64::MAX } else { free / need };
+    let per = |free: u64, need: u64| free.checked_div(need).unwrap_or(u64::MAX);
     let mut n = per(free.cpu_millis, demand.cpu_millis)
         .min(per(free.memory_bytes, demand.memory_bytes))
         .min(per(free.ephemeral_bytes, demand.ephemeral_bytes));
     if demand.gpu_count > 0 {
         let model = demand.gpu_model.clone().or_else(|| any_gpu_model(dc));
         let free_gpus = model.and_then(|m| free.gpus.get(&m).copied()).unwrap_or(0);
-        n = n.min(free_gpus / demand.gpu_count);
+        n = n.min(free_gpus.checked_div(demand.gpu_count).unwrap_or(u64::MAX));
     }
     if n == u64::MAX {
         // A replica that needs nothing still takes a slot; bound it sanely.
@@ -915,16 +983,21 @@ fn fits(dc: &DataCenter, free: &Resources, demand: &ReplicaDemand) -> u64 {
     n
 }
 
-fn free_share(capacity: &Resources, free: &Resources, demand: &ReplicaDemand) -> u32 {
+fn free_share(
+    capacity: &Resources,
+    free_cpu: u64,
+    free_memory: u64,
+    demand: &ReplicaDemand,
+) -> u32 {
     let share = |cap: u64, free: u64, need: u64| -> u64 {
         if cap == 0 {
             return if need == 0 { 100 } else { 0 };
         }
         free.saturating_sub(need).saturating_mul(100) / cap
     };
-    let s = share(capacity.cpu_millis, free.cpu_millis, demand.cpu_millis).min(share(
+    let s = share(capacity.cpu_millis, free_cpu, demand.cpu_millis).min(share(
         capacity.memory_bytes,
-        free.memory_bytes,
+        free_memory,
         demand.memory_bytes,
     ));
     u32::try_from(s.min(100)).unwrap_or(100)
@@ -984,11 +1057,19 @@ fn divide(workload: &Workload, candidates: &[Candidate]) -> Vec<u32> {
     // Spread: pick the domains that may be used — running ones first, then in
     // fill order. If that leaves replicas unplaced, the roomiest domains may
     // do better: take whichever places more.
-    let preferred = divide_within(workload, candidates, &allowed_domains(candidates, max_domains, false));
+    let preferred = divide_within(
+        workload,
+        candidates,
+        &allowed_domains(candidates, max_domains, false),
+    );
     if max_domains.is_none() || placed_total(workload, &preferred) >= desired_total(workload) {
         return preferred;
     }
-    let roomiest = divide_within(workload, candidates, &allowed_domains(candidates, max_domains, true));
+    let roomiest = divide_within(
+        workload,
+        candidates,
+        &allowed_domains(candidates, max_domains, true),
+    );
     if placed_total(workload, &roomiest) > placed_total(workload, &preferred) {
         roomiest
     } else {
@@ -996,17 +1077,33 @@ fn divide(workload: &Workload, candidates: &[Candidate]) -> Vec<u32> {
     }
 }
 
-fn divide_within(workload: &Workload, candidates: &[Candidate], allowed: &BTreeSet<usize>) -> Vec<u32> {
+fn divide_within(
+    workload: &Workload,
+    candidates: &[Candidate],
+    allowed: &BTreeSet<usize>,
+) -> Vec<u32> {
     let rules = &workload.placement;
     let available: Vec<u32> = candidates
         .iter()
-        .map(|c| if allowed.contains(&c.domain) { c.available } else { 0 })
+        .map(|c| {
+            if allowed.contains(&c.domain) {
+                c.available
+            } else {
+                0
+            }
+        })
         .collect();
     let mut assignment = match rules.strategy {
         StrategyKind::Duplicated => candidates
             .iter()
             .zip(&available)
-            .map(|(_, &a)| if a >= workload.replicas && workload.replicas > 0 { workload.replicas } else { 0 })
+            .map(|(_, &a)| {
+                if a >= workload.replicas && workload.replicas > 0 {
+                    workload.replicas
+                } else {
+                    0
+                }
+            })
             .collect(),
         StrategyKind::StaticWeights => divide_static(workload, candidates, &available),
         StrategyKind::AvailableCapacity | StrategyKind::Score => {

@@ -2,3 +2,4 @@
 //! the workspace links it once.
 
 mod controlplane_smoke;
+mod crd_validation;
