@@ -13,6 +13,7 @@ cargo fmt --all -- --check
 echo "==> cargo clippy -D warnings" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test" >&2
-cargo test --workspace --all-targets --locked
+# Not --all-targets: that would run the benchmarks (debug build, minutes) as tests.
+cargo test --workspace --lib --bins --tests --examples --locked
 # Doc tests: examples in rustdoc must run too.
 cargo test --workspace --doc --locked
