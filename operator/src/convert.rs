@@ -290,7 +290,6 @@ pub fn workload(cw: &ComputeWorkload) -> Result<model::Workload, FieldError> {
         .as_ref()
         .map(|s| selector(&at, s))
         .transpose()?;
-    let w = &p.weights;
     let affinity = p.data_affinity.clone().unwrap_or_default();
     Ok(model::Workload {
         key,
@@ -327,14 +326,7 @@ pub fn workload(cw: &ComputeWorkload) -> Result<model::Workload, FieldError> {
             strategy: p.strategy.kind,
             static_weights,
             gang: p.gang,
-            weights: Weights {
-                free_capacity: w.free_capacity,
-                cost: w.cost,
-                carbon: w.carbon,
-                latency: w.latency,
-                locality: w.locality,
-                tier: w.tier,
-            },
+            weights: Weights::from(&p.weights),
             rebalance: p.rebalance.mode,
             max_moves_per_round: p.rebalance.max_moves_per_round,
         },

@@ -273,16 +273,23 @@ pub struct Weights {
     pub tier: u32,
 }
 
+impl From<&crate::crd::ScoreWeights> for Weights {
+    fn from(w: &crate::crd::ScoreWeights) -> Self {
+        Self {
+            free_capacity: w.free_capacity,
+            cost: w.cost,
+            carbon: w.carbon,
+            latency: w.latency,
+            locality: w.locality,
+            tier: w.tier,
+        }
+    }
+}
+
+/// The defaults are the CRD's, so the engine and `kubectl apply` agree.
 impl Default for Weights {
     fn default() -> Self {
-        Self {
-            free_capacity: 1,
-            cost: 0,
-            carbon: 0,
-            latency: 0,
-            locality: 0,
-            tier: 1,
-        }
+        Self::from(&crate::crd::ScoreWeights::default())
     }
 }
 
