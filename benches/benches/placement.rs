@@ -12,7 +12,10 @@ use civicgrid_benches::city;
 use civicgrid_operator::engine::model::{Reachability, Snapshot, Workload};
 use civicgrid_operator::engine::{Options, schedule};
 
-const FAST: Options = Options { explain: false };
+const FAST: Options = Options {
+    explain: false,
+    exhaustive: false,
+};
 
 /// The baseline: for each replica, scan all data centers, check the hard
 /// rules and capacity, score, take the best.

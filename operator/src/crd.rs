@@ -135,7 +135,7 @@ pub struct DataCenterTaint {
 }
 
 /// What a taint does to workloads that do not tolerate it.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Hash, Eq, JsonSchema)]
 pub enum TaintEffect {
     /// Never place here.
     NoSchedule,
@@ -405,7 +405,7 @@ pub struct DataCenterToleration {
 }
 
 /// How a toleration matches a taint.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Hash, Eq, Default, JsonSchema)]
 pub enum TolerationOperator {
     /// Key and value equal.
     #[default]

@@ -28,12 +28,14 @@
 pub mod model;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::rc::Rc;
 
 use serde::Serialize;
 
 use model::{
-    DataCenter, PreemptionPolicy, Reachability, RebalanceMode, ReplicaDemand, Resources, Snapshot,
-    SpreadDomain, StrategyKind, TaintEffect, Workload, WorkloadKey,
+    DataCenter, FallbackGroup, PlacementRules, PreemptionPolicy, Reachability, RebalanceMode,
+    ReplicaDemand, Resources, Selector, Snapshot, SpreadDomain, StrategyKind, TaintEffect, Tier,
+    Toleration, Workload, WorkloadKey,
 };
 
 /// Tuning of one scheduling run.
@@ -42,11 +44,18 @@ pub struct Options {
     /// Record a rejection for every data center not chosen. With `false`, only
     /// counts per rule are kept (for very large what-if runs).
     pub explain: bool,
+    /// Order every candidate even where the strategy reads only the best
+    /// few. The decisions are the same, only slower: tests use it to check
+    /// the shortcut.
+    pub exhaustive: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { explain: true }
+        Self {
+            explain: true,
+            exhaustive: false,
+        }
     }
 }
 
@@ -206,11 +215,27 @@ impl Schedule {
 
 /// Places every workload of `snapshot`. See the module docs for the contract.
 pub fn schedule(snapshot: &Snapshot, options: &Options) -> Schedule {
-    Scheduler::new(snapshot, *options).run()
+    Scheduler::new(snapshot, *options).run(None)
+}
+
+/// Places only the workloads named in `only`; every other workload keeps its
+/// current placement, and the capacity it holds stays held. This is what the
+/// controller runs when one workload changes or one data center fails: the
+/// cost grows with the workloads placed, not with the whole pool.
+///
+/// Workloads outside `only` with a strictly lower priority may still be
+/// preempted; the decisions name them in `preemptions` so the caller can
+/// place them again.
+pub fn schedule_only(
+    snapshot: &Snapshot,
+    only: &BTreeSet<WorkloadKey>,
+    options: &Options,
+) -> Schedule {
+    Scheduler::new(snapshot, *options).run(Some(only))
 }
 
 /// A data center that passed the hard rules.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 struct Candidate {
     dc: usize,
     /// Fallback group index (0 without groups).
@@ -222,11 +247,106 @@ struct Candidate {
     current: u32,
     /// Replicas that fit without preemption (capped by spread and keep-only).
     available: u32,
-    score: ScoreBreakdown,
+    /// Index into the workload's [`StaticParts`].
+    part: usize,
+    /// The free-capacity score, fixed before any eviction changes the room.
+    free_part: u32,
+    /// Weighted score.
+    total: u64,
     domain: usize,
     /// StaticWeights weight.
     weight: u32,
 }
+
+/// Score components that depend only on the data center and the rules,
+/// normalised over one candidate set.
+struct StaticParts {
+    carbon: Vec<u32>,
+    latency: Vec<u32>,
+    locality: Vec<u32>,
+    tier: Vec<u32>,
+}
+
+impl StaticParts {
+    fn over(rules: &PlacementRules, dcs: &[DataCenter], set: &[usize]) -> Self {
+        let normalise = |raw: Vec<u64>| {
+            let (lo, hi) = raw
+                .iter()
+                .fold((u64::MAX, 0u64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            raw.into_iter()
+                .map(|v| lower_is_better(v, lo, hi))
+                .collect()
+        };
+        Self {
+            carbon: normalise(set.iter().map(|&i| carbon_value(&dcs[i])).collect()),
+            latency: normalise(set.iter().map(|&i| latency_value(rules, &dcs[i])).collect()),
+            locality: set.iter().map(|&i| locality_part(rules, &dcs[i])).collect(),
+            tier: set.iter().map(|&i| tier_part(rules, &dcs[i])).collect(),
+        }
+    }
+}
+
+/// What the hard rules that ignore current placement say about every data
+/// center, for one class of workloads with the same rules. Computed once per
+/// class and run: in a city most workloads share a handful of rule sets.
+struct RuleClass {
+    /// Per data center: `Ok((group, discouraged))` or the first rule that
+    /// rejects it (the message is empty unless explaining).
+    verdicts: Vec<Result<(usize, bool), (Rule, String)>>,
+    /// The data centers that pass, in index order.
+    pass: Vec<usize>,
+    /// Rejections per rule among `verdicts`.
+    rejected_by_rule: BTreeMap<Rule, u32>,
+    /// Static score components over `pass`.
+    parts: Rc<StaticParts>,
+}
+
+/// Everything the placement-independent rules and static scores read.
+#[derive(PartialEq, Eq, Hash)]
+struct ClassKey<'a> {
+    required_tiers: &'a BTreeSet<Tier>,
+    preferred_tiers: &'a BTreeSet<Tier>,
+    allowed_regions: &'a BTreeSet<String>,
+    fallback_groups: &'a [FallbackGroup],
+    selector: &'a Option<Selector>,
+    tolerations: &'a [Toleration],
+    max_latency: &'a Option<(String, u32)>,
+    required_datasets: &'a BTreeSet<String>,
+    preferred_datasets: &'a BTreeSet<String>,
+    gpu_count: u64,
+    gpu_model: &'a Option<String>,
+    static_weights: Option<&'a BTreeMap<String, u32>>,
+}
+
+impl<'a> ClassKey<'a> {
+    fn of(workload: &'a Workload) -> Self {
+        let rules = &workload.placement;
+        Self {
+            required_tiers: &rules.required_tiers,
+            preferred_tiers: &rules.preferred_tiers,
+            allowed_regions: &rules.allowed_regions,
+            fallback_groups: &rules.fallback_groups,
+            selector: &rules.selector,
+            tolerations: &rules.tolerations,
+            max_latency: &rules.max_latency,
+            required_datasets: &rules.required_datasets,
+            preferred_datasets: &rules.preferred_datasets,
+            gpu_count: workload.demand.gpu_count,
+            gpu_model: &workload.demand.gpu_model,
+            static_weights: (rules.strategy == StrategyKind::StaticWeights)
+                .then_some(&rules.static_weights),
+        }
+    }
+}
+
+/// Rule classes kept per run; past this, classes are evaluated and dropped,
+/// so a snapshot where every workload is different costs time, not memory.
+const MAX_CLASSES: usize = 1024;
+
+/// `Scheduler::trouble` marks for the workload being placed.
+const UNTROUBLED: u8 = 0;
+const EXCLUDED: u8 = 1;
+const KEEP_ONLY: u8 = 2;
 
 struct Scheduler<'a> {
     snapshot: &'a Snapshot,
@@ -235,11 +355,27 @@ struct Scheduler<'a> {
     committed: Vec<Resources>,
     held_total: Vec<Resources>,
     held_by_priority: Vec<BTreeMap<i32, Resources>>,
+    /// Capacity minus committed minus held, for CPU, memory and ephemeral
+    /// storage: kept in step with `committed` and `held_total` so the hot
+    /// loop reads one small array.
+    free: Vec<[u64; 3]>,
     /// Current replicas per workload index, per data center index; reduced
     /// when a workload is preempted.
     current: Vec<Vec<(usize, u32)>>,
     zone_ids: Vec<usize>,
     region_ids: Vec<usize>,
+    /// Each data center's position in name order: the last tie-break.
+    name_rank: Vec<u32>,
+    /// Cordoned or unreachable data centers: the only ones whose rules depend
+    /// on what a workload runs there now.
+    troubled: Vec<usize>,
+    classes: HashMap<ClassKey<'a>, Rc<RuleClass>>,
+    /// Scratch: the placed workload's current replicas per data center,
+    /// zero everywhere between placements.
+    here: Vec<u32>,
+    /// Scratch: per troubled data center, what cordon and reachability say
+    /// for the workload being placed; `UNTROUBLED` between placements.
+    trouble: Vec<u8>,
 }
 
 /// A rejection message, built only when explaining: formatting a message for
@@ -253,6 +389,16 @@ macro_rules! msg {
 const MILLI: u64 = 1000;
 const GIB: u64 = 1 << 30;
 
+/// Dense ids for equal keys, in first-seen order.
+fn intern<K: std::hash::Hash + Eq>(keys: impl Iterator<Item = K>) -> Vec<usize> {
+    let mut ids: HashMap<K, usize> = HashMap::new();
+    keys.map(|key| {
+        let next = ids.len();
+        *ids.entry(key).or_insert(next)
+    })
+    .collect()
+}
+
 impl<'a> Scheduler<'a> {
     fn new(snapshot: &'a Snapshot, options: Options) -> Self {
         let dcs = &snapshot.data_centers;
@@ -261,27 +407,30 @@ impl<'a> Scheduler<'a> {
             .enumerate()
             .map(|(i, dc)| (dc.name.as_str(), i))
             .collect();
-        let intern = |key: &dyn Fn(&DataCenter) -> String| {
-            let mut ids: HashMap<String, usize> = HashMap::new();
-            dcs.iter()
-                .map(|dc| {
-                    let next = ids.len();
-                    *ids.entry(key(dc)).or_insert(next)
-                })
-                .collect::<Vec<_>>()
-        };
-        let zone_ids = intern(&|dc| format!("{}/{}", dc.region, dc.zone));
-        let region_ids = intern(&|dc| dc.region.clone());
+        let mut by_name: Vec<usize> = (0..dcs.len()).collect();
+        by_name.sort_unstable_by(|&a, &b| dcs[a].name.cmp(&dcs[b].name));
+        let mut name_rank = vec![0u32; dcs.len()];
+        for (rank, &dc) in by_name.iter().enumerate() {
+            name_rank[dc] = u32::try_from(rank).unwrap_or(u32::MAX);
+        }
         let mut scheduler = Self {
             snapshot,
             options,
             committed: vec![Resources::default(); dcs.len()],
             held_total: vec![Resources::default(); dcs.len()],
             held_by_priority: vec![BTreeMap::new(); dcs.len()],
+            free: vec![[0; 3]; dcs.len()],
             current: Vec::with_capacity(snapshot.workloads.len()),
+            zone_ids: intern(dcs.iter().map(|dc| (dc.region.as_str(), dc.zone.as_str()))),
+            region_ids: intern(dcs.iter().map(|dc| dc.region.as_str())),
             dc_index,
-            zone_ids,
-            region_ids,
+            name_rank,
+            troubled: (0..dcs.len())
+                .filter(|&i| dcs[i].cordoned || dcs[i].reachability != Reachability::Reachable)
+                .collect(),
+            classes: HashMap::new(),
+            here: vec![0; dcs.len()],
+            trouble: vec![UNTROUBLED; dcs.len()],
         };
         for workload in &snapshot.workloads {
             let mut holdings = Vec::new();
@@ -302,12 +451,35 @@ impl<'a> Scheduler<'a> {
             }
             scheduler.current.push(holdings);
         }
+        for dc in 0..dcs.len() {
+            scheduler.refresh_free(dc);
+        }
         scheduler
     }
 
-    fn run(mut self) -> Schedule {
+    fn refresh_free(&mut self, dc: usize) {
+        let (cap, used, held) = (
+            &self.snapshot.data_centers[dc].capacity,
+            &self.committed[dc],
+            &self.held_total[dc],
+        );
+        let left = |cap: u64, used: u64, held: u64| cap.saturating_sub(used).saturating_sub(held);
+        self.free[dc] = [
+            left(cap.cpu_millis, used.cpu_millis, held.cpu_millis),
+            left(cap.memory_bytes, used.memory_bytes, held.memory_bytes),
+            left(
+                cap.ephemeral_bytes,
+                used.ephemeral_bytes,
+                held.ephemeral_bytes,
+            ),
+        ];
+    }
+
+    fn run(mut self, only: Option<&BTreeSet<WorkloadKey>>) -> Schedule {
         let workloads = &self.snapshot.workloads;
-        let mut order: Vec<usize> = (0..workloads.len()).collect();
+        let mut order: Vec<usize> = (0..workloads.len())
+            .filter(|&w| only.is_none_or(|keys| keys.contains(&workloads[w].key)))
+            .collect();
         order.sort_by(|&a, &b| {
             workloads[b]
                 .priority
@@ -315,7 +487,7 @@ impl<'a> Scheduler<'a> {
                 .then_with(|| workloads[a].key.cmp(&workloads[b].key))
         });
         let mut decided = vec![false; workloads.len()];
-        let mut decisions = Vec::with_capacity(workloads.len());
+        let mut decisions = Vec::with_capacity(order.len());
         for w in order {
             self.release_holdings(w);
             let decision = self.place(w, &decided);
@@ -328,6 +500,7 @@ impl<'a> Scheduler<'a> {
                     u64::from(*replicas),
                 );
                 self.committed[dc].add(&res);
+                self.refresh_free(dc);
             }
             decisions.push(decision);
         }
@@ -337,7 +510,8 @@ impl<'a> Scheduler<'a> {
 
     fn release_holdings(&mut self, w: usize) {
         let workload = &self.snapshot.workloads[w];
-        for &(dc, replicas) in &self.current[w] {
+        for i in 0..self.current[w].len() {
+            let (dc, replicas) = self.current[w][i];
             let res = demand_of(
                 &self.snapshot.data_centers[dc],
                 &workload.demand,
@@ -347,65 +521,204 @@ impl<'a> Scheduler<'a> {
             if let Some(held) = self.held_by_priority[dc].get_mut(&workload.priority) {
                 held.sub(&res);
             }
+            self.refresh_free(dc);
         }
+    }
+
+    fn rule_class(&mut self, workload: &'a Workload) -> Rc<RuleClass> {
+        let key = ClassKey::of(workload);
+        if let Some(class) = self.classes.get(&key) {
+            return Rc::clone(class);
+        }
+        let dcs = &self.snapshot.data_centers;
+        let verdicts: Vec<_> = dcs
+            .iter()
+            .map(|dc| self.static_rules(workload, dc))
+            .collect();
+        let pass: Vec<usize> = (0..dcs.len()).filter(|&i| verdicts[i].is_ok()).collect();
+        let mut rejected_by_rule = BTreeMap::new();
+        for (rule, _) in verdicts.iter().filter_map(|v| v.as_ref().err()) {
+            *rejected_by_rule.entry(*rule).or_insert(0u32) += 1;
+        }
+        let class = Rc::new(RuleClass {
+            parts: Rc::new(StaticParts::over(&workload.placement, dcs, &pass)),
+            verdicts,
+            pass,
+            rejected_by_rule,
+        });
+        if self.classes.len() < MAX_CLASSES {
+            self.classes.insert(key, Rc::clone(&class));
+        }
+        class
     }
 
     fn place(&mut self, w: usize, decided: &[bool]) -> Decision {
         let snapshot = self.snapshot;
+        let dcs = &snapshot.data_centers;
         let workload = &snapshot.workloads[w];
         let rules = &workload.placement;
-        let current: HashMap<usize, u32> = self.current[w].iter().copied().collect();
-        let mut rejections = Vec::new();
-        let mut rejected_by_rule = BTreeMap::new();
-        let mut reject = |dc: &DataCenter, rule: Rule, message: String| {
-            *rejected_by_rule.entry(rule).or_insert(0u32) += 1;
-            if self.options.explain {
-                rejections.push(Rejection {
-                    data_center: dc.name.clone(),
-                    rule,
-                    message,
-                    score: None,
-                });
-            }
-        };
+        let explain = self.options.explain;
+        let class = self.rule_class(workload);
+        for &(dc, replicas) in &self.current[w] {
+            self.here[dc] = replicas;
+        }
+        let mut rejections: Vec<(u32, Rejection)> = Vec::new();
+        let mut rejected_by_rule = class.rejected_by_rule.clone();
 
-        // Filter.
-        let mut candidates = Vec::new();
-        for (i, dc) in snapshot.data_centers.iter().enumerate() {
-            let here = current.get(&i).copied().unwrap_or(0);
-            match self.filter(workload, dc, here) {
-                Ok((group, discouraged, keep_only)) => candidates.push(Candidate {
-                    dc: i,
-                    group,
-                    discouraged,
-                    keep_only,
-                    current: here,
-                    available: 0,
-                    score: ScoreBreakdown::default(),
-                    domain: self.domain(i, rules.spread.by),
-                    weight: rules.static_weights.get(&dc.name).copied().unwrap_or(0),
-                }),
-                Err((rule, message)) => reject(dc, rule, message),
+        // Filter. Cordon and reachability come first and depend on what runs
+        // where now; every other hard rule comes from the class.
+        let mut same_set = true;
+        for t in 0..self.troubled.len() {
+            let dc = self.troubled[t];
+            match self.trouble_rules(workload, &dcs[dc], self.here[dc]) {
+                Ok(keep_only) => {
+                    if keep_only {
+                        self.trouble[dc] = KEEP_ONLY;
+                    }
+                }
+                Err((rule, message)) => {
+                    self.trouble[dc] = EXCLUDED;
+                    match &class.verdicts[dc] {
+                        Ok(_) => same_set = false,
+                        Err((static_rule, _)) => {
+                            if let Some(n) = rejected_by_rule.get_mut(static_rule) {
+                                *n -= 1;
+                                if *n == 0 {
+                                    rejected_by_rule.remove(static_rule);
+                                }
+                            }
+                        }
+                    }
+                    *rejected_by_rule.entry(rule).or_insert(0) += 1;
+                    if explain {
+                        rejections.push(self.rejection(dc, rule, message, None));
+                    }
+                }
             }
         }
+        if explain {
+            for (dc, verdict) in class.verdicts.iter().enumerate() {
+                if let Err((rule, message)) = verdict
+                    && self.trouble[dc] != EXCLUDED
+                {
+                    rejections.push(self.rejection(dc, *rule, message.clone(), None));
+                }
+            }
+        }
+        let set: Vec<usize>;
+        let parts = if same_set {
+            set = Vec::new();
+            Rc::clone(&class.parts)
+        } else {
+            set = class
+                .pass
+                .iter()
+                .copied()
+                .filter(|&dc| self.trouble[dc] != EXCLUDED)
+                .collect();
+            Rc::new(StaticParts::over(rules, dcs, &set))
+        };
+        drop(set);
 
         // Capacity without preemption, then scores.
-        for c in &mut candidates {
-            let fit = self.fit_without_preemption(c.dc, &workload.demand);
-            c.available = self.cap_available(workload, c, fit);
+        let weights = rules.weights;
+        let demand = &workload.demand;
+        let mut candidates = Vec::with_capacity(class.pass.len());
+        let mut costs = Vec::with_capacity(class.pass.len());
+        for &dc in &class.pass {
+            if self.trouble[dc] == EXCLUDED {
+                continue;
+            }
+            let Ok((group, discouraged)) = class.verdicts[dc] else {
+                continue;
+            };
+            let [free_cpu, free_memory, _] = self.free[dc];
+            let mut c = Candidate {
+                dc,
+                group,
+                discouraged,
+                keep_only: self.trouble[dc] == KEEP_ONLY,
+                current: self.here[dc],
+                available: 0,
+                part: candidates.len(),
+                free_part: free_share(&dcs[dc].capacity, free_cpu, free_memory, demand),
+                total: 0,
+                domain: self.domain(dc, rules.spread.by),
+                weight: rules
+                    .static_weights
+                    .get(&dcs[dc].name)
+                    .copied()
+                    .unwrap_or(0),
+            };
+            c.available = self.cap_available(workload, &c, self.fit(dc, demand));
+            costs.push(cost_value(demand, &dcs[dc]));
+            candidates.push(c);
         }
-        self.score(workload, &mut candidates);
-        candidates.sort_by(|a, b| fill_order(a, b, snapshot));
+        for &dc in &self.troubled {
+            self.trouble[dc] = UNTROUBLED;
+        }
+        for &(dc, _) in &self.current[w] {
+            self.here[dc] = 0;
+        }
+        let cost_range = costs
+            .iter()
+            .fold((u64::MAX, 0u64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        for (c, &cost) in candidates.iter_mut().zip(&costs) {
+            let cost_part = if weights.cost == 0 {
+                0
+            } else {
+                lower_is_better(cost, cost_range.0, cost_range.1)
+            };
+            c.total = u64::from(c.free_part) * u64::from(weights.free_capacity)
+                + u64::from(cost_part) * u64::from(weights.cost)
+                + u64::from(parts.carbon[c.part]) * u64::from(weights.carbon)
+                + u64::from(parts.latency[c.part]) * u64::from(weights.latency)
+                + u64::from(parts.locality[c.part]) * u64::from(weights.locality)
+                + u64::from(parts.tier[c.part]) * u64::from(weights.tier);
+        }
+        let breakdown = |c: &Candidate| ScoreBreakdown {
+            free_capacity: c.free_part,
+            cost: lower_is_better(costs[c.part], cost_range.0, cost_range.1),
+            carbon: parts.carbon[c.part],
+            latency: parts.latency[c.part],
+            locality: parts.locality[c.part],
+            tier: parts.tier[c.part],
+            total: c.total,
+        };
 
-        let mut assignment = divide(workload, &candidates);
-        let mut preempting = false;
+        // Divide. The Score strategy without domain bounds only ever reads
+        // the best few candidates and the ones already running replicas, so
+        // only those are ordered, unless that turns out not to be enough.
+        let prefix_suffices = !self.options.exhaustive
+            && rules.strategy == StrategyKind::Score
+            && rules.spread.min_domains.is_none()
+            && rules.spread.max_domains.is_none()
+            && (rules.rebalance == RebalanceMode::Never || rules.fallback_groups.is_empty());
         let wanted = desired_total(workload);
+        let mut assignment;
+        if prefix_suffices {
+            let prefix = order_prefix(&mut candidates, &self.name_rank, workload.replicas);
+            assignment = divide(workload, &candidates);
+            let untouched_beyond_prefix = candidates[prefix..]
+                .iter()
+                .zip(&assignment[prefix..])
+                .all(|(c, &a)| a <= c.current.min(c.available));
+            if placed_total(workload, &assignment) < wanted || !untouched_beyond_prefix {
+                sort_in_fill_order(&mut candidates, &self.name_rank);
+                assignment = divide(workload, &candidates);
+            }
+        } else {
+            sort_in_fill_order(&mut candidates, &self.name_rank);
+            assignment = divide(workload, &candidates);
+        }
+
+        let mut preempting = false;
         if placed_total(workload, &assignment) < wanted
             && workload.preemption == PreemptionPolicy::PreemptLowerPriority
         {
             let mut with_preemption = candidates.clone();
             for c in &mut with_preemption {
-                let dc = &snapshot.data_centers[c.dc];
+                let dc = &dcs[c.dc];
                 let free = self.free_with_preemption(c.dc, workload.priority);
                 c.available = self.cap_available(workload, c, fits(dc, &free, &workload.demand));
             }
@@ -437,29 +750,19 @@ impl<'a> Scheduler<'a> {
         // Explain and assemble.
         let mut placement = BTreeMap::new();
         let mut scores = BTreeMap::new();
-        let chosen_best_group = candidates
-            .iter()
-            .zip(&assignment)
-            .filter(|(_, a)| **a > 0)
-            .map(|(c, _)| c.group)
-            .max();
-        let lowest_chosen = candidates
-            .iter()
-            .zip(&assignment)
-            .filter(|(_, a)| **a > 0)
-            .map(|(c, _)| c.score.total)
-            .min();
-        let used_domains: BTreeSet<usize> = candidates
-            .iter()
-            .zip(&assignment)
-            .filter(|(_, a)| **a > 0)
-            .map(|(c, _)| c.domain)
-            .collect();
+        let chosen = || candidates.iter().zip(&assignment).filter(|(_, a)| **a > 0);
+        let chosen_best_group = chosen().map(|(c, _)| c.group).max();
+        let lowest_chosen = chosen().map(|(c, _)| c.total).min();
+        let used_domains: BTreeSet<usize> = if rules.spread.max_domains.is_some() {
+            chosen().map(|(c, _)| c.domain).collect()
+        } else {
+            BTreeSet::new()
+        };
         for (c, &a) in candidates.iter().zip(&assignment) {
-            let dc = &snapshot.data_centers[c.dc];
+            let dc = &dcs[c.dc];
             if a > 0 {
                 placement.insert(dc.name.clone(), a);
-                scores.insert(dc.name.clone(), c.score);
+                scores.insert(dc.name.clone(), breakdown(c));
                 continue;
             }
             let (rule, message) = if c.available == 0 && c.keep_only {
@@ -474,7 +777,11 @@ impl<'a> Scheduler<'a> {
             } else if c.available == 0 {
                 (
                     Rule::Capacity,
-                    capacity_message(dc, &workload.demand, self, c.dc),
+                    if explain {
+                        capacity_message(dc, &workload.demand, self, c.dc)
+                    } else {
+                        String::new()
+                    },
                 )
             } else if rules.gang && placed < wanted {
                 (Rule::Capacity, msg!(self, "gang could not be placed whole"))
@@ -505,23 +812,20 @@ impl<'a> Scheduler<'a> {
                     msg!(
                         self,
                         "scored {} against {} for the lowest chosen data center",
-                        c.score.total,
+                        c.total,
                         lowest_chosen.unwrap_or(0)
                     ),
                 )
             };
             *rejected_by_rule.entry(rule).or_insert(0) += 1;
-            if self.options.explain {
-                rejections.push(Rejection {
-                    data_center: dc.name.clone(),
-                    rule,
-                    message,
-                    score: matches!(rule, Rule::Score | Rule::Fallback | Rule::Spread)
-                        .then_some(c.score),
-                });
+            if explain {
+                let score = matches!(rule, Rule::Score | Rule::Fallback | Rule::Spread)
+                    .then(|| breakdown(c));
+                rejections.push(self.rejection(c.dc, rule, message, score));
             }
         }
-        rejections.sort_by(|a, b| a.data_center.cmp(&b.data_center));
+        rejections.sort_unstable_by_key(|(rank, _)| *rank);
+        let rejections = rejections.into_iter().map(|(_, r)| r).collect();
 
         let placed = placed_total(workload, &assignment);
         let outcome = if wanted == 0 && workload.replicas == 0 {
@@ -540,16 +844,13 @@ impl<'a> Scheduler<'a> {
                 wanted,
                 &candidates,
                 &rejected_by_rule,
-                snapshot.data_centers.len(),
+                dcs.len(),
             ));
         }
-        let moved_replicas = current
+        let moved_replicas = self.current[w]
             .iter()
             .map(|(dc, cur)| {
-                let now = placement
-                    .get(&snapshot.data_centers[*dc].name)
-                    .copied()
-                    .unwrap_or(0);
+                let now = placement.get(&dcs[*dc].name).copied().unwrap_or(0);
                 cur.saturating_sub(now)
             })
             .sum();
@@ -567,14 +868,33 @@ impl<'a> Scheduler<'a> {
         }
     }
 
-    /// The hard rules, in order. `Ok((group, discouraged, keep_only))`.
-    fn filter(
+    /// A rejection keyed by the data center's name rank, for sorting.
+    fn rejection(
+        &self,
+        dc: usize,
+        rule: Rule,
+        message: String,
+        score: Option<ScoreBreakdown>,
+    ) -> (u32, Rejection) {
+        (
+            self.name_rank[dc],
+            Rejection {
+                data_center: self.snapshot.data_centers[dc].name.clone(),
+                rule,
+                message,
+                score,
+            },
+        )
+    }
+
+    /// Cordon and reachability, the rules that depend on what the workload
+    /// runs in `dc` now (`here`). `Ok(keep_only)`.
+    fn trouble_rules(
         &self,
         workload: &Workload,
         dc: &DataCenter,
         here: u32,
-    ) -> Result<(usize, bool, bool), (Rule, String)> {
-        let rules = &workload.placement;
+    ) -> Result<bool, (Rule, String)> {
         let mut keep_only = false;
         if let Reachability::UnreachableSince(since) = dc.reachability {
             let down = self.snapshot.now_unix.saturating_sub(since).max(0);
@@ -602,6 +922,17 @@ impl<'a> Scheduler<'a> {
             }
             keep_only = true;
         }
+        Ok(keep_only)
+    }
+
+    /// The hard rules after cordon and reachability, in order; they read
+    /// only what [`ClassKey`] holds. `Ok((group, discouraged))`.
+    fn static_rules(
+        &self,
+        workload: &Workload,
+        dc: &DataCenter,
+    ) -> Result<(usize, bool), (Rule, String)> {
+        let rules = &workload.placement;
         if !rules.required_tiers.is_empty() && !rules.required_tiers.contains(&dc.tier) {
             return Err((
                 Rule::Tier,
@@ -709,13 +1040,13 @@ impl<'a> Scheduler<'a> {
             return Err((Rule::StaticWeight, msg!(self, "has no static weight")));
         }
         let discouraged = untolerated(TaintEffect::PreferNoSchedule).is_some();
-        Ok((group, discouraged, keep_only))
+        Ok((group, discouraged))
     }
 
     /// Replicas of `demand` that fit in data center `i` next to what is
     /// committed and held, without allocating.
-    fn fit_without_preemption(&self, i: usize, demand: &ReplicaDemand) -> u64 {
-        let (cpu, memory, ephemeral) = self.free_scalars(i);
+    fn fit(&self, i: usize, demand: &ReplicaDemand) -> u64 {
+        let [cpu, memory, ephemeral] = self.free[i];
         let per = |free: u64, need: u64| free.checked_div(need).unwrap_or(u64::MAX);
         let mut n = per(cpu, demand.cpu_millis)
             .min(per(memory, demand.memory_bytes))
@@ -743,25 +1074,6 @@ impl<'a> Scheduler<'a> {
             n = u64::from(u32::MAX);
         }
         n
-    }
-
-    fn free_scalars(&self, i: usize) -> (u64, u64, u64) {
-        let (cap, used, held) = (
-            &self.snapshot.data_centers[i].capacity,
-            &self.committed[i],
-            &self.held_total[i],
-        );
-        (
-            cap.cpu_millis
-                .saturating_sub(used.cpu_millis)
-                .saturating_sub(held.cpu_millis),
-            cap.memory_bytes
-                .saturating_sub(used.memory_bytes)
-                .saturating_sub(held.memory_bytes),
-            cap.ephemeral_bytes
-                .saturating_sub(used.ephemeral_bytes)
-                .saturating_sub(held.ephemeral_bytes),
-        )
     }
 
     fn domain(&self, dc: usize, by: SpreadDomain) -> usize {
@@ -853,6 +1165,7 @@ impl<'a> Scheduler<'a> {
                 if let Some(held) = self.held_by_priority[c.dc].get_mut(&victim.priority) {
                     held.sub(&res);
                 }
+                self.refresh_free(c.dc);
                 if let Some(slot) = self.current[v].iter_mut().find(|(d, _)| *d == c.dc) {
                     slot.1 -= evicted;
                 }
@@ -865,76 +1178,54 @@ impl<'a> Scheduler<'a> {
         }
         preemptions
     }
+}
 
-    fn score(&self, workload: &Workload, candidates: &mut [Candidate]) {
-        let dcs = &self.snapshot.data_centers;
-        let rules = &workload.placement;
-        let demand = &workload.demand;
-        let cost = |dc: &DataCenter| -> u64 {
-            let gpu_price = match &demand.gpu_model {
-                Some(model) => dc.cost_per_gpu_hour.get(model).copied().unwrap_or(0),
-                None => dc.cost_per_gpu_hour.values().copied().min().unwrap_or(0),
-            };
-            demand.cpu_millis.saturating_mul(dc.cost_per_core_hour) / MILLI
-                + demand.memory_bytes.saturating_mul(dc.cost_per_gib_hour) / GIB
-                + demand.gpu_count.saturating_mul(gpu_price)
-        };
-        let carbon = |dc: &DataCenter| -> u64 {
-            dc.carbon_intensity
-                .map_or(u64::MAX, |g| u64::from(g) * u64::from(dc.pue_milli))
-        };
-        let latency = |dc: &DataCenter| -> u64 {
-            rules
-                .max_latency
-                .as_ref()
-                .and_then(|(site, _)| dc.latency_ms.get(site))
-                .map_or(0, |ms| u64::from(*ms))
-        };
-        let range = |f: &dyn Fn(&DataCenter) -> u64| {
-            candidates.iter().fold((u64::MAX, 0u64), |(lo, hi), c| {
-                let v = f(&dcs[c.dc]);
-                (lo.min(v), hi.max(v))
-            })
-        };
-        let (cost_lo, cost_hi) = range(&cost);
-        let (carbon_lo, carbon_hi) = range(&carbon);
-        let (lat_lo, lat_hi) = range(&latency);
-        let weights = rules.weights;
-        for c in candidates.iter_mut() {
-            let dc = &dcs[c.dc];
-            let (free_cpu, free_memory, _) = self.free_scalars(c.dc);
-            let mut s = ScoreBreakdown {
-                free_capacity: free_share(&dc.capacity, free_cpu, free_memory, demand),
-                cost: lower_is_better(cost(dc), cost_lo, cost_hi),
-                carbon: lower_is_better(carbon(dc), carbon_lo, carbon_hi),
-                latency: lower_is_better(latency(dc), lat_lo, lat_hi),
-                locality: if rules.preferred_datasets.is_empty() {
-                    100
-                } else {
-                    let hosted = rules
-                        .preferred_datasets
-                        .iter()
-                        .filter(|d| dc.datasets.contains(*d))
-                        .count();
-                    u32::try_from(hosted * 100 / rules.preferred_datasets.len()).unwrap_or(100)
-                },
-                tier: if rules.preferred_tiers.is_empty()
-                    || rules.preferred_tiers.contains(&dc.tier)
-                {
-                    100
-                } else {
-                    0
-                },
-                total: 0,
-            };
-            s.total = u64::from(s.free_capacity) * u64::from(weights.free_capacity)
-                + u64::from(s.cost) * u64::from(weights.cost)
-                + u64::from(s.carbon) * u64::from(weights.carbon)
-                + u64::from(s.latency) * u64::from(weights.latency)
-                + u64::from(s.locality) * u64::from(weights.locality)
-                + u64::from(s.tier) * u64::from(weights.tier);
-            c.score = s;
+/// Price of one replica per hour in `dc`, in minor units.
+fn cost_value(demand: &ReplicaDemand, dc: &DataCenter) -> u64 {
+    let gpu_price = if demand.gpu_count == 0 {
+        0
+    } else {
+        match &demand.gpu_model {
+            Some(model) => dc.cost_per_gpu_hour.get(model).copied().unwrap_or(0),
+            None => dc.cost_per_gpu_hour.values().copied().min().unwrap_or(0),
         }
+    };
+    demand.cpu_millis.saturating_mul(dc.cost_per_core_hour) / MILLI
+        + demand.memory_bytes.saturating_mul(dc.cost_per_gib_hour) / GIB
+        + demand.gpu_count.saturating_mul(gpu_price)
+}
+
+/// Carbon intensity × PUE; unknown intensity ranks last.
+fn carbon_value(dc: &DataCenter) -> u64 {
+    dc.carbon_intensity
+        .map_or(u64::MAX, |g| u64::from(g) * u64::from(dc.pue_milli))
+}
+
+fn latency_value(rules: &PlacementRules, dc: &DataCenter) -> u64 {
+    rules
+        .max_latency
+        .as_ref()
+        .and_then(|(site, _)| dc.latency_ms.get(site))
+        .map_or(0, |ms| u64::from(*ms))
+}
+
+fn locality_part(rules: &PlacementRules, dc: &DataCenter) -> u32 {
+    if rules.preferred_datasets.is_empty() {
+        return 100;
+    }
+    let hosted = rules
+        .preferred_datasets
+        .iter()
+        .filter(|d| dc.datasets.contains(*d))
+        .count();
+    u32::try_from(hosted * 100 / rules.preferred_datasets.len()).unwrap_or(100)
+}
+
+fn tier_part(rules: &PlacementRules, dc: &DataCenter) -> u32 {
+    if rules.preferred_tiers.is_empty() || rules.preferred_tiers.contains(&dc.tier) {
+        100
+    } else {
+        0
     }
 }
 
@@ -1010,16 +1301,73 @@ fn lower_is_better(v: u64, lo: u64, hi: u64) -> u32 {
     u32::try_from((hi - v.min(hi)).saturating_mul(100) / (hi - lo)).unwrap_or(0)
 }
 
-fn fill_order(a: &Candidate, b: &Candidate, snapshot: &Snapshot) -> std::cmp::Ordering {
-    a.discouraged
-        .cmp(&b.discouraged)
-        .then_with(|| a.group.cmp(&b.group))
-        .then_with(|| b.score.total.cmp(&a.score.total))
-        .then_with(|| {
-            snapshot.data_centers[a.dc]
-                .name
-                .cmp(&snapshot.data_centers[b.dc].name)
-        })
+/// Sorts candidates in the order they are filled: tolerated before
+/// discouraged, earlier fallback groups first, higher score first, then by
+/// name. The name makes every key unique, so an unstable sort is
+/// deterministic; sorting packed keys and then moving each candidate once is
+/// several times faster than sorting the candidates themselves.
+fn sort_in_fill_order(candidates: &mut Vec<Candidate>, name_rank: &[u32]) {
+    let mut keys: Vec<(u128, u32)> = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (fill_key(c, name_rank), u32::try_from(i).unwrap_or(u32::MAX)))
+        .collect();
+    keys.sort_unstable();
+    let order: Vec<u32> = keys.iter().map(|&(_, i)| i).collect();
+    permute(candidates, &order);
+}
+
+/// Orders only what the Score strategy reads: the best `2 × replicas + 8`
+/// candidates in fill order, then the other candidates already running
+/// replicas (in fill order, for trimming), then the rest in any order.
+/// Returns the length of the ordered best prefix; the caller checks that the
+/// division never reached past it, and orders everything if it did.
+fn order_prefix(candidates: &mut Vec<Candidate>, name_rank: &[u32], replicas: u32) -> usize {
+    let n = candidates.len();
+    let k = usize::try_from(replicas)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(2)
+        .saturating_add(8)
+        .min(n);
+    if k == n {
+        sort_in_fill_order(candidates, name_rank);
+        return n;
+    }
+    let mut keys: Vec<(u128, u32)> = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (fill_key(c, name_rank), u32::try_from(i).unwrap_or(u32::MAX)))
+        .collect();
+    keys.select_nth_unstable(k);
+    let (best, rest) = keys.split_at_mut(k);
+    best.sort_unstable();
+    let (mut holders, others): (Vec<_>, Vec<_>) = rest
+        .iter()
+        .partition(|(_, i)| candidates[*i as usize].current > 0);
+    holders.sort_unstable();
+    let order: Vec<u32> = best
+        .iter()
+        .chain(&holders)
+        .chain(&others)
+        .map(|&(_, i)| i)
+        .collect();
+    permute(candidates, &order);
+    k
+}
+
+fn permute(candidates: &mut Vec<Candidate>, order: &[u32]) {
+    let ordered: Vec<Candidate> = order.iter().map(|&i| candidates[i as usize]).collect();
+    *candidates = ordered;
+}
+
+/// Packs the fill order into one integer: discouraged (1 bit), fallback
+/// group (31 bits), inverted score (64 bits), name rank (32 bits).
+fn fill_key(c: &Candidate, name_rank: &[u32]) -> u128 {
+    let group = u128::try_from(c.group.min(0x7fff_ffff)).unwrap_or(0x7fff_ffff);
+    (u128::from(c.discouraged) << 127)
+        | (group << 96)
+        | (u128::from(u64::MAX - c.total) << 32)
+        | u128::from(name_rank[c.dc])
 }
 
 fn group_name(workload: &Workload, group: usize) -> String {
@@ -1057,18 +1405,21 @@ fn divide(workload: &Workload, candidates: &[Candidate]) -> Vec<u32> {
     // Spread: pick the domains that may be used — running ones first, then in
     // fill order. If that leaves replicas unplaced, the roomiest domains may
     // do better: take whichever places more.
+    let Some(max) = max_domains else {
+        return divide_within(workload, candidates, None);
+    };
     let preferred = divide_within(
         workload,
         candidates,
-        &allowed_domains(candidates, max_domains, false),
+        Some(&allowed_domains(candidates, max, false)),
     );
-    if max_domains.is_none() || placed_total(workload, &preferred) >= desired_total(workload) {
+    if placed_total(workload, &preferred) >= desired_total(workload) {
         return preferred;
     }
     let roomiest = divide_within(
         workload,
         candidates,
-        &allowed_domains(candidates, max_domains, true),
+        Some(&allowed_domains(candidates, max, true)),
     );
     if placed_total(workload, &roomiest) > placed_total(workload, &preferred) {
         roomiest
@@ -1080,13 +1431,13 @@ fn divide(workload: &Workload, candidates: &[Candidate]) -> Vec<u32> {
 fn divide_within(
     workload: &Workload,
     candidates: &[Candidate],
-    allowed: &BTreeSet<usize>,
+    allowed: Option<&BTreeSet<usize>>,
 ) -> Vec<u32> {
     let rules = &workload.placement;
     let available: Vec<u32> = candidates
         .iter()
         .map(|c| {
-            if allowed.contains(&c.domain) {
+            if allowed.is_none_or(|a| a.contains(&c.domain)) {
                 c.available
             } else {
                 0
@@ -1116,7 +1467,8 @@ fn divide_within(
     assignment
 }
 
-fn allowed_domains(candidates: &[Candidate], max: Option<u32>, by_room: bool) -> BTreeSet<usize> {
+/// The at most `max` spread domains a workload may use.
+fn allowed_domains(candidates: &[Candidate], max: u32, by_room: bool) -> BTreeSet<usize> {
     let mut order: Vec<&Candidate> = candidates.iter().filter(|c| c.available > 0).collect();
     // Stable sorts keep fill order within each class.
     if by_room {
@@ -1132,8 +1484,8 @@ fn allowed_domains(candidates: &[Candidate], max: Option<u32>, by_room: bool) ->
         if allowed.contains(&c.domain) {
             continue;
         }
-        if max.is_some_and(|m| allowed.len() >= m as usize) {
-            continue;
+        if allowed.len() >= max as usize {
+            break;
         }
         allowed.insert(c.domain);
     }
@@ -1271,13 +1623,18 @@ fn divide_stable(workload: &Workload, candidates: &[Candidate], available: &[u32
                         given += share;
                     }
                     let mut leftover = r - given;
-                    let mut order: Vec<usize> = (start..end).collect();
-                    order.sort_by(|&a, &b| {
-                        headroom(b, &assignment)
-                            .cmp(&headroom(a, &assignment))
-                            .then(a.cmp(&b))
-                    });
-                    for i in order {
+                    // Leftovers go one each to the roomiest; only that many
+                    // need ordering.
+                    let mut order: Vec<(std::cmp::Reverse<u32>, usize)> = (start..end)
+                        .map(|i| (std::cmp::Reverse(headroom(i, &assignment)), i))
+                        .collect();
+                    let wanted = usize::try_from(leftover).unwrap_or(usize::MAX);
+                    if wanted < order.len() {
+                        order.select_nth_unstable(wanted);
+                        order.truncate(wanted + 1);
+                    }
+                    order.sort_unstable();
+                    for (_, i) in order {
                         if leftover == 0 {
                             break;
                         }

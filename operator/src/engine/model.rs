@@ -106,7 +106,7 @@ pub struct Taint {
 }
 
 /// A toleration of a workload.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Toleration {
     /// Key.
     pub key: String,
@@ -193,7 +193,7 @@ pub struct ReplicaDemand {
 }
 
 /// A label selector, already parsed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Selector {
     /// Every label must equal.
     pub match_labels: BTreeMap<String, String>,
@@ -202,7 +202,7 @@ pub struct Selector {
 }
 
 /// One `matchExpressions` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum SelectorExpression {
     /// Label value is one of.
     In(String, BTreeSet<String>),
@@ -234,7 +234,7 @@ impl Selector {
 }
 
 /// A fallback group: data centers matching any of its fields.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct FallbackGroup {
     /// Name for explanations.
     pub name: String,
