@@ -5,12 +5,12 @@
 //! Run: `cargo bench -p civicgrid-benches --bench placement` (add `-- --quick`
 //! to skip the 100k-workload case).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use civicgrid_benches::city;
 use civicgrid_operator::engine::model::{Reachability, Snapshot, Workload};
-use civicgrid_operator::engine::{Options, schedule};
+use civicgrid_operator::engine::{Options, schedule, schedule_only};
 
 const FAST: Options = Options {
     explain: false,
@@ -66,9 +66,32 @@ fn time<T>(f: impl FnOnce() -> T) -> (T, Duration) {
     (out, start.elapsed())
 }
 
+/// Resident memory in KiB from /proc/self/status: `VmRSS` now, or `VmHWM`,
+/// the peak since the last [`reset_peak_rss`]. `None` off Linux.
+fn rss_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Resets `VmHWM` to the current RSS (Linux `clear_refs` value 5).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 fn full_schedule(workloads: usize, dcs: usize) {
     let snapshot = city(workloads, dcs, 7);
+    reset_peak_rss();
+    let before = rss_kib("VmRSS:");
     let (out, engine) = time(|| schedule(&snapshot, &FAST));
+    if let (Some(before), Some(peak)) = (before, rss_kib("VmHWM:")) {
+        println!(
+            "  memory ({workloads} workloads, {dcs} DCs): snapshot resident {:.0} MiB, peak while scheduling {:.0} MiB (+{:.0} MiB)",
+            before as f64 / 1024.0,
+            peak as f64 / 1024.0,
+            peak.saturating_sub(before) as f64 / 1024.0
+        );
+    }
     let placed: u32 = out.decisions.iter().map(|d| d.placed()).sum();
     let (naive_placed, baseline) = time(|| naive(&snapshot));
     let rate = workloads as f64 / engine.as_secs_f64();
@@ -81,27 +104,64 @@ fn full_schedule(workloads: usize, dcs: usize) {
     );
 }
 
-fn one_decision_latency() {
+/// The engine's own cost of one decision: a snapshot of 1000 data centers
+/// and the one workload, with the full explanation.
+fn one_decision_alone() {
     let base = city(1000, 1000, 11);
     let mut samples = Vec::new();
     let mut naive_samples = Vec::new();
     for i in 0..400 {
         let mut one = base.clone();
-        one.workloads = vec![base.workloads[i % base.workloads.len()].clone()];
+        one.workloads = vec![base.workloads[(i * 7) % base.workloads.len()].clone()];
         let (_, d) = time(|| schedule(&one, &Options::default()));
         samples.push(d);
         let (_, n) = time(|| naive(&one));
         naive_samples.push(n);
     }
+    report_latency(
+        "one decision at 1000 DCs, workload alone (with full explanation)",
+        samples,
+        naive_samples,
+    );
+}
+
+fn report_latency(what: &str, mut samples: Vec<Duration>, mut naive_samples: Vec<Duration>) {
     samples.sort();
     naive_samples.sort();
     let pct = |v: &[Duration], p: f64| v[((v.len() as f64 - 1.0) * p) as usize];
     println!(
-        "one decision at 1000 DCs (with full explanation): p50 {:?} p99 {:?} | naive p50 {:?} p99 {:?}",
+        "{what}: p50 {:?} p99 {:?} | naive p50 {:?} p99 {:?}",
         pct(&samples, 0.5),
         pct(&samples, 0.99),
         pct(&naive_samples, 0.5),
         pct(&naive_samples, 0.99)
+    );
+}
+
+/// One workload placed the way the controller places it when that workload
+/// changes: against a city where everything else already runs, with the full
+/// explanation the status carries. The baseline places the same workload
+/// naively, alone.
+fn one_decision_latency() {
+    let mut city_now = city(1000, 1000, 11);
+    city_now.current = schedule(&city_now, &FAST).placements();
+    let mut samples = Vec::new();
+    let mut naive_samples = Vec::new();
+    for i in 0..400 {
+        let workload = &city_now.workloads[(i * 7) % city_now.workloads.len()];
+        let only = BTreeSet::from([workload.key.clone()]);
+        let (out, d) = time(|| schedule_only(&city_now, &only, &Options::default()));
+        assert_eq!(out.decisions.len(), 1);
+        samples.push(d);
+        let mut alone = city_now.clone();
+        alone.workloads = vec![workload.clone()];
+        let (_, n) = time(|| naive(&alone));
+        naive_samples.push(n);
+    }
+    report_latency(
+        "one decision at 1000 DCs among 1000 running workloads (with full explanation)",
+        samples,
+        naive_samples,
     );
 }
 
@@ -121,7 +181,7 @@ fn failover() {
         .max_by_key(|(_, n)| **n)
         .map(|(dc, _)| (*dc).to_owned())
         .unwrap_or_default();
-    let affected: Vec<_> = snapshot
+    let affected: BTreeSet<_> = snapshot
         .current
         .iter()
         .filter(|(_, p)| p.contains_key(&failed))
@@ -133,9 +193,7 @@ fn failover() {
         }
     }
     // Re-place only the affected workloads, against everyone else's placement.
-    let mut partial = snapshot.clone();
-    partial.workloads.retain(|w| affected.contains(&w.key));
-    let (out, engine) = time(|| schedule(&partial, &FAST));
+    let (out, engine) = time(|| schedule_only(&snapshot, &affected, &FAST));
     let moved: u32 = out.decisions.iter().map(|d| d.moved_replicas).sum();
     let (_, full) = time(|| schedule(&snapshot, &FAST));
     println!(
@@ -148,12 +206,27 @@ fn failover() {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    full_schedule(1_000, 100);
-    full_schedule(10_000, 1_000);
-    if !quick {
-        full_schedule(100_000, 1_000);
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--case NAME` runs one case (for profiling): full, decision, failover.
+    let case = args
+        .iter()
+        .position(|a| a == "--case")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str);
+    let wants = |name: &str| case.is_none_or(|c| c == name);
+    if wants("full") {
+        full_schedule(1_000, 100);
+        full_schedule(10_000, 1_000);
+        if !quick {
+            full_schedule(100_000, 1_000);
+        }
     }
-    one_decision_latency();
-    failover();
+    if wants("decision") {
+        one_decision_alone();
+        one_decision_latency();
+    }
+    if wants("failover") {
+        failover();
+    }
 }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use civicgrid_operator::engine::model::*;
-use civicgrid_operator::engine::{Options, Outcome, Rule, Schedule, schedule};
+use civicgrid_operator::engine::{Options, Outcome, Rule, Schedule, schedule, schedule_only};
 use proptest::prelude::*;
 
 const GIB: u64 = 1 << 30;
@@ -748,6 +748,111 @@ proptest! {
                 prop_assert!(d.placement.contains_key(&dc.name) ^ explained.contains(dc.name.as_str()),
                     "{} for {}: chosen xor explained", dc.name, d.workload);
             }
+        }
+    }
+}
+
+/// `s` with each data center repeated `copies` times under new names, some
+/// of the copies unreachable, and every workload running somewhere: wide
+/// enough that the Score shortcut orders only part of the candidates.
+fn widened(s: &Snapshot, copies: usize, seed: u64) -> Snapshot {
+    let mut wide = s.clone();
+    wide.data_centers = (0..copies)
+        .flat_map(|copy| {
+            s.data_centers.iter().enumerate().map(move |(i, dc)| {
+                let mut dc = dc.clone();
+                dc.name = format!("{}-{copy}", dc.name);
+                dc.cost_per_core_hour = (seed >> ((i + copy) % 32)) & 7;
+                if (seed >> ((i * 7 + copy) % 64)) & 15 == 0 {
+                    // Some are within a 60 s grace period, some past it.
+                    dc.reachability = Reachability::UnreachableSince(
+                        s.now_unix - if copy % 2 == 0 { 10 } else { 600 },
+                    );
+                }
+                dc
+            })
+        })
+        .collect();
+    let n = wide.data_centers.len();
+    for (i, w) in wide.workloads.iter().enumerate() {
+        if w.replicas > 0 && (seed >> (i % 64)) & 1 == 1 {
+            // Two data centers with more than half each: scaling down trims.
+            let at = |k: usize| {
+                wide.data_centers[(seed as usize).wrapping_add(i * 13 + k * 5) % n]
+                    .name
+                    .clone()
+            };
+            let each = w.replicas / 2 + 1;
+            wide.current.insert(
+                w.key.clone(),
+                BTreeMap::from([(at(0), each), (at(1), each)]),
+            );
+        }
+    }
+    wide
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn shortcut_decides_exactly_like_ordering_every_candidate(s in arb_snapshot(), copies in 3usize..8, seed in any::<u64>()) {
+        let wide = widened(&s, copies, seed);
+        let shortcut = schedule(&wide, &Options::default());
+        let exhaustive = schedule(&wide, &Options { exhaustive: true, ..Options::default() });
+        prop_assert_eq!(shortcut, exhaustive);
+    }
+
+    #[test]
+    fn scheduling_only_every_workload_equals_scheduling_all(s in arb_snapshot(), seed in any::<u64>()) {
+        let wide = widened(&s, 2, seed);
+        let every: BTreeSet<WorkloadKey> = wide.workloads.iter().map(|w| w.key.clone()).collect();
+        prop_assert_eq!(schedule_only(&wide, &every, &Options::default()), run(&wide));
+    }
+
+    #[test]
+    fn scheduling_some_workloads_respects_capacity_the_others_hold(s in arb_snapshot(), seed in any::<u64>()) {
+        // Everyone runs where a first round put them; then every other
+        // workload grows and only those are placed again.
+        let mut s = s;
+        s.current = run(&s).placements();
+        let mut changed = BTreeSet::new();
+        for (i, w) in s.workloads.iter_mut().enumerate() {
+            if (seed >> (i % 64)) & 1 == 1 {
+                w.replicas += 2;
+                changed.insert(w.key.clone());
+            }
+        }
+        let out = schedule_only(&s, &changed, &Options::default());
+        prop_assert_eq!(out.decisions.len(), changed.len());
+        // Usage: the changed workloads' decisions plus what the others still
+        // run after any preemption.
+        let mut running = s.current.clone();
+        for d in &out.decisions {
+            running.insert(d.workload.clone(), d.placement.clone());
+            for p in &d.preemptions {
+                if let Some(n) = running.get_mut(&p.victim).and_then(|m| m.get_mut(&p.data_center)) {
+                    *n -= p.replicas;
+                }
+            }
+        }
+        let as_schedule = Schedule {
+            decisions: s.workloads.iter().map(|w| civicgrid_operator::engine::Decision {
+                workload: w.key.clone(),
+                placement: running.get(&w.key).cloned().unwrap_or_default(),
+                desired: w.replicas,
+                outcome: Outcome::Scheduled,
+                reason: None,
+                rejections: Vec::new(),
+                rejected_by_rule: BTreeMap::new(),
+                scores: BTreeMap::new(),
+                preemptions: Vec::new(),
+                moved_replicas: 0,
+            }).collect(),
+        };
+        for (dc, used) in used_per_dc(&s, &as_schedule) {
+            let cap = &s.data_centers.iter().find(|d| d.name == dc).expect("dc").capacity;
+            prop_assert!(used.fits_within(cap), "{dc}: {used:?} > {cap:?}");
         }
     }
 }

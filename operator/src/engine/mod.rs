@@ -27,8 +27,11 @@
 
 pub mod model;
 
+use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
+
+use strength_reduce::StrengthReducedU64;
 
 use serde::Serialize;
 
@@ -256,6 +259,8 @@ struct Candidate {
     domain: usize,
     /// StaticWeights weight.
     weight: u32,
+    /// Position of the data center in name order: the last tie-break.
+    rank: u32,
 }
 
 /// Score components that depend only on the data center and the rules,
@@ -354,11 +359,16 @@ struct Scheduler<'a> {
     dc_index: HashMap<&'a str, usize>,
     committed: Vec<Resources>,
     held_total: Vec<Resources>,
-    held_by_priority: Vec<BTreeMap<i32, Resources>>,
+    /// Held capacity per data center by priority, sorted by priority: a
+    /// city has a handful of priorities, so a small vector beats a map.
+    held_by_priority: Vec<Vec<(i32, Resources)>>,
     /// Capacity minus committed minus held, for CPU, memory and ephemeral
     /// storage: kept in step with `committed` and `held_total` so the hot
     /// loop reads one small array.
     free: Vec<[u64; 3]>,
+    /// CPU and memory capacity per data center, as divisors; made on first
+    /// use, since making one costs a 128-bit division.
+    capacity_divisors: Vec<OnceCell<[Divisor; 2]>>,
     /// Current replicas per workload index, per data center index; reduced
     /// when a workload is preempted.
     current: Vec<Vec<(usize, u32)>>,
@@ -389,6 +399,18 @@ macro_rules! msg {
 const MILLI: u64 = 1000;
 const GIB: u64 = 1 << 30;
 
+/// The entry for `priority` in a list sorted by priority, made if missing.
+fn held_at(by_priority: &mut Vec<(i32, Resources)>, priority: i32) -> &mut Resources {
+    let i = match by_priority.binary_search_by_key(&priority, |(p, _)| *p) {
+        Ok(i) => i,
+        Err(i) => {
+            by_priority.insert(i, (priority, Resources::default()));
+            i
+        }
+    };
+    &mut by_priority[i].1
+}
+
 /// Dense ids for equal keys, in first-seen order.
 fn intern<K: std::hash::Hash + Eq>(keys: impl Iterator<Item = K>) -> Vec<usize> {
     let mut ids: HashMap<K, usize> = HashMap::new();
@@ -418,9 +440,10 @@ impl<'a> Scheduler<'a> {
             options,
             committed: vec![Resources::default(); dcs.len()],
             held_total: vec![Resources::default(); dcs.len()],
-            held_by_priority: vec![BTreeMap::new(); dcs.len()],
+            held_by_priority: vec![Vec::new(); dcs.len()],
             free: vec![[0; 3]; dcs.len()],
-            current: Vec::with_capacity(snapshot.workloads.len()),
+            capacity_divisors: vec![OnceCell::new(); dcs.len()],
+            current: Vec::new(),
             zone_ids: intern(dcs.iter().map(|dc| (dc.region.as_str(), dc.zone.as_str()))),
             region_ids: intern(dcs.iter().map(|dc| dc.region.as_str())),
             dc_index,
@@ -432,24 +455,30 @@ impl<'a> Scheduler<'a> {
             here: vec![0; dcs.len()],
             trouble: vec![UNTROUBLED; dcs.len()],
         };
-        for workload in &snapshot.workloads {
-            let mut holdings = Vec::new();
-            if let Some(current) = snapshot.current.get(&workload.key) {
-                for (name, replicas) in current {
-                    if let Some(&dc) = scheduler.dc_index.get(name.as_str())
-                        && *replicas > 0
-                    {
-                        holdings.push((dc, *replicas));
-                        let res = demand_of(&dcs[dc], &workload.demand, u64::from(*replicas));
-                        scheduler.held_total[dc].add(&res);
-                        scheduler.held_by_priority[dc]
-                            .entry(workload.priority)
-                            .or_default()
-                            .add(&res);
-                    }
+        // Walk the current placements once (a map lookup per workload would
+        // compare keys a dozen times each).
+        let index_of: HashMap<&WorkloadKey, usize> = snapshot
+            .workloads
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (&w.key, i))
+            .collect();
+        scheduler.current = vec![Vec::new(); snapshot.workloads.len()];
+        for (key, current) in &snapshot.current {
+            let Some(&w) = index_of.get(key) else {
+                continue;
+            };
+            let workload = &snapshot.workloads[w];
+            for (name, &replicas) in current {
+                if let Some(&dc) = scheduler.dc_index.get(name.as_str())
+                    && replicas > 0
+                {
+                    scheduler.current[w].push((dc, replicas));
+                    let res = demand_of(&dcs[dc], &workload.demand, u64::from(replicas));
+                    scheduler.held_total[dc].add(&res);
+                    held_at(&mut scheduler.held_by_priority[dc], workload.priority).add(&res);
                 }
             }
-            scheduler.current.push(holdings);
         }
         for dc in 0..dcs.len() {
             scheduler.refresh_free(dc);
@@ -518,9 +547,7 @@ impl<'a> Scheduler<'a> {
                 u64::from(replicas),
             );
             self.held_total[dc].sub(&res);
-            if let Some(held) = self.held_by_priority[dc].get_mut(&workload.priority) {
-                held.sub(&res);
-            }
+            held_at(&mut self.held_by_priority[dc], workload.priority).sub(&res);
             self.refresh_free(dc);
         }
     }
@@ -625,6 +652,11 @@ impl<'a> Scheduler<'a> {
         let demand = &workload.demand;
         let mut candidates = Vec::with_capacity(class.pass.len());
         let mut costs = Vec::with_capacity(class.pass.len());
+        let per_replica = [
+            Divisor::new(demand.cpu_millis),
+            Divisor::new(demand.memory_bytes),
+            Divisor::new(demand.ephemeral_bytes),
+        ];
         for &dc in &class.pass {
             if self.trouble[dc] == EXCLUDED {
                 continue;
@@ -641,7 +673,18 @@ impl<'a> Scheduler<'a> {
                 current: self.here[dc],
                 available: 0,
                 part: candidates.len(),
-                free_part: free_share(&dcs[dc].capacity, free_cpu, free_memory, demand),
+                free_part: free_share(
+                    self.capacity_divisors[dc].get_or_init(|| {
+                        let capacity = &dcs[dc].capacity;
+                        [
+                            Divisor::new(capacity.cpu_millis),
+                            Divisor::new(capacity.memory_bytes),
+                        ]
+                    }),
+                    free_cpu,
+                    free_memory,
+                    demand,
+                ),
                 total: 0,
                 domain: self.domain(dc, rules.spread.by),
                 weight: rules
@@ -649,8 +692,9 @@ impl<'a> Scheduler<'a> {
                     .get(&dcs[dc].name)
                     .copied()
                     .unwrap_or(0),
+                rank: self.name_rank[dc],
             };
-            c.available = self.cap_available(workload, &c, self.fit(dc, demand));
+            c.available = self.cap_available(workload, &c, self.fit(dc, demand, &per_replica));
             costs.push(cost_value(demand, &dcs[dc]));
             candidates.push(c);
         }
@@ -663,11 +707,16 @@ impl<'a> Scheduler<'a> {
         let cost_range = costs
             .iter()
             .fold((u64::MAX, 0u64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let cost_span = Divisor::new(cost_range.1.saturating_sub(cost_range.0));
         for (c, &cost) in candidates.iter_mut().zip(&costs) {
+            // As `lower_is_better`, without a division per candidate.
             let cost_part = if weights.cost == 0 {
                 0
+            } else if cost_span.is_zero() {
+                100
             } else {
-                lower_is_better(cost, cost_range.0, cost_range.1)
+                let v = cost.min(cost_range.1);
+                u32::try_from(cost_span.div((cost_range.1 - v).saturating_mul(100))).unwrap_or(0)
             };
             c.total = u64::from(c.free_part) * u64::from(weights.free_capacity)
                 + u64::from(cost_part) * u64::from(weights.cost)
@@ -689,26 +738,47 @@ impl<'a> Scheduler<'a> {
         // Divide. The Score strategy without domain bounds only ever reads
         // the best few candidates and the ones already running replicas, so
         // only those are ordered, unless that turns out not to be enough.
-        let prefix_suffices = !self.options.exhaustive
-            && rules.strategy == StrategyKind::Score
+        // Divide. Without domain bounds, Score reads only the best few
+        // candidates and those already running replicas, and
+        // AvailableCapacity over one fallback group reads the order only to
+        // trim running replicas; so only that much is ordered, and everything
+        // is when the shortcut turns out not to hold.
+        let shortcut = !self.options.exhaustive
             && rules.spread.min_domains.is_none()
             && rules.spread.max_domains.is_none()
             && (rules.rebalance == RebalanceMode::Never || rules.fallback_groups.is_empty());
+        let one_class = candidates
+            .windows(2)
+            .all(|p| (p[0].discouraged, p[0].group) == (p[1].discouraged, p[1].group));
         let wanted = desired_total(workload);
-        let mut assignment;
-        if prefix_suffices {
-            let prefix = order_prefix(&mut candidates, &self.name_rank, workload.replicas);
-            assignment = divide(workload, &candidates);
-            let untouched_beyond_prefix = candidates[prefix..]
+        let ordered = match rules.strategy {
+            StrategyKind::Score if shortcut => {
+                let best = usize::try_from(workload.replicas)
+                    .unwrap_or(usize::MAX)
+                    .saturating_mul(2)
+                    .saturating_add(8);
+                Some(order_prefix(&mut candidates, best))
+            }
+            StrategyKind::AvailableCapacity if shortcut && one_class => {
+                order_prefix(&mut candidates, 0);
+                None
+            }
+            _ => {
+                sort_in_fill_order(&mut candidates);
+                None
+            }
+        };
+        let mut assignment = divide(workload, &candidates);
+        let beyond_prefix_untouched = ordered.is_none_or(|prefix| {
+            candidates[prefix..]
                 .iter()
                 .zip(&assignment[prefix..])
-                .all(|(c, &a)| a <= c.current.min(c.available));
-            if placed_total(workload, &assignment) < wanted || !untouched_beyond_prefix {
-                sort_in_fill_order(&mut candidates, &self.name_rank);
-                assignment = divide(workload, &candidates);
-            }
-        } else {
-            sort_in_fill_order(&mut candidates, &self.name_rank);
+                .all(|(c, &a)| a <= c.current.min(c.available))
+        });
+        if ordered != Some(candidates.len())
+            && (placed_total(workload, &assignment) < wanted || !beyond_prefix_untouched)
+        {
+            sort_in_fill_order(&mut candidates);
             assignment = divide(workload, &candidates);
         }
 
@@ -1045,12 +1115,12 @@ impl<'a> Scheduler<'a> {
 
     /// Replicas of `demand` that fit in data center `i` next to what is
     /// committed and held, without allocating.
-    fn fit(&self, i: usize, demand: &ReplicaDemand) -> u64 {
+    fn fit(&self, i: usize, demand: &ReplicaDemand, per_replica: &[Divisor; 3]) -> u64 {
         let [cpu, memory, ephemeral] = self.free[i];
-        let per = |free: u64, need: u64| free.checked_div(need).unwrap_or(u64::MAX);
-        let mut n = per(cpu, demand.cpu_millis)
-            .min(per(memory, demand.memory_bytes))
-            .min(per(ephemeral, demand.ephemeral_bytes));
+        let mut n = per_replica[0]
+            .div(cpu)
+            .min(per_replica[1].div(memory))
+            .min(per_replica[2].div(ephemeral));
         if demand.gpu_count > 0 {
             let dc = &self.snapshot.data_centers[i];
             let model = match &demand.gpu_model {
@@ -1097,7 +1167,9 @@ impl<'a> Scheduler<'a> {
 
     fn free_with_preemption(&self, dc: usize, priority: i32) -> Resources {
         let mut blocking = Resources::default();
-        for (_, held) in self.held_by_priority[dc].range(priority..) {
+        let by_priority = &self.held_by_priority[dc];
+        let from = by_priority.partition_point(|(p, _)| *p < priority);
+        for (_, held) in &by_priority[from..] {
             blocking.add(held);
         }
         self.snapshot.data_centers[dc]
@@ -1162,9 +1234,7 @@ impl<'a> Scheduler<'a> {
                 }
                 let res = demand_of(dc, &victim.demand, u64::from(evicted));
                 self.held_total[c.dc].sub(&res);
-                if let Some(held) = self.held_by_priority[c.dc].get_mut(&victim.priority) {
-                    held.sub(&res);
-                }
+                held_at(&mut self.held_by_priority[c.dc], victim.priority).sub(&res);
                 self.refresh_free(c.dc);
                 if let Some(slot) = self.current[v].iter_mut().find(|(d, _)| *d == c.dc) {
                     slot.1 -= evicted;
@@ -1274,24 +1344,47 @@ fn fits(dc: &DataCenter, free: &Resources, demand: &ReplicaDemand) -> u64 {
     n
 }
 
+/// Percent of CPU and memory capacity (the smaller) left after one more
+/// replica. `capacity` holds the CPU and memory capacities as divisors.
 fn free_share(
-    capacity: &Resources,
+    capacity: &[Divisor; 2],
     free_cpu: u64,
     free_memory: u64,
     demand: &ReplicaDemand,
 ) -> u32 {
-    let share = |cap: u64, free: u64, need: u64| -> u64 {
-        if cap == 0 {
+    let share = |cap: &Divisor, free: u64, need: u64| -> u64 {
+        if cap.is_zero() {
             return if need == 0 { 100 } else { 0 };
         }
-        free.saturating_sub(need).saturating_mul(100) / cap
+        cap.div(free.saturating_sub(need).saturating_mul(100))
     };
-    let s = share(capacity.cpu_millis, free_cpu, demand.cpu_millis).min(share(
-        capacity.memory_bytes,
+    let s = share(&capacity[0], free_cpu, demand.cpu_millis).min(share(
+        &capacity[1],
         free_memory,
         demand.memory_bytes,
     ));
     u32::try_from(s.min(100)).unwrap_or(100)
+}
+
+/// A divisor fixed for many divisions, replaced by a multiplication: the
+/// engine divides by each data center's capacity and each workload's demand
+/// thousands of times per run. Exact, like `/`.
+#[derive(Clone, Copy)]
+struct Divisor(Option<StrengthReducedU64>);
+
+impl Divisor {
+    fn new(divisor: u64) -> Self {
+        Self((divisor != 0).then(|| StrengthReducedU64::new(divisor)))
+    }
+
+    fn is_zero(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// `n / divisor`, or `u64::MAX` for a zero divisor (no limit).
+    fn div(&self, n: u64) -> u64 {
+        self.0.map_or(u64::MAX, |d| n / d)
+    }
 }
 
 fn lower_is_better(v: u64, lo: u64, hi: u64) -> u32 {
@@ -1306,53 +1399,51 @@ fn lower_is_better(v: u64, lo: u64, hi: u64) -> u32 {
 /// name. The name makes every key unique, so an unstable sort is
 /// deterministic; sorting packed keys and then moving each candidate once is
 /// several times faster than sorting the candidates themselves.
-fn sort_in_fill_order(candidates: &mut Vec<Candidate>, name_rank: &[u32]) {
-    let mut keys: Vec<(u128, u32)> = candidates
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (fill_key(c, name_rank), u32::try_from(i).unwrap_or(u32::MAX)))
-        .collect();
+fn sort_in_fill_order(candidates: &mut Vec<Candidate>) {
+    let mut keys: Vec<(u128, u32)> = keyed(candidates);
     keys.sort_unstable();
     let order: Vec<u32> = keys.iter().map(|&(_, i)| i).collect();
     permute(candidates, &order);
 }
 
-/// Orders only what the Score strategy reads: the best `2 × replicas + 8`
-/// candidates in fill order, then the other candidates already running
-/// replicas (in fill order, for trimming), then the rest in any order.
-/// Returns the length of the ordered best prefix; the caller checks that the
-/// division never reached past it, and orders everything if it did.
-fn order_prefix(candidates: &mut Vec<Candidate>, name_rank: &[u32], replicas: u32) -> usize {
+/// Orders only part of the candidates: the `best` first in fill order, then
+/// the others already running replicas in fill order (trimming reads them
+/// from the back), then the rest in any order. Returns the length of the
+/// ordered best prefix. The caller checks that the division did not reach
+/// past what was ordered.
+fn order_prefix(candidates: &mut Vec<Candidate>, best: usize) -> usize {
     let n = candidates.len();
-    let k = usize::try_from(replicas)
-        .unwrap_or(usize::MAX)
-        .saturating_mul(2)
-        .saturating_add(8)
-        .min(n);
-    if k == n {
-        sort_in_fill_order(candidates, name_rank);
+    let best = best.min(n);
+    if best == n {
+        sort_in_fill_order(candidates);
         return n;
     }
-    let mut keys: Vec<(u128, u32)> = candidates
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (fill_key(c, name_rank), u32::try_from(i).unwrap_or(u32::MAX)))
-        .collect();
-    keys.select_nth_unstable(k);
-    let (best, rest) = keys.split_at_mut(k);
-    best.sort_unstable();
+    let mut keys = keyed(candidates);
+    if best > 0 {
+        keys.select_nth_unstable(best);
+    }
+    let (top, rest) = keys.split_at_mut(best);
+    top.sort_unstable();
     let (mut holders, others): (Vec<_>, Vec<_>) = rest
         .iter()
         .partition(|(_, i)| candidates[*i as usize].current > 0);
     holders.sort_unstable();
-    let order: Vec<u32> = best
+    let order: Vec<u32> = top
         .iter()
         .chain(&holders)
         .chain(&others)
         .map(|&(_, i)| i)
         .collect();
     permute(candidates, &order);
-    k
+    best
+}
+
+fn keyed(candidates: &[Candidate]) -> Vec<(u128, u32)> {
+    candidates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (fill_key(c), u32::try_from(i).unwrap_or(u32::MAX)))
+        .collect()
 }
 
 fn permute(candidates: &mut Vec<Candidate>, order: &[u32]) {
@@ -1362,12 +1453,12 @@ fn permute(candidates: &mut Vec<Candidate>, order: &[u32]) {
 
 /// Packs the fill order into one integer: discouraged (1 bit), fallback
 /// group (31 bits), inverted score (64 bits), name rank (32 bits).
-fn fill_key(c: &Candidate, name_rank: &[u32]) -> u128 {
+fn fill_key(c: &Candidate) -> u128 {
     let group = u128::try_from(c.group.min(0x7fff_ffff)).unwrap_or(0x7fff_ffff);
     (u128::from(c.discouraged) << 127)
         | (group << 96)
         | (u128::from(u64::MAX - c.total) << 32)
-        | u128::from(name_rank[c.dc])
+        | u128::from(c.rank)
 }
 
 fn group_name(workload: &Workload, group: usize) -> String {
@@ -1625,8 +1716,16 @@ fn divide_stable(workload: &Workload, candidates: &[Candidate], available: &[u32
                     let mut leftover = r - given;
                     // Leftovers go one each to the roomiest; only that many
                     // need ordering.
-                    let mut order: Vec<(std::cmp::Reverse<u32>, usize)> = (start..end)
-                        .map(|i| (std::cmp::Reverse(headroom(i, &assignment)), i))
+                    // Ties by fill order, which is the slice order when the
+                    // slice is sorted; the key keeps it when it is not.
+                    let mut order: Vec<(std::cmp::Reverse<u32>, u128, usize)> = (start..end)
+                        .map(|i| {
+                            (
+                                std::cmp::Reverse(headroom(i, &assignment)),
+                                fill_key(&candidates[i]),
+                                i,
+                            )
+                        })
                         .collect();
                     let wanted = usize::try_from(leftover).unwrap_or(usize::MAX);
                     if wanted < order.len() {
@@ -1634,7 +1733,7 @@ fn divide_stable(workload: &Workload, candidates: &[Candidate], available: &[u32
                         order.truncate(wanted + 1);
                     }
                     order.sort_unstable();
-                    for (_, i) in order {
+                    for (_, _, i) in order {
                         if leftover == 0 {
                             break;
                         }
