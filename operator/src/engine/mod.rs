@@ -1502,7 +1502,7 @@ fn divide(workload: &Workload, candidates: &[Candidate]) -> Vec<u32> {
     let preferred = divide_within(
         workload,
         candidates,
-        Some(&allowed_domains(candidates, max, false)),
+        Some(&allowed_domains(workload, candidates, max, false)),
     );
     if placed_total(workload, &preferred) >= desired_total(workload) {
         return preferred;
@@ -1510,7 +1510,7 @@ fn divide(workload: &Workload, candidates: &[Candidate]) -> Vec<u32> {
     let roomiest = divide_within(
         workload,
         candidates,
-        Some(&allowed_domains(candidates, max, true)),
+        Some(&allowed_domains(workload, candidates, max, true)),
     );
     if placed_total(workload, &roomiest) > placed_total(workload, &preferred) {
         roomiest
@@ -1559,18 +1559,44 @@ fn divide_within(
 }
 
 /// The at most `max` spread domains a workload may use.
-fn allowed_domains(candidates: &[Candidate], max: u32, by_room: bool) -> BTreeSet<usize> {
-    let mut order: Vec<&Candidate> = candidates.iter().filter(|c| c.available > 0).collect();
+///
+/// Only domains the workload can use count: with Duplicated, one where a
+/// whole copy fits. Counting a domain that then takes nothing would let the
+/// choice swing with scores from one round to the next.
+fn allowed_domains(
+    workload: &Workload,
+    candidates: &[Candidate],
+    max: u32,
+    by_room: bool,
+) -> BTreeSet<usize> {
+    let usable = |c: &&Candidate| {
+        if workload.placement.strategy == StrategyKind::Duplicated {
+            workload.replicas > 0 && c.available >= workload.replicas
+        } else {
+            c.available > 0
+        }
+    };
+    let mut order: Vec<&Candidate> = candidates.iter().filter(usable).collect();
+    let mut room: HashMap<usize, u64> = HashMap::new();
+    for c in &order {
+        *room.entry(c.domain).or_default() += u64::from(c.available);
+    }
     // Stable sorts keep fill order within each class.
     if by_room {
-        let mut room: HashMap<usize, u64> = HashMap::new();
-        for c in &order {
-            *room.entry(c.domain).or_default() += u64::from(c.available);
-        }
         order.sort_by_key(|c| std::cmp::Reverse(room[&c.domain]));
     }
     order.sort_by_key(|c| c.current == 0);
+    // A divided workload that runs where it can stay keeps to those
+    // domains: adding one because it now scores better would move replicas
+    // in an unchanged world.
+    let spread = &workload.placement.spread;
+    let running_suffice = |allowed: &BTreeSet<usize>| {
+        workload.placement.strategy != StrategyKind::Duplicated
+            && allowed.iter().map(|d| room[d]).sum::<u64>() >= u64::from(workload.replicas)
+            && allowed.len() >= spread.min_domains.unwrap_or(0) as usize
+    };
     let mut allowed = BTreeSet::new();
+    let mut any_running = false;
     for c in order {
         if allowed.contains(&c.domain) {
             continue;
@@ -1578,6 +1604,10 @@ fn allowed_domains(candidates: &[Candidate], max: u32, by_room: bool) -> BTreeSe
         if allowed.len() >= max as usize {
             break;
         }
+        if c.current == 0 && any_running && running_suffice(&allowed) {
+            break;
+        }
+        any_running |= c.current > 0;
         allowed.insert(c.domain);
     }
     allowed
@@ -1628,20 +1658,24 @@ fn divide_static(workload: &Workload, candidates: &[Candidate], available: &[u32
         }
     }
     let mut by_weight: Vec<usize> = (0..candidates.len()).filter(|&i| weights[i] > 0).collect();
-    by_weight.sort_by(|&a, &b| {
-        weights[b]
-            .cmp(&weights[a])
-            .then_with(|| candidates[b].current.cmp(&candidates[a].current))
-            .then(a.cmp(&b))
-    });
-    for i in by_weight {
-        if overflow == 0 {
-            break;
+    by_weight.sort_by(|&a, &b| weights[b].cmp(&weights[a]).then(a.cmp(&b)));
+    // Overflow first restores replicas where they run now, so an unchanged
+    // world hands it out exactly as last time; then the heaviest with room.
+    for restoring in [true, false] {
+        for &i in &by_weight {
+            if overflow == 0 {
+                break;
+            }
+            let room = available[i] - assignment[i];
+            let room = if restoring {
+                room.min(candidates[i].current.saturating_sub(assignment[i]))
+            } else {
+                room
+            };
+            let give = room.min(overflow);
+            assignment[i] += give;
+            overflow -= give;
         }
-        let room = available[i] - assignment[i];
-        let give = room.min(overflow);
-        assignment[i] += give;
-        overflow -= give;
     }
     assignment
 }
