@@ -1742,8 +1742,9 @@ fn divide_stable(workload: &Workload, candidates: &[Candidate], available: &[u32
                 } else {
                     let r = u64::from(remaining);
                     let mut given = 0u64;
+                    let total = Divisor::new(total);
                     for (k, i) in (start..end).enumerate() {
-                        let share = r * rooms[k] / total;
+                        let share = total.div(r * rooms[k]);
                         assignment[i] += u32::try_from(share).unwrap_or(0);
                         given += share;
                     }
