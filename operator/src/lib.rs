@@ -7,7 +7,9 @@
 //! - [`convert`]: wire → engine types, naming the field at fault.
 //! - [`engine`]: `schedule(snapshot) -> decisions`, pure and deterministic.
 //! - [`plan`]: the offline what-if planner behind `civicgrid-operator plan`.
+//! - [`controller`]: the controllers behind `civicgrid-operator run`.
 
+pub mod controller;
 pub mod convert;
 pub mod crd;
 pub mod engine;

@@ -1,7 +1,8 @@
-//! `civicgrid-operator`: prints the CRDs, plans offline, and (soon) runs the
+//! `civicgrid-operator`: prints the CRDs, plans offline, and runs the
 //! controllers.
 use std::io::Write as _;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use civicgrid_operator::plan::{self, Format};
@@ -31,11 +32,32 @@ enum Command {
         #[arg(long)]
         at_unix: Option<i64>,
     },
+    /// Run the controllers against the cluster of the current kubeconfig (or
+    /// the in-cluster service account).
+    Run {
+        /// Seconds between probes of each member cluster.
+        #[arg(long, env = "CIVICGRID_HEARTBEAT_SECONDS", default_value_t = 10)]
+        heartbeat_seconds: u64,
+        /// Connect and request timeout against a member cluster, in seconds.
+        #[arg(long, env = "CIVICGRID_MEMBER_TIMEOUT_SECONDS", default_value_t = 5)]
+        member_timeout_seconds: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let text = match args.command {
+        Command::Run {
+            heartbeat_seconds,
+            member_timeout_seconds,
+        } => {
+            let config = civicgrid_operator::controller::Config {
+                heartbeat: Duration::from_secs(heartbeat_seconds.max(1)),
+                member_timeout: Duration::from_secs(member_timeout_seconds.max(1)),
+                ..Default::default()
+            };
+            return run(config);
+        }
         Command::Crds => civicgrid_operator::crds_yaml()?,
         Command::Plan {
             path,
@@ -52,4 +74,40 @@ fn main() -> anyhow::Result<()> {
     };
     std::io::stdout().write_all(text.as_bytes())?;
     Ok(())
+}
+
+fn run(config: civicgrid_operator::controller::Config) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn".into()),
+        )
+        .init();
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the control cluster")?;
+        tracing::info!(?config, "starting the controllers");
+        civicgrid_operator::controller::run(client, config, Box::pin(shutdown_signal())).await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+/// SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -1,0 +1,216 @@
+//! Connections to the member clusters named by each `DataCenter`'s kubeconfig
+//! Secret, and what the operator reads from them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, Secret};
+use kube::api::{Api, ListParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, ResourceExt as _};
+
+use super::Error;
+use crate::crd::{Capacity, DataCenter};
+use crate::quantity;
+
+/// GPU model label set by NVIDIA's GPU feature discovery (and by the test
+/// harness's simulated nodes).
+pub const GPU_MODEL_LABEL: &str = "nvidia.com/gpu.product";
+/// GPU extended resource.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+
+/// One client per data center, rebuilt when its Secret changes.
+pub struct Members {
+    clients: Mutex<HashMap<String, (String, Client)>>,
+    timeout: Duration,
+}
+
+impl Members {
+    /// `timeout` bounds connecting to and each request against a member, so
+    /// an unreachable data center is noticed quickly.
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            clients: Mutex::new(HashMap::new()),
+            timeout,
+        }
+    }
+
+    /// The cached client of `dc`, if one was made.
+    pub fn cached(&self, dc: &str) -> Option<Client> {
+        self.lock().get(dc).map(|(_, client)| client.clone())
+    }
+
+    /// The client of `dc`, made from its kubeconfig Secret (read through
+    /// `control`) unless the cached one was made from the same Secret version.
+    ///
+    /// # Errors
+    /// No Secret reference, a missing Secret or key, or a kubeconfig that
+    /// does not load.
+    pub async fn connect(&self, control: &Client, dc: &DataCenter) -> Result<Client, Error> {
+        let name = dc.name_any();
+        let invalid = |message: String| Error::Kubeconfig {
+            data_center: name.clone(),
+            message,
+        };
+        let reference = dc
+            .spec
+            .kubeconfig_secret_ref
+            .as_ref()
+            .ok_or_else(|| invalid("spec.kubeconfigSecretRef is not set".to_owned()))?;
+        let secrets: Api<Secret> = Api::namespaced(control.clone(), &reference.namespace);
+        let secret = secrets
+            .get_opt(&reference.name)
+            .await
+            .map_err(Error::Kube)?
+            .ok_or_else(|| {
+                invalid(format!(
+                    "Secret {}/{} not found",
+                    reference.namespace, reference.name
+                ))
+            })?;
+        let version = secret.resource_version().unwrap_or_default();
+        if let Some((cached_version, client)) = self.lock().get(&name)
+            && *cached_version == version
+        {
+            return Ok(client.clone());
+        }
+        let bytes = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(&reference.key))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "Secret {}/{} has no key `{}`",
+                    reference.namespace, reference.name, reference.key
+                ))
+            })?;
+        let text = std::str::from_utf8(&bytes.0)
+            .map_err(|_| invalid("the kubeconfig is not UTF-8".to_owned()))?;
+        let kubeconfig = Kubeconfig::from_yaml(text)
+            .map_err(|e| invalid(format!("the kubeconfig does not parse: {e}")))?;
+        let mut config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| invalid(format!("the kubeconfig does not load: {e}")))?;
+        config.connect_timeout = Some(self.timeout);
+        config.read_timeout = Some(self.timeout);
+        config.write_timeout = Some(self.timeout);
+        let client = Client::try_from(config)
+            .map_err(|e| invalid(format!("no client from the kubeconfig: {e}")))?;
+        self.lock().insert(name, (version, client.clone()));
+        Ok(client)
+    }
+
+    /// Forgets the client of a deleted data center.
+    pub fn forget(&self, dc: &str) {
+        self.lock().remove(dc);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Client)>> {
+        // A panic while holding this lock cannot leave the map inconsistent.
+        self.clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Allocatable capacity summed over the member's Ready, schedulable nodes;
+/// GPUs by the model label of their node.
+///
+/// # Errors
+/// The member does not answer.
+pub async fn node_capacity(member: &Client, data_center: &str) -> Result<Capacity, Error> {
+    let nodes: Api<Node> = Api::all(member.clone());
+    let list = nodes
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| Error::Member {
+            data_center: data_center.to_owned(),
+            source,
+        })?;
+    Ok(sum_nodes(&list.items))
+}
+
+/// The pure part of [`node_capacity`].
+pub fn sum_nodes(nodes: &[Node]) -> Capacity {
+    let (mut cpu, mut memory, mut ephemeral) = (0u64, 0u64, 0u64);
+    let mut gpus: BTreeMap<String, u32> = BTreeMap::new();
+    for node in nodes {
+        let schedulable = !node
+            .spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false);
+        let ready = node
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        if !(schedulable && ready) {
+            continue;
+        }
+        let Some(allocatable) = node.status.as_ref().and_then(|s| s.allocatable.as_ref()) else {
+            continue;
+        };
+        let get = |key: &str| allocatable.get(key).map(|q| q.0.as_str());
+        cpu += get("cpu")
+            .and_then(|q| quantity::cpu_millis(q).ok())
+            .unwrap_or(0);
+        memory += get("memory")
+            .and_then(|q| quantity::bytes(q).ok())
+            .unwrap_or(0);
+        ephemeral += get("ephemeral-storage")
+            .and_then(|q| quantity::bytes(q).ok())
+            .unwrap_or(0);
+        if let Some(count) = get(GPU_RESOURCE).and_then(|q| q.parse::<u32>().ok())
+            && count > 0
+        {
+            let model = node
+                .labels()
+                .get(GPU_MODEL_LABEL)
+                .cloned()
+                .unwrap_or_else(|| "unknown".to_owned());
+            *gpus.entry(model).or_default() += count;
+        }
+    }
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    Capacity {
+        cpu: Quantity(format!("{cpu}m")),
+        memory: Quantity(memory.to_string()),
+        ephemeral_storage: (ephemeral > 0).then(|| Quantity(ephemeral.to_string())),
+        gpus,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(cpu: &str, memory: &str, ready: bool, gpus: Option<(&str, &str)>) -> Node {
+        let mut allocatable = serde_json::json!({ "cpu": cpu, "memory": memory });
+        let mut labels = serde_json::json!({});
+        if let Some((model, count)) = gpus {
+            allocatable[GPU_RESOURCE] = serde_json::json!(count);
+            labels[GPU_MODEL_LABEL] = serde_json::json!(model);
+        }
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "n", "labels": labels },
+            "status": { "allocatable": allocatable,
+                        "conditions": [{ "type": "Ready", "status": if ready { "True" } else { "False" } }] }
+        }))
+        .expect("node")
+    }
+
+    #[test]
+    fn sums_ready_nodes_and_counts_gpus_by_model() {
+        let capacity = sum_nodes(&[
+            node("8", "32Gi", true, Some(("nvidia-l4", "2"))),
+            node("500m", "1Gi", true, Some(("nvidia-l4", "1"))),
+            node("64", "256Gi", false, Some(("nvidia-a100", "8"))),
+        ]);
+        assert_eq!(capacity.cpu.0, "8500m");
+        assert_eq!(capacity.memory.0, (33u64 << 30).to_string());
+        assert_eq!(capacity.gpus, BTreeMap::from([("nvidia-l4".to_owned(), 3)]));
+    }
+}

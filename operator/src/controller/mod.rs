@@ -1,0 +1,262 @@
+//! The controllers behind `civicgrid-operator run`.
+//!
+//! # Expected flow
+//! - **DataCenter**: connect to the member cluster named by the kubeconfig
+//!   Secret, derive allocatable capacity from its nodes unless the spec
+//!   declares it, and keep `Reachable` with a heartbeat. A member that stops
+//!   answering gets `Reachable=False` from the first failed probe; its
+//!   `lastTransitionTime` is when the engine's grace periods start.
+//! - **ComputeWorkload**: snapshot the pool from the caches, place this one
+//!   workload against what every other workload holds ([`schedule_only`]),
+//!   server-side apply its Deployment, StatefulSet or Job with each data
+//!   center's replica count into that member, delete copies in members no
+//!   longer chosen, read readiness back, and write status, conditions and
+//!   Events.
+//!
+//! # Guarantees
+//! - Every write is a server-side apply under [`FIELD_MANAGER`]; running the
+//!   reconcile again with the same inputs writes nothing new, so a restart at
+//!   any point converges.
+//! - Placement decisions are serialised in-process and remembered until the
+//!   status that records them is visible in the cache, so two workloads
+//!   reconciled at once never take the same capacity.
+//! - A deleted workload's copies are removed from every reachable member
+//!   before its finalizer is released; copies in a member that was down are
+//!   removed when it answers again.
+//!
+//! [`schedule_only`]: crate::engine::schedule_only
+
+pub mod children;
+mod datacenter;
+pub mod members;
+mod workload;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{FutureExt as _, StreamExt as _};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client};
+
+use crate::convert::FieldError;
+use crate::crd::{ComputeWorkload, DataCenter};
+use crate::engine::model::WorkloadKey;
+
+/// The one field manager of every write the operator makes.
+pub const FIELD_MANAGER: &str = "civicgrid-operator";
+/// Holds a workload until its copies are gone from the member clusters.
+pub const FINALIZER: &str = "civicgrid.io/member-cleanup";
+
+/// Tuning of the controllers.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How often each member cluster is probed.
+    pub heartbeat: Duration,
+    /// Connect and request timeout against a member cluster.
+    pub member_timeout: Duration,
+    /// How often a workload that is not yet fully available is looked at
+    /// again (member readiness is polled, not watched).
+    pub readiness_poll: Duration,
+    /// The name this replica reports in Events (e.g. its pod name).
+    pub instance: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(10),
+            member_timeout: Duration::from_secs(5),
+            readiness_poll: Duration::from_secs(2),
+            instance: std::env::var("POD_NAME").unwrap_or_else(|_| "civicgrid-operator".to_owned()),
+        }
+    }
+}
+
+/// A reconcile that did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The spec cannot be used; nothing retries until it changes.
+    #[error("invalid spec: {0}")]
+    InvalidSpec(#[from] FieldError),
+    /// The control cluster's API failed.
+    #[error("control cluster API: {0}")]
+    Kube(#[source] kube::Error),
+    /// A member cluster's API failed.
+    #[error("member cluster of data center `{data_center}`: {source}")]
+    Member {
+        /// Whose member.
+        data_center: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// A data center's kubeconfig Secret cannot be used.
+    #[error("kubeconfig of data center `{data_center}`: {message}")]
+    Kubeconfig {
+        /// Whose kubeconfig.
+        data_center: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Cleanup in member clusters did not finish.
+    #[error("cleanup: {0}")]
+    Cleanup(String),
+    /// The finalizer helper failed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// A stable label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidSpec(_) => "invalid_spec",
+            Error::Kube(_) => "control_api",
+            Error::Member { .. } => "member_api",
+            Error::Kubeconfig { .. } => "kubeconfig",
+            Error::Cleanup(_) => "cleanup",
+            Error::Finalizer(_) => "finalizer",
+        }
+    }
+}
+
+/// Placement decisions made by this process and not yet seen back in the
+/// cache: the assume-cache of kube-scheduler, for the same reason.
+#[derive(Default)]
+struct Decided {
+    placements: BTreeMap<WorkloadKey, BTreeMap<String, u32>>,
+}
+
+/// Everything a reconcile needs; no globals.
+pub struct Context {
+    client: Client,
+    config: Config,
+    data_centers: Store<DataCenter>,
+    workloads: Store<ComputeWorkload>,
+    members: members::Members,
+    recorder: Recorder,
+    /// Serialises snapshot → schedule → remember.
+    decided: Mutex<Decided>,
+    /// Asks for every workload to be reconciled again (after a preemption).
+    requeue: futures::channel::mpsc::UnboundedSender<()>,
+}
+
+impl Context {
+    fn decided(&self) -> std::sync::MutexGuard<'_, Decided> {
+        self.decided
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A future that ends the controllers when it completes.
+pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// Runs both controllers against the control cluster `client` until
+/// `shutdown` completes, then lets running reconciles finish.
+pub async fn run(client: Client, config: Config, shutdown: Shutdown) {
+    let shutdown = shutdown.shared();
+    let dc_api: Api<DataCenter> = Api::all(client.clone());
+    let cw_api: Api<ComputeWorkload> = Api::all(client.clone());
+    let dc_controller = Controller::new(dc_api.clone(), watcher::Config::default());
+    let cw_controller = Controller::new(cw_api, watcher::Config::default());
+    let (requeue, requeued) = futures::channel::mpsc::unbounded();
+    let context = Arc::new(Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.to_owned(),
+                instance: Some(config.instance.clone()),
+            },
+        ),
+        members: members::Members::new(config.member_timeout),
+        data_centers: dc_controller.store(),
+        workloads: cw_controller.store(),
+        client,
+        config,
+        decided: Mutex::new(Decided::default()),
+        requeue,
+    });
+    // Workloads are placed again when a data center changes in a way the
+    // engine sees, not on every heartbeat.
+    let every_workload = context.workloads.clone();
+    let seen = Mutex::new(std::collections::HashMap::<String, u64>::new());
+    let workloads = cw_controller
+        .watches(dc_api, watcher::Config::default(), move |dc: DataCenter| {
+            let fingerprint = datacenter::placement_fingerprint(&dc);
+            let name = kube::ResourceExt::name_any(&dc);
+            let changed = seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(name, fingerprint)
+                != Some(fingerprint);
+            if changed {
+                every_workload
+                    .state()
+                    .iter()
+                    .map(|cw| ObjectRef::from_obj(&**cw))
+                    .collect::<Vec<_>>()
+            } else {
+                Vec::new()
+            }
+        })
+        // A preemption changes another workload's placement: look again at all.
+        .reconcile_all_on(requeued)
+        .graceful_shutdown_on(shutdown.clone())
+        .run(workload::reconcile, workload::error_policy, context.clone())
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "workload reconcile");
+            }
+        });
+    let data_centers = dc_controller
+        .graceful_shutdown_on(shutdown)
+        .run(datacenter::reconcile, datacenter::error_policy, context)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "data center reconcile");
+            }
+        });
+    futures::join!(workloads, data_centers);
+}
+
+/// `conditions` with `new` set: the transition time is kept when the status
+/// does not change, so an unchanged world writes an unchanged status.
+fn set_condition(conditions: &mut Vec<Condition>, mut new: Condition) {
+    if let Some(old) = conditions.iter_mut().find(|c| c.type_ == new.type_) {
+        if old.status == new.status {
+            new.last_transition_time = old.last_transition_time.clone();
+        }
+        *old = new;
+    } else {
+        conditions.push(new);
+    }
+}
+
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+) -> Condition {
+    Condition {
+        type_: type_.to_owned(),
+        status: if ok { "True" } else { "False" }.to_owned(),
+        reason: reason.to_owned(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time: Time(Timestamp::now()),
+    }
+}
+
+fn now_unix() -> i64 {
+    Timestamp::now().as_second()
+}

@@ -1,0 +1,606 @@
+//! The `ComputeWorkload` reconciler: place, propagate, clean up, report.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Client, Resource as _, ResourceExt as _};
+
+use super::children::{self, Child};
+use super::datacenter::reachability;
+use super::{Context, Error, FIELD_MANAGER, FINALIZER, condition, now_unix, set_condition};
+use crate::convert;
+use crate::crd::{ComputeWorkload, ComputeWorkloadStatus, ExplanationEntry, PlacementEntry};
+use crate::engine::model::{Reachability, Snapshot, Workload, WorkloadKey};
+use crate::engine::{Decision, Options, Outcome, schedule_only};
+
+/// Entry point: the finalizer wraps apply and cleanup.
+pub(super) async fn reconcile(
+    cw: Arc<ComputeWorkload>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let namespace = cw.namespace().unwrap_or_default();
+    let api: Api<ComputeWorkload> = Api::namespaced(ctx.client.clone(), &namespace);
+    finalizer(&api, FINALIZER, cw, |event| async {
+        match event {
+            Finalizer::Apply(cw) => apply(cw, ctx.clone()).await,
+            Finalizer::Cleanup(cw) => cleanup(cw, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// Transient errors retry with a delay; invalid specs wait for a change
+/// (they were already reported in status and an Event).
+pub(super) fn error_policy(cw: Arc<ComputeWorkload>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(workload = %cw.name_any(), kind = error.kind(), %error, "workload reconcile failed");
+    match error {
+        Error::InvalidSpec(_) => Action::await_change(),
+        _ => Action::requeue(Duration::from_secs(5)),
+    }
+}
+
+fn key_of(cw: &ComputeWorkload) -> WorkloadKey {
+    WorkloadKey::new(cw.namespace().unwrap_or_default(), cw.name_any())
+}
+
+/// Where `cw` runs as far as this process knows: its latest decision, else
+/// the placement its status records.
+pub(super) fn current(ctx: &Context, cw: &ComputeWorkload) -> BTreeMap<String, u32> {
+    ctx.decided()
+        .placements
+        .get(&key_of(cw))
+        .cloned()
+        .unwrap_or_else(|| convert::current_placement(cw))
+}
+
+/// Places `workload` against the pool and everything else that runs in it,
+/// and remembers the decision before anyone else decides.
+fn decide(ctx: &Context, workload: Workload) -> Decision {
+    let now = now_unix();
+    let mut decided = ctx.decided();
+    let data_centers = ctx
+        .data_centers
+        .state()
+        .iter()
+        .filter_map(|dc| convert::data_center(dc, now, reachability(dc)).ok())
+        .collect();
+    let key = workload.key.clone();
+    let mut workloads = vec![workload];
+    let mut current = BTreeMap::new();
+    for cw in ctx.workloads.state() {
+        let other = key_of(&cw);
+        let placement = decided
+            .placements
+            .get(&other)
+            .cloned()
+            .unwrap_or_else(|| convert::current_placement(&cw));
+        if !placement.is_empty() {
+            current.insert(other.clone(), placement);
+        }
+        if other != key
+            && let Ok(w) = convert::workload(&cw)
+        {
+            workloads.push(w);
+        }
+    }
+    if let Some(mine) = decided.placements.get(&key) {
+        current.insert(key.clone(), mine.clone());
+    }
+    let snapshot = Snapshot {
+        now_unix: now,
+        data_centers,
+        workloads,
+        current,
+    };
+    let only = BTreeSet::from([key.clone()]);
+    let mut schedule = schedule_only(&snapshot, &only, &Options::default());
+    let decision = schedule.decisions.remove(0);
+    for preemption in &decision.preemptions {
+        let mut victim = snapshot
+            .current
+            .get(&preemption.victim)
+            .cloned()
+            .unwrap_or_default();
+        if let Some(n) = victim.get_mut(&preemption.data_center) {
+            *n = n.saturating_sub(preemption.replicas);
+        }
+        victim.retain(|_, n| *n > 0);
+        decided.placements.insert(preemption.victim.clone(), victim);
+        let _ = ctx.requeue.unbounded_send(());
+    }
+    decided.placements.insert(key, decision.placement.clone());
+    decision
+}
+
+async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = cw.namespace().unwrap_or_default();
+    let name = cw.name_any();
+    let generation = cw.metadata.generation;
+    let previous = cw.status.clone().unwrap_or_default();
+    let workload = match convert::workload(&cw) {
+        Ok(w) => w,
+        Err(invalid) => {
+            let mut status = previous.clone();
+            status.observed_generation = generation;
+            set_condition(
+                &mut status.conditions,
+                condition(
+                    "Scheduled",
+                    false,
+                    "InvalidSpec",
+                    invalid.to_string(),
+                    generation,
+                ),
+            );
+            if status != previous {
+                write_status(&ctx, &cw, &status).await?;
+                publish(
+                    &ctx,
+                    &cw,
+                    EventType::Warning,
+                    "InvalidSpec",
+                    invalid.to_string(),
+                )
+                .await;
+            }
+            return Ok(Action::await_change());
+        }
+    };
+    let grace = i64::from(workload.grace_period_seconds);
+    let wanted = workload.replicas;
+    let decision = decide(&ctx, workload);
+
+    // Propagate to every chosen data center.
+    let mut failures = Vec::new();
+    let mut ready_by_dc = BTreeMap::new();
+    for (data_center, &replicas) in &decision.placement {
+        match propagate(&ctx, &cw, data_center, replicas).await {
+            Ok(ready) => {
+                ready_by_dc.insert(data_center.clone(), ready);
+            }
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    // Remove copies from reachable members no longer chosen.
+    let mut next_deadline: Option<i64> = None;
+    for dc in ctx.data_centers.state() {
+        let dc_name = dc.name_any();
+        if let Reachability::UnreachableSince(since) = reachability(&dc)
+            && decision.placement.contains_key(&dc_name)
+        {
+            let deadline = since + grace;
+            next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
+        }
+        if decision.placement.contains_key(&dc_name) || reachability(&dc) != Reachability::Reachable
+        {
+            continue;
+        }
+        let Some(member) = ctx.members.cached(&dc_name) else {
+            continue;
+        };
+        match list_children(&member, &dc_name, Some((&namespace, &name))).await {
+            Ok(stale) => {
+                for child in stale {
+                    if let Err(e) = delete_child(&member, &dc_name, &child).await {
+                        failures.push(e.to_string());
+                    }
+                }
+            }
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+
+    let status = status_of(
+        &previous,
+        &decision,
+        &ready_by_dc,
+        &failures,
+        wanted,
+        generation,
+    );
+    let changed_placement = convert::current_placement(&cw) != decision.placement;
+    if status != previous {
+        write_status(&ctx, &cw, &status).await?;
+    }
+    if changed_placement {
+        let placed: Vec<String> = decision
+            .placement
+            .iter()
+            .map(|(dc, n)| format!("{dc}={n}"))
+            .collect();
+        let note = if placed.is_empty() {
+            "no replicas placed".to_owned()
+        } else {
+            format!("replicas placed: {}", placed.join(", "))
+        };
+        publish(&ctx, &cw, EventType::Normal, "Placed", note).await;
+    }
+    if decision.outcome != Outcome::Scheduled
+        && (changed_placement || previous.conditions.is_empty())
+    {
+        let reason = match decision.outcome {
+            Outcome::PartiallyScheduled => "PartiallyScheduled",
+            _ => "Unschedulable",
+        };
+        publish(
+            &ctx,
+            &cw,
+            EventType::Warning,
+            reason,
+            decision.reason.clone().unwrap_or_default(),
+        )
+        .await;
+    }
+    if !failures.is_empty() {
+        publish(
+            &ctx,
+            &cw,
+            EventType::Warning,
+            "PropagationFailed",
+            failures.join("; "),
+        )
+        .await;
+    }
+
+    let available = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Available" && c.status == "True");
+    let mut wait = if available && failures.is_empty() {
+        Duration::from_secs(300)
+    } else {
+        ctx.config.readiness_poll
+    };
+    if let Some(deadline) = next_deadline {
+        let left = u64::try_from(deadline - now_unix()).unwrap_or(0) + 1;
+        wait = wait.min(Duration::from_secs(left));
+    }
+    Ok(Action::requeue(wait))
+}
+
+fn status_of(
+    previous: &ComputeWorkloadStatus,
+    decision: &Decision,
+    ready_by_dc: &BTreeMap<String, i32>,
+    failures: &[String],
+    wanted: u32,
+    generation: Option<i64>,
+) -> ComputeWorkloadStatus {
+    let mut status = previous.clone();
+    status.observed_generation = generation;
+    status.placement = decision
+        .placement
+        .iter()
+        .map(|(dc, &replicas)| PlacementEntry {
+            data_center: dc.clone(),
+            replicas: i32::try_from(replicas).unwrap_or(i32::MAX),
+            ready_replicas: ready_by_dc.get(dc).copied().unwrap_or(0),
+        })
+        .collect();
+    status.placed_replicas = status.placement.iter().map(|p| p.replicas).sum();
+    status.ready_replicas = status.placement.iter().map(|p| p.ready_replicas).sum();
+    status.explanation = decision
+        .rejections
+        .iter()
+        .map(|r| ExplanationEntry {
+            data_center: r.data_center.clone(),
+            rule: format!("{:?}", r.rule),
+            message: r.message.clone(),
+        })
+        .collect();
+    let (scheduled, reason) = match decision.outcome {
+        Outcome::Scheduled => (true, "Scheduled"),
+        Outcome::PartiallyScheduled => (false, "PartiallyScheduled"),
+        Outcome::Unschedulable => (false, "Unschedulable"),
+    };
+    let message = decision.reason.clone().unwrap_or_else(|| {
+        format!(
+            "{} replicas placed in {} data centers",
+            decision.placed(),
+            decision.placement.len()
+        )
+    });
+    set_condition(
+        &mut status.conditions,
+        condition("Scheduled", scheduled, reason, message, generation),
+    );
+    set_condition(
+        &mut status.conditions,
+        if failures.is_empty() {
+            condition(
+                "Propagated",
+                true,
+                "Applied",
+                "every chosen member cluster has its copy",
+                generation,
+            )
+        } else {
+            condition(
+                "Propagated",
+                false,
+                "MemberError",
+                failures.join("; "),
+                generation,
+            )
+        },
+    );
+    let placed_all =
+        scheduled && status.placed_replicas >= i32::try_from(wanted).unwrap_or(i32::MAX);
+    let ready_all = status.ready_replicas >= status.placed_replicas;
+    set_condition(
+        &mut status.conditions,
+        condition(
+            "Available",
+            placed_all && ready_all,
+            if placed_all && ready_all {
+                "Ready"
+            } else {
+                "NotReady"
+            },
+            format!(
+                "{} of {} placed replicas ready",
+                status.ready_replicas, status.placed_replicas
+            ),
+            generation,
+        ),
+    );
+    status
+}
+
+async fn write_status(
+    ctx: &Context,
+    cw: &ComputeWorkload,
+    status: &ComputeWorkloadStatus,
+) -> Result<(), Error> {
+    let api: Api<ComputeWorkload> =
+        Api::namespaced(ctx.client.clone(), &cw.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": "civicgrid.io/v1alpha1",
+        "kind": "ComputeWorkload",
+        "status": status,
+    });
+    api.patch_status(
+        &cw.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::Kube)?;
+    Ok(())
+}
+
+async fn publish(
+    ctx: &Context,
+    cw: &ComputeWorkload,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        // Events carry at most 1 kB of note.
+        note: Some(note.chars().take(1000).collect()),
+        action: "Place".to_owned(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &cw.object_ref(&())).await {
+        tracing::warn!(%error, workload = %cw.name_any(), "publishing an event");
+    }
+}
+
+async fn member_of(ctx: &Context, data_center: &str) -> Result<Client, Error> {
+    if let Some(client) = ctx.members.cached(data_center) {
+        return Ok(client);
+    }
+    let dc = ctx
+        .data_centers
+        .get(&ObjectRef::new(data_center))
+        .ok_or_else(|| Error::Kubeconfig {
+            data_center: data_center.to_owned(),
+            message: "the DataCenter is gone".to_owned(),
+        })?;
+    ctx.members.connect(&ctx.client, &dc).await
+}
+
+/// Applies `cw`'s copy with `replicas` in `data_center`'s member; returns
+/// the ready replicas the member reports.
+async fn propagate(
+    ctx: &Context,
+    cw: &ComputeWorkload,
+    data_center: &str,
+    replicas: u32,
+) -> Result<i32, Error> {
+    let member = member_of(ctx, data_center).await?;
+    let failed = |source| Error::Member {
+        data_center: data_center.to_owned(),
+        source,
+    };
+    let namespace = cw.namespace().unwrap_or_default();
+    let name = cw.name_any();
+    let namespaces: Api<Namespace> = Api::all(member.clone());
+    namespaces
+        .patch(
+            &namespace,
+            &PatchParams::apply(FIELD_MANAGER),
+            &Patch::Apply(&children::namespace(cw)),
+        )
+        .await
+        .map_err(failed)?;
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let applied = match children::desired(cw, data_center, replicas) {
+        Child::Deployment(d) => Child::Deployment(
+            Api::<Deployment>::namespaced(member, &namespace)
+                .patch(&name, &params, &Patch::Apply(&d))
+                .await
+                .map_err(failed)?,
+        ),
+        Child::StatefulSet(s) => Child::StatefulSet(
+            Api::<StatefulSet>::namespaced(member, &namespace)
+                .patch(&name, &params, &Patch::Apply(&s))
+                .await
+                .map_err(failed)?,
+        ),
+        Child::Job(j) => Child::Job(
+            Api::<Job>::namespaced(member, &namespace)
+                .patch(&name, &params, &Patch::Apply(&j))
+                .await
+                .map_err(failed)?,
+        ),
+    };
+    Ok(children::ready_replicas(&applied))
+}
+
+/// A copy the operator made in a member cluster.
+#[derive(Debug, Clone)]
+pub(super) struct ChildRef {
+    kind: &'static str,
+    namespace: String,
+    name: String,
+    pub(super) workload_namespace: String,
+    pub(super) workload_name: String,
+}
+
+/// The operator's copies in `data_center`'s member, optionally of one
+/// workload only.
+pub(super) async fn list_children(
+    member: &Client,
+    data_center: &str,
+    workload: Option<(&str, &str)>,
+) -> Result<Vec<ChildRef>, Error> {
+    let mut selector = format!(
+        "{},{}={data_center}",
+        children::managed_selector(),
+        children::DATA_CENTER
+    );
+    if let Some((namespace, name)) = workload {
+        selector = format!(
+            "{selector},{}={namespace},{}={name}",
+            children::WORKLOAD_NAMESPACE,
+            children::WORKLOAD_NAME
+        );
+    }
+    let params = ListParams::default().labels(&selector);
+    let failed = |source| Error::Member {
+        data_center: data_center.to_owned(),
+        source,
+    };
+    let mut found = Vec::new();
+    let mut push =
+        |kind: &'static str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            let labels = meta.labels.clone().unwrap_or_default();
+            found.push(ChildRef {
+                kind,
+                namespace: meta.namespace.clone().unwrap_or_default(),
+                name: meta.name.clone().unwrap_or_default(),
+                workload_namespace: labels
+                    .get(children::WORKLOAD_NAMESPACE)
+                    .cloned()
+                    .unwrap_or_default(),
+                workload_name: labels
+                    .get(children::WORKLOAD_NAME)
+                    .cloned()
+                    .unwrap_or_default(),
+            });
+        };
+    for d in Api::<Deployment>::all(member.clone())
+        .list_metadata(&params)
+        .await
+        .map_err(failed)?
+    {
+        push("Deployment", &d.metadata);
+    }
+    for s in Api::<StatefulSet>::all(member.clone())
+        .list_metadata(&params)
+        .await
+        .map_err(failed)?
+    {
+        push("StatefulSet", &s.metadata);
+    }
+    for j in Api::<Job>::all(member.clone())
+        .list_metadata(&params)
+        .await
+        .map_err(failed)?
+    {
+        push("Job", &j.metadata);
+    }
+    Ok(found)
+}
+
+/// Deletes one copy (and, in the background, its pods).
+pub(super) async fn delete_child(
+    member: &Client,
+    data_center: &str,
+    child: &ChildRef,
+) -> Result<(), Error> {
+    let params = DeleteParams::background();
+    let result = match child.kind {
+        "Deployment" => Api::<Deployment>::namespaced(member.clone(), &child.namespace)
+            .delete(&child.name, &params)
+            .await
+            .map(|_| ()),
+        "StatefulSet" => Api::<StatefulSet>::namespaced(member.clone(), &child.namespace)
+            .delete(&child.name, &params)
+            .await
+            .map(|_| ()),
+        _ => Api::<Job>::namespaced(member.clone(), &child.namespace)
+            .delete(&child.name, &params)
+            .await
+            .map(|_| ()),
+    };
+    match result {
+        Ok(()) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(source) => Err(Error::Member {
+            data_center: data_center.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Removes the workload's copies from every reachable member. A member that
+/// is down is skipped: its data center's reconcile removes the copy when it
+/// answers again.
+async fn cleanup(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = cw.namespace().unwrap_or_default();
+    let name = cw.name_any();
+    let mut failures = Vec::new();
+    for dc in ctx.data_centers.state() {
+        let dc_name = dc.name_any();
+        if reachability(&dc) != Reachability::Reachable {
+            continue;
+        }
+        let member = match member_of(&ctx, &dc_name).await {
+            Ok(m) => m,
+            Err(e) => {
+                failures.push(e.to_string());
+                continue;
+            }
+        };
+        match list_children(&member, &dc_name, Some((&namespace, &name))).await {
+            Ok(copies) => {
+                for child in copies {
+                    if let Err(e) = delete_child(&member, &dc_name, &child).await {
+                        failures.push(e.to_string());
+                    }
+                }
+            }
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    if !failures.is_empty() {
+        return Err(Error::Cleanup(failures.join("; ")));
+    }
+    ctx.decided().placements.remove(&key_of(&cw));
+    Ok(Action::await_change())
+}
