@@ -3,3 +3,4 @@
 
 mod controlplane_smoke;
 mod crd_validation;
+mod operator_e2e;

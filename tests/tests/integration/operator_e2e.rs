@@ -1,0 +1,378 @@
+//! The operator end to end: a control cluster and three member clusters
+//! (municipal, edge, partner) with simulated nodes, the controllers running
+//! in this process against them.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use civicgrid_operator::controller::{self, children};
+use civicgrid_operator::crd::{ComputeWorkload, DataCenter};
+use civicgrid_tests::controlplane::{Cluster, NodeShape, eventually, start_clusters};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, CustomResourceExt as _};
+use tokio::task::JoinHandle;
+
+const WAIT: Duration = Duration::from_secs(60);
+const MEMBERS: [(&str, &str, &str, &str); 3] = [
+    ("municipal-core", "municipal", "city", "core-a"),
+    ("edge-east", "edge", "city", "east-1"),
+    ("partner-cloud", "partner", "city", "dc-2"),
+];
+
+/// The control cluster, the members by data center name, and the operator.
+struct Pool {
+    control: Cluster,
+    members: BTreeMap<String, Cluster>,
+    client: Client,
+    operator: Option<JoinHandle<()>>,
+}
+
+impl Pool {
+    async fn start() -> anyhow::Result<Self> {
+        let mut clusters = start_clusters(&["control", "municipal", "edge", "partner"]).await?;
+        let control = clusters.remove(0);
+        let client = control.client().await?;
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in [DataCenter::crd(), ComputeWorkload::crd()] {
+            crds.create(&PostParams::default(), &crd).await?;
+        }
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        for ns in ["civicgrid-system", "traffic"] {
+            let namespace: Namespace =
+                serde_json::from_value(serde_json::json!({ "metadata": { "name": ns } }))?;
+            namespaces
+                .create(&PostParams::default(), &namespace)
+                .await?;
+        }
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), "civicgrid-system");
+        let mut members = BTreeMap::new();
+        for ((name, tier, region, zone), member) in MEMBERS.iter().zip(clusters) {
+            member
+                .add_nodes(
+                    "node",
+                    2,
+                    &NodeShape {
+                        cpu: "8".into(),
+                        memory: "32Gi".into(),
+                        ..NodeShape::default()
+                    },
+                )
+                .await?;
+            let secret = Secret {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(format!("{name}-kubeconfig")),
+                    ..Default::default()
+                },
+                data: Some(BTreeMap::from([(
+                    "kubeconfig".to_owned(),
+                    ByteString(member.kubeconfig_yaml().as_bytes().to_vec()),
+                )])),
+                ..Default::default()
+            };
+            secrets.create(&PostParams::default(), &secret).await?;
+            let dc: DataCenter = serde_json::from_value(serde_json::json!({
+                "apiVersion": "civicgrid.io/v1alpha1", "kind": "DataCenter",
+                "metadata": { "name": name },
+                "spec": { "tier": tier, "region": region, "zone": zone,
+                          "kubeconfigSecretRef": { "name": format!("{name}-kubeconfig"),
+                                                   "namespace": "civicgrid-system" } }
+            }))?;
+            let data_centers: Api<DataCenter> = Api::all(client.clone());
+            // The CRD is served once Established.
+            eventually("DataCenter created", WAIT, || async {
+                data_centers.create(&PostParams::default(), &dc).await.ok()
+            })
+            .await?;
+            members.insert((*name).to_owned(), member);
+        }
+        let mut pool = Self {
+            control,
+            members,
+            client,
+            operator: None,
+        };
+        pool.start_operator();
+        Ok(pool)
+    }
+
+    fn start_operator(&mut self) {
+        let config = controller::Config {
+            heartbeat: Duration::from_millis(500),
+            member_timeout: Duration::from_secs(2),
+            readiness_poll: Duration::from_millis(300),
+            instance: "e2e".into(),
+        };
+        let client = self.client.clone();
+        self.operator = Some(tokio::spawn(controller::run(
+            client,
+            config,
+            Box::pin(futures::future::pending()),
+        )));
+    }
+
+    /// Stops the operator the hard way: its task is dropped wherever it is.
+    fn kill_operator(&mut self) {
+        if let Some(task) = self.operator.take() {
+            task.abort();
+        }
+    }
+
+    fn workloads(&self) -> Api<ComputeWorkload> {
+        Api::namespaced(self.client.clone(), "traffic")
+    }
+
+    /// Replicas of the workload's Deployment in each member that has one.
+    async fn copies(&self, name: &str) -> anyhow::Result<BTreeMap<String, i32>> {
+        let mut copies = BTreeMap::new();
+        for (dc, member) in &self.members {
+            let deployments: Api<Deployment> = Api::namespaced(member.client().await?, "traffic");
+            if let Some(d) = deployments.get_opt(name).await? {
+                copies.insert(dc.clone(), d.spec.and_then(|s| s.replicas).unwrap_or(0));
+            }
+        }
+        Ok(copies)
+    }
+
+    async fn running_pods(&self, dc: &str) -> anyhow::Result<usize> {
+        let pods: Api<Pod> = Api::namespaced(self.members[dc].client().await?, "traffic");
+        Ok(pods
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .count())
+    }
+
+    async fn wait_copies(&self, name: &str, want: &[(&str, i32)]) -> anyhow::Result<()> {
+        let want: BTreeMap<String, i32> = want.iter().map(|(d, n)| ((*d).to_owned(), *n)).collect();
+        eventually(&format!("copies of {name} = {want:?}"), WAIT, || async {
+            (self.copies(name).await.ok()? == want).then_some(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn condition(&self, name: &str, type_: &str) -> Option<(String, String, String)> {
+        let cw = self.workloads().get_opt(name).await.ok()??;
+        cw.status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| (c.status, c.reason, c.message))
+    }
+}
+
+fn workload(
+    name: &str,
+    replicas: i32,
+    placement: serde_json::Value,
+    grace: u32,
+) -> anyhow::Result<ComputeWorkload> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "civicgrid.io/v1alpha1", "kind": "ComputeWorkload",
+        "metadata": { "name": name, "namespace": "traffic" },
+        "spec": {
+            "kind": "Deployment", "replicas": replicas,
+            "template": { "spec": { "containers": [{ "name": "detector", "image": "detector:2.4" }] } },
+            "resources": { "cpu": "1", "memory": "1Gi" },
+            "placement": placement,
+            "failover": { "gracePeriodSeconds": grace }
+        }
+    }))?)
+}
+
+async fn scale(api: &Api<ComputeWorkload>, name: &str, replicas: i32) -> anyhow::Result<()> {
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "spec": { "replicas": replicas } })),
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn workload_is_propagated_scaled_survives_an_operator_kill_and_leaves_nothing_when_deleted()
+-> anyhow::Result<()> {
+    let mut pool = Pool::start().await?;
+    let api = pool.workloads();
+    let placement = serde_json::json!({
+        "strategy": { "type": "StaticWeights", "staticWeights": [
+            { "dataCenter": "municipal-core", "weight": 1 },
+            { "dataCenter": "edge-east", "weight": 1 } ] }
+    });
+    api.create(&PostParams::default(), &workload("cams", 4, placement, 60)?)
+        .await?;
+    // Kill the operator while it works on the new workload, start another.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    pool.kill_operator();
+    pool.start_operator();
+
+    // (a) copies in the chosen members only, pods running, readiness back.
+    pool.wait_copies("cams", &[("municipal-core", 2), ("edge-east", 2)])
+        .await?;
+    eventually("pods Running in both members", WAIT, || async {
+        (pool.running_pods("municipal-core").await.ok()? == 2
+            && pool.running_pods("edge-east").await.ok()? == 2)
+            .then_some(())
+    })
+    .await?;
+    eventually("readiness aggregated in status", WAIT, || async {
+        let status = api.get("cams").await.ok()?.status?;
+        (status.ready_replicas == 4 && status.placed_replicas == 4).then_some(())
+    })
+    .await?;
+    let (available, _, _) = pool
+        .condition("cams", "Available")
+        .await
+        .context("Available")?;
+    assert_eq!(available, "True");
+    let status = api.get("cams").await?.status.context("status")?;
+    let partner = status
+        .explanation
+        .iter()
+        .find(|e| e.data_center == "partner-cloud")
+        .context("partner-cloud explained")?;
+    assert_eq!(partner.rule, "StaticWeight");
+
+    // (b) scale up and down.
+    scale(&api, "cams", 6).await?;
+    pool.wait_copies("cams", &[("municipal-core", 3), ("edge-east", 3)])
+        .await?;
+    scale(&api, "cams", 2).await?;
+    pool.wait_copies("cams", &[("municipal-core", 1), ("edge-east", 1)])
+        .await?;
+
+    // (e) a spec the engine cannot use gets a condition and an Event.
+    let mut bad = workload("bad-quantity", 1, serde_json::json!({}), 60)?;
+    bad.spec.resources.cpu.0 = "lots".into();
+    api.create(&PostParams::default(), &bad).await?;
+    let (status, reason, message) = eventually("InvalidSpec condition", WAIT, || async {
+        pool.condition("bad-quantity", "Scheduled").await
+    })
+    .await?;
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "InvalidSpec"));
+    assert!(message.contains("spec.resources.cpu"), "{message}");
+    let events: Api<Event> = Api::namespaced(pool.client.clone(), "traffic");
+    eventually("InvalidSpec Event", WAIT, || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("InvalidSpec")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("bad-quantity")
+            })
+            .then_some(())
+    })
+    .await?;
+    assert!(pool.copies("bad-quantity").await?.is_empty());
+
+    // (g) delete: nothing left in any member, and the finalizer lets go.
+    api.delete("cams", &DeleteParams::default()).await?;
+    pool.wait_copies("cams", &[]).await?;
+    eventually("workload gone", WAIT, || async {
+        api.get_opt("cams").await.ok()?.is_none().then_some(())
+    })
+    .await?;
+    for (dc, member) in &pool.members {
+        let deployments: Api<Deployment> = Api::all(member.client().await?);
+        let left = deployments
+            .list(&ListParams::default().labels(&children::managed_selector()))
+            .await?;
+        assert!(
+            left.items.is_empty(),
+            "{dc} still has {:?}",
+            left.items.len()
+        );
+    }
+    pool.kill_operator();
+    drop(pool.control);
+    Ok(())
+}
+
+#[tokio::test]
+async fn replicas_move_after_the_grace_period_and_the_returning_member_is_cleaned()
+-> anyhow::Result<()> {
+    let mut pool = Pool::start().await?;
+    let api = pool.workloads();
+    // Edge first; partner is the only other place it may go.
+    let placement = serde_json::json!({
+        "requiredTiers": ["edge", "partner"],
+        "preferredTiers": ["edge"],
+        "weights": { "freeCapacity": 0, "tier": 10 },
+        "strategy": { "type": "Score" }
+    });
+    api.create(
+        &PostParams::default(),
+        &workload("plates", 2, placement, 8)?,
+    )
+    .await?;
+    pool.wait_copies("plates", &[("edge-east", 2)]).await?;
+
+    // The edge member stops answering.
+    pool.members
+        .get_mut("edge-east")
+        .context("edge")?
+        .stop_apiserver();
+    let data_centers: Api<DataCenter> = Api::all(pool.client.clone());
+    eventually("edge-east Reachable=False", WAIT, || async {
+        let dc = data_centers.get("edge-east").await.ok()?;
+        dc.status?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Reachable" && c.status == "False")
+            .then_some(())
+    })
+    .await?;
+    // Within the grace period nothing moves.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        pool.copies_in("partner-cloud", "plates").await?.is_none(),
+        "replicas moved before the grace period ended"
+    );
+    let status = api.get("plates").await?.status.context("status")?;
+    assert_eq!(status.placement.len(), 1);
+    assert_eq!(status.placement[0].data_center, "edge-east");
+
+    // After it, they move to the partner.
+    eventually("replicas on the partner", WAIT, || async {
+        (pool.copies_in("partner-cloud", "plates").await.ok()?? == 2).then_some(())
+    })
+    .await?;
+    eventually("status placement on the partner", WAIT, || async {
+        let s = api.get("plates").await.ok()?.status?;
+        (s.placement.len() == 1 && s.placement[0].data_center == "partner-cloud").then_some(())
+    })
+    .await?;
+
+    // The edge comes back: its stale copy goes, nothing is duplicated.
+    pool.members
+        .get_mut("edge-east")
+        .context("edge")?
+        .start_apiserver()
+        .await?;
+    pool.wait_copies("plates", &[("partner-cloud", 2)]).await?;
+    pool.kill_operator();
+    Ok(())
+}
+
+impl Pool {
+    async fn copies_in(&self, dc: &str, name: &str) -> anyhow::Result<Option<i32>> {
+        let deployments: Api<Deployment> =
+            Api::namespaced(self.members[dc].client().await?, "traffic");
+        Ok(deployments
+            .get_opt(name)
+            .await?
+            .map(|d| d.spec.and_then(|s| s.replicas).unwrap_or(0)))
+    }
+}
