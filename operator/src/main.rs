@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use civicgrid_operator::controller::Stopped;
+use civicgrid_operator::controller::leader::LeaseConfig;
 use civicgrid_operator::plan::{self, Format};
 use clap::{Parser, Subcommand};
 
@@ -41,6 +43,20 @@ enum Command {
         /// Connect and request timeout against a member cluster, in seconds.
         #[arg(long, env = "CIVICGRID_MEMBER_TIMEOUT_SECONDS", default_value_t = 5)]
         member_timeout_seconds: u64,
+        /// Act only while holding a Lease in this namespace (run several
+        /// replicas; one acts). Off when not given.
+        #[arg(long, env = "CIVICGRID_LEADER_ELECTION_NAMESPACE")]
+        leader_election_namespace: Option<String>,
+        /// Name of the Lease.
+        #[arg(
+            long,
+            env = "CIVICGRID_LEADER_ELECTION_LEASE",
+            default_value = "civicgrid-operator"
+        )]
+        leader_election_lease: String,
+        /// Seconds a lease stays valid without renewal.
+        #[arg(long, default_value_t = 15)]
+        lease_duration_seconds: u64,
     },
 }
 
@@ -50,12 +66,23 @@ fn main() -> anyhow::Result<()> {
         Command::Run {
             heartbeat_seconds,
             member_timeout_seconds,
+            leader_election_namespace,
+            leader_election_lease,
+            lease_duration_seconds,
         } => {
-            let config = civicgrid_operator::controller::Config {
+            let mut config = civicgrid_operator::controller::Config {
                 heartbeat: Duration::from_secs(heartbeat_seconds.max(1)),
                 member_timeout: Duration::from_secs(member_timeout_seconds.max(1)),
                 ..Default::default()
             };
+            let duration = Duration::from_secs(lease_duration_seconds.max(3));
+            config.leader_election = leader_election_namespace.map(|namespace| LeaseConfig {
+                namespace,
+                name: leader_election_lease,
+                identity: config.instance.clone(),
+                duration,
+                retry: duration / 3,
+            });
             return run(config);
         }
         Command::Crds => civicgrid_operator::crds_yaml()?,
@@ -89,9 +116,15 @@ fn run(config: civicgrid_operator::controller::Config) -> anyhow::Result<()> {
             .await
             .context("connecting to the control cluster")?;
         tracing::info!(?config, "starting the controllers");
-        civicgrid_operator::controller::run(client, config, Box::pin(shutdown_signal())).await;
-        tracing::info!("stopped");
-        Ok(())
+        match civicgrid_operator::controller::run(client, config, Box::pin(shutdown_signal())).await
+        {
+            Stopped::Shutdown => {
+                tracing::info!("stopped");
+                Ok(())
+            }
+            // Exit so the pod restarts and contends again as a follower.
+            Stopped::LostLease => anyhow::bail!("lost the leader lease"),
+        }
     })
 }
 

@@ -28,6 +28,7 @@
 
 pub mod children;
 mod datacenter;
+pub mod leader;
 pub mod members;
 mod workload;
 
@@ -66,6 +67,8 @@ pub struct Config {
     pub readiness_poll: Duration,
     /// The name this replica reports in Events (e.g. its pod name).
     pub instance: String,
+    /// Act only while holding this Lease (run several replicas; one acts).
+    pub leader_election: Option<leader::LeaseConfig>,
 }
 
 impl Default for Config {
@@ -75,6 +78,7 @@ impl Default for Config {
             member_timeout: Duration::from_secs(5),
             readiness_poll: Duration::from_secs(2),
             instance: std::env::var("POD_NAME").unwrap_or_else(|_| "civicgrid-operator".to_owned()),
+            leader_election: None,
         }
     }
 }
@@ -159,10 +163,50 @@ impl Context {
 /// A future that ends the controllers when it completes.
 pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
+/// Why [`run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// The shutdown future completed.
+    Shutdown,
+    /// Another replica holds the lease now; this one must not act.
+    LostLease,
+}
+
 /// Runs both controllers against the control cluster `client` until
-/// `shutdown` completes, then lets running reconciles finish.
-pub async fn run(client: Client, config: Config, shutdown: Shutdown) {
+/// `shutdown` completes (or, with leader election, the lease is lost), then
+/// lets running reconciles finish. With leader election it first waits to
+/// become the leader, and gives the lease up on a clean shutdown.
+pub async fn run(client: Client, config: Config, shutdown: Shutdown) -> Stopped {
     let shutdown = shutdown.shared();
+    let lease = config.leader_election.clone();
+    if let Some(lease) = &lease {
+        tokio::select! {
+            () = leader::acquire(client.clone(), lease) => {}
+            () = shutdown.clone() => return Stopped::Shutdown,
+        }
+    }
+    // Renewing the lease runs beside the controllers in this task; losing it
+    // stops them.
+    let (lost_tx, lost_rx) = futures::channel::oneshot::channel::<()>();
+    let renewing = {
+        let client = client.clone();
+        let lease = lease.clone();
+        async move {
+            match &lease {
+                Some(lease) => leader::keep(client, lease).await,
+                None => futures::future::pending().await,
+            }
+            let _ = lost_tx.send(());
+        }
+    };
+    // True only when the lease was lost; false when renewing was dropped
+    // because the controllers stopped first.
+    let lost: Pin<Box<dyn Future<Output = bool> + Send>> =
+        Box::pin(async move { lost_rx.await.is_ok() });
+    let lost = lost.shared();
+    let stop: Shutdown =
+        Box::pin(futures::future::select(shutdown.clone(), lost.clone()).map(|_| ()));
+    let stop = stop.shared();
     let dc_api: Api<DataCenter> = Api::all(client.clone());
     let cw_api: Api<ComputeWorkload> = Api::all(client.clone());
     let dc_controller = Controller::new(dc_api.clone(), watcher::Config::default());
@@ -209,22 +253,37 @@ pub async fn run(client: Client, config: Config, shutdown: Shutdown) {
         })
         // A preemption changes another workload's placement: look again at all.
         .reconcile_all_on(requeued)
-        .graceful_shutdown_on(shutdown.clone())
+        .graceful_shutdown_on(stop.clone())
         .run(workload::reconcile, workload::error_policy, context.clone())
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "workload reconcile");
             }
         });
+    let control = context.client.clone();
     let data_centers = dc_controller
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(stop)
         .run(datacenter::reconcile, datacenter::error_policy, context)
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "data center reconcile");
             }
         });
-    futures::join!(workloads, data_centers);
+    let controllers = Box::pin(async move {
+        futures::join!(workloads, data_centers);
+    });
+    match futures::future::select(controllers, Box::pin(renewing)).await {
+        futures::future::Either::Left(((), _)) => {}
+        // The lease is gone: the controllers are stopping; let them finish.
+        futures::future::Either::Right(((), controllers)) => controllers.await,
+    }
+    if lost.now_or_never() == Some(true) {
+        return Stopped::LostLease;
+    }
+    if let Some(lease) = &lease {
+        leader::release(control, lease).await;
+    }
+    Stopped::Shutdown
 }
 
 /// `conditions` with `new` set: the transition time is kept when the status

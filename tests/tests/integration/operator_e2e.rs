@@ -6,11 +6,13 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use civicgrid_operator::controller::leader::LeaseConfig;
 use civicgrid_operator::controller::{self, children};
 use civicgrid_operator::crd::{ComputeWorkload, DataCenter};
 use civicgrid_tests::controlplane::{Cluster, NodeShape, eventually, start_clusters};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -30,12 +32,23 @@ struct Pool {
     control: Cluster,
     members: BTreeMap<String, Cluster>,
     client: Client,
-    operator: Option<JoinHandle<()>>,
+    operator: Option<JoinHandle<controller::Stopped>>,
 }
 
 impl Pool {
+    /// The control cluster and all three members, with one operator.
     async fn start() -> anyhow::Result<Self> {
-        let mut clusters = start_clusters(&["control", "municipal", "edge", "partner"]).await?;
+        let mut pool = Self::start_with(&MEMBERS).await?;
+        pool.start_operator();
+        pool.wait_ready().await?;
+        Ok(pool)
+    }
+
+    /// The control cluster and `members`, with no operator running yet.
+    async fn start_with(member_list: &[(&str, &str, &str, &str)]) -> anyhow::Result<Self> {
+        let mut names = vec!["control"];
+        names.extend(member_list.iter().map(|m| m.1));
+        let mut clusters = start_clusters(&names).await?;
         let control = clusters.remove(0);
         let client = control.client().await?;
         let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
@@ -52,7 +65,7 @@ impl Pool {
         }
         let secrets: Api<Secret> = Api::namespaced(client.clone(), "civicgrid-system");
         let mut members = BTreeMap::new();
-        for ((name, tier, region, zone), member) in MEMBERS.iter().zip(clusters) {
+        for ((name, tier, region, zone), member) in member_list.iter().zip(clusters) {
             member
                 .add_nodes(
                     "node",
@@ -91,29 +104,56 @@ impl Pool {
             .await?;
             members.insert((*name).to_owned(), member);
         }
-        let mut pool = Self {
+        Ok(Self {
             control,
             members,
             client,
             operator: None,
-        };
-        pool.start_operator();
-        Ok(pool)
+        })
     }
 
-    fn start_operator(&mut self) {
+    /// Workloads come after the pool is known: a placement made while only
+    /// some members had answered would (rightly) stay where it landed.
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        let data_centers: Api<DataCenter> = Api::all(self.client.clone());
+        eventually("every DataCenter Ready", WAIT, || async {
+            let list = data_centers.list(&ListParams::default()).await.ok()?;
+            list.items
+                .iter()
+                .all(|dc| {
+                    dc.status.as_ref().is_some_and(|s| {
+                        s.conditions
+                            .iter()
+                            .any(|c| c.type_ == "Ready" && c.status == "True")
+                    })
+                })
+                .then_some(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    fn spawn_operator(
+        &self,
+        instance: &str,
+        leader_election: Option<LeaseConfig>,
+    ) -> JoinHandle<controller::Stopped> {
         let config = controller::Config {
             heartbeat: Duration::from_millis(500),
             member_timeout: Duration::from_secs(2),
             readiness_poll: Duration::from_millis(300),
-            instance: "e2e".into(),
+            instance: instance.into(),
+            leader_election,
         };
-        let client = self.client.clone();
-        self.operator = Some(tokio::spawn(controller::run(
-            client,
+        tokio::spawn(controller::run(
+            self.client.clone(),
             config,
             Box::pin(futures::future::pending()),
-        )));
+        ))
+    }
+
+    fn start_operator(&mut self) {
+        self.operator = Some(self.spawn_operator("e2e", None));
     }
 
     /// Stops the operator the hard way: its task is dropped wherever it is.
@@ -375,4 +415,91 @@ impl Pool {
             .await?
             .map(|d| d.spec.and_then(|s| s.replicas).unwrap_or(0)))
     }
+}
+
+#[tokio::test]
+async fn only_the_leader_acts_and_a_follower_takes_over_when_it_dies() -> anyhow::Result<()> {
+    let pool = Pool::start_with(&MEMBERS[1..2]).await?;
+    let lease = |identity: &str| LeaseConfig {
+        namespace: "civicgrid-system".into(),
+        name: "civicgrid-operator".into(),
+        identity: identity.into(),
+        duration: Duration::from_secs(3),
+        retry: Duration::from_secs(1),
+    };
+    let mut replicas = BTreeMap::from([
+        (
+            "operator-a",
+            pool.spawn_operator("operator-a", Some(lease("operator-a"))),
+        ),
+        (
+            "operator-b",
+            pool.spawn_operator("operator-b", Some(lease("operator-b"))),
+        ),
+    ]);
+    let leases: Api<Lease> = Api::namespaced(pool.client.clone(), "civicgrid-system");
+    let holder = || async {
+        leases
+            .get_opt("civicgrid-operator")
+            .await
+            .ok()??
+            .spec?
+            .holder_identity
+            .filter(|h| !h.is_empty())
+    };
+    let leader = eventually("a leader", WAIT, holder).await?;
+    let follower = if leader == "operator-a" {
+        "operator-b"
+    } else {
+        "operator-a"
+    };
+    pool.wait_ready().await?;
+
+    let api = pool.workloads();
+    api.create(
+        &PostParams::default(),
+        &workload("radar", 2, serde_json::json!({}), 60)?,
+    )
+    .await?;
+    pool.wait_copies("radar", &[("edge-east", 2)]).await?;
+    // Every Event so far was reported by the leader.
+    let events: Api<Event> = Api::namespaced(pool.client.clone(), "traffic");
+    let placed = eventually("a Placed event", WAIT, || async {
+        let list = events.list(&ListParams::default()).await.ok()?.items;
+        list.iter()
+            .any(|e| e.reason.as_deref() == Some("Placed"))
+            .then_some(list)
+    })
+    .await?;
+    let reported: Vec<String> = placed
+        .into_iter()
+        .filter_map(|e| e.reporting_instance)
+        .collect();
+    assert!(
+        !reported.is_empty() && reported.iter().all(|r| *r == leader),
+        "events from {reported:?}, leader {leader}"
+    );
+
+    // The leader dies without releasing the lease; the follower takes over
+    // once it expires, and acts.
+    let died = std::time::Instant::now();
+    replicas
+        .remove(leader.as_str())
+        .context("leader task")?
+        .abort();
+    eventually("the follower holds the lease", WAIT, || async {
+        (holder().await? == follower).then_some(())
+    })
+    .await?;
+    let takeover = died.elapsed();
+    assert!(
+        takeover < Duration::from_secs(10),
+        "takeover took {takeover:?}"
+    );
+    scale(&api, "radar", 3).await?;
+    pool.wait_copies("radar", &[("edge-east", 3)]).await?;
+    for (_, task) in replicas {
+        task.abort();
+    }
+    Ok(())
 }
