@@ -57,6 +57,13 @@ enum Command {
         /// Seconds a lease stays valid without renewal.
         #[arg(long, default_value_t = 15)]
         lease_duration_seconds: u64,
+        /// Address of the /metrics, /healthz and /readyz endpoints.
+        #[arg(
+            long,
+            env = "CIVICGRID_METRICS_ADDRESS",
+            default_value = "0.0.0.0:8080"
+        )]
+        metrics_address: std::net::SocketAddr,
     },
 }
 
@@ -69,6 +76,7 @@ fn main() -> anyhow::Result<()> {
             leader_election_namespace,
             leader_election_lease,
             lease_duration_seconds,
+            metrics_address,
         } => {
             let mut config = civicgrid_operator::controller::Config {
                 heartbeat: Duration::from_secs(heartbeat_seconds.max(1)),
@@ -83,7 +91,7 @@ fn main() -> anyhow::Result<()> {
                 duration,
                 retry: duration / 3,
             });
-            return run(config);
+            return run(config, metrics_address);
         }
         Command::Crds => civicgrid_operator::crds_yaml()?,
         Command::Plan {
@@ -103,7 +111,10 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(config: civicgrid_operator::controller::Config) -> anyhow::Result<()> {
+fn run(
+    config: civicgrid_operator::controller::Config,
+    metrics_address: std::net::SocketAddr,
+) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -112,6 +123,15 @@ fn run(config: civicgrid_operator::controller::Config) -> anyhow::Result<()> {
         .init();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(metrics_address)
+            .await
+            .with_context(|| format!("binding the metrics address {metrics_address}"))?;
+        let router = civicgrid_operator::controller::metrics::router(config.metrics.clone());
+        tokio::spawn(async move {
+            if let Err(error) = axum::serve(listener, router).await {
+                tracing::error!(%error, "metrics endpoint stopped");
+            }
+        });
         let client = kube::Client::try_default()
             .await
             .context("connecting to the control cluster")?;

@@ -55,6 +55,7 @@ pub(super) fn placement_fingerprint(dc: &DataCenter) -> u64 {
 
 /// Probes the member, writes status, and removes orphaned copies.
 pub(super) async fn reconcile(dc: Arc<DataCenter>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.config.metrics.reconcile("datacenter");
     let name = dc.name_any();
     let api: Api<DataCenter> = Api::all(ctx.client.clone());
     let previous = dc.status.clone().unwrap_or_default();
@@ -131,7 +132,14 @@ pub(super) async fn reconcile(dc: Arc<DataCenter>, ctx: Arc<Context>) -> Result<
         &mut status.conditions,
         condition("Ready", ready, reason, message, generation),
     );
-    let (workloads, allocated) = placed_here(&ctx, &name);
+    let (workloads, allocated, replicas) = placed_here(&ctx, &name);
+    ctx.config
+        .metrics
+        .replicas
+        .get_or_create(&super::metrics::DataCenterLabel {
+            data_center: name.clone(),
+        })
+        .set(i64::from(replicas));
     status.workloads = workloads;
     status.allocated = Some(allocated);
 
@@ -195,9 +203,11 @@ async fn publish(ctx: &Context, dc: &DataCenter, type_: EventType, reason: &str,
     }
 }
 
-/// Workloads with replicas in `data_center` and the capacity they take.
-fn placed_here(ctx: &Context, data_center: &str) -> (Vec<String>, Capacity) {
+/// Workloads with replicas in `data_center`, the capacity they take, and
+/// how many replicas.
+fn placed_here(ctx: &Context, data_center: &str) -> (Vec<String>, Capacity, u32) {
     let mut names = Vec::new();
+    let mut total = 0u32;
     let (mut cpu, mut memory) = (0u64, 0u64);
     let mut gpus: BTreeMap<String, u32> = BTreeMap::new();
     for cw in ctx.workloads.state() {
@@ -210,6 +220,7 @@ fn placed_here(ctx: &Context, data_center: &str) -> (Vec<String>, Capacity) {
             cw.namespace().unwrap_or_default(),
             cw.name_any()
         ));
+        total = total.saturating_add(replicas);
         if let Ok(w) = convert::workload(&cw) {
             let n = u64::from(replicas);
             cpu += w.demand.cpu_millis * n;
@@ -229,6 +240,7 @@ fn placed_here(ctx: &Context, data_center: &str) -> (Vec<String>, Capacity) {
             ephemeral_storage: None,
             gpus,
         },
+        total,
     )
 }
 
@@ -270,6 +282,14 @@ async fn remove_orphans(
 
 /// Retries with a delay; member trouble is reported in status, not here.
 pub(super) fn error_policy(dc: Arc<DataCenter>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.config
+        .metrics
+        .errors
+        .get_or_create(&super::metrics::ErrorLabels {
+            controller: "datacenter",
+            kind: error.kind(),
+        })
+        .inc();
     tracing::warn!(data_center = %dc.name_any(), kind = error.kind(), %error, "data center reconcile failed");
     Action::requeue(ctx.config.heartbeat)
 }

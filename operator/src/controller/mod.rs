@@ -30,6 +30,7 @@ pub mod children;
 mod datacenter;
 pub mod leader;
 pub mod members;
+pub mod metrics;
 mod workload;
 
 use std::collections::BTreeMap;
@@ -69,6 +70,8 @@ pub struct Config {
     pub instance: String,
     /// Act only while holding this Lease (run several replicas; one acts).
     pub leader_election: Option<leader::LeaseConfig>,
+    /// Where the controllers count and time their work.
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl Default for Config {
@@ -79,6 +82,7 @@ impl Default for Config {
             readiness_poll: Duration::from_secs(2),
             instance: std::env::var("POD_NAME").unwrap_or_else(|_| "civicgrid-operator".to_owned()),
             leader_election: None,
+            metrics: Arc::default(),
         }
     }
 }
@@ -179,12 +183,16 @@ pub enum Stopped {
 pub async fn run(client: Client, config: Config, shutdown: Shutdown) -> Stopped {
     let shutdown = shutdown.shared();
     let lease = config.leader_election.clone();
+    let metrics = config.metrics.clone();
+    // A follower waiting for the lease is healthy and ready.
+    metrics.set_ready();
     if let Some(lease) = &lease {
         tokio::select! {
             () = leader::acquire(client.clone(), lease) => {}
             () = shutdown.clone() => return Stopped::Shutdown,
         }
     }
+    metrics.leader.set(1);
     // Renewing the lease runs beside the controllers in this task; losing it
     // stops them.
     let (lost_tx, lost_rx) = futures::channel::oneshot::channel::<()>();
@@ -277,6 +285,7 @@ pub async fn run(client: Client, config: Config, shutdown: Shutdown) -> Stopped 
         // The lease is gone: the controllers are stopping; let them finish.
         futures::future::Either::Right(((), controllers)) => controllers.await,
     }
+    metrics.leader.set(0);
     if lost.now_or_never() == Some(true) {
         return Stopped::LostLease;
     }

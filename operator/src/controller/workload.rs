@@ -41,7 +41,15 @@ pub(super) async fn reconcile(
 
 /// Transient errors retry with a delay; invalid specs wait for a change
 /// (they were already reported in status and an Event).
-pub(super) fn error_policy(cw: Arc<ComputeWorkload>, error: &Error, _ctx: Arc<Context>) -> Action {
+pub(super) fn error_policy(cw: Arc<ComputeWorkload>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.config
+        .metrics
+        .errors
+        .get_or_create(&super::metrics::ErrorLabels {
+            controller: "workload",
+            kind: error.kind(),
+        })
+        .inc();
     tracing::warn!(workload = %cw.name_any(), kind = error.kind(), %error, "workload reconcile failed");
     match error {
         Error::InvalidSpec(_) => Action::await_change(),
@@ -158,9 +166,15 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
     };
     let grace = i64::from(workload.grace_period_seconds);
     let wanted = workload.replicas;
+    let started = std::time::Instant::now();
     let decision = decide(&ctx, workload);
+    let metrics = &ctx.config.metrics;
+    metrics
+        .scheduling_seconds
+        .observe(started.elapsed().as_secs_f64());
 
     // Propagate to every chosen data center.
+    let started = std::time::Instant::now();
     let mut failures = Vec::new();
     let mut ready_by_dc = BTreeMap::new();
     for (data_center, &replicas) in &decision.placement {
@@ -171,6 +185,9 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
             Err(e) => failures.push(e.to_string()),
         }
     }
+    metrics
+        .propagation_seconds
+        .observe(started.elapsed().as_secs_f64());
     // Remove copies from reachable members no longer chosen.
     let mut next_deadline: Option<i64> = None;
     for dc in ctx.data_centers.state() {

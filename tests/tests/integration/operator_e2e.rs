@@ -33,6 +33,7 @@ struct Pool {
     members: BTreeMap<String, Cluster>,
     client: Client,
     operator: Option<JoinHandle<controller::Stopped>>,
+    metrics: std::sync::Arc<controller::metrics::Metrics>,
 }
 
 impl Pool {
@@ -109,6 +110,7 @@ impl Pool {
             members,
             client,
             operator: None,
+            metrics: std::sync::Arc::default(),
         })
     }
 
@@ -144,6 +146,7 @@ impl Pool {
             readiness_poll: Duration::from_millis(300),
             instance: instance.into(),
             leader_election,
+            metrics: self.metrics.clone(),
         };
         tokio::spawn(controller::run(
             self.client.clone(),
@@ -274,6 +277,13 @@ async fn workload_is_propagated_scaled_survives_an_operator_kill_and_leaves_noth
         .await
         .context("Available")?;
     assert_eq!(available, "True");
+    eventually("replicas per data center in the metrics", WAIT, || async {
+        let text = pool.metrics.encode();
+        (text.contains(r#"civicgrid_operator_replicas{data_center="edge-east"} 2"#)
+            && text.contains("civicgrid_operator_scheduling_duration_seconds_count"))
+        .then_some(())
+    })
+    .await?;
     let status = api.get("cams").await?.status.context("status")?;
     let partner = status
         .explanation
