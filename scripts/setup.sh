@@ -23,3 +23,7 @@ command -v go >/dev/null || { echo "Go is required to build the test control pla
 # the Go module proxy into a cache keyed by version.
 log "control-plane binaries"
 bash tests/controlplane/build.sh >/dev/null
+
+# helm, to lint and render charts/civicgrid (built from the Go module proxy).
+log "helm"
+bash tools/helm/build.sh >/dev/null

@@ -7,6 +7,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 CIVICGRID_CONTROLPLANE_BIN=$(bash tests/controlplane/build.sh)
 export CIVICGRID_CONTROLPLANE_BIN
+CIVICGRID_HELM=$(bash tools/helm/build.sh)
+export CIVICGRID_HELM
 
 echo "==> cargo fmt --check" >&2
 cargo fmt --all -- --check

@@ -3,4 +3,5 @@
 
 mod controlplane_smoke;
 mod crd_validation;
+mod helm_chart;
 mod operator_e2e;

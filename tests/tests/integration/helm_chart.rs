@@ -1,0 +1,285 @@
+//! The Helm chart: it lints, its rendering is committed, and on a real API
+//! server the rendered manifests apply and the chart's ServiceAccount, with
+//! exactly the chart's RBAC, can run the operator — and cannot read Secrets
+//! outside its namespace.
+//!
+//! `helm` comes from `tools/helm/build.sh` (the Go module proxy) through
+//! `CIVICGRID_HELM`. The simulated nodes run no containers, so the chart's
+//! Deployment becomes Available with simulated pods; the operator itself runs
+//! in this process, authenticated as the chart's ServiceAccount.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail, ensure};
+use civicgrid_operator::controller::leader::LeaseConfig;
+use civicgrid_operator::controller::{self};
+use civicgrid_operator::crd::{ComputeWorkload, DataCenter};
+use civicgrid_tests::controlplane::{NodeShape, eventually, start_clusters};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
+use kube::discovery::{self, Scope};
+use kube::{Client, ResourceExt as _};
+
+const WAIT: Duration = Duration::from_secs(60);
+const NAMESPACE: &str = "civicgrid-system";
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn helm(args: &[&str]) -> anyhow::Result<String> {
+    let helm = std::env::var("CIVICGRID_HELM").context(
+        "CIVICGRID_HELM is not set: run `bash tools/helm/build.sh` (scripts/test.sh does)",
+    )?;
+    let out = Command::new(&helm)
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .with_context(|| format!("running {helm}"))?;
+    ensure!(
+        out.status.success(),
+        "helm {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn render() -> anyhow::Result<String> {
+    helm(&[
+        "template",
+        "civicgrid",
+        "charts/civicgrid",
+        "--namespace",
+        NAMESPACE,
+        "--kube-version",
+        "1.35.0",
+        "--include-crds",
+    ])
+}
+
+#[test]
+fn chart_lints_and_its_committed_rendering_is_current() -> anyhow::Result<()> {
+    helm(&[
+        "lint",
+        "--strict",
+        "charts/civicgrid",
+        "--kube-version",
+        "1.35.0",
+    ])?;
+    let committed = std::fs::read_to_string(repo_root().join("charts/rendered/civicgrid.yaml"))?;
+    assert!(
+        render()? == committed,
+        "charts/rendered/civicgrid.yaml is stale: regenerate it with\n  \
+         $(bash tools/helm/build.sh) template civicgrid charts/civicgrid --namespace {NAMESPACE} \
+         --kube-version 1.35.0 --include-crds > charts/rendered/civicgrid.yaml"
+    );
+    Ok(())
+}
+
+/// Applies every document of `yaml` with server-side apply, resolving each
+/// kind through discovery.
+async fn apply_all(client: &Client, yaml: &str) -> anyhow::Result<()> {
+    for document in serde_yaml::Deserializer::from_str(yaml) {
+        let value = serde_yaml::Value::deserialize(document)?;
+        if value.is_null() {
+            continue;
+        }
+        let object: DynamicObject = serde_yaml::from_value(value)?;
+        let types = object.types.clone().context("apiVersion and kind")?;
+        let gvk = kube::core::GroupVersionKind::try_from(&types)?;
+        let (resource, capabilities) =
+            eventually(&format!("discovery of {}", gvk.kind), WAIT, || async {
+                discovery::pinned_kind(client, &gvk).await.ok()
+            })
+            .await?;
+        let api: Api<DynamicObject> = match capabilities.scope {
+            Scope::Cluster => Api::all_with(client.clone(), &resource),
+            Scope::Namespaced => Api::namespaced_with(client.clone(), NAMESPACE, &resource),
+        };
+        api.patch(
+            &object.name_any(),
+            &PatchParams::apply("helm-chart-test"),
+            &Patch::Apply(&object),
+        )
+        .await
+        .with_context(|| format!("applying {} {}", gvk.kind, object.name_any()))?;
+    }
+    Ok(())
+}
+
+use serde::Deserialize as _;
+
+/// A client of `cluster` that authenticates as the chart's ServiceAccount.
+async fn as_service_account(admin: &Client, kubeconfig_yaml: &str) -> anyhow::Result<Client> {
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), NAMESPACE);
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![],
+            expiration_seconds: Some(3600),
+            bound_object_ref: None,
+        },
+        ..Default::default()
+    };
+    let token = accounts
+        .create_token_request("civicgrid-operator", &PostParams::default(), &request)
+        .await?
+        .status
+        .context("token status")?
+        .token;
+    let kubeconfig = Kubeconfig::from_yaml(kubeconfig_yaml)?;
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    config.auth_info = AuthInfo {
+        token: Some(token.into()),
+        ..AuthInfo::default()
+    };
+    Ok(Client::try_from(config)?)
+}
+
+#[tokio::test]
+async fn chart_applies_and_its_service_account_runs_the_operator_with_least_privilege()
+-> anyhow::Result<()> {
+    let clusters = start_clusters(&["control", "member"]).await?;
+    let (control, member) = (&clusters[0], &clusters[1]);
+    let admin = control.client().await?;
+    control.add_nodes("node", 1, &NodeShape::default()).await?;
+    member.add_nodes("node", 1, &NodeShape::default()).await?;
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    for ns in [NAMESPACE, "traffic", "elsewhere"] {
+        namespaces
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(serde_json::json!({ "metadata": { "name": ns } }))?,
+            )
+            .await?;
+    }
+    let rendered = std::fs::read_to_string(repo_root().join("charts/rendered/civicgrid.yaml"))?;
+    apply_all(&admin, &rendered).await?;
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), NAMESPACE);
+    eventually(
+        "the chart's Deployment Available (simulated pods)",
+        WAIT,
+        || async {
+            let d = deployments.get("civicgrid-operator").await.ok()?;
+            (d.status?.available_replicas? == 2).then_some(())
+        },
+    )
+    .await?;
+
+    // The member's kubeconfig where the chart lets the operator read it.
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), NAMESPACE);
+    secrets
+        .create(
+            &PostParams::default(),
+            &Secret {
+                metadata: kube::api::ObjectMeta {
+                    name: Some("member".into()),
+                    ..Default::default()
+                },
+                data: Some(BTreeMap::from([(
+                    "kubeconfig".to_owned(),
+                    ByteString(member.kubeconfig_yaml().as_bytes().to_vec()),
+                )])),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let operator_client = as_service_account(&admin, control.kubeconfig_yaml()).await?;
+
+    // Least privilege: no Secrets outside its namespace.
+    match Api::<Secret>::namespaced(operator_client.clone(), "elsewhere")
+        .list(&Default::default())
+        .await
+    {
+        Err(kube::Error::Api(status)) if status.code == 403 => {}
+        other => bail!("expected 403 listing Secrets elsewhere, got {other:?}"),
+    }
+
+    let config = controller::Config {
+        heartbeat: Duration::from_millis(500),
+        member_timeout: Duration::from_secs(2),
+        readiness_poll: Duration::from_millis(300),
+        instance: "chart-test".into(),
+        leader_election: Some(LeaseConfig {
+            namespace: NAMESPACE.into(),
+            name: "civicgrid-operator".into(),
+            identity: "chart-test".into(),
+            duration: Duration::from_secs(15),
+            retry: Duration::from_secs(5),
+        }),
+        metrics: Default::default(),
+    };
+    let operator = tokio::spawn(controller::run(
+        operator_client,
+        config,
+        Box::pin(futures::future::pending()),
+    ));
+
+    let dc: DataCenter = serde_json::from_value(serde_json::json!({
+        "apiVersion": "civicgrid.io/v1alpha1", "kind": "DataCenter",
+        "metadata": { "name": "edge-east" },
+        "spec": { "tier": "edge", "region": "city", "zone": "east-1",
+                  "kubeconfigSecretRef": { "name": "member", "namespace": NAMESPACE } }
+    }))?;
+    Api::<DataCenter>::all(admin.clone())
+        .create(&PostParams::default(), &dc)
+        .await?;
+    let data_centers: Api<DataCenter> = Api::all(admin.clone());
+    eventually("DataCenter Ready under the chart's RBAC", WAIT, || async {
+        let dc = data_centers.get("edge-east").await.ok()?;
+        dc.status?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+            .then_some(())
+    })
+    .await?;
+    let cw: ComputeWorkload = serde_json::from_value(serde_json::json!({
+        "apiVersion": "civicgrid.io/v1alpha1", "kind": "ComputeWorkload",
+        "metadata": { "name": "cams", "namespace": "traffic" },
+        "spec": { "kind": "Deployment", "replicas": 2,
+                  "template": { "spec": { "containers": [{ "name": "c", "image": "c:1" }] } },
+                  "resources": { "cpu": "1", "memory": "1Gi" } }
+    }))?;
+    let workloads: Api<ComputeWorkload> = Api::namespaced(admin.clone(), "traffic");
+    workloads.create(&PostParams::default(), &cw).await?;
+    let in_member: Api<Deployment> = Api::namespaced(member.client().await?, "traffic");
+    eventually(
+        "the workload propagated by the chart's ServiceAccount",
+        WAIT,
+        || async {
+            let d = in_member.get_opt("cams").await.ok()??;
+            (d.spec?.replicas? == 2).then_some(())
+        },
+    )
+    .await?;
+    eventually(
+        "status, finalizer and Events written under the chart's RBAC",
+        WAIT,
+        || async {
+            let cw = workloads.get("cams").await.ok()?;
+            let available = cw
+                .status?
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Available" && c.status == "True");
+            (available
+                && cw
+                    .metadata
+                    .finalizers?
+                    .contains(&controller::FINALIZER.to_owned()))
+            .then_some(())
+        },
+    )
+    .await?;
+    operator.abort();
+    Ok(())
+}
