@@ -157,6 +157,11 @@ pub(super) async fn reconcile(dc: Arc<DataCenter>, ctx: Arc<Context>) -> Result<
         .await
         .map_err(Error::Kube)?;
     }
+    if reachable && !was_reachable {
+        // Copies may have stayed behind while it was down: every workload
+        // looks in every member again.
+        ctx.decided().swept.clear();
+    }
     if was_reachable != reachable || dc.status.is_none() {
         let (type_, reason, note) = if reachable {
             (

@@ -140,6 +140,10 @@ impl Error {
 #[derive(Default)]
 struct Decided {
     placements: BTreeMap<WorkloadKey, BTreeMap<String, u32>>,
+    /// Workloads whose copies were looked for in every reachable member
+    /// since this process started or a member came back; the others may
+    /// have copies where no placement this process knows says so.
+    swept: std::collections::BTreeSet<WorkloadKey>,
 }
 
 /// Everything a reconcile needs; no globals.

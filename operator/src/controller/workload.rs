@@ -166,6 +166,9 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
     };
     let grace = i64::from(workload.grace_period_seconds);
     let wanted = workload.replicas;
+    let key = key_of(&cw);
+    let before = current(&ctx, &cw);
+    let swept = ctx.decided().swept.contains(&key);
     let started = std::time::Instant::now();
     let decision = decide(&ctx, workload);
     let metrics = &ctx.config.metrics;
@@ -198,7 +201,9 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
             let deadline = since + grace;
             next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
         }
-        if decision.placement.contains_key(&dc_name) || reachability(&dc) != Reachability::Reachable
+        if decision.placement.contains_key(&dc_name)
+            || reachability(&dc) != Reachability::Reachable
+            || (swept && !before.contains_key(&dc_name))
         {
             continue;
         }
@@ -215,6 +220,10 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
             }
             Err(e) => failures.push(e.to_string()),
         }
+    }
+
+    if failures.is_empty() {
+        ctx.decided().swept.insert(key);
     }
 
     let status = status_of(
@@ -618,6 +627,8 @@ async fn cleanup(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, 
     if !failures.is_empty() {
         return Err(Error::Cleanup(failures.join("; ")));
     }
-    ctx.decided().placements.remove(&key_of(&cw));
+    let mut decided = ctx.decided();
+    decided.placements.remove(&key_of(&cw));
+    decided.swept.remove(&key_of(&cw));
     Ok(Action::await_change())
 }
