@@ -5,13 +5,20 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use futures::StreamExt as _;
+use futures::channel::mpsc::UnboundedSender;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Secret};
 use kube::api::{Api, ListParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, ResourceExt as _};
+use serde::de::DeserializeOwned;
 
-use super::Error;
-use crate::crd::{Capacity, DataCenter};
+use super::{Error, children};
+use crate::crd::{Capacity, ComputeWorkload, DataCenter};
 use crate::quantity;
 
 /// GPU model label set by NVIDIA's GPU feature discovery (and by the test
@@ -20,25 +27,45 @@ pub const GPU_MODEL_LABEL: &str = "nvidia.com/gpu.product";
 /// GPU extended resource.
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 
-/// One client per data center, rebuilt when its Secret changes.
+/// One client per data center, rebuilt when its Secret changes, and a watch
+/// on the operator's copies in each member that reports which workload to
+/// look at again (readiness comes back as soon as the member reports it).
 pub struct Members {
-    clients: Mutex<HashMap<String, (String, Client)>>,
+    clients: Mutex<HashMap<String, Member>>,
     timeout: Duration,
+    changes: UnboundedSender<ObjectRef<ComputeWorkload>>,
+}
+
+struct Member {
+    version: String,
+    client: Client,
+    watches: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        for watch in &self.watches {
+            watch.abort();
+        }
+    }
 }
 
 impl Members {
     /// `timeout` bounds connecting to and each request against a member, so
     /// an unreachable data center is noticed quickly.
-    pub fn new(timeout: Duration) -> Self {
+    /// `changes` receives the workload of every copy that changes in a
+    /// member.
+    pub fn new(timeout: Duration, changes: UnboundedSender<ObjectRef<ComputeWorkload>>) -> Self {
         Self {
             clients: Mutex::new(HashMap::new()),
             timeout,
+            changes,
         }
     }
 
     /// The cached client of `dc`, if one was made.
     pub fn cached(&self, dc: &str) -> Option<Client> {
-        self.lock().get(dc).map(|(_, client)| client.clone())
+        self.lock().get(dc).map(|m| m.client.clone())
     }
 
     /// The client of `dc`, made from its kubeconfig Secret (read through
@@ -70,10 +97,10 @@ impl Members {
                 ))
             })?;
         let version = secret.resource_version().unwrap_or_default();
-        if let Some((cached_version, client)) = self.lock().get(&name)
-            && *cached_version == version
+        if let Some(member) = self.lock().get(&name)
+            && member.version == version
         {
-            return Ok(client.clone());
+            return Ok(member.client.clone());
         }
         let bytes = secret
             .data
@@ -94,11 +121,26 @@ impl Members {
                 .await
                 .map_err(|e| invalid(format!("the kubeconfig does not load: {e}")))?;
         config.connect_timeout = Some(self.timeout);
+        // Watches stay open with nothing to read; only requests time out.
+        let watching = Client::try_from(config.clone())
+            .map_err(|e| invalid(format!("no client from the kubeconfig: {e}")))?;
         config.read_timeout = Some(self.timeout);
         config.write_timeout = Some(self.timeout);
         let client = Client::try_from(config)
             .map_err(|e| invalid(format!("no client from the kubeconfig: {e}")))?;
-        self.lock().insert(name, (version, client.clone()));
+        let watches = vec![
+            watch_copies::<Deployment>(watching.clone(), self.changes.clone()),
+            watch_copies::<StatefulSet>(watching.clone(), self.changes.clone()),
+            watch_copies::<Job>(watching, self.changes.clone()),
+        ];
+        self.lock().insert(
+            name,
+            Member {
+                version,
+                client: client.clone(),
+                watches,
+            },
+        );
         Ok(client)
     }
 
@@ -107,12 +149,46 @@ impl Members {
         self.lock().remove(dc);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Client)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Member>> {
         // A panic while holding this lock cannot leave the map inconsistent.
         self.clients
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// Watches one kind of the operator's copies in a member and names the owning
+/// workload of each change. Retries with backoff while the member is down.
+fn watch_copies<K>(
+    member: Client,
+    changes: UnboundedSender<ObjectRef<ComputeWorkload>>,
+) -> tokio::task::JoinHandle<()>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+{
+    tokio::spawn(async move {
+        let api: Api<K> = Api::all(member);
+        let config = watcher::Config::default().labels(&children::managed_selector());
+        let mut stream = std::pin::pin!(watcher(api, config).default_backoff().touched_objects());
+        while let Some(item) = stream.next().await {
+            let Ok(copy) = item else { continue };
+            let labels = copy.labels();
+            if let (Some(namespace), Some(name)) = (
+                labels.get(children::WORKLOAD_NAMESPACE),
+                labels.get(children::WORKLOAD_NAME),
+            ) && changes
+                .unbounded_send(ObjectRef::new(name).within(namespace))
+                .is_err()
+            {
+                return;
+            }
+        }
+    })
 }
 
 /// Allocatable capacity summed over the member's Ready, schedulable nodes;

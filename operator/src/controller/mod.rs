@@ -64,7 +64,7 @@ pub struct Config {
     /// Connect and request timeout against a member cluster.
     pub member_timeout: Duration,
     /// How often a workload that is not yet fully available is looked at
-    /// again (member readiness is polled, not watched).
+    /// again even if no member reported a change (they are watched).
     pub readiness_poll: Duration,
     /// The name this replica reports in Events (e.g. its pod name).
     pub instance: String,
@@ -79,7 +79,7 @@ impl Default for Config {
         Self {
             heartbeat: Duration::from_secs(10),
             member_timeout: Duration::from_secs(5),
-            readiness_poll: Duration::from_secs(2),
+            readiness_poll: Duration::from_secs(30),
             instance: std::env::var("POD_NAME").unwrap_or_else(|_| "civicgrid-operator".to_owned()),
             leader_election: None,
             metrics: Arc::default(),
@@ -224,6 +224,7 @@ pub async fn run(client: Client, config: Config, shutdown: Shutdown) -> Stopped 
     let dc_controller = Controller::new(dc_api.clone(), watcher::Config::default());
     let cw_controller = Controller::new(cw_api, watcher::Config::default());
     let (requeue, requeued) = futures::channel::mpsc::unbounded();
+    let (copy_changed, copies_changed) = futures::channel::mpsc::unbounded();
     let context = Arc::new(Context {
         recorder: Recorder::new(
             client.clone(),
@@ -232,7 +233,7 @@ pub async fn run(client: Client, config: Config, shutdown: Shutdown) -> Stopped 
                 instance: Some(config.instance.clone()),
             },
         ),
-        members: members::Members::new(config.member_timeout),
+        members: members::Members::new(config.member_timeout, copy_changed),
         data_centers: dc_controller.store(),
         workloads: cw_controller.store(),
         client,
@@ -265,6 +266,8 @@ pub async fn run(client: Client, config: Config, shutdown: Shutdown) -> Stopped 
         })
         // A preemption changes another workload's placement: look again at all.
         .reconcile_all_on(requeued)
+        // A copy changed in a member (readiness, mostly): look at its workload.
+        .reconcile_on(copies_changed)
         .graceful_shutdown_on(stop.clone())
         .run(workload::reconcile, workload::error_policy, context.clone())
         .for_each(|result| async move {

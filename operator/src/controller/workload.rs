@@ -175,6 +175,34 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
     metrics
         .scheduling_seconds
         .observe(started.elapsed().as_secs_f64());
+    // Record the decision before acting on it: `Scheduled` and the placement
+    // are visible at once, and a crash mid-propagation restarts from it.
+    if decision.placement != convert::current_placement(&cw) || previous.conditions.is_empty() {
+        let previous_ready: BTreeMap<String, i32> = previous
+            .placement
+            .iter()
+            .map(|p| (p.data_center.clone(), p.ready_replicas))
+            .collect();
+        let mut interim = status_of(
+            &previous,
+            &decision,
+            &previous_ready,
+            &[],
+            wanted,
+            generation,
+        );
+        set_condition(
+            &mut interim.conditions,
+            condition(
+                "Propagated",
+                false,
+                "Propagating",
+                "applying to member clusters",
+                generation,
+            ),
+        );
+        write_status(&ctx, &cw, &interim).await?;
+    }
 
     // Propagate to every chosen data center.
     let started = std::time::Instant::now();

@@ -143,7 +143,9 @@ impl Pool {
         let config = controller::Config {
             heartbeat: Duration::from_millis(500),
             member_timeout: Duration::from_secs(2),
-            readiness_poll: Duration::from_millis(300),
+            // Longer than any wait: readiness must come back through the
+            // member watches, not polling.
+            readiness_poll: Duration::from_secs(120),
             instance: instance.into(),
             leader_election,
             metrics: self.metrics.clone(),

@@ -1,0 +1,248 @@
+//! The operator on real clusters (a control cluster and three members with
+//! simulated nodes, the controllers in this process): time from creating a
+//! ComputeWorkload to its `Scheduled` and to its `Propagated` condition as a
+//! watcher sees them, p50/p99, and sustained reconciles per second.
+//!
+//! Run (release):
+//!   CIVICGRID_CONTROLPLANE_BIN=$(bash tests/controlplane/build.sh) \
+//!     cargo bench -p civicgrid-benches --bench operator -- --workloads 1000
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use civicgrid_operator::controller::{self, metrics::Metrics};
+use civicgrid_operator::crd::{ComputeWorkload, DataCenter};
+use civicgrid_tests::controlplane::{NodeShape, eventually, start_clusters};
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ListParams, PostParams};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{CustomResourceExt as _, ResourceExt as _};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+#[derive(Default)]
+struct Seen {
+    scheduled: BTreeMap<String, Instant>,
+    propagated: BTreeMap<String, Instant>,
+}
+
+fn percentile(mut v: Vec<Duration>, p: f64) -> Duration {
+    v.sort();
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let count: usize = args
+        .iter()
+        .position(|a| a == "--workloads")
+        .and_then(|i| args.get(i + 1))
+        .map(|n| n.parse())
+        .transpose()?
+        .unwrap_or(1000);
+
+    let clusters = start_clusters(&["control", "municipal", "edge", "partner"]).await?;
+    let control = clusters[0].client().await?;
+    let crds: Api<CustomResourceDefinition> = Api::all(control.clone());
+    for crd in [DataCenter::crd(), ComputeWorkload::crd()] {
+        crds.create(&PostParams::default(), &crd).await?;
+    }
+    let namespaces: Api<Namespace> = Api::all(control.clone());
+    for ns in ["civicgrid-system", "bench"] {
+        namespaces
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(serde_json::json!({ "metadata": { "name": ns } }))?,
+            )
+            .await?;
+    }
+    let secrets: Api<Secret> = Api::namespaced(control.clone(), "civicgrid-system");
+    let data_centers: Api<DataCenter> = Api::all(control.clone());
+    for (member, (name, tier)) in clusters[1..].iter().zip([
+        ("municipal-core", "municipal"),
+        ("edge-east", "edge"),
+        ("partner-cloud", "partner"),
+    ]) {
+        let shape = NodeShape {
+            cpu: "64".into(),
+            memory: "256Gi".into(),
+            pods: 1000,
+            ..NodeShape::default()
+        };
+        member.add_nodes("node", 2, &shape).await?;
+        secrets
+            .create(
+                &PostParams::default(),
+                &Secret {
+                    metadata: kube::api::ObjectMeta {
+                        name: Some(name.into()),
+                        ..Default::default()
+                    },
+                    data: Some(BTreeMap::from([(
+                        "kubeconfig".to_owned(),
+                        ByteString(member.kubeconfig_yaml().as_bytes().to_vec()),
+                    )])),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let dc: DataCenter = serde_json::from_value(serde_json::json!({
+            "apiVersion": "civicgrid.io/v1alpha1", "kind": "DataCenter",
+            "metadata": { "name": name },
+            "spec": { "tier": tier, "region": "city", "zone": name,
+                      "kubeconfigSecretRef": { "name": name, "namespace": "civicgrid-system" } }
+        }))?;
+        eventually("DataCenter created", WAIT, || async {
+            data_centers.create(&PostParams::default(), &dc).await.ok()
+        })
+        .await?;
+    }
+
+    let metrics = Arc::new(Metrics::default());
+    let config = controller::Config {
+        heartbeat: Duration::from_secs(2),
+        member_timeout: Duration::from_secs(5),
+        readiness_poll: Duration::from_secs(30),
+        instance: "bench".into(),
+        leader_election: None,
+        metrics: metrics.clone(),
+    };
+    let operator = tokio::spawn(controller::run(
+        control.clone(),
+        config,
+        Box::pin(futures::future::pending()),
+    ));
+    eventually("every DataCenter Ready", WAIT, || async {
+        let list = data_centers.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .all(|dc| {
+                dc.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
+            })
+            .then_some(())
+    })
+    .await?;
+
+    // Record when each condition first shows True.
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let workloads: Api<ComputeWorkload> = Api::namespaced(control.clone(), "bench");
+    let watch = {
+        let seen = seen.clone();
+        let stream = watcher(workloads.clone(), watcher::Config::default()).applied_objects();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Ok(Some(cw)) = stream.try_next().await {
+                let now = Instant::now();
+                let is_true = |t: &str| {
+                    cw.status.as_ref().is_some_and(|s| {
+                        s.conditions
+                            .iter()
+                            .any(|c| c.type_ == t && c.status == "True")
+                    })
+                };
+                let mut seen = seen
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if is_true("Scheduled") {
+                    seen.scheduled.entry(cw.name_any()).or_insert(now);
+                }
+                if is_true("Propagated") {
+                    seen.propagated.entry(cw.name_any()).or_insert(now);
+                }
+            }
+        })
+    };
+
+    let reconciles_before = reconciles(&metrics);
+    let started = Instant::now();
+    let created: BTreeMap<String, Instant> = futures::stream::iter(0..count)
+        .map(|i| {
+            let workloads = workloads.clone();
+            async move {
+                let name = format!("w-{i:05}");
+                let cw: ComputeWorkload = serde_json::from_value(serde_json::json!({
+                    "apiVersion": "civicgrid.io/v1alpha1", "kind": "ComputeWorkload",
+                    "metadata": { "name": name, "namespace": "bench" },
+                    "spec": { "kind": "Deployment", "replicas": 1 + (i % 3),
+                              "template": { "spec": { "containers": [{ "name": "c", "image": "c:1" }] } },
+                              "resources": { "cpu": "100m", "memory": "128Mi" } }
+                }))?;
+                // The clock starts when the API server has stored it.
+                workloads.create(&PostParams::default(), &cw).await?;
+                anyhow::Ok((name, Instant::now()))
+            }
+        })
+        .buffer_unordered(8)
+        .try_collect()
+        .await?;
+    let creating = started.elapsed();
+    eventually(
+        "every workload Propagated",
+        Duration::from_secs(900),
+        || async { (seen.lock().ok()?.propagated.len() >= count).then_some(()) },
+    )
+    .await
+    .context("waiting for propagation")?;
+    let elapsed = started.elapsed();
+    let reconciles_done = reconciles(&metrics) - reconciles_before;
+    watch.abort();
+    operator.abort();
+
+    let seen = seen
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let latencies = |at: &BTreeMap<String, Instant>| -> Vec<Duration> {
+        created
+            .iter()
+            .filter_map(|(name, t0)| at.get(name).map(|t| t.saturating_duration_since(*t0)))
+            .collect()
+    };
+    let scheduled = latencies(&seen.scheduled);
+    let propagated = latencies(&seen.propagated);
+    println!(
+        "{count} workloads across 3 member clusters (created in {:.1} s, all propagated after {:.1} s)",
+        creating.as_secs_f64(),
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "create → Scheduled:  p50 {:?} p99 {:?} (target p99 < 100 ms: ×{:.2} of target)",
+        percentile(scheduled.clone(), 0.5),
+        percentile(scheduled.clone(), 0.99),
+        percentile(scheduled, 0.99).as_secs_f64() / 0.1
+    );
+    println!(
+        "create → Propagated: p50 {:?} p99 {:?} (target p99 < 1 s: ×{:.2} of target)",
+        percentile(propagated.clone(), 0.5),
+        percentile(propagated.clone(), 0.99),
+        percentile(propagated, 0.99).as_secs_f64() / 1.0
+    );
+    println!(
+        "sustained: {reconciles_done} workload reconciles in {:.1} s = {:.0} reconciles/s",
+        elapsed.as_secs_f64(),
+        reconciles_done as f64 / elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
+fn reconciles(metrics: &Metrics) -> u64 {
+    metrics
+        .encode()
+        .lines()
+        .find(|l| l.contains("reconciles_total") && l.contains(r#"controller="workload""#))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
