@@ -167,6 +167,23 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let reconciles_before = reconciles(&metrics);
+    let progress = {
+        let seen = seen.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let (s, p) = seen
+                    .lock()
+                    .map(|s| (s.scheduled.len(), s.propagated.len()))
+                    .unwrap_or_default();
+                eprintln!(
+                    "  … scheduled {s}, propagated {p}, reconciles {}",
+                    reconciles(&metrics)
+                );
+            }
+        })
+    };
     let started = Instant::now();
     let created: BTreeMap<String, Instant> = futures::stream::iter(0..count)
         .map(|i| {
@@ -199,6 +216,7 @@ async fn main() -> anyhow::Result<()> {
     let elapsed = started.elapsed();
     let reconciles_done = reconciles(&metrics) - reconciles_before;
     watch.abort();
+    progress.abort();
     operator.abort();
 
     let seen = seen

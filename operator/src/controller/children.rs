@@ -141,6 +141,32 @@ pub fn desired(cw: &ComputeWorkload, data_center: &str, replicas: u32) -> Child 
     }
 }
 
+impl Child {
+    /// A fingerprint of the whole object, to skip applying what is already
+    /// applied.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash as _, Hasher as _};
+        let text = match self {
+            Child::Deployment(d) => serde_json::to_string(d),
+            Child::StatefulSet(s) => serde_json::to_string(s),
+            Child::Job(j) => serde_json::to_string(j),
+        }
+        .unwrap_or_default();
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        text.hash(&mut hasher);
+        hasher.finish()
+    }
+
+    /// `metadata.generation` of the object.
+    pub fn generation(&self) -> Option<i64> {
+        match self {
+            Child::Deployment(d) => d.metadata.generation,
+            Child::StatefulSet(s) => s.metadata.generation,
+            Child::Job(j) => j.metadata.generation,
+        }
+    }
+}
+
 /// Ready replicas reported by a child as the member cluster returned it.
 pub fn ready_replicas(child: &Child) -> i32 {
     match child {

@@ -279,7 +279,7 @@ async fn remove_orphans(
             child.workload_name.clone(),
         )) {
             tracing::info!(data_center, workload = %child.workload_name, "removing an orphaned copy");
-            workload::delete_child(member, data_center, &child).await?;
+            workload::delete_child(ctx, member, data_center, &child).await?;
         }
     }
     Ok(())

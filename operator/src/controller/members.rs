@@ -1,8 +1,8 @@
 //! Connections to the member clusters named by each `DataCenter`'s kubeconfig
 //! Secret, and what the operator reads from them.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -17,7 +17,8 @@ use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, ResourceExt as _};
 use serde::de::DeserializeOwned;
 
-use super::{Error, children};
+use super::Error;
+use super::children::{self, Child};
 use crate::crd::{Capacity, ComputeWorkload, DataCenter};
 use crate::quantity;
 
@@ -34,6 +35,21 @@ pub struct Members {
     clients: Mutex<HashMap<String, Member>>,
     timeout: Duration,
     changes: UnboundedSender<ObjectRef<ComputeWorkload>>,
+    copies: Arc<Mutex<HashMap<CopyKey, CopyState>>>,
+    namespaces: Mutex<HashSet<(String, String)>>,
+}
+
+/// (data center, workload namespace, workload name).
+type CopyKey = (String, String, String);
+
+/// What the operator last applied as a copy, and what the member reports of
+/// it, kept from the member watch: a reconcile that changes nothing sends
+/// nothing to the member.
+#[derive(Debug, Default)]
+struct CopyState {
+    /// Fingerprint of the applied object and the generation it got.
+    applied: Option<(u64, Option<i64>)>,
+    ready: i32,
 }
 
 struct Member {
@@ -60,6 +76,45 @@ impl Members {
             clients: Mutex::new(HashMap::new()),
             timeout,
             changes,
+            copies: Arc::default(),
+            namespaces: Mutex::default(),
+        }
+    }
+
+    /// The ready replicas of a copy the member reported, if its last applied
+    /// fingerprint is `fingerprint` (nothing to apply).
+    pub fn unchanged(&self, key: &CopyKey, fingerprint: u64) -> Option<i32> {
+        let copies = lock(&self.copies);
+        let state = copies.get(key)?;
+        (state.applied?.0 == fingerprint).then_some(state.ready)
+    }
+
+    /// Records an applied copy as the member returned it.
+    pub fn applied(&self, key: CopyKey, fingerprint: u64, generation: Option<i64>, ready: i32) {
+        let mut copies = lock(&self.copies);
+        let state = copies.entry(key).or_default();
+        state.applied = Some((fingerprint, generation));
+        state.ready = ready;
+    }
+
+    /// Forgets a copy (deleted, or its apply failed).
+    pub fn forget_copy(&self, key: &CopyKey) {
+        lock(&self.copies).remove(key);
+    }
+
+    /// Whether `namespace` was made in `dc`'s member by this process.
+    pub fn has_namespace(&self, dc: &str, namespace: &str) -> bool {
+        lock(&self.namespaces).contains(&(dc.to_owned(), namespace.to_owned()))
+    }
+
+    /// Records (or, with `false`, forgets) a namespace made in a member.
+    pub fn set_namespace(&self, dc: &str, namespace: &str, made: bool) {
+        let key = (dc.to_owned(), namespace.to_owned());
+        let mut namespaces = lock(&self.namespaces);
+        if made {
+            namespaces.insert(key);
+        } else {
+            namespaces.remove(&key);
         }
     }
 
@@ -129,9 +184,15 @@ impl Members {
         let client = Client::try_from(config)
             .map_err(|e| invalid(format!("no client from the kubeconfig: {e}")))?;
         let watches = vec![
-            watch_copies::<Deployment>(watching.clone(), self.changes.clone()),
-            watch_copies::<StatefulSet>(watching.clone(), self.changes.clone()),
-            watch_copies::<Job>(watching, self.changes.clone()),
+            self.watch_copies::<Deployment>(&name, &watching, |d| {
+                children::ready_replicas(&Child::Deployment(d.clone()))
+            }),
+            self.watch_copies::<StatefulSet>(&name, &watching, |s| {
+                children::ready_replicas(&Child::StatefulSet(s.clone()))
+            }),
+            self.watch_copies::<Job>(&name, &watching, |j| {
+                children::ready_replicas(&Child::Job(j.clone()))
+            }),
         ];
         self.lock().insert(
             name,
@@ -150,45 +211,85 @@ impl Members {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Member>> {
-        // A panic while holding this lock cannot leave the map inconsistent.
-        self.clients
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.clients)
+    }
+
+    /// Watches one kind of the operator's copies in a member: keeps each
+    /// copy's readiness, forgets what was applied when someone else changed
+    /// or deleted it, and names the owning workload of each change. Retries
+    /// with backoff while the member is down.
+    fn watch_copies<K>(
+        &self,
+        data_center: &str,
+        member: &Client,
+        ready: fn(&K) -> i32,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + 'static,
+    {
+        let api: Api<K> = Api::all(member.clone());
+        let changes = self.changes.clone();
+        let copies = self.copies.clone();
+        let data_center = data_center.to_owned();
+        tokio::spawn(async move {
+            let config = watcher::Config::default().labels(&children::managed_selector());
+            let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
+            while let Some(event) = stream.next().await {
+                let Ok(event) = event else { continue };
+                let (copy, deleted) = match event {
+                    // A fresh list: anything may have changed while away.
+                    watcher::Event::Init => {
+                        lock(&copies).retain(|(dc, _, _), _| *dc != data_center);
+                        continue;
+                    }
+                    watcher::Event::InitDone => continue,
+                    watcher::Event::Apply(copy) | watcher::Event::InitApply(copy) => (copy, false),
+                    watcher::Event::Delete(copy) => (copy, true),
+                };
+                let labels = copy.labels();
+                let (Some(namespace), Some(name)) = (
+                    labels.get(children::WORKLOAD_NAMESPACE),
+                    labels.get(children::WORKLOAD_NAME),
+                ) else {
+                    continue;
+                };
+                let key = (data_center.clone(), namespace.clone(), name.clone());
+                {
+                    let mut copies = lock(&copies);
+                    if deleted {
+                        copies.remove(&key);
+                    } else {
+                        let state = copies.entry(key).or_default();
+                        state.ready = ready(&copy);
+                        if state
+                            .applied
+                            .is_some_and(|(_, generation)| generation != copy.meta().generation)
+                        {
+                            state.applied = None;
+                        }
+                    }
+                }
+                if changes
+                    .unbounded_send(ObjectRef::new(name).within(namespace))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        })
     }
 }
 
-/// Watches one kind of the operator's copies in a member and names the owning
-/// workload of each change. Retries with backoff while the member is down.
-fn watch_copies<K>(
-    member: Client,
-    changes: UnboundedSender<ObjectRef<ComputeWorkload>>,
-) -> tokio::task::JoinHandle<()>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + 'static,
-{
-    tokio::spawn(async move {
-        let api: Api<K> = Api::all(member);
-        let config = watcher::Config::default().labels(&children::managed_selector());
-        let mut stream = std::pin::pin!(watcher(api, config).default_backoff().touched_objects());
-        while let Some(item) = stream.next().await {
-            let Ok(copy) = item else { continue };
-            let labels = copy.labels();
-            if let (Some(namespace), Some(name)) = (
-                labels.get(children::WORKLOAD_NAMESPACE),
-                labels.get(children::WORKLOAD_NAME),
-            ) && changes
-                .unbounded_send(ObjectRef::new(name).within(namespace))
-                .is_err()
-            {
-                return;
-            }
-        }
-    })
+/// A panic while holding these locks cannot leave the maps inconsistent.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Allocatable capacity summed over the member's Ready, schedulable nodes;

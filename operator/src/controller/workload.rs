@@ -27,6 +27,7 @@ pub(super) async fn reconcile(
     cw: Arc<ComputeWorkload>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
+    let _timer = ctx.config.metrics.reconcile("workload");
     let namespace = cw.namespace().unwrap_or_default();
     let api: Api<ComputeWorkload> = Api::namespaced(ctx.client.clone(), &namespace);
     finalizer(&api, FINALIZER, cw, |event| async {
@@ -241,7 +242,7 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
         match list_children(&member, &dc_name, Some((&namespace, &name))).await {
             Ok(stale) => {
                 for child in stale {
-                    if let Err(e) = delete_child(&member, &dc_name, &child).await {
+                    if let Err(e) = delete_child(&ctx, &member, &dc_name, &child).await {
                         failures.push(e.to_string());
                     }
                 }
@@ -482,37 +483,52 @@ async fn propagate(
     };
     let namespace = cw.namespace().unwrap_or_default();
     let name = cw.name_any();
-    let namespaces: Api<Namespace> = Api::all(member.clone());
-    namespaces
-        .patch(
-            &namespace,
-            &PatchParams::apply(FIELD_MANAGER),
-            &Patch::Apply(&children::namespace(cw)),
-        )
-        .await
-        .map_err(failed)?;
+    let desired = children::desired(cw, data_center, replicas);
+    let fingerprint = desired.fingerprint();
+    let key = (data_center.to_owned(), namespace.clone(), name.clone());
+    if let Some(ready) = ctx.members.unchanged(&key, fingerprint) {
+        return Ok(ready);
+    }
+    if !ctx.members.has_namespace(data_center, &namespace) {
+        let namespaces: Api<Namespace> = Api::all(member.clone());
+        namespaces
+            .patch(
+                &namespace,
+                &PatchParams::apply(FIELD_MANAGER),
+                &Patch::Apply(&children::namespace(cw)),
+            )
+            .await
+            .map_err(failed)?;
+        ctx.members.set_namespace(data_center, &namespace, true);
+    }
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let applied = match children::desired(cw, data_center, replicas) {
-        Child::Deployment(d) => Child::Deployment(
-            Api::<Deployment>::namespaced(member, &namespace)
-                .patch(&name, &params, &Patch::Apply(&d))
-                .await
-                .map_err(failed)?,
-        ),
-        Child::StatefulSet(s) => Child::StatefulSet(
-            Api::<StatefulSet>::namespaced(member, &namespace)
-                .patch(&name, &params, &Patch::Apply(&s))
-                .await
-                .map_err(failed)?,
-        ),
-        Child::Job(j) => Child::Job(
-            Api::<Job>::namespaced(member, &namespace)
-                .patch(&name, &params, &Patch::Apply(&j))
-                .await
-                .map_err(failed)?,
-        ),
+    let result = match desired {
+        Child::Deployment(d) => Api::<Deployment>::namespaced(member, &namespace)
+            .patch(&name, &params, &Patch::Apply(&d))
+            .await
+            .map(Child::Deployment),
+        Child::StatefulSet(s) => Api::<StatefulSet>::namespaced(member, &namespace)
+            .patch(&name, &params, &Patch::Apply(&s))
+            .await
+            .map(Child::StatefulSet),
+        Child::Job(j) => Api::<Job>::namespaced(member, &namespace)
+            .patch(&name, &params, &Patch::Apply(&j))
+            .await
+            .map(Child::Job),
     };
-    Ok(children::ready_replicas(&applied))
+    let applied = match result {
+        Ok(applied) => applied,
+        Err(error) => {
+            // The namespace may be gone; the copy may be anything now.
+            ctx.members.set_namespace(data_center, &namespace, false);
+            ctx.members.forget_copy(&key);
+            return Err(failed(error));
+        }
+    };
+    let ready = children::ready_replicas(&applied);
+    ctx.members
+        .applied(key, fingerprint, applied.generation(), ready);
+    Ok(ready)
 }
 
 /// A copy the operator made in a member cluster.
@@ -593,10 +609,16 @@ pub(super) async fn list_children(
 
 /// Deletes one copy (and, in the background, its pods).
 pub(super) async fn delete_child(
+    ctx: &Context,
     member: &Client,
     data_center: &str,
     child: &ChildRef,
 ) -> Result<(), Error> {
+    ctx.members.forget_copy(&(
+        data_center.to_owned(),
+        child.workload_namespace.clone(),
+        child.workload_name.clone(),
+    ));
     let params = DeleteParams::background();
     let result = match child.kind {
         "Deployment" => Api::<Deployment>::namespaced(member.clone(), &child.namespace)
@@ -644,7 +666,7 @@ async fn cleanup(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, 
         match list_children(&member, &dc_name, Some((&namespace, &name))).await {
             Ok(copies) => {
                 for child in copies {
-                    if let Err(e) = delete_child(&member, &dc_name, &child).await {
+                    if let Err(e) = delete_child(&ctx, &member, &dc_name, &child).await {
                         failures.push(e.to_string());
                     }
                 }

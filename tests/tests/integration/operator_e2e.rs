@@ -282,7 +282,8 @@ async fn workload_is_propagated_scaled_survives_an_operator_kill_and_leaves_noth
     eventually("replicas per data center in the metrics", WAIT, || async {
         let text = pool.metrics.encode();
         (text.contains(r#"civicgrid_operator_replicas{data_center="edge-east"} 2"#)
-            && text.contains("civicgrid_operator_scheduling_duration_seconds_count"))
+            && text.contains("civicgrid_operator_scheduling_duration_seconds_count")
+            && text.contains(r#"civicgrid_operator_reconciles_total{controller="workload"}"#))
         .then_some(())
     })
     .await?;
