@@ -144,6 +144,9 @@ struct Decided {
     /// since this process started or a member came back; the others may
     /// have copies where no placement this process knows says so.
     swept: std::collections::BTreeSet<WorkloadKey>,
+    /// Workloads converted for the engine, by the generation converted.
+    converted:
+        std::collections::HashMap<WorkloadKey, (Option<i64>, crate::engine::model::Workload)>,
 }
 
 /// Everything a reconcile needs; no globals.

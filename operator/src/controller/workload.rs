@@ -96,11 +96,22 @@ fn decide(ctx: &Context, workload: Workload) -> Decision {
         if !placement.is_empty() {
             current.insert(other.clone(), placement);
         }
-        if other != key
-            && let Ok(w) = convert::workload(&cw)
-        {
-            workloads.push(w);
+        if other == key {
+            continue;
         }
+        // Converting every workload on every decision would make each one
+        // cost as much as the whole pool; the spec changes only with the
+        // generation.
+        let generation = cw.metadata.generation;
+        let converted = match decided.converted.get(&other) {
+            Some((seen, w)) if *seen == generation => Some(w.clone()),
+            _ => convert::workload(&cw).ok().inspect(|w| {
+                decided
+                    .converted
+                    .insert(other.clone(), (generation, w.clone()));
+            }),
+        };
+        workloads.extend(converted);
     }
     if let Some(mine) = decided.placements.get(&key) {
         current.insert(key.clone(), mine.clone());
@@ -679,6 +690,7 @@ async fn cleanup(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, 
     }
     let mut decided = ctx.decided();
     decided.placements.remove(&key_of(&cw));
+    decided.converted.remove(&key_of(&cw));
     decided.swept.remove(&key_of(&cw));
     Ok(Action::await_change())
 }
