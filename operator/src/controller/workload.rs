@@ -189,7 +189,10 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
         .observe(started.elapsed().as_secs_f64());
     // Record the decision before acting on it: `Scheduled` and the placement
     // are visible at once, and a crash mid-propagation restarts from it.
-    if decision.placement != convert::current_placement(&cw) || previous.conditions.is_empty() {
+    // Compared with this process's own last decision, not the cached
+    // status: the cache lags our writes, and rewriting on every lagging
+    // event would feed itself.
+    if decision.placement != before || previous.conditions.is_empty() {
         let previous_ready: BTreeMap<String, i32> = previous
             .placement
             .iter()
@@ -274,7 +277,7 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
         wanted,
         generation,
     );
-    let changed_placement = convert::current_placement(&cw) != decision.placement;
+    let changed_placement = before != decision.placement;
     if status != previous {
         write_status(&ctx, &cw, &status).await?;
     }
