@@ -145,8 +145,15 @@ struct Decided {
     /// have copies where no placement this process knows says so.
     swept: std::collections::BTreeSet<WorkloadKey>,
     /// Workloads converted for the engine, by the generation converted.
-    converted:
-        std::collections::HashMap<WorkloadKey, (Option<i64>, crate::engine::model::Workload)>,
+    /// Keyed by uid and generation.
+    #[allow(clippy::type_complexity)]
+    converted: std::collections::HashMap<
+        WorkloadKey,
+        (
+            (Option<String>, Option<i64>),
+            crate::engine::model::Workload,
+        ),
+    >,
 }
 
 /// Everything a reconcile needs; no globals.

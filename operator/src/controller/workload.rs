@@ -102,7 +102,9 @@ fn decide(ctx: &Context, workload: Workload) -> Decision {
         // Converting every workload on every decision would make each one
         // cost as much as the whole pool; the spec changes only with the
         // generation.
-        let generation = cw.metadata.generation;
+        // A workload deleted and made again under the same name starts at
+        // generation 1 again; the uid tells them apart.
+        let generation = (cw.uid(), cw.metadata.generation);
         let converted = match decided.converted.get(&other) {
             Some((seen, w)) if *seen == generation => Some(w.clone()),
             _ => convert::workload(&cw).ok().inspect(|w| {
