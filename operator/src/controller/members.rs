@@ -259,20 +259,32 @@ impl Members {
                     continue;
                 };
                 let key = (data_center.clone(), namespace.clone(), name.clone());
-                {
+                // Only what the workload's status or its copy depends on
+                // wakes it: readiness, drift from what was applied, deletion.
+                // Every other status update of the copy would cost a
+                // reconcile for nothing.
+                let matters = {
                     let mut copies = lock(&copies);
                     if deleted {
                         copies.remove(&key);
+                        true
                     } else {
                         let state = copies.entry(key).or_default();
-                        state.ready = ready(&copy);
+                        let now_ready = ready(&copy);
+                        let mut matters =
+                            std::mem::replace(&mut state.ready, now_ready) != now_ready;
                         if state
                             .applied
                             .is_some_and(|(_, generation)| generation != copy.meta().generation)
                         {
                             state.applied = None;
+                            matters = true;
                         }
+                        matters
                     }
+                };
+                if !matters {
+                    continue;
                 }
                 if changes
                     .unbounded_send(ObjectRef::new(name).within(namespace))
