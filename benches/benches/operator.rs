@@ -217,6 +217,45 @@ async fn main() -> anyhow::Result<()> {
     let reconciles_done = reconciles(&metrics) - reconciles_before;
     watch.abort();
     progress.abort();
+    // Where the control plane's work went: requests by verb and resource.
+    let metrics_text = control
+        .request_text(http::Request::get("/metrics").body(Vec::new())?)
+        .await?;
+    let mut requests: Vec<(u64, String)> = metrics_text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter_map(|l| {
+            let (labels, n) = l.rsplit_once(' ')?;
+            let n = n.parse::<f64>().ok()? as u64;
+            let pick = |k: &str| {
+                labels
+                    .split(&format!("{k}=\""))
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            Some((
+                n,
+                format!(
+                    "{} {}/{}",
+                    pick("verb"),
+                    pick("resource"),
+                    pick("subresource")
+                ),
+            ))
+        })
+        .collect();
+    let mut merged: BTreeMap<String, u64> = BTreeMap::new();
+    for (n, key) in requests.drain(..) {
+        *merged.entry(key).or_default() += n;
+    }
+    let mut top: Vec<(u64, String)> = merged.into_iter().map(|(k, n)| (n, k)).collect();
+    top.sort_by(|a, b| b.cmp(a));
+    println!("control API server requests during the run (top 8):");
+    for (n, what) in top.iter().take(8) {
+        println!("  {n:>7} {what}");
+    }
     operator.abort();
 
     let seen = seen

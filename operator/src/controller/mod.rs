@@ -144,8 +144,11 @@ struct Decided {
     /// since this process started or a member came back; the others may
     /// have copies where no placement this process knows says so.
     swept: std::collections::BTreeSet<WorkloadKey>,
-    /// Workloads converted for the engine, by the generation converted.
-    /// Keyed by uid and generation.
+    /// The status this process last wrote for each workload (with its uid).
+    statuses:
+        std::collections::HashMap<WorkloadKey, (Option<String>, crate::crd::ComputeWorkloadStatus)>,
+    /// Workloads converted for the engine, with the uid and generation
+    /// they were converted from.
     #[allow(clippy::type_complexity)]
     converted: std::collections::HashMap<
         WorkloadKey,

@@ -148,7 +148,16 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
     let namespace = cw.namespace().unwrap_or_default();
     let name = cw.name_any();
     let generation = cw.metadata.generation;
-    let previous = cw.status.clone().unwrap_or_default();
+    // What this process last wrote, when newer than the cache: comparing
+    // with a lagging cache would rewrite the same status on every event.
+    let previous = ctx
+        .decided()
+        .statuses
+        .get(&key_of(&cw))
+        .filter(|(uid, _)| *uid == cw.uid())
+        .map(|(_, status)| status.clone())
+        .or_else(|| cw.status.clone())
+        .unwrap_or_default();
     let workload = match convert::workload(&cw) {
         Ok(w) => w,
         Err(invalid) => {
@@ -447,6 +456,9 @@ async fn write_status(
     )
     .await
     .map_err(Error::Kube)?;
+    ctx.decided()
+        .statuses
+        .insert(key_of(cw), (cw.uid(), status.clone()));
     Ok(())
 }
 
@@ -696,6 +708,7 @@ async fn cleanup(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, 
     let mut decided = ctx.decided();
     decided.placements.remove(&key_of(&cw));
     decided.converted.remove(&key_of(&cw));
+    decided.statuses.remove(&key_of(&cw));
     decided.swept.remove(&key_of(&cw));
     Ok(Action::await_change())
 }
