@@ -289,7 +289,7 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
         generation,
     );
     let changed_placement = before != decision.placement;
-    if status != previous {
+    if materially_different(&status, &previous) {
         write_status(&ctx, &cw, &status).await?;
     }
     if changed_placement {
@@ -435,6 +435,25 @@ fn status_of(
         ),
     );
     status
+}
+
+/// Whether `status` is worth writing over `previous`. Explanation messages
+/// carry live numbers (free capacity, scores) that move whenever anything
+/// else is placed; rewriting every workload's status for that would load the
+/// API server with every placement in the pool. They are refreshed whenever
+/// anything else changes, or a data center is rejected for another rule.
+fn materially_different(status: &ComputeWorkloadStatus, previous: &ComputeWorkloadStatus) -> bool {
+    let rules = |s: &ComputeWorkloadStatus| -> Vec<(String, String)> {
+        s.explanation
+            .iter()
+            .map(|e| (e.data_center.clone(), e.rule.clone()))
+            .collect()
+    };
+    let without_explanation = |s: &ComputeWorkloadStatus| ComputeWorkloadStatus {
+        explanation: Vec::new(),
+        ..s.clone()
+    };
+    without_explanation(status) != without_explanation(previous) || rules(status) != rules(previous)
 }
 
 async fn write_status(
@@ -711,4 +730,38 @@ async fn cleanup(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, 
     decided.statuses.remove(&key_of(&cw));
     decided.swept.remove(&key_of(&cw));
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(ready: i32, rule: &str, message: &str) -> ComputeWorkloadStatus {
+        ComputeWorkloadStatus {
+            ready_replicas: ready,
+            explanation: vec![ExplanationEntry {
+                data_center: "edge-east".into(),
+                rule: rule.into(),
+                message: message.into(),
+            }],
+            ..ComputeWorkloadStatus::default()
+        }
+    }
+
+    #[test]
+    fn live_numbers_in_explanations_alone_do_not_rewrite_status() {
+        let previous = status(1, "Score", "scored 310 against 400");
+        assert!(!materially_different(
+            &status(1, "Score", "scored 290 against 400"),
+            &previous
+        ));
+        assert!(materially_different(
+            &status(1, "Capacity", "free 0m CPU"),
+            &previous
+        ));
+        assert!(materially_different(
+            &status(2, "Score", "scored 310 against 400"),
+            &previous
+        ));
+    }
 }
