@@ -198,12 +198,12 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
     metrics
         .scheduling_seconds
         .observe(started.elapsed().as_secs_f64());
-    // Record the decision before acting on it: `Scheduled` and the placement
-    // are visible at once, and a crash mid-propagation restarts from it.
-    // Compared with this process's own last decision, not the cached
-    // status: the cache lags our writes, and rewriting on every lagging
-    // event would feed itself.
-    if decision.placement != before || previous.conditions.is_empty() {
+    // Record a decision that moves replicas before acting on it: a crash
+    // mid-move restarts from it. A first placement only creates copies
+    // (a crash leaves nothing the stale-copy sweep would not find), so it is
+    // recorded once, with the outcome. Compared with this process's own last
+    // decision, not the cached status, which lags our writes.
+    if !before.is_empty() && decision.placement != before {
         let previous_ready: BTreeMap<String, i32> = previous
             .placement
             .iter()
