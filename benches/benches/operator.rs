@@ -261,14 +261,30 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or(0.0)
     };
     for (what, metric) in [
-        ("workload reconcile", r#"civicgrid_operator_reconcile_duration_seconds_"#),
-        ("scheduling", "civicgrid_operator_scheduling_duration_seconds_"),
-        ("propagation", "civicgrid_operator_propagation_duration_seconds_"),
+        (
+            "workload reconcile",
+            r#"civicgrid_operator_reconcile_duration_seconds_"#,
+        ),
+        (
+            "scheduling",
+            "civicgrid_operator_scheduling_duration_seconds_",
+        ),
+        (
+            "propagation",
+            "civicgrid_operator_propagation_duration_seconds_",
+        ),
     ] {
-        let suffix = if what == "workload reconcile" { r#"{controller="workload"}"# } else { "" };
+        let suffix = if what == "workload reconcile" {
+            r#"{controller="workload"}"#
+        } else {
+            ""
+        };
         let sum = value(&format!("{metric}sum{suffix}"));
         let count = value(&format!("{metric}count{suffix}"));
-        println!("  {what}: {count:.0} × mean {:.2} ms", 1e3 * sum / count.max(1.0));
+        println!(
+            "  {what}: {count:.0} × mean {:.2} ms",
+            1e3 * sum / count.max(1.0)
+        );
     }
     println!("control API server requests during the run (top 8):");
     for (n, what) in top.iter().take(8) {
