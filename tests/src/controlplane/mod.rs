@@ -269,6 +269,26 @@ impl Cluster {
     }
 
     async fn start_with(name: &str, binaries: ControlPlaneBinaries) -> Result<Self, HarnessError> {
+        // A free port found by binding port 0 can be taken by another cluster
+        // starting in the same moment before etcd or the API server binds it;
+        // that process then exits at once. Start again on new ports.
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(name, binaries.clone()).await {
+                Err(HarnessError::ProcessExited {
+                    name: process,
+                    log_tail,
+                    ..
+                }) if attempt < 3 => {
+                    tracing::warn!(cluster = name, %process, attempt, "a process exited during start; retrying on new ports\n{log_tail}");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once(name: &str, binaries: ControlPlaneBinaries) -> Result<Self, HarnessError> {
         let root = harness_root();
         sweep_orphans(&root);
         let dir = root.join(format!(
