@@ -13,17 +13,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use civicgrid_operator::controller::{self, metrics::Metrics};
-use civicgrid_operator::crd::{ComputeWorkload, DataCenter};
-use civicgrid_tests::controlplane::{NodeShape, eventually, start_clusters};
+use civicgrid_operator::crd::ComputeWorkload;
+use civicgrid_tests::controlplane::{NodeShape, eventually};
+use civicgrid_tests::pool::{Member, Pool};
 use futures::{StreamExt as _, TryStreamExt as _};
-use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ListParams, PostParams};
+use kube::ResourceExt as _;
+use kube::api::{Api, PostParams};
 use kube::runtime::{WatchStreamExt as _, watcher};
-use kube::{CustomResourceExt as _, ResourceExt as _};
-
-const WAIT: Duration = Duration::from_secs(120);
 
 #[derive(Default)]
 struct Seen {
@@ -50,62 +46,35 @@ async fn main() -> anyhow::Result<()> {
         .transpose()?
         .unwrap_or(1000);
 
-    let clusters = start_clusters(&["control", "municipal", "edge", "partner"]).await?;
-    let control = clusters[0].client().await?;
-    let crds: Api<CustomResourceDefinition> = Api::all(control.clone());
-    for crd in [DataCenter::crd(), ComputeWorkload::crd()] {
-        crds.create(&PostParams::default(), &crd).await?;
-    }
-    let namespaces: Api<Namespace> = Api::all(control.clone());
-    for ns in ["civicgrid-system", "bench"] {
-        namespaces
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(serde_json::json!({ "metadata": { "name": ns } }))?,
-            )
-            .await?;
-    }
-    let secrets: Api<Secret> = Api::namespaced(control.clone(), "civicgrid-system");
-    let data_centers: Api<DataCenter> = Api::all(control.clone());
-    for (member, (name, tier)) in clusters[1..].iter().zip([
-        ("municipal-core", "municipal"),
-        ("edge-east", "edge"),
-        ("partner-cloud", "partner"),
-    ]) {
-        let shape = NodeShape {
-            cpu: "64".into(),
-            memory: "256Gi".into(),
-            pods: 1000,
-            ..NodeShape::default()
-        };
-        member.add_nodes("node", 2, &shape).await?;
-        secrets
-            .create(
-                &PostParams::default(),
-                &Secret {
-                    metadata: kube::api::ObjectMeta {
-                        name: Some(name.into()),
-                        ..Default::default()
-                    },
-                    data: Some(BTreeMap::from([(
-                        "kubeconfig".to_owned(),
-                        ByteString(member.kubeconfig_yaml().as_bytes().to_vec()),
-                    )])),
-                    ..Default::default()
-                },
-            )
-            .await?;
-        let dc: DataCenter = serde_json::from_value(serde_json::json!({
-            "apiVersion": "civicgrid.io/v1alpha1", "kind": "DataCenter",
-            "metadata": { "name": name },
-            "spec": { "tier": tier, "region": "city", "zone": name,
-                      "kubeconfigSecretRef": { "name": name, "namespace": "civicgrid-system" } }
-        }))?;
-        eventually("DataCenter created", WAIT, || async {
-            data_centers.create(&PostParams::default(), &dc).await.ok()
-        })
-        .await?;
-    }
+    let members = [
+        Member {
+            name: "municipal-core",
+            tier: "municipal",
+            region: "city",
+            zone: "core-a",
+        },
+        Member {
+            name: "edge-east",
+            tier: "edge",
+            region: "city",
+            zone: "east-1",
+        },
+        Member {
+            name: "partner-cloud",
+            tier: "partner",
+            region: "city",
+            zone: "dc-2",
+        },
+    ];
+    let shape = NodeShape {
+        cpu: "64".into(),
+        memory: "256Gi".into(),
+        pods: 1000,
+        ..NodeShape::default()
+    };
+    // Kept alive to the end: dropping the pool stops its clusters.
+    let pool = Pool::start(&members, 2, &shape, &["bench"]).await?;
+    let control = pool.client.clone();
 
     let metrics = Arc::new(Metrics::default());
     let config = controller::Config {
@@ -121,20 +90,7 @@ async fn main() -> anyhow::Result<()> {
         config,
         Box::pin(futures::future::pending()),
     ));
-    eventually("every DataCenter Ready", WAIT, || async {
-        let list = data_centers.list(&ListParams::default()).await.ok()?;
-        list.items
-            .iter()
-            .all(|dc| {
-                dc.status.as_ref().is_some_and(|s| {
-                    s.conditions
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
-                })
-            })
-            .then_some(())
-    })
-    .await?;
+    pool.wait_ready().await?;
 
     // Record when each condition first shows True.
     let seen = Arc::new(Mutex::new(Seen::default()));

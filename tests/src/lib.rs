@@ -3,3 +3,4 @@
 //! multi-cluster Kubernetes harness in [`controlplane`].
 
 pub mod controlplane;
+pub mod pool;

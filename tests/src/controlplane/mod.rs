@@ -102,6 +102,9 @@ pub enum HarnessError {
         #[source]
         source: kube::Error,
     },
+    /// A test manifest does not parse.
+    #[error("a test manifest does not parse: {0}")]
+    Manifest(String),
     /// A control-plane process exited on its own.
     #[error("{name} exited ({status}); last log lines:\n{log_tail}")]
     ProcessExited {

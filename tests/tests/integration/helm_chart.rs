@@ -8,7 +8,6 @@
 //! Deployment becomes Available with simulated pods; the operator itself runs
 //! in this process, authenticated as the chart's ServiceAccount.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -18,17 +17,17 @@ use civicgrid_operator::controller::leader::LeaseConfig;
 use civicgrid_operator::controller::{self};
 use civicgrid_operator::crd::{ComputeWorkload, DataCenter};
 use civicgrid_tests::controlplane::{NodeShape, eventually, start_clusters};
-use k8s_openapi::ByteString;
+use civicgrid_tests::pool;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
 use kube::discovery::{self, Scope};
 use kube::{Client, ResourceExt as _};
 
 const WAIT: Duration = Duration::from_secs(60);
-const NAMESPACE: &str = "civicgrid-system";
+const NAMESPACE: &str = pool::SECRETS_NAMESPACE;
 
 fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -152,15 +151,7 @@ async fn chart_applies_and_its_service_account_runs_the_operator_with_least_priv
     let admin = control.client().await?;
     control.add_nodes("node", 1, &NodeShape::default()).await?;
     member.add_nodes("node", 1, &NodeShape::default()).await?;
-    let namespaces: Api<Namespace> = Api::all(admin.clone());
-    for ns in [NAMESPACE, "traffic", "elsewhere"] {
-        namespaces
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(serde_json::json!({ "metadata": { "name": ns } }))?,
-            )
-            .await?;
-    }
+    pool::create_namespaces(&admin, &["traffic", "elsewhere"]).await?;
     let rendered = std::fs::read_to_string(repo_root().join("charts/rendered/civicgrid.yaml"))?;
     apply_all(&admin, &rendered).await?;
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), NAMESPACE);
@@ -175,23 +166,7 @@ async fn chart_applies_and_its_service_account_runs_the_operator_with_least_priv
     .await?;
 
     // The member's kubeconfig where the chart lets the operator read it.
-    let secrets: Api<Secret> = Api::namespaced(admin.clone(), NAMESPACE);
-    secrets
-        .create(
-            &PostParams::default(),
-            &Secret {
-                metadata: kube::api::ObjectMeta {
-                    name: Some("member".into()),
-                    ..Default::default()
-                },
-                data: Some(BTreeMap::from([(
-                    "kubeconfig".to_owned(),
-                    ByteString(member.kubeconfig_yaml().as_bytes().to_vec()),
-                )])),
-                ..Default::default()
-            },
-        )
-        .await?;
+    pool::kubeconfig_secret(&admin, "member", member.kubeconfig_yaml()).await?;
     let operator_client = as_service_account(&admin, control.kubeconfig_yaml()).await?;
 
     // Least privilege: no Secrets outside its namespace.

@@ -9,22 +9,36 @@ use anyhow::Context as _;
 use civicgrid_operator::controller::leader::LeaseConfig;
 use civicgrid_operator::controller::{self, children};
 use civicgrid_operator::crd::{ComputeWorkload, DataCenter};
-use civicgrid_tests::controlplane::{Cluster, NodeShape, eventually, start_clusters};
-use k8s_openapi::ByteString;
+use civicgrid_tests::controlplane::{Cluster, NodeShape, eventually};
+use civicgrid_tests::pool::{self, Member};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, CustomResourceExt as _};
 use tokio::task::JoinHandle;
 
 const WAIT: Duration = Duration::from_secs(60);
-const MEMBERS: [(&str, &str, &str, &str); 3] = [
-    ("municipal-core", "municipal", "city", "core-a"),
-    ("edge-east", "edge", "city", "east-1"),
-    ("partner-cloud", "partner", "city", "dc-2"),
+const MEMBERS: [Member; 3] = [
+    Member {
+        name: "municipal-core",
+        tier: "municipal",
+        region: "city",
+        zone: "core-a",
+    },
+    Member {
+        name: "edge-east",
+        tier: "edge",
+        region: "city",
+        zone: "east-1",
+    },
+    Member {
+        name: "partner-cloud",
+        tier: "partner",
+        region: "city",
+        zone: "dc-2",
+    },
 ];
 
 /// The control cluster, the members by data center name, and the operator.
@@ -46,93 +60,24 @@ impl Pool {
     }
 
     /// The control cluster and `members`, with no operator running yet.
-    async fn start_with(member_list: &[(&str, &str, &str, &str)]) -> anyhow::Result<Self> {
-        let mut names = vec!["control"];
-        names.extend(member_list.iter().map(|m| m.1));
-        let mut clusters = start_clusters(&names).await?;
-        let control = clusters.remove(0);
-        let client = control.client().await?;
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        for crd in [DataCenter::crd(), ComputeWorkload::crd()] {
-            crds.create(&PostParams::default(), &crd).await?;
-        }
-        let namespaces: Api<Namespace> = Api::all(client.clone());
-        for ns in ["civicgrid-system", "traffic"] {
-            let namespace: Namespace =
-                serde_json::from_value(serde_json::json!({ "metadata": { "name": ns } }))?;
-            namespaces
-                .create(&PostParams::default(), &namespace)
-                .await?;
-        }
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), "civicgrid-system");
-        let mut members = BTreeMap::new();
-        for ((name, tier, region, zone), member) in member_list.iter().zip(clusters) {
-            member
-                .add_nodes(
-                    "node",
-                    2,
-                    &NodeShape {
-                        cpu: "8".into(),
-                        memory: "32Gi".into(),
-                        ..NodeShape::default()
-                    },
-                )
-                .await?;
-            let secret = Secret {
-                metadata: kube::api::ObjectMeta {
-                    name: Some(format!("{name}-kubeconfig")),
-                    ..Default::default()
-                },
-                data: Some(BTreeMap::from([(
-                    "kubeconfig".to_owned(),
-                    ByteString(member.kubeconfig_yaml().as_bytes().to_vec()),
-                )])),
-                ..Default::default()
-            };
-            secrets.create(&PostParams::default(), &secret).await?;
-            let dc: DataCenter = serde_json::from_value(serde_json::json!({
-                "apiVersion": "civicgrid.io/v1alpha1", "kind": "DataCenter",
-                "metadata": { "name": name },
-                "spec": { "tier": tier, "region": region, "zone": zone,
-                          "kubeconfigSecretRef": { "name": format!("{name}-kubeconfig"),
-                                                   "namespace": "civicgrid-system" } }
-            }))?;
-            let data_centers: Api<DataCenter> = Api::all(client.clone());
-            // The CRD is served once Established.
-            eventually("DataCenter created", WAIT, || async {
-                data_centers.create(&PostParams::default(), &dc).await.ok()
-            })
-            .await?;
-            members.insert((*name).to_owned(), member);
-        }
+    async fn start_with(members: &[Member]) -> anyhow::Result<Self> {
+        let shape = NodeShape {
+            cpu: "8".into(),
+            memory: "32Gi".into(),
+            ..NodeShape::default()
+        };
+        let pool = pool::Pool::start(members, 2, &shape, &["traffic"]).await?;
         Ok(Self {
-            control,
-            members,
-            client,
+            control: pool.control,
+            members: pool.members,
+            client: pool.client,
             operator: None,
             metrics: std::sync::Arc::default(),
         })
     }
 
-    /// Workloads come after the pool is known: a placement made while only
-    /// some members had answered would (rightly) stay where it landed.
     async fn wait_ready(&self) -> anyhow::Result<()> {
-        let data_centers: Api<DataCenter> = Api::all(self.client.clone());
-        eventually("every DataCenter Ready", WAIT, || async {
-            let list = data_centers.list(&ListParams::default()).await.ok()?;
-            list.items
-                .iter()
-                .all(|dc| {
-                    dc.status.as_ref().is_some_and(|s| {
-                        s.conditions
-                            .iter()
-                            .any(|c| c.type_ == "Ready" && c.status == "True")
-                    })
-                })
-                .then_some(())
-        })
-        .await?;
-        Ok(())
+        Ok(pool::data_centers_ready(&self.client).await?)
     }
 
     fn spawn_operator(

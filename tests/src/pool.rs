@@ -1,0 +1,186 @@
+//! A CivicGrid pool on the harness: a control cluster with the CRDs and one
+//! member cluster per data center, each with simulated nodes, its kubeconfig
+//! in a Secret and its `DataCenter` applied. Shared by the end-to-end tests,
+//! the chart test and the operator benchmark.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use civicgrid_operator::crd::{ComputeWorkload, DataCenter};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ListParams, ObjectMeta, PostParams};
+use kube::{Client, CustomResourceExt as _};
+
+use crate::controlplane::{Cluster, HarnessError, NodeShape, eventually, start_clusters};
+
+/// Namespace of the member kubeconfig Secrets.
+pub const SECRETS_NAMESPACE: &str = "civicgrid-system";
+const WAIT: Duration = Duration::from_secs(120);
+
+/// One data center of a pool: its name, tier, region and zone.
+#[derive(Debug, Clone, Copy)]
+pub struct Member {
+    /// `DataCenter` name.
+    pub name: &'static str,
+    /// `spec.tier`.
+    pub tier: &'static str,
+    /// `spec.region`.
+    pub region: &'static str,
+    /// `spec.zone`.
+    pub zone: &'static str,
+}
+
+/// The control cluster and the members by data center name.
+pub struct Pool {
+    /// The control cluster (CRDs, DataCenters, workloads).
+    pub control: Cluster,
+    /// Member clusters by data center name.
+    pub members: BTreeMap<String, Cluster>,
+    /// Admin client of the control cluster.
+    pub client: Client,
+}
+
+fn kube(what: &str) -> impl FnOnce(kube::Error) -> HarnessError + '_ {
+    move |source| HarnessError::Kube {
+        what: what.to_owned(),
+        source,
+    }
+}
+
+impl Pool {
+    /// Starts the pool: `nodes` nodes of `shape` per member, the CRDs and
+    /// `namespaces` (plus [`SECRETS_NAMESPACE`]) in the control cluster.
+    ///
+    /// # Errors
+    /// A cluster that does not start, or an object the API server refuses.
+    pub async fn start(
+        members: &[Member],
+        nodes: usize,
+        shape: &NodeShape,
+        namespaces: &[&str],
+    ) -> Result<Self, HarnessError> {
+        let mut names = vec!["control"];
+        names.extend(members.iter().map(|m| m.tier));
+        let mut clusters = start_clusters(&names).await?;
+        let control = clusters.remove(0);
+        let client = control.client().await?;
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in [DataCenter::crd(), ComputeWorkload::crd()] {
+            crds.create(&PostParams::default(), &crd)
+                .await
+                .map_err(kube("creating a CRD"))?;
+        }
+        create_namespaces(&client, namespaces).await?;
+        let mut by_name = BTreeMap::new();
+        for (member, cluster) in members.iter().zip(clusters) {
+            cluster.add_nodes("node", nodes, shape).await?;
+            let secret = format!("{}-kubeconfig", member.name);
+            kubeconfig_secret(&client, &secret, cluster.kubeconfig_yaml()).await?;
+            let dc = DataCenter::new(
+                member.name,
+                serde_json::from_value(serde_json::json!({
+                    "tier": member.tier, "region": member.region, "zone": member.zone,
+                    "kubeconfigSecretRef": { "name": secret, "namespace": SECRETS_NAMESPACE }
+                }))
+                .map_err(|e| HarnessError::Manifest(e.to_string()))?,
+            );
+            let data_centers: Api<DataCenter> = Api::all(client.clone());
+            // The CRD is served once Established.
+            eventually("DataCenter created", WAIT, || async {
+                data_centers.create(&PostParams::default(), &dc).await.ok()
+            })
+            .await?;
+            by_name.insert(member.name.to_owned(), cluster);
+        }
+        Ok(Self {
+            control,
+            members: by_name,
+            client,
+        })
+    }
+
+    /// Waits until every `DataCenter` is `Ready`; see [`data_centers_ready`].
+    ///
+    /// # Errors
+    /// [`HarnessError::Timeout`].
+    pub async fn wait_ready(&self) -> Result<(), HarnessError> {
+        data_centers_ready(&self.client).await
+    }
+}
+
+/// Waits until every `DataCenter` in the control cluster behind `client` is
+/// `Ready` (an operator must run). Workloads come after that: a placement
+/// made while only some members had answered would, rightly, stay where it
+/// landed.
+///
+/// # Errors
+/// [`HarnessError::Timeout`].
+pub async fn data_centers_ready(client: &Client) -> Result<(), HarnessError> {
+    let data_centers: Api<DataCenter> = Api::all(client.clone());
+    eventually("every DataCenter Ready", WAIT, || async {
+        let list = data_centers.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .all(|dc| {
+                dc.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
+            })
+            .then_some(())
+    })
+    .await
+}
+
+/// Creates `namespaces` and [`SECRETS_NAMESPACE`].
+///
+/// # Errors
+/// The API server refuses one.
+pub async fn create_namespaces(client: &Client, namespaces: &[&str]) -> Result<(), HarnessError> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    for name in std::iter::once(&SECRETS_NAMESPACE).chain(namespaces) {
+        let namespace = Namespace {
+            metadata: ObjectMeta {
+                name: Some((*name).to_owned()),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        api.create(&PostParams::default(), &namespace)
+            .await
+            .map_err(kube("creating a namespace"))?;
+    }
+    Ok(())
+}
+
+/// Stores a member's kubeconfig as Secret `name` (key `kubeconfig`) in
+/// [`SECRETS_NAMESPACE`], as `DataCenter.spec.kubeconfigSecretRef` expects.
+///
+/// # Errors
+/// The API server refuses it.
+pub async fn kubeconfig_secret(
+    client: &Client,
+    name: &str,
+    kubeconfig_yaml: &str,
+) -> Result<(), HarnessError> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), SECRETS_NAMESPACE);
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([(
+            "kubeconfig".to_owned(),
+            ByteString(kubeconfig_yaml.as_bytes().to_vec()),
+        )])),
+        ..Secret::default()
+    };
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .map_err(kube("creating a kubeconfig Secret"))?;
+    Ok(())
+}
