@@ -816,3 +816,9 @@ where
 pub fn sweep_orphaned_clusters() {
     sweep_orphans(&harness_root());
 }
+
+/// Like [`sweep_orphaned_clusters`], for a process started with its own
+/// `TMPDIR`, whose clusters live under `temp_dir/civicgrid-harness`.
+pub fn sweep_orphaned_clusters_under(temp_dir: &Path) {
+    sweep_orphans(&temp_dir.join("civicgrid-harness"));
+}

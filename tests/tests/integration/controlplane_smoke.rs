@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use civicgrid_tests::controlplane::{
-    Cluster, NodeShape, eventually, start_clusters, sweep_orphaned_clusters,
+    Cluster, NodeShape, eventually, start_clusters, sweep_orphaned_clusters_under,
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
@@ -282,7 +282,16 @@ async fn killed_test_leaves_no_process_and_its_data_is_swept() -> anyhow::Result
     let scratch = std::env::temp_dir().join(format!("civicgrid-kill-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
     let report_path = scratch.join("kill.report");
-    let mut child = child_command(&report_path)?.env(HANG_ENV, "1").spawn()?;
+    // The child keeps its clusters under its own temporary directory: every
+    // cluster start in this test binary sweeps the shared harness root, and
+    // one of them could otherwise remove the killed child's data before this
+    // test sees that no destructor ran.
+    let child_temp = scratch.join("tmp");
+    std::fs::create_dir_all(&child_temp)?;
+    let mut child = child_command(&report_path)?
+        .env(HANG_ENV, "1")
+        .env("TMPDIR", &child_temp)
+        .spawn()?;
     let report = eventually("child reports its cluster", WAIT, || async {
         read_report(&report_path).ok()
     })
@@ -308,7 +317,7 @@ async fn killed_test_leaves_no_process_and_its_data_is_swept() -> anyhow::Result
         report.data_dir.exists(),
         "no destructor ran, so the data is still there"
     );
-    sweep_orphaned_clusters();
+    sweep_orphaned_clusters_under(&child_temp);
     ensure!(
         !report.data_dir.exists(),
         "the next harness start removes {}",
