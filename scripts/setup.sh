@@ -27,3 +27,8 @@ bash tests/controlplane/build.sh >/dev/null
 # helm, to lint and render charts/civicgrid (built from the Go module proxy).
 log "helm"
 bash tools/helm/build.sh >/dev/null
+
+# PostgreSQL from Debian's packages, with a cluster of our own for the
+# marketplace tests (the same suite runs on SQLite and PostgreSQL).
+log "PostgreSQL"
+bash scripts/postgres.sh >/dev/null

@@ -9,6 +9,8 @@ CIVICGRID_CONTROLPLANE_BIN=$(bash tests/controlplane/build.sh)
 export CIVICGRID_CONTROLPLANE_BIN
 CIVICGRID_HELM=$(bash tools/helm/build.sh)
 export CIVICGRID_HELM
+CIVICGRID_TEST_POSTGRES_URL=$(bash scripts/postgres.sh)
+export CIVICGRID_TEST_POSTGRES_URL
 
 echo "==> cargo fmt --check" >&2
 cargo fmt --all -- --check

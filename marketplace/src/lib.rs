@@ -1,6 +1,30 @@
-//! The CivicGrid marketplace: providers register public-data products, enterprises
-//! subscribe under contracts and run queries that execute next to the data, and
-//! every authorization and use lands in a tamper-evident audit log.
+//! The CivicGrid marketplace: providers register public-data products and get
+//! them approved with a registration record, enterprises find them and get
+//! authorized under contracts, and every authorization and change lands in a
+//! tamper-evident audit log that regulators verify on their own.
 //!
-//! Not built yet: see the marketplace issues. The crate exists so the workspace
-//! has the layout the architecture names and the binaries have a home.
+//! The server is [`service::serve`]; the `civicgrid` CLI is a client of the same
+//! gRPC API (`proto/civicgrid/marketplace/v1/marketplace.proto`).
+
+pub mod access;
+pub mod audit;
+pub mod contracts;
+pub mod error;
+pub mod identity;
+pub mod registry;
+pub mod service;
+pub mod store;
+
+/// The generated gRPC types and clients.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("civicgrid.marketplace.v1");
+    include!(concat!(
+        env!("OUT_DIR"),
+        "/civicgrid.marketplace.v1.serde.rs"
+    ));
+
+    /// The encoded descriptor set, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/marketplace_descriptor.bin"));
+}

@@ -3,4 +3,5 @@
 //! multi-cluster Kubernetes harness in [`controlplane`].
 
 pub mod controlplane;
+pub mod market;
 pub mod pool;

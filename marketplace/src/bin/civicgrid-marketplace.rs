@@ -1,12 +1,192 @@
 //! The marketplace gRPC server.
-use clap::Parser;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
-/// CivicGrid marketplace server (not yet implemented).
+use anyhow::Context as _;
+use civicgrid_marketplace::service::{Marketplace, serve};
+use civicgrid_marketplace::store::{Location, Store};
+use clap::{Args, Parser, Subcommand};
+use ed25519_dalek::SigningKey;
+use rand::rngs::OsRng;
+
+/// CivicGrid marketplace: data-product registry, contracts and the audit log
+/// over gRPC.
 #[derive(Parser)]
 #[command(version, about)]
-struct Args {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _args = Args::parse();
-    anyhow::bail!("the marketplace server is not implemented yet")
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the gRPC API.
+    Serve(ServeArgs),
+    /// Create the platform organization and its first admin; prints the
+    /// admin's token once.
+    Init {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// The platform organization's id.
+        #[arg(long, default_value = "platform")]
+        organization: String,
+        /// The first admin's user name.
+        #[arg(long)]
+        admin_name: String,
+    },
+    /// Print the audit log's verifier key (give it to regulators out of band).
+    VerifierKey {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+}
+
+#[derive(Args)]
+struct CommonArgs {
+    /// Where the embedded SQLite database and the audit signing key live.
+    #[arg(long, env = "CIVICGRID_DATA_DIR", default_value = "./civicgrid-data")]
+    data_dir: PathBuf,
+    /// A postgres:// URL; when set, the database is PostgreSQL instead of SQLite.
+    #[arg(long, env = "CIVICGRID_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// The audit log's Ed25519 signing key (32 raw bytes); created when missing.
+    /// Defaults to audit-signing.key in the data directory.
+    #[arg(long, env = "CIVICGRID_SIGNING_KEY_FILE")]
+    signing_key_file: Option<PathBuf>,
+    /// The audit log's origin: the first line of every checkpoint.
+    #[arg(
+        long,
+        env = "CIVICGRID_LOG_ORIGIN",
+        default_value = "civicgrid.local/audit"
+    )]
+    log_origin: String,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Address to listen on (port 0 picks a free port; the chosen address is
+    /// printed as `listening on ADDR`).
+    #[arg(long, env = "CIVICGRID_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// PEM certificate chain for TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS).
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+}
+
+async fn open(common: &CommonArgs) -> anyhow::Result<std::sync::Arc<Marketplace>> {
+    let location = match &common.database_url {
+        Some(url) => Location::Url(url.clone()),
+        None => Location::DataDir(common.data_dir.clone()),
+    };
+    let store = Store::open(&location)
+        .await
+        .context("opening the database")?;
+    let key_file = common
+        .signing_key_file
+        .clone()
+        .unwrap_or_else(|| common.data_dir.join("audit-signing.key"));
+    let key = load_or_create_key(&key_file)?;
+    Ok(Marketplace::open(store, key, &common.log_origin).await?)
+}
+
+fn load_or_create_key(path: &Path) -> anyhow::Result<SigningKey> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let bytes: [u8; 32] = bytes
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("{} must hold exactly 32 bytes", path.display()))?;
+            Ok(SigningKey::from_bytes(&bytes))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let key = SigningKey::generate(&mut OsRng);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            file.write_all(&key.to_bytes())?;
+            file.sync_all()?;
+            tracing::info!(path = %path.display(), "created a new audit signing key");
+            Ok(key)
+        }
+        Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Init {
+            common,
+            organization,
+            admin_name,
+        } => {
+            let market = open(&common).await?;
+            let token = market.bootstrap(&organization, &admin_name).await?;
+            println!("{}", token.secret.expose());
+            eprintln!(
+                "created platform organization {organization:?} and admin {admin_name:?}; the line above is its token, shown once"
+            );
+        }
+        Command::VerifierKey { common } => {
+            let market = open(&common).await?;
+            println!("{}", market.verifier_key());
+        }
+        Command::Serve(args) => {
+            let market = open(&args.common).await?;
+            let tls = match (&args.tls_cert, &args.tls_key) {
+                (Some(cert), Some(key)) => {
+                    let identity = tonic::transport::Identity::from_pem(
+                        std::fs::read(cert)?,
+                        std::fs::read(key)?,
+                    );
+                    let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+                    if let Some(ca) = &args.client_ca {
+                        tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(
+                            std::fs::read(ca)?,
+                        ));
+                    }
+                    Some(tls)
+                }
+                _ => None,
+            };
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("binding {}", args.listen))?;
+            println!("listening on {}", listener.local_addr()?);
+            tracing::info!(address = %listener.local_addr()?, origin = market.origin(), "marketplace serving");
+            let shutdown = async {
+                let mut terminate =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler");
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+                tracing::info!("shutting down");
+            };
+            serve(market, listener, tls, shutdown).await?;
+        }
+    }
+    Ok(())
 }

@@ -4,4 +4,5 @@
 mod controlplane_smoke;
 mod crd_validation;
 mod helm_chart;
+mod marketplace;
 mod operator_e2e;

@@ -1,0 +1,338 @@
+//! The audit log in the database: entries are the leaves of an RFC 9162 tree
+//! whose perfect subtree hashes are stored as they complete, so proofs for any
+//! tree size are a handful of key lookups.
+//!
+//! Appends happen inside the caller's transaction, so an audited change and its
+//! entry commit together or not at all. The head row (size and right-edge
+//! hashes) serialises appenders: PostgreSQL locks it with `FOR UPDATE`; SQLite
+//! has a single writer.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+use sqlx::{AnyConnection, Row as _};
+
+use super::merkle::{
+    self, Frontier, Hash, NodeId, Range, consistency_proof_ranges, fold_decomposition,
+    inclusion_proof_ranges, perfect_decomposition,
+};
+use crate::error::{MarketError, Result};
+use crate::store::{Backend, now_ms};
+
+/// Rows per multi-row INSERT: well under both databases' parameter limits.
+const INSERT_CHUNK: usize = 200;
+
+/// Something that happened, to be logged.
+#[derive(Clone, Debug, Serialize)]
+pub struct Event {
+    /// What happened, dotted: `product.registered`, `contract.approved`,
+    /// `policy.role_granted`.
+    pub kind: String,
+    /// The user who did it (or `system`).
+    pub actor: String,
+    /// The tenant it concerns (an organization id; `*` for platform-wide).
+    pub tenant: String,
+    /// The object it concerns, e.g. a product or contract id.
+    pub subject: String,
+    /// Whatever else a regulator needs to know, as JSON.
+    pub details: serde_json::Value,
+}
+
+/// The exact bytes logged for an event: canonical JSON with a timestamp.
+#[derive(Serialize)]
+struct Body<'a> {
+    at_unix_ms: i64,
+    #[serde(flatten)]
+    event: &'a Event,
+}
+
+/// The log's head: how many entries, and the right-edge hashes.
+pub async fn head(connection: &mut AnyConnection, backend: Backend) -> Result<Frontier> {
+    let sql = match backend {
+        Backend::Sqlite => "SELECT size, frontier FROM audit_head WHERE id = 1",
+        Backend::Postgres => "SELECT size, frontier FROM audit_head WHERE id = 1 FOR UPDATE",
+    };
+    let row = sqlx::query(sql).fetch_one(&mut *connection).await?;
+    let size: i64 = row.try_get("size")?;
+    let frontier: Vec<u8> = row.try_get("frontier")?;
+    if !frontier.len().is_multiple_of(32) {
+        return Err(MarketError::Corrupt("audit head frontier length".into()));
+    }
+    let hashes = frontier
+        .chunks_exact(32)
+        .map(|chunk| <Hash>::try_from(chunk).expect("32-byte chunks"))
+        .collect();
+    Frontier::from_parts(size as u64, hashes)
+        .map_err(|_| MarketError::Corrupt("audit head frontier does not match its size".into()))
+}
+
+/// Appends `events` in the caller's transaction; returns their indexes.
+///
+/// # Errors
+/// Database failures; the transaction should then be rolled back.
+pub async fn append(
+    connection: &mut AnyConnection,
+    backend: Backend,
+    events: &[Event],
+) -> Result<Vec<u64>> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut frontier = head(connection, backend).await?;
+    let at_unix_ms = now_ms();
+    let mut entries = Vec::with_capacity(events.len());
+    let mut nodes = Vec::with_capacity(events.len() * 2);
+    let mut indexes = Vec::with_capacity(events.len());
+    for event in events {
+        let body = serde_json::to_vec(&Body { at_unix_ms, event })
+            .map_err(|error| MarketError::Corrupt(format!("audit body: {error}")))?;
+        let index = frontier.size();
+        nodes.extend(frontier.push(merkle::leaf_hash(&body)));
+        indexes.push(index);
+        entries.push((index, event, body));
+    }
+    for chunk in entries.chunks(INSERT_CHUNK) {
+        let sql = values_sql(
+            "INSERT INTO audit_entries (idx, kind, tenant, body) VALUES ",
+            4,
+            chunk.len(),
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (index, event, body) in chunk {
+            query = query
+                .bind(*index as i64)
+                .bind(event.kind.clone())
+                .bind(event.tenant.clone())
+                .bind(body.clone());
+        }
+        query.execute(&mut *connection).await?;
+    }
+    for chunk in nodes.chunks(INSERT_CHUNK) {
+        let sql = values_sql(
+            "INSERT INTO audit_nodes (node_key, hash) VALUES ",
+            2,
+            chunk.len(),
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (id, hash) in chunk {
+            query = query.bind(id.key()).bind(hash.to_vec());
+        }
+        query.execute(&mut *connection).await?;
+    }
+    let frontier_bytes: Vec<u8> = frontier.hashes().concat();
+    sqlx::query("UPDATE audit_head SET size = $1, frontier = $2 WHERE id = 1")
+        .bind(frontier.size() as i64)
+        .bind(frontier_bytes)
+        .execute(&mut *connection)
+        .await?;
+    Ok(indexes)
+}
+
+fn values_sql(prefix: &str, columns: usize, rows: usize) -> String {
+    let mut sql = String::with_capacity(prefix.len() + rows * columns * 5);
+    sql.push_str(prefix);
+    let mut parameter = 1;
+    for row in 0..rows {
+        if row > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for column in 0..columns {
+            if column > 0 {
+                sql.push(',');
+            }
+            sql.push('$');
+            sql.push_str(&parameter.to_string());
+            parameter += 1;
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// The hashes of `ranges`, each folded from stored perfect subtrees, fetched
+/// in one query.
+async fn range_hashes(connection: &mut AnyConnection, ranges: &[Range]) -> Result<Vec<Hash>> {
+    let decompositions: Vec<Vec<NodeId>> =
+        ranges.iter().map(|r| perfect_decomposition(*r)).collect();
+    let mut wanted: Vec<NodeId> = decompositions.iter().flatten().copied().collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let found = fetch_nodes(connection, &wanted).await?;
+    decompositions
+        .iter()
+        .map(|ids| {
+            let hashes = ids
+                .iter()
+                .map(|id| {
+                    found.get(id).copied().ok_or_else(|| {
+                        MarketError::Corrupt(format!(
+                            "audit node level {} index {} is missing",
+                            id.level, id.index
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<Hash>>>()?;
+            fold_decomposition(&hashes)
+                .ok_or_else(|| MarketError::Corrupt("empty proof range".into()))
+        })
+        .collect()
+}
+
+async fn fetch_nodes(
+    connection: &mut AnyConnection,
+    ids: &[NodeId],
+) -> Result<HashMap<NodeId, Hash>> {
+    let mut found = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(INSERT_CHUNK) {
+        let mut sql = String::from("SELECT node_key, hash FROM audit_nodes WHERE node_key IN (");
+        for position in 1..=chunk.len() {
+            if position > 1 {
+                sql.push(',');
+            }
+            sql.push('$');
+            sql.push_str(&position.to_string());
+        }
+        sql.push(')');
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for id in chunk {
+            query = query.bind(id.key());
+        }
+        for row in query.fetch_all(&mut *connection).await? {
+            let key: i64 = row.try_get("node_key")?;
+            let hash: Vec<u8> = row.try_get("hash")?;
+            let hash = <Hash>::try_from(hash.as_slice())
+                .map_err(|_| MarketError::Corrupt("audit node hash length".into()))?;
+            found.insert(NodeId::from_key(key), hash);
+        }
+    }
+    Ok(found)
+}
+
+/// The root hash of the first `size` entries.
+///
+/// # Errors
+/// `size` beyond the log, or missing nodes.
+pub async fn root_at(connection: &mut AnyConnection, backend: Backend, size: u64) -> Result<Hash> {
+    let head = head(connection, backend).await?;
+    if size > head.size() {
+        return Err(MarketError::invalid(
+            "tree_size",
+            format!("the log has {} entries", head.size()),
+        ));
+    }
+    if size == head.size() {
+        return Ok(head.root());
+    }
+    if size == 0 {
+        return Ok(merkle::empty_root());
+    }
+    Ok(range_hashes(
+        connection,
+        &[Range {
+            start: 0,
+            end: size,
+        }],
+    )
+    .await?[0])
+}
+
+/// The leaf hash at `index` and its inclusion proof in the tree of `size`.
+///
+/// # Errors
+/// An index or size outside the log names the field.
+pub async fn inclusion_proof(
+    connection: &mut AnyConnection,
+    backend: Backend,
+    index: u64,
+    size: u64,
+) -> Result<(Hash, Vec<Hash>)> {
+    let head = head(connection, backend).await?;
+    if size > head.size() {
+        return Err(MarketError::invalid(
+            "tree_size",
+            format!("the log has {} entries", head.size()),
+        ));
+    }
+    if index >= size {
+        return Err(MarketError::invalid(
+            "index",
+            format!("must be below tree_size {size}"),
+        ));
+    }
+    let mut ranges = vec![Range {
+        start: index,
+        end: index + 1,
+    }];
+    ranges.extend(inclusion_proof_ranges(index, size));
+    let mut hashes = range_hashes(connection, &ranges).await?;
+    let leaf = hashes.remove(0);
+    Ok((leaf, hashes))
+}
+
+/// The consistency proof between the trees of `old_size` and `new_size`.
+///
+/// # Errors
+/// Sizes outside the log or out of order name the field.
+pub async fn consistency_proof(
+    connection: &mut AnyConnection,
+    backend: Backend,
+    old_size: u64,
+    new_size: u64,
+) -> Result<Vec<Hash>> {
+    let head = head(connection, backend).await?;
+    if new_size > head.size() {
+        return Err(MarketError::invalid(
+            "new_size",
+            format!("the log has {} entries", head.size()),
+        ));
+    }
+    if old_size > new_size {
+        return Err(MarketError::invalid("old_size", "must not exceed new_size"));
+    }
+    range_hashes(connection, &consistency_proof_ranges(old_size, new_size)).await
+}
+
+/// A logged entry as stored.
+#[derive(Clone, Debug)]
+pub struct StoredEntry {
+    /// Its position.
+    pub index: u64,
+    /// The leaf bytes.
+    pub body: Vec<u8>,
+}
+
+/// Entries `[start, end)` (at most `limit`), optionally only of a kind prefix
+/// and a tenant.
+///
+/// # Errors
+/// Database failures.
+pub async fn entries(
+    connection: &mut AnyConnection,
+    start: u64,
+    end: u64,
+    kind_prefix: &str,
+    tenant: &str,
+    limit: u64,
+) -> Result<Vec<StoredEntry>> {
+    let rows = sqlx::query(
+        "SELECT idx, body FROM audit_entries WHERE idx >= $1 AND idx < $2 \
+         AND substr(kind, 1, length($3)) = $3 AND ($4 = '' OR tenant = $4) \
+         ORDER BY idx LIMIT $5",
+    )
+    .bind(start as i64)
+    .bind(end as i64)
+    .bind(kind_prefix.to_owned())
+    .bind(tenant.to_owned())
+    .bind(limit as i64)
+    .fetch_all(&mut *connection)
+    .await?;
+    rows.into_iter()
+        .map(|row| {
+            Ok(StoredEntry {
+                index: row.try_get::<i64, _>("idx")? as u64,
+                body: row.try_get("body")?,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,9 @@
+//! The tamper-evident audit log: an RFC 9162 Merkle tree over every
+//! authorization, contract, registration and policy change, with checkpoints
+//! signed in the C2SP tlog-checkpoint format and a verifier that trusts
+//! nothing the server says beyond what it can check.
+
+pub mod checkpoint;
+pub mod log;
+pub mod merkle;
+pub mod verify;

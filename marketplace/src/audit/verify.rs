@@ -1,0 +1,306 @@
+//! What a regulator runs: check the live log against a checkpoint saved
+//! earlier, trusting only the log's public key.
+//!
+//! 1. The latest checkpoint must carry a valid signature by the key.
+//! 2. It must extend the saved one (a consistency proof), so nothing logged
+//!    before was rewritten or dropped.
+//! 3. Every entry is downloaded and hashed; the entries must hash to the
+//!    signed root. If they do not, each entry is checked against the leaf hash
+//!    the signed tree commits to at its index (an inclusion proof), which names
+//!    the entries that were changed, moved or deleted.
+
+use std::collections::HashMap;
+
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use super::checkpoint::{Checkpoint, NoteError, NoteVerifier};
+use super::merkle::{self, Hash};
+use crate::proto;
+use crate::proto::audit_client::AuditClient;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct BearerToken(MetadataValue<Ascii>);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(<redacted>)")
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+impl BearerToken {
+    /// A token to send.
+    ///
+    /// # Errors
+    /// A token that is not printable ASCII.
+    pub fn new(token: &str) -> Result<Self, tonic::metadata::errors::InvalidMetadataValue> {
+        Ok(Self(format!("Bearer {token}").parse()?))
+    }
+}
+
+/// An audit client whose calls carry a token.
+pub type AuthedAuditClient = AuditClient<InterceptedService<Channel, BearerToken>>;
+
+/// An audit client on `channel` sending `token`.
+///
+/// # Errors
+/// A token that is not printable ASCII.
+pub fn authed_client(
+    channel: Channel,
+    token: &str,
+) -> Result<AuthedAuditClient, tonic::metadata::errors::InvalidMetadataValue> {
+    Ok(AuditClient::with_interceptor(
+        channel,
+        BearerToken::new(token)?,
+    ))
+}
+
+/// Something wrong with the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Finding {
+    /// The log is smaller than the saved checkpoint: entries were dropped.
+    Shrunk {
+        /// Entries in the saved checkpoint.
+        saved: u64,
+        /// Entries now.
+        now: u64,
+    },
+    /// The current tree does not extend the saved one: history was rewritten.
+    Inconsistent {
+        /// Entries in the saved checkpoint.
+        saved: u64,
+    },
+    /// The server did not return this entry.
+    Missing {
+        /// Its index.
+        index: u64,
+    },
+    /// This entry's content is not what the signed tree holds at its index.
+    Changed {
+        /// Its index.
+        index: u64,
+    },
+    /// This entry's content is what the signed tree holds at another index.
+    Moved {
+        /// Where it is now.
+        index: u64,
+        /// Where the signed tree has it.
+        signed_at: u64,
+    },
+    /// The entries do not hash to the signed root, and the server's proofs do
+    /// not say where (its tree data was rewritten too).
+    RootMismatch,
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Shrunk { saved, now } => write!(
+                f,
+                "the log has {now} entries but the saved checkpoint had {saved}: entries were dropped"
+            ),
+            Self::Inconsistent { saved } => write!(
+                f,
+                "the log does not extend the saved checkpoint of {saved} entries: history was rewritten"
+            ),
+            Self::Missing { index } => write!(f, "entry {index} is missing (dropped)"),
+            Self::Changed { index } => write!(
+                f,
+                "entry {index} was rewritten: its content does not match the signed tree"
+            ),
+            Self::Moved { index, signed_at } => write!(
+                f,
+                "entry {index} holds the entry signed at index {signed_at} (reordered)"
+            ),
+            Self::RootMismatch => write!(
+                f,
+                "the entries do not hash to the signed root, and the server's tree data was rewritten as well"
+            ),
+        }
+    }
+}
+
+/// The outcome of a verification.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The latest checkpoint, verified; what to save for next time.
+    pub checkpoint: Checkpoint,
+    /// Its note, byte for byte.
+    pub note: String,
+    /// Entries checked.
+    pub entries_checked: u64,
+    /// What is wrong; empty when the log is intact.
+    pub findings: Vec<Finding>,
+}
+
+/// Why verification could not be carried out at all.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// A note (saved or served) failed its signature or format check.
+    #[error("checkpoint: {0}")]
+    Note(#[from] NoteError),
+    /// The server refused or failed a call.
+    #[error("server: {0}")]
+    Rpc(#[from] tonic::Status),
+    /// The server sent a hash that is not 32 bytes.
+    #[error("the server sent a malformed hash")]
+    MalformedHash,
+}
+
+fn hash(bytes: &[u8]) -> Result<Hash, VerifyError> {
+    bytes.try_into().map_err(|_| VerifyError::MalformedHash)
+}
+
+/// Verifies the live log. `saved_note` is a checkpoint note saved earlier (or
+/// none on the first run).
+///
+/// # Errors
+/// [`VerifyError`] when the check cannot be done; problems found in the log
+/// are [`Report::findings`].
+pub async fn verify_log(
+    client: &mut AuthedAuditClient,
+    key: &NoteVerifier,
+    origin: &str,
+    saved_note: Option<&str>,
+) -> Result<Report, VerifyError> {
+    let latest = client
+        .get_checkpoint(proto::GetCheckpointRequest {})
+        .await?
+        .into_inner();
+    let checkpoint = key.verify(&latest.note, origin)?;
+    let mut findings = Vec::new();
+    if let Some(saved_note) = saved_note {
+        let saved = key.verify(saved_note, origin)?;
+        if checkpoint.size < saved.size {
+            findings.push(Finding::Shrunk {
+                saved: saved.size,
+                now: checkpoint.size,
+            });
+        } else {
+            let proof = client
+                .get_consistency_proof(proto::GetConsistencyProofRequest {
+                    old_size: saved.size as i64,
+                    new_size: checkpoint.size as i64,
+                })
+                .await?
+                .into_inner();
+            let path = proof
+                .path
+                .iter()
+                .map(|h| hash(h))
+                .collect::<Result<Vec<_>, _>>()?;
+            if merkle::verify_consistency(
+                saved.size,
+                checkpoint.size,
+                &path,
+                &saved.root,
+                &checkpoint.root,
+            )
+            .is_err()
+            {
+                findings.push(Finding::Inconsistent { saved: saved.size });
+            }
+        }
+    }
+    // Download every entry of the signed tree.
+    let size = checkpoint.size;
+    let mut bodies: HashMap<u64, Vec<u8>> = HashMap::with_capacity(size as usize);
+    let mut start = 0u64;
+    while start < size {
+        let end = (start + crate::service::MAX_ENTRIES_PER_CALL).min(size);
+        let page = client
+            .get_entries(proto::GetEntriesRequest {
+                start: start as i64,
+                end: end as i64,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        for entry in page.entries {
+            bodies.insert(entry.index as u64, entry.body);
+        }
+        start = end;
+    }
+    let leaves: Vec<Option<Hash>> = (0..size)
+        .map(|i| bodies.get(&i).map(|b| merkle::leaf_hash(b)))
+        .collect();
+    let complete: Option<Vec<Hash>> = leaves.iter().copied().collect();
+    let intact = complete
+        .as_deref()
+        .is_some_and(|all| merkle::root_of(all) == checkpoint.root);
+    if !intact {
+        findings.extend(localise(client, &checkpoint, &leaves).await?);
+    }
+    Ok(Report {
+        checkpoint,
+        note: latest.note,
+        entries_checked: size,
+        findings,
+    })
+}
+
+/// Names the entries that differ from the signed tree, using the leaf hash
+/// the tree commits to at each index (authenticated by an inclusion proof).
+async fn localise(
+    client: &mut AuthedAuditClient,
+    checkpoint: &Checkpoint,
+    leaves: &[Option<Hash>],
+) -> Result<Vec<Finding>, VerifyError> {
+    let mut signed = Vec::with_capacity(leaves.len());
+    for index in 0..checkpoint.size {
+        let proof = client
+            .get_inclusion_proof(proto::GetInclusionProofRequest {
+                index: index as i64,
+                tree_size: checkpoint.size as i64,
+            })
+            .await?
+            .into_inner();
+        let leaf = hash(&proof.leaf_hash)?;
+        let path = proof
+            .path
+            .iter()
+            .map(|h| hash(h))
+            .collect::<Result<Vec<_>, _>>()?;
+        if merkle::verify_inclusion(index, checkpoint.size, &leaf, &path, &checkpoint.root).is_err()
+        {
+            return Ok(vec![Finding::RootMismatch]);
+        }
+        signed.push(leaf);
+    }
+    let position: HashMap<Hash, u64> = signed
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (*h, i as u64))
+        .collect();
+    let mut findings = Vec::new();
+    for (index, (leaf, signed_leaf)) in leaves.iter().zip(&signed).enumerate() {
+        let index = index as u64;
+        match leaf {
+            None => findings.push(Finding::Missing { index }),
+            Some(leaf) if leaf == signed_leaf => {}
+            Some(leaf) => match position.get(leaf) {
+                Some(&signed_at) => findings.push(Finding::Moved { index, signed_at }),
+                None => findings.push(Finding::Changed { index }),
+            },
+        }
+    }
+    if findings.is_empty() {
+        findings.push(Finding::RootMismatch);
+    }
+    Ok(findings)
+}

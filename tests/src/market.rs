@@ -1,0 +1,259 @@
+//! A marketplace server on a free port over a fresh database — SQLite in a
+//! temporary directory, or a new PostgreSQL database — and a cast of users in
+//! every role, for tests over a real gRPC connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use civicgrid_marketplace::proto;
+use civicgrid_marketplace::proto::identity_client::IdentityClient;
+use civicgrid_marketplace::service::{Marketplace, serve};
+use civicgrid_marketplace::store::{Location, Store};
+use rand::RngCore as _;
+use sqlx::Connection as _;
+use tonic::transport::Channel;
+
+/// The environment variable with an admin URL of the PostgreSQL the tests may
+/// create databases in (`scripts/postgres.sh` prints one).
+pub const POSTGRES_URL_ENV: &str = "CIVICGRID_TEST_POSTGRES_URL";
+
+/// Which database a test runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Db {
+    /// A SQLite file in a temporary directory.
+    Sqlite,
+    /// A new database in the PostgreSQL named by [`POSTGRES_URL_ENV`].
+    Postgres,
+}
+
+/// A running marketplace.
+pub struct TestMarket {
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// A connected channel.
+    pub channel: Channel,
+    /// The server's state.
+    pub market: Arc<Marketplace>,
+    /// The bootstrap platform admin's token.
+    pub admin_token: String,
+    /// The database URL, for tests that tamper with it directly.
+    pub database_url: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+fn random_suffix() -> String {
+    let mut bytes = [0u8; 6];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn fresh_postgres_database() -> anyhow::Result<String> {
+    let admin_url = std::env::var(POSTGRES_URL_ENV).with_context(|| {
+        format!("{POSTGRES_URL_ENV} is not set: run `bash scripts/postgres.sh` and export the URL it prints")
+    })?;
+    let name = format!("cg_test_{}", random_suffix());
+    let mut admin = sqlx::PgConnection::connect(&admin_url)
+        .await
+        .with_context(|| format!("connecting to {POSTGRES_URL_ENV}"))?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await?;
+    let (base, _) = admin_url
+        .rsplit_once('/')
+        .context("the PostgreSQL URL ends in /DATABASE")?;
+    Ok(format!("{base}/{name}"))
+}
+
+impl TestMarket {
+    /// Starts a server over a fresh database and bootstraps its platform admin.
+    ///
+    /// # Errors
+    /// When the database or the server cannot be started.
+    pub async fn start(db: Db) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let (location, database_url) = match db {
+            Db::Sqlite => (
+                Location::DataDir(dir.path().to_owned()),
+                format!("sqlite://{}", dir.path().join("marketplace.db").display()),
+            ),
+            Db::Postgres => {
+                let url = fresh_postgres_database().await?;
+                (Location::Url(url.clone()), url)
+            }
+        };
+        let store = Store::open(&location).await?;
+        let key = ed25519_dalek_key();
+        let market = Marketplace::open(store, key, "audit.civicgrid.test").await?;
+        let admin_token = market
+            .bootstrap("platform", "admin@city.example")
+            .await?
+            .secret
+            .expose()
+            .to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server_market = market.clone();
+        let server = tokio::spawn(async move {
+            let _ = serve(server_market, listener, None, async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        let channel = Channel::from_shared(format!("http://{address}"))?
+            .connect()
+            .await?;
+        Ok(Self {
+            address,
+            channel,
+            market,
+            admin_token,
+            database_url,
+            shutdown: Some(shutdown),
+            server: Some(server),
+            _dir: dir,
+        })
+    }
+
+    /// A pool on the same database, bypassing the server (for tampering).
+    ///
+    /// # Errors
+    /// When the database cannot be opened.
+    pub async fn raw_pool(&self) -> anyhow::Result<sqlx::AnyPool> {
+        sqlx::any::install_default_drivers();
+        Ok(sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(&self.database_url)
+            .await?)
+    }
+
+    /// Stops the server.
+    pub async fn stop(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+    }
+}
+
+/// The signing key tests use: fixed, so checkpoints are reproducible.
+fn ed25519_dalek_key() -> civicgrid_marketplace::audit::checkpoint::SigningKey {
+    civicgrid_marketplace::audit::checkpoint::SigningKey::from_bytes(&[42u8; 32])
+}
+
+/// A request with a bearer token.
+#[must_use]
+pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("a token is ASCII"),
+    );
+    request
+}
+
+/// Users in every role, in their own and in rival tenants.
+#[derive(Clone, Debug)]
+pub struct Cast {
+    /// platform-admin.
+    pub admin: String,
+    /// provider-admin of `city-data`.
+    pub provider_admin: String,
+    /// provider-analyst of `city-data`.
+    pub provider_analyst: String,
+    /// consumer-admin of `acme`.
+    pub consumer_admin: String,
+    /// consumer-analyst of `acme`.
+    pub consumer_analyst: String,
+    /// regulator of `audit-office`.
+    pub regulator: String,
+    /// provider-admin of the rival provider `rival-data`.
+    pub rival_provider_admin: String,
+    /// consumer-admin of the rival consumer `globex`.
+    pub rival_consumer_admin: String,
+    /// A user of `acme` with no role at all.
+    pub nobody: String,
+}
+
+impl Cast {
+    /// Creates the organizations, users, roles and tokens.
+    ///
+    /// # Errors
+    /// When any call fails.
+    pub async fn create(market: &TestMarket) -> anyhow::Result<Self> {
+        let admin = market.admin_token.clone();
+        let mut identity = IdentityClient::new(market.channel.clone());
+        for (id, kind) in [
+            ("city-data", proto::OrganizationKind::Provider),
+            ("rival-data", proto::OrganizationKind::Provider),
+            ("acme", proto::OrganizationKind::Consumer),
+            ("globex", proto::OrganizationKind::Consumer),
+            ("audit-office", proto::OrganizationKind::Regulator),
+        ] {
+            identity
+                .create_organization(authed(
+                    &admin,
+                    proto::CreateOrganizationRequest {
+                        id: id.into(),
+                        display_name: id.into(),
+                        kind: kind as i32,
+                    },
+                ))
+                .await?;
+        }
+        let mut user =
+            async |organization: &str, name: &str, role: Option<&str>| -> anyhow::Result<String> {
+                let created = identity
+                    .create_user(authed(
+                        &admin,
+                        proto::CreateUserRequest {
+                            organization_id: organization.into(),
+                            name: name.into(),
+                        },
+                    ))
+                    .await?
+                    .into_inner();
+                if let Some(role) = role {
+                    identity
+                        .grant_role(authed(
+                            &admin,
+                            proto::RoleBindingRequest {
+                                user_id: created.id.clone(),
+                                role: role.into(),
+                            },
+                        ))
+                        .await?;
+                }
+                Ok(identity
+                    .issue_token(authed(
+                        &admin,
+                        proto::IssueTokenRequest {
+                            user_id: created.id,
+                            ttl_seconds: 3600,
+                            description: "test".into(),
+                        },
+                    ))
+                    .await?
+                    .into_inner()
+                    .secret)
+            };
+        Ok(Self {
+            provider_admin: user("city-data", "pa@city-data", Some("provider-admin")).await?,
+            provider_analyst: user("city-data", "analyst@city-data", Some("provider-analyst"))
+                .await?,
+            consumer_admin: user("acme", "ca@acme", Some("consumer-admin")).await?,
+            consumer_analyst: user("acme", "analyst@acme", Some("consumer-analyst")).await?,
+            regulator: user("audit-office", "inspector@audit-office", Some("regulator")).await?,
+            rival_provider_admin: user("rival-data", "pa@rival-data", Some("provider-admin"))
+                .await?,
+            rival_consumer_admin: user("globex", "ca@globex", Some("consumer-admin")).await?,
+            nobody: user("acme", "intern@acme", None).await?,
+            admin,
+        })
+    }
+}

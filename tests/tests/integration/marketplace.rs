@@ -1,0 +1,1085 @@
+//! The marketplace over a real gRPC connection, on SQLite and on PostgreSQL:
+//! the registration lifecycle, contracts, the authorization matrix, bad input,
+//! and a regulator verifying the audit log — including after someone edits,
+//! deletes or reorders rows of the audit table behind the server's back.
+
+use anyhow::{Context as _, ensure};
+use civicgrid_marketplace::audit::checkpoint::NoteVerifier;
+use civicgrid_marketplace::audit::verify::{Finding, authed_client, verify_log};
+use civicgrid_marketplace::proto::{
+    self, audit_client::AuditClient, contracts_client::ContractsClient,
+    identity_client::IdentityClient, registry_client::RegistryClient,
+};
+use civicgrid_tests::market::{Cast, Db, TestMarket, authed};
+use tonic::Code;
+
+const ORIGIN: &str = "audit.civicgrid.test";
+
+fn sample_spec() -> proto::ProductSpec {
+    use proto::{Column, OutputPolicy, PriceKind, PricePlan, Sensitivity, Table};
+    let column = |name: &str, kind: &str, sensitivity: Sensitivity| Column {
+        name: name.into(),
+        r#type: kind.into(),
+        sensitivity: sensitivity as i32,
+        description: String::new(),
+    };
+    proto::ProductSpec {
+        title: "Population by district".into(),
+        description: "Registered residents per district and age band, monthly".into(),
+        keywords: vec!["population".into(), "census".into()],
+        licence: "CC-BY-4.0".into(),
+        update_frequency: "monthly".into(),
+        hosting_data_centers: vec!["municipal-core".into()],
+        tier: "municipal".into(),
+        region: "city-north".into(),
+        storage_location: "file:///var/lib/civicgrid/products/population".into(),
+        tables: vec![Table {
+            name: "residents".into(),
+            columns: vec![
+                column("district", "utf8", Sensitivity::Public),
+                column("age_band", "utf8", Sensitivity::Internal),
+                column("person_id", "int64", Sensitivity::Blocked),
+            ],
+        }],
+        output_policy: Some(OutputPolicy {
+            min_aggregation_count: 10,
+            privacy_unit_column: "person_id".into(),
+            list_columns: vec!["district".into()],
+            max_list_rows: 1000,
+            max_result_bytes: 1 << 20,
+            ..Default::default()
+        }),
+        price_plans: vec![PricePlan {
+            id: "per-query".into(),
+            kind: PriceKind::PerQuery as i32,
+            unit_price_minor: 250,
+            currency: "EUR".into(),
+            ..Default::default()
+        }],
+        quality: Some(proto::QualityMetrics {
+            completeness: 0.98,
+            validity: 0.995,
+            freshness_seconds: 86_400,
+        }),
+    }
+}
+
+fn action(product: &str, reason: &str) -> proto::ProductAction {
+    proto::ProductAction {
+        product_id: product.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Registers and publishes `id` as city-data's provider admin.
+async fn publish(market: &TestMarket, cast: &Cast, id: &str) -> anyhow::Result<proto::Product> {
+    let mut registry = RegistryClient::new(market.channel.clone());
+    let draft = registry
+        .create_product(authed(
+            &cast.provider_admin,
+            proto::CreateProductRequest {
+                id: id.into(),
+                spec: Some(sample_spec()),
+            },
+        ))
+        .await?
+        .into_inner();
+    ensure!(draft.state() == proto::ProductState::Draft);
+    registry
+        .submit_product(authed(&cast.provider_admin, action(id, "")))
+        .await?;
+    let noticed = registry
+        .start_public_notice(authed(
+            &cast.admin,
+            proto::StartPublicNoticeRequest {
+                product_id: id.into(),
+                notice_days: 0,
+            },
+        ))
+        .await?
+        .into_inner();
+    ensure!(noticed.state() == proto::ProductState::UnderPublicNotice);
+    let registered = registry
+        .approve_registration(authed(&cast.admin, action(id, "")))
+        .await?
+        .into_inner();
+    ensure!(registered.state() == proto::ProductState::Registered);
+    ensure!(
+        registered.registration_number.starts_with("CG-")
+            && registered.registration_number.len() == 14,
+        "registration number {:?}",
+        registered.registration_number
+    );
+    ensure!(!registered.approved_by_user_id.is_empty() && registered.registered_at_unix_ms > 0);
+    Ok(registry
+        .publish_product(authed(&cast.provider_admin, action(id, "")))
+        .await?
+        .into_inner())
+}
+
+fn contract_request(product: &str) -> proto::RequestContractRequest {
+    proto::RequestContractRequest {
+        product_id: product.into(),
+        plan_id: "per-query".into(),
+        operations: Some(proto::AllowedOperations {
+            aggregate_sql: true,
+            list_columns: vec!["district".into()],
+            algorithm_sha256: vec![],
+        }),
+        monthly_query_quota: 100,
+        duration_days: 30,
+        purpose: "plan bus routes by district population".into(),
+    }
+}
+
+fn check(
+    product: &str,
+    operation: proto::OperationKind,
+    columns: &[&str],
+) -> proto::CheckOperationRequest {
+    proto::CheckOperationRequest {
+        product_id: product.into(),
+        operation: operation as i32,
+        columns: columns.iter().map(|c| (*c).to_owned()).collect(),
+        algorithm_sha256: String::new(),
+    }
+}
+
+async fn save_checkpoint(market: &TestMarket, token: &str) -> anyhow::Result<String> {
+    let mut audit = AuditClient::new(market.channel.clone());
+    Ok(audit
+        .get_checkpoint(authed(token, proto::GetCheckpointRequest {}))
+        .await?
+        .into_inner()
+        .note)
+}
+
+/// What a regulator runs: verify the live log with the key it was given.
+async fn regulator_verify(
+    market: &TestMarket,
+    token: &str,
+    saved: Option<&str>,
+) -> anyhow::Result<civicgrid_marketplace::audit::verify::Report> {
+    let key: NoteVerifier = market.market.verifier_key().parse()?;
+    let mut client = authed_client(market.channel.clone(), token)?;
+    Ok(verify_log(&mut client, &key, ORIGIN, saved).await?)
+}
+
+async fn lifecycle_contract_and_verified_audit(db: Db) -> anyhow::Result<()> {
+    let market = TestMarket::start(db).await?;
+    let cast = Cast::create(&market).await?;
+    let first_checkpoint = save_checkpoint(&market, &cast.regulator).await?;
+
+    let product = publish(&market, &cast, "population").await?;
+    assert_eq!(product.state(), proto::ProductState::Published);
+
+    // The consumer finds it in the catalog, by keyword and by filters.
+    let mut registry = RegistryClient::new(market.channel.clone());
+    let found = registry
+        .search_catalog(authed(
+            &cast.consumer_analyst,
+            proto::SearchCatalogRequest {
+                keywords: vec!["Census".into()],
+                tier: "municipal".into(),
+                ..Default::default()
+            },
+        ))
+        .await?
+        .into_inner()
+        .products;
+    assert_eq!(
+        found.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+        ["population"]
+    );
+    let none = registry
+        .search_catalog(authed(
+            &cast.consumer_analyst,
+            proto::SearchCatalogRequest {
+                max_sensitivity: proto::Sensitivity::Sensitive as i32,
+                ..Default::default()
+            },
+        ))
+        .await?
+        .into_inner()
+        .products;
+    assert!(
+        none.is_empty(),
+        "a product with a blocked column is filtered out by max_sensitivity"
+    );
+
+    // Contract: request, approve, check, revoke.
+    let mut contracts = ContractsClient::new(market.channel.clone());
+    let requested = contracts
+        .request_contract(authed(&cast.consumer_admin, contract_request("population")))
+        .await?
+        .into_inner();
+    assert_eq!(requested.state(), proto::ContractState::Requested);
+    let denied_before = contracts
+        .check_operation(authed(
+            &cast.consumer_analyst,
+            check("population", proto::OperationKind::AggregateSql, &[]),
+        ))
+        .await?
+        .into_inner();
+    assert!(!denied_before.allowed, "no operation before approval");
+    let active = contracts
+        .approve_contract(authed(
+            &cast.provider_admin,
+            proto::ContractAction {
+                contract_id: requested.id.clone(),
+                reason: String::new(),
+            },
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(active.state(), proto::ContractState::Active);
+    assert!(active.expires_at_unix_ms > active.decided_at_unix_ms);
+    let allowed = contracts
+        .check_operation(authed(
+            &cast.consumer_analyst,
+            check("population", proto::OperationKind::AggregateSql, &[]),
+        ))
+        .await?
+        .into_inner();
+    assert!(allowed.allowed, "{allowed:?}");
+    assert_eq!(allowed.contract_id, requested.id);
+    let wider_list = contracts
+        .check_operation(authed(
+            &cast.consumer_analyst,
+            check(
+                "population",
+                proto::OperationKind::ListSql,
+                &["district", "age_band"],
+            ),
+        ))
+        .await?
+        .into_inner();
+    assert!(
+        !wider_list.allowed,
+        "age_band is not a listed column of the contract"
+    );
+    let rival = contracts
+        .check_operation(authed(
+            &cast.rival_consumer_admin,
+            check("population", proto::OperationKind::AggregateSql, &[]),
+        ))
+        .await?
+        .into_inner();
+    assert!(!rival.allowed, "another consumer has no contract");
+
+    // The regulator verifies the log against the checkpoint saved at the start.
+    let report = regulator_verify(&market, &cast.regulator, Some(&first_checkpoint)).await?;
+    assert!(report.findings.is_empty(), "{:?}", report.findings);
+    let middle_checkpoint = report.note.clone();
+
+    contracts
+        .revoke_contract(authed(
+            &cast.consumer_admin,
+            proto::ContractAction {
+                contract_id: requested.id.clone(),
+                reason: "project finished".into(),
+            },
+        ))
+        .await?;
+    let after_revoke = contracts
+        .check_operation(authed(
+            &cast.consumer_analyst,
+            check("population", proto::OperationKind::AggregateSql, &[]),
+        ))
+        .await?
+        .into_inner();
+    assert!(
+        !after_revoke.allowed,
+        "revocation takes effect on the next request"
+    );
+
+    // Registration events are on record, each pointing at its audit entry.
+    let events = registry
+        .list_registration_events(authed(
+            &cast.consumer_analyst,
+            proto::GetProductRequest {
+                product_id: "population".into(),
+            },
+        ))
+        .await?
+        .into_inner()
+        .events;
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "created",
+            "submitted",
+            "public_notice",
+            "registered",
+            "published"
+        ]
+    );
+    let mut audit = AuditClient::new(market.channel.clone());
+    let registered_entry = audit
+        .get_entries(authed(
+            &cast.regulator,
+            proto::GetEntriesRequest {
+                start: events[3].audit_index,
+                end: events[3].audit_index + 1,
+                ..Default::default()
+            },
+        ))
+        .await?
+        .into_inner()
+        .entries;
+    let body: serde_json::Value = serde_json::from_slice(&registered_entry[0].body)?;
+    assert_eq!(body["kind"], "product.registered");
+    assert_eq!(body["subject"], "population");
+    // Authorization decisions are logged too: filter by kind.
+    let decisions = audit
+        .get_entries(authed(
+            &cast.regulator,
+            proto::GetEntriesRequest {
+                start: 0,
+                end: 1_000,
+                kind_prefix: "authorization.".into(),
+                ..Default::default()
+            },
+        ))
+        .await?
+        .into_inner()
+        .entries;
+    assert_eq!(decisions.len(), 5, "one entry per CheckOperation call");
+
+    let report = regulator_verify(&market, &cast.regulator, Some(&middle_checkpoint)).await?;
+    assert!(report.findings.is_empty(), "{:?}", report.findings);
+    market.stop().await;
+    Ok(())
+}
+
+/// Runs `tamper` on the audit table and expects `verify` to report `expected`.
+async fn tampering_is_reported(db: Db) -> anyhow::Result<()> {
+    let market = TestMarket::start(db).await?;
+    let cast = Cast::create(&market).await?;
+    publish(&market, &cast, "population").await?;
+    let saved = regulator_verify(&market, &cast.regulator, None).await?;
+    assert!(saved.findings.is_empty(), "{:?}", saved.findings);
+    let size = saved.checkpoint.size as i64;
+    ensure!(size > 20, "enough entries to tamper with: {size}");
+    let pool = market.raw_pool().await?;
+
+    // 1. Edit one entry's content.
+    let (original,): (Vec<u8>,) = sqlx::query_as("SELECT body FROM audit_entries WHERE idx = 7")
+        .fetch_one(&pool)
+        .await?;
+    let forged = String::from_utf8(original.clone())?.replace("\"actor\":\"", "\"actor\":\"x");
+    sqlx::query("UPDATE audit_entries SET body = $1 WHERE idx = 7")
+        .bind(forged.into_bytes())
+        .execute(&pool)
+        .await?;
+    let report = regulator_verify(&market, &cast.regulator, Some(&saved.note)).await?;
+    assert_eq!(report.findings, [Finding::Changed { index: 7 }]);
+    sqlx::query("UPDATE audit_entries SET body = $1 WHERE idx = 7")
+        .bind(original)
+        .execute(&pool)
+        .await?;
+    assert!(
+        regulator_verify(&market, &cast.regulator, Some(&saved.note))
+            .await?
+            .findings
+            .is_empty()
+    );
+
+    // 2. Reorder: swap two entries' positions.
+    sqlx::query("UPDATE audit_entries SET idx = -1 WHERE idx = 3")
+        .execute(&pool)
+        .await?;
+    sqlx::query("UPDATE audit_entries SET idx = 3 WHERE idx = 12")
+        .execute(&pool)
+        .await?;
+    sqlx::query("UPDATE audit_entries SET idx = 12 WHERE idx = -1")
+        .execute(&pool)
+        .await?;
+    let report = regulator_verify(&market, &cast.regulator, Some(&saved.note)).await?;
+    assert_eq!(
+        report.findings,
+        [
+            Finding::Moved {
+                index: 3,
+                signed_at: 12
+            },
+            Finding::Moved {
+                index: 12,
+                signed_at: 3
+            }
+        ]
+    );
+    sqlx::query("UPDATE audit_entries SET idx = -1 WHERE idx = 3")
+        .execute(&pool)
+        .await?;
+    sqlx::query("UPDATE audit_entries SET idx = 3 WHERE idx = 12")
+        .execute(&pool)
+        .await?;
+    sqlx::query("UPDATE audit_entries SET idx = 12 WHERE idx = -1")
+        .execute(&pool)
+        .await?;
+
+    // 3. Delete an entry.
+    sqlx::query("DELETE FROM audit_entries WHERE idx = 5")
+        .execute(&pool)
+        .await?;
+    let report = regulator_verify(&market, &cast.regulator, Some(&saved.note)).await?;
+    assert_eq!(report.findings, [Finding::Missing { index: 5 }]);
+
+    // 4. Rewrite the tree itself to hide a change: the signed checkpoint the
+    //    regulator saved no longer matches (the server signs whatever head it
+    //    has, so the rewrite shows as an inconsistent history).
+    sqlx::query("UPDATE audit_head SET size = size - 1")
+        .execute(&pool)
+        .await?;
+    let report = regulator_verify(&market, &cast.regulator, Some(&saved.note)).await;
+    match report {
+        Ok(report) => assert!(
+            report
+                .findings
+                .iter()
+                .any(|f| matches!(f, Finding::Shrunk { .. } | Finding::Inconsistent { .. })),
+            "{:?}",
+            report.findings
+        ),
+        // A corrupted head may also make the server fail outright; either way
+        // the regulator does not get a clean report.
+        Err(error) => assert!(error.to_string().contains("server"), "{error}"),
+    }
+    pool.close().await;
+    market.stop().await;
+    Ok(())
+}
+
+/// One RPC and who may call it.
+struct Case {
+    name: &'static str,
+    /// Tokens expected to be allowed (others: PermissionDenied or NotFound).
+    allowed: &'static [&'static str],
+}
+
+async fn call(
+    market: &TestMarket,
+    cast: &Cast,
+    rpc: &str,
+    token: &str,
+    fixture: &Fixture,
+) -> Result<(), tonic::Status> {
+    let channel = market.channel.clone();
+    let mut identity = IdentityClient::new(channel.clone());
+    let mut registry = RegistryClient::new(channel.clone());
+    let mut contracts = ContractsClient::new(channel.clone());
+    let mut audit = AuditClient::new(channel);
+    let unique = civicgrid_marketplace::identity::new_id("t");
+    match rpc {
+        "CreateOrganization" => identity
+            .create_organization(authed(
+                token,
+                proto::CreateOrganizationRequest {
+                    id: format!("org{}", &unique[2..]),
+                    display_name: "x".into(),
+                    kind: proto::OrganizationKind::Consumer as i32,
+                },
+            ))
+            .await
+            .map(drop),
+        "ListOrganizations" => identity
+            .list_organizations(authed(token, proto::ListOrganizationsRequest {}))
+            .await
+            .map(drop),
+        "CreateUser@city-data" => identity
+            .create_user(authed(
+                token,
+                proto::CreateUserRequest {
+                    organization_id: "city-data".into(),
+                    name: unique,
+                },
+            ))
+            .await
+            .map(drop),
+        "IssueToken@city-data-analyst" => identity
+            .issue_token(authed(
+                token,
+                proto::IssueTokenRequest {
+                    user_id: fixture.provider_analyst_user.clone(),
+                    ttl_seconds: 60,
+                    description: String::new(),
+                },
+            ))
+            .await
+            .map(drop),
+        "GrantRole@city-data-analyst" => identity
+            .grant_role(authed(
+                token,
+                proto::RoleBindingRequest {
+                    user_id: fixture.provider_analyst_user.clone(),
+                    role: "provider-analyst".into(),
+                },
+            ))
+            .await
+            .map(drop),
+        "GrantRole@regulator" => identity
+            .grant_role(authed(
+                token,
+                proto::RoleBindingRequest {
+                    user_id: fixture.regulator_user.clone(),
+                    role: "regulator".into(),
+                },
+            ))
+            .await
+            .map(drop),
+        "CreateProduct" => registry
+            .create_product(authed(
+                token,
+                proto::CreateProductRequest {
+                    id: format!("p{}", &unique[2..]),
+                    spec: Some(sample_spec()),
+                },
+            ))
+            .await
+            .map(drop),
+        "SubmitProduct@draft" => registry
+            .submit_product(authed(token, action(&fixture.draft_product, "")))
+            .await
+            .map(drop),
+        "StartPublicNotice@submitted" => registry
+            .start_public_notice(authed(
+                token,
+                proto::StartPublicNoticeRequest {
+                    product_id: fixture.submitted_product.clone(),
+                    notice_days: 1,
+                },
+            ))
+            .await
+            .map(drop),
+        "SuspendProduct@published" => registry
+            .suspend_product(authed(token, action("population", "test")))
+            .await
+            .map(drop),
+        "GetProduct@draft" => registry
+            .get_product(authed(
+                token,
+                proto::GetProductRequest {
+                    product_id: fixture.draft_product.clone(),
+                },
+            ))
+            .await
+            .map(drop),
+        "GetProduct@published" => registry
+            .get_product(authed(
+                token,
+                proto::GetProductRequest {
+                    product_id: "population".into(),
+                },
+            ))
+            .await
+            .map(drop),
+        "SearchCatalog" => registry
+            .search_catalog(authed(token, proto::SearchCatalogRequest::default()))
+            .await
+            .map(drop),
+        "RequestContract" => contracts
+            .request_contract(authed(token, contract_request("population")))
+            .await
+            .map(drop),
+        "ApproveContract" => {
+            let pending = contracts
+                .request_contract(authed(&cast.consumer_admin, contract_request("population")))
+                .await?
+                .into_inner();
+            contracts
+                .approve_contract(authed(
+                    token,
+                    proto::ContractAction {
+                        contract_id: pending.id,
+                        reason: String::new(),
+                    },
+                ))
+                .await
+                .map(drop)
+        }
+        "GetContract" => contracts
+            .get_contract(authed(
+                token,
+                proto::ContractAction {
+                    contract_id: fixture.contract.clone(),
+                    reason: String::new(),
+                },
+            ))
+            .await
+            .map(drop),
+        "CheckOperation" => contracts
+            .check_operation(authed(
+                token,
+                check("population", proto::OperationKind::AggregateSql, &[]),
+            ))
+            .await
+            .map(drop),
+        "GetCheckpoint" => audit
+            .get_checkpoint(authed(token, proto::GetCheckpointRequest {}))
+            .await
+            .map(drop),
+        "GetEntries" => audit
+            .get_entries(authed(
+                token,
+                proto::GetEntriesRequest {
+                    start: 0,
+                    end: 10,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .map(drop),
+        other => panic!("no such case {other}"),
+    }
+}
+
+struct Fixture {
+    draft_product: String,
+    submitted_product: String,
+    contract: String,
+    provider_analyst_user: String,
+    regulator_user: String,
+}
+
+async fn every_role_gets_exactly_its_permissions(db: Db) -> anyhow::Result<()> {
+    let market = TestMarket::start(db).await?;
+    let cast = Cast::create(&market).await?;
+    publish(&market, &cast, "population").await?;
+    let mut registry = RegistryClient::new(market.channel.clone());
+    let mut identity = IdentityClient::new(market.channel.clone());
+    let mut contracts = ContractsClient::new(market.channel.clone());
+    let whoami = |token: &str| authed(token, proto::WhoAmIRequest {});
+    let provider_analyst_user = identity
+        .who_am_i(whoami(&cast.provider_analyst))
+        .await?
+        .into_inner()
+        .user
+        .context("user")?
+        .id;
+    let regulator_user = identity
+        .who_am_i(whoami(&cast.regulator))
+        .await?
+        .into_inner()
+        .user
+        .context("user")?
+        .id;
+    let contract = contracts
+        .request_contract(authed(&cast.consumer_admin, contract_request("population")))
+        .await?
+        .into_inner()
+        .id;
+    let cases = [
+        Case {
+            name: "CreateOrganization",
+            allowed: &["admin"],
+        },
+        Case {
+            name: "ListOrganizations",
+            allowed: &["admin", "regulator"],
+        },
+        Case {
+            name: "CreateUser@city-data",
+            allowed: &["admin", "provider_admin"],
+        },
+        Case {
+            name: "IssueToken@city-data-analyst",
+            allowed: &["admin", "provider_admin", "provider_analyst"],
+        },
+        Case {
+            name: "GrantRole@city-data-analyst",
+            allowed: &["admin", "provider_admin"],
+        },
+        Case {
+            name: "GrantRole@regulator",
+            allowed: &["admin"],
+        },
+        Case {
+            name: "CreateProduct",
+            allowed: &["provider_admin", "rival_provider_admin"],
+        },
+        Case {
+            name: "SubmitProduct@draft",
+            allowed: &["provider_admin"],
+        },
+        Case {
+            name: "StartPublicNotice@submitted",
+            allowed: &["admin"],
+        },
+        Case {
+            name: "GetProduct@draft",
+            allowed: &["admin", "provider_admin", "provider_analyst", "regulator"],
+        },
+        Case {
+            name: "GetProduct@published",
+            allowed: &[
+                "admin",
+                "provider_admin",
+                "provider_analyst",
+                "consumer_admin",
+                "consumer_analyst",
+                "regulator",
+                "rival_provider_admin",
+                "rival_consumer_admin",
+                "nobody",
+            ],
+        },
+        Case {
+            name: "SearchCatalog",
+            allowed: &[
+                "admin",
+                "provider_admin",
+                "provider_analyst",
+                "consumer_admin",
+                "consumer_analyst",
+                "regulator",
+                "rival_provider_admin",
+                "rival_consumer_admin",
+            ],
+        },
+        Case {
+            name: "RequestContract",
+            allowed: &["consumer_admin", "rival_consumer_admin"],
+        },
+        Case {
+            name: "ApproveContract",
+            allowed: &["provider_admin"],
+        },
+        Case {
+            name: "GetContract",
+            allowed: &[
+                "admin",
+                "provider_admin",
+                "provider_analyst",
+                "consumer_admin",
+                "consumer_analyst",
+                "regulator",
+            ],
+        },
+        Case {
+            name: "CheckOperation",
+            allowed: &["consumer_admin", "consumer_analyst", "rival_consumer_admin"],
+        },
+        Case {
+            name: "GetCheckpoint",
+            allowed: &["admin", "regulator"],
+        },
+        Case {
+            name: "GetEntries",
+            allowed: &["admin", "regulator"],
+        },
+        // Last: it changes the product's state for everything after it.
+        Case {
+            name: "SuspendProduct@published",
+            allowed: &["admin"],
+        },
+    ];
+    let roles: [(&str, &str); 9] = [
+        ("admin", &cast.admin),
+        ("provider_admin", &cast.provider_admin),
+        ("provider_analyst", &cast.provider_analyst),
+        ("consumer_admin", &cast.consumer_admin),
+        ("consumer_analyst", &cast.consumer_analyst),
+        ("regulator", &cast.regulator),
+        ("rival_provider_admin", &cast.rival_provider_admin),
+        ("rival_consumer_admin", &cast.rival_consumer_admin),
+        ("nobody", &cast.nobody),
+    ];
+    let mut mismatches = Vec::new();
+    for case in &cases {
+        for (role, token) in roles {
+            // Products in a fresh state for every call that moves one.
+            let draft_product = format!("d{}", &civicgrid_marketplace::identity::new_id("x")[2..]);
+            registry
+                .create_product(authed(
+                    &cast.provider_admin,
+                    proto::CreateProductRequest {
+                        id: draft_product.clone(),
+                        spec: Some(sample_spec()),
+                    },
+                ))
+                .await?;
+            let submitted_product =
+                format!("s{}", &civicgrid_marketplace::identity::new_id("x")[2..]);
+            registry
+                .create_product(authed(
+                    &cast.provider_admin,
+                    proto::CreateProductRequest {
+                        id: submitted_product.clone(),
+                        spec: Some(sample_spec()),
+                    },
+                ))
+                .await?;
+            registry
+                .submit_product(authed(&cast.provider_admin, action(&submitted_product, "")))
+                .await?;
+            let fixture = Fixture {
+                draft_product,
+                submitted_product,
+                contract: contract.clone(),
+                provider_analyst_user: provider_analyst_user.clone(),
+                regulator_user: regulator_user.clone(),
+            };
+            let expected = case.allowed.contains(&role);
+            let outcome = call(&market, &cast, case.name, token, &fixture).await;
+            let ok = match (&outcome, expected) {
+                (Ok(()), true) => true,
+                (Err(status), false) => {
+                    matches!(status.code(), Code::PermissionDenied | Code::NotFound)
+                }
+                _ => false,
+            };
+            if !ok {
+                mismatches.push(format!(
+                    "{} by {role}: expected {}, got {:?}",
+                    case.name,
+                    if expected { "allow" } else { "deny" },
+                    outcome
+                        .as_ref()
+                        .map_err(|s| (s.code(), s.message().to_owned()))
+                ));
+            }
+            if case.name == "SuspendProduct@published" && outcome.is_ok() {
+                registry
+                    .publish_product(authed(&cast.admin, action("population", "")))
+                    .await?;
+            }
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "authorization matrix:\n{}",
+        mismatches.join("\n")
+    );
+
+    // A denial names the permission; no token, or a bad one, is Unauthenticated.
+    let denied = registry
+        .start_public_notice(authed(
+            &cast.provider_admin,
+            proto::StartPublicNoticeRequest {
+                product_id: "population".into(),
+                notice_days: 0,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    assert!(
+        denied.message().contains("product:review"),
+        "{}",
+        denied.message()
+    );
+    let anonymous = registry
+        .search_catalog(proto::SearchCatalogRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.code(), Code::Unauthenticated);
+    let forged = registry
+        .search_catalog(authed("cgt_forged", proto::SearchCatalogRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(forged.code(), Code::Unauthenticated);
+    market.stop().await;
+    Ok(())
+}
+
+async fn bad_input_is_refused_with_the_field_named(db: Db) -> anyhow::Result<()> {
+    let market = TestMarket::start(db).await?;
+    let cast = Cast::create(&market).await?;
+    let mut registry = RegistryClient::new(market.channel.clone());
+    let mut identity = IdentityClient::new(market.channel.clone());
+    let invalid = |status: tonic::Status, field: &str| {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().starts_with(&format!("invalid {field}:")),
+            "expected field {field}: {}",
+            status.message()
+        );
+    };
+    let mut spec = sample_spec();
+    spec.tables[0].columns[2].r#type = "blob".into();
+    invalid(
+        registry
+            .create_product(authed(
+                &cast.provider_admin,
+                proto::CreateProductRequest {
+                    id: "population".into(),
+                    spec: Some(spec),
+                },
+            ))
+            .await
+            .unwrap_err(),
+        "spec.tables[0].columns[2].type",
+    );
+    invalid(
+        registry
+            .create_product(authed(
+                &cast.provider_admin,
+                proto::CreateProductRequest {
+                    id: "Bad Id".into(),
+                    spec: Some(sample_spec()),
+                },
+            ))
+            .await
+            .unwrap_err(),
+        "id",
+    );
+    invalid(
+        identity
+            .create_organization(authed(
+                &cast.admin,
+                proto::CreateOrganizationRequest {
+                    id: "new-org".into(),
+                    display_name: "New".into(),
+                    kind: 0,
+                },
+            ))
+            .await
+            .unwrap_err(),
+        "kind",
+    );
+    invalid(
+        identity
+            .issue_token(authed(
+                &cast.admin,
+                proto::IssueTokenRequest {
+                    user_id: "usr-x".into(),
+                    ttl_seconds: 0,
+                    description: String::new(),
+                },
+            ))
+            .await
+            .unwrap_err(),
+        "ttl_seconds",
+    );
+    let consumer_user = identity
+        .who_am_i(authed(&cast.consumer_analyst, proto::WhoAmIRequest {}))
+        .await?
+        .into_inner()
+        .user
+        .context("user")?
+        .id;
+    invalid(
+        identity
+            .grant_role(authed(
+                &cast.admin,
+                proto::RoleBindingRequest {
+                    user_id: consumer_user.clone(),
+                    role: "provider-admin".into(),
+                },
+            ))
+            .await
+            .unwrap_err(),
+        "role",
+    );
+    invalid(
+        identity
+            .grant_role(authed(
+                &cast.admin,
+                proto::RoleBindingRequest {
+                    user_id: consumer_user,
+                    role: "superuser".into(),
+                },
+            ))
+            .await
+            .unwrap_err(),
+        "role",
+    );
+    publish(&market, &cast, "population").await?;
+    let mut contracts = ContractsClient::new(market.channel.clone());
+    let mut request = contract_request("population");
+    request.plan_id = "gold".into();
+    invalid(
+        contracts
+            .request_contract(authed(&cast.consumer_admin, request))
+            .await
+            .unwrap_err(),
+        "plan_id",
+    );
+    let mut request = contract_request("population");
+    request.operations = Some(proto::AllowedOperations {
+        aggregate_sql: false,
+        list_columns: vec!["person_id".into()],
+        algorithm_sha256: vec![],
+    });
+    invalid(
+        contracts
+            .request_contract(authed(&cast.consumer_admin, request))
+            .await
+            .unwrap_err(),
+        "operations.list_columns[0]",
+    );
+    let mut request = contract_request("population");
+    request.duration_days = 5000;
+    invalid(
+        contracts
+            .request_contract(authed(&cast.consumer_admin, request))
+            .await
+            .unwrap_err(),
+        "duration_days",
+    );
+    // Wrong state: a published product cannot be submitted; nothing changes.
+    let status = registry
+        .submit_product(authed(&cast.provider_admin, action("population", "")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("is published"),
+        "{}",
+        status.message()
+    );
+    let product = registry
+        .get_product(authed(
+            &cast.provider_admin,
+            proto::GetProductRequest {
+                product_id: "population".into(),
+            },
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(product.state(), proto::ProductState::Published);
+    // Duplicates.
+    let status = registry
+        .create_product(authed(
+            &cast.provider_admin,
+            proto::CreateProductRequest {
+                id: "population".into(),
+                spec: Some(sample_spec()),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+    market.stop().await;
+    Ok(())
+}
+
+macro_rules! on_both_databases {
+    ($($scenario:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $scenario() -> anyhow::Result<()> {
+                    super::$scenario(civicgrid_tests::market::Db::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $scenario() -> anyhow::Result<()> {
+                    super::$scenario(civicgrid_tests::market::Db::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_databases!(
+    lifecycle_contract_and_verified_audit,
+    tampering_is_reported,
+    every_role_gets_exactly_its_permissions,
+    bad_input_is_refused_with_the_field_named,
+);
