@@ -1,12 +1,769 @@
-//! The `civicgrid` CLI for providers, enterprises and regulators.
-use clap::Parser;
+//! `civicgrid`: the command-line client for providers, consumers, platform
+//! operators and regulators.
+use std::path::PathBuf;
 
-/// CivicGrid command-line client (not yet implemented).
+use anyhow::Context as _;
+use civicgrid_marketplace::audit::checkpoint::NoteVerifier;
+use civicgrid_marketplace::audit::verify::{BearerToken, verify_log};
+use civicgrid_marketplace::proto::{
+    self, audit_client::AuditClient, contracts_client::ContractsClient,
+    identity_client::IdentityClient, registry_client::RegistryClient,
+};
+use clap::{Parser, Subcommand, ValueEnum};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// CivicGrid marketplace client.
 #[derive(Parser)]
 #[command(version, about)]
-struct Args {}
+struct Cli {
+    /// The marketplace server.
+    #[arg(
+        long,
+        global = true,
+        env = "CIVICGRID_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    server: String,
+    /// Your API token.
+    #[arg(long, global = true, env = "CIVICGRID_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// How to print results.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _args = Args::parse();
-    anyhow::bail!("the civicgrid CLI is not implemented yet")
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Who the token belongs to, and its roles.
+    Whoami,
+    /// Organizations (tenants).
+    #[command(subcommand)]
+    Org(OrgCommand),
+    /// Users.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Role bindings.
+    #[command(subcommand)]
+    Role(RoleCommand),
+    /// Data products and their registration.
+    #[command(subcommand)]
+    Product(ProductCommand),
+    /// Search the catalog of published products.
+    Catalog {
+        /// Words that must all appear.
+        #[arg(long = "keyword")]
+        keywords: Vec<String>,
+        #[arg(long, default_value = "")]
+        tier: String,
+        #[arg(long, default_value = "")]
+        region: String,
+        #[arg(long, default_value = "")]
+        provider: String,
+        /// public, internal, sensitive or blocked.
+        #[arg(long)]
+        max_sensitivity: Option<String>,
+    },
+    /// Contracts.
+    #[command(subcommand)]
+    Contract(ContractCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+enum OrgCommand {
+    Create {
+        id: String,
+        #[arg(long)]
+        name: String,
+        /// provider, consumer, platform or regulator.
+        #[arg(long)]
+        kind: String,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    Create {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Prints the secret once.
+    Issue {
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value_t = 30 * 24 * 3600)]
+        ttl_seconds: i64,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    Revoke {
+        token_id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RoleCommand {
+    Grant {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        role: String,
+    },
+    Revoke {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        role: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProductCommand {
+    /// Create a draft from a spec file (proto3 JSON of ProductSpec).
+    Create {
+        id: String,
+        #[arg(long)]
+        spec: PathBuf,
+    },
+    Submit {
+        id: String,
+    },
+    /// Start the public notice (platform admin).
+    Notice {
+        id: String,
+        #[arg(long, default_value_t = 7)]
+        days: i64,
+    },
+    Approve {
+        id: String,
+    },
+    Reject {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    Publish {
+        id: String,
+    },
+    Suspend {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    Retire {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    Revise {
+        id: String,
+        #[arg(long)]
+        spec: PathBuf,
+        #[arg(long)]
+        reason: String,
+    },
+    Transfer {
+        id: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        reason: String,
+    },
+    Get {
+        id: String,
+    },
+    Events {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ContractCommand {
+    Request {
+        product: String,
+        #[arg(long)]
+        plan: String,
+        /// Ask for aggregate SQL queries.
+        #[arg(long)]
+        aggregate: bool,
+        /// A column list queries may return (repeat).
+        #[arg(long = "list-column")]
+        list_columns: Vec<String>,
+        /// An approved algorithm's sha256 (repeat).
+        #[arg(long = "algorithm")]
+        algorithms: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        monthly_quota: i64,
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+        #[arg(long)]
+        purpose: String,
+    },
+    Approve {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    Reject {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    Revoke {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    Get {
+        id: String,
+    },
+    List {
+        #[arg(long, default_value = "")]
+        product: String,
+    },
+    /// May my organization run this operation now?
+    Check {
+        product: String,
+        /// aggregate-sql, list-sql or algorithm.
+        #[arg(long)]
+        operation: String,
+        #[arg(long = "column")]
+        columns: Vec<String>,
+        #[arg(long, default_value = "")]
+        algorithm: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// The latest signed checkpoint; --save writes the note to a file.
+    Checkpoint {
+        #[arg(long)]
+        save: Option<PathBuf>,
+    },
+    /// Entries [start, end).
+    Entries {
+        #[arg(long, default_value_t = 0)]
+        start: i64,
+        #[arg(long, default_value_t = 1000)]
+        end: i64,
+        #[arg(long, default_value = "")]
+        kind_prefix: String,
+        #[arg(long, default_value = "")]
+        tenant: String,
+    },
+    /// Verify the live log with the log's public key, against a checkpoint
+    /// saved earlier. Exits 2 when the log was tampered with.
+    Verify {
+        /// The verifier key (name+hash+key), given out of band.
+        #[arg(long, env = "CIVICGRID_LOG_KEY")]
+        key: String,
+        /// The log's origin (checkpoint first line); defaults to the key's name.
+        #[arg(long)]
+        origin: Option<String>,
+        /// A checkpoint note saved earlier, to check the log extends it.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// After a clean verification, overwrite --checkpoint with the new one.
+        #[arg(long, requires = "checkpoint")]
+        update: bool,
+    },
+}
+
+type Authed = InterceptedService<Channel, BearerToken>;
+
+struct Clients {
+    identity: IdentityClient<Authed>,
+    registry: RegistryClient<Authed>,
+    contracts: ContractsClient<Authed>,
+    audit: AuditClient<Authed>,
+}
+
+async fn connect(cli: &Cli) -> anyhow::Result<Clients> {
+    let token = cli
+        .token
+        .as_deref()
+        .context("no token: pass --token or set CIVICGRID_TOKEN")?;
+    let token = BearerToken::new(token).context("--token: not a printable ASCII token")?;
+    let channel = Channel::from_shared(cli.server.clone())
+        .with_context(|| format!("--server: {:?} is not a URL", cli.server))?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", cli.server))?;
+    Ok(Clients {
+        identity: IdentityClient::with_interceptor(channel.clone(), token.clone()),
+        registry: RegistryClient::with_interceptor(channel.clone(), token.clone()),
+        contracts: ContractsClient::with_interceptor(channel.clone(), token.clone()),
+        audit: AuditClient::with_interceptor(channel, token),
+    })
+}
+
+fn print<T: serde::Serialize>(output: Output, value: &T) -> anyhow::Result<()> {
+    let json = serde_json::to_value(value)?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&json)?),
+        Output::Table => println!("{}", table(&json)),
+    }
+    Ok(())
+}
+
+fn cell(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(text) => text.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// A response as a table: a list becomes one row per item, anything else one
+/// row per field.
+fn table(json: &serde_json::Value) -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::NOTHING);
+    let list = json.as_object().and_then(|object| {
+        let mut arrays = object.values().filter_map(serde_json::Value::as_array);
+        let first = arrays.next()?;
+        (object.len() == 1).then_some(first)
+    });
+    if let Some(items) = list {
+        let mut columns: Vec<String> = Vec::new();
+        for item in items {
+            for (key, value) in item.as_object().into_iter().flatten() {
+                if !value.is_object() && !value.is_array() && !columns.contains(key) {
+                    columns.push(key.clone());
+                }
+            }
+        }
+        table.set_header(columns.iter().map(|c| c.to_uppercase()));
+        for item in items {
+            table.add_row(
+                columns
+                    .iter()
+                    .map(|c| cell(item.get(c).unwrap_or(&serde_json::Value::Null))),
+            );
+        }
+    } else if let Some(object) = json.as_object() {
+        for (key, value) in object {
+            table.add_row([key.clone(), cell(value)]);
+        }
+    }
+    table
+}
+
+fn read_spec(path: &PathBuf) -> anyhow::Result<proto::ProductSpec> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--spec: reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "--spec: {} is not a ProductSpec in proto3 JSON",
+            path.display()
+        )
+    })
+}
+
+fn sensitivity(name: &str) -> anyhow::Result<proto::Sensitivity> {
+    proto::Sensitivity::from_str_name(&format!("SENSITIVITY_{}", name.to_uppercase())).with_context(
+        || format!("--max-sensitivity: {name:?} is not public, internal, sensitive or blocked"),
+    )
+}
+
+fn action(id: String, reason: String) -> proto::ProductAction {
+    proto::ProductAction {
+        product_id: id,
+        reason,
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let output = cli.output;
+    let mut c = connect(&cli).await?;
+    match cli.command {
+        Command::Whoami => print(
+            output,
+            &c.identity
+                .who_am_i(proto::WhoAmIRequest {})
+                .await?
+                .into_inner(),
+        )?,
+        Command::Org(OrgCommand::Create { id, name, kind }) => {
+            let kind = proto::OrganizationKind::from_str_name(&format!(
+                "ORGANIZATION_KIND_{}",
+                kind.to_uppercase()
+            ))
+            .with_context(|| {
+                format!("--kind: {kind:?} is not provider, consumer, platform or regulator")
+            })?;
+            let request = proto::CreateOrganizationRequest {
+                id,
+                display_name: name,
+                kind: kind as i32,
+            };
+            print(
+                output,
+                &c.identity.create_organization(request).await?.into_inner(),
+            )?;
+        }
+        Command::Org(OrgCommand::List) => {
+            print(
+                output,
+                &c.identity
+                    .list_organizations(proto::ListOrganizationsRequest {})
+                    .await?
+                    .into_inner(),
+            )?;
+        }
+        Command::User(UserCommand::Create { org, name }) => {
+            let request = proto::CreateUserRequest {
+                organization_id: org,
+                name,
+            };
+            print(output, &c.identity.create_user(request).await?.into_inner())?;
+        }
+        Command::Token(TokenCommand::Issue {
+            user,
+            ttl_seconds,
+            description,
+        }) => {
+            let request = proto::IssueTokenRequest {
+                user_id: user,
+                ttl_seconds,
+                description,
+            };
+            print(output, &c.identity.issue_token(request).await?.into_inner())?;
+        }
+        Command::Token(TokenCommand::Revoke { token_id }) => {
+            c.identity
+                .revoke_token(proto::RevokeTokenRequest { token_id })
+                .await?;
+        }
+        Command::Role(RoleCommand::Grant { user, role }) => {
+            print(
+                output,
+                &c.identity
+                    .grant_role(proto::RoleBindingRequest {
+                        user_id: user,
+                        role,
+                    })
+                    .await?
+                    .into_inner(),
+            )?;
+        }
+        Command::Role(RoleCommand::Revoke { user, role }) => {
+            print(
+                output,
+                &c.identity
+                    .revoke_role(proto::RoleBindingRequest {
+                        user_id: user,
+                        role,
+                    })
+                    .await?
+                    .into_inner(),
+            )?;
+        }
+        Command::Product(command) => {
+            let r = &mut c.registry;
+            let product = match command {
+                ProductCommand::Create { id, spec } => {
+                    r.create_product(proto::CreateProductRequest {
+                        id,
+                        spec: Some(read_spec(&spec)?),
+                    })
+                    .await?
+                }
+                ProductCommand::Submit { id } => {
+                    r.submit_product(action(id, String::new())).await?
+                }
+                ProductCommand::Notice { id, days } => {
+                    r.start_public_notice(proto::StartPublicNoticeRequest {
+                        product_id: id,
+                        notice_days: days,
+                    })
+                    .await?
+                }
+                ProductCommand::Approve { id } => {
+                    r.approve_registration(action(id, String::new())).await?
+                }
+                ProductCommand::Reject { id, reason } => {
+                    r.reject_registration(action(id, reason)).await?
+                }
+                ProductCommand::Publish { id } => {
+                    r.publish_product(action(id, String::new())).await?
+                }
+                ProductCommand::Suspend { id, reason } => {
+                    r.suspend_product(action(id, reason)).await?
+                }
+                ProductCommand::Retire { id, reason } => {
+                    r.retire_product(action(id, reason)).await?
+                }
+                ProductCommand::Revise { id, spec, reason } => {
+                    r.revise_product(proto::ReviseProductRequest {
+                        product_id: id,
+                        spec: Some(read_spec(&spec)?),
+                        reason,
+                    })
+                    .await?
+                }
+                ProductCommand::Transfer { id, to, reason } => {
+                    r.transfer_product(proto::TransferProductRequest {
+                        product_id: id,
+                        to_organization_id: to,
+                        reason,
+                    })
+                    .await?
+                }
+                ProductCommand::Get { id } => {
+                    r.get_product(proto::GetProductRequest { product_id: id })
+                        .await?
+                }
+                ProductCommand::Events { id } => {
+                    let events = r
+                        .list_registration_events(proto::GetProductRequest { product_id: id })
+                        .await?;
+                    print(output, &events.into_inner())?;
+                    return Ok(0);
+                }
+            };
+            print(output, &product.into_inner())?;
+        }
+        Command::Catalog {
+            keywords,
+            tier,
+            region,
+            provider,
+            max_sensitivity,
+        } => {
+            let max_sensitivity = max_sensitivity
+                .as_deref()
+                .map(sensitivity)
+                .transpose()?
+                .unwrap_or_default();
+            let request = proto::SearchCatalogRequest {
+                keywords,
+                tier,
+                region,
+                provider_organization_id: provider,
+                max_sensitivity: max_sensitivity as i32,
+            };
+            print(
+                output,
+                &c.registry.search_catalog(request).await?.into_inner(),
+            )?;
+        }
+        Command::Contract(command) => {
+            let k = &mut c.contracts;
+            let contract = match command {
+                ContractCommand::Request {
+                    product,
+                    plan,
+                    aggregate,
+                    list_columns,
+                    algorithms,
+                    monthly_quota,
+                    days,
+                    purpose,
+                } => {
+                    k.request_contract(proto::RequestContractRequest {
+                        product_id: product,
+                        plan_id: plan,
+                        operations: Some(proto::AllowedOperations {
+                            aggregate_sql: aggregate,
+                            list_columns,
+                            algorithm_sha256: algorithms,
+                        }),
+                        monthly_query_quota: monthly_quota,
+                        duration_days: days,
+                        purpose,
+                    })
+                    .await?
+                }
+                ContractCommand::Approve { id, reason } => {
+                    k.approve_contract(proto::ContractAction {
+                        contract_id: id,
+                        reason,
+                    })
+                    .await?
+                }
+                ContractCommand::Reject { id, reason } => {
+                    k.reject_contract(proto::ContractAction {
+                        contract_id: id,
+                        reason,
+                    })
+                    .await?
+                }
+                ContractCommand::Revoke { id, reason } => {
+                    k.revoke_contract(proto::ContractAction {
+                        contract_id: id,
+                        reason,
+                    })
+                    .await?
+                }
+                ContractCommand::Get { id } => {
+                    k.get_contract(proto::ContractAction {
+                        contract_id: id,
+                        reason: String::new(),
+                    })
+                    .await?
+                }
+                ContractCommand::List { product } => {
+                    print(
+                        output,
+                        &k.list_contracts(proto::ListContractsRequest {
+                            product_id: product,
+                        })
+                        .await?
+                        .into_inner(),
+                    )?;
+                    return Ok(0);
+                }
+                ContractCommand::Check {
+                    product,
+                    operation,
+                    columns,
+                    algorithm,
+                } => {
+                    let kind = proto::OperationKind::from_str_name(&format!(
+                        "OPERATION_KIND_{}",
+                        operation.to_uppercase().replace('-', "_")
+                    ))
+                    .with_context(|| {
+                        format!(
+                            "--operation: {operation:?} is not aggregate-sql, list-sql or algorithm"
+                        )
+                    })?;
+                    let answer = k
+                        .check_operation(proto::CheckOperationRequest {
+                            product_id: product,
+                            operation: kind as i32,
+                            columns,
+                            algorithm_sha256: algorithm,
+                        })
+                        .await?
+                        .into_inner();
+                    print(output, &answer)?;
+                    return Ok(if answer.allowed { 0 } else { 3 });
+                }
+            };
+            print(output, &contract.into_inner())?;
+        }
+        Command::Audit(AuditCommand::Checkpoint { save }) => {
+            let checkpoint = c
+                .audit
+                .get_checkpoint(proto::GetCheckpointRequest {})
+                .await?
+                .into_inner();
+            if let Some(path) = save {
+                std::fs::write(&path, &checkpoint.note)
+                    .with_context(|| format!("--save: writing {}", path.display()))?;
+            }
+            print(output, &checkpoint)?;
+        }
+        Command::Audit(AuditCommand::Entries {
+            start,
+            end,
+            kind_prefix,
+            tenant,
+        }) => {
+            let entries = c
+                .audit
+                .get_entries(proto::GetEntriesRequest {
+                    start,
+                    end,
+                    kind_prefix,
+                    tenant,
+                })
+                .await?
+                .into_inner();
+            // Bodies are JSON: show them as JSON, not base64.
+            let rows: Vec<serde_json::Value> = entries
+                .entries
+                .iter()
+                .map(|entry| {
+                    let body: serde_json::Value =
+                        serde_json::from_slice(&entry.body).unwrap_or(serde_json::Value::Null);
+                    serde_json::json!({
+                        "index": entry.index,
+                        "at_unix_ms": body["at_unix_ms"],
+                        "kind": body["kind"],
+                        "actor": body["actor"],
+                        "tenant": body["tenant"],
+                        "subject": body["subject"],
+                        "details": body["details"],
+                    })
+                })
+                .collect();
+            print(output, &serde_json::json!({ "entries": rows }))?;
+        }
+        Command::Audit(AuditCommand::Verify {
+            key,
+            origin,
+            checkpoint,
+            update,
+        }) => {
+            let key: NoteVerifier = key.parse().context("--key")?;
+            let origin = origin.unwrap_or_else(|| key.name().to_owned());
+            let saved = checkpoint
+                .as_ref()
+                .map(|path| {
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("--checkpoint: reading {}", path.display()))
+                })
+                .transpose()?;
+            let report = verify_log(&mut c.audit, &key, &origin, saved.as_deref()).await?;
+            let findings: Vec<String> = report.findings.iter().map(ToString::to_string).collect();
+            print(
+                output,
+                &serde_json::json!({
+                    "verified": findings.is_empty(),
+                    "tree_size": report.checkpoint.size,
+                    "entries_checked": report.entries_checked,
+                    "findings": findings.join("; "),
+                }),
+            )?;
+            if !findings.is_empty() {
+                return Ok(2);
+            }
+            if update && let Some(path) = checkpoint {
+                std::fs::write(&path, &report.note)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+    }
+    Ok(0)
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => std::process::exit(code),
+        Err(error) => {
+            if let Some(status) = error.downcast_ref::<tonic::Status>() {
+                eprintln!("error: {:?}: {}", status.code(), status.message());
+            } else {
+                eprintln!("error: {error:#}");
+            }
+            std::process::exit(1);
+        }
+    }
 }

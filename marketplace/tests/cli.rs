@@ -1,0 +1,288 @@
+//! The two binaries as people use them: `civicgrid-marketplace init` and
+//! `serve`, then the `civicgrid` CLI for a provider, the platform, a consumer
+//! and a regulator — the sequence docs/marketplace.md walks through — ending
+//! with `audit verify` catching an edit made directly in the database.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn marketplace(data_dir: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_civicgrid-marketplace"));
+    command
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "warn");
+    command
+}
+
+/// Runs the CLI; returns (exit code, stdout, stderr).
+fn civicgrid(server: &str, token: &str, args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_civicgrid"))
+        .args(args)
+        .env("CIVICGRID_SERVER", server)
+        .env("CIVICGRID_TOKEN", token)
+        .output()
+        .expect("civicgrid runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn json(server: &str, token: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--output", "json"];
+    all.extend_from_slice(args);
+    let (code, stdout, stderr) = civicgrid(server, token, &all);
+    assert_eq!(code, 0, "civicgrid {args:?} failed: {stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|error| panic!("{args:?}: {error}: {stdout}"))
+}
+
+fn token_for(server: &str, admin: &str, org: &str, name: &str, role: &str) -> String {
+    let user = json(
+        server,
+        admin,
+        &["user", "create", "--org", org, "--name", name],
+    );
+    let user_id = user["id"].as_str().unwrap().to_owned();
+    json(
+        server,
+        admin,
+        &["role", "grant", "--user", &user_id, "--role", role],
+    );
+    json(server, admin, &["token", "issue", "--user", &user_id])["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn cli_walks_registration_contract_and_audit_and_verify_catches_tampering() {
+    let data = tempfile::tempdir().unwrap();
+    let spec = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/products/population.json"
+    );
+
+    let init = marketplace(data.path(), &["init", "--admin-name", "admin@city.example"])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let admin = String::from_utf8(init.stdout).unwrap().trim().to_owned();
+    assert!(admin.starts_with("cgt_"));
+    let again = marketplace(data.path(), &["init", "--admin-name", "x"])
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "a second init is refused");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("initialised already"));
+
+    let key = marketplace(data.path(), &["verifier-key"])
+        .output()
+        .unwrap();
+    let key = String::from_utf8(key.stdout).unwrap().trim().to_owned();
+    assert!(key.starts_with("civicgrid.local/audit+"), "{key}");
+
+    let mut child = marketplace(data.path(), &["serve", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _server = Server(child);
+    let address = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("address line")
+        .to_owned();
+    let server = format!("http://{address}");
+
+    for (id, kind) in [
+        ("city-data", "provider"),
+        ("acme", "consumer"),
+        ("audit-office", "regulator"),
+    ] {
+        json(
+            &server,
+            &admin,
+            &["org", "create", id, "--name", id, "--kind", kind],
+        );
+    }
+    let provider = token_for(
+        &server,
+        &admin,
+        "city-data",
+        "pa@city-data",
+        "provider-admin",
+    );
+    let consumer = token_for(&server, &admin, "acme", "ca@acme", "consumer-admin");
+    let regulator = token_for(
+        &server,
+        &admin,
+        "audit-office",
+        "inspector@audit",
+        "regulator",
+    );
+
+    let draft = json(
+        &server,
+        &provider,
+        &["product", "create", "population", "--spec", spec],
+    );
+    assert_eq!(draft["state"], "PRODUCT_STATE_DRAFT");
+    json(&server, &provider, &["product", "submit", "population"]);
+    json(
+        &server,
+        &admin,
+        &["product", "notice", "population", "--days", "0"],
+    );
+    let registered = json(&server, &admin, &["product", "approve", "population"]);
+    assert!(
+        registered["registrationNumber"]
+            .as_str()
+            .unwrap()
+            .starts_with("CG-")
+    );
+    json(&server, &provider, &["product", "publish", "population"]);
+
+    let catalog = json(&server, &consumer, &["catalog", "--keyword", "census"]);
+    assert_eq!(catalog["products"][0]["id"], "population");
+    let (code, table, _) = civicgrid(&server, &consumer, &["catalog"]);
+    assert_eq!(code, 0);
+    assert!(
+        table.contains("population") && table.contains("PRODUCT_STATE_PUBLISHED"),
+        "{table}"
+    );
+
+    let contract = json(
+        &server,
+        &consumer,
+        &[
+            "contract",
+            "request",
+            "population",
+            "--plan",
+            "per-query",
+            "--aggregate",
+            "--days",
+            "30",
+            "--purpose",
+            "bus planning",
+        ],
+    );
+    let contract_id = contract["id"].as_str().unwrap().to_owned();
+    json(&server, &provider, &["contract", "approve", &contract_id]);
+    let (code, _, _) = civicgrid(
+        &server,
+        &consumer,
+        &[
+            "contract",
+            "check",
+            "population",
+            "--operation",
+            "aggregate-sql",
+        ],
+    );
+    assert_eq!(code, 0, "aggregate SQL is allowed");
+    let (code, _, _) = civicgrid(
+        &server,
+        &consumer,
+        &[
+            "contract",
+            "check",
+            "population",
+            "--operation",
+            "list-sql",
+            "--column",
+            "district",
+        ],
+    );
+    assert_eq!(code, 3, "list SQL was not part of the contract");
+
+    // Bad input names the field, and the CLI exits 1 with the status.
+    let (code, _, stderr) = civicgrid(
+        &server,
+        &provider,
+        &["product", "retire", "population", "--reason", ""],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("InvalidArgument: invalid reason: is required"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = civicgrid(&server, &consumer, &["product", "notice", "population"]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("PermissionDenied") && stderr.contains("product:review"),
+        "{stderr}"
+    );
+
+    // The regulator saves a checkpoint, verifies, and catches an edit.
+    let saved = data.path().join("saved.checkpoint");
+    let saved_arg = saved.to_str().unwrap();
+    json(
+        &server,
+        &regulator,
+        &["audit", "checkpoint", "--save", saved_arg],
+    );
+    let verified = json(
+        &server,
+        &regulator,
+        &["audit", "verify", "--key", &key, "--checkpoint", saved_arg],
+    );
+    assert_eq!(verified["verified"], true, "{verified}");
+    let entries = json(
+        &server,
+        &regulator,
+        &["audit", "entries", "--kind-prefix", "contract."],
+    );
+    assert_eq!(
+        entries["entries"].as_array().unwrap().len(),
+        2,
+        "requested and approved"
+    );
+
+    let database = data.path().join("marketplace.db");
+    let edit = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); \
+             c.execute(\"UPDATE audit_entries SET body = CAST(replace(CAST(body AS TEXT), 'bus planning', 'nothing to see') AS BLOB) WHERE kind = 'contract.requested'\"); c.commit()",
+            database.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(edit.success());
+    let (code, stdout, _) = civicgrid(
+        &server,
+        &regulator,
+        &[
+            "--output",
+            "json",
+            "audit",
+            "verify",
+            "--key",
+            &key,
+            "--checkpoint",
+            saved_arg,
+        ],
+    );
+    assert_eq!(code, 2, "tampering is an exit code of its own: {stdout}");
+    assert!(stdout.contains("was rewritten"), "{stdout}");
+}
