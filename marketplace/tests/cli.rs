@@ -258,6 +258,41 @@ fn cli_walks_registration_contract_and_audit_and_verify_catches_tampering() {
         "requested and approved"
     );
 
+    // By hand, as docs/audit.md shows: raw entries, the stdlib script, the
+    // checkpoint's size and root lines.
+    let note = std::fs::read_to_string(&saved).unwrap();
+    let mut lines = note.lines();
+    let (_origin, size, root) = (
+        lines.next().unwrap(),
+        lines.next().unwrap(),
+        lines.next().unwrap(),
+    );
+    let (code, raw, stderr) = civicgrid(
+        &server,
+        &regulator,
+        &["audit", "entries", "--raw", "--end", size],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let raw_file = data.path().join("entries.jsonl");
+    std::fs::write(&raw_file, raw).unwrap();
+    let by_hand = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tools/audit/merkle_root.py"
+        ))
+        .arg(&raw_file)
+        .output()
+        .unwrap();
+    assert!(
+        by_hand.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_hand.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(by_hand.stdout).unwrap(),
+        format!("{size}\n{root}\n")
+    );
+
     let database = data.path().join("marketplace.db");
     let edit = Command::new("python3")
         .args([

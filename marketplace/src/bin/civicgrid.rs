@@ -272,6 +272,10 @@ enum AuditCommand {
         kind_prefix: String,
         #[arg(long, default_value = "")]
         tenant: String,
+        /// Print each entry's exact bytes, one per line (what the leaf hash
+        /// covers), for checking by hand.
+        #[arg(long)]
+        raw: bool,
     },
     /// Verify the live log with the log's public key, against a checkpoint
     /// saved earlier. Exits 2 when the log was tampered with.
@@ -683,6 +687,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             end,
             kind_prefix,
             tenant,
+            raw,
         }) => {
             let entries = c
                 .audit
@@ -694,6 +699,16 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 })
                 .await?
                 .into_inner();
+            if raw {
+                use std::io::Write as _;
+                let mut stdout = std::io::stdout().lock();
+                for entry in &entries.entries {
+                    // Bodies are compact JSON: no newline inside one.
+                    stdout.write_all(&entry.body)?;
+                    stdout.write_all(b"\n")?;
+                }
+                return Ok(0);
+            }
             // Bodies are JSON: show them as JSON, not base64.
             let rows: Vec<serde_json::Value> = entries
                 .entries
