@@ -85,6 +85,7 @@ pub const ROLE_PERMISSIONS: &[(&str, &[&str])] = &[
             "contract:decide",
             "contract:revoke",
             "catalog:search",
+            "demand:answer",
         ],
     ),
     (
@@ -103,11 +104,18 @@ pub const ROLE_PERMISSIONS: &[(&str, &[&str])] = &[
             "contract:revoke",
             "contract:check",
             "catalog:search",
+            "demand:post",
+            "demand:close",
         ],
     ),
     (
         "consumer-analyst",
-        &["contract:read", "contract:check", "catalog:search"],
+        &[
+            "contract:read",
+            "contract:check",
+            "catalog:search",
+            "demand:post",
+        ],
     ),
     (
         "regulator",

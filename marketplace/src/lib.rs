@@ -9,6 +9,8 @@
 pub mod access;
 pub mod audit;
 pub mod contracts;
+pub mod dcat;
+pub mod demand;
 pub mod error;
 pub mod identity;
 pub mod registry;

@@ -788,6 +788,138 @@ impl proto::registry_server::Registry for RegistryService {
         let products = registry::search(&mut connection, &request).await?;
         Ok(Response::new(proto::SearchCatalogResponse { products }))
     }
+
+    async fn export_catalog(
+        &self,
+        request: Request<proto::ExportCatalogRequest>,
+    ) -> Result<Response<proto::ExportCatalogResponse>, Status> {
+        let principal = self.0.authenticate(&request).await?;
+        self.0
+            .require(&principal, &principal.organization.id, "catalog:search")
+            .await?;
+        let request = request.into_inner();
+        let base_uri = if request.base_uri.is_empty() {
+            format!("https://{}", self.0.origin)
+        } else if request.base_uri.starts_with("https://")
+            || request.base_uri.starts_with("http://")
+        {
+            request.base_uri
+        } else {
+            return Err(MarketError::invalid("base_uri", "an http:// or https:// URI").into());
+        };
+        let mut connection = self
+            .0
+            .store
+            .pool()
+            .acquire()
+            .await
+            .map_err(MarketError::from)?;
+        let products =
+            registry::search(&mut connection, &proto::SearchCatalogRequest::default()).await?;
+        let organizations = identity::list_organizations(&mut connection).await?;
+        let platform = organizations
+            .iter()
+            .find(|o| o.kind == OrganizationKind::Platform)
+            .map_or_else(|| "CivicGrid".to_owned(), |o| o.display_name.clone());
+        let names = organizations
+            .into_iter()
+            .map(|o| (o.id, o.display_name))
+            .collect();
+        let document = crate::dcat::catalog(&base_uri, &platform, &products, &names);
+        Ok(Response::new(proto::ExportCatalogResponse {
+            json_ld: serde_json::to_string_pretty(&document)
+                .map_err(|e| MarketError::Corrupt(e.to_string()))?,
+        }))
+    }
+
+    async fn post_demand(
+        &self,
+        request: Request<proto::PostDemandRequest>,
+    ) -> Result<Response<proto::Demand>, Status> {
+        let principal = self.0.authenticate(&request).await?;
+        let consumer = principal.organization.id.clone();
+        self.0.require(&principal, &consumer, "demand:post").await?;
+        let request = request.into_inner();
+        let mut transaction = self.0.store.begin().await?;
+        let demand = crate::demand::post(
+            &mut transaction,
+            self.0.store.backend(),
+            &principal.user.id,
+            &consumer,
+            &request,
+        )
+        .await?;
+        transaction.commit().await.map_err(MarketError::from)?;
+        Ok(Response::new(demand))
+    }
+
+    async fn answer_demand(
+        &self,
+        request: Request<proto::AnswerDemandRequest>,
+    ) -> Result<Response<proto::Demand>, Status> {
+        let principal = self.0.authenticate(&request).await?;
+        let provider = principal.organization.id.clone();
+        self.0
+            .require(&principal, &provider, "demand:answer")
+            .await?;
+        let request = request.into_inner();
+        let mut transaction = self.0.store.begin().await?;
+        let demand = crate::demand::answer(
+            &mut transaction,
+            self.0.store.backend(),
+            &principal.user.id,
+            &provider,
+            &request.demand_id,
+            &request.product_id,
+            &request.message,
+        )
+        .await?;
+        transaction.commit().await.map_err(MarketError::from)?;
+        Ok(Response::new(demand))
+    }
+
+    async fn close_demand(
+        &self,
+        request: Request<proto::CloseDemandRequest>,
+    ) -> Result<Response<proto::Demand>, Status> {
+        let principal = self.0.authenticate(&request).await?;
+        let request = request.into_inner();
+        let mut transaction = self.0.store.begin().await?;
+        let demand = crate::demand::get(&mut transaction, &request.demand_id).await?;
+        self.0
+            .require(&principal, &demand.consumer_organization_id, "demand:close")
+            .await?;
+        let demand = crate::demand::close(
+            &mut transaction,
+            self.0.store.backend(),
+            &principal.user.id,
+            &request.demand_id,
+            &request.reason,
+        )
+        .await?;
+        transaction.commit().await.map_err(MarketError::from)?;
+        Ok(Response::new(demand))
+    }
+
+    async fn list_demands(
+        &self,
+        request: Request<proto::ListDemandsRequest>,
+    ) -> Result<Response<proto::ListDemandsResponse>, Status> {
+        let principal = self.0.authenticate(&request).await?;
+        self.0
+            .require(&principal, &principal.organization.id, "catalog:search")
+            .await?;
+        let request = request.into_inner();
+        let mut connection = self
+            .0
+            .store
+            .pool()
+            .acquire()
+            .await
+            .map_err(MarketError::from)?;
+        let demands = crate::demand::list(&mut connection, &request).await?;
+        Ok(Response::new(proto::ListDemandsResponse { demands }))
+    }
 }
 
 impl RegistryService {

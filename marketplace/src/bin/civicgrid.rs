@@ -74,7 +74,16 @@ enum Command {
         /// public, internal, sensitive or blocked.
         #[arg(long)]
         max_sensitivity: Option<String>,
+        /// Print the whole public catalog as DCAT-AP JSON-LD instead.
+        #[arg(long)]
+        dcat: bool,
+        /// Base of the URIs in the DCAT-AP export.
+        #[arg(long, default_value = "")]
+        base_uri: String,
     },
+    /// The demand list: data consumers need, and providers' answers.
+    #[command(subcommand)]
+    Demand(DemandCommand),
     /// Contracts.
     #[command(subcommand)]
     Contract(ContractCommand),
@@ -195,6 +204,46 @@ enum ProductCommand {
     },
     Events {
         id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DemandCommand {
+    /// Post what data your organization needs.
+    Post {
+        #[arg(long)]
+        title: String,
+        #[arg(long)]
+        description: String,
+        #[arg(long = "keyword")]
+        keywords: Vec<String>,
+        #[arg(long, default_value = "")]
+        tier: String,
+        #[arg(long, default_value = "")]
+        region: String,
+        #[arg(long, default_value_t = 0)]
+        monthly_budget_minor: i64,
+        #[arg(long, default_value = "")]
+        currency: String,
+    },
+    /// Answer a demand with one of your products.
+    Answer {
+        demand: String,
+        #[arg(long)]
+        product: String,
+        #[arg(long, default_value = "")]
+        message: String,
+    },
+    Close {
+        demand: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    List {
+        #[arg(long)]
+        include_closed: bool,
+        #[arg(long = "keyword")]
+        keywords: Vec<String>,
     },
 }
 
@@ -556,7 +605,18 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             region,
             provider,
             max_sensitivity,
+            dcat,
+            base_uri,
         } => {
+            if dcat {
+                let export = c
+                    .registry
+                    .export_catalog(proto::ExportCatalogRequest { base_uri })
+                    .await?
+                    .into_inner();
+                println!("{}", export.json_ld);
+                return Ok(0);
+            }
             let max_sensitivity = max_sensitivity
                 .as_deref()
                 .map(sensitivity)
@@ -573,6 +633,68 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 output,
                 &c.registry.search_catalog(request).await?.into_inner(),
             )?;
+        }
+        Command::Demand(command) => {
+            let r = &mut c.registry;
+            match command {
+                DemandCommand::Post {
+                    title,
+                    description,
+                    keywords,
+                    tier,
+                    region,
+                    monthly_budget_minor,
+                    currency,
+                } => {
+                    let request = proto::PostDemandRequest {
+                        title,
+                        description,
+                        keywords,
+                        tier,
+                        region,
+                        monthly_budget_minor,
+                        currency,
+                    };
+                    print(output, &r.post_demand(request).await?.into_inner())?;
+                }
+                DemandCommand::Answer {
+                    demand,
+                    product,
+                    message,
+                } => {
+                    let request = proto::AnswerDemandRequest {
+                        demand_id: demand,
+                        product_id: product,
+                        message,
+                    };
+                    print(output, &r.answer_demand(request).await?.into_inner())?;
+                }
+                DemandCommand::Close { demand, reason } => {
+                    print(
+                        output,
+                        &r.close_demand(proto::CloseDemandRequest {
+                            demand_id: demand,
+                            reason,
+                        })
+                        .await?
+                        .into_inner(),
+                    )?;
+                }
+                DemandCommand::List {
+                    include_closed,
+                    keywords,
+                } => {
+                    print(
+                        output,
+                        &r.list_demands(proto::ListDemandsRequest {
+                            include_closed,
+                            keywords,
+                        })
+                        .await?
+                        .into_inner(),
+                    )?;
+                }
+            }
         }
         Command::Contract(command) => {
             let k = &mut c.contracts;

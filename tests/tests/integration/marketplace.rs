@@ -620,6 +620,29 @@ async fn call(
             .get_checkpoint(authed(token, proto::GetCheckpointRequest {}))
             .await
             .map(drop),
+        "ExportCatalog" => registry
+            .export_catalog(authed(token, proto::ExportCatalogRequest::default()))
+            .await
+            .map(drop),
+        "PostDemand" => registry
+            .post_demand(authed(token, demand_request()))
+            .await
+            .map(drop),
+        "AnswerDemand" => registry
+            .answer_demand(authed(
+                token,
+                proto::AnswerDemandRequest {
+                    demand_id: fixture.demand.clone(),
+                    product_id: "population".into(),
+                    message: String::new(),
+                },
+            ))
+            .await
+            .map(drop),
+        "ListDemands" => registry
+            .list_demands(authed(token, proto::ListDemandsRequest::default()))
+            .await
+            .map(drop),
         "GetEntries" => audit
             .get_entries(authed(
                 token,
@@ -636,6 +659,7 @@ async fn call(
 }
 
 struct Fixture {
+    demand: String,
     draft_product: String,
     submitted_product: String,
     contract: String,
@@ -670,10 +694,49 @@ async fn every_role_gets_exactly_its_permissions(db: Db) -> anyhow::Result<()> {
         .await?
         .into_inner()
         .id;
+    let demand = registry
+        .post_demand(authed(&cast.consumer_admin, demand_request()))
+        .await?
+        .into_inner()
+        .id;
     let cases = [
         Case {
             name: "CreateOrganization",
             allowed: &["admin"],
+        },
+        Case {
+            name: "ExportCatalog",
+            allowed: &[
+                "admin",
+                "provider_admin",
+                "provider_analyst",
+                "consumer_admin",
+                "consumer_analyst",
+                "regulator",
+                "rival_provider_admin",
+                "rival_consumer_admin",
+            ],
+        },
+        Case {
+            name: "PostDemand",
+            allowed: &["consumer_admin", "consumer_analyst", "rival_consumer_admin"],
+        },
+        Case {
+            name: "AnswerDemand",
+            allowed: &["provider_admin"],
+        },
+        Case {
+            name: "ListDemands",
+            allowed: &[
+                "admin",
+                "provider_admin",
+                "provider_analyst",
+                "consumer_admin",
+                "consumer_analyst",
+                "regulator",
+                "rival_provider_admin",
+                "rival_consumer_admin",
+            ],
         },
         Case {
             name: "ListOrganizations",
@@ -815,6 +878,7 @@ async fn every_role_gets_exactly_its_permissions(db: Db) -> anyhow::Result<()> {
                 .submit_product(authed(&cast.provider_admin, action(&submitted_product, "")))
                 .await?;
             let fixture = Fixture {
+                demand: demand.clone(),
                 draft_product,
                 submitted_product,
                 contract: contract.clone(),
@@ -1056,6 +1120,197 @@ async fn bad_input_is_refused_with_the_field_named(db: Db) -> anyhow::Result<()>
     Ok(())
 }
 
+fn demand_request() -> proto::PostDemandRequest {
+    proto::PostDemandRequest {
+        title: "Bus ridership by stop and hour".into(),
+        description: "Boardings per stop and hour, to plan feeder routes".into(),
+        keywords: vec!["bus".into(), "ridership".into()],
+        tier: String::new(),
+        region: "city-north".into(),
+        monthly_budget_minor: 50_000,
+        currency: "EUR".into(),
+    }
+}
+
+async fn demand_list_and_dcat_export(db: Db) -> anyhow::Result<()> {
+    let market = TestMarket::start(db).await?;
+    let cast = Cast::create(&market).await?;
+    publish(&market, &cast, "population").await?;
+    let mut registry = RegistryClient::new(market.channel.clone());
+    registry
+        .create_product(authed(
+            &cast.provider_admin,
+            proto::CreateProductRequest {
+                id: "still-a-draft".into(),
+                spec: Some(sample_spec()),
+            },
+        ))
+        .await?;
+
+    // Demand: posted by one consumer, seen by everyone, answered, closed.
+    let demand = registry
+        .post_demand(authed(&cast.consumer_analyst, demand_request()))
+        .await?
+        .into_inner();
+    assert_eq!(demand.state(), proto::DemandState::Open);
+    let seen = registry
+        .list_demands(authed(
+            &cast.rival_provider_admin,
+            proto::ListDemandsRequest {
+                include_closed: false,
+                keywords: vec!["Ridership".into()],
+            },
+        ))
+        .await?
+        .into_inner()
+        .demands;
+    assert_eq!(
+        seen.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+        [demand.id.as_str()]
+    );
+    let not_theirs = registry
+        .answer_demand(authed(
+            &cast.rival_provider_admin,
+            proto::AnswerDemandRequest {
+                demand_id: demand.id.clone(),
+                product_id: "population".into(),
+                message: String::new(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(not_theirs.code(), Code::PermissionDenied, "{not_theirs:?}");
+    let answered = registry
+        .answer_demand(authed(
+            &cast.provider_admin,
+            proto::AnswerDemandRequest {
+                demand_id: demand.id.clone(),
+                product_id: "population".into(),
+                message: "per district, monthly".into(),
+            },
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(answered.answers.len(), 1);
+    assert_eq!(answered.answers[0].provider_organization_id, "city-data");
+    let mut bad = demand_request();
+    bad.currency = "euros".into();
+    let status = registry
+        .post_demand(authed(&cast.consumer_admin, bad))
+        .await
+        .unwrap_err();
+    assert!(
+        status.message().starts_with("invalid currency:"),
+        "{}",
+        status.message()
+    );
+    let analyst_close = registry
+        .close_demand(authed(
+            &cast.consumer_analyst,
+            proto::CloseDemandRequest {
+                demand_id: demand.id.clone(),
+                reason: String::new(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(analyst_close.code(), Code::PermissionDenied);
+    registry
+        .close_demand(authed(
+            &cast.consumer_admin,
+            proto::CloseDemandRequest {
+                demand_id: demand.id.clone(),
+                reason: "found it".into(),
+            },
+        ))
+        .await?;
+    let open = registry
+        .list_demands(authed(
+            &cast.consumer_admin,
+            proto::ListDemandsRequest::default(),
+        ))
+        .await?
+        .into_inner()
+        .demands;
+    assert!(open.is_empty());
+    let all = registry
+        .list_demands(authed(
+            &cast.consumer_admin,
+            proto::ListDemandsRequest {
+                include_closed: true,
+                keywords: vec![],
+            },
+        ))
+        .await?
+        .into_inner()
+        .demands;
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].state(), proto::DemandState::Closed);
+    assert_eq!(all[0].answers[0].product_id, "population");
+
+    // DCAT-AP: the published product only, with the mandatory and the
+    // recommended properties we hold.
+    let export = registry
+        .export_catalog(authed(
+            &cast.consumer_analyst,
+            proto::ExportCatalogRequest {
+                base_uri: "https://data.city.example".into(),
+            },
+        ))
+        .await?
+        .into_inner();
+    let document: serde_json::Value = serde_json::from_str(&export.json_ld)?;
+    assert_eq!(document["@type"], "dcat:Catalog");
+    assert_eq!(document["@context"]["dcat"], "http://www.w3.org/ns/dcat#");
+    for property in ["dct:title", "dct:description", "dct:publisher"] {
+        assert!(!document[property].is_null(), "catalog lacks {property}");
+    }
+    let datasets = document["dcat:dataset"].as_array().context("datasets")?;
+    assert_eq!(datasets.len(), 1, "drafts are not in the public catalog");
+    let dataset = &datasets[0];
+    assert_eq!(
+        dataset["@id"],
+        "https://data.city.example/datasets/population"
+    );
+    assert_eq!(dataset["dct:title"], "Population by district");
+    assert!(
+        dataset["dct:description"]
+            .as_str()
+            .is_some_and(|d| !d.is_empty())
+    );
+    assert_eq!(dataset["dct:publisher"]["foaf:name"], "city-data");
+    assert_eq!(
+        dataset["dct:accrualPeriodicity"]["@id"],
+        "http://publications.europa.eu/resource/authority/frequency/MONTHLY"
+    );
+    assert!(
+        dataset["adms:identifier"]["skos:notation"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("CG-"))
+    );
+    assert_eq!(
+        dataset["dcat:distribution"][0]["dct:license"]["@id"],
+        "https://spdx.org/licenses/CC-BY-4.0"
+    );
+    assert!(dataset["dcat:distribution"][0]["dcat:accessURL"]["@id"].is_string());
+    let bad_base = registry
+        .export_catalog(authed(
+            &cast.consumer_analyst,
+            proto::ExportCatalogRequest {
+                base_uri: "ftp://x".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        bad_base.message().starts_with("invalid base_uri:"),
+        "{}",
+        bad_base.message()
+    );
+    market.stop().await;
+    Ok(())
+}
+
 macro_rules! on_both_databases {
     ($($scenario:ident),* $(,)?) => {
         mod sqlite {
@@ -1082,4 +1337,5 @@ on_both_databases!(
     tampering_is_reported,
     every_role_gets_exactly_its_permissions,
     bad_input_is_refused_with_the_field_named,
+    demand_list_and_dcat_export,
 );
