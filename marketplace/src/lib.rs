@@ -13,6 +13,7 @@ pub mod dcat;
 pub mod demand;
 pub mod error;
 pub mod identity;
+pub mod quality;
 pub mod registry;
 pub mod service;
 pub mod store;

@@ -12,8 +12,8 @@ use crate::audit::log::{self, Event};
 use crate::error::{MarketError, Result};
 use crate::identity::validate_slug;
 use crate::proto::{
-    Column, PriceKind, PricePlan, Product, ProductSpec, ProductState, RegistrationEvent,
-    SearchCatalogRequest, Sensitivity,
+    Column, PriceKind, PricePlan, Product, ProductSpec, ProductState, QualityMetrics,
+    RegistrationEvent, SearchCatalogRequest, Sensitivity,
 };
 use crate::store::{Backend, now_ms};
 
@@ -391,6 +391,11 @@ async fn record(
         "provider": product.provider_organization_id,
         "registration_number": product.registration_number,
         "spec_sha256": product.spec.as_ref().map(spec_digest).unwrap_or_default(),
+        "quality": product.spec.as_ref().and_then(|spec| spec.quality.as_ref()).map(|q| serde_json::json!({
+            "completeness": q.completeness,
+            "validity": q.validity,
+            "freshness_seconds": q.freshness_seconds,
+        })),
         "reason": reason,
     });
     let index = log::append(
@@ -484,6 +489,32 @@ async fn save_version(
         .bind(version)
         .bind(spec.encode_to_vec())
         .bind(now_ms())
+        .execute(&mut *connection)
+        .await?;
+    Ok(())
+}
+
+/// Replaces a draft's quality figures with measured ones (at submission).
+///
+/// # Errors
+/// Database failures.
+pub async fn set_quality(
+    connection: &mut AnyConnection,
+    id: &str,
+    quality: QualityMetrics,
+) -> Result<()> {
+    let product = get(connection, id).await?;
+    let mut spec = product.spec.unwrap_or_default();
+    spec.quality = Some(quality);
+    sqlx::query("UPDATE products SET spec = $1 WHERE id = $2")
+        .bind(spec.encode_to_vec())
+        .bind(id.to_owned())
+        .execute(&mut *connection)
+        .await?;
+    sqlx::query("UPDATE product_versions SET spec = $1 WHERE product_id = $2 AND version = $3")
+        .bind(spec.encode_to_vec())
+        .bind(id.to_owned())
+        .bind(product.version)
         .execute(&mut *connection)
         .await?;
     Ok(())

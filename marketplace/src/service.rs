@@ -53,6 +53,7 @@ pub struct Marketplace {
     contracts: ContractIndex,
     signer: NoteSigner,
     origin: String,
+    data_dir: std::path::PathBuf,
 }
 
 fn kind_from_proto(kind: proto::OrganizationKind) -> Result<OrganizationKind> {
@@ -103,7 +104,12 @@ impl Marketplace {
     ///
     /// # Errors
     /// Database failures.
-    pub async fn open(store: Store, signing_key: SigningKey, origin: &str) -> Result<Arc<Self>> {
+    pub async fn open(
+        store: Store,
+        signing_key: SigningKey,
+        origin: &str,
+        data_dir: std::path::PathBuf,
+    ) -> Result<Arc<Self>> {
         if origin.is_empty() || origin.contains(char::is_whitespace) || origin.contains('+') {
             return Err(MarketError::invalid(
                 "log-origin",
@@ -120,6 +126,7 @@ impl Marketplace {
             contracts,
             signer: NoteSigner::new(origin, signing_key),
             origin: origin.to_owned(),
+            data_dir,
         }))
     }
 
@@ -944,6 +951,19 @@ impl RegistryService {
                     "product:suspend",
                 )
                 .await?;
+        }
+        if matches!(step, Step::Submit) && product.state() == proto::ProductState::Draft {
+            // Registration records measured quality, read from the data itself.
+            let spec = product.spec.clone().unwrap_or_default();
+            let dir = crate::quality::resolve_location(&self.0.data_dir, &spec.storage_location)?;
+            let measured = tokio::task::spawn_blocking(move || {
+                crate::quality::measure(&dir, &spec.tables, crate::store::now_ms())
+            })
+            .await
+            .map_err(|error| {
+                MarketError::Corrupt(format!("quality measurement task: {error}"))
+            })??;
+            registry::set_quality(&mut transaction, &request.product_id, measured).await?;
         }
         let product = registry::step(
             &mut transaction,

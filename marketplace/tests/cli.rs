@@ -91,6 +91,15 @@ fn cli_walks_registration_contract_and_audit_and_verify_catches_tampering() {
     assert!(!again.status.success(), "a second init is refused");
     assert!(String::from_utf8_lossy(&again.stderr).contains("initialised already"));
 
+    let sample = marketplace(data.path(), &["sample-data", "--rows", "500"])
+        .output()
+        .unwrap();
+    assert!(
+        sample.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sample.stderr)
+    );
+
     let key = marketplace(data.path(), &["verifier-key"])
         .output()
         .unwrap();
@@ -153,6 +162,11 @@ fn cli_walks_registration_contract_and_audit_and_verify_catches_tampering() {
         &["product", "notice", "population", "--days", "0"],
     );
     let registered = json(&server, &admin, &["product", "approve", "population"]);
+    // Measured from the sample data: 500 residents × 4 columns, 10 household
+    // sizes missing, 5 blank age bands.
+    let measured = |name: &str| registered["spec"]["quality"][name].as_f64().unwrap();
+    assert!((measured("completeness") - 1990.0 / 2000.0).abs() < 1e-12);
+    assert!((measured("validity") - 1985.0 / 1990.0).abs() < 1e-12);
     assert!(
         registered["registrationNumber"]
             .as_str()

@@ -18,6 +18,9 @@ use tonic::transport::Channel;
 /// create databases in (`scripts/postgres.sh` prints one).
 pub const POSTGRES_URL_ENV: &str = "CIVICGRID_TEST_POSTGRES_URL";
 
+/// Residents in the sample data every test market holds.
+pub const SAMPLE_ROWS: usize = 1000;
+
 /// Which database a test runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Db {
@@ -86,7 +89,14 @@ impl TestMarket {
         };
         let store = Store::open(&location).await?;
         let key = ed25519_dalek_key();
-        let market = Marketplace::open(store, key, "audit.civicgrid.test").await?;
+        // The sample product's data, where specs with storage location
+        // `products/population` find it.
+        civicgrid_marketplace::quality::write_sample_population(
+            &dir.path().join("products/population"),
+            SAMPLE_ROWS,
+        )?;
+        let market =
+            Marketplace::open(store, key, "audit.civicgrid.test", dir.path().to_owned()).await?;
         let admin_token = market
             .bootstrap("platform", "admin@city.example")
             .await?

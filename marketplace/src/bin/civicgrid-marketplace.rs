@@ -34,6 +34,15 @@ enum Command {
         #[arg(long)]
         admin_name: String,
     },
+    /// Write the sample `population` product's data (Parquet) under
+    /// `<data-dir>/products/population`, for examples/products/population.json.
+    SampleData {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Residents to generate.
+        #[arg(long, default_value_t = 10_000)]
+        rows: usize,
+    },
     /// Print the audit log's verifier key (give it to regulators out of band).
     VerifierKey {
         #[command(flatten)]
@@ -94,7 +103,7 @@ async fn open(common: &CommonArgs) -> anyhow::Result<std::sync::Arc<Marketplace>
         .clone()
         .unwrap_or_else(|| common.data_dir.join("audit-signing.key"));
     let key = load_or_create_key(&key_file)?;
-    Ok(Marketplace::open(store, key, &common.log_origin).await?)
+    Ok(Marketplace::open(store, key, &common.log_origin, common.data_dir.clone()).await?)
 }
 
 fn load_or_create_key(path: &Path) -> anyhow::Result<SigningKey> {
@@ -147,6 +156,11 @@ async fn main() -> anyhow::Result<()> {
             eprintln!(
                 "created platform organization {organization:?} and admin {admin_name:?}; the line above is its token, shown once"
             );
+        }
+        Command::SampleData { common, rows } => {
+            let dir = common.data_dir.join("products/population");
+            civicgrid_marketplace::quality::write_sample_population(&dir, rows)?;
+            println!("{}", dir.display());
         }
         Command::VerifierKey { common } => {
             let market = open(&common).await?;
