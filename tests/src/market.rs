@@ -267,3 +267,78 @@ impl Cast {
         })
     }
 }
+
+/// PEM credentials for a mutual-TLS marketplace: a CA, the server's
+/// certificate for `localhost`, a client certificate the CA signed, and one a
+/// rogue CA signed.
+#[derive(Debug)]
+pub struct MtlsPki {
+    /// The CA clients and server trust.
+    pub ca_cert: String,
+    /// The server's certificate and key.
+    pub server: (String, String),
+    /// A client certificate and key signed by the CA.
+    pub client: (String, String),
+    /// A client certificate and key signed by another CA.
+    pub rogue_client: (String, String),
+}
+
+impl MtlsPki {
+    /// Generates fresh credentials.
+    ///
+    /// # Errors
+    /// When key generation or signing fails.
+    pub fn generate() -> anyhow::Result<Self> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+            SanType,
+        };
+        let authority = |name: &str| -> anyhow::Result<(String, Issuer<'static, KeyPair>)> {
+            let key = KeyPair::generate()?;
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let cert = params.self_signed(&key)?;
+            Ok((cert.pem(), Issuer::new(params, key)))
+        };
+        let leaf = |issuer: &Issuer<'static, KeyPair>,
+                    names: Vec<String>,
+                    purpose: ExtendedKeyUsagePurpose|
+         -> anyhow::Result<(String, String)> {
+            let key = KeyPair::generate()?;
+            let mut params = CertificateParams::new(names)?;
+            if purpose == ExtendedKeyUsagePurpose::ServerAuth {
+                params
+                    .subject_alt_names
+                    .push(SanType::IpAddress(std::net::IpAddr::V4(
+                        std::net::Ipv4Addr::LOCALHOST,
+                    )));
+            }
+            params.extended_key_usages = vec![purpose];
+            let cert = params.signed_by(&key, issuer)?;
+            Ok((cert.pem(), key.serialize_pem()))
+        };
+        let (ca_cert, ca) = authority("civicgrid-test-marketplace-ca")?;
+        let (_, rogue) = authority("rogue-ca")?;
+        Ok(Self {
+            ca_cert,
+            server: leaf(
+                &ca,
+                vec!["localhost".into()],
+                ExtendedKeyUsagePurpose::ServerAuth,
+            )?,
+            client: leaf(
+                &ca,
+                vec!["inspector".into()],
+                ExtendedKeyUsagePurpose::ClientAuth,
+            )?,
+            rogue_client: leaf(
+                &rogue,
+                vec!["intruder".into()],
+                ExtendedKeyUsagePurpose::ClientAuth,
+            )?,
+        })
+    }
+}

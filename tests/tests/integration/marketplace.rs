@@ -1169,6 +1169,154 @@ async fn bad_input_is_refused_with_the_field_named(db: Db) -> anyhow::Result<()>
     Ok(())
 }
 
+/// With `--client-ca`, a client needs a certificate the CA signed *and* a
+/// token; one signed by another CA, or none, does not get a single call in.
+#[tokio::test]
+async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() -> anyhow::Result<()> {
+    use civicgrid_tests::market::MtlsPki;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity, ServerTlsConfig};
+
+    let market = TestMarket::start(Db::Sqlite).await?;
+    let pki = MtlsPki::generate()?;
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(&pki.server.0, &pki.server.1))
+        .client_ca_root(Certificate::from_pem(&pki.ca_cert));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(civicgrid_marketplace::service::serve(
+        market.market.clone(),
+        listener,
+        Some(tls),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let connect = |identity: Option<&(String, String)>| {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&pki.ca_cert))
+            .domain_name("localhost");
+        if let Some((cert, key)) = identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        let endpoint =
+            Channel::from_shared(format!("https://{address}")).map(|e| e.tls_config(tls));
+        async move {
+            endpoint?
+                .map_err(anyhow::Error::from)?
+                .connect()
+                .await
+                .map_err(anyhow::Error::from)
+        }
+    };
+    let call = |channel: Channel| {
+        let admin = market.admin_token.clone();
+        async move {
+            IdentityClient::new(channel)
+                .who_am_i(authed(&admin, proto::WhoAmIRequest {}))
+                .await
+        }
+    };
+
+    let trusted = connect(Some(&pki.client)).await?;
+    let me = call(trusted).await?.into_inner();
+    assert_eq!(me.user.context("user")?.name, "admin@city.example");
+
+    for (who, identity) in [
+        ("a rogue CA's client", Some(&pki.rogue_client)),
+        ("a client without a certificate", None),
+    ] {
+        let refused = match connect(identity).await {
+            Err(_) => true,
+            Ok(channel) => call(channel).await.is_err(),
+        };
+        assert!(refused, "{who} got through");
+    }
+    let plain = Channel::from_shared(format!("http://{address}"))?
+        .connect()
+        .await;
+    let plain_refused = match plain {
+        Err(_) => true,
+        Ok(channel) => call(channel).await.is_err(),
+    };
+    assert!(plain_refused, "plain HTTP/2 got through");
+
+    let _ = stop.send(());
+    server.await??;
+    market.stop().await;
+    Ok(())
+}
+
+/// grpcurl and grpc_health_probe work: the standard health service answers
+/// for the marketplace's services and reflection lists them.
+#[tokio::test]
+async fn health_and_reflection_serve_standard_clients() -> anyhow::Result<()> {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+
+    let market = TestMarket::start(Db::Sqlite).await?;
+    let mut health = HealthClient::new(market.channel.clone());
+    for service in [
+        "civicgrid.marketplace.v1.Registry",
+        "civicgrid.marketplace.v1.Audit",
+    ] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await?
+            .into_inner();
+        assert_eq!(status.status(), ServingStatus::Serving, "{service}");
+    }
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+
+    let mut reflection = ServerReflectionClient::new(market.channel.clone());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(futures::stream::iter([request]))
+        .await?
+        .into_inner();
+    let response = responses
+        .message()
+        .await?
+        .context("a reflection response")?;
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        anyhow::bail!(
+            "expected a service list, got {:?}",
+            response.message_response
+        );
+    };
+    let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for expected in [
+        "civicgrid.marketplace.v1.Identity",
+        "civicgrid.marketplace.v1.Registry",
+        "civicgrid.marketplace.v1.Contracts",
+        "civicgrid.marketplace.v1.Audit",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    market.stop().await;
+    Ok(())
+}
+
 fn demand_request() -> proto::PostDemandRequest {
     proto::PostDemandRequest {
         title: "Bus ridership by stop and hour".into(),
