@@ -9,7 +9,7 @@
 //! the audit log in one transaction, and applied to the in-memory enforcer
 //! after it commits.
 
-use casbin::{CoreApi as _, DefaultModel, Enforcer, MemoryAdapter, MgmtApi as _};
+use casbin::{CachedEnforcer, CoreApi as _, DefaultModel, MemoryAdapter, MgmtApi as _};
 use sqlx::{AnyConnection, Row as _};
 use tokio::sync::RwLock;
 
@@ -149,7 +149,9 @@ pub fn role(field: &str, name: &str) -> Result<(OrganizationKind, bool)> {
 
 /// The casbin enforcer, loaded from the database.
 pub struct Access {
-    enforcer: RwLock<Enforcer>,
+    // Cached: a decision is a hash lookup after the first; every policy
+    // change through this type clears the cache.
+    enforcer: RwLock<CachedEnforcer>,
 }
 
 impl std::fmt::Debug for Access {
@@ -200,7 +202,7 @@ impl Access {
             }
         }
         let model = DefaultModel::from_str(MODEL).await.map_err(casbin_error)?;
-        let mut enforcer = Enforcer::new(model, MemoryAdapter::default())
+        let mut enforcer = CachedEnforcer::new(model, MemoryAdapter::default())
             .await
             .map_err(casbin_error)?;
         if !policies.is_empty() {

@@ -1391,7 +1391,10 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the compiled descriptor sets are valid");
-    let mut builder = tonic::transport::Server::builder();
+    // One span per call, named after the RPC, for logs and OTLP traces.
+    let mut builder = tonic::transport::Server::builder().trace_fn(|request| {
+        tracing::info_span!("grpc", otel.name = %request.uri().path(), rpc.system = "grpc")
+    });
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }

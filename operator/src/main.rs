@@ -115,13 +115,10 @@ fn run(
     config: civicgrid_operator::controller::Config,
     metrics_address: std::net::SocketAddr,
 ) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube=warn".into()),
-        )
-        .init();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    // The OTLP exporter's gRPC channel lives on this runtime.
+    let _entered = runtime.enter();
+    let _telemetry = civicgrid_telemetry::init("civicgrid-operator", "info,kube=warn")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(metrics_address)
             .await

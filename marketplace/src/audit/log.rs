@@ -20,7 +20,7 @@ use crate::error::{MarketError, Result};
 use crate::store::{Backend, now_ms};
 
 /// Rows per multi-row INSERT: well under both databases' parameter limits.
-const INSERT_CHUNK: usize = 200;
+const INSERT_CHUNK: usize = 500;
 
 /// Something that happened, to be logged.
 #[derive(Clone, Debug, Serialize)]
@@ -47,11 +47,27 @@ struct Body<'a> {
 }
 
 /// The log's head: how many entries, and the right-edge hashes.
-pub async fn head(connection: &mut AnyConnection, backend: Backend) -> Result<Frontier> {
+///
+/// # Errors
+/// Database failures or a corrupt head.
+pub async fn head(connection: &mut AnyConnection, _backend: Backend) -> Result<Frontier> {
+    read_head(
+        connection,
+        "SELECT size, frontier FROM audit_head WHERE id = 1",
+    )
+    .await
+}
+
+/// The head, locked for an append until the caller's transaction ends.
+async fn head_for_append(connection: &mut AnyConnection, backend: Backend) -> Result<Frontier> {
     let sql = match backend {
         Backend::Sqlite => "SELECT size, frontier FROM audit_head WHERE id = 1",
         Backend::Postgres => "SELECT size, frontier FROM audit_head WHERE id = 1 FOR UPDATE",
     };
+    read_head(connection, sql).await
+}
+
+async fn read_head(connection: &mut AnyConnection, sql: &'static str) -> Result<Frontier> {
     let row = sqlx::query(sql).fetch_one(&mut *connection).await?;
     let size: i64 = row.try_get("size")?;
     let frontier: Vec<u8> = row.try_get("frontier")?;
@@ -78,7 +94,7 @@ pub async fn append(
     if events.is_empty() {
         return Ok(Vec::new());
     }
-    let mut frontier = head(connection, backend).await?;
+    let mut frontier = head_for_append(connection, backend).await?;
     let at_unix_ms = now_ms();
     let mut entries = Vec::with_capacity(events.len());
     let mut nodes = Vec::with_capacity(events.len() * 2);

@@ -138,12 +138,7 @@ fn load_or_create_key(path: &Path) -> anyhow::Result<SigningKey> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let _telemetry = civicgrid_telemetry::init("civicgrid-marketplace", "info")?;
     match Cli::parse().command {
         Command::Init {
             common,

@@ -54,6 +54,7 @@ pub(super) fn placement_fingerprint(dc: &DataCenter) -> u64 {
 }
 
 /// Probes the member, writes status, and removes orphaned copies.
+#[tracing::instrument(skip_all, fields(name = dc.name_any()))]
 pub(super) async fn reconcile(dc: Arc<DataCenter>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.config.metrics.reconcile("datacenter");
     let name = dc.name_any();

@@ -23,6 +23,7 @@ use crate::engine::model::{Reachability, Snapshot, Workload, WorkloadKey};
 use crate::engine::{Decision, Options, Outcome, schedule_only};
 
 /// Entry point: the finalizer wraps apply and cleanup.
+#[tracing::instrument(skip_all, fields(namespace = cw.namespace().unwrap_or_default(), name = cw.name_any()))]
 pub(super) async fn reconcile(
     cw: Arc<ComputeWorkload>,
     ctx: Arc<Context>,

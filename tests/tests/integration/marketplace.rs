@@ -281,6 +281,41 @@ async fn lifecycle_contract_and_verified_audit(db: Db) -> anyhow::Result<()> {
         .into_inner();
     assert!(!rival.allowed, "another consumer has no contract");
 
+    // Revoking a role takes effect on the very next call (casbin's decision
+    // cache is cleared by the change), and granting it back restores access.
+    let mut identity = IdentityClient::new(market.channel.clone());
+    let analyst = identity
+        .who_am_i(authed(&cast.consumer_analyst, proto::WhoAmIRequest {}))
+        .await?
+        .into_inner()
+        .user
+        .context("user")?
+        .id;
+    let binding = proto::RoleBindingRequest {
+        user_id: analyst,
+        role: "consumer-analyst".into(),
+    };
+    identity
+        .revoke_role(authed(&cast.admin, binding.clone()))
+        .await?;
+    let after_revoke = contracts
+        .check_operation(authed(
+            &cast.consumer_analyst,
+            check("population", proto::OperationKind::AggregateSql, &[]),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(after_revoke.code(), Code::PermissionDenied);
+    identity.grant_role(authed(&cast.admin, binding)).await?;
+    let restored = contracts
+        .check_operation(authed(
+            &cast.consumer_analyst,
+            check("population", proto::OperationKind::AggregateSql, &[]),
+        ))
+        .await?
+        .into_inner();
+    assert!(restored.allowed);
+
     // The regulator verifies the log against the checkpoint saved at the start.
     let report = regulator_verify(&market, &cast.regulator, Some(&first_checkpoint)).await?;
     assert!(report.findings.is_empty(), "{:?}", report.findings);
@@ -359,7 +394,11 @@ async fn lifecycle_contract_and_verified_audit(db: Db) -> anyhow::Result<()> {
         .await?
         .into_inner()
         .entries;
-    assert_eq!(decisions.len(), 5, "one entry per CheckOperation call");
+    assert_eq!(
+        decisions.len(),
+        6,
+        "one entry per CheckOperation call that passed authorization"
+    );
 
     let report = regulator_verify(&market, &cast.regulator, Some(&middle_checkpoint)).await?;
     assert!(report.findings.is_empty(), "{:?}", report.findings);
