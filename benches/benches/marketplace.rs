@@ -78,29 +78,36 @@ async fn authorization(store: &Store) -> anyhow::Result<()> {
     }
     assert_eq!(index.len(), CONTRACTS);
 
-    let mut rng = Lcg(7);
-    let mut latencies = Vec::with_capacity(DECISIONS);
-    let mut allowed = 0usize;
-    for _ in 0..DECISIONS {
-        let user = rng.next(USERS);
-        let org = format!("org-{}", user % CONSUMERS);
-        let request = CheckOperationRequest {
-            product_id: format!("prd-{}", rng.next(PRODUCTS)),
-            operation: OperationKind::AggregateSql as i32,
-            ..Default::default()
-        };
-        let user = format!("usr-{user}");
-        let started = Instant::now();
-        let decision = access.allows(&user, &org, "contract:check").await?
-            && matches!(index.check(&org, &request, 0), Check::Allowed { .. });
-        latencies.push(started.elapsed());
-        allowed += usize::from(decision);
+    // Twice over the same request sequence: first with casbin's decision
+    // cache cold (each user's first decision evaluates the model), then warm,
+    // the steady state of a running server.
+    let mut warm_p99 = Duration::ZERO;
+    for pass in ["cold", "warm"] {
+        let mut rng = Lcg(7);
+        let mut latencies = Vec::with_capacity(DECISIONS);
+        let mut allowed = 0usize;
+        for _ in 0..DECISIONS {
+            let user = rng.next(USERS);
+            let org = format!("org-{}", user % CONSUMERS);
+            let request = CheckOperationRequest {
+                product_id: format!("prd-{}", rng.next(PRODUCTS)),
+                operation: OperationKind::AggregateSql as i32,
+                ..Default::default()
+            };
+            let user = format!("usr-{user}");
+            let started = Instant::now();
+            let decision = access.allows(&user, &org, "contract:check").await?
+                && matches!(index.check(&org, &request, 0), Check::Allowed { .. });
+            latencies.push(started.elapsed());
+            allowed += usize::from(decision);
+        }
+        latencies.sort_unstable();
+        let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+        println!(
+            "roles in casbin + contract index, {pass} cache: p50 {p50:?}  p99 {p99:?}  ({allowed} of {DECISIONS} allowed)"
+        );
+        warm_p99 = p99;
     }
-    latencies.sort_unstable();
-    let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
-    println!(
-        "roles in casbin + contract index: p50 {p50:?}  p99 {p99:?}  ({allowed} of {DECISIONS} allowed)"
-    );
 
     // Baseline: every contract a casbin rule, the matcher scanning them.
     let model = DefaultModel::from_str(
@@ -154,8 +161,8 @@ async fn authorization(store: &Store) -> anyhow::Result<()> {
         "baseline, contracts as casbin rules ({baseline_decisions} decisions): p50 {b50:?}  p99 {b99:?}"
     );
     println!(
-        "ratio p99: baseline / ours = {:.0}x",
-        b99.as_secs_f64() / p99.as_secs_f64()
+        "ratio p99: baseline / ours (warm) = {:.0}x",
+        b99.as_secs_f64() / warm_p99.as_secs_f64()
     );
     Ok(())
 }

@@ -9,7 +9,10 @@
 //! the audit log in one transaction, and applied to the in-memory enforcer
 //! after it commits.
 
-use casbin::{CachedEnforcer, CoreApi as _, DefaultModel, MemoryAdapter, MgmtApi as _};
+use casbin::{
+    CachedApi as _, CachedEnforcer, CoreApi as _, DefaultCache, DefaultModel, MemoryAdapter,
+    MgmtApi as _,
+};
 use sqlx::{AnyConnection, Row as _};
 use tokio::sync::RwLock;
 
@@ -32,6 +35,9 @@ e = some(where (p.eft == allow))
 [matchers]
 m = (g(r.sub, p.sub, r.dom) || g(r.sub, p.sub, "*")) && r.obj == p.obj && r.act == p.act
 "#;
+
+/// Decisions casbin keeps cached (each a hash and a flag).
+const DECISION_CACHE_ENTRIES: usize = 500_000;
 
 /// The roles and, for each, the organization kind whose users may hold it and
 /// whether it applies across tenants.
@@ -205,6 +211,9 @@ impl Access {
         let mut enforcer = CachedEnforcer::new(model, MemoryAdapter::default())
             .await
             .map_err(casbin_error)?;
+        // casbin's default holds 200 decisions; a city's users times their
+        // permissions need far more to stay warm.
+        enforcer.set_cache(Box::new(DefaultCache::new(DECISION_CACHE_ENTRIES)));
         if !policies.is_empty() {
             enforcer
                 .add_policies(policies)
