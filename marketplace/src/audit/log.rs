@@ -20,6 +20,8 @@ use crate::error::{MarketError, Result};
 use crate::store::{Backend, now_ms};
 
 /// Rows per multi-row INSERT: well under both databases' parameter limits.
+/// Measured: 500 beats 200 and 2,000 (larger statements are re-prepared for
+/// every batch's odd-sized remainder and cost more than they save).
 const INSERT_CHUNK: usize = 500;
 
 /// Something that happened, to be logged.
