@@ -248,13 +248,32 @@ async fn main() -> anyhow::Result<()> {
     if let Ok(url) = std::env::var("CIVICGRID_TEST_POSTGRES_URL") {
         let postgres = Store::open(&Location::Url(fresh_database(&url).await?)).await?;
         appends("PostgreSQL", &postgres, entries).await?;
+        postgres.pool().close().await;
+        drop_database(&url).await?;
     }
+    Ok(())
+}
+
+fn database_name() -> String {
+    format!("cg_bench_{}", std::process::id())
+}
+
+/// Drops the benchmark's database: a 10M-entry log is gigabytes.
+async fn drop_database(admin_url: &str) -> anyhow::Result<()> {
+    use sqlx::Connection as _;
+    let mut admin = sqlx::PgConnection::connect(admin_url).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {}",
+        database_name()
+    )))
+    .execute(&mut admin)
+    .await?;
     Ok(())
 }
 
 async fn fresh_database(admin_url: &str) -> anyhow::Result<String> {
     use sqlx::Connection as _;
-    let name = format!("cg_bench_{}", std::process::id());
+    let name = database_name();
     let mut admin = sqlx::PgConnection::connect(admin_url).await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS {name}"
