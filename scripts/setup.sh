@@ -17,6 +17,17 @@ if ! rustup run "$toolchain" rustc --print target-list >/dev/null 2>&1 ||
         --component rustfmt --component clippy --target wasm32-wasip1
 fi
 
+# The sandbox's SQL guest is built for wasm32-wasip1, and one of its
+# dependencies (zstd-sys, under Arrow's IPC) is C: clang-14 and wasi-libc
+# compile it (see .cargo/config.toml).
+if ! command -v clang-14 >/dev/null || ! command -v llvm-ar-14 >/dev/null ||
+    ! dpkg -s wasi-libc libclang-rt-14-dev-wasm32 >/dev/null 2>&1; then
+    log "clang-14 and wasi-libc for the Wasm guests"
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        clang-14 lld-14 llvm-14 wasi-libc libclang-rt-14-dev-wasm32 >&2
+fi
+
 command -v go >/dev/null || { echo "Go is required to build the test control planes" >&2; exit 1; }
 
 # Real kube-apiserver, etcd, controller-manager, scheduler and kwok, built from

@@ -11,6 +11,9 @@ CIVICGRID_HELM=$(bash tools/helm/build.sh)
 export CIVICGRID_HELM
 CIVICGRID_TEST_POSTGRES_URL=$(bash scripts/postgres.sh)
 export CIVICGRID_TEST_POSTGRES_URL
+echo "==> Wasm guests (wasm32-wasip1)" >&2
+CIVICGRID_GUEST_DIR=$(bash sandbox/build-guests.sh)
+export CIVICGRID_GUEST_DIR
 
 echo "==> cargo fmt --check" >&2
 cargo fmt --all -- --check

@@ -3,4 +3,16 @@
 //! deterministic metering, and the product's output policy between the query and
 //! the released result.
 //!
-//! Not built yet: see the sandbox issue.
+//! Without the `host` feature only [`policy`] and [`protocol`] are built: the
+//! Wasm guests share them with the host.
+
+pub mod policy;
+pub mod protocol;
+
+#[cfg(feature = "host")]
+mod host;
+#[cfg(feature = "host")]
+pub use host::*;
+
+#[cfg(target_family = "wasm")]
+pub mod guest;

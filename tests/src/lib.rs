@@ -5,3 +5,5 @@
 pub mod controlplane;
 pub mod market;
 pub mod pool;
+pub mod sandbox;
+pub mod tpch;

@@ -1,4 +1,237 @@
-//! Guest code that runs inside the CivicGrid sandbox (wasm32-wasip1): the SQL
-//! engine over the product's tables, behind the host interface.
+//! The SQL guest of the CivicGrid sandbox: DataFusion over the tables the host
+//! streams in, with the product's output policy checked on the query's plan
+//! before anything runs.
 //!
-//! Not built yet: see the sandbox issue.
+//! Built twice: for wasm32-wasip1 (the module the sandbox loads; see `abi`)
+//! and natively, so tests and benchmarks can run the very same planning,
+//! policy analysis and engine outside the sandbox as a baseline.
+
+#[cfg(target_family = "wasm")]
+mod abi;
+mod analysis;
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use civicgrid_sandbox::protocol::{GuestFailure, GuestRequest};
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::datasource::TableType;
+use datafusion::error::DataFusionError;
+use datafusion::execution::TaskContext;
+use datafusion::logical_expr::Expr;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
+use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream};
+use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use futures::StreamExt;
+
+pub use analysis::{Analysis, QueryKind};
+
+/// Batches of one table, as an iterator the engine pulls from.
+pub type BatchIter = Box<dyn Iterator<Item = Result<RecordBatch, String>> + Send>;
+
+/// Where table data comes from: the host's imports inside the sandbox, files
+/// or memory outside it.
+pub trait BatchSource: Send + Sync + 'static {
+    /// Streams `table` (an index into the request's tables) with only `columns`.
+    fn scan(&self, table: usize, columns: &[usize]) -> Result<BatchIter, String>;
+}
+
+/// Plans `request.sql`, checks it against `request.policy`, and runs it,
+/// handing each result batch to `emit`. `partitions` is DataFusion's target
+/// partition count (1 inside the sandbox, which has one thread).
+pub async fn run(
+    request: &GuestRequest,
+    source: Arc<dyn BatchSource>,
+    partitions: usize,
+    mut emit: impl FnMut(RecordBatch) -> Result<(), String>,
+) -> Result<Analysis, GuestFailure> {
+    let ctx = context(request, source, partitions)?;
+    let options = SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false);
+    let frame = ctx
+        .sql_with_options(&request.sql, options)
+        .await
+        .map_err(|e| GuestFailure::Query {
+            message: e.strip_backtrace(),
+        })?;
+    let (state, plan) = frame.into_parts();
+    let optimized = state.optimize(&plan).map_err(|e| GuestFailure::Query {
+        message: e.strip_backtrace(),
+    })?;
+    let analysis = analysis::check(request, &plan, &optimized)?;
+    let plan = analysis::rewrite(request, &analysis, plan)?;
+    let frame = ctx
+        .execute_logical_plan(plan)
+        .await
+        .map_err(|e| GuestFailure::Query {
+            message: e.strip_backtrace(),
+        })?;
+    let mut stream = frame.execute_stream().await.map_err(execution)?;
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(execution)?;
+        let batch = analysis::annotate(&analysis, batch).map_err(execution)?;
+        emit(batch).map_err(|message| GuestFailure::Execution { message })?;
+    }
+    Ok(analysis)
+}
+
+fn execution(e: DataFusionError) -> GuestFailure {
+    GuestFailure::Execution {
+        message: e.strip_backtrace(),
+    }
+}
+
+fn context(
+    request: &GuestRequest,
+    source: Arc<dyn BatchSource>,
+    partitions: usize,
+) -> Result<SessionContext, GuestFailure> {
+    let config = SessionConfig::new()
+        .with_target_partitions(partitions.max(1))
+        .with_information_schema(false);
+    let ctx = SessionContext::new_with_config(config);
+    for (index, table) in request.tables.iter().enumerate() {
+        let provider = HostTable {
+            index,
+            schema: Arc::new(table.schema.clone()),
+            source: Arc::clone(&source),
+        };
+        ctx.register_table(table.name.as_str(), Arc::new(provider))
+            .map_err(|e| GuestFailure::Query {
+                message: format!("table {}: {}", table.name, e.strip_backtrace()),
+            })?;
+    }
+    Ok(ctx)
+}
+
+/// A product table: scans ask the source for only the columns the plan needs.
+struct HostTable {
+    index: usize,
+    schema: SchemaRef,
+    source: Arc<dyn BatchSource>,
+}
+
+impl fmt::Debug for HostTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostTable")
+            .field("index", &self.index)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl TableProvider for HostTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let columns: Vec<usize> = match projection {
+            Some(columns) => columns.clone(),
+            None => (0..self.schema.fields().len()).collect(),
+        };
+        let schema = Arc::new(self.schema.project(&columns)?);
+        let partition = HostPartition {
+            table: self.index,
+            columns,
+            schema: Arc::clone(&schema),
+            source: Arc::clone(&self.source),
+        };
+        Ok(Arc::new(StreamingTableExec::try_new(
+            schema,
+            vec![Arc::new(partition)],
+            None,
+            Vec::new(),
+            false,
+            limit,
+        )?))
+    }
+}
+
+struct HostPartition {
+    table: usize,
+    columns: Vec<usize>,
+    schema: SchemaRef,
+    source: Arc<dyn BatchSource>,
+}
+
+impl fmt::Debug for HostPartition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostPartition")
+            .field("table", &self.table)
+            .field("columns", &self.columns)
+            .finish()
+    }
+}
+
+impl PartitionStream for HostPartition {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let schema = Arc::clone(&self.schema);
+        let batches: BatchIter = match self.source.scan(self.table, &self.columns) {
+            Ok(batches) => batches,
+            Err(message) => Box::new(std::iter::once(Err(message))),
+        };
+        let stream = futures::stream::iter(batches.map(move |batch| {
+            let batch = batch.map_err(DataFusionError::Execution)?;
+            // Zero-column scans (COUNT(*)) come back without a schema of their own.
+            if batch.num_columns() == 0 {
+                return Ok(RecordBatch::try_new_with_options(
+                    Arc::clone(&schema),
+                    Vec::new(),
+                    &datafusion::arrow::record_batch::RecordBatchOptions::new()
+                        .with_row_count(Some(batch.num_rows())),
+                )?);
+            }
+            Ok(batch.with_schema(Arc::clone(&schema))?)
+        }));
+        Box::pin(RecordBatchStreamAdapter::new(
+            Arc::clone(&self.schema),
+            stream,
+        ))
+    }
+}
+
+/// Batches held in memory: the native baseline and unit tests.
+pub struct MemorySource {
+    tables: Vec<Vec<RecordBatch>>,
+}
+
+impl MemorySource {
+    /// One `Vec<RecordBatch>` per table, in request order.
+    pub fn new(tables: Vec<Vec<RecordBatch>>) -> Self {
+        Self { tables }
+    }
+}
+
+impl BatchSource for MemorySource {
+    fn scan(&self, table: usize, columns: &[usize]) -> Result<BatchIter, String> {
+        let batches = self
+            .tables
+            .get(table)
+            .ok_or_else(|| format!("no table {table}"))?
+            .iter()
+            .map(|b| b.project(columns).map_err(|e| e.to_string()))
+            .collect::<Vec<_>>();
+        Ok(Box::new(batches.into_iter()))
+    }
+}

@@ -6,3 +6,4 @@ mod crd_validation;
 mod helm_chart;
 mod marketplace;
 mod operator_e2e;
+mod sandbox;

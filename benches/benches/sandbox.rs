@@ -1,0 +1,254 @@
+//! Sandbox figures, each against a baseline measured in the same process:
+//!
+//! - (a) cold start from the module cache: instantiate plus first call, for a
+//!   tiny guest and for the SQL guest (`select 1`);
+//! - (b) TPC-H Q1 and Q6 in the sandbox against the same engine (the SQL
+//!   guest's own code: planning, policy analysis, DataFusion) run natively on
+//!   the same Parquet files, with one and two partitions;
+//! - (c) DuckDB (PyPI `duckdb`) on the same files, one and two threads, when
+//!   `python3 -c 'import duckdb'` works;
+//! - (d) small aggregate queries per second, one and two threads;
+//! - (e) fuel metering against epoch interruption alone.
+//!
+//! Run: `bash sandbox/build-guests.sh && cargo bench -p civicgrid-benches
+//! --bench sandbox` (add `-- --scale 0.1` for a quicker, smaller TPC-H).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use civicgrid_sandbox::policy::{AggregationRule, OutputPolicy};
+use civicgrid_sandbox::{GuestRole, Job, Limits, Sandbox, SandboxConfig, TableStore};
+use civicgrid_tests::sandbox::{local, run_native, sql_guest, write_residents};
+use civicgrid_tests::tpch;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn best_of(runs: usize, mut f: impl FnMut() -> Duration) -> Duration {
+    (0..runs).map(|_| f()).min().unwrap_or_default()
+}
+
+fn sandbox(cache: &Path, meter_fuel: bool) -> Sandbox {
+    let mut config = SandboxConfig::new(cache);
+    config.meter_fuel = meter_fuel;
+    Sandbox::new(&config).expect("sandbox")
+}
+
+fn run(
+    sandbox: &Sandbox,
+    wasm: &[u8],
+    tables: &Arc<dyn TableStore>,
+    sql: &str,
+    policy: &OutputPolicy,
+) -> Duration {
+    let guest = sandbox.load(wasm, GuestRole::Sql).expect("load");
+    let started = Instant::now();
+    let outcome = sandbox
+        .run(
+            &guest,
+            Job {
+                sql,
+                tables: Arc::clone(tables),
+                policy,
+                privacy_budget: 0.0,
+            },
+            &Limits::default(),
+        )
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    std::hint::black_box(outcome);
+    started.elapsed()
+}
+
+fn tpch_dir(scale: f64) -> PathBuf {
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../target/bench-data/tpch-sf{scale}"));
+    if !dir.join("region.parquet").exists() {
+        eprintln!(
+            "generating TPC-H SF{scale} Parquet into {} (once)",
+            dir.display()
+        );
+        std::fs::create_dir_all(&dir).expect("bench data dir");
+        tpch::write_parquet(&dir, scale).expect("TPC-H data");
+    }
+    dir
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let scale: f64 = args
+        .iter()
+        .position(|a| a == "--scale")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0);
+    let cache = tempfile::tempdir().expect("cache dir");
+    let sql = sql_guest();
+    let metered = sandbox(cache.path(), true);
+    let owner = OutputPolicy::owner();
+    let empty: Arc<dyn TableStore> = Arc::new(civicgrid_sandbox::LocalDirectory::new(
+        cache.path(),
+        Vec::<String>::new(),
+    ));
+
+    // (a) Cold start from the cache.
+    let tiny = wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "civicgrid_run") (result i32) i32.const 0))"#).unwrap();
+    let compile_started = Instant::now();
+    metered.load(&sql, GuestRole::Sql).expect("SQL guest");
+    let compile = compile_started.elapsed();
+    let from_cache = sandbox(cache.path(), true);
+    let load_started = Instant::now();
+    from_cache
+        .load(&sql, GuestRole::Sql)
+        .expect("SQL guest from cache");
+    let cache_load = load_started.elapsed();
+    let mut tiny_runs: Vec<Duration> = (0..20_000)
+        .map(|_| run(&from_cache, &tiny, &empty, "", &owner))
+        .collect();
+    tiny_runs.sort();
+    let mut sql_runs: Vec<Duration> = (0..200)
+        .map(|_| run(&from_cache, &sql, &empty, "select 1", &owner))
+        .collect();
+    sql_runs.sort();
+    println!("(a) cold start, instantiate + first call, from the module cache");
+    println!(
+        "    SQL guest: compile {:.1} s, load compiled from the disk cache {:.1} ms",
+        compile.as_secs_f64(),
+        millis(cache_load)
+    );
+    println!(
+        "    tiny guest: p50 {:.1} µs, p99 {:.1} µs (target < 50 µs)",
+        micros(percentile(&tiny_runs, 0.5)),
+        micros(percentile(&tiny_runs, 0.99))
+    );
+    println!(
+        "    SQL guest, `select 1`: p50 {:.2} ms, p99 {:.2} ms (target < 5 ms)",
+        millis(percentile(&sql_runs, 0.5)),
+        millis(percentile(&sql_runs, 0.99))
+    );
+
+    // (b) TPC-H in the sandbox against the same engine natively.
+    let dir = tpch_dir(scale);
+    let tables = local(&dir);
+    println!("(b) TPC-H SF{scale}, best of 3, sandbox vs the same engine natively");
+    for (name, query) in [("Q1", tpch::Q1), ("Q6", tpch::Q6)] {
+        let sandboxed = best_of(3, || run(&from_cache, &sql, &tables, query, &owner));
+        for partitions in [1, 2] {
+            let native = best_of(3, || {
+                let started = Instant::now();
+                std::hint::black_box(
+                    run_native(Arc::clone(&tables), query, &owner, partitions).expect("native"),
+                );
+                started.elapsed()
+            });
+            println!(
+                "    {name}: sandbox {:.0} ms, native {partitions} partition(s) {:.0} ms, ratio {:.2}x (target <= 1.5x)",
+                millis(sandboxed),
+                millis(native),
+                sandboxed.as_secs_f64() / native.as_secs_f64()
+            );
+        }
+        // (c) DuckDB on the same file.
+        match duckdb(&dir, query) {
+            Some(times) => {
+                for (threads, duck) in times {
+                    println!(
+                        "    {name}: DuckDB {threads} thread(s) {:.0} ms, sandbox / DuckDB {:.2}x",
+                        millis(duck),
+                        sandboxed.as_secs_f64() / duck.as_secs_f64()
+                    );
+                }
+            }
+            None => println!("    {name}: DuckDB not measured (pip install duckdb)"),
+        }
+    }
+
+    // (d) Small aggregate queries per second, 1 and 2 threads.
+    let residents_dir = tempfile::tempdir().expect("residents");
+    write_residents(residents_dir.path()).expect("residents data");
+    let residents = local(residents_dir.path());
+    let policy = OutputPolicy {
+        blocked_columns: vec!["person_id".into()],
+        aggregation: Some(AggregationRule {
+            privacy_unit_columns: vec!["person_id".into()],
+            min_units: 10,
+            ..AggregationRule::default()
+        }),
+        ..OutputPolicy::default()
+    };
+    let small = "select district, count(*) from residents group by district";
+    println!("(d) small aggregate queries ({small}) per second");
+    let window = Duration::from_secs(3);
+    let mut single = 0.0;
+    for threads in [1usize, 2] {
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    let started = Instant::now();
+                    while started.elapsed() < window {
+                        run(&from_cache, &sql, &residents, small, &policy);
+                        done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        let qps = done.into_inner() as f64 / window.as_secs_f64();
+        if threads == 1 {
+            single = qps;
+        }
+        println!(
+            "    {threads} thread(s): {qps:.0} queries/s ({:.2}x one thread)",
+            qps / single
+        );
+    }
+
+    // (e) Fuel metering against epoch interruption alone.
+    let unmetered = sandbox(cache.path(), false);
+    println!("(e) fuel metering overhead, best of 3");
+    for (name, query) in [("Q1", tpch::Q1), ("Q6", tpch::Q6)] {
+        let with_fuel = best_of(3, || run(&from_cache, &sql, &tables, query, &owner));
+        let epoch_only = best_of(3, || run(&unmetered, &sql, &tables, query, &owner));
+        println!(
+            "    {name}: fuel + epochs {:.0} ms, epochs only {:.0} ms, overhead {:.1}%",
+            millis(with_fuel),
+            millis(epoch_only),
+            (with_fuel.as_secs_f64() / epoch_only.as_secs_f64() - 1.0) * 100.0
+        );
+    }
+}
+
+/// Times `query` in DuckDB over the same Parquet files, with 1 and 2 threads.
+fn duckdb(dir: &Path, query: &str) -> Option<Vec<(usize, Duration)>> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("duckdb_tpch.py");
+    let output = std::process::Command::new("python3")
+        .arg(script)
+        .arg(dir)
+        .arg(query)
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let times: Vec<(usize, Duration)> = text
+        .lines()
+        .filter_map(|line| {
+            let (threads, seconds) = line.split_once(' ')?;
+            Some((
+                threads.parse().ok()?,
+                Duration::from_secs_f64(seconds.parse().ok()?),
+            ))
+        })
+        .collect();
+    (!times.is_empty()).then_some(times)
+}

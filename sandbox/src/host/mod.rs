@@ -1,0 +1,553 @@
+//! The host: one wasmtime engine per process, modules compiled once and
+//! cached, and every run in a fresh store under hard limits.
+//!
+//! Our own narrow API over wasmtime: callers load a [`Guest`] and [`run`]
+//! a [`Job`] on it; nothing of wasmtime leaks out.
+//!
+//! [`run`]: Sandbox::run
+
+mod cache;
+mod data;
+mod error;
+mod release;
+mod run;
+mod wasi;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arrow_array::RecordBatch;
+use sha2::{Digest, Sha256};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, InstancePre, IntoFunc, Linker, OptLevel,
+    PoolingAllocationConfig, Store, Trap,
+};
+
+pub use cache::CacheOutcome;
+pub use data::{BATCH_ROWS, LocalDirectory, TableScan, TableStore};
+pub use error::SandboxError;
+pub use release::MIN_UNITS_METADATA;
+
+use error::Abort;
+use release::Release;
+use run::{RunLimiter, RunSetup, RunState, Table};
+
+use crate::policy::OutputPolicy;
+use crate::protocol::{GuestRequest, RUN_EXPORT, TableInfo};
+
+/// Fuel per billed compute unit. Fuel counts Wasm operations, so a unit is
+/// about a million of them: the same query on the same data always costs the
+/// same number of units, whatever the machine is doing.
+pub const FUEL_PER_COMPUTE_UNIT: u64 = 1_000_000;
+
+/// Epoch tick: the resolution of the wall-time limit.
+const TICK: Duration = Duration::from_millis(1);
+
+/// Process-wide settings, fixed when the engine is built.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// Where compiled modules are cached.
+    pub cache_dir: PathBuf,
+    /// Largest linear memory any run may have (each pool slot reserves it).
+    pub max_memory_bytes: u64,
+    /// Runs that may be alive at once (pool slots).
+    pub max_concurrent_runs: u32,
+    /// Wasm call-stack limit. The calling thread's own stack must be larger
+    /// (tokio's blocking threads and test threads have 2 MiB).
+    pub max_stack_bytes: usize,
+    /// Count fuel. Only the fuel-overhead benchmark turns it off: without it
+    /// runs are not metered and only the wall-time limit stops a loop.
+    pub meter_fuel: bool,
+}
+
+impl SandboxConfig {
+    /// Defaults sized for the SQL guest on a small machine.
+    pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            cache_dir: cache_dir.into(),
+            max_memory_bytes: 4 << 30,
+            max_concurrent_runs: 32,
+            max_stack_bytes: 1 << 20,
+            meter_fuel: true,
+        }
+    }
+}
+
+/// Per-run limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Fuel (≈ Wasm operations) the run may use.
+    pub fuel: u64,
+    /// Wall time.
+    pub wall_time: Duration,
+    /// Linear memory.
+    pub memory_bytes: u64,
+    /// Function-table elements.
+    pub table_elements: usize,
+    /// Everything the guest emits, before the policy looks at it.
+    pub max_output_bytes: u64,
+    /// The guest's log.
+    pub max_log_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            fuel: 200_000 * FUEL_PER_COMPUTE_UNIT,
+            wall_time: Duration::from_secs(60),
+            memory_bytes: 2 << 30,
+            table_elements: 200_000,
+            max_output_bytes: 256 << 20,
+            max_log_bytes: 64 << 10,
+        }
+    }
+}
+
+/// Which kind of guest a module is: our SQL engine, or a consumer's algorithm
+/// (which runs only when the product's policy approves its sha256).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GuestRole {
+    /// The SQL guest shipped with CivicGrid.
+    Sql,
+    /// A consumer's compute-to-data algorithm.
+    Algorithm,
+}
+
+/// A module compiled (or loaded from the cache) and linked, ready to run.
+pub struct Guest {
+    sha256: String,
+    role: GuestRole,
+    pre: InstancePre<RunState>,
+    cache: CacheOutcome,
+}
+
+impl Guest {
+    /// The module's sha256 (lower-case hex).
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// Whether loading it hit the cache.
+    pub fn cache_outcome(&self) -> CacheOutcome {
+        self.cache
+    }
+}
+
+/// One query or algorithm run over a product.
+pub struct Job<'a> {
+    /// SQL for the SQL guest; the input of an algorithm.
+    pub sql: &'a str,
+    /// The product's tables.
+    pub tables: Arc<dyn TableStore>,
+    /// The product's output policy.
+    pub policy: &'a OutputPolicy,
+    /// Epsilon the consumer has left for this product (differential privacy).
+    pub privacy_budget: f64,
+}
+
+/// What a run used: returned with every result, the basis of billing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Metering {
+    /// Fuel consumed (deterministic for the same guest, query and data).
+    pub fuel: u64,
+    /// `fuel` in billed compute units, rounded up.
+    pub compute_units: u64,
+    /// Rows streamed into the guest.
+    pub rows_read: u64,
+    /// Arrow bytes streamed into the guest.
+    pub bytes_read: u64,
+    /// Rows released.
+    pub rows_released: u64,
+    /// Arrow bytes released.
+    pub bytes_released: u64,
+    /// Wall time of the run, instantiation included.
+    pub wall_time: Duration,
+}
+
+/// A released result.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The result, after the output policy.
+    pub batches: Vec<RecordBatch>,
+    /// What the run used.
+    pub metering: Metering,
+    /// Aggregate rows withheld for covering too few privacy units.
+    pub suppressed_rows: u64,
+    /// Whether a list result was cut at the row cap.
+    pub truncated: bool,
+    /// Epsilon this run spent (0 unless differential privacy noised a column).
+    pub privacy_spent: f64,
+    /// The budget left after this run.
+    pub privacy_budget_left: f64,
+    /// The guest's log (capped).
+    pub log: String,
+}
+
+/// The linker, and the name of every import it defines (so a module that
+/// imports anything else is refused by name, before it is instantiated).
+pub(crate) struct Imports {
+    linker: Linker<RunState>,
+    provided: HashSet<(String, String)>,
+}
+
+impl Imports {
+    pub(crate) fn func_wrap<Params, Args>(
+        &mut self,
+        module: &str,
+        name: &str,
+        func: impl IntoFunc<RunState, Params, Args>,
+    ) -> wasmtime::Result<()> {
+        self.linker.func_wrap(module, name, func)?;
+        self.provided.insert((module.to_owned(), name.to_owned()));
+        Ok(())
+    }
+}
+
+/// The sandbox: one per process.
+pub struct Sandbox {
+    engine: Engine,
+    /// For consumer algorithms: no file-system call is defined at all.
+    algorithm_imports: Imports,
+    /// For the SQL guest: the same, plus the file-system calls its standard
+    /// library links in, each failing with EBADF (there is no directory
+    /// descriptor to resolve a path against, so nothing can be opened).
+    sql_imports: Imports,
+    cache: cache::ModuleCache,
+    loaded: Mutex<HashMap<(String, GuestRole), Arc<Guest>>>,
+    ticking: Arc<AtomicBool>,
+    meter_fuel: bool,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.ticking.store(false, Ordering::Relaxed);
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> SandboxError {
+    SandboxError::Internal(e.to_string())
+}
+
+impl Sandbox {
+    /// Builds the engine (pooling allocator, copy-on-write memory images,
+    /// fuel, epochs) and starts its epoch clock.
+    pub fn new(config: &SandboxConfig) -> Result<Self, SandboxError> {
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_core_instances(config.max_concurrent_runs)
+            .total_memories(config.max_concurrent_runs)
+            .total_tables(config.max_concurrent_runs * 4)
+            .max_memory_size(config.max_memory_bytes as usize)
+            .table_elements(Limits::default().table_elements)
+            .max_core_instance_size(4 << 20);
+        let mut wasm = Config::new();
+        wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .memory_init_cow(true)
+            .consume_fuel(config.meter_fuel)
+            .epoch_interruption(true)
+            .max_wasm_stack(config.max_stack_bytes)
+            .wasm_simd(true)
+            .cranelift_opt_level(OptLevel::Speed);
+        let engine = Engine::new(&wasm).map_err(internal)?;
+        let imports = |dead_file_calls: bool| -> Result<Imports, SandboxError> {
+            let mut imports = Imports {
+                linker: Linker::new(&engine),
+                provided: HashSet::new(),
+            };
+            wasi::add_to_linker(&mut imports, dead_file_calls).map_err(internal)?;
+            run::add_to_linker(&mut imports).map_err(internal)?;
+            Ok(imports)
+        };
+        let algorithm_imports = imports(false)?;
+        let sql_imports = imports(true)?;
+        let cache = cache::ModuleCache::new(&config.cache_dir, &engine)?;
+        let ticking = Arc::new(AtomicBool::new(true));
+        {
+            let engine = engine.clone();
+            let ticking = Arc::clone(&ticking);
+            std::thread::Builder::new()
+                .name("sandbox-epoch".into())
+                .spawn(move || {
+                    while ticking.load(Ordering::Relaxed) {
+                        std::thread::sleep(TICK);
+                        engine.increment_epoch();
+                    }
+                })
+                .map_err(internal)?;
+        }
+        Ok(Self {
+            engine,
+            algorithm_imports,
+            sql_imports,
+            cache,
+            loaded: Mutex::new(HashMap::new()),
+            ticking,
+            meter_fuel: config.meter_fuel,
+        })
+    }
+
+    /// Where the compiled form of a module with this sha256 is cached.
+    pub fn cache_path(&self, module_sha256: &str) -> PathBuf {
+        self.cache.path_for(module_sha256)
+    }
+
+    /// Compiles a module (or loads it from the cache) and links it. Modules
+    /// importing anything the sandbox does not give fail here, by name.
+    pub fn load(&self, wasm: &[u8], role: GuestRole) -> Result<Arc<Guest>, SandboxError> {
+        let sha256 = hex::encode(Sha256::digest(wasm));
+        if let Some(guest) = self
+            .loaded
+            .lock()
+            .map_err(internal)?
+            .get(&(sha256.clone(), role))
+        {
+            return Ok(Arc::clone(guest));
+        }
+        let (module, cache) = self.cache.load_or_compile(&self.engine, wasm, &sha256)?;
+        let imports = match role {
+            GuestRole::Sql => &self.sql_imports,
+            GuestRole::Algorithm => &self.algorithm_imports,
+        };
+        for import in module.imports() {
+            if !imports
+                .provided
+                .contains(&(import.module().to_owned(), import.name().to_owned()))
+            {
+                return Err(SandboxError::Link {
+                    module: import.module().to_owned(),
+                    name: import.name().to_owned(),
+                });
+            }
+        }
+        let exports: Vec<&str> = module.exports().map(|e| e.name()).collect();
+        for needed in ["memory", RUN_EXPORT] {
+            if !exports.contains(&needed) {
+                return Err(SandboxError::InvalidModule(format!(
+                    "the module does not export {needed}"
+                )));
+            }
+        }
+        let pre = imports
+            .linker
+            .instantiate_pre(&module)
+            .map_err(|e| SandboxError::InvalidModule(format!("{e:#}")))?;
+        let guest = Arc::new(Guest {
+            sha256: sha256.clone(),
+            role,
+            pre,
+            cache,
+        });
+        self.loaded
+            .lock()
+            .map_err(internal)?
+            .insert((sha256, role), Arc::clone(&guest));
+        Ok(guest)
+    }
+
+    /// Runs `job` on `guest` in a fresh store under `limits`.
+    pub fn run(
+        &self,
+        guest: &Guest,
+        job: Job<'_>,
+        limits: &Limits,
+    ) -> Result<Outcome, SandboxError> {
+        let started = Instant::now();
+        if guest.role == GuestRole::Algorithm
+            && !job.policy.approved_algorithms.contains(&guest.sha256)
+        {
+            return Err(SandboxError::AlgorithmNotApproved {
+                sha256: guest.sha256.clone(),
+            });
+        }
+        job.policy.validate().map_err(|e| SandboxError::Policy {
+            rule: "policy".into(),
+            column: None,
+            message: e.to_string(),
+        })?;
+        let epsilon = job
+            .policy
+            .differential_privacy
+            .as_ref()
+            .map(|dp| dp.epsilon_per_query);
+        if let Some(needed) = epsilon {
+            if guest.role == GuestRole::Algorithm {
+                return Err(SandboxError::Policy {
+                    rule: "differential-privacy".into(),
+                    column: None,
+                    message: "this product's results are released only with noise, which the sandbox can add to SQL aggregates but not to an algorithm's output".into(),
+                });
+            }
+            if job.privacy_budget < needed {
+                return Err(SandboxError::PrivacyBudget {
+                    remaining: job.privacy_budget,
+                    needed,
+                });
+            }
+        }
+        let (tables, infos) = describe(job.tables.as_ref(), job.policy)?;
+        let request = GuestRequest {
+            sql: job.sql.to_owned(),
+            tables: infos,
+            policy: job.policy.clone(),
+            min_units: job.policy.aggregation.as_ref().map_or(0, |a| a.min_units),
+        };
+        let request = serde_json::to_vec(&request).map_err(internal)?;
+        let state = RunState::new(RunSetup {
+            request,
+            store: Arc::clone(&job.tables),
+            tables,
+            release: Release::new(job.policy.clone()),
+            max_log_bytes: limits.max_log_bytes,
+            max_output_bytes: limits.max_output_bytes,
+            logical_time_ns: logical_now(),
+            limiter: RunLimiter {
+                memory_bytes: limits.memory_bytes as usize,
+                table_elements: limits.table_elements,
+            },
+        });
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        if self.meter_fuel {
+            store.set_fuel(limits.fuel).map_err(internal)?;
+        }
+        let ticks = (limits.wall_time.as_nanos() / TICK.as_nanos()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+
+        let result = guest.pre.instantiate(&mut store).and_then(|instance| {
+            if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
+                init.call(&mut store, ())?;
+            }
+            let run = instance.get_typed_func::<(), i32>(&mut store, RUN_EXPORT)?;
+            run.call(&mut store, ())
+        });
+        let fuel = match self.meter_fuel {
+            true => limits.fuel - store.get_fuel().unwrap_or(limits.fuel),
+            false => 0,
+        };
+        let wall_time = started.elapsed();
+        let state = store.into_data();
+        let code = result.map_err(|e| classify(e, limits, &state))?;
+        if code != 0 || state.failure.is_some() {
+            return Err(match state.failure {
+                Some(failure) => failure.into(),
+                None => SandboxError::Execution(format!(
+                    "the guest returned {code}: {}",
+                    state.log.trim()
+                )),
+            });
+        }
+        let release = state.release;
+        let privacy_spent = match (epsilon, release.noised) {
+            (Some(epsilon), true) => epsilon,
+            _ => 0.0,
+        };
+        Ok(Outcome {
+            metering: Metering {
+                fuel,
+                compute_units: fuel.div_ceil(FUEL_PER_COMPUTE_UNIT),
+                rows_read: state.rows_read,
+                bytes_read: state.bytes_read,
+                rows_released: release.rows,
+                bytes_released: release.bytes,
+                wall_time,
+            },
+            batches: release.batches,
+            suppressed_rows: release.suppressed_rows,
+            truncated: release.truncated,
+            privacy_spent,
+            privacy_budget_left: job.privacy_budget - privacy_spent,
+            log: state.log,
+        })
+    }
+}
+
+/// The run's clock: the current second. Fixed for the whole run.
+fn logical_now() -> u64 {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    secs * 1_000_000_000
+}
+
+fn describe(
+    store: &dyn TableStore,
+    policy: &OutputPolicy,
+) -> Result<(Vec<Table>, Vec<TableInfo>), SandboxError> {
+    let units: Vec<&String> = policy
+        .aggregation
+        .iter()
+        .flat_map(|a| a.privacy_unit_columns.iter())
+        .collect();
+    let mut tables = Vec::new();
+    let mut infos = Vec::new();
+    for name in store.tables() {
+        let schema = store.schema(&name).map_err(SandboxError::Data)?;
+        let columns: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+        let readable = columns
+            .iter()
+            .map(|c| !policy.blocked_columns.contains(c) || units.contains(&c))
+            .collect();
+        tables.push(Table {
+            name: name.clone(),
+            readable,
+            columns,
+        });
+        infos.push(TableInfo {
+            name,
+            schema: schema.as_ref().clone(),
+        });
+    }
+    Ok((tables, infos))
+}
+
+fn classify(error: wasmtime::Error, limits: &Limits, state: &RunState) -> SandboxError {
+    if let Some(abort) = error.downcast_ref::<Abort>() {
+        return match abort {
+            Abort::Memory => SandboxError::MemoryLimit {
+                limit_bytes: limits.memory_bytes,
+            },
+            Abort::ResultTooLarge { limit_bytes, rule } => SandboxError::ResultTooLarge {
+                limit_bytes: *limit_bytes,
+                rule,
+            },
+            Abort::Policy {
+                rule,
+                column,
+                message,
+            } => SandboxError::Policy {
+                rule: rule.clone(),
+                column: column.clone(),
+                message: message.clone(),
+            },
+            Abort::Data(message) => SandboxError::Data(message.clone()),
+            Abort::Protocol(message) => {
+                SandboxError::Trap(format!("broke the host protocol: {message}"))
+            }
+            Abort::Exit(code) => SandboxError::Execution(format!(
+                "the guest exited with {code}: {}",
+                state.log.trim()
+            )),
+        };
+    }
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => SandboxError::FuelExhausted { fuel: limits.fuel },
+        Some(Trap::Interrupt) => SandboxError::Deadline {
+            limit_ms: limits.wall_time.as_millis() as u64,
+        },
+        Some(Trap::StackOverflow) => SandboxError::StackOverflow,
+        Some(trap) => SandboxError::Trap(format!("{trap}{}", log_suffix(state))),
+        None => SandboxError::Trap(format!("{error:#}{}", log_suffix(state))),
+    }
+}
+
+fn log_suffix(state: &RunState) -> String {
+    if state.log.is_empty() {
+        String::new()
+    } else {
+        format!(" (guest log: {})", state.log.trim())
+    }
+}

@@ -1,0 +1,329 @@
+//! One run's state inside its `Store`, and the `civicgrid` imports that read
+//! tables and take results.
+
+use std::sync::Arc;
+
+use arrow_array::RecordBatch;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use wasmtime::{Caller, ResourceLimiter};
+
+use super::Imports;
+
+use super::data::{TableScan, TableStore};
+use super::error::Abort;
+use super::release::Release;
+use crate::protocol::{GuestFailure, IMPORT_MODULE};
+
+/// Seed of the guest's randomness: fixed, so hash tables (and fuel) repeat.
+const RANDOM_SEED: u64 = 0x00c1_71c6_71d0;
+
+pub(crate) struct Table {
+    pub(crate) name: String,
+    /// Column indices the guest may stream (not blocked, or a privacy unit).
+    pub(crate) readable: Vec<bool>,
+    pub(crate) columns: Vec<String>,
+}
+
+pub(crate) struct RunState {
+    pub(crate) request: Vec<u8>,
+    pub(crate) store: Arc<dyn TableStore>,
+    pub(crate) tables: Vec<Table>,
+    scans: Vec<TableScan>,
+    pending: Option<(i32, Vec<u8>)>,
+    pub(crate) release: Release,
+    pub(crate) failure: Option<GuestFailure>,
+    pub(crate) log: String,
+    max_log_bytes: usize,
+    pub(crate) output_bytes: u64,
+    max_output_bytes: u64,
+    pub(crate) rows_read: u64,
+    pub(crate) bytes_read: u64,
+    pub(crate) logical_time_ns: u64,
+    pub(crate) random: ChaCha8Rng,
+    pub(crate) limiter: RunLimiter,
+}
+
+pub(crate) struct RunLimiter {
+    pub(crate) memory_bytes: usize,
+    pub(crate) table_elements: usize,
+}
+
+impl ResourceLimiter for RunLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            return Err(wasmtime::Error::new(Abort::Memory));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= self.table_elements)
+    }
+
+    fn instances(&self) -> usize {
+        1
+    }
+
+    fn memories(&self) -> usize {
+        1
+    }
+
+    fn tables(&self) -> usize {
+        4
+    }
+}
+
+pub(crate) struct RunSetup {
+    pub(crate) request: Vec<u8>,
+    pub(crate) store: Arc<dyn TableStore>,
+    pub(crate) tables: Vec<Table>,
+    pub(crate) release: Release,
+    pub(crate) max_log_bytes: usize,
+    pub(crate) max_output_bytes: u64,
+    pub(crate) logical_time_ns: u64,
+    pub(crate) limiter: RunLimiter,
+}
+
+impl RunState {
+    pub(crate) fn new(setup: RunSetup) -> Self {
+        Self {
+            request: setup.request,
+            store: setup.store,
+            tables: setup.tables,
+            scans: Vec::new(),
+            pending: None,
+            release: setup.release,
+            failure: None,
+            log: String::new(),
+            max_log_bytes: setup.max_log_bytes,
+            output_bytes: 0,
+            max_output_bytes: setup.max_output_bytes,
+            rows_read: 0,
+            bytes_read: 0,
+            logical_time_ns: setup.logical_time_ns,
+            random: ChaCha8Rng::seed_from_u64(RANDOM_SEED),
+            limiter: setup.limiter,
+        }
+    }
+
+    pub(crate) fn log_bytes(&mut self, bytes: &[u8]) {
+        let room = self.max_log_bytes.saturating_sub(self.log.len());
+        if room == 0 {
+            return;
+        }
+        let text = String::from_utf8_lossy(&bytes[..bytes.len().min(room)]);
+        self.log.push_str(&text);
+        if bytes.len() > room {
+            self.log.push_str("\n[log truncated]");
+            self.max_log_bytes = 0;
+        }
+    }
+
+    fn open_scan(&mut self, table: usize, columns: Vec<usize>) -> Result<i32, Abort> {
+        let info = self
+            .tables
+            .get(table)
+            .ok_or_else(|| Abort::Protocol(format!("no table {table}")))?;
+        for &c in &columns {
+            match info.readable.get(c) {
+                Some(true) => {}
+                Some(false) => {
+                    return Err(Abort::Policy {
+                        rule: "blocked-columns".into(),
+                        column: Some(info.columns[c].clone()),
+                        message: format!(
+                            "column {} is blocked and is never streamed into the sandbox",
+                            info.columns[c]
+                        ),
+                    });
+                }
+                None => {
+                    return Err(Abort::Protocol(format!(
+                        "table {} has no column {c}",
+                        info.name
+                    )));
+                }
+            }
+        }
+        let scan = self.store.scan(&info.name, &columns).map_err(Abort::Data)?;
+        self.scans.push(scan);
+        Ok((self.scans.len() - 1) as i32)
+    }
+
+    fn next_batch(&mut self, handle: i32) -> Result<Option<Vec<u8>>, Abort> {
+        let scan = usize::try_from(handle)
+            .ok()
+            .and_then(|h| self.scans.get_mut(h))
+            .ok_or_else(|| Abort::Protocol(format!("no scan {handle}")))?;
+        let Some(batch) = scan.next() else {
+            return Ok(None);
+        };
+        let batch = batch.map_err(Abort::Data)?;
+        self.rows_read += batch.num_rows() as u64;
+        self.bytes_read += batch.get_array_memory_size() as u64;
+        encode(&batch).map(Some)
+    }
+
+    fn emitted(&mut self, bytes: &[u8]) -> Result<(), Abort> {
+        self.output_bytes += bytes.len() as u64;
+        if self.output_bytes > self.max_output_bytes {
+            return Err(Abort::ResultTooLarge {
+                limit_bytes: self.max_output_bytes,
+                rule: "sandbox.max_output_bytes",
+            });
+        }
+        let reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+            .map_err(|e| Abort::Protocol(format!("emit: {e}")))?;
+        for batch in reader {
+            let batch = batch.map_err(|e| Abort::Protocol(format!("emit: {e}")))?;
+            self.release.accept(batch)?;
+        }
+        Ok(())
+    }
+}
+
+fn encode(batch: &RecordBatch) -> Result<Vec<u8>, Abort> {
+    let mut bytes = Vec::with_capacity(batch.get_array_memory_size() + 1024);
+    let mut writer = arrow_ipc::writer::StreamWriter::try_new(&mut bytes, &batch.schema())
+        .map_err(|e| Abort::Data(e.to_string()))?;
+    writer
+        .write(batch)
+        .map_err(|e| Abort::Data(e.to_string()))?;
+    writer.finish().map_err(|e| Abort::Data(e.to_string()))?;
+    drop(writer);
+    Ok(bytes)
+}
+
+fn guest_memory<'a>(
+    caller: &'a mut Caller<'_, RunState>,
+) -> Result<(&'a mut [u8], &'a mut RunState), Abort> {
+    let memory = caller
+        .get_export("memory")
+        .and_then(|e| e.into_memory())
+        .ok_or_else(|| Abort::Protocol("the guest exports no memory".into()))?;
+    Ok(memory.data_and_store_mut(caller))
+}
+
+fn slice(mem: &[u8], ptr: i32, len: i32) -> Result<&[u8], Abort> {
+    let (Ok(ptr), Ok(len)) = (usize::try_from(ptr), usize::try_from(len)) else {
+        return Err(Abort::Protocol("negative pointer or length".into()));
+    };
+    mem.get(ptr..ptr.saturating_add(len))
+        .ok_or_else(|| Abort::Protocol("pointer outside guest memory".into()))
+}
+
+/// Copies `bytes` to `ptr` if they fit in `cap`; else returns minus the length needed.
+fn fill(mem: &mut [u8], ptr: i32, cap: i32, bytes: &[u8]) -> Result<i64, Abort> {
+    if bytes.len() > usize::try_from(cap).unwrap_or(0) {
+        return Ok(-(bytes.len() as i64));
+    }
+    let ptr = usize::try_from(ptr).map_err(|_| Abort::Protocol("negative pointer".into()))?;
+    let slot = mem
+        .get_mut(ptr..ptr.saturating_add(bytes.len()))
+        .ok_or_else(|| Abort::Protocol("pointer outside guest memory".into()))?;
+    slot.copy_from_slice(bytes);
+    Ok(bytes.len() as i64)
+}
+
+fn trap(abort: Abort) -> wasmtime::Error {
+    wasmtime::Error::new(abort)
+}
+
+pub(crate) fn add_to_linker(linker: &mut Imports) -> wasmtime::Result<()> {
+    linker.func_wrap(
+        IMPORT_MODULE,
+        "request",
+        |mut caller: Caller<'_, RunState>, ptr: i32, cap: i32| -> wasmtime::Result<i64> {
+            let (mem, state) = guest_memory(&mut caller).map_err(trap)?;
+            fill(mem, ptr, cap, &state.request).map_err(trap)
+        },
+    )?;
+    linker.func_wrap(
+        IMPORT_MODULE,
+        "scan_open",
+        |mut caller: Caller<'_, RunState>,
+         table: i32,
+         columns: i32,
+         len: i32|
+         -> wasmtime::Result<i32> {
+            let (mem, state) = guest_memory(&mut caller).map_err(trap)?;
+            let bytes = slice(mem, columns, len.saturating_mul(4)).map_err(trap)?;
+            let columns = bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize)
+                .collect();
+            let table = usize::try_from(table)
+                .map_err(|_| trap(Abort::Protocol("negative table".into())))?;
+            state.open_scan(table, columns).map_err(trap)
+        },
+    )?;
+    linker.func_wrap(
+        IMPORT_MODULE,
+        "scan_next",
+        |mut caller: Caller<'_, RunState>,
+         handle: i32,
+         ptr: i32,
+         cap: i32|
+         -> wasmtime::Result<i64> {
+            let (mem, state) = guest_memory(&mut caller).map_err(trap)?;
+            let bytes = match state.pending.take() {
+                Some((h, bytes)) if h == handle => bytes,
+                _ => match state.next_batch(handle).map_err(trap)? {
+                    Some(bytes) => bytes,
+                    None => return Ok(0),
+                },
+            };
+            let n = fill(mem, ptr, cap, &bytes).map_err(trap)?;
+            if n < 0 {
+                state.pending = Some((handle, bytes));
+            }
+            Ok(n)
+        },
+    )?;
+    linker.func_wrap(
+        IMPORT_MODULE,
+        "emit",
+        |mut caller: Caller<'_, RunState>, ptr: i32, len: i32| -> wasmtime::Result<()> {
+            let (mem, state) = guest_memory(&mut caller).map_err(trap)?;
+            let bytes = slice(mem, ptr, len).map_err(trap)?;
+            state.emitted(bytes).map_err(trap)
+        },
+    )?;
+    linker.func_wrap(
+        IMPORT_MODULE,
+        "fail",
+        |mut caller: Caller<'_, RunState>, ptr: i32, len: i32| -> wasmtime::Result<()> {
+            let (mem, state) = guest_memory(&mut caller).map_err(trap)?;
+            let bytes = slice(mem, ptr, len).map_err(trap)?;
+            let failure =
+                serde_json::from_slice(bytes).unwrap_or_else(|e| GuestFailure::Execution {
+                    message: format!("the guest reported a failure the host cannot read: {e}"),
+                });
+            state.failure = Some(failure);
+            Ok(())
+        },
+    )?;
+    linker.func_wrap(
+        IMPORT_MODULE,
+        "log",
+        |mut caller: Caller<'_, RunState>, ptr: i32, len: i32| -> wasmtime::Result<()> {
+            let (mem, state) = guest_memory(&mut caller).map_err(trap)?;
+            let bytes = slice(mem, ptr, len).map_err(trap)?.to_vec();
+            state.log_bytes(&bytes);
+            state.log_bytes(b"\n");
+            Ok(())
+        },
+    )?;
+    Ok(())
+}

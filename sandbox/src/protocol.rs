@@ -1,0 +1,103 @@
+//! What crosses the boundary between the host and a guest, besides Arrow IPC
+//! record batches. Shared by both sides so the two cannot drift apart.
+//!
+//! The guest ABI (core Wasm, module `civicgrid`):
+//! - `request(ptr, cap) -> i64`: copies the JSON [`GuestRequest`] into guest memory;
+//!   returns its length, or minus the length needed when `cap` is too small.
+//! - `scan_open(table, columns_ptr, columns_len) -> i32`: opens a scan of a
+//!   table over the given column indices (little-endian u32s); returns a handle.
+//! - `scan_next(handle, ptr, cap) -> i64`: the next batch as an Arrow IPC stream;
+//!   0 at the end, minus the length needed when `cap` is too small.
+//! - `emit(ptr, len)`: one result batch as an Arrow IPC stream.
+//! - `fail(ptr, len)`: a JSON [`GuestFailure`]; the guest then returns.
+//! - `log(ptr, len)`: a diagnostic line (capped by the host).
+//!
+//! The guest exports `memory`, `civicgrid_alloc(len) -> ptr` and
+//! `civicgrid_run() -> i32` (0 on success).
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::OutputPolicy;
+
+/// The host's import module name.
+pub const IMPORT_MODULE: &str = "civicgrid";
+/// The guest's entry point.
+pub const RUN_EXPORT: &str = "civicgrid_run";
+/// The guest's allocator, for buffers the host fills.
+pub const ALLOC_EXPORT: &str = "civicgrid_alloc";
+
+/// The result column the SQL guest adds to aggregate results: how many distinct
+/// privacy units each row covers. The host suppresses rows below the threshold
+/// and never releases the column.
+pub const UNITS_COLUMN: &str = "__civicgrid_units";
+/// Field metadata on a released column that is a plain aggregate:
+/// `count`, `sum` or `avg` (differential privacy adds noise to these).
+pub const AGGREGATE_METADATA: &str = "civicgrid.aggregate";
+/// Field metadata naming the column a `sum` or `avg` aggregates.
+pub const SOURCE_METADATA: &str = "civicgrid.source";
+
+/// One table the guest can read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TableInfo {
+    /// The SQL name.
+    pub name: String,
+    /// Its columns, as the files have them.
+    pub schema: arrow_schema::Schema,
+}
+
+/// What the guest is asked to do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GuestRequest {
+    /// The consumer's SQL (the SQL guest); algorithms receive it as their input.
+    pub sql: String,
+    /// The product's tables, indexed by position in `scan_open`.
+    pub tables: Vec<TableInfo>,
+    /// The product's output policy.
+    pub policy: OutputPolicy,
+    /// Threshold the host will enforce; the guest needs it to decide what to count.
+    pub min_units: u64,
+}
+
+/// Why a guest refused or failed a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum GuestFailure {
+    /// The query breaks the output policy (found in its plan, before it ran).
+    #[error("refused by the output policy ({rule}): {message}")]
+    Policy {
+        /// e.g. `blocked-columns`, `aggregation.dimension-columns`, `list.columns`.
+        rule: String,
+        /// The column at fault, when there is one.
+        column: Option<String>,
+        /// For the consumer.
+        message: String,
+    },
+    /// The SQL does not parse or plan.
+    #[error("invalid query: {message}")]
+    Query {
+        /// The engine's message.
+        message: String,
+    },
+    /// The engine failed while running.
+    #[error("query failed: {message}")]
+    Execution {
+        /// The engine's message.
+        message: String,
+    },
+}
+
+impl GuestFailure {
+    /// A policy refusal.
+    pub fn policy(rule: &str, column: Option<&str>, message: impl Into<String>) -> Self {
+        Self::Policy {
+            rule: rule.to_owned(),
+            column: column.map(str::to_owned),
+            message: message.into(),
+        }
+    }
+}
+
+/// Schema metadata on an aggregate result: the threshold the guest worked out
+/// for the columns the query read (the host enforces the larger of this and
+/// the product's own).
+pub const MIN_UNITS_METADATA: &str = "civicgrid.min_units";

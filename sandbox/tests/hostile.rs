@@ -1,0 +1,344 @@
+//! Hostile and broken guests: each run ends with its own typed error, and the
+//! sandbox goes on serving the next run.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use civicgrid_sandbox::policy::OutputPolicy;
+use civicgrid_sandbox::{
+    CacheOutcome, GuestRole, Job, Limits, LocalDirectory, Sandbox, SandboxConfig, SandboxError,
+};
+
+/// The protocol's minimum: memory and an entry point, here one that returns 0
+/// after `body`.
+fn guest(imports: &str, body: &str) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+            {imports}
+            (memory (export "memory") 1)
+            (func (export "civicgrid_run") (result i32)
+                {body}
+                i32.const 0))"#
+    ))
+    .expect("test guest")
+}
+
+struct Fixture {
+    sandbox: Sandbox,
+    _cache: tempfile::TempDir,
+    data: tempfile::TempDir,
+}
+
+fn fixture() -> Fixture {
+    let cache = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::new(&SandboxConfig::new(cache.path())).unwrap();
+    Fixture {
+        sandbox,
+        _cache: cache,
+        data,
+    }
+}
+
+impl Fixture {
+    /// Runs `wasm` as an approved consumer algorithm.
+    fn run(
+        &self,
+        wasm: &[u8],
+        limits: &Limits,
+    ) -> Result<civicgrid_sandbox::Outcome, SandboxError> {
+        let guest = self.sandbox.load(wasm, GuestRole::Algorithm)?;
+        let mut policy = OutputPolicy::owner();
+        policy.approved_algorithms.push(guest.sha256().to_owned());
+        let job = Job {
+            sql: "",
+            tables: Arc::new(LocalDirectory::new(self.data.path(), Vec::<String>::new())),
+            policy: &policy,
+            privacy_budget: 0.0,
+        };
+        self.sandbox.run(&guest, job, limits)
+    }
+
+    /// A well-behaved guest still runs: nothing a hostile one did leaked.
+    fn still_serves(&self) {
+        let outcome = self
+            .run(&guest("", ""), &Limits::default())
+            .expect("a good guest runs");
+        assert!(outcome.batches.is_empty());
+    }
+}
+
+const SPIN: &str = "(loop $forever br $forever)";
+
+#[test]
+fn an_infinite_loop_ends_at_the_fuel_budget() {
+    let f = fixture();
+    let limits = Limits {
+        fuel: 5_000_000,
+        ..Limits::default()
+    };
+    let err = f.run(&guest("", SPIN), &limits).unwrap_err();
+    assert!(
+        matches!(err, SandboxError::FuelExhausted { fuel: 5_000_000 }),
+        "{err}"
+    );
+    f.still_serves();
+}
+
+#[test]
+fn an_infinite_loop_ends_at_the_deadline_when_fuel_is_plentiful() {
+    let f = fixture();
+    let limits = Limits {
+        fuel: u64::MAX / 2,
+        wall_time: Duration::from_millis(50),
+        ..Limits::default()
+    };
+    let started = std::time::Instant::now();
+    let err = f.run(&guest("", SPIN), &limits).unwrap_err();
+    assert!(
+        matches!(err, SandboxError::Deadline { limit_ms: 50 }),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the deadline did not stop it"
+    );
+    f.still_serves();
+}
+
+#[test]
+fn a_memory_bomb_hits_the_memory_limit() {
+    let f = fixture();
+    // Grow by 64 KiB pages until growth fails; the limiter traps first.
+    let body = r#"(loop $grow
+        (br_if $grow (i32.ne (memory.grow (i32.const 16)) (i32.const -1))))"#;
+    let limits = Limits {
+        memory_bytes: 16 << 20,
+        ..Limits::default()
+    };
+    let err = f.run(&guest("", body), &limits).unwrap_err();
+    assert!(
+        matches!(err, SandboxError::MemoryLimit { limit_bytes } if limit_bytes == 16 << 20),
+        "{err}"
+    );
+    f.still_serves();
+}
+
+#[test]
+fn deep_recursion_exhausts_the_stack() {
+    let f = fixture();
+    let wasm = wat::parse_str(
+        r#"(module
+            (memory (export "memory") 1)
+            (func $down (param i64) (result i64)
+                (i64.add (call $down (i64.add (local.get 0) (i64.const 1))) (i64.const 1)))
+            (func (export "civicgrid_run") (result i32)
+                (drop (call $down (i64.const 0)))
+                i32.const 0))"#,
+    )
+    .unwrap();
+    let err = f.run(&wasm, &Limits::default()).unwrap_err();
+    assert!(matches!(err, SandboxError::StackOverflow), "{err}");
+    f.still_serves();
+}
+
+#[test]
+fn huge_output_hits_the_size_cap() {
+    let f = fixture();
+    // Emits the same 64 KiB over and over; the cap stops it before any is parsed.
+    let wasm = guest(
+        r#"(import "civicgrid" "emit" (func $emit (param i32 i32)))"#,
+        "(loop $again (call $emit (i32.const 0) (i32.const 65536)) (br $again))",
+    );
+    let limits = Limits {
+        max_output_bytes: 1 << 20,
+        ..Limits::default()
+    };
+    let err = f.run(&wasm, &limits).unwrap_err();
+    assert!(
+        matches!(err, SandboxError::ResultTooLarge { limit_bytes, rule: "sandbox.max_output_bytes" } if limit_bytes == 1 << 20),
+        "{err}"
+    );
+    f.still_serves();
+}
+
+#[test]
+fn importing_sockets_or_files_does_not_link() {
+    let f = fixture();
+    for (name, signature) in [
+        ("sock_accept", "(param i32 i32 i32) (result i32)"),
+        ("sock_recv", "(param i32 i32 i32 i32 i32 i32) (result i32)"),
+        (
+            "path_open",
+            "(param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)",
+        ),
+    ] {
+        let wasm = guest(
+            &format!(r#"(import "wasi_snapshot_preview1" "{name}" (func {signature}))"#),
+            "",
+        );
+        let err = f.run(&wasm, &Limits::default()).unwrap_err();
+        match err {
+            SandboxError::Link { module, name: got } => {
+                assert_eq!(
+                    (module.as_str(), got.as_str()),
+                    ("wasi_snapshot_preview1", name)
+                );
+            }
+            other => panic!("{name}: expected a link error, got {other}"),
+        }
+    }
+    f.still_serves();
+}
+
+#[test]
+fn the_guest_sees_no_preopened_directory_and_no_environment() {
+    let f = fixture();
+    // fd 3 is where WASI puts the first preopened directory: there is none.
+    let wasm = guest(
+        r#"(import "wasi_snapshot_preview1" "fd_prestat_get" (func $prestat (param i32 i32) (result i32)))
+           (import "wasi_snapshot_preview1" "environ_sizes_get" (func $env (param i32 i32) (result i32)))"#,
+        r#"(if (i32.ne (call $prestat (i32.const 3) (i32.const 0)) (i32.const 8)) (then unreachable))
+           (drop (call $env (i32.const 0) (i32.const 4)))
+           (if (i32.ne (i32.load (i32.const 0)) (i32.const 0)) (then unreachable))"#,
+    );
+    f.run(&wasm, &Limits::default())
+        .expect("EBADF for fd 3 and an empty environment");
+}
+
+#[test]
+fn a_malformed_module_is_refused_and_a_trap_is_reported() {
+    let f = fixture();
+    let err = f
+        .run(b"\0asm\x01\0\0\0garbage", &Limits::default())
+        .unwrap_err();
+    assert!(matches!(err, SandboxError::InvalidModule(_)), "{err}");
+    let err = f
+        .run(
+            &wat::parse_str("(module (memory (export \"memory\") 1))").unwrap(),
+            &Limits::default(),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, SandboxError::InvalidModule(m) if m.contains("civicgrid_run")),
+        "{err}"
+    );
+    let err = f
+        .run(&guest("", "unreachable"), &Limits::default())
+        .unwrap_err();
+    assert!(
+        matches!(&err, SandboxError::Trap(m) if m.contains("unreachable")),
+        "{err}"
+    );
+    f.still_serves();
+}
+
+#[test]
+fn an_unapproved_algorithm_does_not_run() {
+    let f = fixture();
+    let wasm = guest("", "");
+    let guest = f.sandbox.load(&wasm, GuestRole::Algorithm).unwrap();
+    let mut policy = OutputPolicy::owner();
+    let job = |policy: &OutputPolicy| {
+        let job = Job {
+            sql: "",
+            tables: Arc::new(LocalDirectory::new(f.data.path(), Vec::<String>::new())),
+            policy,
+            privacy_budget: 0.0,
+        };
+        f.sandbox.run(&guest, job, &Limits::default())
+    };
+    let err = job(&policy).unwrap_err();
+    assert!(
+        matches!(&err, SandboxError::AlgorithmNotApproved { sha256 } if sha256 == guest.sha256()),
+        "{err}"
+    );
+    policy.approved_algorithms.push(guest.sha256().to_owned());
+    job(&policy).expect("approved by hash, it runs");
+}
+
+#[test]
+fn fuel_is_deterministic_and_proportional_to_work() {
+    let f = fixture();
+    let wasm = |n: u32| {
+        wat::parse_str(format!(
+            r#"(module (memory (export "memory") 1)
+                (func (export "civicgrid_run") (result i32) (local i32)
+                  (loop $l (local.set 0 (i32.add (local.get 0) (i32.const 1)))
+                           (br_if $l (i32.lt_u (local.get 0) (i32.const {n}))))
+                  i32.const 0))"#
+        ))
+        .unwrap()
+    };
+    let fuel = |n| f.run(&wasm(n), &Limits::default()).unwrap().metering.fuel;
+    let (a, b, c) = (fuel(100_000), fuel(100_000), fuel(200_000));
+    assert_eq!(a, b, "the same run must cost the same fuel");
+    assert!(
+        c > a * 19 / 10 && c < a * 21 / 10,
+        "twice the work, about twice the fuel: {a} vs {c}"
+    );
+}
+
+#[test]
+fn a_corrupt_or_truncated_cache_entry_is_rebuilt_never_loaded() {
+    let cache = tempfile::tempdir().unwrap();
+    let wasm = guest("", "");
+    let config = SandboxConfig::new(cache.path());
+    let first = Sandbox::new(&config).unwrap();
+    let loaded = first.load(&wasm, GuestRole::Sql).unwrap();
+    assert_eq!(loaded.cache_outcome(), CacheOutcome::Compiled);
+    let path = first.cache_path(loaded.sha256());
+    drop(first);
+
+    assert_eq!(
+        Sandbox::new(&config)
+            .unwrap()
+            .load(&wasm, GuestRole::Sql)
+            .unwrap()
+            .cache_outcome(),
+        CacheOutcome::Hit
+    );
+
+    // Flip one byte in the compiled code.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let sandbox = Sandbox::new(&config).unwrap();
+    let reloaded = sandbox.load(&wasm, GuestRole::Sql).unwrap();
+    assert_eq!(reloaded.cache_outcome(), CacheOutcome::Rebuilt);
+    let data = tempfile::tempdir().unwrap();
+    let policy = OutputPolicy::owner();
+    sandbox
+        .run(
+            &reloaded,
+            Job {
+                sql: "",
+                tables: Arc::new(LocalDirectory::new(data.path(), Vec::<String>::new())),
+                policy: &policy,
+                privacy_budget: 0.0,
+            },
+            &Limits::default(),
+        )
+        .expect("the rebuilt module runs");
+    drop(sandbox);
+
+    // Truncated to a few bytes.
+    std::fs::write(&path, &bytes[..10]).unwrap();
+    assert_eq!(
+        Sandbox::new(&config)
+            .unwrap()
+            .load(&wasm, GuestRole::Sql)
+            .unwrap()
+            .cache_outcome(),
+        CacheOutcome::Rebuilt
+    );
+    assert_eq!(
+        Sandbox::new(&config)
+            .unwrap()
+            .load(&wasm, GuestRole::Sql)
+            .unwrap()
+            .cache_outcome(),
+        CacheOutcome::Hit
+    );
+}
