@@ -145,11 +145,16 @@ fn deep_recursion_exhausts_the_stack() {
 #[test]
 fn huge_output_hits_the_size_cap() {
     let f = fixture();
-    // Emits the same 64 KiB over and over; the cap stops it before any is parsed.
-    let wasm = guest(
-        r#"(import "civicgrid" "emit" (func $emit (param i32 i32)))"#,
-        "(loop $again (call $emit (i32.const 0) (i32.const 65536)) (br $again))",
-    );
+    // Emits 2 MiB at once; the cap stops it before any of it is parsed.
+    let wasm = wat::parse_str(
+        r#"(module
+            (import "civicgrid" "emit" (func $emit (param i32 i32)))
+            (memory (export "memory") 32)
+            (func (export "civicgrid_run") (result i32)
+                (call $emit (i32.const 0) (i32.const 2097152))
+                i32.const 0))"#,
+    )
+    .unwrap();
     let limits = Limits {
         max_output_bytes: 1 << 20,
         ..Limits::default()

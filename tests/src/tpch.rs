@@ -27,21 +27,25 @@ const BATCH: usize = 64 * 1024;
 fn write(
     dir: &Path,
     table: &str,
-    batches: impl Iterator<Item = RecordBatch>,
+    batches: impl Iterator<Item = Result<RecordBatch, arrow_schema::ArrowError>>,
 ) -> std::io::Result<()> {
     let mut batches = batches.peekable();
-    let Some(first) = batches.peek() else {
-        return Ok(());
+    let schema = match batches.peek() {
+        Some(Ok(first)) => first.schema(),
+        Some(Err(e)) => return Err(std::io::Error::other(e.to_string())),
+        None => return Ok(()),
     };
     let file = File::create(dir.join(format!("{table}.parquet")))?;
     let properties = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(1 << 20))
         .build();
-    let mut writer = ArrowWriter::try_new(file, first.schema(), Some(properties))
-        .map_err(std::io::Error::other)?;
+    let mut writer =
+        ArrowWriter::try_new(file, schema, Some(properties)).map_err(std::io::Error::other)?;
     for batch in batches {
-        writer.write(&batch).map_err(std::io::Error::other)?;
+        writer
+            .write(&batch.map_err(std::io::Error::other)?)
+            .map_err(std::io::Error::other)?;
     }
     writer.close().map_err(std::io::Error::other)?;
     Ok(())

@@ -285,7 +285,7 @@ fn noisy_outputs(
                 .expr
                 .iter()
                 .map(|expr| {
-                    if let Expr::Column(column) = expr.clone().unalias() {
+                    if let Expr::Column(column) = expr.clone().unalias_nested().data {
                         let index = projection.input.schema().index_of_column(&column).ok();
                         return Ok(index.and_then(|i| inner.get(i).cloned()).flatten());
                     }

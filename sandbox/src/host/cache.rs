@@ -99,7 +99,12 @@ impl ModuleCache {
             |e: std::io::Error| SandboxError::Internal(format!("writing {}: {e}", path.display()));
         // Written beside and renamed into place: a crash never leaves half a file
         // under the real name (and a torn one fails its checksum anyway).
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        // Unique per writer (other processes may share the directory).
+        let tmp = path.with_extension(format!(
+            "tmp{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
         let mut file = fs::File::create(&tmp).map_err(io)?;
         file.write_all(&Sha256::digest(artifact)).map_err(io)?;
         file.write_all(artifact).map_err(io)?;

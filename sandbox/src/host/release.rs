@@ -298,17 +298,19 @@ fn arrow_select_filter(batch: &RecordBatch, keep: &BooleanArray) -> Result<Recor
 }
 
 fn strip_metadata(batch: RecordBatch) -> Result<RecordBatch, Abort> {
-    if batch.schema().metadata().is_empty() {
+    let schema = batch.schema();
+    if schema.metadata().is_empty() && schema.fields().iter().all(|f| f.metadata().is_empty()) {
         return Ok(batch);
     }
-    let schema = Arc::new(
-        batch
-            .schema()
-            .as_ref()
-            .clone()
-            .with_metadata(Default::default()),
-    );
-    batch
-        .with_schema(schema)
-        .map_err(|e| Abort::Protocol(e.to_string()))
+    let fields: Vec<_> = schema
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone().with_metadata(Default::default()))
+        .collect();
+    RecordBatch::try_new_with_options(
+        Arc::new(Schema::new(fields)),
+        batch.columns().to_vec(),
+        &arrow_array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+    )
+    .map_err(|e| Abort::Protocol(e.to_string()))
 }
