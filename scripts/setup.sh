@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything CivicGrid's build and tests need on a fresh machine
 # (Debian, root or sudo; Go and rustup already present). Idempotent: a second
-# run takes seconds.
+# run takes seconds. `--guests-only`: just Rust and what the Wasm guests need.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -26,6 +26,11 @@ if ! command -v clang-14 >/dev/null || ! command -v llvm-ar-14 >/dev/null ||
     apt-get update -qq >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
         clang-14 lld-14 llvm-14 wasi-libc libclang-rt-14-dev-wasm32 >&2
+fi
+
+# `scripts/up.sh` needs only the toolchain and the guests' C compiler.
+if [ "${1:-}" = "--guests-only" ]; then
+    exit 0
 fi
 
 command -v go >/dev/null || { echo "Go is required to build the test control planes" >&2; exit 1; }

@@ -72,6 +72,9 @@ pub const ROLE_PERMISSIONS: &[(&str, &[&str])] = &[
             "contract:revoke",
             "catalog:search",
             "audit:read",
+            "usage:read",
+            "billing:read",
+            "billing:deposit",
         ],
     ),
     (
@@ -92,11 +95,18 @@ pub const ROLE_PERMISSIONS: &[(&str, &[&str])] = &[
             "contract:revoke",
             "catalog:search",
             "demand:answer",
+            "usage:read",
+            "billing:read",
         ],
     ),
     (
         "provider-analyst",
-        &["product:read", "contract:read", "catalog:search"],
+        &[
+            "product:read",
+            "contract:read",
+            "catalog:search",
+            "usage:read",
+        ],
     ),
     (
         "consumer-admin",
@@ -112,6 +122,9 @@ pub const ROLE_PERMISSIONS: &[(&str, &[&str])] = &[
             "catalog:search",
             "demand:post",
             "demand:close",
+            "query:run",
+            "usage:read",
+            "billing:read",
         ],
     ),
     (
@@ -121,6 +134,8 @@ pub const ROLE_PERMISSIONS: &[(&str, &[&str])] = &[
             "contract:check",
             "catalog:search",
             "demand:post",
+            "query:run",
+            "usage:read",
         ],
     ),
     (
@@ -131,6 +146,8 @@ pub const ROLE_PERMISSIONS: &[(&str, &[&str])] = &[
             "contract:read",
             "catalog:search",
             "audit:read",
+            "usage:read",
+            "billing:read",
         ],
     ),
 ];

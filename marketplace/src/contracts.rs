@@ -426,6 +426,48 @@ impl ContractIndex {
         self.len() == 0
     }
 
+    /// The contract a query runs under, with what it allows: the first
+    /// unexpired grant that allows SQL (aggregates or list columns) or, for
+    /// an algorithm, its sha256. The sandbox enforces the operations within.
+    ///
+    /// # Errors
+    /// Why no contract allows it.
+    pub fn grant_for_query(
+        &self,
+        consumer: &str,
+        product: &str,
+        algorithm_sha256: &str,
+        now: i64,
+    ) -> std::result::Result<(String, AllowedOperations), String> {
+        let grants = self.grants.read().expect("contract index lock");
+        let Some(grants) = grants.get(&(consumer.to_owned(), product.to_owned())) else {
+            return Err(format!("no active contract for product {product}"));
+        };
+        let mut reason = String::from("every active contract has expired");
+        for grant in grants.iter().filter(|grant| grant.expires_at > now) {
+            let ops = &grant.operations;
+            let allowed = if algorithm_sha256.is_empty() {
+                ops.aggregate_sql || !ops.list_columns.is_empty()
+            } else {
+                ops.algorithm_sha256
+                    .iter()
+                    .any(|hash| hash == algorithm_sha256)
+            };
+            if allowed {
+                return Ok((grant.contract_id.clone(), ops.clone()));
+            }
+            reason = if algorithm_sha256.is_empty() {
+                format!("contract {} allows no SQL", grant.contract_id)
+            } else {
+                format!(
+                    "contract {} does not allow algorithm {algorithm_sha256}",
+                    grant.contract_id
+                )
+            };
+        }
+        Err(reason)
+    }
+
     /// Whether `consumer` may run `request`'s operation at `now`.
     #[must_use]
     pub fn check(&self, consumer: &str, request: &CheckOperationRequest, now: i64) -> Check {

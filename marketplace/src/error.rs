@@ -31,6 +31,15 @@ pub enum MarketError {
     /// The object is not in a state that allows the request.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A quota or limit is used up.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A conflicting request is in progress; retry later.
+    #[error("{0}")]
+    Aborted(String),
+    /// A part the request needs is not running here.
+    #[error("{0}")]
+    Unavailable(String),
     /// No valid credentials.
     #[error("{0}")]
     Unauthenticated(String),

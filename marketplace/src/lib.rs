@@ -8,12 +8,16 @@
 
 pub mod access;
 pub mod audit;
+pub mod billing;
+pub mod city;
 pub mod contracts;
 pub mod dcat;
 pub mod demand;
 pub mod error;
 pub mod identity;
+pub mod metrics;
 pub mod quality;
+pub mod queries;
 pub mod registry;
 pub mod service;
 pub mod store;

@@ -189,6 +189,34 @@ pub fn validate_spec(spec: &ProductSpec) -> Result<()> {
         ));
     }
     let find_column = |name: &str| all_columns.iter().find(|column| column.name == name);
+    if policy.dp_epsilon_budget > 0.0 {
+        if !(policy.dp_epsilon_per_query > 0.0
+            && policy.dp_epsilon_per_query <= policy.dp_epsilon_budget)
+        {
+            return Err(MarketError::invalid(
+                "spec.output_policy.dp_epsilon_per_query",
+                "with a privacy budget, each query spends more than 0 and at most the budget",
+            ));
+        }
+        if policy.dp_max_rows_per_unit == 0 {
+            return Err(MarketError::invalid(
+                "spec.output_policy.dp_max_rows_per_unit",
+                "with a privacy budget, at least 1 (rows one privacy unit may have)",
+            ));
+        }
+        for (column, bounds) in &policy.dp_bounds {
+            let field = format!("spec.output_policy.dp_bounds[{column:?}]");
+            if find_column(column).is_none() {
+                return Err(MarketError::invalid(field, format!("no column {column:?}")));
+            }
+            if !(bounds.lower.is_finite()
+                && bounds.upper.is_finite()
+                && bounds.lower <= bounds.upper)
+            {
+                return Err(MarketError::invalid(field, "finite, with lower <= upper"));
+            }
+        }
+    }
     if !policy.privacy_unit_column.is_empty() && find_column(&policy.privacy_unit_column).is_none()
     {
         return Err(MarketError::invalid(
@@ -938,6 +966,39 @@ mod tests {
             (
                 "spec.price_plans[0].kind",
                 Box::new(|s| s.price_plans[0].kind = 0),
+            ),
+            (
+                "spec.output_policy.dp_epsilon_per_query",
+                Box::new(|s| {
+                    let policy = s.output_policy.as_mut().unwrap();
+                    policy.dp_epsilon_budget = 1.0;
+                    policy.dp_epsilon_per_query = 2.0;
+                    policy.dp_max_rows_per_unit = 1;
+                }),
+            ),
+            (
+                "spec.output_policy.dp_max_rows_per_unit",
+                Box::new(|s| {
+                    let policy = s.output_policy.as_mut().unwrap();
+                    policy.dp_epsilon_budget = 1.0;
+                    policy.dp_epsilon_per_query = 0.1;
+                }),
+            ),
+            (
+                "spec.output_policy.dp_bounds[\"income\"]",
+                Box::new(|s| {
+                    let policy = s.output_policy.as_mut().unwrap();
+                    policy.dp_epsilon_budget = 1.0;
+                    policy.dp_epsilon_per_query = 0.1;
+                    policy.dp_max_rows_per_unit = 1;
+                    policy.dp_bounds.insert(
+                        "income".into(),
+                        crate::proto::DpBounds {
+                            lower: 0.0,
+                            upper: 1.0,
+                        },
+                    );
+                }),
             ),
         ];
         for (field, break_it) in cases {

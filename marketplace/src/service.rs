@@ -12,10 +12,12 @@ use tonic::{Request, Response, Status};
 use crate::access::{self, Access};
 use crate::audit::checkpoint::{Checkpoint as CheckpointBody, NoteSigner};
 use crate::audit::log::{self, Event};
+use crate::billing;
 use crate::contracts::{self, Check, ContractIndex, Decision};
 use crate::error::{MarketError, Result};
 use crate::identity::{self, OrganizationKind, Principal, TokenSecret};
 use crate::proto;
+use crate::queries::{self, QueryEngine, UsageView};
 use crate::registry::{self, Step};
 use crate::store::Store;
 
@@ -31,6 +33,9 @@ impl From<MarketError> for Status {
             MarketError::NotFound { .. } => Status::not_found(error.to_string()),
             MarketError::AlreadyExists { .. } => Status::already_exists(error.to_string()),
             MarketError::FailedPrecondition(_) => Status::failed_precondition(error.to_string()),
+            MarketError::ResourceExhausted(_) => Status::resource_exhausted(error.to_string()),
+            MarketError::Aborted(_) => Status::aborted(error.to_string()),
+            MarketError::Unavailable(_) => Status::unavailable(error.to_string()),
             MarketError::Unauthenticated(_) => Status::unauthenticated(error.to_string()),
             MarketError::PermissionDenied { .. } => Status::permission_denied(error.to_string()),
             MarketError::Database(_)
@@ -54,6 +59,8 @@ pub struct Marketplace {
     signer: NoteSigner,
     origin: String,
     data_dir: std::path::PathBuf,
+    engine: std::sync::OnceLock<Arc<QueryEngine>>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 fn kind_from_proto(kind: proto::OrganizationKind) -> Result<OrganizationKind> {
@@ -127,6 +134,8 @@ impl Marketplace {
             signer: NoteSigner::new(origin, signing_key),
             origin: origin.to_owned(),
             data_dir,
+            engine: std::sync::OnceLock::new(),
+            metrics: Arc::default(),
         }))
     }
 
@@ -228,6 +237,73 @@ impl Marketplace {
         let index = log::append(&mut transaction, self.store.backend(), &[event]).await?[0];
         transaction.commit().await?;
         Ok(index)
+    }
+
+    /// Gives the marketplace a sandbox to run queries in (once).
+    ///
+    /// # Errors
+    /// `FailedPrecondition` when one is attached already.
+    pub fn attach_engine(&self, engine: QueryEngine) -> Result<()> {
+        self.engine.set(Arc::new(engine)).map_err(|_| {
+            MarketError::FailedPrecondition("a query engine is attached already".into())
+        })
+    }
+
+    fn engine(&self) -> Result<&Arc<QueryEngine>> {
+        self.engine.get().ok_or_else(|| {
+            MarketError::Unavailable(
+                "this server runs no query sandbox: start it with --sql-guest \
+                 (built by `bash sandbox/build-guests.sh`)"
+                    .into(),
+            )
+        })
+    }
+
+    /// Where relative storage locations resolve.
+    #[must_use]
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    /// The Prometheus metrics.
+    #[must_use]
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
+    }
+
+    /// The database.
+    #[must_use]
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Requires `permission` of `principal` in `tenant` (casbin).
+    ///
+    /// # Errors
+    /// `PermissionDenied` naming the permission.
+    pub async fn require_permission(
+        &self,
+        principal: &Principal,
+        tenant: &str,
+        permission: &str,
+    ) -> Result<()> {
+        self.require(principal, tenant, permission).await
+    }
+
+    /// Appends one audit entry in its own transaction.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn audit_event(&self, event: Event) -> Result<u64> {
+        self.audit(event).await
+    }
+
+    /// Whether `principal` holds `permission` across every tenant (the
+    /// platform-admin and regulator roles, bound in `*`).
+    async fn cross_tenant(&self, principal: &Principal, permission: &str) -> Result<bool> {
+        self.access
+            .allows(&principal.user.id, "platform:cross-tenant", permission)
+            .await
     }
 
     /// The contract index (for benchmarks and tests).
@@ -1368,6 +1444,226 @@ impl proto::audit_server::Audit for AuditService {
     }
 }
 
+/// The Queries service.
+#[derive(Debug, Clone)]
+pub struct QueriesService(pub Arc<Marketplace>);
+/// The Billing service.
+#[derive(Debug, Clone)]
+pub struct BillingService(pub Arc<Marketplace>);
+
+type ResultStream = std::pin::Pin<
+    Box<dyn futures::Stream<Item = std::result::Result<proto::RunQueryResponse, Status>> + Send>,
+>;
+
+#[tonic::async_trait]
+impl proto::queries_server::Queries for QueriesService {
+    type RunQueryStream = ResultStream;
+
+    async fn run_query(
+        &self,
+        request: Request<proto::RunQueryRequest>,
+    ) -> Result<Response<Self::RunQueryStream>, Status> {
+        let principal = self.0.authenticate(&request).await?;
+        let engine = Arc::clone(self.0.engine()?);
+        let outcome = queries::run(&self.0, &engine, &principal, request.into_inner()).await?;
+        if let Some((code, message)) = outcome.error {
+            return Err(Status::new(
+                code,
+                format!("query {}: {message}", outcome.summary.query_id),
+            ));
+        }
+        let mut messages =
+            Vec::with_capacity(1 + outcome.result.len() / queries::RESULT_CHUNK_BYTES + 1);
+        messages.push(Ok(proto::RunQueryResponse {
+            message: Some(proto::run_query_response::Message::Summary(outcome.summary)),
+        }));
+        for chunk in outcome.result.chunks(queries::RESULT_CHUNK_BYTES) {
+            messages.push(Ok(proto::RunQueryResponse {
+                message: Some(proto::run_query_response::Message::ArrowIpc(chunk.to_vec())),
+            }));
+        }
+        Ok(Response::new(Box::pin(futures::stream::iter(messages))))
+    }
+
+    async fn list_usage(
+        &self,
+        request: Request<proto::ListUsageRequest>,
+    ) -> Result<Response<proto::ListUsageResponse>, Status> {
+        let principal = self.0.authenticate(&request).await?;
+        let request = request.into_inner();
+        let organization = principal.organization.id.clone();
+        let view = if self.0.cross_tenant(&principal, "usage:read").await? {
+            UsageView::Everything
+        } else {
+            self.0
+                .require(&principal, &organization, "usage:read")
+                .await?;
+            if !request.organization_id.is_empty() && request.organization_id != organization {
+                return Err(MarketError::PermissionDenied {
+                    permission: "usage:read".into(),
+                    context: format!(" in tenant {}", request.organization_id),
+                }
+                .into());
+            }
+            match principal.organization.kind {
+                OrganizationKind::Provider => UsageView::Provider,
+                _ => UsageView::Consumer,
+            }
+        };
+        let mut connection = self
+            .0
+            .store
+            .pool()
+            .acquire()
+            .await
+            .map_err(MarketError::from)?;
+        let queries = queries::list_usage(&mut connection, view, &organization, &request).await?;
+        Ok(Response::new(proto::ListUsageResponse { queries }))
+    }
+}
+
+impl BillingService {
+    /// The organization a billing read is about: the caller's own unless a
+    /// cross-tenant role asks about another.
+    async fn subject(&self, principal: &Principal, requested: &str) -> Result<String> {
+        let own = &principal.organization.id;
+        if requested.is_empty() || requested == own {
+            self.0.require(principal, own, "billing:read").await?;
+            return Ok(own.clone());
+        }
+        self.0
+            .require(principal, "platform:cross-tenant", "billing:read")
+            .await?;
+        Ok(requested.to_owned())
+    }
+}
+
+#[tonic::async_trait]
+impl proto::billing_server::Billing for BillingService {
+    async fn deposit(
+        &self,
+        request: Request<proto::DepositRequest>,
+    ) -> Result<Response<proto::Balance>, Status> {
+        let principal = self.0.authenticate(&request).await?;
+        self.0
+            .require(&principal, "platform:cross-tenant", "billing:deposit")
+            .await?;
+        let request = request.into_inner();
+        let mut transaction = self.0.store.begin().await?;
+        let organization = identity::find_organization(&mut transaction, &request.organization_id)
+            .await?
+            .ok_or_else(|| MarketError::NotFound {
+                what: "organization",
+                id: request.organization_id.clone(),
+            })?;
+        if organization.kind != OrganizationKind::Consumer {
+            return Err(MarketError::invalid(
+                "organization_id",
+                format!("{} is not a consumer organization", organization.id),
+            )
+            .into());
+        }
+        billing::deposit(
+            &mut transaction,
+            &organization.id,
+            request.amount_minor,
+            &request.currency,
+        )
+        .await?;
+        log::append(
+            &mut transaction,
+            self.0.store.backend(),
+            &[Event {
+                kind: "billing.deposit".into(),
+                actor: principal.user.id.clone(),
+                tenant: organization.id.clone(),
+                subject: organization.id.clone(),
+                details: serde_json::json!({
+                    "amount_minor": request.amount_minor,
+                    "currency": request.currency,
+                    "reference": request.reference,
+                }),
+            }],
+        )
+        .await?;
+        let balance = billing::balances(&mut transaction, &organization.id)
+            .await?
+            .into_iter()
+            .find(|balance| balance.currency == request.currency)
+            .unwrap_or_default();
+        transaction.commit().await.map_err(MarketError::from)?;
+        Ok(Response::new(balance))
+    }
+
+    async fn get_balance(
+        &self,
+        request: Request<proto::GetBalanceRequest>,
+    ) -> Result<Response<proto::GetBalanceResponse>, Status> {
+        let principal = self.0.authenticate(&request).await?;
+        let organization = self
+            .subject(&principal, &request.get_ref().organization_id)
+            .await?;
+        let mut connection = self
+            .0
+            .store
+            .pool()
+            .acquire()
+            .await
+            .map_err(MarketError::from)?;
+        let balances = billing::balances(&mut connection, &organization).await?;
+        Ok(Response::new(proto::GetBalanceResponse { balances }))
+    }
+
+    async fn get_invoice(
+        &self,
+        request: Request<proto::GetInvoiceRequest>,
+    ) -> Result<Response<proto::Invoice>, Status> {
+        let principal = self.0.authenticate(&request).await?;
+        let request = request.into_inner();
+        let organization = self.subject(&principal, &request.organization_id).await?;
+        let mut connection = self
+            .0
+            .store
+            .pool()
+            .acquire()
+            .await
+            .map_err(MarketError::from)?;
+        let kind = identity::find_organization(&mut connection, &organization)
+            .await?
+            .ok_or_else(|| MarketError::NotFound {
+                what: "organization",
+                id: organization.clone(),
+            })?
+            .kind;
+        let invoice = billing::invoice(
+            &mut connection,
+            &organization,
+            &request.period,
+            kind == OrganizationKind::Provider,
+        )
+        .await?;
+        Ok(Response::new(invoice))
+    }
+
+    async fn get_ledger_summary(
+        &self,
+        request: Request<proto::GetLedgerSummaryRequest>,
+    ) -> Result<Response<proto::LedgerSummary>, Status> {
+        let principal = self.0.authenticate(&request).await?;
+        self.0
+            .require(&principal, "platform:cross-tenant", "billing:read")
+            .await?;
+        let mut connection = self
+            .0
+            .store
+            .pool()
+            .acquire()
+            .await
+            .map_err(MarketError::from)?;
+        Ok(Response::new(billing::summary(&mut connection).await?))
+    }
+}
+
 /// Serves every service, reflection and health on `listener` until `shutdown`
 /// resolves.
 ///
@@ -1411,6 +1707,12 @@ pub async fn serve(
         .add_service(proto::contracts_server::ContractsServer::new(
             ContractsService(market.clone()),
         ))
+        .add_service(proto::queries_server::QueriesServer::new(QueriesService(
+            market.clone(),
+        )))
+        .add_service(proto::billing_server::BillingServer::new(BillingService(
+            market.clone(),
+        )))
         .add_service(proto::audit_server::AuditServer::new(AuditService(market)))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

@@ -7,3 +7,27 @@ pub mod market;
 pub mod pool;
 pub mod sandbox;
 pub mod tpch;
+
+/// Declares each scenario `async fn name(db: Db) -> anyhow::Result<()>` (in
+/// the calling module) as two tests: `sqlite::name` and `postgres::name`.
+#[macro_export]
+macro_rules! on_both_databases {
+    ($($scenario:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $scenario() -> anyhow::Result<()> {
+                    super::$scenario($crate::market::Db::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $scenario() -> anyhow::Result<()> {
+                    super::$scenario($crate::market::Db::Postgres).await
+                }
+            )*
+        }
+    };
+}

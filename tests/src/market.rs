@@ -5,9 +5,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, ensure};
 use civicgrid_marketplace::proto;
 use civicgrid_marketplace::proto::identity_client::IdentityClient;
+use civicgrid_marketplace::proto::registry_client::RegistryClient;
 use civicgrid_marketplace::service::{Marketplace, serve};
 use civicgrid_marketplace::store::{Location, Store};
 use rand::RngCore as _;
@@ -340,5 +341,139 @@ impl MtlsPki {
                 ExtendedKeyUsagePurpose::ClientAuth,
             )?,
         })
+    }
+}
+
+/// The sample product's spec (population by district; person_id blocked and
+/// the privacy unit; 250 EUR cents per query).
+#[must_use]
+pub fn sample_spec() -> proto::ProductSpec {
+    use proto::{Column, OutputPolicy, PriceKind, PricePlan, Sensitivity, Table};
+    let column = |name: &str, kind: &str, sensitivity: Sensitivity| Column {
+        name: name.into(),
+        r#type: kind.into(),
+        sensitivity: sensitivity as i32,
+        description: String::new(),
+    };
+    proto::ProductSpec {
+        title: "Population by district".into(),
+        description: "Registered residents per district and age band, monthly".into(),
+        keywords: vec!["population".into(), "census".into()],
+        licence: "CC-BY-4.0".into(),
+        update_frequency: "monthly".into(),
+        hosting_data_centers: vec!["municipal-core".into()],
+        tier: "municipal".into(),
+        region: "city-north".into(),
+        storage_location: "products/population".into(),
+        tables: vec![Table {
+            name: "residents".into(),
+            columns: vec![
+                column("district", "utf8", Sensitivity::Public),
+                column("age_band", "utf8", Sensitivity::Internal),
+                column("person_id", "int64", Sensitivity::Blocked),
+            ],
+        }],
+        output_policy: Some(OutputPolicy {
+            min_aggregation_count: 10,
+            privacy_unit_column: "person_id".into(),
+            list_columns: vec!["district".into()],
+            max_list_rows: 1000,
+            max_result_bytes: 1 << 20,
+            ..Default::default()
+        }),
+        price_plans: vec![PricePlan {
+            id: "per-query".into(),
+            kind: PriceKind::PerQuery as i32,
+            unit_price_minor: 250,
+            currency: "EUR".into(),
+            ..Default::default()
+        }],
+        quality: Some(proto::QualityMetrics {
+            completeness: 0.98,
+            validity: 0.995,
+            freshness_seconds: 86_400,
+        }),
+    }
+}
+
+/// A lifecycle action on a product.
+#[must_use]
+pub fn action(product: &str, reason: &str) -> proto::ProductAction {
+    proto::ProductAction {
+        product_id: product.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Registers and publishes `id` (the sample spec) as city-data's provider admin.
+pub async fn publish(market: &TestMarket, cast: &Cast, id: &str) -> anyhow::Result<proto::Product> {
+    publish_spec(market, cast, id, sample_spec()).await
+}
+
+/// Registers and publishes `id` with `spec` as city-data's provider admin.
+pub async fn publish_spec(
+    market: &TestMarket,
+    cast: &Cast,
+    id: &str,
+    spec: proto::ProductSpec,
+) -> anyhow::Result<proto::Product> {
+    let mut registry = RegistryClient::new(market.channel.clone());
+    let draft = registry
+        .create_product(authed(
+            &cast.provider_admin,
+            proto::CreateProductRequest {
+                id: id.into(),
+                spec: Some(spec),
+            },
+        ))
+        .await?
+        .into_inner();
+    ensure!(draft.state() == proto::ProductState::Draft);
+    registry
+        .submit_product(authed(&cast.provider_admin, action(id, "")))
+        .await?;
+    let noticed = registry
+        .start_public_notice(authed(
+            &cast.admin,
+            proto::StartPublicNoticeRequest {
+                product_id: id.into(),
+                notice_days: 0,
+            },
+        ))
+        .await?
+        .into_inner();
+    ensure!(noticed.state() == proto::ProductState::UnderPublicNotice);
+    let registered = registry
+        .approve_registration(authed(&cast.admin, action(id, "")))
+        .await?
+        .into_inner();
+    ensure!(registered.state() == proto::ProductState::Registered);
+    ensure!(
+        registered.registration_number.starts_with("CG-")
+            && registered.registration_number.len() == 14,
+        "registration number {:?}",
+        registered.registration_number
+    );
+    ensure!(!registered.approved_by_user_id.is_empty() && registered.registered_at_unix_ms > 0);
+    Ok(registry
+        .publish_product(authed(&cast.provider_admin, action(id, "")))
+        .await?
+        .into_inner())
+}
+
+/// A consumer's request for aggregate SQL and district lists on `product`.
+#[must_use]
+pub fn contract_request(product: &str) -> proto::RequestContractRequest {
+    proto::RequestContractRequest {
+        product_id: product.into(),
+        plan_id: "per-query".into(),
+        operations: Some(proto::AllowedOperations {
+            aggregate_sql: true,
+            list_columns: vec!["district".into()],
+            algorithm_sha256: vec![],
+        }),
+        monthly_query_quota: 100,
+        duration_days: 30,
+        purpose: "plan bus routes by district population".into(),
     }
 }

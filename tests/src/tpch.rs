@@ -1,100 +1,18 @@
 //! TPC-H data, generated in-process with the `tpchgen` crates and written as
 //! Parquet, and the TPC-H queries the sandbox is checked against.
 
-use std::fs::File;
 use std::path::Path;
-
-use arrow_array::RecordBatch;
-use parquet::arrow::ArrowWriter;
-use parquet::basic::Compression;
-use parquet::file::properties::WriterProperties;
-use tpchgen::generators::{
-    CustomerGenerator, LineItemGenerator, NationGenerator, OrderGenerator, PartGenerator,
-    PartSuppGenerator, RegionGenerator, SupplierGenerator,
-};
-use tpchgen_arrow::{
-    CustomerArrow, LineItemArrow, NationArrow, OrderArrow, PartArrow, PartSuppArrow, RegionArrow,
-    SupplierArrow,
-};
 
 /// The eight TPC-H tables.
 pub const TABLES: [&str; 8] = [
     "lineitem", "orders", "customer", "part", "partsupp", "supplier", "nation", "region",
 ];
 
-const BATCH: usize = 64 * 1024;
-
-fn write(
-    dir: &Path,
-    table: &str,
-    batches: impl Iterator<Item = Result<RecordBatch, arrow_schema::ArrowError>>,
-) -> std::io::Result<()> {
-    let mut batches = batches.peekable();
-    let schema = match batches.peek() {
-        Some(Ok(first)) => first.schema(),
-        Some(Err(e)) => return Err(std::io::Error::other(e.to_string())),
-        None => return Ok(()),
-    };
-    let file = File::create(dir.join(format!("{table}.parquet")))?;
-    let properties = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .set_max_row_group_row_count(Some(1 << 20))
-        .build();
-    let mut writer =
-        ArrowWriter::try_new(file, schema, Some(properties)).map_err(std::io::Error::other)?;
-    for batch in batches {
-        writer
-            .write(&batch.map_err(std::io::Error::other)?)
-            .map_err(std::io::Error::other)?;
-    }
-    writer.close().map_err(std::io::Error::other)?;
-    Ok(())
-}
-
-/// Writes all eight tables at `scale_factor` into `dir` as `<table>.parquet`.
+/// Writes all eight tables at `scale_factor` into `dir` as `<table>.parquet`
+/// (the same generator the sample city's commerce product uses).
 pub fn write_parquet(dir: &Path, scale_factor: f64) -> std::io::Result<()> {
-    let sf = scale_factor;
-    write(
-        dir,
-        "lineitem",
-        LineItemArrow::new(LineItemGenerator::new(sf, 1, 1)).with_batch_size(BATCH),
-    )?;
-    write(
-        dir,
-        "orders",
-        OrderArrow::new(OrderGenerator::new(sf, 1, 1)).with_batch_size(BATCH),
-    )?;
-    write(
-        dir,
-        "customer",
-        CustomerArrow::new(CustomerGenerator::new(sf, 1, 1)).with_batch_size(BATCH),
-    )?;
-    write(
-        dir,
-        "part",
-        PartArrow::new(PartGenerator::new(sf, 1, 1)).with_batch_size(BATCH),
-    )?;
-    write(
-        dir,
-        "partsupp",
-        PartSuppArrow::new(PartSuppGenerator::new(sf, 1, 1)).with_batch_size(BATCH),
-    )?;
-    write(
-        dir,
-        "supplier",
-        SupplierArrow::new(SupplierGenerator::new(sf, 1, 1)).with_batch_size(BATCH),
-    )?;
-    write(
-        dir,
-        "nation",
-        NationArrow::new(NationGenerator::new(sf, 1, 1)).with_batch_size(BATCH),
-    )?;
-    write(
-        dir,
-        "region",
-        RegionArrow::new(RegionGenerator::new(sf, 1, 1)).with_batch_size(BATCH),
-    )?;
-    Ok(())
+    civicgrid_marketplace::city::write_tpch(dir, scale_factor)
+        .map_err(|error| std::io::Error::other(error.to_string()))
 }
 
 /// TPC-H queries with the specification's validation parameters.

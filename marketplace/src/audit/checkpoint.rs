@@ -270,6 +270,49 @@ impl NoteVerifier {
     }
 }
 
+/// Reads the log's ed25519 signing key from `path` (32 raw bytes), creating
+/// it (mode 0600) on first use.
+///
+/// # Errors
+/// When the file cannot be read or created, or does not hold 32 bytes.
+pub fn load_or_create_signing_key(path: &std::path::Path) -> crate::error::Result<SigningKey> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let io = |context: String| {
+        move |source: std::io::Error| crate::error::MarketError::Io { context, source }
+    };
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let bytes: [u8; 32] = bytes.try_into().map_err(|_| {
+                crate::error::MarketError::invalid(
+                    "signing-key-file",
+                    format!("{} must hold exactly 32 bytes", path.display()),
+                )
+            })?;
+            Ok(SigningKey::from_bytes(&bytes))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let key = SigningKey::generate(&mut rand::rngs::OsRng);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(io(format!("creating {}", parent.display())))?;
+            }
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(io(format!("creating {}", path.display())))?;
+            file.write_all(&key.to_bytes())
+                .and_then(|()| file.sync_all())
+                .map_err(io(format!("writing {}", path.display())))?;
+            tracing::info!(path = %path.display(), "created a new audit signing key");
+            Ok(key)
+        }
+        Err(error) => Err(io(format!("reading {}", path.display()))(error)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

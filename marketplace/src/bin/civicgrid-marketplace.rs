@@ -7,7 +7,6 @@ use civicgrid_marketplace::service::{Marketplace, serve};
 use civicgrid_marketplace::store::{Location, Store};
 use clap::{Args, Parser, Subcommand};
 use ed25519_dalek::SigningKey;
-use rand::rngs::OsRng;
 
 /// CivicGrid marketplace: data-product registry, contracts and the audit log
 /// over gRPC.
@@ -88,6 +87,20 @@ struct ServeArgs {
     /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS).
     #[arg(long, requires = "tls_cert")]
     client_ca: Option<PathBuf>,
+    /// The SQL guest (civicgrid_sandbox_guest.wasm, built by
+    /// `bash sandbox/build-guests.sh`). Without it the server registers and
+    /// contracts but runs no queries.
+    #[arg(long, env = "CIVICGRID_SQL_GUEST")]
+    sql_guest: Option<PathBuf>,
+    /// Compute units a query may use when it does not say (1 unit = 1,000,000 fuel).
+    #[arg(long, default_value_t = 20_000)]
+    default_compute_units: i64,
+    /// The platform's share of each charge, in basis points (1,000 = 10%).
+    #[arg(long, default_value_t = civicgrid_marketplace::billing::DEFAULT_PLATFORM_FEE_BPS)]
+    platform_fee_bps: i64,
+    /// Serve Prometheus metrics (`/metrics`) and `/healthz` here.
+    #[arg(long, env = "CIVICGRID_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 async fn open(common: &CommonArgs) -> anyhow::Result<std::sync::Arc<Marketplace>> {
@@ -107,33 +120,7 @@ async fn open(common: &CommonArgs) -> anyhow::Result<std::sync::Arc<Marketplace>
 }
 
 fn load_or_create_key(path: &Path) -> anyhow::Result<SigningKey> {
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            let bytes: [u8; 32] = bytes
-                .try_into()
-                .map_err(|_| anyhow::anyhow!("{} must hold exactly 32 bytes", path.display()))?;
-            Ok(SigningKey::from_bytes(&bytes))
-        }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            let key = SigningKey::generate(&mut OsRng);
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            use std::io::Write as _;
-            use std::os::unix::fs::OpenOptionsExt as _;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            file.write_all(&key.to_bytes())?;
-            file.sync_all()?;
-            tracing::info!(path = %path.display(), "created a new audit signing key");
-            Ok(key)
-        }
-        Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
-    }
+    Ok(civicgrid_marketplace::audit::checkpoint::load_or_create_signing_key(path)?)
 }
 
 #[tokio::main]
@@ -163,6 +150,32 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Serve(args) => {
             let market = open(&args.common).await?;
+            let interrupted =
+                civicgrid_marketplace::queries::recover_interrupted(market.store()).await?;
+            if interrupted > 0 {
+                tracing::warn!(
+                    interrupted,
+                    "removed queries a previous run left unfinished (none was charged)"
+                );
+            }
+            if let Some(sql_guest) = &args.sql_guest {
+                if !(0..=10_000).contains(&args.platform_fee_bps) {
+                    anyhow::bail!("--platform-fee-bps: between 0 and 10000");
+                }
+                let mut config = civicgrid_marketplace::queries::EngineConfig::new(
+                    sql_guest,
+                    args.common.data_dir.join("module-cache"),
+                );
+                config.default_compute_units = args.default_compute_units;
+                config.platform_fee_bps = args.platform_fee_bps;
+                let engine = tokio::task::spawn_blocking(move || {
+                    civicgrid_marketplace::queries::QueryEngine::open(config)
+                })
+                .await??;
+                market.attach_engine(engine)?;
+            } else {
+                tracing::warn!("no --sql-guest: queries are refused until the server has one");
+            }
             let tls = match (&args.tls_cert, &args.tls_key) {
                 (Some(cert), Some(key)) => {
                     let identity = tonic::transport::Identity::from_pem(
@@ -179,6 +192,13 @@ async fn main() -> anyhow::Result<()> {
                 }
                 _ => None,
             };
+            if let Some(address) = args.metrics_listen {
+                let bound =
+                    civicgrid_marketplace::metrics::spawn(address, market.metrics().clone())
+                        .await
+                        .with_context(|| format!("binding the metrics address {address}"))?;
+                tracing::info!(address = %bound, "metrics serving");
+            }
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .with_context(|| format!("binding {}", args.listen))?;

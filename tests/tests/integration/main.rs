@@ -6,4 +6,5 @@ mod crd_validation;
 mod helm_chart;
 mod marketplace;
 mod operator_e2e;
+mod queries;
 mod sandbox;

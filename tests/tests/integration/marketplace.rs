@@ -10,127 +10,12 @@ use civicgrid_marketplace::proto::{
     self, audit_client::AuditClient, contracts_client::ContractsClient,
     identity_client::IdentityClient, registry_client::RegistryClient,
 };
-use civicgrid_tests::market::{Cast, Db, TestMarket, authed};
+use civicgrid_tests::market::{
+    Cast, Db, TestMarket, action, authed, contract_request, publish, sample_spec,
+};
 use tonic::Code;
 
 const ORIGIN: &str = "audit.civicgrid.test";
-
-fn sample_spec() -> proto::ProductSpec {
-    use proto::{Column, OutputPolicy, PriceKind, PricePlan, Sensitivity, Table};
-    let column = |name: &str, kind: &str, sensitivity: Sensitivity| Column {
-        name: name.into(),
-        r#type: kind.into(),
-        sensitivity: sensitivity as i32,
-        description: String::new(),
-    };
-    proto::ProductSpec {
-        title: "Population by district".into(),
-        description: "Registered residents per district and age band, monthly".into(),
-        keywords: vec!["population".into(), "census".into()],
-        licence: "CC-BY-4.0".into(),
-        update_frequency: "monthly".into(),
-        hosting_data_centers: vec!["municipal-core".into()],
-        tier: "municipal".into(),
-        region: "city-north".into(),
-        storage_location: "products/population".into(),
-        tables: vec![Table {
-            name: "residents".into(),
-            columns: vec![
-                column("district", "utf8", Sensitivity::Public),
-                column("age_band", "utf8", Sensitivity::Internal),
-                column("person_id", "int64", Sensitivity::Blocked),
-            ],
-        }],
-        output_policy: Some(OutputPolicy {
-            min_aggregation_count: 10,
-            privacy_unit_column: "person_id".into(),
-            list_columns: vec!["district".into()],
-            max_list_rows: 1000,
-            max_result_bytes: 1 << 20,
-            ..Default::default()
-        }),
-        price_plans: vec![PricePlan {
-            id: "per-query".into(),
-            kind: PriceKind::PerQuery as i32,
-            unit_price_minor: 250,
-            currency: "EUR".into(),
-            ..Default::default()
-        }],
-        quality: Some(proto::QualityMetrics {
-            completeness: 0.98,
-            validity: 0.995,
-            freshness_seconds: 86_400,
-        }),
-    }
-}
-
-fn action(product: &str, reason: &str) -> proto::ProductAction {
-    proto::ProductAction {
-        product_id: product.into(),
-        reason: reason.into(),
-    }
-}
-
-/// Registers and publishes `id` as city-data's provider admin.
-async fn publish(market: &TestMarket, cast: &Cast, id: &str) -> anyhow::Result<proto::Product> {
-    let mut registry = RegistryClient::new(market.channel.clone());
-    let draft = registry
-        .create_product(authed(
-            &cast.provider_admin,
-            proto::CreateProductRequest {
-                id: id.into(),
-                spec: Some(sample_spec()),
-            },
-        ))
-        .await?
-        .into_inner();
-    ensure!(draft.state() == proto::ProductState::Draft);
-    registry
-        .submit_product(authed(&cast.provider_admin, action(id, "")))
-        .await?;
-    let noticed = registry
-        .start_public_notice(authed(
-            &cast.admin,
-            proto::StartPublicNoticeRequest {
-                product_id: id.into(),
-                notice_days: 0,
-            },
-        ))
-        .await?
-        .into_inner();
-    ensure!(noticed.state() == proto::ProductState::UnderPublicNotice);
-    let registered = registry
-        .approve_registration(authed(&cast.admin, action(id, "")))
-        .await?
-        .into_inner();
-    ensure!(registered.state() == proto::ProductState::Registered);
-    ensure!(
-        registered.registration_number.starts_with("CG-")
-            && registered.registration_number.len() == 14,
-        "registration number {:?}",
-        registered.registration_number
-    );
-    ensure!(!registered.approved_by_user_id.is_empty() && registered.registered_at_unix_ms > 0);
-    Ok(registry
-        .publish_product(authed(&cast.provider_admin, action(id, "")))
-        .await?
-        .into_inner())
-}
-
-fn contract_request(product: &str) -> proto::RequestContractRequest {
-    proto::RequestContractRequest {
-        product_id: product.into(),
-        plan_id: "per-query".into(),
-        operations: Some(proto::AllowedOperations {
-            aggregate_sql: true,
-            list_columns: vec!["district".into()],
-            algorithm_sha256: vec![],
-        }),
-        monthly_query_quota: 100,
-        duration_days: 30,
-        purpose: "plan bus routes by district population".into(),
-    }
-}
 
 fn check(
     product: &str,
@@ -1547,28 +1432,7 @@ async fn demand_list_and_dcat_export(db: Db) -> anyhow::Result<()> {
     Ok(())
 }
 
-macro_rules! on_both_databases {
-    ($($scenario:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $scenario() -> anyhow::Result<()> {
-                    super::$scenario(civicgrid_tests::market::Db::Sqlite).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $scenario() -> anyhow::Result<()> {
-                    super::$scenario(civicgrid_tests::market::Db::Postgres).await
-                }
-            )*
-        }
-    };
-}
-
-on_both_databases!(
+civicgrid_tests::on_both_databases!(
     lifecycle_contract_and_verified_audit,
     tampering_is_reported,
     every_role_gets_exactly_its_permissions,

@@ -6,10 +6,14 @@ use anyhow::Context as _;
 use civicgrid_marketplace::audit::checkpoint::NoteVerifier;
 use civicgrid_marketplace::audit::verify::{BearerToken, verify_log};
 use civicgrid_marketplace::proto::{
-    self, audit_client::AuditClient, contracts_client::ContractsClient,
-    identity_client::IdentityClient, registry_client::RegistryClient,
+    self, audit_client::AuditClient, billing_client::BillingClient,
+    contracts_client::ContractsClient, identity_client::IdentityClient,
+    queries_client::QueriesClient, registry_client::RegistryClient,
 };
 use clap::{Parser, Subcommand, ValueEnum};
+
+mod demo;
+mod up;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -90,6 +94,89 @@ enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Run SQL (or an approved algorithm) on a product under your contract.
+    /// The result goes to stdout; the usage and charge to stderr.
+    Query {
+        #[arg(long)]
+        product: String,
+        /// The SQL (for an algorithm: its input).
+        #[arg(long, default_value = "")]
+        sql: String,
+        /// A consumer algorithm (a .wasm module) to run instead of SQL.
+        #[arg(long)]
+        algorithm: Option<PathBuf>,
+        /// Retry with the same key to get the first outcome without paying
+        /// twice. Default: a fresh random key (printed, to retry with).
+        #[arg(long)]
+        key: Option<String>,
+        /// Most compute units the query may use (0: the server's default).
+        #[arg(long, default_value_t = 0)]
+        max_compute_units: i64,
+        /// How to print the result rows.
+        #[arg(long, value_enum, default_value_t = RowFormat::Table)]
+        format: RowFormat,
+    },
+    /// Queries run: yours; your products' (providers); all (regulators).
+    Usage {
+        #[arg(long, default_value = "")]
+        product: String,
+        /// An organization (platform-admins and regulators).
+        #[arg(long, default_value = "")]
+        org: String,
+        /// A month, YYYY-MM.
+        #[arg(long, default_value = "")]
+        period: String,
+        #[arg(long, default_value_t = 0)]
+        limit: i64,
+    },
+    /// Balances, deposits, invoices and the ledger.
+    #[command(subcommand)]
+    Billing(BillingCommand),
+    /// Start the marketplace on the embedded default (SQLite and Parquet
+    /// under --data-dir), seeded with the sample city on first start; print
+    /// the endpoint and demo credentials; serve until stopped.
+    Up(up::UpArgs),
+    /// Run the whole story against `civicgrid up`: register, approve,
+    /// contract, query, bill, suppression, audit verification.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RowFormat {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum BillingCommand {
+    /// Credit a consumer's prepaid balance (platform-admins).
+    Deposit {
+        #[arg(long)]
+        org: String,
+        /// Minor units (cents): 10000 is 100.00.
+        #[arg(long)]
+        amount: i64,
+        #[arg(long)]
+        currency: String,
+        #[arg(long, default_value = "")]
+        reference: String,
+    },
+    /// Balances of your organization (or --org for platform-admins and regulators).
+    Balance {
+        #[arg(long, default_value = "")]
+        org: String,
+    },
+    /// Charges (consumers) or earnings (providers) in a month.
+    Invoice {
+        /// YYYY-MM.
+        #[arg(long)]
+        period: String,
+        #[arg(long, default_value = "")]
+        org: String,
+    },
+    /// Ledger totals per currency (zero when sound) and open holds.
+    Ledger,
 }
 
 #[derive(Subcommand)]
@@ -351,6 +438,8 @@ struct Clients {
     registry: RegistryClient<Authed>,
     contracts: ContractsClient<Authed>,
     audit: AuditClient<Authed>,
+    queries: QueriesClient<Authed>,
+    billing: BillingClient<Authed>,
 }
 
 async fn connect(cli: &Cli) -> anyhow::Result<Clients> {
@@ -368,8 +457,58 @@ async fn connect(cli: &Cli) -> anyhow::Result<Clients> {
         identity: IdentityClient::with_interceptor(channel.clone(), token.clone()),
         registry: RegistryClient::with_interceptor(channel.clone(), token.clone()),
         contracts: ContractsClient::with_interceptor(channel.clone(), token.clone()),
+        queries: QueriesClient::with_interceptor(channel.clone(), token.clone()),
+        billing: BillingClient::with_interceptor(channel.clone(), token.clone()),
         audit: AuditClient::with_interceptor(channel, token),
     })
+}
+
+/// Prints a query result (an Arrow IPC stream) as a table, CSV or JSON.
+fn print_rows(ipc: &[u8], format: RowFormat) -> anyhow::Result<()> {
+    if ipc.is_empty() {
+        return Ok(());
+    }
+    let reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None)
+        .context("decoding the result")?;
+    let schema = reader.schema();
+    let batches = reader
+        .collect::<Result<Vec<_>, _>>()
+        .context("decoding the result")?;
+    let stdout = std::io::stdout();
+    match format {
+        RowFormat::Csv => {
+            let mut writer = arrow_csv::Writer::new(stdout.lock());
+            for batch in &batches {
+                writer.write(batch)?;
+            }
+        }
+        RowFormat::Json => {
+            let mut writer = arrow_json::ArrayWriter::new(stdout.lock());
+            for batch in &batches {
+                writer.write(batch)?;
+            }
+            writer.finish()?;
+            println!();
+        }
+        RowFormat::Table => {
+            let mut table = comfy_table::Table::new();
+            table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+            table.set_header(schema.fields().iter().map(|field| field.name().clone()));
+            let options = arrow_cast::display::FormatOptions::default().with_null("NULL");
+            for batch in &batches {
+                let formatters = batch
+                    .columns()
+                    .iter()
+                    .map(|column| arrow_cast::display::ArrayFormatter::try_new(column, &options))
+                    .collect::<Result<Vec<_>, _>>()?;
+                for row in 0..batch.num_rows() {
+                    table.add_row(formatters.iter().map(|f| f.value(row).to_string()));
+                }
+            }
+            println!("{table}");
+        }
+    }
+    Ok(())
 }
 
 fn print<T: serde::Serialize>(output: Output, value: &T) -> anyhow::Result<()> {
@@ -448,8 +587,26 @@ fn action(id: String, reason: String) -> proto::ProductAction {
     }
 }
 
+fn signing_key(path: &std::path::Path) -> anyhow::Result<ed25519_dalek::SigningKey> {
+    Ok(civicgrid_marketplace::audit::checkpoint::load_or_create_signing_key(path)?)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<i32> {
     let output = cli.output;
+    match &cli.command {
+        Command::Up(args) => {
+            up::up(args.clone()).await?;
+            return Ok(0);
+        }
+        Command::Demo(args) => {
+            let server = std::env::var("CIVICGRID_SERVER")
+                .ok()
+                .or_else(|| (cli.server != "http://127.0.0.1:50051").then(|| cli.server.clone()));
+            demo::demo(args.clone(), server).await?;
+            return Ok(0);
+        }
+        _ => {}
+    }
     let mut c = connect(&cli).await?;
     match cli.command {
         Command::Whoami => print(
@@ -792,6 +949,128 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             };
             print(output, &contract.into_inner())?;
         }
+        Command::Query {
+            product,
+            sql,
+            algorithm,
+            key,
+            max_compute_units,
+            format,
+        } => {
+            let algorithm_wasm = match &algorithm {
+                Some(path) => std::fs::read(path)
+                    .with_context(|| format!("--algorithm: reading {}", path.display()))?,
+                None => Vec::new(),
+            };
+            let key =
+                key.unwrap_or_else(|| format!("cli-{}", hex::encode(rand::random::<[u8; 12]>())));
+            let mut stream = c
+                .queries
+                .run_query(proto::RunQueryRequest {
+                    product_id: product,
+                    sql,
+                    algorithm_wasm,
+                    idempotency_key: key.clone(),
+                    max_compute_units,
+                })
+                .await
+                .inspect_err(|_| eprintln!("idempotency key: {key} (retry with --key {key})"))?
+                .into_inner();
+            let mut summary = None;
+            let mut ipc = Vec::new();
+            while let Some(message) = stream.message().await? {
+                match message.message {
+                    Some(proto::run_query_response::Message::Summary(s)) => summary = Some(s),
+                    Some(proto::run_query_response::Message::ArrowIpc(bytes)) => {
+                        ipc.extend_from_slice(&bytes);
+                    }
+                    None => {}
+                }
+            }
+            let summary = summary.context("the server sent no query summary")?;
+            print_rows(&ipc, format)?;
+            eprintln!(
+                "query {} ({}{}): {} rows released, {} suppressed{}, {} compute units, \
+                 charged {} of {} held ({} minor units), audit entry {}; key {key}",
+                summary.query_id,
+                summary.state,
+                if summary.replayed { ", replayed" } else { "" },
+                summary.rows_released,
+                summary.suppressed_rows,
+                if summary.truncated { ", truncated" } else { "" },
+                summary.compute_units,
+                summary.charge_minor,
+                summary.held_minor,
+                summary.currency,
+                summary.audit_index,
+            );
+        }
+        Command::Usage {
+            product,
+            org,
+            period,
+            limit,
+        } => {
+            let usage = c
+                .queries
+                .list_usage(proto::ListUsageRequest {
+                    product_id: product,
+                    organization_id: org,
+                    period,
+                    limit,
+                })
+                .await?
+                .into_inner();
+            print(output, &usage)?;
+        }
+        Command::Billing(command) => {
+            let b = &mut c.billing;
+            match command {
+                BillingCommand::Deposit {
+                    org,
+                    amount,
+                    currency,
+                    reference,
+                } => print(
+                    output,
+                    &b.deposit(proto::DepositRequest {
+                        organization_id: org,
+                        amount_minor: amount,
+                        currency,
+                        reference,
+                    })
+                    .await?
+                    .into_inner(),
+                )?,
+                BillingCommand::Balance { org } => print(
+                    output,
+                    &b.get_balance(proto::GetBalanceRequest {
+                        organization_id: org,
+                    })
+                    .await?
+                    .into_inner(),
+                )?,
+                BillingCommand::Invoice { period, org } => print(
+                    output,
+                    &b.get_invoice(proto::GetInvoiceRequest {
+                        organization_id: org,
+                        period,
+                    })
+                    .await?
+                    .into_inner(),
+                )?,
+                BillingCommand::Ledger => {
+                    let summary = b
+                        .get_ledger_summary(proto::GetLedgerSummaryRequest {})
+                        .await?
+                        .into_inner();
+                    print(output, &summary)?;
+                    let sound = summary.totals_minor.values().all(|total| *total == 0)
+                        && summary.unbalanced_accounts.is_empty();
+                    return Ok(if sound { 0 } else { 3 });
+                }
+            }
+        }
         Command::Audit(AuditCommand::Checkpoint { save }) => {
             let checkpoint = c
                 .audit
@@ -851,6 +1130,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .collect();
             print(output, &serde_json::json!({ "entries": rows }))?;
         }
+        Command::Up(_) | Command::Demo(_) => unreachable!("handled before connecting"),
         Command::Audit(AuditCommand::Verify {
             key,
             origin,

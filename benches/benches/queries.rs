@@ -1,0 +1,251 @@
+//! Authorized queries per second over gRPC, end to end (authenticate, casbin,
+//! contract, quota, hold, sandbox with the output policy, ledger, usage
+//! record, audit entry), for a tiny aggregate query, with 1 and 32 concurrent
+//! clients, on SQLite and (when `CIVICGRID_TEST_POSTGRES_URL` is set)
+//! PostgreSQL. The baseline, in the same process: the same query in the same
+//! sandbox called directly — what the marketplace adds is the difference.
+//! Where the time goes comes from the server's own stage histograms.
+//!
+//! Run: `bash sandbox/build-guests.sh && cargo bench -p civicgrid-benches
+//! --bench queries` (`-- --queries N` per client count; default 400).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use civicgrid_marketplace::proto::{
+    self, billing_client::BillingClient, contracts_client::ContractsClient,
+    queries_client::QueriesClient,
+};
+use civicgrid_marketplace::queries::{EngineConfig, QueryEngine};
+use civicgrid_sandbox::policy::{AggregationRule, OutputPolicy};
+use civicgrid_sandbox::{GuestRole, Job, Limits, Sandbox, SandboxConfig};
+use civicgrid_tests::market::{Cast, Db, TestMarket, authed, contract_request, publish};
+
+const SQL: &str = "SELECT district, COUNT(*) AS people FROM residents GROUP BY district";
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn guest_path() -> std::path::PathBuf {
+    civicgrid_tests::sandbox::guest_dir().join("civicgrid_sandbox_guest.wasm")
+}
+
+fn cache_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/sandbox-cache")
+}
+
+async fn one_query(
+    client: &mut QueriesClient<tonic::transport::Channel>,
+    token: &str,
+    key: String,
+) -> Duration {
+    let started = Instant::now();
+    let mut stream = client
+        .run_query(authed(
+            token,
+            proto::RunQueryRequest {
+                product_id: "population".into(),
+                sql: SQL.into(),
+                idempotency_key: key,
+                ..proto::RunQueryRequest::default()
+            },
+        ))
+        .await
+        .expect("query")
+        .into_inner();
+    while let Some(message) = stream.message().await.expect("stream") {
+        std::hint::black_box(message);
+    }
+    started.elapsed()
+}
+
+/// Mean seconds per stage from the server's histograms (`_sum` / `_count`).
+fn stage_means(text: &str) -> Vec<(String, f64, u64)> {
+    let mut sums = std::collections::BTreeMap::new();
+    let mut counts = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("civicgrid_marketplace_query_stage_seconds_") else {
+            continue;
+        };
+        let Some((name, value)) = rest.rsplit_once(' ') else {
+            continue;
+        };
+        let Some(stage) = name
+            .split("stage=\"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+        else {
+            continue;
+        };
+        if name.starts_with("sum") {
+            sums.insert(stage.to_owned(), value.parse::<f64>().unwrap_or(0.0));
+        } else if name.starts_with("count") {
+            counts.insert(stage.to_owned(), value.parse::<u64>().unwrap_or(0));
+        }
+    }
+    sums.into_iter()
+        .map(|(stage, sum)| {
+            let count = counts.get(&stage).copied().unwrap_or(0);
+            (stage, sum / count.max(1) as f64, count)
+        })
+        .collect()
+}
+
+async fn bench(db: Db, queries: usize) -> anyhow::Result<()> {
+    println!("== {db:?}");
+    let market = TestMarket::start(db).await?;
+    let mut config = EngineConfig::new(guest_path(), cache_dir());
+    config.default_compute_units = 1_000;
+    let engine = tokio::task::spawn_blocking(move || QueryEngine::open(config)).await??;
+    market.market.attach_engine(engine)?;
+    let cast = Cast::create(&market).await?;
+    publish(&market, &cast, "population").await?;
+    let mut contracts = ContractsClient::new(market.channel.clone());
+    let mut request = contract_request("population");
+    request.monthly_query_quota = 0;
+    let contract = contracts
+        .request_contract(authed(&cast.consumer_admin, request))
+        .await?
+        .into_inner();
+    contracts
+        .approve_contract(authed(
+            &cast.provider_admin,
+            proto::ContractAction {
+                contract_id: contract.id,
+                reason: String::new(),
+            },
+        ))
+        .await?;
+    BillingClient::new(market.channel.clone())
+        .deposit(authed(
+            &market.admin_token,
+            proto::DepositRequest {
+                organization_id: "acme".into(),
+                amount_minor: 1_000_000_000_000,
+                currency: "EUR".into(),
+                reference: "bench".into(),
+            },
+        ))
+        .await?;
+    let mut client = QueriesClient::new(market.channel.clone());
+    for i in 0..20 {
+        one_query(&mut client, &cast.consumer_analyst, format!("warm-{i}")).await;
+    }
+    for clients in [1_usize, 32] {
+        let before = market.market.metrics().encode();
+        let per_client = queries.div_ceil(clients);
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for c in 0..clients {
+            let mut client = QueriesClient::new(market.channel.clone());
+            let token = cast.consumer_analyst.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(per_client);
+                for q in 0..per_client {
+                    latencies
+                        .push(one_query(&mut client, &token, format!("c{clients}-{c}-{q}")).await);
+                }
+                latencies
+            }));
+        }
+        let mut latencies = Vec::new();
+        for task in tasks {
+            latencies.extend(task.await?);
+        }
+        let elapsed = started.elapsed();
+        latencies.sort();
+        println!(
+            "{clients:>2} client(s): {:>7.1} queries/s   p50 {:>6.2} ms   p99 {:>6.2} ms   ({} queries)",
+            latencies.len() as f64 / elapsed.as_secs_f64(),
+            millis(percentile(&latencies, 0.5)),
+            millis(percentile(&latencies, 0.99)),
+            latencies.len()
+        );
+        let after = market.market.metrics().encode();
+        let before: std::collections::HashMap<_, _> = stage_means(&before)
+            .into_iter()
+            .map(|(stage, mean, count)| (stage, (mean, count)))
+            .collect();
+        for (stage, mean, count) in stage_means(&after) {
+            let (old_mean, old_count) = before.get(&stage).copied().unwrap_or((0.0, 0));
+            let new = count.saturating_sub(old_count).max(1) as f64;
+            let stage_mean = (mean * count as f64 - old_mean * old_count as f64) / new;
+            println!("      {stage:>9}: {:>6.2} ms mean", stage_mean * 1e3);
+        }
+    }
+    market.stop().await;
+    Ok(())
+}
+
+/// The same query in the same sandbox, called directly.
+fn baseline(queries: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    civicgrid_marketplace::quality::write_sample_population(dir.path(), 1000)?;
+    let sandbox = Sandbox::new(&SandboxConfig::new(cache_dir()))?;
+    let guest = sandbox.load(&std::fs::read(guest_path())?, GuestRole::Sql)?;
+    let tables = civicgrid_tests::sandbox::local(dir.path());
+    let policy = OutputPolicy {
+        blocked_columns: vec!["person_id".into()],
+        aggregation: Some(AggregationRule {
+            privacy_unit_columns: vec!["person_id".into()],
+            min_units: 10,
+            ..AggregationRule::default()
+        }),
+        ..OutputPolicy::default()
+    };
+    let run = || {
+        let started = Instant::now();
+        let outcome = sandbox
+            .run(
+                &guest,
+                Job {
+                    sql: SQL,
+                    tables: Arc::clone(&tables),
+                    policy: &policy,
+                    privacy_budget: 0.0,
+                },
+                &Limits::default(),
+            )
+            .expect("baseline query");
+        std::hint::black_box(outcome);
+        started.elapsed()
+    };
+    for _ in 0..20 {
+        run();
+    }
+    let started = Instant::now();
+    let mut latencies: Vec<Duration> = (0..queries).map(|_| run()).collect();
+    let elapsed = started.elapsed();
+    latencies.sort();
+    println!(
+        "== baseline: the sandbox alone, 1 thread: {:>7.1} queries/s   p50 {:>6.2} ms   p99 {:>6.2} ms",
+        queries as f64 / elapsed.as_secs_f64(),
+        millis(percentile(&latencies, 0.5)),
+        millis(percentile(&latencies, 0.99)),
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let queries: usize = args
+        .iter()
+        .position(|a| a == "--queries")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(400);
+    tokio::task::spawn_blocking(move || baseline(queries)).await??;
+    bench(Db::Sqlite, queries).await?;
+    if std::env::var_os(civicgrid_tests::market::POSTGRES_URL_ENV).is_some() {
+        bench(Db::Postgres, queries).await?;
+    } else {
+        println!("== PostgreSQL skipped: CIVICGRID_TEST_POSTGRES_URL is not set");
+    }
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! The marketplace's Prometheus metrics: queries by outcome, compute units,
+//! latency per stage of the query path, and money charged.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A query's outcome: completed, rejected, failed or denied.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// The outcome.
+    pub outcome: String,
+}
+
+/// A stage of the query path.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabel {
+    /// `authorize` (role, contract, quota, funds, hold), `sandbox` (run and
+    /// policy), `settle` (usage, ledger, audit) or `total`.
+    pub stage: &'static str,
+}
+
+/// A currency.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CurrencyLabel {
+    /// ISO 4217 code.
+    pub currency: String,
+}
+
+/// Every metric the marketplace exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Queries by outcome.
+    pub queries: Family<OutcomeLabel, Counter>,
+    /// Compute units of completed queries.
+    pub compute_units: Counter,
+    /// Seconds per stage of the query path.
+    pub stage_seconds: Family<StageLabel, Histogram>,
+    /// Minor units charged, by currency.
+    pub charged_minor: Family<CurrencyLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut metrics = Self {
+            registry: Registry::with_prefix("civicgrid_marketplace"),
+            queries: Family::default(),
+            compute_units: Counter::default(),
+            stage_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_25, 2.0, 18))
+            }),
+            charged_minor: Family::default(),
+        };
+        let r = &mut metrics.registry;
+        r.register(
+            "queries",
+            "Queries by outcome (completed, rejected, failed, denied)",
+            metrics.queries.clone(),
+        );
+        r.register(
+            "compute_units",
+            "Compute units of completed queries",
+            metrics.compute_units.clone(),
+        );
+        r.register(
+            "query_stage_seconds",
+            "Seconds per stage of the query path",
+            metrics.stage_seconds.clone(),
+        );
+        r.register(
+            "charged_minor",
+            "Money charged for queries, in minor units",
+            metrics.charged_minor.clone(),
+        );
+        metrics
+    }
+}
+
+impl Metrics {
+    /// Counts a query's outcome.
+    pub fn outcome(&self, outcome: &str) {
+        self.queries
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Records a stage's duration.
+    pub fn stage(&self, stage: &'static str, elapsed: Duration) {
+        self.stage_seconds
+            .get_or_create(&StageLabel { stage })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records a charge.
+    pub fn charged(&self, currency: &str, minor: i64, compute_units: i64) {
+        self.charged_minor
+            .get_or_create(&CurrencyLabel {
+                currency: currency.to_owned(),
+            })
+            .inc_by(u64::try_from(minor).unwrap_or(0));
+        self.compute_units
+            .inc_by(u64::try_from(compute_units).unwrap_or(0));
+    }
+
+    /// The OpenMetrics text exposition.
+    #[must_use]
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// `/metrics` and `/healthz` over HTTP.
+pub fn router(metrics: std::sync::Arc<Metrics>) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = std::sync::Arc::clone(&metrics);
+                async move {
+                    (
+                        StatusCode::OK,
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+}
+
+/// Serves [`router`] on `address` in the background; returns the bound address.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub async fn spawn(
+    address: std::net::SocketAddr,
+    metrics: std::sync::Arc<Metrics>,
+) -> std::io::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, router(metrics)).await {
+            tracing::error!(%error, "metrics endpoint stopped");
+        }
+    });
+    Ok(bound)
+}

@@ -1,0 +1,1083 @@
+//! Authorized queries: authenticate → authorize (role and contract) → quota
+//! and funds (a hold for the plan's maximum) → the sandbox under the
+//! product's output policy → capture the actual charge and free the rest.
+//!
+//! A query is two short transactions around the sandbox run. The first
+//! reserves: it records the query as `running` under its idempotency key with
+//! its hold. The second settles: the outcome, the usage counters, the ledger
+//! postings, the privacy budget and the audit entry commit together, and the
+//! hold closes. A crash between them leaves a `running` row, which
+//! [`recover_interrupted`] deletes on the next start (nothing was charged and
+//! nothing released), so a retry under the same key runs afresh and is
+//! charged once.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow_array::RecordBatch;
+use civicgrid_sandbox::policy::{AggregationRule, DifferentialPrivacy, ListRule, OutputPolicy};
+use civicgrid_sandbox::{
+    FUEL_PER_COMPUTE_UNIT, Guest, GuestRole, Job, Limits, LocalDirectory, Sandbox, SandboxConfig,
+    SandboxError, TableStore,
+};
+use sha2::{Digest as _, Sha256};
+use sqlx::{AnyConnection, Row as _};
+use tonic::Code;
+
+use crate::audit::log::{self, Event};
+use crate::billing::{self, AccountKind, PeriodUsage, Posting, QueryUse};
+use crate::error::{MarketError, Result};
+use crate::identity::Principal;
+use crate::proto::{self, AllowedOperations, ProductSpec, Sensitivity};
+use crate::store::{Store, now_ms};
+
+/// The organization id the platform's fee account is kept under.
+pub const PLATFORM_ACCOUNT: &str = "platform";
+
+/// Longest idempotency key.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// How the server runs queries.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The SQL guest (`civicgrid_sandbox_guest.wasm`).
+    pub sql_guest: PathBuf,
+    /// Where compiled modules are cached.
+    pub cache_dir: PathBuf,
+    /// Compute units a query may use when it does not say.
+    pub default_compute_units: i64,
+    /// Most compute units a query may ask for.
+    pub max_compute_units: i64,
+    /// Wall time per query.
+    pub wall_time: Duration,
+    /// Linear memory per query.
+    pub memory_bytes: u64,
+    /// The platform's share of each charge, in basis points.
+    pub platform_fee_bps: i64,
+}
+
+impl EngineConfig {
+    /// Defaults around a SQL guest and a cache directory.
+    #[must_use]
+    pub fn new(sql_guest: impl Into<PathBuf>, cache_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            sql_guest: sql_guest.into(),
+            cache_dir: cache_dir.into(),
+            default_compute_units: 20_000,
+            max_compute_units: 200_000,
+            wall_time: Duration::from_secs(60),
+            memory_bytes: 2 << 30,
+            platform_fee_bps: billing::DEFAULT_PLATFORM_FEE_BPS,
+        }
+    }
+}
+
+/// The sandbox with the SQL guest loaded, shared by every query.
+pub struct QueryEngine {
+    sandbox: Sandbox,
+    sql_guest: Arc<Guest>,
+    config: EngineConfig,
+}
+
+impl std::fmt::Debug for QueryEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryEngine")
+            .field("sql_guest", &self.sql_guest.sha256())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QueryEngine {
+    /// Starts the sandbox and loads (compiling once, then from the cache)
+    /// the SQL guest.
+    ///
+    /// # Errors
+    /// `Unavailable` when the guest cannot be read or loaded.
+    pub fn open(config: EngineConfig) -> Result<Self> {
+        if !(1..=config.max_compute_units).contains(&config.default_compute_units) {
+            return Err(MarketError::invalid(
+                "default-compute-units",
+                "between 1 and the maximum compute units",
+            ));
+        }
+        let wasm = std::fs::read(&config.sql_guest).map_err(|error| {
+            MarketError::Unavailable(format!(
+                "reading the SQL guest {}: {error} (build it with `bash sandbox/build-guests.sh`)",
+                config.sql_guest.display()
+            ))
+        })?;
+        let mut sandbox_config = SandboxConfig::new(&config.cache_dir);
+        sandbox_config.max_memory_bytes = config.memory_bytes;
+        let sandbox = Sandbox::new(&sandbox_config)
+            .map_err(|error| MarketError::Unavailable(format!("starting the sandbox: {error}")))?;
+        let sql_guest = sandbox.load(&wasm, GuestRole::Sql).map_err(|error| {
+            MarketError::Unavailable(format!(
+                "loading the SQL guest {}: {error}",
+                config.sql_guest.display()
+            ))
+        })?;
+        Ok(Self {
+            sandbox,
+            sql_guest,
+            config,
+        })
+    }
+
+    /// The configuration.
+    #[must_use]
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+}
+
+/// The sandbox policy for a product under a contract's allowed operations:
+/// blocked columns from the schema, aggregates only if the contract allows
+/// them, list columns the product's and the contract's in common.
+///
+/// # Errors
+/// `InvalidArgument` naming the policy field when the product's policy is
+/// inconsistent.
+pub fn sandbox_policy(spec: &ProductSpec, operations: &AllowedOperations) -> Result<OutputPolicy> {
+    let product = spec.output_policy.clone().unwrap_or_default();
+    let blocked_columns = spec
+        .tables
+        .iter()
+        .flat_map(|table| &table.columns)
+        .filter(|column| column.sensitivity() == Sensitivity::Blocked)
+        .map(|column| column.name.clone())
+        .collect();
+    let aggregation = operations.aggregate_sql.then(|| AggregationRule {
+        privacy_unit_columns: if product.privacy_unit_column.is_empty() {
+            Vec::new()
+        } else {
+            vec![product.privacy_unit_column.clone()]
+        },
+        min_units: u64::try_from(product.min_aggregation_count).unwrap_or(0),
+        column_min_units: BTreeMap::new(),
+        dimension_columns: None,
+    });
+    let list_columns: Vec<String> = product
+        .list_columns
+        .iter()
+        .filter(|column| operations.list_columns.contains(column))
+        .cloned()
+        .collect();
+    let list = (!list_columns.is_empty()).then(|| ListRule {
+        columns: list_columns,
+        max_rows: u64::try_from(product.max_list_rows).unwrap_or(0),
+    });
+    let differential_privacy = (product.dp_epsilon_budget > 0.0).then(|| DifferentialPrivacy {
+        epsilon_per_query: product.dp_epsilon_per_query,
+        bounds: product
+            .dp_bounds
+            .iter()
+            .map(|(column, bounds)| (column.clone(), (bounds.lower, bounds.upper)))
+            .collect(),
+        max_rows_per_unit: product.dp_max_rows_per_unit,
+    });
+    let approved_algorithms = product
+        .approved_algorithm_sha256
+        .iter()
+        .filter(|hash| operations.algorithm_sha256.contains(hash))
+        .cloned()
+        .collect();
+    let policy = OutputPolicy {
+        blocked_columns,
+        aggregation,
+        list,
+        differential_privacy,
+        max_result_bytes: u64::try_from(product.max_result_bytes).unwrap_or(0),
+        approved_algorithms,
+    };
+    policy.validate().map_err(|invalid| {
+        MarketError::invalid(
+            format!("spec.output_policy ({})", invalid.field),
+            invalid.reason,
+        )
+    })?;
+    Ok(policy)
+}
+
+/// Checks a RunQuery request's own fields.
+fn validate(request: &proto::RunQueryRequest, max_compute_units: i64) -> Result<()> {
+    if request.product_id.is_empty() {
+        return Err(MarketError::invalid("product_id", "is required"));
+    }
+    let key = &request.idempotency_key;
+    if key.is_empty()
+        || key.len() > MAX_IDEMPOTENCY_KEY
+        || !key.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(MarketError::invalid(
+            "idempotency_key",
+            format!("1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters, unique per request"),
+        ));
+    }
+    if request.algorithm_wasm.is_empty() && request.sql.trim().is_empty() {
+        return Err(MarketError::invalid(
+            "sql",
+            "send SQL, or an algorithm in algorithm_wasm",
+        ));
+    }
+    if !(0..=max_compute_units).contains(&request.max_compute_units) {
+        return Err(MarketError::invalid(
+            "max_compute_units",
+            format!("between 0 (the default) and {max_compute_units}"),
+        ));
+    }
+    Ok(())
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// What identifies a request for idempotency: the same key with a different
+/// digest is a different request.
+fn request_digest(request: &proto::RunQueryRequest, algorithm_sha256: &str) -> String {
+    let mut hasher = Sha256::new();
+    for part in [
+        request.product_id.as_bytes(),
+        request.sql.as_bytes(),
+        algorithm_sha256.as_bytes(),
+        &request.max_compute_units.to_le_bytes(),
+    ] {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// A query's outcome: its summary and, when it completed, its result as an
+/// Arrow IPC stream.
+#[derive(Clone, Debug)]
+pub struct QueryOutcome {
+    /// Usage, charge and audit index.
+    pub summary: proto::QuerySummary,
+    /// The released result (empty unless completed).
+    pub result: Vec<u8>,
+    /// For queries the sandbox refused or stopped: the status to return.
+    pub error: Option<(Code, String)>,
+}
+
+const SUMMARY_COLUMNS: &str = "id, consumer_organization_id, provider_organization_id, user_id, \
+    product_id, contract_id, plan_id, request_sha256, sql_text, algorithm_sha256, state, error, \
+    error_code, fuel, compute_units, rows_read, bytes_read, rows_released, bytes_released, \
+    suppressed_rows, truncated, privacy_spent, wall_time_ms, currency, held_minor, charge_minor, \
+    audit_index, created_at";
+
+fn summary_from_row(row: &sqlx::any::AnyRow) -> Result<proto::QuerySummary> {
+    Ok(proto::QuerySummary {
+        query_id: row.try_get("id")?,
+        contract_id: row.try_get("contract_id")?,
+        plan_id: row.try_get("plan_id")?,
+        state: row.try_get("state")?,
+        error: row.try_get("error")?,
+        fuel: row.try_get("fuel")?,
+        compute_units: row.try_get("compute_units")?,
+        rows_read: row.try_get("rows_read")?,
+        bytes_read: row.try_get("bytes_read")?,
+        rows_released: row.try_get("rows_released")?,
+        bytes_released: row.try_get("bytes_released")?,
+        suppressed_rows: row.try_get("suppressed_rows")?,
+        truncated: row.try_get::<i64, _>("truncated")? != 0,
+        privacy_spent: row.try_get("privacy_spent")?,
+        wall_time_ms: row.try_get("wall_time_ms")?,
+        currency: row.try_get("currency")?,
+        held_minor: row.try_get("held_minor")?,
+        charge_minor: row.try_get("charge_minor")?,
+        audit_index: row.try_get::<Option<i64>, _>("audit_index")?.unwrap_or(-1),
+        replayed: false,
+        sql: row.try_get("sql_text")?,
+        algorithm_sha256: row.try_get("algorithm_sha256")?,
+        consumer_organization_id: row.try_get("consumer_organization_id")?,
+        product_id: row.try_get("product_id")?,
+        user_id: row.try_get("user_id")?,
+        created_at_unix_ms: row.try_get("created_at")?,
+        provider_organization_id: row.try_get("provider_organization_id")?,
+    })
+}
+
+fn error_of(row: &sqlx::any::AnyRow) -> Result<Option<(Code, String)>> {
+    let code: i64 = row.try_get("error_code")?;
+    if code == 0 {
+        return Ok(None);
+    }
+    let code = Code::from_i32(i32::try_from(code).unwrap_or(2));
+    Ok(Some((code, row.try_get("error")?)))
+}
+
+/// Deletes queries left `running` by a process that stopped mid-query: none
+/// was charged or released, their holds vanish with them, and each is audited
+/// as interrupted. Call before serving.
+///
+/// # Errors
+/// Database failures.
+pub async fn recover_interrupted(store: &Store) -> Result<u64> {
+    let mut transaction = store.begin().await?;
+    let rows = sqlx::query(
+        "SELECT id, consumer_organization_id, product_id, idempotency_key, held_minor \
+         FROM queries WHERE state = 'running'",
+    )
+    .fetch_all(&mut *transaction)
+    .await?;
+    let mut events = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let id: String = row.try_get("id")?;
+        events.push(Event {
+            kind: "query.interrupted".into(),
+            actor: "system".into(),
+            tenant: row.try_get("consumer_organization_id")?,
+            subject: row.try_get("product_id")?,
+            details: serde_json::json!({
+                "query": id,
+                "idempotency_key": row.try_get::<String, _>("idempotency_key")?,
+                "held_minor": row.try_get::<i64, _>("held_minor")?,
+                "outcome": "the server stopped while the query ran; nothing was charged or released",
+            }),
+        });
+    }
+    sqlx::query("DELETE FROM queries WHERE state = 'running'")
+        .execute(&mut *transaction)
+        .await?;
+    log::append(&mut transaction, store.backend(), &events).await?;
+    transaction.commit().await?;
+    Ok(rows.len() as u64)
+}
+
+async fn period_usage(
+    connection: &mut AnyConnection,
+    contract_id: &str,
+    period: &str,
+) -> Result<PeriodUsage> {
+    let row = sqlx::query(
+        "SELECT queries, compute_units, rows_released, subscription_charged FROM usage_counters \
+         WHERE contract_id = $1 AND period = $2",
+    )
+    .bind(contract_id)
+    .bind(period)
+    .fetch_optional(&mut *connection)
+    .await?;
+    Ok(match row {
+        None => PeriodUsage::default(),
+        Some(row) => PeriodUsage {
+            queries: row.try_get("queries")?,
+            compute_units: row.try_get("compute_units")?,
+            rows_released: row.try_get("rows_released")?,
+            subscription_charged: row.try_get::<i64, _>("subscription_charged")? != 0,
+        },
+    })
+}
+
+async fn privacy_spent(
+    connection: &mut AnyConnection,
+    consumer: &str,
+    product: &str,
+    period: &str,
+) -> Result<f64> {
+    let row = sqlx::query(
+        "SELECT spent FROM privacy_budgets \
+         WHERE consumer_organization_id = $1 AND product_id = $2 AND period = $3",
+    )
+    .bind(consumer)
+    .bind(product)
+    .bind(period)
+    .fetch_optional(&mut *connection)
+    .await?;
+    Ok(match row {
+        Some(row) => row.try_get("spent")?,
+        None => 0.0,
+    })
+}
+
+/// Everything decided before the sandbox runs.
+struct Reservation {
+    query_id: String,
+    consumer: String,
+    provider: String,
+    product_id: String,
+    contract_id: String,
+    plan: proto::PricePlan,
+    period: String,
+    hold: i64,
+    compute_units: i64,
+    policy: OutputPolicy,
+    privacy_budget: f64,
+    storage: PathBuf,
+    algorithm: Option<Vec<u8>>,
+    algorithm_sha256: String,
+}
+
+/// Runs one query for `principal`, from authorization to settlement.
+///
+/// # Errors
+/// Refusals before the run (authentication aside): `InvalidArgument`,
+/// `PermissionDenied` (role or contract), `ResourceExhausted` (quota),
+/// `FailedPrecondition` (funds, product state), `Aborted` (the same key is
+/// running). A query the sandbox refuses or stops is settled (not charged)
+/// and returned as an outcome with its error.
+#[tracing::instrument(
+    name = "query",
+    skip_all,
+    fields(product = %request.product_id, consumer = %principal.organization.id)
+)]
+pub async fn run(
+    market: &crate::service::Marketplace,
+    engine: &Arc<QueryEngine>,
+    principal: &Principal,
+    request: proto::RunQueryRequest,
+) -> Result<QueryOutcome> {
+    let config = engine.config();
+    validate(&request, config.max_compute_units)?;
+    let consumer = principal.organization.id.clone();
+    market
+        .require_permission(principal, &consumer, "query:run")
+        .await?;
+    let algorithm_sha256 = if request.algorithm_wasm.is_empty() {
+        String::new()
+    } else {
+        sha256_hex(&request.algorithm_wasm)
+    };
+    let digest = request_digest(&request, &algorithm_sha256);
+    if let Some(outcome) = replay(market.store(), &consumer, &request, &digest).await? {
+        market.metrics().outcome("replayed");
+        return Ok(outcome);
+    }
+    let started = std::time::Instant::now();
+    let reserved = reserve(
+        market,
+        engine,
+        principal,
+        &request,
+        &algorithm_sha256,
+        &digest,
+    )
+    .await;
+    market.metrics().stage("authorize", started.elapsed());
+    let reservation = match reserved {
+        Ok(reservation) => reservation,
+        Err(refusal) => {
+            market.metrics().outcome("denied");
+            audit_refusal(market, principal, &request, &algorithm_sha256, &refusal).await?;
+            return Err(refusal);
+        }
+    };
+    let sql = request.sql.clone();
+    let engine_for_run = Arc::clone(engine);
+    let run_reservation = (
+        reservation.storage.clone(),
+        reservation.policy.clone(),
+        reservation.privacy_budget,
+        reservation.compute_units,
+        reservation.algorithm.clone(),
+    );
+    let sandbox_span = tracing::info_span!("sandbox");
+    let sandbox_started = std::time::Instant::now();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let _entered = sandbox_span.enter();
+        let (storage, policy, privacy_budget, compute_units, algorithm) = run_reservation;
+        run_in_sandbox(
+            &engine_for_run,
+            &storage,
+            &policy,
+            privacy_budget,
+            compute_units,
+            &sql,
+            algorithm.as_deref(),
+        )
+    })
+    .await
+    .map_err(|error| MarketError::Corrupt(format!("sandbox task: {error}")))?;
+    market.metrics().stage("sandbox", sandbox_started.elapsed());
+    let settle_started = std::time::Instant::now();
+    let settled = settle(market, engine, principal, &request, reservation, outcome).await?;
+    let metrics = market.metrics();
+    metrics.stage("settle", settle_started.elapsed());
+    metrics.stage("total", started.elapsed());
+    metrics.outcome(&settled.summary.state);
+    metrics.charged(
+        &settled.summary.currency,
+        settled.summary.charge_minor,
+        settled.summary.compute_units,
+    );
+    Ok(settled)
+}
+
+/// The stored outcome of an earlier request under the same key.
+async fn replay(
+    store: &Store,
+    consumer: &str,
+    request: &proto::RunQueryRequest,
+    digest: &str,
+) -> Result<Option<QueryOutcome>> {
+    let mut connection = store.pool().acquire().await?;
+    let sql = format!(
+        "SELECT {SUMMARY_COLUMNS}, result FROM queries \
+         WHERE consumer_organization_id = $1 AND idempotency_key = $2"
+    );
+    let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(consumer)
+        .bind(&request.idempotency_key)
+        .fetch_optional(&mut *connection)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let stored_digest: String = row.try_get("request_sha256")?;
+    let mut summary = summary_from_row(&row)?;
+    if stored_digest != digest {
+        return Err(MarketError::invalid(
+            "idempotency_key",
+            format!(
+                "already used by query {} for a different request; use a new key",
+                summary.query_id
+            ),
+        ));
+    }
+    if summary.state == "running" {
+        return Err(MarketError::Aborted(format!(
+            "query {} with this idempotency key is still running; retry shortly",
+            summary.query_id
+        )));
+    }
+    summary.replayed = true;
+    Ok(Some(QueryOutcome {
+        error: error_of(&row)?,
+        result: row
+            .try_get::<Option<Vec<u8>>, _>("result")?
+            .unwrap_or_default(),
+        summary,
+    }))
+}
+
+/// Authorizes the query and records it as running with its hold.
+#[tracing::instrument(name = "authorize", skip_all)]
+async fn reserve(
+    market: &crate::service::Marketplace,
+    engine: &QueryEngine,
+    principal: &Principal,
+    request: &proto::RunQueryRequest,
+    algorithm_sha256: &str,
+    digest: &str,
+) -> Result<Reservation> {
+    let config = engine.config();
+    let consumer = principal.organization.id.clone();
+    let now = now_ms();
+    let mut transaction = market.store().begin().await?;
+    let product = crate::registry::get(&mut transaction, &request.product_id).await?;
+    if product.state() != proto::ProductState::Published {
+        return Err(MarketError::FailedPrecondition(format!(
+            "product {} is {}, not published",
+            product.id,
+            crate::registry::state_name(product.state())
+        )));
+    }
+    let spec = product.spec.clone().unwrap_or_default();
+    let (contract_id, operations) = market
+        .contract_index()
+        .grant_for_query(&consumer, &product.id, algorithm_sha256, now)
+        .map_err(|reason| MarketError::PermissionDenied {
+            permission: "query:run".into(),
+            context: format!(" on product {}: {reason}", product.id),
+        })?;
+    let contract = crate::contracts::get(&mut transaction, &contract_id).await?;
+    let plan = spec
+        .price_plans
+        .iter()
+        .find(|plan| plan.id == contract.plan_id)
+        .cloned()
+        .ok_or_else(|| {
+            MarketError::FailedPrecondition(format!(
+                "contract {contract_id}'s plan {:?} is no longer offered by product {}",
+                contract.plan_id, product.id
+            ))
+        })?;
+    let policy = sandbox_policy(&spec, &operations).map_err(|error| {
+        MarketError::FailedPrecondition(format!(
+            "product {}'s output policy cannot be enforced: {error}",
+            product.id
+        ))
+    })?;
+    let storage = crate::quality::resolve_location(market.data_dir(), &spec.storage_location)
+        .map_err(|error| {
+            MarketError::FailedPrecondition(format!(
+                "product {}'s storage cannot be served: {error}",
+                product.id
+            ))
+        })?;
+    let compute_units = if request.max_compute_units == 0 {
+        config.default_compute_units
+    } else {
+        request.max_compute_units
+    };
+    let period = billing::period_of(now);
+    let usage = period_usage(&mut transaction, &contract_id, &period).await?;
+    let running: i64 = sqlx::query(
+        "SELECT COUNT(*) AS running FROM queries WHERE contract_id = $1 AND state = 'running'",
+    )
+    .bind(&contract_id)
+    .fetch_one(&mut *transaction)
+    .await?
+    .try_get("running")?;
+    let quota = contract.monthly_query_quota;
+    if quota > 0 && usage.queries + running >= quota {
+        return Err(MarketError::ResourceExhausted(format!(
+            "contract {contract_id}'s quota of {quota} queries in {period} is used up"
+        )));
+    }
+    let hold = billing::maximum(&plan, usage, compute_units)?;
+    let (balance, held) = billing::balance_for_hold(
+        &mut transaction,
+        market.store().backend(),
+        &consumer,
+        &plan.currency,
+    )
+    .await?;
+    if hold > 0 && balance - held < hold {
+        return Err(MarketError::FailedPrecondition(format!(
+            "insufficient funds: this query holds up to {hold} {currency} (minor units) and \
+             {available} is available; deposit more, or lower max_compute_units",
+            currency = plan.currency,
+            available = balance - held,
+        )));
+    }
+    let privacy_budget = match &spec.output_policy {
+        Some(policy) if policy.dp_epsilon_budget > 0.0 => {
+            let spent = privacy_spent(&mut transaction, &consumer, &product.id, &period).await?;
+            (policy.dp_epsilon_budget - spent).max(0.0)
+        }
+        _ => 0.0,
+    };
+    let query_id = crate::identity::new_id("q");
+    let inserted = sqlx::query(
+        "INSERT INTO queries (id, consumer_organization_id, user_id, product_id, \
+         provider_organization_id, contract_id, plan_id, idempotency_key, request_sha256, \
+         sql_text, algorithm_sha256, period, state, error, error_code, currency, held_minor, \
+         hold_open, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'running', '', 0, $13, $14, \
+         1, $15)",
+    )
+    .bind(&query_id)
+    .bind(&consumer)
+    .bind(&principal.user.id)
+    .bind(&product.id)
+    .bind(&product.provider_organization_id)
+    .bind(&contract_id)
+    .bind(&plan.id)
+    .bind(&request.idempotency_key)
+    .bind(digest)
+    .bind(&request.sql)
+    .bind(algorithm_sha256)
+    .bind(&period)
+    .bind(&plan.currency)
+    .bind(hold)
+    .bind(now)
+    .execute(&mut *transaction)
+    .await;
+    if let Err(error) = inserted {
+        if error
+            .as_database_error()
+            .is_some_and(sqlx::error::DatabaseError::is_unique_violation)
+        {
+            return Err(MarketError::Aborted(
+                "a query with this idempotency key started just now; retry shortly".into(),
+            ));
+        }
+        return Err(error.into());
+    }
+    transaction.commit().await?;
+    Ok(Reservation {
+        query_id,
+        consumer,
+        provider: product.provider_organization_id.clone(),
+        product_id: product.id.clone(),
+        contract_id,
+        plan,
+        period,
+        hold,
+        compute_units,
+        policy,
+        privacy_budget,
+        storage,
+        algorithm: (!request.algorithm_wasm.is_empty()).then(|| request.algorithm_wasm.clone()),
+        algorithm_sha256: algorithm_sha256.to_owned(),
+    })
+}
+
+fn run_in_sandbox(
+    engine: &QueryEngine,
+    storage: &std::path::Path,
+    policy: &OutputPolicy,
+    privacy_budget: f64,
+    compute_units: i64,
+    sql: &str,
+    algorithm: Option<&[u8]>,
+) -> std::result::Result<civicgrid_sandbox::Outcome, SandboxError> {
+    let tables: Arc<dyn TableStore> = Arc::new(
+        LocalDirectory::discover(storage)
+            .map_err(|error| SandboxError::Data(format!("the product's files: {error}")))?,
+    );
+    let guest = match algorithm {
+        Some(wasm) => engine.sandbox.load(wasm, GuestRole::Algorithm)?,
+        None => Arc::clone(&engine.sql_guest),
+    };
+    let limits = Limits {
+        fuel: u64::try_from(compute_units)
+            .unwrap_or(0)
+            .saturating_mul(FUEL_PER_COMPUTE_UNIT),
+        wall_time: engine.config.wall_time,
+        memory_bytes: engine.config.memory_bytes,
+        ..Limits::default()
+    };
+    engine.sandbox.run(
+        &guest,
+        Job {
+            sql,
+            tables,
+            policy,
+            privacy_budget,
+        },
+        &limits,
+    )
+}
+
+/// The status a refused or stopped query returns, and its outcome name.
+fn classify(error: &SandboxError) -> (Code, &'static str) {
+    match error {
+        SandboxError::Policy { .. } | SandboxError::AlgorithmNotApproved { .. } => {
+            (Code::PermissionDenied, "rejected")
+        }
+        SandboxError::Query(_) => (Code::InvalidArgument, "rejected"),
+        SandboxError::PrivacyBudget { .. } => (Code::ResourceExhausted, "rejected"),
+        SandboxError::FuelExhausted { .. }
+        | SandboxError::Deadline { .. }
+        | SandboxError::MemoryLimit { .. }
+        | SandboxError::StackOverflow
+        | SandboxError::ResultTooLarge { .. } => (Code::ResourceExhausted, "failed"),
+        SandboxError::InvalidModule(_) | SandboxError::Link { .. } => {
+            (Code::InvalidArgument, "failed")
+        }
+        _ => (Code::Internal, "failed"),
+    }
+}
+
+fn ipc_stream(batches: &[RecordBatch]) -> std::result::Result<Vec<u8>, String> {
+    let Some(first) = batches.first() else {
+        return Ok(Vec::new());
+    };
+    let mut writer = arrow_ipc::writer::StreamWriter::try_new(Vec::new(), &first.schema())
+        .map_err(|e| e.to_string())?;
+    for batch in batches {
+        writer.write(batch).map_err(|e| e.to_string())?;
+    }
+    writer.into_inner().map_err(|e| e.to_string())
+}
+
+/// Records the outcome, the charge, the ledger postings, the privacy budget
+/// and the audit entry in one transaction, and closes the hold.
+#[tracing::instrument(name = "settle", skip_all, fields(query = %reservation.query_id))]
+async fn settle(
+    market: &crate::service::Marketplace,
+    engine: &QueryEngine,
+    principal: &Principal,
+    request: &proto::RunQueryRequest,
+    reservation: Reservation,
+    outcome: std::result::Result<civicgrid_sandbox::Outcome, SandboxError>,
+) -> Result<QueryOutcome> {
+    let mut outcome = match outcome {
+        Ok(outcome) => match ipc_stream(&outcome.batches) {
+            Ok(bytes) => Ok((outcome, bytes)),
+            Err(error) => Err(SandboxError::Data(format!("encoding the result: {error}"))),
+        },
+        Err(error) => Err(error),
+    };
+    let store = market.store();
+    let mut transaction = store.begin().await?;
+    let usage = period_usage(
+        &mut transaction,
+        &reservation.contract_id,
+        &reservation.period,
+    )
+    .await?;
+    let now = now_ms();
+    let currency = reservation.plan.currency.clone();
+    let mut summary = proto::QuerySummary {
+        query_id: reservation.query_id.clone(),
+        contract_id: reservation.contract_id.clone(),
+        plan_id: reservation.plan.id.clone(),
+        currency: currency.clone(),
+        held_minor: reservation.hold,
+        sql: request.sql.clone(),
+        algorithm_sha256: reservation.algorithm_sha256.clone(),
+        consumer_organization_id: reservation.consumer.clone(),
+        provider_organization_id: reservation.provider.clone(),
+        product_id: reservation.product_id.clone(),
+        user_id: principal.user.id.clone(),
+        ..Default::default()
+    };
+    let mut result = Vec::new();
+    let mut error = None;
+    let event_kind;
+    if let Ok((released, bytes)) = &mut outcome {
+        let metering = &released.metering;
+        let used = QueryUse {
+            compute_units: i64::try_from(metering.compute_units).unwrap_or(i64::MAX),
+            rows_released: i64::try_from(metering.rows_released).unwrap_or(i64::MAX),
+        };
+        // Never more than was held: the hold is the price's ceiling.
+        let charge = billing::charge(&reservation.plan, usage, used)?.min(reservation.hold);
+        let fee = billing::platform_fee(charge, engine.config.platform_fee_bps);
+        billing::post(
+            &mut transaction,
+            "charge",
+            &currency,
+            Some(&reservation.query_id),
+            &[
+                Posting {
+                    kind: AccountKind::Consumer,
+                    organization: reservation.consumer.clone(),
+                    amount_minor: -charge,
+                },
+                Posting {
+                    kind: AccountKind::Provider,
+                    organization: reservation.provider.clone(),
+                    amount_minor: charge - fee,
+                },
+                Posting {
+                    kind: AccountKind::Platform,
+                    organization: PLATFORM_ACCOUNT.into(),
+                    amount_minor: fee,
+                },
+            ],
+        )
+        .await?;
+        let subscription = i64::from(reservation.plan.kind() == proto::PriceKind::Subscription);
+        sqlx::query(
+            "INSERT INTO usage_counters (contract_id, period, queries, compute_units, \
+             rows_released, subscription_charged) VALUES ($1, $2, 1, $3, $4, $5) \
+             ON CONFLICT (contract_id, period) DO UPDATE SET \
+             queries = usage_counters.queries + 1, \
+             compute_units = usage_counters.compute_units + excluded.compute_units, \
+             rows_released = usage_counters.rows_released + excluded.rows_released, \
+             subscription_charged = CASE WHEN excluded.subscription_charged = 1 THEN 1 \
+                                    ELSE usage_counters.subscription_charged END",
+        )
+        .bind(&reservation.contract_id)
+        .bind(&reservation.period)
+        .bind(used.compute_units)
+        .bind(used.rows_released)
+        .bind(subscription)
+        .execute(&mut *transaction)
+        .await?;
+        if released.privacy_spent > 0.0 {
+            sqlx::query(
+                "INSERT INTO privacy_budgets (consumer_organization_id, product_id, period, spent) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (consumer_organization_id, product_id, period) \
+                 DO UPDATE SET spent = privacy_budgets.spent + excluded.spent",
+            )
+            .bind(&reservation.consumer)
+            .bind(&reservation.product_id)
+            .bind(&reservation.period)
+            .bind(released.privacy_spent)
+            .execute(&mut *transaction)
+            .await?;
+        }
+        summary.state = "completed".into();
+        summary.fuel = i64::try_from(metering.fuel).unwrap_or(i64::MAX);
+        summary.compute_units = used.compute_units;
+        summary.rows_read = i64::try_from(metering.rows_read).unwrap_or(i64::MAX);
+        summary.bytes_read = i64::try_from(metering.bytes_read).unwrap_or(i64::MAX);
+        summary.rows_released = used.rows_released;
+        summary.bytes_released = i64::try_from(metering.bytes_released).unwrap_or(i64::MAX);
+        summary.suppressed_rows = i64::try_from(released.suppressed_rows).unwrap_or(i64::MAX);
+        summary.truncated = released.truncated;
+        summary.privacy_spent = released.privacy_spent;
+        summary.wall_time_ms = i64::try_from(metering.wall_time.as_millis()).unwrap_or(i64::MAX);
+        summary.charge_minor = charge;
+        result = std::mem::take(bytes);
+        event_kind = "query.completed";
+    } else if let Err(sandbox_error) = &outcome {
+        let (code, state) = classify(sandbox_error);
+        summary.state = state.into();
+        summary.error = sandbox_error.to_string();
+        if code == Code::Internal {
+            tracing::error!(error = %sandbox_error, "query failed inside the sandbox");
+        }
+        error = Some((code, summary.error.clone()));
+        event_kind = if state == "rejected" {
+            "query.rejected"
+        } else {
+            "query.failed"
+        };
+    } else {
+        unreachable!("a result is Ok or Err");
+    }
+    let audit_index = log::append(
+        &mut transaction,
+        store.backend(),
+        &[Event {
+            kind: event_kind.into(),
+            actor: principal.user.id.clone(),
+            tenant: reservation.consumer.clone(),
+            subject: reservation.product_id.clone(),
+            details: serde_json::json!({
+                "query": reservation.query_id,
+                "contract": reservation.contract_id,
+                "provider": reservation.provider,
+                "plan": reservation.plan.id,
+                "idempotency_key": request.idempotency_key,
+                "sql_sha256": sha256_hex(request.sql.as_bytes()),
+                "algorithm_sha256": reservation.algorithm_sha256,
+                "error": summary.error,
+                "fuel": summary.fuel,
+                "compute_units": summary.compute_units,
+                "rows_read": summary.rows_read,
+                "rows_released": summary.rows_released,
+                "suppressed_rows": summary.suppressed_rows,
+                "privacy_spent": summary.privacy_spent,
+                "held_minor": reservation.hold,
+                "charge_minor": summary.charge_minor,
+                "currency": currency,
+                "result_sha256": sha256_hex(&result),
+            }),
+        }],
+    )
+    .await?[0];
+    summary.audit_index = i64::try_from(audit_index).unwrap_or(i64::MAX);
+    let (error_code, error_text) = error.as_ref().map_or((0, String::new()), |(code, text)| {
+        (*code as i64, text.clone())
+    });
+    sqlx::query(
+        "UPDATE queries SET state = $1, error = $2, error_code = $3, fuel = $4, \
+         compute_units = $5, rows_read = $6, bytes_read = $7, rows_released = $8, \
+         bytes_released = $9, suppressed_rows = $10, truncated = $11, privacy_spent = $12, \
+         wall_time_ms = $13, charge_minor = $14, result = $15, audit_index = $16, hold_open = 0, \
+         finished_at = $17 WHERE id = $18 AND state = 'running'",
+    )
+    .bind(&summary.state)
+    .bind(&error_text)
+    .bind(error_code)
+    .bind(summary.fuel)
+    .bind(summary.compute_units)
+    .bind(summary.rows_read)
+    .bind(summary.bytes_read)
+    .bind(summary.rows_released)
+    .bind(summary.bytes_released)
+    .bind(summary.suppressed_rows)
+    .bind(i64::from(summary.truncated))
+    .bind(summary.privacy_spent)
+    .bind(summary.wall_time_ms)
+    .bind(summary.charge_minor)
+    .bind(&result)
+    .bind(summary.audit_index)
+    .bind(now)
+    .bind(&reservation.query_id)
+    .execute(&mut *transaction)
+    .await?;
+    transaction.commit().await?;
+    summary.created_at_unix_ms = now;
+    Ok(QueryOutcome {
+        summary,
+        result,
+        error,
+    })
+}
+
+/// Audits a query refused before it ran (nothing was reserved or charged).
+async fn audit_refusal(
+    market: &crate::service::Marketplace,
+    principal: &Principal,
+    request: &proto::RunQueryRequest,
+    algorithm_sha256: &str,
+    refusal: &MarketError,
+) -> Result<()> {
+    if matches!(
+        refusal,
+        MarketError::Database(_) | MarketError::Corrupt(_) | MarketError::Aborted(_)
+    ) {
+        return Ok(());
+    }
+    market
+        .audit_event(Event {
+            kind: "query.denied".into(),
+            actor: principal.user.id.clone(),
+            tenant: principal.organization.id.clone(),
+            subject: request.product_id.clone(),
+            details: serde_json::json!({
+                "idempotency_key": request.idempotency_key,
+                "sql_sha256": sha256_hex(request.sql.as_bytes()),
+                "algorithm_sha256": algorithm_sha256,
+                "reason": refusal.to_string(),
+            }),
+        })
+        .await
+        .map(|_| ())
+}
+
+/// Who may see what in usage views.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UsageView {
+    /// Platform-admins and regulators: everything.
+    Everything,
+    /// A consumer: its own queries.
+    Consumer,
+    /// A provider: queries on its products, without their text.
+    Provider,
+}
+
+/// Queries visible in `view` to `organization`, newest first.
+///
+/// # Errors
+/// `InvalidArgument` for a bad period or limit; database failures.
+pub async fn list_usage(
+    connection: &mut AnyConnection,
+    view: UsageView,
+    organization: &str,
+    request: &proto::ListUsageRequest,
+) -> Result<Vec<proto::QuerySummary>> {
+    if !request.period.is_empty() {
+        billing::validate_period("period", &request.period)?;
+    }
+    if !(0..=1_000).contains(&request.limit) {
+        return Err(MarketError::invalid("limit", "0 (the default) to 1,000"));
+    }
+    let limit = if request.limit == 0 {
+        1_000
+    } else {
+        request.limit
+    };
+    let (side, who) = match view {
+        UsageView::Everything => ("consumer_organization_id", request.organization_id.as_str()),
+        UsageView::Consumer => ("consumer_organization_id", organization),
+        UsageView::Provider => ("provider_organization_id", organization),
+    };
+    let sql = format!(
+        "SELECT {SUMMARY_COLUMNS} FROM queries \
+         WHERE state <> 'running' AND ($1 = '' OR {side} = $1) AND ($2 = '' OR product_id = $2) \
+         AND ($3 = '' OR period = $3) ORDER BY created_at DESC, id DESC LIMIT $4"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(who)
+        .bind(&request.product_id)
+        .bind(&request.period)
+        .bind(limit)
+        .fetch_all(&mut *connection)
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let mut summary = summary_from_row(row)?;
+            if view == UsageView::Provider {
+                // Providers see that and how their data was used, not what
+                // their customers asked.
+                summary.sql.clear();
+            }
+            Ok(summary)
+        })
+        .collect()
+}
+
+/// Splits an IPC stream into response chunks of at most this many bytes.
+pub const RESULT_CHUNK_BYTES: usize = 1 << 20;
