@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use civicgrid_sandbox::policy::{AggregationRule, OutputPolicy};
-use civicgrid_sandbox::{GuestRole, Job, Limits, Sandbox, SandboxConfig, TableStore};
+use civicgrid_sandbox::{Guest, GuestRole, Job, Limits, Sandbox, SandboxConfig, TableStore};
 use civicgrid_tests::sandbox::{local, run_native, sql_guest, write_residents};
 use civicgrid_tests::tpch;
 
@@ -52,10 +52,21 @@ fn run(
     policy: &OutputPolicy,
 ) -> Duration {
     let guest = sandbox.load(wasm, GuestRole::Sql).expect("load");
+    run_guest(sandbox, &guest, tables, sql, policy)
+}
+
+/// One run of a loaded guest: a fresh instance, the query, the policy.
+fn run_guest(
+    sandbox: &Sandbox,
+    guest: &Guest,
+    tables: &Arc<dyn TableStore>,
+    sql: &str,
+    policy: &OutputPolicy,
+) -> Duration {
     let started = Instant::now();
     let outcome = sandbox
         .run(
-            &guest,
+            guest,
             Job {
                 sql,
                 tables: Arc::clone(tables),
@@ -188,6 +199,8 @@ fn main() {
     let small = "select district, count(*) from residents group by district";
     println!("(d) small aggregate queries ({small}) per second");
     let window = Duration::from_secs(3);
+    // Loaded once, as the marketplace does: each query is a fresh instance.
+    let small_guest = from_cache.load(&sql, GuestRole::Sql).expect("load");
     let mut single = 0.0;
     for threads in [1usize, 2] {
         let done = std::sync::atomic::AtomicUsize::new(0);
@@ -196,7 +209,7 @@ fn main() {
                 scope.spawn(|| {
                     let started = Instant::now();
                     while started.elapsed() < window {
-                        run(&from_cache, &sql, &residents, small, &policy);
+                        run_guest(&from_cache, &small_guest, &residents, small, &policy);
                         done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                 });
