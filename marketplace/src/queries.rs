@@ -317,11 +317,18 @@ fn error_of(row: &sqlx::any::AnyRow) -> Result<Option<(Code, String)>> {
 /// # Errors
 /// Database failures.
 pub async fn recover_interrupted(store: &Store) -> Result<u64> {
+    remove_running(store, None, "the server stopped while the query ran").await
+}
+
+/// Removes running queries (one, or all) with an `query.interrupted` audit
+/// entry each, in one transaction.
+async fn remove_running(store: &Store, only: Option<&str>, why: &str) -> Result<u64> {
     let mut transaction = store.begin().await?;
     let rows = sqlx::query(
         "SELECT id, consumer_organization_id, product_id, idempotency_key, held_minor \
-         FROM queries WHERE state = 'running'",
+         FROM queries WHERE state = 'running' AND ($1 = '' OR id = $1)",
     )
+    .bind(only.unwrap_or(""))
     .fetch_all(&mut *transaction)
     .await?;
     let mut events = Vec::with_capacity(rows.len());
@@ -336,11 +343,12 @@ pub async fn recover_interrupted(store: &Store) -> Result<u64> {
                 "query": id,
                 "idempotency_key": row.try_get::<String, _>("idempotency_key")?,
                 "held_minor": row.try_get::<i64, _>("held_minor")?,
-                "outcome": "the server stopped while the query ran; nothing was charged or released",
+                "outcome": format!("{why}; nothing was charged or released"),
             }),
         });
     }
-    sqlx::query("DELETE FROM queries WHERE state = 'running'")
+    sqlx::query("DELETE FROM queries WHERE state = 'running' AND ($1 = '' OR id = $1)")
+        .bind(only.unwrap_or(""))
         .execute(&mut *transaction)
         .await?;
     log::append(&mut transaction, store.backend(), &events).await?;
@@ -490,10 +498,28 @@ pub async fn run(
         )
     })
     .await
-    .map_err(|error| MarketError::Corrupt(format!("sandbox task: {error}")))?;
+    .map_err(|error| MarketError::Corrupt(format!("sandbox task: {error}")));
     market.metrics().stage("sandbox", sandbox_started.elapsed());
     let settle_started = std::time::Instant::now();
-    let settled = settle(market, engine, principal, &request, reservation, outcome).await?;
+    let query_id = reservation.query_id.clone();
+    let settled = match outcome {
+        Ok(outcome) => settle(market, engine, principal, &request, reservation, outcome).await,
+        Err(error) => Err(error),
+    };
+    let settled = match settled {
+        Ok(settled) => settled,
+        Err(error) => {
+            // Leave no hold behind in a live server: the query was not
+            // charged or released, so it goes as a crash would, and a retry
+            // under the same key runs afresh.
+            if let Err(cleanup) =
+                remove_running(market.store(), Some(&query_id), "settling it failed").await
+            {
+                tracing::error!(error = %cleanup, query = %query_id, "could not release a hold");
+            }
+            return Err(error);
+        }
+    };
     let metrics = market.metrics();
     metrics.stage("settle", settle_started.elapsed());
     metrics.stage("total", started.elapsed());
