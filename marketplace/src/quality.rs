@@ -264,20 +264,7 @@ pub fn write_sample_population(dir: &Path, rows: usize) -> Result<()> {
         source,
     };
     std::fs::create_dir_all(dir).map_err(io)?;
-    let districts = [
-        "harbour",
-        "old-town",
-        "riverside",
-        "north-gate",
-        "university",
-        "market",
-        "west-end",
-        "airport",
-        "hillside",
-        "garden-city",
-        "docklands",
-        "east-park",
-    ];
+    let districts = crate::city::DISTRICTS;
     let bands = ["0-14", "15-24", "25-44", "45-64", "65+"];
     let district: StringArray = (0..rows)
         .map(|i| Some(districts[(i * 7 + i / 13) % districts.len()]))
