@@ -55,6 +55,12 @@ fn fresh_postgres_database() -> String {
 }
 
 fn up_on(data_dir: &Path, database_url: Option<&str>) -> (Server, String) {
+    // One server starts at a time, so a cold module cache is filled by one
+    // compilation of the SQL guest instead of one per concurrent test.
+    static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _starting = STARTING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut command = Command::new(env!("CARGO_BIN_EXE_civicgrid"));
     if let Some(url) = database_url {
         command.env("CIVICGRID_DATABASE_URL", url);
