@@ -7,6 +7,9 @@ use prost::Message as _;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/civicgrid/marketplace/v1/marketplace.proto";
     println!("cargo:rerun-if-changed={proto}");
+    // `sqlx::migrate!` embeds these directories; a new migration file must
+    // rebuild the crate.
+    println!("cargo:rerun-if-changed=migrations");
     let descriptors = protox::compile([proto], ["proto"])?;
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").ok_or("OUT_DIR is not set")?);
     std::fs::write(

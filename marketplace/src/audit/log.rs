@@ -114,6 +114,7 @@ pub async fn append(
             "INSERT INTO audit_entries (idx, kind, tenant, body) VALUES ",
             4,
             chunk.len(),
+            backend,
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (index, event, body) in chunk {
@@ -130,6 +131,7 @@ pub async fn append(
             "INSERT INTO audit_nodes (node_key, hash) VALUES ",
             2,
             chunk.len(),
+            backend,
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (id, hash) in chunk {
@@ -146,7 +148,11 @@ pub async fn append(
     Ok(indexes)
 }
 
-fn values_sql(prefix: &str, columns: usize, rows: usize) -> String {
+/// A multi-row INSERT's SQL. SQLite gets anonymous `?` parameters: sqlx binds
+/// each `$N` by asking SQLite for its name, a linear search through the
+/// statement's names, which made binding a 500-row insert quadratic (two
+/// thirds of an append's time, measured with perf).
+fn values_sql(prefix: &str, columns: usize, rows: usize, backend: Backend) -> String {
     let mut sql = String::with_capacity(prefix.len() + rows * columns * 5);
     sql.push_str(prefix);
     let mut parameter = 1;
@@ -159,8 +165,13 @@ fn values_sql(prefix: &str, columns: usize, rows: usize) -> String {
             if column > 0 {
                 sql.push(',');
             }
-            sql.push('$');
-            sql.push_str(&parameter.to_string());
+            match backend {
+                Backend::Sqlite => sql.push('?'),
+                Backend::Postgres => {
+                    sql.push('$');
+                    sql.push_str(&parameter.to_string());
+                }
+            }
             parameter += 1;
         }
         sql.push(')');
@@ -353,4 +364,76 @@ pub async fn entries(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Location, Store};
+
+    fn event(i: usize) -> Event {
+        Event {
+            kind: "test.appended".into(),
+            actor: format!("usr-{i}"),
+            tenant: "org-a".into(),
+            subject: format!("s-{i}"),
+            details: serde_json::json!({ "i": i }),
+        }
+    }
+
+    /// Every inclusion and consistency proof of a 100-entry log, appended in
+    /// uneven batches (multi-row inserts of odd sizes), verifies against roots
+    /// computed from the stored bodies alone.
+    #[tokio::test]
+    async fn proofs_from_batched_appends_verify_against_the_entries() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(&Location::DataDir(dir.path().to_owned())).await?;
+        let total = 100;
+        let mut appended = 0;
+        for batch in [1, 2, 13, 16, 31, 37] {
+            let events: Vec<Event> = (appended..appended + batch).map(event).collect();
+            let mut transaction = store.begin().await?;
+            let indexes = append(&mut transaction, store.backend(), &events).await?;
+            transaction.commit().await?;
+            assert_eq!(
+                indexes,
+                (appended as u64..(appended + batch) as u64).collect::<Vec<_>>()
+            );
+            appended += batch;
+        }
+        assert_eq!(appended, total);
+
+        let mut connection = store.pool().acquire().await?;
+        let bodies = entries(&mut connection, 0, total as u64, "", "", 1_000).await?;
+        let leaves: Vec<Hash> = bodies.iter().map(|e| merkle::leaf_hash(&e.body)).collect();
+        assert_eq!(leaves.len(), total);
+        let (node_rows,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM audit_nodes")
+            .fetch_one(&mut *connection)
+            .await?;
+        // Every perfect subtree of 100 leaves, from the leaves up.
+        assert_eq!(node_rows, 100 + 50 + 25 + 12 + 6 + 3 + 1);
+
+        for size in 1..=total as u64 {
+            let root = merkle::root_of(&leaves[..size as usize]);
+            assert_eq!(root_at(&mut connection, store.backend(), size).await?, root);
+            for index in [0, size / 3, size / 2, size - 1] {
+                let (leaf, path) =
+                    inclusion_proof(&mut connection, store.backend(), index, size).await?;
+                assert_eq!(leaf, leaves[index as usize]);
+                merkle::verify_inclusion(index, size, &leaf, &path, &root)
+                    .map_err(|e| anyhow::anyhow!("inclusion {index} in {size}: {e:?}"))?;
+            }
+            for old in [1, size / 2, size.saturating_sub(1)] {
+                if old == 0 || old > size {
+                    continue;
+                }
+                let old_root = merkle::root_of(&leaves[..old as usize]);
+                let path = consistency_proof(&mut connection, store.backend(), old, size).await?;
+                merkle::verify_consistency(old, size, &path, &old_root, &root)
+                    .map_err(|e| anyhow::anyhow!("consistency {old} to {size}: {e:?}"))?;
+            }
+        }
+
+        Ok(())
+    }
 }
