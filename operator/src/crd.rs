@@ -561,7 +561,9 @@ pub struct FailoverPolicy {
     /// How long a data center may be unreachable before its replicas move.
     #[serde(default = "default_grace")]
     pub grace_period_seconds: u32,
-    /// At most this many replicas are re-placed per minute.
+    /// At most this many replicas are moved off data centers unreachable
+    /// past the grace period in any minute; the rest stay placed where they
+    /// were until the window allows (no limit when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_evictions_per_minute: Option<u32>,
     /// At most this many replicas may be unavailable during failover.
@@ -627,6 +629,20 @@ pub struct ComputeWorkloadStatus {
     /// Every data center not chosen, and why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub explanation: Vec<ExplanationEntry>,
+    /// Replicas failover moved off unreachable data centers in the last
+    /// minute: what `failover.maxEvictionsPerMinute` is counted against.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evictions: Vec<EvictionEntry>,
+}
+
+/// Replicas moved off data centers unreachable past the grace period.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EvictionEntry {
+    /// When they were moved.
+    pub time: Time,
+    /// How many.
+    pub replicas: i32,
 }
 
 /// Replicas in one data center.

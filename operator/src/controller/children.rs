@@ -142,6 +142,15 @@ pub fn desired(cw: &ComputeWorkload, data_center: &str, replicas: u32) -> Child 
 }
 
 impl Child {
+    /// The Kubernetes kind of this copy.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Child::Deployment(_) => "Deployment",
+            Child::StatefulSet(_) => "StatefulSet",
+            Child::Job(_) => "Job",
+        }
+    }
+
     /// A fingerprint of the whole object, to skip applying what is already
     /// applied.
     pub fn fingerprint(&self) -> u64 {

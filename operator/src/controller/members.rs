@@ -49,6 +49,9 @@ type CopyKey = (String, String, String);
 struct CopyState {
     /// Fingerprint of the applied object and the generation it got.
     applied: Option<(u64, Option<i64>)>,
+    /// The kind last applied, kept when the member's watch resets `applied`:
+    /// a change of `spec.kind` must remove the copy of the old kind.
+    kind: Option<&'static str>,
     ready: i32,
 }
 
@@ -90,11 +93,24 @@ impl Members {
     }
 
     /// Records an applied copy as the member returned it.
-    pub fn applied(&self, key: CopyKey, fingerprint: u64, generation: Option<i64>, ready: i32) {
+    pub fn applied(
+        &self,
+        key: CopyKey,
+        kind: &'static str,
+        fingerprint: u64,
+        generation: Option<i64>,
+        ready: i32,
+    ) {
         let mut copies = lock(&self.copies);
         let state = copies.entry(key).or_default();
         state.applied = Some((fingerprint, generation));
+        state.kind = Some(kind);
         state.ready = ready;
+    }
+
+    /// The kind this process last applied for a copy, if it applied one.
+    pub fn applied_kind(&self, key: &CopyKey) -> Option<&'static str> {
+        lock(&self.copies).get(key)?.kind
     }
 
     /// Forgets a copy (deleted, or its apply failed).

@@ -28,6 +28,7 @@
 
 pub mod children;
 mod datacenter;
+pub mod failover;
 pub mod leader;
 pub mod members;
 pub mod metrics;

@@ -7,6 +7,8 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
@@ -16,9 +18,12 @@ use kube::{Client, Resource as _, ResourceExt as _};
 
 use super::children::{self, Child};
 use super::datacenter::reachability;
+use super::failover::{Evictions, WINDOW_SECONDS, limit_evictions};
 use super::{Context, Error, FIELD_MANAGER, FINALIZER, condition, now_unix, set_condition};
 use crate::convert;
-use crate::crd::{ComputeWorkload, ComputeWorkloadStatus, ExplanationEntry, PlacementEntry};
+use crate::crd::{
+    ComputeWorkload, ComputeWorkloadStatus, EvictionEntry, ExplanationEntry, PlacementEntry,
+};
 use crate::engine::model::{Reachability, Snapshot, Workload, WorkloadKey};
 use crate::engine::{Decision, Options, Outcome, schedule_only};
 
@@ -75,8 +80,15 @@ pub(super) fn current(ctx: &Context, cw: &ComputeWorkload) -> BTreeMap<String, u
 
 /// Places `workload` against the pool and everything else that runs in it,
 /// and remembers the decision before anyone else decides.
-fn decide(ctx: &Context, workload: Workload) -> Decision {
+/// Places `workload`; with an eviction budget, trims the moves off data
+/// centers unreachable past its grace period to that budget.
+fn decide(
+    ctx: &Context,
+    workload: Workload,
+    eviction_budget: Option<u32>,
+) -> (Decision, Evictions) {
     let now = now_unix();
+    let grace = i64::from(workload.grace_period_seconds);
     let mut decided = ctx.decided();
     let data_centers = ctx
         .data_centers
@@ -127,7 +139,21 @@ fn decide(ctx: &Context, workload: Workload) -> Decision {
     };
     let only = BTreeSet::from([key.clone()]);
     let mut schedule = schedule_only(&snapshot, &only, &Options::default());
-    let decision = schedule.decisions.remove(0);
+    let mut decision = schedule.decisions.remove(0);
+    let mut evictions = Evictions::default();
+    if let Some(budget) = eviction_budget {
+        let before = snapshot.current.get(&key).cloned().unwrap_or_default();
+        let failed: BTreeSet<String> = snapshot
+            .data_centers
+            .iter()
+            .filter(|dc| {
+                matches!(dc.reachability,
+                    Reachability::UnreachableSince(since) if now - since >= grace)
+            })
+            .map(|dc| dc.name.clone())
+            .collect();
+        evictions = limit_evictions(&before, &mut decision.placement, &failed, budget);
+    }
     for preemption in &decision.preemptions {
         let mut victim = snapshot
             .current
@@ -142,7 +168,7 @@ fn decide(ctx: &Context, workload: Workload) -> Decision {
         let _ = ctx.requeue.unbounded_send(());
     }
     decided.placements.insert(key, decision.placement.clone());
-    decision
+    (decision, evictions)
 }
 
 async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -193,8 +219,27 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
     let key = key_of(&cw);
     let before = current(&ctx, &cw);
     let swept = ctx.decided().swept.contains(&key);
+    // Evictions in the last minute count against maxEvictionsPerMinute.
+    let now = now_unix();
+    let mut recent_evictions: Vec<EvictionEntry> = previous
+        .evictions
+        .iter()
+        .filter(|e| e.time.0.as_second() > now - WINDOW_SECONDS)
+        .cloned()
+        .collect();
+    let max_evictions = cw.spec.failover.max_evictions_per_minute;
+    let eviction_budget = max_evictions.map(|max| {
+        let used: i64 = recent_evictions.iter().map(|e| i64::from(e.replicas)).sum();
+        u32::try_from(i64::from(max) - used).unwrap_or(0)
+    });
     let started = std::time::Instant::now();
-    let decision = decide(&ctx, workload);
+    let (decision, evictions) = decide(&ctx, workload, eviction_budget);
+    if evictions.moved > 0 {
+        recent_evictions.push(EvictionEntry {
+            time: Time(Timestamp::now()),
+            replicas: i32::try_from(evictions.moved).unwrap_or(i32::MAX),
+        });
+    }
     let metrics = &ctx.config.metrics;
     metrics
         .scheduling_seconds
@@ -218,6 +263,7 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
             wanted,
             generation,
         );
+        interim.evictions.clone_from(&recent_evictions);
         set_condition(
             &mut interim.conditions,
             condition(
@@ -235,7 +281,23 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
     let started = std::time::Instant::now();
     let mut failures = Vec::new();
     let mut ready_by_dc = BTreeMap::new();
+    let unreachable: BTreeSet<String> = ctx
+        .data_centers
+        .state()
+        .iter()
+        .filter(|dc| reachability(dc) != Reachability::Reachable)
+        .map(|dc| dc.name_any())
+        .collect();
     for (data_center, &replicas) in &decision.placement {
+        // Replicas still placed on an unreachable data center (within the
+        // grace period, or waiting for the eviction budget) keep the copy
+        // it has; trying to reach it would only wait for the timeout.
+        if unreachable.contains(data_center) {
+            failures.push(format!(
+                "data center {data_center} is unreachable; its copy is left as it was"
+            ));
+            continue;
+        }
         match propagate(&ctx, &cw, data_center, replicas).await {
             Ok(ready) => {
                 ready_by_dc.insert(data_center.clone(), ready);
@@ -253,8 +315,12 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
         if let Reachability::UnreachableSince(since) = reachability(&dc)
             && decision.placement.contains_key(&dc_name)
         {
+            // Past the deadline the replicas have moved, or are waiting for
+            // the eviction budget, which sets its own deadline below.
             let deadline = since + grace;
-            next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
+            if deadline > now {
+                next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
+            }
         }
         if decision.placement.contains_key(&dc_name)
             || reachability(&dc) != Reachability::Reachable
@@ -281,7 +347,7 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
         ctx.decided().swept.insert(key);
     }
 
-    let status = status_of(
+    let mut status = status_of(
         &previous,
         &decision,
         &ready_by_dc,
@@ -289,6 +355,7 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
         wanted,
         generation,
     );
+    status.evictions.clone_from(&recent_evictions);
     let changed_placement = before != decision.placement;
     if materially_different(&status, &previous) {
         write_status(&ctx, &cw, &status).await?;
@@ -322,6 +389,22 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
         )
         .await;
     }
+    if evictions.deferred > 0 {
+        publish(
+            &ctx,
+            &cw,
+            EventType::Normal,
+            "EvictionsDeferred",
+            format!(
+                "moved {} replicas off data centers unreachable past the grace period; {} \
+                 stay until maxEvictionsPerMinute ({}) allows",
+                evictions.moved,
+                evictions.deferred,
+                max_evictions.unwrap_or(0)
+            ),
+        )
+        .await;
+    }
     if !failures.is_empty() {
         publish(
             &ctx,
@@ -342,6 +425,13 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
     } else {
         ctx.config.readiness_poll
     };
+    // Deferred evictions go when the oldest in the window leaves it.
+    if evictions.deferred > 0
+        && let Some(oldest) = recent_evictions.iter().map(|e| e.time.0.as_second()).min()
+    {
+        let deadline = oldest + WINDOW_SECONDS;
+        next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
+    }
     if let Some(deadline) = next_deadline {
         let left = u64::try_from(deadline - now_unix()).unwrap_or(0) + 1;
         wait = wait.min(Duration::from_secs(left));
@@ -537,6 +627,24 @@ async fn propagate(
     if let Some(ready) = ctx.members.unchanged(&key, fingerprint) {
         return Ok(ready);
     }
+    let kind = desired.kind();
+    // A copy of another kind is left from a `spec.kind` change. This process
+    // knows what it applied; after a restart, a workload that was placed
+    // before may have one from an earlier process, so look once.
+    let other_kind_possible = match ctx.members.applied_kind(&key) {
+        Some(applied) => applied != kind,
+        None => cw
+            .status
+            .as_ref()
+            .is_some_and(|status| !status.placement.is_empty()),
+    };
+    if other_kind_possible {
+        for child in list_children(&member, data_center, Some((&namespace, &name))).await? {
+            if child.kind != kind {
+                delete_child(ctx, &member, data_center, &child).await?;
+            }
+        }
+    }
     if !ctx.members.has_namespace(data_center, &namespace) {
         let namespaces: Api<Namespace> = Api::all(member.clone());
         namespaces
@@ -575,7 +683,7 @@ async fn propagate(
     };
     let ready = children::ready_replicas(&applied);
     ctx.members
-        .applied(key, fingerprint, applied.generation(), ready);
+        .applied(key, kind, fingerprint, applied.generation(), ready);
     Ok(ready)
 }
 

@@ -11,7 +11,7 @@ use civicgrid_operator::controller::{self, children};
 use civicgrid_operator::crd::{ComputeWorkload, DataCenter};
 use civicgrid_tests::controlplane::{Cluster, NodeShape, eventually};
 use civicgrid_tests::pool::{self, Member};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
@@ -248,6 +248,27 @@ async fn workload_is_propagated_scaled_survives_an_operator_kill_and_leaves_noth
     pool.wait_copies("cams", &[("municipal-core", 1), ("edge-east", 1)])
         .await?;
 
+    // A change of kind replaces each member's Deployment with a StatefulSet
+    // of the same replicas; no Deployment is left behind.
+    api.patch(
+        "cams",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "spec": { "kind": "StatefulSet" } })),
+    )
+    .await?;
+    pool.wait_copies("cams", &[]).await?;
+    eventually("StatefulSets in both members", WAIT, || async {
+        let mut found = BTreeMap::new();
+        for (dc, member) in &pool.members {
+            let sets: Api<StatefulSet> = Api::namespaced(member.client().await.ok()?, "traffic");
+            if let Some(set) = sets.get_opt("cams").await.ok()? {
+                found.insert(dc.as_str(), set.spec?.replicas?);
+            }
+        }
+        (found == BTreeMap::from([("edge-east", 1), ("municipal-core", 1)])).then_some(())
+    })
+    .await?;
+
     // (e) a spec the engine cannot use gets a condition and an Event.
     let mut bad = workload("bad-quantity", 1, serde_json::json!({}), 60)?;
     bad.spec.resources.cpu.0 = "lots".into();
@@ -292,6 +313,15 @@ async fn workload_is_propagated_scaled_survives_an_operator_kill_and_leaves_noth
             "{dc} still has {:?}",
             left.items.len()
         );
+        let sets: Api<StatefulSet> = Api::all(member.client().await?);
+        let left = sets
+            .list(&ListParams::default().labels(&children::managed_selector()))
+            .await?;
+        assert!(
+            left.items.is_empty(),
+            "{dc} still has {} StatefulSets",
+            left.items.len()
+        );
     }
     pool.kill_operator();
     drop(pool.control);
@@ -310,11 +340,10 @@ async fn replicas_move_after_the_grace_period_and_the_returning_member_is_cleane
         "weights": { "freeCapacity": 0, "tier": 10 },
         "strategy": { "type": "Score" }
     });
-    api.create(
-        &PostParams::default(),
-        &workload("plates", 2, placement, 8)?,
-    )
-    .await?;
+    // One replica may move per minute.
+    let mut plates = workload("plates", 2, placement, 8)?;
+    plates.spec.failover.max_evictions_per_minute = Some(1);
+    api.create(&PostParams::default(), &plates).await?;
     pool.wait_copies("plates", &[("edge-east", 2)]).await?;
 
     // The edge member stops answering.
@@ -342,11 +371,54 @@ async fn replicas_move_after_the_grace_period_and_the_returning_member_is_cleane
     assert_eq!(status.placement.len(), 1);
     assert_eq!(status.placement[0].data_center, "edge-east");
 
-    // After it, they move to the partner.
-    eventually("replicas on the partner", WAIT, || async {
+    // After it, one moves to the partner and the other waits for the
+    // eviction budget, still placed on the edge.
+    eventually("one replica on the partner", WAIT, || async {
+        (pool.copies_in("partner-cloud", "plates").await.ok()?? == 1).then_some(())
+    })
+    .await?;
+    let moved_at = std::time::Instant::now();
+    let status = api.get("plates").await?.status.context("status")?;
+    let placed: BTreeMap<&str, i32> = status
+        .placement
+        .iter()
+        .map(|p| (p.data_center.as_str(), p.replicas))
+        .collect();
+    assert_eq!(
+        placed,
+        BTreeMap::from([("edge-east", 1), ("partner-cloud", 1)])
+    );
+    assert_eq!(
+        status.evictions.iter().map(|e| e.replicas).sum::<i32>(),
+        1,
+        "{:?}",
+        status.evictions
+    );
+    let events: Api<Event> = Api::namespaced(pool.client.clone(), "traffic");
+    eventually("EvictionsDeferred Event", WAIT, || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("EvictionsDeferred")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("plates")
+            })
+            .then_some(())
+    })
+    .await?;
+    // The second follows when the first leaves the one-minute window.
+    eventually("both replicas on the partner", 2 * WAIT, || async {
         (pool.copies_in("partner-cloud", "plates").await.ok()?? == 2).then_some(())
     })
     .await?;
+    assert!(
+        moved_at.elapsed() >= Duration::from_secs(50),
+        "the second replica moved {:?} after the first",
+        moved_at.elapsed()
+    );
     eventually("status placement on the partner", WAIT, || async {
         let s = api.get("plates").await.ok()?.status?;
         (s.placement.len() == 1 && s.placement[0].data_center == "partner-cloud").then_some(())

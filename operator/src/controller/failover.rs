@@ -1,0 +1,168 @@
+//! The eviction rate limit of failover (`spec.failover.maxEvictionsPerMinute`).
+//!
+//! The engine says where a workload's replicas should run; when a data center
+//! has been unreachable past the grace period, that means moving every replica
+//! it held at once. A city that loses an edge site should not see a hundred
+//! replicas land on the municipal core in one second, so the moves a decision
+//! makes off such data centers are trimmed to what the last minute's evictions
+//! leave of the budget. A trimmed replica stays placed where it was (it keeps
+//! the capacity it held, so the trimmed placement still fits) and the data
+//! center that was to receive it gets one fewer. The rest move as the window
+//! slides, on a later reconcile.
+//!
+//! Only moves count: replicas the engine drops from a failed data center
+//! without placing them elsewhere (a scale-down) are not evictions.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The sliding window `maxEvictionsPerMinute` counts over.
+pub const WINDOW_SECONDS: i64 = 60;
+
+/// What [`limit_evictions`] let through and held back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Evictions {
+    /// Replicas moved off failed data centers by this decision.
+    pub moved: u32,
+    /// Replicas the budget kept where they were, to move later.
+    pub deferred: u32,
+}
+
+/// Trims `decided` so that at most `budget` replicas move off the data centers
+/// in `failed` (relative to `before`).
+pub fn limit_evictions(
+    before: &BTreeMap<String, u32>,
+    decided: &mut BTreeMap<String, u32>,
+    failed: &BTreeSet<String>,
+    budget: u32,
+) -> Evictions {
+    let was = |dc: &str| before.get(dc).copied().unwrap_or(0);
+    let now = |decided: &BTreeMap<String, u32>, dc: &str| decided.get(dc).copied().unwrap_or(0);
+    let mut lost: Vec<(String, u32)> = failed
+        .iter()
+        .map(|dc| (dc.clone(), was(dc).saturating_sub(now(decided, dc))))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let mut gained: Vec<(String, u32)> = decided
+        .iter()
+        .filter(|(dc, _)| !failed.contains(*dc))
+        .map(|(dc, &n)| (dc.clone(), n.saturating_sub(was(dc))))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let total_lost: u32 = lost.iter().map(|(_, n)| n).sum();
+    let total_gained: u32 = gained.iter().map(|(_, n)| n).sum();
+    let moves = total_lost.min(total_gained);
+    if moves <= budget {
+        return Evictions {
+            moved: moves,
+            deferred: 0,
+        };
+    }
+    let deferred = moves - budget;
+
+    // Give the failed data centers back their replicas, fullest first.
+    lost.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let mut left = deferred;
+    for (dc, n) in &lost {
+        let back = left.min(*n);
+        *decided.entry(dc.clone()).or_insert(0) += back;
+        left -= back;
+    }
+    // Take as many from the receivers, largest gain first, one at a time so
+    // the new replicas stay spread as the engine spread them.
+    let mut left = deferred;
+    while left > 0 {
+        gained.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let Some((dc, n)) = gained.first_mut().filter(|(_, n)| *n > 0) else {
+            break;
+        };
+        *n -= 1;
+        if let Some(placed) = decided.get_mut(dc.as_str()) {
+            *placed -= 1;
+        }
+        left -= 1;
+    }
+    decided.retain(|_, n| *n > 0);
+    Evictions {
+        moved: budget,
+        deferred,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(entries: &[(&str, u32)]) -> BTreeMap<String, u32> {
+        entries.iter().map(|(d, n)| ((*d).to_owned(), *n)).collect()
+    }
+
+    fn failed(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    #[test]
+    fn moves_within_the_budget_pass_unchanged() {
+        let before = map(&[("edge", 3), ("core", 2)]);
+        let mut decided = map(&[("core", 4), ("partner", 1)]);
+        let evictions = limit_evictions(&before, &mut decided, &failed(&["edge"]), 3);
+        assert_eq!(
+            evictions,
+            Evictions {
+                moved: 3,
+                deferred: 0
+            }
+        );
+        assert_eq!(decided, map(&[("core", 4), ("partner", 1)]));
+    }
+
+    #[test]
+    fn moves_past_the_budget_stay_on_the_failed_data_center() {
+        let before = map(&[("edge", 5), ("core", 1)]);
+        let mut decided = map(&[("core", 4), ("partner", 2)]);
+        let evictions = limit_evictions(&before, &mut decided, &failed(&["edge"]), 2);
+        assert_eq!(
+            evictions,
+            Evictions {
+                moved: 2,
+                deferred: 3
+            }
+        );
+        // Gains were core +3, partner +2; three are taken back, largest gain
+        // first: core, then a tie broken by name (core), then partner.
+        assert_eq!(decided, map(&[("core", 2), ("edge", 3), ("partner", 1)]));
+        assert_eq!(decided.values().sum::<u32>(), 6, "no replica is lost");
+    }
+
+    #[test]
+    fn an_exhausted_budget_keeps_the_old_placement() {
+        let before = map(&[("edge", 2), ("core", 2)]);
+        let mut decided = map(&[("core", 4)]);
+        let evictions = limit_evictions(&before, &mut decided, &failed(&["edge"]), 0);
+        assert_eq!(evictions.deferred, 2);
+        assert_eq!(decided, before);
+    }
+
+    #[test]
+    fn a_scale_down_off_a_failed_data_center_is_not_an_eviction() {
+        let before = map(&[("edge", 3), ("core", 3)]);
+        let mut decided = map(&[("core", 3)]);
+        let evictions = limit_evictions(&before, &mut decided, &failed(&["edge"]), 0);
+        assert_eq!(evictions, Evictions::default());
+        assert_eq!(decided, map(&[("core", 3)]));
+    }
+
+    #[test]
+    fn several_failed_data_centers_share_one_budget() {
+        let before = map(&[("edge-a", 2), ("edge-b", 4)]);
+        let mut decided = map(&[("core", 6)]);
+        let evictions = limit_evictions(&before, &mut decided, &failed(&["edge-a", "edge-b"]), 1);
+        assert_eq!(
+            evictions,
+            Evictions {
+                moved: 1,
+                deferred: 5
+            }
+        );
+        assert_eq!(decided, map(&[("core", 1), ("edge-a", 1), ("edge-b", 4)]));
+    }
+}
