@@ -517,6 +517,11 @@ impl Cluster {
             "--leader-elect=false".to_owned(),
             "--secure-port=0".to_owned(),
             "--use-service-account-credentials=false".to_owned(),
+            // kwok renews its nodes' leases late when the machine is busy;
+            // after the default 50 s the node lifecycle controller marks the
+            // node's pods not ready, and kwok never marks them ready again
+            // (kubernetes-sigs/kwok#1464). No test is about node failure.
+            "--node-monitor-grace-period=10m".to_owned(),
             format!(
                 "--service-account-private-key-file={}",
                 pki.join("sa.key").display()
