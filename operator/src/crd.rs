@@ -566,7 +566,9 @@ pub struct FailoverPolicy {
     /// were until the window allows (no limit when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_evictions_per_minute: Option<u32>,
-    /// At most this many replicas may be unavailable during failover.
+    /// When replicas move, copies that would lose ready replicas keep them
+    /// until the new ones are ready enough that at most this many placed
+    /// replicas are not ready (old copies go at once when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_unavailable: Option<u32>,
 }

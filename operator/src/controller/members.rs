@@ -108,6 +108,11 @@ impl Members {
         state.ready = ready;
     }
 
+    /// The ready replicas of a copy the member's watch has seen, if any.
+    pub fn ready_of(&self, key: &CopyKey) -> Option<i32> {
+        lock(&self.copies).get(key).map(|state| state.ready)
+    }
+
     /// The kind this process last applied for a copy, if it applied one.
     pub fn applied_kind(&self, key: &CopyKey) -> Option<&'static str> {
         lock(&self.copies).get(key)?.kind

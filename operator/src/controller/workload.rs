@@ -281,6 +281,8 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
     let started = std::time::Instant::now();
     let mut failures = Vec::new();
     let mut ready_by_dc = BTreeMap::new();
+    // Data centers whose copies wait for replacements to become ready.
+    let mut holding: BTreeSet<String> = BTreeSet::new();
     let unreachable: BTreeSet<String> = ctx
         .data_centers
         .state()
@@ -288,21 +290,82 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
         .filter(|dc| reachability(dc) != Reachability::Reachable)
         .map(|dc| dc.name_any())
         .collect();
-    for (data_center, &replicas) in &decision.placement {
-        // Replicas still placed on an unreachable data center (within the
-        // grace period, or waiting for the eviction budget) keep the copy
-        // it has; trying to reach it would only wait for the timeout.
-        if unreachable.contains(data_center) {
-            failures.push(format!(
-                "data center {data_center} is unreachable; its copy is left as it was"
-            ));
-            continue;
+    // With maxUnavailable, a copy that would lose ready replicas (a move
+    // away, or a smaller share) shrinks only once the copies that grow are
+    // ready enough: make before break. Readiness of live copies comes from
+    // the member watches, so it survives a restart.
+    let max_unavailable = cw.spec.failover.max_unavailable;
+    let live_ready: BTreeMap<String, i32> = if max_unavailable.is_some() {
+        ctx.data_centers
+            .state()
+            .iter()
+            .map(|dc| dc.name_any())
+            .filter(|dc| !unreachable.contains(dc))
+            .filter_map(|dc| {
+                let ready = ctx
+                    .members
+                    .ready_of(&(dc.clone(), namespace.clone(), name.clone()))?;
+                Some((dc, ready))
+            })
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
+    let target = |dc: &str| {
+        decision
+            .placement
+            .get(dc)
+            .map_or(0, |&n| i32::try_from(n).unwrap_or(i32::MAX))
+    };
+    let shrinks = |dc: &str| live_ready.get(dc).is_some_and(|&ready| ready > target(dc));
+    for pass_shrinking in [false, true] {
+        let hold = pass_shrinking && {
+            let ready_after: i64 = decision
+                .placement
+                .keys()
+                .map(|dc| {
+                    let ready = if shrinks(dc) {
+                        live_ready[dc.as_str()]
+                    } else {
+                        ready_by_dc.get(dc).copied().unwrap_or(0)
+                    };
+                    i64::from(ready.min(target(dc)))
+                })
+                .sum();
+            let unavailable = i64::from(decision.placed()) - ready_after;
+            max_unavailable.is_some_and(|max| unavailable > i64::from(max))
+        };
+        if hold {
+            holding = live_ready
+                .keys()
+                .filter(|dc| shrinks(dc))
+                .cloned()
+                .collect();
         }
-        match propagate(&ctx, &cw, data_center, replicas).await {
-            Ok(ready) => {
-                ready_by_dc.insert(data_center.clone(), ready);
+        for (data_center, &replicas) in &decision.placement {
+            if shrinks(data_center) != pass_shrinking {
+                continue;
             }
-            Err(e) => failures.push(e.to_string()),
+            // Replicas still placed on an unreachable data center (within
+            // the grace period, or waiting for the eviction budget) keep the
+            // copy it has; trying to reach it would only wait for the
+            // timeout.
+            if unreachable.contains(data_center) {
+                failures.push(format!(
+                    "data center {data_center} is unreachable; its copy is left as it was"
+                ));
+                continue;
+            }
+            if hold {
+                ready_by_dc.insert(data_center.clone(), target(data_center));
+                continue;
+            }
+            match propagate(&ctx, &cw, data_center, replicas).await {
+                Ok(ready) => {
+                    ready_by_dc.insert(data_center.clone(), ready);
+                }
+                Err(e) => failures.push(e.to_string()),
+            }
         }
     }
     metrics
@@ -323,6 +386,7 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
             }
         }
         if decision.placement.contains_key(&dc_name)
+            || holding.contains(&dc_name)
             || reachability(&dc) != Reachability::Reachable
             || (swept && !before.contains_key(&dc_name))
         {
@@ -343,7 +407,11 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
         }
     }
 
-    if failures.is_empty() {
+    // Copies kept for make-before-break are not in the placement any more;
+    // until they go, every member must be looked at again.
+    if !holding.is_empty() {
+        ctx.decided().swept.remove(&key);
+    } else if failures.is_empty() {
         ctx.decided().swept.insert(key);
     }
 
@@ -356,6 +424,24 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
         generation,
     );
     status.evictions.clone_from(&recent_evictions);
+    if !holding.is_empty() && failures.is_empty() {
+        let held: Vec<&str> = holding.iter().map(String::as_str).collect();
+        set_condition(
+            &mut status.conditions,
+            condition(
+                "Propagated",
+                false,
+                "WaitingForReplacements",
+                format!(
+                    "copies in {} keep their replicas until the new ones are ready \
+                     (failover.maxUnavailable {})",
+                    held.join(", "),
+                    max_unavailable.unwrap_or(0)
+                ),
+                generation,
+            ),
+        );
+    }
     let changed_placement = before != decision.placement;
     if materially_different(&status, &previous) {
         write_status(&ctx, &cw, &status).await?;

@@ -432,6 +432,48 @@ async fn replicas_move_after_the_grace_period_and_the_returning_member_is_cleane
         .start_apiserver()
         .await?;
     pool.wait_copies("plates", &[("partner-cloud", 2)]).await?;
+
+    // Make before break: with maxUnavailable 0, a move to the edge whose new
+    // pods can never be scheduled (no node matches) keeps the partner's
+    // ready copy.
+    eventually("both partner replicas ready", WAIT, || async {
+        (api.get("plates").await.ok()?.status?.ready_replicas == 2).then_some(())
+    })
+    .await?;
+    api.patch(
+        "plates",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "spec": {
+            "placement": { "requiredTiers": ["edge"] },
+            "failover": { "maxUnavailable": 0 },
+            "template": { "spec": { "nodeSelector": { "civicgrid.io/no-such-node": "true" } } }
+        } })),
+    )
+    .await?;
+    pool.wait_copies("plates", &[("edge-east", 2), ("partner-cloud", 2)])
+        .await?;
+    let (propagated, reason, message) = eventually("WaitingForReplacements", WAIT, || async {
+        pool.condition("plates", "Propagated")
+            .await
+            .filter(|(_, reason, _)| reason == "WaitingForReplacements")
+    })
+    .await?;
+    assert_eq!(propagated, "False");
+    assert!(message.contains("partner-cloud"), "{reason}: {message}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        pool.copies_in("partner-cloud", "plates").await?,
+        Some(2),
+        "the partner's copy went before its replacements were ready"
+    );
+    // Allowing both to be unavailable lets the old copy go.
+    api.patch(
+        "plates",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "spec": { "failover": { "maxUnavailable": 2 } } })),
+    )
+    .await?;
+    pool.wait_copies("plates", &[("edge-east", 2)]).await?;
     pool.kill_operator();
     Ok(())
 }
