@@ -208,6 +208,7 @@ fn baseline(queries: usize) -> anyhow::Result<()> {
                     tables: Arc::clone(&tables),
                     policy: &policy,
                     privacy_budget: 0.0,
+                    as_of_unix_seconds: 1_764_460_800,
                 },
                 &Limits::default(),
             )

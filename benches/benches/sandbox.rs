@@ -72,6 +72,7 @@ fn run_guest(
                 tables: Arc::clone(tables),
                 policy,
                 privacy_budget: 0.0,
+                as_of_unix_seconds: 1_764_460_800,
             },
             &Limits::default(),
         )

@@ -415,6 +415,9 @@ struct Reservation {
     policy: OutputPolicy,
     privacy_budget: f64,
     storage: PathBuf,
+    /// The product's last update: what `now()` reads inside the query, so the
+    /// same query on the same data always meters the same fuel.
+    as_of_unix_seconds: u64,
     algorithm: Option<Vec<u8>>,
     algorithm_sha256: String,
 }
@@ -475,27 +478,19 @@ pub async fn run(
     };
     let sql = request.sql.clone();
     let engine_for_run = Arc::clone(engine);
-    let run_reservation = (
-        reservation.storage.clone(),
-        reservation.policy.clone(),
-        reservation.privacy_budget,
-        reservation.compute_units,
-        reservation.algorithm.clone(),
-    );
+    let run = SandboxRun {
+        storage: reservation.storage.clone(),
+        policy: reservation.policy.clone(),
+        privacy_budget: reservation.privacy_budget,
+        compute_units: reservation.compute_units,
+        algorithm: reservation.algorithm.clone(),
+        as_of_unix_seconds: reservation.as_of_unix_seconds,
+    };
     let sandbox_span = tracing::info_span!("sandbox");
     let sandbox_started = std::time::Instant::now();
     let outcome = tokio::task::spawn_blocking(move || {
         let _entered = sandbox_span.enter();
-        let (storage, policy, privacy_budget, compute_units, algorithm) = run_reservation;
-        run_in_sandbox(
-            &engine_for_run,
-            &storage,
-            &policy,
-            privacy_budget,
-            compute_units,
-            &sql,
-            algorithm.as_deref(),
-        )
+        run_in_sandbox(&engine_for_run, &run, &sql)
     })
     .await
     .map_err(|error| MarketError::Corrupt(format!("sandbox task: {error}")));
@@ -728,20 +723,39 @@ async fn reserve(
         policy,
         privacy_budget,
         storage,
+        as_of_unix_seconds: u64::try_from(product.updated_at_unix_ms / 1000).unwrap_or(0),
         algorithm: (!request.algorithm_wasm.is_empty()).then(|| request.algorithm_wasm.clone()),
         algorithm_sha256: algorithm_sha256.to_owned(),
     })
 }
 
-fn run_in_sandbox(
-    engine: &QueryEngine,
-    storage: &std::path::Path,
-    policy: &OutputPolicy,
+/// What one sandbox run needs from its reservation, moved onto the blocking
+/// thread that runs it.
+struct SandboxRun {
+    storage: PathBuf,
+    policy: OutputPolicy,
     privacy_budget: f64,
     compute_units: i64,
+    algorithm: Option<Vec<u8>>,
+    as_of_unix_seconds: u64,
+}
+
+fn run_in_sandbox(
+    engine: &QueryEngine,
+    run: &SandboxRun,
     sql: &str,
-    algorithm: Option<&[u8]>,
 ) -> std::result::Result<civicgrid_sandbox::Outcome, SandboxError> {
+    let SandboxRun {
+        storage,
+        policy,
+        privacy_budget,
+        compute_units,
+        algorithm,
+        as_of_unix_seconds,
+    } = run;
+    let (privacy_budget, compute_units, as_of_unix_seconds) =
+        (*privacy_budget, *compute_units, *as_of_unix_seconds);
+    let algorithm = algorithm.as_deref();
     let tables: Arc<dyn TableStore> = Arc::new(
         LocalDirectory::discover(storage)
             .map_err(|error| SandboxError::Data(format!("the product's files: {error}")))?,
@@ -765,6 +779,7 @@ fn run_in_sandbox(
             tables,
             policy,
             privacy_budget,
+            as_of_unix_seconds,
         },
         &limits,
     )

@@ -55,6 +55,7 @@ impl Fixture {
             tables: Arc::new(LocalDirectory::new(self.data.path(), Vec::<String>::new())),
             policy: &policy,
             privacy_budget: 0.0,
+            as_of_unix_seconds: 1_764_460_800,
         };
         self.sandbox.run(&guest, job, limits)
     }
@@ -250,6 +251,7 @@ fn an_unapproved_algorithm_does_not_run() {
             tables: Arc::new(LocalDirectory::new(f.data.path(), Vec::<String>::new())),
             policy,
             privacy_budget: 0.0,
+            as_of_unix_seconds: 1_764_460_800,
         };
         f.sandbox.run(&guest, job, &Limits::default())
     };
@@ -322,6 +324,7 @@ fn a_corrupt_or_truncated_cache_entry_is_rebuilt_never_loaded() {
                 tables: Arc::new(LocalDirectory::new(data.path(), Vec::<String>::new())),
                 policy: &policy,
                 privacy_budget: 0.0,
+                as_of_unix_seconds: 1_764_460_800,
             },
             &Limits::default(),
         )

@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use arrow_array::RecordBatch;
 use sha2::{Digest, Sha256};
@@ -146,6 +146,11 @@ pub struct Job<'a> {
     pub policy: &'a OutputPolicy,
     /// Epsilon the consumer has left for this product (differential privacy).
     pub privacy_budget: f64,
+    /// What the guest's clock reads for the whole run (SQL's `now()`), in
+    /// Unix seconds. The caller fixes it, say to the data's last update,
+    /// because fuel depends on it: with the wall clock, the same query cost a
+    /// few units more or less from one second to the next.
+    pub as_of_unix_seconds: u64,
 }
 
 /// What a run used: returned with every result, the basis of billing.
@@ -401,7 +406,7 @@ impl Sandbox {
             release: Release::new(job.policy.clone()),
             max_log_bytes: limits.max_log_bytes,
             max_output_bytes: limits.max_output_bytes,
-            logical_time_ns: logical_now(),
+            logical_time_ns: job.as_of_unix_seconds.saturating_mul(1_000_000_000),
             limiter: RunLimiter {
                 memory_bytes: limits.memory_bytes as usize,
                 table_elements: limits.table_elements,
@@ -462,15 +467,6 @@ impl Sandbox {
             log: state.log,
         })
     }
-}
-
-/// The run's clock: the current second. Fixed for the whole run.
-fn logical_now() -> u64 {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    secs * 1_000_000_000
 }
 
 fn describe(

@@ -14,10 +14,22 @@ use civicgrid_tests::tpch;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::util::pretty::pretty_format_batches;
 
+/// The time the guest's clock reads in these tests (2025-11-30T00:00:00Z).
+const AS_OF: u64 = 1_764_460_800;
+
 fn run_sql(
     tables: Arc<dyn TableStore>,
     sql: &str,
     policy: &OutputPolicy,
+) -> Result<Outcome, SandboxError> {
+    run_sql_as_of(tables, sql, policy, AS_OF)
+}
+
+fn run_sql_as_of(
+    tables: Arc<dyn TableStore>,
+    sql: &str,
+    policy: &OutputPolicy,
+    as_of_unix_seconds: u64,
 ) -> Result<Outcome, SandboxError> {
     let sandbox = shared_sandbox();
     let guest = sandbox
@@ -30,6 +42,7 @@ fn run_sql(
             tables,
             policy,
             privacy_budget: 0.0,
+            as_of_unix_seconds,
         },
         &Limits::default(),
     )
@@ -83,6 +96,27 @@ fn the_same_query_costs_the_same_and_metering_counts_what_moved() {
     // A query that does more costs more.
     let q1 = run_sql(tables, tpch::Q1, &owner).unwrap();
     assert!(q1.metering.fuel > first.metering.fuel);
+}
+
+/// SQL's `now()` reads the time the caller fixed, not the wall clock: fuel
+/// depends on it, so a wall clock made the same query cost a few units more
+/// or less from one second to the next.
+#[test]
+fn now_reads_the_time_the_job_fixes() {
+    let tables = local(tpch_small());
+    let owner = OutputPolicy::owner();
+    let sql = "SELECT to_unixtime(now()) AS t";
+    for as_of in [AS_OF, AS_OF + 86_399] {
+        let outcome = run_sql_as_of(Arc::clone(&tables), sql, &owner, as_of).unwrap();
+        assert_eq!(
+            rows_of(&outcome),
+            format!("+------------+\n| t          |\n+------------+\n| {as_of} |\n+------------+")
+        );
+    }
+}
+
+fn rows_of(outcome: &Outcome) -> String {
+    table(&outcome.batches)
 }
 
 fn residents() -> (tempfile::TempDir, Arc<dyn TableStore>) {
@@ -430,6 +464,7 @@ fn run_with_budget(
             tables: Arc::clone(tables),
             policy,
             privacy_budget: budget,
+            as_of_unix_seconds: 1_764_460_800,
         },
         &Limits::default(),
     )
@@ -558,6 +593,7 @@ fn a_consumer_algorithm_runs_only_when_approved_and_its_output_is_thresholded() 
                 tables: Arc::clone(&tables),
                 policy,
                 privacy_budget: 0.0,
+                as_of_unix_seconds: 1_764_460_800,
             },
             &Limits::default(),
         )
