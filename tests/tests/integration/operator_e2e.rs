@@ -149,6 +149,26 @@ impl Pool {
         Ok(())
     }
 
+    /// Waits for an Event with `reason` about the workload `name`.
+    async fn wait_event(&self, name: &str, reason: &str) -> anyhow::Result<()> {
+        let events: Api<Event> = Api::namespaced(self.client.clone(), "traffic");
+        eventually(&format!("{reason} Event about {name}"), WAIT, || async {
+            events
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some(reason)
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                })
+                .then_some(())
+        })
+        .await?;
+        Ok(())
+    }
+
     async fn condition(&self, name: &str, type_: &str) -> Option<(String, String, String)> {
         let cw = self.workloads().get_opt(name).await.ok()??;
         cw.status?
@@ -279,21 +299,7 @@ async fn workload_is_propagated_scaled_survives_an_operator_kill_and_leaves_noth
     .await?;
     assert_eq!((status.as_str(), reason.as_str()), ("False", "InvalidSpec"));
     assert!(message.contains("spec.resources.cpu"), "{message}");
-    let events: Api<Event> = Api::namespaced(pool.client.clone(), "traffic");
-    eventually("InvalidSpec Event", WAIT, || async {
-        events
-            .list(&ListParams::default())
-            .await
-            .ok()?
-            .items
-            .iter()
-            .any(|e| {
-                e.reason.as_deref() == Some("InvalidSpec")
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("bad-quantity")
-            })
-            .then_some(())
-    })
-    .await?;
+    pool.wait_event("bad-quantity", "InvalidSpec").await?;
     assert!(pool.copies("bad-quantity").await?.is_empty());
 
     // (g) delete: nothing left in any member, and the finalizer lets go.
@@ -394,21 +400,7 @@ async fn replicas_move_after_the_grace_period_and_the_returning_member_is_cleane
         "{:?}",
         status.evictions
     );
-    let events: Api<Event> = Api::namespaced(pool.client.clone(), "traffic");
-    eventually("EvictionsDeferred Event", WAIT, || async {
-        events
-            .list(&ListParams::default())
-            .await
-            .ok()?
-            .items
-            .iter()
-            .any(|e| {
-                e.reason.as_deref() == Some("EvictionsDeferred")
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("plates")
-            })
-            .then_some(())
-    })
-    .await?;
+    pool.wait_event("plates", "EvictionsDeferred").await?;
     // The second follows when the first leaves the one-minute window.
     eventually("both replicas on the partner", 2 * WAIT, || async {
         (pool.copies_in("partner-cloud", "plates").await.ok()?? == 2).then_some(())
