@@ -1,4 +1,6 @@
-//! The eviction rate limit of failover (`spec.failover.maxEvictionsPerMinute`).
+//! The eviction rate limit of failover (`spec.failover.maxEvictionsPerMinute`)
+//! and make-before-break moves (`spec.failover.maxUnavailable`, see
+//! [`hold_shrinking`]).
 //!
 //! The engine says where a workload's replicas should run; when a data center
 //! has been unreachable past the grace period, that means moving every replica
@@ -88,9 +90,123 @@ pub fn limit_evictions(
     }
 }
 
+/// Whether copies that would lose ready replicas must keep them for now
+/// (`spec.failover.maxUnavailable`, make before break).
+///
+/// `live_ready` is what each member's copy has ready now; `grown_ready` what
+/// the copies that do not shrink reported after this round's applies. A copy
+/// shrinks when it has more ready replicas than its new share in `placement`
+/// (a data center absent from `placement` has a share of 0). Shrinking is
+/// allowed when, counting every data center's ready replicas up to its share,
+/// at most `max_unavailable` placed replicas would not be ready.
+pub fn hold_shrinking(
+    placement: &BTreeMap<String, u32>,
+    live_ready: &BTreeMap<String, i32>,
+    grown_ready: &BTreeMap<String, i32>,
+    max_unavailable: Option<u32>,
+) -> bool {
+    let Some(max_unavailable) = max_unavailable else {
+        return false;
+    };
+    let share = |dc: &str| i64::from(placement.get(dc).copied().unwrap_or(0));
+    let shrinks = |dc: &str| {
+        live_ready
+            .get(dc)
+            .is_some_and(|&ready| i64::from(ready) > share(dc))
+    };
+    if !live_ready.keys().any(|dc| shrinks(dc)) {
+        return false;
+    }
+    let ready_after: i64 = placement
+        .keys()
+        .map(|dc| {
+            let ready = if shrinks(dc) {
+                live_ready[dc.as_str()]
+            } else {
+                grown_ready.get(dc).copied().unwrap_or(0)
+            };
+            i64::from(ready).min(share(dc))
+        })
+        .sum();
+    let placed: i64 = placement.values().map(|&n| i64::from(n)).sum();
+    placed - ready_after > i64::from(max_unavailable)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ready(entries: &[(&str, i32)]) -> BTreeMap<String, i32> {
+        entries.iter().map(|(d, n)| ((*d).to_owned(), *n)).collect()
+    }
+
+    #[test]
+    fn a_move_waits_until_the_new_copy_is_ready_enough() {
+        // Two replicas move from the partner to the edge.
+        let placement = map(&[("edge", 2)]);
+        let live = ready(&[("partner", 2), ("edge", 0)]);
+        assert!(hold_shrinking(
+            &placement,
+            &live,
+            &ready(&[("edge", 0)]),
+            Some(0)
+        ));
+        assert!(hold_shrinking(
+            &placement,
+            &live,
+            &ready(&[("edge", 1)]),
+            Some(0)
+        ));
+        assert!(!hold_shrinking(
+            &placement,
+            &live,
+            &ready(&[("edge", 1)]),
+            Some(1)
+        ));
+        assert!(!hold_shrinking(
+            &placement,
+            &live,
+            &ready(&[("edge", 2)]),
+            Some(0)
+        ));
+        assert!(!hold_shrinking(
+            &placement,
+            &live,
+            &ready(&[("edge", 0)]),
+            Some(2)
+        ));
+        assert!(!hold_shrinking(
+            &placement,
+            &live,
+            &ready(&[("edge", 0)]),
+            None
+        ));
+    }
+
+    #[test]
+    fn a_scale_down_is_never_held() {
+        let placement = map(&[("core", 2)]);
+        let live = ready(&[("core", 4)]);
+        assert!(!hold_shrinking(
+            &placement,
+            &live,
+            &BTreeMap::new(),
+            Some(0)
+        ));
+    }
+
+    #[test]
+    fn nothing_is_held_when_no_copy_shrinks() {
+        // Not ready yet, but nothing would be taken away.
+        let placement = map(&[("core", 2), ("edge", 2)]);
+        let live = ready(&[("core", 1), ("edge", 0)]);
+        assert!(!hold_shrinking(
+            &placement,
+            &live,
+            &ready(&[("core", 1), ("edge", 0)]),
+            Some(0)
+        ));
+    }
 
     fn map(entries: &[(&str, u32)]) -> BTreeMap<String, u32> {
         entries.iter().map(|(d, n)| ((*d).to_owned(), *n)).collect()

@@ -18,7 +18,7 @@ use kube::{Client, Resource as _, ResourceExt as _};
 
 use super::children::{self, Child};
 use super::datacenter::reachability;
-use super::failover::{Evictions, WINDOW_SECONDS, limit_evictions};
+use super::failover::{Evictions, WINDOW_SECONDS, hold_shrinking, limit_evictions};
 use super::{Context, Error, FIELD_MANAGER, FINALIZER, condition, now_unix, set_condition};
 use crate::convert;
 use crate::crd::{
@@ -318,23 +318,16 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
             .map_or(0, |&n| i32::try_from(n).unwrap_or(i32::MAX))
     };
     let shrinks = |dc: &str| live_ready.get(dc).is_some_and(|&ready| ready > target(dc));
+    // Copies that do not shrink are applied first; whether the others may
+    // shrink depends on what those report ready.
     for pass_shrinking in [false, true] {
-        let hold = pass_shrinking && {
-            let ready_after: i64 = decision
-                .placement
-                .keys()
-                .map(|dc| {
-                    let ready = if shrinks(dc) {
-                        live_ready[dc.as_str()]
-                    } else {
-                        ready_by_dc.get(dc).copied().unwrap_or(0)
-                    };
-                    i64::from(ready.min(target(dc)))
-                })
-                .sum();
-            let unavailable = i64::from(decision.placed()) - ready_after;
-            max_unavailable.is_some_and(|max| unavailable > i64::from(max))
-        };
+        let hold = pass_shrinking
+            && hold_shrinking(
+                &decision.placement,
+                &live_ready,
+                &ready_by_dc,
+                max_unavailable,
+            );
         if hold {
             holding = live_ready
                 .keys()
