@@ -65,6 +65,17 @@ async fn api_server_rejects_invalid_civicgrid_specs() -> anyhow::Result<()> {
     let message = rejected(&workloads, &workload("negative", -1, serde_json::json!({}))).await;
     assert!(message.contains("replicas must be at least 0"), "{message}");
 
+    // The failover knobs are counts: a negative one names the field.
+    for field in ["maxEvictionsPerMinute", "maxUnavailable"] {
+        let mut bad = workload("failover", 1, serde_json::json!({}));
+        bad.data["spec"]["failover"] = serde_json::json!({ field: -1 });
+        let message = rejected(&workloads, &bad).await;
+        assert!(
+            message.contains(&format!("spec.failover.{field}")),
+            "{message}"
+        );
+    }
+
     let message = rejected(
         &workloads,
         &workload(

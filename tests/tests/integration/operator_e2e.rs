@@ -309,25 +309,30 @@ async fn workload_is_propagated_scaled_survives_an_operator_kill_and_leaves_noth
         api.get_opt("cams").await.ok()?.is_none().then_some(())
     })
     .await?;
+    let managed = ListParams::default().labels(&children::managed_selector());
     for (dc, member) in &pool.members {
-        let deployments: Api<Deployment> = Api::all(member.client().await?);
-        let left = deployments
-            .list(&ListParams::default().labels(&children::managed_selector()))
-            .await?;
-        assert!(
-            left.items.is_empty(),
-            "{dc} still has {:?}",
-            left.items.len()
-        );
-        let sets: Api<StatefulSet> = Api::all(member.client().await?);
-        let left = sets
-            .list(&ListParams::default().labels(&children::managed_selector()))
-            .await?;
-        assert!(
-            left.items.is_empty(),
-            "{dc} still has {} StatefulSets",
-            left.items.len()
-        );
+        let client = member.client().await?;
+        let left = [
+            (
+                "Deployments",
+                Api::<Deployment>::all(client.clone())
+                    .list_metadata(&managed)
+                    .await?
+                    .items
+                    .len(),
+            ),
+            (
+                "StatefulSets",
+                Api::<StatefulSet>::all(client)
+                    .list_metadata(&managed)
+                    .await?
+                    .items
+                    .len(),
+            ),
+        ];
+        for (kind, count) in left {
+            assert_eq!(count, 0, "{dc} still has {count} {kind}");
+        }
     }
     pool.kill_operator();
     drop(pool.control);
