@@ -834,16 +834,11 @@ proptest! {
         }
         let as_schedule = Schedule {
             decisions: s.workloads.iter().map(|w| civicgrid_operator::engine::Decision {
-                workload: w.key.clone(),
-                placement: running.get(&w.key).cloned().unwrap_or_default(),
                 desired: w.replicas,
-                outcome: Outcome::Scheduled,
-                reason: None,
-                rejections: Vec::new(),
-                rejected_by_rule: BTreeMap::new(),
-                scores: BTreeMap::new(),
-                preemptions: Vec::new(),
-                moved_replicas: 0,
+                ..civicgrid_operator::engine::Decision::scheduled(
+                    w.key.clone(),
+                    running.get(&w.key).cloned().unwrap_or_default(),
+                )
             }).collect(),
         };
         for (dc, used) in used_per_dc(&s, &as_schedule) {

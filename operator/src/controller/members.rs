@@ -36,8 +36,24 @@ pub struct Members {
     timeout: Duration,
     changes: UnboundedSender<ObjectRef<ComputeWorkload>>,
     copies: Arc<Mutex<HashMap<CopyKey, CopyState>>>,
+    /// Which copies each member's watches have seen, by kind: looking for a
+    /// workload's copies reads this instead of listing three kinds in every
+    /// member.
+    present: Arc<Mutex<HashMap<(String, &'static str), Present>>>,
     namespaces: Mutex<HashSet<(String, String)>>,
 }
+
+/// The copies of one kind a member's watch has seen.
+#[derive(Debug, Default)]
+struct Present {
+    /// The watch has listed everything since it last (re)started.
+    synced: bool,
+    /// (copy namespace, copy name).
+    copies: HashSet<(String, String)>,
+}
+
+/// The kinds of copy the operator makes.
+pub const KINDS: [&str; 3] = ["Deployment", "StatefulSet", "Job"];
 
 /// (data center, workload namespace, workload name).
 type CopyKey = (String, String, String);
@@ -80,6 +96,7 @@ impl Members {
             timeout,
             changes,
             copies: Arc::default(),
+            present: Arc::default(),
             namespaces: Mutex::default(),
         }
     }
@@ -121,6 +138,38 @@ impl Members {
     /// Forgets a copy (deleted, or its apply failed).
     pub fn forget_copy(&self, key: &CopyKey) {
         lock(&self.copies).remove(key);
+    }
+
+    /// The kinds of copy of workload `namespace/name` in `dc`'s member, as its
+    /// watches and this process's own applies know them; `None` while a
+    /// watch has not listed everything yet (ask the member instead).
+    pub fn kinds_present(
+        &self,
+        dc: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Option<Vec<&'static str>> {
+        let present = lock(&self.present);
+        let copy = (namespace.to_owned(), name.to_owned());
+        let mut kinds = Vec::new();
+        for kind in KINDS {
+            let index = present.get(&(dc.to_owned(), kind))?;
+            if !index.synced {
+                return None;
+            }
+            if index.copies.contains(&copy) {
+                kinds.push(kind);
+            }
+        }
+        drop(present);
+        // Applied a moment ago, perhaps not seen by the watch yet.
+        if let Some(kind) =
+            self.applied_kind(&(dc.to_owned(), namespace.to_owned(), name.to_owned()))
+            && !kinds.contains(&kind)
+        {
+            kinds.push(kind);
+        }
+        Some(kinds)
     }
 
     /// Whether `namespace` was made in `dc`'s member by this process.
@@ -205,13 +254,13 @@ impl Members {
         let client = Client::try_from(config)
             .map_err(|e| invalid(format!("no client from the kubeconfig: {e}")))?;
         let watches = vec![
-            self.watch_copies::<Deployment>(&name, &watching, |d| {
+            self.watch_copies::<Deployment>(&name, &watching, "Deployment", |d| {
                 children::ready_replicas(&Child::Deployment(d.clone()))
             }),
-            self.watch_copies::<StatefulSet>(&name, &watching, |s| {
+            self.watch_copies::<StatefulSet>(&name, &watching, "StatefulSet", |s| {
                 children::ready_replicas(&Child::StatefulSet(s.clone()))
             }),
-            self.watch_copies::<Job>(&name, &watching, |j| {
+            self.watch_copies::<Job>(&name, &watching, "Job", |j| {
                 children::ready_replicas(&Child::Job(j.clone()))
             }),
         ];
@@ -229,6 +278,7 @@ impl Members {
     /// Forgets the client of a deleted data center.
     pub fn forget(&self, dc: &str) {
         self.lock().remove(dc);
+        lock(&self.present).retain(|(member, _), _| member != dc);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Member>> {
@@ -243,6 +293,7 @@ impl Members {
         &self,
         data_center: &str,
         member: &Client,
+        kind: &'static str,
         ready: fn(&K) -> i32,
     ) -> tokio::task::JoinHandle<()>
     where
@@ -256,7 +307,10 @@ impl Members {
         let api: Api<K> = Api::all(member.clone());
         let changes = self.changes.clone();
         let copies = self.copies.clone();
+        let present = self.present.clone();
         let data_center = data_center.to_owned();
+        // A client replaced by a new one (its Secret changed) starts over.
+        lock(&present).insert((data_center.clone(), kind), Present::default());
         tokio::spawn(async move {
             let config = watcher::Config::default().labels(&children::managed_selector());
             let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
@@ -266,9 +320,19 @@ impl Members {
                     // A fresh list: anything may have changed while away.
                     watcher::Event::Init => {
                         lock(&copies).retain(|(dc, _, _), _| *dc != data_center);
+                        let mut present = lock(&present);
+                        let index = present.entry((data_center.clone(), kind)).or_default();
+                        index.synced = false;
+                        index.copies.clear();
                         continue;
                     }
-                    watcher::Event::InitDone => continue,
+                    watcher::Event::InitDone => {
+                        lock(&present)
+                            .entry((data_center.clone(), kind))
+                            .or_default()
+                            .synced = true;
+                        continue;
+                    }
                     watcher::Event::Apply(copy) | watcher::Event::InitApply(copy) => (copy, false),
                     watcher::Event::Delete(copy) => (copy, true),
                 };
@@ -279,6 +343,18 @@ impl Members {
                 ) else {
                     continue;
                 };
+                {
+                    // Keyed by owner, as listing by the owner's labels
+                    // would find it (a copy is named as its workload).
+                    let at = (namespace.clone(), name.clone());
+                    let mut present = lock(&present);
+                    let index = present.entry((data_center.clone(), kind)).or_default();
+                    if deleted {
+                        index.copies.remove(&at);
+                    } else {
+                        index.copies.insert(at);
+                    }
+                }
                 let key = (data_center.clone(), namespace.clone(), name.clone());
                 // Only what the workload's status or its copy depends on
                 // wakes it: readiness, drift from what was applied, deletion.
@@ -396,6 +472,56 @@ pub fn sum_nodes(nodes: &[Node]) -> Capacity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_are_known_from_the_watches_only_once_every_kind_has_listed() {
+        let (changes, _) = futures::channel::mpsc::unbounded();
+        let members = Members::new(Duration::from_secs(1), changes);
+        let set = |kind: &'static str, synced: bool, copies: &[(&str, &str)]| {
+            lock(&members.present).insert(
+                ("edge-east".to_owned(), kind),
+                Present {
+                    synced,
+                    copies: copies
+                        .iter()
+                        .map(|&(ns, name)| (ns.to_owned(), name.to_owned()))
+                        .collect(),
+                },
+            );
+        };
+        // No watch has started: ask the member.
+        assert_eq!(members.kinds_present("edge-east", "video", "cams"), None);
+        set("Deployment", true, &[("video", "cams")]);
+        set("StatefulSet", true, &[]);
+        set("Job", false, &[]);
+        assert_eq!(members.kinds_present("edge-east", "video", "cams"), None);
+        set("Job", true, &[("video", "other")]);
+        assert_eq!(
+            members.kinds_present("edge-east", "video", "cams"),
+            Some(vec!["Deployment"])
+        );
+        assert_eq!(
+            members.kinds_present("edge-east", "video", "absent"),
+            Some(vec![])
+        );
+        // Applied by this process a moment ago, not yet seen by the watch.
+        members.applied(
+            ("edge-east".into(), "video".into(), "batch".into()),
+            "Job",
+            7,
+            Some(1),
+            0,
+        );
+        assert_eq!(
+            members.kinds_present("edge-east", "video", "batch"),
+            Some(vec!["Job"])
+        );
+        // Another data center's watches say nothing about this one.
+        assert_eq!(
+            members.kinds_present("partner-cloud", "video", "cams"),
+            None
+        );
+    }
 
     fn node(cpu: &str, memory: &str, ready: bool, gpus: Option<(&str, &str)>) -> Node {
         let mut allocatable = serde_json::json!({ "cpu": cpu, "memory": memory });

@@ -117,9 +117,10 @@ pub enum Error {
     /// Cleanup in member clusters did not finish.
     #[error("cleanup: {0}")]
     Cleanup(String),
-    /// The finalizer helper failed.
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// A step that does not fail in practice did (the placement task
+    /// panicked; a fixed patch did not build).
+    #[error("internal: {0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -131,7 +132,7 @@ impl Error {
             Error::Member { .. } => "member_api",
             Error::Kubeconfig { .. } => "kubeconfig",
             Error::Cleanup(_) => "cleanup",
-            Error::Finalizer(_) => "finalizer",
+            Error::Internal(_) => "internal",
         }
     }
 }
@@ -148,6 +149,9 @@ struct Decided {
     /// The status this process last wrote for each workload (with its uid).
     statuses:
         std::collections::HashMap<WorkloadKey, (Option<String>, crate::crd::ComputeWorkloadStatus)>,
+    /// The last decision for each workload that a later reconcile may reuse
+    /// without asking the engine again (see [`Reusable`]).
+    reusable: std::collections::HashMap<WorkloadKey, Reusable>,
     /// Workloads converted for the engine, with the uid and generation
     /// they were converted from.
     #[allow(clippy::type_complexity)]
@@ -158,6 +162,44 @@ struct Decided {
             crate::engine::model::Workload,
         ),
     >,
+}
+
+/// A decision that stays right while nothing it was made from changes.
+///
+/// A workload placed in full, with the Score or AvailableCapacity strategy
+/// and rebalancing off, keeps its replicas where they run while that stays
+/// valid, whatever the rest of the pool does; what could make it invalid is
+/// its own spec (the generation), a data center's spec, capacity or
+/// reachability (the pool fingerprint), or another workload taking its
+/// capacity (its placement in [`Decided::placements`] changes). Readiness
+/// changes wake a workload several times per placement; asking the engine
+/// each time would cost a snapshot of the whole pool for nothing.
+#[derive(Clone)]
+struct Reusable {
+    uid: Option<String>,
+    generation: Option<i64>,
+    pool: u64,
+    decision: crate::engine::Decision,
+}
+
+impl Decided {
+    /// The last decision for `key`, if it may be reused: the same workload
+    /// (uid) at the same generation, the same pool, and its placement not
+    /// changed since by anyone (a preemption).
+    fn reusable_decision(
+        &self,
+        key: &WorkloadKey,
+        uid: Option<String>,
+        generation: Option<i64>,
+        pool: u64,
+    ) -> Option<crate::engine::Decision> {
+        let last = self.reusable.get(key)?;
+        (last.uid == uid
+            && last.generation == generation
+            && last.pool == pool
+            && self.placements.get(key) == Some(&last.decision.placement))
+        .then(|| last.decision.clone())
+    }
 }
 
 /// Everything a reconcile needs; no globals.
@@ -348,4 +390,71 @@ fn condition(
 
 fn now_unix() -> i64 {
     Timestamp::now().as_second()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Decision;
+
+    fn decided_with(placement: &[(&str, u32)]) -> (Decided, WorkloadKey) {
+        let key = WorkloadKey::new("video", "cams");
+        let placement: BTreeMap<String, u32> = placement
+            .iter()
+            .map(|&(dc, n)| (dc.to_owned(), n))
+            .collect();
+        let decision = Decision::scheduled(key.clone(), placement.clone());
+        let mut decided = Decided::default();
+        decided.placements.insert(key.clone(), placement);
+        decided.reusable.insert(
+            key.clone(),
+            Reusable {
+                uid: Some("uid-1".into()),
+                generation: Some(3),
+                pool: 42,
+                decision,
+            },
+        );
+        (decided, key)
+    }
+
+    #[test]
+    fn a_decision_is_reused_only_while_nothing_it_was_made_from_changed() {
+        let (mut decided, key) = decided_with(&[("edge-east", 2), ("municipal-core", 1)]);
+        let uid = || Some("uid-1".to_owned());
+        let reused = decided
+            .reusable_decision(&key, uid(), Some(3), 42)
+            .expect("nothing changed");
+        assert_eq!(reused.placement.get("edge-east"), Some(&2));
+        // A new generation of the spec, a changed pool, a workload made
+        // again under the same name: ask the engine.
+        assert!(
+            decided
+                .reusable_decision(&key, uid(), Some(4), 42)
+                .is_none()
+        );
+        assert!(
+            decided
+                .reusable_decision(&key, uid(), Some(3), 43)
+                .is_none()
+        );
+        assert!(
+            decided
+                .reusable_decision(&key, Some("uid-2".into()), Some(3), 42)
+                .is_none()
+        );
+        // Another workload preempted one of its replicas.
+        decided.placements.insert(
+            key.clone(),
+            BTreeMap::from([
+                ("edge-east".to_owned(), 1),
+                ("municipal-core".to_owned(), 1),
+            ]),
+        );
+        assert!(
+            decided
+                .reusable_decision(&key, uid(), Some(3), 42)
+                .is_none()
+        );
+    }
 }

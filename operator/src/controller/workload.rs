@@ -12,12 +12,11 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource as _, ResourceExt as _};
 
 use super::children::{self, Child};
-use super::datacenter::reachability;
+use super::datacenter::{placement_fingerprint, reachability};
 use super::failover::{Evictions, WINDOW_SECONDS, hold_shrinking, limit_evictions};
 use super::{Context, Error, FIELD_MANAGER, FINALIZER, condition, now_unix, set_condition};
 use crate::convert;
@@ -27,7 +26,12 @@ use crate::crd::{
 use crate::engine::model::{Reachability, Snapshot, Workload, WorkloadKey};
 use crate::engine::{Decision, Options, Outcome, schedule_only};
 
-/// Entry point: the finalizer wraps apply and cleanup.
+/// Entry point: the finalizer guards apply and cleanup.
+///
+/// The finalizer is added in the same reconcile that places the workload,
+/// rather than returning and waiting for the watch to bring the patched
+/// object back as kube's `finalizer` helper does: that round trip through
+/// the API server sat between every new workload and its `Scheduled`.
 #[tracing::instrument(skip_all, fields(namespace = cw.namespace().unwrap_or_default(), name = cw.name_any()))]
 pub(super) async fn reconcile(
     cw: Arc<ComputeWorkload>,
@@ -36,14 +40,59 @@ pub(super) async fn reconcile(
     let _timer = ctx.config.metrics.reconcile("workload");
     let namespace = cw.namespace().unwrap_or_default();
     let api: Api<ComputeWorkload> = Api::namespaced(ctx.client.clone(), &namespace);
-    finalizer(&api, FINALIZER, cw, |event| async {
-        match event {
-            Finalizer::Apply(cw) => apply(cw, ctx.clone()).await,
-            Finalizer::Cleanup(cw) => cleanup(cw, ctx.clone()).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    let finalizer_at = cw.finalizers().iter().position(|f| f == FINALIZER);
+    if cw.metadata.deletion_timestamp.is_some() {
+        let Some(index) = finalizer_at else {
+            return Ok(Action::await_change());
+        };
+        // Copies first: the finalizer stays until none is left.
+        let action = cleanup(cw.clone(), ctx.clone()).await?;
+        let path = format!("/metadata/finalizers/{index}");
+        // `test` makes the removal fail, and retry, if the list moved.
+        let patch = finalizer_patch(serde_json::json!([
+            { "op": "test", "path": path, "value": FINALIZER },
+            { "op": "remove", "path": path },
+        ]))?;
+        api.patch(
+            &cw.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(patch),
+        )
+        .await
+        .map_err(Error::Kube)?;
+        return Ok(action);
+    }
+    let cw = if finalizer_at.is_some() {
+        cw
+    } else {
+        // `test` fails the patch, to retry, if someone else changed the list
+        // meanwhile; the API server does not deduplicate finalizers.
+        let patch = if cw.finalizers().is_empty() {
+            serde_json::json!([
+                { "op": "test", "path": "/metadata/finalizers", "value": null },
+                { "op": "add", "path": "/metadata/finalizers", "value": [FINALIZER] },
+            ])
+        } else {
+            serde_json::json!([
+                { "op": "test", "path": "/metadata/finalizers", "value": cw.finalizers() },
+                { "op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER },
+            ])
+        };
+        let patched = api
+            .patch(
+                &cw.name_any(),
+                &PatchParams::default(),
+                &Patch::Json::<()>(finalizer_patch(patch)?),
+            )
+            .await
+            .map_err(Error::Kube)?;
+        Arc::new(patched)
+    };
+    apply(cw, ctx.clone()).await
+}
+
+fn finalizer_patch(operations: serde_json::Value) -> Result<json_patch::Patch, Error> {
+    serde_json::from_value(operations).map_err(|e| Error::Internal(format!("finalizer patch: {e}")))
 }
 
 /// Transient errors retry with a delay; invalid specs wait for a change
@@ -78,17 +127,64 @@ pub(super) fn current(ctx: &Context, cw: &ComputeWorkload) -> BTreeMap<String, u
         .unwrap_or_else(|| convert::current_placement(cw))
 }
 
+/// A hash of everything the engine reads from the data centers, and whether
+/// every one of them is reachable.
+fn pool_fingerprint(ctx: &Context) -> (u64, bool) {
+    let mut data_centers = ctx.data_centers.state();
+    data_centers.sort_by_key(|dc| dc.name_any());
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let mut all_reachable = true;
+    for dc in &data_centers {
+        std::hash::Hash::hash(&dc.name_any(), &mut hasher);
+        std::hash::Hash::hash(&placement_fingerprint(dc), &mut hasher);
+        all_reachable &= reachability(dc) == Reachability::Reachable;
+    }
+    (std::hash::Hasher::finish(&hasher), all_reachable)
+}
+
+/// The last decision for `cw`, when nothing it was made from has changed
+/// (see [`super::Reusable`]).
+fn reuse(ctx: &Context, cw: &ComputeWorkload, pool: u64) -> Option<Decision> {
+    ctx.decided()
+        .reusable_decision(&key_of(cw), cw.uid(), cw.metadata.generation, pool)
+}
+
+/// Whether `workload`'s rules keep a full placement where it is whatever
+/// else changes in the pool (see [`super::Reusable`]).
+fn keeps_a_full_placement(workload: &Workload) -> bool {
+    use crate::engine::model::{RebalanceMode, StrategyKind};
+    workload.placement.rebalance == RebalanceMode::Never
+        && matches!(
+            workload.placement.strategy,
+            StrategyKind::Score | StrategyKind::AvailableCapacity
+        )
+}
+
+/// Whether a later reconcile may reuse `decision` instead of asking the
+/// engine again: placed in full, by rules that keep a full placement where
+/// it is, with no grace period running (every data center reachable), and
+/// no preemption whose victims are still moving.
+fn may_reuse(keeps: bool, all_reachable: bool, decision: &Decision) -> bool {
+    keeps
+        && all_reachable
+        && decision.outcome == Outcome::Scheduled
+        && decision.preemptions.is_empty()
+}
+
 /// Places `workload` against the pool and everything else that runs in it,
-/// and remembers the decision before anyone else decides.
-/// Places `workload`; with an eviction budget, trims the moves off data
-/// centers unreachable past its grace period to that budget.
+/// and remembers the decision before anyone else decides. With an eviction
+/// budget, trims the moves off data centers unreachable past its grace
+/// period to that budget.
 fn decide(
     ctx: &Context,
+    cw: &ComputeWorkload,
     workload: Workload,
     eviction_budget: Option<u32>,
+    (pool, all_reachable): (u64, bool),
 ) -> (Decision, Evictions) {
     let now = now_unix();
     let grace = i64::from(workload.grace_period_seconds);
+    let keeps = keeps_a_full_placement(&workload);
     let mut decided = ctx.decided();
     let data_centers = ctx
         .data_centers
@@ -167,7 +263,22 @@ fn decide(
         decided.placements.insert(preemption.victim.clone(), victim);
         let _ = ctx.requeue.unbounded_send(());
     }
-    decided.placements.insert(key, decision.placement.clone());
+    decided
+        .placements
+        .insert(key.clone(), decision.placement.clone());
+    if may_reuse(keeps, all_reachable, &decision) {
+        decided.reusable.insert(
+            key,
+            super::Reusable {
+                uid: cw.uid(),
+                generation: cw.metadata.generation,
+                pool,
+                decision: decision.clone(),
+            },
+        );
+    } else {
+        decided.reusable.remove(&key);
+    }
     (decision, evictions)
 }
 
@@ -233,7 +344,19 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
         u32::try_from(i64::from(max) - used).unwrap_or(0)
     });
     let started = std::time::Instant::now();
-    let (decision, evictions) = decide(&ctx, workload, eviction_budget);
+    let pool = pool_fingerprint(&ctx);
+    let (decision, evictions) = match reuse(&ctx, &cw, pool.0) {
+        Some(decision) => (decision, Evictions::default()),
+        None => {
+            // The engine reads a snapshot of the whole pool: off the async
+            // workers, so watches and API calls keep moving meanwhile.
+            let ctx = ctx.clone();
+            let cw = cw.clone();
+            tokio::task::spawn_blocking(move || decide(&ctx, &cw, workload, eviction_budget, pool))
+                .await
+                .map_err(|e| Error::Internal(format!("placement task: {e}")))?
+        }
+    };
     if evictions.moved > 0 {
         recent_evictions.push(EvictionEntry {
             time: Time(Timestamp::now()),
@@ -244,12 +367,11 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
     metrics
         .scheduling_seconds
         .observe(started.elapsed().as_secs_f64());
-    // Record a decision that moves replicas before acting on it: a crash
-    // mid-move restarts from it. A first placement only creates copies
-    // (a crash leaves nothing the stale-copy sweep would not find), so it is
-    // recorded once, with the outcome. Compared with this process's own last
-    // decision, not the cached status, which lags our writes.
-    if !before.is_empty() && decision.placement != before {
+    // Record a decision before acting on it: `Scheduled` is reported as soon
+    // as the placement is made, not after every member has answered, and a
+    // crash mid-move restarts from it. Compared with this process's own
+    // last decision, not the cached status, which lags our writes.
+    if decision.placement != before {
         let previous_ready: BTreeMap<String, i32> = previous
             .placement
             .iter()
@@ -335,6 +457,7 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
                 .cloned()
                 .collect();
         }
+        let mut applying = Vec::new();
         for (data_center, &replicas) in &decision.placement {
             if shrinks(data_center) != pass_shrinking {
                 continue;
@@ -353,7 +476,17 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
                 ready_by_dc.insert(data_center.clone(), target(data_center));
                 continue;
             }
-            match propagate(&ctx, &cw, data_center, replicas).await {
+            applying.push((data_center, replicas));
+        }
+        // Members are separate clusters: apply to all of them at once.
+        let applied = futures::future::join_all(
+            applying
+                .iter()
+                .map(|&(data_center, replicas)| propagate(&ctx, &cw, data_center, replicas)),
+        )
+        .await;
+        for ((data_center, _), result) in applying.into_iter().zip(applied) {
+            match result {
                 Ok(ready) => {
                     ready_by_dc.insert(data_center.clone(), ready);
                 }
@@ -388,7 +521,7 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
         let Some(member) = ctx.members.cached(&dc_name) else {
             continue;
         };
-        match list_children(&member, &dc_name, Some((&namespace, &name))).await {
+        match copies_of(&ctx, &member, &dc_name, &namespace, &name).await {
             Ok(stale) => {
                 for child in stale {
                     if let Err(e) = delete_child(&ctx, &member, &dc_name, &child).await {
@@ -718,7 +851,7 @@ async fn propagate(
             .is_some_and(|status| !status.placement.is_empty()),
     };
     if other_kind_possible {
-        for child in list_children(&member, data_center, Some((&namespace, &name))).await? {
+        for child in copies_of(ctx, &member, data_center, &namespace, &name).await? {
             if child.kind != kind {
                 delete_child(ctx, &member, data_center, &child).await?;
             }
@@ -774,6 +907,31 @@ pub(super) struct ChildRef {
     name: String,
     pub(super) workload_namespace: String,
     pub(super) workload_name: String,
+}
+
+/// The copies of workload `namespace/name` in `data_center`'s member: from
+/// the member's watches when they have listed everything, else asked of
+/// the member.
+async fn copies_of(
+    ctx: &Context,
+    member: &Client,
+    data_center: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<Vec<ChildRef>, Error> {
+    match ctx.members.kinds_present(data_center, namespace, name) {
+        Some(kinds) => Ok(kinds
+            .into_iter()
+            .map(|kind| ChildRef {
+                kind,
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                workload_namespace: namespace.to_owned(),
+                workload_name: name.to_owned(),
+            })
+            .collect()),
+        None => list_children(member, data_center, Some((namespace, name))).await,
+    }
 }
 
 /// The operator's copies in `data_center`'s member, optionally of one
@@ -898,6 +1056,8 @@ async fn cleanup(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, 
                 continue;
             }
         };
+        // Asked of the member itself: deletion is rare, and must not miss
+        // a copy a watch has not delivered yet.
         match list_children(&member, &dc_name, Some((&namespace, &name))).await {
             Ok(copies) => {
                 for child in copies {
@@ -915,6 +1075,7 @@ async fn cleanup(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, 
     let mut decided = ctx.decided();
     decided.placements.remove(&key_of(&cw));
     decided.converted.remove(&key_of(&cw));
+    decided.reusable.remove(&key_of(&cw));
     decided.statuses.remove(&key_of(&cw));
     decided.swept.remove(&key_of(&cw));
     Ok(Action::await_change())
@@ -934,6 +1095,37 @@ mod tests {
             }],
             ..ComputeWorkloadStatus::default()
         }
+    }
+
+    #[test]
+    fn only_full_placements_with_every_data_center_reachable_are_reused() {
+        let decision = |outcome| Decision {
+            outcome,
+            ..Decision::scheduled(
+                WorkloadKey::new("video", "cams"),
+                BTreeMap::from([("edge-east".to_owned(), 2)]),
+            )
+        };
+        let full = decision(Outcome::Scheduled);
+        assert!(may_reuse(true, true, &full));
+        // Rebalancing or weights may move it when others change.
+        assert!(!may_reuse(false, true, &full));
+        // A grace period is running: the decision changes with the clock.
+        assert!(!may_reuse(true, false, &full));
+        // Capacity freed elsewhere may place the rest.
+        assert!(!may_reuse(
+            true,
+            true,
+            &decision(Outcome::PartiallyScheduled)
+        ));
+        assert!(!may_reuse(true, true, &decision(Outcome::Unschedulable)));
+        let mut preempting = decision(Outcome::Scheduled);
+        preempting.preemptions.push(crate::engine::Preemption {
+            victim: WorkloadKey::new("batch", "etl"),
+            data_center: "edge-east".into(),
+            replicas: 1,
+        });
+        assert!(!may_reuse(true, true, &preempting));
     }
 
     #[test]

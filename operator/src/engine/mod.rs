@@ -183,6 +183,23 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// A decision that places `placement` in full, with no rejections,
+    /// scores or preemptions to report (replaying a known placement).
+    pub fn scheduled(workload: WorkloadKey, placement: BTreeMap<String, u32>) -> Self {
+        Self {
+            workload,
+            desired: placement.values().sum(),
+            placement,
+            outcome: Outcome::Scheduled,
+            reason: None,
+            rejections: Vec::new(),
+            rejected_by_rule: BTreeMap::new(),
+            scores: BTreeMap::new(),
+            preemptions: Vec::new(),
+            moved_replicas: 0,
+        }
+    }
+
     /// Total replicas placed.
     pub fn placed(&self) -> u32 {
         self.placement.values().sum()
