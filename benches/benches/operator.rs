@@ -5,7 +5,7 @@
 //!
 //! Run (release):
 //!   CIVICGRID_CONTROLPLANE_BIN=$(bash tests/controlplane/build.sh) \
-//!     cargo bench -p civicgrid-benches --bench operator -- --workloads 1000
+//!     cargo bench -p civicgrid-benches --bench operator -- --workloads 1000 [--rate 50]
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -45,6 +45,15 @@ async fn main() -> anyhow::Result<()> {
         .map(|n| n.parse())
         .transpose()?
         .unwrap_or(1000);
+    // Without --rate the workloads are created as fast as the API server
+    // takes them (8 at a time): a backlog test. With it, at that many per
+    // second: latency at a stated offered load.
+    let rate: Option<f64> = args
+        .iter()
+        .position(|a| a == "--rate")
+        .and_then(|i| args.get(i + 1))
+        .map(|n| n.parse())
+        .transpose()?;
 
     let members = [
         Member {
@@ -141,10 +150,19 @@ async fn main() -> anyhow::Result<()> {
         })
     };
     let started = Instant::now();
+    let pace = rate.map(|per_second| {
+        let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / per_second));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        Arc::new(tokio::sync::Mutex::new(ticks))
+    });
     let created: BTreeMap<String, Instant> = futures::stream::iter(0..count)
         .map(|i| {
             let workloads = workloads.clone();
+            let pace = pace.clone();
             async move {
+                if let Some(pace) = pace {
+                    pace.lock().await.tick().await;
+                }
                 let name = format!("w-{i:05}");
                 let cw: ComputeWorkload = serde_json::from_value(serde_json::json!({
                     "apiVersion": "civicgrid.io/v1alpha1", "kind": "ComputeWorkload",
@@ -158,7 +176,7 @@ async fn main() -> anyhow::Result<()> {
                 anyhow::Ok((name, Instant::now()))
             }
         })
-        .buffer_unordered(8)
+        .buffer_unordered(if rate.is_some() { 64 } else { 8 })
         .try_collect()
         .await?;
     let creating = started.elapsed();
@@ -177,36 +195,9 @@ async fn main() -> anyhow::Result<()> {
     let metrics_text = control
         .request_text(http::Request::get("/metrics").body(Vec::new())?)
         .await?;
-    let mut requests: Vec<(u64, String)> = metrics_text
-        .lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-        .filter_map(|l| {
-            let (labels, n) = l.rsplit_once(' ')?;
-            let n = n.parse::<f64>().ok()? as u64;
-            let pick = |k: &str| {
-                labels
-                    .split(&format!("{k}=\""))
-                    .nth(1)
-                    .and_then(|r| r.split('"').next())
-                    .unwrap_or("")
-                    .to_owned()
-            };
-            Some((
-                n,
-                format!(
-                    "{} {}/{}",
-                    pick("verb"),
-                    pick("resource"),
-                    pick("subresource")
-                ),
-            ))
-        })
-        .collect();
-    let mut merged: BTreeMap<String, u64> = BTreeMap::new();
-    for (n, key) in requests.drain(..) {
-        *merged.entry(key).or_default() += n;
-    }
-    let mut top: Vec<(u64, String)> = merged.into_iter().map(|(k, n)| (n, k)).collect();
+    let counts = by_request(&metrics_text, "apiserver_request_total{");
+    let seconds = by_request(&metrics_text, "apiserver_request_duration_seconds_sum{");
+    let mut top: Vec<(u64, String)> = counts.iter().map(|(k, &n)| (n as u64, k.clone())).collect();
     top.sort_by(|a, b| b.cmp(a));
     let text = metrics.encode();
     let value = |name: &str| -> f64 {
@@ -242,9 +233,17 @@ async fn main() -> anyhow::Result<()> {
             1e3 * sum / count.max(1.0)
         );
     }
-    println!("control API server requests during the run (top 8):");
+    // A failed reconcile retries after a delay: it shows in the tail.
+    for line in text
+        .lines()
+        .filter(|l| l.contains("reconcile_errors_total{"))
+    {
+        println!("  {line}");
+    }
+    println!("control API server requests during the run (top 8, with mean latency):");
     for (n, what) in top.iter().take(8) {
-        println!("  {n:>7} {what}");
+        let mean = seconds.get(what).copied().unwrap_or(0.0) / (*n).max(1) as f64;
+        println!("  {n:>7} {what} (mean {:.1} ms)", 1e3 * mean);
     }
     operator.abort();
 
@@ -260,7 +259,10 @@ async fn main() -> anyhow::Result<()> {
     let scheduled = latencies(&seen.scheduled);
     let propagated = latencies(&seen.propagated);
     println!(
-        "{count} workloads across 3 member clusters (created in {:.1} s, all propagated after {:.1} s)",
+        "{count} workloads across 3 member clusters, created {} (in {:.1} s, all propagated after {:.1} s)",
+        rate.map_or("as fast as accepted, 8 at a time".to_owned(), |r| format!(
+            "at {r}/s"
+        )),
         creating.as_secs_f64(),
         elapsed.as_secs_f64()
     );
@@ -292,4 +294,32 @@ fn reconciles(metrics: &Metrics) -> u64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
+}
+
+/// Sums a Prometheus metric of the API server by verb, resource and
+/// subresource.
+fn by_request(metrics_text: &str, prefix: &str) -> BTreeMap<String, f64> {
+    let mut merged: BTreeMap<String, f64> = BTreeMap::new();
+    for line in metrics_text.lines().filter(|l| l.starts_with(prefix)) {
+        let Some((labels, n)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(n) = n.parse::<f64>() else { continue };
+        let pick = |k: &str| {
+            labels
+                .split(&format!("{k}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("")
+                .to_owned()
+        };
+        let key = format!(
+            "{} {}/{}",
+            pick("verb"),
+            pick("resource"),
+            pick("subresource")
+        );
+        *merged.entry(key).or_default() += n;
+    }
+    merged
 }
