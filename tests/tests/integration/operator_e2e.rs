@@ -220,10 +220,15 @@ async fn workload_is_propagated_scaled_survives_an_operator_kill_and_leaves_noth
     });
     api.create(&PostParams::default(), &workload("cams", 4, placement, 60)?)
         .await?;
-    // Kill the operator while it works on the new workload, start another.
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    pool.kill_operator();
-    pool.start_operator();
+    // Kill the operator while it works on the new workload and start
+    // another, several times at growing delays: one reconcile takes tens of
+    // milliseconds on an idle machine, so the kills land at different steps
+    // (finalizer, decision recorded, copies half applied, status).
+    for delay_ms in [15, 40, 80, 150, 300, 700] {
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        pool.kill_operator();
+        pool.start_operator();
+    }
 
     // (a) copies in the chosen members only, pods running, readiness back.
     pool.wait_copies("cams", &[("municipal-core", 2), ("edge-east", 2)])
