@@ -131,6 +131,16 @@ fn main() {
         .map(|_| run(&from_cache, &sql, &empty, "select 1", &owner))
         .collect();
     sql_runs.sort();
+    // The same planning and engine natively: what of `select 1` is
+    // DataFusion's own fixed cost, and what the sandbox adds.
+    let mut native_runs: Vec<Duration> = (0..200)
+        .map(|_| {
+            let started = Instant::now();
+            run_native(Arc::clone(&empty), "select 1", &owner, 1).expect("native select 1");
+            started.elapsed()
+        })
+        .collect();
+    native_runs.sort();
     println!("(a) cold start, instantiate + first call, from the module cache");
     println!(
         "    SQL guest: compile {:.1} s, load compiled from the disk cache {:.1} ms",
@@ -146,6 +156,12 @@ fn main() {
         "    SQL guest, `select 1`: p50 {:.2} ms, p99 {:.2} ms (target < 5 ms)",
         millis(percentile(&sql_runs, 0.5)),
         millis(percentile(&sql_runs, 0.99))
+    );
+    println!(
+        "    the same `select 1` natively (session, planning, policy, engine): p50 {:.2} ms, p99 {:.2} ms; sandbox/native at p50 {:.1}x",
+        millis(percentile(&native_runs, 0.5)),
+        millis(percentile(&native_runs, 0.99)),
+        percentile(&sql_runs, 0.5).as_secs_f64() / percentile(&native_runs, 0.5).as_secs_f64()
     );
 
     // (b) TPC-H in the sandbox against the same engine natively.
