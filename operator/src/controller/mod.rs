@@ -6,12 +6,13 @@
 //!   declares it, and keep `Reachable` with a heartbeat. A member that stops
 //!   answering gets `Reachable=False` from the first failed probe; its
 //!   `lastTransitionTime` is when the engine's grace periods start.
-//! - **ComputeWorkload**: snapshot the pool from the caches, place this one
-//!   workload against what every other workload holds ([`schedule_only`]),
-//!   server-side apply its Deployment, StatefulSet or Job with each data
-//!   center's replica count into that member, delete copies in members no
-//!   longer chosen, read readiness back, and write status, conditions and
-//!   Events.
+//! - **ComputeWorkload**: add the finalizer, snapshot the pool from the
+//!   caches, place this one workload against what every other workload holds
+//!   ([`schedule_only`]) unless the last decision still holds (see
+//!   `Reusable`), record the placement (`Scheduled`), server-side apply its
+//!   Deployment, StatefulSet or Job with each data center's replica count
+//!   into those members at once, delete copies in members no longer chosen,
+//!   read readiness back, and write status, conditions and Events.
 //!
 //! # Guarantees
 //! - Every write is a server-side apply under [`FIELD_MANAGER`]; running the
