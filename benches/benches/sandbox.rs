@@ -245,6 +245,25 @@ fn main() {
     // (e) Fuel metering against epoch interruption alone.
     let unmetered = sandbox(cache.path(), false);
     println!("(e) fuel metering overhead, best of 3");
+    // Planning is branchy code (a fuel counter per basic block); the scans
+    // below are tight loops. `select 1` is nearly all planning.
+    let mut metered_select: Vec<Duration> = (0..200)
+        .map(|_| run(&from_cache, &sql, &empty, "select 1", &owner))
+        .collect();
+    metered_select.sort();
+    let mut unmetered_select: Vec<Duration> = (0..200)
+        .map(|_| run(&unmetered, &sql, &empty, "select 1", &owner))
+        .collect();
+    unmetered_select.sort();
+    println!(
+        "    select 1: fuel + epochs p50 {:.2} ms, epochs only p50 {:.2} ms, overhead {:.1}%",
+        millis(percentile(&metered_select, 0.5)),
+        millis(percentile(&unmetered_select, 0.5)),
+        100.0
+            * (percentile(&metered_select, 0.5).as_secs_f64()
+                / percentile(&unmetered_select, 0.5).as_secs_f64()
+                - 1.0)
+    );
     for (name, query) in [("Q1", tpch::Q1), ("Q6", tpch::Q6)] {
         let with_fuel = best_of(3, || run(&from_cache, &sql, &tables, query, &owner));
         let epoch_only = best_of(3, || run(&unmetered, &sql, &tables, query, &owner));
