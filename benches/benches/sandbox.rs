@@ -34,6 +34,13 @@ fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// `runs` timings of `f`, sorted for percentiles.
+fn sorted_timings(runs: usize, f: impl FnMut() -> Duration) -> Vec<Duration> {
+    let mut timings: Vec<Duration> = std::iter::repeat_with(f).take(runs).collect();
+    timings.sort();
+    timings
+}
+
 fn best_of(runs: usize, mut f: impl FnMut() -> Duration) -> Duration {
     (0..runs).map(|_| f()).min().unwrap_or_default()
 }
@@ -123,24 +130,15 @@ fn main() {
         .load(&sql, GuestRole::Sql)
         .expect("SQL guest from cache");
     let cache_load = load_started.elapsed();
-    let mut tiny_runs: Vec<Duration> = (0..20_000)
-        .map(|_| run(&from_cache, &tiny, &empty, "", &owner))
-        .collect();
-    tiny_runs.sort();
-    let mut sql_runs: Vec<Duration> = (0..200)
-        .map(|_| run(&from_cache, &sql, &empty, "select 1", &owner))
-        .collect();
-    sql_runs.sort();
+    let tiny_runs = sorted_timings(20_000, || run(&from_cache, &tiny, &empty, "", &owner));
+    let sql_runs = sorted_timings(200, || run(&from_cache, &sql, &empty, "select 1", &owner));
     // The same planning and engine natively: what of `select 1` is
     // DataFusion's own fixed cost, and what the sandbox adds.
-    let mut native_runs: Vec<Duration> = (0..200)
-        .map(|_| {
-            let started = Instant::now();
-            run_native(Arc::clone(&empty), "select 1", &owner, 1).expect("native select 1");
-            started.elapsed()
-        })
-        .collect();
-    native_runs.sort();
+    let native_runs = sorted_timings(200, || {
+        let started = Instant::now();
+        run_native(Arc::clone(&empty), "select 1", &owner, 1).expect("native select 1");
+        started.elapsed()
+    });
     println!("(a) cold start, instantiate + first call, from the module cache");
     println!(
         "    SQL guest: compile {:.1} s, load compiled from the disk cache {:.1} ms",
@@ -247,14 +245,9 @@ fn main() {
     println!("(e) fuel metering overhead, best of 3");
     // Planning is branchy code (a fuel counter per basic block); the scans
     // below are tight loops. `select 1` is nearly all planning.
-    let mut metered_select: Vec<Duration> = (0..200)
-        .map(|_| run(&from_cache, &sql, &empty, "select 1", &owner))
-        .collect();
-    metered_select.sort();
-    let mut unmetered_select: Vec<Duration> = (0..200)
-        .map(|_| run(&unmetered, &sql, &empty, "select 1", &owner))
-        .collect();
-    unmetered_select.sort();
+    let metered_select = sorted_timings(200, || run(&from_cache, &sql, &empty, "select 1", &owner));
+    let unmetered_select =
+        sorted_timings(200, || run(&unmetered, &sql, &empty, "select 1", &owner));
     println!(
         "    select 1: fuel + epochs p50 {:.2} ms, epochs only p50 {:.2} ms, overhead {:.1}%",
         millis(percentile(&metered_select, 0.5)),
