@@ -145,42 +145,27 @@ mod tests {
         // Two replicas move from the partner to the edge.
         let placement = map(&[("edge", 2)]);
         let live = ready(&[("partner", 2), ("edge", 0)]);
-        assert!(hold_shrinking(
-            &placement,
-            &live,
-            &ready(&[("edge", 0)]),
-            Some(0)
-        ));
-        assert!(hold_shrinking(
-            &placement,
-            &live,
-            &ready(&[("edge", 1)]),
-            Some(0)
-        ));
-        assert!(!hold_shrinking(
-            &placement,
-            &live,
-            &ready(&[("edge", 1)]),
-            Some(1)
-        ));
-        assert!(!hold_shrinking(
-            &placement,
-            &live,
-            &ready(&[("edge", 2)]),
-            Some(0)
-        ));
-        assert!(!hold_shrinking(
-            &placement,
-            &live,
-            &ready(&[("edge", 0)]),
-            Some(2)
-        ));
-        assert!(!hold_shrinking(
-            &placement,
-            &live,
-            &ready(&[("edge", 0)]),
-            None
-        ));
+        // (edge ready, maxUnavailable, held?)
+        let cases = [
+            (0, Some(0), true),
+            (1, Some(0), true),
+            (1, Some(1), false),
+            (2, Some(0), false),
+            (0, Some(2), false),
+            (0, None, false),
+        ];
+        for (edge_ready, max_unavailable, held) in cases {
+            assert_eq!(
+                hold_shrinking(
+                    &placement,
+                    &live,
+                    &ready(&[("edge", edge_ready)]),
+                    max_unavailable
+                ),
+                held,
+                "edge ready {edge_ready}, maxUnavailable {max_unavailable:?}"
+            );
+        }
     }
 
     #[test]
