@@ -45,8 +45,8 @@ use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt as _, watcher};
 use kube::{Api, Client};
 
 use crate::convert::FieldError;
@@ -57,6 +57,9 @@ use crate::engine::model::WorkloadKey;
 pub const FIELD_MANAGER: &str = "civicgrid-operator";
 /// Holds a workload until its copies are gone from the member clusters.
 pub const FINALIZER: &str = "civicgrid.io/member-cleanup";
+/// DataCenter events a slow controller may fall behind the watch by before
+/// the watch waits for it; data centers are few and change rarely.
+const DATA_CENTER_EVENTS_BUFFERED: usize = 1024;
 
 /// Tuning of the controllers.
 #[derive(Debug, Clone)]
@@ -278,7 +281,29 @@ pub async fn run(client: Client, config: Config, shutdown: Shutdown) -> Stopped 
     let stop = stop.shared();
     let dc_api: Api<DataCenter> = Api::all(client.clone());
     let cw_api: Api<ComputeWorkload> = Api::all(client.clone());
-    let dc_controller = Controller::new(dc_api.clone(), watcher::Config::default());
+    // One DataCenter watch feeds the store the workload reconcile reads and
+    // both controllers' triggers, and each event reaches the triggers only
+    // after the store holds it. With a watch per controller, a workload
+    // woken by a data center going unreachable could read the store before
+    // that change arrived, decide nothing moved, and sleep past the grace
+    // period.
+    let (dc_store, dc_writer) = reflector::store_shared(DATA_CENTER_EVENTS_BUFFERED);
+    let (Some(dc_changed), Some(dc_changed_for_workloads)) =
+        (dc_writer.subscribe(), dc_writer.subscribe())
+    else {
+        // Only a store made without `store_shared` has no subscribers.
+        tracing::error!("the shared DataCenter store refused a subscriber");
+        return Stopped::Shutdown;
+    };
+    let dc_watch = watcher(dc_api, watcher::Config::default())
+        .default_backoff()
+        .reflect_shared(dc_writer)
+        .for_each(|event| async move {
+            if let Err(error) = event {
+                tracing::warn!(%error, "DataCenter watch");
+            }
+        });
+    let dc_controller = Controller::for_shared_stream(dc_changed, dc_store);
     let cw_controller = Controller::new(cw_api, watcher::Config::default());
     let (requeue, requeued) = futures::channel::mpsc::unbounded();
     let (copy_changed, copies_changed) = futures::channel::mpsc::unbounded();
@@ -303,9 +328,9 @@ pub async fn run(client: Client, config: Config, shutdown: Shutdown) -> Stopped 
     let every_workload = context.workloads.clone();
     let seen = Mutex::new(std::collections::HashMap::<String, u64>::new());
     let workloads = cw_controller
-        .watches(dc_api, watcher::Config::default(), move |dc: DataCenter| {
+        .watches_shared_stream(dc_changed_for_workloads, move |dc: Arc<DataCenter>| {
             let fingerprint = datacenter::placement_fingerprint(&dc);
-            let name = kube::ResourceExt::name_any(&dc);
+            let name = kube::ResourceExt::name_any(&*dc);
             let changed = seen
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -342,7 +367,10 @@ pub async fn run(client: Client, config: Config, shutdown: Shutdown) -> Stopped 
             }
         });
     let controllers = Box::pin(async move {
-        futures::join!(workloads, data_centers);
+        // The watch never ends on its own; the controllers end on shutdown.
+        let both = futures::future::join(workloads, data_centers);
+        futures::pin_mut!(dc_watch);
+        futures::future::select(Box::pin(both), dc_watch).await;
     });
     match futures::future::select(controllers, Box::pin(renewing)).await {
         futures::future::Either::Left(((), _)) => {}
