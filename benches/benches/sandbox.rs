@@ -132,19 +132,6 @@ fn main() {
     let cache_load = load_started.elapsed();
     let tiny_runs = sorted_timings(20_000, || run(&from_cache, &tiny, &empty, "", &owner));
     let sql_runs = sorted_timings(200, || run(&from_cache, &sql, &empty, "select 1", &owner));
-    // The same guest as built, not pre-initialized: what the warm-up saves.
-    let unwarmed = {
-        let mut config = SandboxConfig::new(cache.path());
-        config.pre_initialize = false;
-        Sandbox::new(&config).expect("sandbox")
-    };
-    let unwarmed_compile_started = Instant::now();
-    unwarmed
-        .load(&sql, GuestRole::Sql)
-        .expect("SQL guest as built");
-    let unwarmed_compile = unwarmed_compile_started.elapsed();
-    let unwarmed_runs = sorted_timings(200, || run(&unwarmed, &sql, &empty, "select 1", &owner));
-    drop(unwarmed);
     // The same planning and engine natively: what of `select 1` is
     // DataFusion's own fixed cost, and what the sandbox adds.
     let native_runs = sorted_timings(200, || {
@@ -167,13 +154,6 @@ fn main() {
         "    SQL guest, `select 1`: p50 {:.2} ms, p99 {:.2} ms (target < 5 ms)",
         millis(percentile(&sql_runs, 0.5)),
         millis(percentile(&sql_runs, 0.99))
-    );
-    println!(
-        "    the same guest not pre-initialized (compile {:.1} s): `select 1` p50 {:.2} ms, p99 {:.2} ms; pre-initialized / not at p50 {:.2}x",
-        unwarmed_compile.as_secs_f64(),
-        millis(percentile(&unwarmed_runs, 0.5)),
-        millis(percentile(&unwarmed_runs, 0.99)),
-        percentile(&sql_runs, 0.5).as_secs_f64() / percentile(&unwarmed_runs, 0.5).as_secs_f64()
     );
     println!(
         "    the same `select 1` natively (session, planning, policy, engine): p50 {:.2} ms, p99 {:.2} ms; sandbox/native at p50 {:.1}x",

@@ -428,21 +428,3 @@ fn algorithms_are_not_pre_initialized() {
         "{failure:?}"
     );
 }
-
-#[test]
-fn pre_initialization_can_be_turned_off() {
-    let cache = tempfile::tempdir().unwrap();
-    let mut config = SandboxConfig::new(cache.path());
-    config.pre_initialize = false;
-    let sandbox = Sandbox::new(&config).unwrap();
-    let wasm = warmed_guest("(i32.store (i32.const 64) (i32.const 7))");
-    let guest = sandbox.load(&wasm, GuestRole::Sql).unwrap();
-    assert!(!guest.pre_initialized());
-    assert!(run_sql_guest(&sandbox, &guest).is_err());
-    // The same cache directory, turned on: warmed, not the cold entry.
-    let warmed = Sandbox::new(&SandboxConfig::new(cache.path()))
-        .unwrap()
-        .load(&wasm, GuestRole::Sql)
-        .unwrap();
-    assert!(warmed.pre_initialized());
-}

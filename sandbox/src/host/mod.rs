@@ -63,9 +63,6 @@ pub struct SandboxConfig {
     /// Count fuel. Only the fuel-overhead benchmark turns it off: without it
     /// runs are not metered and only the wall-time limit stops a loop.
     pub meter_fuel: bool,
-    /// Pre-initialize a SQL guest that exports the warm-up (see
-    /// docs/sandbox.md). Off only to measure what it saves.
-    pub pre_initialize: bool,
 }
 
 impl SandboxConfig {
@@ -77,7 +74,6 @@ impl SandboxConfig {
             max_concurrent_runs: 32,
             max_stack_bytes: 1 << 20,
             meter_fuel: true,
-            pre_initialize: true,
         }
     }
 }
@@ -237,7 +233,6 @@ pub struct Sandbox {
     loaded: Mutex<HashMap<(String, GuestRole), Arc<Guest>>>,
     ticking: Arc<AtomicBool>,
     meter_fuel: bool,
-    pre_initialize: bool,
 }
 
 impl Drop for Sandbox {
@@ -304,7 +299,6 @@ impl Sandbox {
             loaded: Mutex::new(HashMap::new()),
             ticking,
             meter_fuel: config.meter_fuel,
-            pre_initialize: config.pre_initialize,
         })
     }
 
@@ -328,15 +322,8 @@ impl Sandbox {
         {
             return Ok(Arc::clone(guest));
         }
-        let warm = self.pre_initialize && role == GuestRole::Sql && preinit::has_warm_up(wasm);
-        // Cached apart: the same module is compiled differently warmed.
-        let cache_key = if warm {
-            format!("{sha256}-warm")
-        } else {
-            sha256.clone()
-        };
-        let (module, cache) = self.cache.load_or_compile(&self.engine, &cache_key, || {
-            if !warm {
+        let (module, cache) = self.cache.load_or_compile(&self.engine, &sha256, || {
+            if role != GuestRole::Sql || !preinit::has_warm_up(wasm) {
                 return Cow::Borrowed(wasm);
             }
             let started = Instant::now();
@@ -374,7 +361,9 @@ impl Sandbox {
         }
         let exports: Vec<&str> = module.exports().map(|e| e.name()).collect();
         // The snapshot no longer exports the warm-up the original did.
-        let pre_initialized = warm && !exports.contains(&PREINIT_EXPORT);
+        let pre_initialized = role == GuestRole::Sql
+            && !exports.contains(&PREINIT_EXPORT)
+            && preinit::has_warm_up(wasm);
         for needed in ["memory", RUN_EXPORT] {
             if !exports.contains(&needed) {
                 return Err(SandboxError::InvalidModule(format!(
