@@ -23,9 +23,6 @@ use crate::policy::OutputPolicy;
 pub const IMPORT_MODULE: &str = "civicgrid";
 /// The guest's entry point.
 pub const RUN_EXPORT: &str = "civicgrid_run";
-/// The SQL guest's warm-up, run once before its memory is snapshotted (see
-/// the host's `preinit`); not exported from the snapshot.
-pub const PREINIT_EXPORT: &str = "civicgrid_preinit";
 /// The guest's allocator, for buffers the host fills.
 pub const ALLOC_EXPORT: &str = "civicgrid_alloc";
 

@@ -25,7 +25,7 @@ fn guest(imports: &str, body: &str) -> Vec<u8> {
 
 struct Fixture {
     sandbox: Sandbox,
-    cache: tempfile::TempDir,
+    _cache: tempfile::TempDir,
     data: tempfile::TempDir,
 }
 
@@ -35,7 +35,7 @@ fn fixture() -> Fixture {
     let sandbox = Sandbox::new(&SandboxConfig::new(cache.path())).unwrap();
     Fixture {
         sandbox,
-        cache,
+        _cache: cache,
         data,
     }
 }
@@ -348,83 +348,5 @@ fn a_corrupt_or_truncated_cache_entry_is_rebuilt_never_loaded() {
             .unwrap()
             .cache_outcome(),
         CacheOutcome::Hit
-    );
-}
-
-/// A guest whose warm-up leaves 7 in memory and whose run returns 0 only if
-/// it finds 7 there, then overwrites it: a run sees the snapshot, and the
-/// next run sees the snapshot again, not what the previous run left.
-fn warmed_guest(warm_up: &str) -> Vec<u8> {
-    wat::parse_str(format!(
-        r#"(module
-            (memory (export "memory") 1)
-            (func (export "civicgrid_preinit") {warm_up})
-            (func (export "civicgrid_run") (result i32)
-                (i32.ne (i32.load (i32.const 64)) (i32.const 7))
-                (i32.store (i32.const 64) (i32.const 99))))"#
-    ))
-    .expect("test guest")
-}
-
-fn run_sql_guest(sandbox: &Sandbox, guest: &civicgrid_sandbox::Guest) -> Result<(), SandboxError> {
-    let data = tempfile::tempdir().unwrap();
-    let policy = OutputPolicy::owner();
-    sandbox
-        .run(
-            guest,
-            Job {
-                sql: "",
-                tables: Arc::new(LocalDirectory::new(data.path(), Vec::<String>::new())),
-                policy: &policy,
-                privacy_budget: 0.0,
-                as_of_unix_seconds: 1_764_460_800,
-            },
-            &Limits::default(),
-        )
-        .map(drop)
-}
-
-#[test]
-fn every_run_starts_from_the_warm_up_snapshot_and_none_sees_another() {
-    let fixture = fixture();
-    let wasm = warmed_guest("(i32.store (i32.const 64) (i32.const 7))");
-    let guest = fixture.sandbox.load(&wasm, GuestRole::Sql).unwrap();
-    assert!(guest.pre_initialized());
-    for _ in 0..3 {
-        run_sql_guest(&fixture.sandbox, &guest).expect("the run found the warm-up's state");
-    }
-    // From the cache, the snapshot is what was stored.
-    let again = Sandbox::new(&SandboxConfig::new(fixture.cache.path())).unwrap();
-    let cached = again.load(&wasm, GuestRole::Sql).unwrap();
-    assert_eq!(cached.cache_outcome(), CacheOutcome::Hit);
-    assert!(cached.pre_initialized());
-    run_sql_guest(&again, &cached).expect("the cached snapshot holds the warm-up's state");
-}
-
-#[test]
-fn a_failing_warm_up_falls_back_to_the_module_as_built() {
-    let fixture = fixture();
-    let wasm = warmed_guest("unreachable");
-    let guest = fixture.sandbox.load(&wasm, GuestRole::Sql).unwrap();
-    assert!(!guest.pre_initialized());
-    // Not warmed: memory holds 0, so the run reports it.
-    let failure = run_sql_guest(&fixture.sandbox, &guest).unwrap_err();
-    assert!(
-        matches!(&failure, SandboxError::Execution(m) if m.contains("returned 1")),
-        "{failure:?}"
-    );
-}
-
-/// Consumer algorithms are run as uploaded, never executed at load time.
-#[test]
-fn algorithms_are_not_pre_initialized() {
-    let fixture = fixture();
-    let wasm = warmed_guest("(i32.store (i32.const 64) (i32.const 7))");
-    let guest = fixture.sandbox.load(&wasm, GuestRole::Algorithm).unwrap();
-    assert!(!guest.pre_initialized());
-    let failure = fixture.run(&wasm, &Limits::default()).unwrap_err();
-    assert!(
-        matches!(&failure, SandboxError::Execution(m) if m.contains("returned 1")),
-        "{failure:?}"
     );
 }

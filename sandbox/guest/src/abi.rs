@@ -44,14 +44,3 @@ pub extern "C" fn civicgrid_run() -> i32 {
         }
     }
 }
-
-/// Runs the warm-up queries; the host calls it once and snapshots the
-/// result (it is not exported from the snapshot). A failed warm-up traps,
-/// and the host falls back to the module as built.
-// SAFETY: exported under a name no other item has.
-#[unsafe(no_mangle)]
-pub extern "C" fn civicgrid_preinit() {
-    if crate::warm_up().is_err() {
-        std::process::abort();
-    }
-}

@@ -9,7 +9,6 @@
 #[cfg(target_family = "wasm")]
 mod abi;
 mod analysis;
-mod warm;
 
 use std::fmt;
 use std::sync::Arc;
@@ -30,7 +29,6 @@ use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use futures::StreamExt;
 
 pub use analysis::{Analysis, QueryKind};
-pub use warm::warm_up;
 
 /// Batches of one table, as an iterator the engine pulls from.
 pub type BatchIter = Box<dyn Iterator<Item = Result<RecordBatch, String>> + Send>;

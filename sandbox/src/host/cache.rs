@@ -51,14 +51,11 @@ impl ModuleCache {
             .join(format!("{module_sha256}-{}.cwasm", self.engine_key))
     }
 
-    /// The compiled module cached for `module_sha256`, else `prepare`'s
-    /// module (the one to run in place of the original) compiled and stored
-    /// under the original's hash.
-    pub(crate) fn load_or_compile<'a>(
+    pub(crate) fn load_or_compile(
         &self,
         engine: &Engine,
+        wasm: &[u8],
         module_sha256: &str,
-        prepare: impl FnOnce() -> std::borrow::Cow<'a, [u8]>,
     ) -> Result<(Module, CacheOutcome), SandboxError> {
         let path = self.path_for(module_sha256);
         let mut outcome = CacheOutcome::Compiled;
@@ -72,9 +69,8 @@ impl ModuleCache {
                 }
             }
         }
-        let wasm = prepare();
-        let module = Module::new(engine, &wasm)
-            .map_err(|e| SandboxError::InvalidModule(format!("{e:#}")))?;
+        let module =
+            Module::new(engine, wasm).map_err(|e| SandboxError::InvalidModule(format!("{e:#}")))?;
         let artifact = module
             .serialize()
             .map_err(|e| SandboxError::Internal(format!("serialising a module: {e}")))?;

@@ -9,12 +9,10 @@
 mod cache;
 mod data;
 mod error;
-mod preinit;
 mod release;
 mod run;
 mod wasi;
 
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,7 +36,7 @@ use release::Release;
 use run::{RunLimiter, RunSetup, RunState, Table};
 
 use crate::policy::OutputPolicy;
-use crate::protocol::{GuestRequest, PREINIT_EXPORT, RUN_EXPORT, TableInfo};
+use crate::protocol::{GuestRequest, RUN_EXPORT, TableInfo};
 
 /// Fuel per billed compute unit. Fuel counts Wasm operations, so a unit is
 /// about a million of them: the same query on the same data always costs the
@@ -124,7 +122,6 @@ pub struct Guest {
     role: GuestRole,
     pre: InstancePre<RunState>,
     cache: CacheOutcome,
-    pre_initialized: bool,
 }
 
 impl Guest {
@@ -136,12 +133,6 @@ impl Guest {
     /// Whether loading it hit the cache.
     pub fn cache_outcome(&self) -> CacheOutcome {
         self.cache
-    }
-
-    /// Whether runs start from the module's warm-up snapshot (a SQL guest
-    /// that exports the warm-up, pre-initialized when it was compiled).
-    pub fn pre_initialized(&self) -> bool {
-        self.pre_initialized
     }
 }
 
@@ -308,10 +299,7 @@ impl Sandbox {
     }
 
     /// Compiles a module (or loads it from the cache) and links it. Modules
-    /// importing anything the sandbox does not give fail here, by name. A
-    /// SQL guest that exports the warm-up is pre-initialized before it is
-    /// compiled (see docs/sandbox.md); a failed warm-up is logged and the
-    /// module used as built.
+    /// importing anything the sandbox does not give fail here, by name.
     pub fn load(&self, wasm: &[u8], role: GuestRole) -> Result<Arc<Guest>, SandboxError> {
         let sha256 = hex::encode(Sha256::digest(wasm));
         if let Some(guest) = self
@@ -322,28 +310,7 @@ impl Sandbox {
         {
             return Ok(Arc::clone(guest));
         }
-        let (module, cache) = self.cache.load_or_compile(&self.engine, &sha256, || {
-            if role != GuestRole::Sql || !preinit::has_warm_up(wasm) {
-                return Cow::Borrowed(wasm);
-            }
-            let started = Instant::now();
-            match preinit::preinitialize(wasm) {
-                Ok(warmed) => {
-                    tracing::info!(
-                        module = %sha256,
-                        seconds = started.elapsed().as_secs_f64(),
-                        "pre-initialized the SQL guest"
-                    );
-                    Cow::Owned(warmed)
-                }
-                // Still correct, only slower per query: every run pays for
-                // DataFusion's first use.
-                Err(reason) => {
-                    tracing::warn!(module = %sha256, %reason, "running the SQL guest without pre-initialization");
-                    Cow::Borrowed(wasm)
-                }
-            }
-        })?;
+        let (module, cache) = self.cache.load_or_compile(&self.engine, wasm, &sha256)?;
         let imports = match role {
             GuestRole::Sql => &self.sql_imports,
             GuestRole::Algorithm => &self.algorithm_imports,
@@ -360,10 +327,6 @@ impl Sandbox {
             }
         }
         let exports: Vec<&str> = module.exports().map(|e| e.name()).collect();
-        // The snapshot no longer exports the warm-up the original did.
-        let pre_initialized = role == GuestRole::Sql
-            && !exports.contains(&PREINIT_EXPORT)
-            && preinit::has_warm_up(wasm);
         for needed in ["memory", RUN_EXPORT] {
             if !exports.contains(&needed) {
                 return Err(SandboxError::InvalidModule(format!(
@@ -380,7 +343,6 @@ impl Sandbox {
             role,
             pre,
             cache,
-            pre_initialized,
         });
         self.loaded
             .lock()

@@ -98,14 +98,6 @@ fn the_same_query_costs_the_same_and_metering_counts_what_moved() {
     assert!(q1.metering.fuel > first.metering.fuel);
 }
 
-/// The SQL guest's warm-up runs and is snapshotted when it is compiled; a
-/// warm-up that broke would only make every query slower, so it is checked.
-#[test]
-fn the_sql_guest_runs_from_its_warm_up_snapshot() {
-    let guest = shared_sandbox().load(&sql_guest(), GuestRole::Sql).unwrap();
-    assert!(guest.pre_initialized());
-}
-
 /// SQL's `now()` reads the time the caller fixed, not the wall clock: fuel
 /// depends on it, so a wall clock made the same query cost a few units more
 /// or less from one second to the next.
