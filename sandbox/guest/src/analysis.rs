@@ -401,12 +401,12 @@ fn columns_outside_aggregates(plan: &LogicalPlan) -> BTreeSet<String> {
 
 /// Adds what the analysis needs to the plan: the distinct-unit count on
 /// aggregates with a threshold, clamping under differential privacy, and the
-/// row cap on list queries.
+/// row cap on list queries. `None`: the plan runs as written.
 pub fn rewrite(
     request: &GuestRequest,
     analysis: &Analysis,
     plan: LogicalPlan,
-) -> Result<LogicalPlan, GuestFailure> {
+) -> Result<Option<LogicalPlan>, GuestFailure> {
     let internal = |e: DataFusionError| GuestFailure::Query {
         message: e.strip_backtrace(),
     };
@@ -427,6 +427,7 @@ pub fn rewrite(
                 }
                 Aggregate::try_new(aggregate.input, aggregate.group_expr, aggr_expr)
             })
+            .map(Some)
             .map_err(internal)
         }
         QueryKind::List if !request.policy.lists_any_column() => {
@@ -436,9 +437,10 @@ pub fn rewrite(
             LogicalPlanBuilder::from(plan)
                 .limit(0, Some(fetch))
                 .and_then(LogicalPlanBuilder::build)
+                .map(Some)
                 .map_err(internal)
         }
-        _ => Ok(plan),
+        _ => Ok(None),
     }
 }
 

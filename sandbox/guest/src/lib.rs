@@ -24,7 +24,7 @@ use datafusion::execution::TaskContext;
 use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
-use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream};
+use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream, execute_stream};
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use futures::StreamExt;
 
@@ -65,14 +65,24 @@ pub async fn run(
         message: e.strip_backtrace(),
     })?;
     let analysis = analysis::check(request, &plan, &optimized)?;
-    let plan = analysis::rewrite(request, &analysis, plan)?;
-    let frame = ctx
-        .execute_logical_plan(plan)
+    // Optimising is most of a small query's cost, so the plan is optimised a
+    // second time only when the policy's rewrite changed it.
+    let optimized = match analysis::rewrite(request, &analysis, plan)? {
+        Some(rewritten) => state
+            .optimize(&rewritten)
+            .map_err(|e| GuestFailure::Query {
+                message: e.strip_backtrace(),
+            })?,
+        None => optimized,
+    };
+    let physical = state
+        .query_planner()
+        .create_physical_plan(&optimized, &state)
         .await
         .map_err(|e| GuestFailure::Query {
             message: e.strip_backtrace(),
         })?;
-    let mut stream = frame.execute_stream().await.map_err(execution)?;
+    let mut stream = execute_stream(physical, state.task_ctx()).map_err(execution)?;
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(execution)?;
         let batch = analysis::annotate(&analysis, batch).map_err(execution)?;
