@@ -11,6 +11,11 @@ CIVICGRID_HELM=$(bash tools/helm/build.sh)
 export CIVICGRID_HELM
 CIVICGRID_TEST_POSTGRES_URL=$(bash scripts/postgres.sh)
 export CIVICGRID_TEST_POSTGRES_URL
+# The operator e2e tests run and SIGKILL the operator as a process.
+echo "==> civicgrid-operator binary" >&2
+cargo build -p civicgrid-operator --bin civicgrid-operator --locked
+CIVICGRID_OPERATOR_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/civicgrid-operator"
+export CIVICGRID_OPERATOR_BIN
 echo "==> Wasm guests (wasm32-wasip1)" >&2
 CIVICGRID_GUEST_DIR=$(bash sandbox/build-guests.sh)
 export CIVICGRID_GUEST_DIR

@@ -37,12 +37,20 @@ enum Command {
     /// Run the controllers against the cluster of the current kubeconfig (or
     /// the in-cluster service account).
     Run {
-        /// Seconds between probes of each member cluster.
-        #[arg(long, env = "CIVICGRID_HEARTBEAT_SECONDS", default_value_t = 10)]
-        heartbeat_seconds: u64,
+        /// Seconds between probes of each member cluster (fractions allowed).
+        #[arg(long, env = "CIVICGRID_HEARTBEAT_SECONDS", default_value = "10", value_parser = positive_seconds)]
+        heartbeat_seconds: Duration,
         /// Connect and request timeout against a member cluster, in seconds.
-        #[arg(long, env = "CIVICGRID_MEMBER_TIMEOUT_SECONDS", default_value_t = 5)]
-        member_timeout_seconds: u64,
+        #[arg(long, env = "CIVICGRID_MEMBER_TIMEOUT_SECONDS", default_value = "5", value_parser = positive_seconds)]
+        member_timeout_seconds: Duration,
+        /// Seconds after which a workload that is not yet fully available is
+        /// looked at again although no member reported a change (members are
+        /// watched; this is the safety net).
+        #[arg(long, env = "CIVICGRID_READINESS_POLL_SECONDS", default_value = "30", value_parser = positive_seconds)]
+        readiness_poll_seconds: Duration,
+        /// The name this replica reports in Events and holds the Lease under.
+        #[arg(long, env = "POD_NAME", default_value = "civicgrid-operator")]
+        instance: String,
         /// Act only while holding a Lease in this namespace (run several
         /// replicas; one acts). Off when not given.
         #[arg(long, env = "CIVICGRID_LEADER_ELECTION_NAMESPACE")]
@@ -54,9 +62,10 @@ enum Command {
             default_value = "civicgrid-operator"
         )]
         leader_election_lease: String,
-        /// Seconds a lease stays valid without renewal.
-        #[arg(long, default_value_t = 15)]
-        lease_duration_seconds: u64,
+        /// Seconds a lease stays valid without renewal (at least 3; it is
+        /// renewed every third of that).
+        #[arg(long, default_value = "15", value_parser = lease_seconds)]
+        lease_duration_seconds: Duration,
         /// Address of the /metrics, /healthz and /readyz endpoints.
         #[arg(
             long,
@@ -73,23 +82,26 @@ fn main() -> anyhow::Result<()> {
         Command::Run {
             heartbeat_seconds,
             member_timeout_seconds,
+            readiness_poll_seconds,
+            instance,
             leader_election_namespace,
             leader_election_lease,
             lease_duration_seconds,
             metrics_address,
         } => {
             let mut config = civicgrid_operator::controller::Config {
-                heartbeat: Duration::from_secs(heartbeat_seconds.max(1)),
-                member_timeout: Duration::from_secs(member_timeout_seconds.max(1)),
+                heartbeat: heartbeat_seconds,
+                member_timeout: member_timeout_seconds,
+                readiness_poll: readiness_poll_seconds,
+                instance,
                 ..Default::default()
             };
-            let duration = Duration::from_secs(lease_duration_seconds.max(3));
             config.leader_election = leader_election_namespace.map(|namespace| LeaseConfig {
                 namespace,
                 name: leader_election_lease,
                 identity: config.instance.clone(),
-                duration,
-                retry: duration / 3,
+                duration: lease_duration_seconds,
+                retry: lease_duration_seconds / 3,
             });
             return run(config, metrics_address);
         }
@@ -145,6 +157,30 @@ fn run(
     })
 }
 
+/// A duration given in seconds, fractions allowed: finite and above zero
+/// (a zero heartbeat would probe members in a busy loop).
+fn positive_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    if !(seconds > 0.0) {
+        return Err(format!("`{text}` must be more than 0 seconds"));
+    }
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("`{text}` seconds is too long"))
+}
+
+/// A lease duration: a follower takes over this long after a leader dies,
+/// and the leader renews every third of it, so under 3 s would renew
+/// faster than the API server reliably answers on a busy machine.
+fn lease_seconds(text: &str) -> Result<Duration, String> {
+    let duration = positive_seconds(text)?;
+    if duration < Duration::from_secs(3) {
+        return Err(format!("`{text}` is shorter than the 3 s minimum"));
+    }
+    Ok(duration)
+}
+
 /// SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
 async fn shutdown_signal() {
     #[cfg(unix)]
@@ -160,4 +196,31 @@ async fn shutdown_signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_accept_fractions_and_refuse_what_is_not_a_positive_duration() {
+        assert_eq!(positive_seconds("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(positive_seconds("10"), Ok(Duration::from_secs(10)));
+        for bad in ["0", "-1", "NaN", "inf", "ten", ""] {
+            let error = positive_seconds(bad).expect_err(bad);
+            assert!(error.contains(&format!("`{bad}`")), "{bad}: {error}");
+        }
+        assert!(lease_seconds("2.5").unwrap_err().contains("3 s minimum"));
+        assert_eq!(lease_seconds("3"), Ok(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn run_reports_the_flag_at_fault() {
+        let error = Args::try_parse_from(["civicgrid-operator", "run", "--heartbeat-seconds", "0"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("--heartbeat-seconds"), "{error}");
+        assert!(error.contains("more than 0 seconds"), "{error}");
+    }
 }

@@ -4,6 +4,7 @@
 
 pub mod controlplane;
 pub mod market;
+pub mod operator;
 pub mod pool;
 pub mod sandbox;
 pub mod tpch;

@@ -16,7 +16,7 @@
 //! thread or a runtime worker thread (see [`process::ManagedProcess`]).
 
 mod pki;
-mod process;
+pub(crate) mod process;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
@@ -114,6 +114,18 @@ pub enum HarnessError {
         status: String,
         /// The end of its log.
         log_tail: String,
+    },
+    /// The operator binary for process-level tests is not where it should be.
+    #[error(
+        "the civicgrid-operator binary {}: build it with `cargo build -p civicgrid-operator` \
+         and set {} to target/debug/civicgrid-operator (scripts/test.sh does both)",
+        path.as_ref().map_or_else(|| format!("is not named: {} is not set", crate::operator::BIN_ENV),
+            |p| format!("{} does not exist", p.display())),
+        crate::operator::BIN_ENV
+    )]
+    OperatorNotBuilt {
+        /// The path given, if any.
+        path: Option<PathBuf>,
     },
     /// A component did not become ready in time.
     #[error("cluster {cluster}: {what} not ready after {after:?}")]
@@ -696,7 +708,7 @@ current-context: {cluster}
     )
 }
 
-fn free_port() -> Result<u16, HarnessError> {
+pub(crate) fn free_port() -> Result<u16, HarnessError> {
     let listener =
         TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|source| HarnessError::Io {
             what: "find a free loopback port".to_owned(),

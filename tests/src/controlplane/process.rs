@@ -27,6 +27,17 @@ impl ManagedProcess {
         args: &[String],
         log_dir: &Path,
     ) -> Result<Self, HarnessError> {
+        Self::spawn_with_env(name, program, args, &[], log_dir)
+    }
+
+    /// Like [`Self::spawn`], with `env` added to the inherited environment.
+    pub(crate) fn spawn_with_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &std::ffi::OsStr)],
+        log_dir: &Path,
+    ) -> Result<Self, HarnessError> {
         let log = log_dir.join(format!("{name}.log"));
         let out = File::options()
             .create(true)
@@ -43,6 +54,7 @@ impl ManagedProcess {
         let mut command = Command::new(program);
         command
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);

@@ -1,15 +1,15 @@
 //! The operator end to end: a control cluster and three member clusters
-//! (municipal, edge, partner) with simulated nodes, the controllers running
-//! in this process against them.
+//! (municipal, edge, partner) with simulated nodes, and the operator as its
+//! own process (`civicgrid-operator run`), so that killing it is a SIGKILL.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use civicgrid_operator::controller::leader::LeaseConfig;
-use civicgrid_operator::controller::{self, children};
+use civicgrid_operator::controller::children;
 use civicgrid_operator::crd::{ComputeWorkload, DataCenter};
 use civicgrid_tests::controlplane::{Cluster, NodeShape, eventually};
+use civicgrid_tests::operator::{OperatorOptions, OperatorProcess};
 use civicgrid_tests::pool::{self, Member};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -17,7 +17,6 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use tokio::task::JoinHandle;
 
 const WAIT: Duration = Duration::from_secs(60);
 const MEMBERS: [Member; 3] = [
@@ -46,15 +45,14 @@ struct Pool {
     control: Cluster,
     members: BTreeMap<String, Cluster>,
     client: Client,
-    operator: Option<JoinHandle<controller::Stopped>>,
-    metrics: std::sync::Arc<controller::metrics::Metrics>,
+    operator: Option<OperatorProcess>,
 }
 
 impl Pool {
     /// The control cluster and all three members, with one operator.
     async fn start() -> anyhow::Result<Self> {
         let mut pool = Self::start_with(&MEMBERS).await?;
-        pool.start_operator();
+        pool.start_operator()?;
         pool.wait_ready().await?;
         Ok(pool)
     }
@@ -72,7 +70,6 @@ impl Pool {
             members: pool.members,
             client: pool.client,
             operator: None,
-            metrics: std::sync::Arc::default(),
         })
     }
 
@@ -80,37 +77,40 @@ impl Pool {
         Ok(pool::data_centers_ready(&self.client).await?)
     }
 
+    /// `civicgrid-operator run` against the control cluster; with a Lease
+    /// in `civicgrid-system` when `lease` is given.
     fn spawn_operator(
         &self,
         instance: &str,
-        leader_election: Option<LeaseConfig>,
-    ) -> JoinHandle<controller::Stopped> {
-        let config = controller::Config {
+        lease: Option<Duration>,
+    ) -> anyhow::Result<OperatorProcess> {
+        let options = OperatorOptions {
+            instance: instance.into(),
             heartbeat: Duration::from_millis(500),
             member_timeout: Duration::from_secs(2),
             // Longer than any wait: readiness must come back through the
             // member watches, not polling.
             readiness_poll: Duration::from_secs(120),
-            instance: instance.into(),
-            leader_election,
-            metrics: self.metrics.clone(),
+            leader_election: lease.map(|lease| ("civicgrid-system".to_owned(), lease)),
         };
-        tokio::spawn(controller::run(
-            self.client.clone(),
-            config,
-            Box::pin(futures::future::pending()),
-        ))
+        Ok(OperatorProcess::start(&self.control, &options)?)
     }
 
-    fn start_operator(&mut self) {
-        self.operator = Some(self.spawn_operator("e2e", None));
+    fn start_operator(&mut self) -> anyhow::Result<()> {
+        self.operator = Some(self.spawn_operator("e2e", None)?);
+        Ok(())
     }
 
-    /// Stops the operator the hard way: its task is dropped wherever it is.
+    /// Stops the operator the hard way: SIGKILL, wherever it is.
     fn kill_operator(&mut self) {
-        if let Some(task) = self.operator.take() {
-            task.abort();
+        if let Some(mut operator) = self.operator.take() {
+            operator.kill();
         }
+    }
+
+    /// The running operator's `/metrics` text.
+    async fn metrics(&self) -> Option<String> {
+        self.operator.as_ref()?.metrics().await.ok()
     }
 
     fn workloads(&self) -> Api<ComputeWorkload> {
@@ -220,14 +220,16 @@ async fn workload_is_propagated_scaled_survives_an_operator_kill_and_leaves_noth
     });
     api.create(&PostParams::default(), &workload("cams", 4, placement, 60)?)
         .await?;
-    // Kill the operator while it works on the new workload and start
-    // another, several times at growing delays: one reconcile takes tens of
-    // milliseconds on an idle machine, so the kills land at different steps
-    // (finalizer, decision recorded, copies half applied, status).
-    for delay_ms in [15, 40, 80, 150, 300, 700] {
+    // Kill the operator (SIGKILL) while it works on the new workload and
+    // start another, several times at growing delays. A new process takes
+    // a few hundred milliseconds to connect and fill its caches, and a
+    // reconcile then takes tens of milliseconds on an idle machine, so the
+    // kills land at different steps (starting, finalizer, decision
+    // recorded, copies half applied, status).
+    for delay_ms in [40, 150, 300, 450, 600, 800, 1200] {
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         pool.kill_operator();
-        pool.start_operator();
+        pool.start_operator()?;
     }
 
     // (a) copies in the chosen members only, pods running, readiness back.
@@ -250,7 +252,7 @@ async fn workload_is_propagated_scaled_survives_an_operator_kill_and_leaves_noth
         .context("Available")?;
     assert_eq!(available, "True");
     eventually("replicas per data center in the metrics", WAIT, || async {
-        let text = pool.metrics.encode();
+        let text = pool.metrics().await?;
         (text.contains(r#"civicgrid_operator_replicas{data_center="edge-east"} 2"#)
             && text.contains("civicgrid_operator_scheduling_duration_seconds_count")
             && text.contains(r#"civicgrid_operator_reconciles_total{controller="workload"}"#))
@@ -494,22 +496,10 @@ impl Pool {
 #[tokio::test]
 async fn only_the_leader_acts_and_a_follower_takes_over_when_it_dies() -> anyhow::Result<()> {
     let pool = Pool::start_with(&MEMBERS[1..2]).await?;
-    let lease = |identity: &str| LeaseConfig {
-        namespace: "civicgrid-system".into(),
-        name: "civicgrid-operator".into(),
-        identity: identity.into(),
-        duration: Duration::from_secs(3),
-        retry: Duration::from_secs(1),
-    };
+    let lease = Some(Duration::from_secs(3));
     let mut replicas = BTreeMap::from([
-        (
-            "operator-a",
-            pool.spawn_operator("operator-a", Some(lease("operator-a"))),
-        ),
-        (
-            "operator-b",
-            pool.spawn_operator("operator-b", Some(lease("operator-b"))),
-        ),
+        ("operator-a", pool.spawn_operator("operator-a", lease)?),
+        ("operator-b", pool.spawn_operator("operator-b", lease)?),
     ]);
     let leases: Api<Lease> = Api::namespaced(pool.client.clone(), "civicgrid-system");
     let holder = || async {
@@ -554,13 +544,23 @@ async fn only_the_leader_acts_and_a_follower_takes_over_when_it_dies() -> anyhow
         "events from {reported:?}, leader {leader}"
     );
 
-    // The leader dies without releasing the lease; the follower takes over
-    // once it expires, and acts.
+    let waiting = replicas
+        .get(follower)
+        .context("follower process")?
+        .metrics()
+        .await?;
+    assert!(
+        waiting.contains("civicgrid_operator_leader 0"),
+        "the follower's metrics show it leading:\n{waiting}"
+    );
+
+    // The leader is SIGKILLed, so it cannot release the lease; the follower
+    // takes over once it expires, and acts.
     let died = std::time::Instant::now();
     replicas
-        .remove(leader.as_str())
-        .context("leader task")?
-        .abort();
+        .get_mut(leader.as_str())
+        .context("leader process")?
+        .kill();
     eventually("the follower holds the lease", WAIT, || async {
         (holder().await? == follower).then_some(())
     })
@@ -572,8 +572,13 @@ async fn only_the_leader_acts_and_a_follower_takes_over_when_it_dies() -> anyhow
     );
     scale(&api, "radar", 3).await?;
     pool.wait_copies("radar", &[("edge-east", 3)]).await?;
-    for (_, task) in replicas {
-        task.abort();
-    }
+    let survivor = replicas.get_mut(follower).context("follower process")?;
+    survivor.check_running()?;
+    assert_eq!(survivor.instance(), follower);
+    let leading = survivor.metrics().await?;
+    assert!(
+        leading.contains("civicgrid_operator_leader 1"),
+        "the follower's metrics do not show it leading:\n{leading}"
+    );
     Ok(())
 }
