@@ -117,6 +117,11 @@ impl OperatorProcess {
         self.process.check_running()
     }
 
+    /// The last lines of its output.
+    pub fn log_tail(&self) -> String {
+        self.process.log_tail()
+    }
+
     /// The text of its `/metrics` endpoint.
     ///
     /// # Errors

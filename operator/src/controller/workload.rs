@@ -38,6 +38,7 @@ pub(super) async fn reconcile(
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
     let _timer = ctx.config.metrics.reconcile("workload");
+    data_centers_loaded(&ctx).await?;
     let namespace = cw.namespace().unwrap_or_default();
     let api: Api<ComputeWorkload> = Api::namespaced(ctx.client.clone(), &namespace);
     let finalizer_at = cw.finalizers().iter().position(|f| f == FINALIZER);
@@ -90,6 +91,31 @@ pub(super) async fn reconcile(
     };
     apply(cw, ctx.clone()).await
 }
+
+/// Waits until the DataCenter cache holds the first full list. kube holds a
+/// controller's reconciles until its own cache is filled, but the data
+/// centers come from a separate watch: a restarted operator that did not
+/// wait placed workloads against an empty pool (`Unschedulable`, "of 0
+/// rejected") and, for a workload being deleted, found no member to clean
+/// and let the finalizer go, leaving its copies behind.
+async fn data_centers_loaded(ctx: &Context) -> Result<(), Error> {
+    match tokio::time::timeout(
+        DATA_CENTERS_LOAD_TIMEOUT,
+        ctx.data_centers.wait_until_ready(),
+    )
+    .await
+    {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Error::Internal("the DataCenter watch stopped".to_owned())),
+        Err(_) => Err(Error::Internal(format!(
+            "the DataCenter list has not loaded after {DATA_CENTERS_LOAD_TIMEOUT:?}"
+        ))),
+    }
+}
+
+/// How long a reconcile waits for the first DataCenter list before it
+/// fails and is retried.
+const DATA_CENTERS_LOAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn finalizer_patch(operations: serde_json::Value) -> Result<json_patch::Patch, Error> {
     serde_json::from_value(operations).map_err(|e| Error::Internal(format!("finalizer patch: {e}")))

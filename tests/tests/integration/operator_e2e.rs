@@ -226,7 +226,7 @@ async fn workload_is_propagated_scaled_survives_an_operator_kill_and_leaves_noth
     // reconcile then takes tens of milliseconds on an idle machine, so the
     // kills land at different steps (starting, finalizer, decision
     // recorded, copies half applied, status).
-    for delay_ms in [40, 150, 300, 450, 600, 800, 1200] {
+    for delay_ms in [5, 20, 60, 150, 300, 450, 600, 800, 1200] {
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         pool.kill_operator();
         pool.start_operator()?;
@@ -246,6 +246,21 @@ async fn workload_is_propagated_scaled_survives_an_operator_kill_and_leaves_noth
         (status.ready_replicas == 4 && status.placed_replicas == 4).then_some(())
     })
     .await?;
+    // No restarted operator placed it against a pool it had not loaded
+    // yet: that reads as "no data center passes the hard rules".
+    let events: Api<Event> = Api::namespaced(pool.client.clone(), "traffic");
+    let refusals: Vec<String> = events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("cams")
+                && e.type_.as_deref() == Some("Warning")
+        })
+        .map(|e| format!("{:?}: {:?}", e.reason, e.note))
+        .collect();
+    assert!(refusals.is_empty(), "warnings about cams: {refusals:?}");
     let (available, _, _) = pool
         .condition("cams", "Available")
         .await
@@ -310,7 +325,10 @@ async fn workload_is_propagated_scaled_survives_an_operator_kill_and_leaves_noth
     assert!(pool.copies("bad-quantity").await?.is_empty());
 
     // (g) delete: nothing left in any member, and the finalizer lets go.
+    // Deleted while no operator runs: the next one to start cleans up.
+    pool.kill_operator();
     api.delete("cams", &DeleteParams::default()).await?;
+    pool.start_operator()?;
     pool.wait_copies("cams", &[]).await?;
     eventually("workload gone", WAIT, || async {
         api.get_opt("cams").await.ok()?.is_none().then_some(())
