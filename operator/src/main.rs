@@ -164,7 +164,7 @@ fn positive_seconds(text: &str) -> Result<Duration, String> {
         .trim()
         .parse()
         .map_err(|_| format!("`{text}` is not a number of seconds"))?;
-    if !(seconds > 0.0) {
+    if seconds.is_nan() || seconds <= 0.0 {
         return Err(format!("`{text}` must be more than 0 seconds"));
     }
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("`{text}` seconds is too long"))
