@@ -221,7 +221,7 @@ impl Marketplace {
                     "the authorization header must be `Bearer <token>`".into(),
                 )
             })?;
-        let mut connection = self.store.pool().acquire().await?;
+        let mut connection = self.store.reader().acquire().await?;
         identity::authenticate(&mut connection, &TokenSecret::new(secret.to_owned())).await
     }
 
