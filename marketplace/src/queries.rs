@@ -534,7 +534,9 @@ async fn replay(
     request: &proto::RunQueryRequest,
     digest: &str,
 ) -> Result<Option<QueryOutcome>> {
-    let mut connection = store.pool().acquire().await?;
+    // A read of its own: a key first used by a request still settling is
+    // caught when the reservation inserts it (unique), not here.
+    let mut connection = store.reader().acquire().await?;
     let sql = format!(
         "SELECT {SUMMARY_COLUMNS}, result FROM queries \
          WHERE consumer_organization_id = $1 AND idempotency_key = $2"
