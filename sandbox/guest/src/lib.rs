@@ -57,31 +57,21 @@ pub async fn run(
     let frame = ctx
         .sql_with_options(&request.sql, options)
         .await
-        .map_err(|e| GuestFailure::Query {
-            message: e.strip_backtrace(),
-        })?;
+        .map_err(query)?;
     let (state, plan) = frame.into_parts();
-    let optimized = state.optimize(&plan).map_err(|e| GuestFailure::Query {
-        message: e.strip_backtrace(),
-    })?;
+    let optimized = state.optimize(&plan).map_err(query)?;
     let analysis = analysis::check(request, &plan, &optimized)?;
     // A second optimisation was 15% of a `select 1`'s fuel, so it runs only
     // when the policy's rewrite changed the plan.
     let optimized = match analysis::rewrite(request, &analysis, plan)? {
-        Some(rewritten) => state
-            .optimize(&rewritten)
-            .map_err(|e| GuestFailure::Query {
-                message: e.strip_backtrace(),
-            })?,
+        Some(rewritten) => state.optimize(&rewritten).map_err(query)?,
         None => optimized,
     };
     let physical = state
         .query_planner()
         .create_physical_plan(&optimized, &state)
         .await
-        .map_err(|e| GuestFailure::Query {
-            message: e.strip_backtrace(),
-        })?;
+        .map_err(query)?;
     let mut stream = execute_stream(physical, state.task_ctx()).map_err(execution)?;
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(execution)?;
@@ -91,6 +81,14 @@ pub async fn run(
     Ok(analysis)
 }
 
+/// The query cannot be planned: the consumer's to fix.
+fn query(e: DataFusionError) -> GuestFailure {
+    GuestFailure::Query {
+        message: e.strip_backtrace(),
+    }
+}
+
+/// The planned query failed while it ran.
 fn execution(e: DataFusionError) -> GuestFailure {
     GuestFailure::Execution {
         message: e.strip_backtrace(),
