@@ -31,7 +31,7 @@ use crate::billing::{self, AccountKind, PeriodUsage, Posting, QueryUse};
 use crate::error::{MarketError, Result};
 use crate::identity::Principal;
 use crate::proto::{self, AllowedOperations, ProductSpec, Sensitivity};
-use crate::store::{Store, now_ms};
+use crate::store::{Backend, Store, now_ms};
 
 /// The organization id the platform's fee account is kept under.
 pub const PLATFORM_ACCOUNT: &str = "platform";
@@ -436,7 +436,7 @@ struct Reservation {
     fields(product = %request.product_id, consumer = %principal.organization.id)
 )]
 pub async fn run(
-    market: &crate::service::Marketplace,
+    market: &Arc<crate::service::Marketplace>,
     engine: &Arc<QueryEngine>,
     principal: &Principal,
     request: proto::RunQueryRequest,
@@ -458,15 +458,33 @@ pub async fn run(
         return Ok(outcome);
     }
     let started = std::time::Instant::now();
-    let reserved = reserve(
-        market,
-        engine,
-        principal,
-        &request,
-        &algorithm_sha256,
-        &digest,
-    )
-    .await;
+    let request = Arc::new(request);
+    let reserved = {
+        let store = market.store().clone();
+        let (market, engine, principal, request) = (
+            Arc::clone(market),
+            Arc::clone(engine),
+            principal.clone(),
+            Arc::clone(&request),
+        );
+        let algorithm_sha256 = algorithm_sha256.clone();
+        store
+            .grouped(move |connection| {
+                Box::pin(async move {
+                    reserve(
+                        connection,
+                        &market,
+                        &engine,
+                        &principal,
+                        &request,
+                        &algorithm_sha256,
+                        &digest,
+                    )
+                    .await
+                })
+            })
+            .await
+    };
     market.metrics().stage("authorize", started.elapsed());
     let reservation = match reserved {
         Ok(reservation) => reservation,
@@ -498,7 +516,28 @@ pub async fn run(
     let settle_started = std::time::Instant::now();
     let query_id = reservation.query_id.clone();
     let settled = match outcome {
-        Ok(outcome) => settle(market, engine, principal, &request, reservation, outcome).await,
+        Ok(outcome) => {
+            let backend = market.store().backend();
+            let platform_fee_bps = config.platform_fee_bps;
+            let (principal, request) = (principal.clone(), Arc::clone(&request));
+            market
+                .store()
+                .grouped(move |connection| {
+                    Box::pin(async move {
+                        settle(
+                            connection,
+                            backend,
+                            platform_fee_bps,
+                            &principal,
+                            &request,
+                            reservation,
+                            outcome,
+                        )
+                        .await
+                    })
+                })
+                .await
+        }
         Err(error) => Err(error),
     };
     let settled = match settled {
@@ -579,6 +618,7 @@ async fn replay(
 /// Authorizes the query and records it as running with its hold.
 #[tracing::instrument(name = "authorize", skip_all)]
 async fn reserve(
+    connection: &mut AnyConnection,
     market: &crate::service::Marketplace,
     engine: &QueryEngine,
     principal: &Principal,
@@ -589,8 +629,7 @@ async fn reserve(
     let config = engine.config();
     let consumer = principal.organization.id.clone();
     let now = now_ms();
-    let mut transaction = market.store().begin().await?;
-    let product = crate::registry::get(&mut transaction, &request.product_id).await?;
+    let product = crate::registry::get(connection, &request.product_id).await?;
     if product.state() != proto::ProductState::Published {
         return Err(MarketError::FailedPrecondition(format!(
             "product {} is {}, not published",
@@ -606,7 +645,7 @@ async fn reserve(
             permission: "query:run".into(),
             context: format!(" on product {}: {reason}", product.id),
         })?;
-    let contract = crate::contracts::get(&mut transaction, &contract_id).await?;
+    let contract = crate::contracts::get(connection, &contract_id).await?;
     let plan = spec
         .price_plans
         .iter()
@@ -637,12 +676,12 @@ async fn reserve(
         request.max_compute_units
     };
     let period = billing::period_of(now);
-    let usage = period_usage(&mut transaction, &contract_id, &period).await?;
+    let usage = period_usage(connection, &contract_id, &period).await?;
     let running: i64 = sqlx::query(
         "SELECT COUNT(*) AS running FROM queries WHERE contract_id = $1 AND state = 'running'",
     )
     .bind(&contract_id)
-    .fetch_one(&mut *transaction)
+    .fetch_one(&mut *connection)
     .await?
     .try_get("running")?;
     let quota = contract.monthly_query_quota;
@@ -653,7 +692,7 @@ async fn reserve(
     }
     let hold = billing::maximum(&plan, usage, compute_units)?;
     let (balance, held) = billing::balance_for_hold(
-        &mut transaction,
+        connection,
         market.store().backend(),
         &consumer,
         &plan.currency,
@@ -669,7 +708,7 @@ async fn reserve(
     }
     let privacy_budget = match &spec.output_policy {
         Some(policy) if policy.dp_epsilon_budget > 0.0 => {
-            let spent = privacy_spent(&mut transaction, &consumer, &product.id, &period).await?;
+            let spent = privacy_spent(connection, &consumer, &product.id, &period).await?;
             (policy.dp_epsilon_budget - spent).max(0.0)
         }
         _ => 0.0,
@@ -698,7 +737,7 @@ async fn reserve(
     .bind(&plan.currency)
     .bind(hold)
     .bind(now)
-    .execute(&mut *transaction)
+    .execute(&mut *connection)
     .await;
     if let Err(error) = inserted {
         if error
@@ -711,7 +750,6 @@ async fn reserve(
         }
         return Err(error.into());
     }
-    transaction.commit().await?;
     Ok(Reservation {
         query_id,
         consumer,
@@ -823,8 +861,9 @@ fn ipc_stream(batches: &[RecordBatch]) -> std::result::Result<Vec<u8>, String> {
 /// and the audit entry in one transaction, and closes the hold.
 #[tracing::instrument(name = "settle", skip_all, fields(query = %reservation.query_id))]
 async fn settle(
-    market: &crate::service::Marketplace,
-    engine: &QueryEngine,
+    connection: &mut AnyConnection,
+    backend: Backend,
+    platform_fee_bps: i64,
     principal: &Principal,
     request: &proto::RunQueryRequest,
     reservation: Reservation,
@@ -837,14 +876,7 @@ async fn settle(
         },
         Err(error) => Err(error),
     };
-    let store = market.store();
-    let mut transaction = store.begin().await?;
-    let usage = period_usage(
-        &mut transaction,
-        &reservation.contract_id,
-        &reservation.period,
-    )
-    .await?;
+    let usage = period_usage(connection, &reservation.contract_id, &reservation.period).await?;
     let now = now_ms();
     let currency = reservation.plan.currency.clone();
     let mut summary = proto::QuerySummary {
@@ -872,9 +904,9 @@ async fn settle(
         };
         // Never more than was held: the hold is the price's ceiling.
         let charge = billing::charge(&reservation.plan, usage, used)?.min(reservation.hold);
-        let fee = billing::platform_fee(charge, engine.config.platform_fee_bps);
+        let fee = billing::platform_fee(charge, platform_fee_bps);
         billing::post(
-            &mut transaction,
+            connection,
             "charge",
             &currency,
             Some(&reservation.query_id),
@@ -913,7 +945,7 @@ async fn settle(
         .bind(used.compute_units)
         .bind(used.rows_released)
         .bind(subscription)
-        .execute(&mut *transaction)
+        .execute(&mut *connection)
         .await?;
         if released.privacy_spent > 0.0 {
             sqlx::query(
@@ -925,7 +957,7 @@ async fn settle(
             .bind(&reservation.product_id)
             .bind(&reservation.period)
             .bind(released.privacy_spent)
-            .execute(&mut *transaction)
+            .execute(&mut *connection)
             .await?;
         }
         summary.state = "completed".into();
@@ -959,8 +991,8 @@ async fn settle(
         unreachable!("a result is Ok or Err");
     }
     let audit_index = log::append(
-        &mut transaction,
-        store.backend(),
+        connection,
+        backend,
         &[Event {
             kind: event_kind.into(),
             actor: principal.user.id.clone(),
@@ -1018,9 +1050,8 @@ async fn settle(
     .bind(summary.audit_index)
     .bind(now)
     .bind(&reservation.query_id)
-    .execute(&mut *transaction)
+    .execute(&mut *connection)
     .await?;
-    transaction.commit().await?;
     summary.created_at_unix_ms = now;
     Ok(QueryOutcome {
         summary,

@@ -6,8 +6,11 @@ use std::path::Path;
 use std::str::FromStr as _;
 use std::time::Duration;
 
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, ConnectOptions as _, Executor as _};
+use sqlx::{AnyConnection, AnyPool, ConnectOptions as _, Executor as _};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{MarketError, Result};
 
@@ -35,7 +38,22 @@ pub struct Store {
     pool: AnyPool,
     reader: AnyPool,
     backend: Backend,
+    grouped: mpsc::Sender<GroupedWork>,
 }
+
+/// Work run inside a shared transaction: it returns how to tell its caller
+/// once the transaction's fate is known, or `None` when it failed (and told
+/// its caller already), so its savepoint is rolled back.
+type GroupedWork =
+    Box<dyn for<'c> FnOnce(&'c mut AnyConnection) -> BoxFuture<'c, Option<Deliver>> + Send>;
+
+/// Hands a grouped work's result to its caller: `Ok` once the shared
+/// transaction committed, the commit's error otherwise.
+type Deliver = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
+
+/// The most works one shared transaction takes, so that one slow group does
+/// not hold every caller behind it.
+const MAX_GROUP: usize = 64;
 
 /// Read-only connections beside SQLite's one writer.
 const SQLITE_READERS: u32 = 4;
@@ -120,10 +138,13 @@ impl Store {
         } else {
             pool.clone()
         };
+        let (grouped, works) = mpsc::channel(1024);
+        tokio::spawn(commit_in_groups(pool.clone(), works));
         Ok(Self {
             pool,
             reader,
             backend,
+            grouped,
         })
     }
 
@@ -156,6 +177,111 @@ impl Store {
     pub async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
         Ok(self.pool.begin().await?)
     }
+
+    /// Runs `work` in a transaction shared with other callers' works (group
+    /// commit), each in a savepoint of its own, and returns its result once
+    /// that transaction is durable.
+    ///
+    /// One durable commit then serves every work that queued while the last
+    /// one was being written, instead of each waiting for the single SQLite
+    /// writer to commit the ones before it one by one. A work that fails is
+    /// rolled back to its savepoint and leaves the others' untouched; if the
+    /// commit fails, every work in it gets the error and none of it stays.
+    /// The work runs to the end even if the caller stops waiting.
+    ///
+    /// # Errors
+    /// The work's own error; `Unavailable` when the shared transaction could
+    /// not be committed or the committer has stopped.
+    pub async fn grouped<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut AnyConnection) -> BoxFuture<'c, Result<T>> + Send + 'static,
+    {
+        let (reply, replied) = oneshot::channel::<Result<T>>();
+        let erased: GroupedWork = Box::new(move |connection| {
+            Box::pin(async move {
+                match work(connection).await {
+                    Ok(value) => {
+                        let deliver: Deliver = Box::new(move |committed| {
+                            // The caller may have gone; the work is durable anyway.
+                            let _ = reply.send(committed.map(|()| value).map_err(|error| {
+                                MarketError::Unavailable(format!(
+                                    "the transaction could not be committed: {error}"
+                                ))
+                            }));
+                        });
+                        Some(deliver)
+                    }
+                    Err(error) => {
+                        let _ = reply.send(Err(error));
+                        None
+                    }
+                }
+            })
+        });
+        let stopped = || MarketError::Unavailable("the database committer has stopped".into());
+        self.grouped.send(erased).await.map_err(|_| stopped())?;
+        replied.await.map_err(|_| stopped())?
+    }
+}
+
+/// The group committer: takes every work waiting when a transaction starts
+/// (up to [`MAX_GROUP`]) into it, then commits once.
+async fn commit_in_groups(pool: AnyPool, mut works: mpsc::Receiver<GroupedWork>) {
+    while let Some(first) = works.recv().await {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match works.try_recv() {
+                Ok(work) => group.push(work),
+                Err(_) => break,
+            }
+        }
+        let mut delivers = Vec::with_capacity(group.len());
+        let committed = commit_group(&pool, group, &mut delivers)
+            .await
+            .map_err(|error| {
+                tracing::error!(%error, "a group commit failed");
+                error.to_string()
+            });
+        for deliver in delivers {
+            deliver(committed.clone());
+        }
+    }
+}
+
+async fn commit_group(
+    pool: &AnyPool,
+    group: Vec<GroupedWork>,
+    delivers: &mut Vec<Deliver>,
+) -> Result<()> {
+    let mut transaction = pool.begin().await?;
+    for work in group {
+        transaction.execute("SAVEPOINT grouped_work").await?;
+        // A panicking work must not take the committer, and every later
+        // caller, with it; its caller sees its reply dropped.
+        let done = std::panic::AssertUnwindSafe(work(&mut transaction))
+            .catch_unwind()
+            .await
+            .unwrap_or(None);
+        match done {
+            Some(deliver) => {
+                transaction
+                    .execute("RELEASE SAVEPOINT grouped_work")
+                    .await?;
+                delivers.push(deliver);
+            }
+            None => {
+                transaction
+                    .execute("ROLLBACK TO SAVEPOINT grouped_work")
+                    .await?;
+                transaction
+                    .execute("RELEASE SAVEPOINT grouped_work")
+                    .await?;
+            }
+        }
+    }
+    transaction.commit().await?;
+    Ok(())
 }
 
 fn sqlite_url(path: &Path) -> String {
@@ -175,6 +301,118 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn file_store() -> Result<(tempfile::TempDir, Store)> {
+        let dir = tempfile::tempdir().map_err(|source| MarketError::Io {
+            context: "temporary directory".into(),
+            source,
+        })?;
+        let store = Store::open(&Location::DataDir(dir.path().to_owned())).await?;
+        sqlx::query("CREATE TABLE probe (n INTEGER NOT NULL)")
+            .execute(store.pool())
+            .await?;
+        Ok((dir, store))
+    }
+
+    /// Inserts `n`; when `fail`, then also a row the table refuses, so the
+    /// work fails after a write of its own that must not survive.
+    fn insert(store: &Store, n: i64, fail: bool) -> tokio::task::JoinHandle<Result<i64>> {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .grouped(move |connection| {
+                    Box::pin(async move {
+                        sqlx::query("INSERT INTO probe (n) VALUES ($1)")
+                            .bind(n)
+                            .execute(&mut *connection)
+                            .await?;
+                        if fail {
+                            sqlx::query("INSERT INTO probe (n) VALUES (NULL)")
+                                .execute(&mut *connection)
+                                .await?;
+                        }
+                        Ok(n)
+                    })
+                })
+                .await
+        })
+    }
+
+    async fn stored(store: &Store) -> Result<Vec<i64>> {
+        Ok(sqlx::query_scalar("SELECT n FROM probe ORDER BY n")
+            .fetch_all(store.pool())
+            .await?)
+    }
+
+    #[tokio::test]
+    async fn a_failing_grouped_work_is_rolled_back_alone() -> Result<()> {
+        let (_dir, store) = file_store().await?;
+        // Holding the one writer queues the works, so they commit in groups
+        // of more than one.
+        let held = store.pool().acquire().await?;
+        let works = [
+            insert(&store, 1, false),
+            insert(&store, 2, true),
+            insert(&store, 3, false),
+            insert(&store, 4, true),
+            insert(&store, 5, false),
+        ];
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            works.iter().all(|work| !work.is_finished()),
+            "a work finished while the writer was held"
+        );
+        drop(held);
+        let mut outcomes = Vec::new();
+        for work in works {
+            outcomes.push(work.await.expect("work task").map_err(|error| {
+                assert!(matches!(error, MarketError::Database(_)), "{error:?}");
+            }));
+        }
+        assert_eq!(outcomes, [Ok(1), Err(()), Ok(3), Err(()), Ok(5)]);
+        assert_eq!(stored(&store).await?, [1, 3, 5]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_panicking_grouped_work_fails_its_caller_and_not_the_committer() -> Result<()> {
+        let (_dir, store) = file_store().await?;
+        let held = store.pool().acquire().await?;
+        let before = insert(&store, 1, false);
+        let panicking = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .grouped(|connection| {
+                        Box::pin(async move {
+                            sqlx::query("INSERT INTO probe (n) VALUES (2)")
+                                .execute(&mut *connection)
+                                .await?;
+                            panic!("a bug in a work");
+                            #[allow(unreachable_code)]
+                            Ok(())
+                        })
+                    })
+                    .await
+            })
+        };
+        let after = insert(&store, 3, false);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(held);
+        assert_eq!(before.await.expect("work task")?, 1);
+        let refused = panicking
+            .await
+            .expect("work task")
+            .expect_err("a panicking work succeeded");
+        assert!(
+            matches!(refused, MarketError::Unavailable(_)),
+            "{refused:?}"
+        );
+        assert_eq!(after.await.expect("work task")?, 3);
+        assert_eq!(insert(&store, 4, false).await.expect("work task")?, 4);
+        assert_eq!(stored(&store).await?, [1, 3, 4]);
+        Ok(())
+    }
 
     #[tokio::test]
     async fn sqlite_readers_read_while_the_writer_is_held_and_cannot_write() -> Result<()> {
