@@ -8,6 +8,7 @@ use std::sync::Arc;
 use ed25519_dalek::SigningKey;
 use tokio_stream_shim::TcpIncoming;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use crate::access::{self, Access};
 use crate::audit::checkpoint::{Checkpoint as CheckpointBody, NoteSigner};
@@ -1465,7 +1466,17 @@ impl proto::queries_server::Queries for QueriesService {
     ) -> Result<Response<Self::RunQueryStream>, Status> {
         let principal = self.0.authenticate(&request).await?;
         let engine = Arc::clone(self.0.engine()?);
-        let outcome = queries::run(&self.0, &engine, &principal, request.into_inner()).await?;
+        let market = Arc::clone(&self.0);
+        let request = request.into_inner();
+        // Its own task: a client that hangs up mid-query must not stop it
+        // between its hold and its settlement, which would leave the hold
+        // (and the query `running`) until the next restart.
+        let outcome = tokio::spawn(
+            async move { queries::run(&market, &engine, &principal, request).await }
+                .in_current_span(),
+        )
+        .await
+        .map_err(|error| MarketError::Corrupt(format!("query task: {error}")))??;
         if let Some((code, message)) = outcome.error {
             return Err(Status::new(
                 code,
