@@ -701,8 +701,66 @@ async fn privacy_budget_is_debited_with_the_charge(db: Db) -> anyhow::Result<()>
     Ok(())
 }
 
+/// A client whose deadline passes mid-query (the server drops its handler)
+/// does not leave the query running with its hold: it settles as if the
+/// client had waited, and a retry under its key replays that outcome.
+async fn a_client_that_gives_up_mid_query_leaves_no_hold(db: Db) -> anyhow::Result<()> {
+    let (market, cast) = start(db).await?;
+    contract(&market, &cast, 0).await?;
+    deposit(&market, 10_000).await?;
+    let token = &cast.consumer_analyst;
+    // A billion-row cross join: it runs until its fuel (2,000 compute
+    // units, seconds of work) is gone, long after the client's deadline.
+    let slow = proto::RunQueryRequest {
+        max_compute_units: 2_000,
+        ..query(
+            "SELECT a.district, COUNT(*) AS people FROM residents a \
+             CROSS JOIN residents b CROSS JOIN residents c GROUP BY a.district",
+            "k-gave-up",
+        )
+    };
+    let mut impatient = authed(token, slow.clone());
+    impatient.set_timeout(std::time::Duration::from_millis(300));
+    let gave_up = QueriesClient::new(market.channel.clone())
+        .run_query(impatient)
+        .await
+        .err()
+        .context("the client's deadline passes first")?;
+    // Cancelled when the client's own timer fires first.
+    assert!(
+        matches!(gave_up.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{gave_up:?}"
+    );
+    assert!(
+        balance(&market, &cast.consumer_admin, "").await?.held_minor > 0,
+        "the query is running with its hold"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let settled = loop {
+        match run(&market, token, slow.clone()).await {
+            Err(status) if status.code() == Code::Aborted => {
+                ensure!(
+                    std::time::Instant::now() < deadline,
+                    "the abandoned query is still running after 60 s: {status:?}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            other => break other,
+        }
+    };
+    // It ran out of fuel and was settled as failed, uncharged.
+    let status = settled.err().context("the query stops on its fuel")?;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let after = balance(&market, &cast.consumer_admin, "").await?;
+    assert_eq!((after.balance_minor, after.held_minor), (10_000, 0));
+    assert_sound(&ledger(&market).await?);
+    market.stop().await;
+    Ok(())
+}
+
 civicgrid_tests::on_both_databases!(
     charged_once_policy_checked_and_audited,
     bad_requests_quota_and_interrupted_queries,
     privacy_budget_is_debited_with_the_charge,
+    a_client_that_gives_up_mid_query_leaves_no_hold,
 );
