@@ -615,6 +615,11 @@ async fn replay(
     }))
 }
 
+/// The contract's queries still running (they count against its quota),
+/// read through the `queries_running` partial index.
+const RUNNING_ON_CONTRACT: &str =
+    "SELECT COUNT(*) AS running FROM queries WHERE contract_id = $1 AND state = 'running'";
+
 /// Authorizes the query and records it as running with its hold.
 #[tracing::instrument(name = "authorize", skip_all)]
 async fn reserve(
@@ -677,13 +682,11 @@ async fn reserve(
     };
     let period = billing::period_of(now);
     let usage = period_usage(connection, &contract_id, &period).await?;
-    let running: i64 = sqlx::query(
-        "SELECT COUNT(*) AS running FROM queries WHERE contract_id = $1 AND state = 'running'",
-    )
-    .bind(&contract_id)
-    .fetch_one(&mut *connection)
-    .await?
-    .try_get("running")?;
+    let running: i64 = sqlx::query(RUNNING_ON_CONTRACT)
+        .bind(&contract_id)
+        .fetch_one(&mut *connection)
+        .await?
+        .try_get("running")?;
     let quota = contract.monthly_query_quota;
     if quota > 0 && usage.queries + running >= quota {
         return Err(MarketError::ResourceExhausted(format!(
@@ -1155,3 +1158,35 @@ pub async fn list_usage(
 
 /// Splits an IPC stream into response chunks of at most this many bytes.
 pub const RESULT_CHUNK_BYTES: usize = 1 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The quota's running-query count runs on every reservation: it must
+    /// read the running queries through their index, not scan every query
+    /// ever run.
+    #[tokio::test]
+    async fn counting_running_queries_uses_an_index() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|source| MarketError::Io {
+            context: "temporary directory".into(),
+            source,
+        })?;
+        let store = Store::open(&crate::store::Location::DataDir(dir.path().to_owned())).await?;
+        let plan: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN QUERY PLAN {}",
+            RUNNING_ON_CONTRACT.replace("$1", "'c'")
+        )))
+        .fetch_all(store.reader())
+        .await?
+        .iter()
+        .map(|row| row.try_get::<String, _>("detail"))
+        .collect::<std::result::Result<_, _>>()?;
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("INDEX queries_running")),
+            "{plan:?}"
+        );
+        Ok(())
+    }
+}
