@@ -207,29 +207,92 @@ pub async fn post(
             "ledger entry {entry_kind} does not balance: {postings:?}"
         )));
     }
+    let legs: Vec<(&Posting, String)> = postings
+        .iter()
+        .filter(|p| p.amount_minor != 0)
+        .map(|p| (p, account_id(p.kind, &p.organization, currency)))
+        .collect();
+    if legs.is_empty() {
+        return Ok(());
+    }
+    // Three statements for the whole entry, not three per leg: inside a
+    // settlement each statement is a round trip to the database's thread.
+    let placeholders = |row: usize, width: usize| {
+        let cells: Vec<String> = (1..=width)
+            .map(|c| format!("${}", row * width + c))
+            .collect();
+        format!("({})", cells.join(", "))
+    };
+    let rows: Vec<String> = (0..legs.len())
+        .map(|row| placeholders(row, 4).replace(')', ", 0)"))
+        .collect();
+    let ensure = format!(
+        "INSERT INTO ledger_accounts (id, organization_id, kind, currency, balance_minor) \
+         VALUES {} ON CONFLICT DO NOTHING",
+        rows.join(", ")
+    );
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(ensure));
+    for (posting, account) in &legs {
+        query = query
+            .bind(account.clone())
+            .bind(posting.organization.clone())
+            .bind(posting.kind.as_str())
+            .bind(currency.to_owned());
+    }
+    query.execute(&mut *connection).await?;
     let entry_id = crate::identity::new_id("le");
     let at = now_ms();
-    for posting in postings.iter().filter(|p| p.amount_minor != 0) {
-        let account =
-            ensure_account(connection, posting.kind, &posting.organization, currency).await?;
-        sqlx::query(
-            "INSERT INTO ledger_postings (entry_id, account_id, amount_minor, currency, kind, \
-             query_id, at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&entry_id)
-        .bind(&account)
-        .bind(posting.amount_minor)
-        .bind(currency)
-        .bind(entry_kind)
-        .bind(query_id)
-        .bind(at)
-        .execute(&mut *connection)
-        .await?;
-        sqlx::query("UPDATE ledger_accounts SET balance_minor = balance_minor + $1 WHERE id = $2")
+    let rows: Vec<String> = (0..legs.len()).map(|row| placeholders(row, 7)).collect();
+    let insert = format!(
+        "INSERT INTO ledger_postings (entry_id, account_id, amount_minor, currency, kind, \
+         query_id, at) VALUES {}",
+        rows.join(", ")
+    );
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(insert));
+    for (posting, account) in &legs {
+        query = query
+            .bind(entry_id.clone())
+            .bind(account.clone())
             .bind(posting.amount_minor)
-            .bind(&account)
-            .execute(&mut *connection)
-            .await?;
+            .bind(currency.to_owned())
+            .bind(entry_kind.to_owned())
+            .bind(query_id.map(str::to_owned))
+            .bind(at);
+    }
+    query.execute(&mut *connection).await?;
+    // One change per account, even if an entry had two legs on one.
+    let mut changes: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+    for (posting, account) in &legs {
+        let change = changes.entry(account.as_str()).or_insert(0);
+        *change = change
+            .checked_add(posting.amount_minor)
+            .ok_or_else(|| MarketError::Corrupt(format!("ledger entry {entry_kind} overflows")))?;
+    }
+    let cases: Vec<String> = (0..changes.len())
+        .map(|i| format!("WHEN ${} THEN CAST(${} AS BIGINT)", 2 * i + 1, 2 * i + 2))
+        .collect();
+    let ids: Vec<String> = (0..changes.len())
+        .map(|i| format!("${}", 2 * changes.len() + i + 1))
+        .collect();
+    let update = format!(
+        "UPDATE ledger_accounts SET balance_minor = balance_minor + CASE id {} END \
+         WHERE id IN ({})",
+        cases.join(" "),
+        ids.join(", ")
+    );
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(update));
+    for (account, change) in &changes {
+        query = query.bind((*account).to_owned()).bind(*change);
+    }
+    for account in changes.keys() {
+        query = query.bind((*account).to_owned());
+    }
+    let updated = query.execute(&mut *connection).await?.rows_affected();
+    if updated != changes.len() as u64 {
+        return Err(MarketError::Corrupt(format!(
+            "ledger entry {entry_kind}: {updated} of {} accounts updated",
+            changes.len()
+        )));
     }
     Ok(())
 }
