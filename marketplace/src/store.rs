@@ -11,6 +11,7 @@ use futures::future::BoxFuture;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, ConnectOptions as _, Executor as _};
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument as _;
 
 use crate::error::{MarketError, Result};
 
@@ -198,9 +199,12 @@ impl Store {
         F: for<'c> FnOnce(&'c mut AnyConnection) -> BoxFuture<'c, Result<T>> + Send + 'static,
     {
         let (reply, replied) = oneshot::channel::<Result<T>>();
+        // The committer is a task of its own: without this, the work's spans
+        // (a query's `authorize` and `settle`) would leave their caller's trace.
+        let span = tracing::Span::current();
         let erased: GroupedWork = Box::new(move |connection| {
             Box::pin(async move {
-                match work(connection).await {
+                match work(connection).instrument(span).await {
                     Ok(value) => {
                         let deliver: Deliver = Box::new(move |committed| {
                             // The caller may have gone; the work is durable anyway.
@@ -411,6 +415,22 @@ mod tests {
         assert_eq!(after.await.expect("work task")?, 3);
         assert_eq!(insert(&store, 4, false).await.expect("work task")?, 4);
         assert_eq!(stored(&store).await?, [1, 3, 4]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_grouped_work_runs_in_its_callers_span() -> Result<()> {
+        // The test runtime has one thread, so the committer sees this
+        // thread's subscriber too.
+        let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
+        let (_dir, store) = file_store().await?;
+        let caller = tracing::info_span!("caller");
+        let seen = store
+            .grouped(|_| Box::pin(async { Ok(tracing::Span::current().id()) }))
+            .instrument(caller.clone())
+            .await?;
+        assert!(caller.id().is_some());
+        assert_eq!(seen, caller.id());
         Ok(())
     }
 
