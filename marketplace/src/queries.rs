@@ -1168,11 +1168,7 @@ mod tests {
     /// ever run.
     #[tokio::test]
     async fn counting_running_queries_uses_an_index() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|source| MarketError::Io {
-            context: "temporary directory".into(),
-            source,
-        })?;
-        let store = Store::open(&crate::store::Location::DataDir(dir.path().to_owned())).await?;
+        let (_dir, store) = crate::store::temporary().await?;
         let plan: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(format!(
             "EXPLAIN QUERY PLAN {}",
             RUNNING_ON_CONTRACT.replace("$1", "'c'")

@@ -302,16 +302,24 @@ pub fn now_ms() -> i64 {
         })
 }
 
+/// A store on a SQLite file in a fresh temporary directory (the directory
+/// goes when the returned guard is dropped).
+#[cfg(test)]
+pub(crate) async fn temporary() -> Result<(tempfile::TempDir, Store)> {
+    let dir = tempfile::tempdir().map_err(|source| MarketError::Io {
+        context: "temporary directory".into(),
+        source,
+    })?;
+    let store = Store::open(&Location::DataDir(dir.path().to_owned())).await?;
+    Ok((dir, store))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     async fn file_store() -> Result<(tempfile::TempDir, Store)> {
-        let dir = tempfile::tempdir().map_err(|source| MarketError::Io {
-            context: "temporary directory".into(),
-            source,
-        })?;
-        let store = Store::open(&Location::DataDir(dir.path().to_owned())).await?;
+        let (dir, store) = temporary().await?;
         sqlx::query("CREATE TABLE probe (n INTEGER NOT NULL)")
             .execute(store.pool())
             .await?;
@@ -436,11 +444,7 @@ mod tests {
 
     #[tokio::test]
     async fn sqlite_readers_read_while_the_writer_is_held_and_cannot_write() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|source| MarketError::Io {
-            context: "temporary directory".into(),
-            source,
-        })?;
-        let store = Store::open(&Location::DataDir(dir.path().to_owned())).await?;
+        let (_dir, store) = temporary().await?;
         let mut writing = store.begin().await?;
         sqlx::query("CREATE TABLE probe (n INTEGER)")
             .execute(&mut *writing)
