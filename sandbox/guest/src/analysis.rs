@@ -4,14 +4,14 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use civicgrid_sandbox::policy::{DifferentialPrivacy, OutputPolicy};
+use civicgrid_sandbox::policy::{AggregationRule, DifferentialPrivacy, OutputPolicy};
 use civicgrid_sandbox::protocol::{
     AGGREGATE_METADATA, GuestFailure, GuestRequest, MIN_UNITS_METADATA, SOURCE_METADATA,
     UNITS_COLUMN,
 };
 use datafusion::arrow::datatypes::{Field, Schema};
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{Column, ExprSchema};
 use datafusion::error::DataFusionError;
 use datafusion::functions_aggregate::expr_fn::count_distinct;
@@ -58,15 +58,179 @@ fn refuse(rule: &str, column: Option<&str>, message: String) -> GuestFailure {
     GuestFailure::policy(rule, column, message)
 }
 
-/// Checks `plan` (as written) and `optimized` (what will actually be read)
-/// against the request's policy.
-pub fn check(
+/// Checks `plan` against the request's policy and returns it optimised for
+/// running, with the policy's rewrite in it. `optimize` is the session's.
+///
+/// Optimising is most of a small query's planning, and the analysis needs
+/// an optimised plan (what is actually read) before it knows the rewrite,
+/// which then needs optimising again. So the rewrite is guessed from the
+/// policy and the plan as written, and the plan is optimised once with it.
+/// That takes the slow way (optimise, check, rewrite, optimise) when the guess
+/// was wrong, or when the consumer's own reads could include the privacy unit
+/// the rewrite reads and that would change a decision: the answer is always
+/// the one the slow way gives.
+pub fn checked_plan(
+    request: &GuestRequest,
+    plan: LogicalPlan,
+    mut optimize: impl FnMut(&LogicalPlan) -> Result<LogicalPlan, DataFusionError>,
+) -> Result<(Analysis, LogicalPlan), GuestFailure> {
+    let guess = expected_rewrite(request, &plan);
+    if let Ok(Some(rewritten)) = rewrite(
+        request,
+        guess.kind,
+        guess.unit_column.as_ref(),
+        plan.clone(),
+    ) && let Ok(optimized) = optimize(&rewritten)
+        && let Some(columns_read) =
+            consumer_columns_read(request, &plan, &optimized, guess.unit_column.as_ref())
+    {
+        let analysis = check(request, &plan, columns_read)?;
+        if analysis.kind == guess.kind && analysis.unit_column == guess.unit_column {
+            return Ok((analysis, optimized));
+        }
+    }
+    checked_plan_slowly(request, plan, optimize)
+}
+
+/// Optimise, check what is read, rewrite, optimise again if the rewrite
+/// changed the plan.
+fn checked_plan_slowly(
+    request: &GuestRequest,
+    plan: LogicalPlan,
+    mut optimize: impl FnMut(&LogicalPlan) -> Result<LogicalPlan, DataFusionError>,
+) -> Result<(Analysis, LogicalPlan), GuestFailure> {
+    let query = |e: DataFusionError| GuestFailure::Query {
+        message: e.strip_backtrace(),
+    };
+    let optimized = optimize(&plan).map_err(query)?;
+    let analysis = check(request, &plan, columns_read(&optimized))?;
+    let optimized = match rewrite(request, analysis.kind, analysis.unit_column.as_ref(), plan)? {
+        Some(rewritten) => optimize(&rewritten).map_err(query)?,
+        None => optimized,
+    };
+    Ok((analysis, optimized))
+}
+
+/// The rewrite a query will most likely need, from what the policy could ask
+/// and the plan as written (the columns read come only after optimising).
+#[derive(Debug)]
+struct ExpectedRewrite {
+    kind: QueryKind,
+    unit_column: Option<Column>,
+}
+
+fn expected_rewrite(request: &GuestRequest, plan: &LogicalPlan) -> ExpectedRewrite {
+    let Some(aggregate) = top_aggregate(plan) else {
+        return ExpectedRewrite {
+            kind: QueryKind::List,
+            unit_column: None,
+        };
+    };
+    let unit_column = request.policy.aggregation.as_ref().and_then(|rule| {
+        let may_need_units = request.min_units > 1
+            || rule.min_units > 1
+            || rule.column_min_units.values().any(|&k| k > 1);
+        may_need_units
+            .then(|| unit_column_of(aggregate, rule))
+            .flatten()
+    });
+    ExpectedRewrite {
+        kind: QueryKind::Aggregate,
+        unit_column,
+    }
+}
+
+/// The first privacy-unit column the aggregation's input carries.
+fn unit_column_of(aggregate: &Aggregate, rule: &AggregationRule) -> Option<Column> {
+    let input_columns = aggregate.input.schema().columns();
+    rule.privacy_unit_columns
+        .iter()
+        .find_map(|wanted| input_columns.iter().find(|c| &c.name == wanted).cloned())
+}
+
+/// What the consumer's query reads, from the plan optimised with a rewrite
+/// that counts `unit` too: the count is the platform's read, not the
+/// consumer's. `None` when the consumer's query may read the unit itself and
+/// whether it does could change a decision (the unit is blocked or has a
+/// threshold of its own); only optimising the plan as written tells then.
+fn consumer_columns_read(
     request: &GuestRequest,
     plan: &LogicalPlan,
     optimized: &LogicalPlan,
+    unit: Option<&Column>,
+) -> Option<BTreeSet<String>> {
+    let mut read = columns_read(optimized);
+    let Some(unit) = unit else {
+        // The other rewrites (a row cap, clamped sums) read nothing new.
+        return Some(read);
+    };
+    if !may_read(plan, &unit.name) {
+        read.remove(&unit.name);
+        return Some(read);
+    }
+    let policy = &request.policy;
+    let decides = policy.blocked_columns.contains(&unit.name)
+        || policy
+            .aggregation
+            .as_ref()
+            .is_some_and(|rule| rule.column_min_units.contains_key(&unit.name));
+    (!decides).then_some(read)
+}
+
+/// Whether a plan as written could read `name`: some expression names it (or
+/// names it from inside a correlated subquery), or the plan has an operator
+/// that uses every column of its input without naming them (DISTINCT, UNION
+/// and the like), where only optimising tells what survives.
+fn may_read(plan: &LogicalPlan, name: &str) -> bool {
+    let mut may = false;
+    let _ = plan.apply_with_subqueries(|node| {
+        let names_columns_it_uses = matches!(
+            node,
+            LogicalPlan::Projection(_)
+                | LogicalPlan::Filter(_)
+                | LogicalPlan::Aggregate(_)
+                | LogicalPlan::Sort(_)
+                | LogicalPlan::Limit(_)
+                | LogicalPlan::Join(_)
+                | LogicalPlan::SubqueryAlias(_)
+                | LogicalPlan::TableScan(_)
+                | LogicalPlan::Window(_)
+                | LogicalPlan::EmptyRelation(_)
+                | LogicalPlan::Values(_)
+                | LogicalPlan::Subquery(_)
+        );
+        if !names_columns_it_uses {
+            may = true;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        let _ = node.apply_expressions(|expr| {
+            expr.apply(|e| {
+                if let Expr::Column(c) | Expr::OuterReferenceColumn(_, c) = e
+                    && c.name == name
+                {
+                    may = true;
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        });
+        Ok(if may {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    });
+    may
+}
+
+/// Checks `plan` (as written) against the request's policy, given the table
+/// columns its optimised form reads.
+fn check(
+    request: &GuestRequest,
+    plan: &LogicalPlan,
+    columns_read: BTreeSet<String>,
 ) -> Result<Analysis, GuestFailure> {
     let policy = &request.policy;
-    let columns_read = columns_read(optimized);
     if let Some(column) = columns_read
         .iter()
         .find(|c| policy.blocked_columns.contains(c))
@@ -157,12 +321,7 @@ fn check_aggregate(
         .min_units_for(columns_read.iter().map(String::as_str))
         .max(request.min_units);
     let unit_column = if min_units > 1 {
-        let input_columns = aggregate.input.schema().columns();
-        let unit = rule
-            .privacy_unit_columns
-            .iter()
-            .find_map(|wanted| input_columns.iter().find(|c| &c.name == wanted).cloned());
-        match unit {
+        match unit_column_of(aggregate, rule) {
             Some(unit) => Some(unit),
             None => {
                 return Err(refuse(
@@ -402,18 +561,19 @@ fn columns_outside_aggregates(plan: &LogicalPlan) -> BTreeSet<String> {
 /// Adds what the analysis needs to the plan: the distinct-unit count on
 /// aggregates with a threshold, clamping under differential privacy, and the
 /// row cap on list queries. `None`: the plan runs as written.
-pub fn rewrite(
+fn rewrite(
     request: &GuestRequest,
-    analysis: &Analysis,
+    kind: QueryKind,
+    unit_column: Option<&Column>,
     plan: LogicalPlan,
 ) -> Result<Option<LogicalPlan>, GuestFailure> {
     let internal = |e: DataFusionError| GuestFailure::Query {
         message: e.strip_backtrace(),
     };
     let dp = request.policy.differential_privacy.as_ref();
-    match analysis.kind {
-        QueryKind::Aggregate if analysis.unit_column.is_some() || dp.is_some() => {
-            let unit = analysis.unit_column.clone();
+    match kind {
+        QueryKind::Aggregate if unit_column.is_some() || dp.is_some() => {
+            let unit = unit_column.cloned();
             map_top_aggregate(plan, &mut |aggregate| {
                 let mut aggr_expr = Vec::with_capacity(aggregate.aggr_expr.len() + 1);
                 for expr in aggregate.aggr_expr {
@@ -537,4 +697,212 @@ pub fn annotate(analysis: &Analysis, batch: RecordBatch) -> Result<RecordBatch, 
         .collect();
     let schema = Arc::new(Schema::new_with_metadata(fields, metadata));
     Ok(batch.with_schema(schema)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::collections::BTreeMap;
+
+    use civicgrid_sandbox::policy::ListRule;
+    use civicgrid_sandbox::protocol::TableInfo;
+    use datafusion::arrow::datatypes::DataType;
+
+    use super::*;
+
+    fn request(sql: &str, policy: OutputPolicy) -> GuestRequest {
+        let residents = Schema::new(vec![
+            Field::new("district", DataType::Utf8, false),
+            Field::new("age_band", DataType::Utf8, false),
+            Field::new("household_size", DataType::Int32, false),
+            Field::new("income", DataType::Int64, false),
+            Field::new("person_id", DataType::Int64, false),
+        ]);
+        let districts = Schema::new(vec![
+            Field::new("name", DataType::Utf8, false),
+            Field::new("area_km2", DataType::Int64, false),
+        ]);
+        GuestRequest {
+            sql: sql.to_owned(),
+            tables: vec![
+                TableInfo {
+                    name: "residents".into(),
+                    schema: residents,
+                },
+                TableInfo {
+                    name: "districts".into(),
+                    schema: districts,
+                },
+            ],
+            min_units: policy.min_units_for(std::iter::empty()),
+            policy,
+        }
+    }
+
+    /// person_id blocked and the privacy unit, k = 10; lists of two columns.
+    fn population() -> OutputPolicy {
+        OutputPolicy {
+            blocked_columns: vec!["person_id".into()],
+            aggregation: Some(AggregationRule {
+                privacy_unit_columns: vec!["person_id".into()],
+                min_units: 10,
+                column_min_units: BTreeMap::new(),
+                dimension_columns: None,
+            }),
+            list: Some(ListRule {
+                columns: vec!["district".into(), "age_band".into()],
+                max_rows: 5,
+            }),
+            ..OutputPolicy::default()
+        }
+    }
+
+    fn with_dp(mut policy: OutputPolicy) -> OutputPolicy {
+        policy.differential_privacy = Some(DifferentialPrivacy {
+            epsilon_per_query: 1.0,
+            bounds: [("income".to_owned(), (0.0, 100_000.0))].into(),
+            max_rows_per_unit: 1,
+        });
+        policy
+    }
+
+    /// The unit readable, with a threshold of its own when `override_k`.
+    fn unit_readable(override_k: Option<u64>) -> OutputPolicy {
+        let mut policy = population();
+        policy.blocked_columns.clear();
+        if let (Some(k), Some(rule)) = (override_k, policy.aggregation.as_mut()) {
+            rule.column_min_units.insert("person_id".into(), k);
+        }
+        policy
+    }
+
+    fn render(outcome: Result<(Analysis, LogicalPlan), GuestFailure>) -> String {
+        let rendered = match outcome {
+            Ok((analysis, plan)) => format!("{analysis:?}\n{}", plan.display_indent()),
+            Err(failure) => format!("{failure:?}"),
+        };
+        // Common subexpressions are numbered per session, not per plan.
+        let mut parts = rendered.split("__common_expr_");
+        let mut normalized = parts.next().unwrap_or_default().to_owned();
+        for part in parts {
+            normalized.push_str("__common_expr_N");
+            normalized.push_str(part.trim_start_matches(|c: char| c.is_ascii_digit()));
+        }
+        normalized
+    }
+
+    /// `sql` checked and planned the quick way and the slow way: both
+    /// outcomes, and how many optimisations the quick way ran.
+    fn both_ways(sql: &str, policy: OutputPolicy) -> (String, String, usize) {
+        let request = request(sql, policy);
+        let source = Arc::new(crate::MemorySource::new(vec![Vec::new(), Vec::new()]));
+        let ctx = crate::context(&request, source, 1).expect("context");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let (state, plan) = runtime
+            .block_on(ctx.sql(sql))
+            .expect("the SQL plans")
+            .into_parts();
+        let optimizations = Cell::new(0);
+        let quick = checked_plan(&request, plan.clone(), |plan| {
+            optimizations.set(optimizations.get() + 1);
+            state.optimize(plan)
+        });
+        let slow = checked_plan_slowly(&request, plan, |plan| state.optimize(plan));
+        (render(quick), render(slow), optimizations.get())
+    }
+
+    #[test]
+    fn a_rewritten_query_is_optimised_once_and_planned_as_the_slow_way_plans_it() {
+        for (sql, policy) in [
+            (
+                "select district, count(*) from residents group by district",
+                population(),
+            ),
+            (
+                "select district, count(*), sum(income) from residents group by district",
+                with_dp(population()),
+            ),
+            ("select district, age_band from residents", population()),
+            (
+                "select r.district, count(*) from residents r join districts d on r.district = d.name \
+                 where d.area_km2 > 3 group by r.district order by 2 desc limit 3",
+                population(),
+            ),
+            // The consumer counts the unit too; it may, it is not blocked here.
+            (
+                "select district, count(distinct person_id) from residents group by district",
+                unit_readable(None),
+            ),
+        ] {
+            let (quick, slow, optimizations) = both_ways(sql, policy);
+            assert_eq!(quick, slow, "{sql}");
+            assert!(!quick.contains("Policy"), "{sql}: {quick}");
+            assert_eq!(optimizations, 1, "{sql}");
+        }
+    }
+
+    /// Where the consumer's query may read the privacy unit the rewrite
+    /// reads, and that decides something, the quick way must not guess.
+    #[test]
+    fn a_query_that_may_read_the_unit_gets_the_slow_ways_answer() {
+        for (sql, policy, refused, least_optimizations) in [
+            (
+                "select district, sum(person_id) from residents group by district",
+                population(),
+                true,
+                2,
+            ),
+            (
+                "select district, count(*) from residents group by district having max(person_id) > 0",
+                population(),
+                true,
+                2,
+            ),
+            (
+                "select district, count(*) from residents r where exists \
+                 (select 1 from districts d where d.area_km2 = r.person_id) group by district",
+                population(),
+                true,
+                2,
+            ),
+            // Renamed, the unit is no column of the aggregation's input, so
+            // no rewrite is guessed and one optimisation is all it takes.
+            (
+                "select p, count(*) from (select person_id as p from residents) group by p",
+                population(),
+                true,
+                1,
+            ),
+            (
+                "select district, count(*) from (select district, person_id from residents \
+                 union all select district, person_id from residents) group by district",
+                population(),
+                false,
+                2,
+            ),
+            // Named but pruned away: the slow way allows it, so must the quick.
+            (
+                "select district, count(*) from (select * from residents) group by district",
+                population(),
+                false,
+                2,
+            ),
+            (
+                "select district, count(distinct person_id) from residents group by district",
+                unit_readable(Some(50)),
+                false,
+                2,
+            ),
+        ] {
+            let (quick, slow, optimizations) = both_ways(sql, policy);
+            assert_eq!(quick, slow, "{sql}");
+            assert_eq!(quick.contains("Policy"), refused, "{sql}: {quick}");
+            assert!(
+                optimizations >= least_optimizations,
+                "{sql}: {optimizations}"
+            );
+        }
+    }
 }

@@ -59,14 +59,7 @@ pub async fn run(
         .await
         .map_err(query)?;
     let (state, plan) = frame.into_parts();
-    let optimized = state.optimize(&plan).map_err(query)?;
-    let analysis = analysis::check(request, &plan, &optimized)?;
-    // A second optimisation was 15% of a `select 1`'s fuel, so it runs only
-    // when the policy's rewrite changed the plan.
-    let optimized = match analysis::rewrite(request, &analysis, plan)? {
-        Some(rewritten) => state.optimize(&rewritten).map_err(query)?,
-        None => optimized,
-    };
+    let (analysis, optimized) = analysis::checked_plan(request, plan, |plan| state.optimize(plan))?;
     let physical = state
         .query_planner()
         .create_physical_plan(&optimized, &state)
