@@ -83,6 +83,71 @@ fn chart_lints_and_its_committed_rendering_is_current() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The operator container's arguments in a rendering of the chart.
+fn operator_args(rendered: &str) -> anyhow::Result<Vec<String>> {
+    for document in serde_yaml::Deserializer::from_str(rendered) {
+        let value = serde_yaml::Value::deserialize(document)?;
+        if value.get("kind").and_then(serde_yaml::Value::as_str) != Some("Deployment") {
+            continue;
+        }
+        let deployment: Deployment = serde_yaml::from_value(value)?;
+        let container = deployment
+            .spec
+            .and_then(|spec| spec.template.spec)
+            .and_then(|pod| pod.containers.into_iter().next())
+            .context("the Deployment has a container")?;
+        return container.args.context("the operator container has args");
+    }
+    bail!("the chart renders no Deployment")
+}
+
+/// Every flag the chart passes is one the operator takes, with a value it
+/// accepts: the operator binary itself parses them (`--help` last, so it
+/// exits once they parsed instead of running).
+#[test]
+fn the_operator_accepts_every_argument_the_chart_passes() -> anyhow::Result<()> {
+    let operator = std::env::var(civicgrid_tests::operator::BIN_ENV).with_context(|| {
+        format!(
+            "{} is not set: build the operator binary (scripts/test.sh does)",
+            civicgrid_tests::operator::BIN_ENV
+        )
+    })?;
+    let defaults = operator_args(&render()?)?;
+    let mut with_values = vec![
+        "template",
+        "civicgrid",
+        "charts/civicgrid",
+        "--namespace",
+        NAMESPACE,
+        "--kube-version",
+        "1.35.0",
+    ];
+    with_values.extend(["--set", "readinessPollSeconds=0.5,heartbeatSeconds=2"]);
+    let set = operator_args(&helm(&with_values)?)?;
+    ensure!(
+        defaults.contains(&"--readiness-poll-seconds=30".to_owned()),
+        "the default readiness poll reaches the operator: {defaults:?}"
+    );
+    ensure!(
+        set.contains(&"--readiness-poll-seconds=0.5".to_owned())
+            && set.contains(&"--heartbeat-seconds=2".to_owned()),
+        "the values set reach the operator: {set:?}"
+    );
+    for args in [defaults, set] {
+        let out = Command::new(&operator)
+            .args(&args)
+            .arg("--help")
+            .output()
+            .with_context(|| format!("running {operator}"))?;
+        ensure!(
+            out.status.success(),
+            "the operator refuses the chart's arguments {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// Applies every document of `yaml` with server-side apply, resolving each
 /// kind through discovery.
 async fn apply_all(client: &Client, yaml: &str) -> anyhow::Result<()> {
