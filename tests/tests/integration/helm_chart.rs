@@ -51,8 +51,13 @@ fn helm(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// The chart rendered as `charts/rendered/civicgrid.yaml` holds it.
 fn render() -> anyhow::Result<String> {
-    helm(&[
+    render_with(&["--include-crds"])
+}
+
+fn render_with(extra: &[&str]) -> anyhow::Result<String> {
+    let mut args = vec![
         "template",
         "civicgrid",
         "charts/civicgrid",
@@ -60,8 +65,9 @@ fn render() -> anyhow::Result<String> {
         NAMESPACE,
         "--kube-version",
         "1.35.0",
-        "--include-crds",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    helm(&args)
 }
 
 #[test]
@@ -113,17 +119,10 @@ fn the_operator_accepts_every_argument_the_chart_passes() -> anyhow::Result<()> 
         )
     })?;
     let defaults = operator_args(&render()?)?;
-    let mut with_values = vec![
-        "template",
-        "civicgrid",
-        "charts/civicgrid",
-        "--namespace",
-        NAMESPACE,
-        "--kube-version",
-        "1.35.0",
-    ];
-    with_values.extend(["--set", "readinessPollSeconds=0.5,heartbeatSeconds=2"]);
-    let set = operator_args(&helm(&with_values)?)?;
+    let set = operator_args(&render_with(&[
+        "--set",
+        "readinessPollSeconds=0.5,heartbeatSeconds=2",
+    ])?)?;
     ensure!(
         defaults.contains(&"--readiness-poll-seconds=30".to_owned()),
         "the default readiness poll reaches the operator: {defaults:?}"
