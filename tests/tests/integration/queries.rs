@@ -709,10 +709,12 @@ async fn a_client_that_gives_up_mid_query_leaves_no_hold(db: Db) -> anyhow::Resu
     contract(&market, &cast, 0).await?;
     deposit(&market, 10_000).await?;
     let token = &cast.consumer_analyst;
-    // A billion-row cross join: it runs until its fuel (2,000 compute
-    // units, seconds of work) is gone, long after the client's deadline.
+    // A billion-row cross join: it runs until its fuel (20,000 compute
+    // units, 2·10¹⁰ fuel, about 5 s on an idle 2-core machine) is gone, long
+    // after the client's deadline. 2,000 units burnt in 0.3–0.5 s, and the
+    // query sometimes ended before the 300 ms deadline did.
     let slow = proto::RunQueryRequest {
-        max_compute_units: 2_000,
+        max_compute_units: 20_000,
         ..query(
             "SELECT a.district, COUNT(*) AS people FROM residents a \
              CROSS JOIN residents b CROSS JOIN residents c GROUP BY a.district",
