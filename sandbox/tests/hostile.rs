@@ -265,6 +265,49 @@ fn an_unapproved_algorithm_does_not_run() {
 }
 
 #[test]
+fn wide_arithmetic_runs_and_computes_128_bit_results() {
+    // The SQL guest is built with the wide-arithmetic proposal (Decimal128
+    // sums and products, hashing): the engine must accept its instructions and
+    // compute them exactly. Any wrong half traps.
+    let f = fixture();
+    let wasm = guest(
+        "",
+        r#"
+        ;; (2^64 - 1)^2 = 2^128 - 2^65 + 1: high half 2^64 - 2, low half 1.
+        (i64.mul_wide_u (i64.const -1) (i64.const -1))
+        (if (i64.ne (i64.const -2)) (then unreachable))
+        (if (i64.ne (i64.const 1)) (then unreachable))
+        ;; -3 * 5 = -15, sign-extended into the high half.
+        (i64.mul_wide_s (i64.const -3) (i64.const 5))
+        (if (i64.ne (i64.const -1)) (then unreachable))
+        (if (i64.ne (i64.const -15)) (then unreachable))
+        ;; (2^64 - 1) + 1 carries into the high half: (0, 1).
+        (i64.add128 (i64.const -1) (i64.const 0) (i64.const 1) (i64.const 0))
+        (if (i64.ne (i64.const 1)) (then unreachable))
+        (if (i64.ne (i64.const 0)) (then unreachable))
+        ;; 0 - 1 borrows from the high half: (2^64 - 1, -1).
+        (i64.sub128 (i64.const 0) (i64.const 0) (i64.const 1) (i64.const 0))
+        (if (i64.ne (i64.const -1)) (then unreachable))
+        (if (i64.ne (i64.const -1)) (then unreachable))
+        "#,
+    );
+    f.run(&wasm, &Limits::default())
+        .expect("wide arithmetic is enabled and exact");
+    // The same checks with one wrong expectation must trap, or the test above
+    // proves nothing.
+    let wrong = guest(
+        "",
+        "(i64.mul_wide_u (i64.const -1) (i64.const -1)) drop
+         (if (i64.ne (i64.const 2)) (then unreachable))",
+    );
+    let err = f.run(&wrong, &Limits::default()).unwrap_err();
+    assert!(
+        matches!(&err, SandboxError::Trap(m) if m.contains("unreachable")),
+        "{err}"
+    );
+}
+
+#[test]
 fn fuel_is_deterministic_and_proportional_to_work() {
     let f = fixture();
     let wasm = |n: u32| {

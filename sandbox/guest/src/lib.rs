@@ -9,6 +9,8 @@
 #[cfg(target_family = "wasm")]
 mod abi;
 mod analysis;
+#[cfg(any(target_family = "wasm", test))]
+mod wide;
 
 use std::fmt;
 use std::sync::Arc;

@@ -259,6 +259,9 @@ impl Sandbox {
             .epoch_interruption(true)
             .max_wasm_stack(config.max_stack_bytes)
             .wasm_simd(true)
+            // The SQL guest is built with 128-bit multiply and add
+            // instructions (see .cargo/config.toml).
+            .wasm_wide_arithmetic(true)
             .cranelift_opt_level(OptLevel::Speed);
         let engine = Engine::new(&wasm).map_err(internal)?;
         let imports = |dead_file_calls: bool| -> Result<Imports, SandboxError> {
