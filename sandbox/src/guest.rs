@@ -23,6 +23,7 @@ mod host {
         pub fn emit(ptr: *const u8, len: i32);
         pub fn fail(ptr: *const u8, len: i32);
         pub fn log(ptr: *const u8, len: i32);
+        pub fn partials_next(ptr: *mut u8, cap: i32) -> i64;
     }
 }
 
@@ -71,6 +72,19 @@ pub fn scan(
         // SAFETY: `pull` passes a pointer to and the capacity of `buffer`.
         let len = pull(&mut buffer, |ptr, cap| unsafe {
             host::scan_next(handle, ptr, cap)
+        })?;
+        Some(decode(&buffer[..len]))
+    })
+    .flatten()
+}
+
+/// In a final run, the partial aggregate states of the partial runs.
+pub fn partials() -> impl Iterator<Item = Result<RecordBatch, String>> + Send + use<> {
+    let mut buffer = Vec::with_capacity(1 << 16);
+    std::iter::from_fn(move || {
+        // SAFETY: `pull` passes a pointer to and the capacity of `buffer`.
+        let len = pull(&mut buffer, |ptr, cap| unsafe {
+            host::partials_next(ptr, cap)
         })?;
         Some(decode(&buffer[..len]))
     })

@@ -11,6 +11,9 @@
 //! - `emit(ptr, len)`: one result batch as an Arrow IPC stream.
 //! - `fail(ptr, len)`: a JSON [`GuestFailure`]; the guest then returns.
 //! - `log(ptr, len)`: a diagnostic line (capped by the host).
+//! - `partials_next(ptr, cap) -> i64`: in a [`Stage::Final`] run, the next
+//!   batch of partial aggregate state the [`Stage::Partial`] runs emitted, as
+//!   an Arrow IPC stream; 0 at the end (and always 0 in any other stage).
 //!
 //! The guest exports `memory`, `civicgrid_alloc(len) -> ptr` and
 //! `civicgrid_run() -> i32` (0 on success).
@@ -56,6 +59,40 @@ pub struct GuestRequest {
     pub policy: OutputPolicy,
     /// Threshold the host will enforce; the guest needs it to decide what to count.
     pub min_units: u64,
+    /// Which part of a split run this instance does.
+    #[serde(default)]
+    pub stage: Stage,
+}
+
+/// A large scan is split across instances that run on the host's cores:
+/// each computes the query's partial aggregate over its share of one table's
+/// row groups, and a final instance merges those states and runs the rest of
+/// the plan. The split depends only on the data (its row groups), never on
+/// the machine, so the same query always costs the same fuel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Stage {
+    /// The whole query in one instance.
+    #[default]
+    Whole,
+    /// The partial aggregate over share `part` of `parts` of table `table`
+    /// (the host streams only that share). What the guest emits is
+    /// intermediate state: the host hands it to the final instance and never
+    /// releases it. A plan that cannot be split this way fails with
+    /// [`GuestFailure::NotSplittable`], and the host runs it whole.
+    Partial {
+        /// The table whose row groups are split.
+        table: usize,
+        /// This instance's share, from 0.
+        part: usize,
+        /// How many shares there are.
+        parts: usize,
+    },
+    /// The rest of the plan, over every partial state (`partials_next`).
+    Final {
+        /// The table whose row groups were split.
+        table: usize,
+    },
 }
 
 /// Why a guest refused or failed a request.
@@ -83,6 +120,14 @@ pub enum GuestFailure {
     Execution {
         /// The engine's message.
         message: String,
+    },
+    /// Asked for a [`Stage::Partial`] run, the guest found a plan that cannot
+    /// be split (no single partial aggregate over a plain scan of the split
+    /// table). Not the consumer's concern: the host runs the query whole.
+    #[error("the plan cannot be split across instances: {reason}")]
+    NotSplittable {
+        /// What stood in the way.
+        reason: String,
     },
 }
 

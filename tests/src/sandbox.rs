@@ -50,6 +50,16 @@ pub fn shared_sandbox() -> &'static Sandbox {
     })
 }
 
+/// A sandbox of its own, caching compiled modules where [`shared_sandbox`]
+/// does, with `configure` applied to the defaults (and few pool slots).
+pub fn sandbox_with(configure: impl FnOnce(&mut SandboxConfig)) -> Sandbox {
+    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/sandbox-cache");
+    let mut config = SandboxConfig::new(cache);
+    config.max_concurrent_runs = 4;
+    configure(&mut config);
+    Sandbox::new(&config).expect("sandbox")
+}
+
 /// TPC-H at scale factor 0.01 (60k line items), written once per process.
 pub fn tpch_small() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
@@ -61,9 +71,41 @@ pub fn tpch_small() -> &'static Path {
     .path()
 }
 
+/// TPC-H at scale factor 0.01 with `lineitem` in row groups of 8,192 rows
+/// (eight of them), so the sandbox splits scans of it across instances.
+pub fn tpch_small_in_parts() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for table in crate::tpch::TABLES {
+            std::fs::copy(
+                tpch_small().join(format!("{table}.parquet")),
+                dir.path().join(format!("{table}.parquet")),
+            )
+            .expect("copy TPC-H");
+        }
+        let lineitem = dir.path().join("lineitem.parquet");
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(&lineitem).expect("lineitem"),
+        )
+        .expect("lineitem reader")
+        .build()
+        .expect("lineitem reader");
+        let batches: Vec<RecordBatch> = reader.map(|b| b.expect("lineitem batch")).collect();
+        write_batches_in_groups(dir.path(), "lineitem", &batches, 8_192).expect("rewrite lineitem");
+        dir
+    })
+    .path()
+}
+
 /// Residents of a small city: 2,000 people in seven districts of 100 to 500
 /// and one district ("Harbour") of three, with a unique income each.
 pub fn write_residents(dir: &Path) -> std::io::Result<()> {
+    write_residents_in_groups(dir, usize::MAX)
+}
+
+/// [`write_residents`] with the residents in row groups of `rows_per_group`.
+pub fn write_residents_in_groups(dir: &Path, rows_per_group: usize) -> std::io::Result<()> {
     let districts = ["North", "South", "East", "West", "Centre", "Hills", "River"];
     let mut district = Vec::new();
     let mut age_band = Vec::new();
@@ -98,7 +140,7 @@ pub fn write_residents(dir: &Path) -> std::io::Result<()> {
     ];
     let batch =
         RecordBatch::try_new(Arc::clone(&schema), columns).map_err(std::io::Error::other)?;
-    write_batch(dir, "residents", &batch)?;
+    write_batches_in_groups(dir, "residents", &[batch], rows_per_group)?;
 
     let names: Vec<&str> = districts.iter().copied().chain(["Harbour"]).collect();
     let areas: Vec<i64> = (0..names.len() as i64).map(|i| 10 + i).collect();
@@ -118,10 +160,28 @@ pub fn write_residents(dir: &Path) -> std::io::Result<()> {
 }
 
 fn write_batch(dir: &Path, table: &str, batch: &RecordBatch) -> std::io::Result<()> {
+    write_batches_in_groups(dir, table, std::slice::from_ref(batch), usize::MAX)
+}
+
+fn write_batches_in_groups(
+    dir: &Path,
+    table: &str,
+    batches: &[RecordBatch],
+    rows_per_group: usize,
+) -> std::io::Result<()> {
+    let schema = batches
+        .first()
+        .map(RecordBatch::schema)
+        .ok_or_else(|| std::io::Error::other(format!("no batches for {table}")))?;
     let file = std::fs::File::create(dir.join(format!("{table}.parquet")))?;
-    let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)
+    let properties = parquet::file::properties::WriterProperties::builder()
+        .set_max_row_group_row_count(Some(rows_per_group.min(1 << 20)))
+        .build();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, Some(properties))
         .map_err(std::io::Error::other)?;
-    writer.write(batch).map_err(std::io::Error::other)?;
+    for batch in batches {
+        writer.write(batch).map_err(std::io::Error::other)?;
+    }
     writer.close().map_err(std::io::Error::other)?;
     Ok(())
 }
@@ -163,6 +223,7 @@ pub fn run_native(
         tables: infos,
         policy: policy.clone(),
         min_units: policy.aggregation.as_ref().map_or(0, |a| a.min_units),
+        stage: Default::default(),
     };
     let source = Arc::new(NativeSource { store, tables });
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -15,6 +15,10 @@ impl BatchSource for HostSource {
     fn scan(&self, table: usize, columns: &[usize]) -> Result<BatchIter, String> {
         Ok(Box::new(guest::scan(table, columns)))
     }
+
+    fn partials(&self) -> Result<BatchIter, String> {
+        Ok(Box::new(guest::partials()))
+    }
 }
 
 fn run() -> Result<(), GuestFailure> {

@@ -736,6 +736,7 @@ mod tests {
             ],
             min_units: policy.min_units_for(std::iter::empty()),
             policy,
+            stage: Default::default(),
         }
     }
 

@@ -9,6 +9,7 @@
 #[cfg(target_family = "wasm")]
 mod abi;
 mod analysis;
+mod split;
 #[cfg(any(target_family = "wasm", test))]
 mod wide;
 
@@ -16,7 +17,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use civicgrid_sandbox::protocol::{GuestFailure, GuestRequest};
+use civicgrid_sandbox::protocol::{GuestFailure, GuestRequest, Stage};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::catalog::{Session, TableProvider};
@@ -40,18 +41,24 @@ pub type BatchIter = Box<dyn Iterator<Item = Result<RecordBatch, String>> + Send
 pub trait BatchSource: Send + Sync + 'static {
     /// Streams `table` (an index into the request's tables) with only `columns`.
     fn scan(&self, table: usize, columns: &[usize]) -> Result<BatchIter, String>;
+
+    /// In a final run, the partial aggregate states the partial runs emitted.
+    fn partials(&self) -> Result<BatchIter, String> {
+        Err("partial aggregate states exist only in a split run".into())
+    }
 }
 
-/// Plans `request.sql`, checks it against `request.policy`, and runs it,
-/// handing each result batch to `emit`. `partitions` is DataFusion's target
-/// partition count (1 inside the sandbox, which has one thread).
+/// Plans `request.sql`, checks it against `request.policy`, and runs it (or
+/// the part of it `request.stage` names), handing each result batch to
+/// `emit`. `partitions` is DataFusion's target partition count (1 inside the
+/// sandbox, which has one thread).
 pub async fn run(
     request: &GuestRequest,
     source: Arc<dyn BatchSource>,
     partitions: usize,
     mut emit: impl FnMut(RecordBatch) -> Result<(), String>,
 ) -> Result<Analysis, GuestFailure> {
-    let ctx = context(request, source, partitions)?;
+    let ctx = context(request, Arc::clone(&source), partitions)?;
     let options = SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)
@@ -62,15 +69,41 @@ pub async fn run(
         .map_err(query)?;
     let (state, plan) = frame.into_parts();
     let (analysis, optimized) = analysis::checked_plan(request, plan, |plan| state.optimize(plan))?;
+    let state = match request.stage {
+        Stage::Whole => state,
+        Stage::Partial { .. } | Stage::Final { .. } => split::keeping_aggregate_phases(state),
+    };
     let physical = state
         .query_planner()
         .create_physical_plan(&optimized, &state)
         .await
         .map_err(query)?;
+    let physical = match request.stage {
+        Stage::Whole => physical,
+        Stage::Partial { .. } => split::partial_aggregate(&physical)
+            .map_err(|reason| GuestFailure::NotSplittable { reason })?,
+        Stage::Final { .. } => {
+            // The partial instances planned the same query the same way.
+            let partial =
+                split::partial_aggregate(&physical).map_err(|reason| GuestFailure::Execution {
+                    message: format!("the final run's plan does not split: {reason}"),
+                })?;
+            let states = Arc::new(PartialStates {
+                schema: partial.schema(),
+                source: Arc::clone(&source),
+            });
+            split::over_partial_states(physical, &partial, states).map_err(execution)?
+        }
+    };
+    let partial = matches!(request.stage, Stage::Partial { .. });
     let mut stream = execute_stream(physical, state.task_ctx()).map_err(execution)?;
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(execution)?;
-        let batch = analysis::annotate(&analysis, batch).map_err(execution)?;
+        // Partial states go to the final instance, which annotates the result.
+        let batch = match partial {
+            true => batch,
+            false => analysis::annotate(&analysis, batch).map_err(execution)?,
+        };
         emit(batch).map_err(|message| GuestFailure::Execution { message })?;
     }
     Ok(analysis)
@@ -189,29 +222,51 @@ impl PartitionStream for HostPartition {
     }
 
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
-        let schema = Arc::clone(&self.schema);
-        let batches: BatchIter = match self.source.scan(self.table, &self.columns) {
-            Ok(batches) => batches,
-            Err(message) => Box::new(std::iter::once(Err(message))),
-        };
-        let stream = futures::stream::iter(batches.map(move |batch| {
-            let batch = batch.map_err(DataFusionError::Execution)?;
-            // Zero-column scans (COUNT(*)) come back without a schema of their own.
-            if batch.num_columns() == 0 {
-                return Ok(RecordBatch::try_new_with_options(
-                    Arc::clone(&schema),
-                    Vec::new(),
-                    &datafusion::arrow::record_batch::RecordBatchOptions::new()
-                        .with_row_count(Some(batch.num_rows())),
-                )?);
-            }
-            Ok(batch.with_schema(Arc::clone(&schema))?)
-        }));
-        Box::pin(RecordBatchStreamAdapter::new(
-            Arc::clone(&self.schema),
-            stream,
-        ))
+        stream_of(&self.schema, self.source.scan(self.table, &self.columns))
     }
+}
+
+/// What the partial instances of a split run emitted, for the final one.
+struct PartialStates {
+    schema: SchemaRef,
+    source: Arc<dyn BatchSource>,
+}
+
+impl fmt::Debug for PartialStates {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PartialStates").finish()
+    }
+}
+
+impl PartitionStream for PartialStates {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        stream_of(&self.schema, self.source.partials())
+    }
+}
+
+/// `batches`, each given `schema` (IPC does not carry field metadata across
+/// exactly as the plan has it).
+fn stream_of(schema: &SchemaRef, batches: Result<BatchIter, String>) -> SendableRecordBatchStream {
+    let batches = batches.unwrap_or_else(|message| Box::new(std::iter::once(Err(message))));
+    let target = Arc::clone(schema);
+    let stream = futures::stream::iter(batches.map(move |batch| {
+        let batch = batch.map_err(DataFusionError::Execution)?;
+        // Zero-column scans (COUNT(*)) come back without a schema of their own.
+        if batch.num_columns() == 0 {
+            return Ok(RecordBatch::try_new_with_options(
+                Arc::clone(&target),
+                Vec::new(),
+                &datafusion::arrow::record_batch::RecordBatchOptions::new()
+                    .with_row_count(Some(batch.num_rows())),
+            )?);
+        }
+        Ok(batch.with_schema(Arc::clone(&target))?)
+    }));
+    Box::pin(RecordBatchStreamAdapter::new(Arc::clone(schema), stream))
 }
 
 /// Batches held in memory: the native baseline and unit tests.

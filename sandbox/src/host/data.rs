@@ -25,7 +25,38 @@ pub trait TableStore: Send + Sync {
     fn schema(&self, table: &str) -> Result<SchemaRef, String>;
     /// Streams `columns` (indices into [`Self::schema`]) of `table`.
     fn scan(&self, table: &str, columns: &[usize]) -> Result<TableScan, String>;
+
+    /// Into how many shares a scan of `table` splits, so that instances on
+    /// different cores can each read one. A property of the data, never of
+    /// the machine: fuel must not depend on the core count. 1 means the
+    /// table is read whole.
+    fn parts(&self, _table: &str) -> Result<usize, String> {
+        Ok(1)
+    }
+
+    /// Streams share `part` of `parts` of `table`. Every row is in exactly
+    /// one share, and a share's batches come in the same order every time.
+    /// This fallback splits by batch and still reads every batch; stores
+    /// that report more than one part override it to read only their share.
+    fn scan_part(
+        &self,
+        table: &str,
+        columns: &[usize],
+        part: usize,
+        parts: usize,
+    ) -> Result<TableScan, String> {
+        let scan = self.scan(table, columns)?;
+        Ok(Box::new(
+            scan.enumerate()
+                .filter(move |(index, _)| index % parts.max(1) == part)
+                .map(|(_, batch)| batch),
+        ))
+    }
 }
+
+/// The most shares a scan splits into: more than the cores of any machine we
+/// run on, few enough that each share's planning is noise next to its scan.
+pub const MAX_PARTS: usize = 16;
 
 /// Tables as files in one directory: `<table>.parquet` or `<table>.arrow`
 /// (Arrow IPC file format).
@@ -119,12 +150,56 @@ impl TableStore for LocalDirectory {
     }
 
     fn scan(&self, table: &str, columns: &[usize]) -> Result<TableScan, String> {
+        self.scan_row_groups(table, columns, None)
+    }
+
+    /// A Parquet table splits by row group (share `k` reads groups `i` with
+    /// `i % parts == k`), at most [`MAX_PARTS`] ways; Arrow IPC files do not split.
+    fn parts(&self, table: &str) -> Result<usize, String> {
+        let (path, is_parquet) = self.file(table)?;
+        if !is_parquet {
+            return Ok(1);
+        }
+        let builder = ParquetRecordBatchReaderBuilder::try_new(open(&path)?)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(builder.metadata().num_row_groups().clamp(1, MAX_PARTS))
+    }
+
+    fn scan_part(
+        &self,
+        table: &str,
+        columns: &[usize],
+        part: usize,
+        parts: usize,
+    ) -> Result<TableScan, String> {
+        if parts <= 1 {
+            return self.scan(table, columns);
+        }
+        let (_, is_parquet) = self.file(table)?;
+        if !is_parquet {
+            return Err(format!("table {table} is not stored in parts"));
+        }
+        self.scan_row_groups(table, columns, Some((part, parts)))
+    }
+}
+
+impl LocalDirectory {
+    fn scan_row_groups(
+        &self,
+        table: &str,
+        columns: &[usize],
+        share: Option<(usize, usize)>,
+    ) -> Result<TableScan, String> {
         let (path, is_parquet) = self.file(table)?;
         let file = open(&path)?;
         let name = path.display().to_string();
         if is_parquet {
-            let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+            let mut builder = ParquetRecordBatchReaderBuilder::try_new(file)
                 .map_err(|e| format!("{name}: {e}"))?;
+            if let Some((part, parts)) = share {
+                let groups = builder.metadata().num_row_groups();
+                builder = builder.with_row_groups((part..groups).step_by(parts).collect());
+            }
             let mask = ProjectionMask::roots(builder.parquet_schema(), columns.iter().copied());
             // The mask keeps file order; the guest asked for its own order.
             let mut sorted = columns.to_vec();

@@ -100,6 +100,10 @@ impl From<GuestFailure> for SandboxError {
             },
             GuestFailure::Query { message } => Self::Query(message),
             GuestFailure::Execution { message } => Self::Execution(message),
+            // Only a partial run may answer so, and the host handles that itself.
+            GuestFailure::NotSplittable { reason } => Self::Execution(format!(
+                "the guest refused a whole run as not splittable: {reason}"
+            )),
         }
     }
 }
@@ -126,4 +130,6 @@ pub(crate) enum Abort {
     Protocol(String),
     #[error("guest exited with {0}")]
     Exit(i32),
+    #[error("not splittable: {0}")]
+    NotSplittable(String),
 }

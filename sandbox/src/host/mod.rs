@@ -15,7 +15,7 @@ mod wasi;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,16 +27,16 @@ use wasmtime::{
 };
 
 pub use cache::CacheOutcome;
-pub use data::{BATCH_ROWS, LocalDirectory, TableScan, TableStore};
+pub use data::{BATCH_ROWS, LocalDirectory, MAX_PARTS, TableScan, TableStore};
 pub use error::SandboxError;
 pub use release::MIN_UNITS_METADATA;
 
 use error::Abort;
 use release::Release;
-use run::{RunLimiter, RunSetup, RunState, Table};
+use run::{RunLimiter, RunSetup, RunState, Split, Table};
 
 use crate::policy::OutputPolicy;
-use crate::protocol::{GuestRequest, RUN_EXPORT, TableInfo};
+use crate::protocol::{GuestFailure, GuestRequest, RUN_EXPORT, Stage, TableInfo};
 
 /// Fuel per billed compute unit. Fuel counts Wasm operations, so a unit is
 /// about a million of them: the same query on the same data always costs the
@@ -61,6 +61,14 @@ pub struct SandboxConfig {
     /// Count fuel. Only the fuel-overhead benchmark turns it off: without it
     /// runs are not metered and only the wall-time limit stops a loop.
     pub meter_fuel: bool,
+    /// Split SQL scans of tables stored in several parts across instances
+    /// (see [`crate::protocol::Stage`]). Whether a query splits depends only
+    /// on its plan and its data, so fuel is the same on any machine; turning
+    /// this off changes what queries over large tables cost.
+    pub split_scans: bool,
+    /// Instances of one split run alive at once: the cores it may use.
+    /// Changes only speed, never results or fuel.
+    pub max_parallel_instances: usize,
 }
 
 impl SandboxConfig {
@@ -72,6 +80,8 @@ impl SandboxConfig {
             max_concurrent_runs: 32,
             max_stack_bytes: 1 << 20,
             meter_fuel: true,
+            split_scans: true,
+            max_parallel_instances: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -170,6 +180,9 @@ pub struct Metering {
     pub bytes_released: u64,
     /// Wall time of the run, instantiation included.
     pub wall_time: Duration,
+    /// Instances the run took: 1, or the shares of a split scan plus the
+    /// final instance. Fixed by the plan and the data, like the fuel.
+    pub instances: u32,
 }
 
 /// A released result.
@@ -224,6 +237,60 @@ pub struct Sandbox {
     loaded: Mutex<HashMap<(String, GuestRole), Arc<Guest>>>,
     ticking: Arc<AtomicBool>,
     meter_fuel: bool,
+    split_scans: bool,
+    max_parallel_instances: usize,
+    /// Pool slots: a split run takes extra instances only from free slots.
+    max_instances: usize,
+    instances_in_use: AtomicUsize,
+}
+
+/// Holds one pool slot for as long as an instance lives.
+struct SlotGuard<'a>(&'a AtomicUsize);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Host threads running a split run's instances: the Wasm stack limit plus
+/// room for the host frames beneath it.
+const WORKER_STACK_BYTES: usize = 8 << 20;
+
+/// Everything an instance of one run needs, whatever its stage.
+struct RunPlan<'a> {
+    request: GuestRequest,
+    store: &'a Arc<dyn TableStore>,
+    tables: &'a [Table],
+    policy: &'a OutputPolicy,
+    limits: &'a Limits,
+    logical_time_ns: u64,
+    started: Instant,
+}
+
+/// A finished instance: its fuel and its state.
+struct Ran {
+    fuel: u64,
+    state: RunState,
+}
+
+/// How an instance that did not fail ended.
+enum Ended {
+    Ran(Ran),
+    /// A partial instance found the plan cannot be split.
+    NotSplittable,
+}
+
+impl Ended {
+    /// A whole or final instance, which never answers "not splittable".
+    fn ran(self) -> Result<Ran, SandboxError> {
+        match self {
+            Self::Ran(ran) => Ok(ran),
+            Self::NotSplittable => Err(SandboxError::Internal(
+                "only a partial run can find a plan not splittable".into(),
+            )),
+        }
+    }
 }
 
 impl Drop for Sandbox {
@@ -298,6 +365,10 @@ impl Sandbox {
             loaded: Mutex::new(HashMap::new()),
             ticking,
             meter_fuel: config.meter_fuel,
+            split_scans: config.split_scans,
+            max_parallel_instances: config.max_parallel_instances.max(1),
+            max_instances: config.max_concurrent_runs as usize,
+            instances_in_use: AtomicUsize::new(0),
         })
     }
 
@@ -400,32 +471,219 @@ impl Sandbox {
             }
         }
         let (tables, infos) = describe(job.tables.as_ref(), job.policy)?;
+        let plan = RunPlan {
+            request: GuestRequest {
+                sql: job.sql.to_owned(),
+                tables: infos,
+                policy: job.policy.clone(),
+                min_units: job.policy.aggregation.as_ref().map_or(0, |a| a.min_units),
+                stage: Stage::Whole,
+            },
+            store: &job.tables,
+            tables: &tables,
+            policy: job.policy,
+            limits,
+            logical_time_ns: job.as_of_unix_seconds.saturating_mul(1_000_000_000),
+            started,
+        };
+        let split = match guest.role {
+            GuestRole::Sql if self.split_scans => self.split_table(&plan)?,
+            _ => None,
+        };
+        let ((ran, fuel_before, read_before), instances) = match split {
+            Some((table, parts)) => match self.run_split(guest, &plan, table, parts)? {
+                Some(done) => (done, parts as u32 + 1),
+                None => ((self.whole(guest, &plan)?, 0, (0, 0)), 1),
+            },
+            None => ((self.whole(guest, &plan)?, 0, (0, 0)), 1),
+        };
+        let fuel = fuel_before + ran.fuel;
+        let state = ran.state;
+        let release = state.release;
+        let privacy_spent = match (epsilon, release.noised) {
+            (Some(epsilon), true) => epsilon,
+            _ => 0.0,
+        };
+        Ok(Outcome {
+            metering: Metering {
+                fuel,
+                compute_units: fuel.div_ceil(FUEL_PER_COMPUTE_UNIT),
+                rows_read: read_before.0 + state.rows_read,
+                bytes_read: read_before.1 + state.bytes_read,
+                rows_released: release.rows,
+                bytes_released: release.bytes,
+                wall_time: started.elapsed(),
+                instances,
+            },
+            batches: release.batches,
+            suppressed_rows: release.suppressed_rows,
+            truncated: release.truncated,
+            privacy_spent,
+            privacy_budget_left: job.privacy_budget - privacy_spent,
+            log: state.log,
+        })
+    }
+
+    fn whole(&self, guest: &Guest, plan: &RunPlan<'_>) -> Result<Ran, SandboxError> {
+        self.instance(guest, plan, Stage::Whole, Vec::new(), 0)?
+            .ran()
+    }
+
+    /// The table a SQL run splits: the one stored in the most parts, if any
+    /// is stored in more than one.
+    fn split_table(&self, plan: &RunPlan<'_>) -> Result<Option<(usize, usize)>, SandboxError> {
+        let mut best: Option<(usize, usize)> = None;
+        for (index, table) in plan.tables.iter().enumerate() {
+            let parts = plan.store.parts(&table.name).map_err(SandboxError::Data)?;
+            if parts > 1 && best.is_none_or(|(_, most)| parts > most) {
+                best = Some((index, parts.min(MAX_PARTS)));
+            }
+        }
+        Ok(best)
+    }
+
+    /// Runs the partial aggregates of `parts` shares of `table`, as many at
+    /// once as there are cores and free pool slots, then the final instance.
+    /// `None` when the guest finds the plan cannot be split: the caller then
+    /// runs it whole, and the planning the partial runs did is not billed.
+    /// Returns the final instance, and the fuel and (rows, bytes) read of the
+    /// partial ones.
+    #[allow(clippy::type_complexity)]
+    fn run_split(
+        &self,
+        guest: &Guest,
+        plan: &RunPlan<'_>,
+        table: usize,
+        parts: usize,
+    ) -> Result<Option<(Ran, u64, (u64, u64))>, SandboxError> {
+        let free = self
+            .max_instances
+            .saturating_sub(self.instances_in_use.load(Ordering::Relaxed));
+        let workers = parts.min(self.max_parallel_instances).min(free).max(1);
+        let next = AtomicUsize::new(0);
+        let stop = AtomicBool::new(false);
+        let results: Vec<Mutex<Option<Result<Ended, SandboxError>>>> =
+            (0..parts).map(|_| Mutex::new(None)).collect();
+        let work = || {
+            loop {
+                let part = next.fetch_add(1, Ordering::Relaxed);
+                if part >= parts || stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let stage = Stage::Partial { table, part, parts };
+                let ran = self.instance(guest, plan, stage, Vec::new(), 0);
+                if !matches!(ran, Ok(Ended::Ran(_))) {
+                    stop.store(true, Ordering::Relaxed);
+                }
+                if let Ok(mut slot) = results[part].lock() {
+                    *slot = Some(ran);
+                }
+            }
+        };
+        std::thread::scope(|scope| {
+            for worker in 1..workers {
+                // A worker that cannot start leaves its shares to the others.
+                let _ = std::thread::Builder::new()
+                    .name(format!("sandbox-part-{worker}"))
+                    .stack_size(WORKER_STACK_BYTES)
+                    .spawn_scoped(scope, work);
+            }
+            work();
+        });
+        let mut fuel = 0u64;
+        let mut read = (0u64, 0u64);
+        let mut partials = Vec::new();
+        let mut partial_bytes = 0u64;
+        for slot in results {
+            let ran = slot.into_inner().map_err(internal)?;
+            match ran {
+                Some(Ok(Ended::Ran(ran))) => {
+                    fuel += ran.fuel;
+                    read.0 += ran.state.rows_read;
+                    read.1 += ran.state.bytes_read;
+                    partial_bytes += ran.state.output_bytes;
+                    partials.extend(ran.state.partials_out);
+                }
+                Some(Ok(Ended::NotSplittable)) => return Ok(None),
+                Some(Err(error)) => return Err(error),
+                // Skipped after another share failed; that failure comes first
+                // in part order only if it is earlier, so keep looking.
+                None => continue,
+            }
+        }
+        if self.meter_fuel && fuel >= plan.limits.fuel {
+            return Err(SandboxError::FuelExhausted {
+                fuel: plan.limits.fuel,
+            });
+        }
+        // The final instance reads every partial state: together they must
+        // fit the memory one instance may have.
+        if partial_bytes > plan.limits.memory_bytes {
+            return Err(SandboxError::MemoryLimit {
+                limit_bytes: plan.limits.memory_bytes,
+            });
+        }
+        let ran = self
+            .instance(guest, plan, Stage::Final { table }, partials, fuel)?
+            .ran()?;
+        Ok(Some((ran, fuel, read)))
+    }
+
+    /// One instance in a fresh store: `stage` of `plan`, with the fuel left
+    /// after `fuel_spent` and the wall time left since the run started.
+    fn instance(
+        &self,
+        guest: &Guest,
+        plan: &RunPlan<'_>,
+        stage: Stage,
+        partials: Vec<Vec<u8>>,
+        fuel_spent: u64,
+    ) -> Result<Ended, SandboxError> {
+        let limits = plan.limits;
+        let wall_left = limits.wall_time.saturating_sub(plan.started.elapsed());
+        if wall_left.is_zero() {
+            return Err(SandboxError::Deadline {
+                limit_ms: limits.wall_time.as_millis() as u64,
+            });
+        }
         let request = GuestRequest {
-            sql: job.sql.to_owned(),
-            tables: infos,
-            policy: job.policy.clone(),
-            min_units: job.policy.aggregation.as_ref().map_or(0, |a| a.min_units),
+            stage,
+            ..plan.request.clone()
         };
         let request = serde_json::to_vec(&request).map_err(internal)?;
+        let split = match stage {
+            Stage::Whole => Split::Whole,
+            Stage::Partial { table, part, parts } => Split::Partial {
+                table,
+                part,
+                parts,
+                max_bytes: limits.memory_bytes,
+            },
+            Stage::Final { .. } => Split::Final { partials },
+        };
         let state = RunState::new(RunSetup {
             request,
-            store: Arc::clone(&job.tables),
-            tables,
-            release: Release::new(job.policy.clone()),
+            store: Arc::clone(plan.store),
+            tables: plan.tables.iter().map(Table::clone).collect(),
+            release: Release::new(plan.policy.clone()),
             max_log_bytes: limits.max_log_bytes,
             max_output_bytes: limits.max_output_bytes,
-            logical_time_ns: job.as_of_unix_seconds.saturating_mul(1_000_000_000),
+            logical_time_ns: plan.logical_time_ns,
             limiter: RunLimiter {
                 memory_bytes: limits.memory_bytes as usize,
                 table_elements: limits.table_elements,
             },
+            split,
         });
+        let fuel_budget = limits.fuel.saturating_sub(fuel_spent);
+        self.instances_in_use.fetch_add(1, Ordering::Relaxed);
+        let _slot = SlotGuard(&self.instances_in_use);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
         if self.meter_fuel {
-            store.set_fuel(limits.fuel).map_err(internal)?;
+            store.set_fuel(fuel_budget).map_err(internal)?;
         }
-        let ticks = (limits.wall_time.as_nanos() / TICK.as_nanos()).max(1) as u64;
+        let ticks = (wall_left.as_nanos() / TICK.as_nanos()).max(1) as u64;
         store.set_epoch_deadline(ticks);
         store.epoch_deadline_trap();
 
@@ -437,14 +695,22 @@ impl Sandbox {
             run.call(&mut store, ())
         });
         let fuel = match self.meter_fuel {
-            true => limits.fuel - store.get_fuel().unwrap_or(limits.fuel),
+            true => fuel_budget - store.get_fuel().unwrap_or(fuel_budget),
             false => 0,
         };
-        let wall_time = started.elapsed();
-        let state = store.into_data();
+        let mut state = store.into_data();
+        let partial = matches!(stage, Stage::Partial { .. });
+        if let Err(error) = &result {
+            if partial && matches!(error.downcast_ref::<Abort>(), Some(Abort::NotSplittable(_))) {
+                return Ok(Ended::NotSplittable);
+            }
+        }
         let code = result.map_err(|e| classify(e, limits, &state))?;
         if code != 0 || state.failure.is_some() {
-            return Err(match state.failure {
+            return Err(match state.failure.take() {
+                Some(GuestFailure::NotSplittable { .. }) if partial => {
+                    return Ok(Ended::NotSplittable);
+                }
                 Some(failure) => failure.into(),
                 None => SandboxError::Execution(format!(
                     "the guest returned {code}: {}",
@@ -452,28 +718,7 @@ impl Sandbox {
                 )),
             });
         }
-        let release = state.release;
-        let privacy_spent = match (epsilon, release.noised) {
-            (Some(epsilon), true) => epsilon,
-            _ => 0.0,
-        };
-        Ok(Outcome {
-            metering: Metering {
-                fuel,
-                compute_units: fuel.div_ceil(FUEL_PER_COMPUTE_UNIT),
-                rows_read: state.rows_read,
-                bytes_read: state.bytes_read,
-                rows_released: release.rows,
-                bytes_released: release.bytes,
-                wall_time,
-            },
-            batches: release.batches,
-            suppressed_rows: release.suppressed_rows,
-            truncated: release.truncated,
-            privacy_spent,
-            privacy_budget_left: job.privacy_budget - privacy_spent,
-            log: state.log,
-        })
+        Ok(Ended::Ran(Ran { fuel, state }))
     }
 }
 
@@ -534,6 +779,9 @@ fn classify(error: wasmtime::Error, limits: &Limits, state: &RunState) -> Sandbo
             Abort::Exit(code) => SandboxError::Execution(format!(
                 "the guest exited with {code}: {}",
                 state.log.trim()
+            )),
+            Abort::NotSplittable(reason) => SandboxError::Internal(format!(
+                "a whole or final run was refused as not splittable: {reason}"
             )),
         };
     }

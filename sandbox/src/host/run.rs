@@ -1,9 +1,10 @@
 //! One run's state inside its `Store`, and the `civicgrid` imports that read
 //! tables and take results.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
-use arrow_array::RecordBatch;
+use arrow_array::{Array, RecordBatch};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use wasmtime::{Caller, ResourceLimiter};
@@ -18,6 +19,7 @@ use crate::protocol::{GuestFailure, IMPORT_MODULE};
 /// Seed of the guest's randomness: fixed, so hash tables (and fuel) repeat.
 const RANDOM_SEED: u64 = 0x00c1_71c6_71d0;
 
+#[derive(Clone)]
 pub(crate) struct Table {
     pub(crate) name: String,
     /// Column indices the guest may stream (not blocked, or a privacy unit).
@@ -42,6 +44,29 @@ pub(crate) struct RunState {
     pub(crate) logical_time_ns: u64,
     pub(crate) random: ChaCha8Rng,
     pub(crate) limiter: RunLimiter,
+    split: Split,
+    /// A partial run's output: intermediate state for the final run.
+    pub(crate) partials_out: Vec<Vec<u8>>,
+    /// A final run's input.
+    partials_in: VecDeque<Vec<u8>>,
+}
+
+/// What part of a split run a store does (see [`crate::protocol::Stage`]).
+pub(crate) enum Split {
+    Whole,
+    /// Scans of `table` stream only share `part` of `parts`, no other table
+    /// may be scanned, and what the guest emits is kept for the final run,
+    /// up to `max_bytes` (it must fit the final instance's memory).
+    Partial {
+        table: usize,
+        part: usize,
+        parts: usize,
+        max_bytes: u64,
+    },
+    /// The partial states, in part order.
+    Final {
+        partials: Vec<Vec<u8>>,
+    },
 }
 
 pub(crate) struct RunLimiter {
@@ -93,11 +118,24 @@ pub(crate) struct RunSetup {
     pub(crate) max_output_bytes: u64,
     pub(crate) logical_time_ns: u64,
     pub(crate) limiter: RunLimiter,
+    pub(crate) split: Split,
 }
 
 impl RunState {
     pub(crate) fn new(setup: RunSetup) -> Self {
+        let (split, partials_in) = match setup.split {
+            Split::Final { partials } => (
+                Split::Final {
+                    partials: Vec::new(),
+                },
+                partials.into(),
+            ),
+            other => (other, VecDeque::new()),
+        };
         Self {
+            split,
+            partials_out: Vec::new(),
+            partials_in,
             request: setup.request,
             store: setup.store,
             tables: setup.tables,
@@ -156,7 +194,27 @@ impl RunState {
                 }
             }
         }
-        let scan = self.store.scan(&info.name, &columns).map_err(Abort::Data)?;
+        let scan = match self.split {
+            Split::Partial {
+                table: split,
+                part,
+                parts,
+                ..
+            } => {
+                // The guest checked that its partial aggregate reads one
+                // scan; if that scan is of another table, every part would
+                // aggregate all of it. Refuse, and the host runs it whole.
+                if table != split {
+                    return Err(Abort::NotSplittable(format!(
+                        "the partial aggregate reads {}, not the split table",
+                        info.name
+                    )));
+                }
+                self.store.scan_part(&info.name, &columns, part, parts)
+            }
+            Split::Whole | Split::Final { .. } => self.store.scan(&info.name, &columns),
+        }
+        .map_err(Abort::Data)?;
         self.scans.push(scan);
         Ok((self.scans.len() - 1) as i32)
     }
@@ -171,12 +229,20 @@ impl RunState {
         };
         let batch = batch.map_err(Abort::Data)?;
         self.rows_read += batch.num_rows() as u64;
-        self.bytes_read += batch.get_array_memory_size() as u64;
+        self.bytes_read += data_bytes(&batch);
         encode(&batch).map(Some)
     }
 
     fn emitted(&mut self, bytes: &[u8]) -> Result<(), Abort> {
         self.output_bytes += bytes.len() as u64;
+        if let Split::Partial { max_bytes, .. } = self.split {
+            if self.output_bytes > max_bytes {
+                return Err(Abort::Memory);
+            }
+            // Intermediate state: never released, only read by the final run.
+            self.partials_out.push(bytes.to_vec());
+            return Ok(());
+        }
         if self.output_bytes > self.max_output_bytes {
             return Err(Abort::ResultTooLarge {
                 limit_bytes: self.max_output_bytes,
@@ -191,6 +257,21 @@ impl RunState {
         }
         Ok(())
     }
+}
+
+/// The bytes of a batch's data, not of the buffers holding it: buffer
+/// capacity depends on how the reader cut the batches, so the same rows read
+/// in smaller batches (a split scan) would count several times more.
+fn data_bytes(batch: &RecordBatch) -> u64 {
+    batch
+        .columns()
+        .iter()
+        .map(|column| {
+            let data = column.to_data();
+            data.get_slice_memory_size()
+                .unwrap_or_else(|_| column.get_array_memory_size()) as u64
+        })
+        .sum()
 }
 
 fn encode(batch: &RecordBatch) -> Result<Vec<u8>, Abort> {
@@ -312,6 +393,21 @@ pub(crate) fn add_to_linker(linker: &mut Imports) -> wasmtime::Result<()> {
                 });
             state.failure = Some(failure);
             Ok(())
+        },
+    )?;
+    linker.func_wrap(
+        IMPORT_MODULE,
+        "partials_next",
+        |mut caller: Caller<'_, RunState>, ptr: i32, cap: i32| -> wasmtime::Result<i64> {
+            let (mem, state) = guest_memory(&mut caller).map_err(trap)?;
+            let Some(bytes) = state.partials_in.pop_front() else {
+                return Ok(0);
+            };
+            let n = fill(mem, ptr, cap, &bytes).map_err(trap)?;
+            if n < 0 {
+                state.partials_in.push_front(bytes);
+            }
+            Ok(n)
         },
     )?;
     linker.func_wrap(

@@ -8,3 +8,4 @@ mod marketplace;
 mod operator_e2e;
 mod queries;
 mod sandbox;
+mod sandbox_split;

@@ -1,0 +1,255 @@
+//! Scans of tables stored in several parts, split across instances of the SQL
+//! guest (partial aggregates per share, then a final instance): the same
+//! results as one instance and as the engine natively, the same fuel however
+//! many cores run the shares, and the output policy intact.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+
+use civicgrid_sandbox::policy::{AggregationRule, OutputPolicy};
+use civicgrid_sandbox::{GuestRole, Job, Limits, Outcome, Sandbox, SandboxError, TableStore};
+use civicgrid_tests::sandbox::{
+    local, run_native, sandbox_with, shared_sandbox, sql_guest, tpch_small_in_parts,
+    write_residents_in_groups,
+};
+use civicgrid_tests::tpch;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::util::pretty::pretty_format_batches;
+
+/// 2025-11-30T00:00:00Z, as in the other sandbox tests.
+const AS_OF: u64 = 1_764_460_800;
+
+/// Line items at SF 0.01 in row groups of 8,192: eight shares.
+const LINEITEM_PARTS: u32 = 8;
+
+/// Splitting turned off: every query in one instance.
+fn whole_sandbox() -> &'static Sandbox {
+    static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
+    SANDBOX.get_or_init(|| sandbox_with(|config| config.split_scans = false))
+}
+
+/// Splitting on, but one share at a time.
+fn one_core_sandbox() -> &'static Sandbox {
+    static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
+    SANDBOX.get_or_init(|| sandbox_with(|config| config.max_parallel_instances = 1))
+}
+
+fn run_on(
+    sandbox: &Sandbox,
+    tables: &Arc<dyn TableStore>,
+    sql: &str,
+    policy: &OutputPolicy,
+    limits: &Limits,
+) -> Result<Outcome, SandboxError> {
+    let guest = sandbox
+        .load(&sql_guest(), GuestRole::Sql)
+        .expect("SQL guest loads");
+    sandbox.run(
+        &guest,
+        Job {
+            sql,
+            tables: Arc::clone(tables),
+            policy,
+            privacy_budget: 0.0,
+            as_of_unix_seconds: AS_OF,
+        },
+        limits,
+    )
+}
+
+fn table(batches: &[RecordBatch]) -> String {
+    pretty_format_batches(batches).expect("format").to_string()
+}
+
+/// Queries beyond TPC-H over the split table, and whether they split.
+const MORE_QUERIES: [(&str, bool); 6] = [
+    ("select count(*) as n from lineitem", true),
+    (
+        "select l_returnflag, count(distinct l_suppkey) as suppliers, min(l_shipdate) as first_ship,
+            max(l_comment) as last_comment, median(l_quantity) as median_qty
+         from lineitem group by l_returnflag order by l_returnflag",
+        true,
+    ),
+    (
+        "select l_shipmode, sum(l_quantity) as qty from lineitem where l_quantity > 45
+         group by l_shipmode having count(*) > 100 order by l_shipmode",
+        true,
+    ),
+    (
+        "select l_returnflag, sum(l_quantity) as qty,
+            rank() over (order by sum(l_quantity) desc) as place
+         from lineitem group by l_returnflag order by l_returnflag",
+        true,
+    ),
+    // A limit under the aggregate depends on which rows come first: not split.
+    (
+        "select count(*) as n from (select l_orderkey from lineitem limit 100) as first_rows",
+        false,
+    ),
+    // A join under the aggregate: not split (yet).
+    (
+        "select o_orderpriority, count(*) as n from orders join lineitem on o_orderkey = l_orderkey
+         group by o_orderpriority order by o_orderpriority",
+        false,
+    ),
+];
+
+#[test]
+fn split_scans_give_what_one_instance_and_the_native_engine_give() {
+    let tables = local(tpch_small_in_parts());
+    let owner = OutputPolicy::owner();
+    let limits = Limits::default();
+    let splitting = ["q1", "q6"];
+    let tpch = tpch::QUERIES
+        .iter()
+        .map(|&(name, sql)| (name.to_owned(), sql, splitting.contains(&name)));
+    let more = MORE_QUERIES
+        .iter()
+        .enumerate()
+        .map(|(i, &(sql, splits))| (format!("query {i}"), sql, splits));
+    for (name, sql, splits) in tpch.chain(more) {
+        let split = run_on(shared_sandbox(), &tables, sql, &owner, &limits)
+            .unwrap_or_else(|e| panic!("{name} split: {e}"));
+        let whole = run_on(whole_sandbox(), &tables, sql, &owner, &limits)
+            .unwrap_or_else(|e| panic!("{name} whole: {e}"));
+        let native = run_native(Arc::clone(&tables), sql, &owner, 2)
+            .unwrap_or_else(|e| panic!("{name} native: {e}"));
+        assert!(
+            native.iter().map(RecordBatch::num_rows).sum::<usize>() > 0,
+            "{name}: the native run returned nothing, so the comparison proves nothing"
+        );
+        assert_eq!(table(&split.batches), table(&native), "{name}: split");
+        assert_eq!(table(&whole.batches), table(&native), "{name}: whole");
+        assert_eq!(whole.metering.instances, 1, "{name}");
+        let expected = if splits { LINEITEM_PARTS + 1 } else { 1 };
+        assert_eq!(split.metering.instances, expected, "{name}: instances");
+        // Every row is read once, split or not; the bytes differ only by the
+        // few each batch adds (string offsets, validity bits).
+        assert_eq!(split.metering.rows_read, whole.metering.rows_read, "{name}");
+        let (split_bytes, whole_bytes) = (split.metering.bytes_read, whole.metering.bytes_read);
+        assert!(
+            split_bytes.abs_diff(whole_bytes) * 100 <= whole_bytes,
+            "{name}: {split_bytes} bytes read split, {whole_bytes} whole"
+        );
+        if !splits {
+            // A plan that does not split costs what it costs in one instance:
+            // the partial instances' planning is not billed.
+            assert_eq!(split.metering.fuel, whole.metering.fuel, "{name}: fuel");
+        }
+    }
+}
+
+#[test]
+fn a_split_run_costs_the_same_fuel_on_one_core_as_on_all() {
+    let tables = local(tpch_small_in_parts());
+    let owner = OutputPolicy::owner();
+    let limits = Limits::default();
+    let all = run_on(shared_sandbox(), &tables, tpch::Q1, &owner, &limits).unwrap();
+    let again = run_on(shared_sandbox(), &tables, tpch::Q1, &owner, &limits).unwrap();
+    let one = run_on(one_core_sandbox(), &tables, tpch::Q1, &owner, &limits).unwrap();
+    assert_eq!(all.metering.instances, LINEITEM_PARTS + 1);
+    assert_eq!(one.metering.instances, LINEITEM_PARTS + 1);
+    assert!(all.metering.fuel > 0);
+    assert_eq!(all.metering.fuel, again.metering.fuel, "the same run twice");
+    assert_eq!(all.metering.fuel, one.metering.fuel, "one core against all");
+    assert_eq!(all.metering.compute_units, one.metering.compute_units);
+    assert_eq!(table(&all.batches), table(&one.batches));
+}
+
+#[test]
+fn a_split_run_stops_at_the_fuel_budget_of_the_whole_run() {
+    let tables = local(tpch_small_in_parts());
+    let owner = OutputPolicy::owner();
+    let full = run_on(
+        shared_sandbox(),
+        &tables,
+        tpch::Q1,
+        &owner,
+        &Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(full.metering.instances, LINEITEM_PARTS + 1);
+    // Each share needs about an eighth of the fuel, so each partial instance
+    // fits half the budget; together they do not.
+    let half = Limits {
+        fuel: full.metering.fuel / 2,
+        ..Limits::default()
+    };
+    match run_on(shared_sandbox(), &tables, tpch::Q1, &owner, &half) {
+        Err(SandboxError::FuelExhausted { fuel }) => assert_eq!(fuel, half.fuel),
+        Err(other) => panic!("expected fuel exhaustion, got {other}"),
+        Ok(outcome) => panic!(
+            "a run over budget released {} rows",
+            outcome.metering.rows_released
+        ),
+    }
+    // Just enough fuel is enough.
+    let exact = Limits {
+        fuel: full.metering.fuel + 1,
+        ..Limits::default()
+    };
+    let outcome = run_on(shared_sandbox(), &tables, tpch::Q1, &owner, &exact).unwrap();
+    assert_eq!(outcome.metering.fuel, full.metering.fuel);
+}
+
+/// Residents in row groups of 250: eight shares, each holding part of every
+/// district, so thresholds must hold on the merged groups, not per share.
+fn residents_in_parts() -> (tempfile::TempDir, Arc<dyn TableStore>) {
+    let dir = tempfile::tempdir().unwrap();
+    write_residents_in_groups(dir.path(), 250).unwrap();
+    let tables = local(dir.path());
+    (dir, tables)
+}
+
+fn population_policy() -> OutputPolicy {
+    OutputPolicy {
+        blocked_columns: vec!["person_id".into()],
+        aggregation: Some(AggregationRule {
+            privacy_unit_columns: vec!["person_id".into()],
+            min_units: 10,
+            column_min_units: BTreeMap::new(),
+            dimension_columns: None,
+        }),
+        max_result_bytes: 1 << 20,
+        ..OutputPolicy::default()
+    }
+}
+
+#[test]
+fn the_output_policy_holds_on_split_runs() {
+    let (_dir, tables) = residents_in_parts();
+    let policy = population_policy();
+    let limits = Limits::default();
+
+    // Every district but Harbour (three people) has at least ten people, but
+    // no share holds ten of some of them: thresholds apply to merged groups.
+    let sql =
+        "select district, count(*) as people from residents group by district order by district";
+    let split = run_on(shared_sandbox(), &tables, sql, &policy, &limits).unwrap();
+    let whole = run_on(whole_sandbox(), &tables, sql, &policy, &limits).unwrap();
+    assert_eq!(split.metering.instances, 9);
+    assert_eq!(table(&split.batches), table(&whole.batches));
+    let released = table(&split.batches);
+    assert!(!released.contains("Harbour"), "{released}");
+    assert!(!released.contains("__civicgrid"), "{released}");
+    assert_eq!(split.suppressed_rows, 1);
+    assert_eq!(split.metering.rows_released, 7);
+
+    // Grouping by a unique column: every group is one person, none released.
+    let sql = "select income, count(*) as people from residents group by income";
+    let split = run_on(shared_sandbox(), &tables, sql, &policy, &limits).unwrap();
+    assert_eq!(split.metering.instances, 9);
+    assert_eq!(split.metering.rows_released, 0);
+    assert_eq!(split.suppressed_rows, 2000);
+
+    // A blocked column stays unreadable.
+    let sql = "select district, sum(person_id) as s from residents group by district";
+    match run_on(shared_sandbox(), &tables, sql, &policy, &limits) {
+        Err(SandboxError::Policy { rule, column, .. }) => {
+            assert_eq!(rule, "blocked-columns");
+            assert_eq!(column.as_deref(), Some("person_id"));
+        }
+        Err(other) => panic!("expected a refusal, got {other}"),
+        Ok(outcome) => panic!("released {} rows", outcome.metering.rows_released),
+    }
+}
