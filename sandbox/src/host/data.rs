@@ -236,3 +236,108 @@ fn reorder(batch: RecordBatch, order: &[usize]) -> Result<RecordBatch, String> {
     }
     batch.project(order).map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use arrow_array::{Array, Int64Array};
+    use arrow_schema::{DataType, Field, Schema};
+    use parquet::arrow::ArrowWriter;
+    use parquet::file::properties::WriterProperties;
+
+    use super::*;
+
+    /// `ids` 0..rows in row groups of `group` rows.
+    fn write_ids(dir: &Path, rows: i64, group: usize) {
+        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(Int64Array::from_iter_values(0..rows))],
+        )
+        .unwrap();
+        let properties = WriterProperties::builder()
+            .set_max_row_group_row_count(Some(group))
+            .build();
+        let file = File::create(dir.join("ids.parquet")).unwrap();
+        let mut writer = ArrowWriter::try_new(file, schema, Some(properties)).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+    }
+
+    fn ids(scan: TableScan) -> Vec<i64> {
+        scan.flat_map(|batch| {
+            let batch = batch.unwrap();
+            let column = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap();
+            column.values().to_vec()
+        })
+        .collect()
+    }
+
+    #[test]
+    fn shares_of_a_parquet_table_hold_every_row_once() {
+        let dir = tempfile::tempdir().unwrap();
+        write_ids(dir.path(), 1_000, 100);
+        let store = LocalDirectory::discover(dir.path()).unwrap();
+        assert_eq!(store.parts("ids").unwrap(), 10);
+        let mut seen = Vec::new();
+        for part in 0..3 {
+            let share = ids(store.scan_part("ids", &[0], part, 3).unwrap());
+            // Share 0 reads row groups 0, 3, 6 and 9: 400 rows, the first from 0.
+            if part == 0 {
+                assert_eq!(share.len(), 400);
+                assert_eq!(share[..3], [0, 1, 2]);
+                assert_eq!(share[100], 300);
+            }
+            seen.extend(share);
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (0..1_000).collect::<Vec<_>>());
+        // One part is the whole table.
+        assert_eq!(
+            ids(store.scan_part("ids", &[0], 0, 1).unwrap()).len(),
+            1_000
+        );
+    }
+
+    #[test]
+    fn a_table_in_many_row_groups_splits_at_most_max_parts_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        write_ids(dir.path(), 4_000, 100);
+        let store = LocalDirectory::discover(dir.path()).unwrap();
+        assert_eq!(store.parts("ids").unwrap(), MAX_PARTS);
+        let total: usize = (0..MAX_PARTS)
+            .map(|part| ids(store.scan_part("ids", &[0], part, MAX_PARTS).unwrap()).len())
+            .sum();
+        assert_eq!(total, 4_000);
+    }
+
+    #[test]
+    fn arrow_files_and_small_tables_are_one_part() {
+        let dir = tempfile::tempdir().unwrap();
+        write_ids(dir.path(), 50, 100);
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(Int64Array::from(vec![1, 2, 3]))],
+        )
+        .unwrap();
+        let file = File::create(dir.path().join("numbers.arrow")).unwrap();
+        let mut writer = arrow_ipc::writer::FileWriter::try_new(file, &schema).unwrap();
+        writer.write(&batch).unwrap();
+        writer.finish().unwrap();
+        let store = LocalDirectory::discover(dir.path()).unwrap();
+        assert_eq!(store.parts("ids").unwrap(), 1);
+        assert_eq!(store.parts("numbers").unwrap(), 1);
+        let refused = store.scan_part("numbers", &[0], 1, 2).err().unwrap();
+        assert!(refused.contains("not stored in parts"), "{refused}");
+        assert!(
+            store
+                .parts("missing")
+                .unwrap_err()
+                .contains("no table missing")
+        );
+    }
+}

@@ -276,7 +276,7 @@ struct Ran {
 
 /// How an instance that did not fail ended.
 enum Ended {
-    Ran(Ran),
+    Ran(Box<Ran>),
     /// A partial instance found the plan cannot be split.
     NotSplittable,
 }
@@ -285,7 +285,7 @@ impl Ended {
     /// A whole or final instance, which never answers "not splittable".
     fn ran(self) -> Result<Ran, SandboxError> {
         match self {
-            Self::Ran(ran) => Ok(ran),
+            Self::Ran(ran) => Ok(*ran),
             Self::NotSplittable => Err(SandboxError::Internal(
                 "only a partial run can find a plan not splittable".into(),
             )),
@@ -700,10 +700,11 @@ impl Sandbox {
         };
         let mut state = store.into_data();
         let partial = matches!(stage, Stage::Partial { .. });
-        if let Err(error) = &result {
-            if partial && matches!(error.downcast_ref::<Abort>(), Some(Abort::NotSplittable(_))) {
-                return Ok(Ended::NotSplittable);
-            }
+        if let Err(error) = &result
+            && partial
+            && matches!(error.downcast_ref::<Abort>(), Some(Abort::NotSplittable(_)))
+        {
+            return Ok(Ended::NotSplittable);
         }
         let code = result.map_err(|e| classify(e, limits, &state))?;
         if code != 0 || state.failure.is_some() {
@@ -718,7 +719,7 @@ impl Sandbox {
                 )),
             });
         }
-        Ok(Ended::Ran(Ran { fuel, state }))
+        Ok(Ended::Ran(Box::new(Ran { fuel, state })))
     }
 }
 
