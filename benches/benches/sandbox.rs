@@ -166,8 +166,18 @@ fn main() {
     let dir = tpch_dir(scale);
     let tables = local(&dir);
     println!("(b) TPC-H SF{scale}, best of 3, sandbox vs the same engine natively");
+    let mut one_instance_config = SandboxConfig::new(cache.path());
+    one_instance_config.split_scans = false;
+    let one_instance = Sandbox::new(&one_instance_config).expect("sandbox");
     for (name, query) in [("Q1", tpch::Q1), ("Q6", tpch::Q6)] {
         let sandboxed = best_of(3, || run(&from_cache, &sql, &tables, query, &owner));
+        let unsplit = best_of(3, || run(&one_instance, &sql, &tables, query, &owner));
+        println!(
+            "    {name}: sandbox {:.0} ms with scans split across instances, {:.0} ms in one instance ({:.2}x faster split)",
+            millis(sandboxed),
+            millis(unsplit),
+            unsplit.as_secs_f64() / sandboxed.as_secs_f64()
+        );
         for partitions in [1, 2] {
             let native = best_of(3, || {
                 let started = Instant::now();
