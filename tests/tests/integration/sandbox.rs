@@ -127,7 +127,7 @@ fn residents() -> (tempfile::TempDir, Arc<dyn TableStore>) {
 }
 
 /// The population product's policy: person_id blocked, k = 10 people.
-fn population_policy() -> OutputPolicy {
+pub(crate) fn population_policy() -> OutputPolicy {
     OutputPolicy {
         blocked_columns: vec!["person_id".into()],
         aggregation: Some(AggregationRule {

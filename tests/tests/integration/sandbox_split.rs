@@ -3,10 +3,9 @@
 //! results as one instance and as the engine natively, the same fuel however
 //! many cores run the shares, and the output policy intact.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
-use civicgrid_sandbox::policy::{AggregationRule, OutputPolicy};
+use civicgrid_sandbox::policy::OutputPolicy;
 use civicgrid_sandbox::{GuestRole, Job, Limits, Outcome, Sandbox, SandboxError, TableStore};
 use civicgrid_tests::sandbox::{
     local, run_native, sandbox_with, shared_sandbox, sql_guest, tpch_small_in_parts,
@@ -15,6 +14,8 @@ use civicgrid_tests::sandbox::{
 use civicgrid_tests::tpch;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::util::pretty::pretty_format_batches;
+
+use crate::sandbox::population_policy;
 
 /// 2025-11-30T00:00:00Z, as in the other sandbox tests.
 const AS_OF: u64 = 1_764_460_800;
@@ -199,20 +200,6 @@ fn residents_in_parts() -> (tempfile::TempDir, Arc<dyn TableStore>) {
     write_residents_in_groups(dir.path(), 250).unwrap();
     let tables = local(dir.path());
     (dir, tables)
-}
-
-fn population_policy() -> OutputPolicy {
-    OutputPolicy {
-        blocked_columns: vec!["person_id".into()],
-        aggregation: Some(AggregationRule {
-            privacy_unit_columns: vec!["person_id".into()],
-            min_units: 10,
-            column_min_units: BTreeMap::new(),
-            dimension_columns: None,
-        }),
-        max_result_bytes: 1 << 20,
-        ..OutputPolicy::default()
-    }
 }
 
 #[test]
