@@ -15,7 +15,7 @@ mod wasi;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -562,6 +562,7 @@ impl Sandbox {
         let workers = parts.min(self.max_parallel_instances).min(free).max(1);
         let next = AtomicUsize::new(0);
         let stop = AtomicBool::new(false);
+        let spent = AtomicU64::new(0);
         let results: Vec<Mutex<Option<Result<Ended, SandboxError>>>> =
             (0..parts).map(|_| Mutex::new(None)).collect();
         let work = || {
@@ -571,8 +572,25 @@ impl Sandbox {
                     break;
                 }
                 let stage = Stage::Partial { table, part, parts };
-                let ran = self.instance(guest, plan, stage, Vec::new(), 0);
-                if !matches!(ran, Ok(Ended::Ran(_))) {
+                // Each share may use what the finished ones left. Whether the
+                // run fits its budget depends only on the sum, so the outcome
+                // is the same in any order; this only stops a run that is
+                // over budget from burning the budget once per share.
+                let ran = self.instance(
+                    guest,
+                    plan,
+                    stage,
+                    Vec::new(),
+                    spent.load(Ordering::Relaxed),
+                );
+                let over_budget = match &ran {
+                    Ok(Ended::Ran(ran)) => {
+                        let total = spent.fetch_add(ran.fuel, Ordering::Relaxed) + ran.fuel;
+                        self.meter_fuel && total >= plan.limits.fuel
+                    }
+                    _ => true,
+                };
+                if over_budget {
                     stop.store(true, Ordering::Relaxed);
                 }
                 if let Ok(mut slot) = results[part].lock() {
