@@ -797,7 +797,13 @@ mod tests {
     fn both_ways(sql: &str, policy: OutputPolicy) -> (String, String, usize) {
         let request = request(sql, policy);
         let source = Arc::new(crate::MemorySource::new(vec![Vec::new(), Vec::new()]));
-        let ctx = crate::context(&request, source, 1).expect("context");
+        let ctx = crate::context(
+            &request,
+            source,
+            1,
+            crate::functions::Families::named_in(sql),
+        )
+        .expect("context");
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");

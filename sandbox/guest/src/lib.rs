@@ -9,6 +9,7 @@
 #[cfg(target_family = "wasm")]
 mod abi;
 mod analysis;
+mod functions;
 mod split;
 #[cfg(any(target_family = "wasm", test))]
 mod wide;
@@ -29,6 +30,7 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
 use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream, execute_stream};
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use functions::Families;
 use futures::StreamExt;
 
 pub use analysis::{Analysis, QueryKind};
@@ -58,15 +60,25 @@ pub async fn run(
     partitions: usize,
     mut emit: impl FnMut(RecordBatch) -> Result<(), String>,
 ) -> Result<Analysis, GuestFailure> {
-    let ctx = context(request, Arc::clone(&source), partitions)?;
     let options = SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)
         .with_allow_statements(false);
-    let frame = ctx
-        .sql_with_options(&request.sql, options)
-        .await
-        .map_err(query)?;
+    let named = Families::named_in(&request.sql);
+    let ctx = context(request, Arc::clone(&source), partitions, named)?;
+    let frame = match ctx.sql_with_options(&request.sql, options).await {
+        Ok(frame) => frame,
+        // Something the query names only through syntax, or a mistake: plan
+        // it with every function, so it plans if it can and the consumer
+        // sees the error (and the suggestions) of the full registry.
+        Err(_) if named != Families::all() => {
+            context(request, Arc::clone(&source), partitions, Families::all())?
+                .sql_with_options(&request.sql, options)
+                .await
+                .map_err(query)?
+        }
+        Err(e) => return Err(query(e)),
+    };
     let (state, plan) = frame.into_parts();
     let (analysis, optimized) = analysis::checked_plan(request, plan, |plan| state.optimize(plan))?;
     let state = match request.stage {
@@ -127,11 +139,12 @@ fn context(
     request: &GuestRequest,
     source: Arc<dyn BatchSource>,
     partitions: usize,
+    functions: Families,
 ) -> Result<SessionContext, GuestFailure> {
     let config = SessionConfig::new()
         .with_target_partitions(partitions.max(1))
         .with_information_schema(false);
-    let ctx = SessionContext::new_with_config(config);
+    let ctx = SessionContext::new_with_state(functions.session().with_config(config).build());
     for (index, table) in request.tables.iter().enumerate() {
         let provider = HostTable {
             index,
