@@ -223,9 +223,11 @@ const AGGREGATE: &[&str] = &[
     "grouping",
     "nth_value",
 ];
+type AggregateConstructor = fn() -> Arc<AggregateUDF>;
+
 /// The aggregates most queries use, each with its names, registered on
 /// their own when a query names no other aggregate.
-const COMMON_AGGREGATES: &[(&[&str], fn() -> Arc<AggregateUDF>)] = &[
+const COMMON_AGGREGATES: &[(&[&str], AggregateConstructor)] = &[
     (&["count"], aggregates::count::count_udaf),
     (&["sum"], aggregates::sum::sum_udaf),
     (&["avg", "mean"], aggregates::average::avg_udaf),
