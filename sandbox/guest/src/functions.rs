@@ -520,8 +520,8 @@ mod tests {
     }
 
     /// `sql` through the guest's `run` (the families it names, and the
-    /// retry) and through DataFusion's default session.
-    fn guest_and_default(sql: &str) -> (Result<RecordBatch, GuestFailure>, RecordBatch) {
+    /// retry) over `table()`, which lists may read whole.
+    fn run_in_guest(sql: &str) -> Result<RecordBatch, GuestFailure> {
         let data = table();
         let request = GuestRequest {
             sql: sql.to_owned(),
@@ -542,14 +542,23 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
-        let source = Arc::new(crate::MemorySource::new(vec![vec![data.clone()]]));
+        let source = Arc::new(crate::MemorySource::new(vec![vec![data]]));
         let mut released = Vec::new();
-        let guest = runtime
+        runtime
             .block_on(crate::run(&request, source, 1, |batch| {
                 released.push(batch);
                 Ok(())
             }))
-            .map(|_| concat_batches(&released[0].schema(), &released).expect("concat"));
+            .map(|_| concat_batches(&released[0].schema(), &released).expect("concat"))
+    }
+
+    /// `sql` through the guest and through DataFusion's default session.
+    fn guest_and_default(sql: &str) -> (Result<RecordBatch, GuestFailure>, RecordBatch) {
+        let guest = run_in_guest(sql);
+        let data = table();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
         let ctx = SessionContext::new();
         let mem = MemTable::try_new(data.schema(), vec![vec![data]]).expect("table");
         ctx.register_table("t", Arc::new(mem)).expect("register");
@@ -583,26 +592,8 @@ mod tests {
 
     #[test]
     fn a_misspelt_function_gets_the_full_registrys_suggestion() {
-        let (guest, _) = guest_and_default("select a from t");
-        assert!(guest.is_ok());
-        let data = table();
-        let request = GuestRequest {
-            sql: "select upperr(a) from t".into(),
-            tables: vec![TableInfo {
-                name: "t".into(),
-                schema: data.schema().as_ref().clone(),
-            }],
-            policy: OutputPolicy::default(),
-            min_units: 0,
-            stage: Stage::Whole,
-        };
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        let source = Arc::new(crate::MemorySource::new(vec![vec![data]]));
-        let failure = runtime
-            .block_on(crate::run(&request, source, 1, |_| Ok(())))
-            .expect_err("no such function");
+        assert!(run_in_guest("select a from t").is_ok());
+        let failure = run_in_guest("select upperr(a) from t").expect_err("no such function");
         let GuestFailure::Query { message } = failure else {
             panic!("expected a query error, got {failure:?}");
         };
