@@ -249,9 +249,7 @@ impl Members {
         // Watches stay open with nothing to read; only requests time out.
         let watching = Client::try_from(config.clone())
             .map_err(|e| invalid(format!("no client from the kubeconfig: {e}")))?;
-        config.read_timeout = Some(self.timeout);
-        config.write_timeout = Some(self.timeout);
-        let client = Client::try_from(config)
+        let client = request_client(config, self.timeout)
             .map_err(|e| invalid(format!("no client from the kubeconfig: {e}")))?;
         let watches = vec![
             self.watch_copies::<Deployment>(&name, &watching, "Deployment", |d| {
@@ -469,9 +467,50 @@ pub fn sum_nodes(nodes: &[Node]) -> Capacity {
     }
 }
 
+/// A client whose every request must be answered within `timeout`, counted
+/// from when the request is sent.
+fn request_client(mut config: kube::Config, timeout: Duration) -> Result<Client, kube::Error> {
+    config.read_timeout = Some(timeout);
+    config.write_timeout = Some(timeout);
+    // Otherwise the read timeout also runs while a pooled connection sits
+    // idle, and a request handed a connection idle for almost `timeout`
+    // fails with "timed out" however fast the member answers.
+    config.reset_reader_on_write = true;
+    Client::try_from(config)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request on a pooled connection that sat idle for most of the
+    /// timeout still gets the whole timeout for its answer.
+    #[tokio::test]
+    async fn idle_time_in_the_pool_does_not_count_against_a_request() {
+        const ANSWER_AFTER: Duration = Duration::from_millis(300);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let app = axum::Router::new().route(
+            "/slow",
+            axum::routing::get(|| async {
+                tokio::time::sleep(ANSWER_AFTER).await;
+                "answered"
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let config = kube::Config::new(format!("http://{address}").parse().unwrap());
+        let client = request_client(config, Duration::from_millis(600)).unwrap();
+        let slow = || async {
+            client
+                .request_text(http::Request::get("/slow").body(Vec::new()).unwrap())
+                .await
+        };
+        assert_eq!(slow().await.unwrap(), "answered");
+        // Idle for 450 of the 600 ms, then a request that takes 300 ms on
+        // the same connection: counted from the idle start it would time out.
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        assert_eq!(slow().await.unwrap(), "answered");
+    }
 
     #[test]
     fn copies_are_known_from_the_watches_only_once_every_kind_has_listed() {

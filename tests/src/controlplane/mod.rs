@@ -413,6 +413,10 @@ impl Cluster {
         // Tests stop API servers on purpose; fail fast instead of hanging.
         config.connect_timeout = Some(Duration::from_secs(5));
         config.read_timeout = Some(Duration::from_secs(30));
+        // Count each response's 30 s from its request: otherwise the time a
+        // pooled connection sat idle counts too, and a request handed one
+        // idle for about 30 s fails at once with "connection error: timed out".
+        config.reset_reader_on_write = true;
         kube::Client::try_from(config).map_err(|source| HarnessError::Kube {
             what: format!("client for cluster {}", self.name),
             source,
