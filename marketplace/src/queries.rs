@@ -844,6 +844,8 @@ fn classify(error: &SandboxError) -> (Code, &'static str) {
         SandboxError::InvalidModule(_) | SandboxError::Link { .. } => {
             (Code::InvalidArgument, "failed")
         }
+        // Every sandbox slot stayed busy: a retry may well succeed.
+        SandboxError::Busy { .. } => (Code::Unavailable, "failed"),
         _ => (Code::Internal, "failed"),
     }
 }

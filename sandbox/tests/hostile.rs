@@ -30,9 +30,15 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_with(|_| {})
+}
+
+fn fixture_with(configure: impl FnOnce(&mut SandboxConfig)) -> Fixture {
     let cache = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
-    let sandbox = Sandbox::new(&SandboxConfig::new(cache.path())).unwrap();
+    let mut config = SandboxConfig::new(cache.path());
+    configure(&mut config);
+    let sandbox = Sandbox::new(&config).unwrap();
     Fixture {
         sandbox,
         _cache: cache,
@@ -83,6 +89,62 @@ fn an_infinite_loop_ends_at_the_fuel_budget() {
         matches!(err, SandboxError::FuelExhausted { fuel: 5_000_000 }),
         "{err}"
     );
+    f.still_serves();
+}
+
+/// More runs at once than the pool has instance slots: the extra runs wait
+/// for a slot instead of failing, and one that gets none within its wall-time
+/// limit ends with its own error while the others go on.
+#[test]
+fn runs_beyond_the_pool_wait_for_a_slot_within_their_time_limit() {
+    let f = fixture_with(|config| config.max_concurrent_runs = 2);
+    let counting = guest(
+        "",
+        "(local $i i32)
+         (loop $more
+            local.get $i i32.const 1 i32.add local.tee $i
+            i32.const 20000000 i32.lt_u br_if $more)",
+    );
+    let outcomes: Vec<_> = std::thread::scope(|scope| {
+        let runs: Vec<_> = (0..8)
+            .map(|_| scope.spawn(|| f.run(&counting, &Limits::default())))
+            .collect();
+        runs.into_iter().map(|run| run.join().unwrap()).collect()
+    });
+    for outcome in &outcomes {
+        assert!(outcome.is_ok(), "{:?}", outcome.as_ref().err());
+    }
+
+    let spinning = Limits {
+        fuel: u64::MAX / 2,
+        wall_time: Duration::from_secs(3),
+        ..Limits::default()
+    };
+    let short = Limits {
+        wall_time: Duration::from_millis(100),
+        ..Limits::default()
+    };
+    std::thread::scope(|scope| {
+        let spinners: Vec<_> = (0..2)
+            .map(|_| scope.spawn(|| f.run(&guest("", SPIN), &spinning)))
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        let err = f.run(&guest("", ""), &short).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SandboxError::Busy {
+                    slots: 2,
+                    limit_ms: 100
+                }
+            ),
+            "{err}"
+        );
+        for spinner in spinners {
+            let err = spinner.join().unwrap().unwrap_err();
+            assert!(matches!(err, SandboxError::Deadline { .. }), "{err}");
+        }
+    });
     f.still_serves();
 }
 

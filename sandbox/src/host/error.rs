@@ -23,6 +23,18 @@ pub enum SandboxError {
         /// The limit.
         limit_bytes: u64,
     },
+    /// Every instance slot of the pool stayed in use for the run's whole
+    /// wall-time limit, so it never started (or a share of it never did).
+    #[error(
+        "the sandbox is busy: all {slots} of its instance slots stayed in use for the query's \
+         whole time limit of {limit_ms} ms; retry later"
+    )]
+    Busy {
+        /// Slots in the pool.
+        slots: usize,
+        /// The wall-time limit it waited out.
+        limit_ms: u64,
+    },
     /// The guest's call stack overflowed.
     #[error("the query exhausted its call stack")]
     StackOverflow,

@@ -16,7 +16,7 @@ mod wasi;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use arrow_array::RecordBatch;
@@ -239,17 +239,74 @@ pub struct Sandbox {
     meter_fuel: bool,
     split_scans: bool,
     max_parallel_instances: usize,
-    /// Pool slots: a split run takes extra instances only from free slots.
-    max_instances: usize,
-    instances_in_use: AtomicUsize,
+    /// The pool's instance slots. A split run takes extra instances only
+    /// from free ones.
+    slots: Slots,
 }
 
-/// Holds one pool slot for as long as an instance lives.
-struct SlotGuard<'a>(&'a AtomicUsize);
+/// The pooling allocator's instance slots, counted so that a run waits for
+/// a free one, up to its wall-time limit: instantiating with every slot in
+/// use fails at once, so a burst of more queries than slots would otherwise
+/// fail instead of queueing.
+struct Slots {
+    total: usize,
+    in_use: Mutex<usize>,
+    freed: Condvar,
+}
 
-impl Drop for SlotGuard<'_> {
+impl Slots {
+    fn new(total: usize) -> Self {
+        Self {
+            total,
+            in_use: Mutex::new(0),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
+        // The count is only ever incremented or decremented whole, so a
+        // panic elsewhere cannot leave it half-updated.
+        self.in_use.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn free(&self) -> usize {
+        self.total.saturating_sub(*self.lock())
+    }
+
+    /// A slot, once one is free; `None` if none is before `deadline` (no
+    /// deadline: wait as long as it takes).
+    fn take(&self, deadline: Option<Instant>) -> Option<Slot<'_>> {
+        let mut in_use = self.lock();
+        while *in_use >= self.total {
+            in_use = match deadline {
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    self.freed
+                        .wait_timeout(in_use, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+                None => self
+                    .freed
+                    .wait(in_use)
+                    .unwrap_or_else(PoisonError::into_inner),
+            };
+        }
+        *in_use += 1;
+        Some(Slot(self))
+    }
+}
+
+/// Holds one pool slot; drop it only after the instance's store is gone.
+struct Slot<'a>(&'a Slots);
+
+impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        *self.0.lock() -= 1;
+        self.0.freed.notify_one();
     }
 }
 
@@ -367,8 +424,7 @@ impl Sandbox {
             meter_fuel: config.meter_fuel,
             split_scans: config.split_scans,
             max_parallel_instances: config.max_parallel_instances.max(1),
-            max_instances: config.max_concurrent_runs as usize,
-            instances_in_use: AtomicUsize::new(0),
+            slots: Slots::new(config.max_concurrent_runs as usize),
         })
     }
 
@@ -556,9 +612,7 @@ impl Sandbox {
         table: usize,
         parts: usize,
     ) -> Result<Option<(Ran, u64, (u64, u64))>, SandboxError> {
-        let free = self
-            .max_instances
-            .saturating_sub(self.instances_in_use.load(Ordering::Relaxed));
+        let free = self.slots.free();
         let workers = parts.min(self.max_parallel_instances).min(free).max(1);
         let next = AtomicUsize::new(0);
         let stop = AtomicBool::new(false);
@@ -694,8 +748,20 @@ impl Sandbox {
             split,
         });
         let fuel_budget = limits.fuel.saturating_sub(fuel_spent);
-        self.instances_in_use.fetch_add(1, Ordering::Relaxed);
-        let _slot = SlotGuard(&self.instances_in_use);
+        let limit_ms = limits.wall_time.as_millis() as u64;
+        // Waiting for a slot counts against the wall-time limit: it is the
+        // consumer's time too, and it bounds the queue.
+        let _slot = self
+            .slots
+            .take(plan.started.checked_add(limits.wall_time))
+            .ok_or(SandboxError::Busy {
+                slots: self.slots.total,
+                limit_ms,
+            })?;
+        let wall_left = limits.wall_time.saturating_sub(plan.started.elapsed());
+        if wall_left.is_zero() {
+            return Err(SandboxError::Deadline { limit_ms });
+        }
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
         if self.meter_fuel {
