@@ -468,8 +468,9 @@ pub fn sum_nodes(nodes: &[Node]) -> Capacity {
 }
 
 /// A client whose every request must be answered within `timeout`, counted
-/// from when the request is sent.
-fn request_client(mut config: kube::Config, timeout: Duration) -> Result<Client, kube::Error> {
+/// from when the request is sent. Every kube client with a timeout should be
+/// made here (the test harness's are too).
+pub fn request_client(mut config: kube::Config, timeout: Duration) -> Result<Client, kube::Error> {
     config.read_timeout = Some(timeout);
     config.write_timeout = Some(timeout);
     // Otherwise the read timeout also runs while a pooled connection sits

@@ -412,15 +412,11 @@ impl Cluster {
                 .map_err(kubeconfig_error)?;
         // Tests stop API servers on purpose; fail fast instead of hanging.
         config.connect_timeout = Some(Duration::from_secs(5));
-        config.read_timeout = Some(Duration::from_secs(30));
-        // Count each response's 30 s from its request: otherwise the time a
-        // pooled connection sat idle counts too, and a request handed one
-        // idle for about 30 s fails at once with "connection error: timed out".
-        config.reset_reader_on_write = true;
-        kube::Client::try_from(config).map_err(|source| HarnessError::Kube {
-            what: format!("client for cluster {}", self.name),
-            source,
-        })
+        civicgrid_operator::controller::members::request_client(config, Duration::from_secs(30))
+            .map_err(|source| HarnessError::Kube {
+                what: format!("client for cluster {}", self.name),
+                source,
+            })
     }
 
     /// Stops the API server (as if the data center dropped off the network);
