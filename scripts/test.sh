@@ -29,13 +29,13 @@ RUSTC_WORKSPACE_WRAPPER="$(rustc --print sysroot)/bin/clippy-driver"
 CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
 export RUSTC_WORKSPACE_WRAPPER CLIPPY_ARGS
 probe_dir=$(mktemp -d)
+trap 'rm -rf "$probe_dir"' EXIT
 echo 'pub fn probe(bytes: &Vec<u8>) -> usize { bytes.len() }' >"$probe_dir/probe.rs"
 if CARGO_PRIMARY_PACKAGE=1 "$RUSTC_WORKSPACE_WRAPPER" rustc --edition 2024 --crate-type lib \
     --out-dir "$probe_dir" "$probe_dir/probe.rs" 2>/dev/null; then
     echo "clippy-driver accepted code clippy denies: CLIPPY_ARGS no longer reaches it" >&2
     exit 1
 fi
-rm -rf "$probe_dir"
 
 # Binaries, tests, examples and benchmarks (in test mode) in one build, so
 # that the operator binary the e2e tests run and SIGKILL is built with the
