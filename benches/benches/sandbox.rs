@@ -8,7 +8,10 @@
 //! - (c) DuckDB (PyPI `duckdb`) on the same files, one and two threads, when
 //!   `python3 -c 'import duckdb'` works;
 //! - (d) small aggregate queries per second, one and two threads;
-//! - (e) fuel metering against epoch interruption alone.
+//! - (e) fuel metering against epoch interruption alone;
+//! - (f) when `CIVICGRID_COMPARE_GUEST` names another build of the SQL guest
+//!   (say, other compiler settings), this build against that one, run after
+//!   run interleaved in the same process: fuel and time per query.
 //!
 //! Run: `bash sandbox/build-guests.sh && cargo bench -p civicgrid-benches
 //! --bench sandbox` (add `-- --scale 0.1` for a quicker, smaller TPC-H).
@@ -110,6 +113,8 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(1.0);
+    // `--compare-only`: (a) and (f) alone, for comparing two guest builds.
+    let compare_only = args.iter().any(|a| a == "--compare-only");
     let cache = tempfile::tempdir().expect("cache dir");
     let sql = sql_guest();
     let metered = sandbox(cache.path(), true);
@@ -169,7 +174,12 @@ fn main() {
     let mut one_instance_config = SandboxConfig::new(cache.path());
     one_instance_config.split_scans = false;
     let one_instance = Sandbox::new(&one_instance_config).expect("sandbox");
-    for (name, query) in [("Q1", tpch::Q1), ("Q6", tpch::Q6)] {
+    let measured = if compare_only {
+        [].as_slice()
+    } else {
+        [("Q1", tpch::Q1), ("Q6", tpch::Q6)].as_slice()
+    };
+    for &(name, query) in measured {
         let sandboxed = best_of(3, || run(&from_cache, &sql, &tables, query, &owner));
         let unsplit = best_of(3, || run(&one_instance, &sql, &tables, query, &owner));
         println!(
@@ -227,7 +237,12 @@ fn main() {
     // Loaded once, as the marketplace does: each query is a fresh instance.
     let small_guest = from_cache.load(&sql, GuestRole::Sql).expect("load");
     let mut single = 0.0;
-    for threads in [1usize, 2] {
+    let thread_counts = if compare_only {
+        [].as_slice()
+    } else {
+        [1usize, 2].as_slice()
+    };
+    for &threads in thread_counts {
         let done = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|scope| {
             for _ in 0..threads {
@@ -250,6 +265,23 @@ fn main() {
         );
     }
 
+    // (f) This guest against another build of it.
+    if let Some(other_path) = std::env::var_os("CIVICGRID_COMPARE_GUEST") {
+        let other = std::fs::read(&other_path).expect("CIVICGRID_COMPARE_GUEST: a readable .wasm");
+        compare_guests(
+            &from_cache,
+            (&sql, &other),
+            &[
+                ("select 1", &empty, "select 1", &owner),
+                ("small aggregate (d)", &residents, small, &policy),
+            ],
+            &[("Q1", &tables, tpch::Q1), ("Q6", &tables, tpch::Q6)],
+        );
+    }
+
+    if compare_only {
+        return;
+    }
     // (e) Fuel metering against epoch interruption alone.
     let unmetered = sandbox(cache.path(), false);
     println!("(e) fuel metering overhead, best of 3");
@@ -303,4 +335,83 @@ fn duckdb(dir: &Path, query: &str) -> Option<Vec<(usize, Duration)>> {
         })
         .collect();
     (!times.is_empty()).then_some(times)
+}
+
+/// A small query for [`compare_guests`]: label, tables, SQL, policy.
+type SmallQuery<'a> = (&'a str, &'a Arc<dyn TableStore>, &'a str, &'a OutputPolicy);
+
+/// (f) Two builds of the SQL guest, `this` and `other`, run after run
+/// interleaved so both see the same machine: small queries 300 times each
+/// (p50, p99), TPC-H queries best of 3. Fuel says how much Wasm each build
+/// executes; time says what that costs once wasmtime has compiled it.
+fn compare_guests(
+    sandbox: &Sandbox,
+    (this, other): (&[u8], &[u8]),
+    small: &[SmallQuery<'_>],
+    large: &[(&str, &Arc<dyn TableStore>, &str)],
+) {
+    let loaded_started = Instant::now();
+    let other_guest = sandbox
+        .load(other, GuestRole::Sql)
+        .expect("the other guest");
+    println!(
+        "(f) this SQL guest ({} bytes) against CIVICGRID_COMPARE_GUEST ({} bytes, compiled in {:.1} s)",
+        this.len(),
+        other.len(),
+        loaded_started.elapsed().as_secs_f64()
+    );
+    let this_guest = sandbox.load(this, GuestRole::Sql).expect("this guest");
+    let fuel_of =
+        |guest: &Guest, tables: &Arc<dyn TableStore>, sql: &str, policy: &OutputPolicy| {
+            sandbox
+                .run(
+                    guest,
+                    Job {
+                        sql,
+                        tables: Arc::clone(tables),
+                        policy,
+                        privacy_budget: 0.0,
+                        as_of_unix_seconds: 1_764_460_800,
+                    },
+                    &Limits::default(),
+                )
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .metering
+                .fuel
+        };
+    for &(label, tables, sql, policy) in small {
+        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..300 {
+            mine.push(run_guest(sandbox, &this_guest, tables, sql, policy));
+            theirs.push(run_guest(sandbox, &other_guest, tables, sql, policy));
+        }
+        mine.sort();
+        theirs.sort();
+        println!(
+            "    {label}: fuel {} against {}; p50 {:.2} against {:.2} ms ({:.2}x), p99 {:.2} against {:.2} ms",
+            fuel_of(&this_guest, tables, sql, policy),
+            fuel_of(&other_guest, tables, sql, policy),
+            millis(percentile(&mine, 0.5)),
+            millis(percentile(&theirs, 0.5)),
+            percentile(&mine, 0.5).as_secs_f64() / percentile(&theirs, 0.5).as_secs_f64(),
+            millis(percentile(&mine, 0.99)),
+            millis(percentile(&theirs, 0.99)),
+        );
+    }
+    let owner = OutputPolicy::owner();
+    for &(label, tables, sql) in large {
+        let (mut mine, mut theirs) = (Duration::MAX, Duration::MAX);
+        for _ in 0..3 {
+            mine = mine.min(run_guest(sandbox, &this_guest, tables, sql, &owner));
+            theirs = theirs.min(run_guest(sandbox, &other_guest, tables, sql, &owner));
+        }
+        println!(
+            "    {label}: fuel {} against {}; best of 3 {:.0} against {:.0} ms ({:.2}x)",
+            fuel_of(&this_guest, tables, sql, &owner),
+            fuel_of(&other_guest, tables, sql, &owner),
+            millis(mine),
+            millis(theirs),
+            mine.as_secs_f64() / theirs.as_secs_f64()
+        );
+    }
 }
