@@ -1,7 +1,8 @@
 //! Authorized queries per second over gRPC, end to end (authenticate, casbin,
 //! contract, quota, hold, sandbox with the output policy, ledger, usage
-//! record, audit entry), for a tiny aggregate query, with 1 and 32 concurrent
-//! clients, on SQLite and (when `CIVICGRID_TEST_POSTGRES_URL` is set)
+//! record, audit entry), for a tiny aggregate query, with 1, 32 and 64
+//! concurrent clients (64 is twice the sandbox's pool: runs queue for a slot),
+//! on SQLite and (when `CIVICGRID_TEST_POSTGRES_URL` is set)
 //! PostgreSQL. The baseline, in the same process: the same query in the same
 //! sandbox called directly — what the marketplace adds is the difference.
 //! Where the time goes comes from the server's own stage histograms.
@@ -136,7 +137,7 @@ async fn bench(db: Db, queries: usize) -> anyhow::Result<()> {
     for i in 0..20 {
         one_query(&mut client, &cast.consumer_analyst, format!("warm-{i}")).await;
     }
-    for clients in [1_usize, 32] {
+    for clients in [1_usize, 32, 64] {
         let before = market.market.metrics().encode();
         let per_client = queries.div_ceil(clients);
         let started = Instant::now();
