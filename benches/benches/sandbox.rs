@@ -21,7 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use civicgrid_sandbox::policy::{AggregationRule, OutputPolicy};
-use civicgrid_sandbox::{Guest, GuestRole, Job, Limits, Sandbox, SandboxConfig, TableStore};
+use civicgrid_sandbox::{
+    Guest, GuestRole, Job, Limits, Outcome, Sandbox, SandboxConfig, TableStore,
+};
 use civicgrid_tests::sandbox::{local, run_native, sql_guest, write_residents};
 use civicgrid_tests::tpch;
 
@@ -74,7 +76,19 @@ fn run_guest(
     policy: &OutputPolicy,
 ) -> Duration {
     let started = Instant::now();
-    let outcome = sandbox
+    std::hint::black_box(outcome_of(sandbox, guest, tables, sql, policy));
+    started.elapsed()
+}
+
+/// One run of a loaded guest, its released result and metering.
+fn outcome_of(
+    sandbox: &Sandbox,
+    guest: &Guest,
+    tables: &Arc<dyn TableStore>,
+    sql: &str,
+    policy: &OutputPolicy,
+) -> Outcome {
+    sandbox
         .run(
             guest,
             Job {
@@ -86,9 +100,7 @@ fn run_guest(
             },
             &Limits::default(),
         )
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    std::hint::black_box(outcome);
-    started.elapsed()
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
 fn tpch_dir(scale: f64) -> PathBuf {
@@ -363,19 +375,7 @@ fn compare_guests(
     let this_guest = sandbox.load(this, GuestRole::Sql).expect("this guest");
     let fuel_of =
         |guest: &Guest, tables: &Arc<dyn TableStore>, sql: &str, policy: &OutputPolicy| {
-            sandbox
-                .run(
-                    guest,
-                    Job {
-                        sql,
-                        tables: Arc::clone(tables),
-                        policy,
-                        privacy_budget: 0.0,
-                        as_of_unix_seconds: 1_764_460_800,
-                    },
-                    &Limits::default(),
-                )
-                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            outcome_of(sandbox, guest, tables, sql, policy)
                 .metering
                 .fuel
         };
