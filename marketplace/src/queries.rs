@@ -19,8 +19,8 @@ use std::time::Duration;
 use arrow_array::RecordBatch;
 use civicgrid_sandbox::policy::{AggregationRule, DifferentialPrivacy, ListRule, OutputPolicy};
 use civicgrid_sandbox::{
-    FUEL_PER_COMPUTE_UNIT, Guest, GuestRole, Job, Limits, LocalDirectory, Sandbox, SandboxConfig,
-    SandboxError, TableStore,
+    FUEL_PER_COMPUTE_UNIT, FooterCache, Guest, GuestRole, Job, Limits, LocalDirectory, Sandbox,
+    SandboxConfig, SandboxError, TableStore,
 };
 use sha2::{Digest as _, Sha256};
 use sqlx::{AnyConnection, Row as _};
@@ -79,6 +79,8 @@ pub struct QueryEngine {
     sandbox: Sandbox,
     sql_guest: Arc<Guest>,
     config: EngineConfig,
+    /// Parquet footers of every product's files, parsed once per file.
+    footers: Arc<FooterCache>,
 }
 
 impl std::fmt::Debug for QueryEngine {
@@ -123,6 +125,7 @@ impl QueryEngine {
             sandbox,
             sql_guest,
             config,
+            footers: Arc::default(),
         })
     }
 
@@ -801,7 +804,8 @@ fn run_in_sandbox(
     let algorithm = algorithm.as_deref();
     let tables: Arc<dyn TableStore> = Arc::new(
         LocalDirectory::discover(storage)
-            .map_err(|error| SandboxError::Data(format!("the product's files: {error}")))?,
+            .map_err(|error| SandboxError::Data(format!("the product's files: {error}")))?
+            .with_footer_cache(Arc::clone(&engine.footers)),
     );
     let guest = match algorithm {
         Some(wasm) => engine.sandbox.load(wasm, GuestRole::Algorithm)?,

@@ -1,14 +1,19 @@
 //! Where a product's tables come from. Local files now; an object store is
 //! another [`TableStore`].
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
 
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+};
 
 /// Rows per batch streamed to the guest: large enough that per-batch costs
 /// (IPC framing, a host call) vanish, small enough to bound guest memory.
@@ -58,12 +63,86 @@ pub trait TableStore: Send + Sync {
 /// run on, few enough that each share's planning is noise next to its scan.
 pub const MAX_PARTS: usize = 16;
 
+/// Parsed Parquet footers (schema, row groups, column chunk offsets), shared
+/// by the scans of many runs. Without it a small query parses its table's
+/// footer three times (schema, parts, scan), and every query parses it again:
+/// on a tiny aggregate that was a few percent of the server's CPU. An entry
+/// is used only while the file is still the one it was parsed from.
+#[derive(Debug, Default)]
+pub struct FooterCache {
+    entries: Mutex<HashMap<PathBuf, (FileIdentity, ArrowReaderMetadata)>>,
+    parsed: AtomicU64,
+}
+
+/// The most footers kept; past it the cache starts over, so a host serving
+/// very many files holds at most this many footers in memory.
+const FOOTER_CACHE_ENTRIES: usize = 4096;
+
+/// What tells a file from its replacement: a new inode when it was renamed
+/// over, a new length or modification time when it was rewritten in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity {
+    inode: u64,
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+impl FileIdentity {
+    fn of(file: &File, path: &Path) -> Result<Self, String> {
+        let metadata = file
+            .metadata()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&metadata);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Ok(Self {
+            inode,
+            len: metadata.len(),
+            modified: metadata.modified().ok(),
+        })
+    }
+}
+
+impl FooterCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many footers were parsed (not found in the cache) so far.
+    pub fn footers_parsed(&self) -> u64 {
+        self.parsed.load(Ordering::Relaxed)
+    }
+
+    /// The footer of `file`, opened from `path`: cached, or parsed and cached.
+    fn metadata(&self, path: &Path, file: &File) -> Result<ArrowReaderMetadata, String> {
+        let identity = FileIdentity::of(file, path)?;
+        let entries = || self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((cached, metadata)) = entries().get(path)
+            && *cached == identity
+        {
+            return Ok(metadata.clone());
+        }
+        let metadata = ArrowReaderMetadata::load(file, ArrowReaderOptions::default())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        self.parsed.fetch_add(1, Ordering::Relaxed);
+        let mut entries = entries();
+        if entries.len() >= FOOTER_CACHE_ENTRIES && !entries.contains_key(path) {
+            entries.clear();
+        }
+        entries.insert(path.to_owned(), (identity, metadata.clone()));
+        Ok(metadata)
+    }
+}
+
 /// Tables as files in one directory: `<table>.parquet` or `<table>.arrow`
 /// (Arrow IPC file format).
 #[derive(Debug, Clone)]
 pub struct LocalDirectory {
     dir: PathBuf,
     tables: Vec<String>,
+    footers: Arc<FooterCache>,
 }
 
 impl LocalDirectory {
@@ -75,7 +154,16 @@ impl LocalDirectory {
         Self {
             dir: dir.into(),
             tables: tables.into_iter().map(Into::into).collect(),
+            footers: Arc::default(),
         }
+    }
+
+    /// The same tables, with Parquet footers kept in `footers`, which may be
+    /// shared with other directories and outlive this one.
+    #[must_use]
+    pub fn with_footer_cache(mut self, footers: Arc<FooterCache>) -> Self {
+        self.footers = footers;
+        self
     }
 
     /// Every `.parquet` and `.arrow` file in `dir`, by name.
@@ -92,7 +180,7 @@ impl LocalDirectory {
             })
             .collect();
         tables.sort();
-        Ok(Self { dir, tables })
+        Ok(Self::new(dir, tables))
     }
 
     fn file(&self, table: &str) -> Result<(PathBuf, bool), String> {
@@ -127,10 +215,9 @@ impl TableStore for LocalDirectory {
         let (path, is_parquet) = self.file(table)?;
         let file = open(&path)?;
         if is_parquet {
-            let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let footer = self.footers.metadata(&path, &file)?;
             Ok(Arc::new(
-                builder
+                footer
                     .schema()
                     .as_ref()
                     .clone()
@@ -160,9 +247,8 @@ impl TableStore for LocalDirectory {
         if !is_parquet {
             return Ok(1);
         }
-        let builder = ParquetRecordBatchReaderBuilder::try_new(open(&path)?)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(builder.metadata().num_row_groups().clamp(1, MAX_PARTS))
+        let footer = self.footers.metadata(&path, &open(&path)?)?;
+        Ok(footer.metadata().num_row_groups().clamp(1, MAX_PARTS))
     }
 
     fn scan_part(
@@ -194,8 +280,8 @@ impl LocalDirectory {
         let file = open(&path)?;
         let name = path.display().to_string();
         if is_parquet {
-            let mut builder = ParquetRecordBatchReaderBuilder::try_new(file)
-                .map_err(|e| format!("{name}: {e}"))?;
+            let footer = self.footers.metadata(&path, &file)?;
+            let mut builder = ParquetRecordBatchReaderBuilder::new_with_metadata(file, footer);
             if let Some((part, parts)) = share {
                 let groups = builder.metadata().num_row_groups();
                 builder = builder.with_row_groups((part..groups).step_by(parts).collect());
@@ -312,6 +398,74 @@ mod tests {
             .map(|part| ids(store.scan_part("ids", &[0], part, MAX_PARTS).unwrap()).len())
             .sum();
         assert_eq!(total, 4_000);
+    }
+
+    #[test]
+    fn a_footer_is_parsed_once_across_runs_sharing_a_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        write_ids(dir.path(), 1_000, 100);
+        let footers = Arc::new(FooterCache::new());
+        for _run in 0..3 {
+            let store = LocalDirectory::discover(dir.path())
+                .unwrap()
+                .with_footer_cache(Arc::clone(&footers));
+            assert_eq!(store.schema("ids").unwrap().field(0).name(), "id");
+            assert_eq!(store.parts("ids").unwrap(), 10);
+            assert_eq!(ids(store.scan("ids", &[0]).unwrap()).len(), 1_000);
+            assert_eq!(
+                ids(store.scan_part("ids", &[0], 1, 10).unwrap()),
+                (100..200).collect::<Vec<_>>()
+            );
+        }
+        assert_eq!(footers.footers_parsed(), 1);
+
+        // Without a shared cache, each directory parses the footer once.
+        let store = LocalDirectory::discover(dir.path()).unwrap();
+        store.schema("ids").unwrap();
+        store.parts("ids").unwrap();
+        assert_eq!(ids(store.scan("ids", &[0]).unwrap()).len(), 1_000);
+        assert_eq!(store.footers.footers_parsed(), 1);
+    }
+
+    #[test]
+    fn a_replaced_or_rewritten_file_is_never_read_with_its_old_footer() {
+        let dir = tempfile::tempdir().unwrap();
+        let footers = Arc::new(FooterCache::new());
+        let store = || {
+            LocalDirectory::discover(dir.path())
+                .unwrap()
+                .with_footer_cache(Arc::clone(&footers))
+        };
+        write_ids(dir.path(), 1_000, 100);
+        assert_eq!(ids(store().scan("ids", &[0]).unwrap()).len(), 1_000);
+
+        // Rewritten in place (same inode, new length).
+        write_ids(dir.path(), 50, 100);
+        assert_eq!(store().parts("ids").unwrap(), 1);
+        assert_eq!(
+            ids(store().scan("ids", &[0]).unwrap()),
+            (0..50).collect::<Vec<_>>()
+        );
+        assert_eq!(footers.footers_parsed(), 2);
+
+        // Renamed over (a new inode).
+        let staging = tempfile::tempdir().unwrap();
+        write_ids(staging.path(), 700, 100);
+        std::fs::rename(
+            staging.path().join("ids.parquet"),
+            dir.path().join("ids.parquet"),
+        )
+        .unwrap();
+        assert_eq!(store().parts("ids").unwrap(), 7);
+        assert_eq!(ids(store().scan("ids", &[0]).unwrap()).len(), 700);
+        assert_eq!(footers.footers_parsed(), 3);
+
+        // Replaced by something that is not Parquet: an error naming the
+        // file, not the footer of what was there before.
+        std::fs::write(dir.path().join("ids.parquet"), b"not parquet at all").unwrap();
+        let refused = store().schema("ids").unwrap_err();
+        assert!(refused.contains("ids.parquet"), "{refused}");
+        assert!(store().scan("ids", &[0]).is_err());
     }
 
     #[test]

@@ -27,7 +27,7 @@ use wasmtime::{
 };
 
 pub use cache::CacheOutcome;
-pub use data::{BATCH_ROWS, LocalDirectory, MAX_PARTS, TableScan, TableStore};
+pub use data::{BATCH_ROWS, FooterCache, LocalDirectory, MAX_PARTS, TableScan, TableStore};
 pub use error::SandboxError;
 pub use release::MIN_UNITS_METADATA;
 
