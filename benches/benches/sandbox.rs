@@ -182,52 +182,16 @@ fn main() {
     // (b) TPC-H in the sandbox against the same engine natively.
     let dir = tpch_dir(scale);
     let tables = local(&dir);
-    println!("(b) TPC-H SF{scale}, best of 3, sandbox vs the same engine natively");
-    let mut one_instance_config = SandboxConfig::new(cache.path());
-    one_instance_config.split_scans = false;
-    let one_instance = Sandbox::new(&one_instance_config).expect("sandbox");
-    let measured = if compare_only {
-        [].as_slice()
-    } else {
-        [("Q1", tpch::Q1), ("Q6", tpch::Q6)].as_slice()
-    };
-    for &(name, query) in measured {
-        let sandboxed = best_of(3, || run(&from_cache, &sql, &tables, query, &owner));
-        let unsplit = best_of(3, || run(&one_instance, &sql, &tables, query, &owner));
-        println!(
-            "    {name}: sandbox {:.0} ms with scans split across instances, {:.0} ms in one instance ({:.2}x faster split)",
-            millis(sandboxed),
-            millis(unsplit),
-            unsplit.as_secs_f64() / sandboxed.as_secs_f64()
+    if !compare_only {
+        tpch_against_native(
+            cache.path(),
+            &from_cache,
+            &sql,
+            &dir,
+            &tables,
+            &owner,
+            scale,
         );
-        for partitions in [1, 2] {
-            let native = best_of(3, || {
-                let started = Instant::now();
-                std::hint::black_box(
-                    run_native(Arc::clone(&tables), query, &owner, partitions).expect("native"),
-                );
-                started.elapsed()
-            });
-            println!(
-                "    {name}: sandbox {:.0} ms, native {partitions} partition(s) {:.0} ms, ratio {:.2}x (target <= 1.5x)",
-                millis(sandboxed),
-                millis(native),
-                sandboxed.as_secs_f64() / native.as_secs_f64()
-            );
-        }
-        // (c) DuckDB on the same file.
-        match duckdb(&dir, query) {
-            Some(times) => {
-                for (threads, duck) in times {
-                    println!(
-                        "    {name}: DuckDB {threads} thread(s) {:.0} ms, sandbox / DuckDB {:.2}x",
-                        millis(duck),
-                        sandboxed.as_secs_f64() / duck.as_secs_f64()
-                    );
-                }
-            }
-            None => println!("    {name}: DuckDB not measured (pip install duckdb)"),
-        }
     }
 
     // (d) Small aggregate queries per second, 1 and 2 threads.
@@ -244,7 +208,9 @@ fn main() {
         ..OutputPolicy::default()
     };
     let small = "select district, count(*) from residents group by district";
-    println!("(d) small aggregate queries ({small}) per second");
+    if !compare_only {
+        println!("(d) small aggregate queries ({small}) per second");
+    }
     let window = Duration::from_secs(3);
     // Loaded once, as the marketplace does: each query is a fresh instance.
     let small_guest = from_cache.load(&sql, GuestRole::Sql).expect("load");
@@ -413,5 +379,60 @@ fn compare_guests(
             millis(theirs),
             mine.as_secs_f64() / theirs.as_secs_f64()
         );
+    }
+}
+
+/// (b) and (c): TPC-H Q1 and Q6 in the sandbox, split and in one instance,
+/// against the same engine natively and against DuckDB.
+fn tpch_against_native(
+    cache: &Path,
+    from_cache: &Sandbox,
+    sql: &[u8],
+    dir: &Path,
+    tables: &Arc<dyn TableStore>,
+    owner: &OutputPolicy,
+    scale: f64,
+) {
+    println!("(b) TPC-H SF{scale}, best of 3, sandbox vs the same engine natively");
+    let mut one_instance_config = SandboxConfig::new(cache);
+    one_instance_config.split_scans = false;
+    let one_instance = Sandbox::new(&one_instance_config).expect("sandbox");
+    for (name, query) in [("Q1", tpch::Q1), ("Q6", tpch::Q6)] {
+        let sandboxed = best_of(3, || run(from_cache, sql, tables, query, owner));
+        let unsplit = best_of(3, || run(&one_instance, sql, tables, query, owner));
+        println!(
+            "    {name}: sandbox {:.0} ms with scans split across instances, {:.0} ms in one instance ({:.2}x faster split)",
+            millis(sandboxed),
+            millis(unsplit),
+            unsplit.as_secs_f64() / sandboxed.as_secs_f64()
+        );
+        for partitions in [1, 2] {
+            let native = best_of(3, || {
+                let started = Instant::now();
+                std::hint::black_box(
+                    run_native(Arc::clone(tables), query, owner, partitions).expect("native"),
+                );
+                started.elapsed()
+            });
+            println!(
+                "    {name}: sandbox {:.0} ms, native {partitions} partition(s) {:.0} ms, ratio {:.2}x (target <= 1.5x)",
+                millis(sandboxed),
+                millis(native),
+                sandboxed.as_secs_f64() / native.as_secs_f64()
+            );
+        }
+        // (c) DuckDB on the same file.
+        match duckdb(dir, query) {
+            Some(times) => {
+                for (threads, duck) in times {
+                    println!(
+                        "    {name}: DuckDB {threads} thread(s) {:.0} ms, sandbox / DuckDB {:.2}x",
+                        millis(duck),
+                        sandboxed.as_secs_f64() / duck.as_secs_f64()
+                    );
+                }
+            }
+            None => println!("    {name}: DuckDB not measured (pip install duckdb)"),
+        }
     }
 }
