@@ -400,7 +400,9 @@ fn a_corrupt_or_truncated_cache_entry_is_rebuilt_never_loaded() {
     let loaded = first.load(&wasm, GuestRole::Sql).unwrap();
     assert_eq!(loaded.cache_outcome(), CacheOutcome::Compiled);
     let path = first.cache_path(loaded.sha256());
-    drop(first);
+    // The cache maps what it loads; nothing loaded may still map the files
+    // this test rewrites in place (the cache itself only ever renames).
+    drop((loaded, first));
 
     assert_eq!(
         Sandbox::new(&config)
@@ -434,7 +436,7 @@ fn a_corrupt_or_truncated_cache_entry_is_rebuilt_never_loaded() {
             &Limits::default(),
         )
         .expect("the rebuilt module runs");
-    drop(sandbox);
+    drop((reloaded, sandbox));
 
     // Truncated to a few bytes.
     std::fs::write(&path, &bytes[..10]).unwrap();
@@ -454,4 +456,22 @@ fn a_corrupt_or_truncated_cache_entry_is_rebuilt_never_loaded() {
             .cache_outcome(),
         CacheOutcome::Hit
     );
+
+    // The checksum beside it lost, or not the artifact's.
+    let checksum = path.with_extension("cwasm.sha256");
+    for damage in [
+        |checksum: &std::path::Path| std::fs::remove_file(checksum).unwrap(),
+        |checksum: &std::path::Path| std::fs::write(checksum, [0u8; 32]).unwrap(),
+    ] {
+        damage(&checksum);
+        assert_eq!(
+            Sandbox::new(&config)
+                .unwrap()
+                .load(&wasm, GuestRole::Sql)
+                .unwrap()
+                .cache_outcome(),
+            CacheOutcome::Rebuilt
+        );
+        assert!(checksum.exists(), "the rebuild stores a new checksum");
+    }
 }
