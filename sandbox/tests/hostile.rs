@@ -403,15 +403,16 @@ fn a_corrupt_or_truncated_cache_entry_is_rebuilt_never_loaded() {
     // The cache maps what it loads; nothing loaded may still map the files
     // this test rewrites in place (the cache itself only ever renames).
     drop((loaded, first));
-
-    assert_eq!(
+    // What a fresh process would find in the cache.
+    let load_again = || {
         Sandbox::new(&config)
             .unwrap()
             .load(&wasm, GuestRole::Sql)
             .unwrap()
-            .cache_outcome(),
-        CacheOutcome::Hit
-    );
+            .cache_outcome()
+    };
+
+    assert_eq!(load_again(), CacheOutcome::Hit);
 
     // Flip one byte in the compiled code.
     let mut bytes = std::fs::read(&path).unwrap();
@@ -440,22 +441,8 @@ fn a_corrupt_or_truncated_cache_entry_is_rebuilt_never_loaded() {
 
     // Truncated to a few bytes.
     std::fs::write(&path, &bytes[..10]).unwrap();
-    assert_eq!(
-        Sandbox::new(&config)
-            .unwrap()
-            .load(&wasm, GuestRole::Sql)
-            .unwrap()
-            .cache_outcome(),
-        CacheOutcome::Rebuilt
-    );
-    assert_eq!(
-        Sandbox::new(&config)
-            .unwrap()
-            .load(&wasm, GuestRole::Sql)
-            .unwrap()
-            .cache_outcome(),
-        CacheOutcome::Hit
-    );
+    assert_eq!(load_again(), CacheOutcome::Rebuilt);
+    assert_eq!(load_again(), CacheOutcome::Hit);
 
     // The checksum beside it lost, or not the artifact's.
     let checksum = path.with_extension("cwasm.sha256");
@@ -464,14 +451,7 @@ fn a_corrupt_or_truncated_cache_entry_is_rebuilt_never_loaded() {
         |checksum: &std::path::Path| std::fs::write(checksum, [0u8; 32]).unwrap(),
     ] {
         damage(&checksum);
-        assert_eq!(
-            Sandbox::new(&config)
-                .unwrap()
-                .load(&wasm, GuestRole::Sql)
-                .unwrap()
-                .cache_outcome(),
-            CacheOutcome::Rebuilt
-        );
+        assert_eq!(load_again(), CacheOutcome::Rebuilt);
         assert!(checksum.exists(), "the rebuild stores a new checksum");
     }
 }
