@@ -11,7 +11,11 @@
 //! - (e) fuel metering against epoch interruption alone;
 //! - (f) when `CIVICGRID_COMPARE_GUEST` names another build of the SQL guest
 //!   (say, other compiler settings), this build against that one, run after
-//!   run interleaved in the same process: fuel and time per query.
+//!   run interleaved in the same process: fuel and time per query;
+//! - (g) pool slots that keep the pages a run touched and reset them in
+//!   place, against slots that hand every page back to the kernel: the small
+//!   aggregate query of (d), rounds interleaved, one and two threads
+//!   (`--memory-only` runs this alone).
 //!
 //! Run: `bash sandbox/build-guests.sh && cargo bench -p civicgrid-benches
 //! --bench sandbox` (add `-- --scale 0.1` for a quicker, smaller TPC-H).
@@ -51,8 +55,12 @@ fn best_of(runs: usize, mut f: impl FnMut() -> Duration) -> Duration {
 }
 
 fn sandbox(cache: &Path, meter_fuel: bool) -> Sandbox {
+    sandbox_with(cache, |config| config.meter_fuel = meter_fuel)
+}
+
+fn sandbox_with(cache: &Path, configure: impl FnOnce(&mut SandboxConfig)) -> Sandbox {
     let mut config = SandboxConfig::new(cache);
-    config.meter_fuel = meter_fuel;
+    configure(&mut config);
     Sandbox::new(&config).expect("sandbox")
 }
 
@@ -129,6 +137,10 @@ fn main() {
     let compare_only = args.iter().any(|a| a == "--compare-only");
     let cache = tempfile::tempdir().expect("cache dir");
     let sql = sql_guest();
+    if args.iter().any(|a| a == "--memory-only") {
+        memory_reuse(cache.path(), &sql);
+        return;
+    }
     let metered = sandbox(cache.path(), true);
     let owner = OutputPolicy::owner();
     let empty: Arc<dyn TableStore> = Arc::new(civicgrid_sandbox::LocalDirectory::new(
@@ -285,6 +297,71 @@ fn main() {
             millis(with_fuel),
             millis(epoch_only),
             (with_fuel.as_secs_f64() / epoch_only.as_secs_f64() - 1.0) * 100.0
+        );
+    }
+    memory_reuse(cache.path(), &sql);
+}
+
+/// (g) The default pool, whose slots keep up to 16 MiB of touched pages and
+/// reset them in place, against slots that hand every page back. Runs in
+/// rounds that alternate which goes first, because this machine's speed
+/// drifts by tens of percent within a minute; the figure is the median of
+/// the rounds' ratios.
+fn memory_reuse(cache: &Path, sql: &[u8]) {
+    let residents_dir = tempfile::tempdir().expect("residents");
+    write_residents(residents_dir.path()).expect("residents data");
+    let residents = local(residents_dir.path());
+    let policy = OutputPolicy {
+        blocked_columns: vec!["person_id".into()],
+        aggregation: Some(AggregationRule {
+            privacy_unit_columns: vec!["person_id".into()],
+            min_units: 10,
+            ..AggregationRule::default()
+        }),
+        ..OutputPolicy::default()
+    };
+    let small = "select district, count(*) from residents group by district";
+    let kept = sandbox(cache, true);
+    let handed_back = sandbox_with(cache, |config| config.memory_keep_resident_bytes = 0);
+    let pair = [
+        (&kept, kept.load(sql, GuestRole::Sql).expect("load")),
+        (
+            &handed_back,
+            handed_back.load(sql, GuestRole::Sql).expect("load"),
+        ),
+    ];
+    println!("(g) memory kept resident in pool slots against handed back, {small}");
+    for threads in [1usize, 2] {
+        let mut ratios = Vec::new();
+        for round in 0..16 {
+            let mut per_second = [0.0; 2];
+            let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for which in order {
+                let (sandbox, guest) = &pair[which];
+                let runs_per_thread = 100;
+                let started = Instant::now();
+                std::thread::scope(|scope| {
+                    for _ in 0..threads {
+                        scope.spawn(|| {
+                            for _ in 0..runs_per_thread {
+                                run_guest(sandbox, guest, &residents, small, &policy);
+                            }
+                        });
+                    }
+                });
+                per_second[which] =
+                    (threads * runs_per_thread) as f64 / started.elapsed().as_secs_f64();
+            }
+            ratios.push(per_second[0] / per_second[1]);
+        }
+        ratios.sort_by(f64::total_cmp);
+        let favoured = ratios.iter().filter(|ratio| **ratio > 1.0).count();
+        println!(
+            "    {threads} thread(s): kept/handed back, queries/s: median {:.2}x (range {:.2}-{:.2}x; kept faster in {favoured} of {} rounds)",
+            ratios[ratios.len() / 2],
+            ratios[0],
+            ratios[ratios.len() - 1],
+            ratios.len()
         );
     }
 }

@@ -455,3 +455,42 @@ fn a_corrupt_or_truncated_cache_entry_is_rebuilt_never_loaded() {
         assert!(checksum.exists(), "the rebuild stores a new checksum");
     }
 }
+
+/// Pool slots keep the pages a run touched and reset them in place (see
+/// `SandboxConfig::memory_keep_resident_bytes`); the next run in the slot
+/// must still start from the module's own image: its data back, the rest
+/// zero, grown pages gone. One slot, so every run reuses the last one's.
+#[test]
+fn a_run_never_sees_what_an_earlier_run_left_in_memory() {
+    let dirtying = wat::parse_str(
+        r#"(module
+            (memory (export "memory") 1)
+            (data (i32.const 16) "seed")
+            (func (export "civicgrid_run") (result i32)
+                (if (i32.ne (i32.load (i32.const 16)) (i32.const 0x64656573))
+                    (then unreachable))
+                (if (i32.ne (i32.load (i32.const 4096)) (i32.const 0))
+                    (then unreachable))
+                (if (i32.ne (memory.size) (i32.const 1))
+                    (then unreachable))
+                (i32.store (i32.const 16) (i32.const -1))
+                (i32.store (i32.const 4096) (i32.const -1))
+                (drop (memory.grow (i32.const 1)))
+                (if (i32.ne (i32.load (i32.const 65540)) (i32.const 0))
+                    (then unreachable))
+                (i32.store (i32.const 65540) (i32.const -1))
+                i32.const 0))"#,
+    )
+    .expect("test guest");
+    for keep_resident in [0, 16 << 20] {
+        let f = fixture_with(|config| {
+            config.max_concurrent_runs = 1;
+            config.memory_keep_resident_bytes = keep_resident;
+        });
+        for run in 0..4 {
+            if let Err(error) = f.run(&dirtying, &Limits::default()) {
+                panic!("run {run} with {keep_resident} bytes kept resident: {error}");
+            }
+        }
+    }
+}
