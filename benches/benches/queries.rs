@@ -22,9 +22,9 @@ use civicgrid_marketplace::proto::{
     queries_client::QueriesClient,
 };
 use civicgrid_marketplace::queries::{EngineConfig, QueryEngine};
-use civicgrid_sandbox::policy::{AggregationRule, OutputPolicy};
 use civicgrid_sandbox::{GuestRole, Job, Limits, Sandbox, SandboxConfig};
 use civicgrid_tests::market::{Cast, Db, TestMarket, authed, contract_request, publish};
+use civicgrid_tests::sandbox::residents_aggregate_policy;
 
 const SQL: &str = "SELECT district, COUNT(*) AS people FROM residents GROUP BY district";
 
@@ -247,15 +247,7 @@ fn baseline(queries: usize) -> anyhow::Result<()> {
     let sandbox = Sandbox::new(&SandboxConfig::new(cache_dir()))?;
     let guest = sandbox.load(&std::fs::read(guest_path())?, GuestRole::Sql)?;
     let tables = civicgrid_tests::sandbox::local(dir.path());
-    let policy = OutputPolicy {
-        blocked_columns: vec!["person_id".into()],
-        aggregation: Some(AggregationRule {
-            privacy_unit_columns: vec!["person_id".into()],
-            min_units: 10,
-            ..AggregationRule::default()
-        }),
-        ..OutputPolicy::default()
-    };
+    let policy = residents_aggregate_policy();
     let run = || {
         let started = Instant::now();
         let outcome = sandbox

@@ -24,11 +24,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use civicgrid_sandbox::policy::{AggregationRule, OutputPolicy};
+use civicgrid_sandbox::policy::OutputPolicy;
 use civicgrid_sandbox::{
     Guest, GuestRole, Job, Limits, Outcome, Sandbox, SandboxConfig, TableStore,
 };
-use civicgrid_tests::sandbox::{local, run_native, sql_guest, write_residents};
+use civicgrid_tests::sandbox::{
+    local, residents_aggregate_policy, run_native, sql_guest, write_residents,
+};
 use civicgrid_tests::tpch;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -210,15 +212,7 @@ fn main() {
     let residents_dir = tempfile::tempdir().expect("residents");
     write_residents(residents_dir.path()).expect("residents data");
     let residents = local(residents_dir.path());
-    let policy = OutputPolicy {
-        blocked_columns: vec!["person_id".into()],
-        aggregation: Some(AggregationRule {
-            privacy_unit_columns: vec!["person_id".into()],
-            min_units: 10,
-            ..AggregationRule::default()
-        }),
-        ..OutputPolicy::default()
-    };
+    let policy = residents_aggregate_policy();
     let small = "select district, count(*) from residents group by district";
     if !compare_only {
         println!("(d) small aggregate queries ({small}) per second");
@@ -311,15 +305,7 @@ fn memory_reuse(cache: &Path, sql: &[u8]) {
     let residents_dir = tempfile::tempdir().expect("residents");
     write_residents(residents_dir.path()).expect("residents data");
     let residents = local(residents_dir.path());
-    let policy = OutputPolicy {
-        blocked_columns: vec!["person_id".into()],
-        aggregation: Some(AggregationRule {
-            privacy_unit_columns: vec!["person_id".into()],
-            min_units: 10,
-            ..AggregationRule::default()
-        }),
-        ..OutputPolicy::default()
-    };
+    let policy = residents_aggregate_policy();
     let small = "select district, count(*) from residents group by district";
     let kept = sandbox(cache, true);
     let handed_back = sandbox_with(cache, |config| config.memory_keep_resident_bytes = 0);

@@ -98,6 +98,20 @@ pub fn tpch_small_in_parts() -> &'static Path {
     .path()
 }
 
+/// The benchmarks' policy for resident data: `person_id` unreadable, and
+/// every released row must count at least 10 distinct people.
+pub fn residents_aggregate_policy() -> OutputPolicy {
+    OutputPolicy {
+        blocked_columns: vec!["person_id".into()],
+        aggregation: Some(civicgrid_sandbox::policy::AggregationRule {
+            privacy_unit_columns: vec!["person_id".into()],
+            min_units: 10,
+            ..civicgrid_sandbox::policy::AggregationRule::default()
+        }),
+        ..OutputPolicy::default()
+    }
+}
+
 /// Residents of a small city: 2,000 people in seven districts of 100 to 500
 /// and one district ("Harbour") of three, with a unique income each.
 pub fn write_residents(dir: &Path) -> std::io::Result<()> {
