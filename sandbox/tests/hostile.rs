@@ -187,6 +187,59 @@ fn a_memory_bomb_hits_the_memory_limit() {
     f.still_serves();
 }
 
+/// A module declaring more initial memory than a run may have never starts:
+/// the run ends with the memory-limit error, and a module larger than the
+/// pool's slots is refused when it is loaded (wasmtime checks that while
+/// compiling for the pool), with both sizes in the message.
+#[test]
+fn a_module_that_starts_above_the_memory_limit_never_runs() {
+    let f = fixture_with(|config| config.max_memory_bytes = 64 << 20);
+    let starts_with_two_mib = wat::parse_str(
+        r#"(module
+            (memory (export "memory") 32)
+            (func (export "civicgrid_run") (result i32) i32.const 0))"#,
+    )
+    .unwrap();
+    let guest = f
+        .sandbox
+        .load(&starts_with_two_mib, GuestRole::Algorithm)
+        .unwrap();
+    assert_eq!(guest.initial_memory_bytes(), 2 << 20);
+    let one_mib = Limits {
+        memory_bytes: 1 << 20,
+        ..Limits::default()
+    };
+    let err = f.run(&starts_with_two_mib, &one_mib).unwrap_err();
+    assert!(
+        matches!(err, SandboxError::MemoryLimit { limit_bytes } if limit_bytes == 1 << 20),
+        "{err}"
+    );
+    let two_mib = Limits {
+        memory_bytes: 2 << 20,
+        ..Limits::default()
+    };
+    f.run(&starts_with_two_mib, &two_mib)
+        .expect("a run allowed exactly the initial memory starts");
+
+    let larger_than_a_slot = wat::parse_str(
+        r#"(module
+            (memory (export "memory") 1025)
+            (func (export "civicgrid_run") (result i32) i32.const 0))"#,
+    )
+    .unwrap();
+    let err = f
+        .sandbox
+        .load(&larger_than_a_slot, GuestRole::Algorithm)
+        .err()
+        .expect("a module larger than a pool slot is refused at load");
+    assert!(
+        matches!(&err, SandboxError::InvalidModule(message)
+            if message.contains("67174400") && message.contains("pooling allocator")),
+        "{err}"
+    );
+    f.still_serves();
+}
+
 #[test]
 fn deep_recursion_exhausts_the_stack() {
     let f = fixture();

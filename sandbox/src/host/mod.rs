@@ -77,6 +77,14 @@ pub struct SandboxConfig {
     pub memory_keep_resident_bytes: usize,
 }
 
+/// Whether this kernel lets pool slots reset only the pages a run touched
+/// (Linux 6.7+ `PAGEMAP_SCAN`). Without it,
+/// [`SandboxConfig::memory_keep_resident_bytes`] has no effect and every page
+/// is handed back after each run.
+pub fn keeps_touched_pages_resident() -> bool {
+    PoolingAllocationConfig::is_pagemap_scan_available()
+}
+
 impl SandboxConfig {
     /// Defaults sized for the SQL guest on a small machine.
     pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
@@ -139,6 +147,7 @@ pub struct Guest {
     role: GuestRole,
     pre: InstancePre<RunState>,
     cache: CacheOutcome,
+    initial_memory_bytes: u64,
 }
 
 impl Guest {
@@ -150,6 +159,12 @@ impl Guest {
     /// Whether loading it hit the cache.
     pub fn cache_outcome(&self) -> CacheOutcome {
         self.cache
+    }
+
+    /// The linear memory the module declares it starts with: a run whose
+    /// memory limit is below this cannot even be instantiated.
+    pub fn initial_memory_bytes(&self) -> u64 {
+        self.initial_memory_bytes
     }
 }
 
@@ -386,7 +401,7 @@ impl Sandbox {
         // Without the ioctl, keeping memory resident would memset all of it
         // after every run, touched or not; with it, only what the run
         // dirtied. So on kernels without it every page goes back instead.
-        if PoolingAllocationConfig::is_pagemap_scan_available() {
+        if keeps_touched_pages_resident() {
             pool.pagemap_scan(Enabled::Yes)
                 .linear_memory_keep_resident(config.memory_keep_resident_bytes);
         }
@@ -483,6 +498,12 @@ impl Sandbox {
                 )));
             }
         }
+        let initial_memory_bytes = module
+            .exports()
+            .filter_map(|export| export.ty().memory().cloned())
+            .map(|memory| memory.minimum().saturating_mul(memory.page_size()))
+            .max()
+            .unwrap_or(0);
         let pre = imports
             .linker
             .instantiate_pre(&module)
@@ -492,6 +513,7 @@ impl Sandbox {
             role,
             pre,
             cache,
+            initial_memory_bytes,
         });
         self.loaded
             .lock()
@@ -539,6 +561,12 @@ impl Sandbox {
                     needed,
                 });
             }
+        }
+        // Refused before a slot is taken: the module could not even start.
+        if guest.initial_memory_bytes > limits.memory_bytes {
+            return Err(SandboxError::MemoryLimit {
+                limit_bytes: limits.memory_bytes,
+            });
         }
         let (tables, infos) = describe(job.tables.as_ref(), job.policy)?;
         let plan = RunPlan {
