@@ -52,8 +52,12 @@ pub struct EngineConfig {
     pub max_compute_units: i64,
     /// Wall time per query.
     pub wall_time: Duration,
-    /// Linear memory per query.
+    /// Linear memory per query (at least what the SQL guest starts with, at
+    /// most the 4 GiB a 32-bit Wasm memory can address).
     pub memory_bytes: u64,
+    /// Queries running in the sandbox at once (its pool's instance slots);
+    /// more wait for a slot, up to their wall time.
+    pub concurrent_queries: u32,
     /// The platform's share of each charge, in basis points.
     pub platform_fee_bps: i64,
 }
@@ -69,8 +73,68 @@ impl EngineConfig {
             max_compute_units: 200_000,
             wall_time: Duration::from_secs(60),
             memory_bytes: 2 << 30,
+            concurrent_queries: 32,
             platform_fee_bps: billing::DEFAULT_PLATFORM_FEE_BPS,
         }
+    }
+}
+
+/// The most linear memory a query may have: all a 32-bit Wasm memory can
+/// address.
+pub const MAX_QUERY_MEMORY_BYTES: u64 = 4 << 30;
+
+/// Longest wall time a query may be given.
+pub const MAX_QUERY_WALL_TIME: Duration = Duration::from_secs(3_600);
+
+/// Most queries the sandbox may run at once (each holds a pool slot).
+pub const MAX_CONCURRENT_QUERIES: u32 = 1_024;
+
+impl EngineConfig {
+    /// Checks every limit, naming the server flag of the first out of range.
+    ///
+    /// # Errors
+    /// `InvalidArgument` with the flag (e.g. `query-wall-time-secs`) as the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_compute_units < 1 {
+            return Err(MarketError::invalid("max-compute-units", "at least 1"));
+        }
+        if !(1..=self.max_compute_units).contains(&self.default_compute_units) {
+            return Err(MarketError::invalid(
+                "default-compute-units",
+                format!(
+                    "between 1 and the maximum compute units ({})",
+                    self.max_compute_units
+                ),
+            ));
+        }
+        if self.wall_time.is_zero() || self.wall_time > MAX_QUERY_WALL_TIME {
+            return Err(MarketError::invalid(
+                "query-wall-time-secs",
+                format!("between 1 and {} seconds", MAX_QUERY_WALL_TIME.as_secs()),
+            ));
+        }
+        if self.memory_bytes == 0 || self.memory_bytes > MAX_QUERY_MEMORY_BYTES {
+            return Err(MarketError::invalid(
+                "query-memory-mib",
+                format!(
+                    "between 1 and {} MiB (a 32-bit Wasm memory addresses no more)",
+                    MAX_QUERY_MEMORY_BYTES >> 20
+                ),
+            ));
+        }
+        if !(1..=MAX_CONCURRENT_QUERIES).contains(&self.concurrent_queries) {
+            return Err(MarketError::invalid(
+                "concurrent-queries",
+                format!("between 1 and {MAX_CONCURRENT_QUERIES}"),
+            ));
+        }
+        if !(0..=10_000).contains(&self.platform_fee_bps) {
+            return Err(MarketError::invalid(
+                "platform-fee-bps",
+                "between 0 and 10000",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -97,14 +161,10 @@ impl QueryEngine {
     /// the SQL guest.
     ///
     /// # Errors
+    /// `InvalidArgument` naming the server flag of a limit out of range;
     /// `Unavailable` when the guest cannot be read or loaded.
     pub fn open(config: EngineConfig) -> Result<Self> {
-        if !(1..=config.max_compute_units).contains(&config.default_compute_units) {
-            return Err(MarketError::invalid(
-                "default-compute-units",
-                "between 1 and the maximum compute units",
-            ));
-        }
+        config.validate()?;
         let wasm = std::fs::read(&config.sql_guest).map_err(|error| {
             MarketError::Unavailable(format!(
                 "reading the SQL guest {}: {error} (build it with `bash sandbox/build-guests.sh`)",
@@ -112,7 +172,12 @@ impl QueryEngine {
             ))
         })?;
         let mut sandbox_config = SandboxConfig::new(&config.cache_dir);
-        sandbox_config.max_memory_bytes = config.memory_bytes;
+        // The pool's slots are sized for the largest memory any module may
+        // start with, so that a guest too large for the configured limit
+        // reaches the check below (which names the flag) rather than being
+        // refused by the pool.
+        sandbox_config.max_memory_bytes = MAX_QUERY_MEMORY_BYTES;
+        sandbox_config.max_concurrent_runs = config.concurrent_queries;
         let sandbox = Sandbox::new(&sandbox_config)
             .map_err(|error| MarketError::Unavailable(format!("starting the sandbox: {error}")))?;
         let sql_guest = sandbox.load(&wasm, GuestRole::Sql).map_err(|error| {
@@ -121,6 +186,19 @@ impl QueryEngine {
                 config.sql_guest.display()
             ))
         })?;
+        if sql_guest.initial_memory_bytes() > config.memory_bytes {
+            return Err(MarketError::invalid(
+                "query-memory-mib",
+                format!(
+                    "at least {} MiB: the SQL guest {} starts with {} bytes of linear memory, \
+                     and a query allowed {} bytes could not even start",
+                    sql_guest.initial_memory_bytes().div_ceil(1 << 20),
+                    config.sql_guest.display(),
+                    sql_guest.initial_memory_bytes(),
+                    config.memory_bytes
+                ),
+            ));
+        }
         Ok(Self {
             sandbox,
             sql_guest,

@@ -335,3 +335,39 @@ fn cli_walks_registration_contract_and_audit_and_verify_catches_tampering() {
     assert_eq!(code, 2, "tampering is an exit code of its own: {stdout}");
     assert!(stdout.contains("was rewritten"), "{stdout}");
 }
+
+/// A query limit out of range stops `serve` before it listens, with the flag
+/// at fault and its range; nothing is served half-configured.
+#[test]
+fn serve_refuses_query_limits_out_of_range_naming_the_flag() {
+    let data = tempfile::tempdir().unwrap();
+    let no_guest_needed = data.path().join("never-read.wasm");
+    for (flag, value, range) in [
+        ("--query-wall-time-secs", "0", "between 1 and 3600 seconds"),
+        ("--query-memory-mib", "5000", "between 1 and 4096 MiB"),
+        ("--concurrent-queries", "0", "between 1 and 1024"),
+        ("--max-compute-units", "0", "at least 1"),
+        ("--platform-fee-bps", "10001", "between 0 and 10000"),
+    ] {
+        let output = marketplace(
+            data.path(),
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--sql-guest",
+                no_guest_needed.to_str().unwrap(),
+                flag,
+                value,
+            ],
+        )
+        .output()
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{flag} {value} was accepted");
+        assert!(
+            stderr.contains(&format!("{flag}: {range}")),
+            "{flag} {value}: {stderr}"
+        );
+    }
+}

@@ -760,6 +760,66 @@ async fn a_client_that_gives_up_mid_query_leaves_no_hold(db: Db) -> anyhow::Resu
     Ok(())
 }
 
+/// The server's query limits are checked when it starts, each refusal naming
+/// its flag; memory below what the SQL guest starts with is refused with the
+/// guest's own figure rather than failing every query later.
+#[test]
+fn engine_limits_out_of_range_are_refused_by_flag_at_start() -> anyhow::Result<()> {
+    use civicgrid_marketplace::error::MarketError;
+    let guest = civicgrid_tests::sandbox::guest_dir().join("civicgrid_sandbox_guest.wasm");
+    let cache = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/sandbox-cache");
+    let open = |configure: &dyn Fn(&mut EngineConfig)| {
+        let mut config = EngineConfig::new(&guest, &cache);
+        configure(&mut config);
+        QueryEngine::open(config)
+    };
+    let refused = |configure: &dyn Fn(&mut EngineConfig)| match open(configure) {
+        Err(MarketError::InvalidArgument { field, message }) => Ok((field, message)),
+        Err(other) => anyhow::bail!("expected an invalid argument, got {other}"),
+        Ok(_) => anyhow::bail!("expected an invalid argument, the engine opened"),
+    };
+
+    type Configure = dyn Fn(&mut EngineConfig);
+    let cases: [(&str, &Configure); 7] = [
+        ("max-compute-units", &|c| c.max_compute_units = 0),
+        ("default-compute-units", &|c| {
+            c.default_compute_units = c.max_compute_units + 1
+        }),
+        ("query-wall-time-secs", &|c| {
+            c.wall_time = std::time::Duration::ZERO
+        }),
+        ("query-wall-time-secs", &|c| {
+            c.wall_time = std::time::Duration::from_secs(3_601)
+        }),
+        ("query-memory-mib", &|c| c.memory_bytes = (4 << 30) + 1),
+        ("concurrent-queries", &|c| c.concurrent_queries = 0),
+        ("platform-fee-bps", &|c| c.platform_fee_bps = 10_001),
+    ];
+    for (flag, configure) in cases {
+        let (field, message) = refused(configure)?;
+        assert_eq!(field, flag, "{message}");
+    }
+
+    // One MiB is a valid size, but not for this guest: the refusal says how
+    // much it needs.
+    let (field, message) = refused(&|c| c.memory_bytes = 1 << 20)?;
+    assert_eq!(field, "query-memory-mib");
+    assert!(
+        message.contains("the SQL guest") && message.contains("starts with"),
+        "{message}"
+    );
+    let needed_mib: u64 = message
+        .strip_prefix("at least ")
+        .and_then(|rest| rest.split(' ').next())
+        .context("the refusal names the minimum")?
+        .parse()?;
+    assert!(needed_mib > 1, "{message}");
+    let engine = open(&|c| c.memory_bytes = needed_mib << 20)
+        .context("the minimum the refusal names is enough to start")?;
+    assert_eq!(engine.config().memory_bytes, needed_mib << 20);
+    Ok(())
+}
+
 civicgrid_tests::on_both_databases!(
     charged_once_policy_checked_and_audited,
     bad_requests_quota_and_interrupted_queries,
