@@ -194,12 +194,15 @@ fn a_memory_bomb_hits_the_memory_limit() {
 #[test]
 fn a_module_that_starts_above_the_memory_limit_never_runs() {
     let f = fixture_with(|config| config.max_memory_bytes = 64 << 20);
-    let starts_with_two_mib = wat::parse_str(
-        r#"(module
-            (memory (export "memory") 32)
-            (func (export "civicgrid_run") (result i32) i32.const 0))"#,
-    )
-    .unwrap();
+    let starting_with = |pages: u32| {
+        wat::parse_str(format!(
+            r#"(module
+                (memory (export "memory") {pages})
+                (func (export "civicgrid_run") (result i32) i32.const 0))"#
+        ))
+        .unwrap()
+    };
+    let starts_with_two_mib = starting_with(32);
     let guest = f
         .sandbox
         .load(&starts_with_two_mib, GuestRole::Algorithm)
@@ -221,12 +224,7 @@ fn a_module_that_starts_above_the_memory_limit_never_runs() {
     f.run(&starts_with_two_mib, &two_mib)
         .expect("a run allowed exactly the initial memory starts");
 
-    let larger_than_a_slot = wat::parse_str(
-        r#"(module
-            (memory (export "memory") 1025)
-            (func (export "civicgrid_run") (result i32) i32.const 0))"#,
-    )
-    .unwrap();
+    let larger_than_a_slot = starting_with(1025);
     let err = f
         .sandbox
         .load(&larger_than_a_slot, GuestRole::Algorithm)
