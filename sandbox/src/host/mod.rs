@@ -562,12 +562,6 @@ impl Sandbox {
                 });
             }
         }
-        // Refused before a slot is taken: the module could not even start.
-        if guest.initial_memory_bytes > limits.memory_bytes {
-            return Err(SandboxError::MemoryLimit {
-                limit_bytes: limits.memory_bytes,
-            });
-        }
         let (tables, infos) = describe(job.tables.as_ref(), job.policy)?;
         let plan = RunPlan {
             request: GuestRequest {
