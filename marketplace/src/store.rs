@@ -253,36 +253,47 @@ async fn commit_in_groups(pool: AnyPool, mut works: mpsc::Receiver<GroupedWork>)
     }
 }
 
+/// Opens the first work's savepoint.
+const OPEN: &str = "SAVEPOINT grouped_work";
+/// Keeps the last work and opens the next one's savepoint, in one round trip:
+/// on SQLite every statement is a trip to the writer's thread, taken while
+/// every other work waits.
+const KEEP_AND_OPEN: &str = "RELEASE SAVEPOINT grouped_work; SAVEPOINT grouped_work";
+/// Undoes the last work and opens the next one's savepoint.
+const UNDO_AND_OPEN: &str = "ROLLBACK TO SAVEPOINT grouped_work; \
+     RELEASE SAVEPOINT grouped_work; SAVEPOINT grouped_work";
+
 async fn commit_group(
     pool: &AnyPool,
     group: Vec<GroupedWork>,
     delivers: &mut Vec<Deliver>,
 ) -> Result<()> {
     let mut transaction = pool.begin().await?;
+    let mut opening = OPEN;
+    let mut last_failed = false;
     for work in group {
-        transaction.execute("SAVEPOINT grouped_work").await?;
+        transaction.execute(opening).await?;
         // A panicking work must not take the committer, and every later
         // caller, with it; its caller sees its reply dropped.
         let done = std::panic::AssertUnwindSafe(work(&mut transaction))
             .catch_unwind()
             .await
             .unwrap_or(None);
-        match done {
+        last_failed = done.is_none();
+        opening = match done {
             Some(deliver) => {
-                transaction
-                    .execute("RELEASE SAVEPOINT grouped_work")
-                    .await?;
                 delivers.push(deliver);
+                KEEP_AND_OPEN
             }
-            None => {
-                transaction
-                    .execute("ROLLBACK TO SAVEPOINT grouped_work")
-                    .await?;
-                transaction
-                    .execute("RELEASE SAVEPOINT grouped_work")
-                    .await?;
-            }
-        }
+            None => UNDO_AND_OPEN,
+        };
+    }
+    // The commit keeps whatever savepoints are still open; only a failed last
+    // work has anything to undo first.
+    if last_failed {
+        transaction
+            .execute("ROLLBACK TO SAVEPOINT grouped_work")
+            .await?;
     }
     transaction.commit().await?;
     Ok(())

@@ -1432,8 +1432,130 @@ async fn demand_list_and_dcat_export(db: Db) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Inserts `n` through the group committer; when `fail`, then also a row the
+/// table refuses, so the work fails after a write of its own that must not
+/// survive. Returns `n` and, on PostgreSQL, the transaction it ran in.
+fn grouped_insert(
+    store: &civicgrid_marketplace::store::Store,
+    n: i64,
+    fail: bool,
+) -> tokio::task::JoinHandle<civicgrid_marketplace::error::Result<(i64, Option<i64>)>> {
+    let store = store.clone();
+    tokio::spawn(async move {
+        let postgres = store.backend() == civicgrid_marketplace::store::Backend::Postgres;
+        store
+            .grouped(move |connection| {
+                Box::pin(async move {
+                    sqlx::query("INSERT INTO probe (n) VALUES ($1)")
+                        .bind(n)
+                        .execute(&mut *connection)
+                        .await?;
+                    if fail {
+                        sqlx::query("INSERT INTO probe (n) VALUES (NULL)")
+                            .execute(&mut *connection)
+                            .await?;
+                    }
+                    let transaction = if postgres {
+                        Some(
+                            sqlx::query_scalar::<_, i64>("SELECT CAST(txid_current() AS BIGINT)")
+                                .fetch_one(&mut *connection)
+                                .await?,
+                        )
+                    } else {
+                        None
+                    };
+                    Ok((n, transaction))
+                })
+            })
+            .await
+    })
+}
+
+/// The group committer closes one work's savepoint and opens the next one's
+/// in a single round trip: a work that fails in the middle of a group or at
+/// its end is undone alone, and the works around it commit.
+async fn grouped_works_fail_alone_wherever_they_stand(db: Db) -> anyhow::Result<()> {
+    let market = TestMarket::start(db).await?;
+    let store = market.market.store().clone();
+    sqlx::query("CREATE TABLE probe (n BIGINT NOT NULL)")
+        .execute(store.pool())
+        .await?;
+    // A first work holds the committer until the others have queued, so they
+    // all go into the one group that follows it.
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let blocker = {
+        let (store, release) = (store.clone(), std::sync::Arc::clone(&release));
+        tokio::spawn(async move {
+            store
+                .grouped(move |_| {
+                    Box::pin(async move {
+                        release.notified().await;
+                        Ok(())
+                    })
+                })
+                .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let works: Vec<_> = [
+        (1, false),
+        (2, true),
+        (3, false),
+        (4, true),
+        (5, false),
+        (6, true),
+    ]
+    .into_iter()
+    .map(|(n, fail)| grouped_insert(&store, n, fail))
+    .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    ensure!(
+        works.iter().all(|work| !work.is_finished()),
+        "a work finished while the committer was held"
+    );
+    release.notify_one();
+    blocker.await??;
+    let mut committed = Vec::new();
+    let mut transactions = std::collections::BTreeSet::new();
+    for (index, work) in works.into_iter().enumerate() {
+        match work.await? {
+            Ok((n, transaction)) => {
+                committed.push(n);
+                transactions.extend(transaction);
+            }
+            Err(error) => {
+                ensure!(index % 2 == 1, "work {} failed: {error}", index + 1);
+                ensure!(
+                    matches!(
+                        error,
+                        civicgrid_marketplace::error::MarketError::Database(_)
+                    ),
+                    "{error:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(committed, [1, 3, 5]);
+    if db == Db::Postgres {
+        assert_eq!(
+            transactions.len(),
+            1,
+            "the works did not share a transaction"
+        );
+    }
+    let stored: Vec<i64> = sqlx::query_scalar("SELECT n FROM probe ORDER BY n")
+        .fetch_all(store.pool())
+        .await?;
+    assert_eq!(stored, [1, 3, 5]);
+    // The committer goes on after a group that ended in a failed work.
+    assert_eq!(grouped_insert(&store, 7, false).await??.0, 7);
+    market.stop().await;
+    Ok(())
+}
+
 civicgrid_tests::on_both_databases!(
     lifecycle_contract_and_verified_audit,
+    grouped_works_fail_alone_wherever_they_stand,
     tampering_is_reported,
     every_role_gets_exactly_its_permissions,
     bad_input_is_refused_with_the_field_named,
