@@ -297,30 +297,27 @@ pub async fn post(
     Ok(())
 }
 
-/// A consumer's balance and what running queries hold of it, with the
-/// account row locked (PostgreSQL) until the caller's transaction ends, so two
-/// holds cannot both spend the same money.
+/// Locks the consumer's account row (PostgreSQL) until the caller's
+/// transaction ends, so two holds cannot both spend the same money. SQLite
+/// needs no lock: its one writer already runs every hold after the other.
 ///
 /// # Errors
 /// Database failures.
-pub async fn balance_for_hold(
+pub async fn lock_for_hold(
     connection: &mut AnyConnection,
     backend: Backend,
     organization: &str,
     currency: &str,
-) -> Result<(i64, i64)> {
+) -> Result<()> {
+    if backend == Backend::Sqlite {
+        return Ok(());
+    }
     let account = ensure_account(connection, AccountKind::Consumer, organization, currency).await?;
-    let sql = match backend {
-        Backend::Sqlite => "SELECT balance_minor FROM ledger_accounts WHERE id = $1",
-        Backend::Postgres => "SELECT balance_minor FROM ledger_accounts WHERE id = $1 FOR UPDATE",
-    };
-    let balance: i64 = sqlx::query(sql)
+    sqlx::query("SELECT balance_minor FROM ledger_accounts WHERE id = $1 FOR UPDATE")
         .bind(&account)
         .fetch_one(&mut *connection)
-        .await?
-        .try_get("balance_minor")?;
-    let held = held(connection, organization, currency).await?;
-    Ok((balance, held))
+        .await?;
+    Ok(())
 }
 
 // PostgreSQL sums BIGINT to NUMERIC: every SUM is cast back to BIGINT.
