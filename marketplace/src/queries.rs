@@ -79,6 +79,77 @@ impl EngineConfig {
     }
 }
 
+/// The query limits a server takes as flags, the same in
+/// `civicgrid-marketplace serve` and `civicgrid up`, with their defaults
+/// (those of [`EngineConfig::new`]).
+#[derive(Clone, Debug, clap::Args)]
+pub struct EngineFlags {
+    /// Compute units a query may use when it does not say (1 unit = 1,000,000 fuel).
+    #[arg(long, default_value_t = 20_000)]
+    pub default_compute_units: i64,
+    /// Most compute units a query may ask for; a query's hold on the
+    /// consumer's balance is at most this times the plan's unit price.
+    #[arg(long, default_value_t = 200_000)]
+    pub max_compute_units: i64,
+    /// Wall time a query may run, in seconds, queueing for a sandbox slot included.
+    #[arg(long, default_value_t = 60)]
+    pub query_wall_time_secs: u64,
+    /// Linear memory a query may use, in MiB: at least what the SQL guest
+    /// starts with (16), at most 4096.
+    #[arg(long, default_value_t = 2048)]
+    pub query_memory_mib: u64,
+    /// Queries run in the sandbox at once; more wait for a slot.
+    #[arg(long, default_value_t = 32)]
+    pub concurrent_queries: u32,
+    /// The platform's share of each charge, in basis points (1,000 = 10%).
+    #[arg(long, default_value_t = billing::DEFAULT_PLATFORM_FEE_BPS)]
+    pub platform_fee_bps: i64,
+}
+
+impl EngineFlags {
+    /// The engine's configuration under these limits, checked before anything
+    /// is loaded or written.
+    ///
+    /// # Errors
+    /// `InvalidArgument` whose field is the flag (`--query-wall-time-secs`).
+    pub fn config(
+        &self,
+        sql_guest: impl Into<PathBuf>,
+        cache_dir: impl Into<PathBuf>,
+    ) -> Result<EngineConfig> {
+        let mut config = EngineConfig::new(sql_guest, cache_dir);
+        config.default_compute_units = self.default_compute_units;
+        config.max_compute_units = self.max_compute_units;
+        config.wall_time = Duration::from_secs(self.query_wall_time_secs);
+        config.memory_bytes = self.query_memory_mib.saturating_mul(1 << 20);
+        config.concurrent_queries = self.concurrent_queries;
+        config.platform_fee_bps = self.platform_fee_bps;
+        config.validate().map_err(named_as_flag)?;
+        Ok(config)
+    }
+
+    /// Opens the engine for `config` (from [`EngineFlags::config`]); a limit
+    /// the SQL guest cannot run under is refused naming its flag.
+    ///
+    /// # Errors
+    /// As [`QueryEngine::open`], with flags as fields.
+    pub fn open(config: EngineConfig) -> Result<QueryEngine> {
+        QueryEngine::open(config).map_err(named_as_flag)
+    }
+}
+
+/// The engine names a limit by its flag without the dashes; a command line
+/// user reads it with them.
+fn named_as_flag(error: MarketError) -> MarketError {
+    match error {
+        MarketError::InvalidArgument { field, message } => MarketError::InvalidArgument {
+            field: format!("--{field}"),
+            message,
+        },
+        other => other,
+    }
+}
+
 /// The most linear memory a query may have: all a 32-bit Wasm memory can
 /// address.
 pub const MAX_QUERY_MEMORY_BYTES: u64 = 4 << 30;

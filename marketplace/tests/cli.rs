@@ -336,19 +336,22 @@ fn cli_walks_registration_contract_and_audit_and_verify_catches_tampering() {
     assert!(stdout.contains("was rewritten"), "{stdout}");
 }
 
+/// Each query limit flag with a value out of its range, and the range.
+const LIMITS_OUT_OF_RANGE: [(&str, &str, &str); 5] = [
+    ("--query-wall-time-secs", "0", "between 1 and 3600 seconds"),
+    ("--query-memory-mib", "5000", "between 1 and 4096 MiB"),
+    ("--concurrent-queries", "0", "between 1 and 1024"),
+    ("--max-compute-units", "0", "at least 1"),
+    ("--platform-fee-bps", "10001", "between 0 and 10000"),
+];
+
 /// A query limit out of range stops `serve` before it listens, with the flag
 /// at fault and its range; nothing is served half-configured.
 #[test]
 fn serve_refuses_query_limits_out_of_range_naming_the_flag() {
     let data = tempfile::tempdir().unwrap();
     let no_guest_needed = data.path().join("never-read.wasm");
-    for (flag, value, range) in [
-        ("--query-wall-time-secs", "0", "between 1 and 3600 seconds"),
-        ("--query-memory-mib", "5000", "between 1 and 4096 MiB"),
-        ("--concurrent-queries", "0", "between 1 and 1024"),
-        ("--max-compute-units", "0", "at least 1"),
-        ("--platform-fee-bps", "10001", "between 0 and 10000"),
-    ] {
+    for (flag, value, range) in LIMITS_OUT_OF_RANGE {
         let output = marketplace(
             data.path(),
             &[
@@ -368,6 +371,37 @@ fn serve_refuses_query_limits_out_of_range_naming_the_flag() {
         assert!(
             stderr.contains(&format!("{flag}: {range}")),
             "{flag} {value}: {stderr}"
+        );
+    }
+}
+
+/// `civicgrid up` takes the same limits, and one out of range stops it before
+/// it writes the sample city or opens a database.
+#[test]
+fn up_refuses_query_limits_out_of_range_before_seeding() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data_dir = scratch.path().join("city");
+    for (flag, value, range) in LIMITS_OUT_OF_RANGE {
+        let output = Command::new(env!("CARGO_BIN_EXE_civicgrid"))
+            .env_remove("CIVICGRID_DATABASE_URL")
+            .args(["up", "--listen", "127.0.0.1:0", "--sample-size", "small"])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--sql-guest")
+            .arg(scratch.path().join("never-read.wasm"))
+            .args([flag, value])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{flag} {value} was accepted");
+        assert!(
+            stderr.contains(&format!("{flag}: {range}")),
+            "{flag} {value}: {stderr}"
+        );
+        assert!(
+            !data_dir.exists(),
+            "up wrote {} before refusing {flag} {value}",
+            data_dir.display()
         );
     }
 }

@@ -67,6 +67,8 @@ fn up_on(data_dir: &Path, database_url: Option<&str>) -> (Server, String) {
     }
     let mut child = command
         .args(["up", "--listen", "127.0.0.1:0", "--sample-size", "small"])
+        // Limits other than the defaults, within range, are taken.
+        .args(["--concurrent-queries", "8", "--query-wall-time-secs", "30"])
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--sql-guest")

@@ -3,7 +3,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use civicgrid_marketplace::error::MarketError;
 use civicgrid_marketplace::service::{Marketplace, serve};
 use civicgrid_marketplace::store::{Location, Store};
 use clap::{Args, Parser, Subcommand};
@@ -93,26 +92,8 @@ struct ServeArgs {
     /// contracts but runs no queries.
     #[arg(long, env = "CIVICGRID_SQL_GUEST")]
     sql_guest: Option<PathBuf>,
-    /// Compute units a query may use when it does not say (1 unit = 1,000,000 fuel).
-    #[arg(long, default_value_t = 20_000)]
-    default_compute_units: i64,
-    /// Most compute units a query may ask for; a query's hold on the
-    /// consumer's balance is at most this times the plan's unit price.
-    #[arg(long, default_value_t = 200_000)]
-    max_compute_units: i64,
-    /// Wall time a query may run, in seconds, queueing for a sandbox slot included.
-    #[arg(long, default_value_t = 60)]
-    query_wall_time_secs: u64,
-    /// Linear memory a query may use, in MiB: at least what the SQL guest
-    /// starts with (16), at most 4096.
-    #[arg(long, default_value_t = 2048)]
-    query_memory_mib: u64,
-    /// Queries run in the sandbox at once; more wait for a slot.
-    #[arg(long, default_value_t = 32)]
-    concurrent_queries: u32,
-    /// The platform's share of each charge, in basis points (1,000 = 10%).
-    #[arg(long, default_value_t = civicgrid_marketplace::billing::DEFAULT_PLATFORM_FEE_BPS)]
-    platform_fee_bps: i64,
+    #[command(flatten)]
+    engine: civicgrid_marketplace::queries::EngineFlags,
     /// Serve Prometheus metrics (`/metrics`) and `/healthz` here.
     #[arg(long, env = "CIVICGRID_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -174,26 +155,13 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
             if let Some(sql_guest) = &args.sql_guest {
-                let mut config = civicgrid_marketplace::queries::EngineConfig::new(
-                    sql_guest,
-                    args.common.data_dir.join("module-cache"),
-                );
-                config.default_compute_units = args.default_compute_units;
-                config.max_compute_units = args.max_compute_units;
-                config.wall_time = std::time::Duration::from_secs(args.query_wall_time_secs);
-                config.memory_bytes = args.query_memory_mib.saturating_mul(1 << 20);
-                config.concurrent_queries = args.concurrent_queries;
-                config.platform_fee_bps = args.platform_fee_bps;
+                let config = args
+                    .engine
+                    .config(sql_guest, args.common.data_dir.join("module-cache"))?;
                 let engine = tokio::task::spawn_blocking(move || {
-                    civicgrid_marketplace::queries::QueryEngine::open(config)
+                    civicgrid_marketplace::queries::EngineFlags::open(config)
                 })
-                .await?
-                .map_err(|error| match error {
-                    MarketError::InvalidArgument { field, message } => {
-                        anyhow::anyhow!("--{field}: {message}")
-                    }
-                    other => other.into(),
-                })?;
+                .await??;
                 market.attach_engine(engine)?;
             } else {
                 tracing::warn!("no --sql-guest: queries are refused until the server has one");

@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, ensure};
 use civicgrid_marketplace::city::{self, SampleProduct, Sizes};
+use civicgrid_marketplace::error::MarketError;
 use civicgrid_marketplace::proto::{
     self, billing_client::BillingClient, contracts_client::ContractsClient,
     identity_client::IdentityClient, registry_client::RegistryClient,
 };
-use civicgrid_marketplace::queries::{EngineConfig, QueryEngine};
+use civicgrid_marketplace::queries::EngineFlags;
 use civicgrid_marketplace::service::{Marketplace, serve};
 use civicgrid_marketplace::store::{Location, Store};
 use serde::{Deserialize, Serialize};
@@ -113,6 +114,8 @@ pub struct UpArgs {
     /// Serve Prometheus metrics (`/metrics`) and `/healthz` here.
     #[arg(long, env = "CIVICGRID_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub engine: EngineFlags,
 }
 
 fn default_guest() -> PathBuf {
@@ -127,6 +130,13 @@ fn default_guest() -> PathBuf {
 /// When the data directory, the database, the guest or the port cannot be had.
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let data_dir = args.data_dir.clone();
+    let guest = args.sql_guest.clone().unwrap_or_else(default_guest);
+    let cache = args
+        .module_cache
+        .clone()
+        .unwrap_or_else(|| data_dir.join("module-cache"));
+    // A limit out of range stops `up` before it seeds anything.
+    let config = args.engine.config(&guest, cache)?;
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let sizes = if args.sample_size == "small" {
@@ -151,18 +161,16 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let origin = "civicgrid.local/audit";
     let market = Marketplace::open(store, key, origin, data_dir.clone()).await?;
     civicgrid_marketplace::queries::recover_interrupted(market.store()).await?;
-    let guest = args.sql_guest.clone().unwrap_or_else(default_guest);
     eprintln!("loading the SQL guest {} …", guest.display());
-    let cache = args
-        .module_cache
-        .clone()
-        .unwrap_or_else(|| data_dir.join("module-cache"));
-    let config = EngineConfig::new(&guest, cache);
-    let engine = tokio::task::spawn_blocking(move || QueryEngine::open(config))
+    let engine = tokio::task::spawn_blocking(move || EngineFlags::open(config))
         .await?
-        .with_context(|| {
-            "the SQL guest is needed to run queries; build it with `bash sandbox/build-guests.sh` \
-             or pass --sql-guest"
+        .map_err(|error| match error {
+            // A flag the guest cannot run under is the user's to change.
+            MarketError::InvalidArgument { .. } => anyhow::Error::from(error),
+            other => anyhow::Error::from(other).context(
+                "the SQL guest is needed to run queries; build it with \
+                 `bash sandbox/build-guests.sh` or pass --sql-guest",
+            ),
         })?;
     market.attach_engine(engine)?;
     if let Some(address) = args.metrics_listen {
