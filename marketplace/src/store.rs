@@ -329,120 +329,12 @@ pub(crate) async fn temporary() -> Result<(tempfile::TempDir, Store)> {
 mod tests {
     use super::*;
 
-    async fn file_store() -> Result<(tempfile::TempDir, Store)> {
-        let (dir, store) = temporary().await?;
-        sqlx::query("CREATE TABLE probe (n INTEGER NOT NULL)")
-            .execute(store.pool())
-            .await?;
-        Ok((dir, store))
-    }
-
-    /// Inserts `n`; when `fail`, then also a row the table refuses, so the
-    /// work fails after a write of its own that must not survive.
-    fn insert(store: &Store, n: i64, fail: bool) -> tokio::task::JoinHandle<Result<i64>> {
-        let store = store.clone();
-        tokio::spawn(async move {
-            store
-                .grouped(move |connection| {
-                    Box::pin(async move {
-                        sqlx::query("INSERT INTO probe (n) VALUES ($1)")
-                            .bind(n)
-                            .execute(&mut *connection)
-                            .await?;
-                        if fail {
-                            sqlx::query("INSERT INTO probe (n) VALUES (NULL)")
-                                .execute(&mut *connection)
-                                .await?;
-                        }
-                        Ok(n)
-                    })
-                })
-                .await
-        })
-    }
-
-    async fn stored(store: &Store) -> Result<Vec<i64>> {
-        Ok(sqlx::query_scalar("SELECT n FROM probe ORDER BY n")
-            .fetch_all(store.pool())
-            .await?)
-    }
-
-    #[tokio::test]
-    async fn a_failing_grouped_work_is_rolled_back_alone() -> Result<()> {
-        let (_dir, store) = file_store().await?;
-        // Holding the one writer queues the works, so they commit in groups
-        // of more than one.
-        let held = store.pool().acquire().await?;
-        let works = [
-            insert(&store, 1, false),
-            insert(&store, 2, true),
-            insert(&store, 3, false),
-            insert(&store, 4, true),
-            insert(&store, 5, false),
-        ];
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(
-            works.iter().all(|work| !work.is_finished()),
-            "a work finished while the writer was held"
-        );
-        drop(held);
-        let mut outcomes = Vec::new();
-        for work in works {
-            outcomes.push(work.await.expect("work task").map_err(|error| {
-                assert!(matches!(error, MarketError::Database(_)), "{error:?}");
-            }));
-        }
-        assert_eq!(outcomes, [Ok(1), Err(()), Ok(3), Err(()), Ok(5)]);
-        assert_eq!(stored(&store).await?, [1, 3, 5]);
-        Ok(())
-    }
-
-    #[tokio::test]
-    async fn a_panicking_grouped_work_fails_its_caller_and_not_the_committer() -> Result<()> {
-        let (_dir, store) = file_store().await?;
-        let held = store.pool().acquire().await?;
-        let before = insert(&store, 1, false);
-        let panicking = {
-            let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .grouped(|connection| {
-                        Box::pin(async move {
-                            sqlx::query("INSERT INTO probe (n) VALUES (2)")
-                                .execute(&mut *connection)
-                                .await?;
-                            panic!("a bug in a work");
-                            #[allow(unreachable_code)]
-                            Ok(())
-                        })
-                    })
-                    .await
-            })
-        };
-        let after = insert(&store, 3, false);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        drop(held);
-        assert_eq!(before.await.expect("work task")?, 1);
-        let refused = panicking
-            .await
-            .expect("work task")
-            .expect_err("a panicking work succeeded");
-        assert!(
-            matches!(refused, MarketError::Unavailable(_)),
-            "{refused:?}"
-        );
-        assert_eq!(after.await.expect("work task")?, 3);
-        assert_eq!(insert(&store, 4, false).await.expect("work task")?, 4);
-        assert_eq!(stored(&store).await?, [1, 3, 4]);
-        Ok(())
-    }
-
     #[tokio::test]
     async fn a_grouped_work_runs_in_its_callers_span() -> Result<()> {
         // The test runtime has one thread, so the committer sees this
         // thread's subscriber too.
         let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
-        let (_dir, store) = file_store().await?;
+        let (_dir, store) = temporary().await?;
         let caller = tracing::info_span!("caller");
         let seen = store
             .grouped(|_| Box::pin(async { Ok(tracing::Span::current().id()) }))

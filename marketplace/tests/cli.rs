@@ -345,6 +345,15 @@ const LIMITS_OUT_OF_RANGE: [(&str, &str, &str); 5] = [
     ("--platform-fee-bps", "10001", "between 0 and 10000"),
 ];
 
+fn assert_refused_naming(output: &std::process::Output, flag: &str, value: &str, range: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{flag} {value} was accepted");
+    assert!(
+        stderr.contains(&format!("{flag}: {range}")),
+        "{flag} {value}: {stderr}"
+    );
+}
+
 /// A query limit out of range stops `serve` before it listens, with the flag
 /// at fault and its range; nothing is served half-configured.
 #[test]
@@ -366,12 +375,7 @@ fn serve_refuses_query_limits_out_of_range_naming_the_flag() {
         )
         .output()
         .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{flag} {value} was accepted");
-        assert!(
-            stderr.contains(&format!("{flag}: {range}")),
-            "{flag} {value}: {stderr}"
-        );
+        assert_refused_naming(&output, flag, value, range);
     }
 }
 
@@ -392,12 +396,7 @@ fn up_refuses_query_limits_out_of_range_before_seeding() {
             .args([flag, value])
             .output()
             .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{flag} {value} was accepted");
-        assert!(
-            stderr.contains(&format!("{flag}: {range}")),
-            "{flag} {value}: {stderr}"
-        );
+        assert_refused_naming(&output, flag, value, range);
         assert!(
             !data_dir.exists(),
             "up wrote {} before refusing {flag} {value}",

@@ -1471,17 +1471,22 @@ fn grouped_insert(
     })
 }
 
-/// The group committer closes one work's savepoint and opens the next one's
-/// in a single round trip: a work that fails in the middle of a group or at
-/// its end is undone alone, and the works around it commit.
-async fn grouped_works_fail_alone_wherever_they_stand(db: Db) -> anyhow::Result<()> {
+/// A store on a fresh database with an empty `probe (n)` table, and a first
+/// work that holds its committer until `release` is notified, so works queued
+/// meanwhile all go into the one group that follows it.
+async fn held_committer(
+    db: Db,
+) -> anyhow::Result<(
+    TestMarket,
+    civicgrid_marketplace::store::Store,
+    std::sync::Arc<tokio::sync::Notify>,
+    tokio::task::JoinHandle<civicgrid_marketplace::error::Result<()>>,
+)> {
     let market = TestMarket::start(db).await?;
     let store = market.market.store().clone();
     sqlx::query("CREATE TABLE probe (n BIGINT NOT NULL)")
         .execute(store.pool())
         .await?;
-    // A first work holds the committer until the others have queued, so they
-    // all go into the one group that follows it.
     let release = std::sync::Arc::new(tokio::sync::Notify::new());
     let blocker = {
         let (store, release) = (store.clone(), std::sync::Arc::clone(&release));
@@ -1497,6 +1502,64 @@ async fn grouped_works_fail_alone_wherever_they_stand(db: Db) -> anyhow::Result<
         })
     };
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    Ok((market, store, release, blocker))
+}
+
+async fn probe_rows(store: &civicgrid_marketplace::store::Store) -> anyhow::Result<Vec<i64>> {
+    Ok(sqlx::query_scalar("SELECT n FROM probe ORDER BY n")
+        .fetch_all(store.pool())
+        .await?)
+}
+
+/// A work that panics fails its own caller with `Unavailable`; the works
+/// beside it in its group commit, and the committer serves the next ones.
+async fn a_panicking_grouped_work_fails_its_caller_and_not_the_committer(
+    db: Db,
+) -> anyhow::Result<()> {
+    let (market, store, release, blocker) = held_committer(db).await?;
+    let before = grouped_insert(&store, 1, false);
+    let panicking = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .grouped(|connection| {
+                    Box::pin(async move {
+                        sqlx::query("INSERT INTO probe (n) VALUES (2)")
+                            .execute(&mut *connection)
+                            .await?;
+                        panic!("a bug in a work");
+                        #[allow(unreachable_code)]
+                        Ok(())
+                    })
+                })
+                .await
+        })
+    };
+    let after = grouped_insert(&store, 3, false);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    release.notify_one();
+    blocker.await??;
+    assert_eq!(before.await??.0, 1);
+    let refused = panicking.await?.expect_err("a panicking work succeeded");
+    ensure!(
+        matches!(
+            refused,
+            civicgrid_marketplace::error::MarketError::Unavailable(_)
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(after.await??.0, 3);
+    assert_eq!(grouped_insert(&store, 4, false).await??.0, 4);
+    assert_eq!(probe_rows(&store).await?, [1, 3, 4]);
+    market.stop().await;
+    Ok(())
+}
+
+/// The group committer closes one work's savepoint and opens the next one's
+/// in a single round trip: a work that fails in the middle of a group or at
+/// its end is undone alone, and the works around it commit.
+async fn grouped_works_fail_alone_wherever_they_stand(db: Db) -> anyhow::Result<()> {
+    let (market, store, release, blocker) = held_committer(db).await?;
     let works: Vec<_> = [
         (1, false),
         (2, true),
@@ -1543,10 +1606,7 @@ async fn grouped_works_fail_alone_wherever_they_stand(db: Db) -> anyhow::Result<
             "the works did not share a transaction"
         );
     }
-    let stored: Vec<i64> = sqlx::query_scalar("SELECT n FROM probe ORDER BY n")
-        .fetch_all(store.pool())
-        .await?;
-    assert_eq!(stored, [1, 3, 5]);
+    assert_eq!(probe_rows(&store).await?, [1, 3, 5]);
     // The committer goes on after a group that ended in a failed work.
     assert_eq!(grouped_insert(&store, 7, false).await??.0, 7);
     market.stop().await;
@@ -1556,6 +1616,7 @@ async fn grouped_works_fail_alone_wherever_they_stand(db: Db) -> anyhow::Result<
 civicgrid_tests::on_both_databases!(
     lifecycle_contract_and_verified_audit,
     grouped_works_fail_alone_wherever_they_stand,
+    a_panicking_grouped_work_fails_its_caller_and_not_the_committer,
     tampering_is_reported,
     every_role_gets_exactly_its_permissions,
     bad_input_is_refused_with_the_field_named,
