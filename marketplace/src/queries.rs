@@ -546,8 +546,8 @@ struct Standing {
 
 /// Reads a reservation's [`Standing`] in one statement. On SQLite every
 /// reservation queues for the one writer, and each statement there is a
-/// round trip to its thread: four reads as one take three round trips off
-/// every query's turn. The running count and the holds read through the
+/// round trip to its thread: five statements as one take four round trips
+/// off every query's turn. The running count and the holds read through the
 /// `queries_running` and `queries_open_holds` indexes.
 ///
 /// Parameters: `$1` contract, `$2` period, `$3` the consumer's ledger
@@ -1372,6 +1372,25 @@ pub const RESULT_CHUNK_BYTES: usize = 1 << 20;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The flags' defaults are the engine's: a server started with no limit
+    /// flags runs as one configured in code.
+    #[test]
+    fn engine_flags_default_to_the_engines_defaults() -> Result<()> {
+        #[derive(clap::Parser)]
+        struct Command {
+            #[command(flatten)]
+            engine: EngineFlags,
+        }
+        let flags = <Command as clap::Parser>::try_parse_from(["serve"])
+            .map_err(|error| MarketError::invalid("flags", error.to_string()))?
+            .engine;
+        let from_flags = flags.config("guest.wasm", "cache")?;
+        let in_code = EngineConfig::new("guest.wasm", "cache");
+        // Every field, through the derived Debug.
+        assert_eq!(format!("{from_flags:?}"), format!("{in_code:?}"));
+        Ok(())
+    }
 
     /// The standing is read on every reservation: it must read the running
     /// queries and the open holds through their indexes, not scan every
