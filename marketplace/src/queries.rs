@@ -521,14 +521,18 @@ async fn period_usage(
     .bind(period)
     .fetch_optional(&mut *connection)
     .await?;
-    Ok(match row {
-        None => PeriodUsage::default(),
-        Some(row) => PeriodUsage {
-            queries: row.try_get("queries")?,
-            compute_units: row.try_get("compute_units")?,
-            rows_released: row.try_get("rows_released")?,
-            subscription_charged: row.try_get::<i64, _>("subscription_charged")? != 0,
-        },
+    row.as_ref()
+        .map_or(Ok(PeriodUsage::default()), usage_from_row)
+}
+
+/// A contract's use in a period, from a row with the `usage_counters`
+/// columns.
+fn usage_from_row(row: &sqlx::any::AnyRow) -> Result<PeriodUsage> {
+    Ok(PeriodUsage {
+        queries: row.try_get("queries")?,
+        compute_units: row.try_get("compute_units")?,
+        rows_released: row.try_get("rows_released")?,
+        subscription_charged: row.try_get::<i64, _>("subscription_charged")? != 0,
     })
 }
 
@@ -592,12 +596,7 @@ async fn standing(
         .fetch_one(&mut *connection)
         .await?;
     Ok(Standing {
-        usage: PeriodUsage {
-            queries: row.try_get("queries")?,
-            compute_units: row.try_get("compute_units")?,
-            rows_released: row.try_get("rows_released")?,
-            subscription_charged: row.try_get::<i64, _>("subscription_charged")? != 0,
-        },
+        usage: usage_from_row(&row)?,
         running: row.try_get("running")?,
         balance: row.try_get("balance")?,
         held: row.try_get("held")?,
