@@ -14,6 +14,28 @@ use crate::store::{Backend, now_ms};
 /// its hold, so rows beyond this in one query are not charged.
 pub const MAX_HELD_ROWS: i64 = 100_000;
 
+/// The SQL of a scalar subquery: what a consumer has on hold in one
+/// currency, the sum over its queries whose hold is still open. It is the
+/// one definition of "held" for the balance a consumer sees and for the
+/// funds check a reservation makes, so the two cannot disagree. The
+/// arguments are SQL expressions for the consumer and the currency
+/// (parameters or correlated columns); the sum reads through the
+/// `queries_open_holds` index. PostgreSQL sums BIGINT to NUMERIC, hence the
+/// cast back.
+macro_rules! open_holds_sum {
+    ($consumer:literal, $currency:literal) => {
+        concat!(
+            "(SELECT CAST(COALESCE(SUM(held_minor), 0) AS BIGINT) FROM queries \
+             WHERE hold_open = 1 AND consumer_organization_id = ",
+            $consumer,
+            " AND currency = ",
+            $currency,
+            ")"
+        )
+    };
+}
+pub(crate) use open_holds_sum;
+
 /// The platform's share of every charge, in basis points, unless configured.
 pub const DEFAULT_PLATFORM_FEE_BPS: i64 = 1_000;
 
@@ -320,19 +342,6 @@ pub async fn lock_for_hold(
     Ok(())
 }
 
-// PostgreSQL sums BIGINT to NUMERIC: every SUM is cast back to BIGINT.
-async fn held(connection: &mut AnyConnection, organization: &str, currency: &str) -> Result<i64> {
-    let row = sqlx::query(
-        "SELECT CAST(COALESCE(SUM(held_minor), 0) AS BIGINT) AS held FROM queries \
-         WHERE hold_open = 1 AND consumer_organization_id = $1 AND currency = $2",
-    )
-    .bind(organization)
-    .bind(currency)
-    .fetch_one(&mut *connection)
-    .await?;
-    Ok(row.try_get("held")?)
-}
-
 /// Credits a consumer's prepaid balance from outside.
 ///
 /// # Errors
@@ -379,10 +388,13 @@ pub async fn balances(
     connection: &mut AnyConnection,
     organization: &str,
 ) -> Result<Vec<proto::Balance>> {
-    let rows = sqlx::query(
-        "SELECT currency, balance_minor FROM ledger_accounts \
-         WHERE organization_id = $1 AND kind = 'consumer' ORDER BY currency",
-    )
+    let rows = sqlx::query(concat!(
+        "SELECT account.currency AS currency, account.balance_minor AS balance_minor, ",
+        open_holds_sum!("account.organization_id", "account.currency"),
+        " AS held_minor FROM ledger_accounts AS account \
+         WHERE account.organization_id = $1 AND account.kind = 'consumer' \
+         ORDER BY account.currency",
+    ))
     .bind(organization)
     .fetch_all(&mut *connection)
     .await?;
@@ -390,7 +402,7 @@ pub async fn balances(
     for row in rows {
         let currency: String = row.try_get("currency")?;
         let balance_minor: i64 = row.try_get("balance_minor")?;
-        let held_minor = held(connection, organization, &currency).await?;
+        let held_minor: i64 = row.try_get("held_minor")?;
         balances.push(proto::Balance {
             organization_id: organization.to_owned(),
             currency,

@@ -556,15 +556,16 @@ struct Standing {
 ///
 /// Parameters: `$1` contract, `$2` period, `$3` the consumer's ledger
 /// account, `$4` the consumer, `$5` currency, `$6` product.
-const STANDING: &str = "SELECT \
+const STANDING: &str = concat!(
+    "SELECT \
      COALESCE(counters.queries, 0) AS queries, \
      COALESCE(counters.compute_units, 0) AS compute_units, \
      COALESCE(counters.rows_released, 0) AS rows_released, \
      COALESCE(counters.subscription_charged, 0) AS subscription_charged, \
      (SELECT COUNT(*) FROM queries WHERE contract_id = $1 AND state = 'running') AS running, \
-     COALESCE(account.balance_minor, 0) AS balance, \
-     (SELECT CAST(COALESCE(SUM(held_minor), 0) AS BIGINT) FROM queries \
-      WHERE hold_open = 1 AND consumer_organization_id = $4 AND currency = $5) AS held, \
+     COALESCE(account.balance_minor, 0) AS balance, ",
+    billing::open_holds_sum!("$4", "$5"),
+    " AS held, \
      COALESCE(budget.spent, 0.0) AS privacy_spent \
      FROM (SELECT 1 AS one) AS standing \
      LEFT JOIN usage_counters AS counters \
@@ -572,7 +573,8 @@ const STANDING: &str = "SELECT \
      LEFT JOIN ledger_accounts AS account ON account.id = $3 \
      LEFT JOIN privacy_budgets AS budget \
        ON budget.consumer_organization_id = $4 AND budget.product_id = $6 \
-       AND budget.period = $2";
+       AND budget.period = $2"
+);
 
 async fn standing(
     connection: &mut AnyConnection,
