@@ -142,17 +142,44 @@ impl Pool {
 
     async fn wait_copies(&self, name: &str, want: &[(&str, i32)]) -> anyhow::Result<()> {
         let want: BTreeMap<String, i32> = want.iter().map(|(d, n)| ((*d).to_owned(), *n)).collect();
-        eventually(&format!("copies of {name} = {want:?}"), WAIT, || async {
+        let waited = eventually(&format!("copies of {name} = {want:?}"), WAIT, || async {
             (self.copies(name).await.ok()? == want).then_some(())
         })
-        .await?;
-        Ok(())
+        .await;
+        match waited {
+            Ok(()) => Ok(()),
+            Err(timeout) => Err(self.explain(timeout.into(), name).await),
+        }
+    }
+
+    /// `error` with what the pool looked like when a wait for the workload
+    /// `name` gave up: its copies in each member, its status and the end of
+    /// the operator's log. The clusters' logs go with the clusters when the
+    /// test ends, so a wait that times out in CI has only this to go on.
+    async fn explain(&self, error: anyhow::Error, name: &str) -> anyhow::Error {
+        let copies = match self.copies(name).await {
+            Ok(copies) => format!("{copies:?}"),
+            Err(unread) => format!("unreadable: {unread:#}"),
+        };
+        let status = match self.workloads().get_opt(name).await {
+            Ok(Some(workload)) => serde_json::to_string_pretty(&workload.status)
+                .unwrap_or_else(|unprintable| unprintable.to_string()),
+            Ok(None) => "no such workload".to_owned(),
+            Err(unread) => format!("unreadable: {unread}"),
+        };
+        let log = self.operator.as_ref().map_or_else(
+            || "no operator running".to_owned(),
+            OperatorProcess::log_tail,
+        );
+        error.context(format!(
+            "copies of {name} now: {copies}\nits status: {status}\nthe operator's last log lines:\n{log}"
+        ))
     }
 
     /// Waits for an Event with `reason` about the workload `name`.
     async fn wait_event(&self, name: &str, reason: &str) -> anyhow::Result<()> {
         let events: Api<Event> = Api::namespaced(self.client.clone(), "traffic");
-        eventually(&format!("{reason} Event about {name}"), WAIT, || async {
+        let waited = eventually(&format!("{reason} Event about {name}"), WAIT, || async {
             events
                 .list(&ListParams::default())
                 .await
@@ -165,8 +192,11 @@ impl Pool {
                 })
                 .then_some(())
         })
-        .await?;
-        Ok(())
+        .await;
+        match waited {
+            Ok(()) => Ok(()),
+            Err(timeout) => Err(self.explain(timeout.into(), name).await),
+        }
     }
 
     async fn condition(&self, name: &str, type_: &str) -> Option<(String, String, String)> {
