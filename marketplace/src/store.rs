@@ -140,7 +140,10 @@ impl Store {
             pool.clone()
         };
         let (grouped, works) = mpsc::channel(1024);
-        tokio::spawn(commit_in_groups(pool.clone(), works));
+        match backend {
+            Backend::Sqlite => spawn_sqlite_committer(pool.clone(), works)?,
+            Backend::Postgres => drop(tokio::spawn(commit_in_groups(pool.clone(), works))),
+        }
         Ok(Self {
             pool,
             reader,
@@ -227,6 +230,39 @@ impl Store {
         self.grouped.send(erased).await.map_err(|_| stopped())?;
         replied.await.map_err(|_| stopped())?
     }
+}
+
+/// SQLite's group committer runs on a thread and runtime of its own. Every
+/// statement of every work is a round trip to sqlx's SQLite thread, and the
+/// reply wakes the committer from outside the runtime: on the server's
+/// runtime that wake-up waits in the global queue behind whatever the
+/// workers are busy with (a busy server's gRPC streams), once per
+/// statement, while the one writer, and every query's reservation and
+/// settlement behind it, stands idle. Here nothing else is queued. The
+/// thread takes the opener's tracing subscriber, so the works' spans go
+/// where the caller's do; it ends when the store is dropped.
+///
+/// PostgreSQL keeps its committer on the server's runtime: its connections'
+/// sockets belong to that runtime's reactor, and it has many writers, not
+/// one.
+fn spawn_sqlite_committer(pool: AnyPool, works: mpsc::Receiver<GroupedWork>) -> Result<()> {
+    let io_error = |source| MarketError::Io {
+        context: "starting the SQLite committer".into(),
+        source,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io_error)?;
+    let dispatch = tracing::dispatcher::get_default(Clone::clone);
+    std::thread::Builder::new()
+        .name("sqlite-committer".into())
+        .spawn(move || {
+            let _subscriber = tracing::dispatcher::set_default(&dispatch);
+            runtime.block_on(commit_in_groups(pool, works));
+        })
+        .map_err(io_error)?;
+    Ok(())
 }
 
 /// The group committer: takes every work waiting when a transaction starts
@@ -331,8 +367,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_grouped_work_runs_in_its_callers_span() -> Result<()> {
-        // The test runtime has one thread, so the committer sees this
-        // thread's subscriber too.
+        // The subscriber is this thread's only; the committer's thread
+        // takes it over when the store opens.
         let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
         let (_dir, store) = temporary().await?;
         let caller = tracing::info_span!("caller");
@@ -342,6 +378,16 @@ mod tests {
             .await?;
         assert!(caller.id().is_some());
         assert_eq!(seen, caller.id());
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_works_run_on_the_committers_own_thread() -> Result<()> {
+        let (_dir, store) = temporary().await?;
+        let thread = store
+            .grouped(|_| Box::pin(async { Ok(std::thread::current().name().map(str::to_owned)) }))
+            .await?;
+        assert_eq!(thread.as_deref(), Some("sqlite-committer"));
         Ok(())
     }
 
