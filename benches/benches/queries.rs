@@ -12,10 +12,13 @@
 //!
 //! Run: `bash sandbox/build-guests.sh && cargo bench -p civicgrid-benches
 //! --bench queries` (`-- --queries N` per client count and per rate; default
-//! 400).
+//! 400; `--concurrent-queries N` for the sandbox's concurrent runs, the
+//! server flag of that name; default the engine's).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
 
 use civicgrid_marketplace::proto::{
     self, billing_client::BillingClient, contracts_client::ContractsClient,
@@ -101,11 +104,19 @@ fn stage_means(text: &str) -> Vec<(String, f64, u64)> {
         .collect()
 }
 
-async fn bench(db: Db, queries: usize, rates: &[u32]) -> anyhow::Result<()> {
+async fn bench(
+    db: Db,
+    queries: usize,
+    rates: &[u32],
+    concurrent_queries: Option<u32>,
+) -> anyhow::Result<()> {
     println!("== {db:?}");
     let market = TestMarket::start(db).await?;
     let mut config = EngineConfig::new(guest_path(), cache_dir());
     config.default_compute_units = 1_000;
+    if let Some(concurrent) = concurrent_queries {
+        config.concurrent_queries = concurrent;
+    }
     let engine = tokio::task::spawn_blocking(move || QueryEngine::open(config)).await??;
     market.market.attach_engine(engine)?;
     let cast = Cast::create(&market).await?;
@@ -302,10 +313,22 @@ async fn main() -> anyhow::Result<()> {
     if rates.contains(&0) {
         anyhow::bail!("--rates: every rate must be at least 1 query/s");
     }
+    // The sandbox's concurrent runs (the server's --concurrent-queries);
+    // the engine's default unless given.
+    let concurrent_queries: Option<u32> =
+        match args.iter().position(|a| a == "--concurrent-queries") {
+            Some(i) => Some(
+                args.get(i + 1)
+                    .context("--concurrent-queries takes a number")?
+                    .parse()
+                    .context("--concurrent-queries takes a number")?,
+            ),
+            None => None,
+        };
     tokio::task::spawn_blocking(move || baseline(queries)).await??;
-    bench(Db::Sqlite, queries, &rates).await?;
+    bench(Db::Sqlite, queries, &rates, concurrent_queries).await?;
     if std::env::var_os(civicgrid_tests::market::POSTGRES_URL_ENV).is_some() {
-        bench(Db::Postgres, queries, &rates).await?;
+        bench(Db::Postgres, queries, &rates, concurrent_queries).await?;
     } else {
         println!("== PostgreSQL skipped: CIVICGRID_TEST_POSTGRES_URL is not set");
     }
