@@ -214,6 +214,7 @@ pub struct Posting {
 /// # Errors
 /// `Corrupt` when the postings do not balance (a bug, never written);
 /// database failures.
+#[tracing::instrument(name = "ledger", skip_all)]
 pub async fn post(
     connection: &mut AnyConnection,
     entry_kind: &str,

@@ -717,7 +717,15 @@ pub async fn run(
     })
     .await
     .map_err(|error| MarketError::Corrupt(format!("sandbox task: {error}")));
-    market.metrics().stage("sandbox", sandbox_started.elapsed());
+    let sandbox_elapsed = sandbox_started.elapsed();
+    market.metrics().stage("sandbox", sandbox_elapsed);
+    if let Ok(Ok(ran)) = &outcome {
+        let startup = ran.metering.startup;
+        market.metrics().stage("sandbox_start", startup);
+        market
+            .metrics()
+            .stage("query", sandbox_elapsed.saturating_sub(startup));
+    }
     let settle_started = std::time::Instant::now();
     let query_id = reservation.query_id.clone();
     let settled = match outcome {
@@ -725,14 +733,18 @@ pub async fn run(
             let backend = market.store().backend();
             let platform_fee_bps = config.platform_fee_bps;
             let (principal, request) = (principal.clone(), Arc::clone(&request));
+            let metrics = Arc::clone(market.metrics());
             market
                 .store()
                 .grouped(move |connection| {
                     Box::pin(async move {
                         settle(
                             connection,
-                            backend,
-                            platform_fee_bps,
+                            SettleContext {
+                                backend,
+                                platform_fee_bps,
+                                metrics: &metrics,
+                            },
                             &principal,
                             &request,
                             reservation,
@@ -1071,18 +1083,30 @@ fn ipc_stream(batches: &[RecordBatch]) -> std::result::Result<Vec<u8>, String> {
     writer.into_inner().map_err(|e| e.to_string())
 }
 
+/// The server's side of a settlement: where it writes, the platform's fee,
+/// and where it times its ledger and audit steps.
+struct SettleContext<'a> {
+    backend: Backend,
+    platform_fee_bps: i64,
+    metrics: &'a crate::metrics::Metrics,
+}
+
 /// Records the outcome, the charge, the ledger postings, the privacy budget
 /// and the audit entry in one transaction, and closes the hold.
 #[tracing::instrument(name = "settle", skip_all, fields(query = %reservation.query_id))]
 async fn settle(
     connection: &mut AnyConnection,
-    backend: Backend,
-    platform_fee_bps: i64,
+    context: SettleContext<'_>,
     principal: &Principal,
     request: &proto::RunQueryRequest,
     reservation: Reservation,
     outcome: std::result::Result<civicgrid_sandbox::Outcome, SandboxError>,
 ) -> Result<QueryOutcome> {
+    let SettleContext {
+        backend,
+        platform_fee_bps,
+        metrics,
+    } = context;
     let mut outcome = match outcome {
         Ok(outcome) => match ipc_stream(&outcome.batches) {
             Ok(bytes) => Ok((outcome, bytes)),
@@ -1116,6 +1140,7 @@ async fn settle(
             compute_units: i64::try_from(metering.compute_units).unwrap_or(i64::MAX),
             rows_released: i64::try_from(metering.rows_released).unwrap_or(i64::MAX),
         };
+        let ledger_started = std::time::Instant::now();
         // Never more than was held: the hold is the price's ceiling.
         let charge = billing::charge(&reservation.plan, usage, used)?.min(reservation.hold);
         let fee = billing::platform_fee(charge, platform_fee_bps);
@@ -1174,6 +1199,7 @@ async fn settle(
             .execute(&mut *connection)
             .await?;
         }
+        metrics.stage("ledger", ledger_started.elapsed());
         summary.state = "completed".into();
         summary.fuel = i64::try_from(metering.fuel).unwrap_or(i64::MAX);
         summary.compute_units = used.compute_units;
@@ -1204,6 +1230,7 @@ async fn settle(
     } else {
         unreachable!("a result is Ok or Err");
     }
+    let audit_started = std::time::Instant::now();
     let audit_index = log::append(
         connection,
         backend,
@@ -1235,6 +1262,7 @@ async fn settle(
         }],
     )
     .await?[0];
+    metrics.stage("audit", audit_started.elapsed());
     summary.audit_index = i64::try_from(audit_index).unwrap_or(i64::MAX);
     let (error_code, error_text) = error.as_ref().map_or((0, String::new()), |(code, text)| {
         (*code as i64, text.clone())

@@ -88,6 +88,7 @@ async fn read_head(connection: &mut AnyConnection, sql: &'static str) -> Result<
 ///
 /// # Errors
 /// Database failures; the transaction should then be rolled back.
+#[tracing::instrument(name = "audit", skip_all, fields(events = events.len()))]
 pub async fn append(
     connection: &mut AnyConnection,
     backend: Backend,

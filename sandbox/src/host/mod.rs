@@ -202,6 +202,11 @@ pub struct Metering {
     pub bytes_released: u64,
     /// Wall time of the run, instantiation included.
     pub wall_time: Duration,
+    /// The part of the wall time spent starting instances: instantiating
+    /// each (its memory image and tables) and running its initialiser,
+    /// summed over the run's instances. The rest is the query itself (and
+    /// any wait for a free slot). Like the wall time, not deterministic.
+    pub startup: Duration,
     /// Instances the run took: 1, or the shares of a split scan plus the
     /// final instance. Fixed by the plan and the data, like the fuel.
     pub instances: u32,
@@ -345,6 +350,9 @@ struct RunPlan<'a> {
     limits: &'a Limits,
     logical_time_ns: u64,
     started: Instant,
+    /// Nanoseconds every instance of the run spent starting (shares of a
+    /// split scan start on several threads at once).
+    startup_ns: AtomicU64,
 }
 
 /// A finished instance: its fuel and its state.
@@ -577,6 +585,7 @@ impl Sandbox {
             limits,
             logical_time_ns: job.as_of_unix_seconds.saturating_mul(1_000_000_000),
             started,
+            startup_ns: AtomicU64::new(0),
         };
         let split = match guest.role {
             GuestRole::Sql if self.split_scans => self.split_table(&plan)?,
@@ -605,6 +614,7 @@ impl Sandbox {
                 rows_released: release.rows,
                 bytes_released: release.bytes,
                 wall_time: started.elapsed(),
+                startup: Duration::from_nanos(plan.startup_ns.load(Ordering::Relaxed)),
                 instances,
             },
             batches: release.batches,
@@ -807,10 +817,15 @@ impl Sandbox {
         store.set_epoch_deadline(ticks);
         store.epoch_deadline_trap();
 
+        let starting = Instant::now();
         let result = guest.pre.instantiate(&mut store).and_then(|instance| {
             if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
                 init.call(&mut store, ())?;
             }
+            plan.startup_ns.fetch_add(
+                u64::try_from(starting.elapsed().as_nanos()).unwrap_or(u64::MAX),
+                Ordering::Relaxed,
+            );
             let run = instance.get_typed_func::<(), i32>(&mut store, RUN_EXPORT)?;
             run.call(&mut store, ())
         });

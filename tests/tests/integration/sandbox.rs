@@ -93,6 +93,13 @@ fn the_same_query_costs_the_same_and_metering_counts_what_moved() {
     );
     assert_eq!(first.metering.rows_released, 1);
     assert!(first.metering.bytes_released > 0);
+    // Starting the instance is part of the run's wall time, not all of it.
+    assert!(
+        first.metering.startup > std::time::Duration::ZERO
+            && first.metering.startup < first.metering.wall_time,
+        "{:?}",
+        first.metering
+    );
     // A query that does more costs more.
     let q1 = run_sql(tables, tpch::Q1, &owner).unwrap();
     assert!(q1.metering.fuel > first.metering.fuel);
