@@ -134,15 +134,15 @@ impl Store {
                         Ok(())
                     })
                 })
-                .connect_with(options)
+                .connect_with(options.clone())
                 .await?
         } else {
             pool.clone()
         };
         let (grouped, works) = mpsc::channel(1024);
         match backend {
-            Backend::Sqlite => spawn_sqlite_committer(pool.clone(), works)?,
-            Backend::Postgres => drop(tokio::spawn(commit_in_groups(pool.clone(), works))),
+            Backend::Sqlite => spawn_committer(CommitterPool::Shared(pool.clone()), works).await?,
+            Backend::Postgres => spawn_committer(CommitterPool::Own(options), works).await?,
         }
         Ok(Self {
             pool,
@@ -232,22 +232,28 @@ impl Store {
     }
 }
 
-/// SQLite's group committer runs on a thread and runtime of its own. Every
-/// statement of every work is a round trip to sqlx's SQLite thread, and the
-/// reply wakes the committer from outside the runtime: on the server's
-/// runtime that wake-up waits in the global queue behind whatever the
-/// workers are busy with (a busy server's gRPC streams), once per
-/// statement, while the one writer, and every query's reservation and
-/// settlement behind it, stands idle. Here nothing else is queued. The
-/// thread takes the opener's tracing subscriber, so the works' spans go
-/// where the caller's do; it ends when the store is dropped.
-///
-/// PostgreSQL keeps its committer on the server's runtime: its connections'
-/// sockets belong to that runtime's reactor, and it has many writers, not
-/// one.
-fn spawn_sqlite_committer(pool: AnyPool, works: mpsc::Receiver<GroupedWork>) -> Result<()> {
+/// Where the committer's connection comes from.
+enum CommitterPool {
+    /// SQLite: the writer's pool. Its one connection lives on a thread of
+    /// sqlx's, so any runtime may drive it.
+    Shared(AnyPool),
+    /// PostgreSQL: a pool of one connection opened on the committer's own
+    /// runtime, so that its socket is that runtime's to watch.
+    Own(AnyConnectOptions),
+}
+
+/// The group committer runs on a thread and runtime of its own. Every
+/// statement of every work is a round trip to the database (on SQLite to
+/// sqlx's SQLite thread, whose reply wakes the committer from outside the
+/// runtime; on PostgreSQL over its socket), and on the server's runtime each
+/// wake-up waited behind whatever the workers were busy with (a busy
+/// server's gRPC streams), once per statement, while every query's
+/// reservation and settlement queued behind the committer. Here nothing else
+/// is queued. The thread takes the opener's tracing subscriber, so the
+/// works' spans go where the caller's do; it ends when the store is dropped.
+async fn spawn_committer(source: CommitterPool, works: mpsc::Receiver<GroupedWork>) -> Result<()> {
     let io_error = |source| MarketError::Io {
-        context: "starting the SQLite committer".into(),
+        context: "starting the database committer".into(),
         source,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -255,14 +261,35 @@ fn spawn_sqlite_committer(pool: AnyPool, works: mpsc::Receiver<GroupedWork>) -> 
         .build()
         .map_err(io_error)?;
     let dispatch = tracing::dispatcher::get_default(Clone::clone);
+    let (opened, opening) = oneshot::channel::<Result<()>>();
     std::thread::Builder::new()
-        .name("sqlite-committer".into())
+        .name("store-committer".into())
         .spawn(move || {
             let _subscriber = tracing::dispatcher::set_default(&dispatch);
-            runtime.block_on(commit_in_groups(pool, works));
+            runtime.block_on(async move {
+                let pool = match source {
+                    CommitterPool::Shared(pool) => pool,
+                    CommitterPool::Own(options) => match AnyPoolOptions::new()
+                        .max_connections(1)
+                        .acquire_timeout(Duration::from_secs(10))
+                        .connect_with(options)
+                        .await
+                    {
+                        Ok(pool) => pool,
+                        Err(error) => {
+                            let _ = opened.send(Err(error.into()));
+                            return;
+                        }
+                    },
+                };
+                let _ = opened.send(Ok(()));
+                commit_in_groups(pool, works).await;
+            });
         })
         .map_err(io_error)?;
-    Ok(())
+    opening.await.map_err(|_| {
+        MarketError::Unavailable("the database committer ended while starting".into())
+    })?
 }
 
 /// The group committer: takes every work waiting when a transaction starts
@@ -382,12 +409,12 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn sqlite_works_run_on_the_committers_own_thread() -> Result<()> {
+    async fn grouped_works_run_on_the_committers_own_thread() -> Result<()> {
         let (_dir, store) = temporary().await?;
         let thread = store
             .grouped(|_| Box::pin(async { Ok(std::thread::current().name().map(str::to_owned)) }))
             .await?;
-        assert_eq!(thread.as_deref(), Some("sqlite-committer"));
+        assert_eq!(thread.as_deref(), Some("store-committer"));
         Ok(())
     }
 
