@@ -293,15 +293,32 @@ fn baseline(queries: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The number after `flag`, if the flag is given: a value that is missing or
+/// not a number is an error naming the flag, never the default.
+fn number_after<T>(args: &[String], flag: &str) -> anyhow::Result<Option<T>>
+where
+    T: std::str::FromStr,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    let Some(at) = args.iter().position(|a| a == flag) else {
+        return Ok(None);
+    };
+    let value = args
+        .get(at + 1)
+        .with_context(|| format!("{flag} takes a number"))?;
+    let number = value
+        .parse()
+        .with_context(|| format!("{flag} takes a number, not {value:?}"))?;
+    Ok(Some(number))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let queries: usize = args
-        .iter()
-        .position(|a| a == "--queries")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(400);
+    let queries: usize = number_after(&args, "--queries")?.unwrap_or(400);
+    if queries == 0 {
+        anyhow::bail!("--queries: at least 1 query per line");
+    }
     let rates: Vec<u32> = match args.iter().position(|a| a == "--rates") {
         Some(i) => args
             .get(i + 1)
@@ -315,16 +332,7 @@ async fn main() -> anyhow::Result<()> {
     }
     // The sandbox's concurrent runs (the server's --concurrent-queries);
     // the engine's default unless given.
-    let concurrent_queries: Option<u32> =
-        match args.iter().position(|a| a == "--concurrent-queries") {
-            Some(i) => Some(
-                args.get(i + 1)
-                    .context("--concurrent-queries takes a number")?
-                    .parse()
-                    .context("--concurrent-queries takes a number")?,
-            ),
-            None => None,
-        };
+    let concurrent_queries: Option<u32> = number_after(&args, "--concurrent-queries")?;
     tokio::task::spawn_blocking(move || baseline(queries)).await??;
     bench(Db::Sqlite, queries, &rates, concurrent_queries).await?;
     if std::env::var_os(civicgrid_tests::market::POSTGRES_URL_ENV).is_some() {
