@@ -8,7 +8,7 @@ use sqlx::{AnyConnection, Row as _};
 
 use crate::error::{MarketError, Result};
 use crate::proto::{self, PriceKind, PricePlan};
-use crate::store::{Backend, now_ms};
+use crate::store::{Backend, Param, WriteBatch, now_ms};
 
 /// Most rows a per-row plan holds funds for; a query never costs more than
 /// its hold, so rows beyond this in one query are not charged.
@@ -214,9 +214,28 @@ pub struct Posting {
 /// # Errors
 /// `Corrupt` when the postings do not balance (a bug, never written);
 /// database failures.
-#[tracing::instrument(name = "ledger", skip_all)]
 pub async fn post(
     connection: &mut AnyConnection,
+    entry_kind: &str,
+    currency: &str,
+    query_id: Option<&str>,
+    postings: &[Posting],
+) -> Result<()> {
+    let mut batch = WriteBatch::new();
+    post_into(&mut batch, entry_kind, currency, query_id, postings)?;
+    batch.execute(connection).await?;
+    Ok(())
+}
+
+/// Adds one balanced ledger entry's writes to `batch`: each account's
+/// balance (the account is created on its first entry), then the postings.
+///
+/// # Errors
+/// `Corrupt` when the postings do not balance or a balance change overflows
+/// (a bug, never written).
+#[tracing::instrument(name = "ledger", skip_all)]
+pub fn post_into(
+    batch: &mut WriteBatch,
     entry_kind: &str,
     currency: &str,
     query_id: Option<&str>,
@@ -238,31 +257,42 @@ pub async fn post(
     if legs.is_empty() {
         return Ok(());
     }
-    // Three statements for the whole entry, not three per leg: inside a
-    // settlement each statement is a round trip to the database's thread.
+    // One change per account, even if an entry had two legs on one: a
+    // multi-row upsert may not touch a row twice (PostgreSQL refuses).
+    let mut changes: std::collections::BTreeMap<&str, (&Posting, i64)> =
+        std::collections::BTreeMap::new();
+    for (posting, account) in &legs {
+        let (_, change) = changes.entry(account.as_str()).or_insert((posting, 0));
+        *change = change
+            .checked_add(posting.amount_minor)
+            .ok_or_else(|| MarketError::Corrupt(format!("ledger entry {entry_kind} overflows")))?;
+    }
     let placeholders = |row: usize, width: usize| {
         let cells: Vec<String> = (1..=width)
             .map(|c| format!("${}", row * width + c))
             .collect();
         format!("({})", cells.join(", "))
     };
-    let rows: Vec<String> = (0..legs.len())
-        .map(|row| placeholders(row, 4).replace(')', ", 0)"))
-        .collect();
-    let ensure = format!(
+    // Balances first: a posting references its account, which the upsert
+    // creates on the account's first entry.
+    let rows: Vec<String> = (0..changes.len()).map(|row| placeholders(row, 5)).collect();
+    let upsert = format!(
         "INSERT INTO ledger_accounts (id, organization_id, kind, currency, balance_minor) \
-         VALUES {} ON CONFLICT DO NOTHING",
+         VALUES {} ON CONFLICT (id) DO UPDATE \
+         SET balance_minor = ledger_accounts.balance_minor + excluded.balance_minor",
         rows.join(", ")
     );
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(ensure));
-    for (posting, account) in &legs {
-        query = query
-            .bind(account.clone())
-            .bind(posting.organization.clone())
-            .bind(posting.kind.as_str())
-            .bind(currency.to_owned());
+    let mut params = Vec::with_capacity(changes.len() * 5);
+    for (account, (posting, change)) in &changes {
+        params.extend([
+            Param::from(*account),
+            Param::from(&posting.organization),
+            Param::from(posting.kind.as_str()),
+            Param::from(currency),
+            Param::Int(*change),
+        ]);
     }
-    query.execute(&mut *connection).await?;
+    batch.push(upsert, params);
     let entry_id = crate::identity::new_id("le");
     let at = now_ms();
     let rows: Vec<String> = (0..legs.len()).map(|row| placeholders(row, 7)).collect();
@@ -271,52 +301,19 @@ pub async fn post(
          query_id, at) VALUES {}",
         rows.join(", ")
     );
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(insert));
+    let mut params = Vec::with_capacity(legs.len() * 7);
     for (posting, account) in &legs {
-        query = query
-            .bind(entry_id.clone())
-            .bind(account.clone())
-            .bind(posting.amount_minor)
-            .bind(currency.to_owned())
-            .bind(entry_kind.to_owned())
-            .bind(query_id.map(str::to_owned))
-            .bind(at);
+        params.extend([
+            Param::from(&entry_id),
+            Param::from(account),
+            Param::Int(posting.amount_minor),
+            Param::from(currency),
+            Param::from(entry_kind),
+            Param::from(query_id),
+            Param::Int(at),
+        ]);
     }
-    query.execute(&mut *connection).await?;
-    // One change per account, even if an entry had two legs on one.
-    let mut changes: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
-    for (posting, account) in &legs {
-        let change = changes.entry(account.as_str()).or_insert(0);
-        *change = change
-            .checked_add(posting.amount_minor)
-            .ok_or_else(|| MarketError::Corrupt(format!("ledger entry {entry_kind} overflows")))?;
-    }
-    let cases: Vec<String> = (0..changes.len())
-        .map(|i| format!("WHEN ${} THEN CAST(${} AS BIGINT)", 2 * i + 1, 2 * i + 2))
-        .collect();
-    let ids: Vec<String> = (0..changes.len())
-        .map(|i| format!("${}", 2 * changes.len() + i + 1))
-        .collect();
-    let update = format!(
-        "UPDATE ledger_accounts SET balance_minor = balance_minor + CASE id {} END \
-         WHERE id IN ({})",
-        cases.join(" "),
-        ids.join(", ")
-    );
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(update));
-    for (account, change) in &changes {
-        query = query.bind((*account).to_owned()).bind(*change);
-    }
-    for account in changes.keys() {
-        query = query.bind((*account).to_owned());
-    }
-    let updated = query.execute(&mut *connection).await?.rows_affected();
-    if updated != changes.len() as u64 {
-        return Err(MarketError::Corrupt(format!(
-            "ledger entry {entry_kind}: {updated} of {} accounts updated",
-            changes.len()
-        )));
-    }
+    batch.push(insert, params);
     Ok(())
 }
 

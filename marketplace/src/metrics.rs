@@ -23,7 +23,11 @@ pub struct OutcomeLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabel {
     /// `authorize` (role, contract, quota, funds, hold), `sandbox` (run and
-    /// policy), `settle` (usage, ledger, audit) or `total`.
+    /// policy; of it `sandbox_start`, instantiation, and `query`, the rest),
+    /// `settle` (usage, ledger, audit; of it `ledger`, the charge's
+    /// statements made ready, `audit`, the log's head read and the entry
+    /// hashed, and `writes`, all the settlement's writes sent together) or
+    /// `total`.
     pub stage: &'static str,
 }
 

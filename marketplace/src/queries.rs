@@ -31,7 +31,7 @@ use crate::billing::{self, AccountKind, PeriodUsage, Posting, QueryUse};
 use crate::error::{MarketError, Result};
 use crate::identity::Principal;
 use crate::proto::{self, AllowedOperations, ProductSpec, Sensitivity};
-use crate::store::{Backend, Store, now_ms};
+use crate::store::{Backend, Param, Store, WriteBatch, now_ms};
 
 /// The organization id the platform's fee account is kept under.
 pub const PLATFORM_ACCOUNT: &str = "platform";
@@ -1115,6 +1115,10 @@ async fn settle(
         Err(error) => Err(error),
     };
     let usage = period_usage(connection, &reservation.contract_id, &reservation.period).await?;
+    // Every write of the settlement goes in one batch: one trip to SQLite's
+    // writer instead of ten (reads run as they come, and none reads what
+    // the batch writes).
+    let mut writes = WriteBatch::new();
     let now = now_ms();
     let currency = reservation.plan.currency.clone();
     let mut summary = proto::QuerySummary {
@@ -1144,8 +1148,8 @@ async fn settle(
         // Never more than was held: the hold is the price's ceiling.
         let charge = billing::charge(&reservation.plan, usage, used)?.min(reservation.hold);
         let fee = billing::platform_fee(charge, platform_fee_bps);
-        billing::post(
-            connection,
+        billing::post_into(
+            &mut writes,
             "charge",
             &currency,
             Some(&reservation.query_id),
@@ -1166,10 +1170,9 @@ async fn settle(
                     amount_minor: fee,
                 },
             ],
-        )
-        .await?;
+        )?;
         let subscription = i64::from(reservation.plan.kind() == proto::PriceKind::Subscription);
-        sqlx::query(
+        writes.push(
             "INSERT INTO usage_counters (contract_id, period, queries, compute_units, \
              rows_released, subscription_charged) VALUES ($1, $2, 1, $3, $4, $5) \
              ON CONFLICT (contract_id, period) DO UPDATE SET \
@@ -1178,26 +1181,26 @@ async fn settle(
              rows_released = usage_counters.rows_released + excluded.rows_released, \
              subscription_charged = CASE WHEN excluded.subscription_charged = 1 THEN 1 \
                                     ELSE usage_counters.subscription_charged END",
-        )
-        .bind(&reservation.contract_id)
-        .bind(&reservation.period)
-        .bind(used.compute_units)
-        .bind(used.rows_released)
-        .bind(subscription)
-        .execute(&mut *connection)
-        .await?;
+            vec![
+                Param::from(&reservation.contract_id),
+                Param::from(&reservation.period),
+                Param::Int(used.compute_units),
+                Param::Int(used.rows_released),
+                Param::Int(subscription),
+            ],
+        );
         if released.privacy_spent > 0.0 {
-            sqlx::query(
+            writes.push(
                 "INSERT INTO privacy_budgets (consumer_organization_id, product_id, period, spent) \
                  VALUES ($1, $2, $3, $4) ON CONFLICT (consumer_organization_id, product_id, period) \
                  DO UPDATE SET spent = privacy_budgets.spent + excluded.spent",
-            )
-            .bind(&reservation.consumer)
-            .bind(&reservation.product_id)
-            .bind(&reservation.period)
-            .bind(released.privacy_spent)
-            .execute(&mut *connection)
-            .await?;
+                vec![
+                    Param::from(&reservation.consumer),
+                    Param::from(&reservation.product_id),
+                    Param::from(&reservation.period),
+                    Param::Real(released.privacy_spent),
+                ],
+            );
         }
         metrics.stage("ledger", ledger_started.elapsed());
         summary.state = "completed".into();
@@ -1231,8 +1234,9 @@ async fn settle(
         unreachable!("a result is Ok or Err");
     }
     let audit_started = std::time::Instant::now();
-    let audit_index = log::append(
+    let audit_index = log::append_into(
         connection,
+        &mut writes,
         backend,
         &[Event {
             kind: event_kind.into(),
@@ -1267,33 +1271,36 @@ async fn settle(
     let (error_code, error_text) = error.as_ref().map_or((0, String::new()), |(code, text)| {
         (*code as i64, text.clone())
     });
-    sqlx::query(
+    writes.push(
         "UPDATE queries SET state = $1, error = $2, error_code = $3, fuel = $4, \
          compute_units = $5, rows_read = $6, bytes_read = $7, rows_released = $8, \
          bytes_released = $9, suppressed_rows = $10, truncated = $11, privacy_spent = $12, \
          wall_time_ms = $13, charge_minor = $14, result = $15, audit_index = $16, hold_open = 0, \
          finished_at = $17 WHERE id = $18 AND state = 'running'",
-    )
-    .bind(&summary.state)
-    .bind(&error_text)
-    .bind(error_code)
-    .bind(summary.fuel)
-    .bind(summary.compute_units)
-    .bind(summary.rows_read)
-    .bind(summary.bytes_read)
-    .bind(summary.rows_released)
-    .bind(summary.bytes_released)
-    .bind(summary.suppressed_rows)
-    .bind(i64::from(summary.truncated))
-    .bind(summary.privacy_spent)
-    .bind(summary.wall_time_ms)
-    .bind(summary.charge_minor)
-    .bind(&result)
-    .bind(summary.audit_index)
-    .bind(now)
-    .bind(&reservation.query_id)
-    .execute(&mut *connection)
-    .await?;
+        vec![
+            Param::from(&summary.state),
+            Param::from(error_text),
+            Param::Int(error_code),
+            Param::Int(summary.fuel),
+            Param::Int(summary.compute_units),
+            Param::Int(summary.rows_read),
+            Param::Int(summary.bytes_read),
+            Param::Int(summary.rows_released),
+            Param::Int(summary.bytes_released),
+            Param::Int(summary.suppressed_rows),
+            Param::Int(i64::from(summary.truncated)),
+            Param::Real(summary.privacy_spent),
+            Param::Int(summary.wall_time_ms),
+            Param::Int(summary.charge_minor),
+            Param::Blob(result.clone()),
+            Param::Int(summary.audit_index),
+            Param::Int(now),
+            Param::from(&reservation.query_id),
+        ],
+    );
+    let writes_started = std::time::Instant::now();
+    writes.execute(connection).await?;
+    metrics.stage("writes", writes_started.elapsed());
     summary.created_at_unix_ms = now;
     Ok(QueryOutcome {
         summary,

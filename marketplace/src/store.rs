@@ -15,6 +15,9 @@ use tracing::Instrument as _;
 
 use crate::error::{MarketError, Result};
 
+mod batch;
+pub use batch::{Param, WriteBatch};
+
 /// Which database is behind the pool, for the few statements that differ.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -22,6 +25,18 @@ pub enum Backend {
     Sqlite,
     /// PostgreSQL: row locks serialise the audit log's appends.
     Postgres,
+}
+
+impl Backend {
+    /// The database behind a connection.
+    #[must_use]
+    pub fn of(connection: &AnyConnection) -> Self {
+        if connection.backend_name().eq_ignore_ascii_case("sqlite") {
+            Self::Sqlite
+        } else {
+            Self::Postgres
+        }
+    }
 }
 
 /// Where the data lives.

@@ -17,7 +17,7 @@ use super::merkle::{
     inclusion_proof_ranges, perfect_decomposition,
 };
 use crate::error::{MarketError, Result};
-use crate::store::{Backend, now_ms};
+use crate::store::{Backend, Param, WriteBatch, now_ms};
 
 /// Rows per multi-row INSERT: well under both databases' parameter limits.
 /// Measured: 500 beats 200 and 2,000 (larger statements are re-prepared for
@@ -88,15 +88,36 @@ async fn read_head(connection: &mut AnyConnection, sql: &'static str) -> Result<
 ///
 /// # Errors
 /// Database failures; the transaction should then be rolled back.
-#[tracing::instrument(name = "audit", skip_all, fields(events = events.len()))]
 pub async fn append(
     connection: &mut AnyConnection,
+    backend: Backend,
+    events: &[Event],
+) -> Result<Vec<u64>> {
+    let mut batch = WriteBatch::new();
+    let indexes = append_into(connection, &mut batch, backend, events).await?;
+    batch.execute(connection).await?;
+    Ok(indexes)
+}
+
+/// Reads (and on PostgreSQL locks) the log's head now, and adds the entries,
+/// their tree nodes and the new head to `batch`; returns their indexes. The
+/// batch must run in the same transaction before anything else appends,
+/// which is why a batch takes only one append.
+///
+/// # Errors
+/// `Corrupt` for a second append into one batch or a corrupt head; database
+/// failures.
+#[tracing::instrument(name = "audit", skip_all, fields(events = events.len()))]
+pub async fn append_into(
+    connection: &mut AnyConnection,
+    batch: &mut WriteBatch,
     backend: Backend,
     events: &[Event],
 ) -> Result<Vec<u64>> {
     if events.is_empty() {
         return Ok(Vec::new());
     }
+    batch.claim_audit_append()?;
     let mut frontier = head_for_append(connection, backend).await?;
     let at_unix_ms = now_ms();
     let mut entries = Vec::with_capacity(events.len());
@@ -117,15 +138,16 @@ pub async fn append(
             chunk.len(),
             backend,
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut params = Vec::with_capacity(chunk.len() * 4);
         for (index, event, body) in chunk {
-            query = query
-                .bind(*index as i64)
-                .bind(event.kind.clone())
-                .bind(event.tenant.clone())
-                .bind(body.clone());
+            params.extend([
+                Param::Int(*index as i64),
+                Param::from(&event.kind),
+                Param::from(&event.tenant),
+                Param::Blob(body.clone()),
+            ]);
         }
-        query.execute(&mut *connection).await?;
+        batch.push(sql, params);
     }
     for chunk in nodes.chunks(INSERT_CHUNK) {
         let sql = values_sql(
@@ -134,18 +156,20 @@ pub async fn append(
             chunk.len(),
             backend,
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut params = Vec::with_capacity(chunk.len() * 2);
         for (id, hash) in chunk {
-            query = query.bind(id.key()).bind(hash.to_vec());
+            params.extend([Param::Int(id.key()), Param::Blob(hash.to_vec())]);
         }
-        query.execute(&mut *connection).await?;
+        batch.push(sql, params);
     }
     let frontier_bytes: Vec<u8> = frontier.hashes().concat();
-    sqlx::query("UPDATE audit_head SET size = $1, frontier = $2 WHERE id = 1")
-        .bind(frontier.size() as i64)
-        .bind(frontier_bytes)
-        .execute(&mut *connection)
-        .await?;
+    batch.push(
+        "UPDATE audit_head SET size = $1, frontier = $2 WHERE id = 1",
+        vec![
+            Param::Int(frontier.size() as i64),
+            Param::Blob(frontier_bytes),
+        ],
+    );
     Ok(indexes)
 }
 

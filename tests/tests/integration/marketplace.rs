@@ -1613,9 +1613,152 @@ async fn grouped_works_fail_alone_wherever_they_stand(db: Db) -> anyhow::Result<
     Ok(())
 }
 
+/// A write batch runs its statements in order with each one's own
+/// parameters (repeated, anonymous and numbered placeholders, text, NULL,
+/// integers, reals and bytes), and a statement that fails stops the batch
+/// and fails the work, whose savepoint then leaves nothing behind.
+async fn a_write_batch_runs_in_order_and_fails_whole(db: Db) -> anyhow::Result<()> {
+    use civicgrid_marketplace::store::{Param, WriteBatch};
+    let market = TestMarket::start(db).await?;
+    let store = market.market.store().clone();
+    sqlx::query(
+        "CREATE TABLE batch_probe (id BIGINT PRIMARY KEY, label TEXT, note TEXT, \
+         ratio DOUBLE PRECISION, bytes BYTEA, twice BIGINT)",
+    )
+    .execute(store.pool())
+    .await?;
+    let anonymous = match store.backend() {
+        civicgrid_marketplace::store::Backend::Sqlite => {
+            "INSERT INTO batch_probe (id, label) VALUES (?, ?), (?, ?)"
+        }
+        civicgrid_marketplace::store::Backend::Postgres => {
+            "INSERT INTO batch_probe (id, label) VALUES ($1, $2), ($3, $4)"
+        }
+    };
+    let changed = store
+        .grouped(move |connection| {
+            Box::pin(async move {
+                let mut batch = WriteBatch::new();
+                batch.push(
+                    "INSERT INTO batch_probe (id, label, note, ratio, bytes) \
+                     VALUES ($1, $2, $3, $4, $5)",
+                    vec![
+                        Param::Int(1),
+                        Param::from("one"),
+                        Param::from(None::<&str>),
+                        Param::Real(0.5),
+                        Param::Blob(vec![0, 1, 255]),
+                    ],
+                );
+                batch.push(
+                    anonymous,
+                    vec![
+                        Param::Int(2),
+                        Param::from("two"),
+                        Param::Int(3),
+                        Param::from("three '$1 ?'"),
+                    ],
+                );
+                // Runs after the inserts above, and reuses its $1.
+                batch.push(
+                    "UPDATE batch_probe SET twice = $1 + $1 WHERE id <= $2",
+                    vec![Param::Int(21), Param::Int(2)],
+                );
+                assert_eq!(batch.len(), 3);
+                batch.execute(connection).await
+            })
+        })
+        .await?;
+    assert_eq!(changed, 5, "1 + 2 inserted, 2 updated");
+    type Row = (
+        i64,
+        Option<String>,
+        Option<String>,
+        Option<f64>,
+        Option<Vec<u8>>,
+        Option<i64>,
+    );
+    let rows: Vec<Row> =
+        sqlx::query_as("SELECT id, label, note, ratio, bytes, twice FROM batch_probe ORDER BY id")
+            .fetch_all(store.pool())
+            .await?;
+    assert_eq!(
+        rows,
+        [
+            (
+                1,
+                Some("one".into()),
+                None,
+                Some(0.5),
+                Some(vec![0, 1, 255]),
+                Some(42)
+            ),
+            (2, Some("two".into()), None, None, None, Some(42)),
+            (3, Some("three '$1 ?'".into()), None, None, None, None),
+        ]
+    );
+    let failed = store
+        .grouped(|connection| {
+            Box::pin(async move {
+                let mut batch = WriteBatch::new();
+                batch.push(
+                    "INSERT INTO batch_probe (id, label) VALUES ($1, $2)",
+                    vec![Param::Int(4), Param::from("four")],
+                );
+                // The primary key is taken: this one fails.
+                batch.push(
+                    "INSERT INTO batch_probe (id, label) VALUES ($1, $2)",
+                    vec![Param::Int(1), Param::from("again")],
+                );
+                batch.push(
+                    "UPDATE batch_probe SET label = $1",
+                    vec![Param::from("overwritten")],
+                );
+                batch.execute(connection).await
+            })
+        })
+        .await;
+    ensure!(
+        matches!(
+            failed,
+            Err(civicgrid_marketplace::error::MarketError::Database(_))
+        ),
+        "{failed:?}"
+    );
+    let labels: Vec<String> = sqlx::query_scalar("SELECT label FROM batch_probe ORDER BY id")
+        .fetch_all(store.pool())
+        .await?;
+    assert_eq!(labels, ["one", "two", "three '$1 ?'"]);
+    // Parameters that do not match the placeholders are refused before
+    // anything runs, on either database.
+    let mismatched = store
+        .grouped(|connection| {
+            Box::pin(async move {
+                let mut batch = WriteBatch::new();
+                batch.push(
+                    "INSERT INTO batch_probe (id, label) VALUES ($1, $2)",
+                    vec![Param::Int(5)],
+                );
+                batch.execute(connection).await
+            })
+        })
+        .await;
+    ensure!(
+        matches!(
+            &mismatched,
+            Err(civicgrid_marketplace::error::MarketError::Corrupt(message))
+                if message.contains("2 placeholders and 1 parameters")
+        ),
+        "{mismatched:?}"
+    );
+    market.stop().await;
+    Ok(())
+}
+
 civicgrid_tests::on_both_databases!(
     lifecycle_contract_and_verified_audit,
     grouped_works_fail_alone_wherever_they_stand,
+    a_write_batch_runs_in_order_and_fails_whole,
     a_panicking_grouped_work_fails_its_caller_and_not_the_committer,
     tampering_is_reported,
     every_role_gets_exactly_its_permissions,

@@ -457,11 +457,13 @@ async fn charged_once_policy_checked_and_audited(db: Db) -> anyhow::Result<()> {
         "civicgrid_marketplace_charged_minor_total{currency=\"EUR\"} 1000",
         "civicgrid_marketplace_query_stage_seconds_count{stage=\"sandbox\"} 5",
         // Where the time went: the four that ran split into start-up and
-        // the query itself, and were charged; all five were audited.
+        // the query itself, and were charged; all five were audited, and
+        // each settlement's writes went to the database together.
         "civicgrid_marketplace_query_stage_seconds_count{stage=\"sandbox_start\"} 4",
         "civicgrid_marketplace_query_stage_seconds_count{stage=\"query\"} 4",
         "civicgrid_marketplace_query_stage_seconds_count{stage=\"ledger\"} 4",
         "civicgrid_marketplace_query_stage_seconds_count{stage=\"audit\"} 5",
+        "civicgrid_marketplace_query_stage_seconds_count{stage=\"writes\"} 5",
     ] {
         assert!(metrics.contains(line), "{line} in:\n{metrics}");
     }
