@@ -233,14 +233,21 @@ async fn appends(name: &str, store: &Store, entries: usize) -> anyhow::Result<()
     Ok(())
 }
 
+/// The audit log's and the authorizer's benchmark.
+#[derive(clap::Parser)]
+struct Args {
+    /// Audit entries appended per database.
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
+    entries: u64,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let entries = args
-        .iter()
-        .position(|a| a == "--entries")
-        .and_then(|i| args.get(i + 1))
-        .map_or(Ok(200_000), |n| n.parse())?;
+    let args = <Args as clap::Parser>::parse();
+    let entries = usize::try_from(args.entries)?;
     let dir = tempfile::tempdir()?;
     let sqlite = Store::open(&Location::DataDir(dir.path().to_owned())).await?;
     authorization(&sqlite).await?;

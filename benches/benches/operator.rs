@@ -35,25 +35,27 @@ fn percentile(mut v: Vec<Duration>, p: f64) -> Duration {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// The operator's propagation benchmark.
+#[derive(clap::Parser)]
+struct Args {
+    /// Workloads to create.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    workloads: u64,
+    /// Workloads created per second: latency at a stated offered load.
+    /// Without it they are created as fast as the API server takes them (8
+    /// at a time): a backlog test.
+    #[arg(long, value_parser = civicgrid_benches::positive_number)]
+    rate: Option<f64>,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let count: usize = args
-        .iter()
-        .position(|a| a == "--workloads")
-        .and_then(|i| args.get(i + 1))
-        .map(|n| n.parse())
-        .transpose()?
-        .unwrap_or(1000);
-    // Without --rate the workloads are created as fast as the API server
-    // takes them (8 at a time): a backlog test. With it, at that many per
-    // second: latency at a stated offered load.
-    let rate: Option<f64> = args
-        .iter()
-        .position(|a| a == "--rate")
-        .and_then(|i| args.get(i + 1))
-        .map(|n| n.parse())
-        .transpose()?;
+    let args = <Args as clap::Parser>::parse();
+    let count = usize::try_from(args.workloads)?;
+    let rate = args.rate;
 
     let members = [
         Member {

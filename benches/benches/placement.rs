@@ -205,28 +205,43 @@ fn failover() {
     );
 }
 
+/// The placement engine's benchmark.
+#[derive(clap::Parser)]
+struct Args {
+    /// Leave out the 100,000-workload full schedule.
+    #[arg(long)]
+    quick: bool,
+    /// Run one case alone (for profiling).
+    #[arg(long, value_enum)]
+    case: Option<Case>,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Case {
+    Full,
+    Decision,
+    Failover,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    // `--case NAME` runs one case (for profiling): full, decision, failover.
-    let case = args
-        .iter()
-        .position(|a| a == "--case")
-        .and_then(|i| args.get(i + 1))
-        .map(String::as_str);
-    let wants = |name: &str| case.is_none_or(|c| c == name);
-    if wants("full") {
+    let args = <Args as clap::Parser>::parse();
+    let quick = args.quick;
+    let wants = |case: Case| args.case.is_none_or(|c| c == case);
+    if wants(Case::Full) {
         full_schedule(1_000, 100);
         full_schedule(10_000, 1_000);
         if !quick {
             full_schedule(100_000, 1_000);
         }
     }
-    if wants("decision") {
+    if wants(Case::Decision) {
         one_decision_alone();
         one_decision_latency();
     }
-    if wants("failover") {
+    if wants(Case::Failover) {
         failover();
     }
 }

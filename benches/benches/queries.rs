@@ -18,7 +18,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 
 use civicgrid_marketplace::proto::{
     self, billing_client::BillingClient, contracts_client::ContractsClient,
@@ -295,44 +294,34 @@ fn baseline(queries: usize) -> anyhow::Result<()> {
 
 /// The number after `flag`, if the flag is given: a value that is missing or
 /// not a number is an error naming the flag, never the default.
-fn number_after<T>(args: &[String], flag: &str) -> anyhow::Result<Option<T>>
-where
-    T: std::str::FromStr,
-    T::Err: std::error::Error + Send + Sync + 'static,
-{
-    let Some(at) = args.iter().position(|a| a == flag) else {
-        return Ok(None);
-    };
-    let value = args
-        .get(at + 1)
-        .with_context(|| format!("{flag} takes a number"))?;
-    let number = value
-        .parse()
-        .with_context(|| format!("{flag} takes a number, not {value:?}"))?;
-    Ok(Some(number))
+/// Authorized queries over gRPC against the sandbox alone.
+#[derive(clap::Parser)]
+struct Args {
+    /// Queries per line.
+    #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u64).range(1..))]
+    queries: u64,
+    /// Offered rates, queries/s, comma-separated: a latency line each.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_values_t = [100, 200],
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    rates: Vec<u32>,
+    /// The sandbox's concurrent runs (the server's --concurrent-queries);
+    /// the engine's default unless given.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    concurrent_queries: Option<u32>,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let queries: usize = number_after(&args, "--queries")?.unwrap_or(400);
-    if queries == 0 {
-        anyhow::bail!("--queries: at least 1 query per line");
-    }
-    let rates: Vec<u32> = match args.iter().position(|a| a == "--rates") {
-        Some(i) => args
-            .get(i + 1)
-            .map(|list| list.split(',').map(str::parse).collect())
-            .unwrap_or(Ok(Vec::new()))
-            .map_err(|error| anyhow::anyhow!("--rates takes queries/s like 100,200: {error}"))?,
-        None => vec![100, 200],
-    };
-    if rates.contains(&0) {
-        anyhow::bail!("--rates: every rate must be at least 1 query/s");
-    }
-    // The sandbox's concurrent runs (the server's --concurrent-queries);
-    // the engine's default unless given.
-    let concurrent_queries: Option<u32> = number_after(&args, "--concurrent-queries")?;
+    let args = <Args as clap::Parser>::parse();
+    let queries = usize::try_from(args.queries)?;
+    let (rates, concurrent_queries) = (args.rates, args.concurrent_queries);
     tokio::task::spawn_blocking(move || baseline(queries)).await??;
     bench(Db::Sqlite, queries, &rates, concurrent_queries).await?;
     if std::env::var_os(civicgrid_tests::market::POSTGRES_URL_ENV).is_some() {

@@ -116,19 +116,29 @@ fn tpch_dir(scale: f64) -> PathBuf {
     dir
 }
 
+/// The sandbox's figures.
+#[derive(clap::Parser)]
+struct Args {
+    /// TPC-H scale factor for (b) and (c).
+    #[arg(long, default_value_t = 1.0, value_parser = civicgrid_benches::positive_number)]
+    scale: f64,
+    /// (a) and (f) alone, for comparing two guest builds.
+    #[arg(long)]
+    compare_only: bool,
+    /// (g) alone.
+    #[arg(long, conflicts_with = "compare_only")]
+    memory_only: bool,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let scale: f64 = args
-        .iter()
-        .position(|a| a == "--scale")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1.0);
-    // `--compare-only`: (a) and (f) alone, for comparing two guest builds.
-    let compare_only = args.iter().any(|a| a == "--compare-only");
+    let args = <Args as clap::Parser>::parse();
+    let (scale, compare_only) = (args.scale, args.compare_only);
     let cache = tempfile::tempdir().expect("cache dir");
     let sql = sql_guest();
-    if args.iter().any(|a| a == "--memory-only") {
+    if args.memory_only {
         memory_reuse(cache.path(), &sql);
         return;
     }

@@ -8,6 +8,19 @@ use civicgrid_operator::engine::model::{
     StrategyKind, Tier, Workload, WorkloadKey,
 };
 
+/// Parses a flag's value as a finite number above zero (clap's ranges take
+/// integers only).
+///
+/// # Errors
+/// A message naming what was wrong with the value.
+pub fn positive_number(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(number) if number.is_finite() && number > 0.0 => Ok(number),
+        Ok(_) => Err(format!("{value} is not a number above zero")),
+        Err(error) => Err(format!("{value:?}: {error}")),
+    }
+}
+
 /// A deterministic pseudo-random sequence (SplitMix64), so every run
 /// schedules the same city.
 #[derive(Debug, Clone)]
