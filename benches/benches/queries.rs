@@ -18,7 +18,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-
 use civicgrid_marketplace::proto::{
     self, billing_client::BillingClient, contracts_client::ContractsClient,
     queries_client::QueriesClient,
