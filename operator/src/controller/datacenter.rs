@@ -144,6 +144,13 @@ pub(super) async fn reconcile(dc: Arc<DataCenter>, ctx: Arc<Context>) -> Result<
     status.workloads = workloads;
     status.allocated = Some(allocated);
 
+    if reachable && !was_reachable {
+        // Copies may have stayed behind while it was down: every workload
+        // looks in every member again. Before the status is written: that
+        // write is what wakes the workloads, and one woken first would find
+        // itself swept and skip this member for good.
+        ctx.decided().member_returned();
+    }
     if status != previous {
         let patch = serde_json::json!({
             "apiVersion": "civicgrid.io/v1alpha1",
@@ -157,11 +164,6 @@ pub(super) async fn reconcile(dc: Arc<DataCenter>, ctx: Arc<Context>) -> Result<
         )
         .await
         .map_err(Error::Kube)?;
-    }
-    if reachable && !was_reachable {
-        // Copies may have stayed behind while it was down: every workload
-        // looks in every member again.
-        ctx.decided().swept.clear();
     }
     if was_reachable != reachable || dc.status.is_none() {
         let (type_, reason, note) = if reachable {

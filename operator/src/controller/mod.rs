@@ -146,10 +146,16 @@ impl Error {
 #[derive(Default)]
 struct Decided {
     placements: BTreeMap<WorkloadKey, BTreeMap<String, u32>>,
-    /// Workloads whose copies were looked for in every reachable member
-    /// since this process started or a member came back; the others may
-    /// have copies where no placement this process knows says so.
-    swept: std::collections::BTreeSet<WorkloadKey>,
+    /// How many times a member has answered again after not answering,
+    /// since this process started.
+    members_returned: u64,
+    /// Workloads whose copies were looked for in every reachable member,
+    /// each with [`Decided::members_returned`] as it was when that look
+    /// began; the others may have copies where no placement this process
+    /// knows says so. A look that began before a member came back did not
+    /// see that member, so its mark is stale however late it is recorded
+    /// (see [`Decided::sweep_mark`]).
+    swept: std::collections::HashMap<WorkloadKey, u64>,
     /// The status this process last wrote for each workload (with its uid).
     statuses:
         std::collections::HashMap<WorkloadKey, (Option<String>, crate::crd::ComputeWorkloadStatus)>,
@@ -186,7 +192,38 @@ struct Reusable {
     decision: crate::engine::Decision,
 }
 
+/// What a workload reconcile knows, as it begins, of where copies may be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SweepMark {
+    /// Every reachable member was looked in since the last one came back:
+    /// only members in the placement need looking at.
+    swept: bool,
+    /// What to record if this reconcile looks in every member.
+    members_returned: u64,
+}
+
 impl Decided {
+    /// Read at the start of a workload reconcile, before it reads which
+    /// members are reachable.
+    fn sweep_mark(&self, key: &WorkloadKey) -> SweepMark {
+        SweepMark {
+            swept: self.swept.get(key) == Some(&self.members_returned),
+            members_returned: self.members_returned,
+        }
+    }
+
+    /// A reconcile that began with `mark` looked in every reachable member.
+    fn record_sweep(&mut self, key: WorkloadKey, mark: SweepMark) {
+        self.swept.insert(key, mark.members_returned);
+    }
+
+    /// A member answers again: copies may have stayed behind in it while it
+    /// was down, so every workload looks in every member again, including
+    /// one whose reconcile is running now and records its look later.
+    fn member_returned(&mut self) {
+        self.members_returned = self.members_returned.wrapping_add(1);
+    }
+
     /// The last decision for `key`, if it may be reused: the same workload
     /// (uid) at the same generation, the same pool, and its placement not
     /// changed since by anyone (a preemption).
@@ -484,6 +521,34 @@ mod tests {
             decided
                 .reusable_decision(&key, uid(), Some(3), 42)
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn a_member_coming_back_unsweeps_even_a_reconcile_already_running() {
+        let mut decided = Decided::default();
+        let key = WorkloadKey::new("traffic", "plates");
+        let first = decided.sweep_mark(&key);
+        assert!(!first.swept, "a new process has looked nowhere");
+        decided.record_sweep(key.clone(), first);
+        assert!(decided.sweep_mark(&key).swept);
+
+        // A reconcile begins while the edge is down and does not look there;
+        // the edge answers again before that reconcile records its look.
+        let running = decided.sweep_mark(&key);
+        decided.member_returned();
+        decided.record_sweep(key.clone(), running);
+        assert!(
+            !decided.sweep_mark(&key).swept,
+            "the next reconcile must look in the member that came back"
+        );
+        let next = decided.sweep_mark(&key);
+        decided.record_sweep(key.clone(), next);
+        assert!(decided.sweep_mark(&key).swept);
+        assert!(
+            !decided
+                .sweep_mark(&WorkloadKey::new("traffic", "other"))
+                .swept
         );
     }
 }

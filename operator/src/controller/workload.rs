@@ -355,7 +355,10 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
     let wanted = workload.replicas;
     let key = key_of(&cw);
     let before = current(&ctx, &cw);
-    let swept = ctx.decided().swept.contains(&key);
+    // Before the data centers are read: a member that comes back after this
+    // line makes the mark stale (see `Decided::sweep_mark`).
+    let sweep = ctx.decided().sweep_mark(&key);
+    let swept = sweep.swept;
     // Evictions in the last minute count against maxEvictionsPerMinute.
     let now = now_unix();
     let mut recent_evictions: Vec<EvictionEntry> = previous
@@ -564,7 +567,7 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
     if !holding.is_empty() {
         ctx.decided().swept.remove(&key);
     } else if failures.is_empty() {
-        ctx.decided().swept.insert(key);
+        ctx.decided().record_sweep(key, sweep);
     }
 
     let mut status = status_of(
