@@ -144,13 +144,6 @@ pub(super) async fn reconcile(dc: Arc<DataCenter>, ctx: Arc<Context>) -> Result<
     status.workloads = workloads;
     status.allocated = Some(allocated);
 
-    if reachable && !was_reachable {
-        // Copies may have stayed behind while it was down: every workload
-        // looks in every member again. Before the status is written: that
-        // write is what wakes the workloads, and one woken first would find
-        // itself swept and skip this member for good.
-        ctx.decided().member_returned();
-    }
     if status != previous {
         let patch = serde_json::json!({
             "apiVersion": "civicgrid.io/v1alpha1",

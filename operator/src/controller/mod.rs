@@ -146,16 +146,9 @@ impl Error {
 #[derive(Default)]
 struct Decided {
     placements: BTreeMap<WorkloadKey, BTreeMap<String, u32>>,
-    /// How many times a member has answered again after not answering,
-    /// since this process started.
-    members_returned: u64,
-    /// Workloads whose copies were looked for in every reachable member,
-    /// each with [`Decided::members_returned`] as it was when that look
-    /// began; the others may have copies where no placement this process
-    /// knows says so. A look that began before a member came back did not
-    /// see that member, so its mark is stale however late it is recorded
-    /// (see [`Decided::sweep_mark`]).
-    swept: std::collections::HashMap<WorkloadKey, u64>,
+    /// The members each workload has looked in for copies no placement
+    /// names (see [`LookedIn`]).
+    looked_in: std::collections::HashMap<WorkloadKey, LookedIn>,
     /// The status this process last wrote for each workload (with its uid).
     statuses:
         std::collections::HashMap<WorkloadKey, (Option<String>, crate::crd::ComputeWorkloadStatus)>,
@@ -192,36 +185,53 @@ struct Reusable {
     decision: crate::engine::Decision,
 }
 
-/// What a workload reconcile knows, as it begins, of where copies may be.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct SweepMark {
-    /// Every reachable member was looked in since the last one came back:
-    /// only members in the placement need looking at.
-    swept: bool,
-    /// What to record if this reconcile looks in every member.
-    members_returned: u64,
+/// The members a workload's reconciles have looked in for copies of it that
+/// no placement names, and found none (or removed them).
+///
+/// A member leaves the set whenever a reconcile sees it unreachable, keeps a
+/// copy there on purpose (make-before-break), or fails to look or delete
+/// there: a copy may stay behind in each case. Only the workload's own
+/// reconciles read and write its set, and Kubernetes controllers never run
+/// two reconciles of one object at once, so no order between a member's
+/// return and a reconcile can leave a member marked clean that was not
+/// looked in. (Until 2026-12-03 this was one flag per workload, reset when
+/// any member came back; a reconcile straddling the return could set it
+/// again and skip that member.)
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct LookedIn(std::collections::BTreeSet<String>);
+
+impl LookedIn {
+    /// Whether a reachable member outside the placement must be looked in:
+    /// the placement just dropped it, or nothing says it is clean.
+    fn must_look(&self, member: &str, before: &BTreeMap<String, u32>) -> bool {
+        before.contains_key(member) || !self.0.contains(member)
+    }
+
+    /// The member was looked in, and holds no copy no placement names.
+    fn clean(&mut self, member: &str) {
+        self.0.insert(member.to_owned());
+    }
+
+    /// A copy may stay behind in the member without any placement naming it.
+    fn forget(&mut self, member: &str) {
+        self.0.remove(member);
+    }
+
+    /// Only data centers that exist now: one deleted and created again
+    /// under the same name may be another cluster.
+    fn keep_only(&mut self, members: impl IntoIterator<Item = String>) {
+        let present: std::collections::BTreeSet<String> = members.into_iter().collect();
+        self.0.retain(|member| present.contains(member));
+    }
 }
 
 impl Decided {
-    /// Read at the start of a workload reconcile, before it reads which
-    /// members are reachable.
-    fn sweep_mark(&self, key: &WorkloadKey) -> SweepMark {
-        SweepMark {
-            swept: self.swept.get(key) == Some(&self.members_returned),
-            members_returned: self.members_returned,
-        }
+    fn looked_in(&self, key: &WorkloadKey) -> LookedIn {
+        self.looked_in.get(key).cloned().unwrap_or_default()
     }
 
-    /// A reconcile that began with `mark` looked in every reachable member.
-    fn record_sweep(&mut self, key: WorkloadKey, mark: SweepMark) {
-        self.swept.insert(key, mark.members_returned);
-    }
-
-    /// A member answers again: copies may have stayed behind in it while it
-    /// was down, so every workload looks in every member again, including
-    /// one whose reconcile is running now and records its look later.
-    fn member_returned(&mut self) {
-        self.members_returned = self.members_returned.wrapping_add(1);
+    fn record_looked_in(&mut self, key: WorkloadKey, looked_in: LookedIn) {
+        self.looked_in.insert(key, looked_in);
     }
 
     /// The last decision for `key`, if it may be reused: the same workload
@@ -525,30 +535,42 @@ mod tests {
     }
 
     #[test]
-    fn a_member_coming_back_unsweeps_even_a_reconcile_already_running() {
-        let mut decided = Decided::default();
-        let key = WorkloadKey::new("traffic", "plates");
-        let first = decided.sweep_mark(&key);
-        assert!(!first.swept, "a new process has looked nowhere");
-        decided.record_sweep(key.clone(), first);
-        assert!(decided.sweep_mark(&key).swept);
-
-        // A reconcile begins while the edge is down and does not look there;
-        // the edge answers again before that reconcile records its look.
-        let running = decided.sweep_mark(&key);
-        decided.member_returned();
-        decided.record_sweep(key.clone(), running);
+    fn a_member_seen_down_is_looked_in_again_whatever_the_order_of_its_return() {
+        let placed = BTreeMap::from([("municipal-core".to_owned(), 2)]);
+        let mut looked = LookedIn::default();
         assert!(
-            !decided.sweep_mark(&key).swept,
-            "the next reconcile must look in the member that came back"
+            looked.must_look("edge-east", &placed),
+            "a new process has looked nowhere"
         );
-        let next = decided.sweep_mark(&key);
-        decided.record_sweep(key.clone(), next);
-        assert!(decided.sweep_mark(&key).swept);
-        assert!(
-            !decided
-                .sweep_mark(&WorkloadKey::new("traffic", "other"))
-                .swept
+        looked.clean("edge-east");
+        assert!(!looked.must_look("edge-east", &placed));
+
+        // A reconcile sees the edge down (whether it began before or after
+        // the edge answered again makes no difference): the next one looks.
+        looked.forget("edge-east");
+        assert!(looked.must_look("edge-east", &placed));
+        looked.clean("edge-east");
+
+        // A placement that just dropped a member is looked in even if clean.
+        let was_there = BTreeMap::from([("edge-east".to_owned(), 1)]);
+        assert!(looked.must_look("edge-east", &was_there));
+
+        // A data center deleted and created again under the same name.
+        looked.keep_only(["municipal-core".to_owned()]);
+        assert!(looked.must_look("edge-east", &placed));
+    }
+
+    #[test]
+    fn each_workload_has_its_own_record_of_where_it_looked() {
+        let mut decided = Decided::default();
+        let plates = WorkloadKey::new("traffic", "plates");
+        let mut looked = decided.looked_in(&plates);
+        looked.clean("edge-east");
+        decided.record_looked_in(plates.clone(), looked.clone());
+        assert_eq!(decided.looked_in(&plates), looked);
+        assert_eq!(
+            decided.looked_in(&WorkloadKey::new("traffic", "other")),
+            LookedIn::default()
         );
     }
 }

@@ -355,10 +355,7 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
     let wanted = workload.replicas;
     let key = key_of(&cw);
     let before = current(&ctx, &cw);
-    // Before the data centers are read: a member that comes back after this
-    // line makes the mark stale (see `Decided::sweep_mark`).
-    let sweep = ctx.decided().sweep_mark(&key);
-    let swept = sweep.swept;
+    let mut looked_in = ctx.decided().looked_in(&key);
     // Evictions in the last minute count against maxEvictionsPerMinute.
     let now = now_unix();
     let mut recent_evictions: Vec<EvictionEntry> = previous
@@ -528,9 +525,10 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
         .observe(started.elapsed().as_secs_f64());
     // Remove copies from reachable members no longer chosen.
     let mut next_deadline: Option<i64> = None;
-    for dc in ctx.data_centers.state() {
+    let data_centers = ctx.data_centers.state();
+    for dc in &data_centers {
         let dc_name = dc.name_any();
-        if let Reachability::UnreachableSince(since) = reachability(&dc)
+        if let Reachability::UnreachableSince(since) = reachability(dc)
             && decision.placement.contains_key(&dc_name)
         {
             // Past the deadline the replicas have moved, or are waiting for
@@ -540,35 +538,42 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
                 next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
             }
         }
-        if decision.placement.contains_key(&dc_name)
-            || holding.contains(&dc_name)
-            || reachability(&dc) != Reachability::Reachable
-            || (swept && !before.contains_key(&dc_name))
-        {
+        if reachability(dc) != Reachability::Reachable || holding.contains(&dc_name) {
+            // A copy may stay there that no placement names: while it is
+            // down, or while it is kept on purpose for make-before-break.
+            looked_in.forget(&dc_name);
+            continue;
+        }
+        if decision.placement.contains_key(&dc_name) || !looked_in.must_look(&dc_name, &before) {
             continue;
         }
         let Some(member) = ctx.members.cached(&dc_name) else {
+            looked_in.forget(&dc_name);
             continue;
         };
         match copies_of(&ctx, &member, &dc_name, &namespace, &name).await {
             Ok(stale) => {
+                let mut clean = true;
                 for child in stale {
                     if let Err(e) = delete_child(&ctx, &member, &dc_name, &child).await {
                         failures.push(e.to_string());
+                        clean = false;
                     }
                 }
+                if clean {
+                    looked_in.clean(&dc_name);
+                } else {
+                    looked_in.forget(&dc_name);
+                }
             }
-            Err(e) => failures.push(e.to_string()),
+            Err(e) => {
+                failures.push(e.to_string());
+                looked_in.forget(&dc_name);
+            }
         }
     }
-
-    // Copies kept for make-before-break are not in the placement any more;
-    // until they go, every member must be looked at again.
-    if !holding.is_empty() {
-        ctx.decided().swept.remove(&key);
-    } else if failures.is_empty() {
-        ctx.decided().record_sweep(key, sweep);
-    }
+    looked_in.keep_only(data_centers.iter().map(|dc| dc.name_any()));
+    ctx.decided().record_looked_in(key, looked_in);
 
     let mut status = status_of(
         &previous,
@@ -1106,7 +1111,7 @@ async fn cleanup(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, 
     decided.converted.remove(&key_of(&cw));
     decided.reusable.remove(&key_of(&cw));
     decided.statuses.remove(&key_of(&cw));
-    decided.swept.remove(&key_of(&cw));
+    decided.looked_in.remove(&key_of(&cw));
     Ok(Action::await_change())
 }
 
