@@ -188,11 +188,14 @@ struct Reusable {
 /// The members a workload's reconciles have looked in for copies of it that
 /// no placement names, and found none (or removed them).
 ///
-/// A member leaves the set whenever a reconcile sees it unreachable, keeps a
-/// copy there on purpose (make-before-break), or fails to look or delete
-/// there: a copy may stay behind in each case. Only the workload's own
-/// reconciles read and write its set, and Kubernetes controllers never run
-/// two reconciles of one object at once, so no order between a member's
+/// A member leaves the set whenever a reconcile sees it unreachable, sees a
+/// copy there on purpose (placed there, or kept for make-before-break), or
+/// fails to look or delete there: in each case a copy may be there later
+/// without any placement naming it. So a member the placement just left, by
+/// whatever path (a new decision, a failover, another workload's
+/// preemption), is never in the set, and is looked in. Only the workload's
+/// own reconciles read and write its set, and Kubernetes controllers never
+/// run two reconciles of one object at once, so no order between a member's
 /// return and a reconcile can leave a member marked clean that was not
 /// looked in. (Until 2026-12-03 this was one flag per workload, reset when
 /// any member came back; a reconcile straddling the return could set it
@@ -201,10 +204,16 @@ struct Reusable {
 struct LookedIn(std::collections::BTreeSet<String>);
 
 impl LookedIn {
-    /// Whether a reachable member outside the placement must be looked in:
-    /// the placement just dropped it, or nothing says it is clean.
-    fn must_look(&self, member: &str, before: &BTreeMap<String, u32>) -> bool {
-        before.contains_key(member) || !self.0.contains(member)
+    /// Whether `member` must be looked in for a copy no placement names.
+    /// One that is unreachable, or holds a copy on purpose (`placed`), is
+    /// not looked in now and is forgotten, so that it is looked in once
+    /// neither holds.
+    fn must_look(&mut self, member: &str, reachable: bool, placed: bool) -> bool {
+        if !reachable || placed {
+            self.0.remove(member);
+            return false;
+        }
+        !self.0.contains(member)
     }
 
     /// The member was looked in, and holds no copy no placement names.
@@ -536,28 +545,39 @@ mod tests {
 
     #[test]
     fn a_member_seen_down_is_looked_in_again_whatever_the_order_of_its_return() {
-        let placed = BTreeMap::from([("municipal-core".to_owned(), 2)]);
         let mut looked = LookedIn::default();
         assert!(
-            looked.must_look("edge-east", &placed),
+            looked.must_look("edge-east", true, false),
             "a new process has looked nowhere"
         );
         looked.clean("edge-east");
-        assert!(!looked.must_look("edge-east", &placed));
+        assert!(!looked.must_look("edge-east", true, false));
 
         // A reconcile sees the edge down (whether it began before or after
         // the edge answered again makes no difference): the next one looks.
-        looked.forget("edge-east");
-        assert!(looked.must_look("edge-east", &placed));
+        assert!(!looked.must_look("edge-east", false, false));
+        assert!(looked.must_look("edge-east", true, false));
         looked.clean("edge-east");
 
-        // A placement that just dropped a member is looked in even if clean.
-        let was_there = BTreeMap::from([("edge-east".to_owned(), 1)]);
-        assert!(looked.must_look("edge-east", &was_there));
+        // A failed look or delete leaves it to be looked in again.
+        looked.forget("edge-east");
+        assert!(looked.must_look("edge-east", true, false));
+        looked.clean("edge-east");
 
         // A data center deleted and created again under the same name.
         looked.keep_only(["municipal-core".to_owned()]);
-        assert!(looked.must_look("edge-east", &placed));
+        assert!(looked.must_look("edge-east", true, false));
+    }
+
+    #[test]
+    fn a_member_the_placement_left_is_looked_in_even_if_it_was_clean_before() {
+        let mut looked = LookedIn::default();
+        looked.clean("partner-cloud");
+        // Placed there later (or kept there for make-before-break) ...
+        assert!(!looked.must_look("partner-cloud", true, true));
+        // ... then left by any path, a preemption by another workload
+        // included, which the workload's own previous placement does not show.
+        assert!(looked.must_look("partner-cloud", true, false));
     }
 
     #[test]

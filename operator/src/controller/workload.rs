@@ -538,13 +538,15 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
                 next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
             }
         }
-        if reachability(dc) != Reachability::Reachable || holding.contains(&dc_name) {
-            // A copy may stay there that no placement names: while it is
-            // down, or while it is kept on purpose for make-before-break.
-            looked_in.forget(&dc_name);
-            continue;
-        }
-        if decision.placement.contains_key(&dc_name) || !looked_in.must_look(&dc_name, &before) {
+        // A copy is there on purpose where the workload is placed or kept
+        // for make-before-break; one no placement names may stay in a member
+        // while it is down.
+        let placed = decision.placement.contains_key(&dc_name) || holding.contains(&dc_name);
+        if !looked_in.must_look(
+            &dc_name,
+            reachability(dc) == Reachability::Reachable,
+            placed,
+        ) {
             continue;
         }
         let Some(member) = ctx.members.cached(&dc_name) else {
