@@ -630,3 +630,89 @@ async fn only_the_leader_acts_and_a_follower_takes_over_when_it_dies() -> anyhow
     );
     Ok(())
 }
+
+/// A workload with `replicas` of `cpu_millis` each, allowed on `data_center`
+/// only, at `priority` (which may preempt lower ones when `preempts`).
+fn sized_workload(
+    name: &str,
+    replicas: i32,
+    cpu_millis: i64,
+    data_center: &str,
+    priority: i32,
+    preempts: bool,
+) -> anyhow::Result<ComputeWorkload> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "civicgrid.io/v1alpha1", "kind": "ComputeWorkload",
+        "metadata": { "name": name, "namespace": "traffic" },
+        "spec": {
+            "kind": "Deployment", "replicas": replicas,
+            "template": { "spec": { "containers": [{ "name": "worker", "image": "worker:1.0" }] } },
+            "resources": { "cpu": format!("{cpu_millis}m"), "memory": "1Gi" },
+            "placement": { "strategy": { "type": "StaticWeights", "staticWeights": [
+                { "dataCenter": data_center, "weight": 1 } ] } },
+            "priority": priority,
+            "preemptionPolicy": if preempts { "PreemptLowerPriority" } else { "Never" },
+        }
+    }))?)
+}
+
+/// CPU in millicores from a quantity such as `16`, `15500m` or `1.5`.
+fn millicores(quantity: &str) -> anyhow::Result<i64> {
+    if let Some(millis) = quantity.strip_suffix('m') {
+        return Ok(millis.parse()?);
+    }
+    let cores: f64 = quantity.parse()?;
+    #[allow(clippy::cast_possible_truncation)]
+    Ok((cores * 1000.0).round() as i64)
+}
+
+#[tokio::test]
+async fn a_workload_preempted_out_of_a_member_leaves_no_copy_there() -> anyhow::Result<()> {
+    let mut pool = Pool::start_with(&MEMBERS[1..2]).await?;
+    pool.start_operator()?;
+    pool.wait_ready().await?;
+    let api = pool.workloads();
+    let data_centers: Api<DataCenter> = Api::all(pool.client.clone());
+    let allocatable = data_centers
+        .get("edge-east")
+        .await?
+        .status
+        .and_then(|s| s.allocatable)
+        .context("edge-east's allocatable capacity")?;
+    let capacity = millicores(&allocatable.cpu.0)?;
+    // Two low-priority replicas take three quarters of the edge; the
+    // high-priority one needs three quarters too, so both must go.
+    let low = 3 * capacity / 8;
+    let high = 3 * capacity / 4;
+    assert!(high > capacity - low, "one eviction must not be enough");
+    api.create(
+        &PostParams::default(),
+        &sized_workload("batch", 2, low, "edge-east", 0, false)?,
+    )
+    .await?;
+    pool.wait_copies("batch", &[("edge-east", 2)]).await?;
+    // Let the low-priority workload's reconciles settle, so that it has
+    // looked in every member and recorded the edge as its own placement.
+    eventually("batch Scheduled", WAIT, || async {
+        let (status, _, _) = pool.condition("batch", "Scheduled").await?;
+        (status == "True").then_some(())
+    })
+    .await?;
+
+    api.create(
+        &PostParams::default(),
+        &sized_workload("emergency", 1, high, "edge-east", 100, true)?,
+    )
+    .await?;
+    pool.wait_copies("emergency", &[("edge-east", 1)]).await?;
+    // The victim's placement changed in the preemptor's reconcile, not its
+    // own: its copy must still be removed from the member it lost.
+    pool.wait_copies("batch", &[]).await?;
+    let status = api.get("batch").await?.status.context("batch's status")?;
+    assert!(
+        status.placement.iter().all(|p| p.replicas == 0),
+        "batch still placed: {:?}",
+        status.placement
+    );
+    Ok(())
+}
