@@ -641,19 +641,17 @@ fn sized_workload(
     priority: i32,
     preempts: bool,
 ) -> anyhow::Result<ComputeWorkload> {
-    Ok(serde_json::from_value(serde_json::json!({
-        "apiVersion": "civicgrid.io/v1alpha1", "kind": "ComputeWorkload",
-        "metadata": { "name": name, "namespace": "traffic" },
-        "spec": {
-            "kind": "Deployment", "replicas": replicas,
-            "template": { "spec": { "containers": [{ "name": "worker", "image": "worker:1.0" }] } },
-            "resources": { "cpu": format!("{cpu_millis}m"), "memory": "1Gi" },
-            "placement": { "strategy": { "type": "StaticWeights", "staticWeights": [
-                { "dataCenter": data_center, "weight": 1 } ] } },
-            "priority": priority,
-            "preemptionPolicy": if preempts { "PreemptLowerPriority" } else { "Never" },
-        }
-    }))?)
+    let placement = serde_json::json!({
+        "strategy": { "type": "StaticWeights", "staticWeights": [
+            { "dataCenter": data_center, "weight": 1 } ] }
+    });
+    let mut cw = workload(name, replicas, placement, 60)?;
+    cw.spec.resources.cpu.0 = format!("{cpu_millis}m");
+    cw.spec.priority = priority;
+    if preempts {
+        cw.spec.preemption_policy = civicgrid_operator::crd::PreemptionPolicy::PreemptLowerPriority;
+    }
+    Ok(cw)
 }
 
 /// CPU in millicores from a quantity such as `16`, `15500m` or `1.5`.
