@@ -11,10 +11,11 @@
 
 use std::fs;
 use std::hash::{Hash, Hasher};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
 use wasmtime::{Engine, Module};
 
 use super::SandboxError;
@@ -55,18 +56,18 @@ impl ModuleCache {
             .join(format!("{module_sha256}-{}.cwasm", self.engine_key))
     }
 
-    pub(crate) fn load_or_compile(
+    pub(crate) fn load_or_compile<A: Artifact>(
         &self,
         engine: &Engine,
         wasm: &[u8],
         module_sha256: &str,
-    ) -> Result<(Module, CacheOutcome), SandboxError> {
+    ) -> Result<(A, CacheOutcome), SandboxError> {
         let path = self.path_for(module_sha256);
         let checksum_path = checksum_path(&path);
         let mut outcome = CacheOutcome::Compiled;
         if let Ok(file) = fs::File::open(&path) {
             match self.deserialize(engine, file, &checksum_path) {
-                Ok(module) => return Ok((module, CacheOutcome::Hit)),
+                Ok(artifact) => return Ok((artifact, CacheOutcome::Hit)),
                 Err(reason) => {
                     tracing::warn!(path = %path.display(), %reason, "discarding a cached module");
                     let _ = fs::remove_file(&path);
@@ -75,24 +76,24 @@ impl ModuleCache {
                 }
             }
         }
-        let module =
-            Module::new(engine, wasm).map_err(|e| SandboxError::InvalidModule(format!("{e:#}")))?;
-        let artifact = module
+        let compiled =
+            A::compile(engine, wasm).map_err(|e| SandboxError::InvalidModule(format!("{e:#}")))?;
+        let artifact = compiled
             .serialize()
             .map_err(|e| SandboxError::Internal(format!("serialising a module: {e}")))?;
         self.store(&path, &artifact)?;
-        Ok((module, outcome))
+        Ok((compiled, outcome))
     }
 
-    /// The module in `file`, if its contents hash to the checksum stored at
-    /// `checksum_path`. The file is hashed and then mapped through the same
-    /// open handle, so what is mapped is the file that was verified.
-    fn deserialize(
+    /// The artifact in `file`, if its contents hash to the checksum stored
+    /// at `checksum_path`. The file is hashed and then loaded through the
+    /// same open handle, so what is loaded is the file that was verified.
+    fn deserialize<A: Artifact>(
         &self,
         engine: &Engine,
         mut file: fs::File,
         checksum_path: &Path,
-    ) -> Result<Module, String> {
+    ) -> Result<A, String> {
         let expected = fs::read(checksum_path).map_err(|e| format!("its checksum: {e}"))?;
         if expected.len() != CHECKSUM_LEN {
             return Err("its checksum is truncated".into());
@@ -109,14 +110,15 @@ impl ModuleCache {
         if hasher.finalize()[..] != *expected {
             return Err("checksum mismatch".into());
         }
+        file.rewind().map_err(|e| format!("rewinding: {e}"))?;
         #[allow(unsafe_code)]
-        // SAFETY: the file is byte-for-byte what `Module::serialize` produced
-        // in `store` (its sha256 matches the one written beside it), cache
-        // files are replaced only by renaming (so the mapped inode keeps
-        // those bytes), and wasmtime itself rejects artifacts from an
+        // SAFETY: the file is byte-for-byte what `Artifact::serialize`
+        // produced in `store` (its sha256 matches the one written beside
+        // it), cache files are replaced only by renaming (so the open inode
+        // keeps those bytes), and wasmtime itself rejects artifacts from an
         // incompatible engine.
-        let module = unsafe { Module::deserialize_open_file(engine, file) };
-        module.map_err(|e| format!("{e}"))
+        let artifact = unsafe { A::deserialize_verified(engine, file) };
+        artifact.map_err(|e| format!("{e}"))
     }
 
     fn store(&self, path: &Path, artifact: &[u8]) -> Result<(), SandboxError> {
@@ -147,4 +149,58 @@ fn write_by_renaming(path: &Path, contents: &[u8]) -> Result<(), SandboxError> {
     file.write_all(contents).map_err(io)?;
     file.sync_all().map_err(io)?;
     fs::rename(&tmp, path).map_err(io)
+}
+
+/// What the cache holds: compiled core modules (the SQL guest, core-module
+/// algorithms) and compiled components (algorithms of the `algorithm` world).
+pub(crate) trait Artifact: Sized {
+    fn compile(engine: &Engine, wasm: &[u8]) -> wasmtime::Result<Self>;
+    fn serialize(&self) -> wasmtime::Result<Vec<u8>>;
+    /// Loads an artifact `serialize` wrote.
+    ///
+    /// # Safety
+    ///
+    /// `file` must hold exactly bytes that `serialize` produced (wasmtime
+    /// runs them as native code) and must not change while it is loaded.
+    #[allow(unsafe_code)]
+    unsafe fn deserialize_verified(engine: &Engine, file: fs::File) -> wasmtime::Result<Self>;
+}
+
+impl Artifact for Module {
+    fn compile(engine: &Engine, wasm: &[u8]) -> wasmtime::Result<Self> {
+        Module::new(engine, wasm)
+    }
+
+    fn serialize(&self) -> wasmtime::Result<Vec<u8>> {
+        Module::serialize(self)
+    }
+
+    // A verified file is mapped, not copied: the SQL guest's artifact is
+    // over 300 MB.
+    #[allow(unsafe_code)]
+    unsafe fn deserialize_verified(engine: &Engine, file: fs::File) -> wasmtime::Result<Self> {
+        // SAFETY: as the trait requires of the caller.
+        unsafe { Module::deserialize_open_file(engine, file) }
+    }
+}
+
+impl Artifact for Component {
+    fn compile(engine: &Engine, wasm: &[u8]) -> wasmtime::Result<Self> {
+        Component::new(engine, wasm)
+    }
+
+    fn serialize(&self) -> wasmtime::Result<Vec<u8>> {
+        Component::serialize(self)
+    }
+
+    // Algorithms are small: read the verified file through its open handle
+    // (wasmtime maps components only by path, which could name another file
+    // by the time it is opened again).
+    #[allow(unsafe_code)]
+    unsafe fn deserialize_verified(engine: &Engine, mut file: fs::File) -> wasmtime::Result<Self> {
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        // SAFETY: as the trait requires of the caller.
+        unsafe { Component::deserialize(engine, &bytes) }
+    }
 }

@@ -7,6 +7,7 @@
 //! [`run`]: Sandbox::run
 
 mod cache;
+mod component;
 mod data;
 mod error;
 mod release;
@@ -141,13 +142,21 @@ pub enum GuestRole {
     Algorithm,
 }
 
-/// A module compiled (or loaded from the cache) and linked, ready to run.
+/// A module or component compiled (or loaded from the cache) and linked,
+/// ready to run.
 pub struct Guest {
     sha256: String,
     role: GuestRole,
-    pre: InstancePre<RunState>,
+    linked: Linked,
     cache: CacheOutcome,
     initial_memory_bytes: u64,
+}
+
+/// A guest's form: a core module over the `civicgrid` imports, or a
+/// component of the `algorithm` world (consumer algorithms only).
+enum Linked {
+    Module(InstancePre<RunState>),
+    Component(component::AlgorithmPre<RunState>),
 }
 
 impl Guest {
@@ -162,7 +171,9 @@ impl Guest {
     }
 
     /// The linear memory the module declares it starts with: a run whose
-    /// memory limit is below this cannot even be instantiated.
+    /// memory limit is below this cannot even be instantiated. 0 for a
+    /// component, whose memories are inside it (the limit still applies
+    /// when it is instantiated).
     pub fn initial_memory_bytes(&self) -> u64 {
         self.initial_memory_bytes
     }
@@ -254,6 +265,8 @@ impl Imports {
 /// The sandbox: one per process.
 pub struct Sandbox {
     engine: Engine,
+    /// For consumer algorithms that are components: `host` only.
+    algorithm_components: component::Components,
     /// For consumer algorithms: no file-system call is defined at all.
     algorithm_imports: Imports,
     /// For the SQL guest: the same, plus the file-system calls its standard
@@ -395,7 +408,7 @@ impl Sandbox {
     /// fuel, epochs) and starts its epoch clock.
     pub fn new(config: &SandboxConfig) -> Result<Self, SandboxError> {
         let mut pool = PoolingAllocationConfig::new();
-        pool.total_core_instances(config.max_concurrent_runs)
+        pool.total_core_instances(config.max_concurrent_runs * run::MAX_CORE_INSTANCES_PER_RUN)
             .total_memories(config.max_concurrent_runs)
             .total_tables(config.max_concurrent_runs * 4)
             .max_memory_size(config.max_memory_bytes as usize)
@@ -435,6 +448,7 @@ impl Sandbox {
             Ok(imports)
         };
         let algorithm_imports = imports(false)?;
+        let algorithm_components = component::Components::new(&engine).map_err(internal)?;
         let sql_imports = imports(true)?;
         let cache = cache::ModuleCache::new(&config.cache_dir, &engine)?;
         let ticking = Arc::new(AtomicBool::new(true));
@@ -453,6 +467,7 @@ impl Sandbox {
         }
         Ok(Self {
             engine,
+            algorithm_components,
             algorithm_imports,
             sql_imports,
             cache,
@@ -482,7 +497,12 @@ impl Sandbox {
         {
             return Ok(Arc::clone(guest));
         }
-        let (module, cache) = self.cache.load_or_compile(&self.engine, wasm, &sha256)?;
+        if component::is_component(wasm) {
+            return self.load_component(wasm, role, sha256);
+        }
+        let (module, cache) =
+            self.cache
+                .load_or_compile::<wasmtime::Module>(&self.engine, wasm, &sha256)?;
         let imports = match role {
             GuestRole::Sql => &self.sql_imports,
             GuestRole::Algorithm => &self.algorithm_imports,
@@ -516,17 +536,47 @@ impl Sandbox {
             .linker
             .instantiate_pre(&module)
             .map_err(|e| SandboxError::InvalidModule(format!("{e:#}")))?;
-        let guest = Arc::new(Guest {
-            sha256: sha256.clone(),
+        self.remember(Guest {
+            sha256,
             role,
-            pre,
+            linked: Linked::Module(pre),
             cache,
             initial_memory_bytes,
-        });
+        })
+    }
+
+    /// [`Sandbox::load`] for a component: an algorithm of the `algorithm`
+    /// world (sandbox/wit/algorithm.wit), importing `host` and nothing else.
+    fn load_component(
+        &self,
+        wasm: &[u8],
+        role: GuestRole,
+        sha256: String,
+    ) -> Result<Arc<Guest>, SandboxError> {
+        if role != GuestRole::Algorithm {
+            return Err(SandboxError::InvalidModule(
+                "the SQL guest is a core module; components run only as consumer algorithms".into(),
+            ));
+        }
+        let (component, cache) = self
+            .cache
+            .load_or_compile::<wasmtime::component::Component>(&self.engine, wasm, &sha256)?;
+        let pre = self.algorithm_components.link(&self.engine, &component)?;
+        self.remember(Guest {
+            sha256,
+            role,
+            linked: Linked::Component(pre),
+            cache,
+            initial_memory_bytes: 0,
+        })
+    }
+
+    fn remember(&self, guest: Guest) -> Result<Arc<Guest>, SandboxError> {
+        let guest = Arc::new(guest);
         self.loaded
             .lock()
             .map_err(internal)?
-            .insert((sha256, role), Arc::clone(&guest));
+            .insert((guest.sha256.clone(), guest.role), Arc::clone(&guest));
         Ok(guest)
     }
 
@@ -818,17 +868,32 @@ impl Sandbox {
         store.epoch_deadline_trap();
 
         let starting = Instant::now();
-        let result = guest.pre.instantiate(&mut store).and_then(|instance| {
-            if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
-                init.call(&mut store, ())?;
-            }
+        let started_up = || {
             plan.startup_ns.fetch_add(
                 u64::try_from(starting.elapsed().as_nanos()).unwrap_or(u64::MAX),
                 Ordering::Relaxed,
             );
-            let run = instance.get_typed_func::<(), i32>(&mut store, RUN_EXPORT)?;
-            run.call(&mut store, ())
-        });
+        };
+        let result = match &guest.linked {
+            Linked::Module(pre) => pre.instantiate(&mut store).and_then(|instance| {
+                if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
+                    init.call(&mut store, ())?;
+                }
+                started_up();
+                let run = instance.get_typed_func::<(), i32>(&mut store, RUN_EXPORT)?;
+                run.call(&mut store, ())
+            }),
+            Linked::Component(pre) => pre.instantiate(&mut store).and_then(|algorithm| {
+                started_up();
+                Ok(match algorithm.call_run(&mut store)? {
+                    Ok(()) => 0,
+                    Err(failure) => {
+                        store.data_mut().failure = Some(failure.into());
+                        1
+                    }
+                })
+            }),
+        };
         let fuel = match self.meter_fuel {
             true => fuel_budget - store.get_fuel().unwrap_or(fuel_budget),
             false => 0,

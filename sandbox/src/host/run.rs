@@ -69,6 +69,9 @@ pub(crate) enum Split {
     },
 }
 
+/// Core instances one run may create (see [`RunLimiter::instances`]).
+pub(crate) const MAX_CORE_INSTANCES_PER_RUN: u32 = 4;
+
 pub(crate) struct RunLimiter {
     pub(crate) memory_bytes: usize,
     pub(crate) table_elements: usize,
@@ -96,8 +99,11 @@ impl ResourceLimiter for RunLimiter {
         Ok(desired <= self.table_elements)
     }
 
+    // A component made by wit-component is its module plus up to two small
+    // glue modules (an indirect-call shim and its fix-up); each is a core
+    // instance. Memories stay at one.
     fn instances(&self) -> usize {
-        1
+        MAX_CORE_INSTANCES_PER_RUN as usize
     }
 
     fn memories(&self) -> usize {
@@ -168,7 +174,7 @@ impl RunState {
         }
     }
 
-    fn open_scan(&mut self, table: usize, columns: Vec<usize>) -> Result<i32, Abort> {
+    pub(crate) fn open_scan(&mut self, table: usize, columns: Vec<usize>) -> Result<i32, Abort> {
         let info = self
             .tables
             .get(table)
@@ -219,7 +225,7 @@ impl RunState {
         Ok((self.scans.len() - 1) as i32)
     }
 
-    fn next_batch(&mut self, handle: i32) -> Result<Option<Vec<u8>>, Abort> {
+    pub(crate) fn next_batch(&mut self, handle: i32) -> Result<Option<Vec<u8>>, Abort> {
         let scan = usize::try_from(handle)
             .ok()
             .and_then(|h| self.scans.get_mut(h))
@@ -233,7 +239,7 @@ impl RunState {
         encode(&batch).map(Some)
     }
 
-    fn emitted(&mut self, bytes: &[u8]) -> Result<(), Abort> {
+    pub(crate) fn emitted(&mut self, bytes: &[u8]) -> Result<(), Abort> {
         self.output_bytes += bytes.len() as u64;
         if let Split::Partial { max_bytes, .. } = self.split {
             if self.output_bytes > max_bytes {
