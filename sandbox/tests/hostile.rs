@@ -545,3 +545,166 @@ fn a_run_never_sees_what_an_earlier_run_left_in_memory() {
         }
     }
 }
+
+/// A component of the `algorithm` world (sandbox/wit/algorithm.wit) whose
+/// `run` does `body` and then returns the `result<_, failure>` stored at
+/// address 16 (all zeros, `ok`, unless `data` writes there). It imports
+/// `imports` besides.
+fn algorithm_component(imports: &str, body: &str, data: &str) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(component
+            {imports}
+            (core module $m
+                (memory (export "memory") 1)
+                {data}
+                (func (export "run") (result i32)
+                    {body}
+                    i32.const 16))
+            (core instance $i (instantiate $m))
+            (type $failure' (variant (case "query" string) (case "execution" string)))
+            (export $failure "failure" (type $failure'))
+            (func $run (result (result (error $failure)))
+                (canon lift (core func $i "run") (memory (core memory $i "memory"))))
+            (export "run" (func $run)))"#
+    ))
+    .expect("test component")
+}
+
+#[test]
+fn a_component_algorithm_runs_under_the_same_limits_as_a_module() {
+    let f = fixture();
+    let outcome = f
+        .run(&algorithm_component("", "", ""), &Limits::default())
+        .expect("a component that returns ok runs");
+    assert!(outcome.batches.is_empty());
+    assert!(outcome.metering.fuel > 0, "components are metered too");
+
+    let limits = Limits {
+        fuel: 5_000_000,
+        ..Limits::default()
+    };
+    let err = f
+        .run(&algorithm_component("", SPIN, ""), &limits)
+        .unwrap_err();
+    assert!(
+        matches!(err, SandboxError::FuelExhausted { fuel: 5_000_000 }),
+        "{err}"
+    );
+
+    let bomb = r#"(loop $grow
+        (br_if $grow (i32.ne (memory.grow (i32.const 16)) (i32.const -1))))"#;
+    let limits = Limits {
+        memory_bytes: 16 << 20,
+        ..Limits::default()
+    };
+    let err = f
+        .run(&algorithm_component("", bomb, ""), &limits)
+        .unwrap_err();
+    assert!(
+        matches!(err, SandboxError::MemoryLimit { limit_bytes } if limit_bytes == 16 << 20),
+        "{err}"
+    );
+
+    let err = f
+        .run(
+            &algorithm_component("", "unreachable", ""),
+            &Limits::default(),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, SandboxError::Trap(m) if m.contains("unreachable")),
+        "{err}"
+    );
+    f.still_serves();
+}
+
+/// `run` returning `err(query("bad input"))`: the consumer gets the
+/// algorithm's own words as an invalid-query error.
+#[test]
+fn a_component_algorithm_reports_its_failure_in_its_own_words() {
+    let f = fixture();
+    // result<_, failure> at 16: discriminant 1 (err); at 20 the failure's
+    // case 0 (query); at 24 and 28 the string's pointer (32) and length.
+    let data = r#"(data (i32.const 16) "\01\00\00\00\00\00\00\00\20\00\00\00\09\00\00\00")
+                  (data (i32.const 32) "bad input")"#;
+    let err = f
+        .run(&algorithm_component("", "", data), &Limits::default())
+        .unwrap_err();
+    assert!(
+        matches!(&err, SandboxError::Query(m) if m == "bad input"),
+        "{err}"
+    );
+    // Case 1 is `execution`.
+    let data = r#"(data (i32.const 16) "\01\00\00\00\01\00\00\00\20\00\00\00\04\00\00\00")
+                  (data (i32.const 32) "oops")"#;
+    let err = f
+        .run(&algorithm_component("", "", data), &Limits::default())
+        .unwrap_err();
+    assert!(
+        matches!(&err, SandboxError::Execution(m) if m == "oops"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_component_importing_anything_but_the_host_interface_does_not_link() {
+    let f = fixture();
+    for interface in [
+        "wasi:sockets/tcp@0.2.0",
+        "wasi:filesystem/types@0.2.0",
+        "wasi:cli/environment@0.2.0",
+    ] {
+        let wasm = algorithm_component(
+            &format!(r#"(import "{interface}" (instance (export "f" (func))))"#),
+            "",
+            "",
+        );
+        match f.run(&wasm, &Limits::default()).unwrap_err() {
+            SandboxError::Link { module, .. } => assert_eq!(module, interface),
+            other => panic!("{interface}: expected a link error, got {other}"),
+        }
+    }
+    f.still_serves();
+}
+
+#[test]
+fn a_component_of_another_world_or_in_the_sql_role_is_refused_when_loaded() {
+    let f = fixture();
+    let nothing = wat::parse_str("(component)").unwrap();
+    let err = f
+        .sandbox
+        .load(&nothing, GuestRole::Algorithm)
+        .err()
+        .expect("a component exporting no `run` is refused");
+    assert!(
+        matches!(&err, SandboxError::InvalidModule(m) if m.contains("`algorithm` world")),
+        "{err}"
+    );
+    let err = f
+        .sandbox
+        .load(&algorithm_component("", "", ""), GuestRole::Sql)
+        .err()
+        .expect("the SQL role takes core modules only");
+    assert!(
+        matches!(&err, SandboxError::InvalidModule(m) if m.contains("core module")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_corrupt_cached_component_is_rebuilt_never_loaded() {
+    let cache = tempfile::tempdir().unwrap();
+    let sandbox = || Sandbox::new(&SandboxConfig::new(cache.path())).unwrap();
+    let wasm = algorithm_component("", "", "");
+    let first = sandbox().load(&wasm, GuestRole::Algorithm).unwrap();
+    assert_eq!(first.cache_outcome(), CacheOutcome::Compiled);
+    let second = sandbox().load(&wasm, GuestRole::Algorithm).unwrap();
+    assert_eq!(second.cache_outcome(), CacheOutcome::Hit);
+    let path = sandbox().cache_path(first.sha256());
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let third = sandbox().load(&wasm, GuestRole::Algorithm).unwrap();
+    assert_eq!(third.cache_outcome(), CacheOutcome::Rebuilt);
+}
