@@ -11,10 +11,12 @@ log() { printf '==> %s\n' "$*" >&2; }
 toolchain=$(sed -n 's/^channel = "\(.*\)"/\1/p' rust-toolchain.toml)
 if ! rustup run "$toolchain" rustc --print target-list >/dev/null 2>&1 ||
     ! rustup target list --installed --toolchain "$toolchain" | grep -qx wasm32-wasip1 ||
+    ! rustup target list --installed --toolchain "$toolchain" | grep -qx wasm32-unknown-unknown ||
     ! rustup component list --installed --toolchain "$toolchain" | grep -q '^clippy'; then
-    log "installing Rust $toolchain with rustfmt, clippy and wasm32-wasip1"
+    log "installing Rust $toolchain with rustfmt, clippy, wasm32-wasip1 and wasm32-unknown-unknown"
     rustup toolchain install "$toolchain" --profile minimal \
-        --component rustfmt --component clippy --target wasm32-wasip1
+        --component rustfmt --component clippy --target wasm32-wasip1 \
+        --target wasm32-unknown-unknown
 fi
 
 # The sandbox's SQL guest is built for wasm32-wasip1, and one of its

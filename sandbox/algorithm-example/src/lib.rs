@@ -90,30 +90,63 @@ pub fn count(
     })
 }
 
+/// The component: the `algorithm` world of sandbox/wit/algorithm.wit.
+// The bindings wit-bindgen generates (the canonical ABI's exports and
+// allocator) are the only unsafe code, and this crate writes none.
 #[cfg(target_family = "wasm")]
-mod entry {
-    use civicgrid_sandbox::guest;
+#[allow(unsafe_code)]
+mod component {
+    use std::io::Cursor;
+
+    use arrow_array::RecordBatch;
+    use arrow_ipc::reader::StreamReader;
+    use arrow_ipc::writer::StreamWriter;
     use civicgrid_sandbox::protocol::{GuestFailure, GuestRequest};
 
-    fn run() -> Result<(), GuestFailure> {
-        let request: GuestRequest = serde_json::from_slice(&guest::request())
-            .map_err(|e| super::invalid(format!("request: {e}")))?;
-        let result = super::count(&request, |table, columns| {
-            Box::new(guest::scan(table, columns))
-        })?;
-        guest::emit(&result).map_err(|message| GuestFailure::Execution { message })
-    }
+    wit_bindgen::generate!({ world: "algorithm", path: "../wit" });
 
-    /// The sandbox's entry point; 0 on success.
-    #[allow(unsafe_code)]
-    #[unsafe(no_mangle)]
-    pub extern "C" fn civicgrid_run() -> i32 {
-        match run() {
-            Ok(()) => 0,
-            Err(failure) => {
-                guest::fail(&failure);
-                1
-            }
+    use civicgrid::sandbox::host;
+
+    struct Counter;
+
+    impl Guest for Counter {
+        fn run() -> Result<(), Failure> {
+            let request: GuestRequest = serde_json::from_str(&host::request())
+                .map_err(|e| Failure::Query(format!("request: {e}")))?;
+            let result = super::count(&request, |table, columns| Box::new(scan(table, columns)))
+                .map_err(|failure| match failure {
+                    GuestFailure::Query { message } => Failure::Query(message),
+                    other => Failure::Execution(other.to_string()),
+                })?;
+            host::emit(&encode(&result).map_err(Failure::Execution)?);
+            Ok(())
         }
     }
+
+    /// The batches of `columns` of `table`, decoded from the host's IPC streams.
+    fn scan(
+        table: usize,
+        columns: &[usize],
+    ) -> impl Iterator<Item = Result<RecordBatch, String>> + use<> {
+        let columns: Vec<u32> = columns.iter().map(|&c| c as u32).collect();
+        let handle = host::scan_open(table as u32, &columns);
+        std::iter::from_fn(move || host::scan_next(handle)).flat_map(|bytes| {
+            match StreamReader::try_new(Cursor::new(bytes), None) {
+                Ok(reader) => reader.map(|b| b.map_err(|e| e.to_string())).collect(),
+                Err(e) => vec![Err(e.to_string())],
+            }
+        })
+    }
+
+    fn encode(batch: &RecordBatch) -> Result<Vec<u8>, String> {
+        let mut bytes = Vec::new();
+        let mut writer =
+            StreamWriter::try_new(&mut bytes, &batch.schema()).map_err(|e| e.to_string())?;
+        writer.write(batch).map_err(|e| e.to_string())?;
+        writer.finish().map_err(|e| e.to_string())?;
+        drop(writer);
+        Ok(bytes)
+    }
+
+    export!(Counter);
 }

@@ -620,4 +620,57 @@ fn a_consumer_algorithm_runs_only_when_approved_and_its_output_is_thresholded() 
     );
     assert_eq!(outcome.suppressed_rows, 1);
     assert!(outcome.metering.fuel > 0 && outcome.metering.rows_read == 2000);
+    let again = run(&policy).unwrap();
+    assert_eq!(
+        again.metering.fuel, outcome.metering.fuel,
+        "a component's fuel is deterministic"
+    );
+}
+
+/// The example is a component of sandbox/wit/algorithm.wit: the host's
+/// rules reach it through `host` (a blocked column is never streamed), and
+/// its own failures come back in its words.
+#[test]
+fn the_example_algorithm_is_a_component_the_host_polices_and_that_reports_its_failures() {
+    let (_dir, tables) = residents();
+    let sandbox = shared_sandbox();
+    let wasm = example_algorithm();
+    assert_eq!(
+        &wasm[4..8],
+        &[0x0d, 0, 1, 0],
+        "a component, not a core module"
+    );
+    let guest = sandbox.load(&wasm, GuestRole::Algorithm).unwrap();
+    let mut policy = population_policy();
+    policy.blocked_columns.push("age_band".into());
+    policy.approved_algorithms.push(guest.sha256().to_owned());
+    let run = |input: &str| {
+        sandbox.run(
+            &guest,
+            Job {
+                sql: input,
+                tables: Arc::clone(&tables),
+                policy: &policy,
+                privacy_budget: 0.0,
+                as_of_unix_seconds: 1_764_460_800,
+            },
+            &Limits::default(),
+        )
+    };
+    assert_refused(
+        run(r#"{"table": "residents", "group_by": "age_band", "unit": "person_id"}"#),
+        "blocked-columns",
+        Some("age_band"),
+    );
+    let err =
+        run(r#"{"table": "residents", "group_by": "nowhere", "unit": "person_id"}"#).unwrap_err();
+    assert!(
+        matches!(&err, SandboxError::Query(m) if m == "table residents has no column nowhere"),
+        "{err}"
+    );
+    let err = run("not json").unwrap_err();
+    assert!(
+        matches!(&err, SandboxError::Query(m) if m.starts_with("input: ")),
+        "{err}"
+    );
 }

@@ -102,7 +102,8 @@ enum Command {
         /// The SQL (for an algorithm: its input).
         #[arg(long, default_value = "")]
         sql: String,
-        /// A consumer algorithm (a .wasm module) to run instead of SQL.
+        /// A consumer algorithm to run instead of SQL: a Wasm component of
+        /// sandbox/wit/algorithm.wit (or a core module of the core ABI).
         #[arg(long)]
         algorithm: Option<PathBuf>,
         /// Retry with the same key to get the first outcome without paying
