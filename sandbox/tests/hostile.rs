@@ -345,10 +345,7 @@ fn a_malformed_module_is_refused_and_a_trap_is_reported() {
     let err = f
         .run(&guest("", "unreachable"), &Limits::default())
         .unwrap_err();
-    assert!(
-        matches!(&err, SandboxError::Trap(m) if m.contains("unreachable")),
-        "{err}"
-    );
+    assert_trapped_at_unreachable(&err);
     f.still_serves();
 }
 
@@ -414,10 +411,7 @@ fn wide_arithmetic_runs_and_computes_128_bit_results() {
          (if (i64.ne (i64.const 2)) (then unreachable))",
     );
     let err = f.run(&wrong, &Limits::default()).unwrap_err();
-    assert!(
-        matches!(&err, SandboxError::Trap(m) if m.contains("unreachable")),
-        "{err}"
-    );
+    assert_trapped_at_unreachable(&err);
 }
 
 #[test]
@@ -611,10 +605,7 @@ fn a_component_algorithm_runs_under_the_same_limits_as_a_module() {
             &Limits::default(),
         )
         .unwrap_err();
-    assert!(
-        matches!(&err, SandboxError::Trap(m) if m.contains("unreachable")),
-        "{err}"
-    );
+    assert_trapped_at_unreachable(&err);
     f.still_serves();
 }
 
@@ -707,4 +698,13 @@ fn a_corrupt_cached_component_is_rebuilt_never_loaded() {
     std::fs::write(&path, bytes).unwrap();
     let third = sandbox().load(&wasm, GuestRole::Algorithm).unwrap();
     assert_eq!(third.cache_outcome(), CacheOutcome::Rebuilt);
+}
+
+/// The run ended at the guest's `unreachable` instruction, and was reported as
+/// a trap.
+fn assert_trapped_at_unreachable(err: &SandboxError) {
+    assert!(
+        matches!(err, SandboxError::Trap(m) if m.contains("unreachable")),
+        "{err}"
+    );
 }
