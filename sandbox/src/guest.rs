@@ -12,13 +12,14 @@ use arrow_array::RecordBatch;
 use arrow_ipc::reader::StreamReader;
 use arrow_ipc::writer::StreamWriter;
 
-use crate::protocol::GuestFailure;
+use crate::protocol::{GuestFailure, ScanPredicate};
 
 mod host {
     #[link(wasm_import_module = "civicgrid")]
     unsafe extern "C" {
         pub fn request(ptr: *mut u8, cap: i32) -> i64;
         pub fn scan_open(table: i32, columns: *const u32, len: i32) -> i32;
+        pub fn scan_filter(handle: i32, ptr: *const u8, len: i32);
         pub fn scan_next(handle: i32, ptr: *mut u8, cap: i32) -> i64;
         pub fn emit(ptr: *const u8, len: i32);
         pub fn fail(ptr: *const u8, len: i32);
@@ -59,14 +60,25 @@ pub fn request() -> Vec<u8> {
     }
 }
 
-/// Streams `columns` of table `table` (indices into the request's tables).
+/// Streams `columns` of table `table` (indices into the request's tables),
+/// only the rows for which every one of `predicates` holds (the host checks
+/// them as it reads).
 pub fn scan(
     table: usize,
     columns: &[usize],
+    predicates: &[ScanPredicate],
 ) -> impl Iterator<Item = Result<RecordBatch, String>> + Send + use<> {
     let columns: Vec<u32> = columns.iter().map(|&c| c as u32).collect();
     // SAFETY: the pointer and length describe `columns`, alive for the call.
     let handle = unsafe { host::scan_open(table as i32, columns.as_ptr(), columns.len() as i32) };
+    if !predicates.is_empty() {
+        // Serializing plain data cannot fail; were it to, the scan is
+        // simply unfiltered, which the engine's own filter makes right.
+        if let Ok(json) = serde_json::to_vec(predicates) {
+            // SAFETY: pointer and length describe `json`, alive for the call.
+            unsafe { host::scan_filter(handle, json.as_ptr(), json.len() as i32) };
+        }
+    }
     let mut buffer = Vec::with_capacity(1 << 20);
     std::iter::from_fn(move || {
         // SAFETY: `pull` passes a pointer to and the capacity of `buffer`.

@@ -6,6 +6,8 @@
 //!   returns its length, or minus the length needed when `cap` is too small.
 //! - `scan_open(table, columns_ptr, columns_len) -> i32`: opens a scan of a
 //!   table over the given column indices (little-endian u32s); returns a handle.
+//! - `scan_filter(handle, ptr, len)`: a JSON list of [`ScanPredicate`]s the
+//!   host applies to the scan's rows from then on (all of them must hold).
 //! - `scan_next(handle, ptr, cap) -> i64`: the next batch as an Arrow IPC stream;
 //!   0 at the end, minus the length needed when `cap` is too small.
 //! - `emit(ptr, len)`: one result batch as an Arrow IPC stream.
@@ -93,6 +95,60 @@ pub enum Stage {
         /// The table whose row groups were split.
         table: usize,
     },
+}
+
+/// A condition on one column of a scan, that the host checks on every row it
+/// reads so that rows which cannot match never cross into the sandbox. The
+/// engine keeps its own filter above the scan, so the host's is only ever a
+/// first cut: a row it lets through is still judged by the query.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScanPredicate {
+    /// Position of the column in the scan's column list (not in the table).
+    pub column: usize,
+    /// How the column compares with `value`.
+    pub op: CompareOp,
+    /// Of the column's own type: the host refuses a value it cannot hold.
+    pub value: ScanValue,
+}
+
+/// The comparisons a [`ScanPredicate`] makes. A row whose column is null
+/// never matches, as in SQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompareOp {
+    /// `=`
+    Eq,
+    /// `<>`
+    NotEq,
+    /// `<`
+    Lt,
+    /// `<=`
+    LtEq,
+    /// `>`
+    Gt,
+    /// `>=`
+    GtEq,
+}
+
+/// The literal a [`ScanPredicate`] compares with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "value", rename_all = "snake_case")]
+pub enum ScanValue {
+    /// A boolean column.
+    Boolean(bool),
+    /// A signed integer column of any width.
+    Int(i64),
+    /// An unsigned integer column of any width.
+    UInt(u64),
+    /// A floating-point column (finite values only).
+    Float(f64),
+    /// A Decimal128 column: the unscaled value, in decimal digits (JSON
+    /// numbers do not reach 128 bits), at the column's own scale.
+    Decimal(String),
+    /// A Date32 column: days since 1970-01-01.
+    Date32(i32),
+    /// A string column (Utf8, LargeUtf8 or Utf8View).
+    Utf8(String),
 }
 
 /// Why a guest refused or failed a request.

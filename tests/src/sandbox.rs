@@ -8,8 +8,8 @@ use std::sync::{Arc, OnceLock};
 use arrow_array::{ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
 use civicgrid_sandbox::policy::OutputPolicy;
-use civicgrid_sandbox::protocol::{GuestFailure, GuestRequest, TableInfo};
-use civicgrid_sandbox::{LocalDirectory, Sandbox, SandboxConfig, TableStore};
+use civicgrid_sandbox::protocol::{GuestFailure, GuestRequest, ScanPredicate, TableInfo};
+use civicgrid_sandbox::{LocalDirectory, Sandbox, SandboxConfig, ScanFilter, TableStore};
 use civicgrid_sandbox_guest::{BatchIter, BatchSource};
 
 /// Where `sandbox/build-guests.sh` put the Wasm guests.
@@ -207,12 +207,29 @@ pub struct NativeSource {
 }
 
 impl BatchSource for NativeSource {
-    fn scan(&self, table: usize, columns: &[usize]) -> Result<BatchIter, String> {
+    /// The host's own filter over the host's own reader, as the sandbox
+    /// gets them: the native baseline reads and filters exactly as it does.
+    fn scan(
+        &self,
+        table: usize,
+        columns: &[usize],
+        predicates: &[ScanPredicate],
+    ) -> Result<BatchIter, String> {
         let name = self
             .tables
             .get(table)
             .ok_or_else(|| format!("no table {table}"))?;
-        self.store.scan(name, columns)
+        let scan = self.store.scan(name, columns)?;
+        if predicates.is_empty() {
+            return Ok(scan);
+        }
+        let schema = self
+            .store
+            .schema(name)?
+            .project(columns)
+            .map_err(|e| e.to_string())?;
+        let filter = ScanFilter::new(&schema, predicates)?;
+        Ok(Box::new(scan.map(move |batch| filter.apply(batch?))))
     }
 }
 

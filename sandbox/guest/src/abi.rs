@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use civicgrid_sandbox::guest;
-use civicgrid_sandbox::protocol::{GuestFailure, GuestRequest};
+use civicgrid_sandbox::protocol::{GuestFailure, GuestRequest, ScanPredicate};
 use datafusion::arrow::record_batch::RecordBatch;
 
 use crate::{BatchIter, BatchSource};
@@ -12,8 +12,13 @@ use crate::{BatchIter, BatchSource};
 struct HostSource;
 
 impl BatchSource for HostSource {
-    fn scan(&self, table: usize, columns: &[usize]) -> Result<BatchIter, String> {
-        Ok(Box::new(guest::scan(table, columns)))
+    fn scan(
+        &self,
+        table: usize,
+        columns: &[usize],
+        predicates: &[ScanPredicate],
+    ) -> Result<BatchIter, String> {
+        Ok(Box::new(guest::scan(table, columns, predicates)))
     }
 
     fn partials(&self) -> Result<BatchIter, String> {

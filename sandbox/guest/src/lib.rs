@@ -10,6 +10,7 @@
 mod abi;
 mod analysis;
 mod functions;
+mod pushdown;
 mod split;
 #[cfg(any(target_family = "wasm", test))]
 mod wide;
@@ -18,14 +19,14 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use civicgrid_sandbox::protocol::{GuestFailure, GuestRequest, Stage};
+use civicgrid_sandbox::protocol::{GuestFailure, GuestRequest, ScanPredicate, Stage};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::TableType;
 use datafusion::error::DataFusionError;
 use datafusion::execution::TaskContext;
-use datafusion::logical_expr::Expr;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
 use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream, execute_stream};
@@ -41,8 +42,15 @@ pub type BatchIter = Box<dyn Iterator<Item = Result<RecordBatch, String>> + Send
 /// Where table data comes from: the host's imports inside the sandbox, files
 /// or memory outside it.
 pub trait BatchSource: Send + Sync + 'static {
-    /// Streams `table` (an index into the request's tables) with only `columns`.
-    fn scan(&self, table: usize, columns: &[usize]) -> Result<BatchIter, String>;
+    /// Streams `table` (an index into the request's tables) with only
+    /// `columns`. A source may drop rows for which one of `predicates` fails
+    /// (the engine filters them again), or ignore the predicates.
+    fn scan(
+        &self,
+        table: usize,
+        columns: &[usize],
+        predicates: &[ScanPredicate],
+    ) -> Result<BatchIter, String>;
 
     /// In a final run, the partial aggregate states the partial runs emitted.
     fn partials(&self) -> Result<BatchIter, String> {
@@ -184,11 +192,26 @@ impl TableProvider for HostTable {
         TableType::Base
     }
 
+    /// Inexact: the source may drop rows that fail a pushed filter, and the
+    /// engine's own filter still judges every row it keeps.
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        Ok(filters
+            .iter()
+            .map(|filter| match pushdown::predicates(filter, &self.schema) {
+                Some(_) => TableProviderFilterPushDown::Inexact,
+                None => TableProviderFilterPushDown::Unsupported,
+            })
+            .collect())
+    }
+
     async fn scan(
         &self,
         _state: &dyn Session,
         projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
+        filters: &[Expr],
         limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
         let columns: Vec<usize> = match projection {
@@ -196,8 +219,14 @@ impl TableProvider for HostTable {
             None => (0..self.schema.fields().len()).collect(),
         };
         let schema = Arc::new(self.schema.project(&columns)?);
+        let table_predicates: Vec<_> = filters
+            .iter()
+            .filter_map(|filter| pushdown::predicates(filter, &self.schema))
+            .flatten()
+            .collect();
         let partition = HostPartition {
             table: self.index,
+            predicates: pushdown::for_scan(&table_predicates, &columns),
             columns,
             schema: Arc::clone(&schema),
             source: Arc::clone(&self.source),
@@ -216,6 +245,7 @@ impl TableProvider for HostTable {
 struct HostPartition {
     table: usize,
     columns: Vec<usize>,
+    predicates: Vec<ScanPredicate>,
     schema: SchemaRef,
     source: Arc<dyn BatchSource>,
 }
@@ -225,6 +255,7 @@ impl fmt::Debug for HostPartition {
         f.debug_struct("HostPartition")
             .field("table", &self.table)
             .field("columns", &self.columns)
+            .field("predicates", &self.predicates)
             .finish()
     }
 }
@@ -235,7 +266,11 @@ impl PartitionStream for HostPartition {
     }
 
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
-        stream_of(&self.schema, self.source.scan(self.table, &self.columns))
+        stream_of(
+            &self.schema,
+            self.source
+                .scan(self.table, &self.columns, &self.predicates),
+        )
     }
 }
 
@@ -295,7 +330,14 @@ impl MemorySource {
 }
 
 impl BatchSource for MemorySource {
-    fn scan(&self, table: usize, columns: &[usize]) -> Result<BatchIter, String> {
+    /// Every row: the engine's filter is the only one (which unit tests rely
+    /// on to show that a query's answer never depends on its source's).
+    fn scan(
+        &self,
+        table: usize,
+        columns: &[usize],
+        _predicates: &[ScanPredicate],
+    ) -> Result<BatchIter, String> {
         let batches = self
             .tables
             .get(table)

@@ -10,6 +10,7 @@ mod cache;
 mod component;
 mod data;
 mod error;
+mod filter;
 mod release;
 mod run;
 mod wasi;
@@ -30,6 +31,7 @@ use wasmtime::{
 pub use cache::CacheOutcome;
 pub use data::{BATCH_ROWS, FooterCache, LocalDirectory, MAX_PARTS, TableScan, TableStore};
 pub use error::SandboxError;
+pub use filter::ScanFilter;
 pub use release::MIN_UNITS_METADATA;
 
 use error::Abort;

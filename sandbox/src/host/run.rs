@@ -13,8 +13,9 @@ use super::Imports;
 
 use super::data::{TableScan, TableStore};
 use super::error::Abort;
+use super::filter::ScanFilter;
 use super::release::Release;
-use crate::protocol::{GuestFailure, IMPORT_MODULE};
+use crate::protocol::{GuestFailure, IMPORT_MODULE, ScanPredicate};
 
 /// Seed of the guest's randomness: fixed, so hash tables (and fuel) repeat.
 const RANDOM_SEED: u64 = 0x00c1_71c6_71d0;
@@ -31,7 +32,7 @@ pub(crate) struct RunState {
     pub(crate) request: Vec<u8>,
     pub(crate) store: Arc<dyn TableStore>,
     pub(crate) tables: Vec<Table>,
-    scans: Vec<TableScan>,
+    scans: Vec<OpenScan>,
     pending: Option<(i32, Vec<u8>)>,
     pub(crate) release: Release,
     pub(crate) failure: Option<GuestFailure>,
@@ -49,6 +50,15 @@ pub(crate) struct RunState {
     pub(crate) partials_out: Vec<Vec<u8>>,
     /// A final run's input.
     partials_in: VecDeque<Vec<u8>>,
+}
+
+/// A scan the guest opened: its batches, and the host's first cut of the
+/// query's filter once the guest has pushed one down.
+struct OpenScan {
+    batches: TableScan,
+    table: String,
+    columns: Vec<usize>,
+    filter: Option<ScanFilter>,
 }
 
 /// What part of a split run a store does (see [`crate::protocol::Stage`]).
@@ -221,8 +231,31 @@ impl RunState {
             Split::Whole | Split::Final { .. } => self.store.scan(&info.name, &columns),
         }
         .map_err(Abort::Data)?;
-        self.scans.push(scan);
+        self.scans.push(OpenScan {
+            batches: scan,
+            table: info.name.clone(),
+            columns,
+            filter: None,
+        });
         Ok((self.scans.len() - 1) as i32)
+    }
+
+    /// Applies `predicates` (JSON, from the guest) to scan `handle`'s rows
+    /// from its next batch on.
+    pub(crate) fn filter_scan(&mut self, handle: i32, predicates: &[u8]) -> Result<(), Abort> {
+        let scan = usize::try_from(handle)
+            .ok()
+            .and_then(|h| self.scans.get_mut(h))
+            .ok_or_else(|| Abort::Protocol(format!("no scan {handle}")))?;
+        let predicates: Vec<ScanPredicate> = serde_json::from_slice(predicates)
+            .map_err(|e| Abort::Protocol(format!("scan filter: {e}")))?;
+        let schema = self
+            .store
+            .schema(&scan.table)
+            .and_then(|stored| stored.project(&scan.columns).map_err(|e| e.to_string()))
+            .map_err(Abort::Data)?;
+        scan.filter = Some(ScanFilter::new(&schema, &predicates).map_err(Abort::Protocol)?);
+        Ok(())
     }
 
     pub(crate) fn next_batch(&mut self, handle: i32) -> Result<Option<Vec<u8>>, Abort> {
@@ -230,13 +263,26 @@ impl RunState {
             .ok()
             .and_then(|h| self.scans.get_mut(h))
             .ok_or_else(|| Abort::Protocol(format!("no scan {handle}")))?;
-        let Some(batch) = scan.next() else {
-            return Ok(None);
-        };
-        let batch = batch.map_err(Abort::Data)?;
-        self.rows_read += batch.num_rows() as u64;
-        self.bytes_read += data_bytes(&batch);
-        encode(&batch).map(Some)
+        // Rows read are what the store read, before the filter: a query is
+        // metered for the data it scanned, not for what it kept.
+        loop {
+            let Some(batch) = scan.batches.next() else {
+                return Ok(None);
+            };
+            let batch = batch.map_err(Abort::Data)?;
+            self.rows_read += batch.num_rows() as u64;
+            self.bytes_read += data_bytes(&batch);
+            let batch = match &scan.filter {
+                Some(filter) => filter.apply(batch).map_err(Abort::Data)?,
+                None => batch,
+            };
+            // A batch the filter emptied is not worth a trip into the guest,
+            // unless the scan reads no columns (COUNT(*) counts its rows).
+            if batch.num_rows() == 0 && batch.num_columns() > 0 {
+                continue;
+            }
+            return encode(&batch).map(Some);
+        }
     }
 
     pub(crate) fn emitted(&mut self, bytes: &[u8]) -> Result<(), Abort> {
@@ -353,6 +399,19 @@ pub(crate) fn add_to_linker(linker: &mut Imports) -> wasmtime::Result<()> {
             let table = usize::try_from(table)
                 .map_err(|_| trap(Abort::Protocol("negative table".into())))?;
             state.open_scan(table, columns).map_err(trap)
+        },
+    )?;
+    linker.func_wrap(
+        IMPORT_MODULE,
+        "scan_filter",
+        |mut caller: Caller<'_, RunState>,
+         handle: i32,
+         ptr: i32,
+         len: i32|
+         -> wasmtime::Result<()> {
+            let (mem, state) = guest_memory(&mut caller).map_err(trap)?;
+            let bytes = slice(mem, ptr, len).map_err(trap)?.to_vec();
+            state.filter_scan(handle, &bytes).map_err(trap)
         },
     )?;
     linker.func_wrap(
