@@ -708,3 +708,76 @@ fn assert_trapped_at_unreachable(err: &SandboxError) {
         "{err}"
     );
 }
+
+/// A guest opens a scan of a one-column table and pushes `predicates` (raw
+/// bytes, as a guest may send anything) down onto it.
+fn filtering_guest(predicates: &str) -> Vec<u8> {
+    let escaped: String = predicates.bytes().map(|b| format!("\\{b:02x}")).collect();
+    wat::parse_str(format!(
+        r#"(module
+            (import "civicgrid" "scan_open" (func $open (param i32 i32 i32) (result i32)))
+            (import "civicgrid" "scan_filter" (func $filter (param i32 i32 i32)))
+            (memory (export "memory") 1)
+            (data (i32.const 0) "\00\00\00\00")
+            (data (i32.const 16) "{escaped}")
+            (func (export "civicgrid_run") (result i32)
+                (call $filter
+                    (call $open (i32.const 0) (i32.const 0) (i32.const 1))
+                    (i32.const 16)
+                    (i32.const {len}))
+                i32.const 0))"#,
+        len = predicates.len()
+    ))
+    .expect("test guest")
+}
+
+#[test]
+fn a_scan_filter_the_host_cannot_apply_ends_the_run_naming_what_is_wrong() {
+    let f = fixture();
+    let ids = arrow_array::RecordBatch::try_from_iter([(
+        "id",
+        Arc::new(arrow_array::Int64Array::from(vec![1, 2, 3])) as arrow_array::ArrayRef,
+    )])
+    .unwrap();
+    let file = std::fs::File::create(f.data.path().join("ids.parquet")).unwrap();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, ids.schema(), None).unwrap();
+    writer.write(&ids).unwrap();
+    writer.close().unwrap();
+    let run = |predicates: &str| {
+        let guest = f
+            .sandbox
+            .load(&filtering_guest(predicates), GuestRole::Algorithm)
+            .unwrap();
+        let mut policy = OutputPolicy::owner();
+        policy.approved_algorithms.push(guest.sha256().to_owned());
+        let job = Job {
+            sql: "",
+            tables: Arc::new(LocalDirectory::new(f.data.path(), ["ids"])),
+            policy: &policy,
+            privacy_budget: 0.0,
+            as_of_unix_seconds: 1_764_460_800,
+        };
+        f.sandbox.run(&guest, job, &Limits::default())
+    };
+    // A well-formed filter on the scan's one column is taken.
+    run(r#"[{"column":0,"op":"gt_eq","value":{"type":"int","value":2}}]"#).expect("a valid filter");
+    let cases = [
+        (
+            r#"[{"column":3,"op":"eq","value":{"type":"int","value":1}}]"#,
+            "scan filter: the scan has 1 columns, no column 3",
+        ),
+        (
+            r#"[{"column":0,"op":"eq","value":{"type":"utf8","value":"x"}}]"#,
+            "scan filter on column id: a Int64 column cannot be compared with Utf8(\"x\")",
+        ),
+        ("not json", "scan filter: expected ident"),
+    ];
+    for (predicates, expected) in cases {
+        let err = run(predicates).unwrap_err();
+        assert!(
+            matches!(&err, SandboxError::Trap(m) if m.contains(expected)),
+            "{predicates}: {err}"
+        );
+    }
+    f.still_serves();
+}

@@ -113,7 +113,9 @@ fn scalar(data_type: &DataType, value: &ScanValue) -> Result<Scalar<ArrayRef>, S
     }
     let array: ArrayRef = match (data_type, value) {
         (DataType::Boolean, ScanValue::Boolean(v)) => Arc::new(BooleanArray::from(vec![*v])),
-        (DataType::Int8, ScanValue::Int(v)) => Arc::new(Int8Array::from(vec![int::<i8>(*v, data_type)?])),
+        (DataType::Int8, ScanValue::Int(v)) => {
+            Arc::new(Int8Array::from(vec![int::<i8>(*v, data_type)?]))
+        }
         (DataType::Int16, ScanValue::Int(v)) => {
             Arc::new(Int16Array::from(vec![int::<i16>(*v, data_type)?]))
         }
