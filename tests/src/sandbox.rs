@@ -206,30 +206,67 @@ pub struct NativeSource {
     tables: Vec<String>,
 }
 
+impl NativeSource {
+    fn name(&self, table: usize) -> Result<&str, String> {
+        self.tables
+            .get(table)
+            .map(String::as_str)
+            .ok_or_else(|| format!("no table {table}"))
+    }
+
+    /// `scan` through the host's own filter, as the sandbox gets it.
+    fn filtered(
+        &self,
+        table: &str,
+        columns: &[usize],
+        predicates: &[ScanPredicate],
+        scan: BatchIter,
+    ) -> Result<BatchIter, String> {
+        if predicates.is_empty() {
+            return Ok(scan);
+        }
+        let schema = self
+            .store
+            .schema(table)?
+            .project(columns)
+            .map_err(|e| e.to_string())?;
+        let filter = ScanFilter::new(&schema, predicates)?;
+        Ok(Box::new(scan.map(move |batch| filter.apply(batch?))))
+    }
+}
+
+/// The host's own reader and filter, as the sandbox gets them: the native
+/// baseline reads and filters exactly as the sandbox does, and on several
+/// partitions reads the same row-group shares a split run's instances read.
 impl BatchSource for NativeSource {
-    /// The host's own filter over the host's own reader, as the sandbox
-    /// gets them: the native baseline reads and filters exactly as it does.
     fn scan(
         &self,
         table: usize,
         columns: &[usize],
         predicates: &[ScanPredicate],
     ) -> Result<BatchIter, String> {
-        let name = self
-            .tables
-            .get(table)
-            .ok_or_else(|| format!("no table {table}"))?;
+        let name = self.name(table)?;
         let scan = self.store.scan(name, columns)?;
-        if predicates.is_empty() {
-            return Ok(scan);
-        }
-        let schema = self
-            .store
-            .schema(name)?
-            .project(columns)
-            .map_err(|e| e.to_string())?;
-        let filter = ScanFilter::new(&schema, predicates)?;
-        Ok(Box::new(scan.map(move |batch| filter.apply(batch?))))
+        self.filtered(name, columns, predicates, scan)
+    }
+
+    fn parts(&self, table: usize) -> usize {
+        self.name(table)
+            .and_then(|name| self.store.parts(name))
+            .unwrap_or(1)
+    }
+
+    fn scan_part(
+        &self,
+        table: usize,
+        columns: &[usize],
+        predicates: &[ScanPredicate],
+        part: usize,
+        parts: usize,
+    ) -> Result<BatchIter, String> {
+        let name = self.name(table)?;
+        let scan = self.store.scan_part(name, columns, part, parts)?;
+        self.filtered(name, columns, predicates, scan)
     }
 }
 

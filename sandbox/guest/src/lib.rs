@@ -52,6 +52,31 @@ pub trait BatchSource: Send + Sync + 'static {
         predicates: &[ScanPredicate],
     ) -> Result<BatchIter, String>;
 
+    /// Into how many shares a scan of `table` can be read in parallel (a
+    /// natively run engine reads one per partition; inside the sandbox each
+    /// instance reads one stream and the host splits across instances).
+    fn parts(&self, _table: usize) -> usize {
+        1
+    }
+
+    /// Share `part` of `parts` of what [`Self::scan`] streams; every row is
+    /// in exactly one share.
+    fn scan_part(
+        &self,
+        table: usize,
+        columns: &[usize],
+        predicates: &[ScanPredicate],
+        part: usize,
+        parts: usize,
+    ) -> Result<BatchIter, String> {
+        match (part, parts) {
+            (0, 1) => self.scan(table, columns, predicates),
+            _ => Err(format!(
+                "table {table} is read as one stream, not as share {part} of {parts}"
+            )),
+        }
+    }
+
     /// In a final run, the partial aggregate states the partial runs emitted.
     fn partials(&self) -> Result<BatchIter, String> {
         Err("partial aggregate states exist only in a split run".into())
@@ -209,7 +234,7 @@ impl TableProvider for HostTable {
 
     async fn scan(
         &self,
-        _state: &dyn Session,
+        state: &dyn Session,
         projection: Option<&Vec<usize>>,
         filters: &[Expr],
         limit: Option<usize>,
@@ -224,16 +249,28 @@ impl TableProvider for HostTable {
             .filter_map(|filter| pushdown::predicates(filter, &self.schema))
             .flatten()
             .collect();
-        let partition = HostPartition {
-            table: self.index,
-            predicates: pushdown::for_scan(&table_predicates, &columns),
-            columns,
-            schema: Arc::clone(&schema),
-            source: Arc::clone(&self.source),
-        };
+        let predicates = pushdown::for_scan(&table_predicates, &columns);
+        // One stream per share, up to the engine's partitions: natively
+        // that is how DataFusion reads a table on every core.
+        let parts = self
+            .source
+            .parts(self.index)
+            .clamp(1, state.config().target_partitions().max(1));
+        let partitions = (0..parts)
+            .map(|part| {
+                Arc::new(HostPartition {
+                    table: self.index,
+                    columns: columns.clone(),
+                    predicates: predicates.clone(),
+                    share: (part, parts),
+                    schema: Arc::clone(&schema),
+                    source: Arc::clone(&self.source),
+                }) as Arc<dyn PartitionStream>
+            })
+            .collect();
         Ok(Arc::new(StreamingTableExec::try_new(
             schema,
-            vec![Arc::new(partition)],
+            partitions,
             None,
             Vec::new(),
             false,
@@ -246,6 +283,8 @@ struct HostPartition {
     table: usize,
     columns: Vec<usize>,
     predicates: Vec<ScanPredicate>,
+    /// This stream's share of the table, and how many shares there are.
+    share: (usize, usize),
     schema: SchemaRef,
     source: Arc<dyn BatchSource>,
 }
@@ -256,6 +295,7 @@ impl fmt::Debug for HostPartition {
             .field("table", &self.table)
             .field("columns", &self.columns)
             .field("predicates", &self.predicates)
+            .field("share", &self.share)
             .finish()
     }
 }
