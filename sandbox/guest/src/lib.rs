@@ -306,10 +306,11 @@ impl PartitionStream for HostPartition {
     }
 
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let (part, parts) = self.share;
         stream_of(
             &self.schema,
             self.source
-                .scan(self.table, &self.columns, &self.predicates),
+                .scan_part(self.table, &self.columns, &self.predicates, part, parts),
         )
     }
 }
