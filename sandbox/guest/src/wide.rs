@@ -12,6 +12,12 @@
 /// `i128`: what `i128::overflowing_mul` returns, without asking LLVM for an
 /// overflowing multiply (which would call `__muloti4`, this very function).
 pub fn overflowing_mul(a: i128, b: i128) -> (i128, bool) {
+    // Decimals of up to 18 digits, nearly every operand Arrow multiplies,
+    // fit in 64 bits. The product of two such values always fits in i128
+    // and is one signed widening multiply (`i64.mul_wide_s`).
+    if let (Ok(a), Ok(b)) = (i64::try_from(a), i64::try_from(b)) {
+        return (i128::from(a).wrapping_mul(i128::from(b)), false);
+    }
     let wrapped = a.wrapping_mul(b);
     let negative = (a < 0) != (b < 0);
     let (x, y) = (a.unsigned_abs(), b.unsigned_abs());
