@@ -6,12 +6,11 @@
 //! pointers into the guest's own memory.
 #![allow(unsafe_code)]
 
-use std::io::Cursor;
-
 use arrow_array::RecordBatch;
-use arrow_ipc::reader::StreamReader;
+use arrow_buffer::Buffer;
 use arrow_ipc::writer::StreamWriter;
 
+use crate::ipc;
 use crate::protocol::{GuestFailure, ScanPredicate};
 
 mod host {
@@ -46,7 +45,7 @@ fn pull(buffer: &mut Vec<u8>, fill: impl Fn(*mut u8, i32) -> i64) -> Option<usiz
         }
         let needed = usize::try_from(-n).unwrap_or(0);
         buffer.clear();
-        buffer.reserve(needed);
+        buffer.reserve_exact(needed);
     }
 }
 
@@ -79,54 +78,37 @@ pub fn scan(
             unsafe { host::scan_filter(handle, json.as_ptr(), json.len() as i32) };
         }
     }
-    let mut buffer = Vec::with_capacity(1 << 20);
     std::iter::from_fn(move || {
+        // Each batch gets a buffer of its own, exactly its size (the first
+        // call, with no room, asks the host how much): the batch's arrays are
+        // read in place and keep the buffer alive as long as they live.
+        let mut buffer = Vec::new();
         // SAFETY: `pull` passes a pointer to and the capacity of `buffer`.
-        let len = pull(&mut buffer, |ptr, cap| unsafe {
+        pull(&mut buffer, |ptr, cap| unsafe {
             host::scan_next(handle, ptr, cap)
         })?;
-        Some(decode(&buffer[..len], Origin::Host))
-    })
-    .flatten()
-}
-
-/// Who wrote an Arrow IPC stream the guest reads.
-#[derive(Clone, Copy)]
-enum Origin {
-    /// The host, with Arrow's own writer, from batches its readers built.
-    Host,
-    /// Another instance of this run (partial aggregate states).
-    Instance,
-}
-
-/// In a final run, the partial aggregate states of the partial runs.
-pub fn partials() -> impl Iterator<Item = Result<RecordBatch, String>> + Send + use<> {
-    let mut buffer = Vec::with_capacity(1 << 16);
-    std::iter::from_fn(move || {
-        // SAFETY: `pull` passes a pointer to and the capacity of `buffer`.
-        let len = pull(&mut buffer, |ptr, cap| unsafe {
-            host::partials_next(ptr, cap)
-        })?;
-        Some(decode(&buffer[..len], Origin::Instance))
-    })
-    .flatten()
-}
-
-fn decode(bytes: &[u8], origin: Origin) -> Vec<Result<RecordBatch, String>> {
-    let reader = match StreamReader::try_new(Cursor::new(bytes), None) {
-        Ok(reader) => reader,
-        Err(e) => return vec![Err(e.to_string())],
-    };
-    let reader = match origin {
         // SAFETY: what the host streams was written by Arrow's IPC writer
         // from batches Arrow's readers built, so it is valid (re-validating
         // every offset and every string cost the guest fuel on every row).
         // And were it not, the worst it could do is confuse this guest
         // inside its sandbox; the host validates everything the guest emits.
-        Origin::Host => unsafe { reader.with_skip_validation(true) },
-        Origin::Instance => reader,
-    };
-    reader.map(|b| b.map_err(|e| e.to_string())).collect()
+        Some(unsafe { ipc::read_trusted_stream(Buffer::from_vec(buffer)) })
+    })
+    .flatten()
+}
+
+/// In a final run, the partial aggregate states of the partial runs.
+pub fn partials() -> impl Iterator<Item = Result<RecordBatch, String>> + Send + use<> {
+    std::iter::from_fn(move || {
+        let mut buffer = Vec::new();
+        // SAFETY: `pull` passes a pointer to and the capacity of `buffer`.
+        pull(&mut buffer, |ptr, cap| unsafe {
+            host::partials_next(ptr, cap)
+        })?;
+        // Other instances' output: every array is checked.
+        Some(ipc::read_stream(Buffer::from_vec(buffer)))
+    })
+    .flatten()
 }
 
 /// Releases one result batch (the host applies the output policy to it).

@@ -16,3 +16,4 @@ pub use host::*;
 
 #[cfg(target_family = "wasm")]
 pub mod guest;
+pub mod ipc;
