@@ -27,6 +27,12 @@ use civicgrid_sandbox::{GuestRole, Job, Limits, Sandbox, SandboxConfig};
 use civicgrid_tests::market::{Cast, Db, TestMarket, authed, contract_request, publish};
 use civicgrid_tests::sandbox::residents_aggregate_policy;
 
+// The same allocator as the marketplace's binaries (see
+// marketplace/src/bin/civicgrid-marketplace.rs), for the sandbox and every
+// baseline alike: glibc's would have both pay page faults on every batch.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const SQL: &str = "SELECT district, COUNT(*) AS people FROM residents GROUP BY district";
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

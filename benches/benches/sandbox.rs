@@ -33,6 +33,12 @@ use civicgrid_tests::sandbox::{
 };
 use civicgrid_tests::tpch;
 
+// The same allocator as the marketplace's binaries (see
+// marketplace/src/bin/civicgrid-marketplace.rs), for the sandbox and every
+// baseline alike: glibc's would have both pay page faults on every batch.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }

@@ -17,6 +17,14 @@ mod up;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+// Queries allocate and free batch-sized blocks on the host by the thousand
+// (Parquet pages, Arrow arrays, IPC buffers). glibc's allocator maps most
+// such blocks fresh and hands them back to the kernel on free, so every
+// batch paid page faults and zeroing again: TPC-H Q1 at SF1 in one sandbox
+// instance took 1.87 s with it and 1.07 s with mimalloc (see docs/sandbox.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// CivicGrid marketplace client.
 #[derive(Parser)]
 #[command(version, about)]
