@@ -10,6 +10,7 @@
 mod abi;
 mod analysis;
 mod functions;
+mod products;
 mod pushdown;
 mod split;
 #[cfg(any(target_family = "wasm", test))]
@@ -114,6 +115,9 @@ pub async fn run(
     };
     let (state, plan) = frame.into_parts();
     let (analysis, optimized) = analysis::checked_plan(request, plan, |plan| state.optimize(plan))?;
+    // After the policy has judged the plan: this changes how products are
+    // computed, never what is read or released.
+    let optimized = products::decimal_products(optimized).map_err(query)?;
     let state = match request.stage {
         Stage::Whole => state,
         Stage::Partial { .. } | Stage::Final { .. } => split::keeping_aggregate_phases(state),
