@@ -20,7 +20,7 @@ use datafusion::arrow::array::{Array, AsArray, PrimitiveArray};
 use datafusion::arrow::compute::kernels::arity::try_binary;
 use datafusion::arrow::datatypes::{DataType, Decimal128Type, Field, FieldRef};
 use datafusion::arrow::error::ArrowError;
-use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{DFSchema, Result, exec_err};
 use datafusion::logical_expr::expr::ScalarFunction;
 use datafusion::logical_expr::expr_rewriter::NamePreserver;
@@ -36,9 +36,31 @@ use datafusion::logical_expr::{
 pub fn decimal_products(plan: LogicalPlan) -> Result<LogicalPlan> {
     let product = Arc::new(ScalarUDF::from(DecimalProduct::new()));
     plan.transform_up_with_subqueries(|node| {
+        // Most nodes of most plans multiply nothing: they are only looked
+        // at, so a query without products costs next to nothing more.
+        let mut multiplies = false;
+        node.apply_expressions(|expr| {
+            multiplies = expr.exists(|e| {
+                Ok(matches!(
+                    e,
+                    Expr::BinaryExpr(BinaryExpr {
+                        op: Operator::Multiply,
+                        ..
+                    })
+                ))
+            })?;
+            Ok(match multiplies {
+                true => TreeNodeRecursion::Stop,
+                false => TreeNodeRecursion::Continue,
+            })
+        })?;
+        if !multiplies {
+            return Ok(Transformed::no(node));
+        }
         let schema = match node.inputs().as_slice() {
-            [] => DFSchema::empty(),
-            inputs => merge_schema(inputs),
+            [] => Arc::new(DFSchema::empty()),
+            [input] => Arc::clone(input.schema()),
+            inputs => Arc::new(merge_schema(inputs)),
         };
         let names = NamePreserver::new(&node);
         node.map_expressions(|expr| {
