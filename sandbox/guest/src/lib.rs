@@ -9,8 +9,8 @@
 #[cfg(target_family = "wasm")]
 mod abi;
 mod analysis;
+mod decimals;
 mod functions;
-mod products;
 mod pushdown;
 mod split;
 #[cfg(any(target_family = "wasm", test))]
@@ -117,7 +117,7 @@ pub async fn run(
     let (analysis, optimized) = analysis::checked_plan(request, plan, |plan| state.optimize(plan))?;
     // After the policy has judged the plan: this changes how products are
     // computed, never what is read or released.
-    let optimized = products::decimal_products(optimized).map_err(query)?;
+    let optimized = decimals::call_free_arithmetic(optimized).map_err(query)?;
     let state = match request.stage {
         Stage::Whole => state,
         Stage::Partial { .. } | Stage::Final { .. } => split::keeping_aggregate_phases(state),
