@@ -115,8 +115,8 @@ pub async fn run(
     };
     let (state, plan) = frame.into_parts();
     let (analysis, optimized) = analysis::checked_plan(request, plan, |plan| state.optimize(plan))?;
-    // After the policy has judged the plan: this changes how products are
-    // computed, never what is read or released.
+    // After the policy has judged the plan: this changes how decimal
+    // arithmetic is computed, never what is read or released.
     let optimized = decimals::call_free_arithmetic(optimized).map_err(query)?;
     let state = match request.stage {
         Stage::Whole => state,
