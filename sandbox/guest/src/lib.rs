@@ -13,7 +13,6 @@ mod decimals;
 mod functions;
 mod pushdown;
 mod split;
-#[cfg(any(target_family = "wasm", test))]
 mod wide;
 
 use std::fmt;
