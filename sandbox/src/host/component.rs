@@ -97,7 +97,8 @@ impl Host for RunState {
     fn scan_next(&mut self, scan: u32) -> wasmtime::Result<Option<Vec<u8>>> {
         let handle =
             i32::try_from(scan).map_err(|_| trap(Abort::Protocol(format!("no scan {scan}"))))?;
-        self.next_batch(handle).map_err(trap)
+        let batch = self.next_batch(handle).map_err(trap)?;
+        Ok(batch.map(|batch| batch.to_vec()))
     }
 
     fn emit(&mut self, batches: Vec<u8>) -> wasmtime::Result<()> {
