@@ -322,18 +322,12 @@ impl Operand {
         }
     }
 
-    /// This side's values in 64 bits and the factor still to apply to them
-    /// (a constant takes its factor here, once), if they all fit.
+    /// This side for the 64-bit loop, with the factor still to apply to its
+    /// values (a constant takes its factor here, once, and must then fit; a
+    /// column's values are checked in the loop).
     fn narrow(&self, factor: i64) -> Option<(Narrow<'_>, i64)> {
         match self {
-            Self::Column(column) => {
-                let values: &[i128] = column.values();
-                // No early exit: a loop LLVM can vectorize.
-                let fits = values
-                    .iter()
-                    .fold(true, |fits, value| fits & (i64::try_from(*value).is_ok()));
-                fits.then_some((Narrow::Column(values), factor))
-            }
+            Self::Column(column) => Some((Narrow::Column(column.values()), factor)),
             Self::Constant { value, .. } => {
                 let value = value.checked_mul(i128::from(factor))?;
                 Some((Narrow::Constant(i64::try_from(value).ok()?), 1))
@@ -342,35 +336,114 @@ impl Operand {
     }
 }
 
-/// A side whose every value fits in 64 bits.
+/// One side of the 64-bit loop.
 enum Narrow<'a> {
-    /// Decimal128 values, each equal to its low 64 bits read as signed.
+    /// Decimal128 values, used if each fits in 64 bits.
     Column(&'a [i128]),
     Constant(i64),
 }
 
+/// Rows the 64-bit loop computes per step, as one block of straight-line
+/// code: the loop's own costs (its branch, and wasmtime's fuel count and
+/// check on the way back) are paid once per step, not once per row.
+const ROWS_PER_STEP: usize = 4;
+
+/// Whether `value` is its own low 64 bits read as signed.
+#[inline(always)]
+fn fits_in_64(value: i128) -> bool {
+    i64::try_from(value).is_ok()
+}
+
 impl Narrow<'_> {
-    /// `op` over every row; `None` for two constants, which DataFusion
-    /// folds before a plan runs.
+    /// `op` over every row, on the low 64 bits of each value; `None` if a
+    /// column held a value that does not fit in 64 bits (null rows
+    /// included: nothing stops a null slot holding one), or for two
+    /// constants, which DataFusion folds before a plan runs. The values are
+    /// read once: whether each fits is noted as it is used, and a batch with
+    /// one that does not is thrown away at the end.
     #[inline(always)]
     fn combine(left: Self, right: Self, op: impl Fn(i64, i64) -> i128) -> Option<Vec<i128>> {
-        // `as i64` keeps the low 64 bits: the value itself, as it fits.
-        match (left, right) {
-            (Self::Column(a), Self::Column(b)) => Some(
-                a.iter()
-                    .zip(b)
-                    .map(|(a, b)| op(*a as i64, *b as i64))
-                    .collect(),
-            ),
+        // `as i64` keeps the low 64 bits: the value itself when it fits.
+        let (mut out, fit) = match (left, right) {
+            (Self::Column(a), Self::Column(b)) if a.len() == b.len() => {
+                let mut out = vec![0i128; a.len()];
+                let fit = rows_of_two(&mut out, a, b, |out, a, b| {
+                    *out = op(a as i64, b as i64);
+                    fits_in_64(a) & fits_in_64(b)
+                });
+                (out, fit)
+            }
             (Self::Column(a), Self::Constant(b)) => {
-                Some(a.iter().map(|a| op(*a as i64, b)).collect())
+                let mut out = vec![0i128; a.len()];
+                let fit = rows(&mut out, a, |out, a| {
+                    *out = op(a as i64, b);
+                    fits_in_64(a)
+                });
+                (out, fit)
             }
             (Self::Constant(a), Self::Column(b)) => {
-                Some(b.iter().map(|b| op(a, *b as i64)).collect())
+                let mut out = vec![0i128; b.len()];
+                let fit = rows(&mut out, b, |out, b| {
+                    *out = op(a, b as i64);
+                    fits_in_64(b)
+                });
+                (out, fit)
             }
-            (Self::Constant(_), Self::Constant(_)) => None,
+            _ => return None,
+        };
+        if !fit {
+            out.clear();
+            return None;
+        }
+        Some(out)
+    }
+}
+
+/// Calls `row(out slot, value)` for every row of `values` (as many as
+/// `out` has), in steps of [`ROWS_PER_STEP`], and returns whether every
+/// call returned true.
+#[inline(always)]
+fn rows(out: &mut [i128], values: &[i128], row: impl Fn(&mut i128, i128) -> bool) -> bool {
+    let mut fit = true;
+    let mut out = out.chunks_exact_mut(ROWS_PER_STEP);
+    let mut values = values.chunks_exact(ROWS_PER_STEP);
+    for (out, values) in (&mut out).zip(&mut values) {
+        for lane in 0..ROWS_PER_STEP {
+            fit &= row(&mut out[lane], values[lane]);
         }
     }
+    for (out, value) in out.into_remainder().iter_mut().zip(values.remainder()) {
+        fit &= row(out, *value);
+    }
+    fit
+}
+
+/// [`rows`] over two columns of the same length.
+#[inline(always)]
+fn rows_of_two(
+    out: &mut [i128],
+    left: &[i128],
+    right: &[i128],
+    row: impl Fn(&mut i128, i128, i128) -> bool,
+) -> bool {
+    let mut fit = true;
+    let mut out = out.chunks_exact_mut(ROWS_PER_STEP);
+    let mut left = left.chunks_exact(ROWS_PER_STEP);
+    let mut right = right.chunks_exact(ROWS_PER_STEP);
+    for ((out, left), right) in (&mut out).zip(&mut left).zip(&mut right) {
+        for lane in 0..ROWS_PER_STEP {
+            fit &= row(&mut out[lane], left[lane], right[lane]);
+        }
+    }
+    let tail = out
+        .into_remainder()
+        .iter_mut()
+        .zip(left.remainder())
+        .zip(right.remainder());
+    for ((out, left), right) in tail {
+        fit &= row(out, *left, *right);
+    }
+    fit
 }
 
 /// `value` brought to a larger scale: Arrow's `value.mul_checked(by)`,
