@@ -248,7 +248,7 @@ impl DecimalArithmetic {
     /// The result computed in a loop that cannot fail, when every value of
     /// both sides (null rows too) and every scale factor fits in 64 bits, as
     /// values of up to 18 digits do. Then no row can overflow: a product of
-    /// two such values is below 2^126 in magnitude, and a sum or difference
+    /// two such values is at most 2^126 in magnitude, and a sum or difference
     /// adds two products of a value and a factor under 10^19, each below
     /// 2^123. Arrow's kernels instead check every row and return from the
     /// loop at the first overflow, so each row is a call to a closure that
