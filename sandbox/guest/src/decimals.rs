@@ -364,7 +364,7 @@ impl Narrow<'_> {
     #[inline(always)]
     fn combine(left: Self, right: Self, op: impl Fn(i64, i64) -> i128) -> Option<Vec<i128>> {
         // `as i64` keeps the low 64 bits: the value itself when it fits.
-        let (mut out, fit) = match (left, right) {
+        let (out, fit) = match (left, right) {
             (Self::Column(a), Self::Column(b)) if a.len() == b.len() => {
                 let mut out = vec![0i128; a.len()];
                 let fit = rows_of_two(&mut out, a, b, |out, a, b| {
@@ -391,11 +391,7 @@ impl Narrow<'_> {
             }
             _ => return None,
         };
-        if !fit {
-            out.clear();
-            return None;
-        }
-        Some(out)
+        fit.then_some(out)
     }
 }
 
