@@ -750,13 +750,20 @@ impl Sandbox {
                 }
             }
         };
+        // Workers report to the caller's subscriber, inside the caller's
+        // span, so a split run's instances stay in the query's trace.
+        let dispatch = tracing::dispatcher::get_default(Clone::clone);
+        let caller = tracing::Span::current();
         std::thread::scope(|scope| {
             for worker in 1..workers {
+                let (dispatch, caller, work) = (dispatch.clone(), caller.clone(), &work);
                 // A worker that cannot start leaves its shares to the others.
                 let _ = std::thread::Builder::new()
                     .name(format!("sandbox-part-{worker}"))
                     .stack_size(WORKER_STACK_BYTES)
-                    .spawn_scoped(scope, work);
+                    .spawn_scoped(scope, move || {
+                        tracing::dispatcher::with_default(&dispatch, || caller.in_scope(work));
+                    });
             }
             work();
         });
@@ -809,6 +816,8 @@ impl Sandbox {
         partials: Vec<Vec<u8>>,
         fuel_spent: u64,
     ) -> Result<Ended, SandboxError> {
+        let span = instance_span(stage);
+        let _entered = span.enter();
         let limits = plan.limits;
         let wall_left = limits.wall_time.saturating_sub(plan.started.elapsed());
         if wall_left.is_zero() {
@@ -871,8 +880,10 @@ impl Sandbox {
 
         let starting = Instant::now();
         let started_up = || {
+            let startup = starting.elapsed();
+            span.record("startup_us", startup.as_micros() as u64);
             plan.startup_ns.fetch_add(
-                u64::try_from(starting.elapsed().as_nanos()).unwrap_or(u64::MAX),
+                u64::try_from(startup.as_nanos()).unwrap_or(u64::MAX),
                 Ordering::Relaxed,
             );
         };
@@ -900,6 +911,8 @@ impl Sandbox {
             true => fuel_budget - store.get_fuel().unwrap_or(fuel_budget),
             false => 0,
         };
+        span.record("fuel", fuel);
+        span.record("ran_us", starting.elapsed().as_micros() as u64);
         let mut state = store.into_data();
         let partial = matches!(stage, Stage::Partial { .. });
         if let Err(error) = &result
@@ -922,6 +935,42 @@ impl Sandbox {
             });
         }
         Ok(Ended::Ran(Box::new(Ran { fuel, state })))
+    }
+}
+
+/// The span of one instance: which stage of the run it is, and (recorded as
+/// it ends) its fuel and the microseconds from the start of instantiation to
+/// the guest's entry point (`startup_us`) and to its return (`ran_us`). A
+/// split run's shares show how evenly its cores were loaded, and the final
+/// instance what merging cost.
+fn instance_span(stage: Stage) -> tracing::Span {
+    use tracing::field::Empty;
+    match stage {
+        Stage::Whole => tracing::info_span!(
+            "sandbox_instance",
+            stage = "whole",
+            fuel = Empty,
+            startup_us = Empty,
+            ran_us = Empty
+        ),
+        Stage::Partial { table, part, parts } => tracing::info_span!(
+            "sandbox_instance",
+            stage = "partial",
+            table,
+            part,
+            parts,
+            fuel = Empty,
+            startup_us = Empty,
+            ran_us = Empty
+        ),
+        Stage::Final { table } => tracing::info_span!(
+            "sandbox_instance",
+            stage = "final",
+            table,
+            fuel = Empty,
+            startup_us = Empty,
+            ran_us = Empty
+        ),
     }
 }
 

@@ -3,7 +3,8 @@
 //! results as one instance and as the engine natively, the same fuel however
 //! many cores run the shares, and the output policy intact.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use civicgrid_sandbox::policy::OutputPolicy;
 use civicgrid_sandbox::{GuestRole, Job, Limits, Outcome, Sandbox, SandboxError, TableStore};
@@ -14,6 +15,11 @@ use civicgrid_tests::sandbox::{
 use civicgrid_tests::tpch;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::util::pretty::pretty_format_batches;
+use tracing::Subscriber;
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
 
 use crate::sandbox::population_policy;
 
@@ -239,4 +245,132 @@ fn the_output_policy_holds_on_split_runs() {
         Err(other) => panic!("expected a refusal, got {other}"),
         Ok(outcome) => panic!("released {} rows", outcome.metering.rows_released),
     }
+}
+
+/// The spans a subscriber saw closed: name, fields and parent's name.
+#[derive(Clone, Default)]
+struct SpanRecorder(Arc<Mutex<Vec<ClosedSpan>>>);
+
+#[derive(Debug)]
+struct ClosedSpan {
+    name: &'static str,
+    fields: HashMap<String, String>,
+    parent: Option<&'static str>,
+}
+
+#[derive(Default)]
+struct SpanFields(HashMap<String, String>);
+
+impl Visit for SpanFields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.to_owned());
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name().to_owned(), format!("{value:?}"));
+    }
+}
+
+impl<S> Layer<S> for SpanRecorder
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attributes: &Attributes<'_>, id: &Id, context: Context<'_, S>) {
+        let mut fields = SpanFields::default();
+        attributes.record(&mut fields);
+        if let Some(span) = context.span(id) {
+            span.extensions_mut().insert(fields);
+        }
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, context: Context<'_, S>) {
+        if let Some(span) = context.span(id)
+            && let Some(fields) = span.extensions_mut().get_mut::<SpanFields>()
+        {
+            values.record(fields);
+        }
+    }
+
+    fn on_close(&self, id: Id, context: Context<'_, S>) {
+        let Some(span) = context.span(&id) else {
+            return;
+        };
+        let fields = span
+            .extensions_mut()
+            .remove::<SpanFields>()
+            .unwrap_or_default();
+        self.0.lock().unwrap().push(ClosedSpan {
+            name: span.name(),
+            fields: fields.0,
+            parent: span.parent().map(|parent| parent.name()),
+        });
+    }
+}
+
+#[test]
+fn a_split_runs_instances_are_spans_in_the_callers_trace_with_their_share_and_fuel() {
+    let recorder = SpanRecorder::default();
+    let subscriber = tracing_subscriber::registry().with(recorder.clone());
+    let tables = local(tpch_small_in_parts());
+    let owner = OutputPolicy::owner();
+    let run = || {
+        run_on(
+            shared_sandbox(),
+            &tables,
+            tpch::Q1,
+            &owner,
+            &Limits::default(),
+        )
+    };
+    // The shares run on the worker threads too: their spans must reach this
+    // thread's subscriber, under the caller's span.
+    let outcome = tracing::subscriber::with_default(subscriber, || {
+        // Other tests in this process run without a subscriber, and while
+        // this one is the only subscriber, tracing caches a span's interest
+        // from the subscriber of whichever thread meets the span first. So
+        // meet every span once, then have their interest asked again here.
+        run().unwrap();
+        tracing::callsite::rebuild_interest_cache();
+        recorder.0.lock().unwrap().clear();
+        tracing::info_span!("query").in_scope(run)
+    })
+    .unwrap();
+    assert_eq!(outcome.metering.instances, LINEITEM_PARTS + 1);
+    let spans = recorder.0.lock().unwrap();
+    let instances: Vec<&ClosedSpan> = spans
+        .iter()
+        .filter(|span| span.name == "sandbox_instance")
+        .collect();
+    assert_eq!(instances.len(), LINEITEM_PARTS as usize + 1, "{spans:#?}");
+    let field = |span: &ClosedSpan, name: &str| -> String {
+        span.fields
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} in {span:?}"))
+            .clone()
+    };
+    let mut parts_seen = Vec::new();
+    let mut fuel = 0u64;
+    for span in &instances {
+        assert_eq!(span.parent, Some("query"), "{span:?}");
+        let span_fuel: u64 = field(span, "fuel").parse().unwrap();
+        assert!(span_fuel > 0, "{span:?}");
+        fuel += span_fuel;
+        let ran_us: u64 = field(span, "ran_us").parse().unwrap();
+        let startup_us: u64 = field(span, "startup_us").parse().unwrap();
+        assert!(startup_us <= ran_us, "{span:?}");
+        match field(span, "stage").as_str() {
+            "partial" => {
+                assert_eq!(field(span, "parts"), LINEITEM_PARTS.to_string());
+                parts_seen.push(field(span, "part").parse::<u32>().unwrap());
+            }
+            "final" => assert!(!span.fields.contains_key("part"), "{span:?}"),
+            other => panic!("a split run's instance in stage {other}"),
+        }
+    }
+    parts_seen.sort_unstable();
+    assert_eq!(parts_seen, (0..LINEITEM_PARTS).collect::<Vec<_>>());
+    assert_eq!(
+        fuel, outcome.metering.fuel,
+        "the instances' fuel is the run's"
+    );
 }
