@@ -325,6 +325,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = <Args as clap::Parser>::parse();
+    // As the marketplace's binaries do before serving.
+    civicgrid_marketplace::process::disable_transparent_huge_pages()?;
     let queries = usize::try_from(args.queries)?;
     let (rates, concurrent_queries) = (args.rates, args.concurrent_queries);
     tokio::task::spawn_blocking(move || baseline(queries)).await??;

@@ -16,6 +16,7 @@ pub mod demand;
 pub mod error;
 pub mod identity;
 pub mod metrics;
+pub mod process;
 pub mod quality;
 pub mod queries;
 pub mod registry;

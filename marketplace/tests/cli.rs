@@ -114,6 +114,17 @@ fn cli_walks_registration_contract_and_audit_and_verify_catches_tampering() {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
+    // The server turned transparent huge pages off before serving (see
+    // civicgrid_marketplace::process).
+    #[cfg(target_os = "linux")]
+    {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        let thp = status
+            .lines()
+            .find(|line| line.starts_with("THP_enabled:"))
+            .unwrap_or_else(|| panic!("no THP_enabled line in {status}"));
+        assert_eq!(thp.split_whitespace().nth(1), Some("0"), "{thp}");
+    }
     let _server = Server(child);
     let address = line
         .trim()

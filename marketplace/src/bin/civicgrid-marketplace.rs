@@ -153,6 +153,9 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", market.verifier_key());
         }
         Command::Serve(args) => {
+            if let Err(error) = civicgrid_marketplace::process::disable_transparent_huge_pages() {
+                tracing::warn!(%error, "transparent huge pages stay on: expect a longer latency tail");
+            }
             let market = open(&args.common).await?;
             let interrupted =
                 civicgrid_marketplace::queries::recover_interrupted(market.store()).await?;

@@ -129,6 +129,11 @@ fn default_guest() -> PathBuf {
 /// # Errors
 /// When the data directory, the database, the guest or the port cannot be had.
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    if let Err(error) = civicgrid_marketplace::process::disable_transparent_huge_pages() {
+        eprintln!(
+            "warning: transparent huge pages stay on ({error}): expect a longer latency tail"
+        );
+    }
     let data_dir = args.data_dir.clone();
     let guest = args.sql_guest.clone().unwrap_or_else(default_guest);
     let cache = args
