@@ -9,9 +9,10 @@
 /// setting compacted memory to find them, inside the fault, in whichever
 /// request touched the page. In `--bench queries` (32 closed-loop clients
 /// on 2 cores) p99 was 175–396 ms in eight runs with them and 88–119 ms in
-/// four without (2026-12-04). This is what `MIMALLOC_ALLOW_THP=0` does, without relying on
-/// the environment; the kernel checks the flag on every fault, so pages
-/// the allocator already advised get no more huge pages either.
+/// four without (2026-12-04). This is what `MIMALLOC_ALLOW_THP=0` does,
+/// without relying on the environment; the kernel checks the flag on every
+/// fault, so pages the allocator already advised get no more huge pages
+/// either.
 ///
 /// # Errors
 /// When the kernel refuses the request (older than 3.15).
