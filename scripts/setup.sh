@@ -37,6 +37,18 @@ fi
 
 command -v go >/dev/null || { echo "Go is required to build the test control planes" >&2; exit 1; }
 
+# Go's build and module caches for Kubernetes and helm come to about 5 GiB and
+# are needed only while the binaries below are built (they are cached by
+# version on their own): unless the caller chose its own caches, they go into a
+# scratch directory that is removed when set-up ends.
+if [ -z "${GOCACHE:-}" ] && [ -z "${GOMODCACHE:-}" ]; then
+    go_scratch=$(mktemp -d "${TMPDIR:-/tmp}/civicgrid-go.XXXXXX")
+    export GOCACHE="$go_scratch/build" GOMODCACHE="$go_scratch/mod"
+    # The module cache is read-only by design; `go clean -modcache` knows how
+    # to remove it.
+    trap 'go clean -modcache >/dev/null 2>&1 || true; rm -rf "$go_scratch"' EXIT
+fi
+
 # Real kube-apiserver, etcd, controller-manager, scheduler and kwok, built from
 # the Go module proxy into a cache keyed by version.
 log "control-plane binaries"
