@@ -58,6 +58,10 @@ fn sorted_timings(runs: usize, f: impl FnMut() -> Duration) -> Vec<Duration> {
     timings
 }
 
+/// Rounds of (b): each runs the split sandbox, one instance, and native on
+/// one and two partitions once.
+const TPCH_ROUNDS: usize = 5;
+
 fn best_of(runs: usize, mut f: impl FnMut() -> Duration) -> Duration {
     (0..runs).map(|_| f()).min().unwrap_or_default()
 }
@@ -484,33 +488,48 @@ fn tpch_against_native(
     owner: &OutputPolicy,
     scale: f64,
 ) {
-    println!("(b) TPC-H SF{scale}, best of 3, sandbox vs the same engine natively");
+    println!(
+        "(b) TPC-H SF{scale}, best of {TPCH_ROUNDS} interleaved rounds, sandbox vs the same engine natively"
+    );
     let mut one_instance_config = SandboxConfig::new(cache);
     one_instance_config.split_scans = false;
     let one_instance = Sandbox::new(&one_instance_config).expect("sandbox");
     let split_guest = from_cache.load(sql, GuestRole::Sql).expect("load");
     let whole_guest = one_instance.load(sql, GuestRole::Sql).expect("load");
     for (name, query) in [("Q1", tpch::Q1), ("Q6", tpch::Q6)] {
-        let sandboxed = best_of(3, || {
-            run_guest(from_cache, &split_guest, tables, query, owner)
-        });
-        let unsplit = best_of(3, || {
-            run_guest(&one_instance, &whole_guest, tables, query, owner)
-        });
+        let native = |partitions: usize| {
+            let started = Instant::now();
+            std::hint::black_box(
+                run_native(Arc::clone(tables), query, owner, partitions).expect("native"),
+            );
+            started.elapsed()
+        };
+        // Each round runs every contender once, so a stretch when this
+        // machine runs slow (its speed swings by a third within minutes)
+        // lands on all of them, not on whichever ran in it: measured one
+        // after another, best of 3 each, one slow stretch over the native
+        // runs once printed Q1 at 1.44x where alternating processes gave
+        // 1.76-2.07x.
+        let mut best = [Duration::MAX; 4];
+        for _round in 0..TPCH_ROUNDS {
+            let times = [
+                run_guest(from_cache, &split_guest, tables, query, owner),
+                run_guest(&one_instance, &whole_guest, tables, query, owner),
+                native(1),
+                native(2),
+            ];
+            for (best, time) in best.iter_mut().zip(times) {
+                *best = (*best).min(time);
+            }
+        }
+        let [sandboxed, unsplit, native_one, native_two] = best;
         println!(
             "    {name}: sandbox {:.0} ms with scans split across instances, {:.0} ms in one instance ({:.2}x faster split)",
             millis(sandboxed),
             millis(unsplit),
             unsplit.as_secs_f64() / sandboxed.as_secs_f64()
         );
-        for partitions in [1, 2] {
-            let native = best_of(3, || {
-                let started = Instant::now();
-                std::hint::black_box(
-                    run_native(Arc::clone(tables), query, owner, partitions).expect("native"),
-                );
-                started.elapsed()
-            });
+        for (partitions, native) in [(1, native_one), (2, native_two)] {
             println!(
                 "    {name}: sandbox {:.0} ms, native {partitions} partition(s) {:.0} ms, ratio {:.2}x (target <= 1.5x)",
                 millis(sandboxed),
