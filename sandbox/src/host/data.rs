@@ -331,9 +331,9 @@ impl LocalDirectory {
 
 /// How many shares a table stored in `row_groups` row groups splits into.
 ///
-/// Shares are equal in rows, so any count balances; an even one keeps both
-/// cores of a two-core machine (and all four of a four-core one, up to eight
-/// groups) busy to the end. Before shares were runs of rows, they were whole
+/// Shares are equal in rows, so the cores that run them finish together
+/// when the count is a multiple of theirs; an even count is, for the two
+/// cores we run on. Before shares were runs of rows, they were whole
 /// row groups: TPC-H SF1's line items (five groups of 1,048,576 rows and one
 /// of 758,335) split 3,145,728 against 2,855,487 rows on two cores, so one
 /// core idled for the last tenth of the scan, natively as in the sandbox.
