@@ -40,9 +40,12 @@ command -v go >/dev/null || { echo "Go is required to build the test control pla
 # Go's build and module caches for Kubernetes and helm come to about 5 GiB and
 # are needed only while the binaries below are built (they are cached by
 # version on their own): unless the caller chose its own caches, they go into a
-# scratch directory that is removed when set-up ends.
+# scratch directory beside those binaries (on disk, where /tmp may be memory)
+# that is removed when set-up ends.
 if [ -z "${GOCACHE:-}" ] && [ -z "${GOMODCACHE:-}" ]; then
-    go_scratch=$(mktemp -d "${TMPDIR:-/tmp}/civicgrid-go.XXXXXX")
+    cache_root=${CIVICGRID_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/civicgrid}
+    mkdir -p "$cache_root"
+    go_scratch=$(mktemp -d "$cache_root/go-scratch.XXXXXX")
     export GOCACHE="$go_scratch/build" GOMODCACHE="$go_scratch/mod"
     # The module cache is read-only by design; `go clean -modcache` knows how
     # to remove it.
