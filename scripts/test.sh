@@ -7,8 +7,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 
 # A run of the suite builds everything once: the incremental caches of the
-# workspace's crates would only take several GiB of disk (the CI machine's
-# disk is not large, and a cold run once filled it).
+# workspace's crates would only take several GiB of disk (a CI machine's free
+# disk varies from run to run, and a cold run once filled it).
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 CIVICGRID_CONTROLPLANE_BIN=$(bash tests/controlplane/build.sh)
