@@ -5,7 +5,10 @@
 //! on SQLite and (when `CIVICGRID_TEST_POSTGRES_URL` is set)
 //! PostgreSQL. The baseline, in the same process: the same query in the same
 //! sandbox called directly — what the marketplace adds is the difference.
-//! Where the time goes comes from the server's own stage histograms.
+//! Where the time goes comes from the server's own stage histograms, and
+//! from the CPU time each line took per query, by thread (this process holds
+//! the clients too, so their share is in the Tokio workers' figure): a
+//! figure far less at the mercy of a noisy machine than queries per second.
 //!
 //! Then the same query offered at fixed rates (`--rates`, default 100,200
 //! queries/s), where p99 means what the target means by it.
@@ -15,6 +18,7 @@
 //! 400; `--concurrent-queries N` for the sandbox's concurrent runs, the
 //! server flag of that name; default the engine's).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +41,79 @@ const SQL: &str = "SELECT district, COUNT(*) AS people FROM residents GROUP BY d
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// CPU time (user and system) this process has used: in all, and by thread
+/// name, a pool's numbered threads added up. From /proc, which counts in
+/// ticks of USER_HZ, 100 a second for user space on Linux.
+#[derive(Default)]
+struct CpuTimes {
+    total: f64,
+    by_thread: BTreeMap<String, f64>,
+}
+
+impl CpuTimes {
+    fn now() -> Self {
+        let mut times = Self::default();
+        if let Some((_, total)) = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|stat| thread_cpu(&stat))
+        {
+            times.total = total;
+        }
+        for task in std::fs::read_dir("/proc/self/task").into_iter().flatten() {
+            let Ok(task) = task else { continue };
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            if let Some((name, seconds)) = thread_cpu(&stat) {
+                *times.by_thread.entry(name).or_default() += seconds;
+            }
+        }
+        times
+    }
+
+    /// The CPU time since `before`, per query: in all, then by thread, the
+    /// busiest first (threads that have ended since count in the total only).
+    fn per_query_since(&self, before: &Self, queries: usize) -> String {
+        let per_query = |seconds: f64| seconds * 1e3 / queries.max(1) as f64;
+        let mut threads: Vec<(&String, f64)> = self
+            .by_thread
+            .iter()
+            .map(|(name, seconds)| {
+                (
+                    name,
+                    seconds - before.by_thread.get(name).copied().unwrap_or(0.0),
+                )
+            })
+            .filter(|(_, seconds)| *seconds > 0.0)
+            .collect();
+        threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let threads: Vec<String> = threads
+            .iter()
+            .map(|(name, seconds)| format!("{name} {:.3}", per_query(*seconds)))
+            .collect();
+        format!(
+            "cpu {:.3} ms/query ({})",
+            per_query(self.total - before.total),
+            threads.join(", ")
+        )
+    }
+}
+
+/// A thread's name (its trailing number and dashes dropped) and CPU seconds,
+/// from a `/proc/.../stat` line: `pid (name) state …` with user and system
+/// ticks the 12th and 13th fields after the name.
+fn thread_cpu(stat: &str) -> Option<(String, f64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let name = stat[open + 1..close]
+        .trim_end_matches(|c: char| c.is_ascii_digit() || c == '-')
+        .to_owned();
+    let fields: Vec<&str> = stat.get(close + 2..)?.split(' ').collect();
+    let user: f64 = fields.get(11)?.parse().ok()?;
+    let system: f64 = fields.get(12)?.parse().ok()?;
+    Some((name, (user + system) / 100.0))
 }
 
 fn millis(d: Duration) -> f64 {
@@ -158,6 +235,7 @@ async fn bench(
     }
     for clients in [1_usize, 32, 64] {
         let before = market.market.metrics().encode();
+        let cpu_before = CpuTimes::now();
         let per_client = queries.div_ceil(clients);
         let started = Instant::now();
         let mut tasks = Vec::new();
@@ -177,10 +255,15 @@ async fn bench(
         for task in tasks {
             latencies.extend(task.await?);
         }
+        let answered = latencies.len();
         report(
             &format!("{clients:>2} client(s)"),
             latencies,
             started.elapsed(),
+        );
+        println!(
+            "      {}",
+            CpuTimes::now().per_query_since(&cpu_before, answered)
         );
         let after = market.market.metrics().encode();
         let before: std::collections::HashMap<_, _> = stage_means(&before)
@@ -234,6 +317,7 @@ async fn open_loop(
     queries: usize,
 ) -> anyhow::Result<()> {
     let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
+    let cpu_before = CpuTimes::now();
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for q in 0..queries {
@@ -247,10 +331,15 @@ async fn open_loop(
         });
     }
     let latencies = tasks.join_all().await;
+    let answered = latencies.len();
     report(
         &format!("{rate:>4}/s offered"),
         latencies,
         started.elapsed(),
+    );
+    println!(
+        "      {}",
+        CpuTimes::now().per_query_since(&cpu_before, answered)
     );
     Ok(())
 }
@@ -284,9 +373,11 @@ fn baseline(queries: usize) -> anyhow::Result<()> {
     for _ in 0..20 {
         run();
     }
+    let cpu_before = CpuTimes::now();
     let started = Instant::now();
     let mut latencies: Vec<Duration> = (0..queries).map(|_| run()).collect();
     let elapsed = started.elapsed();
+    let cpu = CpuTimes::now().per_query_since(&cpu_before, queries);
     latencies.sort();
     println!(
         "== baseline: the sandbox alone, 1 thread: {:>7.1} queries/s   p50 {:>6.2} ms   p99 {:>6.2} ms",
@@ -294,11 +385,10 @@ fn baseline(queries: usize) -> anyhow::Result<()> {
         millis(percentile(&latencies, 0.5)),
         millis(percentile(&latencies, 0.99)),
     );
+    println!("      {cpu}");
     Ok(())
 }
 
-/// The number after `flag`, if the flag is given: a value that is missing or
-/// not a number is an error naming the flag, never the default.
 /// Authorized queries over gRPC against the sandbox alone.
 #[derive(clap::Parser)]
 struct Args {
