@@ -349,12 +349,29 @@ pub async fn decide(
     Ok(contract)
 }
 
-/// An active contract's grant, as the index keeps it.
+/// An active contract's grant, as the index keeps it. A contract's plan and
+/// quota never change once it is made (only its state, expiry and reason
+/// do), so a query reads them here rather than from the contract's row.
 #[derive(Clone, Debug)]
 struct Grant {
     contract_id: String,
     operations: AllowedOperations,
     expires_at: i64,
+    plan_id: String,
+    monthly_query_quota: i64,
+}
+
+/// What a query runs under: the contract that allows it, as indexed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueryGrant {
+    /// The contract's id.
+    pub contract_id: String,
+    /// What the contract allows; the sandbox enforces it.
+    pub operations: AllowedOperations,
+    /// The price plan the contract was made under.
+    pub plan_id: String,
+    /// Queries a month the contract includes (0: no quota).
+    pub monthly_query_quota: i64,
 }
 
 /// The active contracts by (consumer organization, product).
@@ -402,6 +419,8 @@ impl ContractIndex {
                 contract_id: contract.id.clone(),
                 operations: contract.operations.clone().unwrap_or_default(),
                 expires_at: contract.expires_at_unix_ms,
+                plan_id: contract.plan_id.clone(),
+                monthly_query_quota: contract.monthly_query_quota,
             });
         }
         if entry.is_empty() {
@@ -438,7 +457,7 @@ impl ContractIndex {
         product: &str,
         algorithm_sha256: &str,
         now: i64,
-    ) -> std::result::Result<(String, AllowedOperations), String> {
+    ) -> std::result::Result<QueryGrant, String> {
         let grants = self.grants.read().expect("contract index lock");
         let Some(grants) = grants.get(&(consumer.to_owned(), product.to_owned())) else {
             return Err(format!("no active contract for product {product}"));
@@ -454,7 +473,12 @@ impl ContractIndex {
                     .any(|hash| hash == algorithm_sha256)
             };
             if allowed {
-                return Ok((grant.contract_id.clone(), ops.clone()));
+                return Ok(QueryGrant {
+                    contract_id: grant.contract_id.clone(),
+                    operations: ops.clone(),
+                    plan_id: grant.plan_id.clone(),
+                    monthly_query_quota: grant.monthly_query_quota,
+                });
             }
             reason = if algorithm_sha256.is_empty() {
                 format!("contract {} allows no SQL", grant.contract_id)
@@ -581,5 +605,31 @@ mod tests {
             Check::Denied(_)
         ));
         assert!(index.is_empty());
+    }
+
+    #[test]
+    fn a_query_grant_carries_the_contracts_plan_and_quota() {
+        let index = ContractIndex::default();
+        let operations = AllowedOperations {
+            aggregate_sql: true,
+            ..Default::default()
+        };
+        let mut contract = active("ctr-2", 1_000, operations.clone());
+        contract.plan_id = "per-query".into();
+        contract.monthly_query_quota = 40;
+        index.update(&contract);
+        assert_eq!(
+            index.grant_for_query("acme", "population", "", 999),
+            Ok(QueryGrant {
+                contract_id: "ctr-2".into(),
+                operations,
+                plan_id: "per-query".into(),
+                monthly_query_quota: 40,
+            })
+        );
+        assert_eq!(
+            index.grant_for_query("acme", "population", "", 1_000),
+            Err("every active contract has expired".into())
+        );
     }
 }

@@ -11,7 +11,7 @@
 //! nothing released), so a retry under the same key runs afresh and is
 //! charged once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +27,7 @@ use sqlx::{AnyConnection, Row as _};
 use tonic::Code;
 
 use crate::audit::log::{self, Event};
+use crate::audit::merkle::Frontier;
 use crate::billing::{self, AccountKind, PeriodUsage, Posting, QueryUse};
 use crate::error::{MarketError, Result};
 use crate::identity::Principal;
@@ -216,6 +217,12 @@ pub struct QueryEngine {
     config: EngineConfig,
     /// Parquet footers of every product's files, parsed once per file.
     footers: Arc<FooterCache>,
+    /// Each product as a reservation last read it. Only a hint: the
+    /// reservation's standing statement confirms it against the stored row
+    /// and reads the product afresh when it has changed, so a query never
+    /// runs on a stale state, spec or price. Products are never deleted, so
+    /// this holds at most one entry per product in the catalog.
+    products_seen: std::sync::RwLock<HashMap<String, Arc<StoredProduct>>>,
 }
 
 impl std::fmt::Debug for QueryEngine {
@@ -275,7 +282,23 @@ impl QueryEngine {
             sql_guest,
             config,
             footers: Arc::default(),
+            products_seen: std::sync::RwLock::default(),
         })
+    }
+
+    fn product_seen(&self, id: &str) -> Option<Arc<StoredProduct>> {
+        self.products_seen
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+
+    fn remember_product(&self, product: Arc<StoredProduct>) {
+        self.products_seen
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(product.0.id.clone(), product);
     }
 
     /// The configuration.
@@ -508,21 +531,34 @@ async fn remove_running(store: &Store, only: Option<&str>, why: &str) -> Result<
     Ok(rows.len() as u64)
 }
 
-async fn period_usage(
+/// What a settlement reads, in one statement (on SQLite one trip to the
+/// writer's thread instead of two): the contract's use in the period so far,
+/// and the audit log's head, locked for the settlement's append.
+async fn usage_and_audit_head(
     connection: &mut AnyConnection,
+    backend: Backend,
     contract_id: &str,
     period: &str,
-) -> Result<PeriodUsage> {
-    let row = sqlx::query(
-        "SELECT queries, compute_units, rows_released, subscription_charged FROM usage_counters \
-         WHERE contract_id = $1 AND period = $2",
-    )
-    .bind(contract_id)
-    .bind(period)
-    .fetch_optional(&mut *connection)
-    .await?;
-    row.as_ref()
-        .map_or(Ok(PeriodUsage::default()), usage_from_row)
+) -> Result<(PeriodUsage, Frontier)> {
+    let sql = format!(
+        "SELECT COALESCE(counters.queries, 0) AS queries, \
+         COALESCE(counters.compute_units, 0) AS compute_units, \
+         COALESCE(counters.rows_released, 0) AS rows_released, \
+         COALESCE(counters.subscription_charged, 0) AS subscription_charged, \
+         {head} \
+         FROM audit_head AS head \
+         LEFT JOIN usage_counters AS counters \
+           ON counters.contract_id = $1 AND counters.period = $2 \
+         WHERE head.id = 1{lock}",
+        head = log::HEAD_FOR_APPEND_COLUMNS,
+        lock = log::head_for_append_lock(backend),
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(contract_id)
+        .bind(period)
+        .fetch_one(&mut *connection)
+        .await?;
+    Ok((usage_from_row(&row)?, log::head_for_append_from_row(&row)?))
 }
 
 /// A contract's use in a period, from a row with the `usage_counters`
@@ -546,6 +582,9 @@ struct Standing {
     balance: i64,
     held: i64,
     privacy_spent: f64,
+    /// Whether the product's row is still the one the reservation's terms
+    /// were worked out from.
+    product_unchanged: bool,
 }
 
 /// Reads a reservation's [`Standing`] in one statement. On SQLite every
@@ -555,7 +594,9 @@ struct Standing {
 /// `queries_running` and `queries_open_holds` indexes.
 ///
 /// Parameters: `$1` contract, `$2` period, `$3` the consumer's ledger
-/// account, `$4` the consumer, `$5` currency, `$6` product.
+/// account, `$4` the consumer, `$5` currency, `$6` product; `$7` to `$11`
+/// the product's state, version, update time, provider and spec bytes as
+/// they were read.
 const STANDING: &str = concat!(
     "SELECT \
      COALESCE(counters.queries, 0) AS queries, \
@@ -566,7 +607,10 @@ const STANDING: &str = concat!(
      COALESCE(account.balance_minor, 0) AS balance, ",
     billing::open_holds_sum!("$4", "$5"),
     " AS held, \
-     COALESCE(budget.spent, 0.0) AS privacy_spent \
+     COALESCE(budget.spent, 0.0) AS privacy_spent, \
+     (SELECT COUNT(*) FROM products WHERE id = $6 AND state = $7 AND version = $8 \
+       AND updated_at = $9 AND provider_organization_id = $10 AND spec = $11) \
+       AS product_unchanged \
      FROM (SELECT 1 AS one) AS standing \
      LEFT JOIN usage_counters AS counters \
        ON counters.contract_id = $1 AND counters.period = $2 \
@@ -582,8 +626,9 @@ async fn standing(
     period: &str,
     consumer: &str,
     currency: &str,
-    product_id: &str,
+    product: &StoredProduct,
 ) -> Result<Standing> {
+    let (read, spec_bytes) = product;
     let row = sqlx::query(STANDING)
         .bind(contract_id)
         .bind(period)
@@ -594,7 +639,12 @@ async fn standing(
         ))
         .bind(consumer)
         .bind(currency)
-        .bind(product_id)
+        .bind(&read.id)
+        .bind(crate::registry::state_name(read.state()))
+        .bind(read.version)
+        .bind(read.updated_at_unix_ms)
+        .bind(&read.provider_organization_id)
+        .bind(spec_bytes.as_slice())
         .fetch_one(&mut *connection)
         .await?;
     Ok(Standing {
@@ -603,8 +653,12 @@ async fn standing(
         balance: row.try_get("balance")?,
         held: row.try_get("held")?,
         privacy_spent: row.try_get("privacy_spent")?,
+        product_unchanged: row.try_get::<i64, _>("product_unchanged")? == 1,
     })
 }
+
+/// A product as read, with its spec's bytes as stored.
+type StoredProduct = (proto::Product, Vec<u8>);
 
 /// Everything decided before the sandbox runs.
 struct Reservation {
@@ -662,6 +716,7 @@ pub async fn run(
         market.metrics().outcome("replayed");
         return Ok(outcome);
     }
+    let seen = engine.product_seen(&request.product_id);
     let started = std::time::Instant::now();
     let request = Arc::new(request);
     let reserved = {
@@ -682,8 +737,8 @@ pub async fn run(
                         &engine,
                         &principal,
                         &request,
-                        &algorithm_sha256,
-                        &digest,
+                        (&algorithm_sha256, &digest),
+                        seen,
                     )
                     .await
                 })
@@ -832,21 +887,24 @@ async fn replay(
     }))
 }
 
-/// Authorizes the query and records it as running with its hold.
-#[tracing::instrument(name = "authorize", skip_all)]
-async fn reserve(
-    connection: &mut AnyConnection,
+/// What a product and the consumer's contract on it set for a query,
+/// worked out before the consumer's standing is read.
+struct Terms {
+    contract_id: String,
+    monthly_query_quota: i64,
+    plan: proto::PricePlan,
+    policy: OutputPolicy,
+    storage: PathBuf,
+    dp_epsilon_budget: f64,
+}
+
+fn query_terms(
     market: &crate::service::Marketplace,
-    engine: &QueryEngine,
-    principal: &Principal,
-    request: &proto::RunQueryRequest,
+    consumer: &str,
+    product: &proto::Product,
     algorithm_sha256: &str,
-    digest: &str,
-) -> Result<Reservation> {
-    let config = engine.config();
-    let consumer = principal.organization.id.clone();
-    let now = now_ms();
-    let product = crate::registry::get(connection, &request.product_id).await?;
+    now: i64,
+) -> Result<Terms> {
     if product.state() != proto::ProductState::Published {
         return Err(MarketError::FailedPrecondition(format!(
             "product {} is {}, not published",
@@ -855,26 +913,25 @@ async fn reserve(
         )));
     }
     let spec = product.spec.clone().unwrap_or_default();
-    let (contract_id, operations) = market
+    let grant = market
         .contract_index()
-        .grant_for_query(&consumer, &product.id, algorithm_sha256, now)
+        .grant_for_query(consumer, &product.id, algorithm_sha256, now)
         .map_err(|reason| MarketError::PermissionDenied {
             permission: "query:run".into(),
             context: format!(" on product {}: {reason}", product.id),
         })?;
-    let contract = crate::contracts::get(connection, &contract_id).await?;
     let plan = spec
         .price_plans
         .iter()
-        .find(|plan| plan.id == contract.plan_id)
+        .find(|plan| plan.id == grant.plan_id)
         .cloned()
         .ok_or_else(|| {
             MarketError::FailedPrecondition(format!(
-                "contract {contract_id}'s plan {:?} is no longer offered by product {}",
-                contract.plan_id, product.id
+                "contract {}'s plan {:?} is no longer offered by product {}",
+                grant.contract_id, grant.plan_id, product.id
             ))
         })?;
-    let policy = sandbox_policy(&spec, &operations).map_err(|error| {
+    let policy = sandbox_policy(&spec, &grant.operations).map_err(|error| {
         MarketError::FailedPrecondition(format!(
             "product {}'s output policy cannot be enforced: {error}",
             product.id
@@ -887,35 +944,99 @@ async fn reserve(
                 product.id
             ))
         })?;
+    Ok(Terms {
+        contract_id: grant.contract_id,
+        monthly_query_quota: grant.monthly_query_quota,
+        plan,
+        policy,
+        storage,
+        dp_epsilon_budget: spec
+            .output_policy
+            .as_ref()
+            .map_or(0.0, |policy| policy.dp_epsilon_budget),
+    })
+}
+
+/// Authorizes the query and records it as running with its hold.
+///
+/// `seen` is the product as an earlier reservation read it: on SQLite every
+/// statement here is a trip to the one writer's thread while every other
+/// reservation and settlement waits, and the product need not be one. The
+/// standing's statement confirms it is still the stored row; when it is not,
+/// or when it would refuse the query, the product is read here and decides.
+#[tracing::instrument(name = "authorize", skip_all)]
+async fn reserve(
+    connection: &mut AnyConnection,
+    market: &crate::service::Marketplace,
+    engine: &QueryEngine,
+    principal: &Principal,
+    request: &proto::RunQueryRequest,
+    (algorithm_sha256, digest): (&str, &str),
+    mut seen: Option<Arc<StoredProduct>>,
+) -> Result<Reservation> {
+    let config = engine.config();
+    let consumer = principal.organization.id.clone();
+    let now = now_ms();
+    let period = billing::period_of(now);
+    let (product, terms, standing) = loop {
+        let (product, from_memory) = match seen.take() {
+            Some(product) => (product, true),
+            None => {
+                let product = Arc::new(
+                    crate::registry::get_as_stored(connection, &request.product_id).await?,
+                );
+                engine.remember_product(Arc::clone(&product));
+                (product, false)
+            }
+        };
+        let terms = match query_terms(market, &consumer, &product.0, algorithm_sha256, now) {
+            Ok(terms) => terms,
+            Err(_) if from_memory => continue,
+            Err(refusal) => return Err(refusal),
+        };
+        billing::lock_for_hold(
+            connection,
+            market.store().backend(),
+            &consumer,
+            &terms.plan.currency,
+        )
+        .await?;
+        let standing = standing(
+            connection,
+            &terms.contract_id,
+            &period,
+            &consumer,
+            &terms.plan.currency,
+            &product,
+        )
+        .await?;
+        if from_memory && !standing.product_unchanged {
+            continue;
+        }
+        break (product, terms, standing);
+    };
+    let product = &product.0;
+    let Terms {
+        contract_id,
+        monthly_query_quota: quota,
+        plan,
+        policy,
+        storage,
+        dp_epsilon_budget,
+    } = terms;
     let compute_units = if request.max_compute_units == 0 {
         config.default_compute_units
     } else {
         request.max_compute_units
     };
-    let period = billing::period_of(now);
-    billing::lock_for_hold(
-        connection,
-        market.store().backend(),
-        &consumer,
-        &plan.currency,
-    )
-    .await?;
     let Standing {
         usage,
         running,
         balance,
         held,
         privacy_spent,
-    } = standing(
-        connection,
-        &contract_id,
-        &period,
-        &consumer,
-        &plan.currency,
-        &product.id,
-    )
-    .await?;
-    let quota = contract.monthly_query_quota;
+        product_unchanged: _,
+    } = standing;
     if quota > 0 && usage.queries + running >= quota {
         return Err(MarketError::ResourceExhausted(format!(
             "contract {contract_id}'s quota of {quota} queries in {period} is used up"
@@ -930,11 +1051,10 @@ async fn reserve(
             available = balance - held,
         )));
     }
-    let privacy_budget = match &spec.output_policy {
-        Some(policy) if policy.dp_epsilon_budget > 0.0 => {
-            (policy.dp_epsilon_budget - privacy_spent).max(0.0)
-        }
-        _ => 0.0,
+    let privacy_budget = if dp_epsilon_budget > 0.0 {
+        (dp_epsilon_budget - privacy_spent).max(0.0)
+    } else {
+        0.0
     };
     let query_id = crate::identity::new_id("q");
     let inserted = sqlx::query(
@@ -1114,10 +1234,16 @@ async fn settle(
         },
         Err(error) => Err(error),
     };
-    let usage = period_usage(connection, &reservation.contract_id, &reservation.period).await?;
+    let (usage, audit_head) = usage_and_audit_head(
+        connection,
+        backend,
+        &reservation.contract_id,
+        &reservation.period,
+    )
+    .await?;
     // Every write of the settlement goes in one batch: one trip to SQLite's
-    // writer instead of ten (reads run as they come, and none reads what
-    // the batch writes).
+    // writer instead of ten (its reads went in one statement above, and
+    // none reads what the batch writes).
     let mut writes = WriteBatch::new();
     let now = now_ms();
     let currency = reservation.plan.currency.clone();
@@ -1234,10 +1360,10 @@ async fn settle(
         unreachable!("a result is Ok or Err");
     }
     let audit_started = std::time::Instant::now();
-    let audit_index = log::append_into(
-        connection,
+    let audit_index = log::append_after(
         &mut writes,
         backend,
+        audit_head,
         &[Event {
             kind: event_kind.into(),
             actor: principal.user.id.clone(),
@@ -1264,8 +1390,7 @@ async fn settle(
                 "result_sha256": sha256_hex(&result),
             }),
         }],
-    )
-    .await?[0];
+    )?[0];
     metrics.stage("audit", audit_started.elapsed());
     summary.audit_index = i64::try_from(audit_index).unwrap_or(i64::MAX);
     let (error_code, error_text) = error.as_ref().map_or((0, String::new()), |(code, text)| {
@@ -1435,13 +1560,19 @@ mod tests {
     async fn a_reservations_standing_reads_through_indexes() -> Result<()> {
         let (_dir, store) = crate::store::temporary().await?;
         let mut sql = STANDING.to_owned();
+        // From the last: `$1` would otherwise take the front of `$10`.
         for (parameter, value) in [
-            ("$1", "'contract'"),
-            ("$2", "'2026-12'"),
-            ("$3", "'consumer:org:EUR'"),
-            ("$4", "'org'"),
-            ("$5", "'EUR'"),
+            ("$11", "X'00'"),
+            ("$10", "'provider'"),
+            ("$9", "0"),
+            ("$8", "1"),
+            ("$7", "'published'"),
             ("$6", "'product'"),
+            ("$5", "'EUR'"),
+            ("$4", "'org'"),
+            ("$3", "'consumer:org:EUR'"),
+            ("$2", "'2026-12'"),
+            ("$1", "'contract'"),
         ] {
             sql = sql.replace(parameter, value);
         }
@@ -1466,6 +1597,69 @@ mod tests {
                 .any(|step| step.contains("INDEX queries_running")),
             "{plan:?}"
         );
+        Ok(())
+    }
+
+    /// A reservation works out its terms from the product as a reader saw
+    /// it; the standing's statement must see any change made since, or a
+    /// query would run on a suspended product or under an old price.
+    #[tokio::test]
+    async fn the_standing_sees_a_product_changed_since_it_was_read() -> Result<()> {
+        use crate::registry::{self, Step};
+        let (_dir, store) = crate::store::temporary().await?;
+        let backend = store.backend();
+        let mut connection = store.pool().acquire().await?;
+        let sample = crate::city::hotline_tickets();
+        crate::identity::create_organization(
+            &mut connection,
+            sample.provider,
+            "City data",
+            crate::identity::OrganizationKind::Provider,
+        )
+        .await?;
+        registry::create(
+            &mut connection,
+            backend,
+            "tester",
+            sample.provider,
+            sample.id,
+            sample.spec.clone(),
+        )
+        .await?;
+        let unchanged = async |connection: &mut AnyConnection, read: &StoredProduct| {
+            standing(connection, "contract", "2026-12", "acme", "EUR", read)
+                .await
+                .map(|standing| standing.product_unchanged)
+        };
+        let read = registry::get_as_stored(&mut connection, sample.id).await?;
+        assert!(unchanged(&mut connection, &read).await?);
+
+        registry::step(
+            &mut connection,
+            backend,
+            "tester",
+            sample.id,
+            Step::Submit,
+            "",
+        )
+        .await?;
+        assert!(!unchanged(&mut connection, &read).await?, "a new state");
+        let read = registry::get_as_stored(&mut connection, sample.id).await?;
+        assert!(unchanged(&mut connection, &read).await?);
+
+        // The spec alone, as a draft's measured quality is written.
+        let mut quality = sample.spec.quality.unwrap_or_default();
+        quality.completeness = 0.5;
+        registry::set_quality(&mut connection, sample.id, quality).await?;
+        assert!(!unchanged(&mut connection, &read).await?, "a new spec");
+        let read = registry::get_as_stored(&mut connection, sample.id).await?;
+        assert!(unchanged(&mut connection, &read).await?);
+
+        sqlx::query("UPDATE products SET version = version + 1 WHERE id = $1")
+            .bind(sample.id)
+            .execute(&mut *connection)
+            .await?;
+        assert!(!unchanged(&mut connection, &read).await?, "a new version");
         Ok(())
     }
 }

@@ -392,6 +392,16 @@ fn product_from_row(row: &sqlx::any::AnyRow) -> Result<Product> {
 /// # Errors
 /// `NotFound`.
 pub async fn get(connection: &mut AnyConnection, id: &str) -> Result<Product> {
+    Ok(get_as_stored(connection, id).await?.0)
+}
+
+/// A product by id, with its spec's bytes as stored: a later statement can
+/// compare those to see that the product has not changed since it was read
+/// (re-encoding the decoded spec need not give the same bytes).
+///
+/// # Errors
+/// `NotFound`.
+pub async fn get_as_stored(connection: &mut AnyConnection, id: &str) -> Result<(Product, Vec<u8>)> {
     let sql = format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1");
     let row = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(id.to_owned())
@@ -401,7 +411,7 @@ pub async fn get(connection: &mut AnyConnection, id: &str) -> Result<Product> {
             what: "product",
             id: id.to_owned(),
         })?;
-    product_from_row(&row)
+    Ok((product_from_row(&row)?, row.try_get("spec")?))
 }
 
 /// Records a registration event with its audit entry.

@@ -71,8 +71,38 @@ async fn head_for_append(connection: &mut AnyConnection, backend: Backend) -> Re
 
 async fn read_head(connection: &mut AnyConnection, sql: &'static str) -> Result<Frontier> {
     let row = sqlx::query(sql).fetch_one(&mut *connection).await?;
-    let size: i64 = row.try_get("size")?;
-    let frontier: Vec<u8> = row.try_get("frontier")?;
+    frontier_from_row(&row, "size", "frontier")
+}
+
+/// The head's columns, for a caller that reads the head for an append in a
+/// statement of its own, beside reads of its own (one trip to SQLite's writer
+/// instead of two): `SELECT … {HEAD_FOR_APPEND_COLUMNS} FROM audit_head AS
+/// head … WHERE head.id = 1`, followed on PostgreSQL by
+/// [`head_for_append_lock`]. [`head_for_append_from_row`] reads them back.
+pub const HEAD_FOR_APPEND_COLUMNS: &str =
+    "head.size AS audit_head_size, head.frontier AS audit_head_frontier";
+
+/// The lock clause that ends a statement reading the head for an append:
+/// appenders queue on the head row until their transactions end.
+#[must_use]
+pub fn head_for_append_lock(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => "",
+        Backend::Postgres => " FOR UPDATE OF head",
+    }
+}
+
+/// The head from a row with [`HEAD_FOR_APPEND_COLUMNS`].
+///
+/// # Errors
+/// A missing column or a corrupt head.
+pub fn head_for_append_from_row(row: &sqlx::any::AnyRow) -> Result<Frontier> {
+    frontier_from_row(row, "audit_head_size", "audit_head_frontier")
+}
+
+fn frontier_from_row(row: &sqlx::any::AnyRow, size: &str, frontier: &str) -> Result<Frontier> {
+    let size: i64 = row.try_get(size)?;
+    let frontier: Vec<u8> = row.try_get(frontier)?;
     if !frontier.len().is_multiple_of(32) {
         return Err(MarketError::Corrupt("audit head frontier length".into()));
     }
@@ -117,8 +147,27 @@ pub async fn append_into(
     if events.is_empty() {
         return Ok(Vec::new());
     }
+    let frontier = head_for_append(connection, backend).await?;
+    append_after(batch, backend, frontier, events)
+}
+
+/// Adds the entries, their tree nodes and the new head to `batch` after
+/// `frontier`, the head as the caller's transaction read it for an append
+/// (see [`HEAD_FOR_APPEND_COLUMNS`]); returns their indexes. The batch must
+/// run in that transaction before anything else appends.
+///
+/// # Errors
+/// `Corrupt` for a second append into one batch.
+pub fn append_after(
+    batch: &mut WriteBatch,
+    backend: Backend,
+    mut frontier: Frontier,
+    events: &[Event],
+) -> Result<Vec<u64>> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
     batch.claim_audit_append()?;
-    let mut frontier = head_for_append(connection, backend).await?;
     let at_unix_ms = now_ms();
     let mut entries = Vec::with_capacity(events.len());
     let mut nodes = Vec::with_capacity(events.len() * 2);
@@ -459,6 +508,54 @@ mod tests {
             }
         }
 
+        Ok(())
+    }
+
+    /// A settlement reads the head in its own statement, beside its other
+    /// reads, and appends after it: the log it leaves must be the one
+    /// `append` would have left, entry for entry and root for root.
+    #[tokio::test]
+    async fn an_append_after_a_head_read_by_the_caller_extends_the_log() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(&Location::DataDir(dir.path().to_owned())).await?;
+        let backend = store.backend();
+        let mut transaction = store.begin().await?;
+        append(&mut transaction, backend, &[event(0), event(1), event(2)]).await?;
+        let sql = format!(
+            "SELECT 7 AS own_column, {HEAD_FOR_APPEND_COLUMNS} FROM audit_head AS head \
+             WHERE head.id = 1{}",
+            head_for_append_lock(backend)
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&mut *transaction)
+            .await?;
+        assert_eq!(row.try_get::<i64, _>("own_column")?, 7);
+        let read = head_for_append_from_row(&row)?;
+        assert_eq!(read.size(), 3);
+        let mut batch = WriteBatch::new();
+        assert_eq!(append_after(&mut batch, backend, read, &[event(3)])?, [3]);
+        assert!(
+            append_after(
+                &mut batch,
+                backend,
+                head(&mut transaction, backend).await?,
+                &[event(4)]
+            )
+            .is_err(),
+            "a second append into the batch would fork the log"
+        );
+        batch.execute(&mut transaction).await?;
+        transaction.commit().await?;
+
+        let mut connection = store.pool().acquire().await?;
+        let bodies = entries(&mut connection, 0, 4, "", "", 10).await?;
+        let leaves: Vec<Hash> = bodies.iter().map(|e| merkle::leaf_hash(&e.body)).collect();
+        assert_eq!(leaves.len(), 4);
+        assert_eq!(head(&mut connection, backend).await?.size(), 4);
+        assert_eq!(
+            root_at(&mut connection, backend, 4).await?,
+            merkle::root_of(&leaves)
+        );
         Ok(())
     }
 }

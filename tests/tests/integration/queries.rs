@@ -9,10 +9,12 @@ use arrow_array::{Array as _, Int64Array, RecordBatch};
 use civicgrid_marketplace::proto::{
     self, audit_client::AuditClient, billing_client::BillingClient,
     contracts_client::ContractsClient, queries_client::QueriesClient,
+    registry_client::RegistryClient,
 };
 use civicgrid_marketplace::queries::{EngineConfig, QueryEngine};
 use civicgrid_tests::market::{
-    Cast, Db, SAMPLE_ROWS, TestMarket, authed, contract_request, publish, publish_spec, sample_spec,
+    Cast, Db, SAMPLE_ROWS, TestMarket, action, authed, contract_request, publish, publish_spec,
+    sample_spec,
 };
 use tonic::Code;
 
@@ -828,8 +830,66 @@ fn engine_limits_out_of_range_are_refused_by_flag_at_start() -> anyhow::Result<(
     Ok(())
 }
 
+/// The server keeps each product as a query last read it, so that the next
+/// query need not read it again from the database's one writer. A product
+/// suspended or repriced since must still be seen as it is stored now.
+async fn a_product_changed_since_the_last_query_is_read_afresh(db: Db) -> anyhow::Result<()> {
+    let (market, cast) = start(db).await?;
+    contract(&market, &cast, 0).await?;
+    deposit(&market, 10_000).await?;
+    let token = &cast.consumer_analyst;
+    let mut registry = RegistryClient::new(market.channel.clone());
+    let first = run(&market, token, query(BY_DISTRICT, "k-as-published")).await?;
+    assert_eq!(first.summary.charge_minor, 250, "the sample plan's price");
+
+    registry
+        .suspend_product(authed(
+            &cast.admin,
+            action("population", "data under review"),
+        ))
+        .await?;
+    let refused = run(&market, token, query(BY_DISTRICT, "k-suspended"))
+        .await
+        .err()
+        .context("a suspended product answers no query")?;
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("is suspended, not published"),
+        "{refused:?}"
+    );
+
+    registry
+        .publish_product(authed(&cast.admin, action("population", "")))
+        .await?;
+    let mut repriced = sample_spec();
+    repriced.price_plans[0].unit_price_minor = 400;
+    registry
+        .revise_product(authed(
+            &cast.provider_admin,
+            proto::ReviseProductRequest {
+                product_id: "population".into(),
+                spec: Some(repriced),
+                reason: "new price".into(),
+            },
+        ))
+        .await?;
+    let after = run(&market, token, query(BY_DISTRICT, "k-repriced")).await?;
+    assert_eq!(after.summary.charge_minor, 400, "the new version's price");
+    assert_eq!(
+        balance(&market, &cast.consumer_admin, "")
+            .await?
+            .balance_minor,
+        10_000 - 250 - 400,
+        "charged the two queries that ran, at their prices"
+    );
+    assert_sound(&ledger(&market).await?);
+    market.stop().await;
+    Ok(())
+}
+
 civicgrid_tests::on_both_databases!(
     charged_once_policy_checked_and_audited,
+    a_product_changed_since_the_last_query_is_read_afresh,
     bad_requests_quota_and_interrupted_queries,
     privacy_budget_is_debited_with_the_charge,
     a_client_that_gives_up_mid_query_leaves_no_hold,
