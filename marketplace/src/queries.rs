@@ -959,11 +959,12 @@ fn query_terms(
 
 /// Authorizes the query and records it as running with its hold.
 ///
-/// `seen` is the product as an earlier reservation read it: on SQLite every
+/// `seen` is the product as an earlier reservation read it. On SQLite every
 /// statement here is a trip to the one writer's thread while every other
-/// reservation and settlement waits, and the product need not be one. The
-/// standing's statement confirms it is still the stored row; when it is not,
-/// or when it would refuse the query, the product is read here and decides.
+/// reservation and settlement waits, so the product is not read again while
+/// that earlier read still holds: the standing's statement confirms it is
+/// the stored row. When it is not, or when it would refuse the query, the
+/// product is read here and decides.
 #[tracing::instrument(name = "authorize", skip_all)]
 async fn reserve(
     connection: &mut AnyConnection,
