@@ -62,11 +62,14 @@ pub async fn head(connection: &mut AnyConnection, _backend: Backend) -> Result<F
 
 /// The head, locked for an append until the caller's transaction ends.
 async fn head_for_append(connection: &mut AnyConnection, backend: Backend) -> Result<Frontier> {
-    let sql = match backend {
-        Backend::Sqlite => "SELECT size, frontier FROM audit_head WHERE id = 1",
-        Backend::Postgres => "SELECT size, frontier FROM audit_head WHERE id = 1 FOR UPDATE",
-    };
-    read_head(connection, sql).await
+    let sql = format!(
+        "SELECT {HEAD_FOR_APPEND_COLUMNS} FROM audit_head AS head WHERE head.id = 1{}",
+        head_for_append_lock(backend)
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .fetch_one(&mut *connection)
+        .await?;
+    head_for_append_from_row(&row)
 }
 
 async fn read_head(connection: &mut AnyConnection, sql: &'static str) -> Result<Frontier> {
