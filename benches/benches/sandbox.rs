@@ -70,8 +70,17 @@ fn sandbox(cache: &Path, meter_fuel: bool) -> Sandbox {
     sandbox_with(cache, |config| config.meter_fuel = meter_fuel)
 }
 
-fn sandbox_with(cache: &Path, configure: impl FnOnce(&mut SandboxConfig)) -> Sandbox {
+/// Set once from `--perf-map`, for every sandbox the benchmark makes.
+static PERF_MAP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn config(cache: &Path) -> SandboxConfig {
     let mut config = SandboxConfig::new(cache);
+    config.perf_map = PERF_MAP.load(std::sync::atomic::Ordering::Relaxed);
+    config
+}
+
+fn sandbox_with(cache: &Path, configure: impl FnOnce(&mut SandboxConfig)) -> Sandbox {
+    let mut config = config(cache);
     configure(&mut config);
     Sandbox::new(&config).expect("sandbox")
 }
@@ -138,6 +147,10 @@ struct Args {
     /// (g) alone.
     #[arg(long, conflicts_with = "compare_only")]
     memory_only: bool,
+    /// Write `/tmp/perf-<pid>.map` so that `perf record -p <pid>` then
+    /// `perf report` name the guest's functions (see docs/sandbox.md).
+    #[arg(long)]
+    perf_map: bool,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -146,6 +159,7 @@ struct Args {
 fn main() {
     let args = <Args as clap::Parser>::parse();
     let (scale, compare_only) = (args.scale, args.compare_only);
+    PERF_MAP.store(args.perf_map, std::sync::atomic::Ordering::Relaxed);
     let cache = tempfile::tempdir().expect("cache dir");
     let sql = sql_guest();
     if args.memory_only {
@@ -491,7 +505,7 @@ fn tpch_against_native(
     println!(
         "(b) TPC-H SF{scale}, best of {TPCH_ROUNDS} interleaved rounds, sandbox vs the same engine natively"
     );
-    let mut one_instance_config = SandboxConfig::new(cache);
+    let mut one_instance_config = config(cache);
     one_instance_config.split_scans = false;
     let one_instance = Sandbox::new(&one_instance_config).expect("sandbox");
     let split_guest = from_cache.load(sql, GuestRole::Sql).expect("load");
