@@ -29,7 +29,7 @@ use civicgrid_sandbox::{
     Guest, GuestRole, Job, Limits, Outcome, Sandbox, SandboxConfig, TableStore,
 };
 use civicgrid_tests::sandbox::{
-    local, residents_aggregate_policy, run_native, sql_guest, write_residents,
+    local, local_in_shares, residents_aggregate_policy, run_native, sql_guest, write_residents,
 };
 use civicgrid_tests::tpch;
 
@@ -151,6 +151,11 @@ struct Args {
     /// `perf report` name the guest's functions (see docs/sandbox.md).
     #[arg(long)]
     perf_map: bool,
+    /// Rows per share of a split scan in (b) to (f), instead of the
+    /// sandbox's default (`SHARE_ROWS`); 1048576 splits SF1's line items in
+    /// six, as row groups did before shares had a size of their own.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    share_rows: Option<u64>,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -227,7 +232,14 @@ fn main() {
 
     // (b) TPC-H in the sandbox against the same engine natively.
     let dir = tpch_dir(scale);
-    let tables = local(&dir);
+    let tables: Arc<dyn TableStore> = match args.share_rows {
+        Some(rows) => local_in_shares(&dir, rows),
+        None => local(&dir),
+    };
+    println!(
+        "    {} rows per share of a split scan",
+        args.share_rows.unwrap_or(civicgrid_sandbox::SHARE_ROWS)
+    );
     if !compare_only {
         tpch_against_native(
             cache.path(),

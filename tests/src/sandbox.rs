@@ -72,7 +72,8 @@ pub fn tpch_small() -> &'static Path {
 }
 
 /// TPC-H at scale factor 0.01 with `lineitem` in row groups of 8,192 rows
-/// (eight of them), so the sandbox splits scans of it across instances.
+/// (eight of them), so the sandbox splits scans of it across instances when
+/// its shares are as small ([`local_in_shares`] with 8,192).
 pub fn tpch_small_in_parts() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -314,4 +315,14 @@ pub fn run_native(
 /// The tables in `dir`, as the sandbox sees them.
 pub fn local(dir: &Path) -> Arc<dyn TableStore> {
     Arc::new(LocalDirectory::discover(dir).expect("tables"))
+}
+
+/// The tables in `dir`, split into shares of at most `share_rows` rows, so
+/// small tables split as far as large ones do by default.
+pub fn local_in_shares(dir: &Path, share_rows: u64) -> Arc<dyn TableStore> {
+    Arc::new(
+        LocalDirectory::discover(dir)
+            .expect("tables")
+            .with_share_rows(share_rows),
+    )
 }

@@ -69,6 +69,19 @@ pub trait TableStore: Send + Sync {
 /// run on, few enough that each share's planning is noise next to its scan.
 pub const MAX_PARTS: usize = 16;
 
+/// Rows a share of a split scan holds, at most (fewer only when the table
+/// has fewer than two shares' worth, or more than [`MAX_PARTS`]' worth).
+///
+/// Every share is read by an instance of its own, and every instance plans
+/// the query first: 4–7 ms for TPC-H Q1, against about 60 ms to aggregate
+/// a million of its rows. At SF1 (6,001,215 line items) shares of a row
+/// group each (six) planned seven times per query, about a tenth of the
+/// split run on two cores; shares of up to 4 Mi rows split it in two, one
+/// per core, and plan three times. The share count must stay a property of
+/// the data, never of the machine (fuel must not depend on the core count),
+/// so this is a constant, not the cores present.
+pub const SHARE_ROWS: u64 = 4 * 1024 * 1024;
+
 /// Parsed Parquet footers (schema, row groups, column chunk offsets), shared
 /// by the scans of many runs. Without it a small query parses its table's
 /// footer three times (schema, parts, scan), and every query parses it again:
@@ -155,6 +168,7 @@ pub struct LocalDirectory {
     dir: PathBuf,
     tables: Vec<String>,
     footers: Arc<FooterCache>,
+    share_rows: u64,
 }
 
 impl LocalDirectory {
@@ -167,7 +181,17 @@ impl LocalDirectory {
             dir: dir.into(),
             tables: tables.into_iter().map(Into::into).collect(),
             footers: Arc::default(),
+            share_rows: SHARE_ROWS,
         }
+    }
+
+    /// The same tables, split into shares of at most `rows` rows instead of
+    /// [`SHARE_ROWS`] (see [`shares_for`]). Fuel depends on it: a run bills
+    /// the planning of every share's instance.
+    #[must_use]
+    pub fn with_share_rows(mut self, rows: u64) -> Self {
+        self.share_rows = rows.max(1);
+        self
     }
 
     /// The same tables, with Parquet footers kept in `footers`, which may be
@@ -252,9 +276,9 @@ impl TableStore for LocalDirectory {
         self.scan_row_groups(table, columns, None)
     }
 
-    /// A Parquet table stored in more than one row group splits into as many
-    /// shares as it has row groups, rounded up to an even number and at most
-    /// [`MAX_PARTS`]; each share is an equal run of the table's rows (see
+    /// A Parquet table stored in more than one row group splits into shares
+    /// of at most the directory's share rows ([`SHARE_ROWS`] by default), see
+    /// [`shares_for`]; each share is an equal run of the table's rows (see
     /// [`share_rows`]). Arrow IPC files do not split.
     fn parts(&self, table: &str) -> Result<usize, String> {
         let (path, is_parquet) = self.file(table)?;
@@ -262,7 +286,13 @@ impl TableStore for LocalDirectory {
             return Ok(1);
         }
         let footer = self.footers.metadata(&path, &open(&path)?)?;
-        Ok(shares_for(footer.metadata().num_row_groups()))
+        let metadata = footer.metadata();
+        let rows = metadata
+            .row_groups()
+            .iter()
+            .map(|group| u64::try_from(group.num_rows()).unwrap_or_default())
+            .sum();
+        Ok(shares_for(rows, metadata.num_row_groups(), self.share_rows))
     }
 
     fn scan_part(
@@ -329,7 +359,8 @@ impl LocalDirectory {
     }
 }
 
-/// How many shares a table stored in `row_groups` row groups splits into.
+/// How many shares a table of `rows` rows stored in `row_groups` row groups
+/// splits into, with shares of at most `share_rows` rows.
 ///
 /// Shares are equal in rows, so the cores that run them finish together
 /// when the count is a multiple of theirs; an even count is, for the two
@@ -337,11 +368,17 @@ impl LocalDirectory {
 /// row groups: TPC-H SF1's line items (five groups of 1,048,576 rows and one
 /// of 758,335) split 3,145,728 against 2,855,487 rows on two cores, so one
 /// core idled for the last tenth of the scan, natively as in the sandbox.
-fn shares_for(row_groups: usize) -> usize {
-    match row_groups {
-        0 | 1 => 1,
-        groups => groups.next_multiple_of(2).min(MAX_PARTS),
+///
+/// A table splits only if it is stored in more than one row group and two
+/// shares would each hold at least a sixteenth of `share_rows`: below that
+/// the second instance's planning costs more than the scan it saves.
+fn shares_for(rows: u64, row_groups: usize, share_rows: u64) -> usize {
+    let share_rows = share_rows.max(1);
+    if row_groups < 2 || rows < 2 * share_rows.div_ceil(16) {
+        return 1;
     }
+    let shares = usize::try_from(rows.div_ceil(share_rows)).unwrap_or(MAX_PARTS);
+    shares.max(2).next_multiple_of(2).min(MAX_PARTS)
 }
 
 /// Share `part` of `parts` of a Parquet file: the row groups it touches and,
@@ -435,7 +472,9 @@ mod tests {
     fn shares_of_a_parquet_table_are_equal_runs_of_its_rows() {
         let dir = tempfile::tempdir().unwrap();
         write_ids(dir.path(), 1_000, 100);
-        let store = LocalDirectory::discover(dir.path()).unwrap();
+        let store = LocalDirectory::discover(dir.path())
+            .unwrap()
+            .with_share_rows(100);
         assert_eq!(store.parts("ids").unwrap(), 10);
         // Three shares of ten row groups: the boundaries fall inside groups 3
         // and 6, and each share is one run of rows in file order.
@@ -458,7 +497,9 @@ mod tests {
         // whole-group shares could not balance.
         let dir = tempfile::tempdir().unwrap();
         write_ids(dir.path(), 5 * 1_024 + 741, 1_024);
-        let store = LocalDirectory::discover(dir.path()).unwrap();
+        let store = LocalDirectory::discover(dir.path())
+            .unwrap()
+            .with_share_rows(1_024);
         assert_eq!(store.parts("ids").unwrap(), 6);
         for parts in [2, 4, 6, 7] {
             let mut next = 0;
@@ -486,21 +527,33 @@ mod tests {
     }
 
     #[test]
-    fn the_share_count_is_the_row_groups_rounded_up_to_even() {
-        assert_eq!(shares_for(0), 1);
-        assert_eq!(shares_for(1), 1);
-        assert_eq!(shares_for(2), 2);
-        assert_eq!(shares_for(3), 4);
-        assert_eq!(shares_for(6), 6);
-        assert_eq!(shares_for(15), MAX_PARTS);
-        assert_eq!(shares_for(40), MAX_PARTS);
+    fn the_share_count_is_the_rows_over_share_rows_rounded_up_to_even() {
+        // TPC-H's line items: SF1 splits in two, SF10 as far as it may.
+        assert_eq!(shares_for(6_001_215, 6, SHARE_ROWS), 2);
+        assert_eq!(shares_for(59_986_052, 58, SHARE_ROWS), MAX_PARTS);
+        assert_eq!(shares_for(3 * SHARE_ROWS, 12, SHARE_ROWS), 4);
+        assert_eq!(shares_for(3 * SHARE_ROWS + 1, 12, SHARE_ROWS), 4);
+        assert_eq!(shares_for(4 * SHARE_ROWS + 1, 12, SHARE_ROWS), 6);
+        // One row group never splits, however many rows it holds.
+        assert_eq!(shares_for(6_001_215, 1, SHARE_ROWS), 1);
+        assert_eq!(shares_for(0, 0, SHARE_ROWS), 1);
+        // Too few rows for two shares worth their planning.
+        assert_eq!(shares_for(SHARE_ROWS / 8 - 1, 6, SHARE_ROWS), 1);
+        assert_eq!(shares_for(SHARE_ROWS / 8, 6, SHARE_ROWS), 2);
+        // Smaller shares, as the split tests use.
+        assert_eq!(shares_for(60_175, 8, 8_192), 8);
+        assert_eq!(shares_for(2_000, 8, 250), 8);
+        assert_eq!(shares_for(4_000, 40, 100), MAX_PARTS);
+        assert_eq!(shares_for(10, 10, 0), 10);
     }
 
     #[test]
     fn a_table_in_many_row_groups_splits_at_most_max_parts_ways() {
         let dir = tempfile::tempdir().unwrap();
         write_ids(dir.path(), 4_000, 100);
-        let store = LocalDirectory::discover(dir.path()).unwrap();
+        let store = LocalDirectory::discover(dir.path())
+            .unwrap()
+            .with_share_rows(100);
         assert_eq!(store.parts("ids").unwrap(), MAX_PARTS);
         let total: usize = (0..MAX_PARTS)
             .map(|part| ids(store.scan_part("ids", &[0], part, MAX_PARTS).unwrap()).len())
@@ -516,7 +569,8 @@ mod tests {
         for _run in 0..3 {
             let store = LocalDirectory::discover(dir.path())
                 .unwrap()
-                .with_footer_cache(Arc::clone(&footers));
+                .with_footer_cache(Arc::clone(&footers))
+                .with_share_rows(100);
             assert_eq!(store.schema("ids").unwrap().field(0).name(), "id");
             assert_eq!(store.parts("ids").unwrap(), 10);
             assert_eq!(ids(store.scan("ids", &[0]).unwrap()).len(), 1_000);
@@ -543,6 +597,7 @@ mod tests {
             LocalDirectory::discover(dir.path())
                 .unwrap()
                 .with_footer_cache(Arc::clone(&footers))
+                .with_share_rows(100)
         };
         write_ids(dir.path(), 1_000, 100);
         assert_eq!(ids(store().scan("ids", &[0]).unwrap()).len(), 1_000);
@@ -564,7 +619,7 @@ mod tests {
             dir.path().join("ids.parquet"),
         )
         .unwrap();
-        // Seven row groups now: eight shares.
+        // Seven row groups of 100 now: eight shares of up to 100.
         assert_eq!(store().parts("ids").unwrap(), 8);
         assert_eq!(ids(store().scan("ids", &[0]).unwrap()).len(), 700);
         assert_eq!(footers.footers_parsed(), 3);

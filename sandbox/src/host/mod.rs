@@ -29,7 +29,9 @@ use wasmtime::{
 };
 
 pub use cache::CacheOutcome;
-pub use data::{BATCH_ROWS, FooterCache, LocalDirectory, MAX_PARTS, TableScan, TableStore};
+pub use data::{
+    BATCH_ROWS, FooterCache, LocalDirectory, MAX_PARTS, SHARE_ROWS, TableScan, TableStore,
+};
 pub use error::SandboxError;
 pub use filter::ScanFilter;
 pub use release::MIN_UNITS_METADATA;

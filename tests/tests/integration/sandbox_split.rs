@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use civicgrid_sandbox::policy::OutputPolicy;
 use civicgrid_sandbox::{GuestRole, Job, Limits, Outcome, Sandbox, SandboxError, TableStore};
 use civicgrid_tests::sandbox::{
-    local, run_native, sandbox_with, shared_sandbox, sql_guest, tpch_small_in_parts,
+    local_in_shares, run_native, sandbox_with, shared_sandbox, sql_guest, tpch_small_in_parts,
     write_residents_in_groups,
 };
 use civicgrid_tests::tpch;
@@ -26,7 +26,9 @@ use crate::sandbox::population_policy;
 /// 2025-11-30T00:00:00Z, as in the other sandbox tests.
 const AS_OF: u64 = 1_764_460_800;
 
-/// Line items at SF 0.01 in row groups of 8,192: eight shares.
+/// Line items at SF 0.01 (60,175) in row groups and shares of 8,192: eight
+/// shares.
+const LINEITEM_SHARE_ROWS: u64 = 8_192;
 const LINEITEM_PARTS: u32 = 8;
 
 /// Splitting turned off: every query in one instance.
@@ -103,7 +105,7 @@ const MORE_QUERIES: [(&str, bool); 6] = [
 
 #[test]
 fn split_scans_give_what_one_instance_and_the_native_engine_give() {
-    let tables = local(tpch_small_in_parts());
+    let tables = local_in_shares(tpch_small_in_parts(), LINEITEM_SHARE_ROWS);
     let owner = OutputPolicy::owner();
     let limits = Limits::default();
     let splitting = ["q1", "q6"];
@@ -148,7 +150,7 @@ fn split_scans_give_what_one_instance_and_the_native_engine_give() {
 
 #[test]
 fn a_split_run_costs_the_same_fuel_on_one_core_as_on_all() {
-    let tables = local(tpch_small_in_parts());
+    let tables = local_in_shares(tpch_small_in_parts(), LINEITEM_SHARE_ROWS);
     let owner = OutputPolicy::owner();
     let limits = Limits::default();
     let all = run_on(shared_sandbox(), &tables, tpch::Q1, &owner, &limits).unwrap();
@@ -165,7 +167,7 @@ fn a_split_run_costs_the_same_fuel_on_one_core_as_on_all() {
 
 #[test]
 fn a_split_run_stops_at_the_fuel_budget_of_the_whole_run() {
-    let tables = local(tpch_small_in_parts());
+    let tables = local_in_shares(tpch_small_in_parts(), LINEITEM_SHARE_ROWS);
     let owner = OutputPolicy::owner();
     let full = run_on(
         shared_sandbox(),
@@ -204,7 +206,7 @@ fn a_split_run_stops_at_the_fuel_budget_of_the_whole_run() {
 fn residents_in_parts() -> (tempfile::TempDir, Arc<dyn TableStore>) {
     let dir = tempfile::tempdir().unwrap();
     write_residents_in_groups(dir.path(), 250).unwrap();
-    let tables = local(dir.path());
+    let tables = local_in_shares(dir.path(), 250);
     (dir, tables)
 }
 
@@ -311,7 +313,7 @@ where
 fn a_split_runs_instances_are_spans_in_the_callers_trace_with_their_share_and_fuel() {
     let recorder = SpanRecorder::default();
     let subscriber = tracing_subscriber::registry().with(recorder.clone());
-    let tables = local(tpch_small_in_parts());
+    let tables = local_in_shares(tpch_small_in_parts(), LINEITEM_SHARE_ROWS);
     let owner = OutputPolicy::owner();
     let run = || {
         run_on(
