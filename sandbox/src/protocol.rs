@@ -15,7 +15,8 @@
 //! - `log(ptr, len)`: a diagnostic line (capped by the host).
 //! - `partials_next(ptr, cap) -> i64`: in a [`Stage::Final`] run, the next
 //!   batch of partial aggregate state the [`Stage::Partial`] runs emitted, as
-//!   an Arrow IPC stream; 0 at the end (and always 0 in any other stage).
+//!   an Arrow IPC stream, in share order; it waits for a share still running.
+//!   0 at the end (and always 0 in any other stage).
 //!
 //! The guest exports `memory`, `civicgrid_alloc(len) -> ptr` and
 //! `civicgrid_run() -> i32` (0 on success).
@@ -68,9 +69,9 @@ pub struct GuestRequest {
 
 /// A large scan is split across instances that run on the host's cores:
 /// each computes the query's partial aggregate over its share of one table's
-/// row groups, and a final instance merges those states and runs the rest of
-/// the plan. The split depends only on the data (its row groups), never on
-/// the machine, so the same query always costs the same fuel.
+/// rows, and the final instance, which aggregates share 0 itself, merges
+/// those states and runs the rest of the plan. The split depends only on the
+/// data, never on the machine, so the same query always costs the same fuel.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Stage {
@@ -90,10 +91,19 @@ pub enum Stage {
         /// How many shares there are.
         parts: usize,
     },
-    /// The rest of the plan, over every partial state (`partials_next`).
+    /// Share 0's partial aggregate, its state kept in the instance, then the
+    /// rest of the plan over that state and the other shares' (read with
+    /// `partials_next`, in share order). The first scan the guest opens is
+    /// share 0 of `table` (the partial aggregate's); any later one reads its
+    /// table whole. Answers [`GuestFailure::NotSplittable`] like a partial
+    /// instance. Planning the query once for both phases, instead of in an
+    /// instance of its own after the shares, takes that planning off the end
+    /// of every split run.
     Final {
-        /// The table whose row groups were split.
+        /// The table whose rows are split.
         table: usize,
+        /// How many shares there are (this instance aggregates share 0).
+        parts: usize,
     },
 }
 

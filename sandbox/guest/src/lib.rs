@@ -131,13 +131,17 @@ pub async fn run(
         Stage::Partial { .. } => split::partial_aggregate(&physical)
             .map_err(|reason| GuestFailure::NotSplittable { reason })?,
         Stage::Final { .. } => {
-            // The partial instances planned the same query the same way.
-            let partial =
-                split::partial_aggregate(&physical).map_err(|reason| GuestFailure::Execution {
-                    message: format!("the final run's plan does not split: {reason}"),
-                })?;
+            let partial = split::partial_aggregate(&physical)
+                .map_err(|reason| GuestFailure::NotSplittable { reason })?;
+            // Share 0's partial aggregate, first: the host streams that share
+            // to the first scan opened. Its state stays here, ahead of the
+            // other shares', as if it had come from an instance of its own.
+            let own = datafusion::physical_plan::collect(Arc::clone(&partial), state.task_ctx())
+                .await
+                .map_err(execution)?;
             let states = Arc::new(PartialStates {
                 schema: partial.schema(),
+                own,
                 source: Arc::clone(&source),
             });
             split::over_partial_states(physical, &partial, states).map_err(execution)?
@@ -318,9 +322,11 @@ impl PartitionStream for HostPartition {
     }
 }
 
-/// What the partial instances of a split run emitted, for the final one.
+/// The partial aggregate states a final run merges: its own share's, then
+/// what the partial instances emitted, in share order.
 struct PartialStates {
     schema: SchemaRef,
+    own: Vec<RecordBatch>,
     source: Arc<dyn BatchSource>,
 }
 
@@ -336,7 +342,12 @@ impl PartitionStream for PartialStates {
     }
 
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
-        stream_of(&self.schema, self.source.partials())
+        let own = self.own.clone().into_iter().map(Ok);
+        let states = self
+            .source
+            .partials()
+            .map(|others| -> BatchIter { Box::new(own.chain(others)) });
+        stream_of(&self.schema, states)
     }
 }
 

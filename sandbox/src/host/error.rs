@@ -144,4 +144,11 @@ pub(crate) enum Abort {
     Exit(i32),
     #[error("not splittable: {0}")]
     NotSplittable(String),
+    /// The run's wall time ran out while the guest waited in a host call.
+    #[error("deadline")]
+    Deadline,
+    /// A final instance waited for a share that failed or never ran; the
+    /// run reports that share's error instead.
+    #[error("a share of the split run failed")]
+    ShareFailed,
 }

@@ -38,7 +38,7 @@ pub use release::MIN_UNITS_METADATA;
 
 use error::Abort;
 use release::Release;
-use run::{RunLimiter, RunSetup, RunState, Split, Table};
+use run::{RunLimiter, RunSetup, RunState, ShareStates, Split, Table};
 
 use crate::policy::OutputPolicy;
 use crate::protocol::{GuestFailure, GuestRequest, RUN_EXPORT, Stage, TableInfo};
@@ -230,8 +230,9 @@ pub struct Metering {
     /// summed over the run's instances. The rest is the query itself (and
     /// any wait for a free slot). Like the wall time, not deterministic.
     pub startup: Duration,
-    /// Instances the run took: 1, or the shares of a split scan plus the
-    /// final instance. Fixed by the plan and the data, like the fuel.
+    /// Instances the run took: 1, or one per share of a split scan (the
+    /// final instance aggregates share 0). Fixed by the plan and the data,
+    /// like the fuel.
     pub instances: u32,
 }
 
@@ -389,12 +390,12 @@ struct Ran {
 /// How an instance that did not fail ended.
 enum Ended {
     Ran(Box<Ran>),
-    /// A partial instance found the plan cannot be split.
+    /// An instance of a split run found the plan cannot be split.
     NotSplittable,
 }
 
 impl Ended {
-    /// A whole or final instance, which never answers "not splittable".
+    /// A whole instance, which never answers "not splittable".
     fn ran(self) -> Result<Ran, SandboxError> {
         match self {
             Self::Ran(ran) => Ok(*ran),
@@ -658,7 +659,7 @@ impl Sandbox {
         };
         let ((ran, fuel_before, read_before), instances) = match split {
             Some((table, parts)) => match self.run_split(guest, &plan, table, parts)? {
-                Some(done) => (done, parts as u32 + 1),
+                Some(done) => (done, parts as u32),
                 None => ((self.whole(guest, &plan)?, 0, (0, 0)), 1),
             },
             None => ((self.whole(guest, &plan)?, 0, (0, 0)), 1),
@@ -692,7 +693,7 @@ impl Sandbox {
     }
 
     fn whole(&self, guest: &Guest, plan: &RunPlan<'_>) -> Result<Ran, SandboxError> {
-        self.instance(guest, plan, Stage::Whole, Vec::new(), 0)?
+        self.instance(guest, plan, Stage::Whole, None, 0, &|| {})?
             .ran()
     }
 
@@ -709,12 +710,13 @@ impl Sandbox {
         Ok(best)
     }
 
-    /// Runs the partial aggregates of `parts` shares of `table`, as many at
-    /// once as there are cores and free pool slots, then the final instance.
-    /// `None` when the guest finds the plan cannot be split: the caller then
-    /// runs it whole, and the planning the partial runs did is not billed.
-    /// Returns the final instance, and the fuel and (rows, bytes) read of the
-    /// partial ones.
+    /// Runs the partial aggregates of shares 1.. of `parts` shares of
+    /// `table`, and the final instance, which aggregates share 0 itself and
+    /// then merges the others' states as they finish: as many at once as
+    /// there are cores and free pool slots. `None` when the guest finds the
+    /// plan cannot be split: the caller then runs it whole, and the planning
+    /// the split run did is not billed. Returns the final instance, and the
+    /// fuel and (rows, bytes) read of the partial ones.
     #[allow(clippy::type_complexity)]
     fn run_split(
         &self,
@@ -728,26 +730,80 @@ impl Sandbox {
         let next = AtomicUsize::new(0);
         let stop = AtomicBool::new(false);
         let spent = AtomicU64::new(0);
+        let shares = Arc::new(ShareStates::new(parts));
+        // Instances of shares that hold a pool slot (or failed to get one).
+        let holding = (Mutex::new(0usize), Condvar::new());
+        let held = || {
+            *holding.0.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+            holding.1.notify_all();
+        };
         let results: Vec<Mutex<Option<Result<Ended, SandboxError>>>> =
             (0..parts).map(|_| Mutex::new(None)).collect();
         let work = || {
             loop {
-                let part = next.fetch_add(1, Ordering::Relaxed);
-                if part >= parts || stop.load(Ordering::Relaxed) {
+                let turn = next.fetch_add(1, Ordering::Relaxed);
+                if turn >= parts || stop.load(Ordering::Relaxed) {
                     break;
                 }
-                let stage = Stage::Partial { table, part, parts };
-                // Each share may use what the finished ones left. Whether the
-                // run fits its budget depends only on the sum, so the outcome
-                // is the same in any order; this only stops a run that is
-                // over budget from burning the budget once per share.
-                let ran = self.instance(
-                    guest,
-                    plan,
-                    stage,
-                    Vec::new(),
-                    spent.load(Ordering::Relaxed),
-                );
+                // Shares 1.. first and the final instance last: it waits for
+                // their states, so on one core it must run after them. It
+                // starts only once every share holds a pool slot, so its own
+                // slot can never be the one a share is waiting for.
+                let part = (turn + 1) % parts;
+                let ran = if part == 0 {
+                    let mut holding_now = holding.0.lock().unwrap_or_else(PoisonError::into_inner);
+                    while *holding_now < parts - 1 && !stop.load(Ordering::Relaxed) {
+                        holding_now = holding
+                            .1
+                            .wait_timeout(holding_now, Duration::from_millis(10))
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .0;
+                    }
+                    drop(holding_now);
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let stage = Stage::Final { table, parts };
+                    self.instance(
+                        guest,
+                        plan,
+                        stage,
+                        Some(Arc::clone(&shares)),
+                        spent.load(Ordering::Relaxed),
+                        &|| {},
+                    )
+                } else {
+                    let stage = Stage::Partial { table, part, parts };
+                    // Each share may use what the finished ones left. Whether
+                    // the run fits its budget depends only on the sum, so the
+                    // outcome is the same in any order; this only stops a run
+                    // that is over budget from burning the budget once per
+                    // share.
+                    let took_slot = std::cell::Cell::new(false);
+                    let mut ran = self.instance(
+                        guest,
+                        plan,
+                        stage,
+                        None,
+                        spent.load(Ordering::Relaxed),
+                        &|| {
+                            took_slot.set(true);
+                            held();
+                        },
+                    );
+                    match &mut ran {
+                        Ok(Ended::Ran(ran)) => {
+                            shares.publish(part, std::mem::take(&mut ran.state.partials_out));
+                        }
+                        _ => {
+                            if !took_slot.get() {
+                                held();
+                            }
+                            shares.cancel();
+                        }
+                    }
+                    ran
+                };
                 let over_budget = match &ran {
                     Ok(Ended::Ran(ran)) => {
                         let total = spent.fetch_add(ran.fuel, Ordering::Relaxed) + ran.fuel;
@@ -757,6 +813,7 @@ impl Sandbox {
                 };
                 if over_budget {
                     stop.store(true, Ordering::Relaxed);
+                    shares.cancel();
                 }
                 if let Ok(mut slot) = results[part].lock() {
                     *slot = Some(ran);
@@ -780,19 +837,21 @@ impl Sandbox {
             }
             work();
         });
+        let mut results = results
+            .into_iter()
+            .map(|slot| slot.into_inner().map_err(internal))
+            .collect::<Result<Vec<_>, _>>()?;
+        let final_run = results[0].take();
         let mut fuel = 0u64;
         let mut read = (0u64, 0u64);
-        let mut partials = Vec::new();
-        let mut partial_bytes = 0u64;
-        for slot in results {
-            let ran = slot.into_inner().map_err(internal)?;
+        // A share's own failure comes before the final instance's, which
+        // may only be that it stopped waiting for that share.
+        for ran in results.into_iter().skip(1) {
             match ran {
                 Some(Ok(Ended::Ran(ran))) => {
                     fuel += ran.fuel;
                     read.0 += ran.state.rows_read;
                     read.1 += ran.state.bytes_read;
-                    partial_bytes += ran.state.output_bytes;
-                    partials.extend(ran.state.partials_out);
                 }
                 Some(Ok(Ended::NotSplittable)) => return Ok(None),
                 Some(Err(error)) => return Err(error),
@@ -801,33 +860,43 @@ impl Sandbox {
                 None => continue,
             }
         }
-        if self.meter_fuel && fuel >= plan.limits.fuel {
+        let ran = match final_run {
+            Some(Ok(Ended::NotSplittable)) => return Ok(None),
+            Some(Ok(Ended::Ran(ran))) => Some(*ran),
+            Some(Err(error)) if self.meter_fuel && fuel >= plan.limits.fuel => {
+                // It stopped because the shares had spent the budget.
+                drop(error);
+                None
+            }
+            Some(Err(error)) => return Err(error),
+            None => None,
+        };
+        let total = fuel + ran.as_ref().map_or(0, |ran| ran.fuel);
+        if self.meter_fuel && total >= plan.limits.fuel {
             return Err(SandboxError::FuelExhausted {
                 fuel: plan.limits.fuel,
             });
         }
-        // The final instance reads every partial state: together they must
-        // fit the memory one instance may have.
-        if partial_bytes > plan.limits.memory_bytes {
-            return Err(SandboxError::MemoryLimit {
-                limit_bytes: plan.limits.memory_bytes,
-            });
+        match ran {
+            Some(ran) => Ok(Some((ran, fuel, read))),
+            None => Err(SandboxError::Internal(
+                "the final instance of a split run never ran".into(),
+            )),
         }
-        let ran = self
-            .instance(guest, plan, Stage::Final { table }, partials, fuel)?
-            .ran()?;
-        Ok(Some((ran, fuel, read)))
     }
 
     /// One instance in a fresh store: `stage` of `plan`, with the fuel left
-    /// after `fuel_spent` and the wall time left since the run started.
+    /// after `fuel_spent` and the wall time left since the run started; a
+    /// final instance reads the other shares' states from `shares`.
+    /// `slot_taken` is called once the instance holds its pool slot.
     fn instance(
         &self,
         guest: &Guest,
         plan: &RunPlan<'_>,
         stage: Stage,
-        partials: Vec<Vec<u8>>,
+        shares: Option<Arc<ShareStates>>,
         fuel_spent: u64,
+        slot_taken: &dyn Fn(),
     ) -> Result<Ended, SandboxError> {
         let span = instance_span(stage);
         let _entered = span.enter();
@@ -851,7 +920,16 @@ impl Sandbox {
                 parts,
                 max_bytes: limits.memory_bytes,
             },
-            Stage::Final { .. } => Split::Final { partials },
+            Stage::Final { table, parts } => Split::Final {
+                table,
+                parts,
+                states: shares.unwrap_or_else(|| Arc::new(ShareStates::new(parts))),
+                deadline: plan.started + limits.wall_time,
+                max_bytes: limits.memory_bytes,
+                share_opened: false,
+                next_share: 1,
+                bytes_read: 0,
+            },
         };
         let state = RunState::new(RunSetup {
             request,
@@ -878,6 +956,7 @@ impl Sandbox {
                 slots: self.slots.total,
                 limit_ms,
             })?;
+        slot_taken();
         let wall_left = limits.wall_time.saturating_sub(plan.started.elapsed());
         if wall_left.is_zero() {
             return Err(SandboxError::Deadline { limit_ms });
@@ -927,7 +1006,9 @@ impl Sandbox {
         span.record("fuel", fuel);
         span.record("ran_us", starting.elapsed().as_micros() as u64);
         let mut state = store.into_data();
-        let partial = matches!(stage, Stage::Partial { .. });
+        // Either kind of instance of a split run may find the plan does not
+        // split: a whole instance never asks.
+        let partial = !matches!(stage, Stage::Whole);
         if let Err(error) = &result
             && partial
             && matches!(error.downcast_ref::<Abort>(), Some(Abort::NotSplittable(_)))
@@ -976,10 +1057,12 @@ fn instance_span(stage: Stage) -> tracing::Span {
             startup_us = Empty,
             ran_us = Empty
         ),
-        Stage::Final { table } => tracing::info_span!(
+        Stage::Final { table, parts } => tracing::info_span!(
             "sandbox_instance",
             stage = "final",
             table,
+            part = 0,
+            parts,
             fuel = Empty,
             startup_us = Empty,
             ran_us = Empty
@@ -1046,8 +1129,14 @@ fn classify(error: wasmtime::Error, limits: &Limits, state: &RunState) -> Sandbo
                 state.log.trim()
             )),
             Abort::NotSplittable(reason) => SandboxError::Internal(format!(
-                "a whole or final run was refused as not splittable: {reason}"
+                "a whole run was refused as not splittable: {reason}"
             )),
+            Abort::Deadline => SandboxError::Deadline {
+                limit_ms: limits.wall_time.as_millis() as u64,
+            },
+            Abort::ShareFailed => {
+                SandboxError::Internal("a share of the split run failed or never ran".into())
+            }
         };
     }
     match error.downcast_ref::<Trap>() {

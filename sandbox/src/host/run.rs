@@ -2,7 +2,8 @@
 //! tables and take results.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::Instant;
 
 use arrow_array::{Array, RecordBatch};
 use arrow_buffer::Buffer;
@@ -49,7 +50,7 @@ pub(crate) struct RunState {
     split: Split,
     /// A partial run's output: intermediate state for the final run.
     pub(crate) partials_out: Vec<Vec<u8>>,
-    /// A final run's input.
+    /// A final run's input: the batches of the share being read.
     partials_in: VecDeque<Vec<u8>>,
 }
 
@@ -74,10 +75,90 @@ pub(crate) enum Split {
         parts: usize,
         max_bytes: u64,
     },
-    /// The partial states, in part order.
+    /// The first scan streams share 0 of `parts` of `table` (the partial
+    /// aggregate's), later ones whole tables; `partials_next` reads the other
+    /// shares' states from `states` in share order, waiting at most until
+    /// `deadline`, and at most `max_bytes` of them in all (they must fit in
+    /// the instance's memory).
     Final {
-        partials: Vec<Vec<u8>>,
+        table: usize,
+        parts: usize,
+        states: Arc<ShareStates>,
+        deadline: Instant,
+        max_bytes: u64,
+        /// Whether share 0's scan is open yet.
+        share_opened: bool,
+        /// The next share to read states from, and the bytes read so far.
+        next_share: usize,
+        bytes_read: u64,
     },
+}
+
+/// The partial states of a split run's shares, handed from the instances
+/// that computed them to the final instance as each finishes.
+#[derive(Default)]
+pub(crate) struct ShareStates {
+    shares: Mutex<SharesDone>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct SharesDone {
+    states: Vec<Option<Vec<Vec<u8>>>>,
+    /// A share failed, or will not run: the final instance stops waiting.
+    cancelled: bool,
+}
+
+impl ShareStates {
+    pub(crate) fn new(parts: usize) -> Self {
+        Self {
+            shares: Mutex::new(SharesDone {
+                states: vec![None; parts],
+                cancelled: false,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SharesDone> {
+        self.shares.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Share `part` finished with `states`.
+    pub(crate) fn publish(&self, part: usize, states: Vec<Vec<u8>>) {
+        if let Some(slot) = self.lock().states.get_mut(part) {
+            *slot = Some(states);
+        }
+        self.changed.notify_all();
+    }
+
+    /// A share failed or will not run: nothing more will be published.
+    pub(crate) fn cancel(&self) {
+        self.lock().cancelled = true;
+        self.changed.notify_all();
+    }
+
+    /// Share `part`'s states, once published.
+    fn take(&self, part: usize, deadline: Instant) -> Result<Vec<Vec<u8>>, Abort> {
+        let mut shares = self.lock();
+        loop {
+            if let Some(states) = shares.states.get_mut(part).and_then(Option::take) {
+                return Ok(states);
+            }
+            if shares.cancelled {
+                return Err(Abort::ShareFailed);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Abort::Deadline);
+            }
+            shares = self
+                .changed
+                .wait_timeout(shares, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
 }
 
 /// Core instances one run may create (see [`RunLimiter::instances`]).
@@ -140,19 +221,10 @@ pub(crate) struct RunSetup {
 
 impl RunState {
     pub(crate) fn new(setup: RunSetup) -> Self {
-        let (split, partials_in) = match setup.split {
-            Split::Final { partials } => (
-                Split::Final {
-                    partials: Vec::new(),
-                },
-                partials.into(),
-            ),
-            other => (other, VecDeque::new()),
-        };
         Self {
-            split,
+            split: setup.split,
             partials_out: Vec::new(),
-            partials_in,
+            partials_in: VecDeque::new(),
             request: setup.request,
             store: setup.store,
             tables: setup.tables,
@@ -229,6 +301,21 @@ impl RunState {
                 }
                 self.store.scan_part(&info.name, &columns, part, parts)
             }
+            Split::Final {
+                table: split,
+                parts,
+                ref mut share_opened,
+                ..
+            } if !*share_opened => {
+                if table != split {
+                    return Err(Abort::NotSplittable(format!(
+                        "the partial aggregate reads {}, not the split table",
+                        info.name
+                    )));
+                }
+                *share_opened = true;
+                self.store.scan_part(&info.name, &columns, 0, parts)
+            }
             Split::Whole | Split::Final { .. } => self.store.scan(&info.name, &columns),
         }
         .map_err(Abort::Data)?;
@@ -283,6 +370,39 @@ impl RunState {
                 continue;
             }
             return encode(&batch).map(Some);
+        }
+    }
+
+    /// The next batch of the other shares' partial states, in share order,
+    /// waiting for a share still running; `None` after the last share's, and
+    /// in any run but a final one.
+    fn next_partial(&mut self) -> Result<Option<Vec<u8>>, Abort> {
+        let Split::Final {
+            parts,
+            ref states,
+            deadline,
+            max_bytes,
+            ref mut next_share,
+            ref mut bytes_read,
+            ..
+        } = self.split
+        else {
+            return Ok(None);
+        };
+        loop {
+            if let Some(bytes) = self.partials_in.pop_front() {
+                return Ok(Some(bytes));
+            }
+            if *next_share >= parts {
+                return Ok(None);
+            }
+            let share = states.take(*next_share, deadline)?;
+            *next_share += 1;
+            *bytes_read += share.iter().map(|bytes| bytes.len() as u64).sum::<u64>();
+            if *bytes_read > max_bytes {
+                return Err(Abort::Memory);
+            }
+            self.partials_in.extend(share);
         }
     }
 
@@ -516,7 +636,7 @@ pub(crate) fn add_to_linker(linker: &mut Imports) -> wasmtime::Result<()> {
         "partials_next",
         |mut caller: Caller<'_, RunState>, ptr: i32, cap: i32| -> wasmtime::Result<i64> {
             let (mem, state) = guest_memory(&mut caller).map_err(trap)?;
-            let Some(bytes) = state.partials_in.pop_front() else {
+            let Some(bytes) = state.next_partial().map_err(trap)? else {
                 return Ok(0);
             };
             let n = fill(mem, ptr, cap, &bytes).map_err(trap)?;

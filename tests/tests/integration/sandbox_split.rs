@@ -130,7 +130,7 @@ fn split_scans_give_what_one_instance_and_the_native_engine_give() {
         assert_eq!(table(&split.batches), table(&native), "{name}: split");
         assert_eq!(table(&whole.batches), table(&native), "{name}: whole");
         assert_eq!(whole.metering.instances, 1, "{name}");
-        let expected = if splits { LINEITEM_PARTS + 1 } else { 1 };
+        let expected = if splits { LINEITEM_PARTS } else { 1 };
         assert_eq!(split.metering.instances, expected, "{name}: instances");
         // Every row is read once, split or not; the bytes differ only by the
         // few each batch adds (string offsets, validity bits).
@@ -156,8 +156,8 @@ fn a_split_run_costs_the_same_fuel_on_one_core_as_on_all() {
     let all = run_on(shared_sandbox(), &tables, tpch::Q1, &owner, &limits).unwrap();
     let again = run_on(shared_sandbox(), &tables, tpch::Q1, &owner, &limits).unwrap();
     let one = run_on(one_core_sandbox(), &tables, tpch::Q1, &owner, &limits).unwrap();
-    assert_eq!(all.metering.instances, LINEITEM_PARTS + 1);
-    assert_eq!(one.metering.instances, LINEITEM_PARTS + 1);
+    assert_eq!(all.metering.instances, LINEITEM_PARTS);
+    assert_eq!(one.metering.instances, LINEITEM_PARTS);
     assert!(all.metering.fuel > 0);
     assert_eq!(all.metering.fuel, again.metering.fuel, "the same run twice");
     assert_eq!(all.metering.fuel, one.metering.fuel, "one core against all");
@@ -177,7 +177,7 @@ fn a_split_run_stops_at_the_fuel_budget_of_the_whole_run() {
         &Limits::default(),
     )
     .unwrap();
-    assert_eq!(full.metering.instances, LINEITEM_PARTS + 1);
+    assert_eq!(full.metering.instances, LINEITEM_PARTS);
     // Each share needs about an eighth of the fuel, so each partial instance
     // fits half the budget; together they do not.
     let half = Limits {
@@ -222,7 +222,7 @@ fn the_output_policy_holds_on_split_runs() {
         "select district, count(*) as people from residents group by district order by district";
     let split = run_on(shared_sandbox(), &tables, sql, &policy, &limits).unwrap();
     let whole = run_on(whole_sandbox(), &tables, sql, &policy, &limits).unwrap();
-    assert_eq!(split.metering.instances, 9);
+    assert_eq!(split.metering.instances, 8);
     assert_eq!(table(&split.batches), table(&whole.batches));
     let released = table(&split.batches);
     assert!(!released.contains("Harbour"), "{released}");
@@ -233,7 +233,7 @@ fn the_output_policy_holds_on_split_runs() {
     // Grouping by a unique column: every group is one person, none released.
     let sql = "select income, count(*) as people from residents group by income";
     let split = run_on(shared_sandbox(), &tables, sql, &policy, &limits).unwrap();
-    assert_eq!(split.metering.instances, 9);
+    assert_eq!(split.metering.instances, 8);
     assert_eq!(split.metering.rows_released, 0);
     assert_eq!(split.suppressed_rows, 2000);
 
@@ -337,13 +337,13 @@ fn a_split_runs_instances_are_spans_in_the_callers_trace_with_their_share_and_fu
         tracing::info_span!("query").in_scope(run)
     })
     .unwrap();
-    assert_eq!(outcome.metering.instances, LINEITEM_PARTS + 1);
+    assert_eq!(outcome.metering.instances, LINEITEM_PARTS);
     let spans = recorder.0.lock().unwrap();
     let instances: Vec<&ClosedSpan> = spans
         .iter()
         .filter(|span| span.name == "sandbox_instance")
         .collect();
-    assert_eq!(instances.len(), LINEITEM_PARTS as usize + 1, "{spans:#?}");
+    assert_eq!(instances.len(), LINEITEM_PARTS as usize, "{spans:#?}");
     let field = |span: &ClosedSpan, name: &str| -> String {
         span.fields
             .get(name)
@@ -360,12 +360,13 @@ fn a_split_runs_instances_are_spans_in_the_callers_trace_with_their_share_and_fu
         let ran_us: u64 = field(span, "ran_us").parse().unwrap();
         let startup_us: u64 = field(span, "startup_us").parse().unwrap();
         assert!(startup_us <= ran_us, "{span:?}");
+        assert_eq!(field(span, "parts"), LINEITEM_PARTS.to_string());
+        let part = field(span, "part").parse::<u32>().unwrap();
+        parts_seen.push(part);
+        // The final instance aggregates share 0 itself.
         match field(span, "stage").as_str() {
-            "partial" => {
-                assert_eq!(field(span, "parts"), LINEITEM_PARTS.to_string());
-                parts_seen.push(field(span, "part").parse::<u32>().unwrap());
-            }
-            "final" => assert!(!span.fields.contains_key("part"), "{span:?}"),
+            "partial" => assert_ne!(part, 0, "{span:?}"),
+            "final" => assert_eq!(part, 0, "{span:?}"),
             other => panic!("a split run's instance in stage {other}"),
         }
     }
