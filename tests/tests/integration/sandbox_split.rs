@@ -249,6 +249,39 @@ fn the_output_policy_holds_on_split_runs() {
     }
 }
 
+#[test]
+fn a_share_that_fails_ends_the_split_run_with_its_own_error_while_the_final_instance_waits() {
+    let (_dir, tables) = residents_in_parts();
+    let owner = OutputPolicy::owner();
+    let limits = Limits::default();
+    // Person 101,999 is the last resident, in the last share: only that
+    // share divides by zero.
+    // The final instance aggregates share 0 without trouble and then waits
+    // for the others' states; it must stop waiting, and the run must fail
+    // with the share's error, not hang or report the wait.
+    let sql =
+        "select district, sum(1 / (person_id - 101999)) as s from residents group by district";
+    let whole = match run_on(whole_sandbox(), &tables, sql, &owner, &limits) {
+        Err(SandboxError::Execution(message)) => message,
+        other => panic!("expected the whole run to fail, got {other:?}"),
+    };
+    assert!(whole.contains("Divide by zero"), "{whole}");
+    for (cores, sandbox) in [
+        ("all cores", shared_sandbox()),
+        ("one core", one_core_sandbox()),
+    ] {
+        match run_on(sandbox, &tables, sql, &owner, &limits) {
+            Err(SandboxError::Execution(message)) => assert_eq!(message, whole, "{cores}"),
+            other => panic!("{cores}: expected the share's error, got {other:?}"),
+        }
+    }
+    // The same query without the failing row runs split.
+    let sql =
+        "select district, sum(1 / (person_id - 102000)) as s from residents group by district";
+    let split = run_on(shared_sandbox(), &tables, sql, &owner, &limits).unwrap();
+    assert_eq!(split.metering.instances, 8);
+}
+
 /// The spans a subscriber saw closed: name, fields and parent's name.
 #[derive(Clone, Default)]
 struct SpanRecorder(Arc<Mutex<Vec<ClosedSpan>>>);
