@@ -522,6 +522,20 @@ mod tests {
     /// `sql` through the guest's `run` (the families it names, and the
     /// retry) over `table()`, which lists may read whole.
     fn run_in_guest(sql: &str) -> Result<RecordBatch, GuestFailure> {
+        run_in_guest_under(
+            sql,
+            OutputPolicy {
+                list: Some(ListRule {
+                    columns: vec!["a".into(), "b".into()],
+                    max_rows: 100,
+                }),
+                ..OutputPolicy::default()
+            },
+        )
+    }
+
+    /// [`run_in_guest`] under `policy`.
+    fn run_in_guest_under(sql: &str, policy: OutputPolicy) -> Result<RecordBatch, GuestFailure> {
         let data = table();
         let request = GuestRequest {
             sql: sql.to_owned(),
@@ -529,13 +543,7 @@ mod tests {
                 name: "t".into(),
                 schema: data.schema().as_ref().clone(),
             }],
-            policy: OutputPolicy {
-                list: Some(ListRule {
-                    columns: vec!["a".into(), "b".into()],
-                    max_rows: 100,
-                }),
-                ..OutputPolicy::default()
-            },
+            policy,
             min_units: 0,
             stage: Stage::Whole,
         };
@@ -554,7 +562,18 @@ mod tests {
 
     /// `sql` through the guest and through DataFusion's default session.
     fn guest_and_default(sql: &str) -> (Result<RecordBatch, GuestFailure>, RecordBatch) {
-        let guest = run_in_guest(sql);
+        guest_under_and_default(sql, None)
+    }
+
+    /// [`guest_and_default`], the guest under `policy` if given.
+    fn guest_under_and_default(
+        sql: &str,
+        policy: Option<OutputPolicy>,
+    ) -> (Result<RecordBatch, GuestFailure>, RecordBatch) {
+        let guest = match policy {
+            Some(policy) => run_in_guest_under(sql, policy),
+            None => run_in_guest(sql),
+        };
         let data = table();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -585,6 +604,24 @@ mod tests {
             "select a, b, (select max(b) from t) - b from t order by b",
         ] {
             let (guest, expected) = guest_and_default(sql);
+            let guest = guest.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+            assert_eq!(guest.columns(), expected.columns(), "{sql}");
+        }
+    }
+
+    /// `count`'s literal argument is built once per plan (see `literals`);
+    /// the answers stay DataFusion's, and functions that read a literal
+    /// argument as a setting still find a literal there.
+    #[test]
+    fn counts_and_literal_settings_answer_as_datafusion_does() {
+        for sql in [
+            "select count(*), count(1), count(b), count(distinct a), count(null) from t",
+            "select b > 1 as big, count(*) as n from t group by b > 1 order by big",
+            "select count(*) from t where b > 5",
+            "select approx_percentile_cont(0.5) within group (order by b), \
+             string_agg(a, ',' order by a) from t",
+        ] {
+            let (guest, expected) = guest_under_and_default(sql, Some(OutputPolicy::owner()));
             let guest = guest.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
             assert_eq!(guest.columns(), expected.columns(), "{sql}");
         }

@@ -11,6 +11,7 @@ mod abi;
 mod analysis;
 mod decimals;
 mod functions;
+mod literals;
 mod pushdown;
 mod split;
 mod wide;
@@ -126,6 +127,7 @@ pub async fn run(
         .create_physical_plan(&optimized, &state)
         .await
         .map_err(query)?;
+    let physical = literals::repeated_once(physical).map_err(query)?;
     let physical = match request.stage {
         Stage::Whole => physical,
         Stage::Partial { .. } => split::partial_aggregate(&physical)
