@@ -923,7 +923,10 @@ impl Sandbox {
             Stage::Final { table, parts } => Split::Final {
                 table,
                 parts,
-                states: shares.unwrap_or_else(|| Arc::new(ShareStates::new(parts))),
+                // Without the shares' states it would wait until the deadline.
+                states: shares.ok_or_else(|| {
+                    SandboxError::Internal("a final instance needs its shares' states".into())
+                })?,
                 deadline: plan.started + limits.wall_time,
                 max_bytes: limits.memory_bytes,
                 share_opened: false,

@@ -96,13 +96,11 @@ pub(crate) enum Split {
 
 /// The partial states of a split run's shares, handed from the instances
 /// that computed them to the final instance as each finishes.
-#[derive(Default)]
 pub(crate) struct ShareStates {
     shares: Mutex<SharesDone>,
     changed: Condvar,
 }
 
-#[derive(Default)]
 struct SharesDone {
     states: Vec<Option<Vec<Vec<u8>>>>,
     /// A share failed, or will not run: the final instance stops waiting.
