@@ -41,11 +41,42 @@ pub struct AggregationRule {
     /// A query that reads one of these columns needs at least this many units
     /// per group (the larger of this and `min_units` applies).
     pub column_min_units: BTreeMap<String, u64>,
-    /// Columns a query may group, filter or join by. `None`: any readable
-    /// column. Naming them closes differencing attacks that filter on a
+    /// Columns a query may group, filter or compute with (outside aggregate
+    /// functions). `None`: any readable column. The privacy-unit columns
+    /// never are. Naming them closes differencing attacks that filter on a
     /// near-unique column (two counts that differ by one person).
     pub dimension_columns: Option<Vec<String>>,
+    /// Columns an aggregate function may read. `None`: any readable column.
+    pub aggregate_columns: Option<Vec<String>>,
+    /// Aggregates a column allows beyond COUNT, COUNT(DISTINCT), SUM and AVG,
+    /// from [`DECLARABLE_AGGREGATES`]: `{"employees": ["min", "max"]}`. Each
+    /// of these can release one unit's value (the largest head count), so
+    /// none is allowed unless declared.
+    pub column_functions: BTreeMap<String, Vec<String>>,
+    /// Columns the product's tables may be joined on (inner equi-joins in
+    /// `JOIN … ON`). Empty: no joins.
+    pub join_columns: Vec<String>,
+    /// Scalar functions allowed beyond the sandbox's default list.
+    pub scalar_functions: Vec<String>,
 }
+
+/// Aggregates a policy may declare for a column. Row-valued and
+/// order-dependent aggregates (`ARRAY_AGG`, `STRING_AGG`, `FIRST_VALUE`,
+/// `LAST_VALUE`, `NTH_VALUE`) are not among them: they release rows, not
+/// statistics.
+pub const DECLARABLE_AGGREGATES: &[&str] = &[
+    "min",
+    "max",
+    "median",
+    "approx_median",
+    "approx_distinct",
+    "approx_percentile_cont",
+    "percentile_cont",
+    "stddev",
+    "stddev_pop",
+    "var",
+    "var_pop",
+];
 
 /// Row-level queries may read only these columns, and release at most `max_rows`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -108,6 +139,22 @@ impl OutputPolicy {
                 "aggregation.privacy_unit_columns",
                 "a threshold needs a column that identifies privacy units",
             );
+        }
+        if let Some(aggregation) = &self.aggregation {
+            for (column, functions) in &aggregation.column_functions {
+                if let Some(function) = functions
+                    .iter()
+                    .find(|f| !DECLARABLE_AGGREGATES.contains(&f.to_ascii_lowercase().as_str()))
+                {
+                    return invalid(
+                        &format!("aggregation.column_functions.{column}"),
+                        &format!(
+                            "{function} cannot be declared; declarable: {}",
+                            DECLARABLE_AGGREGATES.join(", ")
+                        ),
+                    );
+                }
+            }
         }
         if let Some(list) = &self.list {
             if list.max_rows == 0 {
@@ -286,6 +333,7 @@ mod tests {
                 min_units: 10,
                 column_min_units: [("age".to_owned(), 25), ("income".to_owned(), 50)].into(),
                 dimension_columns: None,
+                ..Default::default()
             }),
             ..Default::default()
         };

@@ -13,6 +13,7 @@ mod decimals;
 mod functions;
 mod literals;
 mod pushdown;
+mod rule;
 mod split;
 mod wide;
 
@@ -98,6 +99,9 @@ pub async fn run(
         .with_allow_ddl(false)
         .with_allow_dml(false)
         .with_allow_statements(false);
+    // Before planning: a reserved name would otherwise fail as an unknown
+    // column, with the engine's own words.
+    rule::check_reserved_names(&request.sql)?;
     let named = Families::named_in(&request.sql);
     let ctx = context(request, Arc::clone(&source), partitions, named)?;
     let frame = match ctx.sql_with_options(&request.sql, options).await {

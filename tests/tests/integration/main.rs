@@ -7,5 +7,6 @@ mod helm_chart;
 mod marketplace;
 mod operator_e2e;
 mod queries;
+mod red_team;
 mod sandbox;
 mod sandbox_split;

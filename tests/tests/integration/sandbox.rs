@@ -186,6 +186,7 @@ pub(crate) fn population_policy() -> OutputPolicy {
             min_units: 10,
             column_min_units: BTreeMap::new(),
             dimension_columns: None,
+            ..Default::default()
         }),
         list: Some(ListRule {
             columns: vec!["district".into(), "age_band".into()],

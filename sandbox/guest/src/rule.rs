@@ -1,0 +1,821 @@
+//! The analysis rule of a product with a privacy threshold: the structure an
+//! aggregate query's plan must have before anything runs.
+//!
+//! The rule is an allow-list over the plan as the SQL planner wrote it, in the
+//! spirit of AWS Clean Rooms' aggregation analysis rule:
+//!
+//! - **One aggregation over the product's rows.** Below it only scans of the
+//!   product's tables, projections, filters, aliases and inner equi-joins on
+//!   declared join columns; no `VALUES`, `UNION`, `LIMIT`, `DISTINCT`,
+//!   windows, subqueries or second aggregation. Above it anything that works
+//!   on released groups only (the threshold is applied directly on top of the
+//!   aggregation, inside the guest, so `HAVING`, `ORDER BY … LIMIT` and windows
+//!   never see a withheld group).
+//! - **The privacy unit by lineage.** The unit is the unit column of the one
+//!   scan of a table that carries one, followed through the plan; names do not
+//!   count, so a constant or a `VALUES` column named like the unit is just a
+//!   column. A plan that scans units twice (a self-join, a join of two tables
+//!   with units) is refused: it could pair one unit's row with many others.
+//! - **Allow-listed aggregates on declared columns.** `COUNT`, `COUNT(DISTINCT)`,
+//!   `SUM` and `AVG` by default; other statistics only where the policy declares
+//!   them for a column; row-valued and order-dependent aggregates never.
+//!   Arguments are product columns, or arithmetic on them, never an expression
+//!   that could pick one unit's row (`MAX(CASE WHEN id = 7 THEN x END)`).
+//! - **Dimensions only.** Every column that decides which rows are counted or
+//!   how they are grouped (GROUP BY, WHERE, join keys, computed columns) must be
+//!   a dimension column; the unit never is one.
+//! - **Allow-listed scalar functions** anywhere in the query.
+
+use std::collections::BTreeSet;
+
+use civicgrid_sandbox::policy::AggregationRule;
+use civicgrid_sandbox::protocol::{GuestFailure, GuestRequest};
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::common::{Column, DFSchemaRef};
+use datafusion::logical_expr::{BinaryExpr, Expr, JoinType, LogicalPlan, Operator};
+
+/// Names the platform uses for its own columns; a consumer's SQL may not.
+pub const RESERVED_PREFIX: &str = "__civicgrid";
+
+/// Scalar functions any query may call. Each maps values to values without
+/// reading other rows; the risky ones (regular expressions, casts that echo
+/// their input on failure) are either absent or only reach dimension columns,
+/// which the consumer may group by anyway.
+pub const DEFAULT_SCALAR_FUNCTIONS: &[&str] = &[
+    "abs",
+    "btrim",
+    "ceil",
+    "char_length",
+    "character_length",
+    "coalesce",
+    "concat",
+    "date_bin",
+    "date_part",
+    "date_trunc",
+    "datepart",
+    "datetrunc",
+    "floor",
+    "greatest",
+    "least",
+    "left",
+    "length",
+    "lower",
+    "ltrim",
+    "make_date",
+    "nullif",
+    "right",
+    "round",
+    "rtrim",
+    "starts_with",
+    "substr",
+    "substring",
+    "trim",
+    "trunc",
+    "upper",
+];
+
+/// Aggregates every aggregate query may use on an aggregatable column.
+pub const DEFAULT_AGGREGATES: &[&str] = &["count", "sum", "avg", "mean"];
+
+/// Where the privacy unit comes from: the one scan of a table that has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitSource {
+    /// The scan's table, as the plan names it.
+    pub column: Column,
+}
+
+/// What the rule found in an accepted plan.
+#[derive(Debug, Clone, Default)]
+pub struct Shape {
+    /// The privacy unit's source, when a table of the query carries one.
+    pub unit: Option<UnitSource>,
+}
+
+fn refuse(rule: &str, column: Option<&str>, message: impl Into<String>) -> GuestFailure {
+    GuestFailure::policy(rule, column, message)
+}
+
+/// Refuses SQL that names the platform's own columns (`__civicgrid…`): such a
+/// name could otherwise be mistaken for the platform's unit count.
+///
+/// # Errors
+/// A policy refusal (`reserved-names`).
+pub fn check_reserved_names(sql: &str) -> Result<(), GuestFailure> {
+    if sql.to_ascii_lowercase().contains(RESERVED_PREFIX) {
+        return Err(refuse(
+            "reserved-names",
+            None,
+            format!("names starting with {RESERVED_PREFIX} are reserved for the platform"),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the rule applies: the product withholds small groups or adds noise.
+/// Without either, every readable column may be released row by row anyway
+/// (grouped by all of them), so only the blocked columns need guarding.
+pub fn applies(request: &GuestRequest) -> bool {
+    let policy = &request.policy;
+    policy.differential_privacy.is_some()
+        || request.min_units > 1
+        || policy.aggregation.as_ref().is_some_and(|rule| {
+            rule.min_units > 1 || rule.column_min_units.values().any(|&k| k > 1)
+        })
+}
+
+/// How one column of a plan's output came about.
+#[derive(Debug, Clone, PartialEq)]
+enum Lineage {
+    /// A product table's column, passed through unchanged.
+    Table { name: String, unit: bool },
+    /// Computed from these table columns (already checked as dimensions).
+    Computed,
+}
+
+struct Checker<'a> {
+    rule: &'a AggregationRule,
+    /// Table columns that may decide which rows count and how they group.
+    dimensions: BTreeSet<String>,
+    /// Table columns that identify a privacy unit.
+    units: BTreeSet<String>,
+    scalar_functions: BTreeSet<String>,
+    /// Unit-bearing scans seen (at most one is allowed).
+    unit_scans: Vec<Column>,
+}
+
+/// Checks an aggregate query's plan, as written, against the product's
+/// analysis rule.
+///
+/// # Errors
+/// A policy refusal naming the rule and, where there is one, the column.
+pub fn check(request: &GuestRequest, plan: &LogicalPlan) -> Result<Shape, GuestFailure> {
+    let policy = &request.policy;
+    let Some(rule) = &policy.aggregation else {
+        return Err(refuse(
+            "aggregation",
+            None,
+            "this product does not release aggregates",
+        ));
+    };
+    let units: BTreeSet<String> = rule.privacy_unit_columns.iter().cloned().collect();
+    let table_columns = request
+        .tables
+        .iter()
+        .flat_map(|t| t.schema.fields().iter().map(|f| f.name().clone()));
+    let dimensions = match &rule.dimension_columns {
+        Some(declared) => declared.iter().cloned().collect(),
+        None => table_columns.collect::<BTreeSet<_>>(),
+    }
+    .into_iter()
+    .filter(|c| !units.contains(c))
+    .collect();
+    let mut checker = Checker {
+        rule,
+        dimensions,
+        units,
+        scalar_functions: DEFAULT_SCALAR_FUNCTIONS
+            .iter()
+            .map(|f| (*f).to_owned())
+            .chain(rule.scalar_functions.iter().map(|f| f.to_ascii_lowercase()))
+            .collect(),
+        unit_scans: Vec::new(),
+    };
+    checker.no_subqueries(plan)?;
+    checker.scalar_functions_allowed(plan)?;
+    let aggregations = count_aggregations(plan);
+    if aggregations != 1 {
+        return Err(refuse(
+            "aggregation.shape",
+            None,
+            "an aggregate query has exactly one aggregation (GROUP BY or aggregate functions); \
+             aggregating the result of another aggregation is not allowed",
+        ));
+    }
+    checker.above(plan)?;
+    let unit = checker.unit_scans.first().cloned();
+    Ok(Shape {
+        unit: unit.map(|column| UnitSource { column }),
+    })
+}
+
+fn count_aggregations(plan: &LogicalPlan) -> usize {
+    let mut n = 0;
+    let _ = plan.apply_with_subqueries(|node| {
+        if matches!(node, LogicalPlan::Aggregate(_)) {
+            n += 1;
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    n
+}
+
+impl Checker<'_> {
+    fn no_subqueries(&self, plan: &LogicalPlan) -> Result<(), GuestFailure> {
+        let mut found = None;
+        let _ = plan.apply(|node| {
+            if matches!(node, LogicalPlan::Subquery(_)) {
+                found = Some("a subquery");
+                return Ok(TreeNodeRecursion::Stop);
+            }
+            let _ = node.apply_expressions(|expr| {
+                expr.apply(|e| {
+                    found = match e {
+                        Expr::ScalarSubquery(_) => Some("a scalar subquery"),
+                        Expr::Exists(_) => Some("EXISTS"),
+                        Expr::InSubquery(_) => Some("IN (subquery)"),
+                        Expr::OuterReferenceColumn(..) => Some("a correlated subquery"),
+                        Expr::ScalarVariable(..) | Expr::Placeholder(_) => {
+                            Some("a variable or placeholder")
+                        }
+                        Expr::Unnest(_) => Some("UNNEST"),
+                        Expr::GroupingSet(_) => Some("GROUPING SETS, CUBE or ROLLUP"),
+                        _ => None,
+                    };
+                    Ok(if found.is_some() {
+                        TreeNodeRecursion::Stop
+                    } else {
+                        TreeNodeRecursion::Continue
+                    })
+                })
+            });
+            Ok(if found.is_some() {
+                TreeNodeRecursion::Stop
+            } else {
+                TreeNodeRecursion::Continue
+            })
+        });
+        match found {
+            Some(what) => Err(refuse(
+                "aggregation.shape",
+                None,
+                format!("{what} is not allowed in an aggregate query of this product"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn scalar_functions_allowed(&self, plan: &LogicalPlan) -> Result<(), GuestFailure> {
+        let mut refused = None;
+        let _ = plan.apply(|node| {
+            let _ = node.apply_expressions(|expr| {
+                expr.apply(|e| {
+                    if let Expr::ScalarFunction(function) = e {
+                        let name = function.func.name().to_ascii_lowercase();
+                        let allowed =
+                            self.scalar_functions.contains(&name)
+                                || function.func.aliases().iter().any(|a| {
+                                    self.scalar_functions.contains(&a.to_ascii_lowercase())
+                                });
+                        if !allowed {
+                            refused = Some(name);
+                            return Ok(TreeNodeRecursion::Stop);
+                        }
+                    }
+                    Ok(TreeNodeRecursion::Continue)
+                })
+            });
+            Ok(if refused.is_some() {
+                TreeNodeRecursion::Stop
+            } else {
+                TreeNodeRecursion::Continue
+            })
+        });
+        match refused {
+            Some(name) => Err(refuse(
+                "scalar-functions",
+                None,
+                format!(
+                    "the function {name} is not allowed by this product's policy; allowed: {}",
+                    self.scalar_functions
+                        .iter()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Operators above the aggregation see released groups only.
+    fn above(&mut self, plan: &LogicalPlan) -> Result<(), GuestFailure> {
+        match plan {
+            LogicalPlan::Aggregate(aggregate) => {
+                let lineage = self.below(&aggregate.input)?;
+                let input = aggregate.input.schema();
+                for group in &aggregate.group_expr {
+                    self.dimension_use(group, input, &lineage, "GROUP BY")?;
+                }
+                for expr in &aggregate.aggr_expr {
+                    self.aggregate(expr, input, &lineage)?;
+                }
+                Ok(())
+            }
+            LogicalPlan::Projection(_)
+            | LogicalPlan::Sort(_)
+            | LogicalPlan::Limit(_)
+            | LogicalPlan::Filter(_)
+            | LogicalPlan::Window(_)
+            | LogicalPlan::SubqueryAlias(_)
+            | LogicalPlan::Distinct(_) => self.above(plan.inputs()[0]),
+            other => Err(refuse(
+                "aggregation.shape",
+                None,
+                format!(
+                    "{} is not allowed in an aggregate query of this product",
+                    construct(other)
+                ),
+            )),
+        }
+    }
+
+    /// The rows the aggregation counts: where each output column comes from.
+    fn below(&mut self, plan: &LogicalPlan) -> Result<Vec<Lineage>, GuestFailure> {
+        match plan {
+            LogicalPlan::TableScan(scan) => {
+                if scan.fetch.is_some() {
+                    return Err(shape("a row limit on a table"));
+                }
+                let schema = &scan.projected_schema;
+                let source = scan.source.schema();
+                let unit_name = self
+                    .rule
+                    .privacy_unit_columns
+                    .iter()
+                    .find(|u| source.field_with_name(u).is_ok());
+                if let Some(unit) = unit_name {
+                    if !self.unit_scans.is_empty() {
+                        return Err(refuse(
+                            "aggregation.joins",
+                            Some(unit),
+                            "the query reads the product's privacy units more than once (a self-join, \
+                             or a join of two tables that carry privacy units): one unit's rows could be \
+                             paired with many others, so it is refused",
+                        ));
+                    }
+                    self.unit_scans
+                        .push(Column::new(Some(scan.table_name.clone()), unit.clone()));
+                }
+                for filter in &scan.filters {
+                    let lineage = table_lineage(schema, &self.units);
+                    self.dimension_use(filter, schema, &lineage, "WHERE")?;
+                }
+                Ok(table_lineage(schema, &self.units))
+            }
+            LogicalPlan::Projection(projection) => {
+                let inner = self.below(&projection.input)?;
+                let input = projection.input.schema();
+                projection
+                    .expr
+                    .iter()
+                    .map(|expr| match expr.clone().unalias_nested().data {
+                        Expr::Column(column) => Ok(lineage_of(&column, input, &inner)),
+                        other => {
+                            self.dimension_use(&other, input, &inner, "a computed column")?;
+                            Ok(Lineage::Computed)
+                        }
+                    })
+                    .collect()
+            }
+            LogicalPlan::Filter(filter) => {
+                let inner = self.below(&filter.input)?;
+                self.dimension_use(&filter.predicate, filter.input.schema(), &inner, "WHERE")?;
+                Ok(inner)
+            }
+            LogicalPlan::SubqueryAlias(alias) => self.below(&alias.input),
+            LogicalPlan::Sort(sort) if sort.fetch.is_none() => self.below(&sort.input),
+            LogicalPlan::Join(join) => {
+                if join.join_type != JoinType::Inner {
+                    return Err(refuse(
+                        "aggregation.joins",
+                        None,
+                        format!(
+                            "only inner joins are allowed in an aggregate query; this is a {} join",
+                            join.join_type
+                        ),
+                    ));
+                }
+                // Some condition must relate a column of each side;
+                // `ON true` or `ON a.x = a.x` pairs every row with every row.
+                let mut condition: Vec<&Column> = join
+                    .on
+                    .iter()
+                    .flat_map(|(l, r)| l.column_refs().into_iter().chain(r.column_refs()))
+                    .collect();
+                if let Some(filter) = &join.filter {
+                    condition.extend(filter.column_refs());
+                }
+                let relates_both_sides = condition.iter().any(|c| join.left.schema().has_column(c))
+                    && condition.iter().any(|c| join.right.schema().has_column(c));
+                if !relates_both_sides {
+                    return Err(refuse(
+                        "aggregation.joins",
+                        None,
+                        "a join must say which rows match (JOIN … ON a join column = a join column); \
+                         a cross join, or a join written with commas, is not allowed",
+                    ));
+                }
+                let mut lineage = self.below(&join.left)?;
+                lineage.extend(self.below(&join.right)?);
+                for (left, right) in &join.on {
+                    self.join_key(left, &join.schema, &lineage)?;
+                    self.join_key(right, &join.schema, &lineage)?;
+                }
+                if let Some(filter) = &join.filter {
+                    self.join_key(filter, &join.schema, &lineage)?;
+                }
+                Ok(lineage)
+            }
+            other => Err(shape(construct(other))),
+        }
+    }
+
+    /// A column used to pick or group rows: it must be a dimension.
+    fn dimension_use(
+        &self,
+        expr: &Expr,
+        schema: &DFSchemaRef,
+        lineage: &[Lineage],
+        clause: &str,
+    ) -> Result<(), GuestFailure> {
+        self.no_aggregate_or_window(expr, clause)?;
+        for column in sorted_refs(expr) {
+            if let Lineage::Table { name, unit } = lineage_of(column, schema, lineage)
+                && (unit || !self.dimensions.contains(&name))
+            {
+                return Err(not_a_dimension(&name, unit, clause, &self.dimensions));
+            }
+        }
+        Ok(())
+    }
+
+    /// A join condition: columns must be declared join columns.
+    fn join_key(
+        &self,
+        expr: &Expr,
+        schema: &DFSchemaRef,
+        lineage: &[Lineage],
+    ) -> Result<(), GuestFailure> {
+        self.no_aggregate_or_window(expr, "a join condition")?;
+        for column in sorted_refs(expr) {
+            if let Lineage::Table { name, .. } = lineage_of(column, schema, lineage)
+                && !self.rule.join_columns.contains(&name)
+            {
+                return Err(refuse(
+                    "aggregation.joins",
+                    Some(&name),
+                    if self.rule.join_columns.is_empty() {
+                        format!("this product's policy allows no joins; the query joins on {name}")
+                    } else {
+                        format!(
+                            "{name} is not a join column; join on {} only",
+                            self.rule.join_columns.join(", ")
+                        )
+                    },
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn no_aggregate_or_window(&self, expr: &Expr, clause: &str) -> Result<(), GuestFailure> {
+        let mut found = false;
+        let _ = expr.apply(|e| {
+            found = matches!(e, Expr::AggregateFunction(_) | Expr::WindowFunction(_));
+            Ok(if found {
+                TreeNodeRecursion::Stop
+            } else {
+                TreeNodeRecursion::Continue
+            })
+        });
+        if found {
+            return Err(shape(&format!(
+                "an aggregate or window function in {clause}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// One aggregate of the aggregation.
+    fn aggregate(
+        &self,
+        expr: &Expr,
+        schema: &DFSchemaRef,
+        lineage: &[Lineage],
+    ) -> Result<(), GuestFailure> {
+        let display = expr.schema_name().to_string();
+        let Expr::AggregateFunction(function) = expr.clone().unalias_nested().data else {
+            return Err(refuse(
+                "aggregation.functions",
+                None,
+                format!("{display} is not an aggregate function"),
+            ));
+        };
+        let name = function.func.name().to_ascii_lowercase();
+        let params = &function.params;
+        if params.filter.is_some() {
+            return Err(refuse(
+                "aggregation.functions",
+                None,
+                format!("{display}: FILTER (WHERE …) is not allowed; filter rows with WHERE"),
+            ));
+        }
+        if !params.order_by.is_empty() {
+            return Err(refuse(
+                "aggregation.functions",
+                None,
+                format!("{display}: an ordered aggregate is not allowed"),
+            ));
+        }
+        let is_count = name == "count";
+        if params.distinct && !is_count {
+            return Err(refuse(
+                "aggregation.functions",
+                None,
+                format!("{display}: DISTINCT is allowed only in COUNT"),
+            ));
+        }
+        // COUNT(*): no column at all.
+        if is_count
+            && !params.distinct
+            && params.args.iter().all(|a| matches!(a, Expr::Literal(..)))
+        {
+            return Ok(());
+        }
+        let Some(first) = params.args.first() else {
+            return Err(refuse(
+                "aggregation.functions",
+                None,
+                format!("{display} has no argument"),
+            ));
+        };
+        let numeric_only = matches!(name.as_str(), "sum" | "avg" | "mean");
+        if !argument_is_allowed(first, numeric_only) {
+            return Err(refuse(
+                "aggregation.arguments",
+                None,
+                format!(
+                    "{display}: an aggregate's argument must be a column{}, not a computed expression",
+                    if numeric_only {
+                        " or + - * arithmetic on columns and numbers"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+        // Further arguments (a percentile's fraction) must be constants.
+        if params.args[1..]
+            .iter()
+            .any(|a| !matches!(a, Expr::Literal(..)))
+        {
+            return Err(refuse(
+                "aggregation.arguments",
+                None,
+                format!("{display}: only the first argument may name a column"),
+            ));
+        }
+        for column in sorted_refs(first) {
+            let (column_name, unit) = match lineage_of(column, schema, lineage) {
+                Lineage::Table { name, unit } => (name, unit),
+                Lineage::Computed => {
+                    return Err(refuse(
+                        "aggregation.arguments",
+                        Some(&column.name),
+                        format!(
+                            "{display}: aggregate a column of the product's tables, not a value \
+                             computed in a subquery ({})",
+                            column.name
+                        ),
+                    ));
+                }
+            };
+            if unit {
+                if !is_count {
+                    return Err(refuse(
+                        "aggregation.functions",
+                        Some(&column_name),
+                        format!(
+                            "{column_name} identifies a privacy unit: it may only be counted (COUNT, COUNT(DISTINCT))"
+                        ),
+                    ));
+                }
+                continue;
+            }
+            if let Some(aggregatable) = &self.rule.aggregate_columns
+                && !aggregatable.contains(&column_name)
+            {
+                return Err(refuse(
+                    "aggregation.aggregate-columns",
+                    Some(&column_name),
+                    format!(
+                        "{column_name} may not be aggregated; aggregate {} only",
+                        aggregatable.join(", ")
+                    ),
+                ));
+            }
+            let declared = self
+                .rule
+                .column_functions
+                .get(&column_name)
+                .is_some_and(|fs| fs.iter().any(|f| f.eq_ignore_ascii_case(&name)));
+            if !DEFAULT_AGGREGATES.contains(&name.as_str()) && !declared {
+                return Err(refuse(
+                    "aggregation.functions",
+                    Some(&column_name),
+                    format!(
+                        "{name} is not allowed on {column_name}: aggregates are COUNT, COUNT(DISTINCT), \
+                         SUM and AVG, and others only where the product's policy declares them for a column"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A column, a number, a cast of one, or `+ - *` of those (sums of products,
+/// as in TPC-H's revenue); never a comparison, CASE, or a function that could
+/// single out one row.
+fn argument_is_allowed(expr: &Expr, numeric_only: bool) -> bool {
+    match expr {
+        Expr::Column(_) => true,
+        Expr::Alias(alias) => argument_is_allowed(&alias.expr, numeric_only),
+        Expr::Literal(..) => numeric_only,
+        Expr::Cast(cast) => argument_is_allowed(&cast.expr, numeric_only),
+        Expr::TryCast(cast) => argument_is_allowed(&cast.expr, numeric_only),
+        Expr::Negative(inner) => numeric_only && argument_is_allowed(inner, numeric_only),
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+            numeric_only
+                && matches!(op, Operator::Plus | Operator::Minus | Operator::Multiply)
+                && argument_is_allowed(left, numeric_only)
+                && argument_is_allowed(right, numeric_only)
+        }
+        _ => false,
+    }
+}
+
+/// An expression's columns in name order, so that a refusal names the same
+/// column every time.
+fn sorted_refs(expr: &Expr) -> Vec<&Column> {
+    let mut columns: Vec<&Column> = expr.column_refs().into_iter().collect();
+    columns.sort_by(|a, b| {
+        (&a.name, a.relation.as_ref().map(|r| r.to_string()))
+            .cmp(&(&b.name, b.relation.as_ref().map(|r| r.to_string())))
+    });
+    columns
+}
+
+fn table_lineage(schema: &DFSchemaRef, units: &BTreeSet<String>) -> Vec<Lineage> {
+    schema
+        .fields()
+        .iter()
+        .map(|f| Lineage::Table {
+            name: f.name().clone(),
+            unit: units.contains(f.name()),
+        })
+        .collect()
+}
+
+fn lineage_of(column: &Column, schema: &DFSchemaRef, lineage: &[Lineage]) -> Lineage {
+    schema
+        .index_of_column(column)
+        .ok()
+        .and_then(|i| lineage.get(i).cloned())
+        // A column the schema cannot resolve is the planner's to refuse; treat
+        // it as computed so that it can never pass as a table column.
+        .unwrap_or(Lineage::Computed)
+}
+
+fn not_a_dimension(
+    name: &str,
+    unit: bool,
+    clause: &str,
+    dimensions: &BTreeSet<String>,
+) -> GuestFailure {
+    let message = if unit {
+        format!("{name} identifies a privacy unit: it may only be counted, never used in {clause}")
+    } else {
+        format!(
+            "{name} may be used only inside an aggregate function, not in {clause}; group, filter \
+             and compute with {} only",
+            dimensions.iter().cloned().collect::<Vec<_>>().join(", ")
+        )
+    };
+    refuse("aggregation.dimension-columns", Some(name), message)
+}
+
+fn shape(what: &str) -> GuestFailure {
+    refuse(
+        "aggregation.shape",
+        None,
+        format!("{what} is not allowed in an aggregate query of this product"),
+    )
+}
+
+/// The SQL construct an operator comes from, for a refusal.
+fn construct(plan: &LogicalPlan) -> &'static str {
+    match plan {
+        LogicalPlan::Values(_) => "VALUES",
+        LogicalPlan::EmptyRelation(_) => "a query that reads no table of the product",
+        LogicalPlan::Union(_) => "UNION",
+        LogicalPlan::Limit(_) => "LIMIT or OFFSET before the aggregation",
+        LogicalPlan::Sort(_) => "ORDER BY … LIMIT before the aggregation",
+        LogicalPlan::Distinct(_) => "DISTINCT before the aggregation",
+        LogicalPlan::Window(_) => "a window function before the aggregation",
+        LogicalPlan::Aggregate(_) => "a second aggregation",
+        LogicalPlan::Join(_) => "a join",
+        LogicalPlan::Unnest(_) => "UNNEST",
+        LogicalPlan::RecursiveQuery(_) => "a recursive query",
+        LogicalPlan::Subquery(_) => "a subquery",
+        _ => "this operator",
+    }
+}
+
+/// The column the rewrite adds to projections that would drop the unit.
+pub const CARRIED_UNIT: &str = "__civicgrid_unit";
+
+/// Carries the privacy unit of the scan `unit` names up through every
+/// operator between that scan and the aggregation, so the aggregation can
+/// count it: a projection that drops it gets it back as [`CARRIED_UNIT`].
+/// Returns the plan and the unit's column in its output.
+///
+/// # Errors
+/// When the plan has no such scan (the rule found it, so this is a bug).
+pub fn carry_unit(
+    plan: LogicalPlan,
+    unit: &Column,
+) -> datafusion::error::Result<(LogicalPlan, Column)> {
+    use datafusion::common::tree_node::Transformed;
+    use datafusion::logical_expr::{Projection, SubqueryAlias};
+
+    if let LogicalPlan::TableScan(scan) = &plan {
+        if is_unit_scan(&plan, unit) && scan.projected_schema.index_of_column(unit).is_ok() {
+            return Ok((plan, unit.clone()));
+        }
+        return datafusion::common::plan_err!("the unit's scan does not read {unit}");
+    }
+    let mut carried = None;
+    let plan = plan
+        .map_children(|child| {
+            if carried.is_none() && contains_unit_scan(&child, unit) {
+                let (child, column) = carry_unit(child, unit)?;
+                carried = Some(column);
+                Ok(Transformed::yes(child))
+            } else {
+                Ok(Transformed::no(child))
+            }
+        })?
+        .data;
+    let Some(column) = carried else {
+        return datafusion::common::plan_err!("no scan of {unit} to carry");
+    };
+    let output = |schema: &DFSchemaRef, index: usize| {
+        let (qualifier, field) = schema.qualified_field(index);
+        Column::new(qualifier.cloned(), field.name())
+    };
+    match plan {
+        LogicalPlan::Projection(projection) => {
+            let mut expr = projection.expr;
+            let position = expr.iter().position(
+                |e| matches!(e.clone().unalias_nested().data, Expr::Column(c) if c == column),
+            );
+            let index = match position {
+                Some(index) => index,
+                None => {
+                    expr.push(Expr::Column(column).alias(CARRIED_UNIT));
+                    expr.len() - 1
+                }
+            };
+            let projection = Projection::try_new(expr, projection.input)?;
+            let unit = output(&projection.schema, index);
+            Ok((LogicalPlan::Projection(projection), unit))
+        }
+        LogicalPlan::SubqueryAlias(alias) => {
+            let index = alias.input.schema().index_of_column(&column)?;
+            let alias = SubqueryAlias::try_new(alias.input, alias.alias)?;
+            let unit = output(&alias.schema, index);
+            Ok((LogicalPlan::SubqueryAlias(alias), unit))
+        }
+        other => Ok((other.recompute_schema()?, column)),
+    }
+}
+
+fn is_unit_scan(plan: &LogicalPlan, unit: &Column) -> bool {
+    matches!(plan, LogicalPlan::TableScan(scan)
+        if unit.relation.as_ref() == Some(&scan.table_name)
+            && scan.source.schema().field_with_name(&unit.name).is_ok())
+}
+
+fn contains_unit_scan(plan: &LogicalPlan, unit: &Column) -> bool {
+    let mut found = false;
+    let _ = plan.apply(|node| {
+        found = is_unit_scan(node, unit);
+        Ok(if found {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    });
+    found
+}
