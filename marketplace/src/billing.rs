@@ -42,7 +42,8 @@ pub const DEFAULT_PLATFORM_FEE_BPS: i64 = 1_000;
 /// What a contract has used so far in a billing period.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeriodUsage {
-    /// Completed queries.
+    /// Queries that counted against the quota: completed, refused by the
+    /// policy or the planner, or failed while they ran.
     pub queries: i64,
     /// Compute units of those queries.
     pub compute_units: i64,
@@ -454,7 +455,8 @@ pub async fn summary(connection: &mut AnyConnection) -> Result<proto::LedgerSumm
 }
 
 /// An organization's invoice for a month: charges as consumer, or earnings
-/// (after the platform fee) as provider.
+/// (after the platform fee) as provider, over every query that counted
+/// against its contract's quota (completed, refused or failed while it ran).
 ///
 /// # Errors
 /// Database failures.
@@ -478,9 +480,10 @@ pub async fn invoice(
                 CAST(COALESCE(SUM(p.amount_minor), 0) AS BIGINT) AS amount \
          FROM queries q LEFT JOIN ledger_postings p \
               ON p.query_id = q.id AND p.account_id = $3 || ':' || q.{side} || ':' || q.currency \
-         WHERE q.{side} = $1 AND q.period = $2 AND q.state = 'completed' \
+         WHERE q.{side} = $1 AND q.period = $2 AND {counted} \
          GROUP BY q.contract_id, q.product_id, q.plan_id, q.currency \
-         ORDER BY q.contract_id"
+         ORDER BY q.contract_id",
+        counted = crate::queries::COUNTED_QUERY,
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(organization)

@@ -19,8 +19,8 @@ use std::time::Duration;
 use arrow_array::RecordBatch;
 use civicgrid_sandbox::policy::{AggregationRule, DifferentialPrivacy, ListRule, OutputPolicy};
 use civicgrid_sandbox::{
-    FUEL_PER_COMPUTE_UNIT, FooterCache, Guest, GuestRole, Job, Limits, LocalDirectory, Sandbox,
-    SandboxConfig, SandboxError, TableStore,
+    FUEL_PER_COMPUTE_UNIT, FooterCache, Guest, GuestRole, Job, Limits, LocalDirectory, RunFailure,
+    Sandbox, SandboxConfig, SandboxError, TableStore,
 };
 use sha2::{Digest as _, Sha256};
 use sqlx::{AnyConnection, Row as _};
@@ -324,15 +324,28 @@ pub fn sandbox_policy(spec: &ProductSpec, operations: &AllowedOperations) -> Res
         .filter(|column| column.sensitivity() == Sensitivity::Blocked)
         .map(|column| column.name.clone())
         .collect();
+    let min_units = u64::try_from(product.min_aggregation_count).unwrap_or(0);
+    // Under a threshold, only public columns decide which rows count and how
+    // they group; internal ones (a head count, a licence number) may only be
+    // aggregated. Without one, groups can be single rows anyway.
+    let dimension_columns = (min_units > 1).then(|| {
+        spec.tables
+            .iter()
+            .flat_map(|table| &table.columns)
+            .filter(|column| column.sensitivity() == Sensitivity::Public)
+            .map(|column| column.name.clone())
+            .collect()
+    });
     let aggregation = operations.aggregate_sql.then(|| AggregationRule {
         privacy_unit_columns: if product.privacy_unit_column.is_empty() {
             Vec::new()
         } else {
             vec![product.privacy_unit_column.clone()]
         },
-        min_units: u64::try_from(product.min_aggregation_count).unwrap_or(0),
+        min_units,
         column_min_units: BTreeMap::new(),
-        dimension_columns: None,
+        dimension_columns,
+        ..AggregationRule::default()
     });
     let list_columns: Vec<String> = product
         .list_columns
@@ -441,8 +454,8 @@ pub struct QueryOutcome {
 const SUMMARY_COLUMNS: &str = "id, consumer_organization_id, provider_organization_id, user_id, \
     product_id, contract_id, plan_id, request_sha256, sql_text, algorithm_sha256, state, error, \
     error_code, fuel, compute_units, rows_read, bytes_read, rows_released, bytes_released, \
-    suppressed_rows, truncated, privacy_spent, wall_time_ms, currency, held_minor, charge_minor, \
-    audit_index, created_at";
+    truncated, privacy_spent, wall_time_ms, currency, held_minor, charge_minor, audit_index, \
+    created_at";
 
 fn summary_from_row(row: &sqlx::any::AnyRow) -> Result<proto::QuerySummary> {
     Ok(proto::QuerySummary {
@@ -457,7 +470,9 @@ fn summary_from_row(row: &sqlx::any::AnyRow) -> Result<proto::QuerySummary> {
         bytes_read: row.try_get("bytes_read")?,
         rows_released: row.try_get("rows_released")?,
         bytes_released: row.try_get("bytes_released")?,
-        suppressed_rows: row.try_get("suppressed_rows")?,
+        // Withheld groups are not counted for anyone (the column holds
+        // counts only from before they were withheld).
+        suppressed_rows: 0,
         truncated: row.try_get::<i64, _>("truncated")? != 0,
         privacy_spent: row.try_get("privacy_spent")?,
         wall_time_ms: row.try_get("wall_time_ms")?,
@@ -687,8 +702,9 @@ struct Reservation {
 /// Refusals before the run (authentication aside): `InvalidArgument`,
 /// `PermissionDenied` (role or contract), `ResourceExhausted` (quota),
 /// `FailedPrecondition` (funds, product state), `Aborted` (the same key is
-/// running). A query the sandbox refuses or stops is settled (not charged)
-/// and returned as an outcome with its error.
+/// running). A query the sandbox refuses or stops is settled (counted and
+/// charged for the compute it used) and returned as an outcome with its
+/// error.
 #[tracing::instrument(
     name = "query",
     skip_all,
@@ -1128,7 +1144,7 @@ fn run_in_sandbox(
     engine: &QueryEngine,
     run: &SandboxRun,
     sql: &str,
-) -> std::result::Result<civicgrid_sandbox::Outcome, SandboxError> {
+) -> std::result::Result<civicgrid_sandbox::Outcome, RunFailure> {
     let SandboxRun {
         storage,
         policy,
@@ -1157,7 +1173,7 @@ fn run_in_sandbox(
         memory_bytes: engine.config.memory_bytes,
         ..Limits::default()
     };
-    engine.sandbox.run(
+    engine.sandbox.run_metered(
         &guest,
         Job {
             sql,
@@ -1170,25 +1186,123 @@ fn run_in_sandbox(
     )
 }
 
-/// The status a refused or stopped query returns, and its outcome name.
-fn classify(error: &SandboxError) -> (Code, &'static str) {
+/// How a query the sandbox refused or stopped is settled and reported: the
+/// one place a [`SandboxError`] becomes a status, an outcome and the words a
+/// consumer reads.
+#[derive(Debug)]
+struct Disposition {
+    /// The status returned, now and on every replay.
+    code: Code,
+    /// The outcome: `rejected` (the policy or the planner refused the query)
+    /// or `failed`.
+    state: &'static str,
+    /// What the consumer, the stored outcome and the audit entry say.
+    message: String,
+    /// Whether `message` stands in for the engine's own text, which goes
+    /// only to the server's log: a failure at run time can quote the data
+    /// (a cast error names the value it could not cast).
+    withheld: bool,
+    /// Whether the query counts against the contract's quota and pays for
+    /// the fuel it burnt.
+    counts: bool,
+}
+
+/// The stable codes of queries that failed while they ran, as consumers see
+/// them (in `QuerySummary.error` and the status message).
+mod failure_code {
+    pub const EXECUTION_ERROR: &str = "execution_error";
+    pub const COMPUTE_BUDGET_EXHAUSTED: &str = "compute_budget_exhausted";
+    pub const TIME_LIMIT: &str = "time_limit";
+    pub const MEMORY_LIMIT: &str = "memory_limit";
+    pub const STACK_LIMIT: &str = "stack_limit";
+    pub const RESULT_TOO_LARGE: &str = "result_too_large";
+    pub const INTERNAL: &str = "internal";
+}
+
+/// The SQL condition, over `queries` as `q`, of a settled query that counts
+/// against its contract's quota (and so is invoiced): all but those that
+/// found no free sandbox slot, which [`classify`] alone settles as
+/// `Unavailable` (14).
+pub(crate) const COUNTED_QUERY: &str = "q.state <> 'running' AND q.error_code <> 14";
+
+fn classify(error: &SandboxError) -> Disposition {
+    use failure_code::*;
+    // Decided before anything read the data (the host's checks, the guest's
+    // parser and planner, the output policy): the reason helps and tells
+    // nothing about the data.
+    let precise = |code, state| Disposition {
+        code,
+        state,
+        message: error.to_string(),
+        withheld: false,
+        counts: true,
+    };
+    let withheld = |code, failure: &str, what: &str| Disposition {
+        code,
+        state: "failed",
+        message: format!("{what} ({failure})"),
+        withheld: true,
+        counts: true,
+    };
     match error {
         SandboxError::Policy { .. } | SandboxError::AlgorithmNotApproved { .. } => {
-            (Code::PermissionDenied, "rejected")
+            precise(Code::PermissionDenied, "rejected")
         }
-        SandboxError::Query(_) => (Code::InvalidArgument, "rejected"),
-        SandboxError::PrivacyBudget { .. } => (Code::ResourceExhausted, "rejected"),
-        SandboxError::FuelExhausted { .. }
-        | SandboxError::Deadline { .. }
-        | SandboxError::MemoryLimit { .. }
-        | SandboxError::StackOverflow
-        | SandboxError::ResultTooLarge { .. } => (Code::ResourceExhausted, "failed"),
+        SandboxError::Query(_) => precise(Code::InvalidArgument, "rejected"),
+        SandboxError::PrivacyBudget { .. } => precise(Code::ResourceExhausted, "rejected"),
         SandboxError::InvalidModule(_) | SandboxError::Link { .. } => {
-            (Code::InvalidArgument, "failed")
+            precise(Code::InvalidArgument, "failed")
         }
-        // Every sandbox slot stayed busy: a retry may well succeed.
-        SandboxError::Busy { .. } => (Code::Unavailable, "failed"),
-        _ => (Code::Internal, "failed"),
+        // Every sandbox slot stayed busy: a retry may well succeed, and the
+        // consumer neither pays nor uses up its quota for the platform's
+        // capacity.
+        SandboxError::Busy { .. } => Disposition {
+            counts: false,
+            ..precise(Code::Unavailable, "failed")
+        },
+        SandboxError::FuelExhausted { .. } => withheld(
+            Code::ResourceExhausted,
+            COMPUTE_BUDGET_EXHAUSTED,
+            "the query used its whole compute budget; a larger max_compute_units may let it finish",
+        ),
+        SandboxError::Deadline { .. } => withheld(
+            Code::ResourceExhausted,
+            TIME_LIMIT,
+            "the query ran past its time limit",
+        ),
+        SandboxError::MemoryLimit { .. } => withheld(
+            Code::ResourceExhausted,
+            MEMORY_LIMIT,
+            "the query needed more memory than its limit",
+        ),
+        SandboxError::StackOverflow => withheld(
+            Code::ResourceExhausted,
+            STACK_LIMIT,
+            "the query exhausted its call stack",
+        ),
+        SandboxError::ResultTooLarge { .. } => withheld(
+            Code::ResourceExhausted,
+            RESULT_TOO_LARGE,
+            "the query's result is larger than the product releases at once",
+        ),
+        // The query's own doing (a cast that fails on some value, a
+        // division by zero): the same query fails again.
+        SandboxError::Execution(_) => withheld(
+            Code::InvalidArgument,
+            EXECUTION_ERROR,
+            "the query failed while running",
+        ),
+        // A bug in the SQL guest, or a consumer algorithm's own trap.
+        SandboxError::Trap(_) => withheld(
+            Code::Internal,
+            EXECUTION_ERROR,
+            "the query failed while running",
+        ),
+        SandboxError::Data(_) | SandboxError::Internal(_) => withheld(
+            Code::Internal,
+            INTERNAL,
+            "the query failed inside the platform",
+        ),
     }
 }
 
@@ -1214,6 +1328,15 @@ struct SettleContext<'a> {
 
 /// Records the outcome, the charge, the ledger postings, the privacy budget
 /// and the audit entry in one transaction, and closes the hold.
+///
+/// Every query counts against its contract's quota and pays, under its plan
+/// and never more than its hold, for the compute it used — completed,
+/// refused by the policy or the planner, or stopped by an error or a limit
+/// (out of fuel: the whole budget). A refusal that burnt no fuel (decided by
+/// the host before any instance started) costs nothing but still counts;
+/// only a query that found no free sandbox slot neither counts nor pays for
+/// what it used. A query that failed while running is recorded, audited and
+/// returned with a stable code only; the engine's text goes to the log.
 #[tracing::instrument(name = "settle", skip_all, fields(query = %reservation.query_id))]
 async fn settle(
     connection: &mut AnyConnection,
@@ -1221,7 +1344,7 @@ async fn settle(
     principal: &Principal,
     request: &proto::RunQueryRequest,
     reservation: Reservation,
-    outcome: std::result::Result<civicgrid_sandbox::Outcome, SandboxError>,
+    outcome: std::result::Result<civicgrid_sandbox::Outcome, RunFailure>,
 ) -> Result<QueryOutcome> {
     let SettleContext {
         backend,
@@ -1231,9 +1354,12 @@ async fn settle(
     let mut outcome = match outcome {
         Ok(outcome) => match ipc_stream(&outcome.batches) {
             Ok(bytes) => Ok((outcome, bytes)),
-            Err(error) => Err(SandboxError::Data(format!("encoding the result: {error}"))),
+            Err(error) => Err(RunFailure {
+                error: SandboxError::Data(format!("encoding the result: {error}")),
+                fuel: outcome.metering.fuel,
+            }),
         },
-        Err(error) => Err(error),
+        Err(failure) => Err(failure),
     };
     let (usage, audit_head) = usage_and_audit_head(
         connection,
@@ -1265,15 +1391,69 @@ async fn settle(
     let mut result = Vec::new();
     let mut error = None;
     let event_kind;
-    if let Ok((released, bytes)) = &mut outcome {
-        let metering = &released.metering;
-        let used = QueryUse {
-            compute_units: i64::try_from(metering.compute_units).unwrap_or(i64::MAX),
-            rows_released: i64::try_from(metering.rows_released).unwrap_or(i64::MAX),
-        };
+    // Whether the query counts against the quota, and whether it burnt
+    // anything to pay for.
+    let (counts, burnt);
+    match &mut outcome {
+        Ok((released, bytes)) => {
+            let metering = &released.metering;
+            summary.state = "completed".into();
+            summary.fuel = i64::try_from(metering.fuel).unwrap_or(i64::MAX);
+            summary.compute_units = i64::try_from(metering.compute_units).unwrap_or(i64::MAX);
+            summary.rows_read = i64::try_from(metering.rows_read).unwrap_or(i64::MAX);
+            summary.bytes_read = i64::try_from(metering.bytes_read).unwrap_or(i64::MAX);
+            summary.rows_released = i64::try_from(metering.rows_released).unwrap_or(i64::MAX);
+            summary.bytes_released = i64::try_from(metering.bytes_released).unwrap_or(i64::MAX);
+            // `suppressed_rows` stays 0: under `GROUP BY unit` the number of
+            // withheld groups is an exact count of matching rows.
+            summary.truncated = released.truncated;
+            summary.privacy_spent = released.privacy_spent;
+            summary.wall_time_ms =
+                i64::try_from(metering.wall_time.as_millis()).unwrap_or(i64::MAX);
+            result = std::mem::take(bytes);
+            event_kind = "query.completed";
+            (counts, burnt) = (true, true);
+        }
+        Err(failure) => {
+            let disposition = classify(&failure.error);
+            if disposition.code == Code::Internal {
+                tracing::error!(
+                    query = %reservation.query_id,
+                    error = %failure.error,
+                    "query failed inside the sandbox"
+                );
+            } else if disposition.withheld {
+                tracing::warn!(
+                    query = %reservation.query_id,
+                    error = %failure.error,
+                    "query failed while running"
+                );
+            }
+            summary.state = disposition.state.into();
+            summary.error = disposition.message;
+            summary.fuel = i64::try_from(failure.fuel).unwrap_or(i64::MAX);
+            summary.compute_units = i64::try_from(failure.compute_units()).unwrap_or(i64::MAX);
+            error = Some((disposition.code, summary.error.clone()));
+            event_kind = if disposition.state == "rejected" {
+                "query.rejected"
+            } else {
+                "query.failed"
+            };
+            (counts, burnt) = (disposition.counts, failure.fuel > 0);
+        }
+    }
+    if counts {
         let ledger_started = std::time::Instant::now();
+        let used = QueryUse {
+            compute_units: summary.compute_units,
+            rows_released: summary.rows_released,
+        };
         // Never more than was held: the hold is the price's ceiling.
-        let charge = billing::charge(&reservation.plan, usage, used)?.min(reservation.hold);
+        let charge = if burnt {
+            billing::charge(&reservation.plan, usage, used)?.min(reservation.hold)
+        } else {
+            0
+        };
         let fee = billing::platform_fee(charge, platform_fee_bps);
         billing::post_into(
             &mut writes,
@@ -1298,7 +1478,9 @@ async fn settle(
                 },
             ],
         )?;
-        let subscription = i64::from(reservation.plan.kind() == proto::PriceKind::Subscription);
+        // A subscription's fee is charged with the first query that pays.
+        let subscription =
+            i64::from(burnt && reservation.plan.kind() == proto::PriceKind::Subscription);
         writes.push(
             "INSERT INTO usage_counters (contract_id, period, queries, compute_units, \
              rows_released, subscription_charged) VALUES ($1, $2, 1, $3, $4, $5) \
@@ -1316,7 +1498,7 @@ async fn settle(
                 Param::Int(subscription),
             ],
         );
-        if released.privacy_spent > 0.0 {
+        if summary.privacy_spent > 0.0 {
             writes.push(
                 "INSERT INTO privacy_budgets (consumer_organization_id, product_id, period, spent) \
                  VALUES ($1, $2, $3, $4) ON CONFLICT (consumer_organization_id, product_id, period) \
@@ -1325,40 +1507,12 @@ async fn settle(
                     Param::from(&reservation.consumer),
                     Param::from(&reservation.product_id),
                     Param::from(&reservation.period),
-                    Param::Real(released.privacy_spent),
+                    Param::Real(summary.privacy_spent),
                 ],
             );
         }
-        metrics.stage("ledger", ledger_started.elapsed());
-        summary.state = "completed".into();
-        summary.fuel = i64::try_from(metering.fuel).unwrap_or(i64::MAX);
-        summary.compute_units = used.compute_units;
-        summary.rows_read = i64::try_from(metering.rows_read).unwrap_or(i64::MAX);
-        summary.bytes_read = i64::try_from(metering.bytes_read).unwrap_or(i64::MAX);
-        summary.rows_released = used.rows_released;
-        summary.bytes_released = i64::try_from(metering.bytes_released).unwrap_or(i64::MAX);
-        summary.suppressed_rows = i64::try_from(released.suppressed_rows).unwrap_or(i64::MAX);
-        summary.truncated = released.truncated;
-        summary.privacy_spent = released.privacy_spent;
-        summary.wall_time_ms = i64::try_from(metering.wall_time.as_millis()).unwrap_or(i64::MAX);
         summary.charge_minor = charge;
-        result = std::mem::take(bytes);
-        event_kind = "query.completed";
-    } else if let Err(sandbox_error) = &outcome {
-        let (code, state) = classify(sandbox_error);
-        summary.state = state.into();
-        summary.error = sandbox_error.to_string();
-        if code == Code::Internal {
-            tracing::error!(error = %sandbox_error, "query failed inside the sandbox");
-        }
-        error = Some((code, summary.error.clone()));
-        event_kind = if state == "rejected" {
-            "query.rejected"
-        } else {
-            "query.failed"
-        };
-    } else {
-        unreachable!("a result is Ok or Err");
+        metrics.stage("ledger", ledger_started.elapsed());
     }
     let audit_started = std::time::Instant::now();
     let audit_index = log::append_after(
@@ -1383,7 +1537,6 @@ async fn settle(
                 "compute_units": summary.compute_units,
                 "rows_read": summary.rows_read,
                 "rows_released": summary.rows_released,
-                "suppressed_rows": summary.suppressed_rows,
                 "privacy_spent": summary.privacy_spent,
                 "held_minor": reservation.hold,
                 "charge_minor": summary.charge_minor,
@@ -1400,9 +1553,9 @@ async fn settle(
     writes.push(
         "UPDATE queries SET state = $1, error = $2, error_code = $3, fuel = $4, \
          compute_units = $5, rows_read = $6, bytes_read = $7, rows_released = $8, \
-         bytes_released = $9, suppressed_rows = $10, truncated = $11, privacy_spent = $12, \
-         wall_time_ms = $13, charge_minor = $14, result = $15, audit_index = $16, hold_open = 0, \
-         finished_at = $17 WHERE id = $18 AND state = 'running'",
+         bytes_released = $9, truncated = $10, privacy_spent = $11, wall_time_ms = $12, \
+         charge_minor = $13, result = $14, audit_index = $15, hold_open = 0, \
+         finished_at = $16 WHERE id = $17 AND state = 'running'",
         vec![
             Param::from(&summary.state),
             Param::from(error_text),
@@ -1413,7 +1566,6 @@ async fn settle(
             Param::Int(summary.bytes_read),
             Param::Int(summary.rows_released),
             Param::Int(summary.bytes_released),
-            Param::Int(summary.suppressed_rows),
             Param::Int(i64::from(summary.truncated)),
             Param::Real(summary.privacy_spent),
             Param::Int(summary.wall_time_ms),
@@ -1552,6 +1704,107 @@ mod tests {
         // Every field, through the derived Debug.
         assert_eq!(format!("{from_flags:?}"), format!("{in_code:?}"));
         Ok(())
+    }
+
+    /// One error of every kind the sandbox reports.
+    fn every_sandbox_error() -> Vec<SandboxError> {
+        let quoting = "Cast error: Cannot cast string 'xhealth/458' to value of Int32 type";
+        vec![
+            SandboxError::FuelExhausted { fuel: 5_000_000 },
+            SandboxError::Deadline { limit_ms: 60_000 },
+            SandboxError::MemoryLimit {
+                limit_bytes: 1 << 30,
+            },
+            SandboxError::Busy {
+                slots: 32,
+                limit_ms: 60_000,
+            },
+            SandboxError::StackOverflow,
+            SandboxError::ResultTooLarge {
+                limit_bytes: 1 << 20,
+                rule: "max_result_bytes",
+            },
+            SandboxError::Policy {
+                rule: "blocked-columns".into(),
+                column: Some("person_id".into()),
+                message: "person_id is blocked".into(),
+            },
+            SandboxError::Query("no such column: salary".into()),
+            SandboxError::Execution(quoting.into()),
+            SandboxError::Trap(format!("unreachable (guest log: {quoting})")),
+            SandboxError::Link {
+                module: "wasi_snapshot_preview1".into(),
+                name: "sock_open".into(),
+            },
+            SandboxError::InvalidModule("bad magic".into()),
+            SandboxError::AlgorithmNotApproved {
+                sha256: "ab".repeat(32),
+            },
+            SandboxError::PrivacyBudget {
+                remaining: 0.1,
+                needed: 0.4,
+            },
+            SandboxError::Data(format!("products/population/residents.parquet: {quoting}")),
+            SandboxError::Internal(quoting.into()),
+        ]
+    }
+
+    /// A query that failed while it ran is reported by a generic message
+    /// and a stable code, whatever the engine said (it can quote the data);
+    /// a refusal decided before the data was read says precisely why.
+    #[test]
+    fn failures_at_run_time_are_reported_by_code_alone() {
+        for error in every_sandbox_error() {
+            let disposition = classify(&error);
+            let inner = error.to_string();
+            if disposition.withheld {
+                assert_eq!(disposition.state, "failed", "{error}");
+                assert!(!disposition.message.contains("xhealth"), "{error}");
+                let code = disposition
+                    .message
+                    .strip_suffix(')')
+                    .and_then(|message| message.rsplit_once(" ("))
+                    .map(|(_, code)| code)
+                    .unwrap_or_default();
+                assert!(
+                    !code.is_empty() && code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                    "a snake_case code in {:?}",
+                    disposition.message
+                );
+            } else {
+                assert_eq!(disposition.message, inner);
+            }
+        }
+        let cast = classify(&SandboxError::Execution("Cannot cast string 'x'".into()));
+        assert_eq!(
+            (cast.code, cast.message.as_str()),
+            (
+                Code::InvalidArgument,
+                "the query failed while running (execution_error)"
+            )
+        );
+        let refused = classify(&SandboxError::Query("no such column: salary".into()));
+        assert_eq!(
+            (refused.code, refused.state),
+            (Code::InvalidArgument, "rejected")
+        );
+        assert!(refused.message.contains("salary"));
+    }
+
+    /// The invoice finds the queries that count by their stored status code:
+    /// only a query that found no free sandbox slot is settled as
+    /// `Unavailable`, and it alone does not count.
+    #[test]
+    fn only_a_query_that_found_no_slot_goes_uncounted() {
+        assert!(COUNTED_QUERY.ends_with(&format!("<> {}", Code::Unavailable as i64)));
+        for error in every_sandbox_error() {
+            let disposition = classify(&error);
+            assert_eq!(
+                disposition.counts,
+                disposition.code != Code::Unavailable,
+                "{error}"
+            );
+        }
     }
 
     /// The standing is read on every reservation: it must read the running

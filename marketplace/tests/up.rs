@@ -173,7 +173,7 @@ fn up_seeds_the_city_and_demo_tells_the_whole_story() {
         "registration number CG-",
         "contract ctr",
         "│ sector",
-        "suppressed",
+        "groups of fewer than 5 licences are not shown",
         "charged 1.00 EUR",
         "intact: tree size",
     ] {

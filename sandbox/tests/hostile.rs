@@ -436,6 +436,71 @@ fn fuel_is_deterministic_and_proportional_to_work() {
     );
 }
 
+/// A run that fails is metered like one that completes, so that it can be
+/// billed: a trap after some work reports the fuel of that work, a run out
+/// of fuel its whole budget, and a run refused before it started none.
+#[test]
+fn a_failed_run_reports_the_fuel_it_burnt() {
+    let f = fixture();
+    let counting = |then: &str| {
+        wat::parse_str(format!(
+            r#"(module (memory (export "memory") 1)
+                (func (export "civicgrid_run") (result i32) (local i32)
+                  (loop $l (local.set 0 (i32.add (local.get 0) (i32.const 1)))
+                           (br_if $l (i32.lt_u (local.get 0) (i32.const 100000))))
+                  {then}
+                  i32.const 0))"#
+        ))
+        .unwrap()
+    };
+    let run_metered = |wasm: &[u8], limits: &Limits, approve: bool| {
+        let guest = f.sandbox.load(wasm, GuestRole::Algorithm).unwrap();
+        let mut policy = OutputPolicy::owner();
+        if approve {
+            policy.approved_algorithms.push(guest.sha256().to_owned());
+        }
+        let job = Job {
+            sql: "",
+            tables: Arc::new(LocalDirectory::new(f.data.path(), Vec::<String>::new())),
+            policy: &policy,
+            privacy_budget: 0.0,
+            as_of_unix_seconds: 1_764_460_800,
+        };
+        f.sandbox.run_metered(&guest, job, limits)
+    };
+    let completed = run_metered(&counting(""), &Limits::default(), true)
+        .unwrap()
+        .metering
+        .fuel;
+
+    let trapped = run_metered(&counting("unreachable"), &Limits::default(), true).unwrap_err();
+    assert_trapped_at_unreachable(&trapped.error);
+    assert!(
+        trapped.fuel.abs_diff(completed) <= 2,
+        "the same work up to the trap: {} against {completed}",
+        trapped.fuel
+    );
+    assert_eq!(trapped.compute_units(), completed.div_ceil(1_000_000));
+
+    let budget = Limits {
+        fuel: completed / 2,
+        ..Limits::default()
+    };
+    let starved = run_metered(&counting(""), &budget, true).unwrap_err();
+    assert!(
+        matches!(starved.error, SandboxError::FuelExhausted { fuel } if fuel == completed / 2),
+        "{starved}"
+    );
+    assert_eq!(starved.fuel, completed / 2, "the whole budget");
+
+    let refused = run_metered(&counting(""), &Limits::default(), false).unwrap_err();
+    assert!(
+        matches!(refused.error, SandboxError::AlgorithmNotApproved { .. }),
+        "{refused}"
+    );
+    assert_eq!(refused.fuel, 0, "nothing ran");
+}
+
 #[test]
 fn a_corrupt_or_truncated_cache_entry_is_rebuilt_never_loaded() {
     let cache = tempfile::tempdir().unwrap();

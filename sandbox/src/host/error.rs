@@ -98,6 +98,35 @@ pub enum SandboxError {
     Internal(String),
 }
 
+/// A run that did not release a result, and the fuel it burnt before it
+/// ended: what [`Sandbox::run_metered`](super::Sandbox::run_metered)
+/// returns, so that a caller can bill a failed run for the work it did.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct RunFailure {
+    /// Why the run ended.
+    pub error: SandboxError,
+    /// Fuel consumed, as [`Metering::fuel`](super::Metering::fuel) counts it
+    /// for a completed run: the whole budget when the run ran out of fuel,
+    /// 0 when it was refused before anything ran.
+    pub fuel: u64,
+}
+
+impl RunFailure {
+    /// [`RunFailure::fuel`] in billed compute units, rounded up.
+    #[must_use]
+    pub fn compute_units(&self) -> u64 {
+        self.fuel.div_ceil(super::FUEL_PER_COMPUTE_UNIT)
+    }
+}
+
+impl From<SandboxError> for RunFailure {
+    /// A failure before anything ran: no fuel.
+    fn from(error: SandboxError) -> Self {
+        Self { error, fuel: 0 }
+    }
+}
+
 impl From<GuestFailure> for SandboxError {
     fn from(failure: GuestFailure) -> Self {
         match failure {

@@ -32,7 +32,7 @@ pub use cache::CacheOutcome;
 pub use data::{
     BATCH_ROWS, FooterCache, LocalDirectory, MAX_PARTS, SHARE_ROWS, TableScan, TableStore,
 };
-pub use error::SandboxError;
+pub use error::{RunFailure, SandboxError};
 pub use filter::ScanFilter;
 pub use release::MIN_UNITS_METADATA;
 
@@ -379,6 +379,9 @@ struct RunPlan<'a> {
     /// Nanoseconds every instance of the run spent starting (shares of a
     /// split scan start on several threads at once).
     startup_ns: AtomicU64,
+    /// Fuel every instance of the run burnt, whether it ran to its end or
+    /// failed: what a failed run is metered at.
+    fuel_burnt: AtomicU64,
 }
 
 /// A finished instance: its fuel and its state.
@@ -597,19 +600,43 @@ impl Sandbox {
     }
 
     /// Runs `job` on `guest` in a fresh store under `limits`.
+    ///
+    /// # Errors
+    /// The [`SandboxError`] that ended the run; [`Sandbox::run_metered`]
+    /// also says how much fuel it burnt first.
     pub fn run(
         &self,
         guest: &Guest,
         job: Job<'_>,
         limits: &Limits,
     ) -> Result<Outcome, SandboxError> {
+        self.run_metered(guest, job, limits)
+            .map_err(|failure| failure.error)
+    }
+
+    /// [`Sandbox::run`], with the fuel a failed run burnt before it ended,
+    /// so that a run that fails can be billed like one that completes.
+    ///
+    /// # Errors
+    /// A [`RunFailure`]: its error, and its fuel. The fuel counts every
+    /// instance the run started (the planning of a split run that turned out
+    /// not to split aside, as for a completed run); it is the whole budget
+    /// when the run ran out of fuel, and 0 when no instance started (an
+    /// unapproved algorithm, a privacy budget too small, no free slot).
+    pub fn run_metered(
+        &self,
+        guest: &Guest,
+        job: Job<'_>,
+        limits: &Limits,
+    ) -> Result<Outcome, RunFailure> {
         let started = Instant::now();
         if guest.role == GuestRole::Algorithm
             && !job.policy.approved_algorithms.contains(&guest.sha256)
         {
             return Err(SandboxError::AlgorithmNotApproved {
                 sha256: guest.sha256.clone(),
-            });
+            }
+            .into());
         }
         job.policy.validate().map_err(|e| SandboxError::Policy {
             rule: "policy".into(),
@@ -627,13 +654,15 @@ impl Sandbox {
                     rule: "differential-privacy".into(),
                     column: None,
                     message: "this product's results are released only with noise, which the sandbox can add to SQL aggregates but not to an algorithm's output".into(),
-                });
+                }
+                .into());
             }
             if job.privacy_budget < needed {
                 return Err(SandboxError::PrivacyBudget {
                     remaining: job.privacy_budget,
                     needed,
-                });
+                }
+                .into());
             }
         }
         let (tables, infos) = describe(job.tables.as_ref(), job.policy)?;
@@ -652,18 +681,18 @@ impl Sandbox {
             logical_time_ns: job.as_of_unix_seconds.saturating_mul(1_000_000_000),
             started,
             startup_ns: AtomicU64::new(0),
+            fuel_burnt: AtomicU64::new(0),
         };
-        let split = match guest.role {
-            GuestRole::Sql if self.split_scans => self.split_table(&plan)?,
-            _ => None,
-        };
-        let ((ran, fuel_before, read_before), instances) = match split {
-            Some((table, parts)) => match self.run_split(guest, &plan, table, parts)? {
-                Some(done) => (done, parts as u32),
-                None => ((self.whole(guest, &plan)?, 0, (0, 0)), 1),
-            },
-            None => ((self.whole(guest, &plan)?, 0, (0, 0)), 1),
-        };
+        let ((ran, fuel_before, read_before), instances) =
+            self.instances(guest, &plan).map_err(|error| {
+                let fuel = match error {
+                    // What the budget allowed, whatever a split run's shares
+                    // burnt between them.
+                    SandboxError::FuelExhausted { fuel } => fuel,
+                    _ => plan.fuel_burnt.load(Ordering::Relaxed).min(limits.fuel),
+                };
+                RunFailure { error, fuel }
+            })?;
         let fuel = fuel_before + ran.fuel;
         let state = ran.state;
         let release = state.release;
@@ -690,6 +719,29 @@ impl Sandbox {
             privacy_budget_left: job.privacy_budget - privacy_spent,
             log: state.log,
         })
+    }
+
+    /// Runs the plan's instances: split when the SQL guest's plan splits,
+    /// whole otherwise. Returns the final (or only) instance, the fuel and
+    /// (rows, bytes) read of the others, and how many instances there were.
+    #[allow(clippy::type_complexity)]
+    fn instances(
+        &self,
+        guest: &Guest,
+        plan: &RunPlan<'_>,
+    ) -> Result<((Ran, u64, (u64, u64)), u32), SandboxError> {
+        let split = match guest.role {
+            GuestRole::Sql if self.split_scans => self.split_table(plan)?,
+            _ => None,
+        };
+        if let Some((table, parts)) = split {
+            if let Some(done) = self.run_split(guest, plan, table, parts)? {
+                return Ok((done, parts as u32));
+            }
+            // The split run's planning is not billed: only the whole run's.
+            plan.fuel_burnt.store(0, Ordering::Relaxed);
+        }
+        Ok(((self.whole(guest, plan)?, 0, (0, 0)), 1))
     }
 
     fn whole(&self, guest: &Guest, plan: &RunPlan<'_>) -> Result<Ran, SandboxError> {
@@ -1008,6 +1060,7 @@ impl Sandbox {
         };
         span.record("fuel", fuel);
         span.record("ran_us", starting.elapsed().as_micros() as u64);
+        plan.fuel_burnt.fetch_add(fuel, Ordering::Relaxed);
         let mut state = store.into_data();
         // Either kind of instance of a split run may find the plan does not
         // split: a whole instance never asks.

@@ -186,10 +186,10 @@ async fn charged_once_policy_checked_and_audited(db: Db) -> anyhow::Result<()> {
     assert!(broke.message().contains("insufficient funds"), "{broke:?}");
     assert_eq!(ledger(&market).await?.postings, 0);
 
-    let topped = deposit(&market, 1_000).await?;
+    let topped = deposit(&market, 1_250).await?;
     assert_eq!(
         (topped.balance_minor, topped.available_minor),
-        (1_000, 1_000)
+        (1_250, 1_250)
     );
 
     // The query runs in the sandbox over the product's files.
@@ -207,7 +207,7 @@ async fn charged_once_policy_checked_and_audited(db: Db) -> anyhow::Result<()> {
         balance(&market, &cast.consumer_admin, "")
             .await?
             .balance_minor,
-        750
+        1_000
     );
 
     // A retry under the same key returns the first outcome, charged once.
@@ -219,7 +219,7 @@ async fn charged_once_policy_checked_and_audited(db: Db) -> anyhow::Result<()> {
         balance(&market, &cast.consumer_admin, "")
             .await?
             .balance_minor,
-        750
+        1_000
     );
 
     // The same key for another request is refused, naming the key.
@@ -242,7 +242,8 @@ async fn charged_once_policy_checked_and_audited(db: Db) -> anyhow::Result<()> {
     assert_eq!(again.summary.fuel, summary.fuel);
     assert_eq!(again.summary.compute_units, summary.compute_units);
 
-    // The policy refuses a blocked column: nothing is charged.
+    // The policy refuses a blocked column, precisely; planning it ran in the
+    // sandbox, so the refusal is charged like any query.
     let blocked = run(
         &market,
         &cast.consumer_analyst,
@@ -253,7 +254,7 @@ async fn charged_once_policy_checked_and_audited(db: Db) -> anyhow::Result<()> {
     .context("a blocked column is refused")?;
     assert_eq!(blocked.code(), Code::PermissionDenied, "{blocked:?}");
     assert!(blocked.message().contains("person_id"), "{blocked:?}");
-    // Its retry returns the same refusal, still uncharged.
+    // Its retry returns the same refusal, charged once.
     let blocked_again = run(
         &market,
         &cast.consumer_analyst,
@@ -263,6 +264,7 @@ async fn charged_once_policy_checked_and_audited(db: Db) -> anyhow::Result<()> {
     .err()
     .context("the refusal replays")?;
     assert_eq!(blocked_again.code(), Code::PermissionDenied);
+    assert_eq!(blocked_again.message(), blocked.message());
     assert_eq!(
         balance(&market, &cast.consumer_admin, "")
             .await?
@@ -270,7 +272,8 @@ async fn charged_once_policy_checked_and_audited(db: Db) -> anyhow::Result<()> {
         500
     );
 
-    // Groups too small to release are suppressed, and the query is billed.
+    // Groups too small to release are withheld, uncounted, and the query is
+    // billed.
     let fine = run(
         &market,
         &cast.consumer_analyst,
@@ -281,11 +284,11 @@ async fn charged_once_policy_checked_and_audited(db: Db) -> anyhow::Result<()> {
         ),
     )
     .await?;
-    assert!(fine.summary.suppressed_rows > 0, "{:?}", fine.summary);
     assert!(
         total_people(&fine.batches)? < SAMPLE_ROWS as i64,
-        "suppressed groups' people are withheld"
+        "small groups' people are withheld"
     );
+    assert_eq!(fine.summary.suppressed_rows, 0, "{:?}", fine.summary);
     assert_eq!(
         balance(&market, &cast.consumer_admin, "")
             .await?
@@ -312,12 +315,12 @@ async fn charged_once_policy_checked_and_audited(db: Db) -> anyhow::Result<()> {
     assert_eq!(rival.code(), Code::PermissionDenied);
     assert!(rival.message().contains("no active contract"), "{rival:?}");
 
-    // The ledger: 3 charges of 250; 10% to the platform, the rest to the provider.
+    // The ledger: 4 charges of 250; 10% to the platform, the rest to the provider.
     let summary_ledger = ledger(&market).await?;
     assert_sound(&summary_ledger);
     let provider = balance_of(&market, "provider:city-data:EUR").await?;
     let platform = balance_of(&market, "platform:platform:EUR").await?;
-    assert_eq!((provider, platform), (675, 75));
+    assert_eq!((provider, platform), (900, 100));
 
     // Usage views and the audit log agree.
     let mut queries = QueriesClient::new(market.channel.clone());
@@ -337,7 +340,8 @@ async fn charged_once_policy_checked_and_audited(db: Db) -> anyhow::Result<()> {
         .queries;
     assert_eq!(mine.len(), 4, "three completed, one rejected: {mine:?}");
     assert!(mine.iter().all(|q| !q.sql.is_empty()));
-    assert_eq!(mine.iter().map(|q| q.charge_minor).sum::<i64>(), 750);
+    assert!(mine.iter().all(|q| q.suppressed_rows == 0), "{mine:?}");
+    assert_eq!(mine.iter().map(|q| q.charge_minor).sum::<i64>(), 1_000);
     let theirs = queries
         .list_usage(usage(&cast.provider_admin))
         .await?
@@ -383,6 +387,7 @@ async fn charged_once_policy_checked_and_audited(db: Db) -> anyhow::Result<()> {
             body["details"]["charge_minor"] == record.charge_minor,
             "{body}"
         );
+        ensure!(body["details"].get("suppressed_rows").is_none(), "{body}");
         ensure!(
             body["kind"]
                 == if record.state == "completed" {
@@ -394,7 +399,7 @@ async fn charged_once_policy_checked_and_audited(db: Db) -> anyhow::Result<()> {
         );
     }
 
-    // The month's invoice: three queries on one contract.
+    // The month's invoice: four queries on one contract, the refusal too.
     let mut billing = BillingClient::new(market.channel.clone());
     let period = civicgrid_marketplace::billing::period_of(civicgrid_marketplace::store::now_ms());
     let invoice = billing
@@ -408,8 +413,8 @@ async fn charged_once_policy_checked_and_audited(db: Db) -> anyhow::Result<()> {
         .await?
         .into_inner();
     assert_eq!(invoice.lines.len(), 1, "{invoice:?}");
-    assert_eq!(invoice.lines[0].queries, 3);
-    assert_eq!(invoice.total_minor.get("EUR"), Some(&750));
+    assert_eq!(invoice.lines[0].queries, 4);
+    assert_eq!(invoice.total_minor.get("EUR"), Some(&1_000));
     let earnings = billing
         .get_invoice(authed(
             &cast.provider_admin,
@@ -420,7 +425,7 @@ async fn charged_once_policy_checked_and_audited(db: Db) -> anyhow::Result<()> {
         ))
         .await?
         .into_inner();
-    assert_eq!(earnings.total_minor.get("EUR"), Some(&675));
+    assert_eq!(earnings.total_minor.get("EUR"), Some(&900));
     // Another organization's balance is not a consumer's business.
     let nosy = billing
         .get_balance(authed(
@@ -456,14 +461,14 @@ async fn charged_once_policy_checked_and_audited(db: Db) -> anyhow::Result<()> {
     for line in [
         "civicgrid_marketplace_queries_total{outcome=\"completed\"} 4",
         "civicgrid_marketplace_queries_total{outcome=\"rejected\"} 1",
-        "civicgrid_marketplace_charged_minor_total{currency=\"EUR\"} 1000",
+        "civicgrid_marketplace_charged_minor_total{currency=\"EUR\"} 1250",
         "civicgrid_marketplace_query_stage_seconds_count{stage=\"sandbox\"} 5",
-        // Where the time went: the four that ran split into start-up and
-        // the query itself, and were charged; all five were audited, and
-        // each settlement's writes went to the database together.
+        // Where the time went: the four that completed split into start-up
+        // and the query itself; all five were charged and audited, and each
+        // settlement's writes went to the database together.
         "civicgrid_marketplace_query_stage_seconds_count{stage=\"sandbox_start\"} 4",
         "civicgrid_marketplace_query_stage_seconds_count{stage=\"query\"} 4",
-        "civicgrid_marketplace_query_stage_seconds_count{stage=\"ledger\"} 4",
+        "civicgrid_marketplace_query_stage_seconds_count{stage=\"ledger\"} 5",
         "civicgrid_marketplace_query_stage_seconds_count{stage=\"audit\"} 5",
         "civicgrid_marketplace_query_stage_seconds_count{stage=\"writes\"} 5",
     ] {
@@ -483,9 +488,268 @@ async fn balance_of(market: &TestMarket, account: &str) -> anyhow::Result<i64> {
     Ok(row.try_get("balance_minor")?)
 }
 
+/// What a contract has used this period: (queries, compute units).
+async fn counted(market: &TestMarket, contract_id: &str) -> anyhow::Result<(i64, i64)> {
+    use sqlx::Row as _;
+    let pool = market.raw_pool().await?;
+    let row =
+        sqlx::query("SELECT queries, compute_units FROM usage_counters WHERE contract_id = $1")
+            .bind(contract_id)
+            .fetch_optional(&pool)
+            .await?;
+    Ok(match row {
+        Some(row) => (row.try_get("queries")?, row.try_get("compute_units")?),
+        None => (0, 0),
+    })
+}
+
+/// The stored summary of the query a status names (`query <id>: …`), as
+/// its consumer lists it.
+async fn listed(
+    market: &TestMarket,
+    token: &str,
+    status: &tonic::Status,
+) -> anyhow::Result<proto::QuerySummary> {
+    let id = status
+        .message()
+        .strip_prefix("query ")
+        .and_then(|rest| rest.split(':').next())
+        .with_context(|| format!("the status names its query: {status:?}"))?;
+    QueriesClient::new(market.channel.clone())
+        .list_usage(authed(token, proto::ListUsageRequest::default()))
+        .await?
+        .into_inner()
+        .queries
+        .into_iter()
+        .find(|summary| summary.query_id == id)
+        .with_context(|| format!("query {id} is listed"))
+}
+
+/// The audit log's entry at `index`, as its bytes and parsed.
+async fn audit_entry(
+    market: &TestMarket,
+    token: &str,
+    index: i64,
+) -> anyhow::Result<(String, serde_json::Value)> {
+    let entries = AuditClient::new(market.channel.clone())
+        .get_entries(authed(
+            token,
+            proto::GetEntriesRequest {
+                start: index,
+                end: index + 1,
+                ..Default::default()
+            },
+        ))
+        .await?
+        .into_inner()
+        .entries;
+    let body = &entries.first().context("the entry exists")?.body;
+    Ok((
+        String::from_utf8(body.clone())?,
+        serde_json::from_slice(body)?,
+    ))
+}
+
+/// Whether `text` quotes the sample's data (a district's name) or the
+/// engine's error (which speaks of casts and Arrow).
+fn quotes_data_or_engine(text: &str) -> bool {
+    let lower = text.to_lowercase();
+    lower.contains("cast")
+        || lower.contains("arrow")
+        || civicgrid_marketplace::city::DISTRICTS
+            .iter()
+            .any(|district| lower.contains(district))
+}
+
+/// A query that fails while it runs — on a cast of the data's own values,
+/// whose error quotes the value — is charged for the compute it used and
+/// counts against the quota like one that completes; the consumer, the
+/// outcome a replay returns and the audit log see a stable code, never the
+/// engine's text. A query out of fuel pays for its whole budget. Withheld
+/// groups are not counted for consumers.
+async fn failed_queries_are_charged_counted_and_quote_no_data(db: Db) -> anyhow::Result<()> {
+    let (market, cast) = start(db).await?;
+    let mut spec = sample_spec();
+    // Public, so that it may group the residents with their district.
+    spec.tables[0].columns[1].sensitivity = proto::Sensitivity::Public as i32;
+    spec.price_plans = vec![proto::PricePlan {
+        id: "per-unit".into(),
+        kind: proto::PriceKind::PerComputeUnit as i32,
+        unit_price_minor: 1,
+        currency: "EUR".into(),
+        ..Default::default()
+    }];
+    publish_spec(&market, &cast, "population", spec).await?;
+    let mut contracts = ContractsClient::new(market.channel.clone());
+    let contract_id = contracts
+        .request_contract(authed(
+            &cast.consumer_admin,
+            proto::RequestContractRequest {
+                plan_id: "per-unit".into(),
+                ..contract_request("population")
+            },
+        ))
+        .await?
+        .into_inner()
+        .id;
+    contracts
+        .approve_contract(authed(
+            &cast.provider_admin,
+            proto::ContractAction {
+                contract_id: contract_id.clone(),
+                reason: String::new(),
+            },
+        ))
+        .await?;
+    deposit(&market, 100_000).await?;
+    let token = &cast.consumer_analyst;
+    let balance_now = async || -> anyhow::Result<i64> {
+        Ok(balance(&market, &cast.consumer_admin, "")
+            .await?
+            .balance_minor)
+    };
+
+    // Every district's name fails the cast, and the engine's error quotes it.
+    let leaky = query(
+        "SELECT age_band, SUM(CAST(district AS INT)) AS total FROM residents GROUP BY age_band",
+        "k-failing",
+    );
+    let failed = run(&market, token, leaky.clone())
+        .await
+        .err()
+        .context("the cast fails while the query runs")?;
+    assert_eq!(failed.code(), Code::InvalidArgument, "{failed:?}");
+    assert!(
+        failed
+            .message()
+            .ends_with(": the query failed while running (execution_error)"),
+        "{failed:?}"
+    );
+    assert!(!quotes_data_or_engine(failed.message()), "{failed:?}");
+
+    // Recorded as failed, with the same words, and charged for its compute.
+    let summary = listed(&market, &cast.consumer_admin, &failed).await?;
+    assert_eq!(summary.state, "failed");
+    assert_eq!(
+        summary.error,
+        "the query failed while running (execution_error)"
+    );
+    assert!(summary.fuel > 0 && summary.compute_units > 0, "{summary:?}");
+    assert_eq!(summary.charge_minor, summary.compute_units, "1 cent a unit");
+    assert!(summary.charge_minor <= summary.held_minor, "{summary:?}");
+    assert_eq!(balance_now().await?, 100_000 - summary.charge_minor);
+    assert_eq!(
+        counted(&market, &contract_id).await?,
+        (1, summary.compute_units),
+        "it counts against the quota"
+    );
+    let (text, entry) = audit_entry(&market, &cast.regulator, summary.audit_index).await?;
+    assert_eq!(entry["kind"], "query.failed", "{text}");
+    assert_eq!(entry["details"]["error"], summary.error.as_str(), "{text}");
+    assert_eq!(
+        entry["details"]["charge_minor"], summary.charge_minor,
+        "{text}"
+    );
+    assert!(!quotes_data_or_engine(&text), "{text}");
+
+    // A retry under its key replays the same words, charged once.
+    let replayed = run(&market, token, leaky)
+        .await
+        .err()
+        .context("the failure replays")?;
+    assert_eq!(replayed.code(), failed.code());
+    assert_eq!(replayed.message(), failed.message());
+    assert_eq!(balance_now().await?, 100_000 - summary.charge_minor);
+    assert_eq!(counted(&market, &contract_id).await?.0, 1);
+    let spent = summary.charge_minor;
+
+    // Out of fuel: its whole budget of one unit is used, charged and counted.
+    let starved = run(
+        &market,
+        token,
+        proto::RunQueryRequest {
+            max_compute_units: 1,
+            ..query(BY_DISTRICT, "k-starved")
+        },
+    )
+    .await
+    .err()
+    .context("a query with one compute unit runs out of fuel")?;
+    assert_eq!(starved.code(), Code::ResourceExhausted, "{starved:?}");
+    assert!(
+        starved.message().ends_with(
+            ": the query used its whole compute budget; a larger max_compute_units may let it \
+             finish (compute_budget_exhausted)"
+        ),
+        "{starved:?}"
+    );
+    let starved = listed(&market, &cast.consumer_admin, &starved).await?;
+    assert_eq!(
+        (starved.fuel, starved.compute_units, starved.charge_minor),
+        (1_000_000, 1, 1),
+        "{starved:?}"
+    );
+    assert_eq!(balance_now().await?, 100_000 - spent - 1);
+    assert_eq!(
+        counted(&market, &contract_id).await?,
+        (2, summary.compute_units + 1)
+    );
+
+    // A query whose small groups are withheld says nothing of how many.
+    let fine = run(
+        &market,
+        token,
+        query(
+            "SELECT district, age_band, COUNT(*) AS people FROM residents \
+             GROUP BY district, age_band",
+            "k-fine",
+        ),
+    )
+    .await?;
+    assert!(
+        total_people(&fine.batches)? < SAMPLE_ROWS as i64,
+        "groups were withheld"
+    );
+    assert_eq!(fine.summary.suppressed_rows, 0, "{:?}", fine.summary);
+    let listed_fine = QueriesClient::new(market.channel.clone())
+        .list_usage(authed(&cast.regulator, proto::ListUsageRequest::default()))
+        .await?
+        .into_inner()
+        .queries
+        .into_iter()
+        .find(|listed| listed.query_id == fine.summary.query_id)
+        .context("the completed query is listed")?;
+    assert_eq!(listed_fine.suppressed_rows, 0);
+    let (text, entry) = audit_entry(&market, &cast.regulator, fine.summary.audit_index).await?;
+    assert_eq!(entry["kind"], "query.completed", "{text}");
+    assert!(entry["details"].get("suppressed_rows").is_none(), "{text}");
+
+    // The invoice bills all three, and the ledger balances.
+    let period = civicgrid_marketplace::billing::period_of(civicgrid_marketplace::store::now_ms());
+    let invoice = BillingClient::new(market.channel.clone())
+        .get_invoice(authed(
+            &cast.consumer_admin,
+            proto::GetInvoiceRequest {
+                organization_id: String::new(),
+                period,
+            },
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(invoice.lines.len(), 1, "{invoice:?}");
+    assert_eq!(invoice.lines[0].queries, 3, "{invoice:?}");
+    assert_eq!(
+        invoice.total_minor.get("EUR"),
+        Some(&(spent + 1 + fine.summary.charge_minor))
+    );
+    assert_sound(&ledger(&market).await?);
+    market.stop().await;
+    Ok(())
+}
+
 async fn bad_requests_quota_and_interrupted_queries(db: Db) -> anyhow::Result<()> {
     let (market, cast) = start(db).await?;
-    contract(&market, &cast, 2).await?;
+    contract(&market, &cast, 4).await?;
     deposit(&market, 10_000).await?;
     let token = &cast.consumer_analyst;
     for (request, field) in [
@@ -518,13 +782,16 @@ async fn bad_requests_quota_and_interrupted_queries(db: Db) -> anyhow::Result<()
             "{field}: {refused:?}"
         );
     }
-    // SQL the engine cannot run is refused uncharged.
+    // SQL the engine cannot parse is refused, precisely; the parser ran in
+    // the sandbox, so it is charged and counts against the quota (1 of 4).
     let nonsense = run(&market, token, query("SELEKT nothing", "k-nonsense"))
         .await
         .err()
         .context("bad SQL is refused")?;
     assert_eq!(nonsense.code(), Code::InvalidArgument, "{nonsense:?}");
-    // Too little fuel stops a query: recorded as failed, not charged.
+    assert!(nonsense.message().contains("SELEKT"), "{nonsense:?}");
+    // Too little fuel stops a query: recorded as failed, charged for the
+    // whole budget (2 of 4), and reported by its code alone.
     let starved = run(
         &market,
         token,
@@ -537,11 +804,15 @@ async fn bad_requests_quota_and_interrupted_queries(db: Db) -> anyhow::Result<()
     .err()
     .context("a starved query fails")?;
     assert_eq!(starved.code(), Code::ResourceExhausted, "{starved:?}");
+    assert!(
+        starved.message().ends_with("(compute_budget_exhausted)"),
+        "{starved:?}"
+    );
     assert_eq!(
         balance(&market, &cast.consumer_admin, "")
             .await?
             .balance_minor,
-        10_000
+        9_500
     );
 
     // A server that stopped mid-query left it running with its hold.
@@ -583,9 +854,9 @@ async fn bad_requests_quota_and_interrupted_queries(db: Db) -> anyhow::Result<()
         civicgrid_marketplace::queries::recover_interrupted(market.market.store()).await?;
     assert_eq!(recovered, 1);
     let after = balance(&market, &cast.consumer_admin, "").await?;
-    assert_eq!((after.balance_minor, after.held_minor), (10_000, 0));
+    assert_eq!((after.balance_minor, after.held_minor), (9_500, 0));
     assert_sound(&ledger(&market).await?);
-    // The retry runs afresh and is charged once.
+    // The retry runs afresh and is charged once (3 of 4).
     let retried = run(&market, token, query(BY_DISTRICT, "k-crash")).await?;
     assert!(!retried.summary.replayed);
     assert_eq!(retried.summary.charge_minor, 250);
@@ -594,10 +865,10 @@ async fn bad_requests_quota_and_interrupted_queries(db: Db) -> anyhow::Result<()
         balance(&market, &cast.consumer_admin, "")
             .await?
             .balance_minor,
-        9_750
+        9_250
     );
 
-    // The quota is 2 queries a month.
+    // The quota is 4 queries a month.
     run(&market, token, query(BY_DISTRICT, "k-second")).await?;
     let over = run(&market, token, query(BY_DISTRICT, "k-third"))
         .await
@@ -664,7 +935,7 @@ async fn privacy_budget_is_debited_with_the_charge(db: Db) -> anyhow::Result<()>
         .approve_contract(authed(
             &cast.provider_admin,
             proto::ContractAction {
-                contract_id: requested.id,
+                contract_id: requested.id.clone(),
                 reason: String::new(),
             },
         ))
@@ -696,7 +967,12 @@ async fn privacy_budget_is_debited_with_the_charge(db: Db) -> anyhow::Result<()>
             .await?
             .balance_minor,
         9_500,
-        "the refused query is not charged"
+        "the refusal, decided before the sandbox ran anything, is not charged"
+    );
+    assert_eq!(
+        counted(&market, &requested.id).await?.0,
+        3,
+        "but it counts against the quota"
     );
     let stored: f64 = {
         use sqlx::Row as _;
@@ -760,11 +1036,11 @@ async fn a_client_that_gives_up_mid_query_leaves_no_hold(db: Db) -> anyhow::Resu
             other => break other,
         }
     };
-    // It ran out of fuel and was settled as failed, uncharged.
+    // It ran out of fuel and was settled as failed, charged once.
     let status = settled.err().context("the query stops on its fuel")?;
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     let after = balance(&market, &cast.consumer_admin, "").await?;
-    assert_eq!((after.balance_minor, after.held_minor), (10_000, 0));
+    assert_eq!((after.balance_minor, after.held_minor), (9_750, 0));
     assert_sound(&ledger(&market).await?);
     market.stop().await;
     Ok(())
@@ -893,4 +1169,5 @@ civicgrid_tests::on_both_databases!(
     bad_requests_quota_and_interrupted_queries,
     privacy_budget_is_debited_with_the_charge,
     a_client_that_gives_up_mid_query_leaves_no_hold,
+    failed_queries_are_charged_counted_and_quote_no_data,
 );

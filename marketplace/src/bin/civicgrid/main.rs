@@ -999,13 +999,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let summary = summary.context("the server sent no query summary")?;
             print_rows(&ipc, format)?;
             eprintln!(
-                "query {} ({}{}): {} rows released, {} suppressed{}, {} compute units, \
+                "query {} ({}{}): {} rows released{}, {} compute units, \
                  charged {} of {} held ({} minor units), audit entry {}; key {key}",
                 summary.query_id,
                 summary.state,
                 if summary.replayed { ", replayed" } else { "" },
                 summary.rows_released,
-                summary.suppressed_rows,
                 if summary.truncated { ", truncated" } else { "" },
                 summary.compute_units,
                 summary.charge_minor,
