@@ -369,7 +369,7 @@ pub fn sample_spec() -> proto::ProductSpec {
             name: "residents".into(),
             columns: vec![
                 column("district", "utf8", Sensitivity::Public),
-                column("age_band", "utf8", Sensitivity::Internal),
+                column("age_band", "utf8", Sensitivity::Public),
                 column("person_id", "int64", Sensitivity::Blocked),
             ],
         }],
