@@ -348,9 +348,11 @@ impl Checker<'_> {
                         return Err(refuse(
                             "aggregation.joins",
                             Some(unit),
-                            "the query reads the product's privacy units more than once (a self-join, \
-                             or a join of two tables that carry privacy units): one unit's rows could be \
-                             paired with many others, so it is refused",
+                            format!(
+                                "the query reads the privacy unit {unit} more than once (a self-join, \
+                                 or a join of two tables that carry privacy units): one unit's rows could be \
+                                 paired with many others, so it is refused"
+                            ),
                         ));
                     }
                     self.unit_scans
