@@ -8,6 +8,5 @@ mod marketplace;
 mod operator_e2e;
 mod queries;
 mod red_team;
-mod red_team_review;
 mod sandbox;
 mod sandbox_split;
