@@ -74,6 +74,20 @@ fn refuse(rule: &str, column: Option<&str>, message: String) -> GuestFailure {
 pub fn checked_plan(
     request: &GuestRequest,
     plan: LogicalPlan,
+    optimize: impl FnMut(&LogicalPlan) -> Result<LogicalPlan, DataFusionError>,
+) -> Result<(Analysis, LogicalPlan), GuestFailure> {
+    let ruled = top_aggregate(&plan).is_some() && rule::applies(request);
+    let (analysis, optimized) = checked_plan_unguarded(request, plan, optimize)?;
+    // On the plan as it runs: type coercion's casts are in it by now.
+    if ruled && analysis.kind == QueryKind::Aggregate {
+        rule::check_cannot_fail(request, &optimized)?;
+    }
+    Ok((analysis, optimized))
+}
+
+fn checked_plan_unguarded(
+    request: &GuestRequest,
+    plan: LogicalPlan,
     mut optimize: impl FnMut(&LogicalPlan) -> Result<LogicalPlan, DataFusionError>,
 ) -> Result<(Analysis, LogicalPlan), GuestFailure> {
     let unit = analysis_rule(request, &plan)?;
@@ -107,7 +121,20 @@ fn analysis_rule(
     plan: &LogicalPlan,
 ) -> Result<Option<Column>, GuestFailure> {
     rule::check_reserved_names(&request.sql)?;
-    if top_aggregate(plan).is_none() || !rule::applies(request) {
+    if !rule::applies(request) {
+        return Ok(None);
+    }
+    if top_aggregate(plan).is_none() {
+        // An aggregation under a join, a union or DISTINCT ON would release
+        // its groups as a list, with no threshold counted.
+        if contains_aggregate(plan) {
+            return Err(GuestFailure::policy(
+                "aggregation.shape",
+                None,
+                "an aggregation must be the last step of the query (only projections, filters, \
+                 sorts and limits may follow it), so its groups can be counted",
+            ));
+        }
         return Ok(None);
     }
     Ok(rule::check(request, plan)?.unit.map(|u| u.column))
@@ -514,6 +541,19 @@ fn top_aggregate(plan: &LogicalPlan) -> Option<&Aggregate> {
     }
 }
 
+fn contains_aggregate(plan: &LogicalPlan) -> bool {
+    let mut found = false;
+    let _ = plan.apply_with_subqueries(|node| {
+        found = matches!(node, LogicalPlan::Aggregate(_));
+        Ok(if found {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    });
+    found
+}
+
 /// Table columns the optimised plan's scans read.
 fn columns_read(plan: &LogicalPlan) -> BTreeSet<String> {
     let mut read = BTreeSet::new();
@@ -916,6 +956,191 @@ mod tests {
                 optimizations >= least_optimizations,
                 "{sql}: {optimizations}"
             );
+        }
+    }
+
+    /// The rule a query is refused by, or `None` when it is accepted; the
+    /// quick way and the slow way must agree.
+    fn refused_by(sql: &str, policy: OutputPolicy) -> Option<String> {
+        let request = request(sql, policy);
+        let source = Arc::new(crate::MemorySource::new(vec![Vec::new(), Vec::new()]));
+        let ctx = crate::context(&request, source, 1, crate::functions::Families::all())
+            .expect("context");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let (state, plan) = runtime
+            .block_on(ctx.sql(sql))
+            .unwrap_or_else(|e| panic!("{sql} plans: {e}"))
+            .into_parts();
+        match checked_plan(&request, plan, |plan| state.optimize(plan)) {
+            Ok(_) => None,
+            Err(GuestFailure::Policy { rule, .. }) => Some(rule),
+            Err(other) => panic!("{sql}: not a policy refusal: {other:?}"),
+        }
+    }
+
+    /// An aggregate's argument that weights rows by a product of columns,
+    /// a narrowing cast or a cast to boolean is a hidden CASE.
+    #[test]
+    fn aggregate_arguments_that_could_single_out_rows_are_refused() {
+        for sql in [
+            "select age_band, sum(income * (household_size - 1) * (household_size - 2)) \
+             from residents group by age_band",
+            "select age_band, sum(income * income) from residents group by age_band",
+            "select count(cast(income as boolean)) from residents",
+            "select sum(try_cast(income as smallint)) from residents",
+            "select sum(cast(income as smallint)) from residents",
+            "select r.age_band, sum(r.income * d.area_km2) from residents r \
+             join districts d on r.district = d.name group by r.age_band",
+            "select sum(case when household_size = 6 then income else 0 end) from residents",
+        ] {
+            assert_eq!(
+                refused_by(sql, population()).as_deref(),
+                Some("aggregation.arguments"),
+                "{sql}"
+            );
+        }
+    }
+
+    /// A failure below the aggregation, or in a filter the optimiser merges
+    /// with the threshold, answers a question about a withheld row.
+    #[test]
+    fn expressions_that_could_fail_on_a_withheld_row_are_refused() {
+        for (sql, rule) in [
+            (
+                "select district, count(*) from residents \
+                 where 1 / (household_size - 3) = 0 group by district",
+                "aggregation.cannot-fail",
+            ),
+            (
+                "select district, count(*) from residents \
+                 where household_size % (household_size - 3) = 0 group by district",
+                "aggregation.cannot-fail",
+            ),
+            (
+                "select district, count(*) from residents \
+                 where cast(age_band as int) = 3 group by district",
+                "aggregation.cannot-fail",
+            ),
+            (
+                "select district, count(*) from residents \
+                 where substr(district, 1, household_size - 7) = 'x' group by district",
+                "aggregation.cannot-fail",
+            ),
+            (
+                "select district, count(*) from residents \
+                 where date_part('century', cast(household_size as timestamp)) = 1 group by district",
+                "aggregation.cannot-fail",
+            ),
+            (
+                "select count(*) from residents where make_date(household_size, 1, 1) is null",
+                "scalar-functions",
+            ),
+            (
+                "select district, sum(income) from residents group by district \
+                 having 1 / (sum(income) - 60111) > 0",
+                "aggregation.cannot-fail",
+            ),
+            (
+                "select * from (select district, sum(income) s from residents group by district) \
+                 where 1 / (s - 60111) > 0",
+                "aggregation.cannot-fail",
+            ),
+            // The physical planner pushes this projection below the threshold.
+            (
+                "select district, sum(income) / (count(*) - 3) from residents group by district",
+                "aggregation.cannot-fail",
+            ),
+            (
+                "select district, count(*) from residents \
+                 where round(household_size, -19) = 0 group by district",
+                "aggregation.cannot-fail",
+            ),
+            (
+                "select district, count(*) from residents \
+                 where round(cast(income as double), household_size) = 0 group by district",
+                "aggregation.cannot-fail",
+            ),
+            (
+                "select district, count(*) from residents \
+                 where left(district, household_size) = 'x' group by district",
+                "aggregation.cannot-fail",
+            ),
+        ] {
+            assert_eq!(
+                refused_by(sql, population()).as_deref(),
+                Some(rule),
+                "{sql}"
+            );
+        }
+    }
+
+    /// Only equalities of join columns match rows: `OR true` and ranges
+    /// would pair one person's row with many.
+    #[test]
+    fn joins_on_anything_but_equal_join_columns_are_refused() {
+        for sql in [
+            "select r.district, count(*) from residents r \
+             join districts d on r.district = d.name or true group by r.district",
+            "select r.district, count(*) from residents r \
+             join districts d on r.district >= d.name group by r.district",
+            "select r.district, count(*) from residents r \
+             join districts d on r.district = d.name and d.name <> 'x' group by r.district",
+            "select r.district, count(*) from residents r, districts d group by r.district",
+        ] {
+            assert_eq!(
+                refused_by(sql, population()).as_deref(),
+                Some("aggregation.joins"),
+                "{sql}"
+            );
+        }
+    }
+
+    /// An aggregation that is not the query's last step would release its
+    /// groups as rows of a list, uncounted.
+    #[test]
+    fn aggregations_under_joins_and_unions_are_refused() {
+        for sql in [
+            "select * from (select district, count(*) n from residents group by district) a \
+             join districts d on a.district = d.name",
+            "select district, count(*) from residents group by district \
+             union all select name, 1 from districts",
+            "select distinct on (n) district, n from \
+             (select district, count(*) n from residents group by district)",
+        ] {
+            assert_eq!(
+                refused_by(sql, population()).as_deref(),
+                Some("aggregation.shape"),
+                "{sql}"
+            );
+        }
+    }
+
+    /// What the rule must keep allowing: linear arguments, wrapping integer
+    /// arithmetic, safe functions, and anything computed on released groups.
+    #[test]
+    fn ordinary_aggregate_queries_still_pass() {
+        for sql in [
+            "select district, count(*), sum(income), avg(income * 2 + 100) \
+             from residents group by district",
+            "select district, cast(sum(income) as double) / count(*) from residents \
+             group by district",
+            "select district, count(*) from residents \
+             where round(cast(income as double), -3) > 1000 and left(district, 2) = 'No' \
+             group by district",
+            "select district, count(*) from residents where household_size + 1 > 3 group by district",
+            "select substr(district, 1, 3) d, count(*) from residents group by d",
+            "select upper(district), count(distinct age_band) from residents \
+             where district like 'N%' group by upper(district)",
+            "select r.district, count(*) from residents r join districts d \
+             on r.district = d.name group by r.district",
+            "select district, count(*) from residents group by district having count(*) > 20",
+            "select district, cast(sum(income) as double) / count(*) as mean from residents \
+             group by district order by mean desc limit 3",
+            "select district, sum(cast(household_size as bigint)) from residents group by district",
+        ] {
+            assert_eq!(refused_by(sql, population()), None, "{sql}");
         }
     }
 }

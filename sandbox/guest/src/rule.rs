@@ -30,9 +30,11 @@ use std::collections::BTreeSet;
 
 use civicgrid_sandbox::policy::AggregationRule;
 use civicgrid_sandbox::protocol::{GuestFailure, GuestRequest};
+use datafusion::arrow::datatypes::DataType;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::common::{Column, DFSchemaRef};
-use datafusion::logical_expr::{BinaryExpr, Expr, JoinType, LogicalPlan, Operator};
+use datafusion::common::{Column, DFSchemaRef, ScalarValue};
+use datafusion::logical_expr::utils::split_conjunction;
+use datafusion::logical_expr::{BinaryExpr, Expr, ExprSchemable, JoinType, LogicalPlan, Operator};
 
 /// Names the platform uses for its own columns; a consumer's SQL may not.
 pub const RESERVED_PREFIX: &str = "__civicgrid";
@@ -49,7 +51,6 @@ pub const DEFAULT_SCALAR_FUNCTIONS: &[&str] = &[
     "character_length",
     "coalesce",
     "concat",
-    "date_bin",
     "date_part",
     "date_trunc",
     "datepart",
@@ -61,7 +62,6 @@ pub const DEFAULT_SCALAR_FUNCTIONS: &[&str] = &[
     "length",
     "lower",
     "ltrim",
-    "make_date",
     "nullif",
     "right",
     "round",
@@ -139,8 +139,11 @@ struct Checker<'a> {
     /// Table columns that identify a privacy unit.
     units: BTreeSet<String>,
     scalar_functions: BTreeSet<String>,
-    /// Unit-bearing scans seen (at most one is allowed).
-    unit_scans: Vec<Column>,
+    /// The unit-bearing scan seen (a second is refused).
+    unit_scan: Option<Column>,
+    /// Whether results are noised: the noise is calibrated to one unit's
+    /// rows, and a join can multiply them.
+    noised: bool,
 }
 
 /// Checks an aggregate query's plan, as written, against the product's
@@ -178,7 +181,8 @@ pub fn check(request: &GuestRequest, plan: &LogicalPlan) -> Result<Shape, GuestF
             .map(|f| (*f).to_owned())
             .chain(rule.scalar_functions.iter().map(|f| f.to_ascii_lowercase()))
             .collect(),
-        unit_scans: Vec::new(),
+        unit_scan: None,
+        noised: policy.differential_privacy.is_some(),
     };
     checker.no_subqueries(plan)?;
     checker.scalar_functions_allowed(plan)?;
@@ -192,10 +196,45 @@ pub fn check(request: &GuestRequest, plan: &LogicalPlan) -> Result<Shape, GuestF
         ));
     }
     checker.above(plan)?;
-    let unit = checker.unit_scans.first().cloned();
+    let unit = checker.unit_scan.clone();
     Ok(Shape {
         unit: unit.map(|column| UnitSource { column }),
     })
+}
+
+/// The first `Some` that `find` gives for an expression, or any expression
+/// inside one, of any node of `plan` (subqueries' plans aside).
+fn find_in_expressions<T>(
+    plan: &LogicalPlan,
+    mut find: impl FnMut(&Expr) -> Option<T>,
+) -> Option<T> {
+    let mut found = None;
+    let _ = plan.apply(|node| {
+        let _ = node.apply_expressions(|expr| {
+            found = find_in_expr(expr, &mut find);
+            Ok(stop_if(found.is_some()))
+        });
+        Ok(stop_if(found.is_some()))
+    });
+    found
+}
+
+/// The first `Some` that `find` gives for `expr` or an expression inside it.
+fn find_in_expr<T>(expr: &Expr, find: &mut impl FnMut(&Expr) -> Option<T>) -> Option<T> {
+    let mut found = None;
+    let _ = expr.apply(|e| {
+        found = find(e);
+        Ok(stop_if(found.is_some()))
+    });
+    found
+}
+
+fn stop_if(found: bool) -> TreeNodeRecursion {
+    if found {
+        TreeNodeRecursion::Stop
+    } else {
+        TreeNodeRecursion::Continue
+    }
 }
 
 fn count_aggregations(plan: &LogicalPlan) -> usize {
@@ -211,37 +250,22 @@ fn count_aggregations(plan: &LogicalPlan) -> usize {
 
 impl Checker<'_> {
     fn no_subqueries(&self, plan: &LogicalPlan) -> Result<(), GuestFailure> {
-        let mut found = None;
-        let _ = plan.apply(|node| {
-            if matches!(node, LogicalPlan::Subquery(_)) {
-                found = Some("a subquery");
-                return Ok(TreeNodeRecursion::Stop);
-            }
-            let _ = node.apply_expressions(|expr| {
-                expr.apply(|e| {
-                    found = match e {
-                        Expr::ScalarSubquery(_) => Some("a scalar subquery"),
-                        Expr::Exists(_) => Some("EXISTS"),
-                        Expr::InSubquery(_) => Some("IN (subquery)"),
-                        Expr::OuterReferenceColumn(..) => Some("a correlated subquery"),
-                        Expr::ScalarVariable(..) | Expr::Placeholder(_) => {
-                            Some("a variable or placeholder")
-                        }
-                        Expr::Unnest(_) => Some("UNNEST"),
-                        Expr::GroupingSet(_) => Some("GROUPING SETS, CUBE or ROLLUP"),
-                        _ => None,
-                    };
-                    Ok(if found.is_some() {
-                        TreeNodeRecursion::Stop
-                    } else {
-                        TreeNodeRecursion::Continue
-                    })
-                })
-            });
-            Ok(if found.is_some() {
-                TreeNodeRecursion::Stop
-            } else {
-                TreeNodeRecursion::Continue
+        let subquery_node = plan
+            .exists(|node| Ok(matches!(node, LogicalPlan::Subquery(_))))
+            .unwrap_or(true)
+            .then_some("a subquery");
+        let found = subquery_node.or_else(|| {
+            find_in_expressions(plan, |e| match e {
+                Expr::ScalarSubquery(_) => Some("a scalar subquery"),
+                Expr::Exists(_) => Some("EXISTS"),
+                Expr::InSubquery(_) => Some("IN (subquery)"),
+                Expr::OuterReferenceColumn(..) => Some("a correlated subquery"),
+                Expr::ScalarVariable(..) | Expr::Placeholder(_) => {
+                    Some("a variable or placeholder")
+                }
+                Expr::Unnest(_) => Some("UNNEST"),
+                Expr::GroupingSet(_) => Some("GROUPING SETS, CUBE or ROLLUP"),
+                _ => None,
             })
         });
         match found {
@@ -255,30 +279,18 @@ impl Checker<'_> {
     }
 
     fn scalar_functions_allowed(&self, plan: &LogicalPlan) -> Result<(), GuestFailure> {
-        let mut refused = None;
-        let _ = plan.apply(|node| {
-            let _ = node.apply_expressions(|expr| {
-                expr.apply(|e| {
-                    if let Expr::ScalarFunction(function) = e {
-                        let name = function.func.name().to_ascii_lowercase();
-                        let allowed =
-                            self.scalar_functions.contains(&name)
-                                || function.func.aliases().iter().any(|a| {
-                                    self.scalar_functions.contains(&a.to_ascii_lowercase())
-                                });
-                        if !allowed {
-                            refused = Some(name);
-                            return Ok(TreeNodeRecursion::Stop);
-                        }
-                    }
-                    Ok(TreeNodeRecursion::Continue)
-                })
-            });
-            Ok(if refused.is_some() {
-                TreeNodeRecursion::Stop
-            } else {
-                TreeNodeRecursion::Continue
-            })
+        let refused = find_in_expressions(plan, |e| match e {
+            Expr::ScalarFunction(function) => {
+                let name = function.func.name().to_ascii_lowercase();
+                let allowed = self.scalar_functions.contains(&name)
+                    || function
+                        .func
+                        .aliases()
+                        .iter()
+                        .any(|a| self.scalar_functions.contains(&a.to_ascii_lowercase()));
+                (!allowed).then_some(name)
+            }
+            _ => None,
         });
         match refused {
             Some(name) => Err(refuse(
@@ -344,7 +356,7 @@ impl Checker<'_> {
                     .iter()
                     .find(|u| source.field_with_name(u).is_ok());
                 if let Some(unit) = unit_name {
-                    if !self.unit_scans.is_empty() {
+                    if self.unit_scan.is_some() {
                         return Err(refuse(
                             "aggregation.joins",
                             Some(unit),
@@ -355,8 +367,7 @@ impl Checker<'_> {
                             ),
                         ));
                     }
-                    self.unit_scans
-                        .push(Column::new(Some(scan.table_name.clone()), unit.clone()));
+                    self.unit_scan = Some(Column::new(Some(scan.table_name.clone()), unit.clone()));
                 }
                 for filter in &scan.filters {
                     let lineage = table_lineage(schema, &self.units);
@@ -387,6 +398,14 @@ impl Checker<'_> {
             LogicalPlan::SubqueryAlias(alias) => self.below(&alias.input),
             LogicalPlan::Sort(sort) if sort.fetch.is_none() => self.below(&sort.input),
             LogicalPlan::Join(join) => {
+                if self.noised {
+                    return Err(refuse(
+                        "aggregation.joins",
+                        None,
+                        "this product adds noise sized for one person's rows, and a join can \
+                         repeat them; query one table",
+                    ));
+                }
                 if join.join_type != JoinType::Inner {
                     return Err(refuse(
                         "aggregation.joins",
@@ -397,25 +416,33 @@ impl Checker<'_> {
                         ),
                     ));
                 }
-                // Some condition must relate a column of each side;
-                // `ON true` or `ON a.x = a.x` pairs every row with every row.
-                let mut condition: Vec<&Column> = join
-                    .on
-                    .iter()
-                    .flat_map(|(l, r)| l.column_refs().into_iter().chain(r.column_refs()))
-                    .collect();
-                if let Some(filter) = &join.filter {
-                    condition.extend(filter.column_refs());
+                // Rows match on equal join columns, and only on them: a
+                // cross join, `ON true`, `OR`, or a range condition pairs one
+                // unit's row with many others, multiplying what it adds.
+                let mut pairs: Vec<(&Expr, &Expr)> = join.on.iter().map(|(l, r)| (l, r)).collect();
+                let conjuncts = join
+                    .filter
+                    .as_ref()
+                    .map(split_conjunction)
+                    .unwrap_or_default();
+                for conjunct in conjuncts {
+                    match conjunct {
+                        Expr::BinaryExpr(BinaryExpr {
+                            left,
+                            op: Operator::Eq,
+                            right,
+                        }) => pairs.push((left, right)),
+                        _ => return Err(not_an_equi_join()),
+                    }
                 }
-                let relates_both_sides = condition.iter().any(|c| join.left.schema().has_column(c))
-                    && condition.iter().any(|c| join.right.schema().has_column(c));
-                if !relates_both_sides {
-                    return Err(refuse(
-                        "aggregation.joins",
-                        None,
-                        "a join must say which rows match (JOIN … ON a join column = a join column); \
-                         a cross join, or a join written with commas, is not allowed",
-                    ));
+                let relates = |a: &Expr, b: &Expr| match (a, b) {
+                    (Expr::Column(a), Expr::Column(b)) => {
+                        join.left.schema().has_column(a) && join.right.schema().has_column(b)
+                    }
+                    _ => false,
+                };
+                if pairs.is_empty() || !pairs.iter().all(|(a, b)| relates(a, b) || relates(b, a)) {
+                    return Err(not_an_equi_join());
                 }
                 let mut lineage = self.below(&join.left)?;
                 lineage.extend(self.below(&join.right)?);
@@ -481,16 +508,10 @@ impl Checker<'_> {
     }
 
     fn no_aggregate_or_window(&self, expr: &Expr, clause: &str) -> Result<(), GuestFailure> {
-        let mut found = false;
-        let _ = expr.apply(|e| {
-            found = matches!(e, Expr::AggregateFunction(_) | Expr::WindowFunction(_));
-            Ok(if found {
-                TreeNodeRecursion::Stop
-            } else {
-                TreeNodeRecursion::Continue
-            })
+        let found = find_in_expr(expr, &mut |e| {
+            matches!(e, Expr::AggregateFunction(_) | Expr::WindowFunction(_)).then_some(())
         });
-        if found {
+        if found.is_some() {
             return Err(shape(&format!(
                 "an aggregate or window function in {clause}"
             )));
@@ -552,14 +573,14 @@ impl Checker<'_> {
             ));
         };
         let numeric_only = matches!(name.as_str(), "sum" | "avg" | "mean");
-        if !argument_is_allowed(first, numeric_only) {
+        if !argument_is_allowed(first, schema, numeric_only) {
             return Err(refuse(
                 "aggregation.arguments",
                 None,
                 format!(
                     "{display}: an aggregate's argument must be a column{}, not a computed expression",
                     if numeric_only {
-                        " or + - * arithmetic on columns and numbers"
+                        " or a linear combination of columns and numbers (x * 2 + y)"
                     } else {
                         ""
                     }
@@ -636,24 +657,99 @@ impl Checker<'_> {
     }
 }
 
-/// A column, a number, a cast of one, or `+ - *` of those (sums of products,
-/// as in TPC-H's revenue); never a comparison, CASE, or a function that could
-/// single out one row.
-fn argument_is_allowed(expr: &Expr, numeric_only: bool) -> bool {
+/// A column, a number, a cast that cannot fail or change which values are
+/// distinct, or a *linear* combination of those (`price * 1.1 + fee`): every
+/// row adds its own column's value, scaled. A product of two columns or a
+/// comparison could weight one row by one and every other by zero
+/// (`income * (district_code - 1) * (district_code - 2)`), a hidden `CASE`;
+/// `TRY_CAST` to a narrow type is a hidden filter.
+fn argument_is_allowed(expr: &Expr, schema: &DFSchemaRef, numeric_only: bool) -> bool {
+    degree(expr, schema, numeric_only).is_some_and(|d| d <= 1)
+}
+
+/// The degree of `expr` as a polynomial in columns, where it is one.
+fn degree(expr: &Expr, schema: &DFSchemaRef, numeric_only: bool) -> Option<u32> {
     match expr {
-        Expr::Column(_) => true,
-        Expr::Alias(alias) => argument_is_allowed(&alias.expr, numeric_only),
-        Expr::Literal(..) => numeric_only,
-        Expr::Cast(cast) => argument_is_allowed(&cast.expr, numeric_only),
-        Expr::TryCast(cast) => argument_is_allowed(&cast.expr, numeric_only),
-        Expr::Negative(inner) => numeric_only && argument_is_allowed(inner, numeric_only),
-        Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
-            numeric_only
-                && matches!(op, Operator::Plus | Operator::Minus | Operator::Multiply)
-                && argument_is_allowed(left, numeric_only)
-                && argument_is_allowed(right, numeric_only)
+        Expr::Column(_) => Some(1),
+        Expr::Alias(alias) => degree(&alias.expr, schema, numeric_only),
+        Expr::Literal(value, _) => (numeric_only && value.data_type().is_numeric()).then_some(0),
+        Expr::Cast(cast) => {
+            let from = cast.expr.get_type(schema.as_ref()).ok()?;
+            (cast_cannot_fail(&from, cast.field.data_type())
+                && *cast.field.data_type() != DataType::Boolean)
+                .then(|| degree(&cast.expr, schema, numeric_only))
+                .flatten()
         }
-        _ => false,
+        Expr::Negative(inner) if numeric_only => degree(inner, schema, numeric_only),
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) if numeric_only => {
+            let (l, r) = (
+                degree(left, schema, numeric_only)?,
+                degree(right, schema, numeric_only)?,
+            );
+            match op {
+                Operator::Plus | Operator::Minus => Some(l.max(r)),
+                Operator::Multiply => Some(l + r),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Whether casting any value of `from` to `to` always succeeds (a `CAST`
+/// fails the query on a value it cannot represent, and which value failed is
+/// an oracle): widening numbers, numbers to floating point, anything to text.
+pub fn cast_cannot_fail(from: &DataType, to: &DataType) -> bool {
+    use DataType::*;
+    fn int_digits(t: &DataType) -> Option<u8> {
+        Some(match t {
+            Int8 | UInt8 => 3,
+            Int16 | UInt16 => 5,
+            Int32 | UInt32 => 10,
+            Int64 => 19,
+            UInt64 => 20,
+            _ => return None,
+        })
+    }
+    fn int_rank(t: &DataType) -> Option<(bool, u8)> {
+        Some(match t {
+            Int8 => (true, 8),
+            Int16 => (true, 16),
+            Int32 => (true, 32),
+            Int64 => (true, 64),
+            UInt8 => (false, 8),
+            UInt16 => (false, 16),
+            UInt32 => (false, 32),
+            UInt64 => (false, 64),
+            _ => return None,
+        })
+    }
+    if from == to || matches!(from, Null) {
+        return true;
+    }
+    if let Dictionary(_, value) = from {
+        return cast_cannot_fail(value, to);
+    }
+    match (from, to) {
+        (_, Utf8 | LargeUtf8 | Utf8View) => {
+            from.is_primitive() || matches!(from, Boolean | Utf8 | LargeUtf8 | Utf8View)
+        }
+        (_, Float64 | Float32) => from.is_numeric(),
+        (Boolean, _) => to.is_integer(),
+        (Date32, Date64 | Timestamp(..)) | (Date64 | Timestamp(..), Date32) => true,
+        (Decimal128(p1, s1), Decimal128(p2, s2) | Decimal256(p2, s2))
+        | (Decimal256(p1, s1), Decimal256(p2, s2)) => {
+            s2 >= s1 && i16::from(*p2) - i16::from(*s2) >= i16::from(*p1) - i16::from(*s1)
+        }
+        (_, Decimal128(p, s) | Decimal256(p, s)) => {
+            int_digits(from).is_some_and(|d| i16::from(*p) - i16::from(*s) >= i16::from(d))
+        }
+        _ => match (int_rank(from), int_rank(to)) {
+            (Some((false, a)), Some((false, b))) => b >= a,
+            (Some((true, a)), Some((true, b))) => b >= a,
+            (Some((false, a)), Some((true, b))) => b > a,
+            _ => false,
+        },
     }
 }
 
@@ -707,6 +803,15 @@ fn not_a_dimension(
     refuse("aggregation.dimension-columns", Some(name), message)
 }
 
+fn not_an_equi_join() -> GuestFailure {
+    refuse(
+        "aggregation.joins",
+        None,
+        "a join must match rows on equal join columns only (JOIN … ON a.column = b.column [AND …]); \
+         cross joins, joins written with commas, OR, ranges and other conditions are not allowed",
+    )
+}
+
 fn shape(what: &str) -> GuestFailure {
     refuse(
         "aggregation.shape",
@@ -733,6 +838,231 @@ fn construct(plan: &LogicalPlan) -> &'static str {
         _ => "this operator",
     }
 }
+
+/// Refuses a thresholded aggregate query whose plan, as it will run, could
+/// fail on some value of a row the threshold withholds: an integer division
+/// by `x - 60111`, a narrowing cast, `make_date` of a withheld row. Failed
+/// queries tell the consumer nothing but that they failed, and that is one bit
+/// about a withheld row, for the price of a query.
+///
+/// Checked: every expression of every node, above the aggregation too. The
+/// threshold is a filter in the plan, not a barrier: the optimiser merges
+/// `HAVING` into it, and the physical planner pushes projections that compute
+/// on aggregates below it, where they meet withheld groups.
+/// Functions the product's policy declares are the provider's choice.
+///
+/// # Errors
+/// A policy refusal (`aggregation.cannot-fail`) naming the expression.
+pub fn check_cannot_fail(request: &GuestRequest, plan: &LogicalPlan) -> Result<(), GuestFailure> {
+    let declared: BTreeSet<String> = request
+        .policy
+        .aggregation
+        .as_ref()
+        .map(|rule| {
+            rule.scalar_functions
+                .iter()
+                .map(|f| f.to_ascii_lowercase())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut refused = None;
+    let _ = plan.apply(|node| {
+        // What cannot be typed cannot be shown to be safe.
+        let Some(schema) = expression_schema(node) else {
+            refused = Some("an expression whose types cannot be worked out".to_owned());
+            return Ok(TreeNodeRecursion::Stop);
+        };
+        for expr in node.expressions() {
+            if let Some(reason) = can_fail(&expr, &schema, &declared) {
+                refused = Some(reason);
+                return Ok(TreeNodeRecursion::Stop);
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    match refused {
+        Some(reason) => Err(refuse(
+            "aggregation.cannot-fail",
+            None,
+            format!(
+                "{reason} can fail on some values, and a failure would tell which rows hold them; \
+                 use expressions that cannot fail (CAST to DOUBLE before dividing, widening \
+                 casts, constant arguments)"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The schema a node's expressions are evaluated against.
+fn expression_schema(node: &LogicalPlan) -> Option<DFSchemaRef> {
+    match node {
+        LogicalPlan::TableScan(scan) => datafusion::common::DFSchema::try_from_qualified_schema(
+            scan.table_name.clone(),
+            &scan.source.schema(),
+        )
+        .ok()
+        .map(std::sync::Arc::new),
+        _ => {
+            let inputs = node.inputs();
+            let (first, rest) = inputs.split_first()?;
+            let mut schema = first.schema().as_ref().clone();
+            for input in rest {
+                schema = schema.join(input.schema()).ok()?;
+            }
+            Some(std::sync::Arc::new(schema))
+        }
+    }
+}
+
+/// Why `expr` could fail on some row's values, if it could.
+fn can_fail(expr: &Expr, schema: &DFSchemaRef, declared: &BTreeSet<String>) -> Option<String> {
+    let own = || -> Option<String> {
+        match expr {
+            Expr::Column(_)
+            | Expr::Literal(..)
+            | Expr::Alias(_)
+            | Expr::Not(_)
+            | Expr::IsNull(_)
+            | Expr::IsNotNull(_)
+            | Expr::IsTrue(_)
+            | Expr::IsFalse(_)
+            | Expr::IsUnknown(_)
+            | Expr::IsNotTrue(_)
+            | Expr::IsNotFalse(_)
+            | Expr::IsNotUnknown(_)
+            | Expr::Between(_)
+            | Expr::InList(_)
+            | Expr::Case(_)
+            | Expr::TryCast(_)
+            | Expr::AggregateFunction(_)
+            | Expr::WindowFunction(_) => None,
+            Expr::Negative(inner) => {
+                let t = inner.get_type(schema.as_ref()).ok()?;
+                (!(t.is_integer() || t.is_floating())).then(|| format!("negating a {t}"))
+            }
+            Expr::Like(like) => (!matches!(*like.pattern, Expr::Literal(..)))
+                .then(|| "LIKE with a computed pattern".to_owned()),
+            Expr::Cast(cast) => match cast.expr.get_type(schema.as_ref()) {
+                Ok(from) if cast_cannot_fail(&from, cast.field.data_type()) => None,
+                Ok(from) => Some(format!("CAST from {from} to {}", cast.field.data_type())),
+                Err(_) => Some(format!("CAST to {}", cast.field.data_type())),
+            },
+            Expr::BinaryExpr(BinaryExpr { op, .. }) => {
+                let result = expr.get_type(schema.as_ref()).ok();
+                let arithmetic_ok = |t: &DataType| t.is_integer() || t.is_floating();
+                match op {
+                    Operator::Eq
+                    | Operator::NotEq
+                    | Operator::Lt
+                    | Operator::LtEq
+                    | Operator::Gt
+                    | Operator::GtEq
+                    | Operator::And
+                    | Operator::Or
+                    | Operator::IsDistinctFrom
+                    | Operator::IsNotDistinctFrom
+                    | Operator::StringConcat => None,
+                    // Integers wrap; floating point has infinities.
+                    Operator::Plus | Operator::Minus | Operator::Multiply => {
+                        (!result.as_ref().is_some_and(arithmetic_ok))
+                            .then(|| format!("{op} on decimals or times"))
+                    }
+                    Operator::Divide | Operator::Modulo => {
+                        (!result.as_ref().is_some_and(DataType::is_floating))
+                            .then(|| format!("{op} on integers or decimals"))
+                    }
+                    _ => Some(format!("the operator {op}")),
+                }
+            }
+            Expr::ScalarFunction(function) => {
+                let name = function.func.name().to_ascii_lowercase();
+                if declared.contains(&name) {
+                    return None;
+                }
+                (!function_cannot_fail(&name, &function.args, schema)).then(|| format!("{name}(…)"))
+            }
+            other => Some(other.variant_name().to_owned()),
+        }
+    };
+    if let Some(reason) = own() {
+        return Some(reason);
+    }
+    let mut found = None;
+    let _ = expr.apply_children(|child| {
+        found = can_fail(child, schema, declared);
+        Ok(stop_if(found.is_some()))
+    });
+    found
+}
+
+/// Whether a call of a scalar function returns a value for every row: each
+/// function that can is listed with what its arguments must be. `make_date`,
+/// `date_bin`, regular expressions and the rest fail on some values, and a
+/// failure is a one-bit answer about a row.
+fn function_cannot_fail(name: &str, args: &[Expr], schema: &DFSchemaRef) -> bool {
+    let literal = |i: usize| match args.get(i) {
+        Some(Expr::Literal(value, _)) => Some(value.clone()),
+        _ => None,
+    };
+    let text = |i: usize| {
+        literal(i).and_then(|v| match v {
+            ScalarValue::Utf8(s) | ScalarValue::LargeUtf8(s) | ScalarValue::Utf8View(s) => s,
+            _ => None,
+        })
+    };
+    let integer = |i: usize| {
+        literal(i).and_then(|v| match v.cast_to(&DataType::Int64).ok()? {
+            ScalarValue::Int64(n) => n,
+            _ => None,
+        })
+    };
+    let first_type = || args.first().and_then(|a| a.get_type(schema.as_ref()).ok());
+    match name {
+        // abs(i64::MIN) is an overflow error.
+        "abs" => first_type().is_some_and(|t| t.is_floating()),
+        // On decimals they rescale, which can overflow.
+        "ceil" | "floor" => first_type().is_some_and(|t| t.is_floating() || t.is_integer()),
+        // On integers and decimals, negative digits scale by powers of ten
+        // that overflow on chosen values; on floats they saturate.
+        "round" | "trunc" => {
+            first_type().is_some_and(|t| t.is_floating())
+                && (args.len() < 2 || integer(1).is_some_and(|digits| digits.abs() <= 38))
+        }
+        // A count whose magnitude does not fit is an overflow.
+        "left" | "right" => integer(1).is_some_and(|count| count != i64::MIN),
+        "btrim" | "char_length" | "character_length" | "coalesce" | "concat" | "greatest"
+        | "least" | "length" | "lower" | "ltrim" | "nullif" | "rtrim" | "starts_with" | "trim"
+        | "upper" => true,
+        "substr" | "substring" => {
+            integer(1).is_some_and(|start| start != i64::MIN)
+                && (args.len() < 3 || integer(2).is_some_and(|count| count >= 0))
+        }
+        "date_trunc" | "datetrunc" => text(0)
+            .is_some_and(|g| DATE_TRUNC_GRANULARITIES.contains(&g.to_ascii_lowercase().as_str())),
+        "date_part" | "datepart" => {
+            text(0).is_some_and(|p| DATE_PARTS.contains(&p.to_ascii_lowercase().as_str()))
+        }
+        _ => false,
+    }
+}
+
+const DATE_TRUNC_GRANULARITIES: &[&str] = &[
+    "microsecond",
+    "millisecond",
+    "second",
+    "minute",
+    "hour",
+    "day",
+    "week",
+    "month",
+    "quarter",
+    "year",
+];
+
+const DATE_PARTS: &[&str] = &[
+    "year", "quarter", "month", "week", "day", "hour", "minute", "second", "doy", "dow", "epoch",
+];
 
 /// The column the rewrite adds to projections that would drop the unit.
 pub const CARRIED_UNIT: &str = "__civicgrid_unit";
@@ -810,14 +1140,6 @@ fn is_unit_scan(plan: &LogicalPlan, unit: &Column) -> bool {
 }
 
 fn contains_unit_scan(plan: &LogicalPlan, unit: &Column) -> bool {
-    let mut found = false;
-    let _ = plan.apply(|node| {
-        found = is_unit_scan(node, unit);
-        Ok(if found {
-            TreeNodeRecursion::Stop
-        } else {
-            TreeNodeRecursion::Continue
-        })
-    });
-    found
+    plan.exists(|node| Ok(is_unit_scan(node, unit)))
+        .unwrap_or(false)
 }

@@ -4,6 +4,7 @@
 mod controlplane_smoke;
 mod crd_validation;
 mod helm_chart;
+mod lineage_property;
 mod marketplace;
 mod operator_e2e;
 mod queries;

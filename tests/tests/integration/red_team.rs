@@ -8,15 +8,15 @@
 //! 3 people; `person_id` is the privacy unit, k = 10; `income` is unique per
 //! person and may only be aggregated (not a dimension).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use civicgrid_sandbox::policy::OutputPolicy;
-use civicgrid_sandbox::{GuestRole, Job, Limits, Outcome, SandboxError, TableStore};
-use civicgrid_tests::sandbox::{local, run_native, shared_sandbox, sql_guest, write_residents};
+use civicgrid_sandbox::{Outcome, SandboxError, TableStore};
+use civicgrid_tests::sandbox::{local, run_native, write_residents};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::util::pretty::pretty_format_batches;
 
-use crate::sandbox::population_policy;
+use crate::sandbox::{population_policy, run_sql};
 
 /// The population product as a city would publish it: person_id blocked,
 /// k = 10, dimensions named, joins to the districts table on the district.
@@ -49,23 +49,14 @@ pub(crate) fn residents() -> (tempfile::TempDir, Arc<dyn TableStore>) {
     (dir, tables)
 }
 
+/// The residents, written once per test process.
+pub(crate) fn shared_residents() -> Arc<dyn TableStore> {
+    static RESIDENTS: OnceLock<(tempfile::TempDir, Arc<dyn TableStore>)> = OnceLock::new();
+    Arc::clone(&RESIDENTS.get_or_init(residents).1)
+}
+
 pub(crate) fn run(sql: &str, policy: &OutputPolicy) -> Result<Outcome, SandboxError> {
-    let (_dir, tables) = residents();
-    let sandbox = shared_sandbox();
-    let guest = sandbox
-        .load(&sql_guest(), GuestRole::Sql)
-        .expect("SQL guest loads");
-    sandbox.run(
-        &guest,
-        Job {
-            sql,
-            tables,
-            policy,
-            privacy_budget: 0.0,
-            as_of_unix_seconds: 1_764_460_800,
-        },
-        &Limits::default(),
-    )
+    run_sql(shared_residents(), sql, policy)
 }
 
 pub(crate) fn table(batches: &[RecordBatch]) -> String {
@@ -104,7 +95,7 @@ pub(crate) fn refused(sql: &str, policy: &OutputPolicy, rule: &str, column: Opti
 #[track_caller]
 pub(crate) fn released_as(sql: &str, policy: &OutputPolicy, safe: &str) -> String {
     let outcome = run(sql, policy).unwrap_or_else(|e| panic!("{sql}: {e}"));
-    let (_dir, tables) = residents();
+    let tables = shared_residents();
     let expected = run_native(tables, safe, &OutputPolicy::owner(), 1)
         .unwrap_or_else(|e| panic!("{safe}: {e}"));
     let released = table(&outcome.batches);
@@ -665,4 +656,154 @@ fn a_blocked_column_stays_blocked_inside_count() {
         "blocked-columns",
         Some("person_id"),
     );
+}
+
+// Found by an independent attack review: arithmetic that selects rows, errors
+// below or beside the threshold, and joins that are not equalities. Harbour's
+// three incomes are 20000, 20037 and 20074 (total 60111); every one of these
+// got a withheld value out before the rule refused it.
+
+#[test]
+fn a_polynomial_weight_that_zeroes_every_other_district_is_refused() {
+    // length(district) is 7 for Harbour only: the weight is 6 there and 0
+    // elsewhere, so the released total would be 6 × 60111.
+    for argument in [
+        "income * (length(district) - 4) * (length(district) - 5) * (length(district) - 6)",
+        "income * (household_size - 1) * (household_size - 2)",
+        "income * cast(district = 'Harbour' as int)",
+        "cast(cast(income - 20037 as boolean) as int)",
+        "try_cast(income * 65536 as int)",
+        "cast(income as smallint)",
+    ] {
+        refused(
+            &format!("select age_band, sum({argument}) from residents group by age_band"),
+            &policy(),
+            "aggregation.arguments",
+            None,
+        );
+    }
+}
+
+#[test]
+fn a_joined_column_as_a_weight_is_refused() {
+    refused(
+        "select r.age_band, sum(r.income * d.area_km2) from residents r \
+         join districts d on r.district = d.name group by r.age_band",
+        &policy(),
+        "aggregation.arguments",
+        None,
+    );
+}
+
+#[test]
+fn a_linear_argument_is_released_for_groups_over_the_threshold() {
+    released_as(
+        "select district, sum(income * 2 + 1) as s from residents group by district order by district",
+        &policy(),
+        "select district, sum(income * 2 + 1) as s from residents group by district \
+         having count(distinct person_id) >= 10 order by district",
+    );
+}
+
+#[test]
+fn an_error_on_one_withheld_row_is_refused_before_it_runs() {
+    for (condition, rule) in [
+        // Fails only if Harbour has someone in a household of two.
+        (
+            "district = 'Harbour' and 1 / (household_size - 2) = 0",
+            "aggregation.cannot-fail",
+        ),
+        (
+            "district = 'Harbour' and household_size % (household_size - 2) = 0",
+            "aggregation.cannot-fail",
+        ),
+        (
+            "district = 'Harbour' and cast(age_band as int) = 1",
+            "aggregation.cannot-fail",
+        ),
+        (
+            "district = 'Harbour' and substr(district, 1, household_size - 3) = 'x'",
+            "aggregation.cannot-fail",
+        ),
+        (
+            "district = 'Harbour' and date_trunc('fortnight', cast(household_size as timestamp)) is null",
+            "aggregation.cannot-fail",
+        ),
+        (
+            "make_date(2000 + household_size, 13, 1) is null",
+            "scalar-functions",
+        ),
+    ] {
+        refused(
+            &format!(
+                "select age_band, count(*) from residents where {condition} group by age_band"
+            ),
+            &policy(),
+            rule,
+            None,
+        );
+    }
+}
+
+#[test]
+fn having_and_an_outer_where_cannot_fail_on_a_withheld_group() {
+    // The optimiser merges HAVING with the threshold's filter, so a failing
+    // HAVING would be evaluated on Harbour's group too.
+    for sql in [
+        "select district, sum(income) from residents group by district \
+         having 1 / (sum(income) - 60111) <> 0",
+        "select * from (select district, sum(income) as s from residents group by district) t \
+         where 1 / (s - 60111) <> 0",
+        "select district, count(*) from residents group by district \
+         having cast(concat('n', sum(income)) as bigint) > 0",
+        // The physical planner runs this projection below the threshold,
+        // on Harbour's withheld group too.
+        "select district, sum(income) / (count(*) - 3) from residents group by district",
+    ] {
+        refused(sql, &policy(), "aggregation.cannot-fail", None);
+    }
+}
+
+#[test]
+fn arithmetic_on_groups_that_cannot_fail_is_allowed() {
+    released_as(
+        "select district, cast(sum(income) as double) / count(*) as mean from residents \
+         group by district having count(*) > 20 order by district",
+        &policy(),
+        "select district, cast(sum(income) as double) / count(*) as mean from residents \
+         group by district having count(distinct person_id) >= 10 and count(*) > 20 \
+         order by district",
+    );
+}
+
+#[test]
+fn an_aggregation_that_is_not_the_last_step_is_refused() {
+    for sql in [
+        "select * from (select district, count(*) as n from residents group by district) a \
+         join districts d on a.district = d.name",
+        "select district, count(*) from residents group by district \
+         union all select name, 1 from districts",
+    ] {
+        refused(sql, &policy(), "aggregation.shape", None);
+    }
+}
+
+#[test]
+fn joins_on_anything_but_equal_join_columns_are_refused() {
+    for condition in [
+        "r.district = d.name or true",
+        "r.district >= d.name",
+        "r.district = d.name and d.name <> 'x'",
+        "r.district = d.name or r.district = 'North'",
+    ] {
+        refused(
+            &format!(
+                "select r.age_band, count(*) from residents r join districts d on {condition} \
+                 group by r.age_band"
+            ),
+            &policy(),
+            "aggregation.joins",
+            None,
+        );
+    }
 }
