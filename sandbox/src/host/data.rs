@@ -65,6 +65,101 @@ pub trait TableStore: Send + Sync {
     }
 }
 
+/// A store narrowed to what a product declares: only the declared tables,
+/// and of each only the declared columns, in the file's order. Anything
+/// else in the folder or the file is not there as far as a query can tell
+/// (deny by default: a column added to a file is not served until the
+/// product's schema names it).
+pub struct DeclaredColumns {
+    inner: Arc<dyn TableStore>,
+    declared: HashMap<String, Vec<String>>,
+    tables: Vec<String>,
+}
+
+impl DeclaredColumns {
+    /// `inner` showing only `declared` tables and their columns.
+    pub fn new(inner: Arc<dyn TableStore>, declared: HashMap<String, Vec<String>>) -> Self {
+        let mut tables: Vec<String> = inner
+            .tables()
+            .into_iter()
+            .filter(|t| declared.contains_key(t))
+            .collect();
+        tables.sort();
+        Self {
+            inner,
+            declared,
+            tables,
+        }
+    }
+
+    /// The stored schema's indices of the declared columns, in file order.
+    fn visible(&self, table: &str) -> Result<(SchemaRef, Vec<usize>), String> {
+        let columns = self
+            .declared
+            .get(table)
+            .ok_or_else(|| format!("no table {table}"))?;
+        let stored = self.inner.schema(table)?;
+        for column in columns {
+            if stored.index_of(column).is_err() {
+                return Err(format!(
+                    "declared column {column} is not in table {table}'s file"
+                ));
+            }
+        }
+        let indices: Vec<usize> = (0..stored.fields().len())
+            .filter(|&i| columns.contains(stored.field(i).name()))
+            .collect();
+        Ok((stored, indices))
+    }
+
+    fn stored_columns(&self, table: &str, columns: &[usize]) -> Result<Vec<usize>, String> {
+        let (_, visible) = self.visible(table)?;
+        columns
+            .iter()
+            .map(|&c| {
+                visible
+                    .get(c)
+                    .copied()
+                    .ok_or_else(|| format!("table {table} has no column {c}"))
+            })
+            .collect()
+    }
+}
+
+impl TableStore for DeclaredColumns {
+    fn tables(&self) -> Vec<String> {
+        self.tables.clone()
+    }
+
+    fn schema(&self, table: &str) -> Result<SchemaRef, String> {
+        let (stored, visible) = self.visible(table)?;
+        stored
+            .project(&visible)
+            .map(Arc::new)
+            .map_err(|e| e.to_string())
+    }
+
+    fn scan(&self, table: &str, columns: &[usize]) -> Result<TableScan, String> {
+        self.inner
+            .scan(table, &self.stored_columns(table, columns)?)
+    }
+
+    fn parts(&self, table: &str) -> Result<usize, String> {
+        self.inner.parts(table)
+    }
+
+    fn scan_part(
+        &self,
+        table: &str,
+        columns: &[usize],
+        part: usize,
+        parts: usize,
+    ) -> Result<TableScan, String> {
+        self.inner
+            .scan_part(table, &self.stored_columns(table, columns)?, part, parts)
+    }
+}
+
 /// The most shares a scan splits into: more than the cores of any machine we
 /// run on, few enough that each share's planning is noise next to its scan.
 pub const MAX_PARTS: usize = 16;
@@ -238,8 +333,21 @@ impl LocalDirectory {
     }
 }
 
+/// Opens a table's file, which must be the file itself, not a link: a link
+/// in a product's folder could lead to any file the server can read.
+/// Checked after opening, against what was opened, so a link swapped in
+/// between the check and the open is caught too.
 fn open(path: &Path) -> Result<File, String> {
-    File::open(path).map_err(|e| format!("{}: {e}", path.display()))
+    use std::os::unix::fs::MetadataExt;
+    let failed = |e: std::io::Error| format!("{}: {e}", path.display());
+    let file = File::open(path).map_err(failed)?;
+    let opened = file.metadata().map_err(failed)?;
+    let named = std::fs::symlink_metadata(path).map_err(failed)?;
+    if named.file_type().is_symlink() || (named.dev(), named.ino()) != (opened.dev(), opened.ino())
+    {
+        return Err(format!("{}: is a link, not a file", path.display()));
+    }
+    Ok(file)
 }
 
 impl TableStore for LocalDirectory {

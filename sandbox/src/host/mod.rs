@@ -30,7 +30,8 @@ use wasmtime::{
 
 pub use cache::CacheOutcome;
 pub use data::{
-    BATCH_ROWS, FooterCache, LocalDirectory, MAX_PARTS, SHARE_ROWS, TableScan, TableStore,
+    BATCH_ROWS, DeclaredColumns, FooterCache, LocalDirectory, MAX_PARTS, SHARE_ROWS, TableScan,
+    TableStore,
 };
 pub use error::{RunFailure, SandboxError};
 pub use filter::ScanFilter;
