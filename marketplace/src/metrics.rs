@@ -31,6 +31,13 @@ pub struct StageLabel {
     pub stage: &'static str,
 }
 
+/// A consumer organization.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerLabel {
+    /// The organization's id.
+    pub consumer: String,
+}
+
 /// A currency.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CurrencyLabel {
@@ -50,6 +57,9 @@ pub struct Metrics {
     pub stage_seconds: Family<StageLabel, Histogram>,
     /// Minor units charged, by currency.
     pub charged_minor: Family<CurrencyLabel, Counter>,
+    /// Refused or failed queries, by consumer organization: a consumer
+    /// probing the output policy shows here first.
+    pub unanswered: Family<ConsumerLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -62,6 +72,7 @@ impl Default for Metrics {
                 Histogram::new(exponential_buckets(0.000_25, 2.0, 18))
             }),
             charged_minor: Family::default(),
+            unanswered: Family::default(),
         };
         let r = &mut metrics.registry;
         r.register(
@@ -84,6 +95,11 @@ impl Default for Metrics {
             "Money charged for queries, in minor units",
             metrics.charged_minor.clone(),
         );
+        r.register(
+            "unanswered_queries",
+            "Refused or failed queries, by consumer organization",
+            metrics.unanswered.clone(),
+        );
         metrics
     }
 }
@@ -103,6 +119,15 @@ impl Metrics {
         self.stage_seconds
             .get_or_create(&StageLabel { stage })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a consumer's refused or failed query.
+    pub fn unanswered(&self, consumer: &str) {
+        self.unanswered
+            .get_or_create(&ConsumerLabel {
+                consumer: consumer.to_owned(),
+            })
+            .inc();
     }
 
     /// Records a charge.

@@ -32,33 +32,92 @@ const DAY_MS: i64 = 86_400_000;
 /// 1900-01-01 in Unix milliseconds.
 const EARLIEST_MS: i64 = -2_208_988_800_000;
 
-/// Where a product's files are: `file:///absolute/dir`, an absolute path, or a
-/// path relative to the server's data directory.
+/// Checks a product's storage location as written: a relative path inside
+/// the server's data directory (`products/population`), never an absolute
+/// path, a URI or a path that climbs out with `..`. A provider names where
+/// its files are; the server decides that it is inside its own area.
 ///
 /// # Errors
-/// A scheme other than `file://` (object stores are not readable yet).
-pub fn resolve_location(data_dir: &Path, location: &str) -> Result<PathBuf> {
-    if let Some(path) = location.strip_prefix("file://") {
-        if !path.starts_with('/') {
-            return Err(MarketError::invalid(
-                "spec.storage_location",
-                "a file:// URI needs an absolute path (file:///…)",
-            ));
-        }
-        return Ok(PathBuf::from(path));
-    }
-    if location.contains("://") {
-        return Err(MarketError::invalid(
+/// `InvalidArgument` naming `spec.storage_location`.
+pub fn check_location(location: &str) -> Result<()> {
+    let refuse = |why: &str| {
+        Err(MarketError::invalid(
             "spec.storage_location",
-            format!("{location:?}: only file:// locations and paths can be read by this server"),
-        ));
+            format!(
+                "{why}; name a folder inside the server's data directory, like products/population"
+            ),
+        ))
+    };
+    if location.contains("://") {
+        return refuse("URIs are not storage locations");
     }
     let path = Path::new(location);
-    Ok(if path.is_absolute() {
-        path.to_owned()
-    } else {
-        data_dir.join(path)
-    })
+    if path.is_absolute() || location.starts_with('\\') {
+        return refuse("an absolute path is outside the data directory");
+    }
+    let mut depth = 0usize;
+    for component in path.components() {
+        match component {
+            std::path::Component::Normal(_) => depth += 1,
+            std::path::Component::CurDir => {}
+            _ => return refuse("a location may not climb out of the data directory (..)"),
+        }
+    }
+    if depth == 0 {
+        return refuse("the data directory itself is not a product's folder");
+    }
+    Ok(())
+}
+
+/// The folders of two locations overlap when one contains the other: a
+/// product could then read the other's files.
+pub fn locations_overlap(a: &str, b: &str) -> bool {
+    let parts = |l: &str| -> Vec<String> {
+        Path::new(l)
+            .components()
+            .filter_map(|c| match c {
+                std::path::Component::Normal(p) => Some(p.to_string_lossy().into_owned()),
+                _ => None,
+            })
+            .collect()
+    };
+    let (a, b) = (parts(a), parts(b));
+    let shared = a.len().min(b.len());
+    a[..shared] == b[..shared]
+}
+
+/// Where a product's files are: its location inside the data directory,
+/// reached without following a link. A link could lead out of the directory,
+/// or into another provider's folder under a name the overlap check
+/// ([`locations_overlap`]) does not know.
+///
+/// # Errors
+/// `InvalidArgument` for a location [`check_location`] refuses, one that
+/// does not exist, or one reached through a link.
+pub fn resolve_location(data_dir: &Path, location: &str) -> Result<PathBuf> {
+    check_location(location)?;
+    let (Ok(root), Ok(resolved)) = (
+        data_dir.canonicalize(),
+        data_dir.join(location).canonicalize(),
+    ) else {
+        return Err(MarketError::invalid(
+            "spec.storage_location",
+            format!("{location}: no such folder in the data directory"),
+        ));
+    };
+    let lexical = Path::new(location)
+        .components()
+        .fold(root, |path, component| match component {
+            std::path::Component::Normal(part) => path.join(part),
+            _ => path,
+        });
+    if resolved != lexical {
+        return Err(MarketError::invalid(
+            "spec.storage_location",
+            format!("{location} is reached through a link; name the folder itself"),
+        ));
+    }
+    Ok(resolved)
 }
 
 fn compatible(declared: &str, actual: &DataType) -> bool {
@@ -379,17 +438,37 @@ mod tests {
     }
 
     #[test]
-    fn locations_resolve_and_other_schemes_are_refused() {
-        let data = Path::new("/srv/civicgrid");
+    fn locations_resolve_inside_the_data_directory_only() {
+        let data = tempfile::tempdir().unwrap();
+        let root = data.path().canonicalize().unwrap();
+        std::fs::create_dir_all(root.join("products/p")).unwrap();
+        std::fs::create_dir_all(root.join("products/alice")).unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(root.join("products/alice"), root.join("products/bob")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("products/out")).unwrap();
         assert_eq!(
-            resolve_location(data, "file:///data/p").unwrap(),
-            Path::new("/data/p")
+            resolve_location(&root, "products/p").unwrap(),
+            root.join("products/p")
         );
         assert_eq!(
-            resolve_location(data, "products/p").unwrap(),
-            Path::new("/srv/civicgrid/products/p")
+            resolve_location(&root, "./products/p/").unwrap(),
+            root.join("products/p")
         );
-        assert!(resolve_location(data, "s3://bucket/p").is_err());
-        assert!(resolve_location(data, "file://relative").is_err());
+        for (location, why) in [
+            ("file:///data/p", "URI"),
+            ("s3://bucket/p", "URI"),
+            ("/srv/civicgrid/products/p", "absolute"),
+            ("products/../products/p", ".."),
+            ("products/missing", "no such folder"),
+            ("products/bob", "link"),
+            ("products/out", "link"),
+        ] {
+            match resolve_location(&root, location) {
+                Err(MarketError::InvalidArgument { field, .. }) => {
+                    assert_eq!(field, "spec.storage_location", "{location} ({why})");
+                }
+                other => panic!("{location} ({why}): {other:?}"),
+            }
+        }
     }
 }

@@ -19,8 +19,8 @@ use std::time::Duration;
 use arrow_array::RecordBatch;
 use civicgrid_sandbox::policy::{AggregationRule, DifferentialPrivacy, ListRule, OutputPolicy};
 use civicgrid_sandbox::{
-    FUEL_PER_COMPUTE_UNIT, FooterCache, Guest, GuestRole, Job, Limits, LocalDirectory, RunFailure,
-    Sandbox, SandboxConfig, SandboxError, TableStore,
+    DeclaredColumns, FUEL_PER_COMPUTE_UNIT, FooterCache, Guest, GuestRole, Job, Limits,
+    LocalDirectory, RunFailure, Sandbox, SandboxConfig, SandboxError, TableStore,
 };
 use sha2::{Digest as _, Sha256};
 use sqlx::{AnyConnection, Row as _};
@@ -61,6 +61,12 @@ pub struct EngineConfig {
     pub concurrent_queries: u32,
     /// The platform's share of each charge, in basis points.
     pub platform_fee_bps: i64,
+    /// Refused or failed queries a consumer organization may have in any
+    /// minute before further queries are turned away until the minute has
+    /// passed: each such query is one probe of the policy (or, failing at
+    /// run time, one bit), and a consumer asking real questions rarely
+    /// makes many in a row. 0: no limit.
+    pub unanswered_per_minute: u32,
 }
 
 impl EngineConfig {
@@ -76,6 +82,7 @@ impl EngineConfig {
             memory_bytes: 2 << 30,
             concurrent_queries: 32,
             platform_fee_bps: billing::DEFAULT_PLATFORM_FEE_BPS,
+            unanswered_per_minute: 30,
         }
     }
 }
@@ -223,6 +230,55 @@ pub struct QueryEngine {
     /// runs on a stale state, spec or price. Products are never deleted, so
     /// this holds at most one entry per product in the catalog.
     products_seen: std::sync::RwLock<HashMap<String, Arc<StoredProduct>>>,
+    /// Each consumer organization's recent refused or failed queries and
+    /// its queries running, for [`EngineConfig::unanswered_per_minute`].
+    unanswered: std::sync::Mutex<HashMap<String, Unanswered>>,
+}
+
+#[derive(Debug, Default)]
+struct Unanswered {
+    /// When the last minute's refused or failed queries ended (at most the
+    /// limit's number: a burst beyond it adds nothing).
+    recent: std::collections::VecDeque<std::time::Instant>,
+    running: usize,
+}
+
+/// A query let in by [`QueryEngine::admit`]. Unless it is marked answered,
+/// it counts as refused or failed when it ends, however it ends: an error
+/// or a panic on the way is no way around the limit.
+struct Admission<'a> {
+    engine: &'a QueryEngine,
+    /// `None` when the limit is off.
+    consumer: Option<String>,
+    answered: bool,
+}
+
+impl Admission<'_> {
+    fn answered(mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        let Some(consumer) = self.consumer.take() else {
+            return;
+        };
+        let mut unanswered = self
+            .engine
+            .unanswered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let state = unanswered.entry(consumer).or_default();
+        state.running = state.running.saturating_sub(1);
+        if !self.answered {
+            state.recent.push_back(std::time::Instant::now());
+            let keep = (self.engine.config.unanswered_per_minute as usize).max(1);
+            while state.recent.len() > keep {
+                state.recent.pop_front();
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for QueryEngine {
@@ -235,6 +291,45 @@ impl std::fmt::Debug for QueryEngine {
 }
 
 impl QueryEngine {
+    /// Admits a consumer's query unless its refused or failed queries of the
+    /// last minute are at the limit. Once one has failed, its queries still
+    /// running count too, so a burst of probes sent at once cannot all get
+    /// past the limit before the first of them ends.
+    fn admit(&self, consumer: &str) -> Result<Admission<'_>> {
+        let limit = self.config.unanswered_per_minute as usize;
+        let mut admission = Admission {
+            engine: self,
+            consumer: None,
+            answered: false,
+        };
+        if limit == 0 {
+            return Ok(admission);
+        }
+        let mut unanswered = self
+            .unanswered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let consumer_state = unanswered.entry(consumer.to_owned()).or_default();
+        let minute_ago = std::time::Instant::now()
+            .checked_sub(Duration::from_secs(60))
+            .unwrap_or_else(std::time::Instant::now);
+        let recent = &mut consumer_state.recent;
+        while recent.front().is_some_and(|t| *t < minute_ago) {
+            recent.pop_front();
+        }
+        let at_limit = recent.len() >= limit
+            || (!recent.is_empty() && recent.len() + consumer_state.running >= limit);
+        if at_limit {
+            return Err(MarketError::ResourceExhausted(format!(
+                "{limit} of your organization's queries were refused or failed in the last \
+                 minute; wait a minute before the next"
+            )));
+        }
+        consumer_state.running += 1;
+        admission.consumer = Some(consumer.to_owned());
+        Ok(admission)
+    }
+
     /// Starts the sandbox and loads (compiling once, then from the cache)
     /// the SQL guest.
     ///
@@ -283,6 +378,7 @@ impl QueryEngine {
             config,
             footers: Arc::default(),
             products_seen: std::sync::RwLock::default(),
+            unanswered: std::sync::Mutex::default(),
         })
     }
 
@@ -345,6 +441,13 @@ pub fn sandbox_policy(spec: &ProductSpec, operations: &AllowedOperations) -> Res
         min_units,
         column_min_units: BTreeMap::new(),
         dimension_columns,
+        join_columns: product.join_columns.clone(),
+        column_functions: product
+            .column_functions
+            .iter()
+            .map(|(column, declared)| (column.clone(), declared.functions.clone()))
+            .collect(),
+        scalar_functions: product.scalar_functions.clone(),
         ..AggregationRule::default()
     });
     let list_columns: Vec<String> = product
@@ -688,7 +791,7 @@ struct Reservation {
     compute_units: i64,
     policy: OutputPolicy,
     privacy_budget: f64,
-    storage: PathBuf,
+    storage: ProductFiles,
     /// The product's last update: what `now()` reads inside the query, so the
     /// same query on the same data always meters the same fuel.
     as_of_unix_seconds: u64,
@@ -728,8 +831,19 @@ pub async fn run(
         sha256_hex(&request.algorithm_wasm)
     };
     let digest = request_digest(&request, &algorithm_sha256);
+    let admission = engine.admit(&consumer)?;
     if let Some(outcome) = replay(market.store(), &consumer, &request, &digest).await? {
+        // A replay hands out released rows again: only under a contract
+        // that would let the query run now (not one revoked or expired since).
+        market
+            .contract_index()
+            .grant_for_query(&consumer, &request.product_id, &algorithm_sha256, now_ms())
+            .map_err(|reason| MarketError::PermissionDenied {
+                permission: "query:run".into(),
+                context: format!(" on product {}: {reason}", request.product_id),
+            })?;
         market.metrics().outcome("replayed");
+        admission.answered();
         return Ok(outcome);
     }
     let seen = engine.product_seen(&request.product_id);
@@ -846,6 +960,14 @@ pub async fn run(
     metrics.stage("settle", settle_started.elapsed());
     metrics.stage("total", started.elapsed());
     metrics.outcome(&settled.summary.state);
+    // A query that found no free sandbox slot is the platform's busyness,
+    // not the consumer's probe.
+    let busy = matches!(&settled.error, Some((Code::Unavailable, _)));
+    if matches!(settled.summary.state.as_str(), "rejected" | "failed") && !busy {
+        metrics.unanswered(&consumer);
+    } else {
+        admission.answered();
+    }
     metrics.charged(
         &settled.summary.currency,
         settled.summary.charge_minor,
@@ -903,6 +1025,14 @@ async fn replay(
     }))
 }
 
+/// A product's folder and what of it the product declares: only those
+/// tables and columns are served.
+#[derive(Debug, Clone)]
+struct ProductFiles {
+    dir: PathBuf,
+    declared: HashMap<String, Vec<String>>,
+}
+
 /// What a product and the consumer's contract on it set for a query,
 /// worked out before the consumer's standing is read.
 struct Terms {
@@ -910,7 +1040,7 @@ struct Terms {
     monthly_query_quota: i64,
     plan: proto::PricePlan,
     policy: OutputPolicy,
-    storage: PathBuf,
+    storage: ProductFiles,
     dp_epsilon_budget: f64,
 }
 
@@ -953,13 +1083,27 @@ fn query_terms(
             product.id
         ))
     })?;
-    let storage = crate::quality::resolve_location(market.data_dir(), &spec.storage_location)
-        .map_err(|error| {
+    let dir = crate::quality::resolve_location(market.data_dir(), &spec.storage_location).map_err(
+        |error| {
             MarketError::FailedPrecondition(format!(
                 "product {}'s storage cannot be served: {error}",
                 product.id
             ))
-        })?;
+        },
+    )?;
+    let storage = ProductFiles {
+        dir,
+        declared: spec
+            .tables
+            .iter()
+            .map(|table| {
+                (
+                    table.name.clone(),
+                    table.columns.iter().map(|c| c.name.clone()).collect(),
+                )
+            })
+            .collect(),
+    };
     Ok(Terms {
         contract_id: grant.contract_id,
         monthly_query_quota: grant.monthly_query_quota,
@@ -1069,6 +1213,27 @@ async fn reserve(
         )));
     }
     let privacy_budget = if dp_epsilon_budget > 0.0 {
+        // The budget is read here and debited at settlement, so two runs at
+        // once would each be offered the whole remainder. Reservations of
+        // one consumer are serialized (the account lock, or SQLite's one
+        // writer), so one running query per consumer and product makes the
+        // remainder read here exact.
+        let running: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM queries WHERE consumer_organization_id = $1 \
+             AND product_id = $2 AND state = 'running'",
+        )
+        .bind(&consumer)
+        .bind(&product.id)
+        .fetch_one(&mut *connection)
+        .await?;
+        if running > 0 {
+            return Err(MarketError::Aborted(
+                "another query of your organization on this differentially private product is \
+                 still running; its privacy budget is spent one query at a time, so retry when \
+                 that one has finished"
+                    .into(),
+            ));
+        }
         (dp_epsilon_budget - privacy_spent).max(0.0)
     } else {
         0.0
@@ -1132,7 +1297,7 @@ async fn reserve(
 /// What one sandbox run needs from its reservation, moved onto the blocking
 /// thread that runs it.
 struct SandboxRun {
-    storage: PathBuf,
+    storage: ProductFiles,
     policy: OutputPolicy,
     privacy_budget: f64,
     compute_units: i64,
@@ -1156,11 +1321,13 @@ fn run_in_sandbox(
     let (privacy_budget, compute_units, as_of_unix_seconds) =
         (*privacy_budget, *compute_units, *as_of_unix_seconds);
     let algorithm = algorithm.as_deref();
-    let tables: Arc<dyn TableStore> = Arc::new(
-        LocalDirectory::discover(storage)
+    let files: Arc<dyn TableStore> = Arc::new(
+        LocalDirectory::discover(&storage.dir)
             .map_err(|error| SandboxError::Data(format!("the product's files: {error}")))?
             .with_footer_cache(Arc::clone(&engine.footers)),
     );
+    let tables: Arc<dyn TableStore> =
+        Arc::new(DeclaredColumns::new(files, storage.declared.clone()));
     let guest = match algorithm {
         Some(wasm) => engine.sandbox.load(wasm, GuestRole::Algorithm)?,
         None => Arc::clone(&engine.sql_guest),
@@ -1430,6 +1597,14 @@ async fn settle(
                 );
             }
             summary.state = disposition.state.into();
+            // A run that failed on the data may still have told something
+            // about it (that it failed): under differential privacy it
+            // spends what a completed query may, as the budget allows.
+            if disposition.state == "failed"
+                && let Some(dp) = &reservation.policy.differential_privacy
+            {
+                summary.privacy_spent = dp.epsilon_per_query.min(reservation.privacy_budget);
+            }
             summary.error = disposition.message;
             summary.fuel = i64::try_from(failure.fuel).unwrap_or(i64::MAX);
             summary.compute_units = i64::try_from(failure.compute_units()).unwrap_or(i64::MAX);

@@ -91,6 +91,7 @@ pub fn validate_spec(spec: &ProductSpec) -> Result<()> {
     check_text("spec.licence", &spec.licence, 200, true)?;
     check_text("spec.update_frequency", &spec.update_frequency, 50, true)?;
     check_text("spec.storage_location", &spec.storage_location, 1000, true)?;
+    crate::quality::check_location(&spec.storage_location)?;
     check_text("spec.region", &spec.region, 100, true)?;
     if !KNOWN_TIERS.contains(&spec.tier.as_str()) {
         return Err(MarketError::invalid(
@@ -235,6 +236,62 @@ pub fn validate_spec(spec: &ProductSpec) -> Result<()> {
             ));
         }
     }
+    for (i, name) in policy.join_columns.iter().enumerate() {
+        let field = format!("spec.output_policy.join_columns[{i}]");
+        if policy.dp_epsilon_budget > 0.0 {
+            // A join can repeat a person's rows beyond what the noise hides.
+            return Err(MarketError::invalid(
+                field,
+                "a product that adds noise allows no joins",
+            ));
+        }
+        let column = find_column(name)
+            .ok_or_else(|| MarketError::invalid(&field, format!("no column {name:?}")))?;
+        if column.sensitivity() != Sensitivity::Public {
+            return Err(MarketError::invalid(
+                field,
+                format!(
+                    "column {name:?} is not public; only public columns may match rows in a join"
+                ),
+            ));
+        }
+    }
+    for (name, declared) in &policy.column_functions {
+        let field = format!("spec.output_policy.column_functions[{name:?}]");
+        let column = find_column(name)
+            .ok_or_else(|| MarketError::invalid(&field, format!("no column {name:?}")))?;
+        if column.sensitivity() == Sensitivity::Blocked {
+            return Err(MarketError::invalid(
+                field,
+                format!("column {name:?} is blocked and cannot be aggregated"),
+            ));
+        }
+        for function in &declared.functions {
+            if !civicgrid_sandbox::policy::DECLARABLE_AGGREGATES
+                .contains(&function.to_ascii_lowercase().as_str())
+            {
+                return Err(MarketError::invalid(
+                    field,
+                    format!(
+                        "{function:?} cannot be declared; declarable: {}",
+                        civicgrid_sandbox::policy::DECLARABLE_AGGREGATES.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    for (i, function) in policy.scalar_functions.iter().enumerate() {
+        if function.is_empty()
+            || !function
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(MarketError::invalid(
+                format!("spec.output_policy.scalar_functions[{i}]"),
+                "a function's name: letters, digits and _",
+            ));
+        }
+    }
     for (i, hash) in policy.approved_algorithm_sha256.iter().enumerate() {
         if hash.len() != 64
             || !hash
@@ -359,7 +416,7 @@ fn spec_digest(spec: &ProductSpec) -> String {
 }
 
 const PRODUCT_COLUMNS: &str = "id, provider_organization_id, version, state, spec, registration_number, \
-     approved_by, registered_at, public_notice_ends_at, updated_at";
+     approved_by, registered_at, public_notice_ends_at, updated_at, pending_spec";
 
 fn product_from_row(row: &sqlx::any::AnyRow) -> Result<Product> {
     let spec: Vec<u8> = row.try_get("spec")?;
@@ -384,6 +441,14 @@ fn product_from_row(row: &sqlx::any::AnyRow) -> Result<Product> {
             .try_get::<Option<i64>, _>("public_notice_ends_at")?
             .unwrap_or_default(),
         updated_at_unix_ms: row.try_get("updated_at")?,
+        pending_revision: row
+            .try_get::<Option<Vec<u8>>, _>("pending_spec")?
+            .map(|bytes| {
+                ProductSpec::decode(bytes.as_slice()).map_err(|error| {
+                    MarketError::Corrupt(format!("stored pending revision: {error}"))
+                })
+            })
+            .transpose()?,
     })
 }
 
@@ -485,6 +550,7 @@ pub async fn create(
 ) -> Result<Product> {
     validate_slug("id", id)?;
     validate_spec(&spec)?;
+    check_location_is_free(connection, backend, provider, id, &spec.storage_location).await?;
     let exists = sqlx::query("SELECT id FROM products WHERE id = $1")
         .bind(id.to_owned())
         .fetch_optional(&mut *connection)
@@ -514,6 +580,51 @@ pub async fn create(
     let product = get(connection, id).await?;
     record(connection, backend, &product, "created", actor, "").await?;
     Ok(product)
+}
+
+/// Refuses a location whose folder overlaps one of another provider's
+/// products, as it is or as a revision waiting for review would make it: a
+/// provider may point any number of its own products at the same files,
+/// never at someone else's.
+async fn check_location_is_free(
+    connection: &mut AnyConnection,
+    backend: Backend,
+    provider: &str,
+    id: &str,
+    location: &str,
+) -> Result<()> {
+    if backend == Backend::Postgres {
+        // Two providers' concurrent claims would each miss the other's row
+        // under READ COMMITTED; claims are rare, so they take turns.
+        sqlx::query("SELECT pg_advisory_xact_lock(4104)")
+            .execute(&mut *connection)
+            .await?;
+    }
+    let rows = sqlx::query(
+        "SELECT spec, pending_spec FROM products WHERE provider_organization_id <> $1 AND id <> $2",
+    )
+    .bind(provider.to_owned())
+    .bind(id.to_owned())
+    .fetch_all(&mut *connection)
+    .await?;
+    for row in rows {
+        let current: Vec<u8> = row.try_get("spec")?;
+        let pending: Option<Vec<u8>> = row.try_get("pending_spec")?;
+        for bytes in std::iter::once(current).chain(pending) {
+            // Unreadable specs claim everything: better a refusal than a
+            // shared folder.
+            let other = ProductSpec::decode(bytes.as_slice()).unwrap_or_default();
+            if crate::quality::locations_overlap(location, &other.storage_location) {
+                return Err(MarketError::invalid(
+                    "spec.storage_location",
+                    format!(
+                        "{location} is another provider's product's folder, or inside or around it"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn save_version(
@@ -730,6 +841,14 @@ pub async fn revise(
     validate_spec(&spec)?;
     check_text("reason", reason, 2000, true)?;
     let product = get(connection, id).await?;
+    check_location_is_free(
+        connection,
+        backend,
+        &product.provider_organization_id,
+        id,
+        &spec.storage_location,
+    )
+    .await?;
     if !matches!(
         product.state(),
         ProductState::Registered | ProductState::Published | ProductState::Suspended
@@ -739,7 +858,113 @@ pub async fn revise(
             state_name(product.state())
         )));
     }
-    let version = product.version + 1;
+    if product.pending_revision.is_some() {
+        return Err(MarketError::FailedPrecondition(format!(
+            "product {id} has a revision waiting for review; it must be approved or rejected first"
+        )));
+    }
+    let current = product.spec.clone().unwrap_or_default();
+    if needs_review(&current, &spec) {
+        sqlx::query("UPDATE products SET pending_spec = $1, updated_at = $2 WHERE id = $3")
+            .bind(spec.encode_to_vec())
+            .bind(now_ms())
+            .bind(id.to_owned())
+            .execute(&mut *connection)
+            .await?;
+        let product = get(connection, id).await?;
+        record(
+            connection,
+            backend,
+            &product,
+            "revision_submitted",
+            actor,
+            reason,
+        )
+        .await?;
+        return Ok(product);
+    }
+    // Quality is measured from the data at review, never declared.
+    let mut spec = spec;
+    spec.quality = current.quality;
+    apply_version(connection, id, product.version + 1, &spec).await?;
+    let product = get(connection, id).await?;
+    record(connection, backend, &product, "changed", actor, reason).await?;
+    Ok(product)
+}
+
+/// Whether a revision changes what the product serves, or to whom under
+/// which rules: where its files are, which tables and columns with which
+/// sensitivity, and the output policy. Those go through review like the
+/// first registration; descriptions and prices do not.
+fn needs_review(current: &ProductSpec, revised: &ProductSpec) -> bool {
+    current.storage_location != revised.storage_location
+        || current.tables != revised.tables
+        || current.output_policy != revised.output_policy
+}
+
+/// Approves or rejects a product's pending revision. Approved, it becomes
+/// the next version with `quality` (measured from its data); rejected, it
+/// is dropped and the reason recorded.
+///
+/// # Errors
+/// `FailedPrecondition` when no revision is pending; `InvalidArgument` for
+/// a rejection without a reason.
+pub async fn decide_revision(
+    connection: &mut AnyConnection,
+    backend: Backend,
+    actor: &str,
+    id: &str,
+    quality: Option<crate::proto::QualityMetrics>,
+    reason: &str,
+) -> Result<Product> {
+    check_text("reason", reason, 2000, quality.is_none())?;
+    let product = get(connection, id).await?;
+    let Some(mut revised) = product.pending_revision.clone() else {
+        return Err(MarketError::FailedPrecondition(format!(
+            "product {id} has no revision waiting for review"
+        )));
+    };
+    sqlx::query("UPDATE products SET pending_spec = NULL, updated_at = $1 WHERE id = $2")
+        .bind(now_ms())
+        .bind(id.to_owned())
+        .execute(&mut *connection)
+        .await?;
+    let Some(quality) = quality else {
+        let product = get(connection, id).await?;
+        record(
+            connection,
+            backend,
+            &product,
+            "revision_rejected",
+            actor,
+            reason,
+        )
+        .await?;
+        return Ok(product);
+    };
+    // Another provider may have claimed the folder while it waited.
+    check_location_is_free(
+        connection,
+        backend,
+        &product.provider_organization_id,
+        id,
+        &revised.storage_location,
+    )
+    .await?;
+    revised.quality = Some(quality);
+    apply_version(connection, id, product.version + 1, &revised).await?;
+    let product = get(connection, id).await?;
+    record(connection, backend, &product, "changed", actor, reason).await?;
+    Ok(product)
+}
+
+/// Makes `spec` the product's version `version`.
+async fn apply_version(
+    connection: &mut AnyConnection,
+    id: &str,
+    version: i64,
+    spec: &ProductSpec,
+) -> Result<()> {
     sqlx::query(
         "UPDATE products SET version = $1, spec = $2, tier = $3, region = $4, search_text = $5, \
          max_sensitivity = $6, updated_at = $7 WHERE id = $8",
@@ -748,16 +973,13 @@ pub async fn revise(
     .bind(spec.encode_to_vec())
     .bind(spec.tier.clone())
     .bind(spec.region.clone())
-    .bind(search_text(&spec))
-    .bind(i64::from(max_sensitivity(&spec)))
+    .bind(search_text(spec))
+    .bind(i64::from(max_sensitivity(spec)))
     .bind(now_ms())
     .bind(id.to_owned())
     .execute(&mut *connection)
     .await?;
-    save_version(connection, id, version, &spec).await?;
-    let product = get(connection, id).await?;
-    record(connection, backend, &product, "changed", actor, reason).await?;
-    Ok(product)
+    save_version(connection, id, version, spec).await
 }
 
 /// Moves a product to another provider.
@@ -786,9 +1008,28 @@ pub async fn transfer(
             "the product already belongs to it",
         ));
     }
+    if product.pending_revision.is_some() {
+        return Err(MarketError::FailedPrecondition(format!(
+            "product {id} has a revision waiting for review; it must be approved or rejected first"
+        )));
+    }
+    // The old provider's other products may share its folder; after the
+    // transfer they would read the new provider's files.
+    let location = product
+        .spec
+        .as_ref()
+        .map(|spec| spec.storage_location.clone());
+    check_location_is_free(connection, backend, to, id, &location.unwrap_or_default()).await?;
     sqlx::query("UPDATE products SET provider_organization_id = $1, updated_at = $2 WHERE id = $3")
         .bind(to.to_owned())
         .bind(now_ms())
+        .bind(id.to_owned())
+        .execute(&mut *connection)
+        .await?;
+    // The product's contracts go with it: the new provider approves and
+    // revokes them, and the old one no longer can.
+    sqlx::query("UPDATE contracts SET provider_organization_id = $1 WHERE product_id = $2")
+        .bind(to.to_owned())
         .bind(id.to_owned())
         .execute(&mut *connection)
         .await?;
@@ -864,7 +1105,11 @@ pub async fn search(
             .iter()
             .all(|keyword| text.contains(keyword.as_str()))
         {
-            products.push(product_from_row(&row)?);
+            // The catalog shows what serves; a revision under review is
+            // the provider's and the reviewers' business.
+            let mut product = product_from_row(&row)?;
+            product.pending_revision = None;
+            products.push(product);
         }
     }
     Ok(products)
@@ -885,7 +1130,7 @@ mod tests {
             hosting_data_centers: vec!["municipal-core".into()],
             tier: "municipal".into(),
             region: "city".into(),
-            storage_location: "file:///data/population".into(),
+            storage_location: "products/population".into(),
             tables: vec![Table {
                 name: "residents".into(),
                 columns: vec![
@@ -931,6 +1176,22 @@ mod tests {
             ("spec.title", Box::new(|s| s.title.clear())),
             ("spec.tier", Box::new(|s| s.tier = "orbital".into())),
             (
+                "spec.storage_location",
+                Box::new(|s| s.storage_location = "/srv/other-provider/population".into()),
+            ),
+            (
+                "spec.storage_location",
+                Box::new(|s| s.storage_location = "file:///srv/population".into()),
+            ),
+            (
+                "spec.storage_location",
+                Box::new(|s| s.storage_location = "products/../../etc".into()),
+            ),
+            (
+                "spec.storage_location",
+                Box::new(|s| s.storage_location = "./".into()),
+            ),
+            (
                 "spec.hosting_data_centers",
                 Box::new(|s| s.hosting_data_centers.clear()),
             ),
@@ -961,6 +1222,33 @@ mod tests {
                 "spec.output_policy.privacy_unit_column",
                 Box::new(|s| {
                     s.output_policy.as_mut().unwrap().privacy_unit_column = "nobody".into()
+                }),
+            ),
+            (
+                "spec.output_policy.join_columns[0]",
+                Box::new(|s| {
+                    s.output_policy.as_mut().unwrap().join_columns = vec!["person_id".into()]
+                }),
+            ),
+            (
+                "spec.output_policy.join_columns[0]",
+                Box::new(|s| {
+                    let policy = s.output_policy.as_mut().unwrap();
+                    policy.dp_epsilon_budget = 1.0;
+                    policy.dp_epsilon_per_query = 0.5;
+                    policy.dp_max_rows_per_unit = 1;
+                    policy.join_columns = vec!["district".into()];
+                }),
+            ),
+            (
+                "spec.output_policy.column_functions[\"district\"]",
+                Box::new(|s| {
+                    s.output_policy.as_mut().unwrap().column_functions.insert(
+                        "district".into(),
+                        crate::proto::AggregateFunctions {
+                            functions: vec!["string_agg".into()],
+                        },
+                    );
                 }),
             ),
             (

@@ -747,6 +747,20 @@ impl proto::registry_server::Registry for RegistryService {
         Ok(Response::new(product))
     }
 
+    async fn approve_revision(
+        &self,
+        request: Request<proto::ProductAction>,
+    ) -> Result<Response<proto::Product>, Status> {
+        self.decide_revision(request, true).await
+    }
+
+    async fn reject_revision(
+        &self,
+        request: Request<proto::ProductAction>,
+    ) -> Result<Response<proto::Product>, Status> {
+        self.decide_revision(request, false).await
+    }
+
     async fn transfer_product(
         &self,
         request: Request<proto::TransferProductRequest>,
@@ -801,21 +815,28 @@ impl proto::registry_server::Registry for RegistryService {
             .acquire()
             .await
             .map_err(MarketError::from)?;
-        let product = registry::get(&mut connection, &request.product_id).await?;
-        // Published products are public to every signed-in user; others only
-        // to their provider, platform admins and regulators.
-        if product.state() != proto::ProductState::Published {
-            self.0
-                .require(
-                    &principal,
-                    &product.provider_organization_id,
-                    "product:read",
-                )
-                .await
-                .map_err(|_| MarketError::NotFound {
+        let mut product = registry::get(&mut connection, &request.product_id).await?;
+        // Published products are public to every signed-in user; others, and
+        // a revision under review, only to their provider, platform admins
+        // and regulators.
+        let readable = self
+            .0
+            .require(
+                &principal,
+                &product.provider_organization_id,
+                "product:read",
+            )
+            .await
+            .is_ok();
+        if !readable {
+            if product.state() != proto::ProductState::Published {
+                return Err(MarketError::NotFound {
                     what: "product",
                     id: request.product_id.clone(),
-                })?;
+                }
+                .into());
+            }
+            product.pending_revision = None;
         }
         Ok(Response::new(product))
     }
@@ -1007,6 +1028,60 @@ impl proto::registry_server::Registry for RegistryService {
 }
 
 impl RegistryService {
+    /// Approves (measuring the revision's data, as at submission) or
+    /// rejects a product's pending revision.
+    async fn decide_revision(
+        &self,
+        request: Request<proto::ProductAction>,
+        approve: bool,
+    ) -> Result<Response<proto::Product>, Status> {
+        let principal = self.0.authenticate(&request).await?;
+        let request = request.into_inner();
+        let mut transaction = self.0.store.begin().await?;
+        let product = registry::get(&mut transaction, &request.product_id).await?;
+        self.0
+            .require(
+                &principal,
+                &product.provider_organization_id,
+                "product:review",
+            )
+            .await?;
+        let quality = match (&product.pending_revision, approve) {
+            (Some(revised), true) => {
+                let revised = revised.clone();
+                let dir =
+                    crate::quality::resolve_location(&self.0.data_dir, &revised.storage_location)?;
+                let measured = tokio::task::spawn_blocking(move || {
+                    crate::quality::measure(&dir, &revised.tables, crate::store::now_ms())
+                })
+                .await
+                .map_err(|error| {
+                    MarketError::Corrupt(format!("quality measurement task: {error}"))
+                })??;
+                Some(measured)
+            }
+            _ => None,
+        };
+        if approve && quality.is_none() {
+            return Err(MarketError::FailedPrecondition(format!(
+                "product {} has no revision waiting for review",
+                request.product_id
+            ))
+            .into());
+        }
+        let product = registry::decide_revision(
+            &mut transaction,
+            self.0.store.backend(),
+            &principal.user.id,
+            &request.product_id,
+            quality,
+            &request.reason,
+        )
+        .await?;
+        transaction.commit().await.map_err(MarketError::from)?;
+        Ok(Response::new(product))
+    }
+
     async fn step(
         &self,
         request: Request<proto::ProductAction>,

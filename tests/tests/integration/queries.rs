@@ -23,11 +23,20 @@ const BY_DISTRICT: &str =
 
 /// A market whose server runs queries in the real sandbox.
 async fn start(db: Db) -> anyhow::Result<(TestMarket, Cast)> {
+    start_with(db, |_| {}).await
+}
+
+/// [`start`] with the engine's configuration changed by `configure`.
+async fn start_with(
+    db: Db,
+    configure: impl FnOnce(&mut EngineConfig),
+) -> anyhow::Result<(TestMarket, Cast)> {
     let market = TestMarket::start(db).await?;
     let guest = civicgrid_tests::sandbox::guest_dir().join("civicgrid_sandbox_guest.wasm");
     let cache = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/sandbox-cache");
     let mut config = EngineConfig::new(guest, cache);
     config.default_compute_units = 5_000;
+    configure(&mut config);
     let engine = tokio::task::spawn_blocking(move || QueryEngine::open(config)).await??;
     market.market.attach_engine(engine)?;
     let cast = Cast::create(&market).await?;
@@ -610,8 +619,10 @@ async fn failed_queries_are_charged_counted_and_quote_no_data(db: Db) -> anyhow:
     };
 
     // Every district's name fails the cast, and the engine's error quotes it.
+    // (A list query: the analysis rule refuses an aggregate query whose
+    // expressions could fail before it runs.)
     let leaky = query(
-        "SELECT age_band, SUM(CAST(district AS INT)) AS total FROM residents GROUP BY age_band",
+        "SELECT CAST(district AS INT) AS n FROM residents",
         "k-failing",
     );
     let failed = run(&market, token, leaky.clone())
@@ -912,23 +923,19 @@ async fn bad_requests_quota_and_interrupted_queries(db: Db) -> anyhow::Result<()
     Ok(())
 }
 
-/// A differentially private product: each consumer has epsilon 1.0 a month
-/// for it, and each query spends 0.4 — two queries, then a refusal that
-/// costs nothing. The spend is persisted with the charge.
-async fn privacy_budget_is_debited_with_the_charge(db: Db) -> anyhow::Result<()> {
-    let (market, cast) = start(db).await?;
+/// Publishes the sample product as `id` with differential privacy (epsilon
+/// 1.0 a month per consumer, 0.4 a query) under an approved contract, and
+/// funds the consumer.
+async fn dp_product(market: &TestMarket, cast: &Cast, id: &str) -> anyhow::Result<String> {
     let mut spec = sample_spec();
     let policy = spec.output_policy.as_mut().context("policy")?;
     policy.dp_epsilon_budget = 1.0;
     policy.dp_epsilon_per_query = 0.4;
     policy.dp_max_rows_per_unit = 1;
-    publish_spec(&market, &cast, "population-dp", spec).await?;
+    publish_spec(market, cast, id, spec).await?;
     let mut contracts = ContractsClient::new(market.channel.clone());
     let requested = contracts
-        .request_contract(authed(
-            &cast.consumer_admin,
-            contract_request("population-dp"),
-        ))
+        .request_contract(authed(&cast.consumer_admin, contract_request(id)))
         .await?
         .into_inner();
     contracts
@@ -940,7 +947,16 @@ async fn privacy_budget_is_debited_with_the_charge(db: Db) -> anyhow::Result<()>
             },
         ))
         .await?;
-    deposit(&market, 10_000).await?;
+    deposit(market, 10_000).await?;
+    Ok(requested.id)
+}
+
+/// A differentially private product: each consumer has epsilon 1.0 a month
+/// for it, and each query spends 0.4 — two queries, then a refusal that
+/// costs nothing. The spend is persisted with the charge.
+async fn privacy_budget_is_debited_with_the_charge(db: Db) -> anyhow::Result<()> {
+    let (market, cast) = start(db).await?;
+    let contract_id = dp_product(&market, &cast, "population-dp").await?;
     let dp_query = |key: &str| proto::RunQueryRequest {
         product_id: "population-dp".into(),
         ..query(BY_DISTRICT, key)
@@ -970,7 +986,7 @@ async fn privacy_budget_is_debited_with_the_charge(db: Db) -> anyhow::Result<()>
         "the refusal, decided before the sandbox ran anything, is not charged"
     );
     assert_eq!(
-        counted(&market, &requested.id).await?.0,
+        counted(&market, &contract_id).await?.0,
         3,
         "but it counts against the quota"
     );
@@ -983,6 +999,544 @@ async fn privacy_budget_is_debited_with_the_charge(db: Db) -> anyhow::Result<()>
     };
     assert!((stored - 0.8).abs() < 1e-9, "persisted spend {stored}");
     assert_sound(&ledger(&market).await?);
+    market.stop().await;
+    Ok(())
+}
+
+/// A consumer who fires many queries at once on a differentially private
+/// product to spend the budget several times over: each reservation would
+/// read the same remainder (1.0) and each run spend 0.4 of it. Only one runs
+/// at a time, so no more than the budget is ever spent, and the others are
+/// told to retry (not charged, not counted).
+async fn concurrent_queries_cannot_overspend_the_privacy_budget(db: Db) -> anyhow::Result<()> {
+    let (market, cast) = start(db).await?;
+    dp_product(&market, &cast, "population-dp").await?;
+    let runs = (0..6).map(|i| {
+        let request = proto::RunQueryRequest {
+            product_id: "population-dp".into(),
+            ..query(BY_DISTRICT, &format!("dp-burst-{i}"))
+        };
+        run(&market, &cast.consumer_analyst, request)
+    });
+    let outcomes = futures::future::join_all(runs).await;
+    let mut spent = 0.0;
+    let (mut answered, mut retry, mut exhausted) = (0, 0, 0);
+    for outcome in outcomes {
+        match outcome {
+            Ok(answer) => {
+                answered += 1;
+                spent += answer.summary.privacy_spent;
+            }
+            Err(status) if status.code() == Code::Aborted => retry += 1,
+            Err(status) if status.code() == Code::ResourceExhausted => exhausted += 1,
+            Err(status) => anyhow::bail!("unexpected refusal: {status:?}"),
+        }
+    }
+    assert_eq!(answered + retry + exhausted, 6);
+    assert!((1..=2).contains(&answered), "{answered} answered");
+    assert!(spent <= 1.0 + 1e-9, "spent {spent} of a budget of 1.0");
+    let stored: f64 = {
+        use sqlx::Row as _;
+        sqlx::query("SELECT spent FROM privacy_budgets WHERE product_id = 'population-dp'")
+            .fetch_one(&market.raw_pool().await?)
+            .await?
+            .try_get("spent")?
+    };
+    assert!(
+        (stored - spent).abs() < 1e-9,
+        "persisted {stored}, answered {spent}"
+    );
+    // Once the burst is over, the remainder is there for the next query.
+    let next = run(
+        &market,
+        &cast.consumer_analyst,
+        proto::RunQueryRequest {
+            product_id: "population-dp".into(),
+            ..query(BY_DISTRICT, "dp-after")
+        },
+    )
+    .await;
+    match (answered, next) {
+        (1, Ok(answer)) => assert!((answer.summary.privacy_spent - 0.4).abs() < 1e-9),
+        (2, Err(status)) => assert_eq!(status.code(), Code::ResourceExhausted),
+        (n, Ok(answer)) => anyhow::bail!("after {n} answered: {:?}", answer.summary),
+        (n, Err(status)) => anyhow::bail!("after {n} answered: {status:?}"),
+    }
+    market.stop().await;
+    Ok(())
+}
+
+/// A rival provider who points a product of its own at city-data's files,
+/// or anywhere outside the data directory, is refused with the field named;
+/// and a column in city-data's file that its spec does not declare
+/// (`household_size`) is not there as far as a consumer's query can tell.
+async fn a_product_reaches_only_its_own_declared_data(db: Db) -> anyhow::Result<()> {
+    let (market, cast) = start(db).await?;
+    contract(&market, &cast, 0).await?;
+    deposit(&market, 10_000).await?;
+    let mut registry = RegistryClient::new(market.channel.clone());
+    for (id, location) in [
+        ("stolen", "products/population"),
+        ("stolen-parent", "products"),
+        ("stolen-child", "products/population/residents"),
+        ("stolen-dotted", "./products/population"),
+        ("stolen-absolute", "/etc"),
+        ("stolen-uri", "file:///etc"),
+        ("stolen-climb", "products/rival/../population"),
+    ] {
+        let mut spec = sample_spec();
+        spec.storage_location = location.into();
+        let refused = registry
+            .create_product(authed(
+                &cast.rival_provider_admin,
+                proto::CreateProductRequest {
+                    id: id.into(),
+                    spec: Some(spec),
+                },
+            ))
+            .await
+            .expect_err(location);
+        assert_eq!(
+            refused.code(),
+            Code::InvalidArgument,
+            "{location}: {refused:?}"
+        );
+        assert!(
+            refused
+                .message()
+                .starts_with("invalid spec.storage_location:"),
+            "{location}: {}",
+            refused.message()
+        );
+    }
+    // A folder of its own is fine.
+    let mut own = sample_spec();
+    own.storage_location = "products/rival-population".into();
+    registry
+        .create_product(authed(
+            &cast.rival_provider_admin,
+            proto::CreateProductRequest {
+                id: "rival-population".into(),
+                spec: Some(own),
+            },
+        ))
+        .await?;
+    let token = &cast.consumer_analyst;
+    let undeclared = run(
+        &market,
+        token,
+        query(
+            "SELECT district, COUNT(*) FROM residents WHERE household_size = 1 GROUP BY district",
+            "k-undeclared",
+        ),
+    )
+    .await
+    .err()
+    .context("an undeclared column is not served")?;
+    assert_eq!(undeclared.code(), Code::InvalidArgument, "{undeclared:?}");
+    assert!(
+        undeclared.message().contains("household_size"),
+        "{}",
+        undeclared.message()
+    );
+    let listed = run(
+        &market,
+        token,
+        query("SELECT * FROM residents LIMIT 1", "k-star"),
+    )
+    .await;
+    match listed {
+        Ok(answer) => {
+            for batch in &answer.batches {
+                assert!(batch.schema().index_of("household_size").is_err());
+            }
+        }
+        Err(status) => assert!(
+            !status.message().contains("household_size"),
+            "{}",
+            status.message()
+        ),
+    }
+    market.stop().await;
+    Ok(())
+}
+
+/// A consumer whose contract is revoked replays an earlier query's key to
+/// read its released rows again: refused, like a new query would be.
+async fn a_replay_needs_a_contract_that_still_allows_the_query(db: Db) -> anyhow::Result<()> {
+    let (market, cast) = start(db).await?;
+    let contract_id = contract(&market, &cast, 0).await?;
+    deposit(&market, 10_000).await?;
+    let token = &cast.consumer_analyst;
+    let first = run(&market, token, query(BY_DISTRICT, "k-before-revocation")).await?;
+    assert!(!first.batches.is_empty());
+    let again = run(&market, token, query(BY_DISTRICT, "k-before-revocation")).await?;
+    assert!(
+        again.summary.replayed,
+        "the same key replays while the contract stands"
+    );
+    ContractsClient::new(market.channel.clone())
+        .revoke_contract(authed(
+            &cast.provider_admin,
+            proto::ContractAction {
+                contract_id,
+                reason: "breach".into(),
+            },
+        ))
+        .await?;
+    let replay = run(&market, token, query(BY_DISTRICT, "k-before-revocation"))
+        .await
+        .err()
+        .context("a replay after revocation is refused")?;
+    assert_eq!(replay.code(), Code::PermissionDenied, "{replay:?}");
+    assert_eq!(
+        balance(&market, &cast.consumer_admin, "")
+            .await?
+            .balance_minor,
+        10_000 - 250,
+        "the one query that ran is the one that was charged"
+    );
+    market.stop().await;
+    Ok(())
+}
+
+/// A product transferred to another provider takes its contracts along:
+/// the old provider can no longer revoke them, the new one can.
+async fn a_transfer_moves_the_products_contracts(db: Db) -> anyhow::Result<()> {
+    let (market, cast) = start(db).await?;
+    let contract_id = contract(&market, &cast, 0).await?;
+    RegistryClient::new(market.channel.clone())
+        .transfer_product(authed(
+            &cast.admin,
+            proto::TransferProductRequest {
+                product_id: "population".into(),
+                to_organization_id: "rival-data".into(),
+                reason: "the department moved".into(),
+            },
+        ))
+        .await?;
+    let mut contracts = ContractsClient::new(market.channel.clone());
+    let revoke = |token: &str| {
+        authed(
+            token,
+            proto::ContractAction {
+                contract_id: contract_id.clone(),
+                reason: "no longer ours".into(),
+            },
+        )
+    };
+    let old = contracts
+        .revoke_contract(revoke(&cast.provider_admin))
+        .await
+        .expect_err("the old provider no longer holds the contract");
+    assert_eq!(old.code(), Code::PermissionDenied, "{old:?}");
+    let revoked = contracts
+        .revoke_contract(revoke(&cast.rival_provider_admin))
+        .await?
+        .into_inner();
+    assert_eq!(revoked.provider_organization_id, "rival-data");
+    assert_eq!(revoked.state(), proto::ContractState::Revoked);
+    market.stop().await;
+    Ok(())
+}
+
+/// A rival provider tries to reach city-data's folder by the back doors: a
+/// link to it, a folder a pending revision has claimed, and a transfer that
+/// would leave a shared folder between two providers. Each is refused.
+async fn folders_cannot_be_claimed_through_links_revisions_or_transfers(
+    db: Db,
+) -> anyhow::Result<()> {
+    let (market, cast) = start(db).await?;
+    contract(&market, &cast, 0).await?;
+    let mut registry = RegistryClient::new(market.channel.clone());
+    let products = market.market.data_dir().join("products");
+    std::os::unix::fs::symlink(products.join("population"), products.join("rival-link"))?;
+    let mut linked = sample_spec();
+    linked.storage_location = "products/rival-link".into();
+    registry
+        .create_product(authed(
+            &cast.rival_provider_admin,
+            proto::CreateProductRequest {
+                id: "rival-link".into(),
+                spec: Some(linked),
+            },
+        ))
+        .await?;
+    let refused = registry
+        .submit_product(authed(&cast.rival_provider_admin, action("rival-link", "")))
+        .await
+        .expect_err("a folder reached through a link is refused");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .starts_with("invalid spec.storage_location:")
+            && refused.message().contains("link"),
+        "{}",
+        refused.message()
+    );
+
+    let mut moved = sample_spec();
+    moved.storage_location = "products/next-population".into();
+    let pending = registry
+        .revise_product(authed(
+            &cast.provider_admin,
+            proto::ReviseProductRequest {
+                product_id: "population".into(),
+                spec: Some(moved),
+                reason: "new files".into(),
+            },
+        ))
+        .await?
+        .into_inner();
+    assert!(pending.pending_revision.is_some());
+    let mut squatter = sample_spec();
+    squatter.storage_location = "products/next-population/rival".into();
+    let refused = registry
+        .create_product(authed(
+            &cast.rival_provider_admin,
+            proto::CreateProductRequest {
+                id: "squatter".into(),
+                spec: Some(squatter),
+            },
+        ))
+        .await
+        .expect_err("a folder a pending revision claims is taken");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .starts_with("invalid spec.storage_location:"),
+        "{}",
+        refused.message()
+    );
+
+    let transfer = |id: &str| {
+        authed(
+            &cast.admin,
+            proto::TransferProductRequest {
+                product_id: id.into(),
+                to_organization_id: "rival-data".into(),
+                reason: "reorganised".into(),
+            },
+        )
+    };
+    let refused = registry
+        .transfer_product(transfer("population"))
+        .await
+        .expect_err("a product with a pending revision stays put");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    // A second product over the same folder: city-data's own, so allowed;
+    // transferred, it would share the folder with city-data's population.
+    registry
+        .create_product(authed(
+            &cast.provider_admin,
+            proto::CreateProductRequest {
+                id: "population-copy".into(),
+                spec: Some(sample_spec()),
+            },
+        ))
+        .await?;
+    let refused = registry
+        .transfer_product(transfer("population-copy"))
+        .await
+        .expect_err("a transfer may not split a shared folder between providers");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .starts_with("invalid spec.storage_location:"),
+        "{}",
+        refused.message()
+    );
+    market.stop().await;
+    Ok(())
+}
+
+/// A consumer probing the policy query after refused query is turned away
+/// once it has had the limit's worth in a minute, good queries included,
+/// and the refusals are counted per consumer for the operators' dashboards.
+async fn a_consumer_probing_the_policy_is_throttled(db: Db) -> anyhow::Result<()> {
+    let (market, cast) = start_with(db, |config| config.unanswered_per_minute = 3).await?;
+    contract(&market, &cast, 0).await?;
+    deposit(&market, 10_000).await?;
+    let token = &cast.consumer_analyst;
+    for i in 0..3 {
+        let refused = run(
+            &market,
+            token,
+            query(
+                "SELECT district, COUNT(*) FROM residents GROUP BY district, person_id",
+                &format!("k-probe-{i}"),
+            ),
+        )
+        .await
+        .err()
+        .context("a blocked column is refused")?;
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    }
+    let throttled = run(&market, token, query(BY_DISTRICT, "k-after-probes"))
+        .await
+        .err()
+        .context("the fourth query in the minute is turned away")?;
+    assert_eq!(throttled.code(), Code::ResourceExhausted, "{throttled:?}");
+    assert!(
+        throttled.message().contains("wait a minute"),
+        "{}",
+        throttled.message()
+    );
+    let exposition = market.market.metrics().encode();
+    assert!(
+        exposition.contains("civicgrid_marketplace_unanswered_queries_total{consumer=\"acme\"} 3"),
+        "{exposition}"
+    );
+    market.stop().await;
+    Ok(())
+}
+
+/// A provider lowers its published product's threshold from 10 to 2 in a
+/// revision: the product goes on serving under k = 10 until a platform
+/// admin approves the revision, which is then measured and becomes the next
+/// version. A rejected revision changes nothing; a description change needs
+/// no review. Consumers never see a revision under review.
+async fn a_revision_that_changes_the_policy_waits_for_review(db: Db) -> anyhow::Result<()> {
+    let (market, cast) = start(db).await?;
+    contract(&market, &cast, 0).await?;
+    deposit(&market, 10_000).await?;
+    let mut registry = RegistryClient::new(market.channel.clone());
+    let get = |token: &str| {
+        authed(
+            token,
+            proto::GetProductRequest {
+                product_id: "population".into(),
+            },
+        )
+    };
+    let published = registry
+        .get_product(get(&cast.provider_admin))
+        .await?
+        .into_inner();
+    let revise = |spec: proto::ProductSpec, reason: &str| {
+        authed(
+            &cast.provider_admin,
+            proto::ReviseProductRequest {
+                product_id: "population".into(),
+                spec: Some(spec),
+                reason: reason.into(),
+            },
+        )
+    };
+    let mut lowered = published.spec.clone().context("spec")?;
+    lowered
+        .output_policy
+        .as_mut()
+        .context("policy")?
+        .min_aggregation_count = 2;
+    let pending = registry
+        .revise_product(revise(lowered.clone(), "smaller groups"))
+        .await?
+        .into_inner();
+    assert_eq!(pending.version, published.version, "nothing new serves yet");
+    assert_eq!(pending.spec, published.spec);
+    assert_eq!(
+        pending
+            .pending_revision
+            .as_ref()
+            .and_then(|s| s.output_policy.as_ref())
+            .map(|p| p.min_aggregation_count),
+        Some(2)
+    );
+    let seen_by_consumer = registry
+        .get_product(get(&cast.consumer_analyst))
+        .await?
+        .into_inner();
+    assert!(seen_by_consumer.pending_revision.is_none());
+    let answered = run(
+        &market,
+        &cast.consumer_analyst,
+        query(BY_DISTRICT, "k-under-review"),
+    )
+    .await?;
+    assert!(!answered.batches.is_empty());
+    let second = registry
+        .revise_product(revise(lowered.clone(), "again"))
+        .await
+        .expect_err("one revision at a time");
+    assert_eq!(second.code(), Code::FailedPrecondition, "{second:?}");
+    let approved = registry
+        .approve_revision(authed(&cast.admin, action("population", "")))
+        .await?
+        .into_inner();
+    assert_eq!(approved.version, published.version + 1);
+    assert!(approved.pending_revision.is_none());
+    assert_eq!(
+        approved
+            .spec
+            .as_ref()
+            .and_then(|s| s.output_policy.as_ref())
+            .map(|p| p.min_aggregation_count),
+        Some(2)
+    );
+    assert!(
+        approved
+            .spec
+            .as_ref()
+            .and_then(|s| s.quality.as_ref())
+            .is_some(),
+        "measured afresh"
+    );
+    // A rejected revision leaves the product as it was.
+    let mut moved = approved.spec.clone().context("spec")?;
+    moved.tables[0].columns[1].sensitivity = proto::Sensitivity::Blocked as i32;
+    registry
+        .revise_product(revise(moved, "hide age bands"))
+        .await?;
+    let unreasoned = registry
+        .reject_revision(authed(&cast.admin, action("population", "")))
+        .await
+        .expect_err("a rejection needs a reason");
+    assert_eq!(unreasoned.code(), Code::InvalidArgument);
+    let rejected = registry
+        .reject_revision(authed(&cast.admin, action("population", "not needed")))
+        .await?
+        .into_inner();
+    assert_eq!(rejected.version, approved.version);
+    assert_eq!(rejected.spec, approved.spec);
+    assert!(rejected.pending_revision.is_none());
+    // A description is not what the product serves: no review.
+    let mut described = approved.spec.clone().context("spec")?;
+    described.description = "Residents per district, refreshed monthly".into();
+    let redescribed = registry
+        .revise_product(revise(described, "wording"))
+        .await?
+        .into_inner();
+    assert_eq!(redescribed.version, approved.version + 1);
+    assert!(redescribed.pending_revision.is_none());
+    let kinds: Vec<String> = registry
+        .list_registration_events(authed(
+            &cast.provider_admin,
+            proto::GetProductRequest {
+                product_id: "population".into(),
+            },
+        ))
+        .await?
+        .into_inner()
+        .events
+        .into_iter()
+        .map(|e| e.kind)
+        .rev()
+        .take(5)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "changed",
+            "revision_rejected",
+            "revision_submitted",
+            "changed",
+            "revision_submitted"
+        ]
+    );
     market.stop().await;
     Ok(())
 }
@@ -1168,6 +1722,13 @@ civicgrid_tests::on_both_databases!(
     a_product_changed_since_the_last_query_is_read_afresh,
     bad_requests_quota_and_interrupted_queries,
     privacy_budget_is_debited_with_the_charge,
+    concurrent_queries_cannot_overspend_the_privacy_budget,
+    a_product_reaches_only_its_own_declared_data,
+    a_replay_needs_a_contract_that_still_allows_the_query,
+    a_transfer_moves_the_products_contracts,
+    folders_cannot_be_claimed_through_links_revisions_or_transfers,
+    a_consumer_probing_the_policy_is_throttled,
+    a_revision_that_changes_the_policy_waits_for_review,
     a_client_that_gives_up_mid_query_leaves_no_hold,
     failed_queries_are_charged_counted_and_quote_no_data,
 );

@@ -281,10 +281,22 @@ enum ProductCommand {
         #[arg(long)]
         reason: String,
     },
+    /// A new version from a spec file; one that changes storage, tables,
+    /// sensitivity or the output policy waits for review.
     Revise {
         id: String,
         #[arg(long)]
         spec: PathBuf,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Make the pending revision the product's new version (platform admin).
+    ApproveRevision {
+        id: String,
+    },
+    /// Drop the pending revision (platform admin).
+    RejectRevision {
+        id: String,
         #[arg(long)]
         reason: String,
     },
@@ -742,6 +754,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                         reason,
                     })
                     .await?
+                }
+                ProductCommand::ApproveRevision { id } => {
+                    r.approve_revision(action(id, String::new())).await?
+                }
+                ProductCommand::RejectRevision { id, reason } => {
+                    r.reject_revision(action(id, reason)).await?
                 }
                 ProductCommand::Transfer { id, to, reason } => {
                     r.transfer_product(proto::TransferProductRequest {
