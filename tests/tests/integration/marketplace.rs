@@ -472,7 +472,11 @@ async fn call(
                 token,
                 proto::CreateProductRequest {
                     id: format!("p{}", &unique[2..]),
-                    spec: Some(sample_spec()),
+                    // A folder of its own: the sample's belongs to city-data.
+                    spec: Some(proto::ProductSpec {
+                        storage_location: format!("products/p{}", &unique[2..]),
+                        ..sample_spec()
+                    }),
                 },
             ))
             .await
