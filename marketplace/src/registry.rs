@@ -858,11 +858,7 @@ pub async fn revise(
             state_name(product.state())
         )));
     }
-    if product.pending_revision.is_some() {
-        return Err(MarketError::FailedPrecondition(format!(
-            "product {id} has a revision waiting for review; it must be approved or rejected first"
-        )));
-    }
+    no_revision_pending(&product)?;
     let current = product.spec.clone().unwrap_or_default();
     if needs_review(&current, &spec) {
         sqlx::query("UPDATE products SET pending_spec = $1, updated_at = $2 WHERE id = $3")
@@ -890,6 +886,18 @@ pub async fn revise(
     let product = get(connection, id).await?;
     record(connection, backend, &product, "changed", actor, reason).await?;
     Ok(product)
+}
+
+/// Refuses a change to a product whose pending revision was written
+/// against what it is now: the review would judge a stale picture.
+fn no_revision_pending(product: &Product) -> Result<()> {
+    if product.pending_revision.is_some() {
+        return Err(MarketError::FailedPrecondition(format!(
+            "product {} has a revision waiting for review; it must be approved or rejected first",
+            product.id
+        )));
+    }
+    Ok(())
 }
 
 /// Whether a revision changes what the product serves, or to whom under
@@ -1008,11 +1016,7 @@ pub async fn transfer(
             "the product already belongs to it",
         ));
     }
-    if product.pending_revision.is_some() {
-        return Err(MarketError::FailedPrecondition(format!(
-            "product {id} has a revision waiting for review; it must be approved or rejected first"
-        )));
-    }
+    no_revision_pending(&product)?;
     // The old provider's other products may share its folder; after the
     // transfer they would read the new provider's files.
     let location = product
