@@ -2,7 +2,6 @@
 //! and removal of copies left behind in a member that was down.
 
 use std::collections::BTreeMap;
-use std::hash::{Hash as _, Hasher as _};
 use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -13,45 +12,11 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource as _, ResourceExt as _};
 
-use super::{Context, Error, FIELD_MANAGER, condition, now_unix, set_condition, workload};
+use super::pool::{current, reachability};
+use super::{Context, Error, FIELD_MANAGER, condition, copies, now_unix, set_condition};
 use crate::convert;
 use crate::crd::{Capacity, DataCenter, DataCenterStatus};
 use crate::engine::model::Reachability;
-
-/// What the engine sees of a data center's reachability, from its status:
-/// unreachable since the `Reachable` condition turned false, and never
-/// probed counts as unreachable now (it takes nothing new until it answers).
-pub(super) fn reachability(dc: &DataCenter) -> Reachability {
-    let reachable = dc
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Reachable"));
-    match reachable {
-        Some(c) if c.status == "True" => Reachability::Reachable,
-        Some(c) => Reachability::UnreachableSince(c.last_transition_time.0.as_second()),
-        None => Reachability::UnreachableSince(now_unix()),
-    }
-}
-
-/// A hash of what the engine reads from a data center: workloads are placed
-/// again when it changes, not on every heartbeat.
-pub(super) fn placement_fingerprint(dc: &DataCenter) -> u64 {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    dc.metadata.generation.hash(&mut hasher);
-    if let Some(status) = &dc.status {
-        for c in status
-            .conditions
-            .iter()
-            .filter(|c| c.type_ == "Reachable" || c.type_ == "Ready")
-        {
-            (&c.type_, &c.status).hash(&mut hasher);
-        }
-        serde_json::to_string(&status.allocatable)
-            .unwrap_or_default()
-            .hash(&mut hasher);
-    }
-    hasher.finish()
-}
 
 /// Probes the member, writes status, and removes orphaned copies.
 #[tracing::instrument(skip_all, fields(name = dc.name_any()))]
@@ -212,7 +177,7 @@ fn placed_here(ctx: &Context, data_center: &str) -> (Vec<String>, Capacity, u32)
     let (mut cpu, mut memory) = (0u64, 0u64);
     let mut gpus: BTreeMap<String, u32> = BTreeMap::new();
     for cw in ctx.workloads.state() {
-        let placement = workload::current(ctx, &cw);
+        let placement = current(ctx, &cw);
         let Some(&replicas) = placement.get(data_center) else {
             continue;
         };
@@ -268,14 +233,14 @@ async fn remove_orphans(
         .iter()
         .map(|cw| (cw.namespace().unwrap_or_default(), cw.name_any()))
         .collect();
-    let children = workload::list_children(member, data_center, None).await?;
+    let children = copies::list_children(member, data_center, None).await?;
     for child in children {
         if !existing.contains(&(
             child.workload_namespace.clone(),
             child.workload_name.clone(),
         )) {
             tracing::info!(data_center, workload = %child.workload_name, "removing an orphaned copy");
-            workload::delete_child(ctx, member, data_center, &child).await?;
+            copies::delete_child(ctx, member, data_center, &child).await?;
         }
     }
     Ok(())

@@ -28,11 +28,13 @@
 //! [`schedule_only`]: crate::engine::schedule_only
 
 pub mod children;
+mod copies;
 mod datacenter;
 pub mod failover;
 pub mod leader;
 pub mod members;
 pub mod metrics;
+mod pool;
 mod workload;
 
 use std::collections::BTreeMap;
@@ -385,7 +387,7 @@ pub async fn run(client: Client, config: Config, shutdown: Shutdown) -> Stopped 
     let seen = Mutex::new(std::collections::HashMap::<String, u64>::new());
     let workloads = cw_controller
         .watches_shared_stream(dc_changed_for_workloads, move |dc: Arc<DataCenter>| {
-            let fingerprint = datacenter::placement_fingerprint(&dc);
+            let fingerprint = pool::placement_fingerprint(&dc);
             let name = kube::ResourceExt::name_any(&*dc);
             let changed = seen
                 .lock()

@@ -9,21 +9,22 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource as _, ResourceExt as _};
 
 use super::children::{self, Child};
-use super::datacenter::{placement_fingerprint, reachability};
+use super::copies::{copies_of, delete_child, list_children};
 use super::failover::{Evictions, WINDOW_SECONDS, hold_shrinking, limit_evictions};
+use super::pool::{current, key_of, placement_fingerprint, reachability};
 use super::{Context, Error, FIELD_MANAGER, FINALIZER, condition, now_unix, set_condition};
 use crate::convert;
 use crate::crd::{
     ComputeWorkload, ComputeWorkloadStatus, EvictionEntry, ExplanationEntry, PlacementEntry,
 };
-use crate::engine::model::{Reachability, Snapshot, Workload, WorkloadKey};
+use crate::engine::model::{Reachability, Snapshot, Workload};
 use crate::engine::{Decision, Options, Outcome, schedule_only};
 
 /// Entry point: the finalizer guards apply and cleanup.
@@ -137,20 +138,6 @@ pub(super) fn error_policy(cw: Arc<ComputeWorkload>, error: &Error, ctx: Arc<Con
         Error::InvalidSpec(_) => Action::await_change(),
         _ => Action::requeue(Duration::from_secs(5)),
     }
-}
-
-fn key_of(cw: &ComputeWorkload) -> WorkloadKey {
-    WorkloadKey::new(cw.namespace().unwrap_or_default(), cw.name_any())
-}
-
-/// Where `cw` runs as far as this process knows: its latest decision, else
-/// the placement its status records.
-pub(super) fn current(ctx: &Context, cw: &ComputeWorkload) -> BTreeMap<String, u32> {
-    ctx.decided()
-        .placements
-        .get(&key_of(cw))
-        .cloned()
-        .unwrap_or_else(|| convert::current_placement(cw))
 }
 
 /// A hash of everything the engine reads from the data centers, and whether
@@ -935,144 +922,6 @@ async fn propagate(
     Ok(ready)
 }
 
-/// A copy the operator made in a member cluster.
-#[derive(Debug, Clone)]
-pub(super) struct ChildRef {
-    kind: &'static str,
-    namespace: String,
-    name: String,
-    pub(super) workload_namespace: String,
-    pub(super) workload_name: String,
-}
-
-/// The copies of workload `namespace/name` in `data_center`'s member: from
-/// the member's watches when they have listed everything, else asked of
-/// the member.
-async fn copies_of(
-    ctx: &Context,
-    member: &Client,
-    data_center: &str,
-    namespace: &str,
-    name: &str,
-) -> Result<Vec<ChildRef>, Error> {
-    match ctx.members.kinds_present(data_center, namespace, name) {
-        Some(kinds) => Ok(kinds
-            .into_iter()
-            .map(|kind| ChildRef {
-                kind,
-                namespace: namespace.to_owned(),
-                name: name.to_owned(),
-                workload_namespace: namespace.to_owned(),
-                workload_name: name.to_owned(),
-            })
-            .collect()),
-        None => list_children(member, data_center, Some((namespace, name))).await,
-    }
-}
-
-/// The operator's copies in `data_center`'s member, optionally of one
-/// workload only.
-pub(super) async fn list_children(
-    member: &Client,
-    data_center: &str,
-    workload: Option<(&str, &str)>,
-) -> Result<Vec<ChildRef>, Error> {
-    let mut selector = format!(
-        "{},{}={data_center}",
-        children::managed_selector(),
-        children::DATA_CENTER
-    );
-    if let Some((namespace, name)) = workload {
-        selector = format!(
-            "{selector},{}={namespace},{}={name}",
-            children::WORKLOAD_NAMESPACE,
-            children::WORKLOAD_NAME
-        );
-    }
-    let params = ListParams::default().labels(&selector);
-    let failed = |source| Error::Member {
-        data_center: data_center.to_owned(),
-        source,
-    };
-    let mut found = Vec::new();
-    let mut push =
-        |kind: &'static str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-            let labels = meta.labels.clone().unwrap_or_default();
-            found.push(ChildRef {
-                kind,
-                namespace: meta.namespace.clone().unwrap_or_default(),
-                name: meta.name.clone().unwrap_or_default(),
-                workload_namespace: labels
-                    .get(children::WORKLOAD_NAMESPACE)
-                    .cloned()
-                    .unwrap_or_default(),
-                workload_name: labels
-                    .get(children::WORKLOAD_NAME)
-                    .cloned()
-                    .unwrap_or_default(),
-            });
-        };
-    for d in Api::<Deployment>::all(member.clone())
-        .list_metadata(&params)
-        .await
-        .map_err(failed)?
-    {
-        push("Deployment", &d.metadata);
-    }
-    for s in Api::<StatefulSet>::all(member.clone())
-        .list_metadata(&params)
-        .await
-        .map_err(failed)?
-    {
-        push("StatefulSet", &s.metadata);
-    }
-    for j in Api::<Job>::all(member.clone())
-        .list_metadata(&params)
-        .await
-        .map_err(failed)?
-    {
-        push("Job", &j.metadata);
-    }
-    Ok(found)
-}
-
-/// Deletes one copy (and, in the background, its pods).
-pub(super) async fn delete_child(
-    ctx: &Context,
-    member: &Client,
-    data_center: &str,
-    child: &ChildRef,
-) -> Result<(), Error> {
-    ctx.members.forget_copy(&(
-        data_center.to_owned(),
-        child.workload_namespace.clone(),
-        child.workload_name.clone(),
-    ));
-    let params = DeleteParams::background();
-    let result = match child.kind {
-        "Deployment" => Api::<Deployment>::namespaced(member.clone(), &child.namespace)
-            .delete(&child.name, &params)
-            .await
-            .map(|_| ()),
-        "StatefulSet" => Api::<StatefulSet>::namespaced(member.clone(), &child.namespace)
-            .delete(&child.name, &params)
-            .await
-            .map(|_| ()),
-        _ => Api::<Job>::namespaced(member.clone(), &child.namespace)
-            .delete(&child.name, &params)
-            .await
-            .map(|_| ()),
-    };
-    match result {
-        Ok(()) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-        Err(source) => Err(Error::Member {
-            data_center: data_center.to_owned(),
-            source,
-        }),
-    }
-}
-
 /// Removes the workload's copies from every reachable member. A member that
 /// is down is skipped: its data center's reconcile removes the copy when it
 /// answers again.
@@ -1120,6 +969,7 @@ async fn cleanup(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::model::WorkloadKey;
 
     fn status(ready: i32, rule: &str, message: &str) -> ComputeWorkloadStatus {
         ComputeWorkloadStatus {
