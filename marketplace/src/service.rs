@@ -22,8 +22,7 @@ use crate::queries::{self, QueryEngine, UsageView};
 use crate::registry::{self, Step};
 use crate::store::Store;
 
-/// Most audit entries one `GetEntries` call returns.
-pub const MAX_ENTRIES_PER_CALL: u64 = 1000;
+use crate::audit::MAX_ENTRIES_PER_CALL;
 
 /// Errors become gRPC statuses here and nowhere else. Internal causes are
 /// logged in full and leave as an opaque `internal error`.

@@ -7,3 +7,7 @@ pub mod checkpoint;
 pub mod log;
 pub mod merkle;
 pub mod verify;
+
+/// Most audit entries one `GetEntries` call returns: the server pages by it,
+/// and the verifier asks for no more at once.
+pub const MAX_ENTRIES_PER_CALL: u64 = 1000;

@@ -222,7 +222,7 @@ pub async fn verify_log(
     let mut bodies: HashMap<u64, Vec<u8>> = HashMap::with_capacity(size as usize);
     let mut start = 0u64;
     while start < size {
-        let end = (start + crate::service::MAX_ENTRIES_PER_CALL).min(size);
+        let end = (start + super::MAX_ENTRIES_PER_CALL).min(size);
         let page = client
             .get_entries(proto::GetEntriesRequest {
                 start: start as i64,
