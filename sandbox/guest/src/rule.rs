@@ -475,6 +475,18 @@ impl Checker<'_> {
                 return Err(not_a_dimension(&name, unit, clause, &self.dimensions));
             }
         }
+        if let Some(column) = concatenates_computed(expr, schema, lineage) {
+            return Err(refuse(
+                "aggregation.growth",
+                Some(&column),
+                format!(
+                    "{clause} concatenates {column}, a string computed in a subquery: strings \
+                     built from built strings can double in length at every level, and with them \
+                     the cost of every row the query keeps, which would count withheld rows; \
+                     concatenate the product's own columns"
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -755,6 +767,30 @@ pub fn cast_cannot_fail(from: &DataType, to: &DataType) -> bool {
 
 /// An expression's columns in name order, so that a refusal names the same
 /// column every time.
+/// A computed column that `expr` concatenates, if any. A concatenation of
+/// table columns and literals grows a row's strings by at most the query's
+/// own length; one of values concatenated in a subquery below can double
+/// them at each level, so a short query could make each matching row cost
+/// as much as the rest of the run.
+fn concatenates_computed(expr: &Expr, schema: &DFSchemaRef, lineage: &[Lineage]) -> Option<String> {
+    find_in_expr(expr, &mut |e| {
+        let grows = match e {
+            Expr::ScalarFunction(function) => {
+                matches!(function.func.name(), "concat" | "concat_ws")
+            }
+            Expr::BinaryExpr(BinaryExpr { op, .. }) => *op == Operator::StringConcat,
+            _ => false,
+        };
+        if !grows {
+            return None;
+        }
+        sorted_refs(e)
+            .into_iter()
+            .find(|column| lineage_of(column, schema, lineage) == Lineage::Computed)
+            .map(|column| column.name.clone())
+    })
+}
+
 fn sorted_refs(expr: &Expr) -> Vec<&Column> {
     let mut columns: Vec<&Column> = expr.column_refs().into_iter().collect();
     columns.sort_by(|a, b| {

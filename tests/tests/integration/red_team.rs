@@ -584,6 +584,42 @@ fn allowed_functions_on_dimensions_still_respect_the_threshold() {
     );
 }
 
+// The cost of a matching row. A query whose every kept row costs as much
+// as the rest of the run tells by its cost, time or whether it finishes how
+// many rows a withheld slice holds; strings built from built strings double
+// at every level, so a short query could reach that.
+
+#[test]
+fn a_string_doubled_through_subqueries_is_refused() {
+    refused(
+        "select count(*) as people from (select concat(s, s) as s from \
+         (select concat(s, s) as s from (select district || district as s from residents \
+         where age_band = '0-17') a) b) c where char_length(s) > 0",
+        &policy(),
+        "aggregation.growth",
+        Some("s"),
+    );
+    refused(
+        "select district, count(*) as people from (select district, district || '-' as s \
+         from residents) t where (s || s) <> '' group by district",
+        &policy(),
+        "aggregation.growth",
+        Some("s"),
+    );
+}
+
+#[test]
+fn concatenating_the_products_own_columns_is_still_allowed() {
+    released_as(
+        "select concat(district, '/', age_band) as cell, count(*) as people from residents \
+         group by concat(district, '/', age_band) order by cell",
+        &policy(),
+        "select concat(district, '/', age_band) as cell, count(*) as people from residents \
+         group by concat(district, '/', age_band) \
+         having count(distinct person_id) >= 10 order by cell",
+    );
+}
+
 // Joins.
 
 #[test]
