@@ -900,12 +900,16 @@ fn no_revision_pending(product: &Product) -> Result<()> {
     Ok(())
 }
 
-/// Whether a revision changes what the product serves, or to whom under
-/// which rules: where its files are, which tables and columns with which
+/// Whether a revision changes what the product serves, where, or to whom
+/// under which rules: where its files are, which data centers (of which
+/// tier, in which region) hold them, which tables and columns with which
 /// sensitivity, and the output policy. Those go through review like the
 /// first registration; descriptions and prices do not.
 fn needs_review(current: &ProductSpec, revised: &ProductSpec) -> bool {
     current.storage_location != revised.storage_location
+        || current.hosting_data_centers != revised.hosting_data_centers
+        || current.tier != revised.tier
+        || current.region != revised.region
         || current.tables != revised.tables
         || current.output_policy != revised.output_policy
 }

@@ -1398,7 +1398,8 @@ async fn a_consumer_probing_the_policy_is_throttled(db: Db) -> anyhow::Result<()
 /// revision: the product goes on serving under k = 10 until a platform
 /// admin approves the revision, which is then measured and becomes the next
 /// version. A rejected revision changes nothing; a description change needs
-/// no review. Consumers never see a revision under review.
+/// no review, a move to other data centers does. Consumers never see a
+/// revision under review.
 async fn a_revision_that_changes_the_policy_waits_for_review(db: Db) -> anyhow::Result<()> {
     let (market, cast) = start(db).await?;
     contract(&market, &cast, 0).await?;
@@ -1512,6 +1513,31 @@ async fn a_revision_that_changes_the_policy_waits_for_review(db: Db) -> anyhow::
         .into_inner();
     assert_eq!(redescribed.version, approved.version + 1);
     assert!(redescribed.pending_revision.is_none());
+    // Where the data lives is: moving it to a partner cloud in another
+    // region waits for review, and the product stays where it was.
+    let mut relocated = redescribed.spec.clone().context("spec")?;
+    relocated.hosting_data_centers = vec!["partner-cloud-east".into()];
+    relocated.tier = "partner".into();
+    relocated.region = "east".into();
+    let waiting = registry
+        .revise_product(revise(relocated, "cheaper hosting"))
+        .await?
+        .into_inner();
+    assert_eq!(waiting.version, redescribed.version);
+    assert_eq!(waiting.spec, redescribed.spec);
+    assert_eq!(
+        waiting
+            .pending_revision
+            .as_ref()
+            .map(|s| s.hosting_data_centers.clone()),
+        Some(vec!["partner-cloud-east".to_owned()])
+    );
+    registry
+        .reject_revision(authed(
+            &cast.admin,
+            action("population", "stays in the city"),
+        ))
+        .await?;
     let kinds: Vec<String> = registry
         .list_registration_events(authed(
             &cast.provider_admin,
@@ -1525,11 +1551,13 @@ async fn a_revision_that_changes_the_policy_waits_for_review(db: Db) -> anyhow::
         .into_iter()
         .map(|e| e.kind)
         .rev()
-        .take(5)
+        .take(7)
         .collect();
     assert_eq!(
         kinds,
         [
+            "revision_rejected",
+            "revision_submitted",
             "changed",
             "revision_rejected",
             "revision_submitted",
