@@ -537,11 +537,13 @@ pub fn bus_ridership() -> SampleProduct {
         max_result_bytes: 16 << 20,
         ..OutputPolicy::default()
     });
+    // Not by compute: under a threshold, a query's compute would count the
+    // riders it filtered (the registry refuses such a plan).
     spec.price_plans = vec![PricePlan {
-        id: "per-compute-unit".into(),
-        kind: PriceKind::PerComputeUnit as i32,
-        unit_price_minor: 1,
-        included_units: 1_000,
+        id: "per-query".into(),
+        kind: PriceKind::PerQuery as i32,
+        unit_price_minor: 20,
+        included_units: 50,
         currency: "EUR".into(),
         ..PricePlan::default()
     }];

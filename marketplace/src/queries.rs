@@ -11,13 +11,13 @@
 //! nothing released), so a retry under the same key runs afresh and is
 //! charged once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arrow_array::RecordBatch;
-use civicgrid_sandbox::policy::{AggregationRule, DifferentialPrivacy, ListRule, OutputPolicy};
+use civicgrid_sandbox::policy::OutputPolicy;
 use civicgrid_sandbox::{
     DeclaredColumns, FUEL_PER_COMPUTE_UNIT, FooterCache, Guest, GuestRole, Job, Limits,
     LocalDirectory, RunFailure, Sandbox, SandboxConfig, SandboxError, TableStore,
@@ -31,7 +31,9 @@ use crate::audit::merkle::Frontier;
 use crate::billing::{self, AccountKind, PeriodUsage, Posting, QueryUse};
 use crate::error::{MarketError, Result};
 use crate::identity::Principal;
-use crate::proto::{self, AllowedOperations, ProductSpec, Sensitivity};
+use crate::metering::Metering;
+pub use crate::policy::sandbox_policy;
+use crate::proto;
 use crate::store::{Backend, Param, Store, WriteBatch, now_ms};
 
 /// The organization id the platform's fee account is kept under.
@@ -404,94 +406,6 @@ impl QueryEngine {
     }
 }
 
-/// The sandbox policy for a product under a contract's allowed operations:
-/// blocked columns from the schema, aggregates only if the contract allows
-/// them, list columns the product's and the contract's in common.
-///
-/// # Errors
-/// `InvalidArgument` naming the policy field when the product's policy is
-/// inconsistent.
-pub fn sandbox_policy(spec: &ProductSpec, operations: &AllowedOperations) -> Result<OutputPolicy> {
-    let product = spec.output_policy.clone().unwrap_or_default();
-    let blocked_columns = spec
-        .tables
-        .iter()
-        .flat_map(|table| &table.columns)
-        .filter(|column| column.sensitivity() == Sensitivity::Blocked)
-        .map(|column| column.name.clone())
-        .collect();
-    let min_units = u64::try_from(product.min_aggregation_count).unwrap_or(0);
-    // Under a threshold, only public columns decide which rows count and how
-    // they group; internal ones (a head count, a licence number) may only be
-    // aggregated. Without one, groups can be single rows anyway.
-    let dimension_columns = (min_units > 1).then(|| {
-        spec.tables
-            .iter()
-            .flat_map(|table| &table.columns)
-            .filter(|column| column.sensitivity() == Sensitivity::Public)
-            .map(|column| column.name.clone())
-            .collect()
-    });
-    let aggregation = operations.aggregate_sql.then(|| AggregationRule {
-        privacy_unit_columns: if product.privacy_unit_column.is_empty() {
-            Vec::new()
-        } else {
-            vec![product.privacy_unit_column.clone()]
-        },
-        min_units,
-        column_min_units: BTreeMap::new(),
-        dimension_columns,
-        join_columns: product.join_columns.clone(),
-        column_functions: product
-            .column_functions
-            .iter()
-            .map(|(column, declared)| (column.clone(), declared.functions.clone()))
-            .collect(),
-        scalar_functions: product.scalar_functions.clone(),
-        ..AggregationRule::default()
-    });
-    let list_columns: Vec<String> = product
-        .list_columns
-        .iter()
-        .filter(|column| operations.list_columns.contains(column))
-        .cloned()
-        .collect();
-    let list = (!list_columns.is_empty()).then(|| ListRule {
-        columns: list_columns,
-        max_rows: u64::try_from(product.max_list_rows).unwrap_or(0),
-    });
-    let differential_privacy = (product.dp_epsilon_budget > 0.0).then(|| DifferentialPrivacy {
-        epsilon_per_query: product.dp_epsilon_per_query,
-        bounds: product
-            .dp_bounds
-            .iter()
-            .map(|(column, bounds)| (column.clone(), (bounds.lower, bounds.upper)))
-            .collect(),
-        max_rows_per_unit: product.dp_max_rows_per_unit,
-    });
-    let approved_algorithms = product
-        .approved_algorithm_sha256
-        .iter()
-        .filter(|hash| operations.algorithm_sha256.contains(hash))
-        .cloned()
-        .collect();
-    let policy = OutputPolicy {
-        blocked_columns,
-        aggregation,
-        list,
-        differential_privacy,
-        max_result_bytes: u64::try_from(product.max_result_bytes).unwrap_or(0),
-        approved_algorithms,
-    };
-    policy.validate().map_err(|invalid| {
-        MarketError::invalid(
-            format!("spec.output_policy ({})", invalid.field),
-            invalid.reason,
-        )
-    })?;
-    Ok(policy)
-}
-
 /// Checks a RunQuery request's own fields.
 fn validate(request: &proto::RunQueryRequest, max_compute_units: i64) -> Result<()> {
     if request.product_id.is_empty() {
@@ -558,7 +472,7 @@ const SUMMARY_COLUMNS: &str = "id, consumer_organization_id, provider_organizati
     product_id, contract_id, plan_id, request_sha256, sql_text, algorithm_sha256, state, error, \
     error_code, fuel, compute_units, rows_read, bytes_read, rows_released, bytes_released, \
     truncated, privacy_spent, wall_time_ms, currency, held_minor, charge_minor, audit_index, \
-    created_at";
+    created_at, metering";
 
 fn summary_from_row(row: &sqlx::any::AnyRow) -> Result<proto::QuerySummary> {
     Ok(proto::QuerySummary {
@@ -582,6 +496,7 @@ fn summary_from_row(row: &sqlx::any::AnyRow) -> Result<proto::QuerySummary> {
         currency: row.try_get("currency")?,
         held_minor: row.try_get("held_minor")?,
         charge_minor: row.try_get("charge_minor")?,
+        metering: row.try_get("metering")?,
         audit_index: row.try_get::<Option<i64>, _>("audit_index")?.unwrap_or(-1),
         replayed: false,
         sql: row.try_get("sql_text")?,
@@ -789,6 +704,11 @@ struct Reservation {
     period: String,
     hold: i64,
     compute_units: i64,
+    /// Withheld where the product's policy withholds rows (see [`crate::metering`]).
+    metering: Metering,
+    /// When it was reserved: the time every view of the query shows (the
+    /// time it settled would tell how long it ran).
+    created_at: i64,
     policy: OutputPolicy,
     privacy_budget: f64,
     storage: ProductFiles,
@@ -891,6 +811,7 @@ pub async fn run(
         policy: reservation.policy.clone(),
         privacy_budget: reservation.privacy_budget,
         compute_units: reservation.compute_units,
+        metering: reservation.metering,
         algorithm: reservation.algorithm.clone(),
         as_of_unix_seconds: reservation.as_of_unix_seconds,
     };
@@ -1185,11 +1106,32 @@ async fn reserve(
         storage,
         dp_epsilon_budget,
     } = terms;
-    let compute_units = if request.max_compute_units == 0 {
-        config.default_compute_units
-    } else {
-        request.max_compute_units
+    let metering = Metering::for_policy(&policy);
+    let compute_units = match metering {
+        Metering::Exact if request.max_compute_units > 0 => request.max_compute_units,
+        Metering::Exact => config.default_compute_units,
+        // The budget a run may use would be a threshold on its cost, which
+        // counts withheld rows.
+        Metering::Withheld if request.max_compute_units > 0 => {
+            return Err(MarketError::invalid(
+                "max_compute_units",
+                format!(
+                    "product {} withholds rows, so every query on it has the server's compute \
+                     budget (a budget of your choosing would tell how much a query cost, and with \
+                     it how many rows it filtered); leave it 0",
+                    product.id
+                ),
+            ));
+        }
+        Metering::Withheld => config.default_compute_units,
     };
+    if metering == Metering::Withheld && plan.kind() == proto::PriceKind::PerComputeUnit {
+        return Err(MarketError::FailedPrecondition(format!(
+            "product {}'s plan {} is priced by compute, which on a product that withholds rows \
+             would bill by the rows a query filtered; its provider must price it another way",
+            product.id, plan.id
+        )));
+    }
     let Standing {
         usage,
         running,
@@ -1285,6 +1227,8 @@ async fn reserve(
         period,
         hold,
         compute_units,
+        metering,
+        created_at: now,
         policy,
         privacy_budget,
         storage,
@@ -1301,6 +1245,7 @@ struct SandboxRun {
     policy: OutputPolicy,
     privacy_budget: f64,
     compute_units: i64,
+    metering: Metering,
     algorithm: Option<Vec<u8>>,
     as_of_unix_seconds: u64,
 }
@@ -1315,6 +1260,7 @@ fn run_in_sandbox(
         policy,
         privacy_budget,
         compute_units,
+        metering,
         algorithm,
         as_of_unix_seconds,
     } = run;
@@ -1332,12 +1278,18 @@ fn run_in_sandbox(
         Some(wasm) => engine.sandbox.load(wasm, GuestRole::Algorithm)?,
         None => Arc::clone(&engine.sql_guest),
     };
+    let budget_fuel = u64::try_from(compute_units)
+        .unwrap_or(0)
+        .saturating_mul(FUEL_PER_COMPUTE_UNIT);
+    let rng = &mut rand::thread_rng();
     let limits = Limits {
-        fuel: u64::try_from(compute_units)
-            .unwrap_or(0)
-            .saturating_mul(FUEL_PER_COMPUTE_UNIT),
-        wall_time: engine.config.wall_time,
-        memory_bytes: engine.config.memory_bytes,
+        fuel: metering.fuel_limit(budget_fuel, rng),
+        wall_time: metering.wall_time_limit(engine.config.wall_time, rng),
+        memory_bytes: metering.memory_limit(
+            engine.config.memory_bytes,
+            guest.initial_memory_bytes(),
+            rng,
+        ),
         ..Limits::default()
     };
     engine.sandbox.run_metered(
@@ -1503,7 +1455,9 @@ struct SettleContext<'a> {
 /// the host before any instance started) costs nothing but still counts;
 /// only a query that found no free sandbox slot neither counts nor pays for
 /// what it used. A query that failed while running is recorded, audited and
-/// returned with a stable code only; the engine's text goes to the log.
+/// returned with a stable code only; the engine's text goes to the log. On
+/// a product that withholds rows, no figure of the compute is kept or shown
+/// (see [`crate::metering`]).
 #[tracing::instrument(name = "settle", skip_all, fields(query = %reservation.query_id))]
 async fn settle(
     connection: &mut AnyConnection,
@@ -1547,6 +1501,7 @@ async fn settle(
         plan_id: reservation.plan.id.clone(),
         currency: currency.clone(),
         held_minor: reservation.hold,
+        metering: Metering::Exact.as_str().into(),
         sql: request.sql.clone(),
         algorithm_sha256: reservation.algorithm_sha256.clone(),
         consumer_organization_id: reservation.consumer.clone(),
@@ -1608,6 +1563,7 @@ async fn settle(
             summary.error = disposition.message;
             summary.fuel = i64::try_from(failure.fuel).unwrap_or(i64::MAX);
             summary.compute_units = i64::try_from(failure.compute_units()).unwrap_or(i64::MAX);
+
             error = Some((disposition.code, summary.error.clone()));
             event_kind = if disposition.state == "rejected" {
                 "query.rejected"
@@ -1617,6 +1573,7 @@ async fn settle(
             (counts, burnt) = (disposition.counts, failure.fuel > 0);
         }
     }
+    withhold_cost(&mut summary, &reservation);
     if counts {
         let ledger_started = std::time::Instant::now();
         let used = QueryUse {
@@ -1708,6 +1665,7 @@ async fn settle(
                 "sql_sha256": sha256_hex(request.sql.as_bytes()),
                 "algorithm_sha256": reservation.algorithm_sha256,
                 "error": summary.error,
+                "metering": summary.metering,
                 "fuel": summary.fuel,
                 "compute_units": summary.compute_units,
                 "rows_read": summary.rows_read,
@@ -1730,7 +1688,7 @@ async fn settle(
          compute_units = $5, rows_read = $6, bytes_read = $7, rows_released = $8, \
          bytes_released = $9, truncated = $10, privacy_spent = $11, wall_time_ms = $12, \
          charge_minor = $13, result = $14, audit_index = $15, hold_open = 0, \
-         finished_at = $16 WHERE id = $17 AND state = 'running'",
+         finished_at = $16, metering = $18 WHERE id = $17 AND state = 'running'",
         vec![
             Param::from(&summary.state),
             Param::from(error_text),
@@ -1749,17 +1707,43 @@ async fn settle(
             Param::Int(summary.audit_index),
             Param::Int(now),
             Param::from(&reservation.query_id),
+            Param::from(&summary.metering),
         ],
     );
     let writes_started = std::time::Instant::now();
     writes.execute(connection).await?;
     metrics.stage("writes", writes_started.elapsed());
-    summary.created_at_unix_ms = now;
+    summary.created_at_unix_ms = reservation.created_at;
     Ok(QueryOutcome {
         summary,
         result,
         error,
     })
+}
+
+/// Hides a run's cost when its product withholds rows: no fuel, compute
+/// units, wall time or bytes and rows read (each counts rows the policy did
+/// not release, and so would the charge, which is why such products are not
+/// priced by compute). The exact figures go to the server's log only.
+fn withhold_cost(summary: &mut proto::QuerySummary, reservation: &Reservation) {
+    if reservation.metering == Metering::Exact {
+        return;
+    }
+    tracing::info!(
+        query = %reservation.query_id,
+        fuel = summary.fuel,
+        compute_units = summary.compute_units,
+        wall_time_ms = summary.wall_time_ms,
+        rows_read = summary.rows_read,
+        bytes_read = summary.bytes_read,
+        "the cost of a query whose compute is withheld from its consumer"
+    );
+    summary.metering = Metering::Withheld.as_str().into();
+    summary.fuel = 0;
+    summary.compute_units = 0;
+    summary.wall_time_ms = 0;
+    summary.rows_read = 0;
+    summary.bytes_read = 0;
 }
 
 /// Audits a query refused before it ran (nothing was reserved or charged).

@@ -341,6 +341,22 @@ pub fn validate_spec(spec: &ProductSpec) -> Result<()> {
             ));
         }
     }
+    // A query's compute grows with the rows its filter keeps, withheld ones
+    // too: priced by compute, its bill would count them.
+    if let Some(i) = spec
+        .price_plans
+        .iter()
+        .position(|plan| plan.kind() == PriceKind::PerComputeUnit)
+        && crate::policy::withholds_rows(spec)
+    {
+        return Err(MarketError::invalid(
+            format!("spec.price_plans[{i}].kind"),
+            "a product whose output policy withholds rows (a threshold, noise, a row limit on \
+             list queries or blocked columns) cannot be priced by compute: a query's compute \
+             grows with the rows it filters, withheld ones too, so its bill would count them; \
+             price it per query, per released row or by subscription",
+        ));
+    }
     Ok(())
 }
 
@@ -1183,6 +1199,12 @@ mod tests {
         let cases: Vec<(&str, Breaker)> = vec![
             ("spec.title", Box::new(|s| s.title.clear())),
             ("spec.tier", Box::new(|s| s.tier = "orbital".into())),
+            // Priced by compute under a threshold: the bill would count
+            // the rows a query filtered, withheld ones too.
+            (
+                "spec.price_plans[0].kind",
+                Box::new(|s| s.price_plans[0].kind = PriceKind::PerComputeUnit as i32),
+            ),
             (
                 "spec.storage_location",
                 Box::new(|s| s.storage_location = "/srv/other-provider/population".into()),

@@ -123,6 +123,20 @@ pub struct InvalidPolicy {
 }
 
 impl OutputPolicy {
+    /// Whether some rows or values the product holds never reach a consumer
+    /// whole: a threshold that suppresses groups, noise, a cap on listed rows
+    /// or blocked columns. A query's exact cost (fuel, time, bytes) depends
+    /// on such rows too, so it must not be shown or billed exactly.
+    #[must_use]
+    pub fn withholds_rows(&self) -> bool {
+        !self.blocked_columns.is_empty()
+            || self.differential_privacy.is_some()
+            || (self.list.is_some() && !self.lists_any_column())
+            || self.aggregation.as_ref().is_some_and(|rule| {
+                rule.min_units > 1 || rule.column_min_units.values().any(|&k| k > 1)
+            })
+    }
+
     /// Checks the policy itself (not a query against it).
     pub fn validate(&self) -> Result<(), InvalidPolicy> {
         let invalid = |field: &str, reason: &str| {
@@ -243,6 +257,63 @@ impl OutputPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_policy_withholds_rows_unless_it_releases_everything_it_lets_a_query_read() {
+        let aggregation = |min_units, column_min_units: &[(&str, u64)]| OutputPolicy {
+            aggregation: Some(AggregationRule {
+                privacy_unit_columns: vec!["person_id".into()],
+                min_units,
+                column_min_units: column_min_units
+                    .iter()
+                    .map(|(column, k)| ((*column).to_owned(), *k))
+                    .collect(),
+                ..AggregationRule::default()
+            }),
+            ..OutputPolicy::default()
+        };
+        let cases = [
+            ("nothing allowed", OutputPolicy::default(), false),
+            ("the owner's", OutputPolicy::owner(), false),
+            ("aggregates, no threshold", aggregation(1, &[]), false),
+            ("a threshold", aggregation(5, &[]), true),
+            (
+                "a threshold on one column",
+                aggregation(1, &[("income", 10)]),
+                true,
+            ),
+            (
+                "blocked columns",
+                OutputPolicy {
+                    blocked_columns: vec!["name".into()],
+                    ..aggregation(1, &[])
+                },
+                true,
+            ),
+            (
+                "noise",
+                OutputPolicy {
+                    differential_privacy: Some(DifferentialPrivacy::default()),
+                    ..aggregation(1, &[])
+                },
+                true,
+            ),
+            (
+                "a row limit",
+                OutputPolicy {
+                    list: Some(ListRule {
+                        columns: vec![],
+                        max_rows: 1_000,
+                    }),
+                    ..OutputPolicy::default()
+                },
+                true,
+            ),
+        ];
+        for (case, policy, withholds) in cases {
+            assert_eq!(policy.withholds_rows(), withholds, "{case}");
+        }
+    }
 
     #[test]
     fn an_empty_policy_is_valid_and_allows_nothing() {

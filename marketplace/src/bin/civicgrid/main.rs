@@ -118,7 +118,8 @@ enum Command {
         /// twice. Default: a fresh random key (printed, to retry with).
         #[arg(long)]
         key: Option<String>,
-        /// Most compute units the query may use (0: the server's default).
+        /// Most compute units the query may use (0: the server's default;
+        /// must be 0 on a product that withholds rows).
         #[arg(long, default_value_t = 0)]
         max_compute_units: i64,
         /// How to print the result rows.
@@ -1017,7 +1018,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let summary = summary.context("the server sent no query summary")?;
             print_rows(&ipc, format)?;
             eprintln!(
-                "query {} ({}{}): {} rows released{}, {} compute units, \
+                "query {} ({}{}): {} rows released{}, {} compute units{}, \
                  charged {} of {} held ({} minor units), audit entry {}; key {key}",
                 summary.query_id,
                 summary.state,
@@ -1025,6 +1026,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 summary.rows_released,
                 if summary.truncated { ", truncated" } else { "" },
                 summary.compute_units,
+                if summary.metering == "withheld" {
+                    " (withheld: the product withholds rows)"
+                } else {
+                    ""
+                },
                 summary.charge_minor,
                 summary.held_minor,
                 summary.currency,

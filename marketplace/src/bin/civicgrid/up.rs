@@ -500,7 +500,7 @@ async fn seed(
         (
             &transit,
             "bus-ridership",
-            "per-compute-unit",
+            "per-query",
             "size the on-demand shuttle fleet",
         ),
         (
