@@ -55,6 +55,7 @@ impl Release {
             Err(_) if aggregate => self.aggregate_without_units(batch)?,
             Err(_) => self.list(batch)?,
         };
+        let batch = compact(&batch)?;
         let bytes: u64 = batch
             .columns()
             .iter()
@@ -339,6 +340,60 @@ fn arrow_select_filter(batch: &RecordBatch, keep: &BooleanArray) -> Result<Recor
         &arrow_array::RecordBatchOptions::new().with_row_count(Some(keep.true_count())),
     )
     .map_err(|e| Abort::Protocol(e.to_string()))
+}
+
+/// A copy of `batch` that holds its own rows and nothing else. A filter or a
+/// slice shares the input's buffers: a string view array keeps every
+/// string of the rows it dropped, a dictionary every value, and Arrow IPC
+/// writes a buffer as it is, so withheld groups' keys would travel with the
+/// released ones. Views become plain strings or binaries, dictionaries
+/// their values, and every column is copied row by row.
+fn compact(batch: &RecordBatch) -> Result<RecordBatch, Abort> {
+    let protocol = |e: arrow_schema::ArrowError| Abort::Protocol(e.to_string());
+    let rows = u32::try_from(batch.num_rows())
+        .map_err(|_| Abort::Protocol("a released batch of over 2^32 rows".into()))?;
+    let every_row = arrow_array::UInt32Array::from_iter_values(0..rows);
+    let mut fields = Vec::with_capacity(batch.num_columns());
+    let mut columns = Vec::with_capacity(batch.num_columns());
+    for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+        let plain = plain_values(column).map_err(protocol)?;
+        let copied =
+            arrow_select::take::take(plain.as_ref(), &every_row, None).map_err(protocol)?;
+        fields.push(
+            field
+                .as_ref()
+                .clone()
+                .with_data_type(copied.data_type().clone()),
+        );
+        columns.push(copied);
+    }
+    RecordBatch::try_new_with_options(
+        Arc::new(Schema::new_with_metadata(
+            fields,
+            batch.schema().metadata().clone(),
+        )),
+        columns,
+        &arrow_array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+    )
+    .map_err(protocol)
+}
+
+/// `array` without views or dictionaries, whose buffers `take` would share.
+fn plain_values(array: &ArrayRef) -> Result<ArrayRef, arrow_schema::ArrowError> {
+    Ok(match array.data_type() {
+        DataType::Utf8View => Arc::new(arrow_array::StringArray::from_iter(
+            array.as_string_view().iter(),
+        )),
+        DataType::BinaryView => Arc::new(arrow_array::BinaryArray::from_iter(
+            array.as_binary_view().iter(),
+        )),
+        DataType::Dictionary(..) => {
+            let dictionary = array.as_any_dictionary();
+            let values = plain_values(dictionary.values())?;
+            arrow_select::take::take(values.as_ref(), dictionary.keys(), None)?
+        }
+        _ => Arc::clone(array),
+    })
 }
 
 fn strip_metadata(batch: RecordBatch) -> Result<RecordBatch, Abort> {
