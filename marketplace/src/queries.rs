@@ -719,6 +719,28 @@ struct Reservation {
     algorithm_sha256: String,
 }
 
+/// What the query path needs of the marketplace around it: its permission
+/// check, database, metrics, contract index and data directory. The
+/// server's [`crate::service::Marketplace`] is one; the query path does not
+/// reach up into the service that calls it.
+pub trait Market: Send + Sync {
+    /// `Ok` when `principal` holds `permission` in `domain` (casbin).
+    fn require_permission<'a>(
+        &'a self,
+        principal: &'a Principal,
+        domain: &'a str,
+        permission: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>;
+    /// The database.
+    fn store(&self) -> &Store;
+    /// The server's metrics.
+    fn metrics(&self) -> &Arc<crate::metrics::Metrics>;
+    /// The active contracts, kept in memory.
+    fn contract_index(&self) -> &crate::contracts::ContractIndex;
+    /// Where products' folders are.
+    fn data_dir(&self) -> &std::path::Path;
+}
+
 /// Runs one query for `principal`, from authorization to settlement.
 ///
 /// # Errors
@@ -734,7 +756,7 @@ struct Reservation {
     fields(product = %request.product_id, consumer = %principal.organization.id)
 )]
 pub async fn run(
-    market: &Arc<crate::service::Marketplace>,
+    market: &Arc<dyn Market>,
     engine: &Arc<QueryEngine>,
     principal: &Principal,
     request: proto::RunQueryRequest,
@@ -783,7 +805,7 @@ pub async fn run(
                 Box::pin(async move {
                     reserve(
                         connection,
-                        &market,
+                        market.as_ref(),
                         &engine,
                         &principal,
                         &request,
@@ -800,7 +822,14 @@ pub async fn run(
         Ok(reservation) => reservation,
         Err(refusal) => {
             market.metrics().outcome("denied");
-            audit_refusal(market, principal, &request, &algorithm_sha256, &refusal).await?;
+            audit_refusal(
+                market.as_ref(),
+                principal,
+                &request,
+                &algorithm_sha256,
+                &refusal,
+            )
+            .await?;
             return Err(refusal);
         }
     };
@@ -966,7 +995,7 @@ struct Terms {
 }
 
 fn query_terms(
-    market: &crate::service::Marketplace,
+    market: &dyn Market,
     consumer: &str,
     product: &proto::Product,
     algorithm_sha256: &str,
@@ -1049,7 +1078,7 @@ fn query_terms(
 #[tracing::instrument(name = "authorize", skip_all)]
 async fn reserve(
     connection: &mut AnyConnection,
-    market: &crate::service::Marketplace,
+    market: &dyn Market,
     engine: &QueryEngine,
     principal: &Principal,
     request: &proto::RunQueryRequest,
@@ -1748,7 +1777,7 @@ fn withhold_cost(summary: &mut proto::QuerySummary, reservation: &Reservation) {
 
 /// Audits a query refused before it ran (nothing was reserved or charged).
 async fn audit_refusal(
-    market: &crate::service::Marketplace,
+    market: &dyn Market,
     principal: &Principal,
     request: &proto::RunQueryRequest,
     algorithm_sha256: &str,
@@ -1760,21 +1789,23 @@ async fn audit_refusal(
     ) {
         return Ok(());
     }
-    market
-        .audit_event(Event {
-            kind: "query.denied".into(),
-            actor: principal.user.id.clone(),
-            tenant: principal.organization.id.clone(),
-            subject: request.product_id.clone(),
-            details: serde_json::json!({
-                "idempotency_key": request.idempotency_key,
-                "sql_sha256": sha256_hex(request.sql.as_bytes()),
-                "algorithm_sha256": algorithm_sha256,
-                "reason": refusal.to_string(),
-            }),
-        })
-        .await
-        .map(|_| ())
+    let event = Event {
+        kind: "query.denied".into(),
+        actor: principal.user.id.clone(),
+        tenant: principal.organization.id.clone(),
+        subject: request.product_id.clone(),
+        details: serde_json::json!({
+            "idempotency_key": request.idempotency_key,
+            "sql_sha256": sha256_hex(request.sql.as_bytes()),
+            "algorithm_sha256": algorithm_sha256,
+            "reason": refusal.to_string(),
+        }),
+    };
+    let store = market.store();
+    let mut transaction = store.begin().await?;
+    log::append(&mut transaction, store.backend(), &[event]).await?;
+    transaction.commit().await?;
+    Ok(())
 }
 
 /// Who may see what in usage views.

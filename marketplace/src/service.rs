@@ -290,14 +290,6 @@ impl Marketplace {
         self.require(principal, tenant, permission).await
     }
 
-    /// Appends one audit entry in its own transaction.
-    ///
-    /// # Errors
-    /// Database failures.
-    pub async fn audit_event(&self, event: Event) -> Result<u64> {
-        self.audit(event).await
-    }
-
     /// Whether `principal` holds `permission` across every tenant (the
     /// platform-admin and regulator roles, bound in `*`).
     async fn cross_tenant(&self, principal: &Principal, permission: &str) -> Result<bool> {
@@ -316,6 +308,33 @@ impl Marketplace {
     #[must_use]
     pub fn access(&self) -> &Access {
         &self.access
+    }
+}
+
+impl queries::Market for Marketplace {
+    fn require_permission<'a>(
+        &'a self,
+        principal: &'a Principal,
+        domain: &'a str,
+        permission: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>> {
+        Box::pin(self.require(principal, domain, permission))
+    }
+
+    fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
+    }
+
+    fn contract_index(&self) -> &ContractIndex {
+        &self.contracts
+    }
+
+    fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
     }
 }
 
@@ -1540,7 +1559,7 @@ impl proto::queries_server::Queries for QueriesService {
     ) -> Result<Response<Self::RunQueryStream>, Status> {
         let principal = self.0.authenticate(&request).await?;
         let engine = Arc::clone(self.0.engine()?);
-        let market = Arc::clone(&self.0);
+        let market: Arc<dyn queries::Market> = Arc::clone(&self.0) as _;
         let request = request.into_inner();
         // Its own task: a client that hangs up mid-query must not stop it
         // between its hold and its settlement, which would leave the hold
