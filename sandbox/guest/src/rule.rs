@@ -475,6 +475,16 @@ impl Checker<'_> {
                 return Err(not_a_dimension(&name, unit, clause, &self.dimensions));
             }
         }
+        if let Some(reason) = grows_strings(expr) {
+            return Err(refuse(
+                "aggregation.growth",
+                None,
+                format!(
+                    "{clause}: {reason}; each row the query keeps would cost more the longer \
+                     the query, which would count withheld rows"
+                ),
+            ));
+        }
         if let Some(column) = concatenates_computed(expr, schema, lineage) {
             return Err(refuse(
                 "aggregation.growth",
@@ -499,9 +509,23 @@ impl Checker<'_> {
     ) -> Result<(), GuestFailure> {
         self.no_aggregate_or_window(expr, "a join condition")?;
         for column in sorted_refs(expr) {
-            if let Lineage::Table { name, .. } = lineage_of(column, schema, lineage)
-                && !self.rule.join_columns.contains(&name)
-            {
+            let name = match lineage_of(column, schema, lineage) {
+                Lineage::Table { name, .. } => name,
+                // A key computed in a subquery (`'x' AS k`) matches whatever
+                // it is made to: a cross join under another name, on a
+                // product that may allow no joins at all.
+                Lineage::Computed => {
+                    return Err(refuse(
+                        "aggregation.joins",
+                        Some(&column.name),
+                        format!(
+                            "{} is computed in a subquery; join on the product's own columns",
+                            column.name
+                        ),
+                    ));
+                }
+            };
+            if !self.rule.join_columns.contains(&name) {
                 return Err(refuse(
                     "aggregation.joins",
                     Some(&name),
@@ -765,8 +789,6 @@ pub fn cast_cannot_fail(from: &DataType, to: &DataType) -> bool {
     }
 }
 
-/// An expression's columns in name order, so that a refusal names the same
-/// column every time.
 /// A computed column that `expr` concatenates, if any. A concatenation of
 /// table columns and literals grows a row's strings by at most the query's
 /// own length; one of values concatenated in a subquery below can double
@@ -791,6 +813,59 @@ fn concatenates_computed(expr: &Expr, schema: &DFSchemaRef, lineage: &[Lineage])
     })
 }
 
+/// The most a string literal may hold, and the most values one
+/// concatenation may join, under the rule: each kept row copies them.
+const MAX_STRING_LITERAL_BYTES: usize = 256;
+const MAX_CONCATENATED: usize = 8;
+
+/// Why `expr` could make each kept row cost in proportion to the query's
+/// own length, if it could: a long string literal, or a concatenation of
+/// many values (`||` chains count as one).
+fn grows_strings(expr: &Expr) -> Option<String> {
+    find_in_expr(expr, &mut |e| match e {
+        Expr::Literal(
+            ScalarValue::Utf8(Some(text))
+            | ScalarValue::LargeUtf8(Some(text))
+            | ScalarValue::Utf8View(Some(text)),
+            _,
+        ) if text.len() > MAX_STRING_LITERAL_BYTES => Some(format!(
+            "a string literal of {} bytes (at most {MAX_STRING_LITERAL_BYTES})",
+            text.len()
+        )),
+        Expr::ScalarFunction(function)
+            if matches!(function.func.name(), "concat" | "concat_ws")
+                && function.args.len() > MAX_CONCATENATED =>
+        {
+            Some(format!(
+                "a concatenation of {} values (at most {MAX_CONCATENATED})",
+                function.args.len()
+            ))
+        }
+        Expr::BinaryExpr(BinaryExpr {
+            op: Operator::StringConcat,
+            ..
+        }) if concatenated(e) > MAX_CONCATENATED => Some(format!(
+            "a concatenation of {} values (at most {MAX_CONCATENATED})",
+            concatenated(e)
+        )),
+        _ => None,
+    })
+}
+
+/// How many values a chain of `||` joins.
+fn concatenated(expr: &Expr) -> usize {
+    match expr {
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::StringConcat,
+            right,
+        }) => concatenated(left) + concatenated(right),
+        _ => 1,
+    }
+}
+
+/// An expression's columns in name order, so that a refusal names the same
+/// column every time.
 fn sorted_refs(expr: &Expr) -> Vec<&Column> {
     let mut columns: Vec<&Column> = expr.column_refs().into_iter().collect();
     columns.sort_by(|a, b| {

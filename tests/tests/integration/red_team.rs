@@ -609,6 +609,56 @@ fn a_string_doubled_through_subqueries_is_refused() {
 }
 
 #[test]
+fn long_literals_and_long_concatenations_are_refused() {
+    let long = "x".repeat(300);
+    refused(
+        &format!(
+            "select district, count(*) as people from residents where district <> '{long}' \
+             group by district"
+        ),
+        &policy(),
+        "aggregation.growth",
+        None,
+    );
+    let nine = ["district"; 9].join(", ");
+    refused(
+        &format!(
+            "select c, count(*) as people from (select concat({nine}) as c from residents) t \
+             group by c"
+        ),
+        &policy(),
+        "aggregation.growth",
+        None,
+    );
+    let chain = ["age_band"; 9].join(" || ");
+    refused(
+        &format!("select count(*) as people from residents where ({chain}) <> ''"),
+        &policy(),
+        "aggregation.growth",
+        None,
+    );
+}
+
+#[test]
+fn a_join_on_a_key_computed_in_a_subquery_is_refused() {
+    // A constant key pairs every resident with every district: a cross
+    // join under another name, and with the policy's join columns unused.
+    let sql = "select r.age_band, count(*) as people from \
+               (select age_band, 'x' as k from residents) r \
+               join (select name, 'x' as k from districts) d on r.k = d.k \
+               group by r.age_band";
+    refused(sql, &policy(), "aggregation.joins", Some("k"));
+    let mut no_joins = policy();
+    no_joins
+        .aggregation
+        .as_mut()
+        .expect("aggregation")
+        .join_columns
+        .clear();
+    refused(sql, &no_joins, "aggregation.joins", Some("k"));
+}
+
+#[test]
 fn concatenating_the_products_own_columns_is_still_allowed() {
     released_as(
         "select concat(district, '/', age_band) as cell, count(*) as people from residents \
