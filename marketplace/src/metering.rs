@@ -24,6 +24,8 @@ use std::time::Duration;
 use civicgrid_sandbox::policy::OutputPolicy;
 use rand::Rng;
 
+use crate::proto::ProductSpec;
+
 /// The mean, in powers of two, of how far below the budget a withheld run's
 /// limits are drawn: `budget · 2^-E` with `E ~ Exponential(mean 1/4)`. Nine
 /// runs in ten finish if the budget is 1.5 times what they need; a run one
@@ -53,6 +55,20 @@ impl Metering {
             Self::Withheld
         } else {
             Self::Exact
+        }
+    }
+
+    /// Withheld where the product withholds rows under any contract, or
+    /// this contract's policy does: a contract for approved algorithms only
+    /// has a policy with neither a threshold nor a row limit, yet the
+    /// algorithm reads the rows the threshold protects.
+    #[must_use]
+    pub fn for_product(spec: Option<&ProductSpec>, policy: &OutputPolicy) -> Self {
+        let product_withholds = spec.is_none_or(crate::policy::withholds_rows);
+        if product_withholds {
+            Self::Withheld
+        } else {
+            Self::for_policy(policy)
         }
     }
 
@@ -117,6 +133,41 @@ mod tests {
     use super::*;
 
     const BUDGET_FUEL: u64 = 20_000 * civicgrid_sandbox::FUEL_PER_COMPUTE_UNIT;
+
+    /// An algorithm-only contract on a product with a threshold gets a
+    /// policy with no threshold and no row limit: still withheld.
+    #[test]
+    fn a_product_that_withholds_rows_is_withheld_under_every_contract() {
+        let threshold = ProductSpec {
+            output_policy: Some(crate::proto::OutputPolicy {
+                min_aggregation_count: 10,
+                privacy_unit_column: "person_id".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let open = ProductSpec {
+            output_policy: Some(crate::proto::OutputPolicy {
+                min_aggregation_count: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let algorithms_only = OutputPolicy::default();
+        assert!(!algorithms_only.withholds_rows());
+        assert_eq!(
+            Metering::for_product(Some(&threshold), &algorithms_only),
+            Metering::Withheld
+        );
+        assert_eq!(
+            Metering::for_product(Some(&open), &algorithms_only),
+            Metering::Exact
+        );
+        assert_eq!(
+            Metering::for_product(None, &algorithms_only),
+            Metering::Withheld
+        );
+    }
 
     #[test]
     fn exact_limits_are_the_budget() {

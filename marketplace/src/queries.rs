@@ -42,6 +42,11 @@ pub const PLATFORM_ACCOUNT: &str = "platform";
 /// Longest idempotency key.
 pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 
+/// The longest SQL text (or algorithm input) a query may send. Work per
+/// kept row grows with a query's length, and a row's cost is what the
+/// output policy must not let count withheld rows.
+pub const MAX_SQL_BYTES: usize = 64 << 10;
+
 /// How the server runs queries.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -419,6 +424,12 @@ fn validate(request: &proto::RunQueryRequest, max_compute_units: i64) -> Result<
         return Err(MarketError::invalid(
             "idempotency_key",
             format!("1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters, unique per request"),
+        ));
+    }
+    if request.sql.len() > MAX_SQL_BYTES {
+        return Err(MarketError::invalid(
+            "sql",
+            format!("at most {MAX_SQL_BYTES} bytes"),
         ));
     }
     if request.algorithm_wasm.is_empty() && request.sql.trim().is_empty() {
@@ -1135,7 +1146,7 @@ async fn reserve(
         storage,
         dp_epsilon_budget,
     } = terms;
-    let metering = Metering::for_policy(&policy);
+    let metering = Metering::for_product(product.spec.as_ref(), &policy);
     let compute_units = match metering {
         Metering::Exact if request.max_compute_units > 0 => request.max_compute_units,
         Metering::Exact => config.default_compute_units,
@@ -1373,7 +1384,10 @@ mod failure_code {
 /// `Unavailable` (14).
 pub(crate) const COUNTED_QUERY: &str = "q.state <> 'running' AND q.error_code <> 14";
 
-fn classify(error: &SandboxError) -> Disposition {
+/// `fuel` is what the run burnt before it ended: a run that found no free
+/// slot for a later share after earlier shares read the data has run, and
+/// when it stopped depends on the data.
+fn classify(error: &SandboxError, fuel: u64) -> Disposition {
     use failure_code::*;
     // Decided before anything read the data (the host's checks, the guest's
     // parser and planner, the output policy): the reason helps and tells
@@ -1404,6 +1418,11 @@ fn classify(error: &SandboxError) -> Disposition {
         // Every sandbox slot stayed busy: a retry may well succeed, and the
         // consumer neither pays nor uses up its quota for the platform's
         // capacity.
+        SandboxError::Busy { .. } if fuel > 0 => withheld(
+            Code::ResourceExhausted,
+            TIME_LIMIT,
+            "the query ran past its time limit",
+        ),
         SandboxError::Busy { .. } => Disposition {
             counts: false,
             ..precise(Code::Unavailable, "failed")
@@ -1411,7 +1430,8 @@ fn classify(error: &SandboxError) -> Disposition {
         SandboxError::FuelExhausted { .. } => withheld(
             Code::ResourceExhausted,
             COMPUTE_BUDGET_EXHAUSTED,
-            "the query used its whole compute budget; a larger max_compute_units may let it finish",
+            "the query used its whole compute budget; a larger max_compute_units, where the \
+             product lets you choose one, may let it finish",
         ),
         SandboxError::Deadline { .. } => withheld(
             Code::ResourceExhausted,
@@ -1566,7 +1586,7 @@ async fn settle(
             (counts, burnt) = (true, true);
         }
         Err(failure) => {
-            let disposition = classify(&failure.error);
+            let disposition = classify(&failure.error, failure.fuel);
             if disposition.code == Code::Internal {
                 tracing::error!(
                     query = %reservation.query_id,
@@ -1945,7 +1965,7 @@ mod tests {
     #[test]
     fn failures_at_run_time_are_reported_by_code_alone() {
         for error in every_sandbox_error() {
-            let disposition = classify(&error);
+            let disposition = classify(&error, 0);
             let inner = error.to_string();
             if disposition.withheld {
                 assert_eq!(disposition.state, "failed", "{error}");
@@ -1965,7 +1985,7 @@ mod tests {
                 assert_eq!(disposition.message, inner);
             }
         }
-        let cast = classify(&SandboxError::Execution("Cannot cast string 'x'".into()));
+        let cast = classify(&SandboxError::Execution("Cannot cast string 'x'".into()), 1);
         assert_eq!(
             (cast.code, cast.message.as_str()),
             (
@@ -1973,7 +1993,7 @@ mod tests {
                 "the query failed while running (execution_error)"
             )
         );
-        let refused = classify(&SandboxError::Query("no such column: salary".into()));
+        let refused = classify(&SandboxError::Query("no such column: salary".into()), 1);
         assert_eq!(
             (refused.code, refused.state),
             (Code::InvalidArgument, "rejected")
@@ -1988,13 +2008,31 @@ mod tests {
     fn only_a_query_that_found_no_slot_goes_uncounted() {
         assert!(COUNTED_QUERY.ends_with(&format!("<> {}", Code::Unavailable as i64)));
         for error in every_sandbox_error() {
-            let disposition = classify(&error);
+            let disposition = classify(&error, 0);
             assert_eq!(
                 disposition.counts,
                 disposition.code != Code::Unavailable,
                 "{error}"
             );
         }
+        // Unless it ran first: a later share of a split run that found no
+        // slot after earlier ones read the data stopped when the data made
+        // it stop, and is counted, charged and worded like a time limit.
+        let ran = classify(
+            &SandboxError::Busy {
+                slots: 2,
+                limit_ms: 1_234,
+            },
+            5_000_000,
+        );
+        assert_eq!(
+            (ran.code, ran.counts, ran.message.as_str()),
+            (
+                Code::ResourceExhausted,
+                true,
+                "the query ran past its time limit (time_limit)"
+            )
+        );
     }
 
     /// The standing is read on every reservation: it must read the running

@@ -736,6 +736,7 @@ async fn bad_requests_quota_and_interrupted_queries(db: Db) -> anyhow::Result<()
         (query(BY_DISTRICT, &"k".repeat(129)), "idempotency_key"),
         (query(BY_DISTRICT, "has space"), "idempotency_key"),
         (query("   ", "k-empty-sql"), "sql"),
+        (query(&"x".repeat(64 * 1024 + 1), "k-long-sql"), "sql"),
         (
             proto::RunQueryRequest {
                 max_compute_units: -1,
@@ -1993,8 +1994,8 @@ async fn a_querys_cost_counts_no_withheld_rows(db: Db) -> anyhow::Result<()> {
     assert_eq!(starved.code(), Code::ResourceExhausted, "{starved:?}");
     assert!(
         starved.message().ends_with(
-            ": the query used its whole compute budget; a larger max_compute_units may let it \
-             finish (compute_budget_exhausted)"
+            ": the query used its whole compute budget; a larger max_compute_units, where the \
+             product lets you choose one, may let it finish (compute_budget_exhausted)"
         ),
         "{starved:?}"
     );
