@@ -1188,6 +1188,50 @@ mod tests {
         }
     }
 
+    /// Each field that says what a product serves, where or under which
+    /// rules sends a revision to review on its own; wording and prices do
+    /// not.
+    #[test]
+    fn each_served_field_sends_a_revision_to_review() {
+        type Change = Box<dyn Fn(&mut ProductSpec)>;
+        let reviewed: Vec<(&str, Change)> = vec![
+            (
+                "storage",
+                Box::new(|s| s.storage_location = "products/moved".into()),
+            ),
+            (
+                "data centers",
+                Box::new(|s| s.hosting_data_centers = vec!["partner-cloud".into()]),
+            ),
+            ("tier", Box::new(|s| s.tier = "partner".into())),
+            ("region", Box::new(|s| s.region = "elsewhere".into())),
+            (
+                "tables",
+                Box::new(|s| {
+                    s.tables[0].columns.pop();
+                }),
+            ),
+            (
+                "policy",
+                Box::new(|s| {
+                    if let Some(policy) = s.output_policy.as_mut() {
+                        policy.min_aggregation_count = 2;
+                    }
+                }),
+            ),
+        ];
+        for (field, change) in reviewed {
+            let mut revised = sample_spec();
+            change(&mut revised);
+            assert_ne!(revised, sample_spec(), "{field} changes the spec");
+            assert!(needs_review(&sample_spec(), &revised), "{field}");
+        }
+        let mut worded = sample_spec();
+        worded.description = "Residents per district".into();
+        worded.price_plans[0].unit_price_minor += 1;
+        assert!(!needs_review(&sample_spec(), &worded));
+    }
+
     #[test]
     fn a_complete_spec_is_valid() {
         validate_spec(&sample_spec()).unwrap();
