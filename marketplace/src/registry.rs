@@ -357,8 +357,36 @@ pub fn validate_spec(spec: &ProductSpec) -> Result<()> {
              price it per query, per released row or by subscription",
         ));
     }
+    if let Some((i, function)) = spec.output_policy.as_ref().and_then(|policy| {
+        policy
+            .scalar_functions
+            .iter()
+            .enumerate()
+            .find(|(_, f)| GROWING_FUNCTIONS.contains(&f.to_ascii_lowercase().as_str()))
+    }) && crate::policy::withholds_rows(spec)
+    {
+        return Err(MarketError::invalid(
+            format!("spec.output_policy.scalar_functions[{i}]"),
+            format!(
+                "{function} can return a string far longer than its arguments, so a query could \
+                 make each row it keeps as costly as it likes, and its running time would count \
+                 withheld rows; it cannot be declared on a product that withholds rows"
+            ),
+        ));
+    }
     Ok(())
 }
+
+/// Scalar functions whose result can be far longer than their arguments.
+const GROWING_FUNCTIONS: &[&str] = &[
+    "lpad",
+    "overlay",
+    "regexp_replace",
+    "repeat",
+    "replace",
+    "rpad",
+    "translate",
+];
 
 fn check_identifier(field: &str, name: &str) -> Result<()> {
     let valid = !name.is_empty()
@@ -1243,6 +1271,14 @@ mod tests {
         let cases: Vec<(&str, Breaker)> = vec![
             ("spec.title", Box::new(|s| s.title.clear())),
             ("spec.tier", Box::new(|s| s.tier = "orbital".into())),
+            (
+                "spec.output_policy.scalar_functions[1]",
+                Box::new(|s| {
+                    if let Some(policy) = s.output_policy.as_mut() {
+                        policy.scalar_functions = vec!["upper".into(), "Repeat".into()];
+                    }
+                }),
+            ),
             // Priced by compute under a threshold: the bill would count
             // the rows a query filtered, withheld ones too.
             (
