@@ -196,6 +196,7 @@ pub fn check(request: &GuestRequest, plan: &LogicalPlan) -> Result<Shape, GuestF
         ));
     }
     checker.above(plan)?;
+    built_by_concatenation(plan)?;
     let unit = checker.unit_scan.clone();
     Ok(Shape {
         unit: unit.map(|column| UnitSource { column }),
@@ -474,28 +475,6 @@ impl Checker<'_> {
             {
                 return Err(not_a_dimension(&name, unit, clause, &self.dimensions));
             }
-        }
-        if let Some(reason) = grows_strings(expr) {
-            return Err(refuse(
-                "aggregation.growth",
-                None,
-                format!(
-                    "{clause}: {reason}; each row the query keeps would cost more the longer \
-                     the query, which would count withheld rows"
-                ),
-            ));
-        }
-        if let Some(column) = concatenates_computed(expr, schema, lineage) {
-            return Err(refuse(
-                "aggregation.growth",
-                Some(&column),
-                format!(
-                    "{clause} concatenates {column}, a string computed in a subquery: strings \
-                     built from built strings can double in length at every level, and with them \
-                     the cost of every row the query keeps, which would count withheld rows; \
-                     concatenate the product's own columns"
-                ),
-            ));
         }
         Ok(())
     }
@@ -789,28 +768,122 @@ pub fn cast_cannot_fail(from: &DataType, to: &DataType) -> bool {
     }
 }
 
-/// A computed column that `expr` concatenates, if any. A concatenation of
-/// table columns and literals grows a row's strings by at most the query's
-/// own length; one of values concatenated in a subquery below can double
-/// them at each level, so a short query could make each matching row cost
-/// as much as the rest of the run.
-fn concatenates_computed(expr: &Expr, schema: &DFSchemaRef, lineage: &[Lineage]) -> Option<String> {
-    find_in_expr(expr, &mut |e| {
-        let grows = match e {
-            Expr::ScalarFunction(function) => {
-                matches!(function.func.name(), "concat" | "concat_ws")
-            }
-            Expr::BinaryExpr(BinaryExpr { op, .. }) => *op == Operator::StringConcat,
-            _ => false,
-        };
-        if !grows {
-            return None;
+/// Which of `plan`'s output columns hold strings built by concatenation,
+/// anywhere in the plan as written (above the aggregation too: there a
+/// string doubled per level costs per group, withheld groups included).
+/// A concatenation of a built string is refused: strings built from built
+/// strings can double in length at every level, so a short query could
+/// make each row it keeps as costly as it likes, and its running time
+/// would count withheld rows.
+///
+/// # Errors
+/// `aggregation.growth`, naming the built column.
+fn built_by_concatenation(plan: &LogicalPlan) -> Result<Vec<bool>, GuestFailure> {
+    let inputs: Vec<(Vec<bool>, &DFSchemaRef)> = plan
+        .inputs()
+        .into_iter()
+        .map(|input| Ok((built_by_concatenation(input)?, input.schema())))
+        .collect::<Result<_, GuestFailure>>()?;
+    // Columns are looked up in the one input, or in the two sides of a join
+    // (whose output is the left's columns, then the right's).
+    let built_column = |column: &Column| -> bool {
+        inputs.iter().any(|(built, schema)| {
+            schema
+                .index_of_column(column)
+                .ok()
+                .and_then(|i| built.get(i).copied())
+                .unwrap_or(false)
+        })
+    };
+    let check = |expr: &Expr| -> Result<bool, GuestFailure> {
+        if let Some(reason) = grows_strings(expr) {
+            return Err(refuse(
+                "aggregation.growth",
+                None,
+                format!(
+                    "the query has {reason}; each row it keeps would cost more the longer the \
+                     query, which would count withheld rows"
+                ),
+            ));
         }
-        sorted_refs(e)
-            .into_iter()
-            .find(|column| lineage_of(column, schema, lineage) == Lineage::Computed)
-            .map(|column| column.name.clone())
-    })
+        let refused = find_in_expr(expr, &mut |e| {
+            is_concatenation(e)
+                .then(|| sorted_refs(e).into_iter().find(|c| built_column(c)))
+                .flatten()
+                .map(|column| column.name.clone())
+        });
+        if let Some(column) = refused {
+            return Err(refuse(
+                "aggregation.growth",
+                Some(&column),
+                format!(
+                    "the query concatenates {column}, a string built by concatenation: strings \
+                     built from built strings can double in length at every level, and with them \
+                     the cost of every row the query keeps, which would count withheld rows; \
+                     concatenate the product's own columns"
+                ),
+            ));
+        }
+        Ok(
+            find_in_expr(expr, &mut |e| is_concatenation(e).then_some(())).is_some()
+                || sorted_refs(expr).into_iter().any(&built_column),
+        )
+    };
+    let width = plan.schema().fields().len();
+    match plan {
+        LogicalPlan::TableScan(_) => Ok(vec![false; width]),
+        LogicalPlan::Projection(projection) => projection.expr.iter().map(check).collect(),
+        LogicalPlan::Aggregate(aggregate) => {
+            let mut built: Vec<bool> = aggregate
+                .group_expr
+                .iter()
+                .map(check)
+                .collect::<Result<_, _>>()?;
+            for expr in &aggregate.aggr_expr {
+                check(expr)?;
+            }
+            built.resize(width, false);
+            Ok(built)
+        }
+        LogicalPlan::Join(join) => {
+            for (left, right) in &join.on {
+                check(left)?;
+                check(right)?;
+            }
+            if let Some(filter) = &join.filter {
+                check(filter)?;
+            }
+            let mut built: Vec<bool> = inputs.iter().flat_map(|(b, _)| b.clone()).collect();
+            built.resize(width, false);
+            Ok(built)
+        }
+        _ => {
+            let mut first_failure = None;
+            let _ = plan.apply_expressions(|expr| {
+                if let Err(failure) = check(expr) {
+                    first_failure = Some(failure);
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            });
+            if let Some(failure) = first_failure {
+                return Err(failure);
+            }
+            // Pass-through nodes (filters, sorts, aliases, limits, windows)
+            // keep their input's columns first.
+            let mut built = inputs.first().map(|(b, _)| b.clone()).unwrap_or_default();
+            built.resize(width, false);
+            Ok(built)
+        }
+    }
+}
+
+fn is_concatenation(expr: &Expr) -> bool {
+    match expr {
+        Expr::ScalarFunction(function) => matches!(function.func.name(), "concat" | "concat_ws"),
+        Expr::BinaryExpr(BinaryExpr { op, .. }) => *op == Operator::StringConcat,
+        _ => false,
+    }
 }
 
 /// The most a string literal may hold, and the most values one

@@ -658,6 +658,33 @@ fn a_join_on_a_key_computed_in_a_subquery_is_refused() {
     refused(sql, &no_joins, "aggregation.joins", Some("k"));
 }
 
+/// Above the aggregation a doubled string costs per group, withheld groups
+/// included (and a filter on group keys may run below it).
+#[test]
+fn a_string_doubled_above_the_aggregation_is_refused() {
+    refused(
+        "select d from (select concat(s, s) as s, d from \
+         (select district as d, district || district as s, count(*) as c from residents \
+          group by district, district || district) a) b where char_length(s) > 0",
+        &policy(),
+        "aggregation.growth",
+        Some("s"),
+    );
+}
+
+/// What is refused is concatenating a *built* string, not any value
+/// computed in a subquery: an upper-cased district may be labelled.
+#[test]
+fn a_computed_value_that_was_not_concatenated_may_be() {
+    released_as(
+        "with t as (select upper(district) as u, person_id from residents) \
+         select concat(u, '!') as c, count(*) as people from t group by concat(u, '!') order by c",
+        &policy(),
+        "select concat(upper(district), '!') as c, count(*) as people from residents \
+         group by concat(upper(district), '!') having count(distinct person_id) >= 10 order by c",
+    );
+}
+
 #[test]
 fn concatenating_the_products_own_columns_is_still_allowed() {
     released_as(
