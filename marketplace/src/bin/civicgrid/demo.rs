@@ -58,10 +58,16 @@ async fn query(
 }
 
 fn bill(summary: &proto::QuerySummary) -> String {
+    // A product that withholds rows withholds a query's compute too: it
+    // would count them.
+    let compute = if summary.metering == "withheld" {
+        "compute withheld".to_owned()
+    } else {
+        format!("{} compute units", summary.compute_units)
+    };
     format!(
-        "{} rows released, {} compute units; held {}.{:02} {cur}, charged {}.{:02} {cur}; audit entry {}",
+        "{} rows released, {compute}; held {}.{:02} {cur}, charged {}.{:02} {cur}; audit entry {}",
         summary.rows_released,
-        summary.compute_units,
         summary.held_minor / 100,
         summary.held_minor % 100,
         summary.charge_minor / 100,
@@ -213,10 +219,9 @@ pub async fn demo(args: DemoArgs, server: Option<String>) -> anyhow::Result<()> 
         .into_inner();
     for line in &invoice.lines {
         println!(
-            "   {period} {:18} {:>4} queries {:>8} units {:>6}.{:02} {}",
+            "   {period} {:18} {:>4} queries {:>6}.{:02} {}",
             line.product_id,
             line.queries,
-            line.compute_units,
             line.amount_minor / 100,
             line.amount_minor % 100,
             line.currency
