@@ -179,6 +179,12 @@ fn up_seeds_the_city_and_demo_tells_the_whole_story() {
     ] {
         assert!(stdout.contains(expected), "{expected:?} in:\n{stdout}");
     }
+    // Licences withhold small groups, so the demo's queries say nothing of
+    // their compute (it would count the licences they filtered).
+    assert!(
+        stdout.contains("rows released, compute withheld;") && !stdout.contains("compute units"),
+        "{stdout}"
+    );
     // A second run finds the product registered and tells the rest again.
     let (code, again, stderr) = demo(data.path(), &server.url);
     assert_eq!(code, 0, "second demo failed:\n{again}\n{stderr}");
