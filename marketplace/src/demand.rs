@@ -5,33 +5,20 @@
 use sqlx::{AnyConnection, Row as _};
 
 use crate::audit::log::{self, Event};
-use crate::error::{MarketError, Result};
+use crate::error::{MarketError, Result, check_text};
 use crate::identity::new_id;
 use crate::proto::{Demand, DemandAnswer, DemandState, ListDemandsRequest, PostDemandRequest};
 use crate::store::{Backend, now_ms};
-
-fn text(field: &str, value: &str, max: usize, required: bool) -> Result<()> {
-    if required && value.trim().is_empty() {
-        return Err(MarketError::invalid(field, "is required"));
-    }
-    if value.len() > max {
-        return Err(MarketError::invalid(
-            field,
-            format!("at most {max} characters"),
-        ));
-    }
-    Ok(())
-}
 
 /// Checks a demand's fields; the error names the first bad one.
 ///
 /// # Errors
 /// `InvalidArgument` naming the field.
 pub fn validate(request: &PostDemandRequest) -> Result<()> {
-    text("title", &request.title, 200, true)?;
-    text("description", &request.description, 10_000, true)?;
+    check_text("title", &request.title, 200, true)?;
+    check_text("description", &request.description, 10_000, true)?;
     for (i, keyword) in request.keywords.iter().enumerate() {
-        text(&format!("keywords[{i}]"), keyword, 50, true)?;
+        check_text(&format!("keywords[{i}]"), keyword, 50, true)?;
         if keyword.contains('\n') {
             return Err(MarketError::invalid(
                 format!("keywords[{i}]"),
@@ -47,7 +34,7 @@ pub fn validate(request: &PostDemandRequest) -> Result<()> {
             "empty, or one of municipal, edge, partner",
         ));
     }
-    text("region", &request.region, 100, false)?;
+    check_text("region", &request.region, 100, false)?;
     if request.monthly_budget_minor < 0 {
         return Err(MarketError::invalid(
             "monthly_budget_minor",
@@ -213,7 +200,7 @@ pub async fn answer(
     product_id: &str,
     message: &str,
 ) -> Result<Demand> {
-    text("message", message, 2000, false)?;
+    check_text("message", message, 2000, false)?;
     let demand = get(connection, demand_id).await?;
     if demand.state() != DemandState::Open {
         return Err(MarketError::FailedPrecondition(format!(
@@ -264,7 +251,7 @@ pub async fn close(
     demand_id: &str,
     reason: &str,
 ) -> Result<Demand> {
-    text("reason", reason, 2000, false)?;
+    check_text("reason", reason, 2000, false)?;
     let demand = get(connection, demand_id).await?;
     if demand.state() != DemandState::Open {
         return Err(MarketError::FailedPrecondition(format!(

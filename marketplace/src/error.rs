@@ -74,6 +74,23 @@ pub enum MarketError {
     },
 }
 
+/// Checks a free-text field: present if `required`, at most `max` bytes.
+///
+/// # Errors
+/// `InvalidArgument` naming `field`.
+pub(crate) fn check_text(field: &str, value: &str, max: usize, required: bool) -> Result<()> {
+    if required && value.trim().is_empty() {
+        return Err(MarketError::invalid(field, "is required"));
+    }
+    if value.len() > max {
+        return Err(MarketError::invalid(
+            field,
+            format!("at most {max} characters"),
+        ));
+    }
+    Ok(())
+}
+
 impl MarketError {
     /// A bad field.
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {

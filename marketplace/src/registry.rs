@@ -9,7 +9,7 @@ use sha2::{Digest as _, Sha256};
 use sqlx::{AnyConnection, Row as _};
 
 use crate::audit::log::{self, Event};
-use crate::error::{MarketError, Result};
+use crate::error::{MarketError, Result, check_text};
 use crate::identity::validate_slug;
 use crate::proto::{
     Column, PriceKind, PricePlan, Product, ProductSpec, ProductState, QualityMetrics,
@@ -54,19 +54,6 @@ fn parse_state(name: &str) -> Result<ProductState> {
         "retired" => ProductState::Retired,
         other => return Err(MarketError::Corrupt(format!("product state {other:?}"))),
     })
-}
-
-fn check_text(field: &str, value: &str, max: usize, required: bool) -> Result<()> {
-    if required && value.trim().is_empty() {
-        return Err(MarketError::invalid(field, "is required"));
-    }
-    if value.len() > max {
-        return Err(MarketError::invalid(
-            field,
-            format!("at most {max} characters"),
-        ));
-    }
-    Ok(())
 }
 
 fn valid_type(name: &str) -> bool {
