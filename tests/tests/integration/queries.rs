@@ -46,23 +46,34 @@ async fn start_with(
 /// Publishes `population` and gives acme an active contract on it.
 async fn contract(market: &TestMarket, cast: &Cast, quota: i64) -> anyhow::Result<String> {
     publish(market, cast, "population").await?;
-    let mut contracts = ContractsClient::new(market.channel.clone());
     let mut request = contract_request("population");
     request.monthly_query_quota = quota;
-    let requested = contracts
+    approved_contract(market, cast, request).await
+}
+
+/// acme's admin requests `request` and city-data's admin approves it;
+/// returns the contract's id.
+async fn approved_contract(
+    market: &TestMarket,
+    cast: &Cast,
+    request: proto::RequestContractRequest,
+) -> anyhow::Result<String> {
+    let mut contracts = ContractsClient::new(market.channel.clone());
+    let contract_id = contracts
         .request_contract(authed(&cast.consumer_admin, request))
         .await?
-        .into_inner();
+        .into_inner()
+        .id;
     contracts
         .approve_contract(authed(
             &cast.provider_admin,
             proto::ContractAction {
-                contract_id: requested.id.clone(),
+                contract_id: contract_id.clone(),
                 reason: String::new(),
             },
         ))
         .await?;
-    Ok(requested.id)
+    Ok(contract_id)
 }
 
 fn query(sql: &str, key: &str) -> proto::RunQueryRequest {
@@ -589,21 +600,7 @@ async fn failed_queries_are_charged_counted_and_quote_no_data(db: Db) -> anyhow:
     // Public, so that it may group the residents with their district.
     spec.tables[0].columns[1].sensitivity = proto::Sensitivity::Public as i32;
     publish_spec(&market, &cast, "population", spec).await?;
-    let mut contracts = ContractsClient::new(market.channel.clone());
-    let contract_id = contracts
-        .request_contract(authed(&cast.consumer_admin, contract_request("population")))
-        .await?
-        .into_inner()
-        .id;
-    contracts
-        .approve_contract(authed(
-            &cast.provider_admin,
-            proto::ContractAction {
-                contract_id: contract_id.clone(),
-                reason: String::new(),
-            },
-        ))
-        .await?;
+    let contract_id = approved_contract(&market, &cast, contract_request("population")).await?;
     deposit(&market, 100_000).await?;
     let token = &cast.consumer_analyst;
     let balance_now = async || -> anyhow::Result<i64> {
@@ -902,22 +899,9 @@ async fn dp_product(market: &TestMarket, cast: &Cast, id: &str) -> anyhow::Resul
     policy.dp_epsilon_per_query = 0.4;
     policy.dp_max_rows_per_unit = 1;
     publish_spec(market, cast, id, spec).await?;
-    let mut contracts = ContractsClient::new(market.channel.clone());
-    let requested = contracts
-        .request_contract(authed(&cast.consumer_admin, contract_request(id)))
-        .await?
-        .into_inner();
-    contracts
-        .approve_contract(authed(
-            &cast.provider_admin,
-            proto::ContractAction {
-                contract_id: requested.id.clone(),
-                reason: String::new(),
-            },
-        ))
-        .await?;
+    let contract_id = approved_contract(market, cast, contract_request(id)).await?;
     deposit(market, 10_000).await?;
-    Ok(requested.id)
+    Ok(contract_id)
 }
 
 /// A differentially private product: each consumer has epsilon 1.0 a month
@@ -1723,32 +1707,19 @@ async fn aggregate_contract(
 ) -> anyhow::Result<String> {
     let plan_id = spec.price_plans[0].id.clone();
     publish_spec(market, cast, id, spec).await?;
-    let mut contracts = ContractsClient::new(market.channel.clone());
-    let contract_id = contracts
-        .request_contract(authed(
-            &cast.consumer_admin,
-            proto::RequestContractRequest {
-                plan_id,
-                operations: Some(proto::AllowedOperations {
-                    aggregate_sql: true,
-                    ..Default::default()
-                }),
-                ..contract_request(id)
-            },
-        ))
-        .await?
-        .into_inner()
-        .id;
-    contracts
-        .approve_contract(authed(
-            &cast.provider_admin,
-            proto::ContractAction {
-                contract_id: contract_id.clone(),
-                reason: String::new(),
-            },
-        ))
-        .await?;
-    Ok(contract_id)
+    approved_contract(
+        market,
+        cast,
+        proto::RequestContractRequest {
+            plan_id,
+            operations: Some(proto::AllowedOperations {
+                aggregate_sql: true,
+                ..Default::default()
+            }),
+            ..contract_request(id)
+        },
+    )
+    .await
 }
 
 fn per_compute_unit() -> proto::PricePlan {
