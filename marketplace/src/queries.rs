@@ -1821,11 +1821,7 @@ async fn audit_refusal(
             "reason": refusal.to_string(),
         }),
     };
-    let store = market.store();
-    let mut transaction = store.begin().await?;
-    log::append(&mut transaction, store.backend(), &[event]).await?;
-    transaction.commit().await?;
-    Ok(())
+    log::append_alone(market.store(), event).await.map(|_| ())
 }
 
 /// Who may see what in usage views.

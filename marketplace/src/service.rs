@@ -233,10 +233,7 @@ impl Marketplace {
 
     /// Writes an audit entry on its own (for decisions that change nothing else).
     async fn audit(&self, event: Event) -> Result<u64> {
-        let mut transaction = self.store.begin().await?;
-        let index = log::append(&mut transaction, self.store.backend(), &[event]).await?[0];
-        transaction.commit().await?;
-        Ok(index)
+        log::append_alone(&self.store, event).await
     }
 
     /// Gives the marketplace a sandbox to run queries in (once).

@@ -117,6 +117,18 @@ fn frontier_from_row(row: &sqlx::any::AnyRow, size: &str, frontier: &str) -> Res
         .map_err(|_| MarketError::Corrupt("audit head frontier does not match its size".into()))
 }
 
+/// Appends one entry in a transaction of its own (for decisions that
+/// change nothing else); returns its index.
+///
+/// # Errors
+/// Database failures (nothing is appended).
+pub async fn append_alone(store: &crate::store::Store, event: Event) -> Result<u64> {
+    let mut transaction = store.begin().await?;
+    let index = append(&mut transaction, store.backend(), &[event]).await?[0];
+    transaction.commit().await?;
+    Ok(index)
+}
+
 /// Appends `events` in the caller's transaction; returns their indexes.
 ///
 /// # Errors
