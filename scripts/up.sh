@@ -13,5 +13,5 @@ bash scripts/setup.sh --guests-only
 echo "==> Wasm guests (wasm32-wasip1)" >&2
 guest_dir=$(bash sandbox/build-guests.sh)
 echo "==> civicgrid up" >&2
-exec cargo run --locked -p civicgrid-marketplace --bin civicgrid -- \
+exec cargo run --locked -p civicgrid-cli -- \
     up --sql-guest "$guest_dir/civicgrid_sandbox_guest.wasm" "$@"

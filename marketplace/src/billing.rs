@@ -10,6 +10,12 @@ use crate::error::{MarketError, Result};
 use crate::proto::{self, PriceKind, PricePlan};
 use crate::store::{Backend, Param, WriteBatch, now_ms};
 
+/// The SQL condition, over `queries` as `q`, of a settled query that counts
+/// against its contract's quota (and so is invoiced): all but those that
+/// found no free sandbox slot, which `queries::classify` alone settles as
+/// `Unavailable` (14).
+pub(crate) const COUNTED_QUERY: &str = "q.state <> 'running' AND q.error_code <> 14";
+
 /// Most rows a per-row plan holds funds for; a query never costs more than
 /// its hold, so rows beyond this in one query are not charged.
 pub const MAX_HELD_ROWS: i64 = 100_000;
@@ -483,7 +489,7 @@ pub async fn invoice(
          WHERE q.{side} = $1 AND q.period = $2 AND {counted} \
          GROUP BY q.contract_id, q.product_id, q.plan_id, q.currency \
          ORDER BY q.contract_id",
-        counted = crate::queries::COUNTED_QUERY,
+        counted = COUNTED_QUERY,
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(organization)

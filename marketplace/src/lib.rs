@@ -3,13 +3,12 @@
 //! authorized under contracts, and every authorization and change lands in a
 //! tamper-evident audit log that regulators verify on their own.
 //!
-//! The server is [`service::serve`]; the `civicgrid` CLI is a client of the same
-//! gRPC API (`proto/civicgrid/marketplace/v1/marketplace.proto`).
+//! The server is [`service::serve`]; the `civicgrid` CLI (crate `civicgrid-cli`)
+//! is a client of the same gRPC API (`proto/civicgrid/marketplace/v1/marketplace.proto`).
 
 pub mod access;
 pub mod audit;
 pub mod billing;
-pub mod city;
 pub mod contracts;
 pub mod dcat;
 pub mod demand;

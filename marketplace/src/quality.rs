@@ -310,6 +310,22 @@ pub fn measure(dir: &Path, tables: &[Table], now_ms: i64) -> Result<QualityMetri
     })
 }
 
+/// The city's districts.
+pub const DISTRICTS: [&str; 12] = [
+    "harbour",
+    "old-town",
+    "riverside",
+    "north-gate",
+    "university",
+    "market",
+    "west-end",
+    "airport",
+    "hillside",
+    "garden-city",
+    "docklands",
+    "east-park",
+];
+
 /// Writes the sample `population` product's data (`residents.parquet`) into
 /// `dir`: `rows` residents over 12 districts, with every 50th household size
 /// missing and every 100th age band blank, so its quality is measurably
@@ -323,7 +339,7 @@ pub fn write_sample_population(dir: &Path, rows: usize) -> Result<()> {
         source,
     };
     std::fs::create_dir_all(dir).map_err(io)?;
-    let districts = crate::city::DISTRICTS;
+    let districts = DISTRICTS;
     let bands = ["0-14", "15-24", "25-44", "45-64", "65+"];
     let district: StringArray = (0..rows)
         .map(|i| Some(districts[(i * 7 + i / 13) % districts.len()]))

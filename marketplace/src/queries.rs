@@ -1378,12 +1378,6 @@ mod failure_code {
     pub const INTERNAL: &str = "internal";
 }
 
-/// The SQL condition, over `queries` as `q`, of a settled query that counts
-/// against its contract's quota (and so is invoiced): all but those that
-/// found no free sandbox slot, which [`classify`] alone settles as
-/// `Unavailable` (14).
-pub(crate) const COUNTED_QUERY: &str = "q.state <> 'running' AND q.error_code <> 14";
-
 /// `fuel` is what the run burnt before it ended: a run that found no free
 /// slot for a later share after earlier shares read the data has run, and
 /// when it stopped depends on the data.
@@ -2002,7 +1996,9 @@ mod tests {
     /// `Unavailable`, and it alone does not count.
     #[test]
     fn only_a_query_that_found_no_slot_goes_uncounted() {
-        assert!(COUNTED_QUERY.ends_with(&format!("<> {}", Code::Unavailable as i64)));
+        assert!(
+            crate::billing::COUNTED_QUERY.ends_with(&format!("<> {}", Code::Unavailable as i64))
+        );
         for error in every_sandbox_error() {
             let disposition = classify(&error, 0);
             assert_eq!(
@@ -2087,10 +2083,10 @@ mod tests {
         let (_dir, store) = crate::store::temporary().await?;
         let backend = store.backend();
         let mut connection = store.pool().acquire().await?;
-        let sample = crate::city::hotline_tickets();
+        let (provider, product, spec) = ("city", "population", registry::tests::sample_spec());
         crate::identity::create_organization(
             &mut connection,
-            sample.provider,
+            provider,
             "City data",
             crate::identity::OrganizationKind::Provider,
         )
@@ -2099,9 +2095,9 @@ mod tests {
             &mut connection,
             backend,
             "tester",
-            sample.provider,
-            sample.id,
-            sample.spec.clone(),
+            provider,
+            product,
+            spec.clone(),
         )
         .await?;
         let unchanged = async |connection: &mut AnyConnection, read: &StoredProduct| {
@@ -2109,32 +2105,32 @@ mod tests {
                 .await
                 .map(|standing| standing.product_unchanged)
         };
-        let read = registry::get_as_stored(&mut connection, sample.id).await?;
+        let read = registry::get_as_stored(&mut connection, product).await?;
         assert!(unchanged(&mut connection, &read).await?);
 
         registry::step(
             &mut connection,
             backend,
             "tester",
-            sample.id,
+            product,
             Step::Submit,
             "",
         )
         .await?;
         assert!(!unchanged(&mut connection, &read).await?, "a new state");
-        let read = registry::get_as_stored(&mut connection, sample.id).await?;
+        let read = registry::get_as_stored(&mut connection, product).await?;
         assert!(unchanged(&mut connection, &read).await?);
 
         // The spec alone, as a draft's measured quality is written.
-        let mut quality = sample.spec.quality.unwrap_or_default();
+        let mut quality = spec.quality.unwrap_or_default();
         quality.completeness = 0.5;
-        registry::set_quality(&mut connection, sample.id, quality).await?;
+        registry::set_quality(&mut connection, product, quality).await?;
         assert!(!unchanged(&mut connection, &read).await?, "a new spec");
-        let read = registry::get_as_stored(&mut connection, sample.id).await?;
+        let read = registry::get_as_stored(&mut connection, product).await?;
         assert!(unchanged(&mut connection, &read).await?);
 
         sqlx::query("UPDATE products SET version = version + 1 WHERE id = $1")
-            .bind(sample.id)
+            .bind(product)
             .execute(&mut *connection)
             .await?;
         assert!(!unchanged(&mut connection, &read).await?, "a new version");

@@ -1155,7 +1155,7 @@ pub async fn search(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::proto::{OutputPolicy, Table};
 

@@ -91,16 +91,17 @@ async fn each_rpc_is_exported_as_a_span_over_otlp() {
         .unwrap()
         .to_owned();
 
-    let cli = Command::new(env!("CARGO_BIN_EXE_civicgrid"))
-        .args(["catalog", "--server", &format!("http://{address}")])
-        .env("CIVICGRID_TOKEN", &token)
-        .output()
-        .unwrap();
-    assert!(
-        cli.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cli.stderr)
-    );
+    let mut registry = civicgrid_marketplace::proto::registry_client::RegistryClient::connect(
+        format!("http://{address}"),
+    )
+    .await
+    .unwrap();
+    let mut search =
+        tonic::Request::new(civicgrid_marketplace::proto::SearchCatalogRequest::default());
+    search
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    registry.search_catalog(search).await.unwrap();
 
     let wanted = "/civicgrid.marketplace.v1.Registry/SearchCatalog";
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -11,7 +11,7 @@ pub const TABLES: [&str; 8] = [
 /// Writes all eight tables at `scale_factor` into `dir` as `<table>.parquet`
 /// (the same generator the sample city's commerce product uses).
 pub fn write_parquet(dir: &Path, scale_factor: f64) -> std::io::Result<()> {
-    civicgrid_marketplace::city::write_tpch(dir, scale_factor)
+    civicgrid_cli::city::write_tpch(dir, scale_factor)
         .map_err(|error| std::io::Error::other(error.to_string()))
 }
 

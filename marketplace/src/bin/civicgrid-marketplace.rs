@@ -12,7 +12,7 @@ use ed25519_dalek::SigningKey;
 // (Parquet pages, Arrow arrays, IPC buffers). glibc's allocator maps most
 // such blocks fresh and hands them back to the kernel on free, so every
 // batch paid page faults and zeroing again: TPC-H Q1 at SF1 in one sandbox
-// instance took 1.87 s with it and 1.07 s with mimalloc (see docs/sandbox.md).
+// instance took 1.87 s with it and 1.07 s with mimalloc (see docs/benchmarks.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

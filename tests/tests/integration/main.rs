@@ -3,6 +3,7 @@
 
 mod controlplane_smoke;
 mod crd_validation;
+mod dependencies;
 mod helm_chart;
 mod lineage_property;
 mod marketplace;

@@ -4,8 +4,8 @@
 //! deletes or reorders rows of the audit table behind the server's back.
 
 use anyhow::{Context as _, ensure};
+use civicgrid_cli::verify::{Finding, authed_client, verify_log};
 use civicgrid_marketplace::audit::checkpoint::NoteVerifier;
-use civicgrid_marketplace::audit::verify::{Finding, authed_client, verify_log};
 use civicgrid_marketplace::proto::{
     self, audit_client::AuditClient, contracts_client::ContractsClient,
     identity_client::IdentityClient, registry_client::RegistryClient,
@@ -44,7 +44,7 @@ async fn regulator_verify(
     market: &TestMarket,
     token: &str,
     saved: Option<&str>,
-) -> anyhow::Result<civicgrid_marketplace::audit::verify::Report> {
+) -> anyhow::Result<civicgrid_cli::verify::Report> {
     let key: NoteVerifier = market.market.verifier_key().parse()?;
     let mut client = authed_client(market.channel.clone(), token)?;
     Ok(verify_log(&mut client, &key, ORIGIN, saved).await?)

@@ -583,7 +583,7 @@ fn quotes_data_or_engine(text: &str) -> bool {
     let lower = text.to_lowercase();
     lower.contains("cast")
         || lower.contains("arrow")
-        || civicgrid_marketplace::city::DISTRICTS
+        || civicgrid_cli::city::DISTRICTS
             .iter()
             .any(|district| lower.contains(district))
 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, ensure};
-use civicgrid_marketplace::city::{self, SampleProduct, Sizes};
+use civicgrid_cli::city::{self, SampleProduct, Sizes};
 use civicgrid_marketplace::error::MarketError;
 use civicgrid_marketplace::proto::{
     self, billing_client::BillingClient, contracts_client::ContractsClient,

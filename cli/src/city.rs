@@ -20,26 +20,13 @@ use parquet::file::properties::WriterProperties;
 use rand::{Rng as _, SeedableRng as _};
 use rand_chacha::ChaCha8Rng;
 
-use crate::error::{MarketError, Result};
-use crate::proto::{
+use civicgrid_marketplace::error::{MarketError, Result};
+use civicgrid_marketplace::proto::{
     Column, OutputPolicy, PriceKind, PricePlan, ProductSpec, QualityMetrics, Sensitivity, Table,
 };
 
-/// The city's districts.
-pub const DISTRICTS: [&str; 12] = [
-    "harbour",
-    "old-town",
-    "riverside",
-    "north-gate",
-    "university",
-    "market",
-    "west-end",
-    "airport",
-    "hillside",
-    "garden-city",
-    "docklands",
-    "east-park",
-];
+/// The city's districts, shared with the server's sample population.
+pub use civicgrid_marketplace::quality::DISTRICTS;
 
 /// Rows written per product (TPC-H aside, whose size is its scale factor).
 #[derive(Clone, Copy, Debug)]
@@ -748,7 +735,7 @@ mod tests {
             business_licences(),
             commerce(),
         ] {
-            crate::registry::validate_spec(&product.spec)
+            civicgrid_marketplace::registry::validate_spec(&product.spec)
                 .unwrap_or_else(|e| panic!("{}: {e}", product.id));
             let files = dir.path().join("products").join(product.id);
             for table in &product.spec.tables {

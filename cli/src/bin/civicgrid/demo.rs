@@ -7,9 +7,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, ensure};
+use civicgrid_cli::city;
+use civicgrid_cli::verify::{authed_client, verify_log};
 use civicgrid_marketplace::audit::checkpoint::NoteVerifier;
-use civicgrid_marketplace::audit::verify::{authed_client, verify_log};
-use civicgrid_marketplace::city;
 use civicgrid_marketplace::proto::{
     self, billing_client::BillingClient, queries_client::QueriesClient,
     registry_client::RegistryClient,

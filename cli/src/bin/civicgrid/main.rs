@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+use civicgrid_cli::verify::{BearerToken, verify_log};
 use civicgrid_marketplace::audit::checkpoint::NoteVerifier;
-use civicgrid_marketplace::audit::verify::{BearerToken, verify_log};
 use civicgrid_marketplace::proto::{
     self, audit_client::AuditClient, billing_client::BillingClient,
     contracts_client::ContractsClient, identity_client::IdentityClient,
@@ -21,7 +21,7 @@ use tonic::transport::Channel;
 // (Parquet pages, Arrow arrays, IPC buffers). glibc's allocator maps most
 // such blocks fresh and hands them back to the kernel on free, so every
 // batch paid page faults and zeroing again: TPC-H Q1 at SF1 in one sandbox
-// instance took 1.87 s with it and 1.07 s with mimalloc (see docs/sandbox.md).
+// instance took 1.87 s with it and 1.07 s with mimalloc (see docs/benchmarks.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

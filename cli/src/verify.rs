@@ -16,10 +16,10 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use super::checkpoint::{Checkpoint, NoteError, NoteVerifier};
-use super::merkle::{self, Hash};
-use crate::proto;
-use crate::proto::audit_client::AuditClient;
+use civicgrid_marketplace::audit::checkpoint::{Checkpoint, NoteError, NoteVerifier};
+use civicgrid_marketplace::audit::merkle::{self, Hash};
+use civicgrid_marketplace::proto;
+use civicgrid_marketplace::proto::audit_client::AuditClient;
 
 /// Adds `authorization: Bearer <token>` to every call.
 #[derive(Clone)]
@@ -222,7 +222,7 @@ pub async fn verify_log(
     let mut bodies: HashMap<u64, Vec<u8>> = HashMap::with_capacity(size as usize);
     let mut start = 0u64;
     while start < size {
-        let end = (start + super::MAX_ENTRIES_PER_CALL).min(size);
+        let end = (start + civicgrid_marketplace::audit::MAX_ENTRIES_PER_CALL).min(size);
         let page = client
             .get_entries(proto::GetEntriesRequest {
                 start: start as i64,
