@@ -6,10 +6,81 @@ use std::fmt;
 
 use serde::Serialize;
 
-pub use crate::crd::{
-    PreemptionPolicy, RebalanceMode, SpreadDomain, StrategyKind, TaintEffect, Tier,
-    TolerationOperator,
-};
+/// What kind of data center this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Tier {
+    /// The municipal core.
+    Municipal,
+    /// An edge site near video and sensor sources.
+    Edge,
+    /// A partner or commercial cloud.
+    Partner,
+}
+
+/// What a taint keeps away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaintEffect {
+    /// No new replicas unless tolerated.
+    NoSchedule,
+    /// Used last unless tolerated.
+    PreferNoSchedule,
+}
+
+/// How a toleration matches a taint's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum TolerationOperator {
+    /// The values must be equal.
+    #[default]
+    Equal,
+    /// Any value.
+    Exists,
+}
+
+/// The unit replicas are spread over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SpreadDomain {
+    /// Each data center.
+    #[default]
+    DataCenter,
+    /// Each zone of a region.
+    Zone,
+    /// Each region.
+    Region,
+}
+
+/// How replicas are divided among data centers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum StrategyKind {
+    /// A full copy in each chosen data center.
+    Duplicated,
+    /// In proportion to fixed weights.
+    StaticWeights,
+    /// In proportion to free capacity.
+    AvailableCapacity,
+    /// Best-scoring data centers first.
+    #[default]
+    Score,
+}
+
+/// Whether a workload may evict lower priorities to fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum PreemptionPolicy {
+    /// Evict replicas of strictly lower priorities.
+    PreemptLowerPriority,
+    /// Never evict.
+    #[default]
+    Never,
+}
+
+/// Whether replicas move towards a better fallback group on their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum RebalanceMode {
+    /// Replicas stay while their data center stays valid.
+    #[default]
+    Never,
+    /// Move to an earlier fallback group once it has room.
+    WhenBetterGroupHasRoom,
+}
 
 /// Identifies a workload: `namespace/name`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
