@@ -15,6 +15,30 @@ use crate::engine::model::{
 };
 use crate::quantity;
 
+/// One-to-one maps of the CRD's enums onto the engine's own, so the engine
+/// never sees a wire type and the CRD can grow without the engine noticing.
+macro_rules! same_variants {
+    ($($wire:ident => $model:ident { $($variant:ident),+ $(,)? })+) => {$(
+        impl From<crd::$wire> for model::$model {
+            fn from(value: crd::$wire) -> Self {
+                match value {
+                    $(crd::$wire::$variant => Self::$variant,)+
+                }
+            }
+        }
+    )+};
+}
+
+same_variants! {
+    Tier => Tier { Municipal, Edge, Partner }
+    TaintEffect => TaintEffect { NoSchedule, PreferNoSchedule }
+    TolerationOperator => TolerationOperator { Equal, Exists }
+    SpreadDomain => SpreadDomain { DataCenter, Zone, Region }
+    StrategyKind => StrategyKind { Duplicated, StaticWeights, AvailableCapacity, Score }
+    PreemptionPolicy => PreemptionPolicy { PreemptLowerPriority, Never }
+    RebalanceMode => RebalanceMode { Never, WhenBetterGroupHasRoom }
+}
+
 /// A spec the engine cannot use, with the object and field at fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{kind} `{object}`: {field}: {message}")]
@@ -126,7 +150,7 @@ pub fn data_center(
     let cost = spec.cost.clone().unwrap_or_default();
     Ok(model::DataCenter {
         name: name.clone(),
-        tier: spec.tier,
+        tier: spec.tier.into(),
         region: spec.region.clone(),
         zone: spec.zone.clone(),
         labels: spec.labels.clone(),
@@ -136,7 +160,7 @@ pub fn data_center(
             .map(|t| Taint {
                 key: t.key.clone(),
                 value: t.value.clone(),
-                effect: t.effect,
+                effect: t.effect.into(),
             })
             .collect(),
         capacity,
@@ -280,7 +304,7 @@ pub fn workload(cw: &ComputeWorkload) -> Result<model::Workload, FieldError> {
         }
         fallback_groups.push(FallbackGroup {
             name: g.name.clone(),
-            tiers: g.tiers.iter().copied().collect(),
+            tiers: g.tiers.iter().map(|&t| t.into()).collect(),
             regions: g.regions.iter().cloned().collect(),
             data_centers: g.data_centers.iter().cloned().collect(),
         });
@@ -296,8 +320,8 @@ pub fn workload(cw: &ComputeWorkload) -> Result<model::Workload, FieldError> {
         replicas,
         demand,
         placement: model::PlacementRules {
-            required_tiers: p.required_tiers.iter().copied().collect(),
-            preferred_tiers: p.preferred_tiers.iter().copied().collect(),
+            required_tiers: p.required_tiers.iter().map(|&t| t.into()).collect(),
+            preferred_tiers: p.preferred_tiers.iter().map(|&t| t.into()).collect(),
             fallback_groups,
             allowed_regions: p.allowed_regions.iter().cloned().collect(),
             selector,
@@ -306,9 +330,9 @@ pub fn workload(cw: &ComputeWorkload) -> Result<model::Workload, FieldError> {
                 .iter()
                 .map(|t| Toleration {
                     key: t.key.clone(),
-                    operator: t.operator,
+                    operator: t.operator.into(),
                     value: t.value.clone(),
-                    effect: t.effect,
+                    effect: t.effect.map(Into::into),
                 })
                 .collect(),
             max_latency: p
@@ -318,20 +342,20 @@ pub fn workload(cw: &ComputeWorkload) -> Result<model::Workload, FieldError> {
             required_datasets: affinity.required.into_iter().collect(),
             preferred_datasets: affinity.preferred.into_iter().collect(),
             spread: Spread {
-                by: spread.by,
+                by: spread.by.into(),
                 min_domains: spread.min_domains,
                 max_domains: spread.max_domains,
                 max_replicas_per_data_center: spread.max_replicas_per_data_center,
             },
-            strategy: p.strategy.kind,
+            strategy: p.strategy.kind.into(),
             static_weights,
             gang: p.gang,
             weights: Weights::from(&p.weights),
-            rebalance: p.rebalance.mode,
+            rebalance: p.rebalance.mode.into(),
             max_moves_per_round: p.rebalance.max_moves_per_round,
         },
         priority: spec.priority,
-        preemption: spec.preemption_policy,
+        preemption: spec.preemption_policy.into(),
         grace_period_seconds: spec.failover.grace_period_seconds,
     })
 }
