@@ -11,7 +11,7 @@ use super::model::{
     Workload,
 };
 use super::score::StaticParts;
-use super::{Rejection, Rule, Scheduler};
+use super::{EXCLUDED, KEEP_ONLY, Rejection, Rule, Scheduler, Verdict};
 
 /// What the hard rules that ignore current placement say about every data
 /// center, for one class of workloads with the same rules. Computed once per
@@ -19,7 +19,7 @@ use super::{Rejection, Rule, Scheduler};
 pub(super) struct RuleClass {
     /// Per data center: `Ok((group, discouraged))` or the first rule that
     /// rejects it (the message is empty unless explaining).
-    pub(super) verdicts: Vec<Result<(usize, bool), (Rule, String)>>,
+    pub(super) verdicts: Vec<Verdict>,
     /// The data centers that pass, in index order.
     pub(super) pass: Vec<usize>,
     /// Rejections per rule among `verdicts`.
@@ -69,11 +69,6 @@ impl<'a> ClassKey<'a> {
 /// Rule classes kept per run; past this, classes are evaluated and dropped,
 /// so a snapshot where every workload is different costs time, not memory.
 pub(super) const MAX_CLASSES: usize = 1024;
-
-/// `Scheduler::trouble` marks for the workload being placed.
-pub(super) const UNTROUBLED: u8 = 0;
-pub(super) const EXCLUDED: u8 = 1;
-pub(super) const KEEP_ONLY: u8 = 2;
 
 /// What the filter leaves for scoring and explaining.
 pub(super) struct Filtered {
@@ -217,11 +212,7 @@ impl<'a> Scheduler<'a> {
 
     /// The hard rules after cordon and reachability, in order; they read
     /// only what [`ClassKey`] holds. `Ok((group, discouraged))`.
-    pub(super) fn static_rules(
-        &self,
-        workload: &Workload,
-        dc: &DataCenter,
-    ) -> Result<(usize, bool), (Rule, String)> {
+    pub(super) fn static_rules(&self, workload: &Workload, dc: &DataCenter) -> Verdict {
         let rules = &workload.placement;
         if !rules.required_tiers.is_empty() && !rules.required_tiers.contains(&dc.tier) {
             return Err((

@@ -326,7 +326,17 @@ mod filter;
 mod preempt;
 mod score;
 
-use filter::{ClassKey, RuleClass, UNTROUBLED};
+use filter::{ClassKey, RuleClass};
+
+/// What the placement-independent hard rules say about one data center:
+/// `Ok((fallback group, discouraged))` or the first rule that rejects it
+/// (the message is empty unless explaining).
+type Verdict = Result<(usize, bool), (Rule, String)>;
+
+/// `Scheduler::trouble` marks for the workload being placed.
+const UNTROUBLED: u8 = 0;
+const EXCLUDED: u8 = 1;
+const KEEP_ONLY: u8 = 2;
 
 /// The entry for `priority` in a list sorted by priority, made if missing.
 fn held_at(by_priority: &mut Vec<(i32, Resources)>, priority: i32) -> &mut Resources {
@@ -490,7 +500,7 @@ impl<'a> Scheduler<'a> {
             self.here[dc] = replicas;
         }
         let filtered = self.filter(workload, &class);
-        let mut scored = self.score(workload, &class, &filtered);
+        let mut scored = self.score(workload, &class.pass, &class.verdicts, &filtered.parts);
         for &dc in &self.troubled {
             self.trouble[dc] = UNTROUBLED;
         }

@@ -3,9 +3,8 @@
 
 use std::rc::Rc;
 
-use super::filter::{EXCLUDED, Filtered, KEEP_ONLY, RuleClass};
 use super::model::{DataCenter, PlacementRules, ReplicaDemand, Resources, SpreadDomain, Workload};
-use super::{Candidate, Divisor, Scheduler, ScoreBreakdown};
+use super::{Candidate, Divisor, EXCLUDED, KEEP_ONLY, Scheduler, ScoreBreakdown, Verdict};
 
 const MILLI: u64 = 1000;
 const GIB: u64 = 1 << 30;
@@ -143,31 +142,34 @@ impl Scored {
 }
 
 impl Scheduler<'_> {
-    /// The candidates of the workload being placed: each data center that
-    /// passed `filtered`, with the replicas that fit there now and its score.
+    /// The candidates of the workload being placed: each data center of
+    /// `passed` (with its `verdicts`) that cordon and reachability did not
+    /// exclude, with the replicas that fit there now and its score; `parts`
+    /// are the static score components over them.
     pub(super) fn score(
         &self,
         workload: &Workload,
-        class: &RuleClass,
-        filtered: &Filtered,
+        passed: &[usize],
+        verdicts: &[Verdict],
+        parts: &Rc<StaticParts>,
     ) -> Scored {
         let dcs = &self.snapshot.data_centers;
         let rules = &workload.placement;
         let weights = rules.weights;
         let demand = &workload.demand;
-        let parts = Rc::clone(&filtered.parts);
-        let mut candidates = Vec::with_capacity(class.pass.len());
-        let mut costs = Vec::with_capacity(class.pass.len());
+        let parts = Rc::clone(parts);
+        let mut candidates = Vec::with_capacity(passed.len());
+        let mut costs = Vec::with_capacity(passed.len());
         let per_replica = [
             Divisor::new(demand.cpu_millis),
             Divisor::new(demand.memory_bytes),
             Divisor::new(demand.ephemeral_bytes),
         ];
-        for &dc in &class.pass {
+        for &dc in passed {
             if self.trouble[dc] == EXCLUDED {
                 continue;
             }
-            let Ok((group, discouraged)) = class.verdicts[dc] else {
+            let Ok((group, discouraged)) = verdicts[dc] else {
                 continue;
             };
             let [free_cpu, free_memory, _] = self.free[dc];
