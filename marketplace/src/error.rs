@@ -1,5 +1,5 @@
 //! The marketplace's one error type. Services map it to a gRPC status in one
-//! place ([`crate::service::status`]).
+//! place (`impl From<MarketError> for tonic::Status` in [`crate::grpc`]).
 
 /// What went wrong, in terms a caller can act on.
 #[derive(Debug, thiserror::Error)]

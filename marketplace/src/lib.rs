@@ -3,7 +3,7 @@
 //! authorized under contracts, and every authorization and change lands in a
 //! tamper-evident audit log that regulators verify on their own.
 //!
-//! The server is [`service::serve`]; the `civicgrid` CLI (crate `civicgrid-cli`)
+//! The server is [`grpc::serve`]; the `civicgrid` CLI (crate `civicgrid-cli`)
 //! is a client of the same gRPC API (`proto/civicgrid/marketplace/v1/marketplace.proto`).
 
 pub mod access;
@@ -13,7 +13,9 @@ pub mod contracts;
 pub mod dcat;
 pub mod demand;
 pub mod error;
+pub mod grpc;
 pub mod identity;
+pub mod market;
 pub mod metering;
 pub mod metrics;
 pub mod policy;
@@ -21,7 +23,6 @@ pub mod process;
 pub mod quality;
 pub mod queries;
 pub mod registry;
-pub mod service;
 pub mod store;
 
 /// The generated gRPC types and clients.

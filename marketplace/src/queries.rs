@@ -732,7 +732,7 @@ struct Reservation {
 
 /// What the query path needs of the marketplace around it: its permission
 /// check, database, metrics, contract index and data directory. The
-/// server's [`crate::service::Marketplace`] is one; the query path does not
+/// server's [`crate::market::Marketplace`] is one; the query path does not
 /// reach up into the service that calls it.
 pub trait Market: Send + Sync {
     /// `Ok` when `principal` holds `permission` in `domain` (casbin).

@@ -6,10 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context as _, ensure};
+use civicgrid_marketplace::grpc::serve;
+use civicgrid_marketplace::market::Marketplace;
 use civicgrid_marketplace::proto;
 use civicgrid_marketplace::proto::identity_client::IdentityClient;
 use civicgrid_marketplace::proto::registry_client::RegistryClient;
-use civicgrid_marketplace::service::{Marketplace, serve};
 use civicgrid_marketplace::store::{Location, Store};
 use rand::RngCore as _;
 use sqlx::Connection as _;

@@ -3,7 +3,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use civicgrid_marketplace::service::{Marketplace, serve};
+use civicgrid_marketplace::grpc::serve;
+use civicgrid_marketplace::market::Marketplace;
 use civicgrid_marketplace::store::{Location, Store};
 use clap::{Args, Parser, Subcommand};
 use ed25519_dalek::SigningKey;

@@ -890,6 +890,86 @@ async fn every_role_gets_exactly_its_permissions(db: Db) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every method of every marketplace service, found in the server's own
+/// descriptor set (so a service added later is covered too), refuses a call
+/// without a valid bearer token before its handler runs: nothing is logged.
+async fn every_method_refuses_a_call_without_a_valid_token(db: Db) -> anyhow::Result<()> {
+    use prost::Message as _;
+    let market = TestMarket::start(db).await?;
+    let log_size = async |market: &TestMarket| -> anyhow::Result<i64> {
+        let checkpoint = AuditClient::new(market.channel.clone())
+            .get_checkpoint(authed(
+                &market.admin_token,
+                proto::GetCheckpointRequest::default(),
+            ))
+            .await?
+            .into_inner();
+        Ok(checkpoint.tree_size)
+    };
+    let before = log_size(&market).await?;
+    let descriptors = prost_types::FileDescriptorSet::decode(proto::FILE_DESCRIPTOR_SET)
+        .context("descriptors")?;
+    let mut paths = Vec::new();
+    for file in descriptors
+        .file
+        .iter()
+        .filter(|f| f.package() == "civicgrid.marketplace.v1")
+    {
+        for service in &file.service {
+            for method in &service.method {
+                paths.push(format!(
+                    "/civicgrid.marketplace.v1.{}/{}",
+                    service.name(),
+                    method.name()
+                ));
+            }
+        }
+    }
+    ensure!(paths.len() >= 40, "only {} methods found", paths.len());
+    let forged = format!("Bearer cgt_{}", "0".repeat(40));
+    let headers: [Option<&str>; 4] = [
+        None,
+        Some("Basic YWRtaW46YWRtaW4="),
+        Some("Bearer"),
+        Some(&forged),
+    ];
+    let mut wrong = Vec::new();
+    for path in &paths {
+        for header in headers {
+            let mut grpc = tonic::client::Grpc::new(market.channel.clone());
+            grpc.ready().await?;
+            let mut request = tonic::Request::new(());
+            if let Some(value) = header {
+                request
+                    .metadata_mut()
+                    .insert("authorization", value.parse()?);
+            }
+            let outcome = grpc
+                .unary::<(), (), _>(request, path.parse()?, tonic_prost::ProstCodec::default())
+                .await;
+            match outcome {
+                Err(status) if status.code() == Code::Unauthenticated => {}
+                other => wrong.push(format!(
+                    "{path} with {header:?}: {:?}",
+                    other.map(|_| ()).map_err(|s| s.code())
+                )),
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "served without a valid token:\n{}",
+        wrong.join("\n")
+    );
+    assert_eq!(
+        log_size(&market).await?,
+        before,
+        "a refused call left an audit entry"
+    );
+    market.stop().await;
+    Ok(())
+}
+
 async fn bad_input_is_refused_with_the_field_named(db: Db) -> anyhow::Result<()> {
     let market = TestMarket::start(db).await?;
     let cast = Cast::create(&market).await?;
@@ -1112,7 +1192,7 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() -> anyh
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(civicgrid_marketplace::service::serve(
+    let server = tokio::spawn(civicgrid_marketplace::grpc::serve(
         market.market.clone(),
         listener,
         Some(tls),
@@ -1768,4 +1848,5 @@ civicgrid_tests::on_both_databases!(
     every_role_gets_exactly_its_permissions,
     bad_input_is_refused_with_the_field_named,
     demand_list_and_dcat_export,
+    every_method_refuses_a_call_without_a_valid_token,
 );

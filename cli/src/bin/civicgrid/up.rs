@@ -8,12 +8,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, ensure};
 use civicgrid_cli::city::{self, SampleProduct, Sizes};
 use civicgrid_marketplace::error::MarketError;
+use civicgrid_marketplace::grpc::serve;
+use civicgrid_marketplace::market::Marketplace;
 use civicgrid_marketplace::proto::{
     self, billing_client::BillingClient, contracts_client::ContractsClient,
     identity_client::IdentityClient, registry_client::RegistryClient,
 };
 use civicgrid_marketplace::queries::EngineFlags;
-use civicgrid_marketplace::service::{Marketplace, serve};
 use civicgrid_marketplace::store::{Location, Store};
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
