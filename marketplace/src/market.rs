@@ -135,11 +135,15 @@ impl Marketplace {
     /// # Errors
     /// `Unauthenticated` without a header, with a malformed one, or with a
     /// token that is unknown, revoked or expired.
-    pub(crate) async fn authenticate(&self, header: Option<&[u8]>) -> Result<Principal> {
+    pub(crate) async fn authenticate(
+        &self,
+        header: Option<&tonic::codegen::http::HeaderValue>,
+    ) -> Result<Principal> {
         let header = header.ok_or_else(|| {
             MarketError::Unauthenticated("send `authorization: Bearer <token>`".into())
         })?;
-        let secret = std::str::from_utf8(header)
+        let secret = header
+            .to_str()
             .ok()
             .and_then(|value| value.strip_prefix("Bearer "))
             .ok_or_else(|| {

@@ -71,10 +71,7 @@ where
         let market = Arc::clone(&self.market);
         Box::pin(async move {
             if request.uri().path().starts_with(AUTHENTICATED_PREFIX) {
-                let header = request
-                    .headers()
-                    .get(http::header::AUTHORIZATION)
-                    .map(http::HeaderValue::as_bytes);
+                let header = request.headers().get(http::header::AUTHORIZATION);
                 match market.authenticate(header).await {
                     Ok(principal) => {
                         request.extensions_mut().insert(principal);

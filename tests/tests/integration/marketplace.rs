@@ -892,7 +892,10 @@ async fn every_role_gets_exactly_its_permissions(db: Db) -> anyhow::Result<()> {
 
 /// Every method of every marketplace service, found in the server's own
 /// descriptor set (so a service added later is covered too), refuses a call
-/// without a valid bearer token before its handler runs: nothing is logged.
+/// without a valid bearer token before its handler runs: nothing is logged,
+/// and the message says what was wrong with the header (a handler reached
+/// without the authentication layer could only say "send a token").
+/// Revoked and expired tokens are refused; health checks stay open.
 async fn every_method_refuses_a_call_without_a_valid_token(db: Db) -> anyhow::Result<()> {
     use prost::Message as _;
     let market = TestMarket::start(db).await?;
@@ -927,31 +930,37 @@ async fn every_method_refuses_a_call_without_a_valid_token(db: Db) -> anyhow::Re
     }
     ensure!(paths.len() >= 40, "only {} methods found", paths.len());
     let forged = format!("Bearer cgt_{}", "0".repeat(40));
-    let headers: [Option<&str>; 4] = [
-        None,
-        Some("Basic YWRtaW46YWRtaW4="),
-        Some("Bearer"),
-        Some(&forged),
+    let must_be = "the authorization header must be `Bearer <token>`";
+    let headers: [(Option<&str>, &str); 5] = [
+        (None, "send `authorization: Bearer <token>`"),
+        (Some("Basic YWRtaW46YWRtaW4="), must_be),
+        (Some("Bearer"), must_be),
+        (Some("Bearer caf\u{e9}"), must_be),
+        (Some(&forged), "invalid, expired or revoked token"),
     ];
     let mut wrong = Vec::new();
     for path in &paths {
-        for header in headers {
+        for (header, message) in headers {
             let mut grpc = tonic::client::Grpc::new(market.channel.clone());
             grpc.ready().await?;
             let mut request = tonic::Request::new(());
             if let Some(value) = header {
-                request
-                    .metadata_mut()
-                    .insert("authorization", value.parse()?);
+                request.metadata_mut().insert(
+                    "authorization",
+                    tonic::metadata::MetadataValue::try_from(value.as_bytes())?,
+                );
             }
             let outcome = grpc
                 .unary::<(), (), _>(request, path.parse()?, tonic_prost::ProstCodec::default())
                 .await;
             match outcome {
-                Err(status) if status.code() == Code::Unauthenticated => {}
+                Err(status)
+                    if status.code() == Code::Unauthenticated && status.message() == message => {}
                 other => wrong.push(format!(
                     "{path} with {header:?}: {:?}",
-                    other.map(|_| ()).map_err(|s| s.code())
+                    other
+                        .map(|_| ())
+                        .map_err(|s| (s.code(), s.message().to_owned()))
                 )),
             }
         }
@@ -966,6 +975,65 @@ async fn every_method_refuses_a_call_without_a_valid_token(db: Db) -> anyhow::Re
         before,
         "a refused call left an audit entry"
     );
+
+    // Health checks stay open, as load balancers expect.
+    let health = tonic_health::pb::health_client::HealthClient::new(market.channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "civicgrid.marketplace.v1.Registry".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        health.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+
+    // A token stops working once revoked, and once expired.
+    let mut identity = IdentityClient::new(market.channel.clone());
+    let me = identity
+        .who_am_i(authed(&market.admin_token, proto::WhoAmIRequest::default()))
+        .await?
+        .into_inner();
+    let user_id = me.user.context("a user")?.id;
+    let mut issued = Vec::new();
+    for _ in 0..2 {
+        let token = identity
+            .issue_token(authed(
+                &market.admin_token,
+                proto::IssueTokenRequest {
+                    user_id: user_id.clone(),
+                    ttl_seconds: 3600,
+                    description: "auth test".into(),
+                },
+            ))
+            .await?
+            .into_inner();
+        identity
+            .who_am_i(authed(&token.secret, proto::WhoAmIRequest::default()))
+            .await?;
+        issued.push(token);
+    }
+    let (revoked, expired) = (&issued[0], &issued[1]);
+    identity
+        .revoke_token(authed(
+            &market.admin_token,
+            proto::RevokeTokenRequest {
+                token_id: revoked.token_id.clone(),
+            },
+        ))
+        .await?;
+    sqlx::query("UPDATE api_tokens SET expires_at = 0 WHERE id = $1")
+        .bind(&expired.token_id)
+        .execute(&market.raw_pool().await?)
+        .await?;
+    for token in [&revoked.secret, &expired.secret] {
+        let refused = identity
+            .who_am_i(authed(token, proto::WhoAmIRequest::default()))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated);
+        assert_eq!(refused.message(), "invalid, expired or revoked token");
+    }
     market.stop().await;
     Ok(())
 }
