@@ -173,6 +173,15 @@ impl Store {
         &self.pool
     }
 
+    /// A connection of the main pool, for reads and writes outside a
+    /// transaction.
+    ///
+    /// # Errors
+    /// When no connection can be had.
+    pub async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Any>> {
+        Ok(self.pool.acquire().await?)
+    }
+
     /// Connections for reads that share no transaction with a write, such
     /// as looking up a token on every request. On a SQLite file these are
     /// read-only connections beside the one writer (WAL lets them read

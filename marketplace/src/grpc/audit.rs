@@ -28,13 +28,7 @@ impl proto::audit_server::Audit for AuditService {
         self.0
             .require(&principal, "platform:cross-tenant", "audit:read")
             .await?;
-        let mut connection = self
-            .0
-            .store
-            .pool()
-            .acquire()
-            .await
-            .map_err(MarketError::from)?;
+        let mut connection = self.0.store.acquire().await?;
         let head = log::head(&mut connection, self.0.store.backend()).await?;
         let body = CheckpointBody {
             origin: self.0.origin().to_owned(),
@@ -65,13 +59,7 @@ impl proto::audit_server::Audit for AuditService {
         if request.end < request.start {
             return Err(MarketError::invalid("end", "must not be below start").into());
         }
-        let mut connection = self
-            .0
-            .store
-            .pool()
-            .acquire()
-            .await
-            .map_err(MarketError::from)?;
+        let mut connection = self.0.store.acquire().await?;
         let entries = log::entries(
             &mut connection,
             request.start as u64,
@@ -106,13 +94,7 @@ impl proto::audit_server::Audit for AuditService {
                 MarketError::invalid("index", "index and tree_size must not be negative").into(),
             );
         }
-        let mut connection = self
-            .0
-            .store
-            .pool()
-            .acquire()
-            .await
-            .map_err(MarketError::from)?;
+        let mut connection = self.0.store.acquire().await?;
         let (leaf, path) = log::inclusion_proof(
             &mut connection,
             self.0.store.backend(),
@@ -140,13 +122,7 @@ impl proto::audit_server::Audit for AuditService {
         if request.old_size < 0 || request.new_size < 0 {
             return Err(MarketError::invalid("old_size", "sizes must not be negative").into());
         }
-        let mut connection = self
-            .0
-            .store
-            .pool()
-            .acquire()
-            .await
-            .map_err(MarketError::from)?;
+        let mut connection = self.0.store.acquire().await?;
         let path = log::consistency_proof(
             &mut connection,
             self.0.store.backend(),

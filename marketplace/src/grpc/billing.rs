@@ -99,13 +99,7 @@ impl proto::billing_server::Billing for BillingService {
         let organization = self
             .subject(&principal, &request.get_ref().organization_id)
             .await?;
-        let mut connection = self
-            .0
-            .store
-            .pool()
-            .acquire()
-            .await
-            .map_err(MarketError::from)?;
+        let mut connection = self.0.store.acquire().await?;
         let balances = billing::balances(&mut connection, &organization).await?;
         Ok(Response::new(proto::GetBalanceResponse { balances }))
     }
@@ -117,13 +111,7 @@ impl proto::billing_server::Billing for BillingService {
         let principal = auth::principal(&request)?;
         let request = request.into_inner();
         let organization = self.subject(&principal, &request.organization_id).await?;
-        let mut connection = self
-            .0
-            .store
-            .pool()
-            .acquire()
-            .await
-            .map_err(MarketError::from)?;
+        let mut connection = self.0.store.acquire().await?;
         let kind = identity::find_organization(&mut connection, &organization)
             .await?
             .ok_or_else(|| MarketError::NotFound {
@@ -149,13 +137,7 @@ impl proto::billing_server::Billing for BillingService {
         self.0
             .require(&principal, "platform:cross-tenant", "billing:read")
             .await?;
-        let mut connection = self
-            .0
-            .store
-            .pool()
-            .acquire()
-            .await
-            .map_err(MarketError::from)?;
+        let mut connection = self.0.store.acquire().await?;
         Ok(Response::new(billing::summary(&mut connection).await?))
     }
 }

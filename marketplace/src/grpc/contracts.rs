@@ -72,13 +72,7 @@ impl proto::contracts_server::Contracts for ContractsService {
     ) -> Result<Response<proto::Contract>, Status> {
         let principal = auth::principal(&request)?;
         let request = request.into_inner();
-        let mut connection = self
-            .0
-            .store
-            .pool()
-            .acquire()
-            .await
-            .map_err(MarketError::from)?;
+        let mut connection = self.0.store.acquire().await?;
         let contract = contracts::get(&mut connection, &request.contract_id).await?;
         let consumer_may = self
             .0
@@ -122,13 +116,7 @@ impl proto::contracts_server::Contracts for ContractsService {
             .access
             .allows(&principal.user.id, "platform:cross-tenant", "contract:read")
             .await?;
-        let mut connection = self
-            .0
-            .store
-            .pool()
-            .acquire()
-            .await
-            .map_err(MarketError::from)?;
+        let mut connection = self.0.store.acquire().await?;
         let contracts = contracts::list(
             &mut connection,
             (!everything).then_some(own.as_str()),
@@ -155,13 +143,7 @@ impl proto::contracts_server::Contracts for ContractsService {
             )
             .into());
         }
-        let mut connection = self
-            .0
-            .store
-            .pool()
-            .acquire()
-            .await
-            .map_err(MarketError::from)?;
+        let mut connection = self.0.store.acquire().await?;
         let product = registry::get(&mut connection, &request.product_id).await?;
         drop(connection);
         let check = if product.state() == proto::ProductState::Published {

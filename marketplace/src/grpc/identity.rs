@@ -81,13 +81,7 @@ impl proto::identity_server::Identity for IdentityService {
     ) -> Result<Response<proto::ListOrganizationsResponse>, Status> {
         let principal = auth::principal(&request)?;
         self.0.require(&principal, "*", "organization:list").await?;
-        let mut connection = self
-            .0
-            .store
-            .pool()
-            .acquire()
-            .await
-            .map_err(MarketError::from)?;
+        let mut connection = self.0.store.acquire().await?;
         let organizations = identity::list_organizations(&mut connection).await?;
         Ok(Response::new(proto::ListOrganizationsResponse {
             organizations: organizations.iter().map(organization_to_proto).collect(),

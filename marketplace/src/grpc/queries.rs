@@ -87,13 +87,7 @@ impl proto::queries_server::Queries for QueriesService {
                 _ => UsageView::Consumer,
             }
         };
-        let mut connection = self
-            .0
-            .store
-            .pool()
-            .acquire()
-            .await
-            .map_err(MarketError::from)?;
+        let mut connection = self.0.store.acquire().await?;
         let queries = queries::list_usage(&mut connection, view, &organization, &request).await?;
         Ok(Response::new(proto::ListUsageResponse { queries }))
     }

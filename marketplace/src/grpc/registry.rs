@@ -205,13 +205,7 @@ impl proto::registry_server::Registry for RegistryService {
     ) -> Result<Response<proto::Product>, Status> {
         let principal = auth::principal(&request)?;
         let request = request.into_inner();
-        let mut connection = self
-            .0
-            .store
-            .pool()
-            .acquire()
-            .await
-            .map_err(MarketError::from)?;
+        let mut connection = self.0.store.acquire().await?;
         let mut product = registry::get(&mut connection, &request.product_id).await?;
         // Published products are public to every signed-in user; others, and
         // a revision under review, only to their provider, platform admins
@@ -244,13 +238,7 @@ impl proto::registry_server::Registry for RegistryService {
     ) -> Result<Response<proto::ListRegistrationEventsResponse>, Status> {
         let principal = auth::principal(&request)?;
         let request = request.into_inner();
-        let mut connection = self
-            .0
-            .store
-            .pool()
-            .acquire()
-            .await
-            .map_err(MarketError::from)?;
+        let mut connection = self.0.store.acquire().await?;
         let product = registry::get(&mut connection, &request.product_id).await?;
         if product.state() != proto::ProductState::Published {
             self.0
@@ -280,13 +268,7 @@ impl proto::registry_server::Registry for RegistryService {
             .require(&principal, &principal.organization.id, "catalog:search")
             .await?;
         let request = request.into_inner();
-        let mut connection = self
-            .0
-            .store
-            .pool()
-            .acquire()
-            .await
-            .map_err(MarketError::from)?;
+        let mut connection = self.0.store.acquire().await?;
         let products = registry::search(&mut connection, &request).await?;
         Ok(Response::new(proto::SearchCatalogResponse { products }))
     }
@@ -309,13 +291,7 @@ impl proto::registry_server::Registry for RegistryService {
         } else {
             return Err(MarketError::invalid("base_uri", "an http:// or https:// URI").into());
         };
-        let mut connection = self
-            .0
-            .store
-            .pool()
-            .acquire()
-            .await
-            .map_err(MarketError::from)?;
+        let mut connection = self.0.store.acquire().await?;
         let products =
             registry::search(&mut connection, &proto::SearchCatalogRequest::default()).await?;
         let organizations = identity::list_organizations(&mut connection).await?;
@@ -412,13 +388,7 @@ impl proto::registry_server::Registry for RegistryService {
             .require(&principal, &principal.organization.id, "catalog:search")
             .await?;
         let request = request.into_inner();
-        let mut connection = self
-            .0
-            .store
-            .pool()
-            .acquire()
-            .await
-            .map_err(MarketError::from)?;
+        let mut connection = self.0.store.acquire().await?;
         let demands = crate::demand::list(&mut connection, &request).await?;
         Ok(Response::new(proto::ListDemandsResponse { demands }))
     }
