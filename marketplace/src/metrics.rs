@@ -4,8 +4,6 @@
 use std::time::Duration;
 
 use axum::Router;
-use axum::http::StatusCode;
-use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -144,33 +142,13 @@ impl Metrics {
     /// The OpenMetrics text exposition.
     #[must_use]
     pub fn encode(&self) -> String {
-        let mut text = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
-        text
+        civicgrid_telemetry::metrics::encode(&self.registry)
     }
 }
 
 /// `/metrics` and `/healthz` over HTTP.
 pub fn router(metrics: std::sync::Arc<Metrics>) -> Router {
-    Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let metrics = std::sync::Arc::clone(&metrics);
-                async move {
-                    (
-                        StatusCode::OK,
-                        [(
-                            "content-type",
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        metrics.encode(),
-                    )
-                }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok" }))
+    civicgrid_telemetry::metrics::router(metrics, Metrics::encode)
 }
 
 /// Serves [`router`] on `address` in the background; returns the bound address.

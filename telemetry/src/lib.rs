@@ -7,6 +7,8 @@
 //! `OTEL_*` variables honoured by the exporter. Keep the returned [`Telemetry`]
 //! alive: dropping it flushes and stops the exporter.
 
+pub mod metrics;
+
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;

@@ -130,11 +130,7 @@ impl Metrics {
 
     /// The metrics in the Prometheus text format.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        civicgrid_telemetry::metrics::encode(&self.registry)
     }
 }
 
@@ -154,37 +150,19 @@ impl Drop for Timer<'_> {
 /// `/metrics`, `/healthz` (the process answers) and `/readyz` (the
 /// controllers run, or wait as a follower).
 pub fn router(metrics: Arc<Metrics>) -> Router {
-    let for_metrics = metrics.clone();
-    Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let metrics = for_metrics.clone();
-                async move {
-                    (
-                        [(
-                            "content-type",
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        metrics.encode(),
-                    )
+    civicgrid_telemetry::metrics::router(Arc::clone(&metrics), Metrics::encode).route(
+        "/readyz",
+        get(move || {
+            let ready = metrics.ready.load(Ordering::Relaxed);
+            async move {
+                if ready {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "starting")
                 }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = metrics.ready.load(Ordering::Relaxed);
-                async move {
-                    if ready {
-                        (StatusCode::OK, "ready")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "starting")
-                    }
-                }
-            }),
-        )
+            }
+        }),
+    )
 }
 
 /// The values are what `/metrics` is for; in a log line (the operator logs
