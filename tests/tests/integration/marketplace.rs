@@ -1038,6 +1038,97 @@ async fn every_method_refuses_a_call_without_a_valid_token(db: Db) -> anyhow::Re
     Ok(())
 }
 
+/// Each PostgreSQL migration is a hand-written twin of its SQLite one; this
+/// keeps the twins honest. After every migration has run on both, the two
+/// databases have the same tables, each with the same columns, nullability
+/// and kind of type (integer, text, bytes, float), and the same indexes.
+#[tokio::test]
+async fn both_stores_migrate_to_the_same_schema() -> anyhow::Result<()> {
+    use sqlx::Row as _;
+    type Schema = std::collections::BTreeMap<String, Vec<(String, bool, &'static str)>>;
+    let family = |declared: &str| -> anyhow::Result<&'static str> {
+        Ok(match declared.to_ascii_lowercase().as_str() {
+            "integer" | "bigint" | "smallint" => "integer",
+            "text" | "character varying" => "text",
+            "blob" | "bytea" => "bytes",
+            "real" | "double precision" => "float",
+            other => anyhow::bail!("a column type the schema check does not know: {other}"),
+        })
+    };
+    let sqlite = TestMarket::start(Db::Sqlite).await?;
+    let postgres = TestMarket::start(Db::Postgres).await?;
+
+    let mut lite: Schema = Schema::new();
+    for row in sqlx::query(
+        "SELECT m.name AS table_name, p.name AS column_name, \
+                CAST(p.\"notnull\" OR p.pk > 0 AS INTEGER) AS required, p.type AS declared \
+         FROM sqlite_master m JOIN pragma_table_info(m.name) p \
+         WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' AND m.name NOT LIKE '_sqlx%' \
+         ORDER BY m.name, p.cid",
+    )
+    .fetch_all(&sqlite.raw_pool().await?)
+    .await?
+    {
+        lite.entry(row.try_get("table_name")?).or_default().push((
+            row.try_get("column_name")?,
+            row.try_get::<i64, _>("required")? != 0,
+            family(&row.try_get::<String, _>("declared")?)?,
+        ));
+    }
+    let mut pg: Schema = Schema::new();
+    for row in sqlx::query(
+        "SELECT table_name::text AS table_name, column_name::text AS column_name, \
+                CAST(is_nullable = 'NO' AS INTEGER) AS required, data_type::text AS declared \
+         FROM information_schema.columns \
+         WHERE table_schema = current_schema() AND table_name NOT LIKE '_sqlx%' \
+         ORDER BY table_name, ordinal_position",
+    )
+    .fetch_all(&postgres.raw_pool().await?)
+    .await?
+    {
+        pg.entry(row.try_get("table_name")?).or_default().push((
+            row.try_get("column_name")?,
+            row.try_get::<i64, _>("required")? != 0,
+            family(&row.try_get::<String, _>("declared")?)?,
+        ));
+    }
+    ensure!(
+        lite.len() >= 10,
+        "only {} tables read from SQLite",
+        lite.len()
+    );
+    assert_eq!(
+        lite.keys().collect::<Vec<_>>(),
+        pg.keys().collect::<Vec<_>>(),
+        "the same tables"
+    );
+    for (table, columns) in &lite {
+        assert_eq!(columns, &pg[table], "columns of {table} (SQLite left)");
+    }
+
+    let lite_indexes: Vec<String> = sqlx::query(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL ORDER BY name",
+    )
+    .fetch_all(&sqlite.raw_pool().await?)
+    .await?
+    .iter()
+    .map(|row| row.try_get("name"))
+    .collect::<Result<_, _>>()?;
+    let pg_indexes: Vec<String> = sqlx::query(
+        "SELECT indexname::text AS name FROM pg_indexes \
+         WHERE schemaname = current_schema() AND indexdef NOT LIKE '%UNIQUE%' ORDER BY indexname",
+    )
+    .fetch_all(&postgres.raw_pool().await?)
+    .await?
+    .iter()
+    .map(|row| row.try_get("name"))
+    .collect::<Result<_, _>>()?;
+    assert_eq!(lite_indexes, pg_indexes, "the same indexes (SQLite left)");
+    sqlite.stop().await;
+    postgres.stop().await;
+    Ok(())
+}
+
 async fn bad_input_is_refused_with_the_field_named(db: Db) -> anyhow::Result<()> {
     let market = TestMarket::start(db).await?;
     let cast = Cast::create(&market).await?;
