@@ -27,7 +27,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// CivicGrid marketplace client.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     /// The marketplace server.
     #[arg(
@@ -73,26 +73,7 @@ enum Command {
     #[command(subcommand)]
     Product(ProductCommand),
     /// Search the catalog of published products.
-    Catalog {
-        /// Words that must all appear.
-        #[arg(long = "keyword")]
-        keywords: Vec<String>,
-        #[arg(long, default_value = "")]
-        tier: String,
-        #[arg(long, default_value = "")]
-        region: String,
-        #[arg(long, default_value = "")]
-        provider: String,
-        /// public, internal, sensitive or blocked.
-        #[arg(long)]
-        max_sensitivity: Option<String>,
-        /// Print the whole public catalog as DCAT-AP JSON-LD instead.
-        #[arg(long)]
-        dcat: bool,
-        /// Base of the URIs in the DCAT-AP export.
-        #[arg(long, default_value = "")]
-        base_uri: String,
-    },
+    Catalog(CatalogArgs),
     /// The demand list: data consumers need, and providers' answers.
     #[command(subcommand)]
     Demand(DemandCommand),
@@ -104,41 +85,9 @@ enum Command {
     Audit(AuditCommand),
     /// Run SQL (or an approved algorithm) on a product under your contract.
     /// The result goes to stdout; the usage and charge to stderr.
-    Query {
-        #[arg(long)]
-        product: String,
-        /// The SQL (for an algorithm: its input).
-        #[arg(long, default_value = "")]
-        sql: String,
-        /// A consumer algorithm to run instead of SQL: a Wasm component of
-        /// sandbox/wit/algorithm.wit (or a core module of the core ABI).
-        #[arg(long)]
-        algorithm: Option<PathBuf>,
-        /// Retry with the same key to get the first outcome without paying
-        /// twice. Default: a fresh random key (printed, to retry with).
-        #[arg(long)]
-        key: Option<String>,
-        /// Most compute units the query may use (0: the server's default;
-        /// must be 0 on a product that withholds rows).
-        #[arg(long, default_value_t = 0)]
-        max_compute_units: i64,
-        /// How to print the result rows.
-        #[arg(long, value_enum, default_value_t = RowFormat::Table)]
-        format: RowFormat,
-    },
+    Query(QueryArgs),
     /// Queries run: yours; your products' (providers); all (regulators).
-    Usage {
-        #[arg(long, default_value = "")]
-        product: String,
-        /// An organization (platform-admins and regulators).
-        #[arg(long, default_value = "")]
-        org: String,
-        /// A month, YYYY-MM.
-        #[arg(long, default_value = "")]
-        period: String,
-        #[arg(long, default_value_t = 0)]
-        limit: i64,
-    },
+    Usage(UsageArgs),
     /// Balances, deposits, invoices and the ledger.
     #[command(subcommand)]
     Billing(BillingCommand),
@@ -149,6 +98,66 @@ enum Command {
     /// Run the whole story against `civicgrid up`: register, approve,
     /// contract, query, bill, suppression, audit verification.
     Demo(demo::DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct CatalogArgs {
+    /// Words that must all appear.
+    #[arg(long = "keyword")]
+    keywords: Vec<String>,
+    #[arg(long, default_value = "")]
+    tier: String,
+    #[arg(long, default_value = "")]
+    region: String,
+    #[arg(long, default_value = "")]
+    provider: String,
+    /// public, internal, sensitive or blocked.
+    #[arg(long)]
+    max_sensitivity: Option<String>,
+    /// Print the whole public catalog as DCAT-AP JSON-LD instead.
+    #[arg(long)]
+    dcat: bool,
+    /// Base of the URIs in the DCAT-AP export.
+    #[arg(long, default_value = "")]
+    base_uri: String,
+}
+
+#[derive(clap::Args)]
+struct QueryArgs {
+    #[arg(long)]
+    product: String,
+    /// The SQL (for an algorithm: its input).
+    #[arg(long, default_value = "")]
+    sql: String,
+    /// A consumer algorithm to run instead of SQL: a Wasm component of
+    /// sandbox/wit/algorithm.wit (or a core module of the core ABI).
+    #[arg(long)]
+    algorithm: Option<PathBuf>,
+    /// Retry with the same key to get the first outcome without paying
+    /// twice. Default: a fresh random key (printed, to retry with).
+    #[arg(long)]
+    key: Option<String>,
+    /// Most compute units the query may use (0: the server's default;
+    /// must be 0 on a product that withholds rows).
+    #[arg(long, default_value_t = 0)]
+    max_compute_units: i64,
+    /// How to print the result rows.
+    #[arg(long, value_enum, default_value_t = RowFormat::Table)]
+    format: RowFormat,
+}
+
+#[derive(clap::Args)]
+struct UsageArgs {
+    #[arg(long, default_value = "")]
+    product: String,
+    /// An organization (platform-admins and regulators).
+    #[arg(long, default_value = "")]
+    org: String,
+    /// A month, YYYY-MM.
+    #[arg(long, default_value = "")]
+    period: String,
+    #[arg(long, default_value_t = 0)]
+    limit: i64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -713,397 +722,426 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     .into_inner(),
             )?;
         }
-        Command::Product(command) => {
-            let r = &mut c.registry;
-            let product = match command {
-                ProductCommand::Create { id, spec } => {
-                    r.create_product(proto::CreateProductRequest {
-                        id,
-                        spec: Some(read_spec(&spec)?),
-                    })
-                    .await?
-                }
-                ProductCommand::Submit { id } => {
-                    r.submit_product(action(id, String::new())).await?
-                }
-                ProductCommand::Notice { id, days } => {
-                    r.start_public_notice(proto::StartPublicNoticeRequest {
-                        product_id: id,
-                        notice_days: days,
-                    })
-                    .await?
-                }
-                ProductCommand::Approve { id } => {
-                    r.approve_registration(action(id, String::new())).await?
-                }
-                ProductCommand::Reject { id, reason } => {
-                    r.reject_registration(action(id, reason)).await?
-                }
-                ProductCommand::Publish { id } => {
-                    r.publish_product(action(id, String::new())).await?
-                }
-                ProductCommand::Suspend { id, reason } => {
-                    r.suspend_product(action(id, reason)).await?
-                }
-                ProductCommand::Retire { id, reason } => {
-                    r.retire_product(action(id, reason)).await?
-                }
-                ProductCommand::Revise { id, spec, reason } => {
-                    r.revise_product(proto::ReviseProductRequest {
-                        product_id: id,
-                        spec: Some(read_spec(&spec)?),
-                        reason,
-                    })
-                    .await?
-                }
-                ProductCommand::ApproveRevision { id } => {
-                    r.approve_revision(action(id, String::new())).await?
-                }
-                ProductCommand::RejectRevision { id, reason } => {
-                    r.reject_revision(action(id, reason)).await?
-                }
-                ProductCommand::Transfer { id, to, reason } => {
-                    r.transfer_product(proto::TransferProductRequest {
-                        product_id: id,
-                        to_organization_id: to,
-                        reason,
-                    })
-                    .await?
-                }
-                ProductCommand::Get { id } => {
-                    r.get_product(proto::GetProductRequest { product_id: id })
-                        .await?
-                }
-                ProductCommand::Events { id } => {
-                    let events = r
-                        .list_registration_events(proto::GetProductRequest { product_id: id })
-                        .await?;
-                    print(output, &events.into_inner())?;
-                    return Ok(0);
-                }
-            };
-            print(output, &product.into_inner())?;
+        Command::Product(command) => return product(&mut c, output, command).await,
+        Command::Catalog(args) => return catalog(&mut c, output, args).await,
+        Command::Demand(command) => return demand(&mut c, output, command).await,
+        Command::Contract(command) => return contract(&mut c, output, command).await,
+        Command::Query(args) => return query(&mut c, args).await,
+        Command::Usage(args) => return usage(&mut c, output, args).await,
+        Command::Billing(command) => return billing(&mut c, output, command).await,
+        Command::Audit(command) => return audit(&mut c, output, command).await,
+        Command::Up(_) | Command::Demo(_) => unreachable!("handled before connecting"),
+    }
+    Ok(0)
+}
+
+/// A product through its lifecycle, as its provider, reviewer or the platform.
+async fn product(c: &mut Clients, output: Output, command: ProductCommand) -> anyhow::Result<i32> {
+    let r = &mut c.registry;
+    let product = match command {
+        ProductCommand::Create { id, spec } => {
+            r.create_product(proto::CreateProductRequest {
+                id,
+                spec: Some(read_spec(&spec)?),
+            })
+            .await?
         }
-        Command::Catalog {
+        ProductCommand::Submit { id } => r.submit_product(action(id, String::new())).await?,
+        ProductCommand::Notice { id, days } => {
+            r.start_public_notice(proto::StartPublicNoticeRequest {
+                product_id: id,
+                notice_days: days,
+            })
+            .await?
+        }
+        ProductCommand::Approve { id } => r.approve_registration(action(id, String::new())).await?,
+        ProductCommand::Reject { id, reason } => r.reject_registration(action(id, reason)).await?,
+        ProductCommand::Publish { id } => r.publish_product(action(id, String::new())).await?,
+        ProductCommand::Suspend { id, reason } => r.suspend_product(action(id, reason)).await?,
+        ProductCommand::Retire { id, reason } => r.retire_product(action(id, reason)).await?,
+        ProductCommand::Revise { id, spec, reason } => {
+            r.revise_product(proto::ReviseProductRequest {
+                product_id: id,
+                spec: Some(read_spec(&spec)?),
+                reason,
+            })
+            .await?
+        }
+        ProductCommand::ApproveRevision { id } => {
+            r.approve_revision(action(id, String::new())).await?
+        }
+        ProductCommand::RejectRevision { id, reason } => {
+            r.reject_revision(action(id, reason)).await?
+        }
+        ProductCommand::Transfer { id, to, reason } => {
+            r.transfer_product(proto::TransferProductRequest {
+                product_id: id,
+                to_organization_id: to,
+                reason,
+            })
+            .await?
+        }
+        ProductCommand::Get { id } => {
+            r.get_product(proto::GetProductRequest { product_id: id })
+                .await?
+        }
+        ProductCommand::Events { id } => {
+            let events = r
+                .list_registration_events(proto::GetProductRequest { product_id: id })
+                .await?;
+            print(output, &events.into_inner())?;
+            return Ok(0);
+        }
+    };
+    print(output, &product.into_inner())?;
+    Ok(0)
+}
+
+/// The demand list.
+async fn demand(c: &mut Clients, output: Output, command: DemandCommand) -> anyhow::Result<i32> {
+    let r = &mut c.registry;
+    match command {
+        DemandCommand::Post {
+            title,
+            description,
             keywords,
             tier,
             region,
-            provider,
-            max_sensitivity,
-            dcat,
-            base_uri,
+            monthly_budget_minor,
+            currency,
         } => {
-            if dcat {
-                let export = c
-                    .registry
-                    .export_catalog(proto::ExportCatalogRequest { base_uri })
-                    .await?
-                    .into_inner();
-                println!("{}", export.json_ld);
-                return Ok(0);
-            }
-            let max_sensitivity = max_sensitivity
-                .as_deref()
-                .map(sensitivity)
-                .transpose()?
-                .unwrap_or_default();
-            let request = proto::SearchCatalogRequest {
+            let request = proto::PostDemandRequest {
+                title,
+                description,
                 keywords,
                 tier,
                 region,
-                provider_organization_id: provider,
-                max_sensitivity: max_sensitivity as i32,
+                monthly_budget_minor,
+                currency,
             };
+            print(output, &r.post_demand(request).await?.into_inner())?;
+        }
+        DemandCommand::Answer {
+            demand,
+            product,
+            message,
+        } => {
+            let request = proto::AnswerDemandRequest {
+                demand_id: demand,
+                product_id: product,
+                message,
+            };
+            print(output, &r.answer_demand(request).await?.into_inner())?;
+        }
+        DemandCommand::Close { demand, reason } => {
             print(
                 output,
-                &c.registry.search_catalog(request).await?.into_inner(),
+                &r.close_demand(proto::CloseDemandRequest {
+                    demand_id: demand,
+                    reason,
+                })
+                .await?
+                .into_inner(),
             )?;
         }
-        Command::Demand(command) => {
-            let r = &mut c.registry;
-            match command {
-                DemandCommand::Post {
-                    title,
-                    description,
-                    keywords,
-                    tier,
-                    region,
-                    monthly_budget_minor,
-                    currency,
-                } => {
-                    let request = proto::PostDemandRequest {
-                        title,
-                        description,
-                        keywords,
-                        tier,
-                        region,
-                        monthly_budget_minor,
-                        currency,
-                    };
-                    print(output, &r.post_demand(request).await?.into_inner())?;
-                }
-                DemandCommand::Answer {
-                    demand,
-                    product,
-                    message,
-                } => {
-                    let request = proto::AnswerDemandRequest {
-                        demand_id: demand,
-                        product_id: product,
-                        message,
-                    };
-                    print(output, &r.answer_demand(request).await?.into_inner())?;
-                }
-                DemandCommand::Close { demand, reason } => {
-                    print(
-                        output,
-                        &r.close_demand(proto::CloseDemandRequest {
-                            demand_id: demand,
-                            reason,
-                        })
-                        .await?
-                        .into_inner(),
-                    )?;
-                }
-                DemandCommand::List {
+        DemandCommand::List {
+            include_closed,
+            keywords,
+        } => {
+            print(
+                output,
+                &r.list_demands(proto::ListDemandsRequest {
                     include_closed,
                     keywords,
-                } => {
-                    print(
-                        output,
-                        &r.list_demands(proto::ListDemandsRequest {
-                            include_closed,
-                            keywords,
-                        })
-                        .await?
-                        .into_inner(),
-                    )?;
-                }
-            }
-        }
-        Command::Contract(command) => {
-            let k = &mut c.contracts;
-            let contract = match command {
-                ContractCommand::Request {
-                    product,
-                    plan,
-                    aggregate,
-                    list_columns,
-                    algorithms,
-                    monthly_quota,
-                    days,
-                    purpose,
-                } => {
-                    k.request_contract(proto::RequestContractRequest {
-                        product_id: product,
-                        plan_id: plan,
-                        operations: Some(proto::AllowedOperations {
-                            aggregate_sql: aggregate,
-                            list_columns,
-                            algorithm_sha256: algorithms,
-                        }),
-                        monthly_query_quota: monthly_quota,
-                        duration_days: days,
-                        purpose,
-                    })
-                    .await?
-                }
-                ContractCommand::Approve { id, reason } => {
-                    k.approve_contract(proto::ContractAction {
-                        contract_id: id,
-                        reason,
-                    })
-                    .await?
-                }
-                ContractCommand::Reject { id, reason } => {
-                    k.reject_contract(proto::ContractAction {
-                        contract_id: id,
-                        reason,
-                    })
-                    .await?
-                }
-                ContractCommand::Revoke { id, reason } => {
-                    k.revoke_contract(proto::ContractAction {
-                        contract_id: id,
-                        reason,
-                    })
-                    .await?
-                }
-                ContractCommand::Get { id } => {
-                    k.get_contract(proto::ContractAction {
-                        contract_id: id,
-                        reason: String::new(),
-                    })
-                    .await?
-                }
-                ContractCommand::List { product } => {
-                    print(
-                        output,
-                        &k.list_contracts(proto::ListContractsRequest {
-                            product_id: product,
-                        })
-                        .await?
-                        .into_inner(),
-                    )?;
-                    return Ok(0);
-                }
-                ContractCommand::Check {
-                    product,
-                    operation,
-                    columns,
-                    algorithm,
-                } => {
-                    let kind = proto::OperationKind::from_str_name(&format!(
-                        "OPERATION_KIND_{}",
-                        operation.to_uppercase().replace('-', "_")
-                    ))
-                    .with_context(|| {
-                        format!(
-                            "--operation: {operation:?} is not aggregate-sql, list-sql or algorithm"
-                        )
-                    })?;
-                    let answer = k
-                        .check_operation(proto::CheckOperationRequest {
-                            product_id: product,
-                            operation: kind as i32,
-                            columns,
-                            algorithm_sha256: algorithm,
-                        })
-                        .await?
-                        .into_inner();
-                    print(output, &answer)?;
-                    return Ok(if answer.allowed { 0 } else { 3 });
-                }
-            };
-            print(output, &contract.into_inner())?;
-        }
-        Command::Query {
-            product,
-            sql,
-            algorithm,
-            key,
-            max_compute_units,
-            format,
-        } => {
-            let algorithm_wasm = match &algorithm {
-                Some(path) => std::fs::read(path)
-                    .with_context(|| format!("--algorithm: reading {}", path.display()))?,
-                None => Vec::new(),
-            };
-            let key =
-                key.unwrap_or_else(|| format!("cli-{}", hex::encode(rand::random::<[u8; 12]>())));
-            let mut stream = c
-                .queries
-                .run_query(proto::RunQueryRequest {
-                    product_id: product,
-                    sql,
-                    algorithm_wasm,
-                    idempotency_key: key.clone(),
-                    max_compute_units,
                 })
-                .await
-                .inspect_err(|_| eprintln!("idempotency key: {key} (retry with --key {key})"))?
-                .into_inner();
-            let mut summary = None;
-            let mut ipc = Vec::new();
-            while let Some(message) = stream.message().await? {
-                match message.message {
-                    Some(proto::run_query_response::Message::Summary(s)) => summary = Some(s),
-                    Some(proto::run_query_response::Message::ArrowIpc(bytes)) => {
-                        ipc.extend_from_slice(&bytes);
-                    }
-                    None => {}
-                }
-            }
-            let summary = summary.context("the server sent no query summary")?;
-            print_rows(&ipc, format)?;
-            eprintln!(
-                "query {} ({}{}): {} rows released{}, {} compute units{}, \
-                 charged {} of {} held ({} minor units), audit entry {}; key {key}",
-                summary.query_id,
-                summary.state,
-                if summary.replayed { ", replayed" } else { "" },
-                summary.rows_released,
-                if summary.truncated { ", truncated" } else { "" },
-                summary.compute_units,
-                if summary.metering == "withheld" {
-                    " (withheld: the product withholds rows)"
-                } else {
-                    ""
-                },
-                summary.charge_minor,
-                summary.held_minor,
-                summary.currency,
-                summary.audit_index,
-            );
+                .await?
+                .into_inner(),
+            )?;
         }
-        Command::Usage {
+    }
+    Ok(0)
+}
+
+/// Contracts; `check` exits 3 when the operation is not allowed.
+async fn contract(
+    c: &mut Clients,
+    output: Output,
+    command: ContractCommand,
+) -> anyhow::Result<i32> {
+    let k = &mut c.contracts;
+    let contract = match command {
+        ContractCommand::Request {
             product,
-            org,
-            period,
-            limit,
+            plan,
+            aggregate,
+            list_columns,
+            algorithms,
+            monthly_quota,
+            days,
+            purpose,
         } => {
-            let usage = c
-                .queries
-                .list_usage(proto::ListUsageRequest {
+            k.request_contract(proto::RequestContractRequest {
+                product_id: product,
+                plan_id: plan,
+                operations: Some(proto::AllowedOperations {
+                    aggregate_sql: aggregate,
+                    list_columns,
+                    algorithm_sha256: algorithms,
+                }),
+                monthly_query_quota: monthly_quota,
+                duration_days: days,
+                purpose,
+            })
+            .await?
+        }
+        ContractCommand::Approve { id, reason } => {
+            k.approve_contract(proto::ContractAction {
+                contract_id: id,
+                reason,
+            })
+            .await?
+        }
+        ContractCommand::Reject { id, reason } => {
+            k.reject_contract(proto::ContractAction {
+                contract_id: id,
+                reason,
+            })
+            .await?
+        }
+        ContractCommand::Revoke { id, reason } => {
+            k.revoke_contract(proto::ContractAction {
+                contract_id: id,
+                reason,
+            })
+            .await?
+        }
+        ContractCommand::Get { id } => {
+            k.get_contract(proto::ContractAction {
+                contract_id: id,
+                reason: String::new(),
+            })
+            .await?
+        }
+        ContractCommand::List { product } => {
+            print(
+                output,
+                &k.list_contracts(proto::ListContractsRequest {
                     product_id: product,
-                    organization_id: org,
-                    period,
-                    limit,
+                })
+                .await?
+                .into_inner(),
+            )?;
+            return Ok(0);
+        }
+        ContractCommand::Check {
+            product,
+            operation,
+            columns,
+            algorithm,
+        } => {
+            let kind = proto::OperationKind::from_str_name(&format!(
+                "OPERATION_KIND_{}",
+                operation.to_uppercase().replace('-', "_")
+            ))
+            .with_context(|| {
+                format!("--operation: {operation:?} is not aggregate-sql, list-sql or algorithm")
+            })?;
+            let answer = k
+                .check_operation(proto::CheckOperationRequest {
+                    product_id: product,
+                    operation: kind as i32,
+                    columns,
+                    algorithm_sha256: algorithm,
                 })
                 .await?
                 .into_inner();
-            print(output, &usage)?;
+            print(output, &answer)?;
+            return Ok(if answer.allowed { 0 } else { 3 });
         }
-        Command::Billing(command) => {
-            let b = &mut c.billing;
-            match command {
-                BillingCommand::Deposit {
-                    org,
-                    amount,
-                    currency,
-                    reference,
-                } => print(
-                    output,
-                    &b.deposit(proto::DepositRequest {
-                        organization_id: org,
-                        amount_minor: amount,
-                        currency,
-                        reference,
-                    })
-                    .await?
-                    .into_inner(),
-                )?,
-                BillingCommand::Balance { org } => print(
-                    output,
-                    &b.get_balance(proto::GetBalanceRequest {
-                        organization_id: org,
-                    })
-                    .await?
-                    .into_inner(),
-                )?,
-                BillingCommand::Invoice { period, org } => print(
-                    output,
-                    &b.get_invoice(proto::GetInvoiceRequest {
-                        organization_id: org,
-                        period,
-                    })
-                    .await?
-                    .into_inner(),
-                )?,
-                BillingCommand::Ledger => {
-                    let summary = b
-                        .get_ledger_summary(proto::GetLedgerSummaryRequest {})
-                        .await?
-                        .into_inner();
-                    print(output, &summary)?;
-                    let sound = summary.totals_minor.values().all(|total| *total == 0)
-                        && summary.unbalanced_accounts.is_empty();
-                    return Ok(if sound { 0 } else { 3 });
-                }
+    };
+    print(output, &contract.into_inner())?;
+    Ok(0)
+}
+
+/// Balances, deposits, invoices and the ledger; `summary` exits 3 when the books do not balance.
+async fn billing(c: &mut Clients, output: Output, command: BillingCommand) -> anyhow::Result<i32> {
+    let b = &mut c.billing;
+    match command {
+        BillingCommand::Deposit {
+            org,
+            amount,
+            currency,
+            reference,
+        } => print(
+            output,
+            &b.deposit(proto::DepositRequest {
+                organization_id: org,
+                amount_minor: amount,
+                currency,
+                reference,
+            })
+            .await?
+            .into_inner(),
+        )?,
+        BillingCommand::Balance { org } => print(
+            output,
+            &b.get_balance(proto::GetBalanceRequest {
+                organization_id: org,
+            })
+            .await?
+            .into_inner(),
+        )?,
+        BillingCommand::Invoice { period, org } => print(
+            output,
+            &b.get_invoice(proto::GetInvoiceRequest {
+                organization_id: org,
+                period,
+            })
+            .await?
+            .into_inner(),
+        )?,
+        BillingCommand::Ledger => {
+            let summary = b
+                .get_ledger_summary(proto::GetLedgerSummaryRequest {})
+                .await?
+                .into_inner();
+            print(output, &summary)?;
+            let sound = summary.totals_minor.values().all(|total| *total == 0)
+                && summary.unbalanced_accounts.is_empty();
+            return Ok(if sound { 0 } else { 3 });
+        }
+    }
+    Ok(0)
+}
+
+/// Search the catalog, or print it as DCAT-AP.
+async fn catalog(c: &mut Clients, output: Output, args: CatalogArgs) -> anyhow::Result<i32> {
+    let CatalogArgs {
+        keywords,
+        tier,
+        region,
+        provider,
+        max_sensitivity,
+        dcat,
+        base_uri,
+    } = args;
+    if dcat {
+        let export = c
+            .registry
+            .export_catalog(proto::ExportCatalogRequest { base_uri })
+            .await?
+            .into_inner();
+        println!("{}", export.json_ld);
+        return Ok(0);
+    }
+    let max_sensitivity = max_sensitivity
+        .as_deref()
+        .map(sensitivity)
+        .transpose()?
+        .unwrap_or_default();
+    let request = proto::SearchCatalogRequest {
+        keywords,
+        tier,
+        region,
+        provider_organization_id: provider,
+        max_sensitivity: max_sensitivity as i32,
+    };
+    print(
+        output,
+        &c.registry.search_catalog(request).await?.into_inner(),
+    )?;
+    Ok(0)
+}
+
+/// Runs a query and prints its rows (stdout) and its bill (stderr).
+async fn query(c: &mut Clients, args: QueryArgs) -> anyhow::Result<i32> {
+    let QueryArgs {
+        product,
+        sql,
+        algorithm,
+        key,
+        max_compute_units,
+        format,
+    } = args;
+    let algorithm_wasm = match &algorithm {
+        Some(path) => std::fs::read(path)
+            .with_context(|| format!("--algorithm: reading {}", path.display()))?,
+        None => Vec::new(),
+    };
+    let key = key.unwrap_or_else(|| format!("cli-{}", hex::encode(rand::random::<[u8; 12]>())));
+    let mut stream = c
+        .queries
+        .run_query(proto::RunQueryRequest {
+            product_id: product,
+            sql,
+            algorithm_wasm,
+            idempotency_key: key.clone(),
+            max_compute_units,
+        })
+        .await
+        .inspect_err(|_| eprintln!("idempotency key: {key} (retry with --key {key})"))?
+        .into_inner();
+    let mut summary = None;
+    let mut ipc = Vec::new();
+    while let Some(message) = stream.message().await? {
+        match message.message {
+            Some(proto::run_query_response::Message::Summary(s)) => summary = Some(s),
+            Some(proto::run_query_response::Message::ArrowIpc(bytes)) => {
+                ipc.extend_from_slice(&bytes);
             }
+            None => {}
         }
-        Command::Audit(AuditCommand::Checkpoint { save }) => {
+    }
+    let summary = summary.context("the server sent no query summary")?;
+    print_rows(&ipc, format)?;
+    eprintln!(
+        "query {} ({}{}): {} rows released{}, {} compute units{}, \
+             charged {} of {} held ({} minor units), audit entry {}; key {key}",
+        summary.query_id,
+        summary.state,
+        if summary.replayed { ", replayed" } else { "" },
+        summary.rows_released,
+        if summary.truncated { ", truncated" } else { "" },
+        summary.compute_units,
+        if summary.metering == "withheld" {
+            " (withheld: the product withholds rows)"
+        } else {
+            ""
+        },
+        summary.charge_minor,
+        summary.held_minor,
+        summary.currency,
+        summary.audit_index,
+    );
+    Ok(0)
+}
+
+/// Lists queries run.
+async fn usage(c: &mut Clients, output: Output, args: UsageArgs) -> anyhow::Result<i32> {
+    let UsageArgs {
+        product,
+        org,
+        period,
+        limit,
+    } = args;
+    let usage = c
+        .queries
+        .list_usage(proto::ListUsageRequest {
+            product_id: product,
+            organization_id: org,
+            period,
+            limit,
+        })
+        .await?
+        .into_inner();
+    print(output, &usage)?;
+    Ok(0)
+}
+
+/// The audit log; `verify` exits 2 when the log does not check out.
+async fn audit(c: &mut Clients, output: Output, command: AuditCommand) -> anyhow::Result<i32> {
+    match command {
+        AuditCommand::Checkpoint { save } => {
             let checkpoint = c
                 .audit
                 .get_checkpoint(proto::GetCheckpointRequest {})
@@ -1115,13 +1153,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             print(output, &checkpoint)?;
         }
-        Command::Audit(AuditCommand::Entries {
+        AuditCommand::Entries {
             start,
             end,
             kind_prefix,
             tenant,
             raw,
-        }) => {
+        } => {
             let entries = c
                 .audit
                 .get_entries(proto::GetEntriesRequest {
@@ -1162,13 +1200,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .collect();
             print(output, &serde_json::json!({ "entries": rows }))?;
         }
-        Command::Up(_) | Command::Demo(_) => unreachable!("handled before connecting"),
-        Command::Audit(AuditCommand::Verify {
+        AuditCommand::Verify {
             key,
             origin,
             checkpoint,
             update,
-        }) => {
+        } => {
             let key: NoteVerifier = key.parse().context("--key")?;
             let origin = origin.unwrap_or_else(|| key.name().to_owned());
             let saved = checkpoint
