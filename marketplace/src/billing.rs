@@ -13,7 +13,7 @@ use crate::store::{Backend, Param, WriteBatch, now_ms};
 /// The SQL condition, over `queries` as `q`, of a settled query that counts
 /// against its contract's quota (and so is invoiced): all but those that
 /// found no free sandbox slot, which `queries::classify` alone settles as
-/// `Unavailable` (14).
+/// [`crate::error::Unanswered::Busy`] (stored as 14).
 pub(crate) const COUNTED_QUERY: &str = "q.state <> 'running' AND q.error_code <> 14";
 
 /// Most rows a per-row plan holds funds for; a query never costs more than

@@ -63,6 +63,18 @@ pub enum MarketError {
     /// casbin failed.
     #[error("access control error: {0}")]
     Access(String),
+    /// A query got no answer: the policy or the planner refused it, a
+    /// limit stopped it, or it failed while running. `message` is what its
+    /// consumer may read (never the engine's own text).
+    #[error("query {query_id}: {message}")]
+    Unanswered {
+        /// The query.
+        query_id: String,
+        /// Why, in the terms every replay reports.
+        kind: Unanswered,
+        /// What the consumer reads.
+        message: String,
+    },
     /// The file system failed (keys, data directory).
     #[error("{context}")]
     Io {
@@ -72,6 +84,47 @@ pub enum MarketError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Why a query got no answer. Each kind is kept in `queries.error_code` as
+/// the number of the gRPC status it has always been reported with, so
+/// stored outcomes and replays read the same before and after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unanswered {
+    /// Its SQL or input was refused by the planner, or failed on its own
+    /// terms while running (a cast, a division by zero).
+    Invalid = 3,
+    /// The output policy or the algorithm approval refused it.
+    Denied = 7,
+    /// A limit ran out: compute, time, memory, stack, result size or the
+    /// privacy budget.
+    Exhausted = 8,
+    /// The sandbox or the platform failed.
+    Internal = 13,
+    /// No sandbox slot was free; retrying may succeed (not counted).
+    Busy = 14,
+}
+
+impl Unanswered {
+    /// The number stored in `queries.error_code`.
+    #[must_use]
+    pub fn stored(self) -> i64 {
+        self as i64
+    }
+
+    /// The kind a stored `error_code` names; `None` for 0 (answered).
+    /// A number no kind uses reads as `Internal`.
+    #[must_use]
+    pub fn from_stored(code: i64) -> Option<Self> {
+        Some(match code {
+            0 => return None,
+            3 => Self::Invalid,
+            7 => Self::Denied,
+            8 => Self::Exhausted,
+            14 => Self::Busy,
+            _ => Self::Internal,
+        })
+    }
 }
 
 /// Checks a free-text field: present if `required`, at most `max` bytes.

@@ -130,27 +130,11 @@ impl Marketplace {
         Ok(token)
     }
 
-    /// The principal behind an `authorization: Bearer <token>` header.
+    /// The principal a bearer token's secret belongs to.
     ///
     /// # Errors
-    /// `Unauthenticated` without a header, with a malformed one, or with a
-    /// token that is unknown, revoked or expired.
-    pub(crate) async fn authenticate(
-        &self,
-        header: Option<&tonic::codegen::http::HeaderValue>,
-    ) -> Result<Principal> {
-        let header = header.ok_or_else(|| {
-            MarketError::Unauthenticated("send `authorization: Bearer <token>`".into())
-        })?;
-        let secret = header
-            .to_str()
-            .ok()
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                MarketError::Unauthenticated(
-                    "the authorization header must be `Bearer <token>`".into(),
-                )
-            })?;
+    /// `Unauthenticated` for a token that is unknown, revoked or expired.
+    pub(crate) async fn authenticate(&self, secret: &str) -> Result<Principal> {
         let mut connection = self.store.reader().acquire().await?;
         identity::authenticate(&mut connection, &TokenSecret::new(secret.to_owned())).await
     }

@@ -24,12 +24,11 @@ use civicgrid_sandbox::{
 };
 use sha2::{Digest as _, Sha256};
 use sqlx::{AnyConnection, Row as _};
-use tonic::Code;
 
 use crate::audit::log::{self, Event};
 use crate::audit::merkle::Frontier;
 use crate::billing::{self, AccountKind, PeriodUsage, Posting, QueryUse};
-use crate::error::{MarketError, Result};
+use crate::error::{MarketError, Result, Unanswered};
 use crate::identity::Principal;
 use crate::metering::Metering;
 pub use crate::policy::sandbox_policy;
@@ -239,11 +238,11 @@ pub struct QueryEngine {
     products_seen: std::sync::RwLock<HashMap<String, Arc<StoredProduct>>>,
     /// Each consumer organization's recent refused or failed queries and
     /// its queries running, for [`EngineConfig::unanswered_per_minute`].
-    unanswered: std::sync::Mutex<HashMap<String, Unanswered>>,
+    unanswered: std::sync::Mutex<HashMap<String, RecentRefusals>>,
 }
 
 #[derive(Debug, Default)]
-struct Unanswered {
+struct RecentRefusals {
     /// When the last minute's refused or failed queries ended (at most the
     /// limit's number: a burst beyond it adds nothing).
     recent: std::collections::VecDeque<std::time::Instant>,
@@ -475,8 +474,8 @@ pub struct QueryOutcome {
     pub summary: proto::QuerySummary,
     /// The released result (empty unless completed).
     pub result: Vec<u8>,
-    /// For queries the sandbox refused or stopped: the status to return.
-    pub error: Option<(Code, String)>,
+    /// For queries the sandbox refused or stopped: why, and what to say.
+    pub error: Option<(Unanswered, String)>,
 }
 
 const SUMMARY_COLUMNS: &str = "id, consumer_organization_id, provider_organization_id, user_id, \
@@ -520,13 +519,11 @@ fn summary_from_row(row: &sqlx::any::AnyRow) -> Result<proto::QuerySummary> {
     })
 }
 
-fn error_of(row: &sqlx::any::AnyRow) -> Result<Option<(Code, String)>> {
-    let code: i64 = row.try_get("error_code")?;
-    if code == 0 {
-        return Ok(None);
-    }
-    let code = Code::from_i32(i32::try_from(code).unwrap_or(2));
-    Ok(Some((code, row.try_get("error")?)))
+fn error_of(row: &sqlx::any::AnyRow) -> Result<Option<(Unanswered, String)>> {
+    Ok(match Unanswered::from_stored(row.try_get("error_code")?) {
+        Some(kind) => Some((kind, row.try_get("error")?)),
+        None => None,
+    })
 }
 
 /// Deletes queries left `running` by a process that stopped mid-query: none
@@ -923,7 +920,7 @@ pub async fn run(
     metrics.outcome(&settled.summary.state);
     // A query that found no free sandbox slot is the platform's busyness,
     // not the consumer's probe.
-    let busy = matches!(&settled.error, Some((Code::Unavailable, _)));
+    let busy = matches!(&settled.error, Some((Unanswered::Busy, _)));
     if matches!(settled.summary.state.as_str(), "rejected" | "failed") && !busy {
         metrics.unanswered(&consumer);
     } else {
@@ -1346,12 +1343,12 @@ fn run_in_sandbox(
 }
 
 /// How a query the sandbox refused or stopped is settled and reported: the
-/// one place a [`SandboxError`] becomes a status, an outcome and the words a
-/// consumer reads.
+/// one place a [`SandboxError`] becomes an [`Unanswered`] kind, an outcome
+/// and the words a consumer reads (the gRPC layer alone picks the status).
 #[derive(Debug)]
 struct Disposition {
-    /// The status returned, now and on every replay.
-    code: Code,
+    /// Why, as stored and reported now and on every replay.
+    code: Unanswered,
     /// The outcome: `rejected` (the policy or the planner refused the query)
     /// or `failed`.
     state: &'static str,
@@ -1402,66 +1399,66 @@ fn classify(error: &SandboxError, fuel: u64) -> Disposition {
     };
     match error {
         SandboxError::Policy { .. } | SandboxError::AlgorithmNotApproved { .. } => {
-            precise(Code::PermissionDenied, "rejected")
+            precise(Unanswered::Denied, "rejected")
         }
-        SandboxError::Query(_) => precise(Code::InvalidArgument, "rejected"),
-        SandboxError::PrivacyBudget { .. } => precise(Code::ResourceExhausted, "rejected"),
+        SandboxError::Query(_) => precise(Unanswered::Invalid, "rejected"),
+        SandboxError::PrivacyBudget { .. } => precise(Unanswered::Exhausted, "rejected"),
         SandboxError::InvalidModule(_) | SandboxError::Link { .. } => {
-            precise(Code::InvalidArgument, "failed")
+            precise(Unanswered::Invalid, "failed")
         }
         // Every sandbox slot stayed busy: a retry may well succeed, and the
         // consumer neither pays nor uses up its quota for the platform's
         // capacity.
         SandboxError::Busy { .. } if fuel > 0 => withheld(
-            Code::ResourceExhausted,
+            Unanswered::Exhausted,
             TIME_LIMIT,
             "the query ran past its time limit",
         ),
         SandboxError::Busy { .. } => Disposition {
             counts: false,
-            ..precise(Code::Unavailable, "failed")
+            ..precise(Unanswered::Busy, "failed")
         },
         SandboxError::FuelExhausted { .. } => withheld(
-            Code::ResourceExhausted,
+            Unanswered::Exhausted,
             COMPUTE_BUDGET_EXHAUSTED,
             "the query used its whole compute budget; a larger max_compute_units, where the \
              product lets you choose one, may let it finish",
         ),
         SandboxError::Deadline { .. } => withheld(
-            Code::ResourceExhausted,
+            Unanswered::Exhausted,
             TIME_LIMIT,
             "the query ran past its time limit",
         ),
         SandboxError::MemoryLimit { .. } => withheld(
-            Code::ResourceExhausted,
+            Unanswered::Exhausted,
             MEMORY_LIMIT,
             "the query needed more memory than its limit",
         ),
         SandboxError::StackOverflow => withheld(
-            Code::ResourceExhausted,
+            Unanswered::Exhausted,
             STACK_LIMIT,
             "the query exhausted its call stack",
         ),
         SandboxError::ResultTooLarge { .. } => withheld(
-            Code::ResourceExhausted,
+            Unanswered::Exhausted,
             RESULT_TOO_LARGE,
             "the query's result is larger than the product releases at once",
         ),
         // The query's own doing (a cast that fails on some value, a
         // division by zero): the same query fails again.
         SandboxError::Execution(_) => withheld(
-            Code::InvalidArgument,
+            Unanswered::Invalid,
             EXECUTION_ERROR,
             "the query failed while running",
         ),
         // A bug in the SQL guest, or a consumer algorithm's own trap.
         SandboxError::Trap(_) => withheld(
-            Code::Internal,
+            Unanswered::Internal,
             EXECUTION_ERROR,
             "the query failed while running",
         ),
         SandboxError::Data(_) | SandboxError::Internal(_) => withheld(
-            Code::Internal,
+            Unanswered::Internal,
             INTERNAL,
             "the query failed inside the platform",
         ),
@@ -1581,7 +1578,7 @@ async fn settle(
         }
         Err(failure) => {
             let disposition = classify(&failure.error, failure.fuel);
-            if disposition.code == Code::Internal {
+            if disposition.code == Unanswered::Internal {
                 tracing::error!(
                     query = %reservation.query_id,
                     error = %failure.error,
@@ -1724,7 +1721,7 @@ async fn settle(
     metrics.stage("audit", audit_started.elapsed());
     summary.audit_index = i64::try_from(audit_index).unwrap_or(i64::MAX);
     let (error_code, error_text) = error.as_ref().map_or((0, String::new()), |(code, text)| {
-        (*code as i64, text.clone())
+        (code.stored(), text.clone())
     });
     writes.push(
         "UPDATE queries SET state = $1, error = $2, error_code = $3, fuel = $4, \
@@ -1979,14 +1976,14 @@ mod tests {
         assert_eq!(
             (cast.code, cast.message.as_str()),
             (
-                Code::InvalidArgument,
+                Unanswered::Invalid,
                 "the query failed while running (execution_error)"
             )
         );
         let refused = classify(&SandboxError::Query("no such column: salary".into()), 1);
         assert_eq!(
             (refused.code, refused.state),
-            (Code::InvalidArgument, "rejected")
+            (Unanswered::Invalid, "rejected")
         );
         assert!(refused.message.contains("salary"));
     }
@@ -1997,13 +1994,13 @@ mod tests {
     #[test]
     fn only_a_query_that_found_no_slot_goes_uncounted() {
         assert!(
-            crate::billing::COUNTED_QUERY.ends_with(&format!("<> {}", Code::Unavailable as i64))
+            crate::billing::COUNTED_QUERY.ends_with(&format!("<> {}", Unanswered::Busy.stored()))
         );
         for error in every_sandbox_error() {
             let disposition = classify(&error, 0);
             assert_eq!(
                 disposition.counts,
-                disposition.code != Code::Unavailable,
+                disposition.code != Unanswered::Busy,
                 "{error}"
             );
         }
@@ -2020,7 +2017,7 @@ mod tests {
         assert_eq!(
             (ran.code, ran.counts, ran.message.as_str()),
             (
-                Code::ResourceExhausted,
+                Unanswered::Exhausted,
                 true,
                 "the query ran past its time limit (time_limit)"
             )

@@ -71,8 +71,12 @@ where
         let market = Arc::clone(&self.market);
         Box::pin(async move {
             if request.uri().path().starts_with(AUTHENTICATED_PREFIX) {
-                let header = request.headers().get(http::header::AUTHORIZATION);
-                match market.authenticate(header).await {
+                let secret = bearer_secret(request.headers().get(http::header::AUTHORIZATION));
+                let principal = match secret {
+                    Ok(secret) => market.authenticate(secret).await,
+                    Err(error) => Err(error),
+                };
+                match principal {
                     Ok(principal) => {
                         request.extensions_mut().insert(principal);
                     }
@@ -82,6 +86,20 @@ where
             inner.call(request).await
         })
     }
+}
+
+/// The secret of an `authorization: Bearer <token>` header (visible ASCII).
+fn bearer_secret(header: Option<&http::HeaderValue>) -> Result<&str, MarketError> {
+    let header = header.ok_or_else(|| {
+        MarketError::Unauthenticated("send `authorization: Bearer <token>`".into())
+    })?;
+    header
+        .to_str()
+        .ok()
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            MarketError::Unauthenticated("the authorization header must be `Bearer <token>`".into())
+        })
 }
 
 /// The caller, as [`AuthenticateLayer`] found it.

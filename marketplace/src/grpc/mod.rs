@@ -23,9 +23,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio_stream_shim::TcpIncoming;
-use tonic::Status;
+use tonic::{Code, Status};
 
-use crate::error::MarketError;
+use crate::error::{MarketError, Unanswered};
 use crate::market::Marketplace;
 use crate::proto;
 
@@ -43,6 +43,18 @@ impl From<MarketError> for Status {
             MarketError::Unavailable(_) => Status::unavailable(error.to_string()),
             MarketError::Unauthenticated(_) => Status::unauthenticated(error.to_string()),
             MarketError::PermissionDenied { .. } => Status::permission_denied(error.to_string()),
+            // The message is already what the consumer may read, for
+            // internal failures too (a stable code, never engine text).
+            MarketError::Unanswered { kind, .. } => Status::new(
+                match kind {
+                    Unanswered::Invalid => Code::InvalidArgument,
+                    Unanswered::Denied => Code::PermissionDenied,
+                    Unanswered::Exhausted => Code::ResourceExhausted,
+                    Unanswered::Internal => Code::Internal,
+                    Unanswered::Busy => Code::Unavailable,
+                },
+                error.to_string(),
+            ),
             MarketError::Database(_)
             | MarketError::Migration(_)
             | MarketError::Corrupt(_)
@@ -120,4 +132,46 @@ pub fn local_address(listener: &tokio::net::TcpListener) -> Option<SocketAddr> {
 
 mod tokio_stream_shim {
     pub use tonic::transport::server::TcpIncoming;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A query's outcome reaches its consumer with the status it has always
+    /// had for its kind, and with its message as the consumer may read it
+    /// (even an internal failure's, which is a stable code, not engine text).
+    #[test]
+    fn an_unanswered_query_keeps_its_status_and_its_words() {
+        for (kind, code) in [
+            (Unanswered::Invalid, Code::InvalidArgument),
+            (Unanswered::Denied, Code::PermissionDenied),
+            (Unanswered::Exhausted, Code::ResourceExhausted),
+            (Unanswered::Internal, Code::Internal),
+            (Unanswered::Busy, Code::Unavailable),
+        ] {
+            let status = Status::from(MarketError::Unanswered {
+                query_id: "q-1".into(),
+                kind,
+                message: "the query failed while running (internal)".into(),
+            });
+            assert_eq!(status.code(), code, "{kind:?}");
+            assert_eq!(
+                status.message(),
+                "query q-1: the query failed while running (internal)"
+            );
+            // Stored as the status's number, so rows written before the kind
+            // existed read back the same.
+            assert_eq!(kind.stored(), code as i64, "{kind:?}");
+            assert_eq!(Unanswered::from_stored(kind.stored()), Some(kind));
+        }
+        assert_eq!(Unanswered::from_stored(0), None);
+        assert_eq!(Unanswered::from_stored(2), Some(Unanswered::Internal));
+        // Everything else internal still leaves as an opaque status.
+        let database = Status::from(MarketError::Corrupt("row 7 of products".into()));
+        assert_eq!(
+            (database.code(), database.message()),
+            (Code::Internal, "internal error")
+        );
+    }
 }

@@ -43,11 +43,13 @@ impl proto::queries_server::Queries for QueriesService {
         )
         .await
         .map_err(|error| MarketError::Corrupt(format!("query task: {error}")))??;
-        if let Some((code, message)) = outcome.error {
-            return Err(Status::new(
-                code,
-                format!("query {}: {message}", outcome.summary.query_id),
-            ));
+        if let Some((kind, message)) = outcome.error {
+            return Err(MarketError::Unanswered {
+                query_id: outcome.summary.query_id,
+                kind,
+                message,
+            }
+            .into());
         }
         let mut messages =
             Vec::with_capacity(1 + outcome.result.len() / queries::RESULT_CHUNK_BYTES + 1);
