@@ -12,7 +12,12 @@ pub mod protocol;
 #[cfg(feature = "host")]
 mod host;
 #[cfg(feature = "host")]
-pub use host::*;
+pub use host::{
+    BATCH_ROWS, CacheOutcome, DeclaredColumns, FUEL_PER_COMPUTE_UNIT, FooterCache, Guest,
+    GuestRole, Job, Limits, LocalDirectory, MAX_PARTS, MIN_UNITS_METADATA, Metering, Outcome,
+    RunFailure, SHARE_ROWS, Sandbox, SandboxConfig, SandboxError, ScanFilter, TableScan,
+    TableStore, keeps_touched_pages_resident,
+};
 
 #[cfg(target_family = "wasm")]
 pub mod guest;
