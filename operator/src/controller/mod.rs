@@ -237,6 +237,78 @@ impl LookedIn {
 }
 
 impl Decided {
+    /// The placement this process last decided for `key`.
+    fn placement(&self, key: &WorkloadKey) -> Option<&BTreeMap<String, u32>> {
+        self.placements.get(key)
+    }
+
+    /// Remembers `placement` as decided for `key` (its own decision, or
+    /// what a preemption left it).
+    fn record_placement(&mut self, key: WorkloadKey, placement: BTreeMap<String, u32>) {
+        self.placements.insert(key, placement);
+    }
+
+    /// `key`'s workload converted for the engine, converted again only when
+    /// its uid or generation (`seen`) changed; `None` when it does not
+    /// convert.
+    fn converted(
+        &mut self,
+        key: &WorkloadKey,
+        seen: (Option<String>, Option<i64>),
+        convert: impl FnOnce() -> Option<crate::engine::model::Workload>,
+    ) -> Option<crate::engine::model::Workload> {
+        match self.converted.get(key) {
+            Some((was, workload)) if *was == seen => Some(workload.clone()),
+            _ => convert().inspect(|workload| {
+                self.converted.insert(key.clone(), (seen, workload.clone()));
+            }),
+        }
+    }
+
+    /// Keeps `decision` for reuse by `key`'s next reconcile, or forgets the
+    /// last one (`None`).
+    fn set_reusable(&mut self, key: WorkloadKey, decision: Option<Reusable>) {
+        match decision {
+            Some(reusable) => {
+                self.reusable.insert(key, reusable);
+            }
+            None => {
+                self.reusable.remove(&key);
+            }
+        }
+    }
+
+    /// The status this process last wrote for `key`, if written for the
+    /// same object (`uid`).
+    fn status(
+        &self,
+        key: &WorkloadKey,
+        uid: Option<&String>,
+    ) -> Option<crate::crd::ComputeWorkloadStatus> {
+        self.statuses
+            .get(key)
+            .filter(|(written_for, _)| written_for.as_ref() == uid)
+            .map(|(_, status)| status.clone())
+    }
+
+    fn record_status(
+        &mut self,
+        key: WorkloadKey,
+        uid: Option<String>,
+        status: crate::crd::ComputeWorkloadStatus,
+    ) {
+        self.statuses.insert(key, (uid, status));
+    }
+
+    /// Forgets everything about a deleted workload.
+    fn forget(&mut self, key: &WorkloadKey) {
+        self.placements.remove(key);
+        self.converted.remove(key);
+        self.reusable.remove(key);
+        self.statuses.remove(key);
+        self.looked_in.remove(key);
+    }
+
     fn looked_in(&self, key: &WorkloadKey) -> LookedIn {
         self.looked_in.get(key).cloned().unwrap_or_default()
     }

@@ -211,8 +211,7 @@ fn decide(
     for cw in ctx.workloads.state() {
         let other = key_of(&cw);
         let placement = decided
-            .placements
-            .get(&other)
+            .placement(&other)
             .cloned()
             .unwrap_or_else(|| convert::current_placement(&cw));
         if !placement.is_empty() {
@@ -227,17 +226,9 @@ fn decide(
         // A workload deleted and made again under the same name starts at
         // generation 1 again; the uid tells them apart.
         let generation = (cw.uid(), cw.metadata.generation);
-        let converted = match decided.converted.get(&other) {
-            Some((seen, w)) if *seen == generation => Some(w.clone()),
-            _ => convert::workload(&cw).ok().inspect(|w| {
-                decided
-                    .converted
-                    .insert(other.clone(), (generation, w.clone()));
-            }),
-        };
-        workloads.extend(converted);
+        workloads.extend(decided.converted(&other, generation, || convert::workload(&cw).ok()));
     }
-    if let Some(mine) = decided.placements.get(&key) {
+    if let Some(mine) = decided.placement(&key) {
         current.insert(key.clone(), mine.clone());
     }
     let snapshot = Snapshot {
@@ -273,25 +264,17 @@ fn decide(
             *n = n.saturating_sub(preemption.replicas);
         }
         victim.retain(|_, n| *n > 0);
-        decided.placements.insert(preemption.victim.clone(), victim);
+        decided.record_placement(preemption.victim.clone(), victim);
         let _ = ctx.requeue.unbounded_send(());
     }
-    decided
-        .placements
-        .insert(key.clone(), decision.placement.clone());
-    if may_reuse(keeps, all_reachable, &decision) {
-        decided.reusable.insert(
-            key,
-            super::Reusable {
-                uid: cw.uid(),
-                generation: cw.metadata.generation,
-                pool,
-                decision: decision.clone(),
-            },
-        );
-    } else {
-        decided.reusable.remove(&key);
-    }
+    decided.record_placement(key.clone(), decision.placement.clone());
+    let reusable = may_reuse(keeps, all_reachable, &decision).then(|| super::Reusable {
+        uid: cw.uid(),
+        generation: cw.metadata.generation,
+        pool,
+        decision: decision.clone(),
+    });
+    decided.set_reusable(key, reusable);
     (decision, evictions)
 }
 
@@ -303,10 +286,7 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
     // with a lagging cache would rewrite the same status on every event.
     let previous = ctx
         .decided()
-        .statuses
-        .get(&key_of(&cw))
-        .filter(|(uid, _)| *uid == cw.uid())
-        .map(|(_, status)| status.clone())
+        .status(&key_of(&cw), cw.uid().as_ref())
         .or_else(|| cw.status.clone())
         .unwrap_or_default();
     let workload = match convert::workload(&cw) {
@@ -802,8 +782,7 @@ async fn write_status(
     .await
     .map_err(Error::Kube)?;
     ctx.decided()
-        .statuses
-        .insert(key_of(cw), (cw.uid(), status.clone()));
+        .record_status(key_of(cw), cw.uid(), status.clone());
     Ok(())
 }
 
@@ -957,12 +936,7 @@ async fn cleanup(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, 
     if !failures.is_empty() {
         return Err(Error::Cleanup(failures.join("; ")));
     }
-    let mut decided = ctx.decided();
-    decided.placements.remove(&key_of(&cw));
-    decided.converted.remove(&key_of(&cw));
-    decided.reusable.remove(&key_of(&cw));
-    decided.statuses.remove(&key_of(&cw));
-    decided.looked_in.remove(&key_of(&cw));
+    ctx.decided().forget(&key_of(&cw));
     Ok(Action::await_change())
 }
 
