@@ -1058,40 +1058,38 @@ async fn both_stores_migrate_to_the_same_schema() -> anyhow::Result<()> {
     let sqlite = TestMarket::start(Db::Sqlite).await?;
     let postgres = TestMarket::start(Db::Postgres).await?;
 
-    let mut lite: Schema = Schema::new();
-    for row in sqlx::query(
+    let columns = async |market: &TestMarket, sql: &'static str| -> anyhow::Result<Schema> {
+        let mut schema = Schema::new();
+        for row in sqlx::query(sql)
+            .fetch_all(&market.raw_pool().await?)
+            .await?
+        {
+            schema.entry(row.try_get("table_name")?).or_default().push((
+                row.try_get("column_name")?,
+                row.try_get::<i64, _>("required")? != 0,
+                family(&row.try_get::<String, _>("declared")?)?,
+            ));
+        }
+        Ok(schema)
+    };
+    let lite = columns(
+        &sqlite,
         "SELECT m.name AS table_name, p.name AS column_name, \
                 CAST(p.\"notnull\" OR p.pk > 0 AS INTEGER) AS required, p.type AS declared \
          FROM sqlite_master m JOIN pragma_table_info(m.name) p \
          WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' AND m.name NOT LIKE '_sqlx%' \
          ORDER BY m.name, p.cid",
     )
-    .fetch_all(&sqlite.raw_pool().await?)
-    .await?
-    {
-        lite.entry(row.try_get("table_name")?).or_default().push((
-            row.try_get("column_name")?,
-            row.try_get::<i64, _>("required")? != 0,
-            family(&row.try_get::<String, _>("declared")?)?,
-        ));
-    }
-    let mut pg: Schema = Schema::new();
-    for row in sqlx::query(
+    .await?;
+    let pg = columns(
+        &postgres,
         "SELECT table_name::text AS table_name, column_name::text AS column_name, \
                 CAST(is_nullable = 'NO' AS INTEGER) AS required, data_type::text AS declared \
          FROM information_schema.columns \
          WHERE table_schema = current_schema() AND table_name NOT LIKE '_sqlx%' \
          ORDER BY table_name, ordinal_position",
     )
-    .fetch_all(&postgres.raw_pool().await?)
-    .await?
-    {
-        pg.entry(row.try_get("table_name")?).or_default().push((
-            row.try_get("column_name")?,
-            row.try_get::<i64, _>("required")? != 0,
-            family(&row.try_get::<String, _>("declared")?)?,
-        ));
-    }
+    .await?;
     ensure!(
         lite.len() >= 10,
         "only {} tables read from SQLite",
