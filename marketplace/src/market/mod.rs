@@ -1,10 +1,12 @@
 //! The marketplace's state, shared by every gRPC service: the store, access
 //! control, the contract index, the log's signer and the query engine —
 //! and the use cases the gRPC services call, one module per area
-//! ([`tenancy`] so far; the other services still hold theirs).
+//! (`tenancy`, `contracting`; the other services still hold theirs).
 
+mod contracting;
 mod tenancy;
 
+pub use contracting::OperationCheck;
 pub use tenancy::RoleBinding;
 
 use std::sync::Arc;
