@@ -1,11 +1,16 @@
 //! The marketplace's state, shared by every gRPC service: the store, access
 //! control, the contract index, the log's signer and the query engine —
 //! and the use cases the gRPC services call, one module per area
-//! (`tenancy`, `contracting`; the other services still hold theirs).
+//! (`tenancy`, `contracting`, `accounts`, `audit_reads`; the registry and
+//! queries services still hold theirs).
 
+mod accounts;
+mod audit_reads;
 mod contracting;
 mod tenancy;
 
+pub use accounts::Deposit;
+pub use audit_reads::{EntryRange, SignedCheckpoint};
 pub use contracting::OperationCheck;
 pub use tenancy::RoleBinding;
 
