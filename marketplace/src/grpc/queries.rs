@@ -3,12 +3,10 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use tracing::Instrument as _;
 
 use crate::error::{MarketError, Result};
-use crate::identity::OrganizationKind;
 use crate::proto;
-use crate::queries::{self, UsageView};
+use crate::queries;
 
 use crate::market::Marketplace;
 
@@ -31,18 +29,7 @@ impl proto::queries_server::Queries for QueriesService {
         request: Request<proto::RunQueryRequest>,
     ) -> Result<Response<Self::RunQueryStream>, Status> {
         let principal = auth::principal(&request)?;
-        let engine = Arc::clone(self.0.engine()?);
-        let market: Arc<dyn queries::Market> = Arc::clone(&self.0) as _;
-        let request = request.into_inner();
-        // Its own task: a client that hangs up mid-query must not stop it
-        // between its hold and its settlement, which would leave the hold
-        // (and the query `running`) until the next restart.
-        let outcome = tokio::spawn(
-            async move { queries::run(&market, &engine, &principal, request).await }
-                .in_current_span(),
-        )
-        .await
-        .map_err(|error| MarketError::Corrupt(format!("query task: {error}")))??;
+        let outcome = self.0.run_query(principal, request.into_inner()).await?;
         if let Some((kind, message)) = outcome.error {
             return Err(MarketError::Unanswered {
                 query_id: outcome.summary.query_id,
@@ -69,28 +56,7 @@ impl proto::queries_server::Queries for QueriesService {
         request: Request<proto::ListUsageRequest>,
     ) -> Result<Response<proto::ListUsageResponse>, Status> {
         let principal = auth::principal(&request)?;
-        let request = request.into_inner();
-        let organization = principal.organization.id.clone();
-        let view = if self.0.cross_tenant(&principal, "usage:read").await? {
-            UsageView::Everything
-        } else {
-            self.0
-                .require(&principal, &organization, "usage:read")
-                .await?;
-            if !request.organization_id.is_empty() && request.organization_id != organization {
-                return Err(MarketError::PermissionDenied {
-                    permission: "usage:read".into(),
-                    context: format!(" in tenant {}", request.organization_id),
-                }
-                .into());
-            }
-            match principal.organization.kind {
-                OrganizationKind::Provider => UsageView::Provider,
-                _ => UsageView::Consumer,
-            }
-        };
-        let mut connection = self.0.store.acquire().await?;
-        let queries = queries::list_usage(&mut connection, view, &organization, &request).await?;
+        let queries = self.0.usage(&principal, request.get_ref()).await?;
         Ok(Response::new(proto::ListUsageResponse { queries }))
     }
 }

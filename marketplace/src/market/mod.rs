@@ -1,12 +1,14 @@
 //! The marketplace's state, shared by every gRPC service: the store, access
 //! control, the contract index, the log's signer and the query engine —
 //! and the use cases the gRPC services call, one module per area
-//! (`tenancy`, `contracting`, `accounts`, `audit_reads`; the registry and
-//! queries services still hold theirs).
+//! (`tenancy`, `contracting`, `registration`, `querying`, `accounts`,
+//! `audit_reads`); the gRPC services only convert and call them.
 
 mod accounts;
 mod audit_reads;
 mod contracting;
+mod querying;
+mod registration;
 mod tenancy;
 
 pub use accounts::Deposit;

@@ -387,3 +387,63 @@ fn the_module_scan_sees_imports_and_finds_loops() {
         "{cycle:?}"
     );
 }
+
+/// The marketplace's layers, as docs/architecture.md draws them: gRPC
+/// handlers convert and call the use cases in `market`, holding no
+/// transaction, audit entry or permission check of their own; nothing
+/// below the gRPC layer knows tonic.
+#[test]
+fn the_marketplace_grpc_layer_is_thin_and_alone_in_knowing_tonic() {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../marketplace/src");
+    let code_lines = |path: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(path)
+            .expect("a readable source file")
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("//"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut found = Vec::new();
+    let mut handlers = 0;
+    for entry in std::fs::read_dir(src.join("grpc")).expect("the gRPC layer") {
+        let path = entry.expect("a file").path();
+        handlers += 1;
+        for (n, line) in code_lines(&path).iter().enumerate() {
+            for rule in [".begin()", "log::append", ".require(", "sqlx::"] {
+                if line.contains(rule) {
+                    found.push(format!("{}:{}: {rule}", path.display(), n + 1));
+                }
+            }
+        }
+    }
+    assert!(handlers >= 8, "only {handlers} files read in grpc/");
+    let mut below = 0;
+    let mut stack = vec![src.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("a source folder") {
+            let path = entry.expect("an entry").path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if path.is_dir() {
+                if !matches!(name, "grpc" | "bin") {
+                    stack.push(path);
+                }
+            } else if path.extension().is_some_and(|ext| ext == "rs") && name != "lib.rs" {
+                below += 1;
+                for (n, line) in code_lines(&path).iter().enumerate() {
+                    if line.contains("tonic::") || line.contains("use tonic") {
+                        found.push(format!(
+                            "{}:{}: tonic below the gRPC layer",
+                            path.display(),
+                            n + 1
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    assert!(below >= 20, "only {below} files read below the gRPC layer");
+    assert!(found.is_empty(), "layering broken:\n{}", found.join("\n"));
+}

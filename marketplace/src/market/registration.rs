@@ -1,0 +1,441 @@
+//! Registration use cases: products through their lifecycle and revisions,
+//! the catalog and its DCAT-AP export, and the demand list. Products and
+//! demands still travel as their API messages, the types the registry and
+//! demand modules store and read.
+
+use crate::error::{MarketError, Result};
+use crate::identity::{self, OrganizationKind, Principal};
+use crate::proto;
+use crate::registry::{self, Step};
+
+use super::Marketplace;
+
+impl Marketplace {
+    /// Registers a draft product for the caller's organization
+    /// (`product:create`).
+    ///
+    /// # Errors
+    /// `PermissionDenied` naming the permission, `NotFound`, or
+    /// `InvalidArgument` / `FailedPrecondition` naming the field or state.
+    pub async fn create_product(
+        &self,
+        principal: &Principal,
+        request: proto::CreateProductRequest,
+    ) -> Result<proto::Product> {
+        let provider = principal.organization.id.clone();
+        self.require(principal, &provider, "product:create").await?;
+        let spec = request
+            .spec
+            .ok_or_else(|| MarketError::invalid("spec", "is required"))?;
+        let mut transaction = self.store.begin().await?;
+        let product = registry::create(
+            &mut transaction,
+            self.store.backend(),
+            &principal.user.id,
+            &provider,
+            &request.id,
+            spec,
+        )
+        .await?;
+        transaction.commit().await?;
+        Ok(product)
+    }
+
+    /// Submits a revision of a product's spec for review (`product:revise`);
+    /// the current version keeps serving meanwhile.
+    ///
+    /// # Errors
+    /// `PermissionDenied` naming the permission, `NotFound`, or
+    /// `InvalidArgument` / `FailedPrecondition` naming the field or state.
+    pub async fn revise_product(
+        &self,
+        principal: &Principal,
+        request: proto::ReviseProductRequest,
+    ) -> Result<proto::Product> {
+        let spec = request
+            .spec
+            .ok_or_else(|| MarketError::invalid("spec", "is required"))?;
+        let mut transaction = self.store.begin().await?;
+        let product = registry::get(&mut transaction, &request.product_id).await?;
+        self.require(
+            principal,
+            &product.provider_organization_id,
+            "product:revise",
+        )
+        .await?;
+        let product = registry::revise(
+            &mut transaction,
+            self.store.backend(),
+            &principal.user.id,
+            &request.product_id,
+            spec,
+            &request.reason,
+        )
+        .await?;
+        transaction.commit().await?;
+        Ok(product)
+    }
+
+    /// Hands a product to another provider organization (`product:transfer`).
+    ///
+    /// # Errors
+    /// `PermissionDenied` naming the permission, `NotFound`, or
+    /// `InvalidArgument` / `FailedPrecondition` naming the field or state.
+    pub async fn transfer_product(
+        &self,
+        principal: &Principal,
+        request: proto::TransferProductRequest,
+    ) -> Result<proto::Product> {
+        let mut transaction = self.store.begin().await?;
+        let product = registry::get(&mut transaction, &request.product_id).await?;
+        self.require(
+            principal,
+            &product.provider_organization_id,
+            "product:transfer",
+        )
+        .await?;
+        let target = identity::find_organization(&mut transaction, &request.to_organization_id)
+            .await?
+            .ok_or_else(|| MarketError::NotFound {
+                what: "organization",
+                id: request.to_organization_id.clone(),
+            })?;
+        if target.kind != OrganizationKind::Provider {
+            return Err(MarketError::invalid(
+                "to_organization_id",
+                format!("{} is not a provider organization", target.id),
+            ));
+        }
+        let product = registry::transfer(
+            &mut transaction,
+            self.store.backend(),
+            &principal.user.id,
+            &request.product_id,
+            &target.id,
+            &request.reason,
+        )
+        .await?;
+        transaction.commit().await?;
+        Ok(product)
+    }
+
+    /// A product: published ones for every signed-in user; others, and a
+    /// revision under review, only for their provider, platform admins and
+    /// regulators (anyone else is told it does not exist).
+    ///
+    /// # Errors
+    /// `PermissionDenied` naming the permission, `NotFound`, or
+    /// `InvalidArgument` / `FailedPrecondition` naming the field or state.
+    pub async fn product(
+        &self,
+        principal: &Principal,
+        request: proto::GetProductRequest,
+    ) -> Result<proto::Product> {
+        let mut connection = self.store.acquire().await?;
+        let mut product = registry::get(&mut connection, &request.product_id).await?;
+        // Published products are public to every signed-in user; others, and
+        // a revision under review, only to their provider, platform admins
+        // and regulators.
+        let readable = self
+            .require(principal, &product.provider_organization_id, "product:read")
+            .await
+            .is_ok();
+        if !readable {
+            if product.state() != proto::ProductState::Published {
+                return Err(MarketError::NotFound {
+                    what: "product",
+                    id: request.product_id.clone(),
+                });
+            }
+            product.pending_revision = None;
+        }
+        Ok(product)
+    }
+
+    /// A product's registration events, for whoever may read the product.
+    ///
+    /// # Errors
+    /// `PermissionDenied` naming the permission, `NotFound`, or
+    /// `InvalidArgument` / `FailedPrecondition` naming the field or state.
+    pub async fn registration_events(
+        &self,
+        principal: &Principal,
+        request: proto::GetProductRequest,
+    ) -> Result<proto::ListRegistrationEventsResponse> {
+        let mut connection = self.store.acquire().await?;
+        let product = registry::get(&mut connection, &request.product_id).await?;
+        if product.state() != proto::ProductState::Published {
+            self.require(principal, &product.provider_organization_id, "product:read")
+                .await
+                .map_err(|_| MarketError::NotFound {
+                    what: "product",
+                    id: request.product_id.clone(),
+                })?;
+        }
+        let events = registry::events(&mut connection, &request.product_id).await?;
+        Ok(proto::ListRegistrationEventsResponse { events })
+    }
+
+    /// Published products matching every criterion (`catalog:search`).
+    ///
+    /// # Errors
+    /// `PermissionDenied` naming the permission, `NotFound`, or
+    /// `InvalidArgument` / `FailedPrecondition` naming the field or state.
+    pub async fn search_catalog(
+        &self,
+        principal: &Principal,
+        request: proto::SearchCatalogRequest,
+    ) -> Result<proto::SearchCatalogResponse> {
+        self.require(principal, &principal.organization.id, "catalog:search")
+            .await?;
+        let mut connection = self.store.acquire().await?;
+        let products = registry::search(&mut connection, &request).await?;
+        Ok(proto::SearchCatalogResponse { products })
+    }
+
+    /// The public catalog as a DCAT-AP 3 JSON-LD document, its URIs under
+    /// `base_uri` (default: the log's origin).
+    ///
+    /// # Errors
+    /// `PermissionDenied` naming the permission, `NotFound`, or
+    /// `InvalidArgument` / `FailedPrecondition` naming the field or state.
+    pub async fn export_catalog(
+        &self,
+        principal: &Principal,
+        request: proto::ExportCatalogRequest,
+    ) -> Result<proto::ExportCatalogResponse> {
+        self.require(principal, &principal.organization.id, "catalog:search")
+            .await?;
+        let base_uri = if request.base_uri.is_empty() {
+            format!("https://{}", self.origin())
+        } else if request.base_uri.starts_with("https://")
+            || request.base_uri.starts_with("http://")
+        {
+            request.base_uri
+        } else {
+            return Err(MarketError::invalid(
+                "base_uri",
+                "an http:// or https:// URI",
+            ));
+        };
+        let mut connection = self.store.acquire().await?;
+        let products =
+            registry::search(&mut connection, &proto::SearchCatalogRequest::default()).await?;
+        let organizations = identity::list_organizations(&mut connection).await?;
+        let platform = organizations
+            .iter()
+            .find(|o| o.kind == OrganizationKind::Platform)
+            .map_or_else(|| "CivicGrid".to_owned(), |o| o.display_name.clone());
+        let names = organizations
+            .into_iter()
+            .map(|o| (o.id, o.display_name))
+            .collect();
+        let document = crate::dcat::catalog(&base_uri, &platform, &products, &names);
+        Ok(proto::ExportCatalogResponse {
+            json_ld: serde_json::to_string_pretty(&document)
+                .map_err(|e| MarketError::Corrupt(e.to_string()))?,
+        })
+    }
+
+    /// Posts a demand for data (`demand:post`).
+    ///
+    /// # Errors
+    /// `PermissionDenied` naming the permission, `NotFound`, or
+    /// `InvalidArgument` / `FailedPrecondition` naming the field or state.
+    pub async fn post_demand(
+        &self,
+        principal: &Principal,
+        request: proto::PostDemandRequest,
+    ) -> Result<proto::Demand> {
+        let consumer = principal.organization.id.clone();
+        self.require(principal, &consumer, "demand:post").await?;
+        let mut transaction = self.store.begin().await?;
+        let demand = crate::demand::post(
+            &mut transaction,
+            self.store.backend(),
+            &principal.user.id,
+            &consumer,
+            &request,
+        )
+        .await?;
+        transaction.commit().await?;
+        Ok(demand)
+    }
+
+    /// Answers a demand with a product of the caller's (`demand:answer`).
+    ///
+    /// # Errors
+    /// `PermissionDenied` naming the permission, `NotFound`, or
+    /// `InvalidArgument` / `FailedPrecondition` naming the field or state.
+    pub async fn answer_demand(
+        &self,
+        principal: &Principal,
+        request: proto::AnswerDemandRequest,
+    ) -> Result<proto::Demand> {
+        let provider = principal.organization.id.clone();
+        self.require(principal, &provider, "demand:answer").await?;
+        let mut transaction = self.store.begin().await?;
+        let demand = crate::demand::answer(
+            &mut transaction,
+            self.store.backend(),
+            &principal.user.id,
+            &provider,
+            &request.demand_id,
+            &request.product_id,
+            &request.message,
+        )
+        .await?;
+        transaction.commit().await?;
+        Ok(demand)
+    }
+
+    /// Closes a demand (`demand:close`, its consumer).
+    ///
+    /// # Errors
+    /// `PermissionDenied` naming the permission, `NotFound`, or
+    /// `InvalidArgument` / `FailedPrecondition` naming the field or state.
+    pub async fn close_demand(
+        &self,
+        principal: &Principal,
+        request: proto::CloseDemandRequest,
+    ) -> Result<proto::Demand> {
+        let mut transaction = self.store.begin().await?;
+        let demand = crate::demand::get(&mut transaction, &request.demand_id).await?;
+        self.require(principal, &demand.consumer_organization_id, "demand:close")
+            .await?;
+        let demand = crate::demand::close(
+            &mut transaction,
+            self.store.backend(),
+            &principal.user.id,
+            &request.demand_id,
+            &request.reason,
+        )
+        .await?;
+        transaction.commit().await?;
+        Ok(demand)
+    }
+
+    /// The demand list (`catalog:search`).
+    ///
+    /// # Errors
+    /// `PermissionDenied` naming the permission, `NotFound`, or
+    /// `InvalidArgument` / `FailedPrecondition` naming the field or state.
+    pub async fn demands(
+        &self,
+        principal: &Principal,
+        request: proto::ListDemandsRequest,
+    ) -> Result<proto::ListDemandsResponse> {
+        self.require(principal, &principal.organization.id, "catalog:search")
+            .await?;
+        let mut connection = self.store.acquire().await?;
+        let demands = crate::demand::list(&mut connection, &request).await?;
+        Ok(proto::ListDemandsResponse { demands })
+    }
+
+    /// Approves (measuring the revision's data, as at submission) or rejects a
+    /// product's pending revision (`product:review`).
+    ///
+    /// # Errors
+    /// `PermissionDenied` naming the permission, `NotFound`, or
+    /// `InvalidArgument` / `FailedPrecondition` naming the field or state.
+    pub async fn decide_revision(
+        &self,
+        principal: &Principal,
+        request: proto::ProductAction,
+        approve: bool,
+    ) -> Result<proto::Product> {
+        let mut transaction = self.store.begin().await?;
+        let product = registry::get(&mut transaction, &request.product_id).await?;
+        self.require(
+            principal,
+            &product.provider_organization_id,
+            "product:review",
+        )
+        .await?;
+        let quality = match (&product.pending_revision, approve) {
+            (Some(revised), true) => {
+                let revised = revised.clone();
+                let dir =
+                    crate::quality::resolve_location(self.data_dir(), &revised.storage_location)?;
+                let measured = tokio::task::spawn_blocking(move || {
+                    crate::quality::measure(&dir, &revised.tables, crate::store::now_ms())
+                })
+                .await
+                .map_err(|error| {
+                    MarketError::Corrupt(format!("quality measurement task: {error}"))
+                })??;
+                Some(measured)
+            }
+            _ => None,
+        };
+        if approve && quality.is_none() {
+            return Err(MarketError::FailedPrecondition(format!(
+                "product {} has no revision waiting for review",
+                request.product_id
+            )));
+        }
+        let product = registry::decide_revision(
+            &mut transaction,
+            self.store.backend(),
+            &principal.user.id,
+            &request.product_id,
+            quality,
+            &request.reason,
+        )
+        .await?;
+        transaction.commit().await?;
+        Ok(product)
+    }
+
+    /// Moves a product one step through its lifecycle (`permission` on its
+    /// provider; lifting a suspension also needs `product:suspend`). Submitting
+    /// a draft measures its data's quality for the registration record.
+    ///
+    /// # Errors
+    /// `PermissionDenied` naming the permission, `NotFound`, or
+    /// `InvalidArgument` / `FailedPrecondition` naming the field or state.
+    pub async fn step_product(
+        &self,
+        principal: &Principal,
+        request: proto::ProductAction,
+        step: Step,
+        permission: &str,
+    ) -> Result<proto::Product> {
+        let mut transaction = self.store.begin().await?;
+        let product = registry::get(&mut transaction, &request.product_id).await?;
+        self.require(principal, &product.provider_organization_id, permission)
+            .await?;
+        if matches!(step, Step::Publish) && product.state() == proto::ProductState::Suspended {
+            self.require(
+                principal,
+                &product.provider_organization_id,
+                "product:suspend",
+            )
+            .await?;
+        }
+        if matches!(step, Step::Submit) && product.state() == proto::ProductState::Draft {
+            // Registration records measured quality, read from the data itself.
+            let spec = product.spec.clone().unwrap_or_default();
+            let dir = crate::quality::resolve_location(self.data_dir(), &spec.storage_location)?;
+            let measured = tokio::task::spawn_blocking(move || {
+                crate::quality::measure(&dir, &spec.tables, crate::store::now_ms())
+            })
+            .await
+            .map_err(|error| {
+                MarketError::Corrupt(format!("quality measurement task: {error}"))
+            })??;
+            registry::set_quality(&mut transaction, &request.product_id, measured).await?;
+        }
+        let product = registry::step(
+            &mut transaction,
+            self.store.backend(),
+            &principal.user.id,
+            &request.product_id,
+            step,
+            &request.reason,
+        )
+        .await?;
+        transaction.commit().await?;
+        Ok(product)
+    }
+}
