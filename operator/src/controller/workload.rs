@@ -278,10 +278,10 @@ fn decide(
     (decision, evictions)
 }
 
+/// Reconciles one workload: decide where its replicas go, propagate its
+/// copies into the chosen members, remove the copies no placement names,
+/// and report status and Events.
 async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let namespace = cw.namespace().unwrap_or_default();
-    let name = cw.name_any();
-    let generation = cw.metadata.generation;
     // What this process last wrote, when newer than the cache: comparing
     // with a lagging cache would rewrite the same status on every event.
     let previous = ctx
@@ -292,39 +292,90 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
     let workload = match convert::workload(&cw) {
         Ok(w) => w,
         Err(invalid) => {
-            let mut status = previous.clone();
-            status.observed_generation = generation;
-            set_condition(
-                &mut status.conditions,
-                condition(
-                    "Scheduled",
-                    false,
-                    "InvalidSpec",
-                    invalid.to_string(),
-                    generation,
-                ),
-            );
-            if status != previous {
-                write_status(&ctx, &cw, &status).await?;
-                publish(
-                    &ctx,
-                    &cw,
-                    EventType::Warning,
-                    "InvalidSpec",
-                    invalid.to_string(),
-                )
-                .await;
-            }
+            report_invalid_spec(&ctx, &cw, &previous, &invalid).await?;
             return Ok(Action::await_change());
         }
     };
     let grace = i64::from(workload.grace_period_seconds);
     let wanted = workload.replicas;
-    let key = key_of(&cw);
     let before = current(&ctx, &cw);
-    let mut looked_in = ctx.decided().looked_in(&key);
-    // Evictions in the last minute count against maxEvictionsPerMinute.
     let now = now_unix();
+    let placed = decide_placement(&ctx, &cw, workload, &previous, &before, now).await?;
+    let mut propagated = propagate_copies(&ctx, &cw, &placed.decision).await;
+    let next_deadline =
+        remove_stale_copies(&ctx, &cw, &placed.decision, &mut propagated, grace, now).await;
+    report(
+        &ctx,
+        &cw,
+        Report {
+            previous: &previous,
+            before: &before,
+            wanted,
+            placed,
+            propagated,
+            next_deadline,
+        },
+    )
+    .await
+}
+
+/// A spec the engine cannot use: `Scheduled=False` with the field at fault,
+/// and a Warning Event the first time.
+async fn report_invalid_spec(
+    ctx: &Context,
+    cw: &ComputeWorkload,
+    previous: &ComputeWorkloadStatus,
+    invalid: &convert::FieldError,
+) -> Result<(), Error> {
+    let generation = cw.metadata.generation;
+    let mut status = previous.clone();
+    status.observed_generation = generation;
+    set_condition(
+        &mut status.conditions,
+        condition(
+            "Scheduled",
+            false,
+            "InvalidSpec",
+            invalid.to_string(),
+            generation,
+        ),
+    );
+    if status != *previous {
+        write_status(ctx, cw, &status).await?;
+        publish(
+            ctx,
+            cw,
+            EventType::Warning,
+            "InvalidSpec",
+            invalid.to_string(),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// What the decide stage settled: the decision, the evictions it made or
+/// deferred, and the eviction window with them.
+struct Placed {
+    decision: Decision,
+    evictions: Evictions,
+    recent_evictions: Vec<EvictionEntry>,
+}
+
+/// Decides the placement (reusing the last decision where nothing it was
+/// made from changed), paced by `maxEvictionsPerMinute`, and records a new
+/// placement in the status before acting on it.
+async fn decide_placement(
+    ctx: &Arc<Context>,
+    cw: &Arc<ComputeWorkload>,
+    workload: crate::engine::model::Workload,
+    previous: &ComputeWorkloadStatus,
+    before: &BTreeMap<String, u32>,
+    now: i64,
+) -> Result<Placed, Error> {
+    let generation = cw.metadata.generation;
+    let wanted = workload.replicas;
+    // Evictions in the last minute count against maxEvictionsPerMinute.
     let mut recent_evictions: Vec<EvictionEntry> = previous
         .evictions
         .iter()
@@ -337,8 +388,8 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
         u32::try_from(i64::from(max) - used).unwrap_or(0)
     });
     let started = std::time::Instant::now();
-    let pool = pool_fingerprint(&ctx);
-    let (decision, evictions) = match reuse(&ctx, &cw, pool.0) {
+    let pool = pool_fingerprint(ctx);
+    let (decision, evictions) = match reuse(ctx, cw, pool.0) {
         Some(decision) => (decision, Evictions::default()),
         None => {
             // The engine reads a snapshot of the whole pool: off the async
@@ -364,14 +415,14 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
     // as the placement is made, not after every member has answered, and a
     // crash mid-move restarts from it. Compared with this process's own
     // last decision, not the cached status, which lags our writes.
-    if decision.placement != before {
+    if decision.placement != *before {
         let previous_ready: BTreeMap<String, i32> = previous
             .placement
             .iter()
             .map(|p| (p.data_center.clone(), p.ready_replicas))
             .collect();
         let mut interim = status_of(
-            &previous,
+            previous,
             &decision,
             &previous_ready,
             &[],
@@ -389,10 +440,30 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
                 generation,
             ),
         );
-        write_status(&ctx, &cw, &interim).await?;
+        write_status(ctx, cw, &interim).await?;
     }
+    Ok(Placed {
+        decision,
+        evictions,
+        recent_evictions,
+    })
+}
 
-    // Propagate to every chosen data center.
+/// What propagation found: failures to report, ready replicas per data
+/// center, and the copies held back for make-before-break.
+struct Propagated {
+    failures: Vec<String>,
+    ready_by_dc: BTreeMap<String, i32>,
+    holding: BTreeSet<String>,
+}
+
+/// Applies the workload's copy to every chosen, reachable data center, the
+/// copies that grow first; with `maxUnavailable`, a copy that would lose
+/// ready replicas shrinks only once those are ready enough.
+async fn propagate_copies(ctx: &Context, cw: &ComputeWorkload, decision: &Decision) -> Propagated {
+    let namespace = cw.namespace().unwrap_or_default();
+    let name = cw.name_any();
+    let metrics = &ctx.config.metrics;
     let started = std::time::Instant::now();
     let mut failures = Vec::new();
     let mut ready_by_dc = BTreeMap::new();
@@ -475,7 +546,7 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
         let applied = futures::future::join_all(
             applying
                 .iter()
-                .map(|&(data_center, replicas)| propagate(&ctx, &cw, data_center, replicas)),
+                .map(|&(data_center, replicas)| propagate(ctx, cw, data_center, replicas)),
         )
         .await;
         for ((data_center, _), result) in applying.into_iter().zip(applied) {
@@ -490,7 +561,28 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
     metrics
         .propagation_seconds
         .observe(started.elapsed().as_secs_f64());
-    // Remove copies from reachable members no longer chosen.
+    Propagated {
+        failures,
+        ready_by_dc,
+        holding,
+    }
+}
+
+/// Removes copies from reachable members no placement names; returns the
+/// next grace-period deadline of an unreachable data center still placed.
+async fn remove_stale_copies(
+    ctx: &Context,
+    cw: &ComputeWorkload,
+    decision: &Decision,
+    propagated: &mut Propagated,
+    grace: i64,
+    now: i64,
+) -> Option<i64> {
+    let namespace = cw.namespace().unwrap_or_default();
+    let name = cw.name_any();
+    let key = key_of(cw);
+    let mut looked_in = ctx.decided().looked_in(&key);
+    let (failures, holding) = (&mut propagated.failures, &propagated.holding);
     let mut next_deadline: Option<i64> = None;
     let data_centers = ctx.data_centers.state();
     for dc in &data_centers {
@@ -520,11 +612,11 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
             looked_in.forget(&dc_name);
             continue;
         };
-        match copies_of(&ctx, &member, &dc_name, &namespace, &name).await {
+        match copies_of(ctx, &member, &dc_name, &namespace, &name).await {
             Ok(stale) => {
                 let mut clean = true;
                 for child in stale {
-                    if let Err(e) = delete_child(&ctx, &member, &dc_name, &child).await {
+                    if let Err(e) = delete_child(ctx, &member, &dc_name, &child).await {
                         failures.push(e.to_string());
                         clean = false;
                     }
@@ -543,9 +635,45 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
     }
     looked_in.keep_only(data_centers.iter().map(|dc| dc.name_any()));
     ctx.decided().record_looked_in(key, looked_in);
+    next_deadline
+}
 
+/// What the report stage reads.
+struct Report<'a> {
+    previous: &'a ComputeWorkloadStatus,
+    before: &'a BTreeMap<String, u32>,
+    wanted: u32,
+    placed: Placed,
+    propagated: Propagated,
+    next_deadline: Option<i64>,
+}
+
+/// Writes the status when it changed materially, publishes the Events, and
+/// picks when to look again.
+async fn report(ctx: &Context, cw: &ComputeWorkload, report: Report<'_>) -> Result<Action, Error> {
+    let Report {
+        previous,
+        before,
+        wanted,
+        placed:
+            Placed {
+                decision,
+                evictions,
+                recent_evictions,
+            },
+        propagated:
+            Propagated {
+                failures,
+                ready_by_dc,
+                holding,
+            },
+        mut next_deadline,
+    } = report;
+    let generation = cw.metadata.generation;
+    let max_unavailable = cw.spec.failover.max_unavailable;
+    let max_evictions = cw.spec.failover.max_evictions_per_minute;
     let mut status = status_of(
-        &previous,
+        previous,
         &decision,
         &ready_by_dc,
         &failures,
@@ -571,9 +699,9 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
             ),
         );
     }
-    let changed_placement = before != decision.placement;
-    if materially_different(&status, &previous) {
-        write_status(&ctx, &cw, &status).await?;
+    let changed_placement = *before != decision.placement;
+    if materially_different(&status, previous) {
+        write_status(ctx, cw, &status).await?;
     }
     if changed_placement {
         let placed: Vec<String> = decision
@@ -586,7 +714,7 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
         } else {
             format!("replicas placed: {}", placed.join(", "))
         };
-        publish(&ctx, &cw, EventType::Normal, "Placed", note).await;
+        publish(ctx, cw, EventType::Normal, "Placed", note).await;
     }
     if decision.outcome != Outcome::Scheduled
         && (changed_placement || previous.conditions.is_empty())
@@ -596,8 +724,8 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
             _ => "Unschedulable",
         };
         publish(
-            &ctx,
-            &cw,
+            ctx,
+            cw,
             EventType::Warning,
             reason,
             decision.reason.clone().unwrap_or_default(),
@@ -606,8 +734,8 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
     }
     if evictions.deferred > 0 {
         publish(
-            &ctx,
-            &cw,
+            ctx,
+            cw,
             EventType::Normal,
             "EvictionsDeferred",
             format!(
@@ -622,8 +750,8 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
     }
     if !failures.is_empty() {
         publish(
-            &ctx,
-            &cw,
+            ctx,
+            cw,
             EventType::Warning,
             "PropagationFailed",
             failures.join("; "),
