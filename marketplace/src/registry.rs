@@ -73,6 +73,18 @@ fn valid_type(name: &str) -> bool {
 /// # Errors
 /// `InvalidArgument` with the field path, e.g. `spec.tables[0].columns[2].type`.
 pub fn validate_spec(spec: &ProductSpec) -> Result<()> {
+    validate_description(spec)?;
+    let columns = validate_tables(spec)?;
+    validate_policy(spec, &columns)?;
+    validate_price_plans(spec)?;
+    validate_quality(spec)?;
+    validate_against_withholding(spec)
+}
+
+/// The product's words and where it lives: title, description, licence,
+/// update frequency, storage location, region, tier, keywords and the data
+/// centers that host it.
+fn validate_description(spec: &ProductSpec) -> Result<()> {
     check_text("spec.title", &spec.title, 200, true)?;
     check_text("spec.description", &spec.description, 10_000, true)?;
     check_text("spec.licence", &spec.licence, 200, true)?;
@@ -98,6 +110,12 @@ pub fn validate_spec(spec: &ProductSpec) -> Result<()> {
     for (i, dc) in spec.hosting_data_centers.iter().enumerate() {
         validate_slug(&format!("spec.hosting_data_centers[{i}]"), dc)?;
     }
+    Ok(())
+}
+
+/// Tables and their columns: names, types and sensitivity. Returns every
+/// column, for the policy's checks.
+fn validate_tables(spec: &ProductSpec) -> Result<Vec<&Column>> {
     if spec.tables.is_empty() {
         return Err(MarketError::invalid(
             "spec.tables",
@@ -154,6 +172,13 @@ pub fn validate_spec(spec: &ProductSpec) -> Result<()> {
             all_columns.push(column);
         }
     }
+    Ok(all_columns)
+}
+
+/// The output policy against the declared columns: thresholds, limits,
+/// differential privacy, the privacy unit, list, join and aggregate
+/// columns, scalar functions and approved algorithms.
+fn validate_policy(spec: &ProductSpec, all_columns: &[&Column]) -> Result<()> {
     let policy = spec
         .output_policy
         .as_ref()
@@ -291,6 +316,11 @@ pub fn validate_spec(spec: &ProductSpec) -> Result<()> {
             ));
         }
     }
+    Ok(())
+}
+
+/// At least one price plan, each valid, no id twice.
+fn validate_price_plans(spec: &ProductSpec) -> Result<()> {
     if spec.price_plans.is_empty() {
         return Err(MarketError::invalid(
             "spec.price_plans",
@@ -309,6 +339,11 @@ pub fn validate_spec(spec: &ProductSpec) -> Result<()> {
             ));
         }
     }
+    Ok(())
+}
+
+/// Declared quality figures, where given, within their ranges.
+fn validate_quality(spec: &ProductSpec) -> Result<()> {
     if let Some(quality) = &spec.quality {
         for (name, value) in [
             ("completeness", quality.completeness),
@@ -328,6 +363,12 @@ pub fn validate_spec(spec: &ProductSpec) -> Result<()> {
             ));
         }
     }
+    Ok(())
+}
+
+/// What a product that withholds rows may not offer: a price by compute,
+/// or functions that make a kept row as costly as a query likes.
+fn validate_against_withholding(spec: &ProductSpec) -> Result<()> {
     // A query's compute grows with the rows its filter keeps, withheld ones
     // too: priced by compute, its bill would count them.
     if let Some(i) = spec
