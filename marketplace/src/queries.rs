@@ -1512,7 +1512,7 @@ async fn settle(
         platform_fee_bps,
         metrics,
     } = context;
-    let mut outcome = match outcome {
+    let outcome = match outcome {
         Ok(outcome) => match ipc_stream(&outcome.batches) {
             Ok(bytes) => Ok((outcome, bytes)),
             Err(error) => Err(RunFailure {
@@ -1529,17 +1529,82 @@ async fn settle(
         &reservation.period,
     )
     .await?;
+    let Settled {
+        mut summary,
+        result,
+        error,
+        event_kind,
+        counts,
+        burnt,
+    } = summarize(principal, request, &reservation, outcome);
     // Every write of the settlement goes in one batch: one trip to SQLite's
     // writer instead of ten (its reads went in one statement above, and
     // none reads what the batch writes).
     let mut writes = WriteBatch::new();
-    let now = now_ms();
+    if counts {
+        let ledger_started = std::time::Instant::now();
+        summary.charge_minor = charge_into(
+            &mut writes,
+            &reservation,
+            usage,
+            &summary,
+            burnt,
+            platform_fee_bps,
+        )?;
+        metrics.stage("ledger", ledger_started.elapsed());
+    }
+    let audit_started = std::time::Instant::now();
+    let audit_index = audit_into(
+        &mut writes,
+        backend,
+        audit_head,
+        principal,
+        request,
+        &reservation,
+        &summary,
+        event_kind,
+        &result,
+    )?;
+    metrics.stage("audit", audit_started.elapsed());
+    summary.audit_index = i64::try_from(audit_index).unwrap_or(i64::MAX);
+    record_outcome_into(&mut writes, &reservation, &summary, error.as_ref(), &result);
+    let writes_started = std::time::Instant::now();
+    writes.execute(connection).await?;
+    metrics.stage("writes", writes_started.elapsed());
+    summary.created_at_unix_ms = reservation.created_at;
+    Ok(QueryOutcome {
+        summary,
+        result,
+        error,
+    })
+}
+
+/// A settled run before anything is written: what the consumer is told,
+/// the released result, the audit event's kind, and whether it counts
+/// against the quota and burnt anything to pay for.
+struct Settled {
+    summary: proto::QuerySummary,
+    result: Vec<u8>,
+    error: Option<(Unanswered, String)>,
+    event_kind: &'static str,
+    counts: bool,
+    burnt: bool,
+}
+
+/// The summary of a run that completed or failed, with its cost withheld
+/// where the product withholds rows.
+fn summarize(
+    principal: &Principal,
+    request: &proto::RunQueryRequest,
+    reservation: &Reservation,
+    mut outcome: std::result::Result<(civicgrid_sandbox::Outcome, Vec<u8>), RunFailure>,
+) -> Settled {
     let currency = reservation.plan.currency.clone();
     let mut summary = proto::QuerySummary {
         query_id: reservation.query_id.clone(),
         contract_id: reservation.contract_id.clone(),
         plan_id: reservation.plan.id.clone(),
-        currency: currency.clone(),
+        currency,
         held_minor: reservation.hold,
         metering: Metering::Exact.as_str().into(),
         sql: request.sql.clone(),
@@ -1613,82 +1678,115 @@ async fn settle(
             (counts, burnt) = (disposition.counts, failure.fuel > 0);
         }
     }
-    withhold_cost(&mut summary, &reservation);
-    if counts {
-        let ledger_started = std::time::Instant::now();
-        let used = QueryUse {
-            compute_units: summary.compute_units,
-            rows_released: summary.rows_released,
-        };
-        // Never more than was held: the hold is the price's ceiling.
-        let charge = if burnt {
-            billing::charge(&reservation.plan, usage, used)?.min(reservation.hold)
-        } else {
-            0
-        };
-        let fee = billing::platform_fee(charge, platform_fee_bps);
-        billing::post_into(
-            &mut writes,
-            "charge",
-            &currency,
-            Some(&reservation.query_id),
-            &[
-                Posting {
-                    kind: AccountKind::Consumer,
-                    organization: reservation.consumer.clone(),
-                    amount_minor: -charge,
-                },
-                Posting {
-                    kind: AccountKind::Provider,
-                    organization: reservation.provider.clone(),
-                    amount_minor: charge - fee,
-                },
-                Posting {
-                    kind: AccountKind::Platform,
-                    organization: PLATFORM_ACCOUNT.into(),
-                    amount_minor: fee,
-                },
-            ],
-        )?;
-        // A subscription's fee is charged with the first query that pays.
-        let subscription =
-            i64::from(burnt && reservation.plan.kind() == proto::PriceKind::Subscription);
+    withhold_cost(&mut summary, reservation);
+    Settled {
+        summary,
+        result,
+        error,
+        event_kind,
+        counts,
+        burnt,
+    }
+}
+
+/// The charge's postings, the usage counters and the privacy budget spent,
+/// into `writes`; returns the charge (never more than the hold).
+fn charge_into(
+    writes: &mut WriteBatch,
+    reservation: &Reservation,
+    usage: PeriodUsage,
+    summary: &proto::QuerySummary,
+    burnt: bool,
+    platform_fee_bps: i64,
+) -> Result<i64> {
+    let currency = &reservation.plan.currency;
+    let used = QueryUse {
+        compute_units: summary.compute_units,
+        rows_released: summary.rows_released,
+    };
+    // Never more than was held: the hold is the price's ceiling.
+    let charge = if burnt {
+        billing::charge(&reservation.plan, usage, used)?.min(reservation.hold)
+    } else {
+        0
+    };
+    let fee = billing::platform_fee(charge, platform_fee_bps);
+    billing::post_into(
+        writes,
+        "charge",
+        currency,
+        Some(&reservation.query_id),
+        &[
+            Posting {
+                kind: AccountKind::Consumer,
+                organization: reservation.consumer.clone(),
+                amount_minor: -charge,
+            },
+            Posting {
+                kind: AccountKind::Provider,
+                organization: reservation.provider.clone(),
+                amount_minor: charge - fee,
+            },
+            Posting {
+                kind: AccountKind::Platform,
+                organization: PLATFORM_ACCOUNT.into(),
+                amount_minor: fee,
+            },
+        ],
+    )?;
+    // A subscription's fee is charged with the first query that pays.
+    let subscription =
+        i64::from(burnt && reservation.plan.kind() == proto::PriceKind::Subscription);
+    writes.push(
+        "INSERT INTO usage_counters (contract_id, period, queries, compute_units, \
+         rows_released, subscription_charged) VALUES ($1, $2, 1, $3, $4, $5) \
+         ON CONFLICT (contract_id, period) DO UPDATE SET \
+         queries = usage_counters.queries + 1, \
+         compute_units = usage_counters.compute_units + excluded.compute_units, \
+         rows_released = usage_counters.rows_released + excluded.rows_released, \
+         subscription_charged = CASE WHEN excluded.subscription_charged = 1 THEN 1 \
+                                ELSE usage_counters.subscription_charged END",
+        vec![
+            Param::from(&reservation.contract_id),
+            Param::from(&reservation.period),
+            Param::Int(used.compute_units),
+            Param::Int(used.rows_released),
+            Param::Int(subscription),
+        ],
+    );
+    if summary.privacy_spent > 0.0 {
         writes.push(
-            "INSERT INTO usage_counters (contract_id, period, queries, compute_units, \
-             rows_released, subscription_charged) VALUES ($1, $2, 1, $3, $4, $5) \
-             ON CONFLICT (contract_id, period) DO UPDATE SET \
-             queries = usage_counters.queries + 1, \
-             compute_units = usage_counters.compute_units + excluded.compute_units, \
-             rows_released = usage_counters.rows_released + excluded.rows_released, \
-             subscription_charged = CASE WHEN excluded.subscription_charged = 1 THEN 1 \
-                                    ELSE usage_counters.subscription_charged END",
+            "INSERT INTO privacy_budgets (consumer_organization_id, product_id, period, spent) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (consumer_organization_id, product_id, period) \
+             DO UPDATE SET spent = privacy_budgets.spent + excluded.spent",
             vec![
-                Param::from(&reservation.contract_id),
+                Param::from(&reservation.consumer),
+                Param::from(&reservation.product_id),
                 Param::from(&reservation.period),
-                Param::Int(used.compute_units),
-                Param::Int(used.rows_released),
-                Param::Int(subscription),
+                Param::Real(summary.privacy_spent),
             ],
         );
-        if summary.privacy_spent > 0.0 {
-            writes.push(
-                "INSERT INTO privacy_budgets (consumer_organization_id, product_id, period, spent) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (consumer_organization_id, product_id, period) \
-                 DO UPDATE SET spent = privacy_budgets.spent + excluded.spent",
-                vec![
-                    Param::from(&reservation.consumer),
-                    Param::from(&reservation.product_id),
-                    Param::from(&reservation.period),
-                    Param::Real(summary.privacy_spent),
-                ],
-            );
-        }
-        summary.charge_minor = charge;
-        metrics.stage("ledger", ledger_started.elapsed());
     }
-    let audit_started = std::time::Instant::now();
+    Ok(charge)
+}
+
+/// The query's audit entry, into `writes` after `audit_head`; returns its
+/// index.
+#[allow(clippy::too_many_arguments)]
+fn audit_into(
+    writes: &mut WriteBatch,
+    backend: Backend,
+    audit_head: Frontier,
+    principal: &Principal,
+    request: &proto::RunQueryRequest,
+    reservation: &Reservation,
+    summary: &proto::QuerySummary,
+    event_kind: &'static str,
+    result: &[u8],
+) -> Result<u64> {
+    let currency = &reservation.plan.currency;
     let audit_index = log::append_after(
-        &mut writes,
+        writes,
         backend,
         audit_head,
         &[Event {
@@ -1714,13 +1812,23 @@ async fn settle(
                 "held_minor": reservation.hold,
                 "charge_minor": summary.charge_minor,
                 "currency": currency,
-                "result_sha256": sha256_hex(&result),
+                "result_sha256": sha256_hex(result),
             }),
         }],
     )?[0];
-    metrics.stage("audit", audit_started.elapsed());
-    summary.audit_index = i64::try_from(audit_index).unwrap_or(i64::MAX);
-    let (error_code, error_text) = error.as_ref().map_or((0, String::new()), |(code, text)| {
+    Ok(audit_index)
+}
+
+/// The query's row: its outcome, metering, charge, result and audit index.
+fn record_outcome_into(
+    writes: &mut WriteBatch,
+    reservation: &Reservation,
+    summary: &proto::QuerySummary,
+    error: Option<&(Unanswered, String)>,
+    result: &[u8],
+) {
+    let now = now_ms();
+    let (error_code, error_text) = error.map_or((0, String::new()), |(code, text)| {
         (code.stored(), text.clone())
     });
     writes.push(
@@ -1743,22 +1851,13 @@ async fn settle(
             Param::Real(summary.privacy_spent),
             Param::Int(summary.wall_time_ms),
             Param::Int(summary.charge_minor),
-            Param::Blob(result.clone()),
+            Param::Blob(result.to_vec()),
             Param::Int(summary.audit_index),
             Param::Int(now),
             Param::from(&reservation.query_id),
             Param::from(&summary.metering),
         ],
     );
-    let writes_started = std::time::Instant::now();
-    writes.execute(connection).await?;
-    metrics.stage("writes", writes_started.elapsed());
-    summary.created_at_unix_ms = reservation.created_at;
-    Ok(QueryOutcome {
-        summary,
-        result,
-        error,
-    })
 }
 
 /// Hides a run's cost when its product withholds rows: no fuel, compute
