@@ -7,14 +7,93 @@ use sqlx::{AnyConnection, Row as _};
 use crate::audit::log::{self, Event};
 use crate::error::{MarketError, Result, check_text};
 use crate::identity::new_id;
-use crate::proto::{Demand, DemandAnswer, DemandState, ListDemandsRequest, PostDemandRequest};
 use crate::store::{Backend, now_ms};
+
+/// A consumer's request for data, and the providers' answers to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Demand {
+    /// Its id (`dem-…`).
+    pub id: String,
+    /// The consumer organization that posted it.
+    pub consumer_organization_id: String,
+    /// What is wanted, in a line.
+    pub title: String,
+    /// What is wanted, in full.
+    pub description: String,
+    /// Words it is found by.
+    pub keywords: Vec<String>,
+    /// The tier wanted, or empty.
+    pub tier: String,
+    /// The region wanted, or empty.
+    pub region: String,
+    /// What the consumer would pay a month, in minor units (0: unsaid).
+    pub monthly_budget_minor: i64,
+    /// The budget's currency (ISO 4217), when there is a budget.
+    pub currency: String,
+    /// Whether it still takes answers.
+    pub state: DemandState,
+    /// When it was posted, Unix milliseconds.
+    pub created_at: i64,
+    /// Providers' answers, oldest first.
+    pub answers: Vec<DemandAnswer>,
+}
+
+/// Whether a demand takes answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DemandState {
+    /// It does.
+    Open,
+    /// Its consumer closed it.
+    Closed,
+}
+
+/// A provider's answer: a product of theirs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DemandAnswer {
+    /// The answering provider organization.
+    pub provider_organization_id: String,
+    /// Its product.
+    pub product_id: String,
+    /// What it says.
+    pub message: String,
+    /// When, Unix milliseconds.
+    pub at: i64,
+}
+
+/// A demand as a consumer posts it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NewDemand {
+    /// See [`Demand::title`].
+    pub title: String,
+    /// See [`Demand::description`].
+    pub description: String,
+    /// See [`Demand::keywords`].
+    pub keywords: Vec<String>,
+    /// See [`Demand::tier`].
+    pub tier: String,
+    /// See [`Demand::region`].
+    pub region: String,
+    /// See [`Demand::monthly_budget_minor`].
+    pub monthly_budget_minor: i64,
+    /// See [`Demand::currency`].
+    pub currency: String,
+}
+
+/// Which demands to list: every keyword must appear; closed ones only when
+/// asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DemandQuery {
+    /// Words that must all appear in the title, description or keywords.
+    pub keywords: Vec<String>,
+    /// Whether closed demands are listed too.
+    pub include_closed: bool,
+}
 
 /// Checks a demand's fields; the error names the first bad one.
 ///
 /// # Errors
 /// `InvalidArgument` naming the field.
-pub fn validate(request: &PostDemandRequest) -> Result<()> {
+pub fn validate(request: &NewDemand) -> Result<()> {
     check_text("title", &request.title, 200, true)?;
     check_text("description", &request.description, 10_000, true)?;
     for (i, keyword) in request.keywords.iter().enumerate() {
@@ -85,7 +164,7 @@ pub async fn post(
     backend: Backend,
     actor: &str,
     consumer: &str,
-    request: &PostDemandRequest,
+    request: &NewDemand,
 ) -> Result<Demand> {
     validate(request)?;
     let id = new_id("dem");
@@ -150,7 +229,7 @@ async fn from_row(connection: &mut AnyConnection, row: &sqlx::any::AnyRow) -> Re
             provider_organization_id: answer.try_get("provider_organization_id")?,
             product_id: answer.try_get("product_id")?,
             message: answer.try_get("message")?,
-            at_unix_ms: answer.try_get("at")?,
+            at: answer.try_get("at")?,
         })
     })
     .collect::<Result<Vec<_>>>()?;
@@ -164,8 +243,8 @@ async fn from_row(connection: &mut AnyConnection, row: &sqlx::any::AnyRow) -> Re
         region: row.try_get("region")?,
         monthly_budget_minor: row.try_get("monthly_budget_minor")?,
         currency: row.try_get("currency")?,
-        state: state as i32,
-        created_at_unix_ms: row.try_get("created_at")?,
+        state,
+        created_at: row.try_get("created_at")?,
         answers,
     })
 }
@@ -202,7 +281,7 @@ pub async fn answer(
 ) -> Result<Demand> {
     check_text("message", message, 2000, false)?;
     let demand = get(connection, demand_id).await?;
-    if demand.state() != DemandState::Open {
+    if demand.state != DemandState::Open {
         return Err(MarketError::FailedPrecondition(format!(
             "demand {demand_id} is closed"
         )));
@@ -253,7 +332,7 @@ pub async fn close(
 ) -> Result<Demand> {
     check_text("reason", reason, 2000, false)?;
     let demand = get(connection, demand_id).await?;
-    if demand.state() != DemandState::Open {
+    if demand.state != DemandState::Open {
         return Err(MarketError::FailedPrecondition(format!(
             "demand {demand_id} is closed already"
         )));
@@ -280,10 +359,7 @@ pub async fn close(
 ///
 /// # Errors
 /// Database failures.
-pub async fn list(
-    connection: &mut AnyConnection,
-    request: &ListDemandsRequest,
-) -> Result<Vec<Demand>> {
+pub async fn list(connection: &mut AnyConnection, request: &DemandQuery) -> Result<Vec<Demand>> {
     let sql = format!(
         "SELECT {COLUMNS}, search_text FROM demands WHERE ($1 = 1 OR state = 'open') ORDER BY created_at DESC, id"
     );

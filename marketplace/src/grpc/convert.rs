@@ -45,3 +45,54 @@ pub(super) fn user_to_proto(user: &identity::User) -> proto::User {
         created_at_unix_ms: user.created_at,
     }
 }
+
+pub(super) fn demand_to_proto(demand: crate::demand::Demand) -> proto::Demand {
+    let state = match demand.state {
+        crate::demand::DemandState::Open => proto::DemandState::Open,
+        crate::demand::DemandState::Closed => proto::DemandState::Closed,
+    };
+    proto::Demand {
+        id: demand.id,
+        consumer_organization_id: demand.consumer_organization_id,
+        title: demand.title,
+        description: demand.description,
+        keywords: demand.keywords,
+        tier: demand.tier,
+        region: demand.region,
+        monthly_budget_minor: demand.monthly_budget_minor,
+        currency: demand.currency,
+        state: state as i32,
+        created_at_unix_ms: demand.created_at,
+        answers: demand
+            .answers
+            .into_iter()
+            .map(|answer| proto::DemandAnswer {
+                provider_organization_id: answer.provider_organization_id,
+                product_id: answer.product_id,
+                message: answer.message,
+                at_unix_ms: answer.at,
+            })
+            .collect(),
+    }
+}
+
+pub(super) fn new_demand_from_proto(request: proto::PostDemandRequest) -> crate::demand::NewDemand {
+    crate::demand::NewDemand {
+        title: request.title,
+        description: request.description,
+        keywords: request.keywords,
+        tier: request.tier,
+        region: request.region,
+        monthly_budget_minor: request.monthly_budget_minor,
+        currency: request.currency,
+    }
+}
+
+pub(super) fn demand_query_from_proto(
+    request: proto::ListDemandsRequest,
+) -> crate::demand::DemandQuery {
+    crate::demand::DemandQuery {
+        keywords: request.keywords,
+        include_closed: request.include_closed,
+    }
+}

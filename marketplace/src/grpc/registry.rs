@@ -12,6 +12,7 @@ use crate::registry::Step;
 use crate::market::Marketplace;
 
 use super::auth;
+use super::convert::{demand_query_from_proto, demand_to_proto, new_demand_from_proto};
 
 /// The Registry service.
 #[derive(Debug, Clone)]
@@ -193,9 +194,9 @@ impl proto::registry_server::Registry for RegistryService {
         request: Request<proto::PostDemandRequest>,
     ) -> Result<Response<proto::Demand>, Status> {
         let principal = auth::principal(&request)?;
-        Ok(Response::new(
-            self.0.post_demand(&principal, request.into_inner()).await?,
-        ))
+        let demand = new_demand_from_proto(request.into_inner());
+        let posted = self.0.post_demand(&principal, demand).await?;
+        Ok(Response::new(demand_to_proto(posted)))
     }
 
     async fn answer_demand(
@@ -203,11 +204,17 @@ impl proto::registry_server::Registry for RegistryService {
         request: Request<proto::AnswerDemandRequest>,
     ) -> Result<Response<proto::Demand>, Status> {
         let principal = auth::principal(&request)?;
-        Ok(Response::new(
-            self.0
-                .answer_demand(&principal, request.into_inner())
-                .await?,
-        ))
+        let request = request.into_inner();
+        let demand = self
+            .0
+            .answer_demand(
+                &principal,
+                &request.demand_id,
+                &request.product_id,
+                &request.message,
+            )
+            .await?;
+        Ok(Response::new(demand_to_proto(demand)))
     }
 
     async fn close_demand(
@@ -215,11 +222,12 @@ impl proto::registry_server::Registry for RegistryService {
         request: Request<proto::CloseDemandRequest>,
     ) -> Result<Response<proto::Demand>, Status> {
         let principal = auth::principal(&request)?;
-        Ok(Response::new(
-            self.0
-                .close_demand(&principal, request.into_inner())
-                .await?,
-        ))
+        let request = request.into_inner();
+        let demand = self
+            .0
+            .close_demand(&principal, &request.demand_id, &request.reason)
+            .await?;
+        Ok(Response::new(demand_to_proto(demand)))
     }
 
     async fn list_demands(
@@ -227,9 +235,11 @@ impl proto::registry_server::Registry for RegistryService {
         request: Request<proto::ListDemandsRequest>,
     ) -> Result<Response<proto::ListDemandsResponse>, Status> {
         let principal = auth::principal(&request)?;
-        Ok(Response::new(
-            self.0.demands(&principal, request.into_inner()).await?,
-        ))
+        let query = demand_query_from_proto(request.into_inner());
+        let demands = self.0.demands(&principal, &query).await?;
+        Ok(Response::new(proto::ListDemandsResponse {
+            demands: demands.into_iter().map(demand_to_proto).collect(),
+        }))
     }
 }
 

@@ -1,8 +1,9 @@
 //! Registration use cases: products through their lifecycle and revisions,
-//! the catalog and its DCAT-AP export, and the demand list. Products and
-//! demands still travel as their API messages, the types the registry and
-//! demand modules store and read.
+//! the catalog and its DCAT-AP export, and the demand list. Demands are
+//! domain types ([`crate::demand::Demand`]); products still travel as their
+//! API message, the type the registry stores and reads.
 
+use crate::demand::{Demand, DemandQuery, NewDemand};
 use crate::error::{MarketError, Result};
 use crate::identity::{self, OrganizationKind, Principal};
 use crate::proto;
@@ -242,11 +243,7 @@ impl Marketplace {
     /// # Errors
     /// `PermissionDenied` naming the permission, `NotFound`, or
     /// `InvalidArgument` / `FailedPrecondition` naming the field or state.
-    pub async fn post_demand(
-        &self,
-        principal: &Principal,
-        request: proto::PostDemandRequest,
-    ) -> Result<proto::Demand> {
+    pub async fn post_demand(&self, principal: &Principal, request: NewDemand) -> Result<Demand> {
         let consumer = principal.organization.id.clone();
         self.require(principal, &consumer, "demand:post").await?;
         let mut transaction = self.store.begin().await?;
@@ -270,8 +267,10 @@ impl Marketplace {
     pub async fn answer_demand(
         &self,
         principal: &Principal,
-        request: proto::AnswerDemandRequest,
-    ) -> Result<proto::Demand> {
+        demand_id: &str,
+        product_id: &str,
+        message: &str,
+    ) -> Result<Demand> {
         let provider = principal.organization.id.clone();
         self.require(principal, &provider, "demand:answer").await?;
         let mut transaction = self.store.begin().await?;
@@ -280,9 +279,9 @@ impl Marketplace {
             self.store.backend(),
             &principal.user.id,
             &provider,
-            &request.demand_id,
-            &request.product_id,
-            &request.message,
+            demand_id,
+            product_id,
+            message,
         )
         .await?;
         transaction.commit().await?;
@@ -297,18 +296,19 @@ impl Marketplace {
     pub async fn close_demand(
         &self,
         principal: &Principal,
-        request: proto::CloseDemandRequest,
-    ) -> Result<proto::Demand> {
+        demand_id: &str,
+        reason: &str,
+    ) -> Result<Demand> {
         let mut transaction = self.store.begin().await?;
-        let demand = crate::demand::get(&mut transaction, &request.demand_id).await?;
+        let demand = crate::demand::get(&mut transaction, demand_id).await?;
         self.require(principal, &demand.consumer_organization_id, "demand:close")
             .await?;
         let demand = crate::demand::close(
             &mut transaction,
             self.store.backend(),
             &principal.user.id,
-            &request.demand_id,
-            &request.reason,
+            demand_id,
+            reason,
         )
         .await?;
         transaction.commit().await?;
@@ -320,16 +320,11 @@ impl Marketplace {
     /// # Errors
     /// `PermissionDenied` naming the permission, `NotFound`, or
     /// `InvalidArgument` / `FailedPrecondition` naming the field or state.
-    pub async fn demands(
-        &self,
-        principal: &Principal,
-        request: proto::ListDemandsRequest,
-    ) -> Result<proto::ListDemandsResponse> {
+    pub async fn demands(&self, principal: &Principal, query: &DemandQuery) -> Result<Vec<Demand>> {
         self.require(principal, &principal.organization.id, "catalog:search")
             .await?;
         let mut connection = self.store.acquire().await?;
-        let demands = crate::demand::list(&mut connection, &request).await?;
-        Ok(proto::ListDemandsResponse { demands })
+        crate::demand::list(&mut connection, query).await
     }
 
     /// Approves (measuring the revision's data, as at submission) or rejects a
