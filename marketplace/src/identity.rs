@@ -265,6 +265,19 @@ fn user_from_row(row: &sqlx::any::AnyRow) -> Result<User> {
 /// A user by id.
 ///
 /// # Errors
+/// `NotFound`.
+pub async fn get_user(connection: &mut AnyConnection, id: &str) -> Result<User> {
+    find_user(connection, id)
+        .await?
+        .ok_or_else(|| MarketError::NotFound {
+            what: "user",
+            id: id.to_owned(),
+        })
+}
+
+/// A user by id.
+///
+/// # Errors
 /// Database failures.
 pub async fn find_user(connection: &mut AnyConnection, id: &str) -> Result<Option<User>> {
     sqlx::query("SELECT id, organization_id, name, created_at FROM users WHERE id = $1")
@@ -349,12 +362,7 @@ pub async fn issue_token(
     description: &str,
 ) -> Result<IssuedToken> {
     validate_token_request(ttl_seconds, description)?;
-    if find_user(connection, user_id).await?.is_none() {
-        return Err(MarketError::NotFound {
-            what: "user",
-            id: user_id.to_owned(),
-        });
-    }
+    get_user(connection, user_id).await?;
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
     let secret = TokenSecret(format!("cgt_{}", URL_SAFE_NO_PAD.encode(bytes)));

@@ -12,6 +12,21 @@ use crate::registry::{self, Step};
 use super::Marketplace;
 
 impl Marketplace {
+    /// A product, read in `connection` for a change its provider's
+    /// `permission` allows.
+    async fn provider_product(
+        &self,
+        connection: &mut sqlx::AnyConnection,
+        principal: &Principal,
+        product_id: &str,
+        permission: &str,
+    ) -> Result<proto::Product> {
+        let product = registry::get(connection, product_id).await?;
+        self.require(principal, &product.provider_organization_id, permission)
+            .await?;
+        Ok(product)
+    }
+
     /// Registers a draft product for the caller's organization
     /// (`product:create`).
     ///
@@ -57,10 +72,10 @@ impl Marketplace {
             .spec
             .ok_or_else(|| MarketError::invalid("spec", "is required"))?;
         let mut transaction = self.store.begin().await?;
-        let product = registry::get(&mut transaction, &request.product_id).await?;
-        self.require(
+        self.provider_product(
+            &mut transaction,
             principal,
-            &product.provider_organization_id,
+            &request.product_id,
             "product:revise",
         )
         .await?;
@@ -88,10 +103,10 @@ impl Marketplace {
         request: proto::TransferProductRequest,
     ) -> Result<proto::Product> {
         let mut transaction = self.store.begin().await?;
-        let product = registry::get(&mut transaction, &request.product_id).await?;
-        self.require(
+        self.provider_product(
+            &mut transaction,
             principal,
-            &product.provider_organization_id,
+            &request.product_id,
             "product:transfer",
         )
         .await?;
@@ -340,13 +355,14 @@ impl Marketplace {
         approve: bool,
     ) -> Result<proto::Product> {
         let mut transaction = self.store.begin().await?;
-        let product = registry::get(&mut transaction, &request.product_id).await?;
-        self.require(
-            principal,
-            &product.provider_organization_id,
-            "product:review",
-        )
-        .await?;
+        let product = self
+            .provider_product(
+                &mut transaction,
+                principal,
+                &request.product_id,
+                "product:review",
+            )
+            .await?;
         let quality = match (&product.pending_revision, approve) {
             (Some(revised), true) => {
                 let revised = revised.clone();
@@ -397,8 +413,8 @@ impl Marketplace {
         permission: &str,
     ) -> Result<proto::Product> {
         let mut transaction = self.store.begin().await?;
-        let product = registry::get(&mut transaction, &request.product_id).await?;
-        self.require(principal, &product.provider_organization_id, permission)
+        let product = self
+            .provider_product(&mut transaction, principal, &request.product_id, permission)
             .await?;
         if matches!(step, Step::Publish) && product.state() == proto::ProductState::Suspended {
             self.require(

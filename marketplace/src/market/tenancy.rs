@@ -117,12 +117,7 @@ impl Marketplace {
     ) -> Result<IssuedToken> {
         identity::validate_token_request(ttl_seconds, description)?;
         let mut transaction = self.store.begin().await?;
-        let user = identity::find_user(&mut transaction, user_id)
-            .await?
-            .ok_or_else(|| MarketError::NotFound {
-                what: "user",
-                id: user_id.to_owned(),
-            })?;
+        let user = identity::get_user(&mut transaction, user_id).await?;
         if user.id != principal.user.id {
             self.require(principal, &user.organization_id, "token:issue")
                 .await?;
@@ -198,12 +193,7 @@ impl Marketplace {
     ) -> Result<RoleBinding> {
         let (role_kind, cross_tenant) = access::role("role", role)?;
         let mut transaction = self.store.begin().await?;
-        let user = identity::find_user(&mut transaction, user_id)
-            .await?
-            .ok_or_else(|| MarketError::NotFound {
-                what: "user",
-                id: user_id.to_owned(),
-            })?;
+        let user = identity::get_user(&mut transaction, user_id).await?;
         let organization = identity::find_organization(&mut transaction, &user.organization_id)
             .await?
             .ok_or_else(|| MarketError::Corrupt("user without organization".into()))?;
