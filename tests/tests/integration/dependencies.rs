@@ -227,23 +227,44 @@ fn the_resolved_graph_is_the_workspace_and_its_real_trees() {
 
 type ModulePath = Vec<String>;
 
-/// Every module of the crate rooted at `src` (binaries aside), with the
-/// modules it names through `crate::` or `super::` outside comments.
-fn module_graph(src: &std::path::Path) -> BTreeMap<ModulePath, BTreeSet<ModulePath>> {
-    fn walk(dir: &std::path::Path, files: &mut Vec<std::path::PathBuf>) {
-        for entry in std::fs::read_dir(dir).expect("a source folder") {
+/// Every `.rs` file under `dir`, leaving out folders named in `skip`.
+fn rust_files(dir: &std::path::Path, skip: &[&str]) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    let mut folders = vec![dir.to_owned()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).expect("a source folder") {
             let path = entry.expect("a folder entry").path();
             if path.is_dir() {
-                if path.file_name().is_some_and(|name| name != "bin") {
-                    walk(&path, files);
+                if path
+                    .file_name()
+                    .and_then(|name| name.to_str())
+                    .is_none_or(|name| !skip.contains(&name))
+                {
+                    folders.push(path);
                 }
             } else if path.extension().is_some_and(|ext| ext == "rs") {
                 files.push(path);
             }
         }
     }
-    let mut files = Vec::new();
-    walk(src, &mut files);
+    files.sort();
+    files
+}
+
+/// A source file's lines that are not comments.
+fn code_lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .expect("a readable source file")
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("//"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every module of the crate rooted at `src` (binaries aside), with the
+/// modules it names through `crate::` or `super::` outside comments.
+fn module_graph(src: &std::path::Path) -> BTreeMap<ModulePath, BTreeSet<ModulePath>> {
+    let files = rust_files(src, &["bin"]);
     let mut modules: BTreeMap<ModulePath, std::path::PathBuf> = BTreeMap::new();
     for file in files {
         let relative = file
@@ -276,8 +297,7 @@ fn module_graph(src: &std::path::Path) -> BTreeMap<ModulePath, BTreeSet<ModulePa
     let mut graph = BTreeMap::new();
     for (module, file) in &modules {
         let mut named = BTreeSet::new();
-        let source = std::fs::read_to_string(file).expect("a readable source file");
-        for line in source.lines().filter(|l| !l.trim_start().starts_with("//")) {
+        for line in &code_lines(file) {
             for (at, _) in line.match_indices("crate::") {
                 let segments = identifier(&line[at + "crate::".len()..]);
                 if let Some(target) = (1..=segments.len())
@@ -396,18 +416,9 @@ fn the_module_scan_sees_imports_and_finds_loops() {
 #[test]
 fn the_marketplace_grpc_layer_is_thin_and_alone_in_knowing_tonic() {
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../marketplace/src");
-    let code_lines = |path: &std::path::Path| -> Vec<String> {
-        std::fs::read_to_string(path)
-            .expect("a readable source file")
-            .lines()
-            .filter(|line| !line.trim_start().starts_with("//"))
-            .map(str::to_owned)
-            .collect()
-    };
     let mut found = Vec::new();
     let mut handlers = 0;
-    for entry in std::fs::read_dir(src.join("grpc")).expect("the gRPC layer") {
-        let path = entry.expect("a file").path();
+    for path in rust_files(&src.join("grpc"), &[]) {
         handlers += 1;
         for (n, line) in code_lines(&path).iter().enumerate() {
             for rule in [".begin()", "log::append", ".require(", "sqlx::"] {
@@ -418,30 +429,19 @@ fn the_marketplace_grpc_layer_is_thin_and_alone_in_knowing_tonic() {
         }
     }
     assert!(handlers >= 8, "only {handlers} files read in grpc/");
-    let mut below = 0;
-    let mut stack = vec![src.clone()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("a source folder") {
-            let path = entry.expect("an entry").path();
-            let name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default();
-            if path.is_dir() {
-                if !matches!(name, "grpc" | "bin") {
-                    stack.push(path);
-                }
-            } else if path.extension().is_some_and(|ext| ext == "rs") && name != "lib.rs" {
-                below += 1;
-                for (n, line) in code_lines(&path).iter().enumerate() {
-                    if line.contains("tonic::") || line.contains("use tonic") {
-                        found.push(format!(
-                            "{}:{}: tonic below the gRPC layer",
-                            path.display(),
-                            n + 1
-                        ));
-                    }
-                }
+    let below_grpc: Vec<_> = rust_files(&src, &["grpc", "bin"])
+        .into_iter()
+        .filter(|path| !path.ends_with("lib.rs"))
+        .collect();
+    let below = below_grpc.len();
+    for path in &below_grpc {
+        for (n, line) in code_lines(path).iter().enumerate() {
+            if line.contains("tonic::") || line.contains("use tonic") {
+                found.push(format!(
+                    "{}:{}: tonic below the gRPC layer",
+                    path.display(),
+                    n + 1
+                ));
             }
         }
     }
