@@ -7,6 +7,8 @@ use prost::Message as _;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/civicgrid/marketplace/v1/marketplace.proto";
     println!("cargo:rerun-if-changed={proto}");
+    // Imported by the API; its types are the domain's documents.
+    println!("cargo:rerun-if-changed=proto/civicgrid/product/v1/product.proto");
     // `sqlx::migrate!` embeds these directories; a new migration file must
     // rebuild the crate.
     println!("cargo:rerun-if-changed=migrations");
@@ -20,6 +22,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure().compile_fds(descriptors)?;
     pbjson_build::Builder::new()
         .register_descriptors(&encoded)?
-        .build(&[".civicgrid.marketplace.v1"])?;
+        .build(&[".civicgrid.marketplace.v1", ".civicgrid.product.v1"])?;
     Ok(())
 }
