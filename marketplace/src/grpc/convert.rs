@@ -3,6 +3,7 @@
 use crate::error::{MarketError, Result};
 use crate::identity::{self, OrganizationKind};
 use crate::proto;
+use crate::queries::{QueryRequest, QuerySummary, UsageQuery};
 
 pub(super) fn kind_from_proto(kind: proto::OrganizationKind) -> Result<OrganizationKind> {
     Ok(match kind {
@@ -94,5 +95,102 @@ pub(super) fn demand_query_from_proto(
     crate::demand::DemandQuery {
         keywords: request.keywords,
         include_closed: request.include_closed,
+    }
+}
+
+pub(super) fn query_request(request: proto::RunQueryRequest) -> QueryRequest {
+    let proto::RunQueryRequest {
+        product_id,
+        sql,
+        algorithm_wasm,
+        idempotency_key,
+        max_compute_units,
+    } = request;
+    QueryRequest {
+        product_id,
+        sql,
+        algorithm_wasm,
+        idempotency_key,
+        max_compute_units,
+    }
+}
+
+pub(super) fn usage_query(request: proto::ListUsageRequest) -> UsageQuery {
+    let proto::ListUsageRequest {
+        product_id,
+        organization_id,
+        period,
+        limit,
+    } = request;
+    UsageQuery {
+        product_id,
+        organization_id,
+        period,
+        limit,
+    }
+}
+
+pub(super) fn query_summary(summary: QuerySummary) -> proto::QuerySummary {
+    // Destructured whole: a field added on either side fails to compile
+    // here instead of going missing from the API.
+    let QuerySummary {
+        query_id,
+        contract_id,
+        plan_id,
+        state,
+        error,
+        metering,
+        fuel,
+        compute_units,
+        rows_read,
+        bytes_read,
+        rows_released,
+        bytes_released,
+        suppressed_rows,
+        truncated,
+        privacy_spent,
+        wall_time_ms,
+        currency,
+        held_minor,
+        charge_minor,
+        audit_index,
+        replayed,
+        sql,
+        algorithm_sha256,
+        consumer_organization_id,
+        product_id,
+        user_id,
+        created_at_unix_ms,
+        provider_organization_id,
+    } = summary;
+    proto::QuerySummary {
+        query_id,
+        contract_id,
+        plan_id,
+        state,
+        error,
+        metering,
+        fuel,
+        compute_units,
+        rows_read,
+        bytes_read,
+        rows_released,
+        bytes_released,
+        suppressed_rows,
+        truncated,
+        privacy_spent,
+        wall_time_ms,
+        currency,
+        held_minor,
+        charge_minor,
+        audit_index,
+        replayed,
+        sql,
+        algorithm_sha256,
+        consumer_organization_id,
+        product_id,
+        user_id,
+        created_at_unix_ms,
+        provider_organization_id,
     }
 }

@@ -10,7 +10,7 @@ use crate::queries;
 
 use crate::market::Marketplace;
 
-use super::auth;
+use super::{auth, convert};
 
 /// The Queries service.
 #[derive(Debug, Clone)]
@@ -29,7 +29,10 @@ impl proto::queries_server::Queries for QueriesService {
         request: Request<proto::RunQueryRequest>,
     ) -> Result<Response<Self::RunQueryStream>, Status> {
         let principal = auth::principal(&request)?;
-        let outcome = self.0.run_query(principal, request.into_inner()).await?;
+        let outcome = self
+            .0
+            .run_query(principal, convert::query_request(request.into_inner()))
+            .await?;
         if let Some((kind, message)) = outcome.error {
             return Err(MarketError::Unanswered {
                 query_id: outcome.summary.query_id,
@@ -41,7 +44,9 @@ impl proto::queries_server::Queries for QueriesService {
         let mut messages =
             Vec::with_capacity(1 + outcome.result.len() / queries::RESULT_CHUNK_BYTES + 1);
         messages.push(Ok(proto::RunQueryResponse {
-            message: Some(proto::run_query_response::Message::Summary(outcome.summary)),
+            message: Some(proto::run_query_response::Message::Summary(
+                convert::query_summary(outcome.summary),
+            )),
         }));
         for chunk in outcome.result.chunks(queries::RESULT_CHUNK_BYTES) {
             messages.push(Ok(proto::RunQueryResponse {
@@ -56,7 +61,12 @@ impl proto::queries_server::Queries for QueriesService {
         request: Request<proto::ListUsageRequest>,
     ) -> Result<Response<proto::ListUsageResponse>, Status> {
         let principal = auth::principal(&request)?;
-        let queries = self.0.usage(&principal, request.get_ref()).await?;
-        Ok(Response::new(proto::ListUsageResponse { queries }))
+        let queries = self
+            .0
+            .usage(&principal, &convert::usage_query(request.into_inner()))
+            .await?;
+        Ok(Response::new(proto::ListUsageResponse {
+            queries: queries.into_iter().map(convert::query_summary).collect(),
+        }))
     }
 }

@@ -6,8 +6,7 @@ use tracing::Instrument as _;
 
 use crate::error::{MarketError, Result};
 use crate::identity::{OrganizationKind, Principal};
-use crate::proto;
-use crate::queries::{self, QueryOutcome, UsageView};
+use crate::queries::{self, QueryOutcome, QueryRequest, QuerySummary, UsageQuery, UsageView};
 
 use super::Marketplace;
 
@@ -22,7 +21,7 @@ impl Marketplace {
     pub async fn run_query(
         self: &Arc<Self>,
         principal: Principal,
-        request: proto::RunQueryRequest,
+        request: QueryRequest,
     ) -> Result<QueryOutcome> {
         let engine = Arc::clone(self.engine()?);
         let market: Arc<dyn queries::Market> = Arc::clone(self) as _;
@@ -43,8 +42,8 @@ impl Marketplace {
     pub async fn usage(
         &self,
         principal: &Principal,
-        request: &proto::ListUsageRequest,
-    ) -> Result<Vec<proto::QuerySummary>> {
+        request: &UsageQuery,
+    ) -> Result<Vec<QuerySummary>> {
         let organization = principal.organization.id.clone();
         let view = if self.cross_tenant(principal, "usage:read").await? {
             UsageView::Everything

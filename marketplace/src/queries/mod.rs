@@ -1,0 +1,313 @@
+//! Authorized queries: authenticate → authorize (role and contract) → quota
+//! and funds (a hold for the plan's maximum) → the sandbox under the
+//! product's output policy → capture the actual charge and free the rest.
+//!
+//! A query is two short transactions around the sandbox run. The first
+//! reserves: it records the query as `running` under its idempotency key with
+//! its hold. The second settles: the outcome, the usage counters, the ledger
+//! postings, the privacy budget and the audit entry commit together, and the
+//! hold closes. A crash between them leaves a `running` row, which
+//! [`recover_interrupted`] deletes on the next start (nothing was charged and
+//! nothing released), so a retry under the same key runs afresh and is
+//! charged once.
+
+mod engine;
+mod model;
+mod reserve;
+mod sandbox_run;
+mod settle;
+mod usage;
+
+use std::sync::Arc;
+
+use crate::contracts::ContractIndex;
+use crate::error::{MarketError, Result, Unanswered};
+use crate::identity::Principal;
+use crate::metrics::Metrics;
+pub use crate::policy::sandbox_policy;
+use crate::store::{self, Store, now_ms};
+
+use reserve::reserve;
+use sandbox_run::{SandboxRun, run_in_sandbox};
+use settle::{SettleContext, audit_refusal, settle};
+
+pub use engine::{
+    EngineConfig, EngineFlags, MAX_CONCURRENT_QUERIES, MAX_QUERY_MEMORY_BYTES, MAX_QUERY_WALL_TIME,
+    QueryEngine,
+};
+pub use model::{QueryOutcome, QueryRequest, QuerySummary, UsageQuery, UsageView};
+pub use usage::list_usage;
+
+/// The organization id the platform's fee account is kept under.
+pub const PLATFORM_ACCOUNT: &str = "platform";
+
+/// Longest idempotency key.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// The longest SQL text (or algorithm input) a query may send. Work per
+/// kept row grows with a query's length, and a row's cost is what the
+/// output policy must not let count withheld rows.
+pub const MAX_SQL_BYTES: usize = 64 << 10;
+
+/// Splits an IPC stream into response chunks of at most this many bytes.
+pub const RESULT_CHUNK_BYTES: usize = 1 << 20;
+
+/// Deletes queries left `running` by a process that stopped mid-query: none
+/// was charged or released, their holds vanish with them, and each is audited
+/// as interrupted. Call before serving.
+///
+/// # Errors
+/// Database failures.
+pub async fn recover_interrupted(store: &Store) -> Result<u64> {
+    store::queries::remove_running(store, None, "the server stopped while the query ran").await
+}
+
+/// What the query path needs of the marketplace around it: its permission
+/// check, database, metrics, contract index and data directory. The
+/// server's [`crate::market::Marketplace`] is one; the query path does not
+/// reach up into the service that calls it.
+pub trait Market: Send + Sync {
+    /// `Ok` when `principal` holds `permission` in `domain` (casbin).
+    fn require_permission<'a>(
+        &'a self,
+        principal: &'a Principal,
+        domain: &'a str,
+        permission: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>;
+    /// The database.
+    fn store(&self) -> &Store;
+    /// The server's metrics.
+    fn metrics(&self) -> &Arc<Metrics>;
+    /// The active contracts, kept in memory.
+    fn contract_index(&self) -> &ContractIndex;
+    /// Where products' folders are.
+    fn data_dir(&self) -> &std::path::Path;
+}
+
+/// Runs one query for `principal`, from authorization to settlement.
+///
+/// # Errors
+/// Refusals before the run (authentication aside): `InvalidArgument`,
+/// `PermissionDenied` (role or contract), `ResourceExhausted` (quota),
+/// `FailedPrecondition` (funds, product state), `Aborted` (the same key is
+/// running). A query the sandbox refuses or stops is settled (counted and
+/// charged for the compute it used) and returned as an outcome with its
+/// error.
+#[tracing::instrument(
+    name = "query",
+    skip_all,
+    fields(product = %request.product_id, consumer = %principal.organization.id)
+)]
+pub async fn run(
+    market: &Arc<dyn Market>,
+    engine: &Arc<QueryEngine>,
+    principal: &Principal,
+    request: QueryRequest,
+) -> Result<QueryOutcome> {
+    let config = engine.config();
+    request.validate(config.max_compute_units)?;
+    let consumer = principal.organization.id.clone();
+    market
+        .require_permission(principal, &consumer, "query:run")
+        .await?;
+    let algorithm_sha256 = if request.algorithm_wasm.is_empty() {
+        String::new()
+    } else {
+        model::sha256_hex(&request.algorithm_wasm)
+    };
+    let digest = request.digest(&algorithm_sha256);
+    let admission = engine.admit(&consumer)?;
+    if let Some(outcome) = replay(market.store(), &consumer, &request, &digest).await? {
+        // A replay hands out released rows again: only under a contract
+        // that would let the query run now (not one revoked or expired since).
+        market
+            .contract_index()
+            .grant_for_query(&consumer, &request.product_id, &algorithm_sha256, now_ms())
+            .map_err(|reason| MarketError::PermissionDenied {
+                permission: "query:run".into(),
+                context: format!(" on product {}: {reason}", request.product_id),
+            })?;
+        market.metrics().outcome("replayed");
+        admission.answered();
+        return Ok(outcome);
+    }
+    let seen = engine.product_seen(&request.product_id);
+    let started = std::time::Instant::now();
+    let request = Arc::new(request);
+    let reserved = {
+        let store = market.store().clone();
+        let (market, engine, principal, request) = (
+            Arc::clone(market),
+            Arc::clone(engine),
+            principal.clone(),
+            Arc::clone(&request),
+        );
+        let algorithm_sha256 = algorithm_sha256.clone();
+        store
+            .grouped(move |connection| {
+                Box::pin(async move {
+                    reserve(
+                        connection,
+                        market.as_ref(),
+                        &engine,
+                        &principal,
+                        &request,
+                        (&algorithm_sha256, &digest),
+                        seen,
+                    )
+                    .await
+                })
+            })
+            .await
+    };
+    market.metrics().stage("authorize", started.elapsed());
+    let reservation = match reserved {
+        Ok(reservation) => reservation,
+        Err(refusal) => {
+            market.metrics().outcome("denied");
+            audit_refusal(
+                market.as_ref(),
+                principal,
+                &request,
+                &algorithm_sha256,
+                &refusal,
+            )
+            .await?;
+            return Err(refusal);
+        }
+    };
+    let sql = request.sql.clone();
+    let engine_for_run = Arc::clone(engine);
+    let run = SandboxRun {
+        storage: reservation.storage.clone(),
+        policy: reservation.policy.clone(),
+        privacy_budget: reservation.privacy_budget,
+        compute_units: reservation.compute_units,
+        metering: reservation.metering,
+        algorithm: reservation.algorithm.clone(),
+        as_of_unix_seconds: reservation.as_of_unix_seconds,
+    };
+    let sandbox_span = tracing::info_span!("sandbox");
+    let sandbox_started = std::time::Instant::now();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let _entered = sandbox_span.enter();
+        run_in_sandbox(&engine_for_run, &run, &sql)
+    })
+    .await
+    .map_err(|error| MarketError::Corrupt(format!("sandbox task: {error}")));
+    let sandbox_elapsed = sandbox_started.elapsed();
+    market.metrics().stage("sandbox", sandbox_elapsed);
+    if let Ok(Ok(ran)) = &outcome {
+        let startup = ran.metering.startup;
+        market.metrics().stage("sandbox_start", startup);
+        market
+            .metrics()
+            .stage("query", sandbox_elapsed.saturating_sub(startup));
+    }
+    let settle_started = std::time::Instant::now();
+    let query_id = reservation.query_id.clone();
+    let settled = match outcome {
+        Ok(outcome) => {
+            let backend = market.store().backend();
+            let platform_fee_bps = config.platform_fee_bps;
+            let (principal, request) = (principal.clone(), Arc::clone(&request));
+            let metrics = Arc::clone(market.metrics());
+            market
+                .store()
+                .grouped(move |connection| {
+                    Box::pin(async move {
+                        settle(
+                            connection,
+                            SettleContext {
+                                backend,
+                                platform_fee_bps,
+                                metrics: &metrics,
+                            },
+                            &principal,
+                            &request,
+                            reservation,
+                            outcome,
+                        )
+                        .await
+                    })
+                })
+                .await
+        }
+        Err(error) => Err(error),
+    };
+    let settled = match settled {
+        Ok(settled) => settled,
+        Err(error) => {
+            // Leave no hold behind in a live server: the query was not
+            // charged or released, so it goes as a crash would, and a retry
+            // under the same key runs afresh.
+            if let Err(cleanup) = store::queries::remove_running(
+                market.store(),
+                Some(&query_id),
+                "settling it failed",
+            )
+            .await
+            {
+                tracing::error!(error = %cleanup, query = %query_id, "could not release a hold");
+            }
+            return Err(error);
+        }
+    };
+    let metrics = market.metrics();
+    metrics.stage("settle", settle_started.elapsed());
+    metrics.stage("total", started.elapsed());
+    metrics.outcome(&settled.summary.state);
+    // A query that found no free sandbox slot is the platform's busyness,
+    // not the consumer's probe.
+    let busy = matches!(&settled.error, Some((Unanswered::Busy, _)));
+    if matches!(settled.summary.state.as_str(), "rejected" | "failed") && !busy {
+        metrics.unanswered(&consumer);
+    } else {
+        admission.answered();
+    }
+    metrics.charged(
+        &settled.summary.currency,
+        settled.summary.charge_minor,
+        settled.summary.compute_units,
+    );
+    Ok(settled)
+}
+
+/// The stored outcome of an earlier request under the same key.
+async fn replay(
+    store: &Store,
+    consumer: &str,
+    request: &QueryRequest,
+    digest: &str,
+) -> Result<Option<QueryOutcome>> {
+    // A read of its own: a key first used by a request still settling is
+    // caught when the reservation inserts it (unique), not here.
+    let mut connection = store.reader().acquire().await?;
+    let Some(stored) =
+        store::queries::find_by_key(&mut connection, consumer, &request.idempotency_key).await?
+    else {
+        return Ok(None);
+    };
+    let mut summary = stored.summary;
+    if stored.request_sha256 != digest {
+        return Err(MarketError::invalid(
+            "idempotency_key",
+            format!(
+                "already used by query {} for a different request; use a new key",
+                summary.query_id
+            ),
+        ));
+    }
+    if summary.state == "running" {
+        return Err(MarketError::Aborted(format!(
+            "query {} with this idempotency key is still running; retry shortly",
+            summary.query_id
+        )));
+    }
+    summary.replayed = true;
+    Ok(Some(QueryOutcome {
+        error: stored.error,
+        result: stored.result,
+        summary,
+    }))
+}

@@ -1,0 +1,333 @@
+//! The first of a query's two transactions: its terms from the product and
+//! the contract, the consumer's standing, and the query recorded as running
+//! with its hold.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use civicgrid_sandbox::policy::OutputPolicy;
+use sqlx::AnyConnection;
+
+use crate::billing;
+use crate::error::{MarketError, Result};
+use crate::identity::Principal;
+use crate::metering::Metering;
+use crate::proto;
+use crate::store::queries::{ProductAsRead, RunningQuery, Standing};
+use crate::store::{self, now_ms};
+
+use super::{Market, QueryEngine, QueryRequest, sandbox_policy};
+
+/// A product as read, with its spec's bytes as stored.
+pub(super) type StoredProduct = (proto::Product, Vec<u8>);
+
+/// Everything decided before the sandbox runs.
+pub(super) struct Reservation {
+    pub(super) query_id: String,
+    pub(super) consumer: String,
+    pub(super) provider: String,
+    pub(super) product_id: String,
+    pub(super) contract_id: String,
+    pub(super) plan: proto::PricePlan,
+    pub(super) period: String,
+    pub(super) hold: i64,
+    pub(super) compute_units: i64,
+    /// Withheld where the product's policy withholds rows (see [`crate::metering`]).
+    pub(super) metering: Metering,
+    /// When it was reserved: the time every view of the query shows (the
+    /// time it settled would tell how long it ran).
+    pub(super) created_at: i64,
+    pub(super) policy: OutputPolicy,
+    pub(super) privacy_budget: f64,
+    pub(super) storage: ProductFiles,
+    /// The product's last update: what `now()` reads inside the query, so the
+    /// same query on the same data always meters the same fuel.
+    pub(super) as_of_unix_seconds: u64,
+    pub(super) algorithm: Option<Vec<u8>>,
+    pub(super) algorithm_sha256: String,
+}
+
+/// A product's folder and what of it the product declares: only those
+/// tables and columns are served.
+#[derive(Debug, Clone)]
+pub(super) struct ProductFiles {
+    pub(super) dir: PathBuf,
+    pub(super) declared: HashMap<String, Vec<String>>,
+}
+
+/// What a product and the consumer's contract on it set for a query,
+/// worked out before the consumer's standing is read.
+struct Terms {
+    contract_id: String,
+    monthly_query_quota: i64,
+    plan: proto::PricePlan,
+    policy: OutputPolicy,
+    storage: ProductFiles,
+    dp_epsilon_budget: f64,
+}
+
+fn query_terms(
+    market: &dyn Market,
+    consumer: &str,
+    product: &proto::Product,
+    algorithm_sha256: &str,
+    now: i64,
+) -> Result<Terms> {
+    if product.state() != proto::ProductState::Published {
+        return Err(MarketError::FailedPrecondition(format!(
+            "product {} is {}, not published",
+            product.id,
+            crate::registry::state_name(product.state())
+        )));
+    }
+    let spec = product.spec.clone().unwrap_or_default();
+    let grant = market
+        .contract_index()
+        .grant_for_query(consumer, &product.id, algorithm_sha256, now)
+        .map_err(|reason| MarketError::PermissionDenied {
+            permission: "query:run".into(),
+            context: format!(" on product {}: {reason}", product.id),
+        })?;
+    let plan = spec
+        .price_plans
+        .iter()
+        .find(|plan| plan.id == grant.plan_id)
+        .cloned()
+        .ok_or_else(|| {
+            MarketError::FailedPrecondition(format!(
+                "contract {}'s plan {:?} is no longer offered by product {}",
+                grant.contract_id, grant.plan_id, product.id
+            ))
+        })?;
+    let policy = sandbox_policy(&spec, &grant.operations).map_err(|error| {
+        MarketError::FailedPrecondition(format!(
+            "product {}'s output policy cannot be enforced: {error}",
+            product.id
+        ))
+    })?;
+    let dir = crate::quality::resolve_location(market.data_dir(), &spec.storage_location).map_err(
+        |error| {
+            MarketError::FailedPrecondition(format!(
+                "product {}'s storage cannot be served: {error}",
+                product.id
+            ))
+        },
+    )?;
+    let storage = ProductFiles {
+        dir,
+        declared: spec
+            .tables
+            .iter()
+            .map(|table| {
+                (
+                    table.name.clone(),
+                    table.columns.iter().map(|c| c.name.clone()).collect(),
+                )
+            })
+            .collect(),
+    };
+    Ok(Terms {
+        contract_id: grant.contract_id,
+        monthly_query_quota: grant.monthly_query_quota,
+        plan,
+        policy,
+        storage,
+        dp_epsilon_budget: spec
+            .output_policy
+            .as_ref()
+            .map_or(0.0, |policy| policy.dp_epsilon_budget),
+    })
+}
+
+/// Authorizes the query and records it as running with its hold.
+///
+/// `seen` is the product as an earlier reservation read it. On SQLite every
+/// statement here is a trip to the one writer's thread while every other
+/// reservation and settlement waits, so the product is not read again while
+/// that earlier read still holds: the standing's statement confirms it is
+/// the stored row. When it is not, or when it would refuse the query, the
+/// product is read here and decides.
+#[tracing::instrument(name = "authorize", skip_all)]
+pub(super) async fn reserve(
+    connection: &mut AnyConnection,
+    market: &dyn Market,
+    engine: &QueryEngine,
+    principal: &Principal,
+    request: &QueryRequest,
+    (algorithm_sha256, digest): (&str, &str),
+    mut seen: Option<Arc<StoredProduct>>,
+) -> Result<Reservation> {
+    let config = engine.config();
+    let consumer = principal.organization.id.clone();
+    let now = now_ms();
+    let period = billing::period_of(now);
+    let (product, terms, standing) = loop {
+        let (product, from_memory) = match seen.take() {
+            Some(product) => (product, true),
+            None => {
+                let product = Arc::new(
+                    crate::registry::get_as_stored(connection, &request.product_id).await?,
+                );
+                engine.remember_product(Arc::clone(&product));
+                (product, false)
+            }
+        };
+        let terms = match query_terms(market, &consumer, &product.0, algorithm_sha256, now) {
+            Ok(terms) => terms,
+            Err(_) if from_memory => continue,
+            Err(refusal) => return Err(refusal),
+        };
+        billing::lock_for_hold(
+            connection,
+            market.store().backend(),
+            &consumer,
+            &terms.plan.currency,
+        )
+        .await?;
+        let (read, spec) = product.as_ref();
+        let standing = store::queries::standing(
+            connection,
+            &terms.contract_id,
+            &period,
+            &consumer,
+            &terms.plan.currency,
+            ProductAsRead {
+                id: &read.id,
+                state: crate::registry::state_name(read.state()),
+                version: read.version,
+                updated_at: read.updated_at_unix_ms,
+                provider: &read.provider_organization_id,
+                spec,
+            },
+        )
+        .await?;
+        if from_memory && !standing.product_unchanged {
+            continue;
+        }
+        break (product, terms, standing);
+    };
+    let product = &product.0;
+    let Terms {
+        contract_id,
+        monthly_query_quota: quota,
+        plan,
+        policy,
+        storage,
+        dp_epsilon_budget,
+    } = terms;
+    let metering = Metering::for_product(product.spec.as_ref(), &policy);
+    let compute_units = match metering {
+        Metering::Exact if request.max_compute_units > 0 => request.max_compute_units,
+        Metering::Exact => config.default_compute_units,
+        // The budget a run may use would be a threshold on its cost, which
+        // counts withheld rows.
+        Metering::Withheld if request.max_compute_units > 0 => {
+            return Err(MarketError::invalid(
+                "max_compute_units",
+                format!(
+                    "product {} withholds rows, so every query on it has the server's compute \
+                     budget (a budget of your choosing would tell how much a query cost, and with \
+                     it how many rows it filtered); leave it 0",
+                    product.id
+                ),
+            ));
+        }
+        Metering::Withheld => config.default_compute_units,
+    };
+    if metering == Metering::Withheld && plan.kind() == proto::PriceKind::PerComputeUnit {
+        return Err(MarketError::FailedPrecondition(format!(
+            "product {}'s plan {} is priced by compute, which on a product that withholds rows \
+             would bill by the rows a query filtered; its provider must price it another way",
+            product.id, plan.id
+        )));
+    }
+    let Standing {
+        usage,
+        running,
+        balance,
+        held,
+        privacy_spent,
+        product_unchanged: _,
+    } = standing;
+    if quota > 0 && usage.queries + running >= quota {
+        return Err(MarketError::ResourceExhausted(format!(
+            "contract {contract_id}'s quota of {quota} queries in {period} is used up"
+        )));
+    }
+    let hold = billing::maximum(&plan, usage, compute_units)?;
+    if hold > 0 && balance - held < hold {
+        return Err(MarketError::FailedPrecondition(format!(
+            "insufficient funds: this query holds up to {hold} {currency} (minor units) and \
+             {available} is available; deposit more, or lower max_compute_units",
+            currency = plan.currency,
+            available = balance - held,
+        )));
+    }
+    let privacy_budget = if dp_epsilon_budget > 0.0 {
+        // The budget is read here and debited at settlement, so two runs at
+        // once would each be offered the whole remainder. Reservations of
+        // one consumer are serialized (the account lock, or SQLite's one
+        // writer), so one running query per consumer and product makes the
+        // remainder read here exact.
+        let running =
+            store::queries::running_on_product(connection, &consumer, &product.id).await?;
+        if running > 0 {
+            return Err(MarketError::Aborted(
+                "another query of your organization on this differentially private product is \
+                 still running; its privacy budget is spent one query at a time, so retry when \
+                 that one has finished"
+                    .into(),
+            ));
+        }
+        (dp_epsilon_budget - privacy_spent).max(0.0)
+    } else {
+        0.0
+    };
+    let query_id = crate::identity::new_id("q");
+    let inserted = store::queries::insert_running(
+        connection,
+        &RunningQuery {
+            id: &query_id,
+            consumer: &consumer,
+            user: &principal.user.id,
+            product: &product.id,
+            provider: &product.provider_organization_id,
+            contract: &contract_id,
+            plan: &plan.id,
+            idempotency_key: &request.idempotency_key,
+            request_sha256: digest,
+            sql: &request.sql,
+            algorithm_sha256,
+            period: &period,
+            currency: &plan.currency,
+            held_minor: hold,
+            created_at: now,
+        },
+    )
+    .await?;
+    if !inserted {
+        return Err(MarketError::Aborted(
+            "a query with this idempotency key started just now; retry shortly".into(),
+        ));
+    }
+    Ok(Reservation {
+        query_id,
+        consumer,
+        provider: product.provider_organization_id.clone(),
+        product_id: product.id.clone(),
+        contract_id,
+        plan,
+        period,
+        hold,
+        compute_units,
+        metering,
+        created_at: now,
+        policy,
+        privacy_budget,
+        storage,
+        as_of_unix_seconds: u64::try_from(product.updated_at_unix_ms / 1000).unwrap_or(0),
+        algorithm: (!request.algorithm_wasm.is_empty()).then(|| request.algorithm_wasm.clone()),
+        algorithm_sha256: algorithm_sha256.to_owned(),
+    })
+}
