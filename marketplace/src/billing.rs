@@ -547,18 +547,10 @@ pub fn validate_period(field: &str, period: &str) -> Result<()> {
 /// The billing period (UTC calendar month) of a Unix time in milliseconds.
 #[must_use]
 pub fn period_of(unix_ms: i64) -> String {
-    // Civil-from-days (Howard Hinnant's algorithm): no calendar crate needed
-    // for a month.
-    let days = unix_ms.div_euclid(86_400_000);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}")
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(unix_ms)
+        .unwrap_or_default()
+        .format("%Y-%m")
+        .to_string()
 }
 
 #[cfg(test)]

@@ -17,9 +17,10 @@ use crate::audit::log::{self, Event};
 use crate::error::{MarketError, Result};
 use crate::identity::new_id;
 use crate::proto::{
-    AllowedOperations, CheckOperationRequest, Contract, ContractState, OperationKind, Product,
-    ProductState, RequestContractRequest,
+    AllowedOperations, CheckOperationRequest, Contract, ContractState, OperationKind,
+    RequestContractRequest,
 };
+use crate::registry::{Product, ProductState};
 use crate::store::{Backend, now_ms};
 
 const DAY_MS: i64 = 86_400_000;
@@ -120,13 +121,9 @@ pub async fn list(
 }
 
 fn validate_operations(product: &Product, operations: &AllowedOperations) -> Result<()> {
-    let policy = product
-        .spec
-        .as_ref()
-        .and_then(|spec| spec.output_policy.as_ref())
-        .ok_or_else(|| {
-            MarketError::Corrupt(format!("product {} has no output policy", product.id))
-        })?;
+    let policy = product.spec.output_policy.as_ref().ok_or_else(|| {
+        MarketError::Corrupt(format!("product {} has no output policy", product.id))
+    })?;
     if !operations.aggregate_sql
         && operations.list_columns.is_empty()
         && operations.algorithm_sha256.is_empty()
@@ -167,16 +164,13 @@ pub async fn request(
     product: &Product,
     request: &RequestContractRequest,
 ) -> Result<Contract> {
-    if product.state() != ProductState::Published {
+    if product.state != ProductState::Published {
         return Err(MarketError::FailedPrecondition(format!(
             "product {} is not published",
             product.id
         )));
     }
-    let spec = product
-        .spec
-        .as_ref()
-        .ok_or_else(|| MarketError::Corrupt("product without spec".into()))?;
+    let spec = &product.spec;
     if !spec
         .price_plans
         .iter()

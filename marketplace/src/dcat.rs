@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use serde_json::{Value, json};
 
-use crate::proto::Product;
+use crate::registry::Product;
 
 const FREQUENCY: &str = "http://publications.europa.eu/resource/authority/frequency/";
 
@@ -40,24 +40,10 @@ fn licence(licence: &str) -> String {
 /// `YYYY-MM-DDThh:mm:ssZ` for a Unix time in milliseconds.
 #[must_use]
 pub fn iso_datetime(unix_ms: i64) -> String {
-    let days = unix_ms.div_euclid(86_400_000);
-    let seconds = unix_ms.div_euclid(1000).rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        seconds / 3600,
-        seconds / 60 % 60,
-        seconds % 60
-    )
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(unix_ms)
+        .unwrap_or_default()
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
 }
 
 /// The catalog document. `providers` maps organization ids to display names.
@@ -72,7 +58,7 @@ pub fn catalog(
     let datasets: Vec<Value> = products
         .iter()
         .map(|product| {
-            let spec = product.spec.clone().unwrap_or_default();
+            let spec = &product.spec;
             let provider = &product.provider_organization_id;
             let mut dataset = json!({
                 "@id": format!("{base}/datasets/{}", product.id),

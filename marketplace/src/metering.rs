@@ -24,7 +24,7 @@ use std::time::Duration;
 use civicgrid_sandbox::policy::OutputPolicy;
 use rand::Rng;
 
-use crate::proto::ProductSpec;
+use crate::spec::ProductSpec;
 
 /// The mean, in powers of two, of how far below the budget a withheld run's
 /// limits are drawn: `budget · 2^-E` with `E ~ Exponential(mean 1/4)`. Nine
@@ -63,9 +63,8 @@ impl Metering {
     /// has a policy with neither a threshold nor a row limit, yet the
     /// algorithm reads the rows the threshold protects.
     #[must_use]
-    pub fn for_product(spec: Option<&ProductSpec>, policy: &OutputPolicy) -> Self {
-        let product_withholds = spec.is_none_or(crate::policy::withholds_rows);
-        if product_withholds {
+    pub fn for_product(spec: &ProductSpec, policy: &OutputPolicy) -> Self {
+        if crate::policy::withholds_rows(spec) {
             Self::Withheld
         } else {
             Self::for_policy(policy)
@@ -139,7 +138,7 @@ mod tests {
     #[test]
     fn a_product_that_withholds_rows_is_withheld_under_every_contract() {
         let threshold = ProductSpec {
-            output_policy: Some(crate::proto::OutputPolicy {
+            output_policy: Some(crate::spec::OutputPolicy {
                 min_aggregation_count: 10,
                 privacy_unit_column: "person_id".into(),
                 ..Default::default()
@@ -147,7 +146,7 @@ mod tests {
             ..Default::default()
         };
         let open = ProductSpec {
-            output_policy: Some(crate::proto::OutputPolicy {
+            output_policy: Some(crate::spec::OutputPolicy {
                 min_aggregation_count: 1,
                 ..Default::default()
             }),
@@ -156,16 +155,12 @@ mod tests {
         let algorithms_only = OutputPolicy::default();
         assert!(!algorithms_only.withholds_rows());
         assert_eq!(
-            Metering::for_product(Some(&threshold), &algorithms_only),
+            Metering::for_product(&threshold, &algorithms_only),
             Metering::Withheld
         );
         assert_eq!(
-            Metering::for_product(Some(&open), &algorithms_only),
+            Metering::for_product(&open, &algorithms_only),
             Metering::Exact
-        );
-        assert_eq!(
-            Metering::for_product(None, &algorithms_only),
-            Metering::Withheld
         );
     }
 

@@ -17,6 +17,7 @@ use crate::error::{MarketError, Result};
 
 mod batch;
 pub use batch::{Param, WriteBatch};
+pub mod products;
 pub(crate) mod queries;
 
 /// Which database is behind the pool, for the few statements that differ.

@@ -4,6 +4,7 @@ use crate::error::{MarketError, Result};
 use crate::identity::{self, OrganizationKind};
 use crate::proto;
 use crate::queries::{QueryRequest, QuerySummary, UsageQuery};
+use crate::registry::{CatalogFilter, Product, ProductState, RegistrationEvent};
 
 pub(super) fn kind_from_proto(kind: proto::OrganizationKind) -> Result<OrganizationKind> {
     Ok(match kind {
@@ -192,5 +193,85 @@ pub(super) fn query_summary(summary: QuerySummary) -> proto::QuerySummary {
         user_id,
         created_at_unix_ms,
         provider_organization_id,
+    }
+}
+
+pub(super) fn product_state_to_proto(state: ProductState) -> proto::ProductState {
+    match state {
+        ProductState::Draft => proto::ProductState::Draft,
+        ProductState::Submitted => proto::ProductState::Submitted,
+        ProductState::UnderPublicNotice => proto::ProductState::UnderPublicNotice,
+        ProductState::Registered => proto::ProductState::Registered,
+        ProductState::Published => proto::ProductState::Published,
+        ProductState::Suspended => proto::ProductState::Suspended,
+        ProductState::Retired => proto::ProductState::Retired,
+    }
+}
+
+pub(super) fn product_to_proto(product: Product) -> proto::Product {
+    let Product {
+        id,
+        provider_organization_id,
+        version,
+        state,
+        spec,
+        registration_number,
+        approved_by_user_id,
+        registered_at_unix_ms,
+        public_notice_ends_at_unix_ms,
+        updated_at_unix_ms,
+        pending_revision,
+    } = product;
+    proto::Product {
+        id,
+        provider_organization_id,
+        version,
+        state: product_state_to_proto(state) as i32,
+        spec: Some(spec),
+        registration_number,
+        approved_by_user_id,
+        registered_at_unix_ms,
+        public_notice_ends_at_unix_ms,
+        updated_at_unix_ms,
+        pending_revision,
+    }
+}
+
+pub(super) fn registration_event_to_proto(event: RegistrationEvent) -> proto::RegistrationEvent {
+    let RegistrationEvent {
+        product_id,
+        kind,
+        actor_user_id,
+        reason,
+        version,
+        at_unix_ms,
+        audit_index,
+    } = event;
+    proto::RegistrationEvent {
+        product_id,
+        kind,
+        actor_user_id,
+        reason,
+        version,
+        at_unix_ms,
+        audit_index,
+    }
+}
+
+pub(super) fn catalog_filter_from_proto(request: proto::SearchCatalogRequest) -> CatalogFilter {
+    let max_sensitivity = request.max_sensitivity();
+    let proto::SearchCatalogRequest {
+        keywords,
+        tier,
+        region,
+        provider_organization_id,
+        max_sensitivity: _,
+    } = request;
+    CatalogFilter {
+        keywords,
+        tier,
+        region,
+        provider_organization_id,
+        max_sensitivity,
     }
 }

@@ -12,7 +12,10 @@ use crate::registry::Step;
 use crate::market::Marketplace;
 
 use super::auth;
-use super::convert::{demand_query_from_proto, demand_to_proto, new_demand_from_proto};
+use super::convert::{
+    catalog_filter_from_proto, demand_query_from_proto, demand_to_proto, new_demand_from_proto,
+    product_to_proto, registration_event_to_proto,
+};
 
 /// The Registry service.
 #[derive(Debug, Clone)]
@@ -25,11 +28,12 @@ impl proto::registry_server::Registry for RegistryService {
         request: Request<proto::CreateProductRequest>,
     ) -> Result<Response<proto::Product>, Status> {
         let principal = auth::principal(&request)?;
-        Ok(Response::new(
-            self.0
-                .create_product(&principal, request.into_inner())
-                .await?,
-        ))
+        let request = request.into_inner();
+        let product = self
+            .0
+            .create_product(&principal, &request.id, request.spec)
+            .await?;
+        Ok(Response::new(product_to_proto(product)))
     }
 
     async fn submit_product(
@@ -45,18 +49,14 @@ impl proto::registry_server::Registry for RegistryService {
     ) -> Result<Response<proto::Product>, Status> {
         let principal = auth::principal(&request)?;
         let request = request.into_inner();
-        let action = proto::ProductAction {
-            product_id: request.product_id,
-            reason: String::new(),
-        };
         let step = Step::StartPublicNotice {
             days: request.notice_days,
         };
-        Ok(Response::new(
-            self.0
-                .step_product(&principal, action, step, "product:review")
-                .await?,
-        ))
+        let product = self
+            .0
+            .step_product(&principal, &request.product_id, "", step, "product:review")
+            .await?;
+        Ok(Response::new(product_to_proto(product)))
     }
 
     async fn approve_registration(
@@ -100,35 +100,31 @@ impl proto::registry_server::Registry for RegistryService {
         request: Request<proto::ReviseProductRequest>,
     ) -> Result<Response<proto::Product>, Status> {
         let principal = auth::principal(&request)?;
-        Ok(Response::new(
-            self.0
-                .revise_product(&principal, request.into_inner())
-                .await?,
-        ))
+        let request = request.into_inner();
+        let product = self
+            .0
+            .revise_product(
+                &principal,
+                &request.product_id,
+                request.spec,
+                &request.reason,
+            )
+            .await?;
+        Ok(Response::new(product_to_proto(product)))
     }
 
     async fn approve_revision(
         &self,
         request: Request<proto::ProductAction>,
     ) -> Result<Response<proto::Product>, Status> {
-        let principal = auth::principal(&request)?;
-        Ok(Response::new(
-            self.0
-                .decide_revision(&principal, request.into_inner(), true)
-                .await?,
-        ))
+        self.decide_revision(request, true).await
     }
 
     async fn reject_revision(
         &self,
         request: Request<proto::ProductAction>,
     ) -> Result<Response<proto::Product>, Status> {
-        let principal = auth::principal(&request)?;
-        Ok(Response::new(
-            self.0
-                .decide_revision(&principal, request.into_inner(), false)
-                .await?,
-        ))
+        self.decide_revision(request, false).await
     }
 
     async fn transfer_product(
@@ -136,11 +132,17 @@ impl proto::registry_server::Registry for RegistryService {
         request: Request<proto::TransferProductRequest>,
     ) -> Result<Response<proto::Product>, Status> {
         let principal = auth::principal(&request)?;
-        Ok(Response::new(
-            self.0
-                .transfer_product(&principal, request.into_inner())
-                .await?,
-        ))
+        let request = request.into_inner();
+        let product = self
+            .0
+            .transfer_product(
+                &principal,
+                &request.product_id,
+                &request.to_organization_id,
+                &request.reason,
+            )
+            .await?;
+        Ok(Response::new(product_to_proto(product)))
     }
 
     async fn get_product(
@@ -148,9 +150,11 @@ impl proto::registry_server::Registry for RegistryService {
         request: Request<proto::GetProductRequest>,
     ) -> Result<Response<proto::Product>, Status> {
         let principal = auth::principal(&request)?;
-        Ok(Response::new(
-            self.0.product(&principal, request.into_inner()).await?,
-        ))
+        let product = self
+            .0
+            .product(&principal, &request.get_ref().product_id)
+            .await?;
+        Ok(Response::new(product_to_proto(product)))
     }
 
     async fn list_registration_events(
@@ -158,11 +162,16 @@ impl proto::registry_server::Registry for RegistryService {
         request: Request<proto::GetProductRequest>,
     ) -> Result<Response<proto::ListRegistrationEventsResponse>, Status> {
         let principal = auth::principal(&request)?;
-        Ok(Response::new(
-            self.0
-                .registration_events(&principal, request.into_inner())
-                .await?,
-        ))
+        let events = self
+            .0
+            .registration_events(&principal, &request.get_ref().product_id)
+            .await?;
+        Ok(Response::new(proto::ListRegistrationEventsResponse {
+            events: events
+                .into_iter()
+                .map(registration_event_to_proto)
+                .collect(),
+        }))
     }
 
     async fn search_catalog(
@@ -170,11 +179,11 @@ impl proto::registry_server::Registry for RegistryService {
         request: Request<proto::SearchCatalogRequest>,
     ) -> Result<Response<proto::SearchCatalogResponse>, Status> {
         let principal = auth::principal(&request)?;
-        Ok(Response::new(
-            self.0
-                .search_catalog(&principal, request.into_inner())
-                .await?,
-        ))
+        let filter = catalog_filter_from_proto(request.into_inner());
+        let products = self.0.search_catalog(&principal, &filter).await?;
+        Ok(Response::new(proto::SearchCatalogResponse {
+            products: products.into_iter().map(product_to_proto).collect(),
+        }))
     }
 
     async fn export_catalog(
@@ -182,11 +191,11 @@ impl proto::registry_server::Registry for RegistryService {
         request: Request<proto::ExportCatalogRequest>,
     ) -> Result<Response<proto::ExportCatalogResponse>, Status> {
         let principal = auth::principal(&request)?;
-        Ok(Response::new(
-            self.0
-                .export_catalog(&principal, request.into_inner())
-                .await?,
-        ))
+        let json_ld = self
+            .0
+            .export_catalog(&principal, &request.get_ref().base_uri)
+            .await?;
+        Ok(Response::new(proto::ExportCatalogResponse { json_ld }))
     }
 
     async fn post_demand(
@@ -251,10 +260,31 @@ impl RegistryService {
         permission: &str,
     ) -> Result<Response<proto::Product>, Status> {
         let principal = auth::principal(&request)?;
-        Ok(Response::new(
-            self.0
-                .step_product(&principal, request.into_inner(), step, permission)
-                .await?,
-        ))
+        let action = request.into_inner();
+        let product = self
+            .0
+            .step_product(
+                &principal,
+                &action.product_id,
+                &action.reason,
+                step,
+                permission,
+            )
+            .await?;
+        Ok(Response::new(product_to_proto(product)))
+    }
+
+    async fn decide_revision(
+        &self,
+        request: Request<proto::ProductAction>,
+        approve: bool,
+    ) -> Result<Response<proto::Product>, Status> {
+        let principal = auth::principal(&request)?;
+        let action = request.into_inner();
+        let product = self
+            .0
+            .decide_revision(&principal, &action.product_id, &action.reason, approve)
+            .await?;
+        Ok(Response::new(product_to_proto(product)))
     }
 }

@@ -8,7 +8,7 @@ use crate::contracts::{self, Check, Decision};
 use crate::error::{MarketError, Result};
 use crate::identity::Principal;
 use crate::proto;
-use crate::registry;
+use crate::registry::{self, ProductState};
 
 use super::Marketplace;
 
@@ -124,14 +124,14 @@ impl Marketplace {
         let mut connection = self.store.acquire().await?;
         let product = registry::get(&mut connection, &request.product_id).await?;
         drop(connection);
-        let check = if product.state() == proto::ProductState::Published {
+        let check = if product.state == ProductState::Published {
             self.contracts
                 .check(&consumer, request, crate::store::now_ms())
         } else {
             Check::Denied(format!(
                 "product {} is {}",
                 product.id,
-                registry::state_name(product.state())
+                product.state.name()
             ))
         };
         let answer = match check {

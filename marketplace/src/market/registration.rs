@@ -1,13 +1,12 @@
 //! Registration use cases: products through their lifecycle and revisions,
-//! the catalog and its DCAT-AP export, and the demand list. Demands are
-//! domain types ([`crate::demand::Demand`]); products still travel as their
-//! API message, the type the registry stores and reads.
+//! the catalog and its DCAT-AP export, and the demand list, on the
+//! registry's and the demand list's own types.
 
 use crate::demand::{Demand, DemandQuery, NewDemand};
 use crate::error::{MarketError, Result};
 use crate::identity::{self, OrganizationKind, Principal};
-use crate::proto;
-use crate::registry::{self, Step};
+use crate::registry::{self, CatalogFilter, Product, ProductState, RegistrationEvent, Step};
+use crate::spec::ProductSpec;
 
 use super::Marketplace;
 
@@ -20,7 +19,7 @@ impl Marketplace {
         principal: &Principal,
         product_id: &str,
         permission: &str,
-    ) -> Result<proto::Product> {
+    ) -> Result<Product> {
         let product = registry::get(connection, product_id).await?;
         self.require(principal, &product.provider_organization_id, permission)
             .await?;
@@ -36,20 +35,19 @@ impl Marketplace {
     pub async fn create_product(
         &self,
         principal: &Principal,
-        request: proto::CreateProductRequest,
-    ) -> Result<proto::Product> {
+        id: &str,
+        spec: Option<ProductSpec>,
+    ) -> Result<Product> {
         let provider = principal.organization.id.clone();
         self.require(principal, &provider, "product:create").await?;
-        let spec = request
-            .spec
-            .ok_or_else(|| MarketError::invalid("spec", "is required"))?;
+        let spec = spec.ok_or_else(|| MarketError::invalid("spec", "is required"))?;
         let mut transaction = self.store.begin().await?;
         let product = registry::create(
             &mut transaction,
             self.store.backend(),
             &principal.user.id,
             &provider,
-            &request.id,
+            id,
             spec,
         )
         .await?;
@@ -66,26 +64,21 @@ impl Marketplace {
     pub async fn revise_product(
         &self,
         principal: &Principal,
-        request: proto::ReviseProductRequest,
-    ) -> Result<proto::Product> {
-        let spec = request
-            .spec
-            .ok_or_else(|| MarketError::invalid("spec", "is required"))?;
+        product_id: &str,
+        spec: Option<ProductSpec>,
+        reason: &str,
+    ) -> Result<Product> {
+        let spec = spec.ok_or_else(|| MarketError::invalid("spec", "is required"))?;
         let mut transaction = self.store.begin().await?;
-        self.provider_product(
-            &mut transaction,
-            principal,
-            &request.product_id,
-            "product:revise",
-        )
-        .await?;
+        self.provider_product(&mut transaction, principal, product_id, "product:revise")
+            .await?;
         let product = registry::revise(
             &mut transaction,
             self.store.backend(),
             &principal.user.id,
-            &request.product_id,
+            product_id,
             spec,
-            &request.reason,
+            reason,
         )
         .await?;
         transaction.commit().await?;
@@ -100,21 +93,18 @@ impl Marketplace {
     pub async fn transfer_product(
         &self,
         principal: &Principal,
-        request: proto::TransferProductRequest,
-    ) -> Result<proto::Product> {
+        product_id: &str,
+        to_organization_id: &str,
+        reason: &str,
+    ) -> Result<Product> {
         let mut transaction = self.store.begin().await?;
-        self.provider_product(
-            &mut transaction,
-            principal,
-            &request.product_id,
-            "product:transfer",
-        )
-        .await?;
-        let target = identity::find_organization(&mut transaction, &request.to_organization_id)
+        self.provider_product(&mut transaction, principal, product_id, "product:transfer")
+            .await?;
+        let target = identity::find_organization(&mut transaction, to_organization_id)
             .await?
             .ok_or_else(|| MarketError::NotFound {
                 what: "organization",
-                id: request.to_organization_id.clone(),
+                id: to_organization_id.to_owned(),
             })?;
         if target.kind != OrganizationKind::Provider {
             return Err(MarketError::invalid(
@@ -126,9 +116,9 @@ impl Marketplace {
             &mut transaction,
             self.store.backend(),
             &principal.user.id,
-            &request.product_id,
+            product_id,
             &target.id,
-            &request.reason,
+            reason,
         )
         .await?;
         transaction.commit().await?;
@@ -142,13 +132,9 @@ impl Marketplace {
     /// # Errors
     /// `PermissionDenied` naming the permission, `NotFound`, or
     /// `InvalidArgument` / `FailedPrecondition` naming the field or state.
-    pub async fn product(
-        &self,
-        principal: &Principal,
-        request: proto::GetProductRequest,
-    ) -> Result<proto::Product> {
+    pub async fn product(&self, principal: &Principal, product_id: &str) -> Result<Product> {
         let mut connection = self.store.acquire().await?;
-        let mut product = registry::get(&mut connection, &request.product_id).await?;
+        let mut product = registry::get(&mut connection, product_id).await?;
         // Published products are public to every signed-in user; others, and
         // a revision under review, only to their provider, platform admins
         // and regulators.
@@ -157,10 +143,10 @@ impl Marketplace {
             .await
             .is_ok();
         if !readable {
-            if product.state() != proto::ProductState::Published {
+            if product.state != ProductState::Published {
                 return Err(MarketError::NotFound {
                     what: "product",
-                    id: request.product_id.clone(),
+                    id: product_id.to_owned(),
                 });
             }
             product.pending_revision = None;
@@ -176,20 +162,19 @@ impl Marketplace {
     pub async fn registration_events(
         &self,
         principal: &Principal,
-        request: proto::GetProductRequest,
-    ) -> Result<proto::ListRegistrationEventsResponse> {
+        product_id: &str,
+    ) -> Result<Vec<RegistrationEvent>> {
         let mut connection = self.store.acquire().await?;
-        let product = registry::get(&mut connection, &request.product_id).await?;
-        if product.state() != proto::ProductState::Published {
+        let product = registry::get(&mut connection, product_id).await?;
+        if product.state != ProductState::Published {
             self.require(principal, &product.provider_organization_id, "product:read")
                 .await
                 .map_err(|_| MarketError::NotFound {
                     what: "product",
-                    id: request.product_id.clone(),
+                    id: product_id.to_owned(),
                 })?;
         }
-        let events = registry::events(&mut connection, &request.product_id).await?;
-        Ok(proto::ListRegistrationEventsResponse { events })
+        registry::events(&mut connection, product_id).await
     }
 
     /// Published products matching every criterion (`catalog:search`).
@@ -200,34 +185,27 @@ impl Marketplace {
     pub async fn search_catalog(
         &self,
         principal: &Principal,
-        request: proto::SearchCatalogRequest,
-    ) -> Result<proto::SearchCatalogResponse> {
+        filter: &CatalogFilter,
+    ) -> Result<Vec<Product>> {
         self.require(principal, &principal.organization.id, "catalog:search")
             .await?;
         let mut connection = self.store.acquire().await?;
-        let products = registry::search(&mut connection, &request).await?;
-        Ok(proto::SearchCatalogResponse { products })
+        registry::search(&mut connection, filter).await
     }
 
     /// The public catalog as a DCAT-AP 3 JSON-LD document, its URIs under
-    /// `base_uri` (default: the log's origin).
+    /// `base_uri` (empty: the log's origin).
     ///
     /// # Errors
     /// `PermissionDenied` naming the permission, `NotFound`, or
     /// `InvalidArgument` / `FailedPrecondition` naming the field or state.
-    pub async fn export_catalog(
-        &self,
-        principal: &Principal,
-        request: proto::ExportCatalogRequest,
-    ) -> Result<proto::ExportCatalogResponse> {
+    pub async fn export_catalog(&self, principal: &Principal, base_uri: &str) -> Result<String> {
         self.require(principal, &principal.organization.id, "catalog:search")
             .await?;
-        let base_uri = if request.base_uri.is_empty() {
+        let base_uri = if base_uri.is_empty() {
             format!("https://{}", self.origin())
-        } else if request.base_uri.starts_with("https://")
-            || request.base_uri.starts_with("http://")
-        {
-            request.base_uri
+        } else if base_uri.starts_with("https://") || base_uri.starts_with("http://") {
+            base_uri.to_owned()
         } else {
             return Err(MarketError::invalid(
                 "base_uri",
@@ -235,8 +213,7 @@ impl Marketplace {
             ));
         };
         let mut connection = self.store.acquire().await?;
-        let products =
-            registry::search(&mut connection, &proto::SearchCatalogRequest::default()).await?;
+        let products = registry::search(&mut connection, &CatalogFilter::default()).await?;
         let organizations = identity::list_organizations(&mut connection).await?;
         let platform = organizations
             .iter()
@@ -247,10 +224,7 @@ impl Marketplace {
             .map(|o| (o.id, o.display_name))
             .collect();
         let document = crate::dcat::catalog(&base_uri, &platform, &products, &names);
-        Ok(proto::ExportCatalogResponse {
-            json_ld: serde_json::to_string_pretty(&document)
-                .map_err(|e| MarketError::Corrupt(e.to_string()))?,
-        })
+        serde_json::to_string_pretty(&document).map_err(|e| MarketError::Corrupt(e.to_string()))
     }
 
     /// Posts a demand for data (`demand:post`).
@@ -351,17 +325,13 @@ impl Marketplace {
     pub async fn decide_revision(
         &self,
         principal: &Principal,
-        request: proto::ProductAction,
+        product_id: &str,
+        reason: &str,
         approve: bool,
-    ) -> Result<proto::Product> {
+    ) -> Result<Product> {
         let mut transaction = self.store.begin().await?;
         let product = self
-            .provider_product(
-                &mut transaction,
-                principal,
-                &request.product_id,
-                "product:review",
-            )
+            .provider_product(&mut transaction, principal, product_id, "product:review")
             .await?;
         let quality = match (&product.pending_revision, approve) {
             (Some(revised), true) => {
@@ -381,17 +351,16 @@ impl Marketplace {
         };
         if approve && quality.is_none() {
             return Err(MarketError::FailedPrecondition(format!(
-                "product {} has no revision waiting for review",
-                request.product_id
+                "product {product_id} has no revision waiting for review"
             )));
         }
         let product = registry::decide_revision(
             &mut transaction,
             self.store.backend(),
             &principal.user.id,
-            &request.product_id,
+            product_id,
             quality,
-            &request.reason,
+            reason,
         )
         .await?;
         transaction.commit().await?;
@@ -408,15 +377,16 @@ impl Marketplace {
     pub async fn step_product(
         &self,
         principal: &Principal,
-        request: proto::ProductAction,
+        product_id: &str,
+        reason: &str,
         step: Step,
         permission: &str,
-    ) -> Result<proto::Product> {
+    ) -> Result<Product> {
         let mut transaction = self.store.begin().await?;
         let product = self
-            .provider_product(&mut transaction, principal, &request.product_id, permission)
+            .provider_product(&mut transaction, principal, product_id, permission)
             .await?;
-        if matches!(step, Step::Publish) && product.state() == proto::ProductState::Suspended {
+        if matches!(step, Step::Publish) && product.state == ProductState::Suspended {
             self.require(
                 principal,
                 &product.provider_organization_id,
@@ -424,9 +394,9 @@ impl Marketplace {
             )
             .await?;
         }
-        if matches!(step, Step::Submit) && product.state() == proto::ProductState::Draft {
+        if matches!(step, Step::Submit) && product.state == ProductState::Draft {
             // Registration records measured quality, read from the data itself.
-            let spec = product.spec.clone().unwrap_or_default();
+            let spec = product.spec;
             let dir = crate::quality::resolve_location(self.data_dir(), &spec.storage_location)?;
             let measured = tokio::task::spawn_blocking(move || {
                 crate::quality::measure(&dir, &spec.tables, crate::store::now_ms())
@@ -435,15 +405,15 @@ impl Marketplace {
             .map_err(|error| {
                 MarketError::Corrupt(format!("quality measurement task: {error}"))
             })??;
-            registry::set_quality(&mut transaction, &request.product_id, measured).await?;
+            registry::set_quality(&mut transaction, product_id, measured).await?;
         }
         let product = registry::step(
             &mut transaction,
             self.store.backend(),
             &principal.user.id,
-            &request.product_id,
+            product_id,
             step,
-            &request.reason,
+            reason,
         )
         .await?;
         transaction.commit().await?;

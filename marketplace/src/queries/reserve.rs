@@ -14,13 +14,14 @@ use crate::error::{MarketError, Result};
 use crate::identity::Principal;
 use crate::metering::Metering;
 use crate::proto;
+use crate::registry::{self, Product, ProductState};
 use crate::store::queries::{ProductAsRead, RunningQuery, Standing};
 use crate::store::{self, now_ms};
 
 use super::{Market, QueryEngine, QueryRequest, sandbox_policy};
 
 /// A product as read, with its spec's bytes as stored.
-pub(super) type StoredProduct = (proto::Product, Vec<u8>);
+pub(super) type StoredProduct = (Product, Vec<u8>);
 
 /// Everything decided before the sandbox runs.
 pub(super) struct Reservation {
@@ -70,18 +71,18 @@ struct Terms {
 fn query_terms(
     market: &dyn Market,
     consumer: &str,
-    product: &proto::Product,
+    product: &Product,
     algorithm_sha256: &str,
     now: i64,
 ) -> Result<Terms> {
-    if product.state() != proto::ProductState::Published {
+    if product.state != ProductState::Published {
         return Err(MarketError::FailedPrecondition(format!(
             "product {} is {}, not published",
             product.id,
-            crate::registry::state_name(product.state())
+            product.state.name()
         )));
     }
-    let spec = product.spec.clone().unwrap_or_default();
+    let spec = &product.spec;
     let grant = market
         .contract_index()
         .grant_for_query(consumer, &product.id, algorithm_sha256, now)
@@ -100,7 +101,7 @@ fn query_terms(
                 grant.contract_id, grant.plan_id, product.id
             ))
         })?;
-    let policy = sandbox_policy(&spec, &grant.operations).map_err(|error| {
+    let policy = sandbox_policy(spec, &grant.operations).map_err(|error| {
         MarketError::FailedPrecondition(format!(
             "product {}'s output policy cannot be enforced: {error}",
             product.id
@@ -166,9 +167,8 @@ pub(super) async fn reserve(
         let (product, from_memory) = match seen.take() {
             Some(product) => (product, true),
             None => {
-                let product = Arc::new(
-                    crate::registry::get_as_stored(connection, &request.product_id).await?,
-                );
+                let product =
+                    Arc::new(registry::get_as_stored(connection, &request.product_id).await?);
                 engine.remember_product(Arc::clone(&product));
                 (product, false)
             }
@@ -194,7 +194,7 @@ pub(super) async fn reserve(
             &terms.plan.currency,
             ProductAsRead {
                 id: &read.id,
-                state: crate::registry::state_name(read.state()),
+                state: read.state.name(),
                 version: read.version,
                 updated_at: read.updated_at_unix_ms,
                 provider: &read.provider_organization_id,
@@ -216,7 +216,7 @@ pub(super) async fn reserve(
         storage,
         dp_epsilon_budget,
     } = terms;
-    let metering = Metering::for_product(product.spec.as_ref(), &policy);
+    let metering = Metering::for_product(&product.spec, &policy);
     let compute_units = match metering {
         Metering::Exact if request.max_compute_units > 0 => request.max_compute_units,
         Metering::Exact => config.default_compute_units,

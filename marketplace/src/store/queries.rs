@@ -547,11 +547,10 @@ mod tests {
         )
         .await?;
         let unchanged =
-            async |connection: &mut AnyConnection,
-                   (read, spec): &(crate::proto::Product, Vec<u8>)| {
+            async |connection: &mut AnyConnection, (read, spec): &(registry::Product, Vec<u8>)| {
                 let read = ProductAsRead {
                     id: &read.id,
-                    state: registry::state_name(read.state()),
+                    state: read.state.name(),
                     version: read.version,
                     updated_at: read.updated_at_unix_ms,
                     provider: &read.provider_organization_id,
