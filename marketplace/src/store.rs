@@ -17,6 +17,7 @@ use crate::error::{MarketError, Result};
 
 mod batch;
 pub use batch::{Param, WriteBatch};
+pub(crate) mod contracts;
 pub mod products;
 pub(crate) mod queries;
 

@@ -10,7 +10,7 @@ use crate::proto;
 
 use crate::market::Marketplace;
 
-use super::auth;
+use super::{auth, convert};
 
 /// The Contracts service.
 #[derive(Debug, Clone)]
@@ -23,11 +23,9 @@ impl proto::contracts_server::Contracts for ContractsService {
         request: Request<proto::RequestContractRequest>,
     ) -> Result<Response<proto::Contract>, Status> {
         let principal = auth::principal(&request)?;
-        let contract = self
-            .0
-            .request_contract(&principal, &request.into_inner())
-            .await?;
-        Ok(Response::new(contract))
+        let request = convert::contract_request_from_proto(request.into_inner());
+        let contract = self.0.request_contract(&principal, &request).await?;
+        Ok(Response::new(convert::contract_to_proto(contract)))
     }
 
     async fn approve_contract(
@@ -60,7 +58,7 @@ impl proto::contracts_server::Contracts for ContractsService {
             .0
             .contract(&principal, &request.into_inner().contract_id)
             .await?;
-        Ok(Response::new(contract))
+        Ok(Response::new(convert::contract_to_proto(contract)))
     }
 
     async fn list_contracts(
@@ -72,7 +70,12 @@ impl proto::contracts_server::Contracts for ContractsService {
             .0
             .contracts(&principal, &request.into_inner().product_id)
             .await?;
-        Ok(Response::new(proto::ListContractsResponse { contracts }))
+        Ok(Response::new(proto::ListContractsResponse {
+            contracts: contracts
+                .into_iter()
+                .map(convert::contract_to_proto)
+                .collect(),
+        }))
     }
 
     async fn check_operation(
@@ -80,10 +83,8 @@ impl proto::contracts_server::Contracts for ContractsService {
         request: Request<proto::CheckOperationRequest>,
     ) -> Result<Response<proto::CheckOperationResponse>, Status> {
         let principal = auth::principal(&request)?;
-        let check = self
-            .0
-            .check_operation(&principal, &request.into_inner())
-            .await?;
+        let question = convert::operation_question_from_proto(request.into_inner());
+        let check = self.0.check_operation(&principal, &question).await?;
         Ok(Response::new(proto::CheckOperationResponse {
             allowed: check.allowed,
             contract_id: check.contract_id,
@@ -104,6 +105,6 @@ impl ContractsService {
             .0
             .decide_contract(&principal, &request.contract_id, decision, &request.reason)
             .await?;
-        Ok(Response::new(contract))
+        Ok(Response::new(convert::contract_to_proto(contract)))
     }
 }

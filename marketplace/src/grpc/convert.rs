@@ -1,5 +1,8 @@
 //! Proto ↔ domain conversions of the gRPC layer.
 
+use crate::contracts::{
+    Contract, ContractRequest, ContractState, OperationKind, OperationQuestion,
+};
 use crate::error::{MarketError, Result};
 use crate::identity::{self, OrganizationKind};
 use crate::proto;
@@ -273,5 +276,94 @@ pub(super) fn catalog_filter_from_proto(request: proto::SearchCatalogRequest) ->
         region,
         provider_organization_id,
         max_sensitivity,
+    }
+}
+
+pub(super) fn contract_state_to_proto(state: ContractState) -> proto::ContractState {
+    match state {
+        ContractState::Requested => proto::ContractState::Requested,
+        ContractState::Active => proto::ContractState::Active,
+        ContractState::Rejected => proto::ContractState::Rejected,
+        ContractState::Revoked => proto::ContractState::Revoked,
+        ContractState::Expired => proto::ContractState::Expired,
+    }
+}
+
+pub(super) fn contract_to_proto(contract: Contract) -> proto::Contract {
+    let Contract {
+        id,
+        product_id,
+        consumer_organization_id,
+        provider_organization_id,
+        plan_id,
+        operations,
+        monthly_query_quota,
+        state,
+        requested_at_unix_ms,
+        decided_at_unix_ms,
+        expires_at_unix_ms,
+        purpose,
+        reason,
+        duration_days,
+    } = contract;
+    proto::Contract {
+        id,
+        product_id,
+        consumer_organization_id,
+        provider_organization_id,
+        plan_id,
+        operations: Some(operations),
+        monthly_query_quota,
+        state: contract_state_to_proto(state) as i32,
+        requested_at_unix_ms,
+        decided_at_unix_ms,
+        expires_at_unix_ms,
+        purpose,
+        reason,
+        duration_days,
+    }
+}
+
+pub(super) fn contract_request_from_proto(
+    request: proto::RequestContractRequest,
+) -> ContractRequest {
+    let proto::RequestContractRequest {
+        product_id,
+        plan_id,
+        operations,
+        monthly_query_quota,
+        duration_days,
+        purpose,
+    } = request;
+    ContractRequest {
+        product_id,
+        plan_id,
+        operations,
+        monthly_query_quota,
+        duration_days,
+        purpose,
+    }
+}
+
+pub(super) fn operation_question_from_proto(
+    request: proto::CheckOperationRequest,
+) -> OperationQuestion {
+    let operation = match request.operation() {
+        proto::OperationKind::AggregateSql => Some(OperationKind::AggregateSql),
+        proto::OperationKind::ListSql => Some(OperationKind::ListSql),
+        proto::OperationKind::Algorithm => Some(OperationKind::Algorithm),
+        proto::OperationKind::Unspecified => None,
+    };
+    let proto::CheckOperationRequest {
+        product_id,
+        operation: _,
+        columns,
+        algorithm_sha256,
+    } = request;
+    OperationQuestion {
+        product_id,
+        operation,
+        columns,
+        algorithm_sha256,
     }
 }

@@ -1,13 +1,9 @@
 //! Contract use cases: requests, decisions, reads and operation checks.
-//! Contracts still travel as their API message (`proto::Contract`), which
-//! the contracts module stores and reads; a domain type of their own is
-//! the next step of the layering.
 
 use crate::audit::log::Event;
-use crate::contracts::{self, Check, Decision};
+use crate::contracts::{self, Check, Contract, ContractRequest, Decision, OperationQuestion};
 use crate::error::{MarketError, Result};
 use crate::identity::Principal;
-use crate::proto;
 use crate::registry::{self, ProductState};
 
 use super::Marketplace;
@@ -32,8 +28,8 @@ impl Marketplace {
     pub async fn request_contract(
         &self,
         principal: &Principal,
-        request: &proto::RequestContractRequest,
-    ) -> Result<proto::Contract> {
+        request: &ContractRequest,
+    ) -> Result<Contract> {
         let consumer = principal.organization.id.clone();
         self.require(principal, &consumer, "contract:request")
             .await?;
@@ -57,7 +53,7 @@ impl Marketplace {
     ///
     /// # Errors
     /// `NotFound`.
-    pub async fn contract(&self, principal: &Principal, id: &str) -> Result<proto::Contract> {
+    pub async fn contract(&self, principal: &Principal, id: &str) -> Result<Contract> {
         let mut connection = self.store.acquire().await?;
         let contract = contracts::get(&mut connection, id).await?;
         let user = &principal.user.id;
@@ -87,7 +83,7 @@ impl Marketplace {
         &self,
         principal: &Principal,
         product_id: &str,
-    ) -> Result<Vec<proto::Contract>> {
+    ) -> Result<Vec<Contract>> {
         let own = principal.organization.id.clone();
         self.require(principal, &own, "contract:read").await?;
         let everything = self
@@ -111,16 +107,16 @@ impl Marketplace {
     pub async fn check_operation(
         &self,
         principal: &Principal,
-        request: &proto::CheckOperationRequest,
+        request: &OperationQuestion,
     ) -> Result<OperationCheck> {
         let consumer = principal.organization.id.clone();
         self.require(principal, &consumer, "contract:check").await?;
-        if request.operation() == proto::OperationKind::Unspecified {
+        let Some(operation) = request.operation else {
             return Err(MarketError::invalid(
                 "operation",
                 "set aggregate_sql, list_sql or algorithm",
             ));
-        }
+        };
         let mut connection = self.store.acquire().await?;
         let product = registry::get(&mut connection, &request.product_id).await?;
         drop(connection);
@@ -157,7 +153,7 @@ impl Marketplace {
             tenant: consumer,
             subject: request.product_id.clone(),
             details: serde_json::json!({
-                "operation": request.operation().as_str_name(),
+                "operation": operation.audit_name(),
                 "columns": request.columns,
                 "algorithm_sha256": request.algorithm_sha256,
                 "contract": answer.contract_id,
@@ -181,7 +177,7 @@ impl Marketplace {
         contract_id: &str,
         decision: Decision,
         reason: &str,
-    ) -> Result<proto::Contract> {
+    ) -> Result<Contract> {
         let mut transaction = self.store.begin().await?;
         let contract = contracts::get(&mut transaction, contract_id).await?;
         match decision {
