@@ -13,11 +13,12 @@ use casbin::{
     CachedApi as _, CachedEnforcer, CoreApi as _, DefaultCache, DefaultModel, MemoryAdapter,
     MgmtApi as _,
 };
-use sqlx::{AnyConnection, Row as _};
+use sqlx::AnyConnection;
 use tokio::sync::RwLock;
 
 use crate::error::{MarketError, Result};
 use crate::identity::OrganizationKind;
+use crate::store;
 
 const MODEL: &str = r#"
 [request_definition]
@@ -199,25 +200,12 @@ impl Access {
                 let (object, action) = permission
                     .split_once(':')
                     .expect("permissions are object:action");
-                sqlx::query(
-                    "INSERT INTO casbin_rules (ptype, v0, v1, v2) VALUES ('p', $1, $2, $3) \
-                     ON CONFLICT DO NOTHING",
-                )
-                .bind(*role)
-                .bind(object)
-                .bind(action)
-                .execute(&mut *connection)
-                .await?;
+                store::casbin_rules::add_policy(connection, role, object, action).await?;
             }
         }
         let mut policies = Vec::new();
         let mut groupings = Vec::new();
-        for row in sqlx::query("SELECT ptype, v0, v1, v2 FROM casbin_rules")
-            .fetch_all(&mut *connection)
-            .await?
-        {
-            let ptype: String = row.try_get("ptype")?;
-            let rule = vec![row.try_get("v0")?, row.try_get("v1")?, row.try_get("v2")?];
+        for (ptype, rule) in store::casbin_rules::all(connection).await? {
             match ptype.as_str() {
                 "p" => policies.push(rule),
                 "g" => groupings.push(rule),
@@ -301,20 +289,7 @@ impl Access {
         domain: &str,
         bound: bool,
     ) -> Result<bool> {
-        let changed = if bound {
-            sqlx::query(
-                "INSERT INTO casbin_rules (ptype, v0, v1, v2) VALUES ('g', $1, $2, $3) ON CONFLICT DO NOTHING",
-            )
-        } else {
-            sqlx::query("DELETE FROM casbin_rules WHERE ptype = 'g' AND v0 = $1 AND v1 = $2 AND v2 = $3")
-        }
-        .bind(user.to_owned())
-        .bind(role.to_owned())
-        .bind(domain.to_owned())
-        .execute(&mut *connection)
-        .await?
-        .rows_affected();
-        Ok(changed > 0)
+        store::casbin_rules::set_grouping(connection, user, role, domain, bound).await
     }
 
     /// Applies a committed role binding to the enforcer.

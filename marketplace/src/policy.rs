@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use civicgrid_sandbox::policy::{AggregationRule, DifferentialPrivacy, ListRule, OutputPolicy};
 
 use crate::error::{MarketError, Result};
-use crate::proto::{AllowedOperations, ProductSpec, Sensitivity};
+use crate::spec::{AllowedOperations, ProductSpec, Sensitivity};
 
 /// The sandbox policy for a product under a contract's allowed operations:
 /// blocked columns from the schema, aggregates only if the contract allows

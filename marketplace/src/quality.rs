@@ -26,7 +26,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::error::{MarketError, Result};
-use crate::proto::{QualityMetrics, Table};
+use crate::spec::{QualityMetrics, Table};
 
 const DAY_MS: i64 = 86_400_000;
 /// 1900-01-01 in Unix milliseconds.
@@ -389,7 +389,7 @@ pub fn write_sample_population(dir: &Path, rows: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{Column, Sensitivity};
+    use crate::spec::{Column, Sensitivity};
 
     fn residents(columns: &[(&str, &str)]) -> Vec<Table> {
         vec![Table {

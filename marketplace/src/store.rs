@@ -17,7 +17,11 @@ use crate::error::{MarketError, Result};
 
 mod batch;
 pub use batch::{Param, WriteBatch};
+pub(crate) mod casbin_rules;
 pub(crate) mod contracts;
+pub mod demands;
+pub mod identity;
+pub(crate) mod ledger;
 pub mod products;
 pub(crate) mod queries;
 

@@ -9,7 +9,7 @@
 //! PostgreSQL would each need change notification, which is not built yet.)
 
 mod index;
-mod model;
+pub(crate) mod model;
 
 use sqlx::AnyConnection;
 

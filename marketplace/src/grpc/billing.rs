@@ -8,7 +8,7 @@ use crate::error::Result;
 use crate::market::{Deposit, Marketplace};
 use crate::proto;
 
-use super::auth;
+use super::{auth, convert};
 
 /// The Billing service.
 #[derive(Debug, Clone)]
@@ -28,7 +28,8 @@ impl proto::billing_server::Billing for BillingService {
             currency: &request.currency,
             reference: &request.reference,
         };
-        Ok(Response::new(self.0.deposit(&principal, &deposit).await?))
+        let balance = self.0.deposit(&principal, &deposit).await?;
+        Ok(Response::new(convert::balance_to_proto(balance)))
     }
 
     async fn get_balance(
@@ -40,7 +41,12 @@ impl proto::billing_server::Billing for BillingService {
             .0
             .balances(&principal, &request.get_ref().organization_id)
             .await?;
-        Ok(Response::new(proto::GetBalanceResponse { balances }))
+        Ok(Response::new(proto::GetBalanceResponse {
+            balances: balances
+                .into_iter()
+                .map(convert::balance_to_proto)
+                .collect(),
+        }))
     }
 
     async fn get_invoice(
@@ -53,7 +59,7 @@ impl proto::billing_server::Billing for BillingService {
             .0
             .invoice(&principal, &request.organization_id, &request.period)
             .await?;
-        Ok(Response::new(invoice))
+        Ok(Response::new(convert::invoice_to_proto(invoice)))
     }
 
     async fn get_ledger_summary(
@@ -61,6 +67,7 @@ impl proto::billing_server::Billing for BillingService {
         request: Request<proto::GetLedgerSummaryRequest>,
     ) -> Result<Response<proto::LedgerSummary>, Status> {
         let principal = auth::principal(&request)?;
-        Ok(Response::new(self.0.ledger_summary(&principal).await?))
+        let summary = self.0.ledger_summary(&principal).await?;
+        Ok(Response::new(convert::ledger_summary_to_proto(summary)))
     }
 }

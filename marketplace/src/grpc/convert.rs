@@ -1,5 +1,6 @@
 //! Proto ↔ domain conversions of the gRPC layer.
 
+use crate::billing::{Balance, Invoice, InvoiceLine, LedgerSummary};
 use crate::contracts::{
     Contract, ContractRequest, ContractState, OperationKind, OperationQuestion,
 };
@@ -365,5 +366,80 @@ pub(super) fn operation_question_from_proto(
         operation,
         columns,
         algorithm_sha256,
+    }
+}
+
+pub(super) fn balance_to_proto(balance: Balance) -> proto::Balance {
+    let Balance {
+        organization_id,
+        currency,
+        balance_minor,
+        held_minor,
+        available_minor,
+    } = balance;
+    proto::Balance {
+        organization_id,
+        currency,
+        balance_minor,
+        held_minor,
+        available_minor,
+    }
+}
+
+pub(super) fn invoice_to_proto(invoice: Invoice) -> proto::Invoice {
+    let Invoice {
+        organization_id,
+        period,
+        role,
+        lines,
+        total_minor,
+    } = invoice;
+    proto::Invoice {
+        organization_id,
+        period,
+        role,
+        lines: lines
+            .into_iter()
+            .map(|line| {
+                let InvoiceLine {
+                    contract_id,
+                    product_id,
+                    plan_id,
+                    queries,
+                    compute_units,
+                    rows_released,
+                    amount_minor,
+                    currency,
+                } = line;
+                proto::InvoiceLine {
+                    contract_id,
+                    product_id,
+                    plan_id,
+                    queries,
+                    compute_units,
+                    rows_released,
+                    amount_minor,
+                    currency,
+                }
+            })
+            .collect(),
+        total_minor: total_minor.into_iter().collect(),
+    }
+}
+
+pub(super) fn ledger_summary_to_proto(summary: LedgerSummary) -> proto::LedgerSummary {
+    let LedgerSummary {
+        totals_minor,
+        postings,
+        open_holds,
+        open_held_minor,
+        unbalanced_accounts,
+    } = summary;
+    proto::LedgerSummary {
+        totals_minor: totals_minor.into_iter().collect(),
+        postings,
+        open_holds,
+        open_held_minor,
+        unbalanced_accounts,
     }
 }

@@ -1,13 +1,11 @@
 //! Account use cases: deposits, balances, invoices and the ledger's
-//! summary. Their figures still travel as their API messages
-//! (`proto::Balance`, `proto::Invoice`, `proto::LedgerSummary`), the types
-//! the billing module computes.
+//! summary, as the billing module's types.
 
 use crate::audit::log::{self, Event};
-use crate::billing;
+use crate::billing::{self, Balance, Invoice, LedgerSummary};
 use crate::error::{MarketError, Result};
 use crate::identity::{self, OrganizationKind, Principal};
-use crate::proto;
+use crate::store;
 
 use super::Marketplace;
 
@@ -44,11 +42,7 @@ impl Marketplace {
     ///
     /// # Errors
     /// `PermissionDenied`, `NotFound`, `InvalidArgument` naming the field.
-    pub async fn deposit(
-        &self,
-        principal: &Principal,
-        deposit: &Deposit<'_>,
-    ) -> Result<proto::Balance> {
+    pub async fn deposit(&self, principal: &Principal, deposit: &Deposit<'_>) -> Result<Balance> {
         self.require(principal, "platform:cross-tenant", "billing:deposit")
             .await?;
         let mut transaction = self.store.begin().await?;
@@ -64,11 +58,14 @@ impl Marketplace {
                 format!("{} is not a consumer organization", organization.id),
             ));
         }
-        billing::deposit(
+        let postings =
+            billing::deposit_postings(&organization.id, deposit.amount_minor, deposit.currency)?;
+        store::ledger::post(
             &mut transaction,
-            &organization.id,
-            deposit.amount_minor,
+            "deposit",
             deposit.currency,
+            None,
+            &postings,
         )
         .await?;
         log::append(
@@ -87,7 +84,7 @@ impl Marketplace {
             }],
         )
         .await?;
-        let balance = billing::balances(&mut transaction, &organization.id)
+        let balance = store::ledger::balances(&mut transaction, &organization.id)
             .await?
             .into_iter()
             .find(|balance| balance.currency == deposit.currency)
@@ -104,10 +101,10 @@ impl Marketplace {
         &self,
         principal: &Principal,
         organization_id: &str,
-    ) -> Result<Vec<proto::Balance>> {
+    ) -> Result<Vec<Balance>> {
         let organization = self.billed(principal, organization_id).await?;
         let mut connection = self.store.acquire().await?;
-        billing::balances(&mut connection, &organization).await
+        store::ledger::balances(&mut connection, &organization).await
     }
 
     /// An organization's invoice for a month: what it was charged as a
@@ -120,7 +117,7 @@ impl Marketplace {
         principal: &Principal,
         organization_id: &str,
         period: &str,
-    ) -> Result<proto::Invoice> {
+    ) -> Result<Invoice> {
         let organization = self.billed(principal, organization_id).await?;
         let mut connection = self.store.acquire().await?;
         let kind = identity::find_organization(&mut connection, &organization)
@@ -130,7 +127,7 @@ impl Marketplace {
                 id: organization.clone(),
             })?
             .kind;
-        billing::invoice(
+        store::ledger::invoice(
             &mut connection,
             &organization,
             period,
@@ -143,10 +140,10 @@ impl Marketplace {
     ///
     /// # Errors
     /// `PermissionDenied`.
-    pub async fn ledger_summary(&self, principal: &Principal) -> Result<proto::LedgerSummary> {
+    pub async fn ledger_summary(&self, principal: &Principal) -> Result<LedgerSummary> {
         self.require(principal, "platform:cross-tenant", "billing:read")
             .await?;
         let mut connection = self.store.acquire().await?;
-        billing::summary(&mut connection).await
+        store::ledger::summary(&mut connection).await
     }
 }

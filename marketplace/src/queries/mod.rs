@@ -12,7 +12,7 @@
 //! charged once.
 
 mod engine;
-mod model;
+pub(crate) mod model;
 mod reserve;
 mod sandbox_run;
 mod settle;

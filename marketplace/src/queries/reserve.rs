@@ -13,8 +13,8 @@ use crate::billing;
 use crate::error::{MarketError, Result};
 use crate::identity::Principal;
 use crate::metering::Metering;
-use crate::proto;
 use crate::registry::{self, Product, ProductState};
+use crate::spec::{PriceKind, PricePlan};
 use crate::store::queries::{ProductAsRead, RunningQuery, Standing};
 use crate::store::{self, now_ms};
 
@@ -30,7 +30,7 @@ pub(super) struct Reservation {
     pub(super) provider: String,
     pub(super) product_id: String,
     pub(super) contract_id: String,
-    pub(super) plan: proto::PricePlan,
+    pub(super) plan: PricePlan,
     pub(super) period: String,
     pub(super) hold: i64,
     pub(super) compute_units: i64,
@@ -62,7 +62,7 @@ pub(super) struct ProductFiles {
 struct Terms {
     contract_id: String,
     monthly_query_quota: i64,
-    plan: proto::PricePlan,
+    plan: PricePlan,
     policy: OutputPolicy,
     storage: ProductFiles,
     dp_epsilon_budget: f64,
@@ -178,7 +178,7 @@ pub(super) async fn reserve(
             Err(_) if from_memory => continue,
             Err(refusal) => return Err(refusal),
         };
-        billing::lock_for_hold(
+        store::ledger::lock_for_hold(
             connection,
             market.store().backend(),
             &consumer,
@@ -235,7 +235,7 @@ pub(super) async fn reserve(
         }
         Metering::Withheld => config.default_compute_units,
     };
-    if metering == Metering::Withheld && plan.kind() == proto::PriceKind::PerComputeUnit {
+    if metering == Metering::Withheld && plan.kind() == PriceKind::PerComputeUnit {
         return Err(MarketError::FailedPrecondition(format!(
             "product {}'s plan {} is priced by compute, which on a product that withholds rows \
              would bill by the rows a query filtered; its provider must price it another way",

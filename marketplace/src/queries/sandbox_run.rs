@@ -313,7 +313,8 @@ mod tests {
     #[test]
     fn only_a_query_that_found_no_slot_goes_uncounted() {
         assert!(
-            crate::billing::COUNTED_QUERY.ends_with(&format!("<> {}", Unanswered::Busy.stored()))
+            crate::store::ledger::COUNTED_QUERY
+                .ends_with(&format!("<> {}", Unanswered::Busy.stored()))
         );
         for error in every_sandbox_error() {
             let disposition = classify(&error, 0);

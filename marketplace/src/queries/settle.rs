@@ -10,7 +10,7 @@ use crate::billing::{self, AccountKind, PeriodUsage, Posting, QueryUse};
 use crate::error::{MarketError, Result, Unanswered};
 use crate::identity::Principal;
 use crate::metering::Metering;
-use crate::proto;
+use crate::spec::PriceKind;
 use crate::store::{self, Backend, WriteBatch};
 
 use super::model::sha256_hex;
@@ -252,7 +252,7 @@ fn charge_into(
         0
     };
     let fee = billing::platform_fee(charge, platform_fee_bps);
-    billing::post_into(
+    store::ledger::post_into(
         writes,
         "charge",
         currency,
@@ -282,7 +282,7 @@ fn charge_into(
         &reservation.period,
         used.compute_units,
         used.rows_released,
-        burnt && reservation.plan.kind() == proto::PriceKind::Subscription,
+        burnt && reservation.plan.kind() == PriceKind::Subscription,
     );
     if summary.privacy_spent > 0.0 {
         store::queries::spend_privacy_into(

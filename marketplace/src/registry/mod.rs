@@ -4,7 +4,7 @@
 //! transfers are registration events too. Every event is written with its
 //! audit entry in the caller's transaction.
 
-mod model;
+pub(crate) mod model;
 mod validate;
 
 use chrono::{DateTime, Datelike as _, Utc};

@@ -522,7 +522,7 @@ mod tests {
                 Box::new(|s| {
                     s.output_policy.as_mut().unwrap().column_functions.insert(
                         "district".into(),
-                        crate::proto::AggregateFunctions {
+                        crate::spec::AggregateFunctions {
                             functions: vec!["string_agg".into()],
                         },
                     );
@@ -568,7 +568,7 @@ mod tests {
                     policy.dp_max_rows_per_unit = 1;
                     policy.dp_bounds.insert(
                         "income".into(),
-                        crate::proto::DpBounds {
+                        crate::spec::DpBounds {
                             lower: 0.0,
                             upper: 1.0,
                         },

@@ -3,7 +3,7 @@
 use prost::Message as _;
 use sqlx::{AnyConnection, Row as _};
 
-use crate::contracts::{Contract, ContractState};
+use crate::contracts::model::{Contract, ContractState};
 use crate::error::{MarketError, Result};
 use crate::spec::AllowedOperations;
 use crate::store::now_ms;

@@ -5,7 +5,9 @@ use prost::Message as _;
 use sqlx::{AnyConnection, Row as _};
 
 use crate::error::{MarketError, Result};
-use crate::registry::{Product, ProductState, RegistrationEvent, max_sensitivity, search_text};
+use crate::registry::model::{
+    Product, ProductState, RegistrationEvent, max_sensitivity, search_text,
+};
 use crate::spec::ProductSpec;
 use crate::store::{Backend, now_ms};
 

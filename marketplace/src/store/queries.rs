@@ -7,7 +7,7 @@ use crate::audit::log::{self, Event};
 use crate::audit::merkle::Frontier;
 use crate::billing::{self, AccountKind, PeriodUsage};
 use crate::error::{Result, Unanswered};
-use crate::queries::{QuerySummary, UsageView};
+use crate::queries::model::{QuerySummary, UsageView};
 use crate::store::{Backend, Param, Store, WriteBatch, now_ms};
 
 const SUMMARY_COLUMNS: &str = "id, consumer_organization_id, provider_organization_id, user_id, \
@@ -168,7 +168,7 @@ const STANDING: &str = concat!(
      COALESCE(counters.subscription_charged, 0) AS subscription_charged, \
      (SELECT COUNT(*) FROM queries WHERE contract_id = $1 AND state = 'running') AS running, \
      COALESCE(account.balance_minor, 0) AS balance, ",
-    billing::open_holds_sum!("$4", "$5"),
+    super::ledger::open_holds_sum!("$4", "$5"),
     " AS held, \
      COALESCE(budget.spent, 0.0) AS privacy_spent, \
      (SELECT COUNT(*) FROM products WHERE id = $6 AND state = $7 AND version = $8 \
