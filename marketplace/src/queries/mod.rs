@@ -27,7 +27,7 @@ use crate::metrics::Metrics;
 pub use crate::policy::sandbox_policy;
 use crate::store::{self, Store, now_ms};
 
-use reserve::reserve;
+use reserve::{Reservation, reserve};
 use sandbox_run::{SandboxRun, run_in_sandbox};
 use settle::{SettleContext, audit_refusal, settle};
 
@@ -104,8 +104,7 @@ pub async fn run(
     principal: &Principal,
     request: QueryRequest,
 ) -> Result<QueryOutcome> {
-    let config = engine.config();
-    request.validate(config.max_compute_units)?;
+    request.validate(engine.config().max_compute_units)?;
     let consumer = principal.organization.id.clone();
     market
         .require_permission(principal, &consumer, "query:run")
@@ -117,49 +116,22 @@ pub async fn run(
     };
     let digest = request.digest(&algorithm_sha256);
     let admission = engine.admit(&consumer)?;
-    if let Some(outcome) = replay(market.store(), &consumer, &request, &digest).await? {
-        // A replay hands out released rows again: only under a contract
-        // that would let the query run now (not one revoked or expired since).
-        market
-            .contract_index()
-            .grant_for_query(&consumer, &request.product_id, &algorithm_sha256, now_ms())
-            .map_err(|reason| MarketError::PermissionDenied {
-                permission: "query:run".into(),
-                context: format!(" on product {}: {reason}", request.product_id),
-            })?;
+    if let Some(outcome) = replay(market, &consumer, &request, &algorithm_sha256, &digest).await? {
         market.metrics().outcome("replayed");
         admission.answered();
         return Ok(outcome);
     }
-    let seen = engine.product_seen(&request.product_id);
     let started = std::time::Instant::now();
     let request = Arc::new(request);
-    let reserved = {
-        let store = market.store().clone();
-        let (market, engine, principal, request) = (
-            Arc::clone(market),
-            Arc::clone(engine),
-            principal.clone(),
-            Arc::clone(&request),
-        );
-        let algorithm_sha256 = algorithm_sha256.clone();
-        store
-            .grouped(move |connection| {
-                Box::pin(async move {
-                    reserve(
-                        connection,
-                        market.as_ref(),
-                        &engine,
-                        &principal,
-                        &request,
-                        (&algorithm_sha256, &digest),
-                        seen,
-                    )
-                    .await
-                })
-            })
-            .await
-    };
+    let reserved = reserve_in_turn(
+        market,
+        engine,
+        principal,
+        &request,
+        &algorithm_sha256,
+        digest,
+    )
+    .await;
     market.metrics().stage("authorize", started.elapsed());
     let reservation = match reserved {
         Ok(reservation) => reservation,
@@ -176,8 +148,72 @@ pub async fn run(
             return Err(refusal);
         }
     };
-    let sql = request.sql.clone();
-    let engine_for_run = Arc::clone(engine);
+    let outcome = run_in_sandbox_task(market, engine, &reservation, &request.sql).await;
+    let settled = settle_in_turn(market, engine, principal, &request, reservation, outcome).await?;
+    let metrics = market.metrics();
+    metrics.stage("total", started.elapsed());
+    metrics.outcome(&settled.summary.state);
+    // A query that found no free sandbox slot is the platform's busyness,
+    // not the consumer's probe.
+    let busy = matches!(&settled.error, Some((Unanswered::Busy, _)));
+    if matches!(settled.summary.state.as_str(), "rejected" | "failed") && !busy {
+        metrics.unanswered(&consumer);
+    } else {
+        admission.answered();
+    }
+    metrics.charged(
+        &settled.summary.currency,
+        settled.summary.charge_minor,
+        settled.summary.compute_units,
+    );
+    Ok(settled)
+}
+
+/// Reserves the query in the store's turn (on SQLite, the one writer's;
+/// see [`Store::grouped`]).
+async fn reserve_in_turn(
+    market: &Arc<dyn Market>,
+    engine: &Arc<QueryEngine>,
+    principal: &Principal,
+    request: &Arc<QueryRequest>,
+    algorithm_sha256: &str,
+    digest: String,
+) -> Result<Reservation> {
+    let seen = engine.product_seen(&request.product_id);
+    let (market, engine, principal, request) = (
+        Arc::clone(market),
+        Arc::clone(engine),
+        principal.clone(),
+        Arc::clone(request),
+    );
+    let algorithm_sha256 = algorithm_sha256.to_owned();
+    let store = market.store().clone();
+    store
+        .grouped(move |connection| {
+            Box::pin(async move {
+                reserve(
+                    connection,
+                    market.as_ref(),
+                    &engine,
+                    &principal,
+                    &request,
+                    (&algorithm_sha256, &digest),
+                    seen,
+                )
+                .await
+            })
+        })
+        .await
+}
+
+/// Runs the reserved query on a blocking thread, timing its start-up and
+/// its run.
+async fn run_in_sandbox_task(
+    market: &Arc<dyn Market>,
+    engine: &Arc<QueryEngine>,
+    reservation: &Reservation,
+    sql: &str,
+) -> Result<std::result::Result<civicgrid_sandbox::Outcome, civicgrid_sandbox::RunFailure>> {
     let run = SandboxRun {
         storage: reservation.storage.clone(),
         policy: reservation.policy.clone(),
@@ -187,30 +223,44 @@ pub async fn run(
         algorithm: reservation.algorithm.clone(),
         as_of_unix_seconds: reservation.as_of_unix_seconds,
     };
+    let (engine, sql) = (Arc::clone(engine), sql.to_owned());
     let sandbox_span = tracing::info_span!("sandbox");
-    let sandbox_started = std::time::Instant::now();
+    let started = std::time::Instant::now();
     let outcome = tokio::task::spawn_blocking(move || {
         let _entered = sandbox_span.enter();
-        run_in_sandbox(&engine_for_run, &run, &sql)
+        run_in_sandbox(&engine, &run, &sql)
     })
     .await
     .map_err(|error| MarketError::Corrupt(format!("sandbox task: {error}")));
-    let sandbox_elapsed = sandbox_started.elapsed();
-    market.metrics().stage("sandbox", sandbox_elapsed);
+    let elapsed = started.elapsed();
+    let metrics = market.metrics();
+    metrics.stage("sandbox", elapsed);
     if let Ok(Ok(ran)) = &outcome {
         let startup = ran.metering.startup;
-        market.metrics().stage("sandbox_start", startup);
-        market
-            .metrics()
-            .stage("query", sandbox_elapsed.saturating_sub(startup));
+        metrics.stage("sandbox_start", startup);
+        metrics.stage("query", elapsed.saturating_sub(startup));
     }
-    let settle_started = std::time::Instant::now();
+    outcome
+}
+
+/// Settles the run in the store's turn. A settlement that fails leaves no
+/// hold behind in a live server: the query was not charged or released,
+/// so it goes as a crash would, and a retry under the same key runs afresh.
+async fn settle_in_turn(
+    market: &Arc<dyn Market>,
+    engine: &Arc<QueryEngine>,
+    principal: &Principal,
+    request: &Arc<QueryRequest>,
+    reservation: Reservation,
+    outcome: Result<std::result::Result<civicgrid_sandbox::Outcome, civicgrid_sandbox::RunFailure>>,
+) -> Result<QueryOutcome> {
+    let started = std::time::Instant::now();
     let query_id = reservation.query_id.clone();
     let settled = match outcome {
         Ok(outcome) => {
             let backend = market.store().backend();
-            let platform_fee_bps = config.platform_fee_bps;
-            let (principal, request) = (principal.clone(), Arc::clone(&request));
+            let platform_fee_bps = engine.config().platform_fee_bps;
+            let (principal, request) = (principal.clone(), Arc::clone(request));
             let metrics = Arc::clone(market.metrics());
             market
                 .store()
@@ -235,51 +285,30 @@ pub async fn run(
         }
         Err(error) => Err(error),
     };
-    let settled = match settled {
-        Ok(settled) => settled,
-        Err(error) => {
-            // Leave no hold behind in a live server: the query was not
-            // charged or released, so it goes as a crash would, and a retry
-            // under the same key runs afresh.
-            if let Err(cleanup) = store::queries::remove_running(
-                market.store(),
-                Some(&query_id),
-                "settling it failed",
-            )
-            .await
-            {
-                tracing::error!(error = %cleanup, query = %query_id, "could not release a hold");
-            }
-            return Err(error);
-        }
-    };
-    let metrics = market.metrics();
-    metrics.stage("settle", settle_started.elapsed());
-    metrics.stage("total", started.elapsed());
-    metrics.outcome(&settled.summary.state);
-    // A query that found no free sandbox slot is the platform's busyness,
-    // not the consumer's probe.
-    let busy = matches!(&settled.error, Some((Unanswered::Busy, _)));
-    if matches!(settled.summary.state.as_str(), "rejected" | "failed") && !busy {
-        metrics.unanswered(&consumer);
-    } else {
-        admission.answered();
+    if settled.is_err()
+        && let Err(cleanup) =
+            store::queries::remove_running(market.store(), Some(&query_id), "settling it failed")
+                .await
+    {
+        tracing::error!(error = %cleanup, query = %query_id, "could not release a hold");
     }
-    metrics.charged(
-        &settled.summary.currency,
-        settled.summary.charge_minor,
-        settled.summary.compute_units,
-    );
-    Ok(settled)
+    if settled.is_ok() {
+        market.metrics().stage("settle", started.elapsed());
+    }
+    settled
 }
 
-/// The stored outcome of an earlier request under the same key.
+/// The stored outcome of an earlier request under the same key. A replay
+/// hands out released rows again: only under a contract that would let the
+/// query run now (not one revoked or expired since).
 async fn replay(
-    store: &Store,
+    market: &Arc<dyn Market>,
     consumer: &str,
     request: &QueryRequest,
+    algorithm_sha256: &str,
     digest: &str,
 ) -> Result<Option<QueryOutcome>> {
+    let store = market.store();
     // A read of its own: a key first used by a request still settling is
     // caught when the reservation inserts it (unique), not here.
     let mut connection = store.reader().acquire().await?;
@@ -304,6 +333,13 @@ async fn replay(
             summary.query_id
         )));
     }
+    market
+        .contract_index()
+        .grant_for_query(consumer, &request.product_id, algorithm_sha256, now_ms())
+        .map_err(|reason| MarketError::PermissionDenied {
+            permission: "query:run".into(),
+            context: format!(" on product {}: {reason}", request.product_id),
+        })?;
     summary.replayed = true;
     Ok(Some(QueryOutcome {
         error: stored.error,

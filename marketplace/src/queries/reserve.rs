@@ -157,56 +157,20 @@ pub(super) async fn reserve(
     principal: &Principal,
     request: &QueryRequest,
     (algorithm_sha256, digest): (&str, &str),
-    mut seen: Option<Arc<StoredProduct>>,
+    seen: Option<Arc<StoredProduct>>,
 ) -> Result<Reservation> {
-    let config = engine.config();
     let consumer = principal.organization.id.clone();
     let now = now_ms();
     let period = billing::period_of(now);
-    let (product, terms, standing) = loop {
-        let (product, from_memory) = match seen.take() {
-            Some(product) => (product, true),
-            None => {
-                let product =
-                    Arc::new(registry::get_as_stored(connection, &request.product_id).await?);
-                engine.remember_product(Arc::clone(&product));
-                (product, false)
-            }
-        };
-        let terms = match query_terms(market, &consumer, &product.0, algorithm_sha256, now) {
-            Ok(terms) => terms,
-            Err(_) if from_memory => continue,
-            Err(refusal) => return Err(refusal),
-        };
-        store::ledger::lock_for_hold(
-            connection,
-            market.store().backend(),
-            &consumer,
-            &terms.plan.currency,
-        )
-        .await?;
-        let (read, spec) = product.as_ref();
-        let standing = store::queries::standing(
-            connection,
-            &terms.contract_id,
-            &period,
-            &consumer,
-            &terms.plan.currency,
-            ProductAsRead {
-                id: &read.id,
-                state: read.state.name(),
-                version: read.version,
-                updated_at: read.updated_at_unix_ms,
-                provider: &read.provider_organization_id,
-                spec,
-            },
-        )
-        .await?;
-        if from_memory && !standing.product_unchanged {
-            continue;
-        }
-        break (product, terms, standing);
+    let asked = Asked {
+        consumer: &consumer,
+        request,
+        algorithm_sha256,
+        period: &period,
+        now,
     };
+    let (product, terms, standing) =
+        terms_and_standing(connection, market, engine, &asked, seen).await?;
     let product = &product.0;
     let Terms {
         contract_id,
@@ -217,70 +181,24 @@ pub(super) async fn reserve(
         dp_epsilon_budget,
     } = terms;
     let metering = Metering::for_product(&product.spec, &policy);
-    let compute_units = match metering {
-        Metering::Exact if request.max_compute_units > 0 => request.max_compute_units,
-        Metering::Exact => config.default_compute_units,
-        // The budget a run may use would be a threshold on its cost, which
-        // counts withheld rows.
-        Metering::Withheld if request.max_compute_units > 0 => {
-            return Err(MarketError::invalid(
-                "max_compute_units",
-                format!(
-                    "product {} withholds rows, so every query on it has the server's compute \
-                     budget (a budget of your choosing would tell how much a query cost, and with \
-                     it how many rows it filtered); leave it 0",
-                    product.id
-                ),
-            ));
-        }
-        Metering::Withheld => config.default_compute_units,
-    };
-    if metering == Metering::Withheld && plan.kind() == PriceKind::PerComputeUnit {
-        return Err(MarketError::FailedPrecondition(format!(
-            "product {}'s plan {} is priced by compute, which on a product that withholds rows \
-             would bill by the rows a query filtered; its provider must price it another way",
-            product.id, plan.id
-        )));
-    }
-    let Standing {
-        usage,
-        running,
-        balance,
-        held,
-        privacy_spent,
-        product_unchanged: _,
-    } = standing;
-    if quota > 0 && usage.queries + running >= quota {
-        return Err(MarketError::ResourceExhausted(format!(
-            "contract {contract_id}'s quota of {quota} queries in {period} is used up"
-        )));
-    }
-    let hold = billing::maximum(&plan, usage, compute_units)?;
-    if hold > 0 && balance - held < hold {
-        return Err(MarketError::FailedPrecondition(format!(
-            "insufficient funds: this query holds up to {hold} {currency} (minor units) and \
-             {available} is available; deposit more, or lower max_compute_units",
-            currency = plan.currency,
-            available = balance - held,
-        )));
-    }
+    let compute_units = compute_budget(engine, request, product, &plan, metering)?;
+    let hold = check_quota_and_funds(
+        &standing,
+        &contract_id,
+        quota,
+        &plan,
+        &period,
+        compute_units,
+    )?;
     let privacy_budget = if dp_epsilon_budget > 0.0 {
-        // The budget is read here and debited at settlement, so two runs at
-        // once would each be offered the whole remainder. Reservations of
-        // one consumer are serialized (the account lock, or SQLite's one
-        // writer), so one running query per consumer and product makes the
-        // remainder read here exact.
-        let running =
-            store::queries::running_on_product(connection, &consumer, &product.id).await?;
-        if running > 0 {
-            return Err(MarketError::Aborted(
-                "another query of your organization on this differentially private product is \
-                 still running; its privacy budget is spent one query at a time, so retry when \
-                 that one has finished"
-                    .into(),
-            ));
-        }
-        (dp_epsilon_budget - privacy_spent).max(0.0)
+        privacy_remaining(
+            connection,
+            &consumer,
+            &product.id,
+            dp_epsilon_budget,
+            &standing,
+        )
+        .await?
     } else {
         0.0
     };
@@ -330,4 +248,166 @@ pub(super) async fn reserve(
         algorithm: (!request.algorithm_wasm.is_empty()).then(|| request.algorithm_wasm.clone()),
         algorithm_sha256: algorithm_sha256.to_owned(),
     })
+}
+
+/// Who asks what, and when.
+struct Asked<'a> {
+    consumer: &'a str,
+    request: &'a QueryRequest,
+    algorithm_sha256: &'a str,
+    period: &'a str,
+    now: i64,
+}
+
+/// The product, the terms it and the contract set, and the consumer's
+/// standing under them, with the consumer's account locked for the hold.
+/// A product remembered from an earlier reservation is used while the
+/// standing's statement confirms it is still the stored row; otherwise it
+/// is read afresh and decides.
+async fn terms_and_standing(
+    connection: &mut AnyConnection,
+    market: &dyn Market,
+    engine: &QueryEngine,
+    asked: &Asked<'_>,
+    mut seen: Option<Arc<StoredProduct>>,
+) -> Result<(Arc<StoredProduct>, Terms, Standing)> {
+    loop {
+        let (product, from_memory) = match seen.take() {
+            Some(product) => (product, true),
+            None => {
+                let product =
+                    Arc::new(registry::get_as_stored(connection, &asked.request.product_id).await?);
+                engine.remember_product(Arc::clone(&product));
+                (product, false)
+            }
+        };
+        let terms = match query_terms(
+            market,
+            asked.consumer,
+            &product.0,
+            asked.algorithm_sha256,
+            asked.now,
+        ) {
+            Ok(terms) => terms,
+            Err(_) if from_memory => continue,
+            Err(refusal) => return Err(refusal),
+        };
+        store::ledger::lock_for_hold(
+            connection,
+            market.store().backend(),
+            asked.consumer,
+            &terms.plan.currency,
+        )
+        .await?;
+        let (read, spec) = product.as_ref();
+        let standing = store::queries::standing(
+            connection,
+            &terms.contract_id,
+            asked.period,
+            asked.consumer,
+            &terms.plan.currency,
+            ProductAsRead {
+                id: &read.id,
+                state: read.state.name(),
+                version: read.version,
+                updated_at: read.updated_at_unix_ms,
+                provider: &read.provider_organization_id,
+                spec,
+            },
+        )
+        .await?;
+        if from_memory && !standing.product_unchanged {
+            continue;
+        }
+        return Ok((product, terms, standing));
+    }
+}
+
+/// The compute units a query may use: its own choice, or the server's
+/// default where the product withholds rows (a budget of the consumer's
+/// choosing would be a threshold on a cost that counts withheld rows).
+fn compute_budget(
+    engine: &QueryEngine,
+    request: &QueryRequest,
+    product: &Product,
+    plan: &PricePlan,
+    metering: Metering,
+) -> Result<i64> {
+    let config = engine.config();
+    let compute_units = match metering {
+        Metering::Exact if request.max_compute_units > 0 => request.max_compute_units,
+        Metering::Withheld if request.max_compute_units > 0 => {
+            return Err(MarketError::invalid(
+                "max_compute_units",
+                format!(
+                    "product {} withholds rows, so every query on it has the server's compute \
+                     budget (a budget of your choosing would tell how much a query cost, and with \
+                     it how many rows it filtered); leave it 0",
+                    product.id
+                ),
+            ));
+        }
+        Metering::Exact | Metering::Withheld => config.default_compute_units,
+    };
+    if metering == Metering::Withheld && plan.kind() == PriceKind::PerComputeUnit {
+        return Err(MarketError::FailedPrecondition(format!(
+            "product {}'s plan {} is priced by compute, which on a product that withholds rows \
+             would bill by the rows a query filtered; its provider must price it another way",
+            product.id, plan.id
+        )));
+    }
+    Ok(compute_units)
+}
+
+/// Refuses a query over its contract's quota or beyond the consumer's
+/// available funds; returns the hold (the plan's most for this query).
+fn check_quota_and_funds(
+    standing: &Standing,
+    contract_id: &str,
+    quota: i64,
+    plan: &PricePlan,
+    period: &str,
+    compute_units: i64,
+) -> Result<i64> {
+    let usage = standing.usage;
+    if quota > 0 && usage.queries + standing.running >= quota {
+        return Err(MarketError::ResourceExhausted(format!(
+            "contract {contract_id}'s quota of {quota} queries in {period} is used up"
+        )));
+    }
+    let hold = billing::maximum(plan, usage, compute_units)?;
+    let available = standing.balance - standing.held;
+    if hold > 0 && available < hold {
+        return Err(MarketError::FailedPrecondition(format!(
+            "insufficient funds: this query holds up to {hold} {currency} (minor units) and \
+             {available} is available; deposit more, or lower max_compute_units",
+            currency = plan.currency,
+        )));
+    }
+    Ok(hold)
+}
+
+/// The privacy budget left for one query on a differentially private
+/// product. It is read here and debited at settlement, so two runs at once
+/// would each be offered the whole remainder. Reservations of one consumer
+/// are serialized (the account lock, or SQLite's one writer), so one
+/// running query per consumer and product makes the remainder read here
+/// exact.
+async fn privacy_remaining(
+    connection: &mut AnyConnection,
+    consumer: &str,
+    product_id: &str,
+    budget: f64,
+    standing: &Standing,
+) -> Result<f64> {
+    let running = store::queries::running_on_product(connection, consumer, product_id).await?;
+    if running > 0 {
+        return Err(MarketError::Aborted(
+            "another query of your organization on this differentially private product is \
+             still running; its privacy budget is spent one query at a time, so retry when \
+             that one has finished"
+                .into(),
+        ));
+    }
+    Ok((budget - standing.privacy_spent).max(0.0))
 }

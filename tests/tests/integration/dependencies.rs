@@ -467,13 +467,20 @@ fn the_marketplace_grpc_layer_is_thin_and_alone_in_knowing_tonic() {
     }
     assert!(below >= 20, "only {below} files read below the gRPC layer");
     for path in &below_grpc {
-        let module = path.strip_prefix(&src).expect("under src").display().to_string();
+        let module = path
+            .strip_prefix(&src)
+            .expect("under src")
+            .display()
+            .to_string();
         let in_store = module.starts_with("store") || module == "audit/log.rs";
         for (n, line) in code_lines(path).iter().enumerate() {
             // The API's messages stop at the gRPC layer; the domain uses
             // its own types and the documents of `crate::spec`.
             if line.contains("proto::") {
-                found.push(format!("{module}:{}: API messages below the gRPC layer", n + 1));
+                found.push(format!(
+                    "{module}:{}: API messages below the gRPC layer",
+                    n + 1
+                ));
             }
             // SQL lives in the store, one module per aggregate, and in the
             // audit log, which is its own append-only store.
