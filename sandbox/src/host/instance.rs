@@ -36,55 +36,12 @@ impl Sandbox {
         let span = instance_span(stage);
         let _entered = span.enter();
         let limits = plan.limits;
-        let wall_left = limits.wall_time.saturating_sub(plan.started.elapsed());
-        if wall_left.is_zero() {
-            return Err(SandboxError::Deadline {
-                limit_ms: limits.wall_time.as_millis() as u64,
-            });
-        }
-        let request = GuestRequest {
-            stage,
-            ..plan.request.clone()
-        };
-        let request = serde_json::to_vec(&request).map_err(internal)?;
-        let split = match stage {
-            Stage::Whole => Split::Whole,
-            Stage::Partial { table, part, parts } => Split::Partial {
-                table,
-                part,
-                parts,
-                max_bytes: limits.memory_bytes,
-            },
-            Stage::Final { table, parts } => Split::Final {
-                table,
-                parts,
-                // Without the shares' states it would wait until the deadline.
-                states: shares.ok_or_else(|| {
-                    SandboxError::Internal("a final instance needs its shares' states".into())
-                })?,
-                deadline: plan.started + limits.wall_time,
-                max_bytes: limits.memory_bytes,
-                share_opened: false,
-                next_share: 1,
-                bytes_read: 0,
-            },
-        };
-        let state = RunState::new(RunSetup {
-            request,
-            store: Arc::clone(plan.store),
-            tables: plan.tables.iter().map(Table::clone).collect(),
-            release: Release::new(plan.policy.clone()),
-            max_log_bytes: limits.max_log_bytes,
-            max_output_bytes: limits.max_output_bytes,
-            logical_time_ns: plan.logical_time_ns,
-            limiter: RunLimiter {
-                memory_bytes: limits.memory_bytes as usize,
-                table_elements: limits.table_elements,
-            },
-            split,
-        });
-        let fuel_budget = limits.fuel.saturating_sub(fuel_spent);
         let limit_ms = limits.wall_time.as_millis() as u64;
+        if limits.wall_time <= plan.started.elapsed() {
+            return Err(SandboxError::Deadline { limit_ms });
+        }
+        let state = run_state(plan, stage, shares)?;
+        let fuel_budget = limits.fuel.saturating_sub(fuel_spent);
         // Waiting for a slot counts against the wall-time limit: it is the
         // consumer's time too, and it bounds the queue.
         let _slot = self
@@ -99,15 +56,7 @@ impl Sandbox {
         if wall_left.is_zero() {
             return Err(SandboxError::Deadline { limit_ms });
         }
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|state| &mut state.limiter);
-        if self.meter_fuel {
-            store.set_fuel(fuel_budget).map_err(internal)?;
-        }
-        let ticks = (wall_left.as_nanos() / TICK.as_nanos()).max(1) as u64;
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
-
+        let mut store = self.fresh_store(state, fuel_budget, wall_left)?;
         let starting = Instant::now();
         let started_up = || {
             let startup = starting.elapsed();
@@ -117,26 +66,7 @@ impl Sandbox {
                 Ordering::Relaxed,
             );
         };
-        let result = match &guest.linked {
-            Linked::Module(pre) => pre.instantiate(&mut store).and_then(|instance| {
-                if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
-                    init.call(&mut store, ())?;
-                }
-                started_up();
-                let run = instance.get_typed_func::<(), i32>(&mut store, RUN_EXPORT)?;
-                run.call(&mut store, ())
-            }),
-            Linked::Component(pre) => pre.instantiate(&mut store).and_then(|algorithm| {
-                started_up();
-                Ok(match algorithm.call_run(&mut store)? {
-                    Ok(()) => 0,
-                    Err(failure) => {
-                        store.data_mut().failure = Some(failure.into());
-                        1
-                    }
-                })
-            }),
-        };
+        let result = call_guest(guest, &mut store, &started_up);
         let fuel = match self.meter_fuel {
             true => fuel_budget - store.get_fuel().unwrap_or(fuel_budget),
             false => 0,
@@ -144,31 +74,142 @@ impl Sandbox {
         span.record("fuel", fuel);
         span.record("ran_us", starting.elapsed().as_micros() as u64);
         plan.fuel_burnt.fetch_add(fuel, Ordering::Relaxed);
-        let mut state = store.into_data();
-        // Either kind of instance of a split run may find the plan does not
-        // split: a whole instance never asks.
-        let partial = !matches!(stage, Stage::Whole);
-        if let Err(error) = &result
-            && partial
-            && matches!(error.downcast_ref::<Abort>(), Some(Abort::NotSplittable(_)))
-        {
-            return Ok(Ended::NotSplittable);
-        }
-        let code = result.map_err(|e| classify(e, limits, &state))?;
-        if code != 0 || state.failure.is_some() {
-            return Err(match state.failure.take() {
-                Some(GuestFailure::NotSplittable { .. }) if partial => {
-                    return Ok(Ended::NotSplittable);
-                }
-                Some(failure) => failure.into(),
-                None => SandboxError::Execution(format!(
-                    "the guest returned {code}: {}",
-                    state.log.trim()
-                )),
-            });
-        }
-        Ok(Ended::Ran(Box::new(Ran { fuel, state })))
+        ending(result, stage, limits, store.into_data(), fuel)
     }
+
+    /// A store for one instance, with its memory limiter, its fuel and its
+    /// epoch deadline.
+    fn fresh_store(
+        &self,
+        state: RunState,
+        fuel_budget: u64,
+        wall_left: std::time::Duration,
+    ) -> Result<Store<RunState>, SandboxError> {
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        if self.meter_fuel {
+            store.set_fuel(fuel_budget).map_err(internal)?;
+        }
+        let ticks = (wall_left.as_nanos() / TICK.as_nanos()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+        Ok(store)
+    }
+}
+
+/// What one instance of `stage` starts with: the guest's request, the
+/// product's tables, the release under the policy, its limits, and for a
+/// share or the final instance its part of the split.
+fn run_state(
+    plan: &RunPlan<'_>,
+    stage: Stage,
+    shares: Option<Arc<ShareStates>>,
+) -> Result<RunState, SandboxError> {
+    let limits = plan.limits;
+    let request = GuestRequest {
+        stage,
+        ..plan.request.clone()
+    };
+    let request = serde_json::to_vec(&request).map_err(internal)?;
+    let split = match stage {
+        Stage::Whole => Split::Whole,
+        Stage::Partial { table, part, parts } => Split::Partial {
+            table,
+            part,
+            parts,
+            max_bytes: limits.memory_bytes,
+        },
+        Stage::Final { table, parts } => Split::Final {
+            table,
+            parts,
+            // Without the shares' states it would wait until the deadline.
+            states: shares.ok_or_else(|| {
+                SandboxError::Internal("a final instance needs its shares' states".into())
+            })?,
+            deadline: plan.started + limits.wall_time,
+            max_bytes: limits.memory_bytes,
+            share_opened: false,
+            next_share: 1,
+            bytes_read: 0,
+        },
+    };
+    Ok(RunState::new(RunSetup {
+        request,
+        store: Arc::clone(plan.store),
+        tables: plan.tables.iter().map(Table::clone).collect(),
+        release: Release::new(plan.policy.clone()),
+        max_log_bytes: limits.max_log_bytes,
+        max_output_bytes: limits.max_output_bytes,
+        logical_time_ns: plan.logical_time_ns,
+        limiter: RunLimiter {
+            memory_bytes: limits.memory_bytes as usize,
+            table_elements: limits.table_elements,
+        },
+        split,
+    }))
+}
+
+/// Instantiates the guest and calls its entry point; `started_up` marks
+/// the end of instantiation. A core module returns its code; an algorithm
+/// component's failure becomes code 1 with the failure kept.
+fn call_guest(
+    guest: &Guest,
+    store: &mut Store<RunState>,
+    started_up: &dyn Fn(),
+) -> wasmtime::Result<i32> {
+    match &guest.linked {
+        Linked::Module(pre) => pre.instantiate(&mut *store).and_then(|instance| {
+            if let Ok(init) = instance.get_typed_func::<(), ()>(&mut *store, "_initialize") {
+                init.call(&mut *store, ())?;
+            }
+            started_up();
+            let run = instance.get_typed_func::<(), i32>(&mut *store, RUN_EXPORT)?;
+            run.call(&mut *store, ())
+        }),
+        Linked::Component(pre) => pre.instantiate(&mut *store).and_then(|algorithm| {
+            started_up();
+            Ok(match algorithm.call_run(&mut *store)? {
+                Ok(()) => 0,
+                Err(failure) => {
+                    store.data_mut().failure = Some(failure.into());
+                    1
+                }
+            })
+        }),
+    }
+}
+
+/// What an instance's ending means: it ran, its plan does not split, or
+/// the error it ended with.
+fn ending(
+    result: wasmtime::Result<i32>,
+    stage: Stage,
+    limits: &Limits,
+    mut state: RunState,
+    fuel: u64,
+) -> Result<Ended, SandboxError> {
+    // Either kind of instance of a split run may find the plan does not
+    // split: a whole instance never asks.
+    let partial = !matches!(stage, Stage::Whole);
+    if let Err(error) = &result
+        && partial
+        && matches!(error.downcast_ref::<Abort>(), Some(Abort::NotSplittable(_)))
+    {
+        return Ok(Ended::NotSplittable);
+    }
+    let code = result.map_err(|e| classify(e, limits, &state))?;
+    if code != 0 || state.failure.is_some() {
+        return Err(match state.failure.take() {
+            Some(GuestFailure::NotSplittable { .. }) if partial => {
+                return Ok(Ended::NotSplittable);
+            }
+            Some(failure) => failure.into(),
+            None => {
+                SandboxError::Execution(format!("the guest returned {code}: {}", state.log.trim()))
+            }
+        });
+    }
+    Ok(Ended::Ran(Box::new(Ran { fuel, state })))
 }
 
 /// The span of one instance: which stage of the run it is, and (recorded as

@@ -55,6 +55,18 @@ fn read_u32(mem: &[u8], at: usize) -> Option<u32> {
 }
 
 pub(crate) fn add_to_linker(linker: &mut Imports, dead_file_calls: bool) -> wasmtime::Result<()> {
+    add_process(linker)?;
+    add_clocks_and_random(linker)?;
+    add_stdio(linker)?;
+    if dead_file_calls {
+        add_dead_paths(linker)?;
+    }
+    Ok(())
+}
+
+/// A process with no arguments, no environment, nothing to wait on, and an
+/// exit that ends the run.
+fn add_process(linker: &mut Imports) -> wasmtime::Result<()> {
     // No arguments and no environment: both report zero entries.
     for name in ["args_sizes_get", "environ_sizes_get"] {
         linker.func_wrap(
@@ -75,6 +87,21 @@ pub(crate) fn add_to_linker(linker: &mut Imports, dead_file_calls: bool) -> wasm
     for name in ["args_get", "environ_get"] {
         linker.func_wrap(MODULE, name, |_: i32, _: i32| -> i32 { SUCCESS })?;
     }
+    linker.func_wrap(MODULE, "sched_yield", || -> i32 { SUCCESS })?;
+    linker.func_wrap(
+        MODULE,
+        "poll_oneoff",
+        |_: i32, _: i32, _: i32, _: i32| -> i32 { ENOTSUP },
+    )?;
+    linker.func_wrap(MODULE, "proc_exit", |code: i32| -> wasmtime::Result<()> {
+        Err(wasmtime::Error::new(Abort::Exit(code)))
+    })?;
+    Ok(())
+}
+
+/// The run's logical clock and a generator seeded alike for every run, so
+/// the same query on the same data behaves the same.
+fn add_clocks_and_random(linker: &mut Imports) -> wasmtime::Result<()> {
     linker.func_wrap(
         MODULE,
         "clock_time_get",
@@ -123,6 +150,12 @@ pub(crate) fn add_to_linker(linker: &mut Imports, dead_file_calls: bool) -> wasm
             }
         },
     )?;
+    Ok(())
+}
+
+/// Standard output and error into the run's log; every other descriptor
+/// is bad.
+fn add_stdio(linker: &mut Imports) -> wasmtime::Result<()> {
     // stdout and stderr (a panic message, say) go to the run's capped log.
     linker.func_wrap(
         MODULE,
@@ -176,49 +209,41 @@ pub(crate) fn add_to_linker(linker: &mut Imports, dead_file_calls: bool) -> wasm
     linker.func_wrap(MODULE, "fd_read", |_: i32, _: i32, _: i32, _: i32| -> i32 {
         EBADF
     })?;
-    if dead_file_calls {
-        // Path calls all take a directory descriptor, and there is none.
-        linker.func_wrap(
-            MODULE,
-            "path_open",
-            |_: i32, _: i32, _: i32, _: i32, _: i32, _: i64, _: i64, _: i32, _: i32| -> i32 {
-                EBADF
-            },
-        )?;
-        linker.func_wrap(
-            MODULE,
-            "path_filestat_get",
-            |_: i32, _: i32, _: i32, _: i32, _: i32| -> i32 { EBADF },
-        )?;
-        linker.func_wrap(
-            MODULE,
-            "path_create_directory",
-            |_: i32, _: i32, _: i32| -> i32 { EBADF },
-        )?;
-        linker.func_wrap(
-            MODULE,
-            "path_remove_directory",
-            |_: i32, _: i32, _: i32| -> i32 { EBADF },
-        )?;
-        linker.func_wrap(
-            MODULE,
-            "path_unlink_file",
-            |_: i32, _: i32, _: i32| -> i32 { EBADF },
-        )?;
-        linker.func_wrap(
-            MODULE,
-            "fd_readdir",
-            |_: i32, _: i32, _: i32, _: i64, _: i32| -> i32 { EBADF },
-        )?;
-    }
-    linker.func_wrap(MODULE, "sched_yield", || -> i32 { SUCCESS })?;
+    Ok(())
+}
+
+/// Path calls all take a directory descriptor, and there is none.
+fn add_dead_paths(linker: &mut Imports) -> wasmtime::Result<()> {
+    // Path calls all take a directory descriptor, and there is none.
     linker.func_wrap(
         MODULE,
-        "poll_oneoff",
-        |_: i32, _: i32, _: i32, _: i32| -> i32 { ENOTSUP },
+        "path_open",
+        |_: i32, _: i32, _: i32, _: i32, _: i32, _: i64, _: i64, _: i32, _: i32| -> i32 { EBADF },
     )?;
-    linker.func_wrap(MODULE, "proc_exit", |code: i32| -> wasmtime::Result<()> {
-        Err(wasmtime::Error::new(Abort::Exit(code)))
-    })?;
+    linker.func_wrap(
+        MODULE,
+        "path_filestat_get",
+        |_: i32, _: i32, _: i32, _: i32, _: i32| -> i32 { EBADF },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "path_create_directory",
+        |_: i32, _: i32, _: i32| -> i32 { EBADF },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "path_remove_directory",
+        |_: i32, _: i32, _: i32| -> i32 { EBADF },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "path_unlink_file",
+        |_: i32, _: i32, _: i32| -> i32 { EBADF },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "fd_readdir",
+        |_: i32, _: i32, _: i32, _: i64, _: i32| -> i32 { EBADF },
+    )?;
     Ok(())
 }
