@@ -13,7 +13,7 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::Int64Type;
 use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
-use civicgrid_sandbox::protocol::{GuestFailure, GuestRequest, UNITS_COLUMN};
+use civicgrid_guest_protocol::protocol::{GuestFailure, GuestRequest, UNITS_COLUMN};
 use serde::Deserialize;
 
 /// What to count.
@@ -101,7 +101,7 @@ mod component {
     use arrow_array::RecordBatch;
     use arrow_ipc::reader::StreamReader;
     use arrow_ipc::writer::StreamWriter;
-    use civicgrid_sandbox::protocol::{GuestFailure, GuestRequest};
+    use civicgrid_guest_protocol::protocol::{GuestFailure, GuestRequest};
 
     wit_bindgen::generate!({ world: "algorithm", path: "../wit" });
 

@@ -1,10 +1,10 @@
-//! The entry point the sandbox calls, over `civicgrid_sandbox::guest`.
+//! The entry point the sandbox calls, over `civicgrid_guest_protocol::guest`.
 #![allow(unsafe_code)]
 
 use std::sync::Arc;
 
-use civicgrid_sandbox::guest;
-use civicgrid_sandbox::protocol::{GuestFailure, GuestRequest, ScanPredicate};
+use civicgrid_guest_protocol::guest;
+use civicgrid_guest_protocol::protocol::{GuestFailure, GuestRequest, ScanPredicate};
 use datafusion::arrow::record_batch::RecordBatch;
 
 use crate::{BatchIter, BatchSource};

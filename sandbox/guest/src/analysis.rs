@@ -4,8 +4,8 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use civicgrid_sandbox::policy::{DifferentialPrivacy, OutputPolicy};
-use civicgrid_sandbox::protocol::{
+use civicgrid_guest_protocol::policy::{DifferentialPrivacy, OutputPolicy};
+use civicgrid_guest_protocol::protocol::{
     AGGREGATE_METADATA, GuestFailure, GuestRequest, MIN_UNITS_METADATA, SOURCE_METADATA,
     UNITS_COLUMN,
 };
@@ -739,8 +739,8 @@ mod tests {
     use std::cell::Cell;
     use std::collections::BTreeMap;
 
-    use civicgrid_sandbox::policy::{AggregationRule, ListRule};
-    use civicgrid_sandbox::protocol::TableInfo;
+    use civicgrid_guest_protocol::policy::{AggregationRule, ListRule};
+    use civicgrid_guest_protocol::protocol::TableInfo;
     use datafusion::arrow::datatypes::DataType;
 
     use super::*;

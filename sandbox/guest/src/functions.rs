@@ -496,8 +496,8 @@ mod tests {
         );
     }
 
-    use civicgrid_sandbox::policy::{ListRule, OutputPolicy};
-    use civicgrid_sandbox::protocol::{GuestFailure, GuestRequest, Stage, TableInfo};
+    use civicgrid_guest_protocol::policy::{ListRule, OutputPolicy};
+    use civicgrid_guest_protocol::protocol::{GuestFailure, GuestRequest, Stage, TableInfo};
     use datafusion::arrow::array::{Int64Array, RecordBatch, StringArray};
     use datafusion::arrow::compute::concat_batches;
     use datafusion::arrow::datatypes::{DataType, Field, Schema};

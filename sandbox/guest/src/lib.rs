@@ -21,7 +21,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use civicgrid_sandbox::protocol::{GuestFailure, GuestRequest, ScanPredicate, Stage};
+use civicgrid_guest_protocol::protocol::{GuestFailure, GuestRequest, ScanPredicate, Stage};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::catalog::{Session, TableProvider};

@@ -6,7 +6,7 @@
 //! stays above the scan and judges every row the host lets through: the
 //! host's check can only remove rows the query would remove anyway.
 
-use civicgrid_sandbox::protocol::{CompareOp, ScanPredicate, ScanValue};
+use civicgrid_guest_protocol::protocol::{CompareOp, ScanPredicate, ScanValue};
 use datafusion::arrow::datatypes::Schema;
 use datafusion::logical_expr::{Between, BinaryExpr, Expr, Operator};
 use datafusion::scalar::ScalarValue;

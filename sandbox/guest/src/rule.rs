@@ -28,8 +28,8 @@
 
 use std::collections::BTreeSet;
 
-use civicgrid_sandbox::policy::AggregationRule;
-use civicgrid_sandbox::protocol::{GuestFailure, GuestRequest};
+use civicgrid_guest_protocol::policy::AggregationRule;
+use civicgrid_guest_protocol::protocol::{GuestFailure, GuestRequest};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{Column, DFSchemaRef, ScalarValue};

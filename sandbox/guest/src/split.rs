@@ -1,4 +1,4 @@
-//! Splitting a plan across instances (see `civicgrid_sandbox::protocol::Stage`):
+//! Splitting a plan across instances (see `civicgrid_guest_protocol::protocol::Stage`):
 //! partial instances run the plan's one partial aggregate over their share of
 //! a table, and the final instance runs the plan with that aggregate replaced
 //! by the states they emitted. DataFusion already plans aggregates in these
