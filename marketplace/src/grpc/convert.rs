@@ -10,6 +10,18 @@ use crate::proto;
 use crate::queries::{QueryRequest, QuerySummary, UsageQuery};
 use crate::registry::{CatalogFilter, Product, ProductState, RegistrationEvent};
 
+/// Moves every field of one struct into another with the same field
+/// names, the listed ones converted on the way. Both sides are written out
+/// whole, so a field added to either fails to compile here instead of
+/// going missing from the API.
+macro_rules! move_fields {
+    ($value:expr, $from:path => $to:path { $($field:ident),* $(,)? }
+        $(converting { $($converted:ident: $conversion:expr),* $(,)? })?) => {{
+        let $from { $($field,)* $($($converted,)*)? } = $value;
+        $to { $($field,)* $($($converted: $conversion,)*)? }
+    }};
+}
+
 pub(super) fn kind_from_proto(kind: proto::OrganizationKind) -> Result<OrganizationKind> {
     Ok(match kind {
         proto::OrganizationKind::Provider => OrganizationKind::Provider,
@@ -104,100 +116,25 @@ pub(super) fn demand_query_from_proto(
 }
 
 pub(super) fn query_request(request: proto::RunQueryRequest) -> QueryRequest {
-    let proto::RunQueryRequest {
-        product_id,
-        sql,
-        algorithm_wasm,
-        idempotency_key,
-        max_compute_units,
-    } = request;
-    QueryRequest {
-        product_id,
-        sql,
-        algorithm_wasm,
-        idempotency_key,
-        max_compute_units,
-    }
+    move_fields!(request, proto::RunQueryRequest => QueryRequest {
+        product_id, sql, algorithm_wasm, idempotency_key, max_compute_units,
+    })
 }
 
 pub(super) fn usage_query(request: proto::ListUsageRequest) -> UsageQuery {
-    let proto::ListUsageRequest {
-        product_id,
-        organization_id,
-        period,
-        limit,
-    } = request;
-    UsageQuery {
-        product_id,
-        organization_id,
-        period,
-        limit,
-    }
+    move_fields!(request, proto::ListUsageRequest => UsageQuery {
+        product_id, organization_id, period, limit,
+    })
 }
 
 pub(super) fn query_summary(summary: QuerySummary) -> proto::QuerySummary {
-    // Destructured whole: a field added on either side fails to compile
-    // here instead of going missing from the API.
-    let QuerySummary {
-        query_id,
-        contract_id,
-        plan_id,
-        state,
-        error,
-        metering,
-        fuel,
-        compute_units,
-        rows_read,
-        bytes_read,
-        rows_released,
-        bytes_released,
-        suppressed_rows,
-        truncated,
-        privacy_spent,
-        wall_time_ms,
-        currency,
-        held_minor,
-        charge_minor,
-        audit_index,
-        replayed,
-        sql,
-        algorithm_sha256,
-        consumer_organization_id,
-        product_id,
-        user_id,
-        created_at_unix_ms,
+    move_fields!(summary, QuerySummary => proto::QuerySummary {
+        query_id, contract_id, plan_id, state, error, metering, fuel, compute_units, rows_read,
+        bytes_read, rows_released, bytes_released, suppressed_rows, truncated, privacy_spent,
+        wall_time_ms, currency, held_minor, charge_minor, audit_index, replayed, sql,
+        algorithm_sha256, consumer_organization_id, product_id, user_id, created_at_unix_ms,
         provider_organization_id,
-    } = summary;
-    proto::QuerySummary {
-        query_id,
-        contract_id,
-        plan_id,
-        state,
-        error,
-        metering,
-        fuel,
-        compute_units,
-        rows_read,
-        bytes_read,
-        rows_released,
-        bytes_released,
-        suppressed_rows,
-        truncated,
-        privacy_spent,
-        wall_time_ms,
-        currency,
-        held_minor,
-        charge_minor,
-        audit_index,
-        replayed,
-        sql,
-        algorithm_sha256,
-        consumer_organization_id,
-        product_id,
-        user_id,
-        created_at_unix_ms,
-        provider_organization_id,
-    }
+    })
 }
 
 pub(super) fn product_state_to_proto(state: ProductState) -> proto::ProductState {
@@ -213,53 +150,20 @@ pub(super) fn product_state_to_proto(state: ProductState) -> proto::ProductState
 }
 
 pub(super) fn product_to_proto(product: Product) -> proto::Product {
-    let Product {
-        id,
-        provider_organization_id,
-        version,
-        state,
-        spec,
-        registration_number,
-        approved_by_user_id,
-        registered_at_unix_ms,
-        public_notice_ends_at_unix_ms,
-        updated_at_unix_ms,
+    move_fields!(product, Product => proto::Product {
+        id, provider_organization_id, version, registration_number, approved_by_user_id,
+        registered_at_unix_ms, public_notice_ends_at_unix_ms, updated_at_unix_ms,
         pending_revision,
-    } = product;
-    proto::Product {
-        id,
-        provider_organization_id,
-        version,
+    } converting {
         state: product_state_to_proto(state) as i32,
         spec: Some(spec),
-        registration_number,
-        approved_by_user_id,
-        registered_at_unix_ms,
-        public_notice_ends_at_unix_ms,
-        updated_at_unix_ms,
-        pending_revision,
-    }
+    })
 }
 
 pub(super) fn registration_event_to_proto(event: RegistrationEvent) -> proto::RegistrationEvent {
-    let RegistrationEvent {
-        product_id,
-        kind,
-        actor_user_id,
-        reason,
-        version,
-        at_unix_ms,
-        audit_index,
-    } = event;
-    proto::RegistrationEvent {
-        product_id,
-        kind,
-        actor_user_id,
-        reason,
-        version,
-        at_unix_ms,
-        audit_index,
-    }
+    move_fields!(event, RegistrationEvent => proto::RegistrationEvent {
+        product_id, kind, actor_user_id, reason, version, at_unix_ms, audit_index,
+    })
 }
 
 pub(super) fn catalog_filter_from_proto(request: proto::SearchCatalogRequest) -> CatalogFilter {
@@ -291,59 +195,22 @@ pub(super) fn contract_state_to_proto(state: ContractState) -> proto::ContractSt
 }
 
 pub(super) fn contract_to_proto(contract: Contract) -> proto::Contract {
-    let Contract {
-        id,
-        product_id,
-        consumer_organization_id,
-        provider_organization_id,
-        plan_id,
-        operations,
-        monthly_query_quota,
-        state,
-        requested_at_unix_ms,
-        decided_at_unix_ms,
-        expires_at_unix_ms,
-        purpose,
-        reason,
-        duration_days,
-    } = contract;
-    proto::Contract {
-        id,
-        product_id,
-        consumer_organization_id,
-        provider_organization_id,
-        plan_id,
+    move_fields!(contract, Contract => proto::Contract {
+        id, product_id, consumer_organization_id, provider_organization_id, plan_id,
+        monthly_query_quota, requested_at_unix_ms, decided_at_unix_ms, expires_at_unix_ms,
+        purpose, reason, duration_days,
+    } converting {
         operations: Some(operations),
-        monthly_query_quota,
         state: contract_state_to_proto(state) as i32,
-        requested_at_unix_ms,
-        decided_at_unix_ms,
-        expires_at_unix_ms,
-        purpose,
-        reason,
-        duration_days,
-    }
+    })
 }
 
 pub(super) fn contract_request_from_proto(
     request: proto::RequestContractRequest,
 ) -> ContractRequest {
-    let proto::RequestContractRequest {
-        product_id,
-        plan_id,
-        operations,
-        monthly_query_quota,
-        duration_days,
-        purpose,
-    } = request;
-    ContractRequest {
-        product_id,
-        plan_id,
-        operations,
-        monthly_query_quota,
-        duration_days,
-        purpose,
-    }
+    move_fields!(request, proto::RequestContractRequest => ContractRequest {
+        product_id, plan_id, operations, monthly_query_quota, duration_days, purpose,
+    })
 }
 
 pub(super) fn operation_question_from_proto(
@@ -370,76 +237,31 @@ pub(super) fn operation_question_from_proto(
 }
 
 pub(super) fn balance_to_proto(balance: Balance) -> proto::Balance {
-    let Balance {
-        organization_id,
-        currency,
-        balance_minor,
-        held_minor,
-        available_minor,
-    } = balance;
-    proto::Balance {
-        organization_id,
-        currency,
-        balance_minor,
-        held_minor,
-        available_minor,
-    }
+    move_fields!(balance, Balance => proto::Balance {
+        organization_id, currency, balance_minor, held_minor, available_minor,
+    })
 }
 
 pub(super) fn invoice_to_proto(invoice: Invoice) -> proto::Invoice {
-    let Invoice {
-        organization_id,
-        period,
-        role,
-        lines,
-        total_minor,
-    } = invoice;
-    proto::Invoice {
-        organization_id,
-        period,
-        role,
-        lines: lines
-            .into_iter()
-            .map(|line| {
-                let InvoiceLine {
-                    contract_id,
-                    product_id,
-                    plan_id,
-                    queries,
-                    compute_units,
-                    rows_released,
-                    amount_minor,
-                    currency,
-                } = line;
-                proto::InvoiceLine {
-                    contract_id,
-                    product_id,
-                    plan_id,
-                    queries,
-                    compute_units,
-                    rows_released,
-                    amount_minor,
-                    currency,
-                }
-            })
-            .collect(),
+    move_fields!(invoice, Invoice => proto::Invoice {
+        organization_id, period, role,
+    } converting {
+        lines: lines.into_iter().map(invoice_line_to_proto).collect(),
         total_minor: total_minor.into_iter().collect(),
-    }
+    })
+}
+
+fn invoice_line_to_proto(line: InvoiceLine) -> proto::InvoiceLine {
+    move_fields!(line, InvoiceLine => proto::InvoiceLine {
+        contract_id, product_id, plan_id, queries, compute_units, rows_released, amount_minor,
+        currency,
+    })
 }
 
 pub(super) fn ledger_summary_to_proto(summary: LedgerSummary) -> proto::LedgerSummary {
-    let LedgerSummary {
-        totals_minor,
-        postings,
-        open_holds,
-        open_held_minor,
-        unbalanced_accounts,
-    } = summary;
-    proto::LedgerSummary {
+    move_fields!(summary, LedgerSummary => proto::LedgerSummary {
+        postings, open_holds, open_held_minor, unbalanced_accounts,
+    } converting {
         totals_minor: totals_minor.into_iter().collect(),
-        postings,
-        open_holds,
-        open_held_minor,
-        unbalanced_accounts,
-    }
+    })
 }

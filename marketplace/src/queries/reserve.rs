@@ -306,14 +306,7 @@ async fn terms_and_standing(
             asked.period,
             asked.consumer,
             &terms.plan.currency,
-            ProductAsRead {
-                id: &read.id,
-                state: read.state.name(),
-                version: read.version,
-                updated_at: read.updated_at_unix_ms,
-                provider: &read.provider_organization_id,
-                spec,
-            },
+            ProductAsRead::of(read, spec),
         )
         .await?;
         if from_memory && !standing.product_unchanged {

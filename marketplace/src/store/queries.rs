@@ -8,6 +8,7 @@ use crate::audit::merkle::Frontier;
 use crate::billing::{self, AccountKind, PeriodUsage};
 use crate::error::{Result, Unanswered};
 use crate::queries::model::{QuerySummary, UsageView};
+use crate::registry::model::Product;
 use crate::store::{Backend, Param, Store, WriteBatch, now_ms};
 
 const SUMMARY_COLUMNS: &str = "id, consumer_organization_id, provider_organization_id, user_id, \
@@ -192,6 +193,20 @@ pub(crate) struct ProductAsRead<'a> {
     pub updated_at: i64,
     pub provider: &'a str,
     pub spec: &'a [u8],
+}
+
+impl<'a> ProductAsRead<'a> {
+    /// The row `product` was read from, with its spec's stored bytes.
+    pub(crate) fn of(product: &'a Product, spec: &'a [u8]) -> Self {
+        Self {
+            id: &product.id,
+            state: product.state.name(),
+            version: product.version,
+            updated_at: product.updated_at_unix_ms,
+            provider: &product.provider_organization_id,
+            spec,
+        }
+    }
 }
 
 pub(crate) async fn standing(
@@ -548,17 +563,16 @@ mod tests {
         .await?;
         let unchanged =
             async |connection: &mut AnyConnection, (read, spec): &(registry::Product, Vec<u8>)| {
-                let read = ProductAsRead {
-                    id: &read.id,
-                    state: read.state.name(),
-                    version: read.version,
-                    updated_at: read.updated_at_unix_ms,
-                    provider: &read.provider_organization_id,
-                    spec,
-                };
-                standing(connection, "contract", "2026-12", "acme", "EUR", read)
-                    .await
-                    .map(|standing| standing.product_unchanged)
+                standing(
+                    connection,
+                    "contract",
+                    "2026-12",
+                    "acme",
+                    "EUR",
+                    ProductAsRead::of(read, spec),
+                )
+                .await
+                .map(|standing| standing.product_unchanged)
             };
         let read = registry::get_as_stored(&mut connection, product).await?;
         assert!(unchanged(&mut connection, &read).await?);
