@@ -18,9 +18,8 @@ use casbin::{CoreApi as _, DefaultModel, Enforcer, MemoryAdapter, MgmtApi as _};
 use civicgrid_marketplace::access::Access;
 use civicgrid_marketplace::audit::log::{self, Event};
 use civicgrid_marketplace::contracts::{Check, ContractIndex};
-use civicgrid_marketplace::proto::{
-    AllowedOperations, CheckOperationRequest, Contract, ContractState, OperationKind,
-};
+use civicgrid_marketplace::contracts::{Contract, ContractState, OperationKind, OperationQuestion};
+use civicgrid_marketplace::spec::AllowedOperations;
 use civicgrid_marketplace::store::{Location, Store};
 
 const USERS: usize = 10_000;
@@ -67,13 +66,20 @@ async fn authorization(store: &Store) -> anyhow::Result<()> {
             id: format!("ctr-{contract}"),
             product_id: format!("prd-{}", contract % PRODUCTS),
             consumer_organization_id: format!("org-{}", (contract / PRODUCTS) % CONSUMERS),
-            state: ContractState::Active as i32,
-            expires_at_unix_ms: far_future,
-            operations: Some(AllowedOperations {
+            provider_organization_id: "city".into(),
+            plan_id: "basic".into(),
+            operations: AllowedOperations {
                 aggregate_sql: true,
                 ..Default::default()
-            }),
-            ..Default::default()
+            },
+            monthly_query_quota: 0,
+            state: ContractState::Active,
+            requested_at_unix_ms: 0,
+            decided_at_unix_ms: 0,
+            expires_at_unix_ms: far_future,
+            purpose: String::new(),
+            reason: String::new(),
+            duration_days: 1,
         });
     }
     assert_eq!(index.len(), CONTRACTS);
@@ -89,9 +95,9 @@ async fn authorization(store: &Store) -> anyhow::Result<()> {
         for _ in 0..DECISIONS {
             let user = rng.next(USERS);
             let org = format!("org-{}", user % CONSUMERS);
-            let request = CheckOperationRequest {
+            let request = OperationQuestion {
                 product_id: format!("prd-{}", rng.next(PRODUCTS)),
-                operation: OperationKind::AggregateSql as i32,
+                operation: Some(OperationKind::AggregateSql),
                 ..Default::default()
             };
             let user = format!("usr-{user}");

@@ -453,25 +453,19 @@ pub async fn search(
         other => i64::from(other as i32),
     };
     let keywords: Vec<String> = filter.keywords.iter().map(|k| k.to_lowercase()).collect();
-    let mut products = Vec::new();
-    for (mut product, text) in store::products::published(
+    let mut products = store::products::published(
         connection,
         &filter.tier,
         &filter.region,
         &filter.provider_organization_id,
         max_sensitivity,
+        &keywords,
     )
-    .await?
-    {
-        if keywords
-            .iter()
-            .all(|keyword| text.contains(keyword.as_str()))
-        {
-            // The catalog shows what serves; a revision under review is
-            // the provider's and the reviewers' business.
-            product.pending_revision = None;
-            products.push(product);
-        }
+    .await?;
+    // The catalog shows what serves; a revision under review is the
+    // provider's and the reviewers' business.
+    for product in &mut products {
+        product.pending_revision = None;
     }
     Ok(products)
 }

@@ -328,28 +328,39 @@ pub async fn events(connection: &mut AnyConnection, id: &str) -> Result<Vec<Regi
 }
 
 /// Published products in `tier`, `region` and of `provider` (empty: any)
-/// none of whose columns is more sensitive than `max_sensitivity`, by id,
-/// each with its lower-cased search text.
+/// none of whose columns is more sensitive than `max_sensitivity` and
+/// whose search text holds every (lower-cased) keyword, by id. Only the
+/// matching rows are decoded, so one unreadable product fails only the
+/// searches that find it.
 pub(crate) async fn published(
     connection: &mut AnyConnection,
     tier: &str,
     region: &str,
     provider: &str,
     max_sensitivity: i64,
-) -> Result<Vec<(Product, String)>> {
+    keywords: &[String],
+) -> Result<Vec<Product>> {
     let sql = format!(
         "SELECT {PRODUCT_COLUMNS}, search_text FROM products WHERE state = 'published' \
          AND ($1 = '' OR tier = $1) AND ($2 = '' OR region = $2) \
          AND ($3 = '' OR provider_organization_id = $3) AND max_sensitivity <= $4 ORDER BY id"
     );
-    sqlx::query(sqlx::AssertSqlSafe(sql))
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(tier)
         .bind(region)
         .bind(provider)
         .bind(max_sensitivity)
         .fetch_all(&mut *connection)
-        .await?
-        .iter()
-        .map(|row| Ok((product_from_row(row)?, row.try_get("search_text")?)))
-        .collect()
+        .await?;
+    let mut products = Vec::new();
+    for row in rows {
+        let text: String = row.try_get("search_text")?;
+        if keywords
+            .iter()
+            .all(|keyword| text.contains(keyword.as_str()))
+        {
+            products.push(product_from_row(&row)?);
+        }
+    }
+    Ok(products)
 }
