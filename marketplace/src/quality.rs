@@ -40,33 +40,8 @@ const EARLIEST_MS: i64 = -2_208_988_800_000;
 /// # Errors
 /// `InvalidArgument` naming `spec.storage_location`.
 pub fn check_location(location: &str) -> Result<()> {
-    let refuse = |why: &str| {
-        Err(MarketError::invalid(
-            "spec.storage_location",
-            format!(
-                "{why}; name a folder inside the server's data directory, like products/population"
-            ),
-        ))
-    };
-    if location.contains("://") {
-        return refuse("URIs are not storage locations");
-    }
-    let path = Path::new(location);
-    if path.is_absolute() || location.starts_with('\\') {
-        return refuse("an absolute path is outside the data directory");
-    }
-    let mut depth = 0usize;
-    for component in path.components() {
-        match component {
-            std::path::Component::Normal(_) => depth += 1,
-            std::path::Component::CurDir => {}
-            _ => return refuse("a location may not climb out of the data directory (..)"),
-        }
-    }
-    if depth == 0 {
-        return refuse("the data directory itself is not a product's folder");
-    }
-    Ok(())
+    civicgrid_sandbox::location::check(location)
+        .map_err(|error| MarketError::invalid("spec.storage_location", error.to_string()))
 }
 
 /// The folders of two locations overlap when one contains the other: a
@@ -87,37 +62,15 @@ pub fn locations_overlap(a: &str, b: &str) -> bool {
 }
 
 /// Where a product's files are: its location inside the data directory,
-/// reached without following a link. A link could lead out of the directory,
-/// or into another provider's folder under a name the overlap check
-/// ([`locations_overlap`]) does not know.
+/// reached without following a link (see [`civicgrid_sandbox::location`]).
 ///
 /// # Errors
-/// `InvalidArgument` for a location [`check_location`] refuses, one that
-/// does not exist, or one reached through a link.
+/// `InvalidArgument` naming `spec.storage_location` for a location
+/// [`check_location`] refuses, one that does not exist, or one reached
+/// through a link.
 pub fn resolve_location(data_dir: &Path, location: &str) -> Result<PathBuf> {
-    check_location(location)?;
-    let (Ok(root), Ok(resolved)) = (
-        data_dir.canonicalize(),
-        data_dir.join(location).canonicalize(),
-    ) else {
-        return Err(MarketError::invalid(
-            "spec.storage_location",
-            format!("{location}: no such folder in the data directory"),
-        ));
-    };
-    let lexical = Path::new(location)
-        .components()
-        .fold(root, |path, component| match component {
-            std::path::Component::Normal(part) => path.join(part),
-            _ => path,
-        });
-    if resolved != lexical {
-        return Err(MarketError::invalid(
-            "spec.storage_location",
-            format!("{location} is reached through a link; name the folder itself"),
-        ));
-    }
-    Ok(resolved)
+    civicgrid_sandbox::location::resolve(data_dir, location)
+        .map_err(|error| MarketError::invalid("spec.storage_location", error.to_string()))
 }
 
 fn compatible(declared: &str, actual: &DataType) -> bool {

@@ -9,6 +9,8 @@
 
 pub use civicgrid_guest_protocol::{ipc, policy, protocol};
 
+pub mod location;
+
 mod host;
 pub use host::{
     BATCH_ROWS, CacheOutcome, DeclaredColumns, FUEL_PER_COMPUTE_UNIT, FooterCache, Guest,
