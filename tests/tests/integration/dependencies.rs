@@ -16,6 +16,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("civicgrid-sandbox", &["civicgrid-guest-protocol"]),
     ("civicgrid-sandbox-guest", &["civicgrid-guest-protocol"]),
     ("civicgrid-example-algorithm", &["civicgrid-guest-protocol"]),
+    (
+        "civicgrid-runner",
+        &["civicgrid-sandbox", "civicgrid-telemetry"],
+    ),
     ("civicgrid-operator", &["civicgrid-telemetry"]),
     (
         "civicgrid-marketplace",
@@ -28,6 +32,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "civicgrid-cli",
             "civicgrid-marketplace",
             "civicgrid-operator",
+            "civicgrid-runner",
             "civicgrid-sandbox",
             "civicgrid-sandbox-guest",
         ],
@@ -61,6 +66,12 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
             "casbin",
             "civicgrid-sandbox",
         ],
+    ),
+    // A runner reads its data center's product files and nothing of the
+    // marketplace: no database, no casbin, no contracts.
+    (
+        "civicgrid-runner",
+        &["sqlx", "casbin", "civicgrid-marketplace", "kube"],
     ),
     // The sandbox knows nothing of the marketplace's storage or network.
     ("civicgrid-sandbox", &["sqlx", "casbin", "tonic", "kube"]),
@@ -409,6 +420,7 @@ fn no_crate_has_a_loop_between_its_modules() {
         "operator",
         "sandbox",
         "sandbox/protocol",
+        "runner",
         "cli",
         "telemetry",
     ] {

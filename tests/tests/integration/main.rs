@@ -10,5 +10,6 @@ mod marketplace;
 mod operator_e2e;
 mod queries;
 mod red_team;
+mod runner;
 mod sandbox;
 mod sandbox_split;

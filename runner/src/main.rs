@@ -1,0 +1,144 @@
+//! `civicgrid-runner`: serves the Runner API to the marketplace over mutual
+//! TLS, running queries over the products in one data center's data
+//! directory.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use civicgrid_runner::{Ceilings, RunnerService, mutual_tls, serve};
+use civicgrid_sandbox::{GuestRole, Sandbox, SandboxConfig};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Runs authorized CivicGrid queries next to a data center's product data"
+)]
+struct Args {
+    /// The data center this runner serves (its certificate names it too).
+    #[arg(long, env = "CIVICGRID_DATA_CENTER")]
+    data_center: String,
+    /// Where to listen for the marketplace.
+    #[arg(long, default_value = "0.0.0.0:7443")]
+    listen: SocketAddr,
+    /// The data center's product folders.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// The SQL guest (`civicgrid_sandbox_guest.wasm`).
+    #[arg(long)]
+    sql_guest: PathBuf,
+    /// Compiled modules (default: `<data-dir>/../runner-module-cache`).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// The runner's certificate (PEM), naming its data center.
+    #[arg(long)]
+    tls_cert: PathBuf,
+    /// Its private key (PEM).
+    #[arg(long)]
+    tls_key: PathBuf,
+    /// The CA whose client certificates may call (the marketplace's).
+    #[arg(long)]
+    client_ca: PathBuf,
+    /// Runs at once.
+    #[arg(long, default_value_t = 8)]
+    concurrent_runs: u32,
+    /// Most linear memory a run may be given, in MiB.
+    #[arg(long, default_value_t = 2048)]
+    max_memory_mib: u64,
+    /// Most wall time a run may be given, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    max_wall_time_secs: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _telemetry = civicgrid_telemetry::init("civicgrid-runner", "info")?;
+    let args = Args::parse();
+    let memory_bytes = args
+        .max_memory_mib
+        .checked_mul(1 << 20)
+        .filter(|bytes| *bytes > 0 && *bytes <= 4 << 30)
+        .context("--max-memory-mib: 1 to 4096")?;
+    if !(1..=86_400).contains(&args.max_wall_time_secs) {
+        anyhow::bail!("--max-wall-time-secs: 1 to 86400");
+    }
+    let wasm = std::fs::read(&args.sql_guest)
+        .with_context(|| format!("reading the SQL guest {}", args.sql_guest.display()))?;
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(|| {
+        args.data_dir
+            .parent()
+            .unwrap_or(&args.data_dir)
+            .join("runner-module-cache")
+    });
+    let mut config = SandboxConfig::new(&cache_dir);
+    config.max_memory_bytes = memory_bytes;
+    config.max_concurrent_runs = args.concurrent_runs;
+    let (sandbox, sql_guest) = tokio::task::spawn_blocking(move || {
+        let sandbox = Sandbox::new(&config)?;
+        let guest = sandbox.load(&wasm, GuestRole::Sql)?;
+        Ok::<_, civicgrid_sandbox::SandboxError>((sandbox, guest))
+    })
+    .await??;
+    let service = Arc::new(RunnerService::new(
+        Arc::new(sandbox),
+        sql_guest,
+        args.data_dir.clone(),
+        Ceilings {
+            memory_bytes,
+            wall_time: Duration::from_secs(args.max_wall_time_secs),
+        },
+    ));
+    let tls = mutual_tls(
+        std::fs::read(&args.tls_cert).context("reading --tls-cert")?,
+        std::fs::read(&args.tls_key).context("reading --tls-key")?,
+        std::fs::read(&args.client_ca).context("reading --client-ca")?,
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    println!("listening on {}", listener.local_addr()?);
+    tracing::info!(
+        address = %listener.local_addr()?,
+        data_center = %args.data_center,
+        data_dir = %args.data_dir.display(),
+        "runner serving"
+    );
+    let shutdown = async {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    serve(service, listener, tls, shutdown).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The command line docs/runners.md shows is one this binary accepts.
+    #[test]
+    fn the_documented_command_line_parses() {
+        let docs = include_str!("../../docs/runners.md");
+        let start = docs
+            .find("civicgrid-runner --")
+            .expect("docs/runners.md shows a command line");
+        let command: String = docs[start..]
+            .lines()
+            .take_while(|line| !line.starts_with("```"))
+            .map(|line| line.trim_end_matches('\\'))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let args = Args::try_parse_from(command.split_whitespace()).expect("the documented flags");
+        assert_eq!(args.data_center, "edge-1");
+        assert_eq!(args.listen.port(), 7443);
+    }
+}

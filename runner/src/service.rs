@@ -1,0 +1,296 @@
+//! The Runner service: one authorized query at a time per call, run in this
+//! data center's sandbox over this data center's copy of the product.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow_array::RecordBatch;
+use civicgrid_sandbox::policy::OutputPolicy;
+use civicgrid_sandbox::{
+    DeclaredColumns, FooterCache, Guest, GuestRole, Job, Limits, LocalDirectory, RunFailure,
+    Sandbox, SandboxError, TableStore,
+};
+use tonic::{Request, Response, Status};
+
+use crate::proto::{self, run_reply};
+use crate::wire;
+
+/// Chunks of the released Arrow IPC stream: at most this many bytes each.
+pub const RESULT_CHUNK_BYTES: usize = 1 << 20;
+
+/// The most a run may ask for, whatever the marketplace sends.
+#[derive(Clone, Copy, Debug)]
+pub struct Ceilings {
+    /// Linear memory per run.
+    pub memory_bytes: u64,
+    /// Wall time per run.
+    pub wall_time: Duration,
+}
+
+/// The Runner service over one sandbox and one data directory.
+pub struct RunnerService {
+    sandbox: Arc<Sandbox>,
+    sql_guest: Arc<Guest>,
+    footers: Arc<FooterCache>,
+    data_dir: PathBuf,
+    ceilings: Ceilings,
+}
+
+impl std::fmt::Debug for RunnerService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunnerService")
+            .field("data_dir", &self.data_dir)
+            .field("ceilings", &self.ceilings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunnerService {
+    /// A service running queries in `sandbox` with `sql_guest`, over the
+    /// products' folders in `data_dir`.
+    #[must_use]
+    pub fn new(
+        sandbox: Arc<Sandbox>,
+        sql_guest: Arc<Guest>,
+        data_dir: PathBuf,
+        ceilings: Ceilings,
+    ) -> Self {
+        Self {
+            sandbox,
+            sql_guest,
+            footers: Arc::default(),
+            data_dir,
+            ceilings,
+        }
+    }
+}
+
+/// A request checked and ready to run on a blocking thread.
+struct Checked {
+    dir: PathBuf,
+    declared: HashMap<String, Vec<String>>,
+    policy: OutputPolicy,
+    privacy_budget: f64,
+    sql: String,
+    algorithm: Vec<u8>,
+    as_of_unix_seconds: u64,
+    limits: Limits,
+}
+
+impl RunnerService {
+    /// The request's own fields, each refused by name.
+    fn check(&self, request: proto::RunRequest) -> Result<Checked, Status> {
+        if request.product_id.is_empty() {
+            return Err(Status::invalid_argument("product_id is required"));
+        }
+        let dir = civicgrid_sandbox::location::resolve(&self.data_dir, &request.storage_location)
+            .map_err(|error| {
+            Status::failed_precondition(format!(
+                "storage_location of product {}: {error}",
+                request.product_id
+            ))
+        })?;
+        if request.tables.is_empty() {
+            return Err(Status::invalid_argument(
+                "tables: a product declares at least one table",
+            ));
+        }
+        let policy: OutputPolicy = serde_json::from_slice(&request.policy_json)
+            .map_err(|error| Status::invalid_argument(format!("policy_json: {error}")))?;
+        if !request.privacy_budget.is_finite() || request.privacy_budget < 0.0 {
+            return Err(Status::invalid_argument(
+                "privacy_budget: a finite epsilon, 0 or more",
+            ));
+        }
+        let limits = request
+            .limits
+            .ok_or_else(|| Status::invalid_argument("limits are required"))?;
+        let wall_time = Duration::from_millis(limits.wall_time_ms);
+        if limits.fuel == 0 || wall_time.is_zero() || limits.memory_bytes == 0 {
+            return Err(Status::invalid_argument(
+                "limits: fuel, wall_time_ms and memory_bytes must each be above 0",
+            ));
+        }
+        if limits.memory_bytes > self.ceilings.memory_bytes || wall_time > self.ceilings.wall_time {
+            return Err(Status::invalid_argument(format!(
+                "limits: at most {} bytes of memory and {} ms of wall time on this runner",
+                self.ceilings.memory_bytes,
+                self.ceilings.wall_time.as_millis()
+            )));
+        }
+        Ok(Checked {
+            dir,
+            declared: request
+                .tables
+                .into_iter()
+                .map(|table| (table.name, table.columns))
+                .collect(),
+            policy,
+            privacy_budget: request.privacy_budget,
+            sql: request.sql,
+            algorithm: request.algorithm_wasm,
+            as_of_unix_seconds: request.as_of_unix_seconds,
+            limits: Limits {
+                fuel: limits.fuel,
+                wall_time,
+                memory_bytes: limits.memory_bytes,
+                ..Limits::default()
+            },
+        })
+    }
+
+    fn run_checked(&self, run: &Checked) -> Result<civicgrid_sandbox::Outcome, RunFailure> {
+        let files: Arc<dyn TableStore> = Arc::new(
+            LocalDirectory::discover(&run.dir)
+                .map_err(|error| SandboxError::Data(format!("the product's files: {error}")))?
+                .with_footer_cache(Arc::clone(&self.footers)),
+        );
+        let tables: Arc<dyn TableStore> =
+            Arc::new(DeclaredColumns::new(files, run.declared.clone()));
+        let guest = if run.algorithm.is_empty() {
+            Arc::clone(&self.sql_guest)
+        } else {
+            self.sandbox.load(&run.algorithm, GuestRole::Algorithm)?
+        };
+        self.sandbox.run_metered(
+            &guest,
+            Job {
+                sql: &run.sql,
+                tables,
+                policy: &run.policy,
+                privacy_budget: run.privacy_budget,
+                as_of_unix_seconds: run.as_of_unix_seconds,
+            },
+            &run.limits,
+        )
+    }
+}
+
+/// The replies of one run: the released stream in chunks, then `ran`; or
+/// `failed` alone.
+fn replies(outcome: Result<civicgrid_sandbox::Outcome, RunFailure>) -> Vec<proto::RunReply> {
+    let reply = |message| proto::RunReply {
+        message: Some(message),
+    };
+    let failed = |fuel, error: &SandboxError| {
+        reply(run_reply::Message::Failed(proto::Failed {
+            fuel,
+            error: Some(wire::failure_to_proto(error)),
+        }))
+    };
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(failure) => return vec![failed(failure.fuel, &failure.error)],
+    };
+    let stream = match ipc_stream(&outcome.batches) {
+        Ok(stream) => stream,
+        Err(error) => {
+            return vec![failed(
+                outcome.metering.fuel,
+                &SandboxError::Data(format!("encoding the result: {error}")),
+            )];
+        }
+    };
+    let mut messages: Vec<proto::RunReply> = stream
+        .chunks(RESULT_CHUNK_BYTES)
+        .map(|chunk| reply(run_reply::Message::ArrowIpc(chunk.to_vec())))
+        .collect();
+    messages.push(reply(run_reply::Message::Ran(proto::Ran {
+        metering: Some(wire::metering_to_proto(&outcome.metering)),
+        truncated: outcome.truncated,
+        privacy_spent: outcome.privacy_spent,
+    })));
+    messages
+}
+
+/// The released batches as one Arrow IPC stream (empty when none).
+///
+/// # Errors
+/// Arrow's, as text.
+pub fn ipc_stream(batches: &[RecordBatch]) -> Result<Vec<u8>, String> {
+    let Some(first) = batches.first() else {
+        return Ok(Vec::new());
+    };
+    let mut writer = arrow_ipc::writer::StreamWriter::try_new(Vec::new(), &first.schema())
+        .map_err(|e| e.to_string())?;
+    for batch in batches {
+        writer.write(batch).map_err(|e| e.to_string())?;
+    }
+    writer.into_inner().map_err(|e| e.to_string())
+}
+
+type ReplyStream =
+    Pin<Box<dyn futures::Stream<Item = Result<proto::RunReply, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl proto::runner_server::Runner for Arc<RunnerService> {
+    type RunStream = ReplyStream;
+
+    async fn run(
+        &self,
+        request: Request<proto::RunRequest>,
+    ) -> Result<Response<Self::RunStream>, Status> {
+        let request = request.into_inner();
+        let query_id = request.query_id.clone();
+        let span = tracing::info_span!("run", query = %query_id, product = %request.product_id);
+        let checked = self.check(request)?;
+        let service = Arc::clone(self);
+        let outcome = tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            service.run_checked(&checked)
+        })
+        .await
+        .map_err(|error| {
+            tracing::error!(query = %query_id, %error, "the run's task failed");
+            Status::internal("the run's task failed")
+        })?;
+        let messages = replies(outcome).into_iter().map(Ok);
+        Ok(Response::new(Box::pin(futures::stream::iter(messages))))
+    }
+}
+
+/// The runner's TLS: its own certificate (naming its data center) and the
+/// CA whose client certificates may call. A client certificate is
+/// required: nobody but the marketplace gets to send a request.
+#[must_use]
+pub fn mutual_tls(
+    cert_pem: impl AsRef<[u8]>,
+    key_pem: impl AsRef<[u8]>,
+    client_ca_pem: impl AsRef<[u8]>,
+) -> tonic::transport::ServerTlsConfig {
+    tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem))
+        .client_ca_root(tonic::transport::Certificate::from_pem(client_ca_pem))
+        .client_auth_optional(false)
+}
+
+/// Serves the Runner service and health on `listener` until `shutdown`,
+/// over mutual TLS only: `tls` must name the client CA whose certificates
+/// (the marketplace's) may call.
+///
+/// # Errors
+/// When the transport fails.
+pub async fn serve(
+    service: Arc<RunnerService>,
+    listener: tokio::net::TcpListener,
+    tls: tonic::transport::ServerTlsConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<proto::runner_server::RunnerServer<Arc<RunnerService>>>()
+        .await;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .tls_config(tls)?
+        .trace_fn(|request| {
+            tracing::info_span!("grpc", otel.name = %request.uri().path(), rpc.system = "grpc")
+        })
+        .add_service(health)
+        .add_service(proto::runner_server::RunnerServer::new(service))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}

@@ -1,0 +1,390 @@
+//! The runner as the marketplace reaches it: an in-process
+//! `civicgrid-runner` service over mutual TLS, with a product's files in its
+//! data directory and the real SQL guest. Who attacks it, and what must
+//! hold:
+//!
+//! - anyone on the network without the marketplace's client certificate
+//!   (none, or one from another CA): refused at the handshake, before any
+//!   request is read;
+//! - a marketplace that dialled the wrong data center: the runner's
+//!   certificate names its data center, so the handshake fails;
+//! - a request naming a folder outside the runner's data directory (a
+//!   climb, an absolute path, a link): refused before anything is read;
+//! - a query the product's policy does not allow (a blocked column, a
+//!   group under the threshold): refused or withheld by the runner itself,
+//!   exactly as the marketplace's own sandbox would;
+//! - limits beyond the runner's ceilings: refused by name.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow_array::cast::AsArray as _;
+use arrow_array::types::Int64Type;
+use civicgrid_runner::proto::runner_client::RunnerClient;
+use civicgrid_runner::proto::{self, run_reply};
+use civicgrid_runner::{Ceilings, RunnerService};
+use civicgrid_sandbox::{FUEL_PER_COMPUTE_UNIT, GuestRole, SandboxError};
+use civicgrid_tests::sandbox::{
+    residents_aggregate_policy, sandbox_with, sql_guest, write_residents,
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType,
+};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+const EDGE: &str = "edge-1.runner.civicgrid";
+const CORE: &str = "core.runner.civicgrid";
+
+/// A CA for the marketplace and its runners, the edge runner's and the
+/// core runner's certificates, the marketplace's client certificate, and a
+/// client certificate from a CA nobody trusts.
+struct Pki {
+    ca: String,
+    edge: (String, String),
+    core: (String, String),
+    marketplace: (String, String),
+    rogue: (String, String),
+}
+
+fn authority(name: &str) -> anyhow::Result<(String, Issuer<'static, KeyPair>)> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), Issuer::new(params, key)))
+}
+
+fn leaf(
+    issuer: &Issuer<'static, KeyPair>,
+    name: &str,
+    purpose: ExtendedKeyUsagePurpose,
+) -> anyhow::Result<(String, String)> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec![name.to_owned()])?;
+    if purpose == ExtendedKeyUsagePurpose::ServerAuth {
+        params
+            .subject_alt_names
+            .push(SanType::DnsName(name.try_into()?));
+    }
+    params.extended_key_usages = vec![purpose];
+    let cert = params.signed_by(&key, issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+impl Pki {
+    fn generate() -> anyhow::Result<Self> {
+        let (ca, issuer) = authority("civicgrid-test-runner-ca")?;
+        let (_, rogue) = authority("rogue-ca")?;
+        Ok(Self {
+            ca,
+            edge: leaf(&issuer, EDGE, ExtendedKeyUsagePurpose::ServerAuth)?,
+            core: leaf(&issuer, CORE, ExtendedKeyUsagePurpose::ServerAuth)?,
+            marketplace: leaf(&issuer, "marketplace", ExtendedKeyUsagePurpose::ClientAuth)?,
+            rogue: leaf(&rogue, "intruder", ExtendedKeyUsagePurpose::ClientAuth)?,
+        })
+    }
+}
+
+/// A runner serving `data_dir` as `identity`, until the test ends.
+struct Runner {
+    address: SocketAddr,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start_runner(
+    data_dir: &Path,
+    identity: &(String, String),
+    pki: &Pki,
+) -> anyhow::Result<Runner> {
+    let sandbox = sandbox_with(|config| config.max_concurrent_runs = 4);
+    let guest = sandbox.load(&sql_guest(), GuestRole::Sql)?;
+    let service = Arc::new(RunnerService::new(
+        Arc::new(sandbox),
+        guest,
+        data_dir.to_owned(),
+        Ceilings {
+            memory_bytes: 1 << 30,
+            wall_time: Duration::from_secs(60),
+        },
+    ));
+    let tls = civicgrid_runner::mutual_tls(&identity.0, &identity.1, &pki.ca);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(civicgrid_runner::serve(service, listener, tls, async {
+        let _ = stopped.await;
+    }));
+    Ok(Runner {
+        address,
+        _stop: stop,
+    })
+}
+
+async fn client(
+    runner: &Runner,
+    ca: &str,
+    identity: Option<&(String, String)>,
+    data_center: &str,
+) -> anyhow::Result<RunnerClient<Channel>> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name(data_center);
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    let channel = Channel::from_shared(format!("https://{}", runner.address))?
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    Ok(RunnerClient::new(channel))
+}
+
+fn request(sql: &str) -> proto::RunRequest {
+    proto::RunRequest {
+        query_id: "q-test".into(),
+        product_id: "population".into(),
+        storage_location: "products/population".into(),
+        tables: vec![
+            proto::DeclaredTable {
+                name: "residents".into(),
+                columns: [
+                    "district",
+                    "age_band",
+                    "household_size",
+                    "income",
+                    "person_id",
+                ]
+                .map(String::from)
+                .to_vec(),
+            },
+            proto::DeclaredTable {
+                name: "districts".into(),
+                columns: vec!["name".into(), "area_km2".into()],
+            },
+        ],
+        policy_json: serde_json::to_vec(&residents_aggregate_policy()).expect("policy JSON"),
+        privacy_budget: 0.0,
+        sql: sql.into(),
+        algorithm_wasm: Vec::new(),
+        as_of_unix_seconds: 1_796_000_000,
+        limits: Some(proto::Limits {
+            fuel: 2_000 * FUEL_PER_COMPUTE_UNIT,
+            wall_time_ms: 30_000,
+            memory_bytes: 512 << 20,
+        }),
+    }
+}
+
+/// A run's replies: the released IPC stream's bytes, and its last message.
+async fn run(
+    client: &mut RunnerClient<Channel>,
+    request: proto::RunRequest,
+) -> Result<(Vec<u8>, run_reply::Message), tonic::Status> {
+    let mut stream = client.run(request).await?.into_inner();
+    let mut ipc = Vec::new();
+    let mut last = None;
+    while let Some(reply) = stream.message().await? {
+        match reply.message {
+            Some(run_reply::Message::ArrowIpc(chunk)) => ipc.extend(chunk),
+            Some(other) => last = Some(other),
+            None => {}
+        }
+    }
+    Ok((ipc, last.expect("a final message")))
+}
+
+fn product_dir() -> anyhow::Result<tempfile::TempDir> {
+    let root = tempfile::tempdir()?;
+    let product = root.path().join("products/population");
+    std::fs::create_dir_all(&product)?;
+    write_residents(&product)?;
+    Ok(root)
+}
+
+#[tokio::test]
+async fn a_runner_releases_only_what_the_policy_allows() -> anyhow::Result<()> {
+    let pki = Pki::generate()?;
+    let data = product_dir()?;
+    let runner = start_runner(data.path(), &pki.edge, &pki).await?;
+    let mut client = client(&runner, &pki.ca, Some(&pki.marketplace), EDGE).await?;
+
+    let (ipc, last) = run(
+        &mut client,
+        request("SELECT district, COUNT(*) AS people FROM residents GROUP BY district"),
+    )
+    .await?;
+    let run_reply::Message::Ran(ran) = last else {
+        panic!("expected a completed run, got {last:?}");
+    };
+    let metering = ran.metering.expect("metering");
+    assert!(
+        metering.fuel > 0 && metering.rows_read == 2000,
+        "{metering:?}"
+    );
+    let batches: Vec<_> =
+        arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None)?
+            .collect::<Result<_, _>>()?;
+    let mut released: Vec<(String, i64)> = Vec::new();
+    for batch in &batches {
+        let names = batch.column(0).as_string::<i32>();
+        let people = batch.column(1).as_primitive::<Int64Type>();
+        for row in 0..batch.num_rows() {
+            released.push((names.value(row).to_owned(), people.value(row)));
+        }
+    }
+    released.sort();
+    // Harbour's three residents are under the threshold of ten: withheld.
+    let districts: Vec<&str> = released.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(
+        districts,
+        ["Centre", "East", "Hills", "North", "River", "South", "West"]
+    );
+    assert_eq!(released.iter().map(|(_, n)| n).sum::<i64>(), 1997);
+    assert_eq!(metering.rows_released, 7);
+
+    // A blocked column: the runner's own policy refuses it, as the
+    // marketplace's sandbox would, and the failure crosses as its kind.
+    let (ipc, last) = run(&mut client, request("SELECT person_id FROM residents")).await?;
+    assert!(ipc.is_empty(), "nothing is released");
+    let run_reply::Message::Failed(failed) = last else {
+        panic!("expected a refusal, got {last:?}");
+    };
+    let error = civicgrid_runner::wire::failure_from_proto(failed.error.expect("an error"));
+    assert!(
+        matches!(&error, SandboxError::Policy { .. }),
+        "expected a policy refusal, got {error:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn only_the_marketplace_reaches_a_runner_and_only_the_one_it_dialled() -> anyhow::Result<()> {
+    let pki = Pki::generate()?;
+    let data = product_dir()?;
+    let runner = start_runner(data.path(), &pki.edge, &pki).await?;
+    let sql = "SELECT district, COUNT(*) AS people FROM residents GROUP BY district";
+
+    // No client certificate, or one from a CA the runner does not trust:
+    // the call fails before the runner reads a request.
+    for (who, identity) in [("no certificate", None), ("a rogue CA", Some(&pki.rogue))] {
+        let outcome = match client(&runner, &pki.ca, identity, EDGE).await {
+            Ok(mut client) => run(&mut client, request(sql)).await.map(|_| ()),
+            Err(_) => Err(tonic::Status::unavailable("no connection")),
+        };
+        assert!(outcome.is_err(), "{who}: the runner answered");
+    }
+
+    // The marketplace dialled the edge data center's address expecting the
+    // core's runner: the certificate names edge-1, so the handshake fails.
+    let wrong = client(&runner, &pki.ca, Some(&pki.marketplace), CORE).await;
+    let outcome = match wrong {
+        Ok(mut client) => run(&mut client, request(sql)).await.map(|_| ()),
+        Err(_) => Err(tonic::Status::unavailable("no connection")),
+    };
+    assert!(
+        outcome.is_err(),
+        "a runner answered under another data center's name"
+    );
+
+    // A core runner answers to its own name.
+    let core = start_runner(data.path(), &pki.core, &pki).await?;
+    let mut right = client(&core, &pki.ca, Some(&pki.marketplace), CORE).await?;
+    let (_, last) = run(&mut right, request(sql)).await?;
+    assert!(matches!(last, run_reply::Message::Ran(_)), "{last:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_runner_reads_nothing_outside_its_data_directory() -> anyhow::Result<()> {
+    let pki = Pki::generate()?;
+    let outside = product_dir()?;
+    let data = tempfile::tempdir()?;
+    std::fs::create_dir_all(data.path().join("products"))?;
+    std::os::unix::fs::symlink(
+        outside.path().join("products/population"),
+        data.path().join("products/linked"),
+    )?;
+    let runner = start_runner(data.path(), &pki.edge, &pki).await?;
+    let mut client = client(&runner, &pki.ca, Some(&pki.marketplace), EDGE).await?;
+    let sql = "SELECT district, COUNT(*) AS people FROM residents GROUP BY district";
+    let climb = outside.path().join("products/population");
+    for (location, why) in [
+        (
+            "../population",
+            "a location may not climb out of the data directory (..)",
+        ),
+        (
+            climb.to_str().expect("a UTF-8 path"),
+            "an absolute path is outside the data directory",
+        ),
+        (
+            "products/linked",
+            "products/linked is reached through a link; name the folder itself",
+        ),
+        (
+            "products/missing",
+            "products/missing: no such folder in the data directory",
+        ),
+    ] {
+        let mut asked = request(sql);
+        asked.storage_location = location.into();
+        let status = run(&mut client, asked).await.expect_err(location);
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{location}");
+        assert!(
+            status.message().contains(why),
+            "{location}: {}",
+            status.message()
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_runner_refuses_bad_requests_by_field() -> anyhow::Result<()> {
+    let pki = Pki::generate()?;
+    let data = product_dir()?;
+    let runner = start_runner(data.path(), &pki.edge, &pki).await?;
+    let mut client = client(&runner, &pki.ca, Some(&pki.marketplace), EDGE).await?;
+    let sql = "SELECT COUNT(*) FROM residents";
+    type Break = Box<dyn Fn(&mut proto::RunRequest)>;
+    let cases: Vec<(&str, Break)> = vec![
+        ("product_id", Box::new(|r| r.product_id.clear())),
+        ("tables", Box::new(|r| r.tables.clear())),
+        ("policy_json", Box::new(|r| r.policy_json = b"{".to_vec())),
+        ("privacy_budget", Box::new(|r| r.privacy_budget = f64::NAN)),
+        ("limits", Box::new(|r| r.limits = None)),
+        (
+            "limits",
+            Box::new(|r| {
+                if let Some(limits) = r.limits.as_mut() {
+                    limits.fuel = 0;
+                }
+            }),
+        ),
+        (
+            "limits",
+            Box::new(|r| {
+                if let Some(limits) = r.limits.as_mut() {
+                    limits.memory_bytes = 2 << 30;
+                }
+            }),
+        ),
+    ];
+    for (field, break_it) in cases {
+        let mut asked = request(sql);
+        break_it(&mut asked);
+        let status = run(&mut client, asked).await.expect_err(field);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{field}");
+        assert!(
+            status.message().starts_with(field),
+            "{field}: {}",
+            status.message()
+        );
+    }
+    Ok(())
+}
