@@ -5,6 +5,7 @@
 //! the product's output policy, and returns only the released result and
 //! the run's metering. It serves the marketplace alone, over mutual TLS.
 
+pub mod heartbeat;
 pub mod service;
 pub mod wire;
 
@@ -14,4 +15,5 @@ pub mod proto {
     tonic::include_proto!("civicgrid.runner.v1");
 }
 
+pub use heartbeat::{Heartbeat, certificate_name};
 pub use service::{Ceilings, RunnerService, mutual_tls, serve};

@@ -51,6 +51,19 @@ struct Args {
     /// Most wall time a run may be given, in seconds.
     #[arg(long, default_value_t = 3600)]
     max_wall_time_secs: u64,
+    /// The marketplace's runner directory to report to (https://HOST:PORT);
+    /// without it the runner only serves.
+    #[arg(long, requires_all = ["directory_name", "directory_ca", "advertise"])]
+    directory: Option<String>,
+    /// The name on the directory's certificate.
+    #[arg(long, requires = "directory")]
+    directory_name: Option<String>,
+    /// The CA that signed the directory's certificate (PEM).
+    #[arg(long, requires = "directory")]
+    directory_ca: Option<PathBuf>,
+    /// Where the marketplace reaches this runner (https://HOST:PORT).
+    #[arg(long, requires = "directory")]
+    advertise: Option<String>,
 }
 
 #[tokio::main]
@@ -96,6 +109,35 @@ async fn main() -> anyhow::Result<()> {
         std::fs::read(&args.tls_key).context("reading --tls-key")?,
         std::fs::read(&args.client_ca).context("reading --client-ca")?,
     );
+    if let (Some(directory), Some(name), Some(ca), Some(advertise)) = (
+        args.directory.clone(),
+        args.directory_name.clone(),
+        &args.directory_ca,
+        args.advertise.clone(),
+    ) {
+        let heartbeat = civicgrid_runner::Heartbeat {
+            directory,
+            directory_name: name,
+            directory_ca: std::fs::read(ca).context("reading --directory-ca")?,
+            identity: (
+                std::fs::read(&args.tls_cert).context("reading --tls-cert")?,
+                std::fs::read(&args.tls_key).context("reading --tls-key")?,
+            ),
+            status: civicgrid_runner::proto::RunnerStatus {
+                data_center: args.data_center.clone(),
+                endpoint: advertise,
+                version: env!("CARGO_PKG_VERSION").into(),
+                slots: args.concurrent_runs,
+                busy_slots: 0,
+            },
+            interval: Duration::from_secs(5),
+        };
+        tokio::spawn(async move {
+            if let Err(error) = heartbeat.run(std::future::pending()).await {
+                tracing::error!(%error, "heartbeats stopped");
+            }
+        });
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

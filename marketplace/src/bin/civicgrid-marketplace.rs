@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the gRPC API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create the platform organization and its first admin; prints the
     /// admin's token once.
     Init {
@@ -106,6 +106,24 @@ struct ServeArgs {
     /// Serve Prometheus metrics (`/metrics`) and `/healthz` here.
     #[arg(long, env = "CIVICGRID_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Route every query to a runner in a data center hosting its product
+    /// (docs/runners.md): the address runners report to, over mutual TLS.
+    #[arg(long, requires_all = ["runners_tls_cert", "runners_tls_key", "runners_ca"])]
+    runners_listen: Option<SocketAddr>,
+    /// The marketplace's certificate towards runners (PEM): it serves the
+    /// directory and is the client certificate runners require, so it
+    /// carries both server and client use.
+    #[arg(long, requires = "runners_listen")]
+    runners_tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, requires = "runners_listen")]
+    runners_tls_key: Option<PathBuf>,
+    /// The CA that signs runners' certificates (PEM).
+    #[arg(long, requires = "runners_listen")]
+    runners_ca: Option<PathBuf>,
+    /// How long a runner counts as ready after its last heartbeat.
+    #[arg(long, default_value_t = 15, requires = "runners_listen")]
+    runner_ttl_secs: u64,
 }
 
 async fn open(common: &CommonArgs) -> anyhow::Result<std::sync::Arc<Marketplace>> {
@@ -200,6 +218,42 @@ async fn main() -> anyhow::Result<()> {
                         .await
                         .with_context(|| format!("binding the metrics address {address}"))?;
                 tracing::info!(address = %bound, "metrics serving");
+            }
+            if let (Some(address), Some(cert), Some(key), Some(ca)) = (
+                args.runners_listen,
+                &args.runners_tls_cert,
+                &args.runners_tls_key,
+                &args.runners_ca,
+            ) {
+                let (cert, key, ca) = (
+                    std::fs::read(cert).context("reading --runners-tls-cert")?,
+                    std::fs::read(key).context("reading --runners-tls-key")?,
+                    std::fs::read(ca).context("reading --runners-ca")?,
+                );
+                let client_tls = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(&ca))
+                    .identity(tonic::transport::Identity::from_pem(&cert, &key));
+                let directory = civicgrid_marketplace::grpc::runners::RunnerDirectory::new(
+                    client_tls,
+                    std::time::Duration::from_secs(args.runner_ttl_secs.max(1)),
+                );
+                market.attach_runners(directory.clone())?;
+                let listener = tokio::net::TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("binding --runners-listen {address}"))?;
+                tracing::info!(address = %listener.local_addr()?, "runner directory serving");
+                let tls = civicgrid_runner::mutual_tls(&cert, &key, &ca);
+                tokio::spawn(async move {
+                    let serving = civicgrid_marketplace::grpc::runners::serve_directory(
+                        directory,
+                        listener,
+                        tls,
+                        std::future::pending(),
+                    );
+                    if let Err(error) = serving.await {
+                        tracing::error!(%error, "the runner directory stopped");
+                    }
+                });
             }
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await

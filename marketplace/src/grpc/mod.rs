@@ -11,6 +11,7 @@ mod convert;
 mod identity;
 mod queries;
 mod registry;
+pub mod runners;
 
 pub use audit::AuditService;
 pub use billing::BillingService;

@@ -39,6 +39,7 @@ pub struct Marketplace {
     origin: String,
     data_dir: std::path::PathBuf,
     engine: std::sync::OnceLock<Arc<QueryEngine>>,
+    runners: std::sync::OnceLock<Arc<dyn queries::remote::Runners>>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -72,6 +73,7 @@ impl Marketplace {
             origin: origin.to_owned(),
             data_dir,
             engine: std::sync::OnceLock::new(),
+            runners: std::sync::OnceLock::new(),
             metrics: Arc::default(),
         }))
     }
@@ -180,6 +182,17 @@ impl Marketplace {
         })
     }
 
+    /// Sends every query to a runner in a data center hosting its product
+    /// instead of running it in this process (see docs/runners.md).
+    ///
+    /// # Errors
+    /// `FailedPrecondition` when runners are attached already.
+    pub fn attach_runners(&self, runners: Arc<dyn queries::remote::Runners>) -> Result<()> {
+        self.runners
+            .set(runners)
+            .map_err(|_| MarketError::FailedPrecondition("runners are attached already".into()))
+    }
+
     pub(crate) fn engine(&self) -> Result<&Arc<QueryEngine>> {
         self.engine.get().ok_or_else(|| {
             MarketError::Unavailable(
@@ -270,5 +283,9 @@ impl queries::Market for Marketplace {
 
     fn data_dir(&self) -> &std::path::Path {
         &self.data_dir
+    }
+
+    fn runners(&self) -> Option<Arc<dyn queries::remote::Runners>> {
+        self.runners.get().cloned()
     }
 }

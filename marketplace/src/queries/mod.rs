@@ -13,6 +13,7 @@
 
 mod engine;
 pub(crate) mod model;
+pub mod remote;
 mod reserve;
 mod sandbox_run;
 mod settle;
@@ -80,8 +81,12 @@ pub trait Market: Send + Sync {
     fn metrics(&self) -> &Arc<Metrics>;
     /// The active contracts, kept in memory.
     fn contract_index(&self) -> &ContractIndex;
-    /// Where products' folders are.
+    /// Where products' folders are (when the marketplace runs queries
+    /// itself).
     fn data_dir(&self) -> &std::path::Path;
+    /// The runners queries go to, when the marketplace routes them; `None`
+    /// runs them in this process.
+    fn runners(&self) -> Option<std::sync::Arc<dyn remote::Runners>>;
 }
 
 /// Runs one query for `principal`, from authorization to settlement.
@@ -214,6 +219,29 @@ async fn run_in_sandbox_task(
     reservation: &Reservation,
     sql: &str,
 ) -> Result<std::result::Result<civicgrid_sandbox::Outcome, civicgrid_sandbox::RunFailure>> {
+    if let (Some(choice), Some(runners)) = (reservation.runner.clone(), market.runners()) {
+        let job = remote::RemoteJob {
+            query_id: reservation.query_id.clone(),
+            product_id: reservation.product_id.clone(),
+            storage_location: reservation.storage.location.clone(),
+            declared: reservation.storage.declared.clone(),
+            policy: reservation.policy.clone(),
+            privacy_budget: reservation.privacy_budget,
+            sql: sql.to_owned(),
+            algorithm: reservation.algorithm.clone().unwrap_or_default(),
+            as_of_unix_seconds: reservation.as_of_unix_seconds,
+            limits: sandbox_run::limits_for(
+                engine,
+                reservation.metering,
+                reservation.compute_units,
+                engine.sql_guest.initial_memory_bytes(),
+            ),
+        };
+        let started = std::time::Instant::now();
+        let outcome = runners.run(choice, job).await;
+        market.metrics().stage("sandbox", started.elapsed());
+        return Ok(outcome);
+    }
     let run = SandboxRun {
         storage: reservation.storage.clone(),
         policy: reservation.policy.clone(),

@@ -18,6 +18,7 @@ use crate::spec::{PriceKind, PricePlan};
 use crate::store::queries::{ProductAsRead, RunningQuery, Standing};
 use crate::store::{self, now_ms};
 
+use super::remote::RunnerChoice;
 use super::{Market, QueryEngine, QueryRequest, sandbox_policy};
 
 /// A product as read, with its spec's bytes as stored.
@@ -25,6 +26,8 @@ pub(super) type StoredProduct = (Product, Vec<u8>);
 
 /// Everything decided before the sandbox runs.
 pub(super) struct Reservation {
+    /// The runner chosen to run it, when queries are routed.
+    pub(super) runner: Option<RunnerChoice>,
     pub(super) query_id: String,
     pub(super) consumer: String,
     pub(super) provider: String,
@@ -53,7 +56,9 @@ pub(super) struct Reservation {
 /// tables and columns are served.
 #[derive(Debug, Clone)]
 pub(super) struct ProductFiles {
-    pub(super) dir: PathBuf,
+    /// The location as registered, for a runner to resolve.
+    pub(super) location: String,
+    pub(super) dir: Option<PathBuf>,
     pub(super) declared: HashMap<String, Vec<String>>,
 }
 
@@ -107,15 +112,23 @@ fn query_terms(
             product.id
         ))
     })?;
-    let dir = crate::quality::resolve_location(market.data_dir(), &spec.storage_location).map_err(
-        |error| {
-            MarketError::FailedPrecondition(format!(
-                "product {}'s storage cannot be served: {error}",
-                product.id
-            ))
-        },
-    )?;
+    // A runner resolves the location in its own data center; the
+    // marketplace reads the files only when it runs the query itself.
+    let dir = match market.runners() {
+        Some(_) => None,
+        None => Some(
+            crate::quality::resolve_location(market.data_dir(), &spec.storage_location).map_err(
+                |error| {
+                    MarketError::FailedPrecondition(format!(
+                        "product {}'s storage cannot be served: {error}",
+                        product.id
+                    ))
+                },
+            )?,
+        ),
+    };
     let storage = ProductFiles {
+        location: spec.storage_location.clone(),
         dir,
         declared: spec
             .tables
@@ -180,6 +193,7 @@ pub(super) async fn reserve(
         storage,
         dp_epsilon_budget,
     } = terms;
+    let runner = choose_runner(market, product)?;
     let metering = Metering::for_product(&product.spec, &policy);
     let compute_units = compute_budget(engine, request, product, &plan, metering)?;
     let hold = check_quota_and_funds(
@@ -230,6 +244,7 @@ pub(super) async fn reserve(
         ));
     }
     Ok(Reservation {
+        runner,
         query_id,
         consumer,
         provider: product.provider_organization_id.clone(),
@@ -247,6 +262,23 @@ pub(super) async fn reserve(
         as_of_unix_seconds: u64::try_from(product.updated_at_unix_ms / 1000).unwrap_or(0),
         algorithm: (!request.algorithm_wasm.is_empty()).then(|| request.algorithm_wasm.clone()),
         algorithm_sha256: algorithm_sha256.to_owned(),
+    })
+}
+
+/// A ready runner in a data center hosting `product`, when queries are
+/// routed; refused as unavailable, naming the data centers, before anything
+/// is held.
+fn choose_runner(market: &dyn Market, product: &Product) -> Result<Option<RunnerChoice>> {
+    let Some(runners) = market.runners() else {
+        return Ok(None);
+    };
+    let hosts = &product.spec.hosting_data_centers;
+    runners.pick(hosts).map(Some).ok_or_else(|| {
+        MarketError::Unavailable(format!(
+            "no runner is ready in {} to run queries on product {}; retry later",
+            hosts.join(" or "),
+            product.id
+        ))
     })
 }
 

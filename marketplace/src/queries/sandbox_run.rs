@@ -28,6 +28,28 @@ pub(super) struct SandboxRun {
     pub(super) as_of_unix_seconds: u64,
 }
 
+/// A run's fuel, wall time and memory: the query's compute budget and the
+/// server's limits, each drawn below its budget where the product withholds
+/// rows (see [`crate::metering`]); memory never below what the guest
+/// starts with (`initial_memory`).
+pub(super) fn limits_for(
+    engine: &QueryEngine,
+    metering: Metering,
+    compute_units: i64,
+    initial_memory: u64,
+) -> Limits {
+    let budget_fuel = u64::try_from(compute_units)
+        .unwrap_or(0)
+        .saturating_mul(FUEL_PER_COMPUTE_UNIT);
+    let rng = &mut rand::thread_rng();
+    Limits {
+        fuel: metering.fuel_limit(budget_fuel, rng),
+        wall_time: metering.wall_time_limit(engine.config().wall_time, rng),
+        memory_bytes: metering.memory_limit(engine.config().memory_bytes, initial_memory, rng),
+        ..Limits::default()
+    }
+}
+
 pub(super) fn run_in_sandbox(
     engine: &QueryEngine,
     run: &SandboxRun,
@@ -46,9 +68,11 @@ pub(super) fn run_in_sandbox(
         (*privacy_budget, *compute_units, *as_of_unix_seconds);
     let algorithm = algorithm.as_deref();
     let files: Arc<dyn TableStore> = Arc::new(
-        LocalDirectory::discover(&storage.dir)
-            .map_err(|error| SandboxError::Data(format!("the product's files: {error}")))?
-            .with_footer_cache(Arc::clone(&engine.footers)),
+        LocalDirectory::discover(storage.dir.as_ref().ok_or_else(|| {
+            SandboxError::Internal("this server keeps no copy of the product's files".into())
+        })?)
+        .map_err(|error| SandboxError::Data(format!("the product's files: {error}")))?
+        .with_footer_cache(Arc::clone(&engine.footers)),
     );
     let tables: Arc<dyn TableStore> =
         Arc::new(DeclaredColumns::new(files, storage.declared.clone()));
@@ -56,20 +80,12 @@ pub(super) fn run_in_sandbox(
         Some(wasm) => engine.sandbox.load(wasm, GuestRole::Algorithm)?,
         None => Arc::clone(&engine.sql_guest),
     };
-    let budget_fuel = u64::try_from(compute_units)
-        .unwrap_or(0)
-        .saturating_mul(FUEL_PER_COMPUTE_UNIT);
-    let rng = &mut rand::thread_rng();
-    let limits = Limits {
-        fuel: metering.fuel_limit(budget_fuel, rng),
-        wall_time: metering.wall_time_limit(engine.config().wall_time, rng),
-        memory_bytes: metering.memory_limit(
-            engine.config().memory_bytes,
-            guest.initial_memory_bytes(),
-            rng,
-        ),
-        ..Limits::default()
-    };
+    let limits = limits_for(
+        engine,
+        *metering,
+        compute_units,
+        guest.initial_memory_bytes(),
+    );
     engine.sandbox.run_metered(
         &guest,
         Job {

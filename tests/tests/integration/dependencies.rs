@@ -23,7 +23,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("civicgrid-operator", &["civicgrid-telemetry"]),
     (
         "civicgrid-marketplace",
-        &["civicgrid-sandbox", "civicgrid-telemetry"],
+        &[
+            "civicgrid-runner",
+            "civicgrid-sandbox",
+            "civicgrid-telemetry",
+        ],
     ),
     ("civicgrid-cli", &["civicgrid-marketplace"]),
     (

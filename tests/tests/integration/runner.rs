@@ -46,6 +46,8 @@ struct Pki {
     core: (String, String),
     marketplace: (String, String),
     rogue: (String, String),
+    municipal: (String, String),
+    directory: (String, String),
 }
 
 fn authority(name: &str) -> anyhow::Result<(String, Issuer<'static, KeyPair>)> {
@@ -66,15 +68,23 @@ fn leaf(
 ) -> anyhow::Result<(String, String)> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(vec![name.to_owned()])?;
+    params.extended_key_usages = vec![purpose.clone()];
     if purpose == ExtendedKeyUsagePurpose::ServerAuth {
         params
             .subject_alt_names
             .push(SanType::DnsName(name.try_into()?));
+        // Runners and the marketplace's directory also present theirs as
+        // clients (a heartbeat; a query sent to a runner).
+        params
+            .extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ClientAuth);
     }
-    params.extended_key_usages = vec![purpose];
     let cert = params.signed_by(&key, issuer)?;
     Ok((cert.pem(), key.serialize_pem()))
 }
+
+const MUNICIPAL: &str = "municipal-core.runner.civicgrid";
+const DIRECTORY: &str = "directory.marketplace.civicgrid";
 
 impl Pki {
     fn generate() -> anyhow::Result<Self> {
@@ -86,6 +96,8 @@ impl Pki {
             core: leaf(&issuer, CORE, ExtendedKeyUsagePurpose::ServerAuth)?,
             marketplace: leaf(&issuer, "marketplace", ExtendedKeyUsagePurpose::ClientAuth)?,
             rogue: leaf(&rogue, "intruder", ExtendedKeyUsagePurpose::ClientAuth)?,
+            municipal: leaf(&issuer, MUNICIPAL, ExtendedKeyUsagePurpose::ServerAuth)?,
+            directory: leaf(&issuer, DIRECTORY, ExtendedKeyUsagePurpose::ServerAuth)?,
         })
     }
 }
@@ -108,7 +120,7 @@ async fn start_runner(
         guest,
         data_dir.to_owned(),
         Ceilings {
-            memory_bytes: 1 << 30,
+            memory_bytes: 2 << 30,
             wall_time: Duration::from_secs(60),
         },
     ));
@@ -370,7 +382,7 @@ async fn a_runner_refuses_bad_requests_by_field() -> anyhow::Result<()> {
             "limits",
             Box::new(|r| {
                 if let Some(limits) = r.limits.as_mut() {
-                    limits.memory_bytes = 2 << 30;
+                    limits.memory_bytes = 3 << 30;
                 }
             }),
         ),
@@ -386,5 +398,253 @@ async fn a_runner_refuses_bad_requests_by_field() -> anyhow::Result<()> {
             status.message()
         );
     }
+    Ok(())
+}
+
+/// A runner's heartbeats to `directory` as `identity`, until the test ends
+/// or `stop` fires.
+fn heartbeats(
+    directory: SocketAddr,
+    pki: &Pki,
+    identity: &(String, String),
+    data_center: &str,
+    runner: &Runner,
+) -> tokio::sync::oneshot::Sender<()> {
+    let heartbeat = civicgrid_runner::Heartbeat {
+        directory: format!("https://{directory}"),
+        directory_name: DIRECTORY.into(),
+        directory_ca: pki.ca.clone().into_bytes(),
+        identity: (
+            identity.0.clone().into_bytes(),
+            identity.1.clone().into_bytes(),
+        ),
+        status: proto::RunnerStatus {
+            data_center: data_center.into(),
+            endpoint: format!("https://{}", runner.address),
+            version: "test".into(),
+            slots: 4,
+            busy_slots: 0,
+        },
+        interval: Duration::from_millis(100),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(heartbeat.run(async {
+        let _ = stopped.await;
+    }));
+    stop
+}
+
+/// The marketplace routes each query to a runner in a data center hosting
+/// the product and never reads the product's files itself; with no ready
+/// runner there, a query fails fast as unavailable, naming the data center,
+/// and holds and charges nothing. A runner cannot report for a data center
+/// its certificate does not name.
+#[tokio::test]
+async fn queries_run_on_a_runner_where_the_product_is_hosted() -> anyhow::Result<()> {
+    use civicgrid_marketplace::grpc::runners::{RunnerDirectory, serve_directory};
+    use civicgrid_marketplace::proto::{
+        billing_client::BillingClient, contracts_client::ContractsClient,
+        queries_client::QueriesClient,
+    };
+    use civicgrid_marketplace::queries::{EngineConfig, QueryEngine};
+    use civicgrid_tests::market::{
+        Cast, Db, SAMPLE_ROWS, TestMarket, authed, contract_request, publish,
+    };
+
+    let pki = Pki::generate()?;
+    let market = TestMarket::start(Db::Sqlite).await?;
+    let guest = civicgrid_tests::sandbox::guest_dir().join("civicgrid_sandbox_guest.wasm");
+    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/sandbox-cache");
+    let engine =
+        tokio::task::spawn_blocking(move || QueryEngine::open(EngineConfig::new(guest, cache)))
+            .await??;
+    market.market.attach_engine(engine)?;
+    let cast = Cast::create(&market).await?;
+    publish(&market, &cast, "population").await?;
+    let mut contracts = ContractsClient::new(market.channel.clone());
+    let contract_id = contracts
+        .request_contract(authed(&cast.consumer_admin, contract_request("population")))
+        .await?
+        .into_inner()
+        .id;
+    contracts
+        .approve_contract(authed(
+            &cast.provider_admin,
+            civicgrid_marketplace::proto::ContractAction {
+                contract_id,
+                reason: String::new(),
+            },
+        ))
+        .await?;
+    let mut billing = BillingClient::new(market.channel.clone());
+    billing
+        .deposit(authed(
+            &market.admin_token,
+            civicgrid_marketplace::proto::DepositRequest {
+                organization_id: "acme".into(),
+                amount_minor: 10_000,
+                currency: "EUR".into(),
+                reference: "test top-up".into(),
+            },
+        ))
+        .await?;
+
+    // From here on the marketplace routes; its own copy of the product's
+    // files goes, so any answer must come from the runner's.
+    let client_tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .identity(Identity::from_pem(&pki.directory.0, &pki.directory.1));
+    let directory = RunnerDirectory::new(client_tls, Duration::from_millis(600));
+    market.market.attach_runners(directory.clone())?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let directory_address = listener.local_addr()?;
+    let (_stop_directory, directory_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve_directory(
+        directory.clone(),
+        listener,
+        civicgrid_runner::mutual_tls(&pki.directory.0, &pki.directory.1, &pki.ca),
+        async {
+            let _ = directory_stopped.await;
+        },
+    ));
+    std::fs::remove_dir_all(market.market.data_dir().join("products/population"))?;
+
+    let sql = "SELECT district, COUNT(*) AS people FROM residents GROUP BY district";
+    let ask = |key: &str| civicgrid_marketplace::proto::RunQueryRequest {
+        product_id: "population".into(),
+        sql: sql.into(),
+        idempotency_key: key.into(),
+        ..Default::default()
+    };
+    let mut queries = QueriesClient::new(market.channel.clone());
+
+    // No runner has reported yet.
+    let status = queries
+        .run_query(authed(&cast.consumer_analyst, ask("k-none")))
+        .await
+        .expect_err("no runner is ready");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("municipal-core"),
+        "{}",
+        status.message()
+    );
+
+    // A runner with the edge data center's certificate cannot report for
+    // the municipal core.
+    let mut impostor = civicgrid_runner::proto::directory_client::DirectoryClient::new(
+        Channel::from_shared(format!("https://{directory_address}"))?
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&pki.ca))
+                    .identity(Identity::from_pem(&pki.edge.0, &pki.edge.1))
+                    .domain_name(DIRECTORY),
+            )?
+            .connect()
+            .await?,
+    );
+    let refused = impostor
+        .heartbeat(proto::RunnerStatus {
+            data_center: "municipal-core".into(),
+            endpoint: "https://127.0.0.1:1".into(),
+            version: "x".into(),
+            slots: 1,
+            busy_slots: 0,
+        })
+        .await
+        .expect_err("a certificate for edge-1 reports for municipal-core");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+
+    // The municipal core's runner, over its own copy of the data.
+    let data = tempfile::tempdir()?;
+    civicgrid_marketplace::quality::write_sample_population(
+        &data.path().join("products/population"),
+        SAMPLE_ROWS,
+    )?;
+    let runner = start_runner(data.path(), &pki.municipal, &pki).await?;
+    let stop_heartbeats = heartbeats(
+        directory_address,
+        &pki,
+        &pki.municipal,
+        "municipal-core",
+        &runner,
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    use civicgrid_marketplace::queries::remote::Runners as _;
+    while directory.pick(&["municipal-core".into()]).is_none() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the runner never registered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut stream = queries
+        .run_query(authed(&cast.consumer_analyst, ask("k-routed")))
+        .await?
+        .into_inner();
+    let mut summary = None;
+    let mut ipc = Vec::new();
+    while let Some(message) = stream.message().await? {
+        match message.message {
+            Some(civicgrid_marketplace::proto::run_query_response::Message::Summary(s)) => {
+                summary = Some(s);
+            }
+            Some(civicgrid_marketplace::proto::run_query_response::Message::ArrowIpc(bytes)) => {
+                ipc.extend(bytes);
+            }
+            None => {}
+        }
+    }
+    let summary = summary.expect("a summary");
+    assert_eq!(summary.state, "completed", "{summary:?}");
+    let batches: Vec<_> =
+        arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None)?
+            .collect::<Result<_, _>>()?;
+    let people: i64 = batches
+        .iter()
+        .map(|batch| {
+            batch
+                .column(1)
+                .as_primitive::<Int64Type>()
+                .iter()
+                .flatten()
+                .sum::<i64>()
+        })
+        .sum();
+    assert!(people > 0 && people <= SAMPLE_ROWS as i64, "{people}");
+    assert!(summary.charge_minor > 0, "{summary:?}");
+
+    // The runner goes away: once its heartbeats have lapsed, queries fail
+    // fast again and hold nothing.
+    drop(stop_heartbeats);
+    drop(runner);
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let status = queries
+        .run_query(authed(&cast.consumer_analyst, ask("k-gone")))
+        .await
+        .expect_err("the runner is gone");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("municipal-core"),
+        "{}",
+        status.message()
+    );
+    let balances = billing
+        .get_balance(authed(
+            &cast.consumer_admin,
+            civicgrid_marketplace::proto::GetBalanceRequest {
+                organization_id: "acme".into(),
+            },
+        ))
+        .await?
+        .into_inner()
+        .balances;
+    assert!(balances.iter().all(|b| b.held_minor == 0), "{balances:?}");
+    assert_eq!(
+        balances.iter().map(|b| b.balance_minor).sum::<i64>(),
+        10_000 - summary.charge_minor,
+        "only the routed query was charged"
+    );
     Ok(())
 }

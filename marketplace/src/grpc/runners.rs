@@ -1,0 +1,283 @@
+//! The marketplace's side of the runners (docs/runners.md): the directory
+//! runners report to, and the client that sends them reserved queries.
+//! Both speak mutual TLS; a runner's certificate names its data center
+//! (`<data-center>.runner.civicgrid`), which the directory checks on every
+//! heartbeat and the client dials.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use civicgrid_runner::proto::{self, directory_server::Directory, run_reply};
+use civicgrid_runner::{certificate_name, wire};
+use civicgrid_sandbox::{Outcome, RunFailure, SandboxError};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::queries::remote::{RemoteJob, RemoteRun, RunnerChoice, Runners};
+
+/// How long a runner counts as ready after a heartbeat, unless configured.
+pub const DEFAULT_RUNNER_TTL: Duration = Duration::from_secs(15);
+
+#[derive(Debug)]
+struct Registered {
+    channel: Channel,
+    status: proto::RunnerStatus,
+    seen: Instant,
+}
+
+/// The runners that have reported, by data center and endpoint.
+pub struct RunnerDirectory {
+    runners: RwLock<HashMap<String, HashMap<String, Registered>>>,
+    client_tls: ClientTlsConfig,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for RunnerDirectory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunnerDirectory")
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunnerDirectory {
+    /// A directory whose runners are dialled with `client_tls` (the
+    /// marketplace's client certificate and the runners' CA) and count as
+    /// ready for `ttl` after each heartbeat.
+    #[must_use]
+    pub fn new(client_tls: ClientTlsConfig, ttl: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            runners: RwLock::default(),
+            client_tls,
+            ttl,
+        })
+    }
+
+    fn record(&self, status: proto::RunnerStatus) -> Result<(), Status> {
+        let name = certificate_name(&status.data_center);
+        let endpoint = Endpoint::from_shared(status.endpoint.clone())
+            .map_err(|error| Status::invalid_argument(format!("endpoint: {error}")))?
+            .tls_config(self.client_tls.clone().domain_name(name))
+            .map_err(|error| Status::invalid_argument(format!("endpoint: {error}")))?
+            .connect_timeout(Duration::from_secs(5));
+        let mut runners = self
+            .runners
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let at = runners.entry(status.data_center.clone()).or_default();
+        match at.get_mut(&status.endpoint) {
+            Some(known) => {
+                known.status = status;
+                known.seen = Instant::now();
+            }
+            None => {
+                tracing::info!(data_center = %status.data_center, endpoint = %status.endpoint, "runner registered");
+                at.insert(
+                    status.endpoint.clone(),
+                    Registered {
+                        channel: endpoint.connect_lazy(),
+                        status,
+                        seen: Instant::now(),
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn channel(&self, choice: &RunnerChoice) -> Option<Channel> {
+        self.runners
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&choice.data_center)?
+            .get(&choice.endpoint)
+            .map(|registered| registered.channel.clone())
+    }
+}
+
+/// The certificate's DNS names must include the data center's runner name.
+fn certificate_names(der: &[u8], name: &str) -> bool {
+    let der = rustls_pki_types::CertificateDer::from(der);
+    let Ok(cert) = webpki::EndEntityCert::try_from(&der) else {
+        return false;
+    };
+    let Ok(server_name) = rustls_pki_types::ServerName::try_from(name) else {
+        return false;
+    };
+    cert.verify_is_valid_for_subject_name(&server_name).is_ok()
+}
+
+/// The directory's gRPC face.
+#[derive(Debug, Clone)]
+pub struct DirectoryService(pub Arc<RunnerDirectory>);
+
+#[tonic::async_trait]
+impl Directory for DirectoryService {
+    async fn heartbeat(
+        &self,
+        request: Request<proto::RunnerStatus>,
+    ) -> Result<Response<proto::HeartbeatReply>, Status> {
+        let certificates = request.peer_certs().ok_or_else(|| {
+            Status::unauthenticated("a runner reports with its client certificate")
+        })?;
+        let status = request.into_inner();
+        if status.data_center.is_empty() {
+            return Err(Status::invalid_argument("data_center is required"));
+        }
+        let name = certificate_name(&status.data_center);
+        if !certificates
+            .first()
+            .is_some_and(|leaf| certificate_names(leaf.as_ref(), &name))
+        {
+            return Err(Status::permission_denied(format!(
+                "data_center: this certificate does not name {name}"
+            )));
+        }
+        if !status.endpoint.starts_with("https://") {
+            return Err(Status::invalid_argument("endpoint: an https:// address"));
+        }
+        self.0.record(status)?;
+        Ok(Response::new(proto::HeartbeatReply {
+            ttl_ms: u64::try_from(self.0.ttl.as_millis()).unwrap_or(u64::MAX),
+        }))
+    }
+}
+
+impl Runners for RunnerDirectory {
+    fn pick(&self, data_centers: &[String]) -> Option<RunnerChoice> {
+        let runners = self
+            .runners
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The least busy ready runner of any hosting data center.
+        data_centers
+            .iter()
+            .filter_map(|data_center| Some((data_center, runners.get(data_center)?)))
+            .flat_map(|(data_center, at)| at.values().map(move |r| (data_center, r)))
+            .filter(|(_, registered)| registered.seen.elapsed() < self.ttl)
+            .min_by_key(|(_, registered)| {
+                u64::from(registered.status.busy_slots) * 1000
+                    / u64::from(registered.status.slots.max(1))
+            })
+            .map(|(data_center, registered)| RunnerChoice {
+                data_center: data_center.clone(),
+                endpoint: registered.status.endpoint.clone(),
+            })
+    }
+
+    fn run(&self, choice: RunnerChoice, job: RemoteJob) -> RemoteRun<'_> {
+        Box::pin(async move {
+            let lost = |why: String| RunFailure {
+                error: SandboxError::Internal(format!(
+                    "the runner in {} at {}: {why}",
+                    choice.data_center, choice.endpoint
+                )),
+                fuel: 0,
+            };
+            let channel = self
+                .channel(&choice)
+                .ok_or_else(|| lost("no longer registered".into()))?;
+            let request = run_request(job).map_err(&lost)?;
+            let mut replies = proto::runner_client::RunnerClient::new(channel)
+                .run(request)
+                .await
+                .map_err(|status| lost(status.to_string()))?
+                .into_inner();
+            let mut ipc = Vec::new();
+            loop {
+                let reply = replies
+                    .message()
+                    .await
+                    .map_err(|status| lost(status.to_string()))?
+                    .ok_or_else(|| lost("the reply ended before the run did".into()))?;
+                match reply.message {
+                    Some(run_reply::Message::ArrowIpc(chunk)) => ipc.extend(chunk),
+                    Some(run_reply::Message::Ran(ran)) => {
+                        return outcome(&ipc, &ran).map_err(&lost);
+                    }
+                    Some(run_reply::Message::Failed(failed)) => {
+                        return Err(RunFailure {
+                            error: failed.error.map_or_else(
+                                || SandboxError::Internal("the runner sent no error".into()),
+                                wire::failure_from_proto,
+                            ),
+                            fuel: failed.fuel,
+                        });
+                    }
+                    None => return Err(lost("an empty reply".into())),
+                }
+            }
+        })
+    }
+}
+
+fn run_request(job: RemoteJob) -> Result<proto::RunRequest, String> {
+    Ok(proto::RunRequest {
+        query_id: job.query_id,
+        product_id: job.product_id,
+        storage_location: job.storage_location,
+        tables: job
+            .declared
+            .into_iter()
+            .map(|(name, columns)| proto::DeclaredTable { name, columns })
+            .collect(),
+        policy_json: serde_json::to_vec(&job.policy).map_err(|error| error.to_string())?,
+        privacy_budget: job.privacy_budget,
+        sql: job.sql,
+        algorithm_wasm: job.algorithm,
+        as_of_unix_seconds: job.as_of_unix_seconds,
+        limits: Some(proto::Limits {
+            fuel: job.limits.fuel,
+            wall_time_ms: u64::try_from(job.limits.wall_time.as_millis()).unwrap_or(u64::MAX),
+            memory_bytes: job.limits.memory_bytes,
+        }),
+    })
+}
+
+/// A completed remote run as the sandbox's own outcome.
+fn outcome(ipc: &[u8], ran: &proto::Ran) -> Result<Outcome, String> {
+    let batches = if ipc.is_empty() {
+        Vec::new()
+    } else {
+        arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None)
+            .map_err(|error| format!("its result: {error}"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| format!("its result: {error}"))?
+    };
+    let metering = ran
+        .metering
+        .as_ref()
+        .map(wire::metering_from_proto)
+        .ok_or_else(|| "its metering is missing".to_owned())?;
+    Ok(Outcome {
+        batches,
+        metering,
+        suppressed_rows: 0,
+        truncated: ran.truncated,
+        privacy_spent: ran.privacy_spent,
+        privacy_budget_left: 0.0,
+        log: String::new(),
+    })
+}
+
+/// Serves the directory runners report to on `listener` until `shutdown`,
+/// over mutual TLS with the runners' CA.
+///
+/// # Errors
+/// When the transport fails.
+pub async fn serve_directory(
+    directory: Arc<RunnerDirectory>,
+    listener: tokio::net::TcpListener,
+    tls: tonic::transport::ServerTlsConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .tls_config(tls)?
+        .add_service(proto::directory_server::DirectoryServer::new(
+            DirectoryService(directory),
+        ))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}

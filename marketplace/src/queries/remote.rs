@@ -1,0 +1,60 @@
+//! Queries run where the data is: a runner in a data center hosting the
+//! product runs the reserved query and returns the released result, while
+//! the marketplace authorizes, holds, settles and audits it as it would a
+//! run of its own. The transport (mutual TLS gRPC, the runners' directory)
+//! lives in the gRPC layer; this is what the query path asks of it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+
+use civicgrid_sandbox::policy::OutputPolicy;
+use civicgrid_sandbox::{Limits, Outcome, RunFailure};
+
+/// A ready runner, chosen for one query.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunnerChoice {
+    /// The data center it serves.
+    pub data_center: String,
+    /// Where it is reached.
+    pub endpoint: String,
+}
+
+/// What a runner needs to run a reserved query: everything decided, and
+/// nothing of the marketplace's state.
+#[derive(Clone, Debug)]
+pub struct RemoteJob {
+    /// The query's id.
+    pub query_id: String,
+    /// The product.
+    pub product_id: String,
+    /// Its registered storage location, resolved by the runner.
+    pub storage_location: String,
+    /// The tables and columns it declares.
+    pub declared: HashMap<String, Vec<String>>,
+    /// The output policy for this query and contract.
+    pub policy: OutputPolicy,
+    /// Epsilon left.
+    pub privacy_budget: f64,
+    /// SQL, or the algorithm's input.
+    pub sql: String,
+    /// A consumer algorithm, or empty.
+    pub algorithm: Vec<u8>,
+    /// What `now()` reads.
+    pub as_of_unix_seconds: u64,
+    /// The run's fuel, wall time and memory.
+    pub limits: Limits,
+}
+
+/// A run on a runner, as the sandbox's own outcome or failure.
+pub type RemoteRun<'a> = Pin<Box<dyn Future<Output = Result<Outcome, RunFailure>> + Send + 'a>>;
+
+/// The runners the marketplace can send queries to.
+pub trait Runners: Send + Sync + std::fmt::Debug {
+    /// A ready runner in one of `data_centers`, if any.
+    fn pick(&self, data_centers: &[String]) -> Option<RunnerChoice>;
+    /// Runs `job` on `choice`. A runner that cannot be reached or breaks
+    /// off fails the run with what it had burnt (nothing, as far as the
+    /// marketplace knows).
+    fn run(&self, choice: RunnerChoice, job: RemoteJob) -> RemoteRun<'_>;
+}
