@@ -420,6 +420,10 @@ fn per_query(id: &str, cents: i64, included: i64) -> PricePlan {
     }
 }
 
+/// The data center the sample city keeps every product in; `civicgrid up`
+/// runs one runner for it over the local data directory.
+pub const DATA_CENTER: &str = "municipal-core";
+
 fn base_spec(title: &str, description: &str, keywords: &[&str], location: &str) -> ProductSpec {
     ProductSpec {
         title: title.into(),
@@ -427,7 +431,7 @@ fn base_spec(title: &str, description: &str, keywords: &[&str], location: &str) 
         keywords: keywords.iter().map(|k| (*k).to_owned()).collect(),
         licence: "CC-BY-4.0".into(),
         update_frequency: "daily".into(),
-        hosting_data_centers: vec!["municipal-core".into()],
+        hosting_data_centers: vec![DATA_CENTER.into()],
         tier: "municipal".into(),
         region: "city".into(),
         storage_location: location.into(),

@@ -164,6 +164,7 @@ fn up_seeds_the_city_and_demo_tells_the_whole_story() {
         "demo credentials",
         "regulator (audit-office)",
         "audit verifier key",
+        "runner for data center municipal-core on https://127.0.0.1:",
     ] {
         assert!(banner.contains(expected), "{expected:?} in:\n{banner}");
     }
@@ -176,6 +177,9 @@ fn up_seeds_the_city_and_demo_tells_the_whole_story() {
         "groups of fewer than 5 licences are not shown",
         "charged 1.00 EUR",
         "intact: tree size",
+        // Every query ran next to the data, in the sample city's data
+        // center, through its runner.
+        "run in municipal-core; ",
     ] {
         assert!(stdout.contains(expected), "{expected:?} in:\n{stdout}");
     }

@@ -30,6 +30,24 @@ pub fn certificate_name(data_center: &str) -> String {
     format!("{data_center}.runner.civicgrid")
 }
 
+/// The name on the marketplace's certificate towards runners, unless
+/// configured: the only client a runner answers.
+pub const MARKETPLACE_NAME: &str = "directory.marketplace.civicgrid";
+
+/// Whether a DER certificate is valid for the DNS name `name` (its subject
+/// alternative names), as TLS would check a server's.
+#[must_use]
+pub fn certificate_names(der: &[u8], name: &str) -> bool {
+    let der = rustls_pki_types::CertificateDer::from(der);
+    let Ok(cert) = webpki::EndEntityCert::try_from(&der) else {
+        return false;
+    };
+    let Ok(name) = rustls_pki_types::ServerName::try_from(name) else {
+        return false;
+    };
+    cert.verify_is_valid_for_subject_name(&name).is_ok()
+}
+
 impl Heartbeat {
     /// Sends heartbeats until `stop` resolves; a failed one is logged and
     /// retried at the next interval.
@@ -45,16 +63,29 @@ impl Heartbeat {
             .tls_config(tls)?
             .connect_lazy();
         let mut client = DirectoryClient::new(channel);
-        let mut ticks = tokio::time::interval(self.interval);
+        let mut interval = self.interval;
         tokio::pin!(stop);
         loop {
+            // A heartbeat that hangs must not hold back the next one.
+            let sent = tokio::time::timeout(interval, client.heartbeat(self.status.clone()));
             tokio::select! {
                 () = &mut stop => return Ok(()),
-                _ = ticks.tick() => {
-                    if let Err(status) = client.heartbeat(self.status.clone()).await {
-                        tracing::warn!(directory = %self.directory, %status, "heartbeat failed");
+                outcome = sent => match outcome {
+                    Ok(Ok(reply)) => {
+                        // Three heartbeats per time to live, so one lost
+                        // never lets the runner lapse.
+                        let ttl = Duration::from_millis(reply.into_inner().ttl_ms);
+                        interval = self.interval.min(ttl / 3).max(Duration::from_millis(50));
                     }
-                }
+                    Ok(Err(status)) => {
+                        tracing::warn!(directory = %self.directory, %status, "heartbeat refused");
+                    }
+                    Err(_) => tracing::warn!(directory = %self.directory, "heartbeat timed out"),
+                },
+            }
+            tokio::select! {
+                () = &mut stop => return Ok(()),
+                () = tokio::time::sleep(interval) => {}
             }
         }
     }

@@ -15,5 +15,5 @@ pub mod proto {
     tonic::include_proto!("civicgrid.runner.v1");
 }
 
-pub use heartbeat::{Heartbeat, certificate_name};
+pub use heartbeat::{Heartbeat, MARKETPLACE_NAME, certificate_name, certificate_names};
 pub use service::{Ceilings, RunnerService, mutual_tls, serve};

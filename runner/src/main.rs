@@ -51,6 +51,10 @@ struct Args {
     /// Most wall time a run may be given, in seconds.
     #[arg(long, default_value_t = 3600)]
     max_wall_time_secs: u64,
+    /// The name on the marketplace's client certificate: the only caller
+    /// this runner answers.
+    #[arg(long, default_value = civicgrid_runner::MARKETPLACE_NAME)]
+    marketplace_name: String,
     /// The marketplace's runner directory to report to (https://HOST:PORT);
     /// without it the runner only serves.
     #[arg(long, requires_all = ["directory_name", "directory_ca", "advertise"])]
@@ -95,15 +99,18 @@ async fn main() -> anyhow::Result<()> {
         Ok::<_, civicgrid_sandbox::SandboxError>((sandbox, guest))
     })
     .await??;
-    let service = Arc::new(RunnerService::new(
-        Arc::new(sandbox),
-        sql_guest,
-        args.data_dir.clone(),
-        Ceilings {
-            memory_bytes,
-            wall_time: Duration::from_secs(args.max_wall_time_secs),
-        },
-    ));
+    let service = Arc::new(
+        RunnerService::new(
+            Arc::new(sandbox),
+            sql_guest,
+            args.data_dir.clone(),
+            Ceilings {
+                memory_bytes,
+                wall_time: Duration::from_secs(args.max_wall_time_secs),
+            },
+        )
+        .answering(args.marketplace_name.clone()),
+    );
     let tls = mutual_tls(
         std::fs::read(&args.tls_cert).context("reading --tls-cert")?,
         std::fs::read(&args.tls_key).context("reading --tls-key")?,

@@ -32,6 +32,8 @@ pub struct Ceilings {
 
 /// The Runner service over one sandbox and one data directory.
 pub struct RunnerService {
+    /// The name the caller's certificate must carry: the marketplace's.
+    client_name: String,
     sandbox: Arc<Sandbox>,
     sql_guest: Arc<Guest>,
     footers: Arc<FooterCache>,
@@ -50,7 +52,8 @@ impl std::fmt::Debug for RunnerService {
 
 impl RunnerService {
     /// A service running queries in `sandbox` with `sql_guest`, over the
-    /// products' folders in `data_dir`.
+    /// products' folders in `data_dir`, for callers whose certificate names
+    /// [`crate::MARKETPLACE_NAME`] (see [`Self::answering`]).
     #[must_use]
     pub fn new(
         sandbox: Arc<Sandbox>,
@@ -59,12 +62,24 @@ impl RunnerService {
         ceilings: Ceilings,
     ) -> Self {
         Self {
+            client_name: crate::MARKETPLACE_NAME.to_owned(),
             sandbox,
             sql_guest,
             footers: Arc::default(),
             data_dir,
             ceilings,
         }
+    }
+}
+
+impl RunnerService {
+    /// Answers only callers whose certificate names `name`. Every runner
+    /// and the marketplace may share one CA; the name is what keeps one
+    /// data center's runner from asking another's for its rows.
+    #[must_use]
+    pub fn answering(mut self, name: impl Into<String>) -> Self {
+        self.client_name = name.into();
+        self
     }
 }
 
@@ -233,6 +248,17 @@ impl proto::runner_server::Runner for Arc<RunnerService> {
         &self,
         request: Request<proto::RunRequest>,
     ) -> Result<Response<Self::RunStream>, Status> {
+        let caller_named = request.peer_certs().is_some_and(|certificates| {
+            certificates
+                .first()
+                .is_some_and(|leaf| crate::certificate_names(leaf.as_ref(), &self.client_name))
+        });
+        if !caller_named {
+            return Err(Status::permission_denied(format!(
+                "this runner answers only {}",
+                self.client_name
+            )));
+        }
         let request = request.into_inner();
         let query_id = request.query_id.clone();
         let span = tracing::info_span!("run", query = %query_id, product = %request.product_id);

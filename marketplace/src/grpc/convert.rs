@@ -133,7 +133,7 @@ pub(super) fn query_summary(summary: QuerySummary) -> proto::QuerySummary {
         bytes_read, rows_released, bytes_released, suppressed_rows, truncated, privacy_spent,
         wall_time_ms, currency, held_minor, charge_minor, audit_index, replayed, sql,
         algorithm_sha256, consumer_organization_id, product_id, user_id, created_at_unix_ms,
-        provider_organization_id,
+        provider_organization_id, data_center,
     })
 }
 

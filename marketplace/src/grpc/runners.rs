@@ -9,15 +9,26 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use civicgrid_runner::proto::{self, directory_server::Directory, run_reply};
-use civicgrid_runner::{certificate_name, wire};
+use civicgrid_runner::{certificate_name, certificate_names, wire};
 use civicgrid_sandbox::{Outcome, RunFailure, SandboxError};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
 
+use crate::error::MarketError;
 use crate::queries::remote::{RemoteJob, RemoteRun, RunnerChoice, Runners};
 
 /// How long a runner counts as ready after a heartbeat, unless configured.
 pub const DEFAULT_RUNNER_TTL: Duration = Duration::from_secs(15);
+
+/// Most runners one data center may register: a runner's certificate must
+/// not let it fill the marketplace's memory with endpoints.
+pub const MAX_RUNNERS_PER_DATA_CENTER: usize = 64;
+
+/// Longest version string a runner may report.
+const MAX_VERSION_CHARS: usize = 64;
+
+/// Beyond its wall time, how long a run's answer may take to arrive.
+const ANSWER_MARGIN: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 struct Registered {
@@ -54,35 +65,50 @@ impl RunnerDirectory {
         })
     }
 
-    fn record(&self, status: proto::RunnerStatus) -> Result<(), Status> {
+    fn record(&self, mut status: proto::RunnerStatus) -> Result<(), Status> {
+        status.endpoint = canonical_endpoint(&status.endpoint)?;
+        if status.version.chars().count() > MAX_VERSION_CHARS {
+            return Err(Status::invalid_argument(format!(
+                "version: at most {MAX_VERSION_CHARS} characters"
+            )));
+        }
         let name = certificate_name(&status.data_center);
         let endpoint = Endpoint::from_shared(status.endpoint.clone())
             .map_err(|error| Status::invalid_argument(format!("endpoint: {error}")))?
             .tls_config(self.client_tls.clone().domain_name(name))
             .map_err(|error| Status::invalid_argument(format!("endpoint: {error}")))?
-            .connect_timeout(Duration::from_secs(5));
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_keepalive(Some(Duration::from_secs(30)))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20));
         let mut runners = self
             .runners
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let at = runners.entry(status.data_center.clone()).or_default();
-        match at.get_mut(&status.endpoint) {
-            Some(known) => {
-                known.status = status;
-                known.seen = Instant::now();
-            }
-            None => {
-                tracing::info!(data_center = %status.data_center, endpoint = %status.endpoint, "runner registered");
-                at.insert(
-                    status.endpoint.clone(),
-                    Registered {
-                        channel: endpoint.connect_lazy(),
-                        status,
-                        seen: Instant::now(),
-                    },
-                );
-            }
+        // Runners long gone leave the directory.
+        let forgotten = self.ttl.saturating_mul(4);
+        at.retain(|_, registered| registered.seen.elapsed() < forgotten);
+        if let Some(known) = at.get_mut(&status.endpoint) {
+            known.status = status;
+            known.seen = Instant::now();
+            return Ok(());
         }
+        if at.len() >= MAX_RUNNERS_PER_DATA_CENTER {
+            return Err(Status::resource_exhausted(format!(
+                "data_center: {} already has {MAX_RUNNERS_PER_DATA_CENTER} runners",
+                status.data_center
+            )));
+        }
+        tracing::info!(data_center = %status.data_center, endpoint = %status.endpoint, "runner registered");
+        at.insert(
+            status.endpoint.clone(),
+            Registered {
+                channel: endpoint.connect_lazy(),
+                status,
+                seen: Instant::now(),
+            },
+        );
         Ok(())
     }
 
@@ -94,18 +120,6 @@ impl RunnerDirectory {
             .get(&choice.endpoint)
             .map(|registered| registered.channel.clone())
     }
-}
-
-/// The certificate's DNS names must include the data center's runner name.
-fn certificate_names(der: &[u8], name: &str) -> bool {
-    let der = rustls_pki_types::CertificateDer::from(der);
-    let Ok(cert) = webpki::EndEntityCert::try_from(&der) else {
-        return false;
-    };
-    let Ok(server_name) = rustls_pki_types::ServerName::try_from(name) else {
-        return false;
-    };
-    cert.verify_is_valid_for_subject_name(&server_name).is_ok()
 }
 
 /// The directory's gRPC face.
@@ -134,9 +148,6 @@ impl Directory for DirectoryService {
                 "data_center: this certificate does not name {name}"
             )));
         }
-        if !status.endpoint.starts_with("https://") {
-            return Err(Status::invalid_argument("endpoint: an https:// address"));
-        }
         self.0.record(status)?;
         Ok(Response::new(proto::HeartbeatReply {
             ttl_ms: u64::try_from(self.0.ttl.as_millis()).unwrap_or(u64::MAX),
@@ -156,9 +167,14 @@ impl Runners for RunnerDirectory {
             .filter_map(|data_center| Some((data_center, runners.get(data_center)?)))
             .flat_map(|(data_center, at)| at.values().map(move |r| (data_center, r)))
             .filter(|(_, registered)| registered.seen.elapsed() < self.ttl)
+            // The least busy, and among equals any: a random tie-break
+            // spreads queries over runners that report alike.
             .min_by_key(|(_, registered)| {
-                u64::from(registered.status.busy_slots) * 1000
-                    / u64::from(registered.status.slots.max(1))
+                (
+                    u64::from(registered.status.busy_slots) * 1000
+                        / u64::from(registered.status.slots.max(1)),
+                    rand::random::<u32>(),
+                )
             })
             .map(|(data_center, registered)| RunnerChoice {
                 data_center: data_center.clone(),
@@ -168,6 +184,13 @@ impl Runners for RunnerDirectory {
 
     fn run(&self, choice: RunnerChoice, job: RemoteJob) -> RemoteRun<'_> {
         Box::pin(async move {
+            let unavailable = |why: String| {
+                tracing::warn!(data_center = %choice.data_center, endpoint = %choice.endpoint, %why, "a runner did not take a query");
+                MarketError::Unavailable(format!(
+                    "no runner in {} took the query; retry later",
+                    choice.data_center
+                ))
+            };
             let lost = |why: String| RunFailure {
                 error: SandboxError::Internal(format!(
                     "the runner in {} at {}: {why}",
@@ -177,39 +200,73 @@ impl Runners for RunnerDirectory {
             };
             let channel = self
                 .channel(&choice)
-                .ok_or_else(|| lost("no longer registered".into()))?;
-            let request = run_request(job).map_err(&lost)?;
-            let mut replies = proto::runner_client::RunnerClient::new(channel)
-                .run(request)
-                .await
-                .map_err(|status| lost(status.to_string()))?
-                .into_inner();
-            let mut ipc = Vec::new();
-            loop {
-                let reply = replies
-                    .message()
+                .ok_or_else(|| unavailable("no longer registered".into()))?;
+            let answer_within = job.limits.wall_time + ANSWER_MARGIN;
+            let request = run_request(job).map_err(MarketError::Corrupt)?;
+            let answered = tokio::time::timeout(answer_within, async {
+                // Until the runner accepts the request, nothing ran: the
+                // query goes as unavailable, neither counted nor charged.
+                let mut replies = proto::runner_client::RunnerClient::new(channel)
+                    .run(request)
                     .await
-                    .map_err(|status| lost(status.to_string()))?
-                    .ok_or_else(|| lost("the reply ended before the run did".into()))?;
-                match reply.message {
-                    Some(run_reply::Message::ArrowIpc(chunk)) => ipc.extend(chunk),
-                    Some(run_reply::Message::Ran(ran)) => {
-                        return outcome(&ipc, &ran).map_err(&lost);
+                    .map_err(|status| unavailable(status.to_string()))?
+                    .into_inner();
+                let mut ipc = Vec::new();
+                loop {
+                    let reply = match replies.message().await {
+                        Ok(Some(reply)) => reply,
+                        Ok(None) => {
+                            return Ok(Err(lost("the reply ended before the run did".into())));
+                        }
+                        Err(status) => return Ok(Err(lost(status.to_string()))),
+                    };
+                    match reply.message {
+                        Some(run_reply::Message::ArrowIpc(chunk)) => ipc.extend(chunk),
+                        Some(run_reply::Message::Ran(ran)) => {
+                            return Ok(outcome(&ipc, &ran).map_err(&lost));
+                        }
+                        Some(run_reply::Message::Failed(failed)) => {
+                            return Ok(Err(RunFailure {
+                                error: failed.error.map_or_else(
+                                    || SandboxError::Internal("the runner sent no error".into()),
+                                    wire::failure_from_proto,
+                                ),
+                                fuel: failed.fuel,
+                            }));
+                        }
+                        None => return Ok(Err(lost("an empty reply".into()))),
                     }
-                    Some(run_reply::Message::Failed(failed)) => {
-                        return Err(RunFailure {
-                            error: failed.error.map_or_else(
-                                || SandboxError::Internal("the runner sent no error".into()),
-                                wire::failure_from_proto,
-                            ),
-                            fuel: failed.fuel,
-                        });
-                    }
-                    None => return Err(lost("an empty reply".into())),
                 }
-            }
+            })
+            .await;
+            answered.unwrap_or_else(|_| {
+                Ok(Err(lost(format!(
+                    "no answer within {} s",
+                    answer_within.as_secs()
+                ))))
+            })
         })
     }
+}
+
+/// A runner's endpoint as `https://HOST:PORT`, whatever else it was sent
+/// with: one runner cannot register twice under spellings of one address.
+fn canonical_endpoint(endpoint: &str) -> Result<String, Status> {
+    let uri: tonic::codegen::http::Uri = endpoint
+        .parse()
+        .map_err(|_| Status::invalid_argument("endpoint: an https://HOST:PORT address"))?;
+    let (Some("https"), Some(host), Some(port)) = (uri.scheme_str(), uri.host(), uri.port_u16())
+    else {
+        return Err(Status::invalid_argument(
+            "endpoint: an https://HOST:PORT address",
+        ));
+    };
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(Status::invalid_argument(
+            "endpoint: an https://HOST:PORT address, with no path",
+        ));
+    }
+    Ok(format!("https://{}:{port}", host.to_ascii_lowercase()))
 }
 
 fn run_request(job: RemoteJob) -> Result<proto::RunRequest, String> {

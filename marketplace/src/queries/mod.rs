@@ -240,7 +240,7 @@ async fn run_in_sandbox_task(
         let started = std::time::Instant::now();
         let outcome = runners.run(choice, job).await;
         market.metrics().stage("sandbox", started.elapsed());
-        return Ok(outcome);
+        return outcome;
     }
     let run = SandboxRun {
         storage: reservation.storage.clone(),
@@ -313,10 +313,13 @@ async fn settle_in_turn(
         }
         Err(error) => Err(error),
     };
+    let why = match &settled {
+        Err(MarketError::Unavailable(_)) => "no runner took it",
+        _ => "settling it failed",
+    };
     if settled.is_err()
         && let Err(cleanup) =
-            store::queries::remove_running(market.store(), Some(&query_id), "settling it failed")
-                .await
+            store::queries::remove_running(market.store(), Some(&query_id), why).await
     {
         tracing::error!(error = %cleanup, query = %query_id, "could not release a hold");
     }

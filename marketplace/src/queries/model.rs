@@ -140,6 +140,8 @@ pub struct QuerySummary {
     pub created_at_unix_ms: i64,
     /// The product's provider.
     pub provider_organization_id: String,
+    /// The data center whose runner ran it; empty when this server did.
+    pub data_center: String,
 }
 
 /// A query's outcome: its summary and, when it completed, its result as an

@@ -11,6 +11,8 @@ use std::pin::Pin;
 use civicgrid_sandbox::policy::OutputPolicy;
 use civicgrid_sandbox::{Limits, Outcome, RunFailure};
 
+use crate::error::Result;
+
 /// A ready runner, chosen for one query.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunnerChoice {
@@ -46,15 +48,19 @@ pub struct RemoteJob {
     pub limits: Limits,
 }
 
-/// A run on a runner, as the sandbox's own outcome or failure.
-pub type RemoteRun<'a> = Pin<Box<dyn Future<Output = Result<Outcome, RunFailure>> + Send + 'a>>;
+/// A run on a runner, as the sandbox's own outcome or failure; `Err`
+/// (`Unavailable`) when no runner took the query, so nothing ran and it is
+/// neither counted nor charged.
+pub type RemoteRun<'a> =
+    Pin<Box<dyn Future<Output = Result<std::result::Result<Outcome, RunFailure>>> + Send + 'a>>;
 
 /// The runners the marketplace can send queries to.
 pub trait Runners: Send + Sync + std::fmt::Debug {
     /// A ready runner in one of `data_centers`, if any.
     fn pick(&self, data_centers: &[String]) -> Option<RunnerChoice>;
-    /// Runs `job` on `choice`. A runner that cannot be reached or breaks
-    /// off fails the run with what it had burnt (nothing, as far as the
-    /// marketplace knows).
+    /// Runs `job` on `choice`. A runner that cannot be reached or refuses
+    /// the request is `Err`; one that breaks off, or does not answer within
+    /// the run's wall time, fails the run with what it had burnt (nothing,
+    /// as far as the marketplace knows).
     fn run(&self, choice: RunnerChoice, job: RemoteJob) -> RemoteRun<'_>;
 }

@@ -235,6 +235,9 @@ pub(super) async fn reserve(
             currency: &plan.currency,
             held_minor: hold,
             created_at: now,
+            data_center: runner
+                .as_ref()
+                .map_or("", |runner| runner.data_center.as_str()),
         },
     )
     .await?;

@@ -154,6 +154,11 @@ fn summarize(
         provider_organization_id: reservation.provider.clone(),
         product_id: reservation.product_id.clone(),
         user_id: principal.user.id.clone(),
+        data_center: reservation
+            .runner
+            .as_ref()
+            .map(|runner| runner.data_center.clone())
+            .unwrap_or_default(),
         ..Default::default()
     };
     let mut result = Vec::new();
@@ -200,8 +205,10 @@ fn summarize(
             summary.state = disposition.state.into();
             // A run that failed on the data may still have told something
             // about it (that it failed): under differential privacy it
-            // spends what a completed query may, as the budget allows.
+            // spends what a completed query may, as the budget allows. One
+            // that found no free slot read nothing and spends nothing.
             if disposition.state == "failed"
+                && disposition.counts
                 && let Some(dp) = &reservation.policy.differential_privacy
             {
                 summary.privacy_spent = dp.epsilon_per_query.min(reservation.privacy_budget);
@@ -311,6 +318,30 @@ fn audit_into(
     result: &[u8],
 ) -> Result<u64> {
     let currency = &reservation.plan.currency;
+    let mut details = serde_json::json!({
+        "query": reservation.query_id,
+        "contract": reservation.contract_id,
+        "provider": reservation.provider,
+        "plan": reservation.plan.id,
+        "idempotency_key": request.idempotency_key,
+        "sql_sha256": sha256_hex(request.sql.as_bytes()),
+        "algorithm_sha256": reservation.algorithm_sha256,
+        "error": summary.error,
+        "metering": summary.metering,
+        "fuel": summary.fuel,
+        "compute_units": summary.compute_units,
+        "rows_read": summary.rows_read,
+        "rows_released": summary.rows_released,
+        "privacy_spent": summary.privacy_spent,
+        "held_minor": reservation.hold,
+        "charge_minor": summary.charge_minor,
+        "currency": currency,
+        "result_sha256": sha256_hex(result),
+    });
+    // Which data center's runner read the data and released the result.
+    if let Some(runner) = &reservation.runner {
+        details["data_center"] = runner.data_center.clone().into();
+    }
     let audit_index = log::append_after(
         writes,
         backend,
@@ -320,26 +351,7 @@ fn audit_into(
             actor: principal.user.id.clone(),
             tenant: reservation.consumer.clone(),
             subject: reservation.product_id.clone(),
-            details: serde_json::json!({
-                "query": reservation.query_id,
-                "contract": reservation.contract_id,
-                "provider": reservation.provider,
-                "plan": reservation.plan.id,
-                "idempotency_key": request.idempotency_key,
-                "sql_sha256": sha256_hex(request.sql.as_bytes()),
-                "algorithm_sha256": reservation.algorithm_sha256,
-                "error": summary.error,
-                "metering": summary.metering,
-                "fuel": summary.fuel,
-                "compute_units": summary.compute_units,
-                "rows_read": summary.rows_read,
-                "rows_released": summary.rows_released,
-                "privacy_spent": summary.privacy_spent,
-                "held_minor": reservation.hold,
-                "charge_minor": summary.charge_minor,
-                "currency": currency,
-                "result_sha256": sha256_hex(result),
-            }),
+            details,
         }],
     )?[0];
     Ok(audit_index)

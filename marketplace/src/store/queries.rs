@@ -15,7 +15,7 @@ const SUMMARY_COLUMNS: &str = "id, consumer_organization_id, provider_organizati
     product_id, contract_id, plan_id, request_sha256, sql_text, algorithm_sha256, state, error, \
     error_code, fuel, compute_units, rows_read, bytes_read, rows_released, bytes_released, \
     truncated, privacy_spent, wall_time_ms, currency, held_minor, charge_minor, audit_index, \
-    created_at, metering";
+    created_at, metering, data_center";
 
 fn summary_from_row(row: &sqlx::any::AnyRow) -> Result<QuerySummary> {
     Ok(QuerySummary {
@@ -49,6 +49,7 @@ fn summary_from_row(row: &sqlx::any::AnyRow) -> Result<QuerySummary> {
         user_id: row.try_get("user_id")?,
         created_at_unix_ms: row.try_get("created_at")?,
         provider_organization_id: row.try_get("provider_organization_id")?,
+        data_center: row.try_get("data_center")?,
     })
 }
 
@@ -315,6 +316,8 @@ pub(crate) struct RunningQuery<'a> {
     pub currency: &'a str,
     pub held_minor: i64,
     pub created_at: i64,
+    /// The data center whose runner will run it (empty: this server).
+    pub data_center: &'a str,
 }
 
 /// Records a query as running with its hold open; `false` when its
@@ -327,9 +330,9 @@ pub(crate) async fn insert_running(
         "INSERT INTO queries (id, consumer_organization_id, user_id, product_id, \
          provider_organization_id, contract_id, plan_id, idempotency_key, request_sha256, \
          sql_text, algorithm_sha256, period, state, error, error_code, currency, held_minor, \
-         hold_open, created_at) \
+         hold_open, created_at, data_center) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'running', '', 0, $13, $14, \
-         1, $15)",
+         1, $15, $16)",
     )
     .bind(query.id)
     .bind(query.consumer)
@@ -346,6 +349,7 @@ pub(crate) async fn insert_running(
     .bind(query.currency)
     .bind(query.held_minor)
     .bind(query.created_at)
+    .bind(query.data_center)
     .execute(&mut *connection)
     .await;
     match inserted {

@@ -29,7 +29,14 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "civicgrid-telemetry",
         ],
     ),
-    ("civicgrid-cli", &["civicgrid-marketplace"]),
+    (
+        "civicgrid-cli",
+        &[
+            "civicgrid-marketplace",
+            "civicgrid-runner",
+            "civicgrid-sandbox",
+        ],
+    ),
     (
         "civicgrid-tests",
         &[

@@ -94,7 +94,7 @@ impl Pki {
             ca,
             edge: leaf(&issuer, EDGE, ExtendedKeyUsagePurpose::ServerAuth)?,
             core: leaf(&issuer, CORE, ExtendedKeyUsagePurpose::ServerAuth)?,
-            marketplace: leaf(&issuer, "marketplace", ExtendedKeyUsagePurpose::ClientAuth)?,
+            marketplace: leaf(&issuer, DIRECTORY, ExtendedKeyUsagePurpose::ClientAuth)?,
             rogue: leaf(&rogue, "intruder", ExtendedKeyUsagePurpose::ClientAuth)?,
             municipal: leaf(&issuer, MUNICIPAL, ExtendedKeyUsagePurpose::ServerAuth)?,
             directory: leaf(&issuer, DIRECTORY, ExtendedKeyUsagePurpose::ServerAuth)?,
@@ -303,8 +303,19 @@ async fn only_the_marketplace_reaches_a_runner_and_only_the_one_it_dialled() -> 
         "a runner answered under another data center's name"
     );
 
-    // A core runner answers to its own name.
+    // Another data center's runner, with a certificate from the same CA:
+    // it may report to the directory, but a runner answers the marketplace
+    // alone, so it cannot ask for the core's rows.
     let core = start_runner(data.path(), &pki.core, &pki).await?;
+    let mut neighbour = client(&core, &pki.ca, Some(&pki.edge), CORE).await?;
+    let mut open_policy = request("SELECT person_id, income FROM residents");
+    open_policy.policy_json = b"{}".to_vec();
+    let refused = run(&mut neighbour, open_policy)
+        .await
+        .expect_err("a runner answered another runner");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+
+    // A core runner answers the marketplace under its own name.
     let mut right = client(&core, &pki.ca, Some(&pki.marketplace), CORE).await?;
     let (_, last) = run(&mut right, request(sql)).await?;
     assert!(matches!(last, run_reply::Message::Ran(_)), "{last:?}");
@@ -494,7 +505,7 @@ async fn queries_run_on_a_runner_where_the_product_is_hosted() -> anyhow::Result
     let client_tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&pki.ca))
         .identity(Identity::from_pem(&pki.directory.0, &pki.directory.1));
-    let directory = RunnerDirectory::new(client_tls, Duration::from_millis(600));
+    let directory = RunnerDirectory::new(client_tls, Duration::from_secs(2));
     market.market.attach_runners(directory.clone())?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let directory_address = listener.local_addr()?;
@@ -615,11 +626,23 @@ async fn queries_run_on_a_runner_where_the_product_is_hosted() -> anyhow::Result
     assert!(people > 0 && people <= SAMPLE_ROWS as i64, "{people}");
     assert!(summary.charge_minor > 0, "{summary:?}");
 
-    // The runner goes away: once its heartbeats have lapsed, queries fail
-    // fast again and hold nothing.
+    // The runner goes away. While it is still listed, a query sent to it
+    // is refused as unavailable, naming the data center and nothing of the
+    // runner; once its heartbeats have lapsed, queries are refused before
+    // anything is held. Neither is counted or charged.
     drop(stop_heartbeats);
     drop(runner);
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let status = queries
+        .run_query(authed(&cast.consumer_analyst, ask("k-unreachable")))
+        .await
+        .expect_err("the runner is gone");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(
+        status.message(),
+        "no runner in municipal-core took the query; retry later"
+    );
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
     let status = queries
         .run_query(authed(&cast.consumer_analyst, ask("k-gone")))
         .await

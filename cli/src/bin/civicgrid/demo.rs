@@ -65,8 +65,13 @@ fn bill(summary: &proto::QuerySummary) -> String {
     } else {
         format!("{} compute units", summary.compute_units)
     };
+    let ran_in = if summary.data_center.is_empty() {
+        "run by the marketplace".to_owned()
+    } else {
+        format!("run in {}", summary.data_center)
+    };
     format!(
-        "{} rows released, {compute}; held {}.{:02} {cur}, charged {}.{:02} {cur}; audit entry {}",
+        "{ran_in}; {} rows released, {compute}; held {}.{:02} {cur}, charged {}.{:02} {cur}; audit entry {}",
         summary.rows_released,
         summary.held_minor / 100,
         summary.held_minor % 100,
