@@ -190,8 +190,13 @@ async fn bench(
     queries: usize,
     rates: &[u32],
     concurrent_queries: Option<u32>,
+    routed: bool,
 ) -> anyhow::Result<()> {
-    println!("== {db:?}");
+    if routed {
+        println!("== {db:?}, each query run by a runner over mutual TLS");
+    } else {
+        println!("== {db:?}");
+    }
     let market = TestMarket::start(db).await?;
     let mut config = EngineConfig::new(guest_path(), cache_dir());
     config.default_compute_units = 1_000;
@@ -229,6 +234,18 @@ async fn bench(
             },
         ))
         .await?;
+    // The runner reads its own copy of the product's files; the marketplace
+    // sends it every query.
+    let runner_data = tempfile::tempdir()?;
+    let _routed = if routed {
+        civicgrid_marketplace::quality::write_sample_population(
+            &runner_data.path().join("products/population"),
+            civicgrid_tests::market::SAMPLE_ROWS,
+        )?;
+        Some(civicgrid_tests::runners::route(&market, "municipal-core", runner_data.path()).await?)
+    } else {
+        None
+    };
     let mut client = QueriesClient::new(market.channel.clone());
     for i in 0..20 {
         one_query(&mut client, &cast.consumer_analyst, format!("warm-{i}")).await;
@@ -420,9 +437,11 @@ async fn main() -> anyhow::Result<()> {
     let queries = usize::try_from(args.queries)?;
     let (rates, concurrent_queries) = (args.rates, args.concurrent_queries);
     tokio::task::spawn_blocking(move || baseline(queries)).await??;
-    bench(Db::Sqlite, queries, &rates, concurrent_queries).await?;
+    bench(Db::Sqlite, queries, &rates, concurrent_queries, false).await?;
+    // The same path with the sandbox in a runner, for the price of the hop.
+    bench(Db::Sqlite, queries, &rates, concurrent_queries, true).await?;
     if std::env::var_os(civicgrid_tests::market::POSTGRES_URL_ENV).is_some() {
-        bench(Db::Postgres, queries, &rates, concurrent_queries).await?;
+        bench(Db::Postgres, queries, &rates, concurrent_queries, false).await?;
     } else {
         println!("== PostgreSQL skipped: CIVICGRID_TEST_POSTGRES_URL is not set");
     }

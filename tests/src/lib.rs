@@ -6,6 +6,7 @@ pub mod controlplane;
 pub mod market;
 pub mod operator;
 pub mod pool;
+pub mod runners;
 pub mod sandbox;
 pub mod tpch;
 

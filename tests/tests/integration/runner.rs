@@ -26,12 +26,11 @@ use civicgrid_runner::proto::runner_client::RunnerClient;
 use civicgrid_runner::proto::{self, run_reply};
 use civicgrid_runner::{Ceilings, RunnerService};
 use civicgrid_sandbox::{FUEL_PER_COMPUTE_UNIT, GuestRole, SandboxError};
+use civicgrid_tests::runners::Authority;
 use civicgrid_tests::sandbox::{
     residents_aggregate_policy, sandbox_with, sql_guest, write_residents,
 };
-use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType,
-};
+use rcgen::ExtendedKeyUsagePurpose;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const EDGE: &str = "edge-1.runner.civicgrid";
@@ -50,54 +49,22 @@ struct Pki {
     directory: (String, String),
 }
 
-fn authority(name: &str) -> anyhow::Result<(String, Issuer<'static, KeyPair>)> {
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let cert = params.self_signed(&key)?;
-    Ok((cert.pem(), Issuer::new(params, key)))
-}
-
-fn leaf(
-    issuer: &Issuer<'static, KeyPair>,
-    name: &str,
-    purpose: ExtendedKeyUsagePurpose,
-) -> anyhow::Result<(String, String)> {
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(vec![name.to_owned()])?;
-    params.extended_key_usages = vec![purpose.clone()];
-    if purpose == ExtendedKeyUsagePurpose::ServerAuth {
-        params
-            .subject_alt_names
-            .push(SanType::DnsName(name.try_into()?));
-        // Runners and the marketplace's directory also present theirs as
-        // clients (a heartbeat; a query sent to a runner).
-        params
-            .extended_key_usages
-            .push(ExtendedKeyUsagePurpose::ClientAuth);
-    }
-    let cert = params.signed_by(&key, issuer)?;
-    Ok((cert.pem(), key.serialize_pem()))
-}
-
 const MUNICIPAL: &str = "municipal-core.runner.civicgrid";
 const DIRECTORY: &str = "directory.marketplace.civicgrid";
 
 impl Pki {
     fn generate() -> anyhow::Result<Self> {
-        let (ca, issuer) = authority("civicgrid-test-runner-ca")?;
-        let (_, rogue) = authority("rogue-ca")?;
+        let authority = Authority::new("civicgrid-test-runner-ca")?;
+        let rogue = Authority::new("rogue-ca")?;
+        let client = [ExtendedKeyUsagePurpose::ClientAuth];
         Ok(Self {
-            ca,
-            edge: leaf(&issuer, EDGE, ExtendedKeyUsagePurpose::ServerAuth)?,
-            core: leaf(&issuer, CORE, ExtendedKeyUsagePurpose::ServerAuth)?,
-            marketplace: leaf(&issuer, DIRECTORY, ExtendedKeyUsagePurpose::ClientAuth)?,
-            rogue: leaf(&rogue, "intruder", ExtendedKeyUsagePurpose::ClientAuth)?,
-            municipal: leaf(&issuer, MUNICIPAL, ExtendedKeyUsagePurpose::ServerAuth)?,
-            directory: leaf(&issuer, DIRECTORY, ExtendedKeyUsagePurpose::ServerAuth)?,
+            ca: authority.ca.clone(),
+            edge: authority.both_ways(EDGE)?,
+            core: authority.both_ways(CORE)?,
+            marketplace: authority.issue(DIRECTORY, &client)?,
+            rogue: rogue.issue("intruder", &client)?,
+            municipal: authority.both_ways(MUNICIPAL)?,
+            directory: authority.both_ways(DIRECTORY)?,
         })
     }
 }
