@@ -242,7 +242,10 @@ async fn bench(
             &runner_data.path().join("products/population"),
             civicgrid_tests::market::SAMPLE_ROWS,
         )?;
-        Some(civicgrid_tests::runners::route(&market, "municipal-core", runner_data.path()).await?)
+        Some(
+            civicgrid_tests::runners::route(&market, "municipal-core", runner_data.path(), 1)
+                .await?,
+        )
     } else {
         None
     };

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use civicgrid_marketplace::grpc::runners::{RunnerDirectory, serve_directory};
-use civicgrid_marketplace::queries::remote::Runners as _;
 use civicgrid_runner::{Ceilings, RunnerService};
 use civicgrid_sandbox::GuestRole;
 use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
@@ -73,20 +72,28 @@ impl Authority {
     }
 }
 
-/// A marketplace routed to one runner for `data_center`: the directory,
-/// the runner and its heartbeats run until this is dropped.
+/// A marketplace routed to runners for one data center: the directory
+/// runs until this is dropped, each runner (and its heartbeats) until it
+/// is stopped or this is dropped.
 pub struct Routed {
-    /// The runner's address.
-    pub runner: SocketAddr,
+    /// Each runner's address, and what stops it.
+    pub runners: Vec<(SocketAddr, tokio::sync::watch::Sender<bool>)>,
     _stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Routed {
+    /// Stops runner `index`: its server and its heartbeats.
+    pub fn stop(&mut self, index: usize) {
+        let _ = self.runners[index].1.send(true);
+    }
 }
 
 async fn until_stopped(mut stopped: tokio::sync::watch::Receiver<bool>) {
     let _ = stopped.wait_for(|stopped| *stopped).await;
 }
 
-/// Routes `market`'s queries to a runner for `data_center` over `data_dir`,
-/// and waits until it has reported.
+/// Routes `market`'s queries to `count` runners for `data_center` over
+/// `data_dir`, and waits until they have reported.
 ///
 /// # Errors
 /// When a certificate, a listener, the sandbox or the SQL guest fails, or
@@ -95,6 +102,7 @@ pub async fn route(
     market: &TestMarket,
     data_center: &str,
     data_dir: &Path,
+    count: usize,
 ) -> anyhow::Result<Routed> {
     let authority = Authority::new("civicgrid-test-runners")?;
     let directory_identity = authority.both_ways(civicgrid_runner::MARKETPLACE_NAME)?;
@@ -118,45 +126,64 @@ pub async fn route(
         civicgrid_runner::mutual_tls(&directory_identity.0, &directory_identity.1, &authority.ca),
         until_stopped(stopped.clone()),
     ));
-    let sandbox = crate::sandbox::sandbox_with(|config| config.max_concurrent_runs = 64);
+    let sandbox = Arc::new(crate::sandbox::sandbox_with(|config| {
+        config.max_concurrent_runs = 64;
+    }));
     let guest = sandbox.load(&crate::sandbox::sql_guest(), GuestRole::Sql)?;
-    let service = Arc::new(RunnerService::new(
-        Arc::new(sandbox),
-        guest,
-        data_dir.to_owned(),
-        Ceilings {
-            memory_bytes: 4 << 30,
-            wall_time: Duration::from_secs(3_600),
-        },
-    ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let runner = listener.local_addr()?;
-    tokio::spawn(civicgrid_runner::serve(
-        service,
-        listener,
-        civicgrid_runner::mutual_tls(&runner_identity.0, &runner_identity.1, &authority.ca),
-        until_stopped(stopped.clone()),
-    ));
-    let heartbeat = civicgrid_runner::Heartbeat {
-        directory: format!("https://{directory_address}"),
-        directory_name: civicgrid_runner::MARKETPLACE_NAME.into(),
-        directory_ca: authority.ca.clone().into_bytes(),
-        identity: (
-            runner_identity.0.into_bytes(),
-            runner_identity.1.into_bytes(),
-        ),
-        status: civicgrid_runner::proto::RunnerStatus {
-            data_center: data_center.into(),
-            endpoint: format!("https://{runner}"),
-            version: "test".into(),
-            slots: 64,
-            busy_slots: 0,
-        },
-        interval: Duration::from_secs(1),
-    };
-    tokio::spawn(heartbeat.run(until_stopped(stopped)));
+    let mut runners = Vec::with_capacity(count);
+    for _ in 0..count {
+        let service = Arc::new(RunnerService::new(
+            Arc::clone(&sandbox),
+            Arc::clone(&guest),
+            data_dir.to_owned(),
+            Ceilings {
+                memory_bytes: 4 << 30,
+                wall_time: Duration::from_secs(3_600),
+            },
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let runner = listener.local_addr()?;
+        let (stop_runner, runner_stopped) = tokio::sync::watch::channel(false);
+        let either = {
+            let (all, one) = (stopped.clone(), runner_stopped);
+            move || {
+                let (all, one) = (all.clone(), one.clone());
+                async move {
+                    tokio::select! {
+                        () = until_stopped(all) => {}
+                        () = until_stopped(one) => {}
+                    }
+                }
+            }
+        };
+        tokio::spawn(civicgrid_runner::serve(
+            service,
+            listener,
+            civicgrid_runner::mutual_tls(&runner_identity.0, &runner_identity.1, &authority.ca),
+            either(),
+        ));
+        let heartbeat = civicgrid_runner::Heartbeat {
+            directory: format!("https://{directory_address}"),
+            directory_name: civicgrid_runner::MARKETPLACE_NAME.into(),
+            directory_ca: authority.ca.clone().into_bytes(),
+            identity: (
+                runner_identity.0.clone().into_bytes(),
+                runner_identity.1.clone().into_bytes(),
+            ),
+            status: civicgrid_runner::proto::RunnerStatus {
+                data_center: data_center.into(),
+                endpoint: format!("https://{runner}"),
+                version: "test".into(),
+                slots: 64,
+                busy_slots: 0,
+            },
+            interval: Duration::from_secs(1),
+        };
+        tokio::spawn(heartbeat.run(either()));
+        runners.push((runner, stop_runner));
+    }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while directory.pick(&[data_center.to_owned()]).is_none() {
+    while directory.ready_runners(data_center) < count {
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
             "the runner for {data_center} never reported"
@@ -164,7 +191,7 @@ pub async fn route(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(Routed {
-        runner,
+        runners,
         _stop: stop,
     })
 }

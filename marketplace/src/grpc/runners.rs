@@ -112,6 +112,37 @@ impl RunnerDirectory {
         Ok(())
     }
 
+    /// How many runners of `data_center` are ready.
+    #[must_use]
+    pub fn ready_runners(&self, data_center: &str) -> usize {
+        self.runners
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(data_center)
+            .map_or(0, |at| {
+                at.values()
+                    .filter(|registered| registered.seen.elapsed() < self.ttl)
+                    .count()
+            })
+    }
+
+    /// Counts a runner that did not take a query as gone until its next
+    /// heartbeat, so the next pick goes elsewhere.
+    fn mark_down(&self, choice: &RunnerChoice) {
+        let mut runners = self
+            .runners
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(registered) = runners
+            .get_mut(&choice.data_center)
+            .and_then(|at| at.get_mut(&choice.endpoint))
+        {
+            registered.seen = Instant::now()
+                .checked_sub(self.ttl)
+                .unwrap_or(registered.seen);
+        }
+    }
+
     fn channel(&self, choice: &RunnerChoice) -> Option<Channel> {
         self.runners
             .read()
@@ -184,67 +215,92 @@ impl Runners for RunnerDirectory {
 
     fn run(&self, choice: RunnerChoice, job: RemoteJob) -> RemoteRun<'_> {
         Box::pin(async move {
-            let unavailable = |why: String| {
-                tracing::warn!(data_center = %choice.data_center, endpoint = %choice.endpoint, %why, "a runner did not take a query");
-                MarketError::Unavailable(format!(
-                    "no runner in {} took the query; retry later",
-                    choice.data_center
-                ))
-            };
-            let lost = |why: String| RunFailure {
-                error: SandboxError::Internal(format!(
-                    "the runner in {} at {}: {why}",
-                    choice.data_center, choice.endpoint
-                )),
-                fuel: 0,
-            };
-            let channel = self
-                .channel(&choice)
-                .ok_or_else(|| unavailable("no longer registered".into()))?;
-            let answer_within = job.limits.wall_time + ANSWER_MARGIN;
-            let request = run_request(job).map_err(MarketError::Corrupt)?;
-            let answered = tokio::time::timeout(answer_within, async {
-                // Until the runner accepts the request, nothing ran: the
-                // query goes as unavailable, neither counted nor charged.
-                let mut replies = proto::runner_client::RunnerClient::new(channel)
-                    .run(request)
-                    .await
-                    .map_err(|status| unavailable(status.to_string()))?
-                    .into_inner();
-                let mut ipc = Vec::new();
-                loop {
-                    let reply = match replies.message().await {
-                        Ok(Some(reply)) => reply,
-                        Ok(None) => {
-                            return Ok(Err(lost("the reply ended before the run did".into())));
-                        }
-                        Err(status) => return Ok(Err(lost(status.to_string()))),
-                    };
-                    match reply.message {
-                        Some(run_reply::Message::ArrowIpc(chunk)) => ipc.extend(chunk),
-                        Some(run_reply::Message::Ran(ran)) => {
-                            return Ok(outcome(&ipc, &ran).map_err(&lost));
-                        }
-                        Some(run_reply::Message::Failed(failed)) => {
-                            return Ok(Err(RunFailure {
-                                error: failed.error.map_or_else(
-                                    || SandboxError::Internal("the runner sent no error".into()),
-                                    wire::failure_from_proto,
-                                ),
-                                fuel: failed.fuel,
-                            }));
-                        }
-                        None => return Ok(Err(lost("an empty reply".into()))),
+            // A runner that does not take the query is counted gone, and
+            // the query goes to another of the same data center (where its
+            // record says it ran), once.
+            match self.run_on(&choice, job.clone()).await {
+                Err(MarketError::Unavailable(_)) => {
+                    self.mark_down(&choice);
+                    match self.pick(std::slice::from_ref(&choice.data_center)) {
+                        Some(other) => self.run_on(&other, job).await,
+                        None => Err(MarketError::Unavailable(format!(
+                            "no runner in {} took the query; retry later",
+                            choice.data_center
+                        ))),
                     }
                 }
-            })
-            .await;
-            answered.unwrap_or_else(|_| {
-                Ok(Err(lost(format!(
-                    "no answer within {} s",
-                    answer_within.as_secs()
-                ))))
-            })
+                answered => answered,
+            }
+        })
+    }
+}
+
+impl RunnerDirectory {
+    async fn run_on(
+        &self,
+        choice: &RunnerChoice,
+        job: RemoteJob,
+    ) -> crate::error::Result<std::result::Result<Outcome, RunFailure>> {
+        let unavailable = |why: String| {
+            tracing::warn!(data_center = %choice.data_center, endpoint = %choice.endpoint, %why, "a runner did not take a query");
+            MarketError::Unavailable(format!(
+                "no runner in {} took the query; retry later",
+                choice.data_center
+            ))
+        };
+        let lost = |why: String| RunFailure {
+            error: SandboxError::Internal(format!(
+                "the runner in {} at {}: {why}",
+                choice.data_center, choice.endpoint
+            )),
+            fuel: 0,
+        };
+        let channel = self
+            .channel(choice)
+            .ok_or_else(|| unavailable("no longer registered".into()))?;
+        let answer_within = job.limits.wall_time + ANSWER_MARGIN;
+        let request = run_request(job).map_err(MarketError::Corrupt)?;
+        let answered = tokio::time::timeout(answer_within, async {
+            // Until the runner accepts the request, nothing ran: the
+            // query goes as unavailable, neither counted nor charged.
+            let mut replies = proto::runner_client::RunnerClient::new(channel)
+                .run(request)
+                .await
+                .map_err(|status| unavailable(status.to_string()))?
+                .into_inner();
+            let mut ipc = Vec::new();
+            loop {
+                let reply = match replies.message().await {
+                    Ok(Some(reply)) => reply,
+                    Ok(None) => {
+                        return Ok(Err(lost("the reply ended before the run did".into())));
+                    }
+                    Err(status) => return Ok(Err(lost(status.to_string()))),
+                };
+                match reply.message {
+                    Some(run_reply::Message::ArrowIpc(chunk)) => ipc.extend(chunk),
+                    Some(run_reply::Message::Ran(ran)) => {
+                        return Ok(outcome(&ipc, &ran).map_err(&lost));
+                    }
+                    Some(run_reply::Message::Failed(failed)) => {
+                        return Ok(Err(RunFailure {
+                            error: failed.error.map_or_else(
+                                || SandboxError::Internal("the runner sent no error".into()),
+                                wire::failure_from_proto,
+                            ),
+                            fuel: failed.fuel,
+                        }));
+                    }
+                    None => return Ok(Err(lost("an empty reply".into()))),
+                }
+            }
+        })
+        .await;
+        answered.unwrap_or_else(|_| {
+            Ok(Err(lost(format!(
+                "no answer within {} s",
+                answer_within.as_secs()
+            ))))
         })
     }
 }

@@ -638,3 +638,92 @@ async fn queries_run_on_a_runner_where_the_product_is_hosted() -> anyhow::Result
     );
     Ok(())
 }
+
+/// One of a data center's runners dies: the next query sent to it is
+/// passed to the data center's other runner, the dead one is counted gone
+/// at once, and no query is refused, failed or charged twice for it.
+#[tokio::test]
+async fn a_data_center_keeps_answering_when_one_of_its_runners_dies() -> anyhow::Result<()> {
+    use civicgrid_marketplace::proto::{
+        billing_client::BillingClient, contracts_client::ContractsClient,
+        queries_client::QueriesClient,
+    };
+    use civicgrid_marketplace::queries::{EngineConfig, QueryEngine};
+    use civicgrid_tests::market::{
+        Cast, Db, SAMPLE_ROWS, TestMarket, authed, contract_request, publish,
+    };
+
+    let market = TestMarket::start(Db::Sqlite).await?;
+    let guest = civicgrid_tests::sandbox::guest_dir().join("civicgrid_sandbox_guest.wasm");
+    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/sandbox-cache");
+    let engine =
+        tokio::task::spawn_blocking(move || QueryEngine::open(EngineConfig::new(guest, cache)))
+            .await??;
+    market.market.attach_engine(engine)?;
+    let cast = Cast::create(&market).await?;
+    publish(&market, &cast, "population").await?;
+    let mut contracts = ContractsClient::new(market.channel.clone());
+    let contract_id = contracts
+        .request_contract(authed(&cast.consumer_admin, contract_request("population")))
+        .await?
+        .into_inner()
+        .id;
+    contracts
+        .approve_contract(authed(
+            &cast.provider_admin,
+            civicgrid_marketplace::proto::ContractAction {
+                contract_id,
+                reason: String::new(),
+            },
+        ))
+        .await?;
+    BillingClient::new(market.channel.clone())
+        .deposit(authed(
+            &market.admin_token,
+            civicgrid_marketplace::proto::DepositRequest {
+                organization_id: "acme".into(),
+                amount_minor: 100_000,
+                currency: "EUR".into(),
+                reference: "test top-up".into(),
+            },
+        ))
+        .await?;
+    let data = tempfile::tempdir()?;
+    civicgrid_marketplace::quality::write_sample_population(
+        &data.path().join("products/population"),
+        SAMPLE_ROWS,
+    )?;
+    let mut routed =
+        civicgrid_tests::runners::route(&market, "municipal-core", data.path(), 2).await?;
+    routed.stop(0);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut queries = QueriesClient::new(market.channel.clone());
+    for i in 0..6 {
+        let mut stream = queries
+            .run_query(authed(
+                &cast.consumer_analyst,
+                civicgrid_marketplace::proto::RunQueryRequest {
+                    product_id: "population".into(),
+                    sql: "SELECT district, COUNT(*) AS people FROM residents GROUP BY district"
+                        .into(),
+                    idempotency_key: format!("k-{i}"),
+                    ..Default::default()
+                },
+            ))
+            .await?
+            .into_inner();
+        let mut summary = None;
+        while let Some(message) = stream.message().await? {
+            if let Some(civicgrid_marketplace::proto::run_query_response::Message::Summary(s)) =
+                message.message
+            {
+                summary = Some(s);
+            }
+        }
+        let summary = summary.expect("a summary");
+        assert_eq!(summary.state, "completed", "query {i}: {summary:?}");
+        assert_eq!(summary.data_center, "municipal-core", "query {i}");
+    }
+    Ok(())
+}
