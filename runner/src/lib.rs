@@ -6,6 +6,7 @@
 //! the run's metering. It serves the marketplace alone, over mutual TLS.
 
 pub mod heartbeat;
+pub mod metrics;
 pub mod service;
 pub mod wire;
 
@@ -16,4 +17,5 @@ pub mod proto {
 }
 
 pub use heartbeat::{Heartbeat, MARKETPLACE_NAME, certificate_name, certificate_names};
+pub use metrics::Metrics;
 pub use service::{Ceilings, RunnerService, mutual_tls, serve};

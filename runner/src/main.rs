@@ -55,6 +55,10 @@ struct Args {
     /// this runner answers.
     #[arg(long, default_value = civicgrid_runner::MARKETPLACE_NAME)]
     marketplace_name: String,
+    /// Serve Prometheus metrics (`/metrics`) and `/healthz` here: for the
+    /// platform's monitoring only, never where consumers reach it.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// The marketplace's runner directory to report to (https://HOST:PORT);
     /// without it the runner only serves.
     #[arg(long, requires_all = ["directory_name", "directory_ca", "advertise"])]
@@ -111,6 +115,12 @@ async fn main() -> anyhow::Result<()> {
         )
         .answering(args.marketplace_name.clone()),
     );
+    if let Some(address) = args.metrics_listen {
+        let bound = civicgrid_runner::metrics::spawn(address, Arc::clone(service.metrics()))
+            .await
+            .with_context(|| format!("binding --metrics-listen {address}"))?;
+        tracing::info!(address = %bound, "metrics serving");
+    }
     let tls = mutual_tls(
         std::fs::read(&args.tls_cert).context("reading --tls-cert")?,
         std::fs::read(&args.tls_key).context("reading --tls-key")?,

@@ -39,6 +39,7 @@ pub struct RunnerService {
     footers: Arc<FooterCache>,
     data_dir: PathBuf,
     ceilings: Ceilings,
+    metrics: Arc<crate::Metrics>,
 }
 
 impl std::fmt::Debug for RunnerService {
@@ -63,6 +64,7 @@ impl RunnerService {
     ) -> Self {
         Self {
             client_name: crate::MARKETPLACE_NAME.to_owned(),
+            metrics: Arc::new(crate::Metrics::new(sandbox.slots())),
             sandbox,
             sql_guest,
             footers: Arc::default(),
@@ -80,6 +82,12 @@ impl RunnerService {
     pub fn answering(mut self, name: impl Into<String>) -> Self {
         self.client_name = name.into();
         self
+    }
+
+    /// Its metrics.
+    #[must_use]
+    pub fn metrics(&self) -> &Arc<crate::Metrics> {
+        &self.metrics
     }
 }
 
@@ -262,7 +270,10 @@ impl proto::runner_server::Runner for Arc<RunnerService> {
         let request = request.into_inner();
         let query_id = request.query_id.clone();
         let span = tracing::info_span!("run", query = %query_id, product = %request.product_id);
-        let checked = self.check(request)?;
+        let _in_flight = self.metrics.entered();
+        let checked = self.check(request).inspect_err(|_| {
+            self.metrics.ended("refused", 0, 0, 0);
+        })?;
         let service = Arc::clone(self);
         let outcome = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
@@ -271,8 +282,18 @@ impl proto::runner_server::Runner for Arc<RunnerService> {
         .await
         .map_err(|error| {
             tracing::error!(query = %query_id, %error, "the run's task failed");
+            self.metrics.ended("failed", 0, 0, 0);
             Status::internal("the run's task failed")
         })?;
+        match &outcome {
+            Ok(ran) => self.metrics.ended(
+                "ran",
+                ran.metering.fuel,
+                ran.metering.rows_read,
+                ran.metering.bytes_read,
+            ),
+            Err(failure) => self.metrics.ended("failed", failure.fuel, 0, 0),
+        }
         let messages = replies(outcome).into_iter().map(Ok);
         Ok(Response::new(Box::pin(futures::stream::iter(messages))))
     }

@@ -340,6 +340,12 @@ impl Sandbox {
         self.cache.path_for(module_sha256)
     }
 
+    /// Runs it takes at once (its pool's instance slots).
+    #[must_use]
+    pub fn slots(&self) -> u32 {
+        u32::try_from(self.slots.total).unwrap_or(u32::MAX)
+    }
+
     /// Compiles a module (or loads it from the cache) and links it. Modules
     /// importing anything the sandbox does not give fail here, by name.
     pub fn load(&self, wasm: &[u8], role: GuestRole) -> Result<Arc<Guest>, SandboxError> {

@@ -72,6 +72,7 @@ impl Pki {
 /// A runner serving `data_dir` as `identity`, until the test ends.
 struct Runner {
     address: SocketAddr,
+    metrics: Arc<civicgrid_runner::Metrics>,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -91,6 +92,7 @@ async fn start_runner(
             wall_time: Duration::from_secs(60),
         },
     ));
+    let metrics = Arc::clone(service.metrics());
     let tls = civicgrid_runner::mutual_tls(&identity.0, &identity.1, &pki.ca);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
@@ -100,6 +102,7 @@ async fn start_runner(
     }));
     Ok(Runner {
         address,
+        metrics,
         _stop: stop,
     })
 }
@@ -238,6 +241,20 @@ async fn a_runner_releases_only_what_the_policy_allows() -> anyhow::Result<()> {
         matches!(&error, SandboxError::Policy { .. }),
         "expected a policy refusal, got {error:?}"
     );
+
+    // The runner's metrics count its runs and what they read: one run of
+    // the 2,000 residents released, one refused by the policy before it
+    // read anything, nothing in flight.
+    let exposition = runner.metrics.encode();
+    for line in [
+        "civicgrid_runner_runs_total{outcome=\"ran\"} 1",
+        "civicgrid_runner_runs_total{outcome=\"failed\"} 1",
+        "civicgrid_runner_rows_read_total 2000",
+        "civicgrid_runner_runs_in_flight 0",
+        "civicgrid_runner_slots 4",
+    ] {
+        assert!(exposition.contains(line), "{line} in:\n{exposition}");
+    }
     Ok(())
 }
 
