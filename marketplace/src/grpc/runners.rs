@@ -259,6 +259,12 @@ impl RunnerDirectory {
             .channel(choice)
             .ok_or_else(|| unavailable("no longer registered".into()))?;
         let answer_within = job.limits.wall_time + ANSWER_MARGIN;
+        // What a runner may send back: no more than a run may release, and
+        // no more privacy spent than the budget it was given.
+        let bounds = Bounds {
+            result_bytes: usize::try_from(job.limits.max_output_bytes).unwrap_or(usize::MAX),
+            privacy_budget: job.privacy_budget,
+        };
         let request = run_request(job).map_err(MarketError::Corrupt)?;
         let answered = tokio::time::timeout(answer_within, async {
             // Until the runner accepts the request, nothing ran: the
@@ -278,9 +284,17 @@ impl RunnerDirectory {
                     Err(status) => return Ok(Err(lost(status.to_string()))),
                 };
                 match reply.message {
-                    Some(run_reply::Message::ArrowIpc(chunk)) => ipc.extend(chunk),
+                    Some(run_reply::Message::ArrowIpc(chunk)) => {
+                        if ipc.len() + chunk.len() > bounds.result_bytes {
+                            return Ok(Err(lost(format!(
+                                "a result over the {} bytes a run may release",
+                                bounds.result_bytes
+                            ))));
+                        }
+                        ipc.extend(chunk);
+                    }
                     Some(run_reply::Message::Ran(ran)) => {
-                        return Ok(outcome(&ipc, &ran).map_err(&lost));
+                        return Ok(outcome(&ipc, &ran, &bounds).map_err(&lost));
                     }
                     Some(run_reply::Message::Failed(failed)) => {
                         return Ok(Err(RunFailure {
@@ -349,7 +363,21 @@ fn run_request(job: RemoteJob) -> Result<proto::RunRequest, String> {
 }
 
 /// A completed remote run as the sandbox's own outcome.
-fn outcome(ipc: &[u8], ran: &proto::Ran) -> Result<Outcome, String> {
+/// What a run on a runner may come back with.
+struct Bounds {
+    result_bytes: usize,
+    privacy_budget: f64,
+}
+
+fn outcome(ipc: &[u8], ran: &proto::Ran, bounds: &Bounds) -> Result<Outcome, String> {
+    // A runner is trusted to run the policy, but not to move the consumer's
+    // budget the wrong way: a negative, unbounded or NaN spend is refused.
+    if !(0.0..=bounds.privacy_budget).contains(&ran.privacy_spent) {
+        return Err(format!(
+            "it reported spending {} epsilon of a budget of {}",
+            ran.privacy_spent, bounds.privacy_budget
+        ));
+    }
     let batches = if ipc.is_empty() {
         Vec::new()
     } else {
@@ -393,4 +421,59 @@ pub async fn serve_directory(
         ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ran(privacy_spent: f64) -> proto::Ran {
+        proto::Ran {
+            metering: Some(proto::Metering::default()),
+            truncated: false,
+            privacy_spent,
+        }
+    }
+
+    /// A runner cannot give a consumer budget back, spend past what it was
+    /// given, or send a spend that is not a number.
+    #[test]
+    fn a_runners_privacy_spend_stays_within_its_budget() {
+        let bounds = Bounds {
+            result_bytes: 1 << 20,
+            privacy_budget: 1.0,
+        };
+        for spent in [-0.5, 1.5, f64::NAN, f64::INFINITY] {
+            assert!(outcome(&[], &ran(spent), &bounds).is_err(), "{spent}");
+        }
+        for spent in [0.0, 0.5, 1.0] {
+            let kept = outcome(&[], &ran(spent), &bounds).expect("within the budget");
+            assert!((kept.privacy_spent - spent).abs() < f64::EPSILON);
+        }
+    }
+
+    /// One runner, one entry: spellings of its address are one endpoint,
+    /// and anything but https://HOST:PORT is refused.
+    #[test]
+    fn endpoints_are_canonical_https_host_and_port() {
+        for (sent, kept) in [
+            ("https://10.0.3.7:7443", "https://10.0.3.7:7443"),
+            ("https://10.0.3.7:7443/", "https://10.0.3.7:7443"),
+            ("https://Runner.Example:7443", "https://runner.example:7443"),
+        ] {
+            assert_eq!(canonical_endpoint(sent).expect(sent), kept);
+        }
+        for refused in [
+            "http://10.0.3.7:7443",
+            "https://10.0.3.7",
+            "https://10.0.3.7:7443/x",
+            "https://10.0.3.7:7443/?a=b",
+            "10.0.3.7:7443",
+            "",
+        ] {
+            let status = canonical_endpoint(refused).expect_err(refused);
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{refused}");
+            assert!(status.message().starts_with("endpoint:"), "{refused}");
+        }
+    }
 }
