@@ -267,9 +267,18 @@ impl proto::runner_server::Runner for Arc<RunnerService> {
                 self.client_name
             )));
         }
+        let traceparent = request
+            .metadata()
+            .get(civicgrid_telemetry::propagation::TRACEPARENT)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
         let request = request.into_inner();
         let query_id = request.query_id.clone();
         let span = tracing::info_span!("run", query = %query_id, product = %request.product_id);
+        // The marketplace's query span is this run's parent.
+        if let Some(traceparent) = &traceparent {
+            civicgrid_telemetry::propagation::join(&span, traceparent);
+        }
         let _in_flight = self.metrics.entered();
         let checked = self.check(request).inspect_err(|_| {
             self.metrics.ended("refused", 0, 0, 0);

@@ -8,6 +8,7 @@
 //! alive: dropping it flushes and stops the exporter.
 
 pub mod metrics;
+pub mod propagation;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;

@@ -269,6 +269,15 @@ impl RunnerDirectory {
         let answered = tokio::time::timeout(answer_within, async {
             // Until the runner accepts the request, nothing ran: the
             // query goes as unavailable, neither counted nor charged.
+            let mut request = Request::new(request);
+            // The runner's spans join this query's trace.
+            if let Some(traceparent) = civicgrid_telemetry::propagation::current_traceparent()
+                && let Ok(value) = traceparent.parse()
+            {
+                request
+                    .metadata_mut()
+                    .insert(civicgrid_telemetry::propagation::TRACEPARENT, value);
+            }
             let mut replies = proto::runner_client::RunnerClient::new(channel)
                 .run(request)
                 .await
