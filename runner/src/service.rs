@@ -7,7 +7,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow_array::RecordBatch;
 use civicgrid_sandbox::policy::OutputPolicy;
 use civicgrid_sandbox::{
     DeclaredColumns, FooterCache, Guest, GuestRole, Job, Limits, LocalDirectory, RunFailure,
@@ -208,7 +207,7 @@ fn replies(outcome: Result<civicgrid_sandbox::Outcome, RunFailure>) -> Vec<proto
         Ok(outcome) => outcome,
         Err(failure) => return vec![failed(failure.fuel, &failure.error)],
     };
-    let stream = match ipc_stream(&outcome.batches) {
+    let stream = match civicgrid_sandbox::ipc::write_stream(&outcome.batches) {
         Ok(stream) => stream,
         Err(error) => {
             return vec![failed(
@@ -227,22 +226,6 @@ fn replies(outcome: Result<civicgrid_sandbox::Outcome, RunFailure>) -> Vec<proto
         privacy_spent: outcome.privacy_spent,
     })));
     messages
-}
-
-/// The released batches as one Arrow IPC stream (empty when none).
-///
-/// # Errors
-/// Arrow's, as text.
-pub fn ipc_stream(batches: &[RecordBatch]) -> Result<Vec<u8>, String> {
-    let Some(first) = batches.first() else {
-        return Ok(Vec::new());
-    };
-    let mut writer = arrow_ipc::writer::StreamWriter::try_new(Vec::new(), &first.schema())
-        .map_err(|e| e.to_string())?;
-    for batch in batches {
-        writer.write(batch).map_err(|e| e.to_string())?;
-    }
-    writer.into_inner().map_err(|e| e.to_string())
 }
 
 type ReplyStream =

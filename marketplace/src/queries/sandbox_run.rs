@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use arrow_array::RecordBatch;
 use civicgrid_sandbox::policy::OutputPolicy;
 use civicgrid_sandbox::{
     DeclaredColumns, FUEL_PER_COMPUTE_UNIT, GuestRole, Job, Limits, LocalDirectory, RunFailure,
@@ -220,18 +219,6 @@ pub(super) fn classify(error: &SandboxError, fuel: u64) -> Disposition {
             "the query failed inside the platform",
         ),
     }
-}
-
-pub(super) fn ipc_stream(batches: &[RecordBatch]) -> std::result::Result<Vec<u8>, String> {
-    let Some(first) = batches.first() else {
-        return Ok(Vec::new());
-    };
-    let mut writer = arrow_ipc::writer::StreamWriter::try_new(Vec::new(), &first.schema())
-        .map_err(|e| e.to_string())?;
-    for batch in batches {
-        writer.write(batch).map_err(|e| e.to_string())?;
-    }
-    writer.into_inner().map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use crate::store::{self, Backend, WriteBatch};
 
 use super::model::sha256_hex;
 use super::reserve::Reservation;
-use super::sandbox_run::{classify, ipc_stream};
+use super::sandbox_run::classify;
 use super::{Market, PLATFORM_ACCOUNT, QueryOutcome, QueryRequest, QuerySummary};
 
 /// The server's side of a settlement: where it writes, the platform's fee,
@@ -54,7 +54,7 @@ pub(super) async fn settle(
         metrics,
     } = context;
     let outcome = match outcome {
-        Ok(outcome) => match ipc_stream(&outcome.batches) {
+        Ok(outcome) => match civicgrid_sandbox::ipc::write_stream(&outcome.batches) {
             Ok(bytes) => Ok((outcome, bytes)),
             Err(error) => Err(RunFailure {
                 error: SandboxError::Data(format!("encoding the result: {error}")),

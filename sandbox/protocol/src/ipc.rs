@@ -17,6 +17,23 @@ use arrow_ipc::{Block, MessageHeader, root_as_message};
 
 const CONTINUATION: u32 = 0xFFFF_FFFF;
 
+/// `batches` as one Arrow IPC stream, as a released result travels (empty
+/// when there are none).
+///
+/// # Errors
+/// Arrow's, as text.
+pub fn write_stream(batches: &[RecordBatch]) -> Result<Vec<u8>, String> {
+    let Some(first) = batches.first() else {
+        return Ok(Vec::new());
+    };
+    let mut writer = arrow_ipc::writer::StreamWriter::try_new(Vec::new(), &first.schema())
+        .map_err(|e| e.to_string())?;
+    for batch in batches {
+        writer.write(batch).map_err(|e| e.to_string())?;
+    }
+    writer.into_inner().map_err(|e| e.to_string())
+}
+
 /// The batches of the IPC stream in `stream`, in order, every array checked
 /// (offsets, UTF-8) as it is read. The first error ends the list: batches
 /// before it are returned, nothing after it.

@@ -437,52 +437,16 @@ fn heartbeats(
 #[tokio::test]
 async fn queries_run_on_a_runner_where_the_product_is_hosted() -> anyhow::Result<()> {
     use civicgrid_marketplace::grpc::runners::{RunnerDirectory, serve_directory};
-    use civicgrid_marketplace::proto::{
-        billing_client::BillingClient, contracts_client::ContractsClient,
-        queries_client::QueriesClient,
-    };
-    use civicgrid_marketplace::queries::{EngineConfig, QueryEngine};
-    use civicgrid_tests::market::{
-        Cast, Db, SAMPLE_ROWS, TestMarket, authed, contract_request, publish,
-    };
+    use civicgrid_marketplace::proto::queries_client::QueriesClient;
+
+    use civicgrid_tests::market::{SAMPLE_ROWS, authed};
 
     let pki = Pki::generate()?;
-    let market = TestMarket::start(Db::Sqlite).await?;
-    let guest = civicgrid_tests::sandbox::guest_dir().join("civicgrid_sandbox_guest.wasm");
-    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/sandbox-cache");
-    let engine =
-        tokio::task::spawn_blocking(move || QueryEngine::open(EngineConfig::new(guest, cache)))
-            .await??;
-    market.market.attach_engine(engine)?;
-    let cast = Cast::create(&market).await?;
-    publish(&market, &cast, "population").await?;
-    let mut contracts = ContractsClient::new(market.channel.clone());
-    let contract_id = contracts
-        .request_contract(authed(&cast.consumer_admin, contract_request("population")))
-        .await?
-        .into_inner()
-        .id;
-    contracts
-        .approve_contract(authed(
-            &cast.provider_admin,
-            civicgrid_marketplace::proto::ContractAction {
-                contract_id,
-                reason: String::new(),
-            },
-        ))
-        .await?;
-    let mut billing = BillingClient::new(market.channel.clone());
-    billing
-        .deposit(authed(
-            &market.admin_token,
-            civicgrid_marketplace::proto::DepositRequest {
-                organization_id: "acme".into(),
-                amount_minor: 10_000,
-                currency: "EUR".into(),
-                reference: "test top-up".into(),
-            },
-        ))
-        .await?;
+    let market = market_with_a_contract(10_000).await?;
+    let cast = &market.1;
+    let market = &market.0;
+    let mut billing =
+        civicgrid_marketplace::proto::billing_client::BillingClient::new(market.channel.clone());
 
     // From here on the marketplace routes; its own copy of the product's
     // files goes, so any answer must come from the runner's.
@@ -661,57 +625,20 @@ async fn queries_run_on_a_runner_where_the_product_is_hosted() -> anyhow::Result
 /// at once, and no query is refused, failed or charged twice for it.
 #[tokio::test]
 async fn a_data_center_keeps_answering_when_one_of_its_runners_dies() -> anyhow::Result<()> {
-    use civicgrid_marketplace::proto::{
-        billing_client::BillingClient, contracts_client::ContractsClient,
-        queries_client::QueriesClient,
-    };
-    use civicgrid_marketplace::queries::{EngineConfig, QueryEngine};
-    use civicgrid_tests::market::{
-        Cast, Db, SAMPLE_ROWS, TestMarket, authed, contract_request, publish,
-    };
+    use civicgrid_marketplace::proto::queries_client::QueriesClient;
 
-    let market = TestMarket::start(Db::Sqlite).await?;
-    let guest = civicgrid_tests::sandbox::guest_dir().join("civicgrid_sandbox_guest.wasm");
-    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/sandbox-cache");
-    let engine =
-        tokio::task::spawn_blocking(move || QueryEngine::open(EngineConfig::new(guest, cache)))
-            .await??;
-    market.market.attach_engine(engine)?;
-    let cast = Cast::create(&market).await?;
-    publish(&market, &cast, "population").await?;
-    let mut contracts = ContractsClient::new(market.channel.clone());
-    let contract_id = contracts
-        .request_contract(authed(&cast.consumer_admin, contract_request("population")))
-        .await?
-        .into_inner()
-        .id;
-    contracts
-        .approve_contract(authed(
-            &cast.provider_admin,
-            civicgrid_marketplace::proto::ContractAction {
-                contract_id,
-                reason: String::new(),
-            },
-        ))
-        .await?;
-    BillingClient::new(market.channel.clone())
-        .deposit(authed(
-            &market.admin_token,
-            civicgrid_marketplace::proto::DepositRequest {
-                organization_id: "acme".into(),
-                amount_minor: 100_000,
-                currency: "EUR".into(),
-                reference: "test top-up".into(),
-            },
-        ))
-        .await?;
+    use civicgrid_tests::market::{SAMPLE_ROWS, authed};
+
+    let market = market_with_a_contract(100_000).await?;
+    let cast = &market.1;
+    let market = &market.0;
     let data = tempfile::tempdir()?;
     civicgrid_marketplace::quality::write_sample_population(
         &data.path().join("products/population"),
         SAMPLE_ROWS,
     )?;
     let mut routed =
-        civicgrid_tests::runners::route(&market, "municipal-core", data.path(), 2).await?;
+        civicgrid_tests::runners::route(market, "municipal-core", data.path(), 2).await?;
     routed.stop(0);
     tokio::time::sleep(Duration::from_millis(200)).await;
 
@@ -743,4 +670,57 @@ async fn a_data_center_keeps_answering_when_one_of_its_runners_dies() -> anyhow:
         assert_eq!(summary.data_center, "municipal-core", "query {i}");
     }
     Ok(())
+}
+
+/// A marketplace with a query engine, the sample cast, the population
+/// product published, acme's contract on it approved, and `deposit` EUR
+/// cents on acme's balance.
+async fn market_with_a_contract(
+    deposit: i64,
+) -> anyhow::Result<(
+    civicgrid_tests::market::TestMarket,
+    civicgrid_tests::market::Cast,
+)> {
+    use civicgrid_marketplace::proto::{
+        billing_client::BillingClient, contracts_client::ContractsClient,
+    };
+    use civicgrid_marketplace::queries::{EngineConfig, QueryEngine};
+    use civicgrid_tests::market::{Cast, Db, TestMarket, authed, contract_request, publish};
+
+    let market = TestMarket::start(Db::Sqlite).await?;
+    let guest = civicgrid_tests::sandbox::guest_dir().join("civicgrid_sandbox_guest.wasm");
+    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/sandbox-cache");
+    let engine =
+        tokio::task::spawn_blocking(move || QueryEngine::open(EngineConfig::new(guest, cache)))
+            .await??;
+    market.market.attach_engine(engine)?;
+    let cast = Cast::create(&market).await?;
+    publish(&market, &cast, "population").await?;
+    let mut contracts = ContractsClient::new(market.channel.clone());
+    let contract_id = contracts
+        .request_contract(authed(&cast.consumer_admin, contract_request("population")))
+        .await?
+        .into_inner()
+        .id;
+    contracts
+        .approve_contract(authed(
+            &cast.provider_admin,
+            civicgrid_marketplace::proto::ContractAction {
+                contract_id,
+                reason: String::new(),
+            },
+        ))
+        .await?;
+    BillingClient::new(market.channel.clone())
+        .deposit(authed(
+            &market.admin_token,
+            civicgrid_marketplace::proto::DepositRequest {
+                organization_id: "acme".into(),
+                amount_minor: deposit,
+                currency: "EUR".into(),
+                reference: "test top-up".into(),
+            },
+        ))
+        .await?;
+    Ok((market, cast))
 }
