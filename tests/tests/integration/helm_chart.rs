@@ -322,3 +322,94 @@ async fn chart_applies_and_its_service_account_runs_the_operator_with_least_priv
     operator.abort();
     Ok(())
 }
+
+/// Runner pools render as ComputeWorkloads that the placement engine puts
+/// only in data centers holding their dataset, explaining every other
+/// (checked with the offline planner over the sample city's data centers).
+#[test]
+fn runner_pools_land_only_where_their_dataset_is() -> anyhow::Result<()> {
+    let rendered = render_with(&[
+        "--set-json",
+        r#"runners.pools=[{"name":"population","dataset":"population-register","replicas":2},{"name":"traffic","dataset":"traffic-video","replicas":3,"tolerations":[{"key":"edge-only","operator":"Exists"}]}]"#,
+        "--set",
+        "runners.directory=https://marketplace.civicgrid.internal:7444",
+        "--show-only",
+        "templates/runner-pools.yaml",
+    ])?;
+    for expected in [
+        "name: runner-population",
+        "required: [population-register]",
+        "required: [traffic-video]",
+        "fieldPath: \"metadata.labels['civicgrid.io/data-center']\"",
+        "--directory=https://marketplace.civicgrid.internal:7444",
+        "--advertise=https://$(POD_IP):7443",
+    ] {
+        anyhow::ensure!(rendered.contains(expected), "{expected} in:\n{rendered}");
+    }
+    // With no pools, the template renders nothing.
+    anyhow::ensure!(!render()?.contains("runner-"), "pools rendered by default");
+
+    let dir = tempfile::tempdir()?;
+    std::fs::copy(
+        repo_root().join("examples/city/datacenters.yaml"),
+        dir.path().join("datacenters.yaml"),
+    )?;
+    std::fs::write(dir.path().join("runners.yaml"), &rendered)?;
+    let plan = civicgrid_operator::plan::run(
+        dir.path(),
+        civicgrid_operator::plan::Format::Json,
+        1_790_000_000,
+    )?;
+    let plan: serde_json::Value = serde_json::from_str(&plan)?;
+    let decisions = plan["decisions"].as_array().context("decisions")?;
+    let datacenters = std::fs::read_to_string(dir.path().join("datacenters.yaml"))?;
+    let holders = |dataset: &str| -> Vec<String> {
+        serde_yaml::Deserializer::from_str(&datacenters)
+            .filter_map(|document| serde_yaml::Value::deserialize(document).ok())
+            .filter(|dc| {
+                dc["spec"]["datasets"]
+                    .as_sequence()
+                    .is_some_and(|sets| sets.iter().any(|set| set.as_str() == Some(dataset)))
+            })
+            .filter_map(|dc| dc["metadata"]["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    for (pool, dataset) in [
+        ("runner-population", "population-register"),
+        ("runner-traffic", "traffic-video"),
+    ] {
+        let decision = decisions
+            .iter()
+            .find(|d| d["workload"]["name"] == pool)
+            .with_context(|| format!("{pool} planned"))?;
+        let placed: Vec<&String> = decision["placement"]
+            .as_object()
+            .context("a placement")?
+            .keys()
+            .collect();
+        let holding = holders(dataset);
+        anyhow::ensure!(!placed.is_empty(), "{pool} placed nowhere: {decision}");
+        for data_center in &placed {
+            anyhow::ensure!(
+                holding.contains(data_center),
+                "{pool} placed in {data_center}, which does not hold {dataset}"
+            );
+        }
+        // Every data center without the dataset is rejected for it, by the
+        // data-affinity rule.
+        for rejection in decision["rejections"].as_array().context("rejections")? {
+            let data_center = rejection["dataCenter"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            if !holding.contains(&data_center) {
+                anyhow::ensure!(
+                    rejection["rule"] == "Dataset",
+                    "{pool}: {data_center} rejected by {} instead of data affinity",
+                    rejection["rule"]
+                );
+            }
+        }
+    }
+    Ok(())
+}
