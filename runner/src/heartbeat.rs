@@ -18,8 +18,11 @@ pub struct Heartbeat {
     pub directory_ca: Vec<u8>,
     /// The runner's own certificate and key (PEM), naming its data center.
     pub identity: (Vec<u8>, Vec<u8>),
-    /// What the runner reports.
+    /// What the runner reports; `busy_slots` is read afresh from
+    /// `metrics` for every heartbeat when given.
     pub status: proto::RunnerStatus,
+    /// The runner's metrics, for the runs in flight.
+    pub metrics: Option<std::sync::Arc<crate::Metrics>>,
     /// Between heartbeats.
     pub interval: Duration,
 }
@@ -67,7 +70,11 @@ impl Heartbeat {
         tokio::pin!(stop);
         loop {
             // A heartbeat that hangs must not hold back the next one.
-            let sent = tokio::time::timeout(interval, client.heartbeat(self.status.clone()));
+            let mut status = self.status.clone();
+            if let Some(metrics) = &self.metrics {
+                status.busy_slots = metrics.in_flight();
+            }
+            let sent = tokio::time::timeout(interval, client.heartbeat(status));
             tokio::select! {
                 () = &mut stop => return Ok(()),
                 outcome = sent => match outcome {

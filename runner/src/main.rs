@@ -147,6 +147,7 @@ async fn main() -> anyhow::Result<()> {
                 slots: args.concurrent_runs,
                 busy_slots: 0,
             },
+            metrics: Some(Arc::clone(service.metrics())),
             interval: Duration::from_secs(5),
         };
         tokio::spawn(async move {

@@ -96,6 +96,12 @@ impl Metrics {
         civicgrid_telemetry::metrics::encode(&self.registry)
     }
 
+    /// Runs in flight now.
+    #[must_use]
+    pub fn in_flight(&self) -> u32 {
+        u32::try_from(self.in_flight.get()).unwrap_or(0)
+    }
+
     /// Runs the sandbox takes at once.
     #[must_use]
     pub fn slots(&self) -> i64 {

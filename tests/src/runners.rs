@@ -156,6 +156,7 @@ pub async fn route(
                 }
             }
         };
+        let metrics = Arc::clone(service.metrics());
         tokio::spawn(civicgrid_runner::serve(
             service,
             listener,
@@ -177,6 +178,7 @@ pub async fn route(
                 slots: 64,
                 busy_slots: 0,
             },
+            metrics: Some(metrics),
             interval: Duration::from_secs(1),
         };
         tokio::spawn(heartbeat.run(either()));

@@ -485,4 +485,41 @@ mod tests {
             assert!(status.message().starts_with("endpoint:"), "{refused}");
         }
     }
+
+    fn status(endpoint: &str, busy_slots: u32) -> proto::RunnerStatus {
+        proto::RunnerStatus {
+            data_center: "edge-1".into(),
+            endpoint: endpoint.into(),
+            version: "test".into(),
+            slots: 8,
+            busy_slots,
+        }
+    }
+
+    /// Queries go to the least busy ready runner of a hosting data center,
+    /// never to one of another data center or one gone quiet.
+    #[tokio::test]
+    async fn the_least_busy_ready_runner_is_picked() {
+        let directory = RunnerDirectory::new(ClientTlsConfig::new(), Duration::from_secs(60));
+        directory
+            .record(status("https://10.0.0.1:7443", 7))
+            .expect("recorded");
+        directory
+            .record(status("https://10.0.0.2:7443", 1))
+            .expect("recorded");
+        for _ in 0..20 {
+            let choice = directory.pick(&["edge-1".into()]).expect("a runner");
+            assert_eq!(choice.endpoint, "https://10.0.0.2:7443");
+        }
+        assert_eq!(directory.pick(&["core".into()]), None);
+        directory.mark_down(&RunnerChoice {
+            data_center: "edge-1".into(),
+            endpoint: "https://10.0.0.2:7443".into(),
+        });
+        assert_eq!(
+            directory.pick(&["edge-1".into()]).map(|c| c.endpoint),
+            Some("https://10.0.0.1:7443".into())
+        );
+        assert_eq!(directory.ready_runners("edge-1"), 1);
+    }
 }

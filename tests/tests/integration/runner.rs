@@ -420,6 +420,7 @@ fn heartbeats(
             slots: 4,
             busy_slots: 0,
         },
+        metrics: None,
         interval: Duration::from_millis(100),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -605,6 +605,7 @@ async fn local_runner(
             wall_time,
         },
     ));
+    let metrics = std::sync::Arc::clone(service.metrics());
     let runner_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let runner_address = runner_listener.local_addr()?;
     tokio::spawn(civicgrid_runner::serve(
@@ -628,6 +629,7 @@ async fn local_runner(
             slots: 8,
             busy_slots: 0,
         },
+        metrics: Some(metrics),
         interval: std::time::Duration::from_secs(2),
     };
     tokio::spawn(heartbeat.run(until_stopped(stopped)));
