@@ -145,7 +145,12 @@ fn run(
             .await
             .context("connecting to the control cluster")?;
         tracing::info!(?config, "starting the controllers");
-        match civicgrid_operator::controller::run(client, config, Box::pin(shutdown_signal())).await
+        match civicgrid_operator::controller::run(
+            client,
+            config,
+            Box::pin(civicgrid_telemetry::shutdown_signal()),
+        )
+        .await
         {
             Stopped::Shutdown => {
                 tracing::info!("stopped");
@@ -179,23 +184,6 @@ fn lease_seconds(text: &str) -> Result<Duration, String> {
         return Err(format!("`{text}` is shorter than the 3 s minimum"));
     }
     Ok(duration)
-}
-
-/// SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 #[cfg(test)]

@@ -167,13 +167,7 @@ async fn main() -> anyhow::Result<()> {
         "runner serving"
     );
     let shutdown = async {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate.recv() => {}
-        }
+        civicgrid_telemetry::shutdown_signal().await;
         tracing::info!("shutting down");
     };
     serve(service, listener, tls, shutdown).await?;

@@ -261,13 +261,7 @@ async fn main() -> anyhow::Result<()> {
             println!("listening on {}", listener.local_addr()?);
             tracing::info!(address = %listener.local_addr()?, origin = market.origin(), "marketplace serving");
             let shutdown = async {
-                let mut terminate =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("SIGTERM handler");
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = terminate.recv() => {}
-                }
+                civicgrid_telemetry::shutdown_signal().await;
                 tracing::info!("shutting down");
             };
             serve(market, listener, tls, shutdown).await?;
