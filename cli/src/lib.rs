@@ -1,7 +1,9 @@
 //! What the `civicgrid` command line needs besides the marketplace's API: the
-//! regulator's audit-log verifier ([`verify`]) and the sample city that
-//! `civicgrid up` serves ([`city`]). The server (`civicgrid-marketplace`)
-//! links neither.
+//! regulator's audit-log verifier ([`verify`]), the sample city that
+//! `civicgrid up` serves ([`city`]) and the runners it runs in the same
+//! process ([`local_runners`]). The server (`civicgrid-marketplace`) links
+//! none of them.
 
 pub mod city;
+pub mod local_runners;
 pub mod verify;

@@ -543,147 +543,36 @@ async fn seed(
 /// runner is, over mutual TLS with certificates from an authority made for
 /// this run alone. The marketplace then routes every query to it, as a
 /// city's would to its data centers' runners (docs/runners.md).
-struct LocalRunner {
-    _stop: tokio::sync::watch::Sender<bool>,
-}
-
 async fn local_runner(
-    market: &std::sync::Arc<Marketplace>,
+    market: &Marketplace,
     data_dir: &Path,
     guest: &Path,
     cache: PathBuf,
     (memory_bytes, wall_time): (u64, std::time::Duration),
-) -> anyhow::Result<LocalRunner> {
-    use civicgrid_marketplace::grpc::runners::{RunnerDirectory, serve_directory};
-    use civicgrid_marketplace::queries::remote::Runners as _;
-    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-
-    const DIRECTORY: &str = "directory.marketplace.civicgrid";
-    let authority = LocalAuthority::new()?;
-    let directory_identity = authority.issue(DIRECTORY)?;
-    let runner_identity =
-        authority.issue(&civicgrid_runner::certificate_name(city::DATA_CENTER))?;
-    let ca = authority.certificate.clone();
-
-    let directory = RunnerDirectory::new(
-        ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&ca))
-            .identity(Identity::from_pem(
-                &directory_identity.0,
-                &directory_identity.1,
-            )),
-        civicgrid_marketplace::grpc::runners::DEFAULT_RUNNER_TTL,
-    );
-    market.attach_runners(directory.clone())?;
-    // Dropping the sender stops the directory, the runner and its
-    // heartbeats.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let directory_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let directory_address = directory_listener.local_addr()?;
-    tokio::spawn(serve_directory(
-        directory.clone(),
-        directory_listener,
-        civicgrid_runner::mutual_tls(&directory_identity.0, &directory_identity.1, &ca),
-        until_stopped(stopped.clone()),
-    ));
-
-    let wasm = std::fs::read(guest).with_context(|| format!("reading {}", guest.display()))?;
-    let (sandbox, sql_guest) = tokio::task::spawn_blocking(move || {
-        let mut config = civicgrid_sandbox::SandboxConfig::new(cache);
-        config.max_memory_bytes = memory_bytes.max(config.max_memory_bytes);
-        let sandbox = civicgrid_sandbox::Sandbox::new(&config)?;
-        let guest = sandbox.load(&wasm, civicgrid_sandbox::GuestRole::Sql)?;
-        Ok::<_, civicgrid_sandbox::SandboxError>((sandbox, guest))
-    })
-    .await??;
-    let service = std::sync::Arc::new(civicgrid_runner::RunnerService::new(
-        std::sync::Arc::new(sandbox),
-        sql_guest,
-        data_dir.to_owned(),
-        civicgrid_runner::Ceilings {
-            memory_bytes,
-            wall_time,
-        },
-    ));
-    let metrics = std::sync::Arc::clone(service.metrics());
-    let runner_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let runner_address = runner_listener.local_addr()?;
-    tokio::spawn(civicgrid_runner::serve(
-        service,
-        runner_listener,
-        civicgrid_runner::mutual_tls(&runner_identity.0, &runner_identity.1, &ca),
-        until_stopped(stopped.clone()),
-    ));
-    let heartbeat = civicgrid_runner::Heartbeat {
-        directory: format!("https://{directory_address}"),
-        directory_name: DIRECTORY.into(),
-        directory_ca: ca.clone().into_bytes(),
-        identity: (
-            runner_identity.0.into_bytes(),
-            runner_identity.1.into_bytes(),
-        ),
-        status: civicgrid_runner::proto::RunnerStatus {
+) -> anyhow::Result<civicgrid_cli::local_runners::LocalRunners> {
+    let mut sandbox = civicgrid_sandbox::SandboxConfig::new(cache);
+    sandbox.max_memory_bytes = memory_bytes.max(sandbox.max_memory_bytes);
+    let runners = civicgrid_cli::local_runners::start(
+        market,
+        civicgrid_cli::local_runners::Setup {
             data_center: city::DATA_CENTER.into(),
-            endpoint: format!("https://{runner_address}"),
-            version: env!("CARGO_PKG_VERSION").into(),
-            slots: 8,
-            busy_slots: 0,
+            data_dir: data_dir.to_owned(),
+            sql_guest: std::fs::read(guest)
+                .with_context(|| format!("reading {}", guest.display()))?,
+            sandbox,
+            ceilings: civicgrid_runner::Ceilings {
+                memory_bytes,
+                wall_time,
+            },
+            runners: 1,
+            heartbeat: std::time::Duration::from_secs(2),
         },
-        metrics: Some(metrics),
-        interval: std::time::Duration::from_secs(2),
-    };
-    tokio::spawn(heartbeat.run(until_stopped(stopped)));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while directory.pick(&[city::DATA_CENTER.into()]).is_none() {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "the local runner for {} never reported to the marketplace",
-            city::DATA_CENTER
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    )
+    .await?;
     println!(
-        "runner for data center {} on https://{runner_address}",
-        city::DATA_CENTER
+        "runner for data center {} on https://{}",
+        city::DATA_CENTER,
+        runners.runners[0].0
     );
-    Ok(LocalRunner { _stop: stop })
-}
-
-/// Resolves once the watched flag is set or its sender is gone.
-async fn until_stopped(mut stopped: tokio::sync::watch::Receiver<bool>) {
-    let _ = stopped.wait_for(|stopped| *stopped).await;
-}
-
-/// A certificate authority for one run of `up`: its certificate, and
-/// certificates it issues for server and client use under one DNS name.
-struct LocalAuthority {
-    certificate: String,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
-
-impl LocalAuthority {
-    fn new() -> anyhow::Result<Self> {
-        let key = rcgen::KeyPair::generate()?;
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "civicgrid up: local runners");
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let certificate = params.self_signed(&key)?.pem();
-        Ok(Self {
-            certificate,
-            issuer: rcgen::Issuer::new(params, key),
-        })
-    }
-
-    fn issue(&self, name: &str) -> anyhow::Result<(String, String)> {
-        let key = rcgen::KeyPair::generate()?;
-        let mut params = rcgen::CertificateParams::new(vec![name.to_owned()])?;
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let certificate = params.signed_by(&key, &self.issuer)?;
-        Ok((certificate.pem(), key.serialize_pem()))
-    }
+    Ok(runners)
 }
