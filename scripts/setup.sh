@@ -61,6 +61,11 @@ bash tests/controlplane/build.sh >/dev/null
 log "helm"
 bash tools/helm/build.sh >/dev/null
 
+# versitygw, an S3-compatible server over a directory: each data center's
+# object store in the tests (built from the Go module proxy).
+log "versitygw"
+bash tools/versitygw/build.sh >/dev/null
+
 # PostgreSQL from Debian's packages, with a cluster of our own for the
 # marketplace tests (the same suite runs on SQLite and PostgreSQL).
 log "PostgreSQL"

@@ -15,6 +15,8 @@ CIVICGRID_CONTROLPLANE_BIN=$(bash tests/controlplane/build.sh)
 export CIVICGRID_CONTROLPLANE_BIN
 CIVICGRID_HELM=$(bash tools/helm/build.sh)
 export CIVICGRID_HELM
+CIVICGRID_VERSITYGW=$(bash tools/versitygw/build.sh)
+export CIVICGRID_VERSITYGW
 CIVICGRID_TEST_POSTGRES_URL=$(bash scripts/postgres.sh)
 export CIVICGRID_TEST_POSTGRES_URL
 echo "==> Wasm guests (wasm32-wasip1)" >&2

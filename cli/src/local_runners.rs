@@ -5,7 +5,6 @@
 //! (docs/runners.md).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,8 +76,8 @@ impl Authority {
 pub struct Setup {
     /// The data center the runners serve.
     pub data_center: String,
-    /// Its product folders.
-    pub data_dir: PathBuf,
+    /// Its product folders: a directory, or its object store.
+    pub products: civicgrid_runner::ProductStore,
     /// The SQL guest (Wasm).
     pub sql_guest: Vec<u8>,
     /// The runners' sandbox (shared by them).
@@ -161,7 +160,7 @@ pub async fn start(market: &Marketplace, setup: Setup) -> anyhow::Result<LocalRu
         let service = Arc::new(RunnerService::new(
             Arc::clone(&sandbox),
             Arc::clone(&guest),
-            setup.data_dir.clone(),
+            setup.products.clone(),
             setup.ceilings,
         ));
         let metrics = Arc::clone(service.metrics());

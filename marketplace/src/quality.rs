@@ -1,36 +1,21 @@
-//! Data quality measured from the product's own files when it is submitted for
-//! registration, so the registry records what the data is, not what its
-//! provider says it is.
-//!
-//! Each table is `<storage location>/<table>.parquet`. For the columns the
-//! spec declares:
-//! - **completeness**: non-null cells / all cells;
-//! - **validity**: non-null values that are plausible for their type / non-null
-//!   values (text not blank, floats finite, dates and timestamps between
-//!   1900 and a day from now);
-//! - **freshness**: seconds since the newest date or timestamp value, or since
-//!   the newest file was written when no such column exists.
-//!
-//! A declared column missing from the file, or of another type, refuses the
-//! submission with the field named.
+//! Product storage as the registry sees it: where a product's files are
+//! (a location inside a data directory, checked when a spec is registered),
+//! and its data quality as measured when it is submitted — by a runner in
+//! a data center hosting it, or, in the embedded default, over the
+//! marketplace's own data directory (see [`civicgrid_sandbox::quality`]).
+//! Also the sample city's population data.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow_array::cast::AsArray as _;
-use arrow_array::types::{Date32Type, Float32Type, Float64Type};
-use arrow_array::{Array, ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray};
-use arrow_schema::{DataType, Field, Schema, TimeUnit};
+use arrow_array::{Int32Array, Int64Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema};
+use civicgrid_sandbox::quality::{Quality, QualityError};
 use parquet::arrow::ArrowWriter;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::error::{MarketError, Result};
 use crate::spec::{QualityMetrics, Table};
-
-const DAY_MS: i64 = 86_400_000;
-/// 1900-01-01 in Unix milliseconds.
-const EARLIEST_MS: i64 = -2_208_988_800_000;
 
 /// Checks a product's storage location as written: a relative path inside
 /// the server's data directory (`products/population`), never an absolute
@@ -73,194 +58,65 @@ pub fn resolve_location(data_dir: &Path, location: &str) -> Result<PathBuf> {
         .map_err(|error| MarketError::invalid("spec.storage_location", error.to_string()))
 }
 
-fn compatible(declared: &str, actual: &DataType) -> bool {
-    match declared {
-        "boolean" => matches!(actual, DataType::Boolean),
-        "int32" => matches!(actual, DataType::Int8 | DataType::Int16 | DataType::Int32),
-        "int64" => matches!(
-            actual,
-            DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64
-        ),
-        "float64" => matches!(actual, DataType::Float32 | DataType::Float64),
-        "utf8" => matches!(
-            actual,
-            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
-        ),
-        "date32" => matches!(actual, DataType::Date32),
-        "timestamp" => matches!(actual, DataType::Timestamp(_, _)),
-        decimal => {
-            matches!(actual, DataType::Decimal128(p, s) if format!("decimal({p},{s})") == decimal.replace(' ', ""))
-        }
-    }
+/// The declared tables of a spec, as the sandbox's quality measurement
+/// (and a runner's) takes them.
+pub fn declared(tables: &[Table]) -> Vec<civicgrid_sandbox::quality::DeclaredTable> {
+    tables
+        .iter()
+        .map(|table| civicgrid_sandbox::quality::DeclaredTable {
+            name: table.name.clone(),
+            columns: table
+                .columns
+                .iter()
+                .map(|column| (column.name.clone(), column.r#type.clone()))
+                .collect(),
+        })
+        .collect()
 }
 
-#[derive(Default)]
-struct Tally {
-    cells: u64,
-    nulls: u64,
-    invalid: u64,
-    newest_ms: Option<i64>,
-}
-
-impl Tally {
-    fn saw_time(&mut self, ms: i64, now_ms: i64) -> bool {
-        let plausible = (EARLIEST_MS..=now_ms + DAY_MS).contains(&ms);
-        if plausible {
-            self.newest_ms = Some(self.newest_ms.map_or(ms, |newest| newest.max(ms)));
-        }
-        plausible
-    }
-
-    fn column(&mut self, array: &ArrayRef, now_ms: i64) {
-        self.cells += array.len() as u64;
-        self.nulls += array.null_count() as u64;
-        let invalid = match array.data_type() {
-            DataType::Utf8 => array
-                .as_string::<i32>()
-                .iter()
-                .flatten()
-                .filter(|v| v.trim().is_empty())
-                .count(),
-            DataType::LargeUtf8 => array
-                .as_string::<i64>()
-                .iter()
-                .flatten()
-                .filter(|v| v.trim().is_empty())
-                .count(),
-            DataType::Utf8View => array
-                .as_string_view()
-                .iter()
-                .flatten()
-                .filter(|v| v.trim().is_empty())
-                .count(),
-            DataType::Float64 => array
-                .as_primitive::<Float64Type>()
-                .iter()
-                .flatten()
-                .filter(|v| !v.is_finite())
-                .count(),
-            DataType::Float32 => array
-                .as_primitive::<Float32Type>()
-                .iter()
-                .flatten()
-                .filter(|v| !v.is_finite())
-                .count(),
-            DataType::Date32 => array
-                .as_primitive::<Date32Type>()
-                .iter()
-                .flatten()
-                .filter(|days| !self.saw_time(i64::from(*days) * DAY_MS, now_ms))
-                .count(),
-            DataType::Timestamp(unit, _) => {
-                let to_ms = |v: i64| match unit {
-                    TimeUnit::Second => v.saturating_mul(1000),
-                    TimeUnit::Millisecond => v,
-                    TimeUnit::Microsecond => v / 1000,
-                    TimeUnit::Nanosecond => v / 1_000_000,
-                };
-                let values: Vec<i64> = match unit {
-                    TimeUnit::Second => array
-                        .as_primitive::<arrow_array::types::TimestampSecondType>()
-                        .iter()
-                        .flatten()
-                        .collect(),
-                    TimeUnit::Millisecond => array
-                        .as_primitive::<arrow_array::types::TimestampMillisecondType>()
-                        .iter()
-                        .flatten()
-                        .collect(),
-                    TimeUnit::Microsecond => array
-                        .as_primitive::<arrow_array::types::TimestampMicrosecondType>()
-                        .iter()
-                        .flatten()
-                        .collect(),
-                    TimeUnit::Nanosecond => array
-                        .as_primitive::<arrow_array::types::TimestampNanosecondType>()
-                        .iter()
-                        .flatten()
-                        .collect(),
-                };
-                values
-                    .into_iter()
-                    .filter(|v| !self.saw_time(to_ms(*v), now_ms))
-                    .count()
-            }
-            _ => 0,
-        };
-        self.invalid += invalid as u64;
-    }
-}
-
-/// Measures the product's tables in `dir` at `now_ms`.
+/// A measurement's outcome as the registry records it, or its error naming
+/// the spec's field.
 ///
 /// # Errors
-/// `FailedPrecondition` when a table cannot be read; `InvalidArgument`
-/// naming the column when the file does not match the declared schema.
-pub fn measure(dir: &Path, tables: &[Table], now_ms: i64) -> Result<QualityMetrics> {
-    let mut tally = Tally::default();
-    let mut newest_file_ms: Option<i64> = None;
-    for (t, table) in tables.iter().enumerate() {
-        let path = dir.join(format!("{}.parquet", table.name));
-        let unreadable = |error: &dyn std::fmt::Display| {
-            MarketError::FailedPrecondition(format!(
-                "cannot read table {} at {}: {error}",
-                table.name,
-                path.display()
-            ))
-        };
-        let file = File::open(&path).map_err(|e| unreadable(&e))?;
-        let modified = file
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_millis() as i64);
-        newest_file_ms = newest_file_ms.max(modified);
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| unreadable(&e))?;
-        let schema = builder.schema().clone();
-        let mut indices = Vec::with_capacity(table.columns.len());
-        for (c, column) in table.columns.iter().enumerate() {
-            let (index, field) = schema.column_with_name(&column.name).ok_or_else(|| {
-                MarketError::invalid(
-                    format!("spec.tables[{t}].columns[{c}].name"),
-                    format!("column {:?} is not in {}", column.name, path.display()),
-                )
-            })?;
-            if !compatible(&column.r#type, field.data_type()) {
-                return Err(MarketError::invalid(
-                    format!("spec.tables[{t}].columns[{c}].type"),
-                    format!(
-                        "declared {} but {} holds {}",
-                        column.r#type,
-                        path.display(),
-                        field.data_type()
-                    ),
-                ));
-            }
-            indices.push(index);
-        }
-        let reader = builder.build().map_err(|e| unreadable(&e))?;
-        for batch in reader {
-            let batch = batch.map_err(|e| unreadable(&e))?;
-            for index in &indices {
-                tally.column(batch.column(*index), now_ms);
-            }
-        }
-    }
-    let non_null = tally.cells - tally.nulls;
-    let ratio = |part: u64, whole: u64| {
-        if whole == 0 {
-            1.0
-        } else {
-            part as f64 / whole as f64
-        }
-    };
-    let newest = tally.newest_ms.or(newest_file_ms).unwrap_or(now_ms);
-    Ok(QualityMetrics {
-        completeness: ratio(non_null, tally.cells),
-        validity: ratio(non_null - tally.invalid, non_null),
-        freshness_seconds: ((now_ms - newest) / 1000).max(0),
+/// `InvalidArgument` naming the column for a schema mismatch;
+/// `FailedPrecondition` when a table cannot be read.
+pub fn recorded(measured: std::result::Result<Quality, QualityError>) -> Result<QualityMetrics> {
+    measured.map(metrics).map_err(|error| match error.field() {
+        Some(field) => MarketError::invalid(field, error.to_string()),
+        None => MarketError::FailedPrecondition(error.to_string()),
     })
+}
+
+/// A runner's measurement as the registry records it.
+///
+/// # Errors
+/// The runner's error, as it was.
+pub fn recorded_remote(measured: Result<Quality>) -> Result<QualityMetrics> {
+    measured.map(metrics)
+}
+
+fn metrics(quality: Quality) -> QualityMetrics {
+    QualityMetrics {
+        completeness: quality.completeness,
+        validity: quality.validity,
+        freshness_seconds: quality.freshness_seconds,
+    }
+}
+
+/// Measures the product's tables in `dir` (the embedded default, where the
+/// marketplace's own data directory holds the products) at `now_ms`.
+///
+/// # Errors
+/// As [`recorded`].
+pub fn measure(dir: &Path, tables: &[Table], now_ms: i64) -> Result<QualityMetrics> {
+    let store = civicgrid_sandbox::LocalDirectory::discover(dir).map_err(|error| {
+        MarketError::FailedPrecondition(format!("cannot read the product's folder: {error}"))
+    })?;
+    recorded(civicgrid_sandbox::quality::measure(
+        &store,
+        &declared(tables),
+        now_ms,
+    ))
 }
 
 /// The city's districts.

@@ -8,6 +8,7 @@
 pub mod heartbeat;
 pub mod metrics;
 pub mod service;
+pub mod storage;
 pub mod wire;
 
 /// The generated runner API, server and client.
@@ -19,3 +20,4 @@ pub mod proto {
 pub use heartbeat::{Heartbeat, MARKETPLACE_NAME, certificate_name, certificate_names};
 pub use metrics::Metrics;
 pub use service::{Ceilings, RunnerService, mutual_tls, serve};
+pub use storage::ProductStore;

@@ -1,6 +1,6 @@
 //! `civicgrid-runner`: serves the Runner API to the marketplace over mutual
-//! TLS, running queries over the products in one data center's data
-//! directory.
+//! TLS, running queries over the products in one data center's store (its
+//! object store, or a directory).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use civicgrid_runner::{Ceilings, RunnerService, mutual_tls, serve};
+use civicgrid_runner::{Ceilings, ProductStore, RunnerService, mutual_tls, serve};
 use civicgrid_sandbox::{GuestRole, Sandbox, SandboxConfig};
 use clap::Parser;
 
@@ -24,13 +24,24 @@ struct Args {
     /// Where to listen for the marketplace.
     #[arg(long, default_value = "0.0.0.0:7443")]
     listen: SocketAddr,
-    /// The data center's product folders.
-    #[arg(long)]
-    data_dir: PathBuf,
+    /// The data center's product folders, in a directory.
+    #[arg(
+        long,
+        required_unless_present = "object_store",
+        conflicts_with = "object_store"
+    )]
+    data_dir: Option<PathBuf>,
+    /// The data center's product folders, in its S3-compatible object
+    /// store: s3://BUCKET or s3://BUCKET/PREFIX. Credentials, region and
+    /// endpoint come from the environment (AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT, AWS_ALLOW_HTTP).
+    #[arg(long, env = "CIVICGRID_OBJECT_STORE")]
+    object_store: Option<String>,
     /// The SQL guest (`civicgrid_sandbox_guest.wasm`).
     #[arg(long)]
     sql_guest: PathBuf,
-    /// Compiled modules (default: `<data-dir>/../runner-module-cache`).
+    /// Compiled modules (default: `<data-dir>/../runner-module-cache`, or
+    /// `runner-module-cache` in the working directory with an object store).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
     /// The runner's certificate (PEM), naming its data center.
@@ -88,12 +99,19 @@ async fn main() -> anyhow::Result<()> {
     }
     let wasm = std::fs::read(&args.sql_guest)
         .with_context(|| format!("reading the SQL guest {}", args.sql_guest.display()))?;
-    let cache_dir = args.cache_dir.clone().unwrap_or_else(|| {
-        args.data_dir
-            .parent()
-            .unwrap_or(&args.data_dir)
-            .join("runner-module-cache")
-    });
+    let products = match (&args.data_dir, &args.object_store) {
+        (Some(dir), _) => ProductStore::Directory(dir.clone()),
+        (None, Some(address)) => ProductStore::s3(address, tokio::runtime::Handle::current())
+            .context("--object-store")?,
+        (None, None) => anyhow::bail!("--data-dir or --object-store is required"),
+    };
+    let cache_dir = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| match &args.data_dir {
+            Some(dir) => dir.parent().unwrap_or(dir).join("runner-module-cache"),
+            None => PathBuf::from("runner-module-cache"),
+        });
     let mut config = SandboxConfig::new(&cache_dir);
     config.max_memory_bytes = memory_bytes;
     config.max_concurrent_runs = args.concurrent_runs;
@@ -107,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
         RunnerService::new(
             Arc::new(sandbox),
             sql_guest,
-            args.data_dir.clone(),
+            products.clone(),
             Ceilings {
                 memory_bytes,
                 wall_time: Duration::from_secs(args.max_wall_time_secs),
@@ -163,7 +181,7 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(
         address = %listener.local_addr()?,
         data_center = %args.data_center,
-        data_dir = %args.data_dir.display(),
+        products = ?products,
         "runner serving"
     );
     let shutdown = async {

@@ -2,19 +2,19 @@
 //! data center's sandbox over this data center's copy of the product.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use civicgrid_sandbox::policy::OutputPolicy;
 use civicgrid_sandbox::{
-    DeclaredColumns, FooterCache, Guest, GuestRole, Job, Limits, LocalDirectory, RunFailure,
-    Sandbox, SandboxError, TableStore,
+    DeclaredColumns, FooterCache, Guest, GuestRole, Job, Limits, RunFailure, Sandbox, SandboxError,
+    TableStore,
 };
 use tonic::{Request, Response, Status};
 
 use crate::proto::{self, run_reply};
+use crate::storage::{ProductStore, StorageError};
 use crate::wire;
 
 /// Chunks of the released Arrow IPC stream: at most this many bytes each.
@@ -29,14 +29,14 @@ pub struct Ceilings {
     pub wall_time: Duration,
 }
 
-/// The Runner service over one sandbox and one data directory.
+/// The Runner service over one sandbox and one data center's products.
 pub struct RunnerService {
     /// The name the caller's certificate must carry: the marketplace's.
     client_name: String,
     sandbox: Arc<Sandbox>,
     sql_guest: Arc<Guest>,
     footers: Arc<FooterCache>,
-    data_dir: PathBuf,
+    products: ProductStore,
     ceilings: Ceilings,
     metrics: Arc<crate::Metrics>,
 }
@@ -44,7 +44,7 @@ pub struct RunnerService {
 impl std::fmt::Debug for RunnerService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunnerService")
-            .field("data_dir", &self.data_dir)
+            .field("products", &self.products)
             .field("ceilings", &self.ceilings)
             .finish_non_exhaustive()
     }
@@ -52,13 +52,13 @@ impl std::fmt::Debug for RunnerService {
 
 impl RunnerService {
     /// A service running queries in `sandbox` with `sql_guest`, over the
-    /// products' folders in `data_dir`, for callers whose certificate names
+    /// products' folders in `products`, for callers whose certificate names
     /// [`crate::MARKETPLACE_NAME`] (see [`Self::answering`]).
     #[must_use]
     pub fn new(
         sandbox: Arc<Sandbox>,
         sql_guest: Arc<Guest>,
-        data_dir: PathBuf,
+        products: impl Into<ProductStore>,
         ceilings: Ceilings,
     ) -> Self {
         Self {
@@ -67,7 +67,7 @@ impl RunnerService {
             sandbox,
             sql_guest,
             footers: Arc::default(),
-            data_dir,
+            products: products.into(),
             ceilings,
         }
     }
@@ -92,7 +92,8 @@ impl RunnerService {
 
 /// A request checked and ready to run on a blocking thread.
 struct Checked {
-    dir: PathBuf,
+    product_id: String,
+    location: String,
     declared: HashMap<String, Vec<String>>,
     policy: OutputPolicy,
     privacy_budget: f64,
@@ -108,13 +109,14 @@ impl RunnerService {
         if request.product_id.is_empty() {
             return Err(Status::invalid_argument("product_id is required"));
         }
-        let dir = civicgrid_sandbox::location::resolve(&self.data_dir, &request.storage_location)
+        self.products
+            .check(&request.storage_location)
             .map_err(|error| {
-            Status::failed_precondition(format!(
-                "storage_location of product {}: {error}",
-                request.product_id
-            ))
-        })?;
+                Status::failed_precondition(format!(
+                    "storage_location of product {}: {error}",
+                    request.product_id
+                ))
+            })?;
         if request.tables.is_empty() {
             return Err(Status::invalid_argument(
                 "tables: a product declares at least one table",
@@ -144,7 +146,8 @@ impl RunnerService {
             )));
         }
         Ok(Checked {
-            dir,
+            product_id: request.product_id,
+            location: request.storage_location,
             declared: request
                 .tables
                 .into_iter()
@@ -164,12 +167,29 @@ impl RunnerService {
         })
     }
 
-    fn run_checked(&self, run: &Checked) -> Result<civicgrid_sandbox::Outcome, RunFailure> {
-        let files: Arc<dyn TableStore> = Arc::new(
-            LocalDirectory::discover(&run.dir)
-                .map_err(|error| SandboxError::Data(format!("the product's files: {error}")))?
-                .with_footer_cache(Arc::clone(&self.footers)),
-        );
+    /// The product's tables as they are now in this data center's store.
+    async fn open(&self, product_id: &str, location: &str) -> Result<Arc<dyn TableStore>, Status> {
+        self.products
+            .tables(location, &self.footers)
+            .await
+            .map_err(|error| match error {
+                StorageError::Location(error) => Status::failed_precondition(format!(
+                    "storage_location of product {product_id}: {error}"
+                )),
+                // The store's own error names hosts and buckets: the log
+                // has it, the marketplace is told only that it failed.
+                StorageError::Store(why) => {
+                    tracing::warn!(product = %product_id, %why, "the store did not answer");
+                    Status::unavailable("this data center's store did not answer")
+                }
+            })
+    }
+
+    fn run_checked(
+        &self,
+        run: &Checked,
+        files: Arc<dyn TableStore>,
+    ) -> Result<civicgrid_sandbox::Outcome, RunFailure> {
         let tables: Arc<dyn TableStore> =
             Arc::new(DeclaredColumns::new(files, run.declared.clone()));
         let guest = if run.algorithm.is_empty() {
@@ -239,17 +259,7 @@ impl proto::runner_server::Runner for Arc<RunnerService> {
         &self,
         request: Request<proto::RunRequest>,
     ) -> Result<Response<Self::RunStream>, Status> {
-        let caller_named = request.peer_certs().is_some_and(|certificates| {
-            certificates
-                .first()
-                .is_some_and(|leaf| crate::certificate_names(leaf.as_ref(), &self.client_name))
-        });
-        if !caller_named {
-            return Err(Status::permission_denied(format!(
-                "this runner answers only {}",
-                self.client_name
-            )));
-        }
+        self.answers(&request)?;
         let traceparent = request
             .metadata()
             .get(civicgrid_telemetry::propagation::TRACEPARENT)
@@ -266,10 +276,14 @@ impl proto::runner_server::Runner for Arc<RunnerService> {
         let checked = self.check(request).inspect_err(|_| {
             self.metrics.ended("refused", 0, 0, 0);
         })?;
+        let files = self
+            .open(&checked.product_id, &checked.location)
+            .await
+            .inspect_err(|_| self.metrics.ended("refused", 0, 0, 0))?;
         let service = Arc::clone(self);
         let outcome = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
-            service.run_checked(&checked)
+            service.run_checked(&checked, files)
         })
         .await
         .map_err(|error| {
@@ -288,6 +302,58 @@ impl proto::runner_server::Runner for Arc<RunnerService> {
         }
         let messages = replies(outcome).into_iter().map(Ok);
         Ok(Response::new(Box::pin(futures::stream::iter(messages))))
+    }
+
+    async fn measure(
+        &self,
+        request: Request<proto::MeasureRequest>,
+    ) -> Result<Response<proto::MeasureReply>, Status> {
+        self.answers(&request)?;
+        let request = request.into_inner();
+        if request.product_id.is_empty() {
+            return Err(Status::invalid_argument("product_id is required"));
+        }
+        if request.tables.is_empty() {
+            return Err(Status::invalid_argument(
+                "tables: a product declares at least one table",
+            ));
+        }
+        let files = self
+            .open(&request.product_id, &request.storage_location)
+            .await?;
+        let declared = wire::declared_from_proto(request.tables);
+        let now_ms = request.now_ms;
+        let measured = tokio::task::spawn_blocking(move || {
+            civicgrid_sandbox::quality::measure(files.as_ref(), &declared, now_ms)
+        })
+        .await
+        .map_err(|error| {
+            tracing::error!(product = %request.product_id, %error, "the measurement's task failed");
+            Status::internal("the measurement's task failed")
+        })?;
+        wire::measured_to_proto(measured)
+            .map(Response::new)
+            .map_err(|error| Status::failed_precondition(error.to_string()))
+    }
+}
+
+impl RunnerService {
+    /// Refuses a caller whose certificate does not name the marketplace.
+    #[allow(clippy::result_large_err)]
+    fn answers<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let caller_named = request.peer_certs().is_some_and(|certificates| {
+            certificates
+                .first()
+                .is_some_and(|leaf| crate::certificate_names(leaf.as_ref(), &self.client_name))
+        });
+        if caller_named {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "this runner answers only {}",
+                self.client_name
+            )))
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use civicgrid_sandbox::quality::{DeclaredTable, Quality, QualityError};
 use civicgrid_sandbox::{Metering, SandboxError};
 
 use crate::proto::{self, sandbox_failure::Kind};
@@ -137,6 +138,108 @@ pub fn metering_from_proto(metering: &proto::Metering) -> Metering {
         wall_time: Duration::from_micros(metering.wall_time_us),
         startup: Duration::from_micros(metering.startup_us),
         instances: metering.instances,
+    }
+}
+
+/// Declared tables as sent for a measurement.
+#[must_use]
+pub fn declared_to_proto(tables: &[DeclaredTable]) -> Vec<proto::TypedTable> {
+    tables
+        .iter()
+        .map(|table| proto::TypedTable {
+            name: table.name.clone(),
+            columns: table
+                .columns
+                .iter()
+                .map(|(name, r#type)| proto::TypedColumn {
+                    name: name.clone(),
+                    r#type: r#type.clone(),
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// Declared tables as received.
+#[must_use]
+pub fn declared_from_proto(tables: Vec<proto::TypedTable>) -> Vec<DeclaredTable> {
+    tables
+        .into_iter()
+        .map(|table| DeclaredTable {
+            name: table.name,
+            columns: table
+                .columns
+                .into_iter()
+                .map(|column| (column.name, column.r#type))
+                .collect(),
+        })
+        .collect()
+}
+
+/// A measurement as sent: its figures, or the schema mismatch it found;
+/// `Err` for an unreadable table, which is no answer about the schema.
+///
+/// # Errors
+/// The unreadable table's error, to be sent as a status.
+pub fn measured_to_proto(
+    measured: Result<Quality, QualityError>,
+) -> Result<proto::MeasureReply, QualityError> {
+    let mismatch = |table: usize, column: usize, type_differs: bool, message: String| {
+        proto::measure_reply::Outcome::Mismatch(proto::SchemaMismatch {
+            table: u32::try_from(table).unwrap_or(u32::MAX),
+            column: u32::try_from(column).unwrap_or(u32::MAX),
+            type_differs,
+            message,
+        })
+    };
+    let outcome = match measured {
+        Ok(quality) => proto::measure_reply::Outcome::Quality(proto::Quality {
+            completeness: quality.completeness,
+            validity: quality.validity,
+            freshness_seconds: quality.freshness_seconds,
+        }),
+        Err(error @ QualityError::MissingColumn { table, column, .. }) => {
+            mismatch(table, column, false, error.to_string())
+        }
+        Err(error @ QualityError::WrongType { table, column, .. }) => {
+            mismatch(table, column, true, error.to_string())
+        }
+        Err(error @ QualityError::Unreadable { .. }) => return Err(error),
+    };
+    Ok(proto::MeasureReply {
+        outcome: Some(outcome),
+    })
+}
+
+/// A measurement as received: the figures, or the field of the spec that
+/// does not match, with why.
+///
+/// # Errors
+/// `(field, message)` of a schema mismatch, or `(None, why)` for a reply
+/// with no outcome.
+pub fn measured_from_proto(
+    reply: proto::MeasureReply,
+) -> Result<Quality, (Option<String>, String)> {
+    match reply.outcome {
+        Some(proto::measure_reply::Outcome::Quality(quality)) => Ok(Quality {
+            completeness: quality.completeness,
+            validity: quality.validity,
+            freshness_seconds: quality.freshness_seconds,
+        }),
+        Some(proto::measure_reply::Outcome::Mismatch(mismatch)) => Err((
+            Some(format!(
+                "spec.tables[{}].columns[{}].{}",
+                mismatch.table,
+                mismatch.column,
+                if mismatch.type_differs {
+                    "type"
+                } else {
+                    "name"
+                }
+            )),
+            mismatch.message,
+        )),
+        None => Err((None, "the runner sent no measurement".into())),
     }
 }
 

@@ -10,11 +10,17 @@
 pub use civicgrid_guest_protocol::{ipc, policy, protocol};
 
 pub mod location;
+pub mod quality;
+
+/// The object-store client product data is read with, for callers that
+/// build the store [`ObjectTables`] reads.
+pub use object_store;
 
 mod host;
 pub use host::{
     BATCH_ROWS, CacheOutcome, DeclaredColumns, FUEL_PER_COMPUTE_UNIT, FooterCache, Guest,
-    GuestRole, Job, Limits, LocalDirectory, MAX_PARTS, MIN_UNITS_METADATA, Metering, Outcome,
-    RunFailure, SHARE_ROWS, Sandbox, SandboxConfig, SandboxError, ScanFilter, TableScan,
-    TableStore, keeps_touched_pages_resident,
+    GuestRole, Job, Limits, ListError, LocalDirectory, MAX_ARROW_OBJECT_BYTES, MAX_PARTS,
+    MIN_UNITS_METADATA, Metering, ObjectTables, Outcome, RunFailure, SHARE_ROWS, Sandbox,
+    SandboxConfig, SandboxError, ScanFilter, TableScan, TableStore, keeps_touched_pages_resident,
+    object_folder,
 };

@@ -3,7 +3,9 @@
 //! multi-cluster Kubernetes harness in [`controlplane`].
 
 pub mod controlplane;
+pub mod kubelet;
 pub mod market;
+pub mod objectstore;
 pub mod operator;
 pub mod pool;
 pub mod runners;

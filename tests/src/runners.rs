@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use civicgrid_cli::local_runners::{Authority, LocalRunners as Routed};
-use civicgrid_runner::Ceilings;
+use civicgrid_runner::{Ceilings, ProductStore};
 
 use crate::market::TestMarket;
 
@@ -21,6 +21,19 @@ pub async fn route(
     data_dir: &Path,
     count: usize,
 ) -> anyhow::Result<Routed> {
+    route_to(market, data_center, data_dir.to_owned().into(), count).await
+}
+
+/// As [`route`], over `products` (a directory or an object store).
+///
+/// # Errors
+/// As [`civicgrid_cli::local_runners::start`].
+pub async fn route_to(
+    market: &TestMarket,
+    data_center: &str,
+    products: ProductStore,
+    count: usize,
+) -> anyhow::Result<Routed> {
     let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/sandbox-cache");
     let mut sandbox = civicgrid_sandbox::SandboxConfig::new(cache);
     sandbox.max_concurrent_runs = 64;
@@ -28,7 +41,7 @@ pub async fn route(
         &market.market,
         civicgrid_cli::local_runners::Setup {
             data_center: data_center.to_owned(),
-            data_dir: data_dir.to_owned(),
+            products,
             sql_guest: crate::sandbox::sql_guest(),
             sandbox,
             ceilings: Ceilings {

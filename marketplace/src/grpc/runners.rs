@@ -15,7 +15,9 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::error::MarketError;
-use crate::queries::remote::{RemoteJob, RemoteRun, RunnerChoice, Runners};
+use crate::queries::remote::{
+    MeasureJob, RemoteJob, RemoteMeasure, RemoteRun, RunnerChoice, Runners,
+};
 
 /// How long a runner counts as ready after a heartbeat, unless configured.
 pub const DEFAULT_RUNNER_TTL: Duration = Duration::from_secs(15);
@@ -29,6 +31,10 @@ const MAX_VERSION_CHARS: usize = 64;
 
 /// Beyond its wall time, how long a run's answer may take to arrive.
 const ANSWER_MARGIN: Duration = Duration::from_secs(30);
+
+/// How long a runner may take to measure a product at submission (it reads
+/// every declared column once).
+const MEASURE_WITHIN: Duration = Duration::from_secs(600);
 
 #[derive(Debug)]
 struct Registered {
@@ -187,6 +193,30 @@ impl Directory for DirectoryService {
 }
 
 impl Runners for RunnerDirectory {
+    fn measure(
+        &self,
+        choice: RunnerChoice,
+        data_centers: Vec<String>,
+        job: MeasureJob,
+    ) -> RemoteMeasure<'_> {
+        Box::pin(async move {
+            match self.measure_on(&choice, &job).await {
+                Err(MarketError::Unavailable(_)) => {
+                    self.mark_down(&choice);
+                    match self.pick(&data_centers) {
+                        Some(other) => self.measure_on(&other, &job).await,
+                        None => Err(MarketError::Unavailable(format!(
+                            "no runner in {} measured product {}; retry later",
+                            data_centers.join(" or "),
+                            job.product_id
+                        ))),
+                    }
+                }
+                answered => answered,
+            }
+        })
+    }
+
     fn pick(&self, data_centers: &[String]) -> Option<RunnerChoice> {
         let runners = self
             .runners
@@ -236,6 +266,47 @@ impl Runners for RunnerDirectory {
 }
 
 impl RunnerDirectory {
+    async fn measure_on(
+        &self,
+        choice: &RunnerChoice,
+        job: &MeasureJob,
+    ) -> crate::error::Result<civicgrid_sandbox::quality::Quality> {
+        let unavailable = |why: String| {
+            tracing::warn!(data_center = %choice.data_center, endpoint = %choice.endpoint, %why, "a runner did not measure a product");
+            MarketError::Unavailable(format!(
+                "no runner in {} measured product {}; retry later",
+                choice.data_center, job.product_id
+            ))
+        };
+        let channel = self
+            .channel(choice)
+            .ok_or_else(|| unavailable("no longer registered".into()))?;
+        let request = proto::MeasureRequest {
+            product_id: job.product_id.clone(),
+            storage_location: job.storage_location.clone(),
+            tables: wire::declared_to_proto(&job.tables),
+            now_ms: job.now_ms,
+        };
+        let reply = tokio::time::timeout(
+            MEASURE_WITHIN,
+            proto::runner_client::RunnerClient::new(channel).measure(request),
+        )
+        .await
+        .map_err(|_| unavailable(format!("no answer within {} s", MEASURE_WITHIN.as_secs())))?;
+        let reply = match reply {
+            Ok(reply) => reply.into_inner(),
+            // The product's own files, described to their provider.
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                return Err(MarketError::FailedPrecondition(status.message().to_owned()));
+            }
+            Err(status) => return Err(unavailable(status.to_string())),
+        };
+        wire::measured_from_proto(reply).map_err(|(field, message)| match field {
+            Some(field) => MarketError::invalid(field, message),
+            None => unavailable(message),
+        })
+    }
+
     async fn run_on(
         &self,
         choice: &RunnerChoice,

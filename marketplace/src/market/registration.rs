@@ -6,7 +6,7 @@ use crate::demand::{Demand, DemandQuery, NewDemand};
 use crate::error::{MarketError, Result};
 use crate::identity::{self, OrganizationKind, Principal};
 use crate::registry::{self, CatalogFilter, Product, ProductState, RegistrationEvent, Step};
-use crate::spec::ProductSpec;
+use crate::spec::{ProductSpec, QualityMetrics};
 
 use super::Marketplace;
 
@@ -329,31 +329,34 @@ impl Marketplace {
         reason: &str,
         approve: bool,
     ) -> Result<Product> {
+        // Measured before the transaction that records it: a runner may take
+        // minutes, and no write should wait on it.
+        let before = self
+            .readable_product(principal, product_id, "product:review")
+            .await?;
+        let measured = match (&before.pending_revision, approve) {
+            (Some(revised), true) => Some((
+                revised.clone(),
+                self.measure_quality(product_id, revised).await?,
+            )),
+            (None, true) => {
+                return Err(MarketError::FailedPrecondition(format!(
+                    "product {product_id} has no revision waiting for review"
+                )));
+            }
+            (_, false) => None,
+        };
         let mut transaction = self.store.begin().await?;
         let product = self
             .provider_product(&mut transaction, principal, product_id, "product:review")
             .await?;
-        let quality = match (&product.pending_revision, approve) {
-            (Some(revised), true) => {
-                let revised = revised.clone();
-                let dir =
-                    crate::quality::resolve_location(self.data_dir(), &revised.storage_location)?;
-                let measured = tokio::task::spawn_blocking(move || {
-                    crate::quality::measure(&dir, &revised.tables, crate::store::now_ms())
-                })
-                .await
-                .map_err(|error| {
-                    MarketError::Corrupt(format!("quality measurement task: {error}"))
-                })??;
-                Some(measured)
+        let quality = match measured {
+            Some((revised, quality)) if product.pending_revision.as_ref() == Some(&revised) => {
+                Some(quality)
             }
-            _ => None,
+            Some(_) => return Err(changed_while_measured(product_id)),
+            None => None,
         };
-        if approve && quality.is_none() {
-            return Err(MarketError::FailedPrecondition(format!(
-                "product {product_id} has no revision waiting for review"
-            )));
-        }
         let product = registry::decide_revision(
             &mut transaction,
             self.store.backend(),
@@ -382,6 +385,21 @@ impl Marketplace {
         step: Step,
         permission: &str,
     ) -> Result<Product> {
+        // Registration records measured quality, read from the data itself
+        // where it lives, before the transaction that records it.
+        let measured = if matches!(step, Step::Submit) {
+            let before = self
+                .readable_product(principal, product_id, permission)
+                .await?;
+            if before.state == ProductState::Draft {
+                let quality = self.measure_quality(product_id, &before.spec).await?;
+                Some((before.spec, quality))
+            } else {
+                None
+            }
+        } else {
+            None
+        };
         let mut transaction = self.store.begin().await?;
         let product = self
             .provider_product(&mut transaction, principal, product_id, permission)
@@ -394,18 +412,11 @@ impl Marketplace {
             )
             .await?;
         }
-        if matches!(step, Step::Submit) && product.state == ProductState::Draft {
-            // Registration records measured quality, read from the data itself.
-            let spec = product.spec;
-            let dir = crate::quality::resolve_location(self.data_dir(), &spec.storage_location)?;
-            let measured = tokio::task::spawn_blocking(move || {
-                crate::quality::measure(&dir, &spec.tables, crate::store::now_ms())
-            })
-            .await
-            .map_err(|error| {
-                MarketError::Corrupt(format!("quality measurement task: {error}"))
-            })??;
-            registry::set_quality(&mut transaction, product_id, measured).await?;
+        if let Some((spec, quality)) = measured {
+            if product.state != ProductState::Draft || product.spec != spec {
+                return Err(changed_while_measured(product_id));
+            }
+            registry::set_quality(&mut transaction, product_id, quality).await?;
         }
         let product = registry::step(
             &mut transaction,
@@ -419,4 +430,61 @@ impl Marketplace {
         transaction.commit().await?;
         Ok(product)
     }
+
+    /// A product its provider's member may act on with `permission`, read
+    /// outside any write.
+    async fn readable_product(
+        &self,
+        principal: &Principal,
+        product_id: &str,
+        permission: &str,
+    ) -> Result<Product> {
+        let mut transaction = self.store.begin().await?;
+        let product = self
+            .provider_product(&mut transaction, principal, product_id, permission)
+            .await?;
+        transaction.rollback().await?;
+        Ok(product)
+    }
+
+    /// The data quality of `spec`'s tables, measured where they are: by a
+    /// ready runner in a data center hosting the product when queries are
+    /// routed (the marketplace never reads product data), or over the
+    /// marketplace's own data directory in the embedded default.
+    async fn measure_quality(
+        &self,
+        product_id: &str,
+        spec: &ProductSpec,
+    ) -> Result<QualityMetrics> {
+        let now_ms = crate::store::now_ms();
+        let Some(runners) = self.runners.get().cloned() else {
+            let dir = crate::quality::resolve_location(self.data_dir(), &spec.storage_location)?;
+            let tables = spec.tables.clone();
+            return tokio::task::spawn_blocking(move || {
+                crate::quality::measure(&dir, &tables, now_ms)
+            })
+            .await
+            .map_err(|error| MarketError::Corrupt(format!("quality measurement task: {error}")))?;
+        };
+        let hosts = spec.hosting_data_centers.clone();
+        let choice = runners.pick(&hosts).ok_or_else(|| {
+            MarketError::Unavailable(format!(
+                "no runner is ready in {} to measure product {product_id}'s data; retry later",
+                hosts.join(" or ")
+            ))
+        })?;
+        let job = crate::queries::remote::MeasureJob {
+            product_id: product_id.to_owned(),
+            storage_location: spec.storage_location.clone(),
+            tables: crate::quality::declared(&spec.tables),
+            now_ms,
+        };
+        crate::quality::recorded_remote(runners.measure(choice, hosts, job).await)
+    }
+}
+
+fn changed_while_measured(product_id: &str) -> MarketError {
+    MarketError::FailedPrecondition(format!(
+        "product {product_id} changed while its data was measured; try again"
+    ))
 }

@@ -1,7 +1,8 @@
 //! Queries run where the data is: a runner in a data center hosting the
 //! product runs the reserved query and returns the released result, while
 //! the marketplace authorizes, holds, settles and audits it as it would a
-//! run of its own. The transport (mutual TLS gRPC, the runners' directory)
+//! run of its own. Runners also measure a product's data when it is
+//! submitted for registration. The transport (mutual TLS gRPC, the runners' directory)
 //! lives in the gRPC layer; this is what the query path asks of it.
 
 use std::collections::HashMap;
@@ -9,6 +10,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use civicgrid_sandbox::policy::OutputPolicy;
+use civicgrid_sandbox::quality::{DeclaredTable, Quality};
 use civicgrid_sandbox::{Limits, Outcome, RunFailure};
 
 use crate::error::Result;
@@ -48,6 +50,25 @@ pub struct RemoteJob {
     pub limits: Limits,
 }
 
+/// What a runner needs to measure a product's data at submission: the
+/// marketplace never reads product data, not even to describe it.
+#[derive(Clone, Debug)]
+pub struct MeasureJob {
+    /// The product.
+    pub product_id: String,
+    /// Its storage location, resolved by the runner.
+    pub storage_location: String,
+    /// Its declared tables, with column types.
+    pub tables: Vec<DeclaredTable>,
+    /// The measurement's clock, Unix milliseconds.
+    pub now_ms: i64,
+}
+
+/// A measurement on a runner: the figures, `InvalidArgument` naming the
+/// spec's column that does not match the files, `FailedPrecondition` for a
+/// table that cannot be read, or `Unavailable` when no runner answered.
+pub type RemoteMeasure<'a> = Pin<Box<dyn Future<Output = Result<Quality>> + Send + 'a>>;
+
 /// A run on a runner, as the sandbox's own outcome or failure; `Err`
 /// (`Unavailable`) when no runner took the query, so nothing ran and it is
 /// neither counted nor charged.
@@ -63,4 +84,12 @@ pub trait Runners: Send + Sync + std::fmt::Debug {
     /// the run's wall time, fails the run with what it had burnt (nothing,
     /// as far as the marketplace knows).
     fn run(&self, choice: RunnerChoice, job: RemoteJob) -> RemoteRun<'_>;
+    /// Measures a product on `choice`, or, if it does not answer, on
+    /// another ready runner of `data_centers`.
+    fn measure(
+        &self,
+        choice: RunnerChoice,
+        data_centers: Vec<String>,
+        job: MeasureJob,
+    ) -> RemoteMeasure<'_>;
 }

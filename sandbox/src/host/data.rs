@@ -12,8 +12,8 @@ use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{
-    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection,
-    RowSelector,
+    ArrowReaderBuilder, ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+    RowSelection, RowSelector,
 };
 use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData};
 
@@ -36,6 +36,11 @@ pub trait TableStore: Send + Sync {
     fn schema(&self, table: &str) -> Result<SchemaRef, String>;
     /// Streams `columns` (indices into [`Self::schema`]) of `table`.
     fn scan(&self, table: &str, columns: &[usize]) -> Result<TableScan, String>;
+
+    /// When `table` was last written, where the store knows.
+    fn modified(&self, _table: &str) -> Option<SystemTime> {
+        None
+    }
 
     /// Into how many shares a scan of `table` splits, so that instances on
     /// different cores can each read one. A property of the data, never of
@@ -148,6 +153,10 @@ impl TableStore for DeclaredColumns {
         self.inner.parts(table)
     }
 
+    fn modified(&self, table: &str) -> Option<SystemTime> {
+        self.inner.modified(table)
+    }
+
     fn scan_part(
         &self,
         table: &str,
@@ -184,7 +193,7 @@ pub const SHARE_ROWS: u64 = 4 * 1024 * 1024;
 /// is used only while the file is still the one it was parsed from.
 #[derive(Debug, Default)]
 pub struct FooterCache {
-    entries: Mutex<HashMap<PathBuf, (FileIdentity, ArrowReaderMetadata)>>,
+    entries: Mutex<HashMap<String, (Identity, ArrowReaderMetadata)>>,
     parsed: AtomicU64,
 }
 
@@ -192,16 +201,19 @@ pub struct FooterCache {
 /// very many files holds at most this many footers in memory.
 const FOOTER_CACHE_ENTRIES: usize = 4096;
 
-/// What tells a file from its replacement: a new inode when it was renamed
-/// over, a new length or modification time when it was rewritten in place.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileIdentity {
+/// What tells a file from its replacement. On a local disk: a new inode when
+/// it was renamed over, a new length or modification time when it was
+/// rewritten in place. In an object store: a new entity tag (or, where the
+/// store gives none, a new size or modification time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Identity {
     inode: u64,
     len: u64,
     modified: Option<SystemTime>,
+    tag: Option<String>,
 }
 
-impl FileIdentity {
+impl Identity {
     fn of(file: &File, path: &Path) -> Result<Self, String> {
         let metadata = file
             .metadata()
@@ -214,7 +226,18 @@ impl FileIdentity {
             inode,
             len: metadata.len(),
             modified: metadata.modified().ok(),
+            tag: None,
         })
+    }
+
+    /// An object's identity: its size, modification time and entity tag.
+    pub(crate) fn object(len: u64, modified: SystemTime, tag: Option<String>) -> Self {
+        Self {
+            inode: 0,
+            len,
+            modified: Some(modified),
+            tag,
+        }
     }
 }
 
@@ -229,31 +252,46 @@ impl FooterCache {
         self.parsed.load(Ordering::Relaxed)
     }
 
-    /// The footer of `file`, opened from `path`: cached, or parsed and cached.
-    fn metadata(&self, path: &Path, file: &File) -> Result<ArrowReaderMetadata, String> {
-        let identity = FileIdentity::of(file, path)?;
-        let entries = || self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((cached, metadata)) = entries().get(path)
-            && *cached == identity
-        {
-            return Ok(metadata.clone());
-        }
-        // The offset index (where each page starts) lets a share that starts
-        // or ends inside a row group skip the pages it does not read instead
-        // of decompressing them; files written without one still split.
-        let metadata = ArrowReaderMetadata::load(
-            file,
-            ArrowReaderOptions::new().with_offset_index_policy(PageIndexPolicy::Optional),
-        )
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    /// The footer cached under `key`, if it was parsed from the file that
+    /// `identity` names.
+    pub(crate) fn get(&self, key: &str, identity: &Identity) -> Option<ArrowReaderMetadata> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries
+            .get(key)
+            .filter(|(cached, _)| cached == identity)
+            .map(|(_, metadata)| metadata.clone())
+    }
+
+    /// Keeps `metadata`, just parsed from the file `identity` names.
+    pub(crate) fn put(&self, key: &str, identity: Identity, metadata: ArrowReaderMetadata) {
         self.parsed.fetch_add(1, Ordering::Relaxed);
-        let mut entries = entries();
-        if entries.len() >= FOOTER_CACHE_ENTRIES && !entries.contains_key(path) {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries.len() >= FOOTER_CACHE_ENTRIES && !entries.contains_key(key) {
             entries.clear();
         }
-        entries.insert(path.to_owned(), (identity, metadata.clone()));
+        entries.insert(key.to_owned(), (identity, metadata));
+    }
+
+    /// The footer of `file`, opened from `path`: cached, or parsed and cached.
+    fn metadata(&self, path: &Path, file: &File) -> Result<ArrowReaderMetadata, String> {
+        let identity = Identity::of(file, path)?;
+        let key = path.to_string_lossy();
+        if let Some(metadata) = self.get(&key, &identity) {
+            return Ok(metadata);
+        }
+        let metadata = ArrowReaderMetadata::load(file, footer_options())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        self.put(&key, identity, metadata.clone());
         Ok(metadata)
     }
+}
+
+/// How footers are read. The offset index (where each page starts) lets a
+/// share that starts or ends inside a row group skip the pages it does not
+/// read instead of decompressing them; files written without one still
+/// split.
+pub(crate) fn footer_options() -> ArrowReaderOptions {
+    ArrowReaderOptions::new().with_offset_index_policy(PageIndexPolicy::Optional)
 }
 
 /// Tables as files in one directory: `<table>.parquet` or `<table>.arrow`
@@ -384,6 +422,11 @@ impl TableStore for LocalDirectory {
         self.scan_row_groups(table, columns, None)
     }
 
+    fn modified(&self, table: &str) -> Option<SystemTime> {
+        let (path, _) = self.file(table).ok()?;
+        open(&path).ok()?.metadata().ok()?.modified().ok()
+    }
+
     /// A Parquet table stored in more than one row group splits into shares
     /// of at most the directory's share rows ([`SHARE_ROWS`] by default), see
     /// [`shares_for`]; each share is an equal run of the table's rows (see
@@ -433,26 +476,12 @@ impl LocalDirectory {
         let name = path.display().to_string();
         if is_parquet {
             let footer = self.footers.metadata(&path, &file)?;
-            let mut builder = ParquetRecordBatchReaderBuilder::new_with_metadata(file, footer);
-            if let Some((part, parts)) = share {
-                let (groups, selection) = share_rows(builder.metadata(), part, parts);
-                builder = builder
-                    .with_row_groups(groups)
-                    .with_row_selection(selection);
-            }
-            let mask = ProjectionMask::roots(builder.parquet_schema(), columns.iter().copied());
-            // The mask keeps file order; the guest asked for its own order.
-            let mut sorted = columns.to_vec();
-            sorted.sort_unstable();
-            let order: Vec<usize> = columns
-                .iter()
-                .map(|c| sorted.binary_search(c).unwrap_or_default())
-                .collect();
-            let reader = builder
-                .with_projection(mask)
-                .with_batch_size(BATCH_ROWS)
-                .build()
-                .map_err(|e| format!("{name}: {e}"))?;
+            let (builder, order) = shaped(
+                ParquetRecordBatchReaderBuilder::new_with_metadata(file, footer),
+                columns,
+                share,
+            );
+            let reader = builder.build().map_err(|e| format!("{name}: {e}"))?;
             Ok(Box::new(reader.map(move |b| {
                 let batch = b.map_err(|e| format!("{name}: {e}"))?;
                 reorder(batch, &order)
@@ -465,6 +494,32 @@ impl LocalDirectory {
             ))
         }
     }
+}
+
+/// `builder` reading `columns` (in the order asked for) of share `share`
+/// (part, parts) of the file, or all of it, in batches of [`BATCH_ROWS`];
+/// and the order that puts each batch's columns back in the order asked for
+/// (the mask reads in file order).
+pub(crate) fn shaped<T>(
+    mut builder: ArrowReaderBuilder<T>,
+    columns: &[usize],
+    share: Option<(usize, usize)>,
+) -> (ArrowReaderBuilder<T>, Vec<usize>) {
+    if let Some((part, parts)) = share {
+        let (groups, selection) = share_rows(builder.metadata(), part, parts);
+        builder = builder
+            .with_row_groups(groups)
+            .with_row_selection(selection);
+    }
+    let mask = ProjectionMask::roots(builder.parquet_schema(), columns.iter().copied());
+    let mut sorted = columns.to_vec();
+    sorted.sort_unstable();
+    let order: Vec<usize> = columns
+        .iter()
+        .map(|c| sorted.binary_search(c).unwrap_or_default())
+        .collect();
+    let builder = builder.with_projection(mask).with_batch_size(BATCH_ROWS);
+    (builder, order)
 }
 
 /// How many shares a table of `rows` rows stored in `row_groups` row groups
@@ -480,7 +535,7 @@ impl LocalDirectory {
 /// A table splits only if it is stored in more than one row group and two
 /// shares would each hold at least a sixteenth of `share_rows`: below that
 /// the second instance's planning costs more than the scan it saves.
-fn shares_for(rows: u64, row_groups: usize, share_rows: u64) -> usize {
+pub(crate) fn shares_for(rows: u64, row_groups: usize, share_rows: u64) -> usize {
     let share_rows = share_rows.max(1);
     if row_groups < 2 || rows < 2 * share_rows.div_ceil(16) {
         return 1;
@@ -493,7 +548,11 @@ fn shares_for(rows: u64, row_groups: usize, share_rows: u64) -> usize {
 /// across them, the rows it reads. Share `k` reads the file's rows
 /// `k * n / parts .. (k + 1) * n / parts` (of `n`), so every row is in
 /// exactly one share and shares differ by at most one row.
-fn share_rows(metadata: &ParquetMetaData, part: usize, parts: usize) -> (Vec<usize>, RowSelection) {
+pub(crate) fn share_rows(
+    metadata: &ParquetMetaData,
+    part: usize,
+    parts: usize,
+) -> (Vec<usize>, RowSelection) {
     let counts: Vec<u64> = metadata
         .row_groups()
         .iter()
@@ -527,7 +586,7 @@ fn share_rows(metadata: &ParquetMetaData, part: usize, parts: usize) -> (Vec<usi
     (groups, RowSelection::from(selectors))
 }
 
-fn reorder(batch: RecordBatch, order: &[usize]) -> Result<RecordBatch, String> {
+pub(crate) fn reorder(batch: RecordBatch, order: &[usize]) -> Result<RecordBatch, String> {
     if order.iter().enumerate().all(|(i, &o)| i == o) {
         return Ok(batch);
     }

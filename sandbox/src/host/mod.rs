@@ -13,6 +13,7 @@ mod data;
 mod error;
 mod filter;
 mod instance;
+mod objects;
 mod release;
 mod run;
 mod slots;
@@ -40,6 +41,7 @@ pub use data::{
 };
 pub use error::{RunFailure, SandboxError};
 pub use filter::ScanFilter;
+pub use objects::{ListError, MAX_ARROW_OBJECT_BYTES, ObjectTables, folder as object_folder};
 pub use release::MIN_UNITS_METADATA;
 
 use config::TICK;

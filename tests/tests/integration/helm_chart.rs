@@ -343,8 +343,28 @@ fn runner_pools_land_only_where_their_dataset_is() -> anyhow::Result<()> {
         "fieldPath: \"metadata.labels['civicgrid.io/data-center']\"",
         "--directory=https://marketplace.civicgrid.internal:7444",
         "--advertise=https://$(POD_IP):7443",
+        "type: Duplicated",
+        "--data-dir=/var/lib/civicgrid/products-root",
     ] {
         anyhow::ensure!(rendered.contains(expected), "{expected} in:\n{rendered}");
+    }
+    // With the data centers' object stores, each member cluster's Secret
+    // configures its runners; no product volume is mounted.
+    let with_stores = render_with(&[
+        "--set-json",
+        r#"runners.pools=[{"name":"population","dataset":"population-register"}]"#,
+        "--set",
+        "runners.objectStoreSecret=civicgrid-runner-store",
+        "--show-only",
+        "templates/runner-pools.yaml",
+    ])?;
+    anyhow::ensure!(
+        with_stores
+            .contains("envFrom:\n        - secretRef:\n            name: civicgrid-runner-store"),
+        "the store's Secret in:\n{with_stores}"
+    );
+    for absent in ["--data-dir", "name: products", "claimName"] {
+        anyhow::ensure!(!with_stores.contains(absent), "{absent} in:\n{with_stores}");
     }
     // With no pools, the template renders nothing.
     anyhow::ensure!(!render()?.contains("runner-"), "pools rendered by default");
@@ -393,6 +413,18 @@ fn runner_pools_land_only_where_their_dataset_is() -> anyhow::Result<()> {
             anyhow::ensure!(
                 holding.contains(data_center),
                 "{pool} placed in {data_center}, which does not hold {dataset}"
+            );
+        }
+        // And in every one that holds it (tolerations permitting): each
+        // copy of the data has runners of its own.
+        if pool == "runner-population" {
+            let mut placed: Vec<String> = placed.iter().map(|dc| (*dc).clone()).collect();
+            placed.sort();
+            let mut holding = holding.clone();
+            holding.sort();
+            anyhow::ensure!(
+                placed == holding,
+                "{pool}: placed {placed:?}, held by {holding:?}"
             );
         }
         // Every data center without the dataset is rejected for it, by the

@@ -7,6 +7,7 @@ mod dependencies;
 mod helm_chart;
 mod lineage_property;
 mod marketplace;
+mod objectstore;
 mod operator_e2e;
 mod queries;
 mod red_team;

@@ -556,7 +556,7 @@ async fn local_runner(
         market,
         civicgrid_cli::local_runners::Setup {
             data_center: city::DATA_CENTER.into(),
-            data_dir: data_dir.to_owned(),
+            products: data_dir.to_owned().into(),
             sql_guest: std::fs::read(guest)
                 .with_context(|| format!("reading {}", guest.display()))?,
             sandbox,
