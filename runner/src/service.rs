@@ -39,6 +39,7 @@ pub struct RunnerService {
     products: ProductStore,
     ceilings: Ceilings,
     metrics: Arc<crate::Metrics>,
+    measuring: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for RunnerService {
@@ -64,6 +65,9 @@ impl RunnerService {
         Self {
             client_name: crate::MARKETPLACE_NAME.to_owned(),
             metrics: Arc::new(crate::Metrics::new(sandbox.slots())),
+            measuring: Arc::new(tokio::sync::Semaphore::new(
+                usize::try_from(sandbox.slots()).unwrap_or(1).max(1),
+            )),
             sandbox,
             sql_guest,
             footers: Arc::default(),
@@ -318,6 +322,13 @@ impl proto::runner_server::Runner for Arc<RunnerService> {
                 "tables: a product declares at least one table",
             ));
         }
+        // At most as many measurements at once as runs: each reads every
+        // declared column of a product once.
+        let _permit = self
+            .measuring
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("this runner is shutting down"))?;
         let files = self
             .open(&request.product_id, &request.storage_location)
             .await?;
@@ -333,7 +344,21 @@ impl proto::runner_server::Runner for Arc<RunnerService> {
         })?;
         wire::measured_to_proto(measured)
             .map(Response::new)
-            .map_err(|error| Status::failed_precondition(error.to_string()))
+            .map_err(|error| {
+                // Why a table could not be read names keys, hosts and the
+                // store's replies: this runner's log has it, the provider
+                // is told which table.
+                tracing::warn!(product = %request.product_id, %error, "a product could not be measured");
+                match error {
+                    civicgrid_sandbox::quality::QualityError::Unreadable { table, .. } => {
+                        Status::failed_precondition(format!(
+                            "cannot read table {table} of product {}; the runner in its data center logged why",
+                            request.product_id
+                        ))
+                    }
+                    other => Status::failed_precondition(other.to_string()),
+                }
+            })
     }
 }
 

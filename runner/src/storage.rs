@@ -144,21 +144,18 @@ impl ProductStore {
             } => {
                 let folder = civicgrid_sandbox::object_folder(root, location)?;
                 let tables = ObjectTables::list(Arc::clone(store), runtime.clone(), &folder)
-                    .await?
+                    .await
+                    .map_err(|error| match error {
+                        // The provider's location, not the store's key
+                        // (which names the operator's prefix).
+                        civicgrid_sandbox::ListError::Missing(_) => {
+                            StorageError::Location(LocationError::Missing(location.to_owned()))
+                        }
+                        civicgrid_sandbox::ListError::Store(why) => StorageError::Store(why),
+                    })?
                     .with_footer_cache(Arc::clone(footers));
                 Ok(Arc::new(tables))
             }
-        }
-    }
-}
-
-impl From<civicgrid_sandbox::ListError> for StorageError {
-    fn from(error: civicgrid_sandbox::ListError) -> Self {
-        match error {
-            civicgrid_sandbox::ListError::Missing(location) => {
-                Self::Location(LocationError::Missing(location))
-            }
-            civicgrid_sandbox::ListError::Store(why) => Self::Store(why),
         }
     }
 }

@@ -13,7 +13,7 @@ pub enum LocationError {
     #[error("{0}; name a folder inside the server's data directory, like products/population")]
     Outside(&'static str),
     /// No such folder.
-    #[error("{0}: no such folder in the data directory")]
+    #[error("{0}: no such folder in the data center's store")]
     Missing(String),
     /// The folder is reached through a link.
     #[error("{0} is reached through a link; name the folder itself")]
@@ -39,7 +39,21 @@ pub fn check(location: &str) -> Result<(), LocationError> {
     let mut depth = 0usize;
     for component in path.components() {
         match component {
-            Component::Normal(_) => depth += 1,
+            Component::Normal(part) => {
+                // One spelling everywhere: an object store would
+                // percent-encode the rest, and a provider's upload under
+                // the literal name would not be where the location says.
+                let plain = part.to_str().is_some_and(|part| {
+                    part.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+                });
+                if !plain {
+                    return Err(LocationError::Outside(
+                        "a folder's name holds ASCII letters, digits, '.', '_' and '-' only",
+                    ));
+                }
+                depth += 1;
+            }
             Component::CurDir => {}
             _ => {
                 return Err(LocationError::Outside(

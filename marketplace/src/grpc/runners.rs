@@ -287,24 +287,52 @@ impl RunnerDirectory {
             tables: wire::declared_to_proto(&job.tables),
             now_ms: job.now_ms,
         };
+        // A measurement that runs long is not the runner's failure: it is
+        // not counted gone, and the measurement not started again elsewhere.
         let reply = tokio::time::timeout(
             MEASURE_WITHIN,
             proto::runner_client::RunnerClient::new(channel).measure(request),
         )
         .await
-        .map_err(|_| unavailable(format!("no answer within {} s", MEASURE_WITHIN.as_secs())))?;
+        .map_err(|_| {
+            MarketError::FailedPrecondition(format!(
+                "measuring product {}'s data took longer than {} s",
+                job.product_id,
+                MEASURE_WITHIN.as_secs()
+            ))
+        })?;
         let reply = match reply {
             Ok(reply) => reply.into_inner(),
-            // The product's own files, described to their provider.
-            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-                return Err(MarketError::FailedPrecondition(status.message().to_owned()));
-            }
-            Err(status) => return Err(unavailable(status.to_string())),
+            Err(status) => match status.code() {
+                // Not reached, or its store did not answer.
+                tonic::Code::Unavailable => return Err(unavailable(status.to_string())),
+                // The product's own files, described to their provider by
+                // table (the runner keeps the store's words to itself).
+                tonic::Code::FailedPrecondition => {
+                    return Err(MarketError::FailedPrecondition(status.message().to_owned()));
+                }
+                _ => {
+                    tracing::warn!(data_center = %choice.data_center, %status, "a runner refused a measurement");
+                    return Err(MarketError::FailedPrecondition(format!(
+                        "the runner in {} refused to measure product {}",
+                        choice.data_center, job.product_id
+                    )));
+                }
+            },
         };
-        wire::measured_from_proto(reply).map_err(|(field, message)| match field {
+        let quality = wire::measured_from_proto(reply).map_err(|(field, message)| match field {
             Some(field) => MarketError::invalid(field, message),
             None => unavailable(message),
-        })
+        })?;
+        // What the registry records is the runner's word: at least in range.
+        let ratio = |value: f64| value.is_finite() && (0.0..=1.0).contains(&value);
+        if !ratio(quality.completeness) || !ratio(quality.validity) || quality.freshness_seconds < 0
+        {
+            return Err(unavailable(format!(
+                "measured figures out of range: {quality:?}"
+            )));
+        }
+        Ok(quality)
     }
 
     async fn run_on(
@@ -349,11 +377,26 @@ impl RunnerDirectory {
                     .metadata_mut()
                     .insert(civicgrid_telemetry::propagation::TRACEPARENT, value);
             }
-            let mut replies = proto::runner_client::RunnerClient::new(channel)
+            let mut replies = match proto::runner_client::RunnerClient::new(channel)
                 .run(request)
                 .await
-                .map_err(|status| unavailable(status.to_string()))?
-                .into_inner();
+            {
+                Ok(replies) => replies.into_inner(),
+                // Not reached, or its store did not answer: another runner
+                // may take it.
+                Err(status) if status.code() == tonic::Code::Unavailable => {
+                    return Err(unavailable(status.to_string()));
+                }
+                // A refusal of this product (its folder, its request) is
+                // not the runner's failure: it stays ready for the others.
+                Err(status) => {
+                    tracing::warn!(data_center = %choice.data_center, endpoint = %choice.endpoint, %status, "a runner refused a query");
+                    return Err(MarketError::FailedPrecondition(format!(
+                        "the runner in {} refused the query; retry later",
+                        choice.data_center
+                    )));
+                }
+            };
             let mut ipc = Vec::new();
             loop {
                 let reply = match replies.message().await {

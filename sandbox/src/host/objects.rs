@@ -11,7 +11,8 @@
 //! Every request is sent on the runtime the store was given and waited for
 //! on the reading thread, so a run never blocks that runtime's workers.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use std::ops::Range;
@@ -36,9 +37,9 @@ use super::data::{
 };
 use crate::location::{self, LocationError};
 
-/// The largest Arrow IPC table fetched whole; larger tables belong in
-/// Parquet, which is read by the column.
-pub const MAX_ARROW_OBJECT_BYTES: u64 = 1 << 30;
+/// The largest Arrow IPC table fetched whole (once per run, then kept for
+/// the run); larger tables belong in Parquet, which is read by the column.
+pub const MAX_ARROW_OBJECT_BYTES: u64 = 256 << 20;
 
 /// The folder of `location` under `root` in an object store: the location
 /// checked as a data directory's would be (relative, no `..`, no URI), so a
@@ -84,6 +85,9 @@ pub struct ObjectTables {
     tables: Vec<StoredTable>,
     footers: Arc<FooterCache>,
     share_rows: u64,
+    /// Arrow IPC tables fetched in this run, by name: a run asks for a
+    /// table's schema and its scan several times.
+    arrow_files: Arc<Mutex<HashMap<String, Bytes>>>,
 }
 
 impl std::fmt::Debug for ObjectTables {
@@ -116,6 +120,14 @@ impl ObjectTables {
         if listed.objects.is_empty() && listed.common_prefixes.is_empty() {
             return Err(ListError::Missing(folder.to_string()));
         }
+        // Without an entity tag a read cannot ask for the version listed,
+        // and a footer cached for one file could be used for its successor.
+        if let Some(untagged) = listed.objects.iter().find(|object| object.e_tag.is_none()) {
+            return Err(ListError::Store(format!(
+                "{}: the store gives no entity tag",
+                untagged.location
+            )));
+        }
         let mut tables: Vec<StoredTable> = listed
             .objects
             .into_iter()
@@ -142,6 +154,7 @@ impl ObjectTables {
             tables,
             footers: Arc::default(),
             share_rows: SHARE_ROWS,
+            arrow_files: Arc::default(),
         })
     }
 
@@ -219,11 +232,27 @@ impl ObjectTables {
                 "{location}: an Arrow IPC table over {MAX_ARROW_OBJECT_BYTES} bytes; store it as Parquet"
             ));
         }
-        let bytes = wait(
-            &self.runtime,
-            self.reader(stored).fetch(0..stored.object.size),
-        )
-        .map_err(|error| format!("{location}: {error}"))?;
+        let cached = self
+            .arrow_files
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&stored.name)
+            .cloned();
+        let bytes = match cached {
+            Some(bytes) => bytes,
+            None => {
+                let bytes = wait(
+                    &self.runtime,
+                    self.reader(stored).fetch(0..stored.object.size),
+                )
+                .map_err(|error| format!("{location}: {error}"))?;
+                self.arrow_files
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(stored.name.clone(), bytes.clone());
+                bytes
+            }
+        };
         arrow_ipc::reader::FileReader::try_new(std::io::Cursor::new(bytes), columns)
             .map_err(|error| format!("{location}: {error}"))
     }
@@ -465,7 +494,63 @@ impl TableStore for ObjectTables {
 
 #[cfg(test)]
 mod tests {
+    use arrow_array::{Array, Int64Array};
+    use arrow_schema::{DataType, Field, Schema};
+
     use super::*;
+
+    fn batches(rows: &[usize]) -> Vec<Result<RecordBatch, String>> {
+        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
+        let mut next = 0i64;
+        rows.iter()
+            .map(|&n| {
+                let ids = Int64Array::from_iter_values(next..next + n as i64);
+                next += n as i64;
+                Ok(RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(ids)]).unwrap())
+            })
+            .collect()
+    }
+
+    fn rebatched(input: Vec<Result<RecordBatch, String>>) -> Vec<Result<Vec<i64>, String>> {
+        Rebatched {
+            batches: Box::new(input.into_iter()),
+            pending: Vec::new(),
+            pending_rows: 0,
+            done: false,
+        }
+        .map(|batch| {
+            batch.map(|batch| {
+                let ids = batch
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap();
+                ids.values().to_vec()
+            })
+        })
+        .collect()
+    }
+
+    #[test]
+    fn batches_are_cut_as_a_file_reader_cuts_them() {
+        let out = rebatched(batches(&[0, 5, BATCH_ROWS, 3, 0]));
+        let lengths: Vec<usize> = out.iter().map(|b| b.as_ref().unwrap().len()).collect();
+        assert_eq!(lengths, [BATCH_ROWS, 8]);
+        // Rows keep their order across the cuts.
+        let all: Vec<i64> = out.into_iter().flat_map(Result::unwrap).collect();
+        assert_eq!(all, (0..(BATCH_ROWS + 8) as i64).collect::<Vec<_>>());
+        // A whole batch passes as it is; nothing in, nothing out.
+        assert_eq!(rebatched(batches(&[BATCH_ROWS])).len(), 1);
+        assert!(rebatched(batches(&[0, 0])).is_empty());
+    }
+
+    #[test]
+    fn an_error_ends_the_batches_where_it_happened() {
+        let mut input = batches(&[10, 20]);
+        input.insert(1, Err("page 3 is corrupt".into()));
+        let out = rebatched(input);
+        assert_eq!(out[0], Err("page 3 is corrupt".to_owned()));
+    }
 
     #[test]
     fn folders_stay_under_the_root() {
@@ -478,6 +563,12 @@ mod tests {
             folder(&root, "./products/population/").unwrap().as_ref(),
             "city/core/products/population"
         );
+        assert_eq!(
+            folder(&root, "products/Population_2026-v1.2")
+                .unwrap()
+                .as_ref(),
+            "city/core/products/Population_2026-v1.2"
+        );
         for refused in [
             "../edge/products/p",
             "products/../../p",
@@ -485,6 +576,11 @@ mod tests {
             "s3://other-bucket/p",
             "",
             ".",
+            "products/team~a",
+            "products/a%2Fb",
+            "products/a b",
+            "products\\b",
+            "products/人口",
         ] {
             assert!(
                 matches!(folder(&root, refused), Err(LocationError::Outside(_))),

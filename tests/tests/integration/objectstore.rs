@@ -300,6 +300,52 @@ async fn the_marketplace_measures_and_queries_through_the_runner_alone() -> anyh
         refused.message()
     );
 
+    // Files the runner cannot read are refused naming the table, and
+    // nothing of the store (its address, bucket or keys); a folder with no
+    // files, naming the provider's location.
+    let broken = tempfile::tempdir()?;
+    std::fs::write(
+        broken.path().join("residents.parquet"),
+        b"not parquet at all",
+    )?;
+    server
+        .upload_folder(CORE, "products/broken", broken.path())
+        .await?;
+    for (id, location, expected) in [
+        (
+            "broken",
+            "products/broken",
+            "cannot read table residents of product broken; the runner in its data center logged why",
+        ),
+        (
+            "ghost",
+            "products/ghost",
+            "storage_location of product ghost: products/ghost: no such folder in the data center's store",
+        ),
+    ] {
+        let mut unreadable = spec.clone();
+        unreadable.storage_location = location.into();
+        registry
+            .create_product(authed(
+                &cast.provider_admin,
+                api::CreateProductRequest {
+                    id: id.into(),
+                    spec: Some(unreadable),
+                },
+            ))
+            .await?;
+        let refused = registry
+            .submit_product(authed(&cast.provider_admin, action(id, "")))
+            .await
+            .expect_err("unreadable");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::FailedPrecondition,
+            "{refused:?}"
+        );
+        assert_eq!(refused.message(), expected);
+    }
+
     // The real product is measured by the runner, from the store, exactly
     // as the marketplace would have measured its own copy.
     let published = publish(&market, &cast, "population").await?;
@@ -360,7 +406,7 @@ async fn the_marketplace_measures_and_queries_through_the_runner_alone() -> anyh
     assert_eq!(summary.data_center, CORE);
     assert!(summary.charge_minor > 0, "{summary:?}");
 
-    // Every object the store served was one of the two products' files,
+    // Every object the store served was a registered product's file,
     // read by the runner (uploads aside, nothing else asked).
     let reads: Vec<String> = server
         .access_log()
@@ -373,11 +419,12 @@ async fn the_marketplace_measures_and_queries_through_the_runner_alone() -> anyh
             .any(|line| line.contains(" s3_GetObject products/population/residents.parquet ")),
         "{reads:#?}"
     );
+    let registered = ["population", "census", "broken", "ghost"];
     assert!(
-        reads.iter().all(|line| line.contains("products/population")
-            || line.contains("products%2Fpopulation")
-            || line.contains("products/census")
-            || line.contains("products%2Fcensus")),
+        reads.iter().all(|line| registered.iter().any(|product| {
+            line.contains(&format!("products/{product}/"))
+                || line.contains(&format!("products%2F{product}%2F"))
+        })),
         "{reads:#?}"
     );
 

@@ -335,7 +335,7 @@ async fn a_runner_reads_nothing_outside_its_data_directory() -> anyhow::Result<(
         ),
         (
             "products/missing",
-            "products/missing: no such folder in the data directory",
+            "products/missing: no such folder in the data center's store",
         ),
     ] {
         let mut asked = request(sql);
