@@ -22,6 +22,10 @@ use kube::api::{Api, ListParams};
 use crate::controlplane::free_port;
 use crate::controlplane::process::ManagedProcess;
 
+/// How long a runner may take to start serving: a cold module cache means
+/// compiling the SQL guest with a debug build.
+const SERVING_WITHIN: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Where the runner image keeps the SQL guest.
 const IMAGE_GUEST_DIR: &str = "/usr/share/civicgrid/";
 
@@ -50,6 +54,7 @@ impl RunnerPod {
 pub struct RunnerPods {
     binary: PathBuf,
     guest_dir: PathBuf,
+    module_cache: PathBuf,
     work: tempfile::TempDir,
     running: BTreeMap<String, RunnerPod>,
 }
@@ -73,6 +78,8 @@ impl RunnerPods {
         Ok(Self {
             binary,
             guest_dir: crate::sandbox::guest_dir(),
+            module_cache: Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/runner-module-cache"),
             work: tempfile::tempdir()?,
             running: BTreeMap::new(),
         })
@@ -186,13 +193,24 @@ impl RunnerPods {
             .map(|(key, value)| (key.as_str(), std::ffi::OsStr::new(value.as_str())))
             .chain([("RUST_LOG", std::ffi::OsStr::new("info"))])
             .collect();
-        let process = ManagedProcess::spawn_with_env(
+        let mut process = ManagedProcess::spawn_with_env(
             &format!("runner-{name}"),
             &self.binary,
             &args,
             &env,
             &pod_dir,
         )?;
+        let deadline = std::time::Instant::now() + SERVING_WITHIN;
+        while !process.log_tail().contains("listening on") {
+            process.check_running()?;
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "pod {name}'s runner is not serving after {} s:\n{}",
+                SERVING_WITHIN.as_secs(),
+                process.log_tail()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
         Ok(RunnerPod {
             data_center: data_center.to_owned(),
             pod: name,
@@ -223,7 +241,11 @@ impl RunnerPods {
                 .iter()
                 .find(|volume| volume.name == mount.name)
                 .with_context(|| format!("volume {}", mount.name))?;
-            let dir = pod_dir.join(&mount.name);
+            let dir = if mount.name == "module-cache" && volume.empty_dir.is_some() {
+                self.module_cache.clone()
+            } else {
+                pod_dir.join(&mount.name)
+            };
             std::fs::create_dir_all(&dir)?;
             if let Some(source) = &volume.secret {
                 let secret_name = source.secret_name.clone().context("a Secret's name")?;

@@ -12,5 +12,6 @@ mod operator_e2e;
 mod queries;
 mod red_team;
 mod runner;
+mod runners_e2e;
 mod sandbox;
 mod sandbox_split;
