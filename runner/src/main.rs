@@ -97,6 +97,22 @@ async fn main() -> anyhow::Result<()> {
     if !(1..=86_400).contains(&args.max_wall_time_secs) {
         anyhow::bail!("--max-wall-time-secs: 1 to 86400");
     }
+    // The port first: it is the pod's from the start, while the guest
+    // compiles (a minute, on a cold module cache).
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    // One signal ends both the heartbeats and the server: a runner that is
+    // draining must not be advertised.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        civicgrid_telemetry::shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop.send(true);
+    });
+    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stopped| *stopped).await;
+    };
     let wasm = std::fs::read(&args.sql_guest)
         .with_context(|| format!("reading the SQL guest {}", args.sql_guest.display()))?;
     let products = match (&args.data_dir, &args.object_store) {
@@ -168,15 +184,13 @@ async fn main() -> anyhow::Result<()> {
             metrics: Some(Arc::clone(service.metrics())),
             interval: Duration::from_secs(5),
         };
+        let heartbeats_stopped = stopped.clone();
         tokio::spawn(async move {
-            if let Err(error) = heartbeat.run(std::future::pending()).await {
+            if let Err(error) = heartbeat.run(until_stopped(heartbeats_stopped)).await {
                 tracing::error!(%error, "heartbeats stopped");
             }
         });
     }
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
     println!("listening on {}", listener.local_addr()?);
     tracing::info!(
         address = %listener.local_addr()?,
@@ -184,10 +198,7 @@ async fn main() -> anyhow::Result<()> {
         products = ?products,
         "runner serving"
     );
-    let shutdown = async {
-        civicgrid_telemetry::shutdown_signal().await;
-        tracing::info!("shutting down");
-    };
+    let shutdown = until_stopped(stopped);
     serve(service, listener, tls, shutdown).await?;
     Ok(())
 }

@@ -97,18 +97,8 @@ impl RunnerPods {
         client: &Client,
         namespace: &str,
     ) -> anyhow::Result<()> {
-        let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-        let listed = pods
-            .list(&ListParams::default().labels("app.kubernetes.io/name=civicgrid-runner"))
-            .await?
-            .items;
-        let running: Vec<&Pod> = listed
-            .iter()
-            .filter(|pod| {
-                pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-                    && pod.metadata.deletion_timestamp.is_none()
-            })
-            .collect();
+        let listed = running_pods(client, namespace).await?;
+        let running: Vec<&Pod> = listed.iter().collect();
         let alive: Vec<String> = running
             .iter()
             .filter_map(|pod| pod.metadata.uid.clone())
@@ -125,6 +115,26 @@ impl RunnerPods {
             let started = self.start(data_center, pod, client, namespace).await?;
             self.running.insert(uid, started);
         }
+        Ok(())
+    }
+
+    /// Stops the processes of `data_center`'s pods that are gone or being
+    /// deleted, and starts none: what a kubelet does first when pods are
+    /// deleted, before their replacements are scheduled.
+    ///
+    /// # Errors
+    /// When the pods cannot be listed.
+    pub async fn reap(
+        &mut self,
+        data_center: &str,
+        client: &Client,
+        namespace: &str,
+    ) -> anyhow::Result<()> {
+        let alive = running_pods(client, namespace).await?;
+        self.running.retain(|uid, pod| {
+            pod.data_center != data_center
+                || alive.iter().any(|p| p.metadata.uid.as_ref() == Some(uid))
+        });
         Ok(())
     }
 
@@ -164,6 +174,20 @@ impl RunnerPods {
             .mount(&pod_dir, pod, container, client, namespace)
             .await?;
         let endpoint = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let port = |port_name: &str| -> anyhow::Result<i32> {
+            container
+                .ports
+                .iter()
+                .flatten()
+                .find(|port| port.name.as_deref() == Some(port_name))
+                .map(|port| port.container_port)
+                .with_context(|| format!("pod {name}: no container port named {port_name}"))
+        };
+        // What the pod's spec says must agree with itself before its ports
+        // are moved: the runner listens on its `runner` port, advertises
+        // that port at its pod IP, and serves metrics on its `metrics` one.
+        let (runner_port, metrics_port) = (port("runner")?, port("metrics")?);
+        let pod_ip = env.get("POD_IP").cloned().unwrap_or_default();
         let mut metrics = None;
         let mut args = Vec::new();
         for arg in container.args.iter().flatten() {
@@ -171,9 +195,25 @@ impl RunnerPods {
                 arg.replace(mount.as_str(), &dir.to_string_lossy())
             });
             let arg = match arg.split_once('=') {
-                Some(("--listen", _)) => format!("--listen={endpoint}"),
-                Some(("--advertise", _)) => format!("--advertise=https://{endpoint}"),
-                Some(("--metrics-listen", _)) => {
+                Some(("--listen", listen)) => {
+                    anyhow::ensure!(
+                        listen.ends_with(&format!(":{runner_port}")),
+                        "pod {name} listens on {listen}, not its runner port {runner_port}"
+                    );
+                    format!("--listen={endpoint}")
+                }
+                Some(("--advertise", advertised)) => {
+                    anyhow::ensure!(
+                        advertised == format!("https://{pod_ip}:{runner_port}"),
+                        "pod {name} advertises {advertised}, not https://{pod_ip}:{runner_port}"
+                    );
+                    format!("--advertise=https://{endpoint}")
+                }
+                Some(("--metrics-listen", listen)) => {
+                    anyhow::ensure!(
+                        listen.ends_with(&format!(":{metrics_port}")),
+                        "pod {name} serves metrics on {listen}, not its metrics port {metrics_port}"
+                    );
                     let address = SocketAddr::from(([127, 0, 0, 1], free_port()?));
                     metrics = Some(address);
                     format!("--metrics-listen={address}")
@@ -193,7 +233,8 @@ impl RunnerPods {
             .map(|(key, value)| (key.as_str(), std::ffi::OsStr::new(value.as_str())))
             .chain([("RUST_LOG", std::ffi::OsStr::new("info"))])
             .collect();
-        let mut process = ManagedProcess::spawn_with_env(
+        // The pod's environment, and nothing of the test's.
+        let mut process = ManagedProcess::spawn_with_only_env(
             &format!("runner-{name}"),
             &self.binary,
             &args,
@@ -265,6 +306,21 @@ impl RunnerPods {
         mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
         Ok(mounts)
     }
+}
+
+/// The runner pods Running in `namespace` and not being deleted.
+async fn running_pods(client: &Client, namespace: &str) -> anyhow::Result<Vec<Pod>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    Ok(pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=civicgrid-runner"))
+        .await?
+        .items
+        .into_iter()
+        .filter(|pod| {
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                && pod.metadata.deletion_timestamp.is_none()
+        })
+        .collect())
 }
 
 async fn secret_data(

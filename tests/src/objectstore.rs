@@ -179,13 +179,17 @@ impl ObjectStoreServer {
 
     /// The access log's lines so far: one per request the server answered,
     /// naming the bucket and key it touched.
-    #[must_use]
-    pub fn access_log(&self) -> Vec<String> {
-        std::fs::read_to_string(&self.access_log)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect()
+    ///
+    /// # Errors
+    /// When the log cannot be read (a check over no log would pass).
+    pub fn access_log(&self) -> anyhow::Result<Vec<String>> {
+        let log = std::fs::read_to_string(&self.access_log)
+            .with_context(|| format!("the access log {}", self.access_log.display()))?;
+        anyhow::ensure!(
+            log.starts_with("log starts"),
+            "an access log without its header"
+        );
+        Ok(log.lines().map(str::to_owned).collect())
     }
 
     /// Stops the server (the data center's store is gone).

@@ -26,6 +26,10 @@ pub const DEFAULT_RUNNER_TTL: Duration = Duration::from_secs(15);
 /// not let it fill the marketplace's memory with endpoints.
 pub const MAX_RUNNERS_PER_DATA_CENTER: usize = 64;
 
+/// Most runners one query is offered to before it is refused as
+/// unavailable: each that does not take it is counted gone at once.
+const MAX_RUNNERS_TRIED: usize = 4;
+
 /// Longest version string a runner may report.
 const MAX_VERSION_CHARS: usize = 64;
 
@@ -245,22 +249,34 @@ impl Runners for RunnerDirectory {
 
     fn run(&self, choice: RunnerChoice, job: RemoteJob) -> RemoteRun<'_> {
         Box::pin(async move {
-            // A runner that does not take the query is counted gone, and
-            // the query goes to another of the same data center (where its
-            // record says it ran), once.
-            match self.run_on(&choice, job.clone()).await {
-                Err(MarketError::Unavailable(_)) => {
-                    self.mark_down(&choice);
-                    match self.pick(std::slice::from_ref(&choice.data_center)) {
-                        Some(other) => self.run_on(&other, job).await,
-                        None => Err(MarketError::Unavailable(format!(
-                            "no runner in {} took the query; retry later",
-                            choice.data_center
-                        ))),
+            // A runner that does not take the query is counted gone, and the
+            // query goes to another: of the same data center first, then of
+            // any other hosting the product (a data center lost mid-way).
+            // Nothing ran on those that did not take it.
+            let mut choice = choice;
+            for _ in 0..MAX_RUNNERS_TRIED {
+                match self.run_on(&choice, job.clone()).await {
+                    Err(MarketError::Unavailable(_)) => {
+                        self.mark_down(&choice);
+                        let next = self
+                            .pick(std::slice::from_ref(&choice.data_center))
+                            .or_else(|| self.pick(&job.data_centers));
+                        match next {
+                            Some(next) => choice = next,
+                            None => break,
+                        }
                     }
+                    answered => return answered.map(|outcome| (choice, outcome)),
                 }
-                answered => answered,
             }
+            Err(MarketError::Unavailable(format!(
+                "no runner in {} took the query; retry later",
+                if job.data_centers.is_empty() {
+                    choice.data_center.clone()
+                } else {
+                    job.data_centers.join(" or ")
+                }
+            )))
         })
     }
 }

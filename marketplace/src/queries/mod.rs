@@ -138,7 +138,7 @@ pub async fn run(
     )
     .await;
     market.metrics().stage("authorize", started.elapsed());
-    let reservation = match reserved {
+    let mut reservation = match reserved {
         Ok(reservation) => reservation,
         Err(refusal) => {
             market.metrics().outcome("denied");
@@ -153,7 +153,15 @@ pub async fn run(
             return Err(refusal);
         }
     };
-    let outcome = run_in_sandbox_task(market, engine, &reservation, &request.sql).await;
+    let outcome = run_in_sandbox_task(market, engine, &reservation, &request.sql)
+        .await
+        .map(|(ran_on, outcome)| {
+            // The record names the data center that ran it.
+            if ran_on.is_some() {
+                reservation.runner = ran_on;
+            }
+            outcome
+        });
     let settled = settle_in_turn(market, engine, principal, &request, reservation, outcome).await?;
     let metrics = market.metrics();
     metrics.stage("total", started.elapsed());
@@ -218,7 +226,10 @@ async fn run_in_sandbox_task(
     engine: &Arc<QueryEngine>,
     reservation: &Reservation,
     sql: &str,
-) -> Result<std::result::Result<civicgrid_sandbox::Outcome, civicgrid_sandbox::RunFailure>> {
+) -> Result<(
+    Option<remote::RunnerChoice>,
+    std::result::Result<civicgrid_sandbox::Outcome, civicgrid_sandbox::RunFailure>,
+)> {
     if let (Some(choice), Some(runners)) = (reservation.runner.clone(), market.runners()) {
         let job = remote::RemoteJob {
             query_id: reservation.query_id.clone(),
@@ -236,11 +247,12 @@ async fn run_in_sandbox_task(
                 reservation.compute_units,
                 engine.sql_guest.initial_memory_bytes(),
             ),
+            data_centers: reservation.hosting_data_centers.clone(),
         };
         let started = std::time::Instant::now();
         let outcome = runners.run(choice, job).await;
         market.metrics().stage("sandbox", started.elapsed());
-        return outcome;
+        return outcome.map(|(ran_on, outcome)| (Some(ran_on), outcome));
     }
     let run = SandboxRun {
         storage: reservation.storage.clone(),
@@ -259,11 +271,12 @@ async fn run_in_sandbox_task(
         run_in_sandbox(&engine, &run, &sql)
     })
     .await
+    .map(|outcome| (None, outcome))
     .map_err(|error| MarketError::Corrupt(format!("sandbox task: {error}")));
     let elapsed = started.elapsed();
     let metrics = market.metrics();
     metrics.stage("sandbox", elapsed);
-    if let Ok(Ok(ran)) = &outcome {
+    if let Ok((_, Ok(ran))) = &outcome {
         let startup = ran.metering.startup;
         metrics.stage("sandbox_start", startup);
         metrics.stage("query", elapsed.saturating_sub(startup));

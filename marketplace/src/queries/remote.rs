@@ -48,6 +48,9 @@ pub struct RemoteJob {
     pub as_of_unix_seconds: u64,
     /// The run's fuel, wall time and memory.
     pub limits: Limits,
+    /// The data centers hosting the product: where the query may run if
+    /// the chosen runner does not take it.
+    pub data_centers: Vec<String>,
 }
 
 /// What a runner needs to measure a product's data at submission: the
@@ -69,20 +72,26 @@ pub struct MeasureJob {
 /// table that cannot be read, or `Unavailable` when no runner answered.
 pub type RemoteMeasure<'a> = Pin<Box<dyn Future<Output = Result<Quality>> + Send + 'a>>;
 
-/// A run on a runner, as the sandbox's own outcome or failure; `Err`
-/// (`Unavailable`) when no runner took the query, so nothing ran and it is
-/// neither counted nor charged.
-pub type RemoteRun<'a> =
-    Pin<Box<dyn Future<Output = Result<std::result::Result<Outcome, RunFailure>>> + Send + 'a>>;
+/// A run on a runner: the runner that took it, and the sandbox's own
+/// outcome or failure; `Err` (`Unavailable`) when no runner took the query,
+/// so nothing ran and it is neither counted nor charged.
+pub type RemoteRun<'a> = Pin<
+    Box<
+        dyn Future<Output = Result<(RunnerChoice, std::result::Result<Outcome, RunFailure>)>>
+            + Send
+            + 'a,
+    >,
+>;
 
 /// The runners the marketplace can send queries to.
 pub trait Runners: Send + Sync + std::fmt::Debug {
     /// A ready runner in one of `data_centers`, if any.
     fn pick(&self, data_centers: &[String]) -> Option<RunnerChoice>;
-    /// Runs `job` on `choice`. A runner that cannot be reached or refuses
-    /// the request is `Err`; one that breaks off, or does not answer within
-    /// the run's wall time, fails the run with what it had burnt (nothing,
-    /// as far as the marketplace knows).
+    /// Runs `job` on `choice`, or, when it cannot be reached, on another
+    /// ready runner of its data center or then of `job.data_centers`. No
+    /// runner taking it, or a refusal, is `Err`; a runner that breaks off,
+    /// or does not answer within the run's wall time, fails the run with
+    /// what it had burnt (nothing, as far as the marketplace knows).
     fn run(&self, choice: RunnerChoice, job: RemoteJob) -> RemoteRun<'_>;
     /// Measures a product on `choice`, or, if it does not answer, on
     /// another ready runner of `data_centers`.

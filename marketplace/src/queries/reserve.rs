@@ -26,8 +26,12 @@ pub(super) type StoredProduct = (Product, Vec<u8>);
 
 /// Everything decided before the sandbox runs.
 pub(super) struct Reservation {
-    /// The runner chosen to run it, when queries are routed.
+    /// The runner chosen to run it, when queries are routed; after the run,
+    /// the one that ran it.
     pub(super) runner: Option<RunnerChoice>,
+    /// The data centers hosting the product: where else it may run when
+    /// the chosen runner does not take it.
+    pub(super) hosting_data_centers: Vec<String>,
     pub(super) query_id: String,
     pub(super) consumer: String,
     pub(super) provider: String,
@@ -248,6 +252,7 @@ pub(super) async fn reserve(
     }
     Ok(Reservation {
         runner,
+        hosting_data_centers: product.spec.hosting_data_centers.clone(),
         query_id,
         consumer,
         provider: product.provider_organization_id.clone(),

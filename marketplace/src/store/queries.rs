@@ -432,7 +432,8 @@ pub(crate) fn record_outcome_into(
          compute_units = $5, rows_read = $6, bytes_read = $7, rows_released = $8, \
          bytes_released = $9, truncated = $10, privacy_spent = $11, wall_time_ms = $12, \
          charge_minor = $13, result = $14, audit_index = $15, hold_open = 0, \
-         finished_at = $16, metering = $18 WHERE id = $17 AND state = 'running'",
+         finished_at = $16, metering = $18, data_center = $19 \
+         WHERE id = $17 AND state = 'running'",
         vec![
             Param::from(&summary.state),
             Param::from(error_text),
@@ -452,6 +453,7 @@ pub(crate) fn record_outcome_into(
             Param::Int(now),
             Param::from(&summary.query_id),
             Param::from(&summary.metering),
+            Param::from(&summary.data_center),
         ],
     );
 }

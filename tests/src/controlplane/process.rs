@@ -38,6 +38,29 @@ impl ManagedProcess {
         env: &[(&str, &std::ffi::OsStr)],
         log_dir: &Path,
     ) -> Result<Self, HarnessError> {
+        Self::spawn_inner(name, program, args, env, log_dir, false)
+    }
+
+    /// Like [`Self::spawn`], with `env` as the whole environment: nothing of
+    /// the test's own (say, a developer's AWS_* credentials) reaches it.
+    pub(crate) fn spawn_with_only_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &std::ffi::OsStr)],
+        log_dir: &Path,
+    ) -> Result<Self, HarnessError> {
+        Self::spawn_inner(name, program, args, env, log_dir, true)
+    }
+
+    fn spawn_inner(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &std::ffi::OsStr)],
+        log_dir: &Path,
+        only_env: bool,
+    ) -> Result<Self, HarnessError> {
         let log = log_dir.join(format!("{name}.log"));
         let out = File::options()
             .create(true)
@@ -52,6 +75,9 @@ impl ManagedProcess {
             source,
         })?;
         let mut command = Command::new(program);
+        if only_env {
+            command.env_clear();
+        }
         command
             .args(args)
             .envs(env.iter().copied())

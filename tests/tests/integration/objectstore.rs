@@ -221,7 +221,7 @@ async fn a_run_reads_the_objects_it_listed_or_fails() -> anyhow::Result<()> {
     // The store refused the read of the replaced object by its entity tag,
     // and served no read of it after the replacement.
     let reads: Vec<String> = server
-        .access_log()
+        .access_log()?
         .into_iter()
         .filter(|line| line.contains("s3_GetObject city/products/population/residents.parquet"))
         .collect();
@@ -409,7 +409,7 @@ async fn the_marketplace_measures_and_queries_through_the_runner_alone() -> anyh
     // Every object the store served was a registered product's file,
     // read by the runner (uploads aside, nothing else asked).
     let reads: Vec<String> = server
-        .access_log()
+        .access_log()?
         .into_iter()
         .filter(|line| line.contains(" s3_GetObject ") || line.contains(" s3_ListObjectsV2 "))
         .collect();

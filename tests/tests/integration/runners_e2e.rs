@@ -22,6 +22,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use arrow_array::cast::AsArray as _;
+use arrow_array::types::Int64Type;
 use civicgrid_marketplace::grpc::runners::{RunnerDirectory, serve_directory};
 use civicgrid_marketplace::proto::{
     self as api, billing_client::BillingClient, contracts_client::ContractsClient,
@@ -48,6 +50,8 @@ const CORE: &str = "municipal-core";
 const EDGE: &str = "edge-east";
 const NAMESPACE: &str = "civicgrid-runners";
 const BUCKET: &str = "products";
+/// Rows in the camera product (the population has `SAMPLE_ROWS`).
+const CAMERA_ROWS: usize = 600;
 const WAIT: Duration = Duration::from_secs(90);
 const MEMBERS: [Member; 2] = [
     Member {
@@ -179,13 +183,14 @@ async fn member_secrets(
     Ok(())
 }
 
-/// Runs `sql` on `product` as acme's analyst: the summary, or the status.
+/// Counts residents by district on `product` as acme's analyst: the
+/// summary and the people counted in all districts, or the status.
 async fn ask(
     queries: &mut QueriesClient<tonic::transport::Channel>,
     token: &str,
     product: &str,
     key: &str,
-) -> Result<api::QuerySummary, tonic::Status> {
+) -> Result<(api::QuerySummary, i64), tonic::Status> {
     let mut stream = queries
         .run_query(authed(
             token,
@@ -199,12 +204,43 @@ async fn ask(
         .await?
         .into_inner();
     let mut summary = None;
+    let mut ipc = Vec::new();
     while let Some(message) = stream.message().await? {
-        if let Some(api::run_query_response::Message::Summary(s)) = message.message {
-            summary = Some(s);
+        match message.message {
+            Some(api::run_query_response::Message::Summary(s)) => summary = Some(s),
+            Some(api::run_query_response::Message::ArrowIpc(bytes)) => ipc.extend(bytes),
+            None => {}
         }
     }
-    summary.ok_or_else(|| tonic::Status::internal("no summary"))
+    let summary = summary.ok_or_else(|| tonic::Status::internal("no summary"))?;
+    let mut people = 0;
+    if !ipc.is_empty() {
+        let reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None)
+            .map_err(|error| tonic::Status::internal(error.to_string()))?;
+        for batch in reader {
+            let batch = batch.map_err(|error| tonic::Status::internal(error.to_string()))?;
+            people += batch
+                .column(1)
+                .as_primitive::<Int64Type>()
+                .iter()
+                .flatten()
+                .sum::<i64>();
+        }
+    }
+    Ok((summary, people))
+}
+
+/// Runs finished by each runner pod of `data_center`, by pod.
+async fn runs_by_pod(
+    pods: &RunnerPods,
+    data_center: &str,
+) -> anyhow::Result<BTreeMap<String, f64>> {
+    let mut runs = BTreeMap::new();
+    for pod in pods.in_data_center(data_center) {
+        let metrics = pod.metrics.context("the pod serves metrics")?;
+        runs.insert(pod.pod.clone(), runs_finished(metrics).await?);
+    }
+    Ok(runs)
 }
 
 /// Runs finished by the runner behind `metrics` (its Prometheus text).
@@ -241,8 +277,11 @@ async fn runner_pools_run_next_to_their_data_and_a_lost_data_center_is_survived(
     stores[EDGE]
         .upload_folder(BUCKET, "products/population", sample.path())
         .await?;
+    // Other rows for the cameras, so an answer tells which folder it read.
+    let camera_counts = tempfile::tempdir()?;
+    civicgrid_marketplace::quality::write_sample_population(camera_counts.path(), CAMERA_ROWS)?;
     stores[EDGE]
-        .upload_folder(BUCKET, "products/cameras", sample.path())
+        .upload_folder(BUCKET, "products/cameras", camera_counts.path())
         .await?;
 
     // The pool and the operator; the data centers say what they hold.
@@ -413,25 +452,34 @@ async fn runner_pools_run_next_to_their_data_and_a_lost_data_center_is_survived(
     let mut queries = QueriesClient::new(market.channel.clone());
     let analyst = cast.consumer_analyst.clone();
 
-    // The camera product runs at the edge, and nowhere else ran anything.
-    let core_metrics = pods.in_data_center(CORE)[0]
-        .metrics
-        .context("the pod serves metrics")?;
-    let core_runs_before = runs_finished(core_metrics).await?;
-    let summary = ask(&mut queries, &analyst, "cameras", "cameras-1").await?;
+    // The camera product runs at the edge and answers from its own rows;
+    // exactly one edge runner ran it, the core's ran nothing, and only the
+    // edge store served the camera files.
+    let core_before = runs_by_pod(&pods, CORE).await?;
+    let edge_before = runs_by_pod(&pods, EDGE).await?;
+    let (summary, people) = ask(&mut queries, &analyst, "cameras", "cameras-1").await?;
     assert_eq!(summary.state, "completed", "{summary:?}");
     assert_eq!(summary.data_center, EDGE);
-    assert_eq!(runs_finished(core_metrics).await?, core_runs_before);
-    let camera_reads_elsewhere = stores[CORE]
-        .access_log()
-        .into_iter()
-        .filter(|line| line.contains("cameras"))
-        .count();
-    assert_eq!(camera_reads_elsewhere, 0);
+    assert_eq!(people, CAMERA_ROWS as i64);
+    assert_eq!(runs_by_pod(&pods, CORE).await?, core_before);
+    let edge_after = runs_by_pod(&pods, EDGE).await?;
+    let edge_runs: f64 = edge_after.values().sum::<f64>() - edge_before.values().sum::<f64>();
+    assert_eq!(edge_runs, 1.0, "{edge_before:?} -> {edge_after:?}");
+    let camera_reads = |store: &ObjectStoreServer| -> anyhow::Result<usize> {
+        Ok(store
+            .access_log()?
+            .iter()
+            .filter(|line| line.contains(" s3_GetObject products/cameras/"))
+            .count())
+    };
+    assert!(camera_reads(&stores[EDGE])? > 0);
+    assert_eq!(camera_reads(&stores[CORE])?, 0);
 
-    // The population product answers from either data center.
-    for i in 0..4 {
-        let summary = ask(
+    // The population product answers from either data center, with its own
+    // rows; until it has run in both.
+    let mut ran_in = std::collections::BTreeSet::new();
+    for i in 0..12 {
+        let (summary, people) = ask(
             &mut queries,
             &analyst,
             "population",
@@ -439,11 +487,57 @@ async fn runner_pools_run_next_to_their_data_and_a_lost_data_center_is_survived(
         )
         .await?;
         assert_eq!(summary.state, "completed", "{summary:?}");
-        assert!(
-            [CORE, EDGE].contains(&summary.data_center.as_str()),
-            "{summary:?}"
-        );
+        assert_eq!(people, SAMPLE_ROWS as i64);
+        ran_in.insert(summary.data_center);
+        if ran_in.len() == 2 {
+            break;
+        }
     }
+    assert_eq!(ran_in.len(), 2, "the population ran only in {ran_in:?}");
+
+    // The edge's runner pods are deleted: until their replacements serve,
+    // a camera query is refused at once as unavailable, naming the edge.
+    let edge_client = city.members[EDGE].client().await?;
+    let edge_pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(edge_client.clone(), NAMESPACE);
+    edge_pods
+        .delete_collection(
+            &kube::api::DeleteParams::default(),
+            &kube::api::ListParams::default().labels("app.kubernetes.io/name=civicgrid-runner"),
+        )
+        .await?;
+    pods.reap(EDGE, &edge_client, NAMESPACE).await?;
+    assert!(pods.in_data_center(EDGE).is_empty());
+    let asked = std::time::Instant::now();
+    let refused = ask(&mut queries, &analyst, "cameras", "cameras-pods-deleted")
+        .await
+        .expect_err("no edge runner is left");
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert_eq!(
+        refused.message(),
+        "no runner in edge-east took the query; retry later"
+    );
+    // Their replacements come up, and the camera product answers again.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while directory.ready_runners(EDGE) < 2 || pods.in_data_center(EDGE).len() < 2 {
+        pods.sync(EDGE, &edge_client, NAMESPACE).await?;
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the edge's runner pods did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (summary, people) = ask(&mut queries, &analyst, "cameras", "cameras-2").await?;
+    assert_eq!(
+        (summary.state.as_str(), people),
+        ("completed", CAMERA_ROWS as i64)
+    );
+
     let balance = |balances: Vec<api::Balance>| -> (i64, i64) {
         (
             balances.iter().map(|b| b.balance_minor).sum(),
@@ -464,8 +558,9 @@ async fn runner_pools_run_next_to_their_data_and_a_lost_data_center_is_survived(
     );
 
     // The edge data center is lost: its API server, its runners, its
-    // store. Once its runners' heartbeats have lapsed, the population
-    // answers from the core; the cameras are refused, uncharged.
+    // store. New queries on the population go to the core at once (the
+    // edge's runners are still listed, and each that does not answer is
+    // passed over); the cameras are refused, uncharged.
     city.members
         .get_mut(EDGE)
         .context("the edge member")?
@@ -473,10 +568,13 @@ async fn runner_pools_run_next_to_their_data_and_a_lost_data_center_is_survived(
     pods.lose(EDGE);
     let mut stores = stores;
     stores.get_mut(EDGE).context("the edge store")?.stop();
-    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    assert!(
+        directory.ready_runners(EDGE) > 0,
+        "the edge's runners are still listed"
+    );
     let mut population_charges = 0;
     for i in 0..3 {
-        let summary = ask(
+        let (summary, people) = ask(
             &mut queries,
             &analyst,
             "population",
@@ -485,6 +583,7 @@ async fn runner_pools_run_next_to_their_data_and_a_lost_data_center_is_survived(
         .await?;
         assert_eq!(summary.state, "completed", "{summary:?}");
         assert_eq!(summary.data_center, CORE, "{summary:?}");
+        assert_eq!(people, SAMPLE_ROWS as i64);
         population_charges += summary.charge_minor;
     }
     let refused = ask(&mut queries, &analyst, "cameras", "cameras-after-loss")
