@@ -16,6 +16,8 @@
 //! - limits beyond the runner's ceilings: refused by name.
 
 use std::net::SocketAddr;
+
+use anyhow::Context as _;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -724,4 +726,170 @@ async fn market_with_a_contract(
         ))
         .await?;
     Ok((market, cast))
+}
+
+/// A runner that takes a query, sends part of a result and breaks off, as
+/// a runner killed mid-run does (here on purpose, so the break comes after
+/// rows were sent, every time).
+#[derive(Clone, Default)]
+struct BreaksOffMidStream {
+    runs: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl proto::runner_server::Runner for BreaksOffMidStream {
+    type RunStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<proto::RunReply, tonic::Status>> + Send + 'static>,
+    >;
+
+    async fn run(
+        &self,
+        _request: tonic::Request<proto::RunRequest>,
+    ) -> Result<tonic::Response<Self::RunStream>, tonic::Status> {
+        self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let replies = vec![
+            Ok(proto::RunReply {
+                message: Some(run_reply::Message::ArrowIpc(vec![0xff; 64])),
+            }),
+            Err(tonic::Status::unavailable("connection reset by peer")),
+        ];
+        Ok(tonic::Response::new(Box::pin(futures::stream::iter(
+            replies,
+        ))))
+    }
+
+    async fn measure(
+        &self,
+        _request: tonic::Request<proto::MeasureRequest>,
+    ) -> Result<tonic::Response<proto::MeasureReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+}
+
+/// A query cut off mid-stream is reported failed, settled once under the
+/// query rules (a platform failure: not charged, nothing held), and a
+/// retry under the same key gives the same answer and runs nothing again.
+#[tokio::test]
+async fn a_query_cut_off_mid_stream_fails_once_and_is_charged_once() -> anyhow::Result<()> {
+    use civicgrid_marketplace::grpc::runners::{RunnerDirectory, serve_directory};
+    use civicgrid_marketplace::proto::queries_client::QueriesClient;
+    use civicgrid_tests::market::authed;
+
+    let pki = Pki::generate()?;
+    let (market, cast) = market_with_a_contract(10_000).await?;
+    let directory = RunnerDirectory::new(
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&pki.ca))
+            .identity(Identity::from_pem(&pki.directory.0, &pki.directory.1)),
+        Duration::from_secs(5),
+    );
+    market.market.attach_runners(directory.clone())?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let directory_address = listener.local_addr()?;
+    let (_stop_directory, directory_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve_directory(
+        directory.clone(),
+        listener,
+        civicgrid_runner::mutual_tls(&pki.directory.0, &pki.directory.1, &pki.ca),
+        async {
+            let _ = directory_stopped.await;
+        },
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let tls = civicgrid_runner::mutual_tls(&pki.municipal.0, &pki.municipal.1, &pki.ca);
+    let breaking = BreaksOffMidStream::default();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(tls)?
+            .add_service(proto::runner_server::RunnerServer::new(breaking.clone()))
+            .serve_with_incoming(tokio_stream_from(listener)),
+    );
+    let (stop, _stopped) = tokio::sync::oneshot::channel::<()>();
+    let runner = Runner {
+        address,
+        metrics: Arc::new(civicgrid_runner::Metrics::new(1)),
+        _stop: stop,
+    };
+    let _heartbeats = heartbeats(
+        directory_address,
+        &pki,
+        &pki.municipal,
+        "municipal-core",
+        &runner,
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while directory.ready_runners("municipal-core") == 0 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "never registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let queries = QueriesClient::new(market.channel.clone());
+    let ask = || civicgrid_marketplace::proto::RunQueryRequest {
+        product_id: "population".into(),
+        sql: "SELECT district, COUNT(*) AS people FROM residents GROUP BY district".into(),
+        idempotency_key: "k-cut-off".into(),
+        ..Default::default()
+    };
+    // Rows had started to arrive; the stream broke. The consumer is told
+    // the query failed inside the platform, by its id, and nothing of the
+    // runner's words.
+    let cut_off = async || -> anyhow::Result<tonic::Status> {
+        let outcome = async {
+            let mut stream = queries
+                .clone()
+                .run_query(authed(&cast.consumer_analyst, ask()))
+                .await?
+                .into_inner();
+            while stream.message().await?.is_some() {}
+            Ok::<_, tonic::Status>(())
+        }
+        .await;
+        outcome.err().context("the query did not fail")
+    };
+    let first = cut_off().await?;
+    assert_eq!(first.code(), tonic::Code::Internal, "{first:?}");
+    assert!(
+        first.message().starts_with("query q-")
+            && first
+                .message()
+                .ends_with(": the query failed inside the platform (internal)"),
+        "{first:?}"
+    );
+    assert!(!first.message().contains("connection reset"), "{first:?}");
+
+    let balance = || async {
+        let balances = civicgrid_marketplace::proto::billing_client::BillingClient::new(
+            market.channel.clone(),
+        )
+        .get_balance(authed(
+            &cast.consumer_admin,
+            civicgrid_marketplace::proto::GetBalanceRequest {
+                organization_id: "acme".into(),
+            },
+        ))
+        .await?
+        .into_inner()
+        .balances;
+        anyhow::Ok((
+            balances.iter().map(|b| b.balance_minor).sum::<i64>(),
+            balances.iter().map(|b| b.held_minor).sum::<i64>(),
+        ))
+    };
+    // Settled as a failure inside the platform: the consumer pays nothing
+    // for it (not even the plan's 250 cents a query), and nothing is left
+    // held.
+    let (after_first, held) = balance().await?;
+    assert_eq!((after_first, held), (10_000, 0));
+
+    // The same key again: the same query, settled once, charged once.
+    let again = cut_off().await?;
+    assert_eq!(again.message(), first.message());
+    assert_eq!(balance().await?, (after_first, 0));
+    assert_eq!(breaking.runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    Ok(())
+}
+
+fn tokio_stream_from(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener)
 }
