@@ -478,3 +478,73 @@ pub fn contract_request(product: &str) -> proto::RequestContractRequest {
         purpose: "plan bus routes by district population".into(),
     }
 }
+
+/// acme's contract on `product` (the [`contract_request`]), requested by
+/// its admin and approved by the provider's; its id.
+///
+/// # Errors
+/// A refusal of either.
+pub async fn approved_contract(
+    market: &TestMarket,
+    cast: &Cast,
+    product: &str,
+) -> anyhow::Result<String> {
+    let mut contracts = proto::contracts_client::ContractsClient::new(market.channel.clone());
+    let contract_id = contracts
+        .request_contract(authed(&cast.consumer_admin, contract_request(product)))
+        .await?
+        .into_inner()
+        .id;
+    contracts
+        .approve_contract(authed(
+            &cast.provider_admin,
+            proto::ContractAction {
+                contract_id: contract_id.clone(),
+                reason: String::new(),
+            },
+        ))
+        .await?;
+    Ok(contract_id)
+}
+
+/// Deposits `amount_minor` EUR cents on acme's balance, as the platform
+/// admin.
+///
+/// # Errors
+/// A refusal.
+pub async fn deposit(market: &TestMarket, amount_minor: i64) -> anyhow::Result<()> {
+    proto::billing_client::BillingClient::new(market.channel.clone())
+        .deposit(authed(
+            &market.admin_token,
+            proto::DepositRequest {
+                organization_id: "acme".into(),
+                amount_minor,
+                currency: "EUR".into(),
+                reference: "test top-up".into(),
+            },
+        ))
+        .await?;
+    Ok(())
+}
+
+/// acme's balance and what of it is held, summed over currencies, as its
+/// admin sees them.
+///
+/// # Errors
+/// A refusal.
+pub async fn acme_balance(market: &TestMarket, cast: &Cast) -> anyhow::Result<(i64, i64)> {
+    let balances = proto::billing_client::BillingClient::new(market.channel.clone())
+        .get_balance(authed(
+            &cast.consumer_admin,
+            proto::GetBalanceRequest {
+                organization_id: "acme".into(),
+            },
+        ))
+        .await?
+        .into_inner()
+        .balances;
+    Ok((
+        balances.iter().map(|b| b.balance_minor).sum(),
+        balances.iter().map(|b| b.held_minor).sum(),
+    ))
+}

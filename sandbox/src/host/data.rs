@@ -437,13 +437,7 @@ impl TableStore for LocalDirectory {
             return Ok(1);
         }
         let footer = self.footers.metadata(&path, &open(&path)?)?;
-        let metadata = footer.metadata();
-        let rows = metadata
-            .row_groups()
-            .iter()
-            .map(|group| u64::try_from(group.num_rows()).unwrap_or_default())
-            .sum();
-        Ok(shares_for(rows, metadata.num_row_groups(), self.share_rows))
+        Ok(shares_of(&footer, self.share_rows))
     }
 
     fn scan_part(
@@ -522,6 +516,18 @@ pub(crate) fn shaped<T>(
     (builder, order)
 }
 
+/// How many shares the Parquet file `footer` describes splits into, with
+/// shares of at most `share_rows` rows (see [`shares_for`]).
+pub(crate) fn shares_of(footer: &ArrowReaderMetadata, share_rows: u64) -> usize {
+    let metadata = footer.metadata();
+    let rows = metadata
+        .row_groups()
+        .iter()
+        .map(|group| u64::try_from(group.num_rows()).unwrap_or_default())
+        .sum();
+    shares_for(rows, metadata.num_row_groups(), share_rows)
+}
+
 /// How many shares a table of `rows` rows stored in `row_groups` row groups
 /// splits into, with shares of at most `share_rows` rows.
 ///
@@ -535,7 +541,7 @@ pub(crate) fn shaped<T>(
 /// A table splits only if it is stored in more than one row group and two
 /// shares would each hold at least a sixteenth of `share_rows`: below that
 /// the second instance's planning costs more than the scan it saves.
-pub(crate) fn shares_for(rows: u64, row_groups: usize, share_rows: u64) -> usize {
+fn shares_for(rows: u64, row_groups: usize, share_rows: u64) -> usize {
     let share_rows = share_rows.max(1);
     if row_groups < 2 || rows < 2 * share_rows.div_ceil(16) {
         return 1;

@@ -33,7 +33,7 @@ use tokio::runtime::Handle;
 
 use super::data::{
     BATCH_ROWS, FooterCache, Identity, SHARE_ROWS, TableScan, TableStore, footer_options, reorder,
-    shaped, shares_for,
+    shaped, shares_of,
 };
 use crate::location::{self, LocationError};
 
@@ -468,14 +468,7 @@ impl TableStore for ObjectTables {
         if !stored.parquet {
             return Ok(1);
         }
-        let footer = self.footer(stored)?;
-        let metadata = footer.metadata();
-        let rows = metadata
-            .row_groups()
-            .iter()
-            .map(|group| u64::try_from(group.num_rows()).unwrap_or_default())
-            .sum();
-        Ok(shares_for(rows, metadata.num_row_groups(), self.share_rows))
+        Ok(shares_of(&self.footer(stored)?, self.share_rows))
     }
 
     fn scan_part(

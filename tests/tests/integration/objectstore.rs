@@ -242,13 +242,10 @@ async fn a_run_reads_the_objects_it_listed_or_fails() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_marketplace_measures_and_queries_through_the_runner_alone() -> anyhow::Result<()> {
     use civicgrid_marketplace::proto::{
-        self as api, billing_client::BillingClient, contracts_client::ContractsClient,
-        queries_client::QueriesClient, registry_client::RegistryClient,
+        self as api, queries_client::QueriesClient, registry_client::RegistryClient,
     };
     use civicgrid_marketplace::queries::{EngineConfig, QueryEngine};
-    use civicgrid_tests::market::{
-        Cast, Db, TestMarket, action, authed, contract_request, publish, sample_spec,
-    };
+    use civicgrid_tests::market::{Cast, Db, TestMarket, action, authed, publish, sample_spec};
 
     const CORE: &str = "municipal-core";
     let server = ObjectStoreServer::start(&[CORE]).await?;
@@ -356,33 +353,8 @@ async fn the_marketplace_measures_and_queries_through_the_runner_alone() -> anyh
     assert_eq!(quality.completeness, expected.completeness);
     assert_eq!(quality.validity, expected.validity);
 
-    let mut contracts = ContractsClient::new(market.channel.clone());
-    let contract_id = contracts
-        .request_contract(authed(&cast.consumer_admin, contract_request("population")))
-        .await?
-        .into_inner()
-        .id;
-    contracts
-        .approve_contract(authed(
-            &cast.provider_admin,
-            api::ContractAction {
-                contract_id,
-                reason: String::new(),
-            },
-        ))
-        .await?;
-    let mut billing = BillingClient::new(market.channel.clone());
-    billing
-        .deposit(authed(
-            &market.admin_token,
-            api::DepositRequest {
-                organization_id: "acme".into(),
-                amount_minor: 10_000,
-                currency: "EUR".into(),
-                reference: "test top-up".into(),
-            },
-        ))
-        .await?;
+    civicgrid_tests::market::approved_contract(&market, &cast, "population").await?;
+    civicgrid_tests::market::deposit(&market, 10_000).await?;
 
     let ask = |key: &str| api::RunQueryRequest {
         product_id: "population".into(),
@@ -442,21 +414,10 @@ async fn the_marketplace_measures_and_queries_through_the_runner_alone() -> anyh
         "{}",
         status.message()
     );
-    let balances = billing
-        .get_balance(authed(
-            &cast.consumer_admin,
-            api::GetBalanceRequest {
-                organization_id: "acme".into(),
-            },
-        ))
-        .await?
-        .into_inner()
-        .balances;
-    assert!(balances.iter().all(|b| b.held_minor == 0), "{balances:?}");
     assert_eq!(
-        balances.iter().map(|b| b.balance_minor).sum::<i64>(),
-        10_000 - summary.charge_minor,
-        "only the answered query was charged"
+        civicgrid_tests::market::acme_balance(&market, &cast).await?,
+        (10_000 - summary.charge_minor, 0),
+        "only the answered query was charged, and nothing is held"
     );
     Ok(())
 }

@@ -858,24 +858,7 @@ async fn a_query_cut_off_mid_stream_fails_once_and_is_charged_once() -> anyhow::
     );
     assert!(!first.message().contains("connection reset"), "{first:?}");
 
-    let balance = || async {
-        let balances = civicgrid_marketplace::proto::billing_client::BillingClient::new(
-            market.channel.clone(),
-        )
-        .get_balance(authed(
-            &cast.consumer_admin,
-            civicgrid_marketplace::proto::GetBalanceRequest {
-                organization_id: "acme".into(),
-            },
-        ))
-        .await?
-        .into_inner()
-        .balances;
-        anyhow::Ok((
-            balances.iter().map(|b| b.balance_minor).sum::<i64>(),
-            balances.iter().map(|b| b.held_minor).sum::<i64>(),
-        ))
-    };
+    let balance = || civicgrid_tests::market::acme_balance(&market, &cast);
     // Settled as a failure inside the platform: the consumer pays nothing
     // for it (not even the plan's 250 cents a query), and nothing is left
     // held.

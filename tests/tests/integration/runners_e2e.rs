@@ -25,16 +25,13 @@ use anyhow::Context as _;
 use arrow_array::cast::AsArray as _;
 use arrow_array::types::Int64Type;
 use civicgrid_marketplace::grpc::runners::{RunnerDirectory, serve_directory};
-use civicgrid_marketplace::proto::{
-    self as api, billing_client::BillingClient, contracts_client::ContractsClient,
-    queries_client::QueriesClient,
-};
+use civicgrid_marketplace::proto::{self as api, queries_client::QueriesClient};
 use civicgrid_marketplace::queries::{EngineConfig, QueryEngine};
 use civicgrid_operator::crd::{ComputeWorkload, DataCenter};
 use civicgrid_tests::controlplane::{NodeShape, eventually};
 use civicgrid_tests::kubelet::RunnerPods;
 use civicgrid_tests::market::{
-    Cast, Db, SAMPLE_ROWS, TestMarket, authed, contract_request, publish_spec, sample_spec,
+    Cast, Db, SAMPLE_ROWS, TestMarket, authed, publish_spec, sample_spec,
 };
 use civicgrid_tests::objectstore::ObjectStoreServer;
 use civicgrid_tests::operator::{OperatorOptions, OperatorProcess};
@@ -420,35 +417,10 @@ async fn runner_pools_run_next_to_their_data_and_a_lost_data_center_is_survived(
     cameras.hosting_data_centers = vec![EDGE.into()];
     cameras.storage_location = "products/cameras".into();
     publish_spec(&market, &cast, "cameras", cameras).await?;
-    let mut contracts = ContractsClient::new(market.channel.clone());
     for product in ["population", "cameras"] {
-        let contract_id = contracts
-            .request_contract(authed(&cast.consumer_admin, contract_request(product)))
-            .await?
-            .into_inner()
-            .id;
-        contracts
-            .approve_contract(authed(
-                &cast.provider_admin,
-                api::ContractAction {
-                    contract_id,
-                    reason: String::new(),
-                },
-            ))
-            .await?;
+        civicgrid_tests::market::approved_contract(&market, &cast, product).await?;
     }
-    let mut billing = BillingClient::new(market.channel.clone());
-    billing
-        .deposit(authed(
-            &market.admin_token,
-            api::DepositRequest {
-                organization_id: "acme".into(),
-                amount_minor: 100_000,
-                currency: "EUR".into(),
-                reference: "e2e".into(),
-            },
-        ))
-        .await?;
+    civicgrid_tests::market::deposit(&market, 100_000).await?;
     let mut queries = QueriesClient::new(market.channel.clone());
     let analyst = cast.consumer_analyst.clone();
 
@@ -538,24 +510,7 @@ async fn runner_pools_run_next_to_their_data_and_a_lost_data_center_is_survived(
         ("completed", CAMERA_ROWS as i64)
     );
 
-    let balance = |balances: Vec<api::Balance>| -> (i64, i64) {
-        (
-            balances.iter().map(|b| b.balance_minor).sum(),
-            balances.iter().map(|b| b.held_minor).sum(),
-        )
-    };
-    let before_loss = balance(
-        billing
-            .get_balance(authed(
-                &cast.consumer_admin,
-                api::GetBalanceRequest {
-                    organization_id: "acme".into(),
-                },
-            ))
-            .await?
-            .into_inner()
-            .balances,
-    );
+    let before_loss = civicgrid_tests::market::acme_balance(&market, &cast).await?;
 
     // The edge data center is lost: its API server, its runners, its
     // store. New queries on the population go to the core at once (the
@@ -591,18 +546,7 @@ async fn runner_pools_run_next_to_their_data_and_a_lost_data_center_is_survived(
         .expect_err("no data center holding the camera counts is left");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(refused.message().contains(EDGE), "{}", refused.message());
-    let after_loss = balance(
-        billing
-            .get_balance(authed(
-                &cast.consumer_admin,
-                api::GetBalanceRequest {
-                    organization_id: "acme".into(),
-                },
-            ))
-            .await?
-            .into_inner()
-            .balances,
-    );
+    let after_loss = civicgrid_tests::market::acme_balance(&market, &cast).await?;
     assert_eq!(after_loss.1, 0, "nothing is held");
     assert_eq!(
         after_loss.0,
