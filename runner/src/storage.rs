@@ -98,7 +98,16 @@ impl ProductStore {
         // The prefix is the operator's, not a provider's: a location can
         // still only name folders under it.
         let root = ObjectPath::parse(prefix).map_err(|_| refused())?;
-        let store = builder.with_bucket_name(bucket).build()?;
+        // A run's reads block its slot, and the sandbox's wall-time limit
+        // cannot interrupt a read in flight: a store that stalls fails the
+        // read within about a minute (30 s a request, retries within 30 s)
+        // instead of object_store's three minutes of retries.
+        let retry = object_store::RetryConfig {
+            max_retries: 3,
+            retry_timeout: std::time::Duration::from_secs(30),
+            ..object_store::RetryConfig::default()
+        };
+        let store = builder.with_bucket_name(bucket).with_retry(retry).build()?;
         Ok(Self::Objects {
             store: Arc::new(store),
             root,
