@@ -137,7 +137,7 @@ pub struct DataCenterTaint {
 /// What a taint does to workloads that do not tolerate it.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Hash, Eq, JsonSchema)]
 pub enum TaintEffect {
-    /// Never place here.
+    /// No new replicas here; running ones stay.
     NoSchedule,
     /// Place here only if nothing else fits (scores lowest).
     PreferNoSchedule,

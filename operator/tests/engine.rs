@@ -188,6 +188,45 @@ fn cost_and_carbon_weights_pick_the_cheap_clean_data_center() {
     );
 }
 
+/// A data center that publishes no carbon intensity scores the middle of
+/// the carbon range: the known ones keep their order (it used to rank as
+/// the largest number, every known data center then scored the same, and
+/// carbon-aware placement switched off).
+#[test]
+fn an_unknown_carbon_intensity_is_neutral_and_the_known_keep_their_order() {
+    let mut dcs = three_dcs();
+    dcs[0].carbon_intensity = Some(300);
+    dcs[1].carbon_intensity = Some(100);
+    dcs[2].carbon_intensity = None;
+    let mut w = workload("w", 2, 1, 1);
+    w.placement.weights = Weights {
+        free_capacity: 0,
+        cost: 0,
+        carbon: 1,
+        latency: 0,
+        locality: 0,
+        tier: 0,
+    };
+    let s = run(&snapshot(dcs, vec![w]));
+    assert_eq!(placement(&s, "w"), BTreeMap::from([("edge".to_owned(), 2)]));
+    let d = s.decision(&WorkloadKey::new("ns", "w")).expect("decision");
+    let carbon = |dc: &str| {
+        d.scores
+            .get(dc)
+            .or_else(|| {
+                d.rejections
+                    .iter()
+                    .find(|r| r.data_center == dc)
+                    .and_then(|r| r.score.as_ref())
+            })
+            .map(|b| b.carbon)
+    };
+    assert_eq!(
+        (carbon("edge"), carbon("core"), carbon("partner")),
+        (Some(100), Some(0), Some(50))
+    );
+}
+
 #[test]
 fn fallback_group_is_used_only_when_the_first_is_full() {
     let dcs = three_dcs();
@@ -263,6 +302,40 @@ fn duplicated_runs_a_full_copy_per_zone_within_spread_bounds() {
     assert_eq!(p.len(), 2);
     assert!(p.values().all(|n| *n == 3));
     assert_eq!(s.decisions[0].outcome, Outcome::Scheduled);
+}
+
+/// `minDomains` counts domains, not data centers, for every strategy: two
+/// copies in one zone are one zone, and a spread that did not hold is not
+/// `Scheduled`; the reason names the spread.
+#[test]
+fn a_spread_that_does_not_hold_is_not_scheduled_whatever_the_strategy() {
+    let mut dcs = three_dcs();
+    // core and edge share zone a; partner (zone c) is ruled out by tier.
+    dcs[1].zone = "a".to_owned();
+    let spread = Spread {
+        by: SpreadDomain::Zone,
+        min_domains: Some(2),
+        max_domains: None,
+        max_replicas_per_data_center: None,
+    };
+    let mut duplicated = workload("duplicated", 1, 1, 1);
+    duplicated.placement.strategy = StrategyKind::Duplicated;
+    let mut divided = workload("divided", 4, 1, 1);
+    for w in [&mut duplicated, &mut divided] {
+        w.placement.spread = spread;
+        w.placement.required_tiers = BTreeSet::from([Tier::Municipal, Tier::Edge]);
+    }
+    let s = run(&snapshot(dcs, vec![duplicated, divided]));
+    for name in ["duplicated", "divided"] {
+        let d = s.decision(&WorkloadKey::new("ns", name)).expect("decision");
+        assert!(!d.placement.is_empty(), "{name}: {d:?}");
+        assert_eq!(d.outcome, Outcome::PartiallyScheduled, "{name}: {d:?}");
+        assert_eq!(
+            d.reason.as_deref(),
+            Some("spread: placed in 1 Zone domain(s); minDomains needs 2"),
+            "{name}"
+        );
+    }
 }
 
 #[test]
@@ -479,6 +552,38 @@ fn cordoned_data_center_keeps_what_runs_but_takes_nothing_new() {
     let p = placement(&out, "w");
     assert_eq!(p.get("partner"), Some(&4));
     assert_eq!(p.values().sum::<u32>(), 8);
+}
+
+/// A NoSchedule taint keeps new replicas away and leaves running ones be
+/// (Kubernetes and Karmada do not evict on it; it used to evict at once,
+/// unpaced): the tainted data center keeps what runs there, takes nothing
+/// new, and says why it took no more.
+#[test]
+fn a_no_schedule_taint_keeps_running_replicas_and_takes_no_new_ones() {
+    let mut dcs = three_dcs();
+    dcs[2].taints.push(Taint {
+        key: "maintenance".into(),
+        value: None,
+        effect: TaintEffect::NoSchedule,
+    });
+    let w = workload("w", 8, 1, 1);
+    let fresh = workload("fresh", 2, 1, 1);
+    let mut s = snapshot(dcs, vec![w, fresh]);
+    s.current.insert(
+        WorkloadKey::new("ns", "w"),
+        BTreeMap::from([("partner".into(), 4)]),
+    );
+    let out = run(&s);
+    let p = placement(&out, "w");
+    assert_eq!(p.get("partner"), Some(&4), "{p:?}");
+    assert_eq!(p.values().sum::<u32>(), 8);
+    let d = out
+        .decision(&WorkloadKey::new("ns", "w"))
+        .expect("decision");
+    assert_eq!(d.moved_replicas, 0);
+    // A workload with nothing there is kept out by the taint.
+    assert!(!placement(&out, "fresh").contains_key("partner"));
+    assert_eq!(rule_for(&out, "fresh", "partner"), Some(Rule::Taint));
 }
 
 // ---- properties -------------------------------------------------------------
@@ -711,6 +816,26 @@ proptest! {
             }
             if d.outcome != Outcome::Scheduled {
                 prop_assert!(d.reason.is_some());
+            }
+            // Scheduled implies minDomains distinct domains, for every
+            // strategy.
+            if d.outcome == Outcome::Scheduled
+                && !d.placement.is_empty()
+                && let Some(min) = w.placement.spread.min_domains
+            {
+                let domains: BTreeSet<String> = d
+                    .placement
+                    .keys()
+                    .map(|name| {
+                        let dc = s.data_centers.iter().find(|x| &x.name == name).expect("dc");
+                        match w.placement.spread.by {
+                            SpreadDomain::DataCenter => dc.name.clone(),
+                            SpreadDomain::Zone => format!("{}/{}", dc.region, dc.zone),
+                            SpreadDomain::Region => dc.region.clone(),
+                        }
+                    })
+                    .collect();
+                prop_assert!(domains.len() >= min as usize, "{} Scheduled in {domains:?}, minDomains {min}", d.workload);
             }
         }
     }

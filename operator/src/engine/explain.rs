@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::divide::{desired_total, placed_total};
 use super::filter::Filtered;
-use super::model::{DataCenter, ReplicaDemand, StrategyKind, Workload};
+use super::model::{DataCenter, Reachability, ReplicaDemand, StrategyKind, Workload};
 use super::score::Scored;
 use super::{Candidate, Decision, Outcome, Preemption, Rejection, Rule, Scheduler, ScoreBreakdown};
 
@@ -55,6 +55,8 @@ impl Scheduler<'_> {
                 (
                     if dc.cordoned {
                         Rule::Cordoned
+                    } else if dc.reachability == Reachability::Reachable {
+                        Rule::Taint
                     } else {
                         Rule::Unreachable
                     },
@@ -114,15 +116,33 @@ impl Scheduler<'_> {
         let rejections = rejections.into_iter().map(|(_, r)| r).collect();
 
         let placed = placed_total(workload, assignment);
+        // Scheduled means the spread held too: copies in two data centers of
+        // one zone are one zone, whatever the strategy.
+        let domains_placed = chosen()
+            .map(|(c, _)| c.domain)
+            .collect::<BTreeSet<_>>()
+            .len();
+        let spread_short = rules
+            .spread
+            .min_domains
+            .filter(|&min| placed > 0 && domains_placed < min as usize);
         let outcome = if wanted == 0 && workload.replicas == 0 {
             Outcome::Scheduled
         } else if placed == 0 {
             Outcome::Unschedulable
-        } else if placed < wanted {
+        } else if placed < wanted || spread_short.is_some() {
             Outcome::PartiallyScheduled
         } else {
             Outcome::Scheduled
         };
+        if let Some(min) = spread_short
+            && reason.is_none()
+        {
+            reason = Some(format!(
+                "spread: placed in {domains_placed} {:?} domain(s); minDomains needs {min}",
+                rules.spread.by
+            ));
+        }
         if outcome != Outcome::Scheduled && reason.is_none() {
             reason = Some(unscheduled_reason(
                 workload,

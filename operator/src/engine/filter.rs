@@ -172,8 +172,8 @@ impl<'a> Scheduler<'a> {
         class
     }
 
-    /// Cordon and reachability, the rules that depend on what the workload
-    /// runs in `dc` now (`here`). `Ok(keep_only)`.
+    /// Cordon, reachability and NoSchedule taints, the rules that depend on
+    /// what the workload runs in `dc` now (`here`). `Ok(keep_only)`.
     pub(super) fn trouble_rules(
         &self,
         workload: &Workload,
@@ -204,6 +204,25 @@ impl<'a> Scheduler<'a> {
         if dc.cordoned {
             if here == 0 {
                 return Err((Rule::Cordoned, msg!(self, "cordoned")));
+            }
+            keep_only = true;
+        }
+        // NoSchedule keeps new replicas away and leaves running ones be, as
+        // in Kubernetes and Karmada: a taint added to a data center does not
+        // evict what runs there.
+        if let Some(taint) = dc.taints.iter().find(|t| {
+            t.effect == TaintEffect::NoSchedule
+                && !workload
+                    .placement
+                    .tolerations
+                    .iter()
+                    .any(|tol| tol.tolerates(t))
+        }) {
+            if here == 0 {
+                return Err((
+                    Rule::Taint,
+                    msg!(self, "taint `{}` (NoSchedule) is not tolerated", taint.key),
+                ));
             }
             keep_only = true;
         }
@@ -262,12 +281,8 @@ impl<'a> Scheduler<'a> {
                 t.effect == effect && !rules.tolerations.iter().any(|tol| tol.tolerates(t))
             })
         };
-        if let Some(taint) = untolerated(TaintEffect::NoSchedule) {
-            return Err((
-                Rule::Taint,
-                msg!(self, "taint `{}` (NoSchedule) is not tolerated", taint.key),
-            ));
-        }
+        // An untolerated NoSchedule taint is judged with cordon and
+        // reachability (`trouble_rules`): it depends on what runs here now.
         if let Some(missing) = rules
             .required_datasets
             .iter()

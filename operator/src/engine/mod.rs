@@ -300,8 +300,8 @@ struct Scheduler<'a> {
     region_ids: Vec<usize>,
     /// Each data center's position in name order: the last tie-break.
     name_rank: Vec<u32>,
-    /// Cordoned or unreachable data centers: the only ones whose rules depend
-    /// on what a workload runs there now.
+    /// Cordoned, unreachable or NoSchedule-tainted data centers: the only
+    /// ones whose rules depend on what a workload runs there now.
     troubled: Vec<usize>,
     classes: HashMap<ClassKey<'a>, Rc<RuleClass>>,
     /// Scratch: the placed workload's current replicas per data center,
@@ -388,7 +388,14 @@ impl<'a> Scheduler<'a> {
             dc_index,
             name_rank,
             troubled: (0..dcs.len())
-                .filter(|&i| dcs[i].cordoned || dcs[i].reachability != Reachability::Reachable)
+                .filter(|&i| {
+                    dcs[i].cordoned
+                        || dcs[i].reachability != Reachability::Reachable
+                        || dcs[i]
+                            .taints
+                            .iter()
+                            .any(|t| t.effect == model::TaintEffect::NoSchedule)
+                })
                 .collect(),
             classes: HashMap::new(),
             here: vec![0; dcs.len()],

@@ -29,7 +29,7 @@ impl StaticParts {
                 .collect()
         };
         Self {
-            carbon: normalise(set.iter().map(|&i| carbon_value(&dcs[i])).collect()),
+            carbon: carbon_parts(set.iter().map(|&i| carbon_value(&dcs[i])).collect()),
             latency: normalise(set.iter().map(|&i| latency_value(rules, &dcs[i])).collect()),
             locality: set.iter().map(|&i| locality_part(rules, &dcs[i])).collect(),
             tier: set.iter().map(|&i| tier_part(rules, &dcs[i])).collect(),
@@ -52,11 +52,29 @@ pub(super) fn cost_value(demand: &ReplicaDemand, dc: &DataCenter) -> u64 {
         + demand.gpu_count.saturating_mul(gpu_price)
 }
 
-/// Carbon intensity × PUE; unknown intensity ranks last.
-pub(super) fn carbon_value(dc: &DataCenter) -> u64 {
+/// Carbon intensity × PUE, where the intensity is known.
+pub(super) fn carbon_value(dc: &DataCenter) -> Option<u64> {
     dc.carbon_intensity
-        .map_or(u64::MAX, |g| u64::from(g) * u64::from(dc.pue_milli))
+        .map(|g| u64::from(g) * u64::from(dc.pue_milli))
 }
+
+/// The carbon part of each candidate: known intensities ranked among
+/// themselves (lower is better, 0–100), an unknown one the middle (50).
+/// Unknown is neither clean nor dirty; ranked last as the largest number,
+/// it stretched the range so far that every known data center scored the
+/// same, and carbon-aware placement switched off.
+fn carbon_parts(raw: Vec<Option<u64>>) -> Vec<u32> {
+    let (lo, hi) = raw
+        .iter()
+        .flatten()
+        .fold((u64::MAX, 0u64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    raw.into_iter()
+        .map(|v| v.map_or(UNKNOWN_CARBON_PART, |v| lower_is_better(v, lo, hi)))
+        .collect()
+}
+
+/// The carbon part of a data center whose intensity is unknown.
+pub(super) const UNKNOWN_CARBON_PART: u32 = 50;
 
 pub(super) fn latency_value(rules: &PlacementRules, dc: &DataCenter) -> u64 {
     rules
