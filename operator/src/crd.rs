@@ -503,7 +503,10 @@ pub struct StaticWeight {
     pub weight: u32,
 }
 
-/// Score weights; all non-negative. Defaults favour free capacity.
+/// Score weights; all non-negative. By default free capacity and each
+/// preference the workload declares (preferred tiers, preferred datasets,
+/// latency to its latency site) count once; cost and carbon count when
+/// weighted.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ScoreWeights {
@@ -517,10 +520,10 @@ pub struct ScoreWeights {
     #[serde(default)]
     pub carbon: u32,
     /// Prefer lower latency to the latency site.
-    #[serde(default)]
+    #[serde(default = "default_weight")]
     pub latency: u32,
     /// Prefer data centers hosting the preferred datasets.
-    #[serde(default)]
+    #[serde(default = "default_weight")]
     pub locality: u32,
     /// Prefer the preferred tiers.
     #[serde(default = "default_weight")]
@@ -537,8 +540,8 @@ impl Default for ScoreWeights {
             free_capacity: 1,
             cost: 0,
             carbon: 0,
-            latency: 0,
-            locality: 0,
+            latency: 1,
+            locality: 1,
             tier: 1,
         }
     }

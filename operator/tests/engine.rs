@@ -227,6 +227,26 @@ fn an_unknown_carbon_intensity_is_neutral_and_the_known_keep_their_order() {
     );
 }
 
+/// A declared preference counts without weights being set: the CRD says
+/// preferred data centers score higher (with the old defaults a preferred
+/// dataset weighed nothing, and the tie went to the first name).
+#[test]
+fn a_preferred_dataset_counts_under_the_default_weights() {
+    let mut dcs = vec![
+        dc("core", Tier::Municipal, "city", "a", 16, 64),
+        dc("edge", Tier::Municipal, "city", "b", 16, 64),
+        dc("partner", Tier::Municipal, "city", "c", 16, 64),
+    ];
+    dcs[1].datasets.insert("traffic-video".into());
+    let mut w = workload("w", 2, 1, 1);
+    w.placement
+        .preferred_datasets
+        .insert("traffic-video".into());
+    assert_eq!(w.placement.weights, Weights::default());
+    let s = run(&snapshot(dcs, vec![w]));
+    assert_eq!(placement(&s, "w"), BTreeMap::from([("edge".to_owned(), 2)]));
+}
+
 #[test]
 fn fallback_group_is_used_only_when_the_first_is_full() {
     let dcs = three_dcs();
