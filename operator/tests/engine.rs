@@ -291,6 +291,36 @@ fn static_weights_divide_by_largest_remainder() {
     assert_eq!(rule_for(&s, "w", "edge"), Some(Rule::StaticWeight));
 }
 
+/// What a full data center cannot take goes to the others by their
+/// weights, not all to the heaviest with room (Karmada divides it the
+/// same way).
+#[test]
+fn static_weights_overflow_is_divided_by_weight() {
+    let dcs = vec![
+        dc("core", Tier::Municipal, "city", "a", 2, 64),
+        dc("edge", Tier::Edge, "city", "b", 16, 64),
+        dc("partner", Tier::Partner, "metro", "c", 16, 64),
+    ];
+    let mut w = workload("w", 8, 1, 1);
+    w.placement.strategy = StrategyKind::StaticWeights;
+    w.placement.static_weights = BTreeMap::from([
+        ("core".to_owned(), 4),
+        ("edge".to_owned(), 1),
+        ("partner".to_owned(), 1),
+    ]);
+    let s = run(&snapshot(dcs, vec![w]));
+    // core's exact share is 6 of 8 but it has room for 2; the 4 over are
+    // split 1:1.
+    assert_eq!(
+        placement(&s, "w"),
+        BTreeMap::from([
+            ("core".to_owned(), 2),
+            ("edge".to_owned(), 3),
+            ("partner".to_owned(), 3)
+        ])
+    );
+}
+
 #[test]
 fn available_capacity_divides_in_proportion_to_room() {
     let mut w = workload("w", 14, 1, 1);

@@ -279,22 +279,40 @@ pub(super) fn divide_static(
         .zip(available)
         .map(|(c, &a)| if a == 0 { 0 } else { u64::from(c.weight) })
         .collect();
-    let total_weight: u64 = weights.iter().sum();
-    let replicas = u64::from(workload.replicas);
     let mut assignment = vec![0u32; candidates.len()];
-    if total_weight == 0 {
-        return assignment;
+    let mut open: Vec<usize> = (0..candidates.len()).filter(|&i| weights[i] > 0).collect();
+    let mut left = u64::from(workload.replicas);
+    // Proportional with caps (water-filling): a data center whose exact share
+    // exceeds its room gets its room, and the others divide the rest by their
+    // weights — what a full data center cannot take is spread by weight, not
+    // handed to one. A pure function of weights and room, so an unchanged
+    // world gets the same answer.
+    loop {
+        let open_weight: u64 = open.iter().map(|&i| weights[i]).sum();
+        if open_weight == 0 || left == 0 {
+            return assignment;
+        }
+        let (capped, uncapped): (Vec<usize>, Vec<usize>) = open
+            .iter()
+            .partition(|&&i| left * weights[i] > u64::from(available[i]) * open_weight);
+        if capped.is_empty() {
+            break;
+        }
+        for &i in &capped {
+            assignment[i] = available[i];
+            left -= u64::from(available[i]);
+        }
+        open = uncapped;
     }
+    let open_weight: u64 = open.iter().map(|&i| weights[i]).sum();
     // Largest remainder: exact shares, then leftovers by biggest remainder.
-    let mut remainders: Vec<(u64, usize)> = Vec::new();
+    let mut remainders: Vec<(u64, usize)> = Vec::with_capacity(open.len());
     let mut given = 0u64;
-    for (i, &w) in weights.iter().enumerate() {
-        let share = replicas * w / total_weight;
+    for &i in &open {
+        let share = left * weights[i] / open_weight;
         assignment[i] = u32::try_from(share).unwrap_or(u32::MAX);
         given += share;
-        if w > 0 {
-            remainders.push((replicas * w % total_weight, i));
-        }
+        remainders.push((left * weights[i] % open_weight, i));
     }
     // Ties go to data centers already running more than their exact share,
     // so an unchanged world keeps its placement.
@@ -306,35 +324,16 @@ pub(super) fn divide_static(
             })
             .then(a.1.cmp(&b.1))
     });
-    for (_, i) in remainders.iter().cycle().take((replicas - given) as usize) {
-        assignment[*i] += 1;
-    }
-    // Clamp to what fits; hand overflow to the heaviest with room.
-    let mut overflow = 0u32;
-    for (i, a) in assignment.iter_mut().enumerate() {
-        if *a > available[i] {
-            overflow += *a - available[i];
-            *a = available[i];
+    // No exact share exceeds its room, so each floor fits; a leftover skips
+    // a data center whose floor already fills it.
+    let mut leftover = left - given;
+    for &(_, i) in &remainders {
+        if leftover == 0 {
+            break;
         }
-    }
-    let mut by_weight: Vec<usize> = (0..candidates.len()).filter(|&i| weights[i] > 0).collect();
-    by_weight.sort_by(|&a, &b| weights[b].cmp(&weights[a]).then(a.cmp(&b)));
-    // Overflow first restores replicas where they run now, so an unchanged
-    // world hands it out exactly as last time; then the heaviest with room.
-    for restoring in [true, false] {
-        for &i in &by_weight {
-            if overflow == 0 {
-                break;
-            }
-            let room = available[i] - assignment[i];
-            let room = if restoring {
-                room.min(candidates[i].current.saturating_sub(assignment[i]))
-            } else {
-                room
-            };
-            let give = room.min(overflow);
-            assignment[i] += give;
-            overflow -= give;
+        if assignment[i] < available[i] {
+            assignment[i] += 1;
+            leftover -= 1;
         }
     }
     assignment
