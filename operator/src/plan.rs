@@ -368,6 +368,13 @@ fn table(schedule: &Schedule) -> String {
                 p.replicas, p.victim, p.data_center
             );
         }
+        for p in &d.preempted_by {
+            let _ = writeln!(
+                out,
+                "  lost {} replica(s) in {} to {}",
+                p.replicas, p.data_center, p.preemptor
+            );
+        }
         let rules: BTreeSet<_> = d.rejections.iter().map(|r| r.rule).collect();
         if rules.is_empty() && d.rejections.is_empty() {
             let _ = writeln!(out, "  every data center was chosen");

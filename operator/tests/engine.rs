@@ -478,6 +478,199 @@ fn higher_priority_preempts_only_strictly_lower_priority() {
     assert!(placement(&out, "newcomer").is_empty());
 }
 
+fn running(s: &mut Snapshot, name: &str, dc: &str, replicas: u32) {
+    s.current.insert(
+        WorkloadKey::new("ns", name),
+        BTreeMap::from([(dc.to_owned(), replicas)]),
+    );
+}
+
+fn preemptions(s: &Schedule, name: &str) -> Vec<(String, String, u32)> {
+    s.decision(&WorkloadKey::new("ns", name))
+        .expect("decision")
+        .preemptions
+        .iter()
+        .map(|p| (p.victim.name.clone(), p.data_center.clone(), p.replicas))
+        .collect()
+}
+
+fn preempting(name: &str, replicas: u32, cores: u64, priority: i32) -> Workload {
+    let mut w = workload(name, replicas, cores, 1);
+    w.priority = priority;
+    w.preemption = PreemptionPolicy::PreemptLowerPriority;
+    w
+}
+
+/// Missing a GPU, only a GPU holder is evicted: a CPU-only job frees
+/// nothing the preemptor lacks. And the CPU the GPU job's eviction frees
+/// beyond the need sits out the round: a `Never` workload decided next
+/// does not gain it.
+#[test]
+fn preemption_evicts_only_victims_holding_the_missing_resource() {
+    let mut only = dc("only", Tier::Municipal, "city", "a", 8, 64);
+    only.capacity.gpus.insert("l4".into(), 1);
+    let mut cpu_job = workload("cpu-job", 4, 1, 1);
+    cpu_job.priority = 1;
+    let mut gpu_job = workload("gpu-job", 1, 1, 1);
+    gpu_job.priority = 1;
+    gpu_job.demand.gpu_count = 1;
+    gpu_job.demand.gpu_model = Some("l4".into());
+    let mut trainer = preempting("trainer", 1, 1, 10);
+    trainer.demand.gpu_count = 1;
+    trainer.demand.gpu_model = Some("l4".into());
+    let mut never = workload("never", 3, 1, 1);
+    never.priority = 5;
+    let mut s = snapshot(vec![only], vec![cpu_job, gpu_job, trainer, never]);
+    running(&mut s, "cpu-job", "only", 4);
+    running(&mut s, "gpu-job", "only", 1);
+    let out = run(&s);
+    assert_eq!(
+        placement(&out, "trainer"),
+        BTreeMap::from([("only".to_owned(), 1)])
+    );
+    assert_eq!(
+        preemptions(&out, "trainer"),
+        vec![("gpu-job".to_owned(), "only".to_owned(), 1)]
+    );
+    // 8 cores: 4 cpu-job + 1 trainer + 1 freed by gpu-job and reserved
+    // leaves 2 for `never`, not the 3 the freed core would make.
+    assert_eq!(
+        placement(&out, "never"),
+        BTreeMap::from([("only".to_owned(), 2)])
+    );
+    assert_eq!(
+        placement(&out, "cpu-job"),
+        BTreeMap::from([("only".to_owned(), 4)])
+    );
+    let victim = out
+        .decision(&WorkloadKey::new("ns", "gpu-job"))
+        .expect("gpu-job");
+    assert!(victim.placement.is_empty());
+    assert_eq!(victim.preempted_by.len(), 1);
+    assert_eq!(
+        victim.preempted_by[0].preemptor,
+        WorkloadKey::new("ns", "trainer")
+    );
+    assert_eq!(victim.preempted_by[0].data_center, "only");
+    assert_eq!(victim.preempted_by[0].replicas, 1);
+}
+
+/// Free room elsewhere covers what it can; preemption covers only the
+/// rest, even though the full data center is the preferred one.
+#[test]
+fn preemption_covers_only_the_shortfall_free_room_cannot() {
+    let mut preferred = dc("preferred", Tier::Municipal, "city", "a", 4, 64);
+    preferred.datasets.insert("cameras".into());
+    let other = dc("other", Tier::Municipal, "city", "b", 3, 64);
+    let mut batch = workload("batch", 4, 1, 1);
+    batch.priority = 1;
+    let mut urgent = preempting("urgent", 4, 1, 10);
+    urgent.placement.preferred_datasets.insert("cameras".into());
+    urgent.placement.weights.locality = 100;
+    let mut s = snapshot(vec![preferred, other], vec![batch, urgent]);
+    running(&mut s, "batch", "preferred", 4);
+    let out = run(&s);
+    assert_eq!(
+        placement(&out, "urgent"),
+        BTreeMap::from([("other".to_owned(), 3), ("preferred".to_owned(), 1)])
+    );
+    assert_eq!(
+        preemptions(&out, "urgent"),
+        vec![("batch".to_owned(), "preferred".to_owned(), 1)]
+    );
+    assert_eq!(
+        placement(&out, "batch"),
+        BTreeMap::from([("preferred".to_owned(), 3)])
+    );
+}
+
+/// Duplicated needs one copy (no `minDomains`): it preempts in one data
+/// center, not in every one where a copy could fit.
+#[test]
+fn duplicated_preempts_only_for_the_domains_it_needs() {
+    let dcs = vec![
+        dc("a", Tier::Municipal, "city", "a", 2, 64),
+        dc("b", Tier::Municipal, "city", "b", 2, 64),
+        dc("c", Tier::Municipal, "city", "c", 2, 64),
+    ];
+    let mut workloads = Vec::new();
+    for name in ["fill-a", "fill-b", "fill-c"] {
+        let mut w = workload(name, 2, 1, 1);
+        w.priority = 1;
+        workloads.push(w);
+    }
+    let mut copy = preempting("copy", 2, 1, 10);
+    copy.placement.strategy = StrategyKind::Duplicated;
+    workloads.push(copy);
+    let mut s = snapshot(dcs, workloads);
+    running(&mut s, "fill-a", "a", 2);
+    running(&mut s, "fill-b", "b", 2);
+    running(&mut s, "fill-c", "c", 2);
+    let out = run(&s);
+    assert_eq!(
+        placement(&out, "copy").len(),
+        1,
+        "{:?}",
+        placement(&out, "copy")
+    );
+    assert_eq!(preemptions(&out, "copy").len(), 1);
+    assert_eq!(
+        out.decision(&WorkloadKey::new("ns", "copy"))
+            .expect("copy")
+            .outcome,
+        Outcome::Scheduled
+    );
+}
+
+/// Of equal priority, a job outside a gang is evicted before a gang,
+/// whose every replica would be lost with one.
+#[test]
+fn preemption_prefers_victims_outside_gangs() {
+    let only = dc("only", Tier::Municipal, "city", "a", 4, 64);
+    let mut gang = workload("a-gang", 2, 1, 1);
+    gang.priority = 1;
+    gang.placement.gang = true;
+    let mut solo = workload("b-solo", 2, 1, 1);
+    solo.priority = 1;
+    let urgent = preempting("urgent", 1, 1, 10);
+    let mut s = snapshot(vec![only], vec![gang, solo, urgent]);
+    running(&mut s, "a-gang", "only", 2);
+    running(&mut s, "b-solo", "only", 2);
+    let out = run(&s);
+    assert_eq!(
+        preemptions(&out, "urgent"),
+        vec![("b-solo".to_owned(), "only".to_owned(), 1)]
+    );
+    assert_eq!(
+        placement(&out, "a-gang"),
+        BTreeMap::from([("only".to_owned(), 2)])
+    );
+}
+
+/// A small low-priority victim that turns out not to be needed once a
+/// bigger one is evicted is given back.
+#[test]
+fn preemption_gives_back_victims_not_needed_after_all() {
+    let only = dc("only", Tier::Municipal, "city", "a", 5, 64);
+    let mut small = workload("small", 1, 1, 1);
+    small.priority = 1;
+    let mut big = workload("big", 1, 4, 1);
+    big.priority = 2;
+    let urgent = preempting("urgent", 1, 4, 10);
+    let mut s = snapshot(vec![only], vec![small, big, urgent]);
+    running(&mut s, "small", "only", 1);
+    running(&mut s, "big", "only", 1);
+    let out = run(&s);
+    assert_eq!(
+        preemptions(&out, "urgent"),
+        vec![("big".to_owned(), "only".to_owned(), 1)]
+    );
+    assert_eq!(
+        placement(&out, "small"),
+        BTreeMap::from([("only".to_owned(), 1)])
+    );
+}
+
 #[test]
 fn without_preemption_policy_running_replicas_keep_their_capacity() {
     let dcs = vec![dc("only", Tier::Municipal, "city", "a", 10, 100)];
@@ -1020,5 +1213,114 @@ proptest! {
             let cap = &s.data_centers.iter().find(|d| d.name == dc).expect("dc").capacity;
             prop_assert!(used.fits_within(cap), "{dc}: {used:?} > {cap:?}");
         }
+    }
+}
+
+/// One data center under contention: lower-priority victims running (some
+/// CPU-only, some with GPUs, some gangs), a preemptor, and a `Never`
+/// workload decided between them.
+fn arb_contended_dc() -> impl Strategy<Value = Snapshot> {
+    let victims = prop::collection::vec((1u32..5, 0u64..4, 0u64..2, 0i32..3, any::<bool>()), 1..6);
+    (
+        4u64..24,
+        0u64..5,
+        victims,
+        (1u32..5, 0u64..5, 0u64..3),
+        (0u32..6, 1u64..3),
+    )
+        .prop_map(
+            |(cores, gpus, victims, (p_replicas, p_cores, p_gpus), (n_replicas, n_cores))| {
+                let mut only = dc("only", Tier::Municipal, "city", "a", cores, 4096);
+                only.capacity.gpus.insert("l4".into(), gpus);
+                let with_gpus = |w: &mut Workload, n: u64| {
+                    if n > 0 {
+                        w.demand.gpu_count = n;
+                        w.demand.gpu_model = Some("l4".into());
+                    }
+                };
+                let mut workloads = Vec::new();
+                let mut current = BTreeMap::new();
+                let (mut cpu_left, mut gpu_left) = (cores * 1000, gpus);
+                for (i, (replicas, v_cores, v_gpus, priority, gang)) in
+                    victims.into_iter().enumerate()
+                {
+                    let mut w = workload(&format!("v{i}"), replicas, v_cores, 1);
+                    w.priority = priority;
+                    w.placement.gang = gang;
+                    with_gpus(&mut w, v_gpus);
+                    // Only what fits runs.
+                    let by_cpu = cpu_left
+                        .checked_div(w.demand.cpu_millis)
+                        .unwrap_or(u64::MAX);
+                    let by_gpu = gpu_left.checked_div(v_gpus).unwrap_or(u64::MAX);
+                    let runs =
+                        u32::try_from(by_cpu.min(by_gpu).min(u64::from(replicas))).unwrap_or(0);
+                    if runs > 0 {
+                        cpu_left -= w.demand.cpu_millis * u64::from(runs);
+                        gpu_left -= v_gpus * u64::from(runs);
+                        current.insert(w.key.clone(), BTreeMap::from([("only".to_owned(), runs)]));
+                    }
+                    workloads.push(w);
+                }
+                let mut p = preempting("preemptor", p_replicas, p_cores, 10);
+                with_gpus(&mut p, p_gpus);
+                workloads.push(p);
+                let mut never = workload("never", n_replicas, n_cores, 1);
+                never.priority = 5;
+                workloads.push(never);
+                Snapshot {
+                    now_unix: 0,
+                    data_centers: vec![only],
+                    workloads,
+                    current,
+                }
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Preemption evicts only victims holding some of what is missing, none
+    /// it could give back, and no other workload gains the room it frees.
+    #[test]
+    fn preemption_is_minimal_and_keeps_its_room(s in arb_contended_dc()) {
+        let out = run(&s);
+        let per = |name: &str| {
+            let w = s.workloads.iter().find(|w| w.key.name == name).expect("workload");
+            (w.demand.cpu_millis, w.demand.gpu_count)
+        };
+        let cap = &s.data_centers[0].capacity;
+        let (mut free_cpu, mut free_gpu) = (cap.cpu_millis, cap.gpus["l4"]);
+        for (key, at) in &s.current {
+            let (c, g) = per(&key.name);
+            free_cpu -= c * u64::from(at["only"]);
+            free_gpu -= g * u64::from(at["only"]);
+        }
+        let placed = placement(&out, "preemptor").get("only").copied().unwrap_or(0);
+        let (p_cpu, p_gpu) = per("preemptor");
+        let (need_cpu, need_gpu) = (p_cpu * u64::from(placed), p_gpu * u64::from(placed));
+        let (missing_cpu, missing_gpu) = (need_cpu.saturating_sub(free_cpu), need_gpu.saturating_sub(free_gpu));
+        let pre = preemptions(&out, "preemptor");
+        let (mut freed_cpu, mut freed_gpu) = (0, 0);
+        for (victim, _, n) in &pre {
+            let (c, g) = per(victim);
+            prop_assert!((c > 0 && missing_cpu > 0) || (g > 0 && missing_gpu > 0),
+                "{victim} holds none of what is missing ({missing_cpu} mCPU, {missing_gpu} GPU)");
+            freed_cpu += c * u64::from(*n);
+            freed_gpu += g * u64::from(*n);
+        }
+        prop_assert!(need_cpu <= free_cpu + freed_cpu && need_gpu <= free_gpu + freed_gpu);
+        for (victim, _, _) in &pre {
+            let (c, g) = per(victim);
+            prop_assert!(need_cpu > free_cpu + freed_cpu - c || need_gpu > free_gpu + freed_gpu - g,
+                "one replica of {victim} was not needed: {pre:?}");
+        }
+        let never = u64::from(placement(&out, "never").get("only").copied().unwrap_or(0));
+        prop_assert!(never * per("never").0 <= free_cpu.saturating_sub(need_cpu),
+            "never took {never} replicas; free before {free_cpu}, preemptor used {need_cpu}");
+        let lost: u32 = pre.iter().map(|p| p.2).sum();
+        let recorded: u32 = out.decisions.iter().flat_map(|d| &d.preempted_by).map(|p| p.replicas).sum();
+        prop_assert_eq!(lost, recorded);
     }
 }

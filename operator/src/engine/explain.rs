@@ -170,6 +170,7 @@ impl Scheduler<'_> {
             rejected_by_rule,
             scores,
             preemptions,
+            preempted_by: self.preempted_by[w].clone(),
             moved_replicas,
         }
     }

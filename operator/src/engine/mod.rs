@@ -141,6 +141,18 @@ pub struct Preemption {
     pub replicas: u32,
 }
 
+/// Replicas this workload lost to a higher-priority workload's preemption.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreemptedBy {
+    /// The workload the room was made for.
+    pub preemptor: WorkloadKey,
+    /// Where.
+    pub data_center: String,
+    /// How many of this workload's replicas.
+    pub replicas: u32,
+}
+
 /// How completely a workload was placed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Outcome {
@@ -175,6 +187,10 @@ pub struct Decision {
     pub scores: BTreeMap<String, ScoreBreakdown>,
     /// Lower-priority replicas evicted for this workload.
     pub preemptions: Vec<Preemption>,
+    /// This workload's replicas evicted for higher-priority ones in the same
+    /// round, before it was placed again.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub preempted_by: Vec<PreemptedBy>,
     /// Replicas taken away from data centers where they ran.
     pub moved_replicas: u32,
 }
@@ -193,6 +209,7 @@ impl Decision {
             rejected_by_rule: BTreeMap::new(),
             scores: BTreeMap::new(),
             preemptions: Vec::new(),
+            preempted_by: Vec::new(),
             moved_replicas: 0,
         }
     }
@@ -296,6 +313,8 @@ struct Scheduler<'a> {
     /// Current replicas per workload index, per data center index; reduced
     /// when a workload is preempted.
     current: Vec<Vec<(usize, u32)>>,
+    /// Per workload index, what it lost to preemption this round.
+    preempted_by: Vec<Vec<PreemptedBy>>,
     zone_ids: Vec<usize>,
     region_ids: Vec<usize>,
     /// Each data center's position in name order: the last tie-break.
@@ -383,6 +402,7 @@ impl<'a> Scheduler<'a> {
             free: vec![[0; 3]; dcs.len()],
             capacity_divisors: vec![OnceCell::new(); dcs.len()],
             current: Vec::new(),
+            preempted_by: vec![Vec::new(); snapshot.workloads.len()],
             zone_ids: intern(dcs.iter().map(|dc| (dc.region.as_str(), dc.zone.as_str()))),
             region_ids: intern(dcs.iter().map(|dc| dc.region.as_str())),
             dc_index,

@@ -1,12 +1,17 @@
 //! Preempt: when a workload still does not fit and its policy allows,
 //! room held by strictly lower priorities that are not yet decided counts
-//! as free, and the replicas standing in the way are evicted once the
-//! placement is final.
+//! as free for the shortfall only, and the fewest replicas standing in the
+//! way are evicted once the placement is final.
+
+use std::cmp::Reverse;
+use std::collections::BTreeSet;
 
 use super::divide;
-use super::model::{DataCenter, PreemptionPolicy, ReplicaDemand, Resources, Workload};
+use super::model::{
+    DataCenter, PreemptionPolicy, ReplicaDemand, Resources, StrategyKind, Workload,
+};
 use super::score::Scored;
-use super::{Candidate, Preemption, Scheduler, any_gpu_model, demand_of, held_at};
+use super::{Candidate, PreemptedBy, Preemption, Scheduler, any_gpu_model, demand_of, held_at};
 
 /// How many replicas of `demand` fit in `free`.
 pub(super) fn fits(dc: &DataCenter, free: &Resources, demand: &ReplicaDemand) -> u64 {
@@ -26,10 +31,105 @@ pub(super) fn fits(dc: &DataCenter, free: &Resources, demand: &ReplicaDemand) ->
     n
 }
 
+/// Whether a replica using `per` gives back any of what is `missing`.
+fn frees_any_of(per: &Resources, missing: &Resources) -> bool {
+    (per.cpu_millis > 0 && missing.cpu_millis > 0)
+        || (per.memory_bytes > 0 && missing.memory_bytes > 0)
+        || (per.ephemeral_bytes > 0 && missing.ephemeral_bytes > 0)
+        || per
+            .gpus
+            .iter()
+            .any(|(model, n)| *n > 0 && missing.gpus.get(model).is_some_and(|m| *m > 0))
+}
+
+/// Replicas of `assignment` that only preempted room holds: what is placed
+/// beyond each candidate's free room.
+fn preempted_replicas(free_only: &[Candidate], assignment: &[u32]) -> u32 {
+    free_only
+        .iter()
+        .zip(assignment)
+        .map(|(c, &a)| a.saturating_sub(c.available))
+        .sum()
+}
+
+/// Distinct spread domains used, counted up to what `minDomains` asks.
+fn domains_met(workload: &Workload, candidates: &[Candidate], assignment: &[u32]) -> usize {
+    let Some(min) = workload.placement.spread.min_domains else {
+        return 0;
+    };
+    let used: BTreeSet<usize> = candidates
+        .iter()
+        .zip(assignment)
+        .filter(|(_, a)| **a > 0)
+        .map(|(c, _)| c.domain)
+        .collect();
+    used.len().min(min as usize)
+}
+
+/// Keeps `assignment` (placed in free room) and adds only the shortfall in
+/// preemptible room, in fill order, so the preferred data centers are not
+/// emptied to cover what room elsewhere already covers. Duplicated adds
+/// copies only until `minDomains` domains hold one.
+fn top_up(workload: &Workload, with_preemption: &[Candidate], assignment: &[u32]) -> Vec<u32> {
+    let rules = &workload.placement;
+    let mut topped = assignment.to_vec();
+    let mut used: BTreeSet<usize> = with_preemption
+        .iter()
+        .zip(assignment)
+        .filter(|(_, a)| **a > 0)
+        .map(|(c, _)| c.domain)
+        .collect();
+    let may_open = |used: &BTreeSet<usize>, domain: usize| {
+        used.contains(&domain)
+            || rules
+                .spread
+                .max_domains
+                .is_none_or(|m| used.len() < m as usize)
+    };
+    if rules.strategy == StrategyKind::Duplicated {
+        let min = rules.spread.min_domains.unwrap_or(1).max(1) as usize;
+        for (i, c) in with_preemption.iter().enumerate() {
+            if used.len() >= min {
+                break;
+            }
+            if topped[i] == 0
+                && workload.replicas > 0
+                && c.available >= workload.replicas
+                && !used.contains(&c.domain)
+                && may_open(&used, c.domain)
+            {
+                topped[i] = workload.replicas;
+                used.insert(c.domain);
+            }
+        }
+        return topped;
+    }
+    let mut short =
+        divide::desired_total(workload).saturating_sub(divide::placed_total(workload, &topped));
+    for (i, c) in with_preemption.iter().enumerate() {
+        if short == 0 {
+            break;
+        }
+        let room = c.available.saturating_sub(topped[i]);
+        if room == 0
+            || (rules.strategy == StrategyKind::StaticWeights && c.weight == 0)
+            || !may_open(&used, c.domain)
+        {
+            continue;
+        }
+        let give = room.min(short);
+        topped[i] += give;
+        short -= give;
+        used.insert(c.domain);
+    }
+    topped
+}
+
 impl Scheduler<'_> {
-    /// Divides again with preemptible room counted as free, and keeps that
-    /// division if it places more. Returns whether it did (and so whether
-    /// replicas must be evicted).
+    /// With preemptible room counted as free, places more if it can: of the
+    /// divisions that place the most (and meet `minDomains` furthest), the
+    /// one that needs the fewest replicas in preempted room. Returns whether
+    /// it did (and so whether replicas must be evicted).
     pub(super) fn divide_with_preemption(
         &self,
         workload: &Workload,
@@ -47,7 +147,20 @@ impl Scheduler<'_> {
             let free = self.free_with_preemption(c.dc, workload.priority);
             c.available = self.cap_available(workload, c, fits(dc, &free, &workload.demand));
         }
-        let better = divide::divide(workload, &with_preemption);
+        let topped = top_up(workload, &with_preemption, assignment);
+        let redivided = divide::divide(workload, &with_preemption);
+        let rank = |a: &[u32]| {
+            (
+                divide::placed_total(workload, a),
+                domains_met(workload, &with_preemption, a),
+                Reverse(preempted_replicas(&scored.candidates, a)),
+            )
+        };
+        let better = if rank(&redivided) > rank(&topped) {
+            redivided
+        } else {
+            topped
+        };
         if divide::placed_total(workload, &better) > divide::placed_total(workload, assignment) {
             scored.candidates = with_preemption;
             *assignment = better;
@@ -70,8 +183,13 @@ impl Scheduler<'_> {
             .saturating_sub(&blocking)
     }
 
-    /// Evicts lower-priority, not yet decided replicas where `assignment`
-    /// needs more than the free capacity.
+    /// Evicts the fewest lower-priority, not yet decided replicas that make
+    /// `assignment` fit where free room does not: only victims holding some
+    /// of the missing resource, lowest priority first and outside gangs
+    /// before gangs, then any replica not needed after all is given back
+    /// (the last chosen first). What the eviction frees beyond the need
+    /// stays reserved for this round, so no other workload gains room from
+    /// a preemption it did not make.
     pub(super) fn evict(
         &mut self,
         w: usize,
@@ -95,48 +213,75 @@ impl Scheduler<'_> {
             if need.fits_within(&free) {
                 continue;
             }
-            // Victims: lowest priority first, then by key.
-            let mut holders: Vec<(usize, u32)> = (0..snapshot.workloads.len())
+            let missing = need.saturating_sub(&free);
+            let mut holders: Vec<(usize, u32, Resources)> = (0..snapshot.workloads.len())
                 .filter(|&v| {
                     !decided[v] && v != w && snapshot.workloads[v].priority < workload.priority
                 })
                 .filter_map(|v| {
-                    self.current[v]
-                        .iter()
-                        .find(|(d, r)| *d == c.dc && *r > 0)
-                        .map(|(_, r)| (v, *r))
+                    let (_, replicas) =
+                        self.current[v].iter().find(|(d, r)| *d == c.dc && *r > 0)?;
+                    let per = demand_of(dc, &snapshot.workloads[v].demand, 1);
+                    frees_any_of(&per, &missing).then_some((v, *replicas, per))
                 })
                 .collect();
             holders.sort_by(|a, b| {
                 let (wa, wb) = (&snapshot.workloads[a.0], &snapshot.workloads[b.0]);
                 wa.priority
                     .cmp(&wb.priority)
+                    .then_with(|| wa.placement.gang.cmp(&wb.placement.gang))
                     .then_with(|| wa.key.cmp(&wb.key))
             });
             let mut freed = free;
-            for (v, replicas) in holders {
+            let mut taken = vec![0u32; holders.len()];
+            for (k, (_, replicas, per)) in holders.iter().enumerate() {
+                while taken[k] < *replicas && !need.fits_within(&freed) {
+                    freed.add(per);
+                    taken[k] += 1;
+                }
                 if need.fits_within(&freed) {
                     break;
                 }
-                let victim = &snapshot.workloads[v];
-                let mut evicted = 0;
-                while evicted < replicas && !need.fits_within(&freed) {
-                    freed.add(&demand_of(dc, &victim.demand, 1));
-                    evicted += 1;
+            }
+            for k in (0..holders.len()).rev() {
+                while taken[k] > 0 {
+                    let without = freed.saturating_sub(&holders[k].2);
+                    if !need.fits_within(&without) {
+                        break;
+                    }
+                    freed = without;
+                    taken[k] -= 1;
                 }
+            }
+            let mut released = Resources::default();
+            for ((v, _, per), &evicted) in holders.iter().zip(&taken) {
+                if evicted == 0 {
+                    continue;
+                }
+                let victim = &snapshot.workloads[*v];
                 let res = demand_of(dc, &victim.demand, u64::from(evicted));
+                released.add(&res);
                 self.held_total[c.dc].sub(&res);
                 held_at(&mut self.held_by_priority[c.dc], victim.priority).sub(&res);
-                self.refresh_free(c.dc);
-                if let Some(slot) = self.current[v].iter_mut().find(|(d, _)| *d == c.dc) {
+                if let Some(slot) = self.current[*v].iter_mut().find(|(d, _)| *d == c.dc) {
                     slot.1 -= evicted;
                 }
+                debug_assert!(frees_any_of(per, &missing));
                 preemptions.push(Preemption {
                     victim: victim.key.clone(),
                     data_center: dc.name.clone(),
                     replicas: evicted,
                 });
+                self.preempted_by[*v].push(PreemptedBy {
+                    preemptor: workload.key.clone(),
+                    data_center: dc.name.clone(),
+                    replicas: evicted,
+                });
             }
+            // Kubernetes keeps freed room for the preemptor too (its
+            // nominated node); here the excess simply sits out the round.
+            self.committed[c.dc].add(&released.saturating_sub(&missing));
+            self.refresh_free(c.dc);
         }
         preemptions
     }
