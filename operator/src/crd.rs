@@ -638,6 +638,24 @@ pub struct ComputeWorkloadStatus {
     /// minute: what `failover.maxEvictionsPerMinute` is counted against.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub evictions: Vec<EvictionEntry>,
+    /// The latest replicas of this workload evicted to make room for a
+    /// higher-priority workload (the last ten, oldest first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preempted_by: Vec<PreemptedByEntry>,
+}
+
+/// Replicas evicted by a higher-priority workload's preemption.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PreemptedByEntry {
+    /// When they were evicted.
+    pub time: Time,
+    /// The workload the room was made for, as `namespace/name`.
+    pub preemptor: String,
+    /// Where.
+    pub data_center: String,
+    /// How many.
+    pub replicas: i32,
 }
 
 /// Replicas moved off data centers unreachable past the grace period.

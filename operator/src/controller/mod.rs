@@ -154,6 +154,8 @@ struct Decided {
     /// The status this process last wrote for each workload (with its uid).
     statuses:
         std::collections::HashMap<WorkloadKey, (Option<String>, crate::crd::ComputeWorkloadStatus)>,
+    /// Preemptions of each workload not yet written into its status.
+    preempted: std::collections::HashMap<WorkloadKey, Vec<crate::crd::PreemptedByEntry>>,
     /// The last decision for each workload that a later reconcile may reuse
     /// without asking the engine again (see [`Reusable`]).
     reusable: std::collections::HashMap<WorkloadKey, Reusable>,
@@ -248,6 +250,27 @@ impl Decided {
         self.placements.insert(key, placement);
     }
 
+    /// Notes that `key` lost replicas to a preemption, for its own
+    /// reconcile to record in its status and an Event.
+    fn record_preempted(&mut self, key: WorkloadKey, entry: crate::crd::PreemptedByEntry) {
+        self.preempted.entry(key).or_default().push(entry);
+    }
+
+    /// Preemptions of `key` not yet recorded in its status.
+    fn pending_preemptions(&self, key: &WorkloadKey) -> Vec<crate::crd::PreemptedByEntry> {
+        self.preempted.get(key).cloned().unwrap_or_default()
+    }
+
+    /// The first `n` pending preemptions of `key` are in its status now.
+    fn recorded_preemptions(&mut self, key: &WorkloadKey, n: usize) {
+        if let Some(pending) = self.preempted.get_mut(key) {
+            pending.drain(..n.min(pending.len()));
+            if pending.is_empty() {
+                self.preempted.remove(key);
+            }
+        }
+    }
+
     /// `key`'s workload converted for the engine, converted again only when
     /// its uid or generation (`seen`) changed; `None` when it does not
     /// convert.
@@ -307,6 +330,7 @@ impl Decided {
         self.reusable.remove(key);
         self.statuses.remove(key);
         self.looked_in.remove(key);
+        self.preempted.remove(key);
     }
 
     fn looked_in(&self, key: &WorkloadKey) -> LookedIn {

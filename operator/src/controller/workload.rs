@@ -23,6 +23,7 @@ use super::{Context, Error, FIELD_MANAGER, FINALIZER, condition, now_unix, set_c
 use crate::convert;
 use crate::crd::{
     ComputeWorkload, ComputeWorkloadStatus, EvictionEntry, ExplanationEntry, PlacementEntry,
+    PreemptedByEntry,
 };
 use crate::engine::model::{Reachability, Snapshot, Workload};
 use crate::engine::{Decision, Options, Outcome, schedule_only};
@@ -265,6 +266,15 @@ fn decide(
         }
         victim.retain(|_, n| *n > 0);
         decided.record_placement(preemption.victim.clone(), victim);
+        decided.record_preempted(
+            preemption.victim.clone(),
+            PreemptedByEntry {
+                time: Time(Timestamp::now()),
+                preemptor: key.to_string(),
+                data_center: preemption.data_center.clone(),
+                replicas: i32::try_from(preemption.replicas).unwrap_or(i32::MAX),
+            },
+        );
         let _ = ctx.requeue.unbounded_send(());
     }
     decided.record_placement(key.clone(), decision.placement.clone());
@@ -681,6 +691,8 @@ async fn report(ctx: &Context, cw: &ComputeWorkload, report: Report<'_>) -> Resu
         generation,
     );
     status.evictions.clone_from(&recent_evictions);
+    let lost = ctx.decided().pending_preemptions(&key_of(cw));
+    record_preemptions(&mut status.preempted_by, &lost);
     if !holding.is_empty() && failures.is_empty() {
         let held: Vec<&str> = holding.iter().map(String::as_str).collect();
         set_condition(
@@ -702,6 +714,42 @@ async fn report(ctx: &Context, cw: &ComputeWorkload, report: Report<'_>) -> Resu
     let changed_placement = *before != decision.placement;
     if materially_different(&status, previous) {
         write_status(ctx, cw, &status).await?;
+    }
+    if !lost.is_empty() {
+        ctx.decided().recorded_preemptions(&key_of(cw), lost.len());
+        for entry in &lost {
+            publish(
+                ctx,
+                cw,
+                EventType::Warning,
+                "Preempted",
+                format!(
+                    "{} replica(s) in {} evicted to make room for {}, of higher priority",
+                    entry.replicas, entry.data_center, entry.preemptor
+                ),
+            )
+            .await;
+        }
+    }
+    if !decision.preemptions.is_empty() {
+        let evicted: Vec<String> = decision
+            .preemptions
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} replica(s) of {} in {}",
+                    p.replicas, p.victim, p.data_center
+                )
+            })
+            .collect();
+        publish(
+            ctx,
+            cw,
+            EventType::Normal,
+            "Preempting",
+            format!("evicted {} to make room", evicted.join(", ")),
+        )
+        .await;
     }
     if changed_placement {
         let placed: Vec<String> = decision
@@ -876,6 +924,18 @@ fn status_of(
 /// else is placed; rewriting every workload's status for that would load the
 /// API server with every placement in the pool. They are refreshed whenever
 /// anything else changes, or a data center is rejected for another rule.
+/// How many preemptions a status keeps: enough to see a pattern, bounded
+/// so a workload preempted all day does not grow its object.
+const PREEMPTIONS_KEPT: usize = 10;
+
+/// Appends `lost` to the status's preemptions, keeping the latest
+/// [`PREEMPTIONS_KEPT`].
+fn record_preemptions(kept: &mut Vec<PreemptedByEntry>, lost: &[PreemptedByEntry]) {
+    kept.extend(lost.iter().cloned());
+    let over = kept.len().saturating_sub(PREEMPTIONS_KEPT);
+    kept.drain(..over);
+}
+
 fn materially_different(status: &ComputeWorkloadStatus, previous: &ComputeWorkloadStatus) -> bool {
     let rules = |s: &ComputeWorkloadStatus| -> Vec<(String, String)> {
         s.explanation
@@ -1083,6 +1143,23 @@ mod tests {
             }],
             ..ComputeWorkloadStatus::default()
         }
+    }
+
+    #[test]
+    fn a_status_keeps_the_latest_preemptions_oldest_first() {
+        let entry = |replicas| PreemptedByEntry {
+            time: Time(Timestamp::UNIX_EPOCH),
+            preemptor: "city/emergency".into(),
+            data_center: "edge-east".into(),
+            replicas,
+        };
+        let mut kept: Vec<PreemptedByEntry> = (0..8).map(entry).collect();
+        record_preemptions(&mut kept, &[entry(8), entry(9), entry(10), entry(11)]);
+        let replicas: Vec<i32> = kept.iter().map(|e| e.replicas).collect();
+        assert_eq!(replicas, (2..12).collect::<Vec<_>>());
+        let mut none = Vec::new();
+        record_preemptions(&mut none, &[]);
+        assert!(none.is_empty());
     }
 
     #[test]

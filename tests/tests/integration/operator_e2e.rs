@@ -706,11 +706,25 @@ async fn a_workload_preempted_out_of_a_member_leaves_no_copy_there() -> anyhow::
     // The victim's placement changed in the preemptor's reconcile, not its
     // own: its copy must still be removed from the member it lost.
     pool.wait_copies("batch", &[]).await?;
-    let status = api.get("batch").await?.status.context("batch's status")?;
+    // Both sides say what happened: the victim's status and an Event on
+    // each workload.
+    pool.wait_event("batch", "Preempted").await?;
+    pool.wait_event("emergency", "Preempting").await?;
+    let status = eventually("batch's status records the preemption", WAIT, || async {
+        let status = api.get("batch").await.ok()?.status?;
+        (!status.preempted_by.is_empty()).then_some(status)
+    })
+    .await?;
     assert!(
         status.placement.iter().all(|p| p.replicas == 0),
         "batch still placed: {:?}",
         status.placement
     );
+    let lost: Vec<(&str, &str, i32)> = status
+        .preempted_by
+        .iter()
+        .map(|p| (p.preemptor.as_str(), p.data_center.as_str(), p.replicas))
+        .collect();
+    assert_eq!(lost, vec![("traffic/emergency", "edge-east", 2)]);
     Ok(())
 }
