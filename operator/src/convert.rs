@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 
-use crate::crd::{self, ComputeWorkload, DataCenter};
+use crate::crd::{self, ComputeWorkload, DataCenter, GPU_MODEL_LABEL, GPU_RESOURCE};
 use crate::engine::model::{
     self, FallbackGroup, Reachability, ReplicaDemand, Resources, Selector, SelectorExpression,
     Spread, Taint, Toleration, Weights, WorkloadKey,
@@ -207,12 +207,122 @@ fn selector(at: &At<'_>, s: &LabelSelector) -> Result<Selector, FieldError> {
     })
 }
 
+/// The pod template's own requests, where it states any, must add up to
+/// `spec.resources`: the member's scheduler places by the template and the
+/// pool accounts by `spec.resources`, and the two must not disagree. What
+/// the template leaves out the operator writes in (see
+/// `controller::children`).
+fn template_agrees(
+    at: &At<'_>,
+    spec: &crd::ComputeWorkloadSpec,
+    demand: &ReplicaDemand,
+) -> Result<(), FieldError> {
+    let containers = spec
+        .template
+        .spec
+        .as_ref()
+        .map(|p| p.containers.as_slice())
+        .unwrap_or_default();
+    type Parse = fn(&str) -> Result<u64, quantity::QuantityError>;
+    let checks: [(&str, &str, u64, Parse); 4] = [
+        (
+            "cpu",
+            "spec.resources.cpu",
+            demand.cpu_millis,
+            quantity::cpu_millis,
+        ),
+        (
+            "memory",
+            "spec.resources.memory",
+            demand.memory_bytes,
+            quantity::bytes,
+        ),
+        (
+            "ephemeral-storage",
+            "spec.resources.ephemeralStorage",
+            demand.ephemeral_bytes,
+            quantity::bytes,
+        ),
+        (
+            GPU_RESOURCE,
+            "spec.resources.gpu.count",
+            demand.gpu_count,
+            quantity::bytes,
+        ),
+    ];
+    for (resource, accounted_at, accounted, parse) in checks {
+        for list in ["requests", "limits"] {
+            // CPU and memory limits may exceed the request; only a GPU's
+            // limit is its request (Kubernetes requires them equal).
+            if list == "limits" && resource != GPU_RESOURCE {
+                continue;
+            }
+            let mut first = None;
+            let mut total = 0u64;
+            for (i, c) in containers.iter().enumerate() {
+                let stated = c
+                    .resources
+                    .as_ref()
+                    .and_then(|r| {
+                        if list == "requests" {
+                            r.requests.as_ref()
+                        } else {
+                            r.limits.as_ref()
+                        }
+                    })
+                    .and_then(|m| m.get(resource));
+                if let Some(q) = stated {
+                    let field =
+                        format!("spec.template.spec.containers[{i}].resources.{list}.{resource}");
+                    let n = parse(&q.0).map_err(|e| at.err(field.clone(), e.to_string()))?;
+                    total = total.saturating_add(n);
+                    first.get_or_insert(field);
+                }
+            }
+            if let Some(field) = first
+                && total != accounted
+            {
+                return Err(at.err(
+                    field,
+                    format!(
+                        "the containers' {list} of {resource} add up to {total} but {accounted_at} \
+                         says {accounted} (in {}): state it once, in {accounted_at}",
+                        if resource == "cpu" {
+                            "millicores"
+                        } else if resource == GPU_RESOURCE {
+                            "GPUs"
+                        } else {
+                            "bytes"
+                        }
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some(model) = &demand.gpu_model
+        && let Some(selected) = spec
+            .template
+            .spec
+            .as_ref()
+            .and_then(|p| p.node_selector.as_ref())
+            .and_then(|s| s.get(GPU_MODEL_LABEL))
+        && selected != model
+    {
+        return Err(at.err(
+            format!("spec.template.spec.nodeSelector.{GPU_MODEL_LABEL}"),
+            format!("selects {selected} but spec.resources.gpu.model is {model}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Converts a `ComputeWorkload`.
 ///
 /// # Errors
 /// Negative replicas, unparsable quantities, a replica that asks for nothing,
 /// inconsistent spread bounds, duplicate or empty static weights and fallback
-/// groups, each naming the field.
+/// groups, pod-template requests that disagree with `spec.resources`, each
+/// naming the field.
 pub fn workload(cw: &ComputeWorkload) -> Result<model::Workload, FieldError> {
     let key = WorkloadKey::new(
         cw.namespace().unwrap_or_else(|| "default".to_owned()),
@@ -253,6 +363,7 @@ pub fn workload(cw: &ComputeWorkload) -> Result<model::Workload, FieldError> {
             "a replica must request some CPU, memory or GPU, or capacity cannot be accounted",
         ));
     }
+    template_agrees(&at, spec, &demand)?;
     let p = &spec.placement;
     let spread = p.spread.clone().unwrap_or_default();
     if let (Some(min), Some(max)) = (spread.min_domains, spread.max_domains)

@@ -16,6 +16,12 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// GPU model label set by NVIDIA's GPU feature discovery (and by the test
+/// harness's simulated nodes).
+pub const GPU_MODEL_LABEL: &str = "nvidia.com/gpu.product";
+/// GPU extended resource.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+
 /// The API group of every CivicGrid resource.
 pub const GROUP: &str = "civicgrid.io";
 

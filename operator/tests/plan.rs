@@ -133,6 +133,73 @@ spec:
     );
 }
 
+/// The member's scheduler places by the pod template and the pool accounts
+/// by `spec.resources`: a template stating other requests is refused,
+/// naming the container's field, rather than let the two disagree.
+#[test]
+fn template_requests_that_disagree_with_the_resources_are_refused() {
+    let workload = |containers: &str, gpu: &str| {
+        format!(
+            "{DC}---
+apiVersion: civicgrid.io/v1alpha1
+kind: ComputeWorkload
+metadata: {{name: detector, namespace: video}}
+spec:
+  kind: Deployment
+  replicas: 1
+  template: {{spec: {{containers: [{containers}]}}}}
+  resources: {{cpu: 2, memory: 1Gi{gpu}}}
+"
+        )
+    };
+    let e = err(&workload(
+        "{name: a, image: x, resources: {requests: {cpu: 1}}}, \
+         {name: b, image: x, resources: {requests: {cpu: 1500m}}}",
+        "",
+    ));
+    assert!(
+        e.contains("ComputeWorkload `video/detector`")
+            && e.contains("spec.template.spec.containers[0].resources.requests.cpu")
+            && e.contains("add up to 2500 but spec.resources.cpu says 2000"),
+        "{e}"
+    );
+    let e = err(&workload(
+        "{name: a, image: x, resources: {limits: {nvidia.com/gpu: 2}}}",
+        ", gpu: {count: 1}",
+    ));
+    assert!(
+        e.contains("spec.template.spec.containers[0].resources.limits.nvidia.com/gpu")
+            && e.contains("spec.resources.gpu.count says 1"),
+        "{e}"
+    );
+    let e = err(&workload(
+        "{name: a, image: x, resources: {requests: {nvidia.com/gpu: 1}}}",
+        "",
+    ));
+    assert!(
+        e.contains("requests.nvidia.com/gpu") && e.contains("says 0"),
+        "{e}"
+    );
+    let e = err(
+        &(workload("{name: a, image: x}", ", gpu: {count: 1, model: l4}").replace(
+            "{spec: {containers",
+            "{spec: {nodeSelector: {nvidia.com/gpu.product: a100}, containers",
+        )),
+    );
+    assert!(
+        e.contains("spec.template.spec.nodeSelector.nvidia.com/gpu.product")
+            && e.contains("selects a100 but spec.resources.gpu.model is l4"),
+        "{e}"
+    );
+    // Requests that add up, split over containers, are accepted.
+    plan_text(&workload(
+        "{name: a, image: x, resources: {requests: {cpu: 500m}}}, \
+         {name: b, image: x, resources: {requests: {cpu: 1500m, memory: 1Gi}}}",
+        "",
+    ))
+    .expect("requests that add up plan");
+}
+
 #[test]
 fn duplicate_names_point_at_both_definitions() {
     let e = err(&format!("{DC}---\n{DC}"));

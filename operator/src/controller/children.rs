@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, PodSpec, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::ResourceExt as _;
 
-use crate::crd::{ComputeWorkload, WorkloadKind};
+use crate::crd::{ComputeWorkload, GPU_MODEL_LABEL, GPU_RESOURCE, ReplicaResources, WorkloadKind};
 
 /// Set on everything the operator creates in a member cluster.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "civicgrid-operator");
@@ -75,8 +76,85 @@ pub fn namespace(cw: &ComputeWorkload) -> Namespace {
     }
 }
 
+/// Writes what one replica needs into the pod, so the member's scheduler
+/// places it by what the pool accounted: the requests the template leaves
+/// out (on its first container; where it states them, they already add up
+/// to `spec.resources`, which `convert` checks), a GPU's limit (Kubernetes
+/// requires it to equal the request), and for GPUs the model's node
+/// selector (`gpu_model`: the model the engine counted in this data center)
+/// and a toleration of the GPU nodes' usual `nvidia.com/gpu` taint.
+fn write_resources(pod: &mut PodSpec, resources: &ReplicaResources, gpu_model: Option<&str>) {
+    let states = |pod: &PodSpec,
+                  list: fn(&ResourceRequirements) -> Option<&BTreeMap<String, Quantity>>,
+                  name: &str| {
+        pod.containers.iter().any(|c| {
+            c.resources
+                .as_ref()
+                .and_then(list)
+                .is_some_and(|m| m.contains_key(name))
+        })
+    };
+    let gpus = resources.gpu.as_ref().filter(|g| g.count > 0);
+    let mut requests: Vec<(&str, Quantity)> = vec![
+        ("cpu", resources.cpu.clone()),
+        ("memory", resources.memory.clone()),
+    ];
+    if let Some(q) = &resources.ephemeral_storage {
+        requests.push(("ephemeral-storage", q.clone()));
+    }
+    if let Some(g) = gpus {
+        requests.push((GPU_RESOURCE, Quantity(g.count.to_string())));
+    }
+    let missing_requests: Vec<(&str, Quantity)> = requests
+        .into_iter()
+        .filter(|(name, _)| !states(pod, |r| r.requests.as_ref(), name))
+        .collect();
+    let gpu_limit_missing = gpus.is_some() && !states(pod, |r| r.limits.as_ref(), GPU_RESOURCE);
+    if let Some(first) = pod.containers.first_mut() {
+        let r = first
+            .resources
+            .get_or_insert_with(ResourceRequirements::default);
+        for (name, q) in missing_requests {
+            r.requests
+                .get_or_insert_with(BTreeMap::new)
+                .insert(name.to_owned(), q);
+        }
+        if gpu_limit_missing && let Some(g) = gpus {
+            r.limits
+                .get_or_insert_with(BTreeMap::new)
+                .insert(GPU_RESOURCE.to_owned(), Quantity(g.count.to_string()));
+        }
+    }
+    if gpus.is_none() {
+        return;
+    }
+    if let Some(model) = gpu_model {
+        pod.node_selector
+            .get_or_insert_with(BTreeMap::new)
+            .insert(GPU_MODEL_LABEL.to_owned(), model.to_owned());
+    }
+    let tolerations = pod.tolerations.get_or_insert_with(Vec::new);
+    if !tolerations
+        .iter()
+        .any(|t| t.key.as_deref() == Some(GPU_RESOURCE))
+    {
+        tolerations.push(Toleration {
+            key: Some(GPU_RESOURCE.to_owned()),
+            operator: Some("Exists".to_owned()),
+            effect: Some("NoSchedule".to_owned()),
+            ..Toleration::default()
+        });
+    }
+}
+
 /// The object that runs `replicas` of `cw` in `data_center`'s cluster.
-pub fn desired(cw: &ComputeWorkload, data_center: &str, replicas: u32) -> Child {
+/// `gpu_model` is the GPU model the engine counted for it there.
+pub fn desired(
+    cw: &ComputeWorkload,
+    data_center: &str,
+    replicas: u32,
+    gpu_model: Option<&str>,
+) -> Child {
     let namespace = cw.namespace().unwrap_or_default();
     let name = cw.name_any();
     let labels = labels(&namespace, &name, data_center);
@@ -93,6 +171,9 @@ pub fn desired(cw: &ComputeWorkload, data_center: &str, replicas: u32) -> Child 
         .labels
         .get_or_insert_with(BTreeMap::new)
         .extend(labels);
+    if let Some(pod) = template.spec.as_mut() {
+        write_resources(pod, &cw.spec.resources, gpu_model);
+    }
     let selector = LabelSelector {
         match_labels: Some(selector_labels(&namespace, &name)),
         match_expressions: None,
@@ -216,7 +297,7 @@ mod tests {
 
     #[test]
     fn deployment_carries_replicas_labels_and_a_selector_its_pods_match() {
-        let Child::Deployment(d) = desired(&workload("Deployment"), "edge-1", 2) else {
+        let Child::Deployment(d) = desired(&workload("Deployment"), "edge-1", 2, None) else {
             panic!("expected a Deployment");
         };
         let spec = d.spec.expect("spec");
@@ -246,7 +327,7 @@ mod tests {
 
     #[test]
     fn job_runs_replicas_in_parallel_and_never_restarts_always() {
-        let Child::Job(j) = desired(&workload("Job"), "core", 4) else {
+        let Child::Job(j) = desired(&workload("Job"), "core", 4, None) else {
             panic!("expected a Job");
         };
         let spec = j.spec.expect("spec");
@@ -259,10 +340,95 @@ mod tests {
 
     #[test]
     fn stateful_set_names_its_service_after_the_workload() {
-        let Child::StatefulSet(s) = desired(&workload("StatefulSet"), "core", 1) else {
+        let Child::StatefulSet(s) = desired(&workload("StatefulSet"), "core", 1, None) else {
             panic!("expected a StatefulSet");
         };
         assert_eq!(s.spec.expect("spec").service_name.as_deref(), Some("cams"));
+    }
+
+    fn pod_of(child: Child) -> PodSpec {
+        let Child::Deployment(d) = child else {
+            panic!("expected a Deployment");
+        };
+        d.spec.expect("spec").template.spec.expect("pod")
+    }
+
+    /// The member's scheduler must place a replica by what the pool
+    /// accounted: requests, the GPU limit, the GPU model's nodes.
+    #[test]
+    fn pods_request_what_the_pool_accounted() {
+        let mut cw = workload("Deployment");
+        cw.spec.resources.ephemeral_storage = Some(Quantity("2Gi".into()));
+        cw.spec.resources.gpu = Some(crate::crd::GpuRequest {
+            count: 2,
+            model: None,
+        });
+        let pod = pod_of(desired(&cw, "edge-1", 1, Some("l4")));
+        let r = pod.containers[0].resources.clone().expect("resources");
+        let requests = r.requests.expect("requests");
+        let q = |m: &BTreeMap<String, Quantity>, k: &str| m.get(k).map(|q| q.0.clone());
+        assert_eq!(q(&requests, "cpu").as_deref(), Some("1"));
+        assert_eq!(q(&requests, "memory").as_deref(), Some("1Gi"));
+        assert_eq!(q(&requests, "ephemeral-storage").as_deref(), Some("2Gi"));
+        assert_eq!(q(&requests, GPU_RESOURCE).as_deref(), Some("2"));
+        assert_eq!(
+            q(&r.limits.expect("limits"), GPU_RESOURCE).as_deref(),
+            Some("2")
+        );
+        assert_eq!(
+            pod.node_selector
+                .expect("node selector")
+                .get(GPU_MODEL_LABEL)
+                .map(String::as_str),
+            Some("l4")
+        );
+        let tolerations = pod.tolerations.expect("tolerations");
+        assert!(
+            tolerations
+                .iter()
+                .any(|t| t.key.as_deref() == Some(GPU_RESOURCE)
+                    && t.operator.as_deref() == Some("Exists")
+                    && t.effect.as_deref() == Some("NoSchedule")),
+            "{tolerations:?}"
+        );
+
+        // Without GPUs: requests only, no GPU node selector or toleration.
+        let pod = pod_of(desired(&workload("Deployment"), "edge-1", 1, None));
+        assert!(pod.node_selector.is_none() && pod.tolerations.is_none());
+        let requests = pod.containers[0]
+            .resources
+            .clone()
+            .and_then(|r| r.requests)
+            .expect("requests");
+        assert_eq!(requests.len(), 2, "{requests:?}");
+    }
+
+    /// What the template states itself stays as it is (it adds up to
+    /// `spec.resources`; `convert` refuses it otherwise), and nothing is
+    /// counted twice.
+    #[test]
+    fn requests_the_template_states_are_kept() {
+        let mut cw = workload("Deployment");
+        let pod = cw.spec.template.spec.as_mut().expect("pod");
+        pod.containers.push(pod.containers[0].clone());
+        pod.containers[1].name = "sidecar".into();
+        pod.containers[1].resources = Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([("cpu".to_owned(), Quantity("1".into()))])),
+            ..ResourceRequirements::default()
+        });
+        let pod = pod_of(desired(&cw, "edge-1", 1, None));
+        let first = pod.containers[0]
+            .resources
+            .clone()
+            .and_then(|r| r.requests)
+            .expect("requests");
+        assert_eq!(first.keys().collect::<Vec<_>>(), vec!["memory"]);
+        let second = pod.containers[1]
+            .resources
+            .clone()
+            .and_then(|r| r.requests)
+            .expect("requests");
+        assert_eq!(second.get("cpu").map(|q| q.0.as_str()), Some("1"));
     }
 
     #[test]

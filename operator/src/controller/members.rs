@@ -22,11 +22,7 @@ use super::children::{self, Child};
 use crate::crd::{Capacity, ComputeWorkload, DataCenter};
 use crate::quantity;
 
-/// GPU model label set by NVIDIA's GPU feature discovery (and by the test
-/// harness's simulated nodes).
-pub const GPU_MODEL_LABEL: &str = "nvidia.com/gpu.product";
-/// GPU extended resource.
-pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+pub use crate::crd::{GPU_MODEL_LABEL, GPU_RESOURCE};
 
 /// One client per data center, rebuilt when its Secret changes, and a watch
 /// on the operator's copies in each member that reports which workload to

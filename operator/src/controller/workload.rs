@@ -1023,7 +1023,15 @@ async fn propagate(
     };
     let namespace = cw.namespace().unwrap_or_default();
     let name = cw.name_any();
-    let desired = children::desired(cw, data_center, replicas);
+    let gpu_model = match convert::workload(cw) {
+        Ok(workload) if workload.demand.gpu_count > 0 => ctx
+            .data_centers
+            .get(&ObjectRef::new(data_center))
+            .and_then(|dc| convert::data_center(&dc, now_unix(), reachability(&dc)).ok())
+            .and_then(|dc| crate::engine::accounted_gpu_model(&dc, &workload.demand)),
+        _ => None,
+    };
+    let desired = children::desired(cw, data_center, replicas, gpu_model.as_deref());
     let fingerprint = desired.fingerprint();
     let key = (data_center.to_owned(), namespace.clone(), name.clone());
     if let Some(ready) = ctx.members.unchanged(&key, fingerprint) {

@@ -580,6 +580,16 @@ fn demand_of(dc: &DataCenter, demand: &ReplicaDemand, n: u64) -> Resources {
     }
 }
 
+/// The GPU model one replica of `demand` is counted against in `dc`: its
+/// own model, or for "any model" the data center's most plentiful one.
+/// `None` when it needs no GPU.
+pub fn accounted_gpu_model(dc: &DataCenter, demand: &ReplicaDemand) -> Option<String> {
+    if demand.gpu_count == 0 {
+        return None;
+    }
+    demand.gpu_model.clone().or_else(|| any_gpu_model(dc))
+}
+
 fn any_gpu_model(dc: &DataCenter) -> Option<String> {
     dc.capacity
         .gpus

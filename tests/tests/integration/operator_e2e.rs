@@ -271,6 +271,21 @@ async fn workload_is_propagated_scaled_survives_an_operator_kill_and_leaves_noth
             .then_some(())
     })
     .await?;
+    // The member's scheduler placed them by what the pool accounted.
+    let pods: Api<Pod> = Api::namespaced(pool.members["edge-east"].client().await?, "traffic");
+    for pod in pods.list(&ListParams::default()).await?.items {
+        let requests = pod
+            .spec
+            .and_then(|s| s.containers.into_iter().next())
+            .and_then(|c| c.resources)
+            .and_then(|r| r.requests)
+            .unwrap_or_default();
+        let stated: BTreeMap<&str, &str> = requests
+            .iter()
+            .map(|(k, q)| (k.as_str(), q.0.as_str()))
+            .collect();
+        assert_eq!(stated, BTreeMap::from([("cpu", "1"), ("memory", "1Gi")]));
+    }
     eventually("readiness aggregated in status", WAIT, || async {
         let status = api.get("cams").await.ok()?.status?;
         (status.ready_replicas == 4 && status.placed_replicas == 4).then_some(())
