@@ -95,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
         instance: "bench".into(),
         leader_election: None,
         metrics: metrics.clone(),
+        ..controller::Config::default()
     };
     let operator = tokio::spawn(controller::run(
         control.clone(),

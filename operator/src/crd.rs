@@ -241,6 +241,18 @@ pub struct DataCenterStatus {
     /// When the member cluster last answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat: Option<Time>,
+    /// Probes in a row the member did not answer (kept here so a restart or
+    /// a new leader counts on).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failed_probes: u32,
+    /// Probes in a row the member answered while it was `Reachable=False`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub answered_probes: u32,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A workload placed across data centers as one pool.

@@ -43,6 +43,14 @@ enum Command {
         /// Connect and request timeout against a member cluster, in seconds.
         #[arg(long, env = "CIVICGRID_MEMBER_TIMEOUT_SECONDS", default_value = "5", value_parser = positive_seconds)]
         member_timeout_seconds: Duration,
+        /// Probes in a row a reachable member must miss before it is
+        /// marked unreachable.
+        #[arg(long, env = "CIVICGRID_MEMBER_FAILURE_THRESHOLD", default_value = "3", value_parser = clap::value_parser!(u32).range(1..))]
+        member_failure_threshold: u32,
+        /// Probes in a row an unreachable member must answer before it
+        /// takes replicas again.
+        #[arg(long, env = "CIVICGRID_MEMBER_SUCCESS_THRESHOLD", default_value = "2", value_parser = clap::value_parser!(u32).range(1..))]
+        member_success_threshold: u32,
         /// Seconds after which a workload that is not yet fully available is
         /// looked at again although no member reported a change (members are
         /// watched; this is the safety net).
@@ -82,6 +90,8 @@ fn main() -> anyhow::Result<()> {
         Command::Run {
             heartbeat_seconds,
             member_timeout_seconds,
+            member_failure_threshold,
+            member_success_threshold,
             readiness_poll_seconds,
             instance,
             leader_election_namespace,
@@ -92,6 +102,8 @@ fn main() -> anyhow::Result<()> {
             let mut config = civicgrid_operator::controller::Config {
                 heartbeat: heartbeat_seconds,
                 member_timeout: member_timeout_seconds,
+                failure_threshold: member_failure_threshold,
+                success_threshold: member_success_threshold,
                 readiness_poll: readiness_poll_seconds,
                 instance,
                 ..Default::default()

@@ -33,31 +33,53 @@ pub(super) async fn reconcile(dc: Arc<DataCenter>, ctx: Arc<Context>) -> Result<
         Err(e) => Err(e),
     };
     let was_reachable = matches!(reachability(&dc), Reachability::Reachable) && dc.status.is_some();
-    let reachable = probe.is_ok();
+    let was = previous
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Reachable")
+        .map(|c| c.status == "True");
+    let judged = judge(
+        was,
+        probe.is_ok(),
+        Probes {
+            failed: previous.failed_probes,
+            answered: previous.answered_probes,
+        },
+        (ctx.config.failure_threshold, ctx.config.success_threshold),
+    );
+    let reachable = judged.reachable;
+    status.failed_probes = judged.probes.failed;
+    status.answered_probes = judged.probes.answered;
+    let (failure, success) = (ctx.config.failure_threshold, ctx.config.success_threshold);
+    let (reason, message) = match (&probe, reachable) {
+        (Ok(_), true) => ("Answering", "the member API server answers".to_owned()),
+        (Ok(_), false) => (
+            "Recovering",
+            format!(
+                "answered {} of the {success} probes in a row it needs to take replicas again",
+                judged.probes.answered
+            ),
+        ),
+        (Err(error), true) => (
+            "MissedProbes",
+            format!(
+                "missed {} of the {failure} probes in a row that make it unreachable: {error}",
+                judged.probes.failed
+            ),
+        ),
+        (Err(Error::Kubeconfig { .. }), false) => ("InvalidKubeconfig", probe_error(&probe)),
+        (Err(_), false) => ("NotAnswering", probe_error(&probe)),
+    };
+    set_condition(
+        &mut status.conditions,
+        condition("Reachable", reachable, reason, message, generation),
+    );
     match &probe {
         Ok((_, observed)) => {
-            set_condition(
-                &mut status.conditions,
-                condition(
-                    "Reachable",
-                    true,
-                    "Answering",
-                    "the member API server answers",
-                    generation,
-                ),
-            );
             status.last_heartbeat = Some(Time(Timestamp::now()));
             status.allocatable = Some(dc.spec.capacity.clone().unwrap_or_else(|| observed.clone()));
         }
-        Err(error) => {
-            let reason = match error {
-                Error::Kubeconfig { .. } => "InvalidKubeconfig",
-                _ => "NotAnswering",
-            };
-            set_condition(
-                &mut status.conditions,
-                condition("Reachable", false, reason, error.to_string(), generation),
-            );
+        Err(_) => {
             if status.allocatable.is_none() {
                 status.allocatable = dc.spec.capacity.clone();
             }
@@ -131,15 +153,7 @@ pub(super) async fn reconcile(dc: Arc<DataCenter>, ctx: Arc<Context>) -> Result<
                 "the member cluster answers".to_owned(),
             )
         } else {
-            (
-                EventType::Warning,
-                "Unreachable",
-                probe
-                    .as_ref()
-                    .err()
-                    .map(ToString::to_string)
-                    .unwrap_or_default(),
-            )
+            (EventType::Warning, "Unreachable", probe_error(&probe))
         };
         publish(&ctx, &dc, type_, reason, note).await;
     }
@@ -150,6 +164,68 @@ pub(super) async fn reconcile(dc: Arc<DataCenter>, ctx: Arc<Context>) -> Result<
         remove_orphans(&ctx, member, &name).await?;
     }
     Ok(Action::requeue(ctx.config.heartbeat))
+}
+
+fn probe_error<T>(probe: &Result<T, Error>) -> String {
+    probe
+        .as_ref()
+        .err()
+        .map(ToString::to_string)
+        .unwrap_or_default()
+}
+
+/// Consecutive probe outcomes of one member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Probes {
+    failed: u32,
+    answered: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Judged {
+    reachable: bool,
+    probes: Probes,
+}
+
+/// Whether a member is reachable after a probe, as Karmada judges its
+/// clusters: a reachable member turns unreachable only after `failure`
+/// missed probes in a row, an unreachable one reachable only after
+/// `success` answered in a row. A member never judged before (`was` is
+/// `None`) is what its first probe says.
+fn judge(
+    was: Option<bool>,
+    answered: bool,
+    probes: Probes,
+    (failure, success): (u32, u32),
+) -> Judged {
+    let probes = if answered {
+        Probes {
+            failed: 0,
+            answered: probes.answered.saturating_add(1),
+        }
+    } else {
+        Probes {
+            failed: probes.failed.saturating_add(1),
+            answered: 0,
+        }
+    };
+    let reachable = match (was, answered) {
+        (None, answered) => answered,
+        (Some(true), true) => true,
+        (Some(true), false) => probes.failed < failure,
+        (Some(false), true) => probes.answered >= success,
+        (Some(false), false) => false,
+    };
+    // Answers count only towards a return; a reachable member needs none.
+    let probes = if reachable && answered {
+        Probes {
+            failed: 0,
+            answered: 0,
+        }
+    } else {
+        probes
+    };
+    Judged { reachable, probes }
 }
 
 async fn members_capacity(member: &kube::Client, name: &str) -> Result<Capacity, Error> {
@@ -266,5 +342,58 @@ impl DataCenterStatus {
         self.conditions
             .iter()
             .any(|c| c.type_ == "Reachable" && c.status == "True")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `outcomes` (true: answered) through `judge` from a reachable
+    /// member, returning reachability after each probe.
+    fn walk(start: Option<bool>, outcomes: &[bool]) -> Vec<bool> {
+        let mut was = start;
+        let mut probes = Probes {
+            failed: 0,
+            answered: 0,
+        };
+        outcomes
+            .iter()
+            .map(|&answered| {
+                let judged = judge(was, answered, probes, (3, 2));
+                was = Some(judged.reachable);
+                probes = judged.probes;
+                judged.reachable
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_reachable_member_is_lost_only_after_the_failure_threshold() {
+        // Two missed probes, then an answer: never unreachable.
+        assert_eq!(
+            walk(Some(true), &[false, false, true, false, false, true]),
+            vec![true; 6]
+        );
+        // The third missed probe in a row makes it unreachable.
+        assert_eq!(
+            walk(Some(true), &[false, false, false, false]),
+            vec![true, true, false, false]
+        );
+    }
+
+    #[test]
+    fn an_unreachable_member_returns_only_after_the_success_threshold() {
+        // One answer between misses does not bring it back.
+        assert_eq!(
+            walk(Some(false), &[true, false, true, true, true]),
+            vec![false, false, false, true, true]
+        );
+    }
+
+    #[test]
+    fn a_member_never_judged_is_what_its_first_probe_says() {
+        assert_eq!(walk(None, &[false]), vec![false]);
+        assert_eq!(walk(None, &[true]), vec![true]);
     }
 }

@@ -70,6 +70,12 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Connect and request timeout against a member cluster.
     pub member_timeout: Duration,
+    /// Probes in a row a reachable member must miss to be `Reachable=False`:
+    /// one lost probe is not a lost data center.
+    pub failure_threshold: u32,
+    /// Probes in a row an unreachable member must answer to be
+    /// `Reachable=True` again, so a flapping member does not take replicas.
+    pub success_threshold: u32,
     /// How often a workload that is not yet fully available is looked at
     /// again even if no member reported a change (they are watched).
     pub readiness_poll: Duration,
@@ -86,6 +92,8 @@ impl Default for Config {
         Self {
             heartbeat: Duration::from_secs(10),
             member_timeout: Duration::from_secs(5),
+            failure_threshold: 3,
+            success_threshold: 2,
             readiness_poll: Duration::from_secs(30),
             instance: std::env::var("POD_NAME").unwrap_or_else(|_| "civicgrid-operator".to_owned()),
             leader_election: None,

@@ -255,6 +255,7 @@ async fn chart_applies_and_its_service_account_runs_the_operator_with_least_priv
             retry: Duration::from_secs(5),
         }),
         metrics: Default::default(),
+        ..controller::Config::default()
     };
     let operator = tokio::spawn(controller::run(
         operator_client,

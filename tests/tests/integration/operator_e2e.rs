@@ -433,15 +433,22 @@ async fn replicas_move_after_the_grace_period_and_the_returning_member_is_cleane
         .context("edge")?
         .stop_apiserver();
     let data_centers: Api<DataCenter> = Api::all(pool.client.clone());
-    eventually("edge-east Reachable=False", WAIT, || async {
-        let dc = data_centers.get("edge-east").await.ok()?;
-        dc.status?
+    let lost = eventually("edge-east Reachable=False", WAIT, || async {
+        let status = data_centers.get("edge-east").await.ok()?.status?;
+        status
             .conditions
             .iter()
             .any(|c| c.type_ == "Reachable" && c.status == "False")
-            .then_some(())
+            .then_some(status)
     })
     .await?;
+    // Not on the first missed probe: on the third in a row (the default
+    // failure threshold).
+    assert!(
+        lost.failed_probes >= 3,
+        "unreachable after {} missed probes",
+        lost.failed_probes
+    );
     // Within the grace period nothing moves.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
