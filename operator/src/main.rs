@@ -51,6 +51,11 @@ enum Command {
         /// takes replicas again.
         #[arg(long, env = "CIVICGRID_MEMBER_SUCCESS_THRESHOLD", default_value = "2", value_parser = clap::value_parser!(u32).range(1..))]
         member_success_threshold: u32,
+        /// Failover moves allowed per minute across all workloads (each
+        /// workload's own `maxEvictionsPerMinute` applies too). Unlimited
+        /// when not given.
+        #[arg(long, env = "CIVICGRID_MAX_EVICTIONS_PER_MINUTE")]
+        max_evictions_per_minute: Option<u32>,
         /// Seconds after which a workload that is not yet fully available is
         /// looked at again although no member reported a change (members are
         /// watched; this is the safety net).
@@ -92,6 +97,7 @@ fn main() -> anyhow::Result<()> {
             member_timeout_seconds,
             member_failure_threshold,
             member_success_threshold,
+            max_evictions_per_minute,
             readiness_poll_seconds,
             instance,
             leader_election_namespace,
@@ -104,6 +110,7 @@ fn main() -> anyhow::Result<()> {
                 member_timeout: member_timeout_seconds,
                 failure_threshold: member_failure_threshold,
                 success_threshold: member_success_threshold,
+                pool_evictions_per_minute: max_evictions_per_minute,
                 readiness_poll: readiness_poll_seconds,
                 instance,
                 ..Default::default()

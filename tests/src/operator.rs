@@ -34,6 +34,8 @@ pub struct OperatorOptions {
     /// `--leader-election-namespace` and `--lease-duration-seconds`; no
     /// leader election when `None`.
     pub leader_election: Option<(String, Duration)>,
+    /// Further `run` flags, as given.
+    pub extra_args: Vec<String>,
 }
 
 /// A running `civicgrid-operator run`. Dropping it kills it.
@@ -81,6 +83,7 @@ impl OperatorProcess {
             args.push(format!("--leader-election-namespace={namespace}"));
             args.push(format!("--lease-duration-seconds={}", seconds(*lease)));
         }
+        args.extend(options.extra_args.iter().cloned());
         let kubeconfig = control.kubeconfig_path();
         let process = ManagedProcess::spawn_with_env(
             &format!("operator-{}", options.instance),

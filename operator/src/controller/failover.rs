@@ -27,6 +27,58 @@ pub struct Evictions {
     pub moved: u32,
     /// Replicas the budget kept where they were, to move later.
     pub deferred: u32,
+    /// When the pool-wide budget has room again, if it held any back.
+    pub pool_retry_at: Option<i64>,
+}
+
+/// Failover moves across every workload in the last [`WINDOW_SECONDS`]:
+/// what the pool-wide `--max-evictions-per-minute` is counted against, so
+/// that losing a data center with hundreds of workloads does not move
+/// hundreds of budgets' worth at once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolEvictions {
+    /// (Unix seconds, replicas moved), oldest first.
+    moves: std::collections::VecDeque<(i64, u32)>,
+}
+
+impl PoolEvictions {
+    /// Starts from moves already recorded (e.g. in workloads' statuses).
+    pub fn seeded(mut moves: Vec<(i64, u32)>) -> Self {
+        moves.sort_unstable();
+        Self {
+            moves: moves.into(),
+        }
+    }
+
+    fn forget_before(&mut self, now: i64) {
+        while self
+            .moves
+            .front()
+            .is_some_and(|(at, _)| *at <= now - WINDOW_SECONDS)
+        {
+            self.moves.pop_front();
+        }
+    }
+
+    /// Replicas that may still move in the window ending `now`.
+    pub fn left(&mut self, now: i64, max: u32) -> u32 {
+        self.forget_before(now);
+        let used: u32 = self.moves.iter().map(|(_, n)| *n).sum();
+        max.saturating_sub(used)
+    }
+
+    /// When the oldest move in the window leaves it (`now` + window if none).
+    pub fn next_room_at(&mut self, now: i64) -> i64 {
+        self.forget_before(now);
+        self.moves.front().map_or(now, |(at, _)| *at) + WINDOW_SECONDS
+    }
+
+    /// Records `moved` replicas moved at `now`.
+    pub fn record(&mut self, now: i64, moved: u32) {
+        if moved > 0 {
+            self.moves.push_back((now, moved));
+        }
+    }
 }
 
 /// Trims `decided` so that at most `budget` replicas move off the data centers
@@ -57,6 +109,7 @@ pub fn limit_evictions(
         return Evictions {
             moved: moves,
             deferred: 0,
+            pool_retry_at: None,
         };
     }
     let deferred = moves - budget;
@@ -87,6 +140,7 @@ pub fn limit_evictions(
     Evictions {
         moved: budget,
         deferred,
+        pool_retry_at: None,
     }
 }
 
@@ -135,6 +189,23 @@ pub fn hold_shrinking(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pool_budget_counts_every_move_in_the_last_minute() {
+        // Seeded from statuses: 3 moved 50 s ago, 1 moved 70 s ago (gone).
+        let mut pool = PoolEvictions::seeded(vec![(1_000 - 50, 3), (1_000 - 70, 1)]);
+        assert_eq!(pool.left(1_000, 5), 2);
+        pool.record(1_000, 2);
+        assert_eq!(pool.left(1_000, 5), 0);
+        // Room comes back when the oldest move leaves the window.
+        assert_eq!(pool.next_room_at(1_000), 1_000 - 50 + WINDOW_SECONDS);
+        assert_eq!(pool.left(1_000 + 10, 5), 3);
+        assert_eq!(pool.left(1_000 + WINDOW_SECONDS, 5), 5);
+        // Nothing moved records nothing.
+        pool.record(2_000, 0);
+        assert_eq!(pool.left(2_000, 5), 5);
+        assert_eq!(pool.next_room_at(2_000), 2_000 + WINDOW_SECONDS);
+    }
 
     fn ready(entries: &[(&str, i32)]) -> BTreeMap<String, i32> {
         entries.iter().map(|(d, n)| ((*d).to_owned(), *n)).collect()
@@ -210,7 +281,8 @@ mod tests {
             evictions,
             Evictions {
                 moved: 3,
-                deferred: 0
+                deferred: 0,
+                pool_retry_at: None
             }
         );
         assert_eq!(decided, map(&[("core", 4), ("partner", 1)]));
@@ -225,7 +297,8 @@ mod tests {
             evictions,
             Evictions {
                 moved: 2,
-                deferred: 3
+                deferred: 3,
+                pool_retry_at: None
             }
         );
         // Gains were core +3, partner +2; three are taken back, largest gain
@@ -261,7 +334,8 @@ mod tests {
             evictions,
             Evictions {
                 moved: 1,
-                deferred: 5
+                deferred: 5,
+                pool_retry_at: None
             }
         );
         assert_eq!(decided, map(&[("core", 1), ("edge-a", 1), ("edge-b", 4)]));

@@ -76,6 +76,9 @@ pub struct Config {
     /// Probes in a row an unreachable member must answer to be
     /// `Reachable=True` again, so a flapping member does not take replicas.
     pub success_threshold: u32,
+    /// Failover moves allowed across all workloads per minute (besides each
+    /// workload's own `maxEvictionsPerMinute`); unlimited when `None`.
+    pub pool_evictions_per_minute: Option<u32>,
     /// How often a workload that is not yet fully available is looked at
     /// again even if no member reported a change (they are watched).
     pub readiness_poll: Duration,
@@ -94,6 +97,7 @@ impl Default for Config {
             member_timeout: Duration::from_secs(5),
             failure_threshold: 3,
             success_threshold: 2,
+            pool_evictions_per_minute: None,
             readiness_poll: Duration::from_secs(30),
             instance: std::env::var("POD_NAME").unwrap_or_else(|_| "civicgrid-operator".to_owned()),
             leader_election: None,
@@ -162,6 +166,9 @@ struct Decided {
     /// The status this process last wrote for each workload (with its uid).
     statuses:
         std::collections::HashMap<WorkloadKey, (Option<String>, crate::crd::ComputeWorkloadStatus)>,
+    /// Failover moves across the pool, once first needed (seeded from the
+    /// workloads' statuses, so a restart or a new leader counts on).
+    pool_evictions: Option<failover::PoolEvictions>,
     /// Preemptions of each workload not yet written into its status.
     preempted: std::collections::HashMap<WorkloadKey, Vec<crate::crd::PreemptedByEntry>>,
     /// The last decision for each workload that a later reconcile may reuse

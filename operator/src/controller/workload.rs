@@ -17,7 +17,7 @@ use kube::{Client, Resource as _, ResourceExt as _};
 
 use super::children::{self, Child};
 use super::copies::{copies_of, delete_child, list_children};
-use super::failover::{Evictions, WINDOW_SECONDS, hold_shrinking, limit_evictions};
+use super::failover::{Evictions, PoolEvictions, WINDOW_SECONDS, hold_shrinking, limit_evictions};
 use super::pool::{current, key_of, placement_fingerprint, reachability};
 use super::{Context, Error, FIELD_MANAGER, FINALIZER, condition, now_unix, set_condition};
 use crate::convert;
@@ -242,6 +242,25 @@ fn decide(
     let mut schedule = schedule_only(&snapshot, &only, &Options::default());
     let mut decision = schedule.decisions.remove(0);
     let mut evictions = Evictions::default();
+    let pool_limit = ctx.config.pool_evictions_per_minute;
+    let pool_left = pool_limit.map(|max| {
+        let pool = decided.pool_evictions.get_or_insert_with(|| {
+            PoolEvictions::seeded(
+                ctx.workloads
+                    .state()
+                    .iter()
+                    .filter_map(|cw| cw.status.as_ref())
+                    .flat_map(|s| &s.evictions)
+                    .map(|e| (e.time.0.as_second(), u32::try_from(e.replicas).unwrap_or(0)))
+                    .collect(),
+            )
+        });
+        pool.left(now, max)
+    });
+    let eviction_budget = match (eviction_budget, pool_left) {
+        (Some(own), Some(pool)) => Some(own.min(pool)),
+        (own, pool) => own.or(pool),
+    };
     if let Some(budget) = eviction_budget {
         let before = snapshot.current.get(&key).cloned().unwrap_or_default();
         let failed: BTreeSet<String> = snapshot
@@ -254,6 +273,16 @@ fn decide(
             .map(|dc| dc.name.clone())
             .collect();
         evictions = limit_evictions(&before, &mut decision.placement, &failed, budget);
+    }
+    if let Some(pool) = decided
+        .pool_evictions
+        .as_mut()
+        .filter(|_| pool_limit.is_some())
+    {
+        pool.record(now, evictions.moved);
+        if evictions.deferred > 0 && pool_left.is_some_and(|left| left <= evictions.moved) {
+            evictions.pool_retry_at = Some(pool.next_room_at(now));
+        }
     }
     for preemption in &decision.preemptions {
         let mut victim = snapshot
@@ -788,10 +817,16 @@ async fn report(ctx: &Context, cw: &ComputeWorkload, report: Report<'_>) -> Resu
             "EvictionsDeferred",
             format!(
                 "moved {} replicas off data centers unreachable past the grace period; {} \
-                 stay until maxEvictionsPerMinute ({}) allows",
+                 stay until {} allows",
                 evictions.moved,
                 evictions.deferred,
-                max_evictions.unwrap_or(0)
+                match (max_evictions, evictions.pool_retry_at) {
+                    (_, Some(_)) => format!(
+                        "the pool-wide limit of {} per minute",
+                        ctx.config.pool_evictions_per_minute.unwrap_or(0)
+                    ),
+                    (max, None) => format!("maxEvictionsPerMinute ({})", max.unwrap_or(0)),
+                }
             ),
         )
         .await;
@@ -816,12 +851,16 @@ async fn report(ctx: &Context, cw: &ComputeWorkload, report: Report<'_>) -> Resu
     } else {
         ctx.config.readiness_poll
     };
-    // Deferred evictions go when the oldest in the window leaves it.
-    if evictions.deferred > 0
-        && let Some(oldest) = recent_evictions.iter().map(|e| e.time.0.as_second()).min()
-    {
-        let deadline = oldest + WINDOW_SECONDS;
-        next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
+    // Deferred evictions go when the oldest in the window leaves it (this
+    // workload's, or the pool's when that held them back).
+    if evictions.deferred > 0 {
+        let own = recent_evictions
+            .iter()
+            .map(|e| e.time.0.as_second() + WINDOW_SECONDS)
+            .min();
+        for deadline in own.into_iter().chain(evictions.pool_retry_at) {
+            next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
+        }
     }
     if let Some(deadline) = next_deadline {
         let left = u64::try_from(deadline - now_unix()).unwrap_or(0) + 1;

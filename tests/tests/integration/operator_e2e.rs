@@ -46,6 +46,8 @@ struct Pool {
     members: BTreeMap<String, Cluster>,
     client: Client,
     operator: Option<OperatorProcess>,
+    /// `run` flags beyond the harness's own.
+    operator_args: Vec<String>,
 }
 
 impl Pool {
@@ -70,6 +72,7 @@ impl Pool {
             members: pool.members,
             client: pool.client,
             operator: None,
+            operator_args: Vec::new(),
         })
     }
 
@@ -92,6 +95,7 @@ impl Pool {
             // member watches, not polling.
             readiness_poll: Duration::from_secs(120),
             leader_election: lease.map(|lease| ("civicgrid-system".to_owned(), lease)),
+            extra_args: self.operator_args.clone(),
         };
         Ok(OperatorProcess::start(&self.control, &options)?)
     }
@@ -406,6 +410,94 @@ async fn workload_is_propagated_scaled_survives_an_operator_kill_and_leaves_noth
     }
     pool.kill_operator();
     drop(pool.control);
+    Ok(())
+}
+
+/// Losing a data center that runs many workloads moves no more replicas a
+/// minute than the pool-wide limit, although no workload has a limit of
+/// its own; the ones held back say so.
+#[tokio::test]
+async fn a_lost_data_center_moves_no_more_than_the_pool_wide_limit() -> anyhow::Result<()> {
+    let mut pool = Pool::start_with(&MEMBERS).await?;
+    pool.operator_args = vec!["--max-evictions-per-minute=2".to_owned()];
+    pool.start_operator()?;
+    pool.wait_ready().await?;
+    let api = pool.workloads();
+    let placement = serde_json::json!({
+        "requiredTiers": ["edge", "partner"],
+        "preferredTiers": ["edge"],
+        "weights": { "freeCapacity": 0, "tier": 10 },
+        "strategy": { "type": "Score" }
+    });
+    let names = ["plates-a", "plates-b", "plates-c"];
+    for name in names {
+        api.create(
+            &PostParams::default(),
+            &workload(name, 1, placement.clone(), 2)?,
+        )
+        .await?;
+    }
+    for name in names {
+        pool.wait_copies(name, &[("edge-east", 1)]).await?;
+    }
+    pool.members
+        .get_mut("edge-east")
+        .context("edge")?
+        .stop_apiserver();
+    // Two of the three move once the grace period is over...
+    let moved = |names: [&'static str; 3]| {
+        let pool = &pool;
+        async move {
+            let mut moved = Vec::new();
+            for name in names {
+                if pool.copies_in("partner-cloud", name).await?.is_some() {
+                    moved.push(name);
+                }
+            }
+            anyhow::Ok(moved)
+        }
+    };
+    eventually("two workloads moved to the partner", WAIT, || async {
+        (moved(names).await.ok()?.len() == 2).then_some(())
+    })
+    .await?;
+    // ... and the third stays, placed on the edge, for the rest of the
+    // minute, saying why.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let now_moved = moved(names).await?;
+    assert_eq!(now_moved.len(), 2, "moved: {now_moved:?}");
+    let held = names
+        .into_iter()
+        .find(|n| !now_moved.contains(n))
+        .context("the one held back")?;
+    let status = api.get(held).await?.status.context("status")?;
+    assert_eq!(
+        status
+            .placement
+            .iter()
+            .map(|p| p.data_center.as_str())
+            .collect::<Vec<_>>(),
+        vec!["edge-east"]
+    );
+    pool.wait_event(held, "EvictionsDeferred").await?;
+    let events: Api<Event> = Api::namespaced(pool.client.clone(), "traffic");
+    let notes: Vec<String> = events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some("EvictionsDeferred")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(held)
+        })
+        .filter_map(|e| e.note)
+        .collect();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("the pool-wide limit of 2 per minute")),
+        "{notes:?}"
+    );
     Ok(())
 }
 

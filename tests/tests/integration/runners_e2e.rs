@@ -296,6 +296,7 @@ async fn runner_pools_run_next_to_their_data_and_a_lost_data_center_is_survived(
             member_timeout: Duration::from_secs(2),
             readiness_poll: Duration::from_secs(120),
             leader_election: None,
+            extra_args: Vec::new(),
         },
     )?;
     let data_centers: Api<DataCenter> = Api::all(city.client.clone());
