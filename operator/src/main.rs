@@ -75,8 +75,9 @@ enum Command {
             default_value = "civicgrid-operator"
         )]
         leader_election_lease: String,
-        /// Seconds a lease stays valid without renewal (at least 3; it is
-        /// renewed every third of that).
+        /// Seconds a lease stays valid without renewal (at least 3). The
+        /// leader renews every fifth of that and stops acting after two
+        /// thirds of it without a renewal.
         #[arg(long, default_value = "15", value_parser = lease_seconds)]
         lease_duration_seconds: Duration,
         /// Address of the /metrics, /healthz and /readyz endpoints.
@@ -115,12 +116,13 @@ fn main() -> anyhow::Result<()> {
                 instance,
                 ..Default::default()
             };
-            config.leader_election = leader_election_namespace.map(|namespace| LeaseConfig {
-                namespace,
-                name: leader_election_lease,
-                identity: config.instance.clone(),
-                duration: lease_duration_seconds,
-                retry: lease_duration_seconds / 3,
+            config.leader_election = leader_election_namespace.map(|namespace| {
+                LeaseConfig::with_duration(
+                    namespace,
+                    leader_election_lease,
+                    config.instance.clone(),
+                    lease_duration_seconds,
+                )
             });
             return run(config, metrics_address);
         }

@@ -419,9 +419,10 @@ pub async fn run(client: Client, config: Config, shutdown: Shutdown) -> Stopped 
     let metrics = config.metrics.clone();
     // A follower waiting for the lease is healthy and ready.
     metrics.set_ready();
+    let mut held_since = tokio::time::Instant::now();
     if let Some(lease) = &lease {
         tokio::select! {
-            () = leader::acquire(client.clone(), lease) => {}
+            since = leader::acquire(client.clone(), lease) => held_since = since,
             () = shutdown.clone() => return Stopped::Shutdown,
         }
     }
@@ -434,7 +435,7 @@ pub async fn run(client: Client, config: Config, shutdown: Shutdown) -> Stopped 
         let lease = lease.clone();
         async move {
             match &lease {
-                Some(lease) => leader::keep(client, lease).await,
+                Some(lease) => leader::keep(client, lease, held_since).await,
                 None => futures::future::pending().await,
             }
             let _ = lost_tx.send(());

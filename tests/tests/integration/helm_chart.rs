@@ -249,13 +249,12 @@ async fn chart_applies_and_its_service_account_runs_the_operator_with_least_priv
         member_timeout: Duration::from_secs(2),
         readiness_poll: Duration::from_millis(300),
         instance: "chart-test".into(),
-        leader_election: Some(LeaseConfig {
-            namespace: NAMESPACE.into(),
-            name: "civicgrid-operator".into(),
-            identity: "chart-test".into(),
-            duration: Duration::from_secs(15),
-            retry: Duration::from_secs(5),
-        }),
+        leader_election: Some(LeaseConfig::with_duration(
+            NAMESPACE.into(),
+            "civicgrid-operator".into(),
+            "chart-test".into(),
+            Duration::from_secs(15),
+        )),
         metrics: Default::default(),
         ..controller::Config::default()
     };
