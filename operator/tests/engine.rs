@@ -291,6 +291,46 @@ fn static_weights_divide_by_largest_remainder() {
     assert_eq!(rule_for(&s, "w", "edge"), Some(Rule::StaticWeight));
 }
 
+/// A gang no data center may take says so, rather than that too few
+/// replicas fit.
+#[test]
+fn a_gang_no_data_center_passes_says_so() {
+    let mut w = workload("w", 4, 1, 1);
+    w.placement.gang = true;
+    w.placement.allowed_regions = ["nowhere".to_owned()].into();
+    let out = run(&snapshot(three_dcs(), vec![w]));
+    let d = out.decision(&WorkloadKey::new("ns", "w")).expect("w");
+    assert_eq!(d.outcome, Outcome::Unschedulable);
+    let reason = d.reason.clone().unwrap_or_default();
+    assert!(
+        reason.starts_with("no data center passes the hard rules") && reason.contains("Region: 3"),
+        "{reason}"
+    );
+}
+
+/// A `maxDomains: 1` workload that outgrew the data center it runs in
+/// moves whole to one that can take all of it, rather than stay partial.
+#[test]
+fn max_domains_moves_to_the_domain_that_fits() {
+    let dcs = vec![
+        dc("small", Tier::Municipal, "city", "a", 4, 64),
+        dc("large", Tier::Municipal, "city", "b", 10, 64),
+    ];
+    let mut w = workload("w", 8, 1, 1);
+    w.placement.spread.max_domains = Some(1);
+    let mut s = snapshot(dcs, vec![w]);
+    s.current.insert(
+        WorkloadKey::new("ns", "w"),
+        BTreeMap::from([("small".into(), 4)]),
+    );
+    let out = run(&s);
+    assert_eq!(placement(&out, "w"), BTreeMap::from([("large".to_owned(), 8)]));
+    assert_eq!(
+        out.decision(&WorkloadKey::new("ns", "w")).expect("w").outcome,
+        Outcome::Scheduled
+    );
+}
+
 /// What a full data center cannot take goes to the others by their
 /// weights, not all to the heaviest with room (Karmada divides it the
 /// same way).

@@ -237,11 +237,13 @@ pub(super) fn allowed_domains(
     for c in &order {
         *room.entry(c.domain).or_default() += u64::from(c.available);
     }
-    // Stable sorts keep fill order within each class.
+    // Stable sorts keep fill order within each class. By room, running
+    // replicas get no say: the running domains were just found too small.
     if by_room {
         order.sort_by_key(|c| std::cmp::Reverse(room[&c.domain]));
+    } else {
+        order.sort_by_key(|c| c.current == 0);
     }
-    order.sort_by_key(|c| c.current == 0);
     // A divided workload that runs where it can stay keeps to those
     // domains: adding one because it now scores better would move replicas
     // in an unchanged world.

@@ -544,9 +544,13 @@ impl<'a> Scheduler<'a> {
             divide::desired_total(workload),
         );
         if workload.placement.gang && placed < wanted {
-            reason = Some(format!(
-                "gang: only {placed} of {wanted} replicas fit, so none are placed"
-            ));
+            // With no candidate at all, the hard rules are the reason, and
+            // the general explanation names them.
+            if !scored.candidates.is_empty() {
+                reason = Some(format!(
+                    "gang: only {placed} of {wanted} replicas fit, so none are placed"
+                ));
+            }
             assignment.iter_mut().for_each(|a| *a = 0);
             preempting = false;
         }
