@@ -297,6 +297,38 @@ pub struct ComputeWorkloadSpec {
     /// How replicas leave a data center that is lost.
     #[serde(default)]
     pub failover: FailoverPolicy,
+    /// Objects in the workload's namespace that its pods need, copied into
+    /// every member cluster that runs a copy of it, and removed there with
+    /// the last copy that needs them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dependencies: Vec<DependencyRef>,
+}
+
+/// An object in the workload's namespace that its pods need.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DependencyRef {
+    /// Its kind.
+    pub kind: DependencyKind,
+    /// Its name, in the workload's namespace.
+    pub name: String,
+}
+
+/// The kinds of object a workload may depend on.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
+pub enum DependencyKind {
+    /// Configuration files and environment.
+    ConfigMap,
+    /// Credentials (the operator needs read access to Secrets for this; see
+    /// the chart's `dependencies.secrets`).
+    Secret,
+    /// The identity the pods run as.
+    ServiceAccount,
+    /// A Service fronting the pods (its cluster IP and node ports are the
+    /// member's own).
+    Service,
 }
 
 fn preserve_unknown_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {

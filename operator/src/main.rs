@@ -56,6 +56,10 @@ enum Command {
         /// when not given.
         #[arg(long, env = "CIVICGRID_MAX_EVICTIONS_PER_MINUTE")]
         max_evictions_per_minute: Option<u32>,
+        /// Let `spec.dependencies` name Secrets: the operator then reads
+        /// and watches Secrets in every namespace.
+        #[arg(long, env = "CIVICGRID_SECRET_DEPENDENCIES")]
+        secret_dependencies: bool,
         /// Seconds after which a workload that is not yet fully available is
         /// looked at again although no member reported a change (members are
         /// watched; this is the safety net).
@@ -99,6 +103,7 @@ fn main() -> anyhow::Result<()> {
             member_failure_threshold,
             member_success_threshold,
             max_evictions_per_minute,
+            secret_dependencies,
             readiness_poll_seconds,
             instance,
             leader_election_namespace,
@@ -112,6 +117,7 @@ fn main() -> anyhow::Result<()> {
                 failure_threshold: member_failure_threshold,
                 success_threshold: member_success_threshold,
                 pool_evictions_per_minute: max_evictions_per_minute,
+                secret_dependencies,
                 readiness_poll: readiness_poll_seconds,
                 instance,
                 ..Default::default()

@@ -324,9 +324,14 @@ fn max_domains_moves_to_the_domain_that_fits() {
         BTreeMap::from([("small".into(), 4)]),
     );
     let out = run(&s);
-    assert_eq!(placement(&out, "w"), BTreeMap::from([("large".to_owned(), 8)]));
     assert_eq!(
-        out.decision(&WorkloadKey::new("ns", "w")).expect("w").outcome,
+        placement(&out, "w"),
+        BTreeMap::from([("large".to_owned(), 8)])
+    );
+    assert_eq!(
+        out.decision(&WorkloadKey::new("ns", "w"))
+            .expect("w")
+            .outcome,
         Outcome::Scheduled
     );
 }

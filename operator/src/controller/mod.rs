@@ -30,6 +30,7 @@
 pub mod children;
 mod copies;
 mod datacenter;
+pub mod dependencies;
 pub mod failover;
 pub mod leader;
 pub mod members;
@@ -44,15 +45,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{FutureExt as _, StreamExt as _};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt as _, watcher};
 use kube::{Api, Client};
 
 use crate::convert::FieldError;
-use crate::crd::{ComputeWorkload, DataCenter};
+use crate::crd::{ComputeWorkload, DataCenter, DependencyKind};
 use crate::engine::model::WorkloadKey;
 
 /// The one field manager of every write the operator makes.
@@ -79,6 +82,9 @@ pub struct Config {
     /// Failover moves allowed across all workloads per minute (besides each
     /// workload's own `maxEvictionsPerMinute`); unlimited when `None`.
     pub pool_evictions_per_minute: Option<u32>,
+    /// Whether `spec.dependencies` may name Secrets (the operator then
+    /// reads and watches Secrets in every namespace).
+    pub secret_dependencies: bool,
     /// How often a workload that is not yet fully available is looked at
     /// again even if no member reported a change (they are watched).
     pub readiness_poll: Duration,
@@ -98,6 +104,7 @@ impl Default for Config {
             failure_threshold: 3,
             success_threshold: 2,
             pool_evictions_per_minute: None,
+            secret_dependencies: false,
             readiness_poll: Duration::from_secs(30),
             instance: std::env::var("POD_NAME").unwrap_or_else(|_| "civicgrid-operator".to_owned()),
             leader_election: None,
@@ -493,6 +500,32 @@ pub async fn run(client: Client, config: Config, shutdown: Shutdown) -> Stopped 
         decided: Mutex::new(Decided::default()),
         requeue,
     });
+    // A dependency changed in the control cluster: copy it again into the
+    // members of every workload that names it. Metadata only: what changed
+    // is read when the workload is reconciled.
+    let client = &context.client;
+    let workloads = &context.workloads;
+    let cw_controller = cw_controller
+        .watches_stream(
+            dependency_changes::<ConfigMap>(client),
+            dependents_of(workloads, DependencyKind::ConfigMap),
+        )
+        .watches_stream(
+            dependency_changes::<Service>(client),
+            dependents_of(workloads, DependencyKind::Service),
+        )
+        .watches_stream(
+            dependency_changes::<ServiceAccount>(client),
+            dependents_of(workloads, DependencyKind::ServiceAccount),
+        );
+    let cw_controller = if context.config.secret_dependencies {
+        cw_controller.watches_stream(
+            dependency_changes::<Secret>(client),
+            dependents_of(workloads, DependencyKind::Secret),
+        )
+    } else {
+        cw_controller
+    };
     // Workloads are placed again when a data center changes in a way the
     // engine sees, not on every heartbeat.
     let every_workload = context.workloads.clone();
@@ -555,6 +588,55 @@ pub async fn run(client: Client, config: Config, shutdown: Shutdown) -> Stopped 
         leader::release(control, lease).await;
     }
     Stopped::Shutdown
+}
+
+/// Every change to an object of kind `K` in any namespace, metadata only.
+fn dependency_changes<K>(
+    client: &Client,
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+where
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
+    PartialObjectMeta<K>: serde::de::DeserializeOwned,
+{
+    watcher(
+        Api::<PartialObjectMeta<K>>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects()
+}
+
+/// Maps a changed object of `kind` to the workloads that depend on it.
+fn dependents_of<K>(
+    workloads: &Store<ComputeWorkload>,
+    kind: DependencyKind,
+) -> impl Fn(PartialObjectMeta<K>) -> Vec<ObjectRef<ComputeWorkload>> + Send + Sync + 'static
+where
+    K: Send + Sync + 'static,
+{
+    let workloads = workloads.clone();
+    move |changed| dependents(&workloads, kind, &changed.metadata)
+}
+
+/// The workloads whose `spec.dependencies` name the object `meta` of `kind`.
+fn dependents(
+    workloads: &Store<ComputeWorkload>,
+    kind: DependencyKind,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Vec<ObjectRef<ComputeWorkload>> {
+    workloads
+        .state()
+        .iter()
+        .filter(|cw| {
+            cw.metadata.namespace == meta.namespace
+                && cw
+                    .spec
+                    .dependencies
+                    .iter()
+                    .any(|d| d.kind == kind && meta.name.as_deref() == Some(d.name.as_str()))
+        })
+        .map(|cw| ObjectRef::from_obj(&**cw))
+        .collect()
 }
 
 /// `conditions` with `new` set: the transition time is kept when the status

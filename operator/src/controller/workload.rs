@@ -17,6 +17,7 @@ use kube::{Client, Resource as _, ResourceExt as _};
 
 use super::children::{self, Child};
 use super::copies::{copies_of, delete_child, list_children};
+use super::dependencies;
 use super::failover::{Evictions, PoolEvictions, WINDOW_SECONDS, hold_shrinking, limit_evictions};
 use super::pool::{current, key_of, placement_fingerprint, reachability};
 use super::{Context, Error, FIELD_MANAGER, FINALIZER, condition, now_unix, set_condition};
@@ -519,6 +520,22 @@ async fn propagate_copies(ctx: &Context, cw: &ComputeWorkload, decision: &Decisi
     // away, or a smaller share) shrinks only once the copies that grow are
     // ready enough: make before break. Readiness of live copies comes from
     // the member watches, so it survives a restart.
+    // Read once for every member; a dependency that cannot be read is
+    // reported, and the copies are still kept at their placement (those
+    // already in members keep what they were given).
+    let mut needs = if decision.placement.is_empty() {
+        Vec::new()
+    } else {
+        match dependencies::read(&ctx.client, cw, ctx.config.secret_dependencies).await {
+            Ok(read) => read,
+            Err(e) => {
+                failures.push(e.to_string());
+                Vec::new()
+            }
+        }
+    };
+    needs.extend(dependencies::headless_service(cw, &needs));
+    let needs = &needs;
     let max_unavailable = cw.spec.failover.max_unavailable;
     let live_ready: BTreeMap<String, i32> = if max_unavailable.is_some() {
         ctx.data_centers
@@ -585,7 +602,7 @@ async fn propagate_copies(ctx: &Context, cw: &ComputeWorkload, decision: &Decisi
         let applied = futures::future::join_all(
             applying
                 .iter()
-                .map(|&(data_center, replicas)| propagate(ctx, cw, data_center, replicas)),
+                .map(|&(data_center, replicas)| propagate(ctx, cw, data_center, replicas, needs)),
         )
         .await;
         for ((data_center, _), result) in applying.into_iter().zip(applied) {
@@ -1054,6 +1071,7 @@ async fn propagate(
     cw: &ComputeWorkload,
     data_center: &str,
     replicas: u32,
+    needs: &[dependencies::Dependency],
 ) -> Result<i32, Error> {
     let member = member_of(ctx, data_center).await?;
     let failed = |source| Error::Member {
@@ -1071,7 +1089,7 @@ async fn propagate(
         _ => None,
     };
     let desired = children::desired(cw, data_center, replicas, gpu_model.as_deref());
-    let fingerprint = desired.fingerprint();
+    let fingerprint = desired.fingerprint() ^ dependencies::fingerprint(needs).rotate_left(1);
     let key = (data_center.to_owned(), namespace.clone(), name.clone());
     if let Some(ready) = ctx.members.unchanged(&key, fingerprint) {
         return Ok(ready);
@@ -1108,15 +1126,15 @@ async fn propagate(
     }
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let result = match desired {
-        Child::Deployment(d) => Api::<Deployment>::namespaced(member, &namespace)
+        Child::Deployment(d) => Api::<Deployment>::namespaced(member.clone(), &namespace)
             .patch(&name, &params, &Patch::Apply(&d))
             .await
             .map(Child::Deployment),
-        Child::StatefulSet(s) => Api::<StatefulSet>::namespaced(member, &namespace)
+        Child::StatefulSet(s) => Api::<StatefulSet>::namespaced(member.clone(), &namespace)
             .patch(&name, &params, &Patch::Apply(&s))
             .await
             .map(Child::StatefulSet),
-        Child::Job(j) => Api::<Job>::namespaced(member, &namespace)
+        Child::Job(j) => Api::<Job>::namespaced(member.clone(), &namespace)
             .patch(&name, &params, &Patch::Apply(&j))
             .await
             .map(Child::Job),
@@ -1130,6 +1148,10 @@ async fn propagate(
             return Err(failed(error));
         }
     };
+    if let Err(error) = dependencies::apply(&member, cw, &applied, needs).await {
+        ctx.members.forget_copy(&key);
+        return Err(failed(error));
+    }
     let ready = children::ready_replicas(&applied);
     ctx.members
         .applied(key, kind, fingerprint, applied.generation(), ready);

@@ -121,7 +121,7 @@ fn the_operator_accepts_every_argument_the_chart_passes() -> anyhow::Result<()> 
     let defaults = operator_args(&render()?)?;
     let set = operator_args(&render_with(&[
         "--set",
-        "readinessPollSeconds=0.5,heartbeatSeconds=2,maxEvictionsPerMinute=40,memberFailureThreshold=5",
+        "readinessPollSeconds=0.5,heartbeatSeconds=2,maxEvictionsPerMinute=40,memberFailureThreshold=5,dependencies.secrets=true",
     ])?)?;
     ensure!(
         defaults.contains(&"--readiness-poll-seconds=30".to_owned()),
@@ -131,7 +131,8 @@ fn the_operator_accepts_every_argument_the_chart_passes() -> anyhow::Result<()> 
         set.contains(&"--readiness-poll-seconds=0.5".to_owned())
             && set.contains(&"--heartbeat-seconds=2".to_owned())
             && set.contains(&"--max-evictions-per-minute=40".to_owned())
-            && set.contains(&"--member-failure-threshold=5".to_owned()),
+            && set.contains(&"--member-failure-threshold=5".to_owned())
+            && set.contains(&"--secret-dependencies".to_owned()),
         "the values set reach the operator: {set:?}"
     );
     for args in [defaults, set] {

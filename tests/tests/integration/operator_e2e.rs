@@ -13,7 +13,7 @@ use civicgrid_tests::operator::{OperatorOptions, OperatorProcess};
 use civicgrid_tests::pool::{self, Member};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -410,6 +410,146 @@ async fn workload_is_propagated_scaled_survives_an_operator_kill_and_leaves_noth
     }
     pool.kill_operator();
     drop(pool.control);
+    Ok(())
+}
+
+/// What a workload's pods need goes with them: the ConfigMap, Service and
+/// ServiceAccount it names are copied into its member, follow changes made
+/// in the control cluster, and go when its copy goes; a StatefulSet gets
+/// the headless Service its `serviceName` promises; a missing dependency
+/// is reported naming its entry.
+#[tokio::test]
+async fn dependencies_go_where_the_workload_goes() -> anyhow::Result<()> {
+    let mut pool = Pool::start_with(&MEMBERS[1..2]).await?;
+    pool.start_operator()?;
+    pool.wait_ready().await?;
+    let api = pool.workloads();
+    let config_maps: Api<ConfigMap> = Api::namespaced(pool.client.clone(), "traffic");
+    let services: Api<Service> = Api::namespaced(pool.client.clone(), "traffic");
+    let accounts: Api<ServiceAccount> = Api::namespaced(pool.client.clone(), "traffic");
+    config_maps
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "detector-config", "labels": { "app": "detector" } },
+                "data": { "threshold": "0.8" }
+            }))?,
+        )
+        .await?;
+    services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "detector" },
+                "spec": { "selector": { "app": "detector" }, "ports": [{ "port": 80 }] }
+            }))?,
+        )
+        .await?;
+    accounts
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({ "metadata": { "name": "detector" } }))?,
+        )
+        .await?;
+    let needs = serde_json::json!([
+        { "kind": "ConfigMap", "name": "detector-config" },
+        { "kind": "Service", "name": "detector" },
+        { "kind": "ServiceAccount", "name": "detector" }
+    ]);
+    let mut detector = workload("detector", 1, serde_json::json!({}), 60)?;
+    detector.spec.dependencies = serde_json::from_value(needs)?;
+    api.create(&PostParams::default(), &detector).await?;
+    pool.wait_copies("detector", &[("edge-east", 1)]).await?;
+
+    let member = pool.members["edge-east"].client().await?;
+    let member_maps: Api<ConfigMap> = Api::namespaced(member.clone(), "traffic");
+    let member_services: Api<Service> = Api::namespaced(member.clone(), "traffic");
+    let member_accounts: Api<ServiceAccount> = Api::namespaced(member.clone(), "traffic");
+    let deployment = Api::<Deployment>::namespaced(member.clone(), "traffic")
+        .get("detector")
+        .await?;
+    let owner = deployment.metadata.uid.context("the copy's uid")?;
+    let owned = |meta: &kube::core::ObjectMeta| {
+        meta.owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.uid == owner && o.kind == "Deployment")
+    };
+    let copied = eventually("dependencies in the member", WAIT, || async {
+        let map = member_maps.get_opt("detector-config").await.ok()??;
+        let service = member_services.get_opt("detector").await.ok()??;
+        let account = member_accounts.get_opt("detector").await.ok()??;
+        Some((map, service, account))
+    })
+    .await?;
+    let (map, service, account) = copied;
+    assert_eq!(
+        map.data
+            .clone()
+            .unwrap_or_default()
+            .get("threshold")
+            .map(String::as_str),
+        Some("0.8")
+    );
+    assert!(owned(&map.metadata) && owned(&service.metadata) && owned(&account.metadata));
+    // The member allocated the Service's address itself.
+    let spec = service.spec.context("service spec")?;
+    assert!(spec.cluster_ip.is_some_and(|ip| ip != "None"));
+    assert_eq!(spec.ports.context("ports")?[0].port, 80);
+
+    // A change in the control cluster follows, through the watch.
+    config_maps
+        .patch(
+            "detector-config",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "data": { "threshold": "0.9" } })),
+        )
+        .await?;
+    eventually("the changed ConfigMap in the member", WAIT, || async {
+        let map = member_maps.get_opt("detector-config").await.ok()??;
+        (map.data?.get("threshold")? == "0.9").then_some(())
+    })
+    .await?;
+
+    // A StatefulSet gets the headless Service it names.
+    let mut ledger = workload("ledger", 1, serde_json::json!({}), 60)?;
+    ledger.spec.kind = civicgrid_operator::crd::WorkloadKind::StatefulSet;
+    api.create(&PostParams::default(), &ledger).await?;
+    let headless = eventually("the headless Service in the member", WAIT, || async {
+        member_services.get_opt("ledger").await.ok()?
+    })
+    .await?;
+    assert_eq!(
+        headless.spec.and_then(|s| s.cluster_ip).as_deref(),
+        Some("None")
+    );
+
+    // A dependency that does not exist is reported, naming its entry.
+    let mut broken = workload("broken", 1, serde_json::json!({}), 60)?;
+    broken.spec.dependencies = serde_json::from_value(serde_json::json!([
+        { "kind": "ConfigMap", "name": "nowhere" }
+    ]))?;
+    api.create(&PostParams::default(), &broken).await?;
+    let (status, _, message) = eventually("broken Propagated=False", WAIT, || async {
+        let found = pool.condition("broken", "Propagated").await?;
+        (found.0 == "False" && found.2.contains("spec.dependencies[0]")).then_some(found)
+    })
+    .await?;
+    assert_eq!(status, "False");
+    assert!(
+        message.contains("`nowhere`") && message.contains("not found"),
+        "{message}"
+    );
+
+    // The workload goes: its copy, and with it (the member's garbage
+    // collector) the dependencies only it needed.
+    api.delete("detector", &DeleteParams::default()).await?;
+    eventually("dependencies gone from the member", WAIT, || async {
+        (member_maps.get_opt("detector-config").await.ok()?.is_none()
+            && member_accounts.get_opt("detector").await.ok()?.is_none())
+        .then_some(())
+    })
+    .await?;
     Ok(())
 }
 
