@@ -364,6 +364,26 @@ pub fn workload(cw: &ComputeWorkload) -> Result<model::Workload, FieldError> {
         ));
     }
     template_agrees(&at, spec, &demand)?;
+    for (i, o) in spec.overrides.iter().enumerate() {
+        if let Some(registry) = &o.image_registry {
+            let bad = registry.is_empty()
+                || registry.contains("://")
+                || registry.trim_end_matches('/').contains('/')
+                || registry.chars().any(char::is_whitespace);
+            if bad {
+                return Err(at.err(
+                    format!("spec.overrides[{i}].imageRegistry"),
+                    format!("`{registry}` is not a registry host (e.g. mirror.example:5000)"),
+                ));
+            }
+        }
+        if let Some(j) = o.env.iter().position(|e| e.name.trim().is_empty()) {
+            return Err(at.err(
+                format!("spec.overrides[{i}].env[{j}].name"),
+                "must not be empty",
+            ));
+        }
+    }
     let p = &spec.placement;
     let spread = p.spread.clone().unwrap_or_default();
     if let (Some(min), Some(max)) = (spread.min_domains, spread.max_domains)

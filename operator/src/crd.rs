@@ -302,6 +302,59 @@ pub struct ComputeWorkloadSpec {
     /// the last copy that needs them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dependencies: Vec<DependencyRef>,
+    /// Changes to the pod template in some data centers (a registry
+    /// mirror, environment, node labels), applied in order to the copy each
+    /// matching data center gets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<Override>,
+}
+
+/// Changes to the copy in the data centers that match every selector given
+/// (every data center when none is).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Override {
+    /// Only these data centers, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_centers: Vec<String>,
+    /// Only data centers of these tiers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tiers: Vec<Tier>,
+    /// Only data centers in these regions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
+    /// Only data centers whose `spec.labels` include all of these.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub data_center_labels: BTreeMap<String, String>,
+    /// Pull every container image from this registry instead (host and
+    /// optional port, e.g. `mirror.edge-east.city.example:5000`); the
+    /// repository path and tag stay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_registry: Option<String>,
+    /// Environment variables set on every container (replacing one of the
+    /// same name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<OverrideEnv>,
+    /// Labels added to the pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_labels: BTreeMap<String, String>,
+    /// Annotations added to the pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_annotations: BTreeMap<String, String>,
+    /// Node labels the pods require in the member (merged into the pod's
+    /// `nodeSelector`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+}
+
+/// One environment variable an override sets.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OverrideEnv {
+    /// Its name.
+    pub name: String,
+    /// Its value.
+    pub value: String,
 }
 
 /// An object in the workload's namespace that its pods need.

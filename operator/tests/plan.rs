@@ -201,6 +201,43 @@ spec:
 }
 
 #[test]
+fn overrides_that_cannot_apply_are_refused_with_the_field() {
+    let workload = |overrides: &str| {
+        format!(
+            "{DC}---
+apiVersion: civicgrid.io/v1alpha1
+kind: ComputeWorkload
+metadata: {{name: detector, namespace: video}}
+spec:
+  kind: Deployment
+  replicas: 1
+  template: {{spec: {{containers: [{{name: a, image: x}}]}}}}
+  resources: {{cpu: 1, memory: 1Gi}}
+  overrides: {overrides}
+"
+        )
+    };
+    let e = err(&workload(
+        "[{tiers: [edge], imageRegistry: \"https://mirror.example\"}]",
+    ));
+    assert!(
+        e.contains("spec.overrides[0].imageRegistry") && e.contains("is not a registry host"),
+        "{e}"
+    );
+    let e = err(&workload(
+        "[{}, {env: [{name: A, value: b}, {name: \" \", value: c}]}]",
+    ));
+    assert!(
+        e.contains("spec.overrides[1].env[1].name") && e.contains("must not be empty"),
+        "{e}"
+    );
+    plan_text(&workload(
+        "[{imageRegistry: mirror.example:5000, env: [{name: A, value: b}]}]",
+    ))
+    .expect("a valid override plans");
+}
+
+#[test]
 fn duplicate_names_point_at_both_definitions() {
     let e = err(&format!("{DC}---\n{DC}"));
     assert!(

@@ -11,7 +11,9 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::ResourceExt as _;
 
-use crate::crd::{ComputeWorkload, GPU_MODEL_LABEL, GPU_RESOURCE, ReplicaResources, WorkloadKind};
+use crate::crd::{
+    ComputeWorkload, GPU_MODEL_LABEL, GPU_RESOURCE, Override, ReplicaResources, WorkloadKind,
+};
 
 /// Set on everything the operator creates in a member cluster.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "civicgrid-operator");
@@ -148,12 +150,14 @@ fn write_resources(pod: &mut PodSpec, resources: &ReplicaResources, gpu_model: O
 }
 
 /// The object that runs `replicas` of `cw` in `data_center`'s cluster.
-/// `gpu_model` is the GPU model the engine counted for it there.
+/// `gpu_model` is the GPU model the engine counted for it there, and
+/// `overrides` the workload's overrides that match that data center.
 pub fn desired(
     cw: &ComputeWorkload,
     data_center: &str,
     replicas: u32,
     gpu_model: Option<&str>,
+    overrides: &[&Override],
 ) -> Child {
     let namespace = cw.namespace().unwrap_or_default();
     let name = cw.name_any();
@@ -165,6 +169,11 @@ pub fn desired(
         ..ObjectMeta::default()
     };
     let mut template = cw.spec.template.clone();
+    // Before the operator's own labels and requests, which an override
+    // must not change: the selector and the accounting depend on them.
+    for o in overrides {
+        super::overrides::apply(o, &mut template);
+    }
     template
         .metadata
         .get_or_insert_with(ObjectMeta::default)
@@ -297,7 +306,7 @@ mod tests {
 
     #[test]
     fn deployment_carries_replicas_labels_and_a_selector_its_pods_match() {
-        let Child::Deployment(d) = desired(&workload("Deployment"), "edge-1", 2, None) else {
+        let Child::Deployment(d) = desired(&workload("Deployment"), "edge-1", 2, None, &[]) else {
             panic!("expected a Deployment");
         };
         let spec = d.spec.expect("spec");
@@ -327,7 +336,7 @@ mod tests {
 
     #[test]
     fn job_runs_replicas_in_parallel_and_never_restarts_always() {
-        let Child::Job(j) = desired(&workload("Job"), "core", 4, None) else {
+        let Child::Job(j) = desired(&workload("Job"), "core", 4, None, &[]) else {
             panic!("expected a Job");
         };
         let spec = j.spec.expect("spec");
@@ -340,7 +349,7 @@ mod tests {
 
     #[test]
     fn stateful_set_names_its_service_after_the_workload() {
-        let Child::StatefulSet(s) = desired(&workload("StatefulSet"), "core", 1, None) else {
+        let Child::StatefulSet(s) = desired(&workload("StatefulSet"), "core", 1, None, &[]) else {
             panic!("expected a StatefulSet");
         };
         assert_eq!(s.spec.expect("spec").service_name.as_deref(), Some("cams"));
@@ -363,7 +372,7 @@ mod tests {
             count: 2,
             model: None,
         });
-        let pod = pod_of(desired(&cw, "edge-1", 1, Some("l4")));
+        let pod = pod_of(desired(&cw, "edge-1", 1, Some("l4"), &[]));
         let r = pod.containers[0].resources.clone().expect("resources");
         let requests = r.requests.expect("requests");
         let q = |m: &BTreeMap<String, Quantity>, k: &str| m.get(k).map(|q| q.0.clone());
@@ -393,7 +402,7 @@ mod tests {
         );
 
         // Without GPUs: requests only, no GPU node selector or toleration.
-        let pod = pod_of(desired(&workload("Deployment"), "edge-1", 1, None));
+        let pod = pod_of(desired(&workload("Deployment"), "edge-1", 1, None, &[]));
         assert!(pod.node_selector.is_none() && pod.tolerations.is_none());
         let requests = pod.containers[0]
             .resources
@@ -416,7 +425,7 @@ mod tests {
             requests: Some(BTreeMap::from([("cpu".to_owned(), Quantity("1".into()))])),
             ..ResourceRequirements::default()
         });
-        let pod = pod_of(desired(&cw, "edge-1", 1, None));
+        let pod = pod_of(desired(&cw, "edge-1", 1, None, &[]));
         let first = pod.containers[0]
             .resources
             .clone()

@@ -35,6 +35,7 @@ pub mod failover;
 pub mod leader;
 pub mod members;
 pub mod metrics;
+pub mod overrides;
 mod pool;
 mod workload;
 

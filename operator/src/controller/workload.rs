@@ -1080,15 +1080,26 @@ async fn propagate(
     };
     let namespace = cw.namespace().unwrap_or_default();
     let name = cw.name_any();
-    let gpu_model = match convert::workload(cw) {
-        Ok(workload) if workload.demand.gpu_count > 0 => ctx
-            .data_centers
-            .get(&ObjectRef::new(data_center))
-            .and_then(|dc| convert::data_center(&dc, now_unix(), reachability(&dc)).ok())
-            .and_then(|dc| crate::engine::accounted_gpu_model(&dc, &workload.demand)),
+    let dc = ctx.data_centers.get(&ObjectRef::new(data_center));
+    let gpu_model = match (convert::workload(cw), &dc) {
+        (Ok(workload), Some(dc)) if workload.demand.gpu_count > 0 => {
+            convert::data_center(dc, now_unix(), reachability(dc))
+                .ok()
+                .and_then(|dc| crate::engine::accounted_gpu_model(&dc, &workload.demand))
+        }
         _ => None,
     };
-    let desired = children::desired(cw, data_center, replicas, gpu_model.as_deref());
+    let overrides: Vec<&crate::crd::Override> = dc
+        .as_ref()
+        .map(|dc| {
+            cw.spec
+                .overrides
+                .iter()
+                .filter(|o| super::overrides::matches(o, dc))
+                .collect()
+        })
+        .unwrap_or_default();
+    let desired = children::desired(cw, data_center, replicas, gpu_model.as_deref(), &overrides);
     let fingerprint = desired.fingerprint() ^ dependencies::fingerprint(needs).rotate_left(1);
     let key = (data_center.to_owned(), namespace.clone(), name.clone());
     if let Some(ready) = ctx.members.unchanged(&key, fingerprint) {

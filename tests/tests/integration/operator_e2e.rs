@@ -413,13 +413,14 @@ async fn workload_is_propagated_scaled_survives_an_operator_kill_and_leaves_noth
     Ok(())
 }
 
-/// What a workload's pods need goes with them: the ConfigMap, Service and
+/// Each member gets the copy its data center needs: the overrides that
+/// match it, and what the pods need goes with them: the ConfigMap, Service and
 /// ServiceAccount it names are copied into its member, follow changes made
 /// in the control cluster, and go when its copy goes; a StatefulSet gets
 /// the headless Service its `serviceName` promises; a missing dependency
 /// is reported naming its entry.
 #[tokio::test]
-async fn dependencies_go_where_the_workload_goes() -> anyhow::Result<()> {
+async fn overrides_and_dependencies_shape_each_members_copy() -> anyhow::Result<()> {
     let mut pool = Pool::start_with(&MEMBERS[1..2]).await?;
     pool.start_operator()?;
     pool.wait_ready().await?;
@@ -458,6 +459,13 @@ async fn dependencies_go_where_the_workload_goes() -> anyhow::Result<()> {
     ]);
     let mut detector = workload("detector", 1, serde_json::json!({}), 60)?;
     detector.spec.dependencies = serde_json::from_value(needs)?;
+    // The edge pulls from its own mirror and learns where it runs; an
+    // override for another tier changes nothing here.
+    detector.spec.overrides = serde_json::from_value(serde_json::json!([
+        { "tiers": ["edge"], "imageRegistry": "mirror.edge-east.example:5000",
+          "env": [{ "name": "SITE", "value": "edge-east" }] },
+        { "tiers": ["partner"], "env": [{ "name": "SITE", "value": "partner" }] }
+    ]))?;
     api.create(&PostParams::default(), &detector).await?;
     pool.wait_copies("detector", &[("edge-east", 1)]).await?;
 
@@ -468,6 +476,23 @@ async fn dependencies_go_where_the_workload_goes() -> anyhow::Result<()> {
     let deployment = Api::<Deployment>::namespaced(member.clone(), "traffic")
         .get("detector")
         .await?;
+    let container = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .map(|p| p.containers[0].clone())
+        .context("the copy's container")?;
+    assert_eq!(
+        container.image.as_deref(),
+        Some("mirror.edge-east.example:5000/detector:2.4")
+    );
+    let env: Vec<(String, Option<String>)> = container
+        .env
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| (e.name, e.value))
+        .collect();
+    assert_eq!(env, vec![("SITE".to_owned(), Some("edge-east".to_owned()))]);
     let owner = deployment.metadata.uid.context("the copy's uid")?;
     let owned = |meta: &kube::core::ObjectMeta| {
         meta.owner_references
