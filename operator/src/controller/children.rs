@@ -232,6 +232,27 @@ pub fn desired(
 }
 
 impl Child {
+    /// The copy without a replica count, for a member where another
+    /// controller (an HorizontalPodAutoscaler) sets it.
+    #[must_use]
+    pub fn without_replicas(mut self) -> Self {
+        match &mut self {
+            Child::Deployment(d) => {
+                if let Some(spec) = d.spec.as_mut() {
+                    spec.replicas = None;
+                }
+            }
+            Child::StatefulSet(s) => {
+                if let Some(spec) = s.spec.as_mut() {
+                    spec.replicas = None;
+                }
+            }
+            // A Job's parallelism is not scaled by an autoscaler.
+            Child::Job(_) => {}
+        }
+        self
+    }
+
     /// The Kubernetes kind of this copy.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -1135,21 +1135,31 @@ async fn propagate(
             .map_err(failed)?;
         ctx.members.set_namespace(data_center, &namespace, true);
     }
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    let result = match desired {
-        Child::Deployment(d) => Api::<Deployment>::namespaced(member.clone(), &namespace)
-            .patch(&name, &params, &Patch::Apply(&d))
-            .await
-            .map(Child::Deployment),
-        Child::StatefulSet(s) => Api::<StatefulSet>::namespaced(member.clone(), &namespace)
-            .patch(&name, &params, &Patch::Apply(&s))
-            .await
-            .map(Child::StatefulSet),
-        Child::Job(j) => Api::<Job>::namespaced(member.clone(), &namespace)
-            .patch(&name, &params, &Patch::Apply(&j))
-            .await
-            .map(Child::Job),
-    };
+    // Not forced first: a field another manager in the member owns shows
+    // up as a conflict instead of being taken back. The replica count an
+    // HorizontalPodAutoscaler there sets is left to it; anything else
+    // someone changed in the copy is the operator's, and taken back.
+    let mut result = apply_child(&member, &namespace, &name, &desired, false).await;
+    if let Err(kube::Error::Api(status)) = &result
+        && status.code == 409
+    {
+        let replicas_owned_elsewhere = status
+            .details
+            .iter()
+            .flat_map(|d| &d.causes)
+            .any(|c| c.field == ".spec.replicas");
+        let desired = if replicas_owned_elsewhere {
+            tracing::info!(
+                data_center,
+                workload = %name,
+                "another controller in the member sets this copy's replicas; leaving them to it"
+            );
+            desired.without_replicas()
+        } else {
+            desired
+        };
+        result = apply_child(&member, &namespace, &name, &desired, true).await;
+    }
     let applied = match result {
         Ok(applied) => applied,
         Err(error) => {
@@ -1167,6 +1177,33 @@ async fn propagate(
     ctx.members
         .applied(key, kind, fingerprint, applied.generation(), ready);
     Ok(ready)
+}
+
+/// Applies `child` into `member` under the operator's field manager;
+/// `force` takes over fields other managers own.
+async fn apply_child(
+    member: &Client,
+    namespace: &str,
+    name: &str,
+    child: &Child,
+    force: bool,
+) -> Result<Child, kube::Error> {
+    let mut params = PatchParams::apply(FIELD_MANAGER);
+    params.force = force;
+    match child {
+        Child::Deployment(d) => Api::<Deployment>::namespaced(member.clone(), namespace)
+            .patch(name, &params, &Patch::Apply(d))
+            .await
+            .map(Child::Deployment),
+        Child::StatefulSet(s) => Api::<StatefulSet>::namespaced(member.clone(), namespace)
+            .patch(name, &params, &Patch::Apply(s))
+            .await
+            .map(Child::StatefulSet),
+        Child::Job(j) => Api::<Job>::namespaced(member.clone(), namespace)
+            .patch(name, &params, &Patch::Apply(j))
+            .await
+            .map(Child::Job),
+    }
 }
 
 /// Removes the workload's copies from every reachable member. A member that

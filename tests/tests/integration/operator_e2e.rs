@@ -12,6 +12,7 @@ use civicgrid_tests::controlplane::{Cluster, NodeShape, eventually};
 use civicgrid_tests::operator::{OperatorOptions, OperatorProcess};
 use civicgrid_tests::pool::{self, Member};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
@@ -410,6 +411,53 @@ async fn workload_is_propagated_scaled_survives_an_operator_kill_and_leaves_noth
     }
     pool.kill_operator();
     drop(pool.control);
+    Ok(())
+}
+
+/// An HorizontalPodAutoscaler in a member sets its copy's replicas: the
+/// operator leaves them to it instead of forcing its own count back (the
+/// two would fight, scaling the copy up and down).
+#[tokio::test]
+async fn an_autoscaler_in_the_member_keeps_the_replicas_it_sets() -> anyhow::Result<()> {
+    let mut pool = Pool::start_with(&MEMBERS[1..2]).await?;
+    pool.start_operator()?;
+    pool.wait_ready().await?;
+    let api = pool.workloads();
+    api.create(
+        &PostParams::default(),
+        &workload("scaled", 2, serde_json::json!({}), 60)?,
+    )
+    .await?;
+    pool.wait_copies("scaled", &[("edge-east", 2)]).await?;
+    // The member's own controller manager scales the copy to the
+    // autoscaler's minimum (no metrics needed for that).
+    let member = pool.members["edge-east"].client().await?;
+    let autoscalers: Api<HorizontalPodAutoscaler> = Api::namespaced(member, "traffic");
+    autoscalers
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "scaled" },
+                "spec": {
+                    "scaleTargetRef": { "apiVersion": "apps/v1", "kind": "Deployment", "name": "scaled" },
+                    "minReplicas": 3, "maxReplicas": 3,
+                    "metrics": [{ "type": "Resource", "resource": { "name": "cpu",
+                        "target": { "type": "Utilization", "averageUtilization": 80 } } }]
+                }
+            }))?,
+        )
+        .await?;
+    pool.wait_copies("scaled", &[("edge-east", 3)]).await?;
+    // The operator saw the copy change (its generation moved) and applied
+    // again: the count stays the autoscaler's.
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(
+            pool.copies("scaled").await?,
+            BTreeMap::from([("edge-east".to_owned(), 3)]),
+            "the operator took the replicas back from the autoscaler"
+        );
+    }
     Ok(())
 }
 
