@@ -33,6 +33,10 @@ enum Command {
         /// Evaluate as of this Unix time (defaults to now); for reproducible plans.
         #[arg(long)]
         at_unix: Option<i64>,
+        /// Name every data center not chosen, with its reason (otherwise
+        /// counts per rule; explaining a large pool takes time and memory).
+        #[arg(long)]
+        explain: bool,
     },
     /// Run the controllers against the cluster of the current kubeconfig (or
     /// the in-cluster service account).
@@ -137,13 +141,18 @@ fn main() -> anyhow::Result<()> {
             path,
             output,
             at_unix,
+            explain,
         } => {
             let now = at_unix.unwrap_or_else(|| {
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
             });
-            plan::run(&path, output, now).with_context(|| format!("planning {}", path.display()))?
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            plan::write(&path, output, now, explain, &mut out)
+                .with_context(|| format!("planning {}", path.display()))?;
+            return Ok(());
         }
     };
     std::io::stdout().write_all(text.as_bytes())?;

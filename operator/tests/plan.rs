@@ -27,15 +27,43 @@ fn committed_crds_match_the_rust_types() {
 #[test]
 fn sample_city_plan_matches_the_golden_files() {
     for (format, golden) in [(Format::Table, "city.txt"), (Format::Json, "city.json")] {
-        let out = plan::run(&root().join("examples/city"), format, AT).expect("city plans");
+        let out = plan::run(&root().join("examples/city"), format, AT, true).expect("city plans");
         let expected = std::fs::read_to_string(root().join("operator/tests/golden").join(golden))
             .expect("golden file");
         assert!(
             out == expected,
             "plan output for {golden} changed; if intended, regenerate with \
-             `cargo run -p civicgrid-operator -- plan -f examples/city --at-unix {AT} -o ...`\n{out}"
+             `cargo run -p civicgrid-operator -- plan -f examples/city --explain --at-unix {AT} -o ...`\n{out}"
         );
     }
+}
+
+/// Without `--explain` the same decisions are made, and what was not chosen
+/// is counted per rule instead of named data center by data center.
+#[test]
+fn without_explain_rejections_are_counted_not_listed() {
+    let city = root().join("examples/city");
+    let explained: serde_json::Value =
+        serde_json::from_str(&plan::run(&city, Format::Json, AT, true).expect("plan"))
+            .expect("json");
+    let counted: serde_json::Value =
+        serde_json::from_str(&plan::run(&city, Format::Json, AT, false).expect("plan"))
+            .expect("json");
+    let decisions = |v: &serde_json::Value| v["decisions"].as_array().cloned().unwrap_or_default();
+    assert_eq!(decisions(&explained).len(), decisions(&counted).len());
+    let mut some_rejected = false;
+    for (e, c) in decisions(&explained).iter().zip(decisions(&counted)) {
+        assert_eq!(e["placement"], c["placement"]);
+        assert_eq!(e["rejectedByRule"], c["rejectedByRule"]);
+        assert_eq!(c["rejections"], serde_json::json!([]));
+        some_rejected |= !e["rejections"].as_array().is_none_or(Vec::is_empty);
+    }
+    assert!(some_rejected, "the sample city rejects some data centers");
+    let table = plan::run(&city, Format::Table, AT, false).expect("plan");
+    assert!(
+        table.contains("not chosen: ") && table.contains("(--explain names each data center)"),
+        "{table}"
+    );
 }
 
 fn plan_text(yaml: &str) -> Result<String, Box<PlanError>> {
@@ -50,7 +78,7 @@ fn plan_text(yaml: &str) -> Result<String, Box<PlanError>> {
     std::fs::create_dir_all(&dir).expect("scratch dir");
     let file = dir.join("input.yaml");
     std::fs::write(&file, yaml).expect("write");
-    let result = plan::run(&file, Format::Table, AT).map_err(Box::new);
+    let result = plan::run(&file, Format::Table, AT, true).map_err(Box::new);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }

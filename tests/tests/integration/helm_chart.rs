@@ -382,6 +382,7 @@ fn runner_pools_land_only_where_their_dataset_is() -> anyhow::Result<()> {
         dir.path(),
         civicgrid_operator::plan::Format::Json,
         1_790_000_000,
+        true,
     )?;
     let plan: serde_json::Value = serde_json::from_str(&plan)?;
     let decisions = plan["decisions"].as_array().context("decisions")?;
