@@ -31,7 +31,7 @@ macro_rules! same_variants {
 
 same_variants! {
     Tier => Tier { Municipal, Edge, Partner }
-    TaintEffect => TaintEffect { NoSchedule, PreferNoSchedule }
+    TaintEffect => TaintEffect { NoSchedule, PreferNoSchedule, NoExecute }
     TolerationOperator => TolerationOperator { Equal, Exists }
     SpreadDomain => SpreadDomain { DataCenter, Zone, Region }
     StrategyKind => StrategyKind { Duplicated, StaticWeights, AvailableCapacity, Score }
@@ -161,6 +161,15 @@ pub fn data_center(
                 key: t.key.clone(),
                 value: t.value.clone(),
                 effect: t.effect.into(),
+                added_unix: t
+                    .time_added
+                    .as_ref()
+                    .or_else(|| {
+                        dc.status
+                            .as_ref()
+                            .and_then(|s| s.no_execute_since.get(&t.key))
+                    })
+                    .map(|at| at.0.as_second()),
             })
             .collect(),
         capacity,
@@ -464,6 +473,7 @@ pub fn workload(cw: &ComputeWorkload) -> Result<model::Workload, FieldError> {
                     operator: t.operator.into(),
                     value: t.value.clone(),
                     effect: t.effect.map(Into::into),
+                    toleration_seconds: t.toleration_seconds,
                 })
                 .collect(),
             max_latency: p

@@ -130,14 +130,22 @@ pub struct Capacity {
 
 /// A taint on a data center.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct DataCenterTaint {
     /// Taint key.
     pub key: String,
     /// Taint value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
-    /// NoSchedule keeps new replicas away; PreferNoSchedule lowers the score.
+    /// NoSchedule keeps new replicas away; PreferNoSchedule lowers the
+    /// score; NoExecute also moves running replicas away (paced by each
+    /// workload's `failover.maxEvictionsPerMinute`).
     pub effect: TaintEffect,
+    /// When the taint was added; a NoExecute toleration's
+    /// `tolerationSeconds` count from here (from when the operator first
+    /// saw the taint when absent: `status.noExecuteSince`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_added: Option<Time>,
 }
 
 /// What a taint does to workloads that do not tolerate it.
@@ -147,6 +155,8 @@ pub enum TaintEffect {
     NoSchedule,
     /// Place here only if nothing else fits (scores lowest).
     PreferNoSchedule,
+    /// No new replicas, and running ones move away unless tolerated.
+    NoExecute,
 }
 
 /// Prices per hour, in integer minor units (cents) of the currency.
@@ -248,6 +258,10 @@ pub struct DataCenterStatus {
     /// Probes in a row the member answered while it was `Reachable=False`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub answered_probes: u32,
+    /// When the operator first saw each NoExecute taint (by key) that
+    /// gives no `timeAdded`: tolerations' seconds count from here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub no_execute_since: BTreeMap<String, Time>,
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)]
@@ -493,6 +507,7 @@ pub struct FallbackGroup {
 
 /// Tolerates a data center taint.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct DataCenterToleration {
     /// Taint key.
     pub key: String,
@@ -505,6 +520,11 @@ pub struct DataCenterToleration {
     /// Effect tolerated; all effects when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub effect: Option<TaintEffect>,
+    /// For a NoExecute taint: how long replicas may stay after the taint
+    /// was added (they stay for good when absent). Until then the data
+    /// center keeps them but takes no new ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub toleration_seconds: Option<u32>,
 }
 
 /// How a toleration matches a taint.

@@ -100,6 +100,7 @@ fn each_hard_rule_rejects_with_its_own_reason() {
             key: "gpu-only".into(),
             value: None,
             effect: TaintEffect::NoSchedule,
+            added_unix: None,
         });
         d
     });
@@ -289,6 +290,24 @@ fn static_weights_divide_by_largest_remainder() {
         BTreeMap::from([("core".to_owned(), 7), ("partner".to_owned(), 3)])
     );
     assert_eq!(rule_for(&s, "w", "edge"), Some(Rule::StaticWeight));
+}
+
+/// The largest weights the CRD allows divide without overflow.
+#[test]
+fn static_weights_at_their_maximum_divide_without_overflow() {
+    let dcs = vec![
+        dc("a", Tier::Municipal, "city", "a", 2, 64),
+        dc("b", Tier::Municipal, "city", "b", 8, 64),
+    ];
+    let mut w = workload("w", 5, 1, 1);
+    w.placement.strategy = StrategyKind::StaticWeights;
+    w.placement.static_weights =
+        BTreeMap::from([("a".to_owned(), u32::MAX), ("b".to_owned(), u32::MAX)]);
+    let out = run(&snapshot(dcs, vec![w]));
+    assert_eq!(
+        placement(&out, "w"),
+        BTreeMap::from([("a".to_owned(), 2), ("b".to_owned(), 3)])
+    );
 }
 
 /// A gang no data center may take says so, rather than that too few
@@ -853,6 +872,7 @@ fn a_no_schedule_taint_keeps_running_replicas_and_takes_no_new_ones() {
         key: "maintenance".into(),
         value: None,
         effect: TaintEffect::NoSchedule,
+        added_unix: None,
     });
     let w = workload("w", 8, 1, 1);
     let fresh = workload("fresh", 2, 1, 1);
@@ -872,6 +892,128 @@ fn a_no_schedule_taint_keeps_running_replicas_and_takes_no_new_ones() {
     // A workload with nothing there is kept out by the taint.
     assert!(!placement(&out, "fresh").contains_key("partner"));
     assert_eq!(rule_for(&out, "fresh", "partner"), Some(Rule::Taint));
+}
+
+/// A NoExecute taint moves running replicas away unless tolerated; a
+/// toleration with `tolerationSeconds` keeps them that long after the taint
+/// was added (taking nothing new meanwhile), one without keeps them for good.
+#[test]
+fn a_no_execute_taint_moves_replicas_after_what_is_tolerated() {
+    let now = 1_000_000;
+    let tainted = || {
+        let mut dcs = three_dcs();
+        dcs[2].taints.push(Taint {
+            key: "flooding".into(),
+            value: None,
+            effect: TaintEffect::NoExecute,
+            added_unix: Some(now - 100),
+        });
+        dcs
+    };
+    let tolerating = |name: &str, seconds: Option<u32>| {
+        let mut w = workload(name, 6, 1, 1);
+        w.placement.tolerations.push(Toleration {
+            key: "flooding".into(),
+            operator: TolerationOperator::Exists,
+            value: None,
+            effect: Some(TaintEffect::NoExecute),
+            toleration_seconds: seconds,
+        });
+        w
+    };
+    let running = |s: &mut Snapshot, name: &str| {
+        s.current.insert(
+            WorkloadKey::new("ns", name),
+            BTreeMap::from([("partner".into(), 4)]),
+        );
+    };
+    let mut s = snapshot(
+        tainted(),
+        vec![
+            workload("plain", 6, 1, 1),
+            tolerating("brief", Some(60)),
+            tolerating("patient", Some(600)),
+            tolerating("forever", None),
+        ],
+    );
+    for name in ["plain", "brief", "patient", "forever"] {
+        running(&mut s, name);
+    }
+    let out = run(&s);
+    // Not tolerated: every replica leaves, and the taint is the reason.
+    assert!(!placement(&out, "plain").contains_key("partner"));
+    assert_eq!(placement(&out, "plain").values().sum::<u32>(), 6);
+    assert_eq!(rule_for(&out, "plain", "partner"), Some(Rule::Taint));
+    // Tolerated for 60 s, added 100 s ago: ran out, they leave.
+    assert!(!placement(&out, "brief").contains_key("partner"));
+    // Tolerated for 600 s: the 4 stay, the 2 more go elsewhere.
+    let patient = placement(&out, "patient");
+    assert_eq!(patient.get("partner"), Some(&4), "{patient:?}");
+    assert_eq!(patient.values().sum::<u32>(), 6);
+    // Tolerated for good: stays, and may take more.
+    assert_eq!(placement(&out, "forever").values().sum::<u32>(), 6);
+    assert!(
+        placement(&out, "forever")
+            .get("partner")
+            .is_some_and(|n| *n >= 4)
+    );
+    // A workload with nothing there goes elsewhere, saying why.
+    let fresh = snapshot(tainted(), vec![tolerating("fresh", Some(600))]);
+    let out = run(&fresh);
+    assert!(!placement(&out, "fresh").contains_key("partner"));
+    assert_eq!(rule_for(&out, "fresh", "partner"), Some(Rule::Taint));
+}
+
+#[test]
+fn the_earliest_limited_toleration_decides_when_replicas_leave() {
+    let mut dc = dc("d", Tier::Edge, "city", "a", 8, 8);
+    for (key, added) in [("a", 100), ("b", 50)] {
+        dc.taints.push(Taint {
+            key: key.into(),
+            value: None,
+            effect: TaintEffect::NoExecute,
+            added_unix: Some(added),
+        });
+    }
+    let tolerate = |key: &str, seconds: Option<u32>| Toleration {
+        key: key.into(),
+        operator: TolerationOperator::Exists,
+        value: None,
+        effect: None,
+        toleration_seconds: seconds,
+    };
+    // a until 100 + 300, b until 50 + 200: b's comes first.
+    assert_eq!(
+        no_execute(
+            &[tolerate("a", Some(300)), tolerate("b", Some(200))],
+            &dc,
+            120
+        ),
+        NoExecute::StaysUntil(250, "b".into())
+    );
+    // One toleration for good beside a limited one: the one for good counts.
+    assert_eq!(
+        no_execute(
+            &[
+                tolerate("a", Some(10)),
+                tolerate("a", None),
+                tolerate("b", None)
+            ],
+            &dc,
+            500
+        ),
+        NoExecute::Stays
+    );
+    assert_eq!(
+        no_execute(&[tolerate("a", None)], &dc, 120),
+        NoExecute::Leaves("b".into())
+    );
+    // An unknown addition time counts from now: it never runs out unseen.
+    dc.taints[0].added_unix = None;
+    assert_eq!(
+        no_execute(&[tolerate("a", Some(30)), tolerate("b", None)], &dc, 999),
+        NoExecute::StaysUntil(1029, "a".into())
+    );
 }
 
 // ---- properties -------------------------------------------------------------

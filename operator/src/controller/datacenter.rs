@@ -103,6 +103,24 @@ pub(super) async fn reconcile(dc: Arc<DataCenter>, ctx: Arc<Context>) -> Result<
             generation,
         ),
     );
+    // Tolerations' seconds count from when a NoExecute taint was added;
+    // for one that does not say, from when it was first seen here.
+    let no_execute: std::collections::BTreeSet<&String> = dc
+        .spec
+        .taints
+        .iter()
+        .filter(|t| t.effect == crate::crd::TaintEffect::NoExecute && t.time_added.is_none())
+        .map(|t| &t.key)
+        .collect();
+    status
+        .no_execute_since
+        .retain(|key, _| no_execute.contains(key));
+    for key in no_execute {
+        status
+            .no_execute_since
+            .entry(key.clone())
+            .or_insert_with(|| Time(Timestamp::now()));
+    }
     let mut checked = (*dc).clone();
     checked.status = Some(status.clone());
     let valid = convert::data_center(&checked, now_unix(), Reachability::Reachable);

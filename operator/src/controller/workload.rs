@@ -26,7 +26,7 @@ use crate::crd::{
     ComputeWorkload, ComputeWorkloadStatus, EvictionEntry, ExplanationEntry, PlacementEntry,
     PreemptedByEntry,
 };
-use crate::engine::model::{Reachability, Snapshot, Workload};
+use crate::engine::model::{NoExecute, Reachability, Snapshot, Workload, no_execute};
 use crate::engine::{Decision, Options, Outcome, schedule_only};
 
 /// Entry point: the finalizer guards apply and cleanup.
@@ -264,12 +264,17 @@ fn decide(
     };
     if let Some(budget) = eviction_budget {
         let before = snapshot.current.get(&key).cloned().unwrap_or_default();
+        // Replicas leave a data center unreachable past the grace period, or
+        // one with a NoExecute taint this workload does not (or no longer)
+        // tolerate: both are paced by the budget.
+        let tolerations = &snapshot.workloads[0].placement.tolerations;
         let failed: BTreeSet<String> = snapshot
             .data_centers
             .iter()
             .filter(|dc| {
                 matches!(dc.reachability,
                     Reachability::UnreachableSince(since) if now - since >= grace)
+                    || matches!(no_execute(tolerations, dc, now), NoExecute::Leaves(_))
             })
             .map(|dc| dc.name.clone())
             .collect();
@@ -641,8 +646,18 @@ async fn remove_stale_copies(
     let (failures, holding) = (&mut propagated.failures, &propagated.holding);
     let mut next_deadline: Option<i64> = None;
     let data_centers = ctx.data_centers.state();
+    let tolerations = convert::workload(cw)
+        .map(|w| w.placement.tolerations)
+        .unwrap_or_default();
     for dc in &data_centers {
         let dc_name = dc.name_any();
+        // A NoExecute toleration that runs out moves the replicas then.
+        if decision.placement.contains_key(&dc_name)
+            && let Ok(model) = convert::data_center(dc, now, reachability(dc))
+            && let NoExecute::StaysUntil(until, _) = no_execute(&tolerations, &model, now)
+        {
+            next_deadline = Some(next_deadline.map_or(until, |d| d.min(until)));
+        }
         if let Reachability::UnreachableSince(since) = reachability(dc)
             && decision.placement.contains_key(&dc_name)
         {

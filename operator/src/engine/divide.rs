@@ -294,9 +294,11 @@ pub(super) fn divide_static(
         if open_weight == 0 || left == 0 {
             return assignment;
         }
-        let (capped, uncapped): (Vec<usize>, Vec<usize>) = open
-            .iter()
-            .partition(|&&i| left * weights[i] > u64::from(available[i]) * open_weight);
+        let (capped, uncapped): (Vec<usize>, Vec<usize>) = open.iter().partition(|&&i| {
+            // u128: a weight and a sum of weights may each be near u32::MAX × n.
+            u128::from(left) * u128::from(weights[i])
+                > u128::from(available[i]) * u128::from(open_weight)
+        });
         if capped.is_empty() {
             break;
         }

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
 use super::model::{
-    DataCenter, FallbackGroup, Reachability, Selector, StrategyKind, TaintEffect, Tier, Toleration,
-    Workload,
+    self, DataCenter, FallbackGroup, Reachability, Selector, StrategyKind, TaintEffect, Tier,
+    Toleration, Workload,
 };
 use super::score::StaticParts;
 use super::{EXCLUDED, KEEP_ONLY, Rejection, Rule, Scheduler, Verdict};
@@ -206,6 +206,32 @@ impl<'a> Scheduler<'a> {
                 return Err((Rule::Cordoned, msg!(self, "cordoned")));
             }
             keep_only = true;
+        }
+        // NoExecute moves running replicas away unless tolerated; a
+        // toleration for a while keeps them that long, taking nothing new.
+        match model::no_execute(&workload.placement.tolerations, dc, self.snapshot.now_unix) {
+            model::NoExecute::Stays => {}
+            model::NoExecute::Leaves(key) => {
+                return Err((
+                    Rule::Taint,
+                    msg!(
+                        self,
+                        "taint `{key}` (NoExecute) is not tolerated, or no longer"
+                    ),
+                ));
+            }
+            model::NoExecute::StaysUntil(until, key) => {
+                if here == 0 {
+                    return Err((
+                        Rule::Taint,
+                        msg!(
+                            self,
+                            "taint `{key}` (NoExecute) is tolerated only until {until}; takes no new replicas"
+                        ),
+                    ));
+                }
+                keep_only = true;
+            }
         }
         // NoSchedule keeps new replicas away and leaves running ones be, as
         // in Kubernetes and Karmada: a taint added to a data center does not

@@ -411,10 +411,12 @@ impl<'a> Scheduler<'a> {
                 .filter(|&i| {
                     dcs[i].cordoned
                         || dcs[i].reachability != Reachability::Reachable
-                        || dcs[i]
-                            .taints
-                            .iter()
-                            .any(|t| t.effect == model::TaintEffect::NoSchedule)
+                        || dcs[i].taints.iter().any(|t| {
+                            matches!(
+                                t.effect,
+                                model::TaintEffect::NoSchedule | model::TaintEffect::NoExecute
+                            )
+                        })
                 })
                 .collect(),
             classes: HashMap::new(),

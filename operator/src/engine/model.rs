@@ -24,6 +24,8 @@ pub enum TaintEffect {
     NoSchedule,
     /// Used last unless tolerated.
     PreferNoSchedule,
+    /// No new replicas, and running ones leave, unless tolerated.
+    NoExecute,
 }
 
 /// How a toleration matches a taint's value.
@@ -174,6 +176,8 @@ pub struct Taint {
     pub value: Option<String>,
     /// Effect.
     pub effect: TaintEffect,
+    /// When it was added (Unix seconds), if known.
+    pub added_unix: Option<i64>,
 }
 
 /// A toleration of a workload.
@@ -187,6 +191,9 @@ pub struct Toleration {
     pub value: Option<String>,
     /// Effect tolerated (all when `None`).
     pub effect: Option<TaintEffect>,
+    /// For NoExecute: seconds replicas may stay after the taint was added
+    /// (for good when `None`).
+    pub toleration_seconds: Option<u32>,
 }
 
 impl Toleration {
@@ -199,6 +206,58 @@ impl Toleration {
                 TolerationOperator::Equal => self.value == taint.value,
             }
     }
+}
+
+/// What a data center's NoExecute taints mean for a workload's replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoExecute {
+    /// None applies, or every one is tolerated for good.
+    Stays,
+    /// Tolerated for a while: replicas there stay until this Unix time but
+    /// no new ones go; the taint's key.
+    StaysUntil(i64, String),
+    /// Not tolerated, or tolerated for a time that ran out: replicas leave.
+    Leaves(String),
+}
+
+/// Judges `dc`'s NoExecute taints for a workload with `tolerations` at
+/// `now`. A taint whose addition time is unknown counts from `now`.
+pub fn no_execute(tolerations: &[Toleration], dc: &DataCenter, now: i64) -> NoExecute {
+    let mut verdict = NoExecute::Stays;
+    for taint in dc
+        .taints
+        .iter()
+        .filter(|t| t.effect == TaintEffect::NoExecute)
+    {
+        let matching: Vec<&Toleration> =
+            tolerations.iter().filter(|t| t.tolerates(taint)).collect();
+        if matching.is_empty() {
+            return NoExecute::Leaves(taint.key.clone());
+        }
+        // The most generous toleration counts; one without a limit wins.
+        if matching.iter().any(|t| t.toleration_seconds.is_none()) {
+            continue;
+        }
+        let seconds = matching
+            .iter()
+            .filter_map(|t| t.toleration_seconds)
+            .max()
+            .unwrap_or(0);
+        let until = taint
+            .added_unix
+            .unwrap_or(now)
+            .saturating_add(i64::from(seconds));
+        if until <= now {
+            return NoExecute::Leaves(taint.key.clone());
+        }
+        verdict = match verdict {
+            NoExecute::StaysUntil(earlier, key) if earlier <= until => {
+                NoExecute::StaysUntil(earlier, key)
+            }
+            _ => NoExecute::StaysUntil(until, taint.key.clone()),
+        };
+    }
+    verdict
 }
 
 /// Whether the operator can reach a data center's cluster.

@@ -626,6 +626,52 @@ async fn overrides_and_dependencies_shape_each_members_copy() -> anyhow::Result<
     Ok(())
 }
 
+/// A NoExecute taint on a data center moves the replicas that do not
+/// tolerate it away, at the pace of `maxEvictionsPerMinute`, and takes no
+/// new ones; Events and status say why.
+#[tokio::test]
+async fn a_no_execute_taint_moves_replicas_away_at_the_eviction_pace() -> anyhow::Result<()> {
+    let pool = Pool::start().await?;
+    let api = pool.workloads();
+    let placement = serde_json::json!({
+        "requiredTiers": ["edge", "partner"],
+        "preferredTiers": ["edge"],
+        "weights": { "freeCapacity": 0, "tier": 10 },
+        "strategy": { "type": "Score" }
+    });
+    let mut plates = workload("plates", 2, placement, 60)?;
+    plates.spec.failover.max_evictions_per_minute = Some(1);
+    api.create(&PostParams::default(), &plates).await?;
+    pool.wait_copies("plates", &[("edge-east", 2)]).await?;
+    let data_centers: Api<DataCenter> = Api::all(pool.client.clone());
+    data_centers
+        .patch(
+            "edge-east",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "spec": { "taints": [
+                { "key": "flooding", "effect": "NoExecute" }
+            ] } })),
+        )
+        .await?;
+    // One replica moves now (the budget), the other waits, still on the edge.
+    pool.wait_copies("plates", &[("edge-east", 1), ("partner-cloud", 1)])
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        pool.copies("plates").await?,
+        BTreeMap::from([("edge-east".to_owned(), 1), ("partner-cloud".to_owned(), 1)]),
+        "moved past the eviction budget"
+    );
+    pool.wait_event("plates", "EvictionsDeferred").await?;
+    let status = data_centers
+        .get("edge-east")
+        .await?
+        .status
+        .context("edge-east status")?;
+    assert!(status.no_execute_since.contains_key("flooding"));
+    Ok(())
+}
+
 /// Losing a data center that runs many workloads moves no more replicas a
 /// minute than the pool-wide limit, although no workload has a limit of
 /// its own; the ones held back say so.
