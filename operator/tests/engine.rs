@@ -646,6 +646,12 @@ fn preemption_covers_only_the_shortfall_free_room_cannot() {
         placement(&out, "batch"),
         BTreeMap::from([("preferred".to_owned(), 3)])
     );
+    assert_eq!(
+        out.decision(&WorkloadKey::new("ns", "urgent"))
+            .expect("urgent")
+            .preempted_room,
+        BTreeMap::from([("preferred".to_owned(), 1)])
+    );
 }
 
 /// Duplicated needs one copy (no `minDomains`): it preempts in one data
@@ -708,6 +714,138 @@ fn preemption_prefers_victims_outside_gangs() {
     assert_eq!(
         placement(&out, "a-gang"),
         BTreeMap::from([("only".to_owned(), 2)])
+    );
+}
+
+/// The room one eviction freed beyond its need is held for the round, but a
+/// second preemptor of higher priority than the victim uses it before
+/// evicting anyone else (found by the attack review: it used to evict the
+/// victim's second replica with 3 cores idle).
+#[test]
+fn reserved_room_serves_the_next_preemptor_before_new_victims() {
+    let only = dc("only", Tier::Municipal, "city", "a", 8, 64);
+    let v = workload("v", 2, 4, 1);
+    let p1 = preempting("p1", 1, 1, 10);
+    let p2 = preempting("p2", 1, 1, 9);
+    let mut never = workload("never", 2, 1, 1);
+    never.priority = 5;
+    let mut s = snapshot(vec![only], vec![v, p1, p2, never]);
+    running(&mut s, "v", "only", 2);
+    let out = run(&s);
+    assert_eq!(
+        preemptions(&out, "p1"),
+        vec![("v".to_owned(), "only".to_owned(), 1)]
+    );
+    assert!(preemptions(&out, "p2").is_empty());
+    assert_eq!(
+        placement(&out, "p2"),
+        BTreeMap::from([("only".to_owned(), 1)])
+    );
+    assert_eq!(
+        placement(&out, "v"),
+        BTreeMap::from([("only".to_owned(), 1)])
+    );
+    // What is left of the freed room (2 cores) is still nobody else's.
+    assert!(placement(&out, "never").is_empty());
+}
+
+/// Static weights divide preempted room by the weights too, so the next
+/// round does not move replicas (the shortfall-only top-up ignored them).
+#[test]
+fn static_weights_preemption_holds_in_the_next_round() {
+    let a = dc("a", Tier::Municipal, "city", "a", 3, 64);
+    let b = dc("b", Tier::Municipal, "city", "b", 4, 64);
+    let v = workload("v", 1, 4, 1);
+    let mut p = preempting("p", 4, 1, 10);
+    p.placement.strategy = StrategyKind::StaticWeights;
+    p.placement.static_weights = BTreeMap::from([("a".into(), 1), ("b".into(), 1)]);
+    let mut s = snapshot(vec![a, b], vec![v, p]);
+    running(&mut s, "v", "b", 1);
+    let out = run(&s);
+    let first = placement(&out, "p");
+    assert_eq!(
+        first,
+        BTreeMap::from([("a".to_owned(), 2), ("b".to_owned(), 2)])
+    );
+    s.current = out.placements();
+    let again = run(&s);
+    assert_eq!(placement(&again, "p"), first);
+    assert_eq!(
+        again
+            .decision(&WorkloadKey::new("ns", "p"))
+            .expect("p")
+            .moved_replicas,
+        0
+    );
+}
+
+/// Across data centers, preemption goes where the victims have the lowest
+/// priority, before fill order: the preferred data center's priority-9
+/// workload is not evicted while a priority-0 one blocks another.
+#[test]
+fn preemption_evicts_the_lowest_priority_across_data_centers() {
+    let mut x = dc("x", Tier::Municipal, "city", "a", 2, 64);
+    x.datasets.insert("cams".into());
+    let y = dc("y", Tier::Municipal, "city", "b", 2, 64);
+    let mut hi = workload("hi", 2, 1, 1);
+    hi.priority = 9;
+    let lo = workload("lo", 2, 1, 1);
+    let mut p = preempting("p", 1, 1, 10);
+    p.placement.preferred_datasets.insert("cams".into());
+    let mut s = snapshot(vec![x, y], vec![hi, lo, p]);
+    running(&mut s, "hi", "x", 2);
+    running(&mut s, "lo", "y", 2);
+    let out = run(&s);
+    assert_eq!(
+        preemptions(&out, "p"),
+        vec![("lo".to_owned(), "y".to_owned(), 1)]
+    );
+}
+
+/// A gang victim that no longer fits whole after losing a replica keeps
+/// its room held for the round: a lower-priority workload does not gain
+/// the three replicas' room one eviction cost it.
+#[test]
+fn a_collapsed_gang_victim_keeps_its_room_for_the_round() {
+    let only = dc("only", Tier::Municipal, "city", "a", 4, 64);
+    let mut gang = workload("gang", 4, 1, 1);
+    gang.priority = 1;
+    gang.placement.gang = true;
+    let p = preempting("p", 1, 1, 10);
+    let never = workload("never", 3, 1, 1);
+    let mut s = snapshot(vec![only], vec![gang, p, never]);
+    running(&mut s, "gang", "only", 4);
+    let out = run(&s);
+    assert_eq!(
+        placement(&out, "p"),
+        BTreeMap::from([("only".to_owned(), 1)])
+    );
+    assert!(placement(&out, "gang").is_empty());
+    assert!(
+        placement(&out, "never").is_empty(),
+        "{:?}",
+        placement(&out, "never")
+    );
+}
+
+/// A data center already over its capacity (it shrank) sheds the excess
+/// too before a preemptor's need counts as met.
+#[test]
+fn preemption_in_an_over_full_data_center_sheds_the_excess_too() {
+    let only = dc("only", Tier::Municipal, "city", "a", 4, 64);
+    let l = workload("l", 6, 1, 1);
+    let p = preempting("p", 2, 1, 10);
+    let mut s = snapshot(vec![only], vec![l, p]);
+    running(&mut s, "l", "only", 6);
+    let only_p = BTreeSet::from([WorkloadKey::new("ns", "p")]);
+    let out = schedule_only(&s, &only_p, &Options::default());
+    assert_eq!(
+        placement(&out, "p"),
+        BTreeMap::from([("only".to_owned(), 2)])
+    );
+    assert_eq!(
+        preemptions(&out, "p"),
+        vec![("l".to_owned(), "only".to_owned(), 4)]
     );
 }
 

@@ -82,12 +82,15 @@ impl PoolEvictions {
 }
 
 /// Trims `decided` so that at most `budget` replicas move off the data centers
-/// in `failed` (relative to `before`).
+/// in `failed` (relative to `before`). Receivers in `trim_first` (where the
+/// engine preempted to make room) give up replicas before the others, so
+/// fewer preemptions are made for replicas that will not come.
 pub fn limit_evictions(
     before: &BTreeMap<String, u32>,
     decided: &mut BTreeMap<String, u32>,
     failed: &BTreeSet<String>,
     budget: u32,
+    trim_first: &BTreeSet<String>,
 ) -> Evictions {
     let was = |dc: &str| before.get(dc).copied().unwrap_or(0);
     let now = |decided: &BTreeMap<String, u32>, dc: &str| decided.get(dc).copied().unwrap_or(0);
@@ -126,7 +129,13 @@ pub fn limit_evictions(
     // the new replicas stay spread as the engine spread them.
     let mut left = deferred;
     while left > 0 {
-        gained.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        gained.sort_by(|a, b| {
+            (b.1 > 0)
+                .cmp(&(a.1 > 0))
+                .then_with(|| trim_first.contains(&b.0).cmp(&trim_first.contains(&a.0)))
+                .then_with(|| b.1.cmp(&a.1))
+                .then_with(|| a.0.cmp(&b.0))
+        });
         let Some((dc, n)) = gained.first_mut().filter(|(_, n)| *n > 0) else {
             break;
         };
@@ -276,7 +285,13 @@ mod tests {
     fn moves_within_the_budget_pass_unchanged() {
         let before = map(&[("edge", 3), ("core", 2)]);
         let mut decided = map(&[("core", 4), ("partner", 1)]);
-        let evictions = limit_evictions(&before, &mut decided, &failed(&["edge"]), 3);
+        let evictions = limit_evictions(
+            &before,
+            &mut decided,
+            &failed(&["edge"]),
+            3,
+            &BTreeSet::new(),
+        );
         assert_eq!(
             evictions,
             Evictions {
@@ -292,7 +307,13 @@ mod tests {
     fn moves_past_the_budget_stay_on_the_failed_data_center() {
         let before = map(&[("edge", 5), ("core", 1)]);
         let mut decided = map(&[("core", 4), ("partner", 2)]);
-        let evictions = limit_evictions(&before, &mut decided, &failed(&["edge"]), 2);
+        let evictions = limit_evictions(
+            &before,
+            &mut decided,
+            &failed(&["edge"]),
+            2,
+            &BTreeSet::new(),
+        );
         assert_eq!(
             evictions,
             Evictions {
@@ -311,7 +332,13 @@ mod tests {
     fn an_exhausted_budget_keeps_the_old_placement() {
         let before = map(&[("edge", 2), ("core", 2)]);
         let mut decided = map(&[("core", 4)]);
-        let evictions = limit_evictions(&before, &mut decided, &failed(&["edge"]), 0);
+        let evictions = limit_evictions(
+            &before,
+            &mut decided,
+            &failed(&["edge"]),
+            0,
+            &BTreeSet::new(),
+        );
         assert_eq!(evictions.deferred, 2);
         assert_eq!(decided, before);
     }
@@ -320,7 +347,13 @@ mod tests {
     fn a_scale_down_off_a_failed_data_center_is_not_an_eviction() {
         let before = map(&[("edge", 3), ("core", 3)]);
         let mut decided = map(&[("core", 3)]);
-        let evictions = limit_evictions(&before, &mut decided, &failed(&["edge"]), 0);
+        let evictions = limit_evictions(
+            &before,
+            &mut decided,
+            &failed(&["edge"]),
+            0,
+            &BTreeSet::new(),
+        );
         assert_eq!(evictions, Evictions::default());
         assert_eq!(decided, map(&[("core", 3)]));
     }
@@ -329,7 +362,13 @@ mod tests {
     fn several_failed_data_centers_share_one_budget() {
         let before = map(&[("edge-a", 2), ("edge-b", 4)]);
         let mut decided = map(&[("core", 6)]);
-        let evictions = limit_evictions(&before, &mut decided, &failed(&["edge-a", "edge-b"]), 1);
+        let evictions = limit_evictions(
+            &before,
+            &mut decided,
+            &failed(&["edge-a", "edge-b"]),
+            1,
+            &BTreeSet::new(),
+        );
         assert_eq!(
             evictions,
             Evictions {

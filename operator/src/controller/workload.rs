@@ -278,7 +278,16 @@ fn decide(
             })
             .map(|dc| dc.name.clone())
             .collect();
-        evictions = limit_evictions(&before, &mut decision.placement, &failed, budget);
+        let engine_placement = decision.placement.clone();
+        let preempted_in: BTreeSet<String> = decision.preempted_room.keys().cloned().collect();
+        evictions = limit_evictions(
+            &before,
+            &mut decision.placement,
+            &failed,
+            budget,
+            &preempted_in,
+        );
+        drop_unused_preemptions(&mut decision, &engine_placement);
     }
     if let Some(pool) = decided
         .pool_evictions
@@ -321,6 +330,29 @@ fn decide(
     });
     decided.set_reusable(key, reusable);
     (decision, evictions)
+}
+
+/// Drops the preemptions made for replicas the eviction budget then kept
+/// where they were: in a data center the budget trimmed by at least the
+/// replicas that stood in preempted room, the victims keep theirs.
+fn drop_unused_preemptions(decision: &mut Decision, engine_placement: &BTreeMap<String, u32>) {
+    let trimmed = |dc: &str| {
+        engine_placement
+            .get(dc)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(decision.placement.get(dc).copied().unwrap_or(0))
+    };
+    let unused: BTreeSet<String> = decision
+        .preempted_room
+        .iter()
+        .filter(|(dc, room)| trimmed(dc) >= **room)
+        .map(|(dc, _)| dc.clone())
+        .collect();
+    decision
+        .preemptions
+        .retain(|p| !unused.contains(&p.data_center));
+    decision.preempted_room.retain(|dc, _| !unused.contains(dc));
 }
 
 /// Reconciles one workload: decide where its replicas go, propagate its
@@ -1275,6 +1307,30 @@ mod tests {
             }],
             ..ComputeWorkloadStatus::default()
         }
+    }
+
+    /// The eviction budget kept replicas on a lost data center that the
+    /// engine had preempted room for elsewhere: those victims keep theirs.
+    #[test]
+    fn preemptions_for_replicas_the_budget_kept_back_are_dropped() {
+        let engine = BTreeMap::from([("a".to_owned(), 2), ("x".to_owned(), 2)]);
+        let mut decision = Decision::scheduled(WorkloadKey::new("city", "p"), engine.clone());
+        decision.preemptions = vec![crate::engine::Preemption {
+            victim: WorkloadKey::new("batch", "v"),
+            data_center: "a".into(),
+            replicas: 2,
+        }];
+        decision.preempted_room = BTreeMap::from([("a".to_owned(), 2)]);
+        // The budget trimmed a by 2: nothing stands in preempted room there.
+        decision.placement = BTreeMap::from([("x".to_owned(), 2)]);
+        let mut trimmed = decision.clone();
+        drop_unused_preemptions(&mut trimmed, &engine);
+        assert!(trimmed.preemptions.is_empty() && trimmed.preempted_room.is_empty());
+        // Trimmed by 1 only: the preempted room is still used.
+        decision.placement = BTreeMap::from([("a".to_owned(), 1), ("x".to_owned(), 2)]);
+        let mut kept = decision.clone();
+        drop_unused_preemptions(&mut kept, &engine);
+        assert_eq!(kept.preemptions.len(), 1);
     }
 
     #[test]

@@ -171,6 +171,7 @@ impl Scheduler<'_> {
             scores,
             preemptions,
             preempted_by: self.preempted_by[w].clone(),
+            preempted_room: BTreeMap::new(),
             moved_replicas,
         }
     }

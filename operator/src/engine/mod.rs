@@ -191,6 +191,10 @@ pub struct Decision {
     /// round, before it was placed again.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub preempted_by: Vec<PreemptedBy>,
+    /// Replicas per data center that stand in room `preemptions` made
+    /// (the rest fit in free room).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub preempted_room: BTreeMap<String, u32>,
     /// Replicas taken away from data centers where they ran.
     pub moved_replicas: u32,
 }
@@ -210,6 +214,7 @@ impl Decision {
             scores: BTreeMap::new(),
             preemptions: Vec::new(),
             preempted_by: Vec::new(),
+            preempted_room: BTreeMap::new(),
             moved_replicas: 0,
         }
     }
@@ -315,6 +320,10 @@ struct Scheduler<'a> {
     current: Vec<Vec<(usize, u32)>>,
     /// Per workload index, what it lost to preemption this round.
     preempted_by: Vec<Vec<PreemptedBy>>,
+    /// Per data center, room preemption freed beyond its need, by the
+    /// priority it is held at for the rest of the round (also counted in
+    /// `held_total` and `held_by_priority`).
+    reserved: Vec<Vec<(i32, Resources)>>,
     zone_ids: Vec<usize>,
     region_ids: Vec<usize>,
     /// Each data center's position in name order: the last tie-break.
@@ -403,6 +412,7 @@ impl<'a> Scheduler<'a> {
             capacity_divisors: vec![OnceCell::new(); dcs.len()],
             current: Vec::new(),
             preempted_by: vec![Vec::new(); snapshot.workloads.len()],
+            reserved: vec![Vec::new(); dcs.len()],
             zone_ids: intern(dcs.iter().map(|dc| (dc.region.as_str(), dc.zone.as_str()))),
             region_ids: intern(dcs.iter().map(|dc| dc.region.as_str())),
             dc_index,
@@ -489,6 +499,28 @@ impl<'a> Scheduler<'a> {
             self.release_holdings(w);
             let decision = self.place(w, &decided);
             decided[w] = true;
+            // A victim that now keeps fewer replicas somewhere than the
+            // preemption left it (a gang that no longer fits whole) frees
+            // room because of that preemption: it stays held this round.
+            if !self.preempted_by[w].is_empty() {
+                for i in 0..self.current[w].len() {
+                    let (dc, left) = self.current[w][i];
+                    let kept = decision
+                        .placement
+                        .get(&self.snapshot.data_centers[dc].name)
+                        .copied()
+                        .unwrap_or(0);
+                    if kept < left {
+                        let room = demand_of(
+                            &self.snapshot.data_centers[dc],
+                            &workloads[w].demand,
+                            u64::from(left - kept),
+                        );
+                        self.reserve(dc, workloads[w].priority, &room);
+                        self.refresh_free(dc);
+                    }
+                }
+            }
             for (name, replicas) in &decision.placement {
                 let dc = self.dc_index[name.as_str()];
                 let res = demand_of(
@@ -538,6 +570,7 @@ impl<'a> Scheduler<'a> {
         }
         let mut assignment =
             divide::in_fill_order(workload, &mut scored.candidates, self.options.exhaustive);
+        let free_room: Vec<u32> = scored.candidates.iter().map(|c| c.available).collect();
         let mut preempting = self.divide_with_preemption(workload, &mut scored, &mut assignment);
 
         let mut reason = None;
@@ -563,7 +596,21 @@ impl<'a> Scheduler<'a> {
         } else {
             Vec::new()
         };
-        self.explain(w, filtered, &scored, &assignment, reason, preemptions)
+        let preempted_room: BTreeMap<String, u32> = if preemptions.is_empty() {
+            BTreeMap::new()
+        } else {
+            scored
+                .candidates
+                .iter()
+                .zip(&assignment)
+                .zip(&free_room)
+                .filter(|((_, a), free)| **a > **free)
+                .map(|((c, a), free)| (snapshot.data_centers[c.dc].name.clone(), a - free))
+                .collect()
+        };
+        let mut decision = self.explain(w, filtered, &scored, &assignment, reason, preemptions);
+        decision.preempted_room = preempted_room;
+        decision
     }
 }
 

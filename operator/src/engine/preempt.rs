@@ -31,6 +31,26 @@ pub(super) fn fits(dc: &DataCenter, free: &Resources, demand: &ReplicaDemand) ->
     n
 }
 
+/// `have`, but no more of each resource than `limit`.
+fn at_most(have: &Resources, limit: &Resources) -> Resources {
+    let gpus = have
+        .gpus
+        .iter()
+        .map(|(model, n)| {
+            (
+                model.clone(),
+                (*n).min(limit.gpus.get(model).copied().unwrap_or(0)),
+            )
+        })
+        .collect();
+    Resources {
+        cpu_millis: have.cpu_millis.min(limit.cpu_millis),
+        memory_bytes: have.memory_bytes.min(limit.memory_bytes),
+        ephemeral_bytes: have.ephemeral_bytes.min(limit.ephemeral_bytes),
+        gpus,
+    }
+}
+
 /// Whether a replica using `per` gives back any of what is `missing`.
 fn frees_any_of(per: &Resources, missing: &Resources) -> bool {
     (per.cpu_millis > 0 && missing.cpu_millis > 0)
@@ -70,7 +90,12 @@ fn domains_met(workload: &Workload, candidates: &[Candidate], assignment: &[u32]
 /// preemptible room, in fill order, so the preferred data centers are not
 /// emptied to cover what room elsewhere already covers. Duplicated adds
 /// copies only until `minDomains` domains hold one.
-fn top_up(workload: &Workload, with_preemption: &[Candidate], assignment: &[u32]) -> Vec<u32> {
+fn top_up(
+    workload: &Workload,
+    with_preemption: &[Candidate],
+    assignment: &[u32],
+    order: &[usize],
+) -> Vec<u32> {
     let rules = &workload.placement;
     let mut topped = assignment.to_vec();
     let mut used: BTreeSet<usize> = with_preemption
@@ -88,7 +113,8 @@ fn top_up(workload: &Workload, with_preemption: &[Candidate], assignment: &[u32]
     };
     if rules.strategy == StrategyKind::Duplicated {
         let min = rules.spread.min_domains.unwrap_or(1).max(1) as usize;
-        for (i, c) in with_preemption.iter().enumerate() {
+        for &i in order {
+            let c = &with_preemption[i];
             if used.len() >= min {
                 break;
             }
@@ -106,7 +132,8 @@ fn top_up(workload: &Workload, with_preemption: &[Candidate], assignment: &[u32]
     }
     let mut short =
         divide::desired_total(workload).saturating_sub(divide::placed_total(workload, &topped));
-    for (i, c) in with_preemption.iter().enumerate() {
+    for &i in order {
+        let c = &with_preemption[i];
         if short == 0 {
             break;
         }
@@ -147,8 +174,24 @@ impl Scheduler<'_> {
             let free = self.free_with_preemption(c.dc, workload.priority);
             c.available = self.cap_available(workload, c, fits(dc, &free, &workload.demand));
         }
-        let topped = top_up(workload, &with_preemption, assignment);
         let redivided = divide::divide(workload, &with_preemption);
+        // Static weights are the user's own division: preempted room is
+        // divided by them too, or the next round would move replicas back.
+        let topped = if workload.placement.strategy == StrategyKind::StaticWeights {
+            redivided.clone()
+        } else {
+            // Where the victims standing in the way have the lowest priority
+            // first, then in fill order (kube-scheduler picks nodes so).
+            let mut order: Vec<(i32, usize)> = scored
+                .candidates
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (self.lowest_victim_priority(workload, c, assignment[i]), i))
+                .collect();
+            order.sort_unstable();
+            let order: Vec<usize> = order.into_iter().map(|(_, i)| i).collect();
+            top_up(workload, &with_preemption, assignment, &order)
+        };
         let rank = |a: &[u32]| {
             (
                 divide::placed_total(workload, a),
@@ -167,6 +210,49 @@ impl Scheduler<'_> {
             true
         } else {
             false
+        }
+    }
+
+    /// The lowest priority whose replicas (and every lower one's) must go
+    /// for one more replica than `placed` to fit in `c`; `i32::MIN` when
+    /// free room takes it, `i32::MAX` when no eviction makes it fit.
+    fn lowest_victim_priority(&self, workload: &Workload, c: &Candidate, placed: u32) -> i32 {
+        let dc = &self.snapshot.data_centers[c.dc];
+        let mut room = dc
+            .capacity
+            .saturating_sub(&self.committed[c.dc])
+            .saturating_sub(&self.held_total[c.dc]);
+        let fit =
+            |room: &Resources| self.cap_available(workload, c, fits(dc, room, &workload.demand));
+        if fit(&room) > placed {
+            return i32::MIN;
+        }
+        for (priority, held) in &self.held_by_priority[c.dc] {
+            if *priority >= workload.priority {
+                break;
+            }
+            room.add(held);
+            if fit(&room) > placed {
+                return *priority;
+            }
+        }
+        i32::MAX
+    }
+
+    /// Holds `room` in `dc` for the rest of the round as if a workload of
+    /// `priority` held it.
+    pub(super) fn reserve(&mut self, dc: usize, priority: i32, room: &Resources) {
+        if room.fits_within(&Resources::default()) {
+            return;
+        }
+        self.held_total[dc].add(room);
+        held_at(&mut self.held_by_priority[dc], priority).add(room);
+        match self.reserved[dc].iter_mut().find(|(p, _)| *p == priority) {
+            Some((_, held)) => held.add(room),
+            None => {
+                self.reserved[dc].push((priority, room.clone()));
+                self.reserved[dc].sort_by_key(|(p, _)| *p);
+            }
         }
     }
 
@@ -209,11 +295,33 @@ impl Scheduler<'_> {
                 .capacity
                 .saturating_sub(&self.committed[c.dc])
                 .saturating_sub(&self.held_total[c.dc]);
-            let need = demand_of(dc, &workload.demand, u64::from(a));
+            // A data center already over its capacity (it shrank) must
+            // shed that much too before the need fits.
+            let mut used = self.committed[c.dc].clone();
+            used.add(&self.held_total[c.dc]);
+            let mut need = demand_of(dc, &workload.demand, u64::from(a));
+            need.add(&used.saturating_sub(&dc.capacity));
             if need.fits_within(&free) {
                 continue;
             }
-            let missing = need.saturating_sub(&free);
+            // Room an earlier preemption freed from lower priorities and
+            // reserved goes first: taking it costs nobody a replica.
+            let mut freed = free;
+            for (priority, reserve) in self.reserved[c.dc].iter_mut() {
+                if *priority >= workload.priority || need.fits_within(&freed) {
+                    continue;
+                }
+                let take = at_most(reserve, &need.saturating_sub(&freed));
+                reserve.sub(&take);
+                self.held_total[c.dc].sub(&take);
+                held_at(&mut self.held_by_priority[c.dc], *priority).sub(&take);
+                freed.add(&take);
+            }
+            if need.fits_within(&freed) {
+                self.refresh_free(c.dc);
+                continue;
+            }
+            let missing = need.saturating_sub(&freed);
             let mut holders: Vec<(usize, u32, Resources)> = (0..snapshot.workloads.len())
                 .filter(|&v| {
                     !decided[v] && v != w && snapshot.workloads[v].priority < workload.priority
@@ -232,7 +340,6 @@ impl Scheduler<'_> {
                     .then_with(|| wa.placement.gang.cmp(&wb.placement.gang))
                     .then_with(|| wa.key.cmp(&wb.key))
             });
-            let mut freed = free;
             let mut taken = vec![0u32; holders.len()];
             for (k, (_, replicas, per)) in holders.iter().enumerate() {
                 while taken[k] < *replicas && !need.fits_within(&freed) {
@@ -254,11 +361,13 @@ impl Scheduler<'_> {
                 }
             }
             let mut released = Resources::default();
+            let mut highest_victim = i32::MIN;
             for ((v, _, per), &evicted) in holders.iter().zip(&taken) {
                 if evicted == 0 {
                     continue;
                 }
                 let victim = &snapshot.workloads[*v];
+                highest_victim = highest_victim.max(victim.priority);
                 let res = demand_of(dc, &victim.demand, u64::from(evicted));
                 released.add(&res);
                 self.held_total[c.dc].sub(&res);
@@ -278,9 +387,11 @@ impl Scheduler<'_> {
                     replicas: evicted,
                 });
             }
-            // Kubernetes keeps freed room for the preemptor too (its
-            // nominated node); here the excess simply sits out the round.
-            self.committed[c.dc].add(&released.saturating_sub(&missing));
+            // Kubernetes keeps freed room for the preemptor (its nominated
+            // node). Here the excess stays held, as if by the victims, for
+            // the rest of the round: only a workload of higher priority
+            // than theirs, which could have evicted them itself, may take it.
+            self.reserve(c.dc, highest_victim, &released.saturating_sub(&missing));
             self.refresh_free(c.dc);
         }
         preemptions
