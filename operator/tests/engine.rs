@@ -849,6 +849,112 @@ fn preemption_in_an_over_full_data_center_sheds_the_excess_too() {
     );
 }
 
+/// Room reserved from a lower priority in one data center is taken before
+/// anyone is evicted in another (second attack review, A).
+#[test]
+fn reserved_room_elsewhere_is_taken_before_evicting() {
+    let x = dc("x", Tier::Municipal, "city", "a", 4, 64);
+    let y = dc("y", Tier::Municipal, "city", "b", 1, 64);
+    let mut v5 = workload("v5", 1, 4, 1);
+    v5.priority = 5;
+    let lo = workload("lo", 1, 1, 1);
+    let p1 = preempting("p1", 1, 2, 10);
+    let p2 = preempting("p2", 1, 1, 9);
+    let mut s = snapshot(vec![x, y], vec![v5, lo, p1, p2]);
+    running(&mut s, "v5", "x", 1);
+    running(&mut s, "lo", "y", 1);
+    let out = run(&s);
+    assert_eq!(
+        preemptions(&out, "p1"),
+        vec![("v5".to_owned(), "x".to_owned(), 1)]
+    );
+    assert!(
+        preemptions(&out, "p2").is_empty(),
+        "{:?}",
+        preemptions(&out, "p2")
+    );
+    assert_eq!(placement(&out, "p2"), BTreeMap::from([("x".to_owned(), 1)]));
+    assert_eq!(placement(&out, "lo"), BTreeMap::from([("y".to_owned(), 1)]));
+}
+
+/// Room a victim gives up for its own reasons (scaling down elsewhere) is
+/// not held back (second attack review, B).
+#[test]
+fn a_victims_own_scale_down_frees_its_room() {
+    let mut a = dc("a", Tier::Municipal, "ra", "a", 1, 64);
+    a.region = "ra".into();
+    let mut b = dc("b", Tier::Municipal, "rb", "b", 2, 64);
+    b.region = "rb".into();
+    let v = workload("v", 1, 1, 1);
+    let mut p = preempting("p", 1, 1, 10);
+    p.placement.allowed_regions = ["ra".to_owned()].into();
+    let mut n = workload("n", 1, 1, 1);
+    n.priority = -1;
+    n.placement.allowed_regions = ["rb".to_owned()].into();
+    let mut s = snapshot(vec![a, b], vec![v, p, n]);
+    s.current.insert(
+        WorkloadKey::new("ns", "v"),
+        BTreeMap::from([("a".into(), 1), ("b".into(), 2)]),
+    );
+    let out = run(&s);
+    assert_eq!(placement(&out, "n"), BTreeMap::from([("b".to_owned(), 1)]));
+}
+
+/// An over-capacity excess in a resource the preemptor does not use, or
+/// one the victims cannot free, is not shed at their cost (second attack
+/// review, C).
+#[test]
+fn an_excess_the_victims_cannot_shed_costs_them_nothing() {
+    let mut only = dc("only", Tier::Municipal, "city", "a", 8, 64);
+    only.capacity.gpus.insert("l4".into(), 2);
+    let mut g = workload("g", 3, 1, 1);
+    g.priority = 20;
+    g.demand.gpu_count = 1;
+    g.demand.gpu_model = Some("l4".into());
+    let l = workload("l", 5, 1, 1);
+    let p = preempting("p", 1, 1, 10);
+    let mut s = snapshot(vec![only], vec![g, l, p]);
+    running(&mut s, "g", "only", 3);
+    running(&mut s, "l", "only", 5);
+    let only_p = BTreeSet::from([WorkloadKey::new("ns", "p")]);
+    let out = schedule_only(&s, &only_p, &Options::default());
+    assert_eq!(
+        preemptions(&out, "p"),
+        vec![("l".to_owned(), "only".to_owned(), 1)]
+    );
+}
+
+/// Each replica added in preempted room goes where its victims have the
+/// lowest priority: the second does not evict priority 9 while priority 5
+/// would do (second attack review, D).
+#[test]
+fn every_preempted_replica_goes_where_the_victims_rank_lowest() {
+    let mut x = dc("x", Tier::Municipal, "city", "a", 2, 64);
+    x.datasets.insert("cams".into());
+    let y = dc("y", Tier::Municipal, "city", "b", 2, 64);
+    let lo = workload("lo", 1, 1, 1);
+    let mut hi = workload("hi", 1, 1, 1);
+    hi.priority = 9;
+    let mut mid = workload("mid", 2, 1, 1);
+    mid.priority = 5;
+    let mut p = preempting("p", 2, 1, 10);
+    p.placement.preferred_datasets.insert("cams".into());
+    let mut s = snapshot(vec![x, y], vec![lo, hi, mid, p]);
+    running(&mut s, "lo", "x", 1);
+    running(&mut s, "hi", "x", 1);
+    running(&mut s, "mid", "y", 2);
+    let out = run(&s);
+    let mut evicted = preemptions(&out, "p");
+    evicted.sort();
+    assert_eq!(
+        evicted,
+        vec![
+            ("lo".to_owned(), "x".to_owned(), 1),
+            ("mid".to_owned(), "y".to_owned(), 1)
+        ]
+    );
+}
+
 /// A small low-priority victim that turns out not to be needed once a
 /// bigger one is evicted is given back.
 #[test]
@@ -1326,6 +1432,27 @@ proptest! {
         for (dc, used) in used_per_dc(&s, &out) {
             let cap = &s.data_centers.iter().find(|d| d.name == dc).expect("dc").capacity;
             prop_assert!(used.fits_within(cap), "{dc}: {used:?} > {cap:?}");
+        }
+    }
+
+    /// After a round that preempted, the world it left is stable: run again
+    /// with its placements as current, and no workload placed in full
+    /// preempts again. (One left short may: the room its first evictions
+    /// freed is its own the next round, a legitimate cascade.)
+    #[test]
+    fn a_preempting_round_leaves_nothing_to_preempt(s in arb_snapshot(), seed in any::<u64>()) {
+        let mut s = s;
+        for (i, w) in s.workloads.iter().enumerate() {
+            let dc = &s.data_centers[(seed as usize + i) % s.data_centers.len()];
+            s.current.insert(w.key.clone(), BTreeMap::from([(dc.name.clone(), w.replicas)]));
+        }
+        let first = run(&s);
+        prop_assume!(first.decisions.iter().any(|d| !d.preemptions.is_empty()));
+        s.current = first.placements();
+        let again = run(&s);
+        for d in &again.decisions {
+            let full = first.decision(&d.workload).is_some_and(|f| f.outcome == Outcome::Scheduled);
+            prop_assert!(!full || d.preemptions.is_empty(), "{} preempts again: {:?}", d.workload, d.preemptions);
         }
     }
 

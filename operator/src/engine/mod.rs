@@ -499,10 +499,13 @@ impl<'a> Scheduler<'a> {
             self.release_holdings(w);
             let decision = self.place(w, &decided);
             decided[w] = true;
-            // A victim that now keeps fewer replicas somewhere than the
-            // preemption left it (a gang that no longer fits whole) frees
-            // room because of that preemption: it stays held this round.
-            if !self.preempted_by[w].is_empty() {
+            // A gang victim that no longer fits whole after a preemption
+            // gives up its room because of it: that room stays held this
+            // round. (Room a victim gives up for its own reasons is free.)
+            if !self.preempted_by[w].is_empty()
+                && workloads[w].placement.gang
+                && decision.placement.is_empty()
+            {
                 for i in 0..self.current[w].len() {
                     let (dc, left) = self.current[w][i];
                     let kept = decision
@@ -570,7 +573,11 @@ impl<'a> Scheduler<'a> {
         }
         let mut assignment =
             divide::in_fill_order(workload, &mut scored.candidates, self.options.exhaustive);
-        let free_room: Vec<u32> = scored.candidates.iter().map(|c| c.available).collect();
+        let free_room: Vec<u32> = scored
+            .candidates
+            .iter()
+            .map(|c| self.room_without_eviction(workload, c))
+            .collect();
         let mut preempting = self.divide_with_preemption(workload, &mut scored, &mut assignment);
 
         let mut reason = None;

@@ -31,6 +31,21 @@ pub(super) fn fits(dc: &DataCenter, free: &Resources, demand: &ReplicaDemand) ->
     n
 }
 
+/// `u64::MAX` of every resource `need` asks for, zero of the others.
+fn uses(need: &Resources) -> Resources {
+    let some = |n: u64| if n > 0 { u64::MAX } else { 0 };
+    Resources {
+        cpu_millis: some(need.cpu_millis),
+        memory_bytes: some(need.memory_bytes),
+        ephemeral_bytes: some(need.ephemeral_bytes),
+        gpus: need
+            .gpus
+            .iter()
+            .map(|(model, n)| (model.clone(), some(*n)))
+            .collect(),
+    }
+}
+
 /// `have`, but no more of each resource than `limit`.
 fn at_most(have: &Resources, limit: &Resources) -> Resources {
     let gpus = have
@@ -86,72 +101,6 @@ fn domains_met(workload: &Workload, candidates: &[Candidate], assignment: &[u32]
     used.len().min(min as usize)
 }
 
-/// Keeps `assignment` (placed in free room) and adds only the shortfall in
-/// preemptible room, in fill order, so the preferred data centers are not
-/// emptied to cover what room elsewhere already covers. Duplicated adds
-/// copies only until `minDomains` domains hold one.
-fn top_up(
-    workload: &Workload,
-    with_preemption: &[Candidate],
-    assignment: &[u32],
-    order: &[usize],
-) -> Vec<u32> {
-    let rules = &workload.placement;
-    let mut topped = assignment.to_vec();
-    let mut used: BTreeSet<usize> = with_preemption
-        .iter()
-        .zip(assignment)
-        .filter(|(_, a)| **a > 0)
-        .map(|(c, _)| c.domain)
-        .collect();
-    let may_open = |used: &BTreeSet<usize>, domain: usize| {
-        used.contains(&domain)
-            || rules
-                .spread
-                .max_domains
-                .is_none_or(|m| used.len() < m as usize)
-    };
-    if rules.strategy == StrategyKind::Duplicated {
-        let min = rules.spread.min_domains.unwrap_or(1).max(1) as usize;
-        for &i in order {
-            let c = &with_preemption[i];
-            if used.len() >= min {
-                break;
-            }
-            if topped[i] == 0
-                && workload.replicas > 0
-                && c.available >= workload.replicas
-                && !used.contains(&c.domain)
-                && may_open(&used, c.domain)
-            {
-                topped[i] = workload.replicas;
-                used.insert(c.domain);
-            }
-        }
-        return topped;
-    }
-    let mut short =
-        divide::desired_total(workload).saturating_sub(divide::placed_total(workload, &topped));
-    for &i in order {
-        let c = &with_preemption[i];
-        if short == 0 {
-            break;
-        }
-        let room = c.available.saturating_sub(topped[i]);
-        if room == 0
-            || (rules.strategy == StrategyKind::StaticWeights && c.weight == 0)
-            || !may_open(&used, c.domain)
-        {
-            continue;
-        }
-        let give = room.min(short);
-        topped[i] += give;
-        short -= give;
-        used.insert(c.domain);
-    }
-    topped
-}
-
 impl Scheduler<'_> {
     /// With preemptible room counted as free, places more if it can: of the
     /// divisions that place the most (and meet `minDomains` furthest), the
@@ -180,23 +129,23 @@ impl Scheduler<'_> {
         let topped = if workload.placement.strategy == StrategyKind::StaticWeights {
             redivided.clone()
         } else {
-            // Where the victims standing in the way have the lowest priority
-            // first, then in fill order (kube-scheduler picks nodes so).
-            let mut order: Vec<(i32, usize)> = scored
-                .candidates
-                .iter()
-                .enumerate()
-                .map(|(i, c)| (self.lowest_victim_priority(workload, c, assignment[i]), i))
-                .collect();
-            order.sort_unstable();
-            let order: Vec<usize> = order.into_iter().map(|(_, i)| i).collect();
-            top_up(workload, &with_preemption, assignment, &order)
+            self.top_up(workload, &with_preemption, assignment)
         };
+        // Room reserved from lower priorities this round counts as free:
+        // taking it evicts nobody.
+        let unevicted: Vec<Candidate> = scored
+            .candidates
+            .iter()
+            .map(|c| Candidate {
+                available: self.room_without_eviction(workload, c),
+                ..*c
+            })
+            .collect();
         let rank = |a: &[u32]| {
             (
                 divide::placed_total(workload, a),
                 domains_met(workload, &with_preemption, a),
-                Reverse(preempted_replicas(&scored.candidates, a)),
+                Reverse(preempted_replicas(&unevicted, a)),
             )
         };
         let better = if rank(&redivided) > rank(&topped) {
@@ -213,18 +162,40 @@ impl Scheduler<'_> {
         }
     }
 
-    /// The lowest priority whose replicas (and every lower one's) must go
-    /// for one more replica than `placed` to fit in `c`; `i32::MIN` when
-    /// free room takes it, `i32::MAX` when no eviction makes it fit.
-    fn lowest_victim_priority(&self, workload: &Workload, c: &Candidate, placed: u32) -> i32 {
-        let dc = &self.snapshot.data_centers[c.dc];
-        let mut room = dc
+    /// Free room in `c`'s data center plus what is reserved there from
+    /// priorities below `workload`'s: what it may take without evicting.
+    fn unevicted_room(&self, workload: &Workload, c: &Candidate) -> Resources {
+        let mut room = self.snapshot.data_centers[c.dc]
             .capacity
             .saturating_sub(&self.committed[c.dc])
             .saturating_sub(&self.held_total[c.dc]);
+        for (priority, reserve) in &self.reserved[c.dc] {
+            if *priority < workload.priority {
+                room.add(reserve);
+            }
+        }
+        room
+    }
+
+    /// Replicas of `workload` that fit in `c` without evicting anyone.
+    pub(super) fn room_without_eviction(&self, workload: &Workload, c: &Candidate) -> u32 {
+        let dc = &self.snapshot.data_centers[c.dc];
+        self.cap_available(
+            workload,
+            c,
+            fits(dc, &self.unevicted_room(workload, c), &workload.demand),
+        )
+    }
+
+    /// The lowest priority whose replicas (and every lower one's) must go
+    /// for `wanted` replicas to fit in `c`; `i32::MIN` when they fit
+    /// without evicting, `i32::MAX` when no eviction makes them fit.
+    fn victim_priority_for(&self, workload: &Workload, c: &Candidate, wanted: u32) -> i32 {
+        let dc = &self.snapshot.data_centers[c.dc];
+        let mut room = self.unevicted_room(workload, c);
         let fit =
             |room: &Resources| self.cap_available(workload, c, fits(dc, room, &workload.demand));
-        if fit(&room) > placed {
+        if fit(&room) >= wanted {
             return i32::MIN;
         }
         for (priority, held) in &self.held_by_priority[c.dc] {
@@ -232,11 +203,86 @@ impl Scheduler<'_> {
                 break;
             }
             room.add(held);
-            if fit(&room) > placed {
+            // Reserved room of this priority was counted already.
+            if let Some((_, reserve)) = self.reserved[c.dc].iter().find(|(p, _)| p == priority) {
+                room.sub(reserve);
+            }
+            if fit(&room) >= wanted {
                 return *priority;
             }
         }
         i32::MAX
+    }
+
+    /// Keeps `assignment` (placed in free room) and adds only the shortfall
+    /// in preemptible room, one replica at a time where the victims it
+    /// needs have the lowest priority, then in fill order: the preferred
+    /// data centers are not emptied to cover what room elsewhere covers,
+    /// and a higher priority is never evicted while a lower one would do.
+    /// Duplicated adds copies only until `minDomains` domains hold one.
+    fn top_up(
+        &self,
+        workload: &Workload,
+        with_preemption: &[Candidate],
+        assignment: &[u32],
+    ) -> Vec<u32> {
+        let rules = &workload.placement;
+        let mut topped = assignment.to_vec();
+        let mut used: BTreeSet<usize> = with_preemption
+            .iter()
+            .zip(assignment)
+            .filter(|(_, a)| **a > 0)
+            .map(|(c, _)| c.domain)
+            .collect();
+        let may_open = |used: &BTreeSet<usize>, domain: usize| {
+            used.contains(&domain)
+                || rules
+                    .spread
+                    .max_domains
+                    .is_none_or(|m| used.len() < m as usize)
+        };
+        if rules.strategy == StrategyKind::Duplicated {
+            let min = rules.spread.min_domains.unwrap_or(1).max(1) as usize;
+            let mut order: Vec<(i32, usize)> = with_preemption
+                .iter()
+                .enumerate()
+                .filter(|(i, c)| {
+                    topped[*i] == 0 && workload.replicas > 0 && c.available >= workload.replicas
+                })
+                .map(|(i, c)| (self.victim_priority_for(workload, c, workload.replicas), i))
+                .collect();
+            order.sort_unstable();
+            for (_, i) in order {
+                let c = &with_preemption[i];
+                if used.len() >= min {
+                    break;
+                }
+                if !used.contains(&c.domain) && may_open(&used, c.domain) {
+                    topped[i] = workload.replicas;
+                    used.insert(c.domain);
+                }
+            }
+            return topped;
+        }
+        let mut short =
+            divide::desired_total(workload).saturating_sub(divide::placed_total(workload, &topped));
+        while short > 0 {
+            let next = with_preemption
+                .iter()
+                .enumerate()
+                .filter(|(i, c)| {
+                    c.available > topped[*i]
+                        && !(rules.strategy == StrategyKind::StaticWeights && c.weight == 0)
+                        && may_open(&used, c.domain)
+                })
+                .map(|(i, c)| (self.victim_priority_for(workload, c, topped[i] + 1), i))
+                .min();
+            let Some((_, i)) = next else { break };
+            topped[i] += 1;
+            short -= 1;
+            used.insert(with_preemption[i].domain);
+        }
+        topped
     }
 
     /// Holds `room` in `dc` for the rest of the round as if a workload of
@@ -299,8 +345,12 @@ impl Scheduler<'_> {
             // shed that much too before the need fits.
             let mut used = self.committed[c.dc].clone();
             used.add(&self.held_total[c.dc]);
-            let mut need = demand_of(dc, &workload.demand, u64::from(a));
-            need.add(&used.saturating_sub(&dc.capacity));
+            let plain_need = demand_of(dc, &workload.demand, u64::from(a));
+            let mut need = plain_need.clone();
+            need.add(&at_most(
+                &used.saturating_sub(&dc.capacity),
+                &uses(&plain_need),
+            ));
             if need.fits_within(&free) {
                 continue;
             }
@@ -349,6 +399,11 @@ impl Scheduler<'_> {
                 if need.fits_within(&freed) {
                     break;
                 }
+            }
+            // An excess the victims here cannot shed is not theirs to pay
+            // for: give back everything beyond the need itself.
+            if !need.fits_within(&freed) {
+                need = plain_need;
             }
             for k in (0..holders.len()).rev() {
                 while taken[k] > 0 {
