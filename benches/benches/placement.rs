@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use civicgrid_benches::{city, contended_city};
-use civicgrid_operator::engine::model::{DataCenter, Reachability, Snapshot, Tier, Workload};
+use civicgrid_operator::engine::model::{
+    DataCenter, Reachability, Snapshot, Tier, Workload, WorkloadKey,
+};
 use civicgrid_operator::engine::{Options, schedule, schedule_only};
 
 const FAST: Options = Options {
@@ -165,13 +167,11 @@ fn one_decision_latency() {
     );
 }
 
-fn failover() {
-    let mut snapshot = city(10_000, 1000, 13);
-    let first = schedule(&snapshot, &FAST);
-    snapshot.current = first.placements();
-    // The busiest data center stops answering, past every grace period.
+/// `running` with its busiest data center lost past every grace period,
+/// that data center's name, and the workloads that ran there.
+fn busiest_lost(running: &Snapshot) -> (Snapshot, String, BTreeSet<WorkloadKey>) {
     let mut load: BTreeMap<&str, u32> = BTreeMap::new();
-    for p in snapshot.current.values() {
+    for p in running.current.values() {
         for (dc, n) in p {
             *load.entry(dc.as_str()).or_default() += n;
         }
@@ -181,17 +181,25 @@ fn failover() {
         .max_by_key(|(_, n)| **n)
         .map(|(dc, _)| (*dc).to_owned())
         .unwrap_or_default();
-    let affected: BTreeSet<_> = snapshot
+    let affected = running
         .current
         .iter()
         .filter(|(_, p)| p.contains_key(&failed))
         .map(|(k, _)| k.clone())
         .collect();
-    for dc in &mut snapshot.data_centers {
+    let mut lost = running.clone();
+    for dc in &mut lost.data_centers {
         if dc.name == failed {
             dc.reachability = Reachability::UnreachableSince(-1000);
         }
     }
+    (lost, failed, affected)
+}
+
+fn failover() {
+    let mut running = city(10_000, 1000, 13);
+    running.current = schedule(&running, &FAST).placements();
+    let (snapshot, failed, affected) = busiest_lost(&running);
     // Re-place only the affected workloads, against everyone else's placement.
     let (out, engine) = time(|| schedule_only(&snapshot, &affected, &FAST));
     let moved: u32 = out.decisions.iter().map(|d| d.moved_replicas).sum();
@@ -353,29 +361,7 @@ fn contended(quick: bool) {
         );
 
         // Failover: the busiest data center is lost past every grace period.
-        let mut lost = running.clone();
-        let mut load: BTreeMap<&str, u32> = BTreeMap::new();
-        for p in running.current.values() {
-            for (dc, n) in p {
-                *load.entry(dc.as_str()).or_default() += n;
-            }
-        }
-        let failed = load
-            .iter()
-            .max_by_key(|(_, n)| **n)
-            .map(|(dc, _)| (*dc).to_owned())
-            .unwrap_or_default();
-        let affected: BTreeSet<_> = running
-            .current
-            .iter()
-            .filter(|(_, p)| p.contains_key(&failed))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for dc in &mut lost.data_centers {
-            if dc.name == failed {
-                dc.reachability = Reachability::UnreachableSince(-1000);
-            }
-        }
+        let (lost, failed, affected) = busiest_lost(&running);
         let (out, engine) = time(|| schedule_only(&lost, &affected, &FAST));
         let moved: u32 = out.decisions.iter().map(|d| d.moved_replicas).sum();
         let (_, full) = time(|| schedule(&lost, &FAST));

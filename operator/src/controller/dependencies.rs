@@ -93,8 +93,7 @@ pub async fn read(
         let read_error = |e: kube::Error| failed(e.to_string());
         let dependency = match d.kind {
             DependencyKind::ConfigMap => {
-                let source = Api::<ConfigMap>::namespaced(client.clone(), &namespace)
-                    .get_opt(&d.name)
+                let source: ConfigMap = fetch(client, &namespace, &d.name)
                     .await
                     .map_err(read_error)?
                     .ok_or_else(missing)?;
@@ -113,8 +112,7 @@ pub async fn read(
                 ));
             }
             DependencyKind::Secret => {
-                let source = Api::<Secret>::namespaced(client.clone(), &namespace)
-                    .get_opt(&d.name)
+                let source: Secret = fetch(client, &namespace, &d.name)
                     .await
                     .map_err(read_error)?
                     .ok_or_else(missing)?;
@@ -127,8 +125,7 @@ pub async fn read(
                 })
             }
             DependencyKind::ServiceAccount => {
-                let source = Api::<ServiceAccount>::namespaced(client.clone(), &namespace)
-                    .get_opt(&d.name)
+                let source: ServiceAccount = fetch(client, &namespace, &d.name)
                     .await
                     .map_err(read_error)?
                     .ok_or_else(missing)?;
@@ -140,8 +137,7 @@ pub async fn read(
                 })
             }
             DependencyKind::Service => {
-                let source = Api::<Service>::namespaced(client.clone(), &namespace)
-                    .get_opt(&d.name)
+                let source: Service = fetch(client, &namespace, &d.name)
                     .await
                     .map_err(read_error)?
                     .ok_or_else(missing)?;
@@ -155,6 +151,40 @@ pub async fn read(
         read.push(dependency);
     }
     Ok(read)
+}
+
+/// The object `name` of kind `K` in `namespace`, if there is one.
+async fn fetch<K>(client: &Client, namespace: &str, name: &str) -> Result<Option<K>, kube::Error>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await
+}
+
+/// Server-side applies `object` as `name` in `namespace` of `member`.
+async fn put<K>(
+    member: &Client,
+    namespace: &str,
+    name: &str,
+    params: &PatchParams,
+    object: &K,
+) -> Result<(), kube::Error>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(member.clone(), namespace)
+        .patch(name, params, &Patch::Apply(object))
+        .await
+        .map(|_| ())
 }
 
 /// A Service spec without what the control cluster allocated for it (its
@@ -297,26 +327,10 @@ pub async fn apply(
         meta.owner_references = owner.clone().map(|o| vec![o]);
         let name = meta.name.clone().unwrap_or_default();
         match d {
-            Dependency::ConfigMap(o) => {
-                Api::<ConfigMap>::namespaced(member.clone(), &namespace)
-                    .patch(&name, &params, &Patch::Apply(&o))
-                    .await?;
-            }
-            Dependency::Secret(o) => {
-                Api::<Secret>::namespaced(member.clone(), &namespace)
-                    .patch(&name, &params, &Patch::Apply(&o))
-                    .await?;
-            }
-            Dependency::ServiceAccount(o) => {
-                Api::<ServiceAccount>::namespaced(member.clone(), &namespace)
-                    .patch(&name, &params, &Patch::Apply(&o))
-                    .await?;
-            }
-            Dependency::Service(o) => {
-                Api::<Service>::namespaced(member.clone(), &namespace)
-                    .patch(&name, &params, &Patch::Apply(&*o))
-                    .await?;
-            }
+            Dependency::ConfigMap(o) => put(member, &namespace, &name, &params, &o).await?,
+            Dependency::Secret(o) => put(member, &namespace, &name, &params, &o).await?,
+            Dependency::ServiceAccount(o) => put(member, &namespace, &name, &params, &o).await?,
+            Dependency::Service(o) => put(member, &namespace, &name, &params, &*o).await?,
         }
     }
     Ok(())
