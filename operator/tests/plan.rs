@@ -161,14 +161,11 @@ spec:
     );
 }
 
-/// The member's scheduler places by the pod template and the pool accounts
-/// by `spec.resources`: a template stating other requests is refused,
-/// naming the container's field, rather than let the two disagree.
-#[test]
-fn template_requests_that_disagree_with_the_resources_are_refused() {
-    let workload = |containers: &str, gpu: &str| {
-        format!(
-            "{DC}---
+/// The sample data center and a one-replica Deployment `video/detector`
+/// with `containers`, `resources` and any further `spec` lines.
+fn detector(containers: &str, resources: &str, more_spec: &str) -> String {
+    format!(
+        "{DC}---
 apiVersion: civicgrid.io/v1alpha1
 kind: ComputeWorkload
 metadata: {{name: detector, namespace: video}}
@@ -176,9 +173,18 @@ spec:
   kind: Deployment
   replicas: 1
   template: {{spec: {{containers: [{containers}]}}}}
-  resources: {{cpu: 2, memory: 1Gi{gpu}}}
-"
-        )
+  resources: {{{resources}}}
+{more_spec}"
+    )
+}
+
+/// The member's scheduler places by the pod template and the pool accounts
+/// by `spec.resources`: a template stating other requests is refused,
+/// naming the container's field, rather than let the two disagree.
+#[test]
+fn template_requests_that_disagree_with_the_resources_are_refused() {
+    let workload = |containers: &str, gpu: &str| {
+        detector(containers, &format!("cpu: 2, memory: 1Gi{gpu}"), "")
     };
     let e = err(&workload(
         "{name: a, image: x, resources: {requests: {cpu: 1}}}, \
@@ -231,18 +237,10 @@ spec:
 #[test]
 fn overrides_that_cannot_apply_are_refused_with_the_field() {
     let workload = |overrides: &str| {
-        format!(
-            "{DC}---
-apiVersion: civicgrid.io/v1alpha1
-kind: ComputeWorkload
-metadata: {{name: detector, namespace: video}}
-spec:
-  kind: Deployment
-  replicas: 1
-  template: {{spec: {{containers: [{{name: a, image: x}}]}}}}
-  resources: {{cpu: 1, memory: 1Gi}}
-  overrides: {overrides}
-"
+        detector(
+            "{name: a, image: x}",
+            "cpu: 1, memory: 1Gi",
+            &format!("  overrides: {overrides}\n"),
         )
     };
     let e = err(&workload(

@@ -26,7 +26,9 @@ use crate::crd::{
     ComputeWorkload, ComputeWorkloadStatus, EvictionEntry, ExplanationEntry, PlacementEntry,
     PreemptedByEntry,
 };
-use crate::engine::model::{NoExecute, Reachability, Snapshot, Workload, no_execute};
+use crate::engine::model::{
+    NoExecute, Reachability, ReplicaDemand, Snapshot, Toleration, Workload, no_execute,
+};
 use crate::engine::{Decision, Options, Outcome, schedule_only};
 
 /// Entry point: the finalizer guards apply and cleanup.
@@ -242,63 +244,106 @@ fn decide(
     let only = BTreeSet::from([key.clone()]);
     let mut schedule = schedule_only(&snapshot, &only, &Options::default());
     let mut decision = schedule.decisions.remove(0);
-    let mut evictions = Evictions::default();
-    let pool_limit = ctx.config.pool_evictions_per_minute;
-    let pool_left = pool_limit.map(|max| {
-        let pool = decided.pool_evictions.get_or_insert_with(|| {
-            PoolEvictions::seeded(
-                ctx.workloads
-                    .state()
-                    .iter()
-                    .filter_map(|cw| cw.status.as_ref())
-                    .flat_map(|s| &s.evictions)
-                    .map(|e| (e.time.0.as_second(), u32::try_from(e.replicas).unwrap_or(0)))
-                    .collect(),
-            )
-        });
-        pool.left(now, max)
-    });
+    let pool_left = pool_budget_left(ctx, &mut decided, now);
     let eviction_budget = match (eviction_budget, pool_left) {
         (Some(own), Some(pool)) => Some(own.min(pool)),
         (own, pool) => own.or(pool),
     };
-    if let Some(budget) = eviction_budget {
-        let before = snapshot.current.get(&key).cloned().unwrap_or_default();
-        // Replicas leave a data center unreachable past the grace period, or
-        // one with a NoExecute taint this workload does not (or no longer)
-        // tolerate: both are paced by the budget.
-        let tolerations = &snapshot.workloads[0].placement.tolerations;
-        let failed: BTreeSet<String> = snapshot
-            .data_centers
-            .iter()
-            .filter(|dc| {
-                matches!(dc.reachability,
-                    Reachability::UnreachableSince(since) if now - since >= grace)
-                    || matches!(no_execute(tolerations, dc, now), NoExecute::Leaves(_))
-            })
-            .map(|dc| dc.name.clone())
-            .collect();
-        let engine_placement = decision.placement.clone();
-        let preempted_in: BTreeSet<String> = decision.preempted_room.keys().cloned().collect();
-        evictions = limit_evictions(
-            &before,
-            &mut decision.placement,
-            &failed,
-            budget,
-            &preempted_in,
-        );
-        drop_unused_preemptions(&mut decision, &engine_placement);
-    }
-    if let Some(pool) = decided
-        .pool_evictions
-        .as_mut()
-        .filter(|_| pool_limit.is_some())
-    {
-        pool.record(now, evictions.moved);
-        if evictions.deferred > 0 && pool_left.is_some_and(|left| left <= evictions.moved) {
-            evictions.pool_retry_at = Some(pool.next_room_at(now));
+    let evictions = match eviction_budget {
+        Some(budget) => {
+            let mut evictions = pace_evictions(&snapshot, &mut decision, budget, (now, grace));
+            if let Some(pool) = decided
+                .pool_evictions
+                .as_mut()
+                .filter(|_| pool_left.is_some())
+            {
+                pool.record(now, evictions.moved);
+                if evictions.deferred > 0 && pool_left.is_some_and(|left| left <= evictions.moved) {
+                    evictions.pool_retry_at = Some(pool.next_room_at(now));
+                }
+            }
+            evictions
         }
-    }
+        None => Evictions::default(),
+    };
+    record_preemptions_made(ctx, &mut decided, &snapshot, &decision);
+    decided.record_placement(key.clone(), decision.placement.clone());
+    let reusable = may_reuse(keeps, all_reachable, &decision).then(|| super::Reusable {
+        uid: cw.uid(),
+        generation: cw.metadata.generation,
+        pool,
+        decision: decision.clone(),
+    });
+    decided.set_reusable(key, reusable);
+    (decision, evictions)
+}
+
+/// Failover moves the pool-wide limit still allows this minute, if there
+/// is one; the count is seeded from every workload's status the first time.
+fn pool_budget_left(ctx: &Context, decided: &mut super::Decided, now: i64) -> Option<u32> {
+    let max = ctx.config.pool_evictions_per_minute?;
+    let pool = decided.pool_evictions.get_or_insert_with(|| {
+        PoolEvictions::seeded(
+            ctx.workloads
+                .state()
+                .iter()
+                .filter_map(|cw| cw.status.as_ref())
+                .flat_map(|s| &s.evictions)
+                .map(|e| (e.time.0.as_second(), u32::try_from(e.replicas).unwrap_or(0)))
+                .collect(),
+        )
+    });
+    Some(pool.left(now, max))
+}
+
+/// Trims `decision` so that at most `budget` replicas leave the data
+/// centers they must leave: unreachable past the grace period, or with a
+/// NoExecute taint the workload (the snapshot's first) does not, or no
+/// longer, tolerate. Preemptions no replica then uses are dropped.
+fn pace_evictions(
+    snapshot: &Snapshot,
+    decision: &mut Decision,
+    budget: u32,
+    (now, grace): (i64, i64),
+) -> Evictions {
+    let before = snapshot
+        .current
+        .get(&decision.workload)
+        .cloned()
+        .unwrap_or_default();
+    let tolerations = &snapshot.workloads[0].placement.tolerations;
+    let failed: BTreeSet<String> = snapshot
+        .data_centers
+        .iter()
+        .filter(|dc| {
+            matches!(dc.reachability,
+                Reachability::UnreachableSince(since) if now - since >= grace)
+                || matches!(no_execute(tolerations, dc, now), NoExecute::Leaves(_))
+        })
+        .map(|dc| dc.name.clone())
+        .collect();
+    let engine_placement = decision.placement.clone();
+    let preempted_in: BTreeSet<String> = decision.preempted_room.keys().cloned().collect();
+    let evictions = limit_evictions(
+        &before,
+        &mut decision.placement,
+        &failed,
+        budget,
+        &preempted_in,
+    );
+    drop_unused_preemptions(decision, &engine_placement);
+    evictions
+}
+
+/// Remembers what `decision`'s preemptions leave each victim, for its own
+/// reconcile to record in its status and an Event, and asks for the
+/// victims to be looked at again.
+fn record_preemptions_made(
+    ctx: &Context,
+    decided: &mut super::Decided,
+    snapshot: &Snapshot,
+    decision: &Decision,
+) {
     for preemption in &decision.preemptions {
         let mut victim = snapshot
             .current
@@ -314,22 +359,13 @@ fn decide(
             preemption.victim.clone(),
             PreemptedByEntry {
                 time: Time(Timestamp::now()),
-                preemptor: key.to_string(),
+                preemptor: decision.workload.to_string(),
                 data_center: preemption.data_center.clone(),
                 replicas: i32::try_from(preemption.replicas).unwrap_or(i32::MAX),
             },
         );
         let _ = ctx.requeue.unbounded_send(());
     }
-    decided.record_placement(key.clone(), decision.placement.clone());
-    let reusable = may_reuse(keeps, all_reachable, &decision).then(|| super::Reusable {
-        uid: cw.uid(),
-        generation: cw.metadata.generation,
-        pool,
-        decision: decision.clone(),
-    });
-    decided.set_reusable(key, reusable);
-    (decision, evictions)
 }
 
 /// Drops the preemptions made for replicas the eviction budget then kept
@@ -375,12 +411,23 @@ async fn apply(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, Er
     };
     let grace = i64::from(workload.grace_period_seconds);
     let wanted = workload.replicas;
+    // What propagation and the deadlines read of the converted spec: the
+    // decision takes the workload itself.
+    let demand = workload.demand.clone();
+    let tolerations = workload.placement.tolerations.clone();
     let before = current(&ctx, &cw);
     let now = now_unix();
     let placed = decide_placement(&ctx, &cw, workload, &previous, &before, now).await?;
-    let mut propagated = propagate_copies(&ctx, &cw, &placed.decision).await;
-    let next_deadline =
-        remove_stale_copies(&ctx, &cw, &placed.decision, &mut propagated, grace, now).await;
+    let mut propagated = propagate_copies(&ctx, &cw, &demand, &placed.decision).await;
+    let next_deadline = remove_stale_copies(
+        &ctx,
+        &cw,
+        (&placed.decision, &tolerations),
+        &mut propagated,
+        grace,
+        now,
+    )
+    .await;
     report(
         &ctx,
         &cw,
@@ -537,7 +584,12 @@ struct Propagated {
 /// Applies the workload's copy to every chosen, reachable data center, the
 /// copies that grow first; with `maxUnavailable`, a copy that would lose
 /// ready replicas shrinks only once those are ready enough.
-async fn propagate_copies(ctx: &Context, cw: &ComputeWorkload, decision: &Decision) -> Propagated {
+async fn propagate_copies(
+    ctx: &Context,
+    cw: &ComputeWorkload,
+    demand: &ReplicaDemand,
+    decision: &Decision,
+) -> Propagated {
     let namespace = cw.namespace().unwrap_or_default();
     let name = cw.name_any();
     let metrics = &ctx.config.metrics;
@@ -636,11 +688,9 @@ async fn propagate_copies(ctx: &Context, cw: &ComputeWorkload, decision: &Decisi
             applying.push((data_center, replicas));
         }
         // Members are separate clusters: apply to all of them at once.
-        let applied = futures::future::join_all(
-            applying
-                .iter()
-                .map(|&(data_center, replicas)| propagate(ctx, cw, data_center, replicas, needs)),
-        )
+        let applied = futures::future::join_all(applying.iter().map(|&(data_center, replicas)| {
+            propagate(ctx, cw, (data_center, replicas), demand, needs)
+        }))
         .await;
         for ((data_center, _), result) in applying.into_iter().zip(applied) {
             match result {
@@ -666,7 +716,7 @@ async fn propagate_copies(ctx: &Context, cw: &ComputeWorkload, decision: &Decisi
 async fn remove_stale_copies(
     ctx: &Context,
     cw: &ComputeWorkload,
-    decision: &Decision,
+    (decision, tolerations): (&Decision, &[Toleration]),
     propagated: &mut Propagated,
     grace: i64,
     now: i64,
@@ -678,15 +728,12 @@ async fn remove_stale_copies(
     let (failures, holding) = (&mut propagated.failures, &propagated.holding);
     let mut next_deadline: Option<i64> = None;
     let data_centers = ctx.data_centers.state();
-    let tolerations = convert::workload(cw)
-        .map(|w| w.placement.tolerations)
-        .unwrap_or_default();
     for dc in &data_centers {
         let dc_name = dc.name_any();
         // A NoExecute toleration that runs out moves the replicas then.
         if decision.placement.contains_key(&dc_name)
             && let Ok(model) = convert::data_center(dc, now, reachability(dc))
-            && let NoExecute::StaysUntil(until, _) = no_execute(&tolerations, &model, now)
+            && let NoExecute::StaysUntil(until, _) = no_execute(tolerations, &model, now)
         {
             next_deadline = Some(next_deadline.map_or(until, |d| d.min(until)));
         }
@@ -1116,8 +1163,8 @@ async fn member_of(ctx: &Context, data_center: &str) -> Result<Client, Error> {
 async fn propagate(
     ctx: &Context,
     cw: &ComputeWorkload,
-    data_center: &str,
-    replicas: u32,
+    (data_center, replicas): (&str, u32),
+    demand: &ReplicaDemand,
     needs: &[dependencies::Dependency],
 ) -> Result<i32, Error> {
     let member = member_of(ctx, data_center).await?;
@@ -1128,12 +1175,10 @@ async fn propagate(
     let namespace = cw.namespace().unwrap_or_default();
     let name = cw.name_any();
     let dc = ctx.data_centers.get(&ObjectRef::new(data_center));
-    let gpu_model = match (convert::workload(cw), &dc) {
-        (Ok(workload), Some(dc)) if workload.demand.gpu_count > 0 => {
-            convert::data_center(dc, now_unix(), reachability(dc))
-                .ok()
-                .and_then(|dc| crate::engine::accounted_gpu_model(&dc, &workload.demand))
-        }
+    let gpu_model = match &dc {
+        Some(dc) if demand.gpu_count > 0 => convert::data_center(dc, now_unix(), reachability(dc))
+            .ok()
+            .and_then(|dc| crate::engine::accounted_gpu_model(&dc, demand)),
         _ => None,
     };
     let overrides: Vec<&crate::crd::Override> = dc

@@ -316,12 +316,10 @@ impl Scheduler<'_> {
     }
 
     /// Evicts the fewest lower-priority, not yet decided replicas that make
-    /// `assignment` fit where free room does not: only victims holding some
-    /// of the missing resource, lowest priority first and outside gangs
-    /// before gangs, then any replica not needed after all is given back
-    /// (the last chosen first). What the eviction frees beyond the need
-    /// stays reserved for this round, so no other workload gains room from
-    /// a preemption it did not make.
+    /// `assignment` fit where free room does not: room reserved from lower
+    /// priorities first, then victims holding some of the missing resource
+    /// (see [`Self::victims`]). What the eviction frees beyond the need
+    /// stays held for the round (see [`Self::reserve`]).
     pub(super) fn evict(
         &mut self,
         w: usize,
@@ -342,7 +340,7 @@ impl Scheduler<'_> {
                 .saturating_sub(&self.committed[c.dc])
                 .saturating_sub(&self.held_total[c.dc]);
             // A data center already over its capacity (it shrank) must
-            // shed that much too before the need fits.
+            // shed that much too before the need fits, in what it uses.
             let mut used = self.committed[c.dc].clone();
             used.add(&self.held_total[c.dc]);
             let plain_need = demand_of(dc, &workload.demand, u64::from(a));
@@ -354,89 +352,31 @@ impl Scheduler<'_> {
             if need.fits_within(&free) {
                 continue;
             }
-            // Room an earlier preemption freed from lower priorities and
-            // reserved goes first: taking it costs nobody a replica.
-            let mut freed = free;
-            for (priority, reserve) in self.reserved[c.dc].iter_mut() {
-                if *priority >= workload.priority || need.fits_within(&freed) {
-                    continue;
-                }
-                let take = at_most(reserve, &need.saturating_sub(&freed));
-                reserve.sub(&take);
-                self.held_total[c.dc].sub(&take);
-                held_at(&mut self.held_by_priority[c.dc], *priority).sub(&take);
-                freed.add(&take);
-            }
+            let freed = self.take_reserved(c.dc, workload.priority, &need, free);
             if need.fits_within(&freed) {
                 self.refresh_free(c.dc);
                 continue;
             }
             let missing = need.saturating_sub(&freed);
-            let mut holders: Vec<(usize, u32, Resources)> = (0..snapshot.workloads.len())
-                .filter(|&v| {
-                    !decided[v] && v != w && snapshot.workloads[v].priority < workload.priority
-                })
-                .filter_map(|v| {
-                    let (_, replicas) =
-                        self.current[v].iter().find(|(d, r)| *d == c.dc && *r > 0)?;
-                    let per = demand_of(dc, &snapshot.workloads[v].demand, 1);
-                    frees_any_of(&per, &missing).then_some((v, *replicas, per))
-                })
-                .collect();
-            holders.sort_by(|a, b| {
-                let (wa, wb) = (&snapshot.workloads[a.0], &snapshot.workloads[b.0]);
-                wa.priority
-                    .cmp(&wb.priority)
-                    .then_with(|| wa.placement.gang.cmp(&wb.placement.gang))
-                    .then_with(|| wa.key.cmp(&wb.key))
-            });
-            let mut taken = vec![0u32; holders.len()];
-            for (k, (_, replicas, per)) in holders.iter().enumerate() {
-                while taken[k] < *replicas && !need.fits_within(&freed) {
-                    freed.add(per);
-                    taken[k] += 1;
-                }
-                if need.fits_within(&freed) {
-                    break;
-                }
-            }
-            // An excess the victims here cannot shed is not theirs to pay
-            // for: give back everything beyond the need itself.
-            if !need.fits_within(&freed) {
-                need = plain_need;
-            }
-            for k in (0..holders.len()).rev() {
-                while taken[k] > 0 {
-                    let without = freed.saturating_sub(&holders[k].2);
-                    if !need.fits_within(&without) {
-                        break;
-                    }
-                    freed = without;
-                    taken[k] -= 1;
-                }
-            }
+            let taken = self.victims(w, c.dc, decided, (&need, &plain_need), freed);
             let mut released = Resources::default();
             let mut highest_victim = i32::MIN;
-            for ((v, _, per), &evicted) in holders.iter().zip(&taken) {
-                if evicted == 0 {
-                    continue;
-                }
-                let victim = &snapshot.workloads[*v];
+            for (v, evicted) in taken {
+                let victim = &snapshot.workloads[v];
                 highest_victim = highest_victim.max(victim.priority);
                 let res = demand_of(dc, &victim.demand, u64::from(evicted));
                 released.add(&res);
                 self.held_total[c.dc].sub(&res);
                 held_at(&mut self.held_by_priority[c.dc], victim.priority).sub(&res);
-                if let Some(slot) = self.current[*v].iter_mut().find(|(d, _)| *d == c.dc) {
+                if let Some(slot) = self.current[v].iter_mut().find(|(d, _)| *d == c.dc) {
                     slot.1 -= evicted;
                 }
-                debug_assert!(frees_any_of(per, &missing));
                 preemptions.push(Preemption {
                     victim: victim.key.clone(),
                     data_center: dc.name.clone(),
                     replicas: evicted,
                 });
-                self.preempted_by[*v].push(PreemptedBy {
+                self.preempted_by[v].push(PreemptedBy {
                     preemptor: workload.key.clone(),
                     data_center: dc.name.clone(),
                     replicas: evicted,
@@ -450,5 +390,97 @@ impl Scheduler<'_> {
             self.refresh_free(c.dc);
         }
         preemptions
+    }
+
+    /// Takes room reserved in `dc` from priorities below `priority`
+    /// towards `need`, on top of `freed`: it costs nobody a replica.
+    /// Returns the room now free for the need.
+    fn take_reserved(
+        &mut self,
+        dc: usize,
+        priority: i32,
+        need: &Resources,
+        mut freed: Resources,
+    ) -> Resources {
+        for (held_at_priority, reserve) in self.reserved[dc].iter_mut() {
+            if *held_at_priority >= priority || need.fits_within(&freed) {
+                continue;
+            }
+            let take = at_most(reserve, &need.saturating_sub(&freed));
+            reserve.sub(&take);
+            self.held_total[dc].sub(&take);
+            held_at(&mut self.held_by_priority[dc], *held_at_priority).sub(&take);
+            freed.add(&take);
+        }
+        freed
+    }
+
+    /// The fewest replicas in `dc` of lower-priority, not yet decided
+    /// workloads that free `need` on top of `freed`: only workloads holding
+    /// some of what is missing, lowest priority first and outside gangs
+    /// before gangs; then each replica not needed after all is given back,
+    /// the last chosen first. When they cannot free `need` (an excess they
+    /// cannot shed), only `plain_need` is evicted for. Returns (workload
+    /// index, replicas).
+    fn victims(
+        &self,
+        w: usize,
+        dc: usize,
+        decided: &[bool],
+        (need, plain_need): (&Resources, &Resources),
+        mut freed: Resources,
+    ) -> Vec<(usize, u32)> {
+        let snapshot = self.snapshot;
+        let workload = &snapshot.workloads[w];
+        let data_center = &snapshot.data_centers[dc];
+        let missing = need.saturating_sub(&freed);
+        let mut holders: Vec<(usize, u32, Resources)> = (0..snapshot.workloads.len())
+            .filter(|&v| {
+                !decided[v] && v != w && snapshot.workloads[v].priority < workload.priority
+            })
+            .filter_map(|v| {
+                let (_, replicas) = self.current[v].iter().find(|(d, r)| *d == dc && *r > 0)?;
+                let per = demand_of(data_center, &snapshot.workloads[v].demand, 1);
+                frees_any_of(&per, &missing).then_some((v, *replicas, per))
+            })
+            .collect();
+        holders.sort_by(|a, b| {
+            let (wa, wb) = (&snapshot.workloads[a.0], &snapshot.workloads[b.0]);
+            wa.priority
+                .cmp(&wb.priority)
+                .then_with(|| wa.placement.gang.cmp(&wb.placement.gang))
+                .then_with(|| wa.key.cmp(&wb.key))
+        });
+        let mut taken = vec![0u32; holders.len()];
+        for (k, (_, replicas, per)) in holders.iter().enumerate() {
+            while taken[k] < *replicas && !need.fits_within(&freed) {
+                freed.add(per);
+                taken[k] += 1;
+            }
+            if need.fits_within(&freed) {
+                break;
+            }
+        }
+        let need = if need.fits_within(&freed) {
+            need
+        } else {
+            plain_need
+        };
+        for k in (0..holders.len()).rev() {
+            while taken[k] > 0 {
+                let without = freed.saturating_sub(&holders[k].2);
+                if !need.fits_within(&without) {
+                    break;
+                }
+                freed = without;
+                taken[k] -= 1;
+            }
+        }
+        holders
+            .iter()
+            .zip(taken)
+            .filter(|(_, n)| *n > 0)
+            .map(|((v, _, _), n)| (*v, n))
+            .collect()
     }
 }

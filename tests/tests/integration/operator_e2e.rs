@@ -54,7 +54,14 @@ struct Pool {
 impl Pool {
     /// The control cluster and all three members, with one operator.
     async fn start() -> anyhow::Result<Self> {
-        let mut pool = Self::start_with(&MEMBERS).await?;
+        Self::start_running(&MEMBERS, &[]).await
+    }
+
+    /// The control cluster and `members`, with one operator given the
+    /// extra `run` flags `operator_args`, every data center ready.
+    async fn start_running(members: &[Member], operator_args: &[&str]) -> anyhow::Result<Self> {
+        let mut pool = Self::start_with(members).await?;
+        pool.operator_args = operator_args.iter().map(|a| (*a).to_owned()).collect();
         pool.start_operator()?;
         pool.wait_ready().await?;
         Ok(pool)
@@ -212,6 +219,16 @@ impl Pool {
             .find(|c| c.type_ == type_)
             .map(|c| (c.status, c.reason, c.message))
     }
+}
+
+/// Edge first; partner is the only other place it may go.
+fn edge_first() -> serde_json::Value {
+    serde_json::json!({
+        "requiredTiers": ["edge", "partner"],
+        "preferredTiers": ["edge"],
+        "weights": { "freeCapacity": 0, "tier": 10 },
+        "strategy": { "type": "Score" }
+    })
 }
 
 fn workload(
@@ -419,9 +436,7 @@ async fn workload_is_propagated_scaled_survives_an_operator_kill_and_leaves_noth
 /// two would fight, scaling the copy up and down).
 #[tokio::test]
 async fn an_autoscaler_in_the_member_keeps_the_replicas_it_sets() -> anyhow::Result<()> {
-    let mut pool = Pool::start_with(&MEMBERS[1..2]).await?;
-    pool.start_operator()?;
-    pool.wait_ready().await?;
+    let pool = Pool::start_running(&MEMBERS[1..2], &[]).await?;
     let api = pool.workloads();
     api.create(
         &PostParams::default(),
@@ -469,9 +484,7 @@ async fn an_autoscaler_in_the_member_keeps_the_replicas_it_sets() -> anyhow::Res
 /// is reported naming its entry.
 #[tokio::test]
 async fn overrides_and_dependencies_shape_each_members_copy() -> anyhow::Result<()> {
-    let mut pool = Pool::start_with(&MEMBERS[1..2]).await?;
-    pool.start_operator()?;
-    pool.wait_ready().await?;
+    let pool = Pool::start_running(&MEMBERS[1..2], &[]).await?;
     let api = pool.workloads();
     let config_maps: Api<ConfigMap> = Api::namespaced(pool.client.clone(), "traffic");
     let services: Api<Service> = Api::namespaced(pool.client.clone(), "traffic");
@@ -633,12 +646,7 @@ async fn overrides_and_dependencies_shape_each_members_copy() -> anyhow::Result<
 async fn a_no_execute_taint_moves_replicas_away_at_the_eviction_pace() -> anyhow::Result<()> {
     let pool = Pool::start().await?;
     let api = pool.workloads();
-    let placement = serde_json::json!({
-        "requiredTiers": ["edge", "partner"],
-        "preferredTiers": ["edge"],
-        "weights": { "freeCapacity": 0, "tier": 10 },
-        "strategy": { "type": "Score" }
-    });
+    let placement = edge_first();
     let mut plates = workload("plates", 2, placement, 60)?;
     plates.spec.failover.max_evictions_per_minute = Some(1);
     api.create(&PostParams::default(), &plates).await?;
@@ -677,17 +685,9 @@ async fn a_no_execute_taint_moves_replicas_away_at_the_eviction_pace() -> anyhow
 /// its own; the ones held back say so.
 #[tokio::test]
 async fn a_lost_data_center_moves_no_more_than_the_pool_wide_limit() -> anyhow::Result<()> {
-    let mut pool = Pool::start_with(&MEMBERS).await?;
-    pool.operator_args = vec!["--max-evictions-per-minute=2".to_owned()];
-    pool.start_operator()?;
-    pool.wait_ready().await?;
+    let mut pool = Pool::start_running(&MEMBERS, &["--max-evictions-per-minute=2"]).await?;
     let api = pool.workloads();
-    let placement = serde_json::json!({
-        "requiredTiers": ["edge", "partner"],
-        "preferredTiers": ["edge"],
-        "weights": { "freeCapacity": 0, "tier": 10 },
-        "strategy": { "type": "Score" }
-    });
+    let placement = edge_first();
     let names = ["plates-a", "plates-b", "plates-c"];
     for name in names {
         api.create(
@@ -765,13 +765,7 @@ async fn replicas_move_after_the_grace_period_and_the_returning_member_is_cleane
 -> anyhow::Result<()> {
     let mut pool = Pool::start().await?;
     let api = pool.workloads();
-    // Edge first; partner is the only other place it may go.
-    let placement = serde_json::json!({
-        "requiredTiers": ["edge", "partner"],
-        "preferredTiers": ["edge"],
-        "weights": { "freeCapacity": 0, "tier": 10 },
-        "strategy": { "type": "Score" }
-    });
+    let placement = edge_first();
     // One replica may move per minute.
     let mut plates = workload("plates", 2, placement, 8)?;
     plates.spec.failover.max_evictions_per_minute = Some(1);
@@ -1039,9 +1033,7 @@ fn millicores(quantity: &str) -> anyhow::Result<i64> {
 
 #[tokio::test]
 async fn a_workload_preempted_out_of_a_member_leaves_no_copy_there() -> anyhow::Result<()> {
-    let mut pool = Pool::start_with(&MEMBERS[1..2]).await?;
-    pool.start_operator()?;
-    pool.wait_ready().await?;
+    let pool = Pool::start_running(&MEMBERS[1..2], &[]).await?;
     let api = pool.workloads();
     let data_centers: Api<DataCenter> = Api::all(pool.client.clone());
     let allocatable = data_centers
