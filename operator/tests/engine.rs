@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use civicgrid_operator::engine::model::*;
-use civicgrid_operator::engine::{Options, Outcome, Rule, Schedule, schedule, schedule_only};
+use civicgrid_operator::engine::{Options, Outcome, Pool, Rule, Schedule, schedule, schedule_only};
 use proptest::prelude::*;
 
 const GIB: u64 = 1 << 30;
@@ -1774,5 +1774,95 @@ proptest! {
         let lost: u32 = pre.iter().map(|p| p.2).sum();
         let recorded: u32 = out.decisions.iter().flat_map(|d| &d.preempted_by).map(|p| p.replicas).sum();
         prop_assert_eq!(lost, recorded);
+    }
+}
+
+/// A pool changed step by step, in an order driven by `seed`: workloads
+/// added one at a time (some placed before their workload arrives), data
+/// centers resized, cordoned, added and removed, workloads grown, demoted
+/// and removed, placements moved.
+fn pool_changed_step_by_step(s: &Snapshot, seed: u64) -> Pool {
+    let bit = |k: usize| (seed >> (k % 64)) & 1 == 1;
+    let mut pool = Pool::new(Snapshot {
+        now_unix: s.now_unix,
+        data_centers: s.data_centers.clone(),
+        workloads: Vec::new(),
+        current: BTreeMap::new(),
+    });
+    for (i, w) in s.workloads.iter().enumerate() {
+        let placed = s.current.get(&w.key).cloned().unwrap_or_default();
+        if bit(i) {
+            pool.set_placement(&w.key, placed);
+            pool.set_workload(w.clone());
+        } else {
+            pool.set_workload(w.clone());
+            pool.set_placement(&w.key, placed);
+        }
+    }
+    let first = run(s).placements();
+    for (i, w) in s.workloads.iter().enumerate() {
+        match (seed >> (i % 61)) & 7 {
+            0 => {
+                let mut grown = w.clone();
+                grown.replicas += 1;
+                grown.demand.cpu_millis += 500;
+                pool.set_workload(grown);
+            }
+            1 => {
+                let mut demoted = w.clone();
+                demoted.priority -= 1;
+                pool.set_workload(demoted);
+            }
+            2 => pool.remove_workload(&w.key),
+            3 => pool.set_placement(&w.key, first.get(&w.key).cloned().unwrap_or_default()),
+            _ => {}
+        }
+    }
+    for (i, dc) in s.data_centers.iter().enumerate() {
+        match (seed >> ((i * 3) % 59)) & 7 {
+            0 => {
+                let mut resized = dc.clone();
+                resized.capacity.cpu_millis /= 2;
+                pool.set_data_center(resized);
+            }
+            1 => {
+                let mut cordoned = dc.clone();
+                cordoned.cordoned = true;
+                cordoned.zone = format!("{}-moved", dc.zone);
+                pool.set_data_center(cordoned);
+            }
+            2 if s.data_centers.len() > 1 => pool.remove_data_center(&dc.name),
+            3 => {
+                let mut added = dc.clone();
+                added.name = format!("{}-new", dc.name);
+                pool.set_data_center(added);
+            }
+            _ => {}
+        }
+    }
+    pool
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The pool the controller keeps between decisions decides exactly what
+    /// a snapshot made from scratch decides, after any sequence of changes.
+    #[test]
+    fn a_pool_kept_between_decisions_decides_like_a_fresh_snapshot(s in arb_snapshot(), seed in any::<u64>()) {
+        let s = widened(&s, 2, seed);
+        let mut pool = pool_changed_step_by_step(&s, seed);
+        let fresh = pool.snapshot().clone();
+        let keys: Vec<WorkloadKey> = fresh.workloads.iter().map(|w| w.key.clone()).collect();
+        for key in keys {
+            let only = BTreeSet::from([key]);
+            let kept = pool.schedule_only(fresh.now_unix, &only, &Options::default());
+            prop_assert_eq!(kept, schedule_only(&fresh, &only, &Options::default()));
+        }
+        let every: BTreeSet<WorkloadKey> = fresh.workloads.iter().map(|w| w.key.clone()).collect();
+        prop_assert_eq!(
+            pool.schedule_only(fresh.now_unix, &every, &Options::default()),
+            schedule_only(&fresh, &every, &Options::default())
+        );
     }
 }

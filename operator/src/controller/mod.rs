@@ -36,7 +36,7 @@ pub mod leader;
 pub mod members;
 pub mod metrics;
 pub mod overrides;
-mod pool;
+pub mod pool;
 mod workload;
 
 use std::collections::BTreeMap;
@@ -182,6 +182,8 @@ struct Decided {
     /// The last decision for each workload that a later reconcile may reuse
     /// without asking the engine again (see [`Reusable`]).
     reusable: std::collections::HashMap<WorkloadKey, Reusable>,
+    /// The pool decisions start from, kept between them.
+    kept: Option<pool::KeptPool>,
     /// Workloads converted for the engine, with the uid and generation
     /// they were converted from.
     #[allow(clippy::type_complexity)]
@@ -270,6 +272,9 @@ impl Decided {
     /// Remembers `placement` as decided for `key` (its own decision, or
     /// what a preemption left it).
     fn record_placement(&mut self, key: WorkloadKey, placement: BTreeMap<String, u32>) {
+        if let Some(kept) = &mut self.kept {
+            kept.pool().set_placement(&key, placement.clone());
+        }
         self.placements.insert(key, placement);
     }
 
@@ -348,6 +353,9 @@ impl Decided {
 
     /// Forgets everything about a deleted workload.
     fn forget(&mut self, key: &WorkloadKey) {
+        if let Some(kept) = &mut self.kept {
+            kept.pool().remove_workload(key);
+        }
         self.placements.remove(key);
         self.converted.remove(key);
         self.reusable.remove(key);

@@ -61,3 +61,262 @@ pub(super) fn current(ctx: &Context, cw: &ComputeWorkload) -> BTreeMap<String, u
         .cloned()
         .unwrap_or_else(|| convert::current_placement(cw))
 }
+
+/// How long a kept pool is trusted before it is made again from the caches.
+/// Between rebuilds it follows every placement this process decides and
+/// every workload it reconciles; a rebuild also picks up what changed
+/// without a reconcile here yet (another workload's new spec, which its own
+/// reconcile is about to place anyway).
+const REBUILD_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The engine's pool kept between decisions (see [`crate::engine::Pool`]):
+/// a decision then costs what placing one workload costs, not a conversion
+/// of every data center and a walk over every placement.
+pub(super) struct KeptPool {
+    pool: crate::engine::Pool,
+    data_centers: ConvertedDataCenters,
+    built: std::time::Instant,
+}
+
+/// Data centers as the engine sees them, converted again only when their
+/// object changed or their conversion stopped holding.
+#[derive(Debug, Default)]
+pub struct ConvertedDataCenters {
+    /// Per data center: the `resourceVersion` it was converted from, and
+    /// the time its conversion stops holding (a pushed carbon value
+    /// expires; a data center never probed is unreachable "now").
+    converted_from: std::collections::HashMap<String, (Option<String>, Option<i64>)>,
+}
+
+impl ConvertedDataCenters {
+    /// Every data center in `state` that converts, as the engine sees it
+    /// at `now`.
+    pub fn all(
+        &mut self,
+        state: &[std::sync::Arc<DataCenter>],
+        now: i64,
+    ) -> Vec<crate::engine::model::DataCenter> {
+        self.converted_from.clear();
+        let mut data_centers = Vec::with_capacity(state.len());
+        for dc in state {
+            let (model, holds_until) = engine_data_center(dc, now);
+            self.converted_from
+                .insert(dc.name_any(), (dc.resource_version(), holds_until));
+            data_centers.extend(model);
+        }
+        data_centers
+    }
+
+    /// Brings `pool` up to `state`: converts again only the data centers
+    /// whose object changed, or whose conversion stopped holding, since the
+    /// last call; removes those that are gone.
+    pub fn sync(
+        &mut self,
+        state: &[std::sync::Arc<DataCenter>],
+        now: i64,
+        pool: &mut crate::engine::Pool,
+    ) {
+        for dc in state {
+            let name = dc.name_any();
+            let version = dc.resource_version();
+            let fresh = self.converted_from.get(&name).is_some_and(|(was, until)| {
+                *was == version && until.is_none_or(|until| now < until)
+            });
+            if fresh {
+                continue;
+            }
+            let (model, holds_until) = engine_data_center(dc, now);
+            match model {
+                Some(model) => pool.set_data_center(model),
+                None => pool.remove_data_center(&name),
+            }
+            self.converted_from.insert(name, (version, holds_until));
+        }
+        if state.len() != self.converted_from.len() {
+            let present: std::collections::HashSet<String> =
+                state.iter().map(|dc| dc.name_any()).collect();
+            let gone: Vec<String> = self
+                .converted_from
+                .keys()
+                .filter(|name| !present.contains(*name))
+                .cloned()
+                .collect();
+            for name in gone {
+                pool.remove_data_center(&name);
+                self.converted_from.remove(&name);
+            }
+        }
+    }
+}
+
+/// `dc` as the engine sees it at `now`, and until when that holds.
+fn engine_data_center(
+    dc: &DataCenter,
+    now: i64,
+) -> (Option<crate::engine::model::DataCenter>, Option<i64>) {
+    let never_probed = !dc
+        .status
+        .as_ref()
+        .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Reachable"));
+    let carbon_expires = dc
+        .spec
+        .energy
+        .as_ref()
+        .and_then(|e| e.pushed.as_ref())
+        .map(|p| p.expires_at.0.as_second())
+        .filter(|&at| at > now);
+    let holds_until = if never_probed {
+        Some(now + 1)
+    } else {
+        carbon_expires
+    };
+    (
+        convert::data_center(dc, now, reachability(dc)).ok(),
+        holds_until,
+    )
+}
+
+impl KeptPool {
+    /// A pool made from the caches: every data center, every workload (as
+    /// converted for `decided`), and where each runs as far as this process
+    /// knows.
+    pub(super) fn build(ctx: &Context, decided: &mut super::Decided, now: i64) -> Self {
+        let mut converted = ConvertedDataCenters::default();
+        let data_centers = converted.all(&ctx.data_centers.state(), now);
+        let mut workloads = Vec::new();
+        let mut current = BTreeMap::new();
+        for cw in ctx.workloads.state() {
+            let key = key_of(&cw);
+            let placement = decided
+                .placement(&key)
+                .cloned()
+                .unwrap_or_else(|| convert::current_placement(&cw));
+            // A workload deleted and made again under the same name starts
+            // at generation 1 again; the uid tells them apart.
+            let seen = (cw.uid(), cw.metadata.generation);
+            workloads.extend(decided.converted(&key, seen, || convert::workload(&cw).ok()));
+            if !placement.is_empty() {
+                current.insert(key, placement);
+            }
+        }
+        Self {
+            pool: crate::engine::Pool::new(crate::engine::model::Snapshot {
+                now_unix: now,
+                data_centers,
+                workloads,
+                current,
+            }),
+            data_centers: converted,
+            built: std::time::Instant::now(),
+        }
+    }
+
+    pub(super) fn stale(&self) -> bool {
+        self.built.elapsed() >= REBUILD_AFTER
+    }
+
+    /// Brings the data centers up to the cache's.
+    pub(super) fn sync_data_centers(&mut self, ctx: &Context, now: i64) {
+        self.data_centers
+            .sync(&ctx.data_centers.state(), now, &mut self.pool);
+    }
+
+    pub(super) fn pool(&mut self) -> &mut crate::engine::Pool {
+        &mut self.pool
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::engine::Pool;
+    use crate::engine::model::Snapshot;
+
+    /// A probed, reachable data center at `version`, with `carbon` pushed
+    /// until `expires` (Unix seconds) over a declared 300 g/kWh.
+    fn data_center(
+        name: &str,
+        version: &str,
+        cores: u32,
+        pushed: Option<(u32, i64)>,
+    ) -> Arc<DataCenter> {
+        let mut energy = serde_json::json!({
+            "pue": 1.2, "carbonIntensity": 300, "accounting": "LocationBased",
+        });
+        if let Some((carbon, expires)) = pushed {
+            energy["pushed"] = serde_json::json!({
+                "carbonIntensity": carbon,
+                "expiresAt": k8s_openapi::jiff::Timestamp::from_second(expires).expect("time").to_string(),
+            });
+        }
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "civicgrid.io/v1alpha1", "kind": "DataCenter",
+                "metadata": { "name": name, "resourceVersion": version },
+                "spec": {
+                    "tier": "edge", "region": "r", "zone": "z",
+                    "capacity": { "cpu": cores.to_string(), "memory": "64Gi" },
+                    "energy": energy,
+                },
+                "status": { "conditions": [{
+                    "type": "Reachable", "status": "True", "reason": "Probed", "message": "",
+                    "lastTransitionTime": "2026-12-01T00:00:00Z",
+                }]},
+            }))
+            .expect("a valid DataCenter"),
+        )
+    }
+
+    fn seen(pool: &Pool) -> Vec<(String, u64, Option<u32>)> {
+        pool.snapshot()
+            .data_centers
+            .iter()
+            .map(|dc| (dc.name.clone(), dc.capacity.cpu_millis, dc.carbon_intensity))
+            .collect()
+    }
+
+    #[test]
+    fn data_centers_are_converted_again_when_changed_expired_or_gone() {
+        let now = 1_800_000_000;
+        let mut converted = ConvertedDataCenters::default();
+        let first = vec![
+            data_center("a", "1", 8, None),
+            data_center("b", "1", 8, Some((50, now + 60))),
+        ];
+        let mut pool = Pool::new(Snapshot {
+            now_unix: now,
+            data_centers: converted.all(&first, now),
+            workloads: Vec::new(),
+            current: BTreeMap::new(),
+        });
+        assert_eq!(
+            seen(&pool),
+            [("a".into(), 8000, Some(300)), ("b".into(), 8000, Some(50))]
+        );
+
+        // The same objects: nothing to convert, even when the content
+        // would differ (a cache never shows a new object under an old
+        // resourceVersion).
+        let unchanged_version = vec![data_center("a", "1", 16, None), first[1].clone()];
+        converted.sync(&unchanged_version, now + 1, &mut pool);
+        assert_eq!(seen(&pool)[0], ("a".into(), 8000, Some(300)));
+
+        // A new resourceVersion is converted again; the pushed carbon value
+        // gives way to the declared one once it expires.
+        let changed = vec![data_center("a", "2", 16, None), first[1].clone()];
+        converted.sync(&changed, now + 60, &mut pool);
+        assert_eq!(
+            seen(&pool),
+            [
+                ("a".into(), 16000, Some(300)),
+                ("b".into(), 8000, Some(300))
+            ]
+        );
+
+        // Gone from the cache: gone from the pool.
+        converted.sync(&changed[..1], now + 61, &mut pool);
+        assert_eq!(seen(&pool), [("a".into(), 16000, Some(300))]);
+    }
+}

@@ -29,7 +29,7 @@ use crate::crd::{
 use crate::engine::model::{
     NoExecute, Reachability, ReplicaDemand, Snapshot, Toleration, Workload, no_execute,
 };
-use crate::engine::{Decision, Options, Outcome, schedule_only};
+use crate::engine::{Decision, Options, Outcome};
 
 /// Entry point: the finalizer guards apply and cleanup.
 ///
@@ -203,47 +203,26 @@ fn decide(
     let grace = i64::from(workload.grace_period_seconds);
     let keeps = keeps_a_full_placement(&workload);
     let mut decided = ctx.decided();
-    let data_centers = ctx
-        .data_centers
-        .state()
-        .iter()
-        .filter_map(|dc| convert::data_center(dc, now, reachability(dc)).ok())
-        .collect();
-    let key = workload.key.clone();
-    let mut workloads = vec![workload];
-    let mut current = BTreeMap::new();
-    for cw in ctx.workloads.state() {
-        let other = key_of(&cw);
-        let placement = decided
-            .placement(&other)
-            .cloned()
-            .unwrap_or_else(|| convert::current_placement(&cw));
-        if !placement.is_empty() {
-            current.insert(other.clone(), placement);
+    let mut kept = match decided.kept.take() {
+        Some(mut kept) if !kept.stale() => {
+            kept.sync_data_centers(ctx, now);
+            kept
         }
-        if other == key {
-            continue;
-        }
-        // Converting every workload on every decision would make each one
-        // cost as much as the whole pool; the spec changes only with the
-        // generation.
-        // A workload deleted and made again under the same name starts at
-        // generation 1 again; the uid tells them apart.
-        let generation = (cw.uid(), cw.metadata.generation);
-        workloads.extend(decided.converted(&other, generation, || convert::workload(&cw).ok()));
-    }
-    if let Some(mine) = decided.placement(&key) {
-        current.insert(key.clone(), mine.clone());
-    }
-    let snapshot = Snapshot {
-        now_unix: now,
-        data_centers,
-        workloads,
-        current,
+        _ => super::pool::KeptPool::build(ctx, &mut decided, now),
     };
+    let key = workload.key.clone();
+    let tolerations = workload.placement.tolerations.clone();
+    let mine = decided
+        .placement(&key)
+        .cloned()
+        .unwrap_or_else(|| convert::current_placement(cw));
+    let engine_pool = kept.pool();
+    engine_pool.set_workload(workload);
+    engine_pool.set_placement(&key, mine);
     let only = BTreeSet::from([key.clone()]);
-    let mut schedule = schedule_only(&snapshot, &only, &Options::default());
+    let mut schedule = engine_pool.schedule_only(now, &only, &Options::default());
     let mut decision = schedule.decisions.remove(0);
+    let snapshot = engine_pool.snapshot();
     let pool_left = pool_budget_left(ctx, &mut decided, now);
     let eviction_budget = match (eviction_budget, pool_left) {
         (Some(own), Some(pool)) => Some(own.min(pool)),
@@ -251,7 +230,8 @@ fn decide(
     };
     let evictions = match eviction_budget {
         Some(budget) => {
-            let mut evictions = pace_evictions(&snapshot, &mut decision, budget, (now, grace));
+            let mut evictions =
+                pace_evictions(snapshot, &tolerations, &mut decision, budget, (now, grace));
             if let Some(pool) = decided
                 .pool_evictions
                 .as_mut()
@@ -266,7 +246,8 @@ fn decide(
         }
         None => Evictions::default(),
     };
-    record_preemptions_made(ctx, &mut decided, &snapshot, &decision);
+    record_preemptions_made(ctx, &mut decided, snapshot, &decision);
+    decided.kept = Some(kept);
     decided.record_placement(key.clone(), decision.placement.clone());
     let reusable = may_reuse(keeps, all_reachable, &decision).then(|| super::Reusable {
         uid: cw.uid(),
@@ -302,6 +283,7 @@ fn pool_budget_left(ctx: &Context, decided: &mut super::Decided, now: i64) -> Op
 /// longer, tolerate. Preemptions no replica then uses are dropped.
 fn pace_evictions(
     snapshot: &Snapshot,
+    tolerations: &[crate::engine::model::Toleration],
     decision: &mut Decision,
     budget: u32,
     (now, grace): (i64, i64),
@@ -311,7 +293,6 @@ fn pace_evictions(
         .get(&decision.workload)
         .cloned()
         .unwrap_or_default();
-    let tolerations = &snapshot.workloads[0].placement.tolerations;
     let failed: BTreeSet<String> = snapshot
         .data_centers
         .iter()

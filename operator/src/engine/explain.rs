@@ -185,7 +185,7 @@ impl Scheduler<'_> {
         score: Option<ScoreBreakdown>,
     ) -> (u32, Rejection) {
         (
-            self.name_rank[dc],
+            self.shape.name_rank[dc],
             Rejection {
                 data_center: self.snapshot.data_centers[dc].name.clone(),
                 rule,

@@ -31,12 +31,13 @@ pub mod model;
 use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use strength_reduce::StrengthReducedU64;
 
 use serde::Serialize;
 
-use model::{DataCenter, Reachability, ReplicaDemand, Resources, Snapshot, WorkloadKey};
+use model::{DataCenter, ReplicaDemand, Resources, Snapshot, WorkloadKey};
 
 /// Tuning of one scheduling run.
 #[derive(Debug, Clone, Copy)]
@@ -302,7 +303,8 @@ struct Candidate {
 struct Scheduler<'a> {
     snapshot: &'a Snapshot,
     options: Options,
-    dc_index: HashMap<&'a str, usize>,
+    /// What depends only on the data centers' names and domains.
+    shape: Arc<Shape>,
     committed: Vec<Resources>,
     held_total: Vec<Resources>,
     /// Held capacity per data center by priority, sorted by priority: a
@@ -324,10 +326,6 @@ struct Scheduler<'a> {
     /// priority it is held at for the rest of the round (also counted in
     /// `held_total` and `held_by_priority`).
     reserved: Vec<Vec<(i32, Resources)>>,
-    zone_ids: Vec<usize>,
-    region_ids: Vec<usize>,
-    /// Each data center's position in name order: the last tie-break.
-    name_rank: Vec<u32>,
     /// Cordoned, unreachable or NoSchedule-tainted data centers: the only
     /// ones whose rules depend on what a workload runs there now.
     troubled: Vec<usize>,
@@ -348,12 +346,15 @@ macro_rules! msg {
     };
 }
 
+mod base;
 mod divide;
 mod explain;
 mod filter;
 mod preempt;
 mod score;
 
+pub use base::Pool;
+use base::{Base, Shape};
 use filter::{ClassKey, RuleClass};
 
 /// What the placement-independent hard rules say about one data center:
@@ -390,75 +391,39 @@ fn intern<K: std::hash::Hash + Eq>(keys: impl Iterator<Item = K>) -> Vec<usize> 
 
 impl<'a> Scheduler<'a> {
     fn new(snapshot: &'a Snapshot, options: Options) -> Self {
-        let dcs = &snapshot.data_centers;
-        let dc_index: HashMap<&str, usize> = dcs
-            .iter()
-            .enumerate()
-            .map(|(i, dc)| (dc.name.as_str(), i))
-            .collect();
-        let mut by_name: Vec<usize> = (0..dcs.len()).collect();
-        by_name.sort_unstable_by(|&a, &b| dcs[a].name.cmp(&dcs[b].name));
-        let mut name_rank = vec![0u32; dcs.len()];
-        for (rank, &dc) in by_name.iter().enumerate() {
-            name_rank[dc] = u32::try_from(rank).unwrap_or(u32::MAX);
-        }
+        Self::from_base(snapshot, options, Base::new(snapshot))
+    }
+
+    /// A scheduler over `snapshot` whose capacity accounting starts from
+    /// `base` (made from the same data centers and workloads, and the
+    /// current placements).
+    fn from_base(snapshot: &'a Snapshot, options: Options, base: Base) -> Self {
+        let n = snapshot.data_centers.len();
+        let Base {
+            shape,
+            held_total,
+            held_by_priority,
+            current,
+            troubled,
+        } = base;
         let mut scheduler = Self {
             snapshot,
             options,
-            committed: vec![Resources::default(); dcs.len()],
-            held_total: vec![Resources::default(); dcs.len()],
-            held_by_priority: vec![Vec::new(); dcs.len()],
-            free: vec![[0; 3]; dcs.len()],
-            capacity_divisors: vec![OnceCell::new(); dcs.len()],
-            current: Vec::new(),
+            shape,
+            committed: vec![Resources::default(); n],
+            held_total,
+            held_by_priority,
+            free: vec![[0; 3]; n],
+            capacity_divisors: vec![OnceCell::new(); n],
+            current,
             preempted_by: vec![Vec::new(); snapshot.workloads.len()],
-            reserved: vec![Vec::new(); dcs.len()],
-            zone_ids: intern(dcs.iter().map(|dc| (dc.region.as_str(), dc.zone.as_str()))),
-            region_ids: intern(dcs.iter().map(|dc| dc.region.as_str())),
-            dc_index,
-            name_rank,
-            troubled: (0..dcs.len())
-                .filter(|&i| {
-                    dcs[i].cordoned
-                        || dcs[i].reachability != Reachability::Reachable
-                        || dcs[i].taints.iter().any(|t| {
-                            matches!(
-                                t.effect,
-                                model::TaintEffect::NoSchedule | model::TaintEffect::NoExecute
-                            )
-                        })
-                })
-                .collect(),
+            reserved: vec![Vec::new(); n],
+            troubled,
             classes: HashMap::new(),
-            here: vec![0; dcs.len()],
-            trouble: vec![UNTROUBLED; dcs.len()],
+            here: vec![0; n],
+            trouble: vec![UNTROUBLED; n],
         };
-        // Walk the current placements once (a map lookup per workload would
-        // compare keys a dozen times each).
-        let index_of: HashMap<&WorkloadKey, usize> = snapshot
-            .workloads
-            .iter()
-            .enumerate()
-            .map(|(i, w)| (&w.key, i))
-            .collect();
-        scheduler.current = vec![Vec::new(); snapshot.workloads.len()];
-        for (key, current) in &snapshot.current {
-            let Some(&w) = index_of.get(key) else {
-                continue;
-            };
-            let workload = &snapshot.workloads[w];
-            for (name, &replicas) in current {
-                if let Some(&dc) = scheduler.dc_index.get(name.as_str())
-                    && replicas > 0
-                {
-                    scheduler.current[w].push((dc, replicas));
-                    let res = demand_of(&dcs[dc], &workload.demand, u64::from(replicas));
-                    scheduler.held_total[dc].add(&res);
-                    held_at(&mut scheduler.held_by_priority[dc], workload.priority).add(&res);
-                }
-            }
-        }
-        for dc in 0..dcs.len() {
+        for dc in 0..n {
             scheduler.refresh_free(dc);
         }
         scheduler
@@ -525,7 +490,7 @@ impl<'a> Scheduler<'a> {
                 }
             }
             for (name, replicas) in &decision.placement {
-                let dc = self.dc_index[name.as_str()];
+                let dc = self.shape.dc_index[name.as_str()];
                 let res = demand_of(
                     &self.snapshot.data_centers[dc],
                     &workloads[w].demand,

@@ -218,7 +218,7 @@ impl Scheduler<'_> {
                     .get(&dcs[dc].name)
                     .copied()
                     .unwrap_or(0),
-                rank: self.name_rank[dc],
+                rank: self.shape.name_rank[dc],
             };
             c.available = self.cap_available(workload, &c, self.fit(dc, demand, &per_replica));
             costs.push(cost_value(demand, &dcs[dc]));
@@ -289,8 +289,8 @@ impl Scheduler<'_> {
     pub(super) fn domain(&self, dc: usize, by: SpreadDomain) -> usize {
         match by {
             SpreadDomain::DataCenter => dc,
-            SpreadDomain::Zone => self.zone_ids[dc],
-            SpreadDomain::Region => self.region_ids[dc],
+            SpreadDomain::Zone => self.shape.zone_ids[dc],
+            SpreadDomain::Region => self.shape.region_ids[dc],
         }
     }
 
