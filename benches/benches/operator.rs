@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use civicgrid_operator::controller::{self, metrics::Metrics};
 use civicgrid_operator::crd::ComputeWorkload;
 use civicgrid_tests::controlplane::{NodeShape, eventually};
-use civicgrid_tests::pool::{Member, Pool};
+use civicgrid_tests::pool::{Member, Pool, SharedPool};
 use futures::{StreamExt as _, TryStreamExt as _};
 use kube::ResourceExt as _;
 use kube::api::{Api, PostParams};
@@ -46,9 +46,46 @@ struct Args {
     /// at a time): a backlog test.
     #[arg(long, value_parser = civicgrid_benches::positive_number)]
     rate: Option<f64>,
+    /// Data centers. Beyond three, they share `--member-clusters` member
+    /// clusters and each workload runs in one data center.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    data_centers: u64,
+    /// Member clusters behind the data centers (with more than three data
+    /// centers).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
+    member_clusters: u64,
+    /// Seconds between a data center's heartbeats (probe, capacity, status).
+    #[arg(long, default_value_t = 2.0, value_parser = civicgrid_benches::positive_number)]
+    heartbeat: f64,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
+}
+
+/// Either pool; kept alive to the end (dropping one stops its clusters).
+enum Harness {
+    ThreeMembers(Pool),
+    Shared(SharedPool),
+}
+
+impl Harness {
+    fn client(&self) -> kube::Client {
+        match self {
+            Harness::ThreeMembers(pool) => pool.client.clone(),
+            Harness::Shared(pool) => pool.client.clone(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Harness::ThreeMembers(_) => "3 data centers, one member cluster each".to_owned(),
+            Harness::Shared(pool) => format!(
+                "{} data centers over {} member clusters",
+                pool.data_centers.len(),
+                pool.clusters.len()
+            ),
+        }
+    }
 }
 
 #[tokio::main]
@@ -57,39 +94,60 @@ async fn main() -> anyhow::Result<()> {
     let count = usize::try_from(args.workloads)?;
     let rate = args.rate;
 
-    let members = [
-        Member {
-            name: "municipal-core",
-            tier: "municipal",
-            region: "city",
-            zone: "core-a",
-        },
-        Member {
-            name: "edge-east",
-            tier: "edge",
-            region: "city",
-            zone: "east-1",
-        },
-        Member {
-            name: "partner-cloud",
-            tier: "partner",
-            region: "city",
-            zone: "dc-2",
-        },
-    ];
-    let shape = NodeShape {
-        cpu: "64".into(),
-        memory: "256Gi".into(),
-        pods: 1000,
-        ..NodeShape::default()
+    let shared = args.data_centers > 3;
+    let harness = if shared {
+        // 64 CPUs a node: with 100 data centers over 4 clusters of 2 nodes,
+        // 5.12 CPUs each, about 80% asked for by 2,000 workloads.
+        let shape = NodeShape {
+            cpu: "64".into(),
+            memory: "256Gi".into(),
+            pods: 1000,
+            ..NodeShape::default()
+        };
+        Harness::Shared(
+            SharedPool::start(
+                usize::try_from(args.data_centers)?,
+                usize::try_from(args.member_clusters)?,
+                2,
+                &shape,
+                &["bench"],
+            )
+            .await?,
+        )
+    } else {
+        let members = [
+            Member {
+                name: "municipal-core",
+                tier: "municipal",
+                region: "city",
+                zone: "core-a",
+            },
+            Member {
+                name: "edge-east",
+                tier: "edge",
+                region: "city",
+                zone: "east-1",
+            },
+            Member {
+                name: "partner-cloud",
+                tier: "partner",
+                region: "city",
+                zone: "dc-2",
+            },
+        ];
+        let shape = NodeShape {
+            cpu: "64".into(),
+            memory: "256Gi".into(),
+            pods: 1000,
+            ..NodeShape::default()
+        };
+        Harness::ThreeMembers(Pool::start(&members, 2, &shape, &["bench"]).await?)
     };
-    // Kept alive to the end: dropping the pool stops its clusters.
-    let pool = Pool::start(&members, 2, &shape, &["bench"]).await?;
-    let control = pool.client.clone();
+    let control = harness.client();
 
     let metrics = Arc::new(Metrics::default());
     let config = controller::Config {
-        heartbeat: Duration::from_secs(2),
+        heartbeat: Duration::from_secs_f64(args.heartbeat),
         member_timeout: Duration::from_secs(5),
         readiness_poll: Duration::from_secs(30),
         instance: "bench".into(),
@@ -102,7 +160,8 @@ async fn main() -> anyhow::Result<()> {
         config,
         Box::pin(futures::future::pending()),
     ));
-    pool.wait_ready().await?;
+    civicgrid_tests::pool::data_centers_ready(&control).await?;
+    let rss_before = rss_kib("VmRSS:");
 
     // Record when each condition first shows True.
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -167,12 +226,19 @@ async fn main() -> anyhow::Result<()> {
                     pace.lock().await.tick().await;
                 }
                 let name = format!("w-{i:05}");
+                let mut spec = serde_json::json!({
+                    "kind": "Deployment", "replicas": 1 + (i % 3),
+                    "template": { "spec": { "containers": [{ "name": "c", "image": "c:1" }] } },
+                    "resources": { "cpu": "100m", "memory": "128Mi" },
+                });
+                if shared {
+                    spec["placement"] =
+                        serde_json::json!({ "spread": { "by": "Zone", "maxDomains": 1 } });
+                }
                 let cw: ComputeWorkload = serde_json::from_value(serde_json::json!({
                     "apiVersion": "civicgrid.io/v1alpha1", "kind": "ComputeWorkload",
                     "metadata": { "name": name, "namespace": "bench" },
-                    "spec": { "kind": "Deployment", "replicas": 1 + (i % 3),
-                              "template": { "spec": { "containers": [{ "name": "c", "image": "c:1" }] } },
-                              "resources": { "cpu": "100m", "memory": "128Mi" } }
+                    "spec": spec,
                 }))?;
                 // The clock starts when the API server has stored it.
                 workloads.create(&PostParams::default(), &cw).await?;
@@ -223,11 +289,15 @@ async fn main() -> anyhow::Result<()> {
             "propagation",
             "civicgrid_operator_propagation_duration_seconds_",
         ),
+        (
+            "data center heartbeat",
+            r#"civicgrid_operator_reconcile_duration_seconds_"#,
+        ),
     ] {
-        let suffix = if what == "workload reconcile" {
-            r#"{controller="workload"}"#
-        } else {
-            ""
+        let suffix = match what {
+            "workload reconcile" => r#"{controller="workload"}"#,
+            "data center heartbeat" => r#"{controller="datacenter"}"#,
+            _ => "",
         };
         let sum = value(&format!("{metric}sum{suffix}"));
         let count = value(&format!("{metric}count{suffix}"));
@@ -262,7 +332,8 @@ async fn main() -> anyhow::Result<()> {
     let scheduled = latencies(&seen.scheduled);
     let propagated = latencies(&seen.propagated);
     println!(
-        "{count} workloads across 3 member clusters, created {} (in {:.1} s, all propagated after {:.1} s)",
+        "{count} workloads, {}, created {} (in {:.1} s, all propagated after {:.1} s)",
+        harness.describe(),
         rate.map_or("as fast as accepted, 8 at a time".to_owned(), |r| format!(
             "at {r}/s"
         )),
@@ -286,7 +357,26 @@ async fn main() -> anyhow::Result<()> {
         elapsed.as_secs_f64(),
         reconciles_done as f64 / elapsed.as_secs_f64()
     );
+    println!(
+        "memory of the bench process (operator, creating client, watcher): {:.0} MiB before the workloads, {:.0} MiB at the end, peak {:.0} MiB",
+        rss_before.unwrap_or(0) as f64 / 1024.0,
+        rss_kib("VmRSS:").unwrap_or(0) as f64 / 1024.0,
+        rss_kib("VmHWM:").unwrap_or(0) as f64 / 1024.0,
+    );
+    drop(harness);
     Ok(())
+}
+
+/// A field of this process's `/proc/self/status`, in KiB.
+fn rss_kib(field: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 fn reconciles(metrics: &Metrics) -> u64 {

@@ -6,13 +6,15 @@
 //! to skip the 100k-workload case).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use civicgrid_benches::{city, contended_city};
+use civicgrid_operator::controller::pool::ConvertedDataCenters;
 use civicgrid_operator::engine::model::{
     DataCenter, Reachability, Snapshot, Tier, Workload, WorkloadKey,
 };
-use civicgrid_operator::engine::{Options, schedule, schedule_only};
+use civicgrid_operator::engine::{Options, Pool, schedule, schedule_only};
 
 const FAST: Options = Options {
     explain: false,
@@ -127,16 +129,26 @@ fn one_decision_alone() {
     );
 }
 
-fn report_latency(what: &str, mut samples: Vec<Duration>, mut naive_samples: Vec<Duration>) {
+fn report_latency(what: &str, mut samples: Vec<Duration>, mut baseline: Vec<Duration>) {
     samples.sort();
-    naive_samples.sort();
+    baseline.sort();
     let pct = |v: &[Duration], p: f64| v[((v.len() as f64 - 1.0) * p) as usize];
+    if baseline.is_empty() {
+        println!(
+            "{what}: p50 {:?} p99 {:?}",
+            pct(&samples, 0.5),
+            pct(&samples, 0.99)
+        );
+        return;
+    }
     println!(
-        "{what}: p50 {:?} p99 {:?} | naive p50 {:?} p99 {:?}",
+        "{what}: p50 {:?} p99 {:?} | baseline p50 {:?} p99 {:?} (×{:.1} / ×{:.1})",
         pct(&samples, 0.5),
         pct(&samples, 0.99),
-        pct(&naive_samples, 0.5),
-        pct(&naive_samples, 0.99)
+        pct(&baseline, 0.5),
+        pct(&baseline, 0.99),
+        pct(&baseline, 0.5).as_secs_f64() / pct(&samples, 0.5).as_secs_f64(),
+        pct(&baseline, 0.99).as_secs_f64() / pct(&samples, 0.99).as_secs_f64(),
     );
 }
 
@@ -307,19 +319,52 @@ fn contended(quick: bool) {
             peak.saturating_sub(before) as f64 / 1024.0
         );
 
-        // One decision as the controller makes it: convert every data
-        // center from its CRD, gather the others' placements, place one
-        // workload with the full explanation its status carries.
+        // One decision as the controller makes it, and as it made it before
+        // it kept its pool (the baseline, in the same process): convert
+        // every data center from its CRD, clone every workload and
+        // placement, account every placement, place one workload.
         let mut running = snapshot.clone();
         running.current = schedule(&snapshot, &FAST).placements();
-        let crds: Vec<_> = running.data_centers.iter().map(as_crd).collect();
+        let mut crds: Vec<Arc<civicgrid_operator::crd::DataCenter>> = running
+            .data_centers
+            .iter()
+            .map(|dc| {
+                let mut crd = as_crd(dc);
+                crd.metadata.resource_version = Some("0".to_owned());
+                Arc::new(crd)
+            })
+            .collect();
         let mut samples = Vec::new();
-        let mut builds = Vec::new();
+        let mut syncs = Vec::new();
         let mut decisions = Vec::new();
-        let mut naive_samples = Vec::new();
+        let mut rebuilt = Vec::new();
+        let mut converted = ConvertedDataCenters::default();
+        let mut pool = Pool::new(Snapshot {
+            now_unix: 0,
+            data_centers: converted.all(&crds, 0),
+            workloads: running.workloads.clone(),
+            current: running.current.clone(),
+        });
         for i in 0..400 {
             let workload = &running.workloads[(i * 37) % running.workloads.len()];
-            let (view, build) = time(|| {
+            let key = workload.key.clone();
+            let only = BTreeSet::from([key.clone()]);
+            // A heartbeat: one data center's object changed since the last
+            // decision, so it is converted and accounted again.
+            let beat = (i * 7) % crds.len();
+            Arc::make_mut(&mut crds[beat]).metadata.resource_version = Some((i + 1).to_string());
+            let (_, sync) = time(|| converted.sync(&crds, 0, &mut pool));
+            let (_, decision) = time(|| {
+                pool.set_workload(workload.clone());
+                pool.set_placement(&key, running.current.get(&key).cloned().unwrap_or_default());
+                let out = pool.schedule_only(0, &only, &Options::default());
+                pool.set_placement(&key, out.decisions[0].placement.clone());
+                out
+            });
+            samples.push(sync + decision);
+            syncs.push(sync);
+            decisions.push(decision);
+            let (_, from_scratch) = time(|| {
                 let data_centers = crds
                     .iter()
                     .filter_map(|dc| {
@@ -327,37 +372,26 @@ fn contended(quick: bool) {
                             .ok()
                     })
                     .collect();
-                Snapshot {
+                let view = Snapshot {
                     now_unix: 0,
                     data_centers,
-                    workloads: running.workloads.clone(),
-                    current: running.current.clone(),
-                }
+                    workloads: pool.snapshot().workloads.clone(),
+                    current: pool.snapshot().current.clone(),
+                };
+                schedule_only(&view, &only, &Options::default())
             });
-            let only = BTreeSet::from([workload.key.clone()]);
-            let (_, decision) = time(|| schedule_only(&view, &only, &Options::default()));
-            samples.push(build + decision);
-            builds.push(build);
-            decisions.push(decision);
-            let mut alone = running.clone();
-            alone.workloads = vec![workload.clone()];
-            let (_, n) = time(|| naive(&alone));
-            naive_samples.push(n);
+            rebuilt.push(from_scratch);
         }
         report_latency(
-            "  one decision, snapshot build included (convert 1000 DataCenters, clone 10k workloads and placements)",
+            "  one decision as the controller makes it (kept pool, one DataCenter changed) | baseline: snapshot made from scratch",
             samples,
-            naive_samples.clone(),
+            rebuilt,
         );
+        report_latency("    of which the data-center sync", syncs, Vec::new());
         report_latency(
-            "    of which the snapshot build",
-            builds,
-            naive_samples.clone(),
-        );
-        report_latency(
-            "    of which the engine's decision",
+            "    of which the engine on the kept pool",
             decisions,
-            naive_samples,
+            Vec::new(),
         );
 
         // Failover: the busiest data center is lost past every grace period.

@@ -110,6 +110,109 @@ impl Pool {
     }
 }
 
+/// A pool of many data centers on few member clusters: data center `i`
+/// (named `dc-000`, `dc-001`, …, each its own zone of region `city`) is
+/// backed by member cluster `i % clusters`, declares an equal share of that
+/// cluster's nodes as its capacity, and tells its copies apart from the
+/// other data centers' in the same cluster by the data-center label every
+/// copy carries. A workload must then run in one data center only
+/// (`spread.maxDomains: 1`): its copies in two data centers of one cluster
+/// would be one object.
+pub struct SharedPool {
+    /// The control cluster.
+    pub control: Cluster,
+    /// The member clusters.
+    pub clusters: Vec<Cluster>,
+    /// Admin client of the control cluster.
+    pub client: Client,
+    /// The data centers' names.
+    pub data_centers: Vec<String>,
+}
+
+impl SharedPool {
+    /// Starts `clusters` member clusters of `nodes` nodes of `shape` each,
+    /// and `data_centers` `DataCenter`s over them.
+    ///
+    /// # Errors
+    /// A cluster that does not start, or an object the API server refuses.
+    pub async fn start(
+        data_centers: usize,
+        clusters: usize,
+        nodes: usize,
+        shape: &NodeShape,
+        namespaces: &[&str],
+    ) -> Result<Self, HarnessError> {
+        let clusters = clusters.clamp(1, data_centers.max(1));
+        let mut names = vec!["control".to_owned()];
+        names.extend((0..clusters).map(|i| format!("member-{i}")));
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut started = start_clusters(&names).await?;
+        let control = started.remove(0);
+        let client = control.client().await?;
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in [DataCenter::crd(), ComputeWorkload::crd()] {
+            crds.create(&PostParams::default(), &crd)
+                .await
+                .map_err(kube("creating a CRD"))?;
+        }
+        create_namespaces(&client, namespaces).await?;
+        for (i, cluster) in started.iter().enumerate() {
+            cluster.add_nodes("node", nodes, shape).await?;
+            kubeconfig_secret(
+                &client,
+                &format!("member-{i}-kubeconfig"),
+                cluster.kubeconfig_yaml(),
+            )
+            .await?;
+        }
+        let per_cluster = data_centers.div_ceil(clusters);
+        let invalid = |e: civicgrid_operator::quantity::QuantityError| {
+            HarnessError::Manifest(format!("node shape: {e}"))
+        };
+        let share = |total: u64| total * nodes as u64 / per_cluster as u64;
+        let cpu_millis =
+            share(civicgrid_operator::quantity::cpu_millis(&shape.cpu).map_err(invalid)?);
+        let memory = share(civicgrid_operator::quantity::bytes(&shape.memory).map_err(invalid)?);
+        let tiers = ["municipal", "edge", "partner"];
+        let api: Api<DataCenter> = Api::all(client.clone());
+        let mut names = Vec::with_capacity(data_centers);
+        for i in 0..data_centers {
+            let name = format!("dc-{i:03}");
+            let dc = DataCenter::new(
+                &name,
+                serde_json::from_value(serde_json::json!({
+                    "tier": tiers[i % tiers.len()], "region": "city", "zone": format!("zone-{i:03}"),
+                    "capacity": { "cpu": format!("{cpu_millis}m"), "memory": memory.to_string() },
+                    "kubeconfigSecretRef": {
+                        "name": format!("member-{}-kubeconfig", i % clusters),
+                        "namespace": SECRETS_NAMESPACE,
+                    }
+                }))
+                .map_err(|e| HarnessError::Manifest(e.to_string()))?,
+            );
+            eventually("DataCenter created", WAIT, || async {
+                api.create(&PostParams::default(), &dc).await.ok()
+            })
+            .await?;
+            names.push(name);
+        }
+        Ok(Self {
+            control,
+            clusters: started,
+            client,
+            data_centers: names,
+        })
+    }
+
+    /// Waits until every `DataCenter` is `Ready`; see [`data_centers_ready`].
+    ///
+    /// # Errors
+    /// [`HarnessError::Timeout`].
+    pub async fn wait_ready(&self) -> Result<(), HarnessError> {
+        data_centers_ready(&self.client).await
+    }
+}
+
 /// Waits until every `DataCenter` in the control cluster behind `client` is
 /// `Ready` (an operator must run). Workloads come after that: a placement
 /// made while only some members had answered would, rightly, stay where it

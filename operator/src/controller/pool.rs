@@ -117,20 +117,26 @@ impl ConvertedDataCenters {
         pool: &mut crate::engine::Pool,
     ) {
         for dc in state {
-            let name = dc.name_any();
-            let version = dc.resource_version();
-            let fresh = self.converted_from.get(&name).is_some_and(|(was, until)| {
-                *was == version && until.is_none_or(|until| now < until)
-            });
+            // Compared in place: a thousand data centers are looked at for
+            // every decision, and only the changed one is worth a copy.
+            let fresh = self
+                .converted_from
+                .get(dc.metadata.name.as_deref().unwrap_or_default())
+                .is_some_and(|(was, until)| {
+                    was.as_deref() == dc.metadata.resource_version.as_deref()
+                        && until.is_none_or(|until| now < until)
+                });
             if fresh {
                 continue;
             }
+            let name = dc.name_any();
             let (model, holds_until) = engine_data_center(dc, now);
             match model {
                 Some(model) => pool.set_data_center(model),
                 None => pool.remove_data_center(&name),
             }
-            self.converted_from.insert(name, (version, holds_until));
+            self.converted_from
+                .insert(name, (dc.resource_version(), holds_until));
         }
         if state.len() != self.converted_from.len() {
             let present: std::collections::HashSet<String> =

@@ -54,7 +54,7 @@ pub(super) struct Base {
     /// The same, by priority, sorted by priority.
     pub(super) held_by_priority: Vec<Vec<(i32, Resources)>>,
     /// Current replicas per workload index, per data center index.
-    pub(super) current: Vec<Vec<(usize, u32)>>,
+    pub(super) current: Vec<Arc<Vec<(usize, u32)>>>,
     /// Cordoned, unreachable or NoSchedule/NoExecute-tainted data centers.
     pub(super) troubled: Vec<usize>,
 }
@@ -81,7 +81,7 @@ impl Base {
             shape: Arc::new(Shape::new(dcs)),
             held_total: vec![Resources::default(); dcs.len()],
             held_by_priority: vec![Vec::new(); dcs.len()],
-            current: vec![Vec::new(); snapshot.workloads.len()],
+            current: vec![Arc::default(); snapshot.workloads.len()],
             troubled: troubled(dcs),
         };
         // Walk the current placements once (a map lookup per workload would
@@ -112,7 +112,7 @@ impl Base {
             if let Some(&dc) = self.shape.dc_index.get(name.as_str())
                 && replicas > 0
             {
-                self.current[w].push((dc, replicas));
+                Arc::make_mut(&mut self.current[w]).push((dc, replicas));
                 let res = demand_of(&dcs[dc], &workload.demand, u64::from(replicas));
                 self.held_total[dc].add(&res);
                 held_at(&mut self.held_by_priority[dc], workload.priority).add(&res);
@@ -122,7 +122,7 @@ impl Base {
 
     /// Forgets what workload `w` holds.
     fn release(&mut self, dcs: &[DataCenter], workload: &Workload, w: usize) {
-        for (dc, replicas) in std::mem::take(&mut self.current[w]) {
+        for &(dc, replicas) in std::mem::take(&mut self.current[w]).iter() {
             let res = demand_of(&dcs[dc], &workload.demand, u64::from(replicas));
             self.held_total[dc].sub(&res);
             held_at(&mut self.held_by_priority[dc], workload.priority).sub(&res);
@@ -135,7 +135,7 @@ impl Base {
         self.held_total[dc] = Resources::default();
         self.held_by_priority[dc].clear();
         for (w, current) in self.current.iter().enumerate() {
-            for &(at, replicas) in current {
+            for &(at, replicas) in current.iter() {
                 if at == dc {
                     let res = demand_of(&dcs[dc], &workloads[w].demand, u64::from(replicas));
                     self.held_total[dc].add(&res);
@@ -205,7 +205,7 @@ impl Pool {
                 let w = self.snapshot.workloads.len();
                 self.index.insert(workload.key.clone(), w);
                 self.snapshot.workloads.push(workload);
-                self.base.current.push(Vec::new());
+                self.base.current.push(Arc::default());
                 self.hold_current(w);
             }
         }
@@ -287,6 +287,12 @@ impl Pool {
         options: &Options,
     ) -> Schedule {
         self.snapshot.now_unix = now_unix;
-        Scheduler::from_base(&self.snapshot, *options, self.base.clone()).run(Some(only))
+        // Looked up in the index: filtering every workload by `only` would
+        // compare keys ten thousand times for one decision.
+        let order = only
+            .iter()
+            .filter_map(|key| self.index.get(key).copied())
+            .collect();
+        Scheduler::from_base(&self.snapshot, *options, self.base.clone()).run_these(order)
     }
 }

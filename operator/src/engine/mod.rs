@@ -318,8 +318,9 @@ struct Scheduler<'a> {
     /// use, since making one costs a 128-bit division.
     capacity_divisors: Vec<OnceCell<[Divisor; 2]>>,
     /// Current replicas per workload index, per data center index; reduced
-    /// when a workload is preempted.
-    current: Vec<Vec<(usize, u32)>>,
+    /// when a workload is preempted. Shared with the [`Base`] it came from
+    /// until then.
+    current: Vec<Arc<Vec<(usize, u32)>>>,
     /// Per workload index, what it lost to preemption this round.
     preempted_by: Vec<Vec<PreemptedBy>>,
     /// Per data center, room preemption freed beyond its need, by the
@@ -447,11 +448,18 @@ impl<'a> Scheduler<'a> {
         ];
     }
 
-    fn run(mut self, only: Option<&BTreeSet<WorkloadKey>>) -> Schedule {
+    fn run(self, only: Option<&BTreeSet<WorkloadKey>>) -> Schedule {
         let workloads = &self.snapshot.workloads;
-        let mut order: Vec<usize> = (0..workloads.len())
+        let order: Vec<usize> = (0..workloads.len())
             .filter(|&w| only.is_none_or(|keys| keys.contains(&workloads[w].key)))
             .collect();
+        self.run_these(order)
+    }
+
+    /// Decides the workloads at indices `order` (in priority order, whatever
+    /// order they come in).
+    fn run_these(mut self, mut order: Vec<usize>) -> Schedule {
+        let workloads = &self.snapshot.workloads;
         order.sort_by(|&a, &b| {
             workloads[b]
                 .priority
@@ -525,7 +533,7 @@ impl<'a> Scheduler<'a> {
         let snapshot = self.snapshot;
         let workload = &snapshot.workloads[w];
         let class = self.rule_class(workload);
-        for &(dc, replicas) in &self.current[w] {
+        for &(dc, replicas) in self.current[w].iter() {
             self.here[dc] = replicas;
         }
         let filtered = self.filter(workload, &class);
@@ -533,7 +541,7 @@ impl<'a> Scheduler<'a> {
         for &dc in &self.troubled {
             self.trouble[dc] = UNTROUBLED;
         }
-        for &(dc, _) in &self.current[w] {
+        for &(dc, _) in self.current[w].iter() {
             self.here[dc] = 0;
         }
         let mut assignment =

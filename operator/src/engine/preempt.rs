@@ -11,6 +11,8 @@ use super::model::{
     DataCenter, PreemptionPolicy, ReplicaDemand, Resources, StrategyKind, Workload,
 };
 use super::score::Scored;
+use std::sync::Arc;
+
 use super::{Candidate, PreemptedBy, Preemption, Scheduler, any_gpu_model, demand_of, held_at};
 
 /// How many replicas of `demand` fit in `free`.
@@ -368,7 +370,10 @@ impl Scheduler<'_> {
                 released.add(&res);
                 self.held_total[c.dc].sub(&res);
                 held_at(&mut self.held_by_priority[c.dc], victim.priority).sub(&res);
-                if let Some(slot) = self.current[v].iter_mut().find(|(d, _)| *d == c.dc) {
+                if let Some(slot) = Arc::make_mut(&mut self.current[v])
+                    .iter_mut()
+                    .find(|(d, _)| *d == c.dc)
+                {
                     slot.1 -= evicted;
                 }
                 preemptions.push(Preemption {
