@@ -12,11 +12,15 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource as _, ResourceExt as _};
 
-use super::pool::{current, reachability};
+use super::pool::reachability;
 use super::{Context, Error, FIELD_MANAGER, condition, copies, now_unix, set_condition};
 use crate::convert;
 use crate::crd::{Capacity, DataCenter, DataCenterStatus};
 use crate::engine::model::Reachability;
+
+/// How often a data center whose status is otherwise unchanged has its
+/// `lastHeartbeat` written (a kubelet's `nodeStatusReportFrequency`).
+const STATUS_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Probes the member, writes status, and removes orphaned copies.
 #[tracing::instrument(skip_all, fields(name = dc.name_any()))]
@@ -32,6 +36,9 @@ pub(super) async fn reconcile(dc: Arc<DataCenter>, ctx: Arc<Context>) -> Result<
         Ok(member) => members_capacity(&member, &name).await.map(|c| (member, c)),
         Err(e) => Err(e),
     };
+    if probe.is_err() {
+        ctx.members.read_secret_again(&name);
+    }
     let was_reachable = matches!(reachability(&dc), Reachability::Reachable) && dc.status.is_some();
     let was = previous
         .conditions
@@ -76,7 +83,12 @@ pub(super) async fn reconcile(dc: Arc<DataCenter>, ctx: Arc<Context>) -> Result<
     );
     match &probe {
         Ok((_, observed)) => {
-            status.last_heartbeat = Some(Time(Timestamp::now()));
+            let due = previous.last_heartbeat.as_ref().is_none_or(|at| {
+                Timestamp::now().duration_since(at.0).unsigned_abs() >= STATUS_REPORT_EVERY
+            });
+            if due {
+                status.last_heartbeat = Some(Time(Timestamp::now()));
+            }
             status.allocatable = Some(dc.spec.capacity.clone().unwrap_or_else(|| observed.clone()));
         }
         Err(_) => {
@@ -139,6 +151,12 @@ pub(super) async fn reconcile(dc: Arc<DataCenter>, ctx: Arc<Context>) -> Result<
         condition("Ready", ready, reason, message, generation),
     );
     let (workloads, allocated, replicas) = placed_here(&ctx, &name);
+    // A heartbeat whose answer changed nothing else is not written until
+    // `lastHeartbeat` is due: like a kubelet's node status, the status is
+    // written on change, or every few minutes to show the probes go on.
+    // Writing it every heartbeat cost the control API server one apply per
+    // data center per heartbeat, and each apply came back as a watch event
+    // that reconciled the data center once more.
     ctx.config
         .metrics
         .replicas
@@ -270,9 +288,14 @@ fn placed_here(ctx: &Context, data_center: &str) -> (Vec<String>, Capacity, u32)
     let mut total = 0u32;
     let (mut cpu, mut memory) = (0u64, 0u64);
     let mut gpus: BTreeMap<String, u32> = BTreeMap::new();
+    let mut decided = ctx.decided();
     for cw in ctx.workloads.state() {
-        let placement = current(ctx, &cw);
-        let Some(&replicas) = placement.get(data_center) else {
+        let key = super::pool::key_of(&cw);
+        let replicas = match decided.placement(&key) {
+            Some(placement) => placement.get(data_center).copied(),
+            None => convert::current_placement(&cw).get(data_center).copied(),
+        };
+        let Some(replicas) = replicas else {
             continue;
         };
         names.push(format!(
@@ -281,7 +304,8 @@ fn placed_here(ctx: &Context, data_center: &str) -> (Vec<String>, Capacity, u32)
             cw.name_any()
         ));
         total = total.saturating_add(replicas);
-        if let Ok(w) = convert::workload(&cw) {
+        let seen = (cw.uid(), cw.metadata.generation);
+        if let Some(w) = decided.converted(&key, seen, || convert::workload(&cw).ok()) {
             let n = u64::from(replicas);
             cpu += w.demand.cpu_millis * n;
             memory += w.demand.memory_bytes * n;
@@ -327,7 +351,21 @@ async fn remove_orphans(
         .iter()
         .map(|cw| (cw.namespace().unwrap_or_default(), cw.name_any()))
         .collect();
-    let children = copies::list_children(member, data_center, None).await?;
+    // The member's watches know its copies; listing three kinds in every
+    // member on every heartbeat is the fallback while they catch up.
+    let children = match ctx.members.copies_in(data_center) {
+        Some(known) => known
+            .into_iter()
+            .map(|(kind, namespace, name)| copies::ChildRef {
+                kind,
+                workload_namespace: namespace.clone(),
+                workload_name: name.clone(),
+                namespace,
+                name,
+            })
+            .collect(),
+        None => copies::list_children(member, data_center, None).await?,
+    };
     for child in children {
         if !existing.contains(&(
             child.workload_namespace.clone(),

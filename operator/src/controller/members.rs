@@ -48,6 +48,12 @@ struct Present {
     copies: HashSet<(String, String)>,
 }
 
+/// How long a member's client is used without reading its kubeconfig
+/// Secret again, while probes succeed: reading it on every heartbeat costs
+/// the control API server a request per data center per heartbeat. A failed
+/// probe reads it again at once (see [`Members::read_secret_again`]).
+const SECRET_READ_EVERY: Duration = Duration::from_secs(60);
+
 /// The kinds of copy the operator makes.
 pub const KINDS: [&str; 3] = ["Deployment", "StatefulSet", "Job"];
 
@@ -69,6 +75,9 @@ struct CopyState {
 
 struct Member {
     version: String,
+    /// The Secret the client was made from, and when it was last read.
+    secret: (String, String, String),
+    read_at: Option<std::time::Instant>,
     client: Client,
     watches: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -168,6 +177,27 @@ impl Members {
         Some(kinds)
     }
 
+    /// Every copy in `dc`'s member as its watches know them (kind, copy
+    /// namespace, copy name); `None` while a watch has not listed
+    /// everything yet (ask the member instead).
+    pub fn copies_in(&self, dc: &str) -> Option<Vec<(&'static str, String, String)>> {
+        let present = lock(&self.present);
+        let mut copies = Vec::new();
+        for kind in KINDS {
+            let index = present.get(&(dc.to_owned(), kind))?;
+            if !index.synced {
+                return None;
+            }
+            copies.extend(
+                index
+                    .copies
+                    .iter()
+                    .map(|(namespace, name)| (kind, namespace.clone(), name.clone())),
+            );
+        }
+        Some(copies)
+    }
+
     /// Whether `namespace` was made in `dc`'s member by this process.
     pub fn has_namespace(&self, dc: &str, namespace: &str) -> bool {
         lock(&self.namespaces).contains(&(dc.to_owned(), namespace.to_owned()))
@@ -206,6 +236,19 @@ impl Members {
             .kubeconfig_secret_ref
             .as_ref()
             .ok_or_else(|| invalid("spec.kubeconfigSecretRef is not set".to_owned()))?;
+        let source = (
+            reference.namespace.clone(),
+            reference.name.clone(),
+            reference.key.clone(),
+        );
+        if let Some(member) = self.lock().get_mut(&name)
+            && member.secret == source
+            && member
+                .read_at
+                .is_some_and(|at| at.elapsed() < SECRET_READ_EVERY)
+        {
+            return Ok(member.client.clone());
+        }
         let secrets: Api<Secret> = Api::namespaced(control.clone(), &reference.namespace);
         let secret = secrets
             .get_opt(&reference.name)
@@ -218,9 +261,11 @@ impl Members {
                 ))
             })?;
         let version = secret.resource_version().unwrap_or_default();
-        if let Some(member) = self.lock().get(&name)
+        if let Some(member) = self.lock().get_mut(&name)
             && member.version == version
+            && member.secret == source
         {
+            member.read_at = Some(std::time::Instant::now());
             return Ok(member.client.clone());
         }
         let bytes = secret
@@ -262,11 +307,21 @@ impl Members {
             name,
             Member {
                 version,
+                secret: source,
+                read_at: Some(std::time::Instant::now()),
                 client: client.clone(),
                 watches,
             },
         );
         Ok(client)
+    }
+
+    /// Reads `dc`'s kubeconfig Secret again at the next connect: a probe
+    /// failed, perhaps because the credentials were rotated.
+    pub fn read_secret_again(&self, dc: &str) {
+        if let Some(member) = self.lock().get_mut(dc) {
+            member.read_at = None;
+        }
     }
 
     /// Forgets the client of a deleted data center.

@@ -391,6 +391,54 @@ async fn workload_is_propagated_scaled_survives_an_operator_kill_and_leaves_noth
     pool.wait_event("bad-quantity", "InvalidSpec").await?;
     assert!(pool.copies("bad-quantity").await?.is_empty());
 
+    // A copy whose workload does not exist (left behind while its member
+    // was away, say) goes at the member's next heartbeat, found through the
+    // member's watches; the operator's copies of live workloads stay.
+    let edge = pool
+        .members
+        .get("edge-east")
+        .context("edge")?
+        .client()
+        .await?;
+    let mut orphan: Deployment = serde_json::from_value(serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": { "name": "gone", "namespace": "traffic", "labels": {
+            children::MANAGED_BY.0: children::MANAGED_BY.1,
+            children::WORKLOAD_NAMESPACE: "traffic",
+            children::WORKLOAD_NAME: "gone",
+            children::DATA_CENTER: "edge-east",
+        } },
+        "spec": {
+            "replicas": 1,
+            "selector": { "matchLabels": { "app": "gone" } },
+            "template": {
+                "metadata": { "labels": { "app": "gone" } },
+                "spec": { "containers": [{ "name": "c", "image": "c:1" }] }
+            }
+        }
+    }))?;
+    orphan.metadata.resource_version = None;
+    let edge_deployments: Api<Deployment> = Api::namespaced(edge, "traffic");
+    edge_deployments
+        .create(&PostParams::default(), &orphan)
+        .await?;
+    eventually("the orphaned copy removed", WAIT, || async {
+        edge_deployments
+            .get_opt("gone")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await?;
+    assert!(
+        Api::<StatefulSet>::namespaced(edge_deployments.into_client(), "traffic")
+            .get_opt("cams")
+            .await?
+            .is_some(),
+        "a live workload's copy went with the orphan"
+    );
+
     // (g) delete: nothing left in any member, and the finalizer lets go.
     // Deleted while no operator runs: the next one to start cleans up.
     pool.kill_operator();
