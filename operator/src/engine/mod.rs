@@ -10,7 +10,11 @@
 //! failing rule is the reason it was rejected), `score` the survivors,
 //! `divide` the replicas by the workload's strategy, `preempt` strictly
 //! lower priorities if it still does not fit and its policy allows, then
-//! `explain` every data center that got nothing.
+//! `explain` every data center that got nothing. Once every workload of a
+//! priority is decided, those that fell short before another of their
+//! priority gave up room they may use (scaling down, moving, a gang that no
+//! longer fits whole) are decided again, in order, with what they placed
+//! counted as running: that room is theirs before any lower priority's.
 //!
 //! # Guarantees
 //! - Deterministic: the same snapshot gives the same decisions, byte for byte.
@@ -23,6 +27,11 @@
 //! - Capacity held by replicas of not-yet-decided workloads is respected:
 //!   a workload takes it only by preemption, and only from strictly lower
 //!   priorities.
+//! - A round that preempts leaves nothing to preempt: over its placements,
+//!   the next round evicts nobody for a workload it placed in full. Hence
+//!   the second chances above: a lower priority placed in room a higher
+//!   one was denied only until later in the round would be evicted from it
+//!   next round, and evict others in turn.
 //! - A data center that stops answering keeps its replicas for the workload's
 //!   grace period; it takes nothing new meanwhile.
 
@@ -37,7 +46,7 @@ use strength_reduce::StrengthReducedU64;
 
 use serde::Serialize;
 
-use model::{DataCenter, ReplicaDemand, Resources, Snapshot, WorkloadKey};
+use model::{DataCenter, RebalanceMode, ReplicaDemand, Resources, Snapshot, WorkloadKey};
 
 /// Tuning of one scheduling run.
 #[derive(Debug, Clone, Copy)]
@@ -467,50 +476,194 @@ impl<'a> Scheduler<'a> {
                 .then_with(|| workloads[a].key.cmp(&workloads[b].key))
         });
         let mut decided = vec![false; workloads.len()];
-        let mut decisions = Vec::with_capacity(order.len());
+        let mut decisions: Vec<(usize, Decision)> = Vec::with_capacity(order.len());
+        // The decisions of the priority being decided start here.
+        let mut level = 0;
+        // (decision index, data center): where a workload of that priority
+        // gave up room, in decision order.
+        let mut given_up: Vec<(usize, usize)> = Vec::new();
         for w in order {
-            self.release_holdings(w);
-            let decision = self.place(w, &decided);
-            decided[w] = true;
-            // A gang victim that no longer fits whole after a preemption
-            // gives up its room because of it: that room stays held this
-            // round. (Room a victim gives up for its own reasons is free.)
-            if !self.preempted_by[w].is_empty()
-                && workloads[w].placement.gang
-                && decision.placement.is_empty()
+            if decisions
+                .get(level)
+                .is_some_and(|&(first, _)| workloads[first].priority != workloads[w].priority)
             {
-                for i in 0..self.current[w].len() {
-                    let (dc, left) = self.current[w][i];
-                    let kept = decision
-                        .placement
-                        .get(&self.snapshot.data_centers[dc].name)
-                        .copied()
-                        .unwrap_or(0);
-                    if kept < left {
-                        let room = demand_of(
-                            &self.snapshot.data_centers[dc],
-                            &workloads[w].demand,
-                            u64::from(left - kept),
-                        );
-                        self.reserve(dc, workloads[w].priority, &room);
-                        self.refresh_free(dc);
-                    }
+                self.give_second_chances(&mut decisions, level, &given_up, &decided);
+                level = decisions.len();
+                given_up.clear();
+            }
+            let decision = self.decide(w, &decided);
+            decided[w] = true;
+            for &(dc, ran) in self.current[w].iter() {
+                let kept = decision
+                    .placement
+                    .get(&self.snapshot.data_centers[dc].name)
+                    .copied()
+                    .unwrap_or(0);
+                if kept < ran {
+                    given_up.push((decisions.len(), dc));
                 }
             }
-            for (name, replicas) in &decision.placement {
-                let dc = self.shape.dc_index[name.as_str()];
-                let res = demand_of(
-                    &self.snapshot.data_centers[dc],
-                    &workloads[w].demand,
-                    u64::from(*replicas),
-                );
-                self.committed[dc].add(&res);
-                self.refresh_free(dc);
-            }
-            decisions.push(decision);
+            decisions.push((w, decision));
         }
+        self.give_second_chances(&mut decisions, level, &given_up, &decided);
+        let mut decisions: Vec<Decision> = decisions.into_iter().map(|(_, d)| d).collect();
         decisions.sort_by(|a, b| a.workload.cmp(&b.workload));
         Schedule { decisions }
+    }
+
+    /// Decides workload `w` and commits its placement.
+    fn decide(&mut self, w: usize, decided: &[bool]) -> Decision {
+        let workload = &self.snapshot.workloads[w];
+        self.release_holdings(w);
+        let decision = self.place(w, decided);
+        // A gang victim that no longer fits whole after a preemption
+        // gives up its room because of it: that room stays held this
+        // round. (Room a victim gives up for its own reasons is free.)
+        if !self.preempted_by[w].is_empty()
+            && workload.placement.gang
+            && decision.placement.is_empty()
+        {
+            for i in 0..self.current[w].len() {
+                let (dc, left) = self.current[w][i];
+                let kept = decision
+                    .placement
+                    .get(&self.snapshot.data_centers[dc].name)
+                    .copied()
+                    .unwrap_or(0);
+                if kept < left {
+                    let room = demand_of(
+                        &self.snapshot.data_centers[dc],
+                        &workload.demand,
+                        u64::from(left - kept),
+                    );
+                    self.reserve(dc, workload.priority, &room);
+                    self.refresh_free(dc);
+                }
+            }
+        }
+        self.commit(w, &decision.placement);
+        decision
+    }
+
+    /// Counts `placement` of workload `w` as committed.
+    fn commit(&mut self, w: usize, placement: &BTreeMap<String, u32>) {
+        self.change_committed(w, placement, Resources::add);
+    }
+
+    /// Stops counting `placement` of workload `w` as committed.
+    fn uncommit(&mut self, w: usize, placement: &BTreeMap<String, u32>) {
+        self.change_committed(w, placement, Resources::sub);
+    }
+
+    fn change_committed(
+        &mut self,
+        w: usize,
+        placement: &BTreeMap<String, u32>,
+        change: fn(&mut Resources, &Resources),
+    ) {
+        let workload = &self.snapshot.workloads[w];
+        for (name, replicas) in placement {
+            let dc = self.shape.dc_index[name.as_str()];
+            let res = demand_of(
+                &self.snapshot.data_centers[dc],
+                &workload.demand,
+                u64::from(*replicas),
+            );
+            change(&mut self.committed[dc], &res);
+            self.refresh_free(dc);
+        }
+    }
+
+    /// Gives every decision of one priority from index `level` on that fell
+    /// short a second chance at room a later workload of that priority gave
+    /// up in a data center its hard rules allow (`given_up`), in decision
+    /// order, before any lower priority is decided. Without it, that room
+    /// went to a lower priority, which the next round evicted from it, and
+    /// which then evicted others to make up for it.
+    fn give_second_chances(
+        &mut self,
+        decisions: &mut [(usize, Decision)],
+        level: usize,
+        given_up: &[(usize, usize)],
+        decided: &[bool],
+    ) {
+        let snapshot = self.snapshot;
+        for (i, (w, decision)) in decisions.iter_mut().enumerate().skip(level) {
+            if decision.outcome == Outcome::Scheduled {
+                continue;
+            }
+            let class = self.rule_class(&snapshot.workloads[*w]);
+            let since = given_up.partition_point(|&(after, _)| after <= i);
+            if given_up[since..]
+                .iter()
+                .any(|&(_, dc)| class.verdicts[dc].is_ok())
+            {
+                self.second_chance(*w, decision, decided);
+            }
+        }
+    }
+
+    /// Decides workload `w` again with its first `decision` as what runs, so
+    /// those replicas stay where they may, as they would next round. The
+    /// new decision replaces the first only if it places more, or in more
+    /// of the spread domains `minDomains` asks for; the first one's
+    /// evictions stand either way.
+    fn second_chance(&mut self, w: usize, decision: &mut Decision, decided: &[bool]) {
+        let snapshot = self.snapshot;
+        let workload = &snapshot.workloads[w];
+        let rules = &workload.placement;
+        let placed_first: Vec<(usize, u32)> = decision
+            .placement
+            .iter()
+            .map(|(name, &n)| (self.shape.dc_index[name.as_str()], n))
+            .collect();
+        self.uncommit(w, &decision.placement);
+        let ran = std::mem::replace(&mut self.current[w], Arc::new(placed_first));
+        let plan = self.plan(w);
+        // Moves count from what ran before the round, as in the first
+        // decision.
+        self.current[w] = ran;
+        let candidates = &plan.scored.candidates;
+        let first: Vec<u32> = candidates.iter().map(|c| c.current).collect();
+        let rank = |a: &[u32]| {
+            (
+                divide::placed_total(workload, a),
+                preempt::domains_met(workload, candidates, a),
+            )
+        };
+        let moves = candidates
+            .iter()
+            .zip(&plan.assignment)
+            .any(|(c, &a)| a < c.current);
+        // A paced rebalance may have spent the round's moves in the first
+        // decision.
+        let paced = rules.rebalance != RebalanceMode::Never && rules.max_moves_per_round.is_some();
+        if rank(&plan.assignment) <= rank(&first) || (moves && paced) {
+            self.commit(w, &decision.placement);
+            return;
+        }
+        let mut again = self.carry_out(w, plan, decided);
+        self.commit(w, &again.placement);
+        let mut preemptions = std::mem::take(&mut decision.preemptions);
+        for p in again.preemptions.drain(..) {
+            match preemptions
+                .iter_mut()
+                .find(|q| q.victim == p.victim && q.data_center == p.data_center)
+            {
+                Some(q) => q.replicas += p.replicas,
+                None => preemptions.push(p),
+            }
+        }
+        again.preemptions = preemptions;
+        // The second decision counted the first one's replicas as running,
+        // so the preempted room those stand in is the first one's to report.
+        for (name, n) in std::mem::take(&mut decision.preempted_room) {
+            let placed = again.placement.get(&name).copied().unwrap_or(0);
+            let room = again.preempted_room.entry(name).or_insert(0);
+            *room = (*room + n).min(placed);
+        }
+        again.preempted_room.retain(|_, n| *n > 0);
+        *decision = again;
     }
 
     fn release_holdings(&mut self, w: usize) {
@@ -530,6 +683,13 @@ impl<'a> Scheduler<'a> {
 
     /// Decides one workload: the stages of the module docs, in order.
     fn place(&mut self, w: usize, decided: &[bool]) -> Decision {
+        let plan = self.plan(w);
+        self.carry_out(w, plan, decided)
+    }
+
+    /// Filters, scores and divides for workload `w`, with preempted room if
+    /// it must and may; evicts nobody yet.
+    fn plan(&mut self, w: usize) -> Plan {
         let snapshot = self.snapshot;
         let workload = &snapshot.workloads[w];
         let class = self.rule_class(workload);
@@ -569,6 +729,26 @@ impl<'a> Scheduler<'a> {
             assignment.iter_mut().for_each(|a| *a = 0);
             preempting = false;
         }
+        Plan {
+            filtered,
+            scored,
+            assignment,
+            free_room,
+            preempting,
+            reason,
+        }
+    }
+
+    /// Evicts what `plan` needs evicted and explains the decision.
+    fn carry_out(&mut self, w: usize, plan: Plan, decided: &[bool]) -> Decision {
+        let Plan {
+            filtered,
+            scored,
+            assignment,
+            free_room,
+            preempting,
+            reason,
+        } = plan;
         // Evict only once the placement that needs it is final: a gang that
         // does not fit whole must not cost anybody their replicas.
         let preemptions = if preempting {
@@ -585,13 +765,26 @@ impl<'a> Scheduler<'a> {
                 .zip(&assignment)
                 .zip(&free_room)
                 .filter(|((_, a), free)| **a > **free)
-                .map(|((c, a), free)| (snapshot.data_centers[c.dc].name.clone(), a - free))
+                .map(|((c, a), free)| (self.snapshot.data_centers[c.dc].name.clone(), a - free))
                 .collect()
         };
         let mut decision = self.explain(w, filtered, &scored, &assignment, reason, preemptions);
         decision.preempted_room = preempted_room;
         decision
     }
+}
+
+/// One workload's placement as decided before anyone is evicted for it.
+struct Plan {
+    filtered: filter::Filtered,
+    scored: score::Scored,
+    /// Replicas per candidate of `scored`.
+    assignment: Vec<u32>,
+    /// Replicas per candidate that fit without evicting anyone.
+    free_room: Vec<u32>,
+    /// Whether `assignment` needs room held by lower priorities.
+    preempting: bool,
+    reason: Option<String>,
 }
 
 /// Resources for `n` replicas of `demand` in `dc`. "Any GPU model" means the

@@ -90,7 +90,11 @@ fn preempted_replicas(free_only: &[Candidate], assignment: &[u32]) -> u32 {
 }
 
 /// Distinct spread domains used, counted up to what `minDomains` asks.
-fn domains_met(workload: &Workload, candidates: &[Candidate], assignment: &[u32]) -> usize {
+pub(super) fn domains_met(
+    workload: &Workload,
+    candidates: &[Candidate],
+    assignment: &[u32],
+) -> usize {
     let Some(min) = workload.placement.spread.min_domains else {
         return 0;
     };
@@ -381,11 +385,18 @@ impl Scheduler<'_> {
                     data_center: dc.name.clone(),
                     replicas: evicted,
                 });
-                self.preempted_by[v].push(PreemptedBy {
-                    preemptor: workload.key.clone(),
-                    data_center: dc.name.clone(),
-                    replicas: evicted,
-                });
+                // A second chance of the preemptor may evict here again.
+                match self.preempted_by[v]
+                    .iter_mut()
+                    .find(|p| p.preemptor == workload.key && p.data_center == dc.name)
+                {
+                    Some(earlier) => earlier.replicas += evicted,
+                    None => self.preempted_by[v].push(PreemptedBy {
+                        preemptor: workload.key.clone(),
+                        data_center: dc.name.clone(),
+                        replicas: evicted,
+                    }),
+                }
             }
             // Kubernetes keeps freed room for the preemptor (its nominated
             // node). Here the excess stays held, as if by the victims, for
