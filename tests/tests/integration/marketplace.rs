@@ -1406,6 +1406,121 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() -> anyh
     };
     assert!(plain_refused, "plain HTTP/2 got through");
 
+    // The CLI speaks the same TLS: --ca to check the server, --cert/--key
+    // (or CIVICGRID_CA/_CERT/_KEY) to be let in.
+    let files = tempfile::tempdir()?;
+    let write = |name: &str, pem: &str| -> anyhow::Result<String> {
+        let path = files.path().join(name);
+        std::fs::write(&path, pem)?;
+        Ok(path.display().to_string())
+    };
+    let ca = write("ca.pem", &pki.ca_cert)?;
+    let (cert, key) = (
+        write("client.pem", &pki.client.0)?,
+        write("client.key", &pki.client.1)?,
+    );
+    let (rogue_cert, rogue_key) = (
+        write("rogue.pem", &pki.rogue_client.0)?,
+        write("rogue.key", &pki.rogue_client.1)?,
+    );
+    let https = format!("https://{address}");
+    let operator = std::env::var_os("CIVICGRID_OPERATOR_BIN")
+        .context("CIVICGRID_OPERATOR_BIN is not set (scripts/test.sh sets it)")?;
+    let binary = std::path::Path::new(&operator).with_file_name("civicgrid");
+    // Awaited, not waited on: the server runs on this test's runtime.
+    let cli = |args: &[&str], env: &[(&str, &str)]| {
+        let mut command = tokio::process::Command::new(&binary);
+        command
+            .args(args)
+            .env("CIVICGRID_TOKEN", &market.admin_token)
+            .envs(env.iter().copied());
+        async move {
+            let out = command.output().await?;
+            anyhow::Ok((
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ))
+        }
+    };
+    let (ok, stdout, stderr) = cli(
+        &[
+            "--server", &https, "--ca", &ca, "--cert", &cert, "--key", &key, "--output", "json",
+            "whoami",
+        ],
+        &[],
+    )
+    .await?;
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("admin@city.example"), "{stdout}");
+    let (ok, stdout, stderr) = cli(
+        &["--server", &https, "--output", "json", "whoami"],
+        &[
+            ("CIVICGRID_CA", &ca),
+            ("CIVICGRID_CERT", &cert),
+            ("CIVICGRID_KEY", &key),
+        ],
+    )
+    .await?;
+    assert!(ok && stdout.contains("admin@city.example"), "{stderr}");
+    for (who, args, says) in [
+        (
+            "without a certificate",
+            vec!["--ca", ca.as_str()],
+            "if it asks for a client certificate, pass --cert and --key",
+        ),
+        (
+            "with a rogue CA's certificate",
+            vec!["--ca", &ca, "--cert", &rogue_cert, "--key", &rogue_key],
+            "it may not trust --cert",
+        ),
+        // The system's roots do not know the city's CA.
+        (
+            "not trusting the server",
+            vec!["--cert", &cert, "--key", &key],
+            "invalid peer certificate: UnknownIssuer",
+        ),
+    ] {
+        let mut all = vec!["--server", https.as_str()];
+        all.extend(args);
+        all.push("whoami");
+        let (ok, stdout, stderr) = cli(&all, &[]).await?;
+        assert!(!ok, "the CLI {who} got through: {stdout}");
+        assert!(
+            stderr.starts_with("error:") && stderr.contains(says),
+            "{who}: {stderr}"
+        );
+    }
+    let (ok, _, stderr) = cli(&["--server", &https, "--cert", &cert, "whoami"], &[]).await?;
+    assert!(
+        !ok && stderr.contains("--key"),
+        "a certificate without its key: {stderr}"
+    );
+    let (ok, _, stderr) = cli(
+        &[
+            "--server",
+            &format!("http://{address}"),
+            "--ca",
+            &ca,
+            "whoami",
+        ],
+        &[],
+    )
+    .await?;
+    assert!(
+        !ok && stderr.contains("--ca, --cert and --key are for an https:// server"),
+        "TLS options for a plain server: {stderr}"
+    );
+    let (ok, _, stderr) = cli(
+        &["--server", &https, "--ca", "/no/such/ca.pem", "whoami"],
+        &[],
+    )
+    .await?;
+    assert!(
+        !ok && stderr.contains("--ca: reading /no/such/ca.pem"),
+        "{stderr}"
+    );
+
     let _ = stop.send(());
     server.await??;
     market.stop().await;

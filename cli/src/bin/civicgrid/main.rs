@@ -1,6 +1,6 @@
 //! `civicgrid`: the command-line client for providers, consumers, platform
 //! operators and regulators.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use civicgrid_cli::verify::{BearerToken, verify_log};
@@ -40,6 +40,23 @@ struct Cli {
     /// Your API token.
     #[arg(long, global = true, env = "CIVICGRID_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The CA certificate (PEM) that signed the server's, for an https://
+    /// server; without it, the system's trusted roots.
+    #[arg(long, global = true, env = "CIVICGRID_CA")]
+    ca: Option<PathBuf>,
+    /// Your client certificate (PEM), for a server that asks for one
+    /// (`civicgrid-marketplace serve --client-ca`).
+    #[arg(long, global = true, env = "CIVICGRID_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The private key (PEM) of `--cert`.
+    #[arg(
+        long,
+        global = true,
+        env = "CIVICGRID_KEY",
+        requires = "cert",
+        hide_env_values = true
+    )]
+    key: Option<PathBuf>,
     /// How to print results.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -479,8 +496,7 @@ async fn connect(cli: &Cli) -> anyhow::Result<Clients> {
         .as_deref()
         .context("no token: pass --token or set CIVICGRID_TOKEN")?;
     let token = BearerToken::new(token).context("--token: not a printable ASCII token")?;
-    let channel = Channel::from_shared(cli.server.clone())
-        .with_context(|| format!("--server: {:?} is not a URL", cli.server))?
+    let channel = endpoint(cli)?
         .connect()
         .await
         .with_context(|| format!("connecting to {}", cli.server))?;
@@ -492,6 +508,40 @@ async fn connect(cli: &Cli) -> anyhow::Result<Clients> {
         billing: BillingClient::with_interceptor(channel.clone(), token.clone()),
         audit: AuditClient::with_interceptor(channel, token),
     })
+}
+
+/// The server's endpoint, with TLS for an https:// server: the server is
+/// checked against `--ca` (or the system's roots), and `--cert`/`--key`
+/// are presented when given.
+fn endpoint(cli: &Cli) -> anyhow::Result<tonic::transport::Endpoint> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let endpoint = Channel::from_shared(cli.server.clone())
+        .with_context(|| format!("--server: {:?} is not a URL", cli.server))?;
+    let https = endpoint.uri().scheme_str() == Some("https");
+    if !https {
+        anyhow::ensure!(
+            cli.ca.is_none() && cli.cert.is_none(),
+            "--ca, --cert and --key are for an https:// server; --server is {}",
+            cli.server
+        );
+        return Ok(endpoint);
+    }
+    let read = |flag: &str, path: &Path| {
+        std::fs::read(path).with_context(|| format!("{flag}: reading {}", path.display()))
+    };
+    let mut tls = match &cli.ca {
+        Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--ca", ca)?)),
+        None => ClientTlsConfig::new().with_native_roots(),
+    };
+    if let (Some(cert), Some(key)) = (&cli.cert, &cli.key) {
+        tls = tls.identity(Identity::from_pem(
+            read("--cert", cert)?,
+            read("--key", key)?,
+        ));
+    }
+    endpoint
+        .tls_config(tls)
+        .context("--ca, --cert, --key: not a usable TLS configuration")
 }
 
 /// Prints a query result (an Arrow IPC stream) as a table, CSV or JSON.
@@ -1241,11 +1291,30 @@ async fn audit(c: &mut Clients, output: Output, command: AuditCommand) -> anyhow
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
+    let tls = cli.server.starts_with("https://");
+    let presented_certificate = cli.cert.is_some();
     match run(cli).await {
         Ok(code) => std::process::exit(code),
         Err(error) => {
             if let Some(status) = error.downcast_ref::<tonic::Status>() {
                 eprintln!("error: {:?}: {}", status.code(), status.message());
+                // A server that refuses the client's certificate ends the
+                // connection after the handshake; the call then fails with
+                // no word from the server.
+                let cut_off = matches!(
+                    status.code(),
+                    tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Unavailable
+                ) && std::error::Error::source(status).is_some();
+                if tls && cut_off {
+                    eprintln!(
+                        "{}",
+                        if presented_certificate {
+                            "hint: the server closed the connection; it may not trust --cert (signed by a CA it does not accept)"
+                        } else {
+                            "hint: the server closed the connection; if it asks for a client certificate, pass --cert and --key"
+                        }
+                    );
+                }
             } else {
                 eprintln!("error: {error:#}");
             }
