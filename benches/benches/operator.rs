@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use civicgrid_operator::controller::{self, metrics::Metrics};
 use civicgrid_operator::crd::ComputeWorkload;
 use civicgrid_tests::controlplane::{NodeShape, eventually};
-use civicgrid_tests::pool::{Member, Pool, SharedPool};
+use civicgrid_tests::pool::{Pool, SharedPool};
 use futures::{StreamExt as _, TryStreamExt as _};
 use kube::ResourceExt as _;
 use kube::api::{Api, PostParams};
@@ -115,26 +115,7 @@ async fn main() -> anyhow::Result<()> {
             .await?,
         )
     } else {
-        let members = [
-            Member {
-                name: "municipal-core",
-                tier: "municipal",
-                region: "city",
-                zone: "core-a",
-            },
-            Member {
-                name: "edge-east",
-                tier: "edge",
-                region: "city",
-                zone: "east-1",
-            },
-            Member {
-                name: "partner-cloud",
-                tier: "partner",
-                region: "city",
-                zone: "dc-2",
-            },
-        ];
+        let members = civicgrid_tests::pool::CITY;
         let shape = NodeShape {
             cpu: "64".into(),
             memory: "256Gi".into(),

@@ -61,18 +61,8 @@ impl Pool {
         shape: &NodeShape,
         namespaces: &[&str],
     ) -> Result<Self, HarnessError> {
-        let mut names = vec!["control"];
-        names.extend(members.iter().map(|m| m.tier));
-        let mut clusters = start_clusters(&names).await?;
-        let control = clusters.remove(0);
-        let client = control.client().await?;
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        for crd in [DataCenter::crd(), ComputeWorkload::crd()] {
-            crds.create(&PostParams::default(), &crd)
-                .await
-                .map_err(kube("creating a CRD"))?;
-        }
-        create_namespaces(&client, namespaces).await?;
+        let names: Vec<&str> = members.iter().map(|m| m.tier).collect();
+        let (control, client, clusters) = start_control_and(&names, namespaces).await?;
         let mut by_name = BTreeMap::new();
         for (member, cluster) in members.iter().zip(clusters) {
             cluster.add_nodes("node", nodes, shape).await?;
@@ -110,6 +100,51 @@ impl Pool {
     }
 }
 
+/// Starts a control cluster and the member clusters `members`, with the
+/// CRDs and `namespaces` (plus [`SECRETS_NAMESPACE`]) in the control
+/// cluster.
+async fn start_control_and(
+    members: &[&str],
+    namespaces: &[&str],
+) -> Result<(Cluster, Client, Vec<Cluster>), HarnessError> {
+    let mut names = vec!["control"];
+    names.extend(members);
+    let mut clusters = start_clusters(&names).await?;
+    let control = clusters.remove(0);
+    let client = control.client().await?;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in [DataCenter::crd(), ComputeWorkload::crd()] {
+        crds.create(&PostParams::default(), &crd)
+            .await
+            .map_err(kube("creating a CRD"))?;
+    }
+    create_namespaces(&client, namespaces).await?;
+    Ok((control, client, clusters))
+}
+
+/// The city the end-to-end tests and the operator benchmark run: a
+/// municipal core, an edge site and a partner cloud, one zone each.
+pub const CITY: [Member; 3] = [
+    Member {
+        name: "municipal-core",
+        tier: "municipal",
+        region: "city",
+        zone: "core-a",
+    },
+    Member {
+        name: "edge-east",
+        tier: "edge",
+        region: "city",
+        zone: "east-1",
+    },
+    Member {
+        name: "partner-cloud",
+        tier: "partner",
+        region: "city",
+        zone: "dc-2",
+    },
+];
+
 /// A pool of many data centers on few member clusters: data center `i`
 /// (named `dc-000`, `dc-001`, …, each its own zone of region `city`) is
 /// backed by member cluster `i % clusters`, declares an equal share of that
@@ -143,19 +178,9 @@ impl SharedPool {
         namespaces: &[&str],
     ) -> Result<Self, HarnessError> {
         let clusters = clusters.clamp(1, data_centers.max(1));
-        let mut names = vec!["control".to_owned()];
-        names.extend((0..clusters).map(|i| format!("member-{i}")));
+        let names: Vec<String> = (0..clusters).map(|i| format!("member-{i}")).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        let mut started = start_clusters(&names).await?;
-        let control = started.remove(0);
-        let client = control.client().await?;
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        for crd in [DataCenter::crd(), ComputeWorkload::crd()] {
-            crds.create(&PostParams::default(), &crd)
-                .await
-                .map_err(kube("creating a CRD"))?;
-        }
-        create_namespaces(&client, namespaces).await?;
+        let (control, client, started) = start_control_and(&names, namespaces).await?;
         for (i, cluster) in started.iter().enumerate() {
             cluster.add_nodes("node", nodes, shape).await?;
             kubeconfig_secret(

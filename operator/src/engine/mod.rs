@@ -494,12 +494,7 @@ impl<'a> Scheduler<'a> {
             let decision = self.decide(w, &decided);
             decided[w] = true;
             for &(dc, ran) in self.current[w].iter() {
-                let kept = decision
-                    .placement
-                    .get(&self.snapshot.data_centers[dc].name)
-                    .copied()
-                    .unwrap_or(0);
-                if kept < ran {
+                if self.kept_in(&decision, dc) < ran {
                     given_up.push((decisions.len(), dc));
                 }
             }
@@ -509,6 +504,15 @@ impl<'a> Scheduler<'a> {
         let mut decisions: Vec<Decision> = decisions.into_iter().map(|(_, d)| d).collect();
         decisions.sort_by(|a, b| a.workload.cmp(&b.workload));
         Schedule { decisions }
+    }
+
+    /// The replicas `decision` places in data center `dc`.
+    fn kept_in(&self, decision: &Decision, dc: usize) -> u32 {
+        decision
+            .placement
+            .get(&self.snapshot.data_centers[dc].name)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Decides workload `w` and commits its placement.
@@ -525,11 +529,7 @@ impl<'a> Scheduler<'a> {
         {
             for i in 0..self.current[w].len() {
                 let (dc, left) = self.current[w][i];
-                let kept = decision
-                    .placement
-                    .get(&self.snapshot.data_centers[dc].name)
-                    .copied()
-                    .unwrap_or(0);
+                let kept = self.kept_in(&decision, dc);
                 if kept < left {
                     let room = demand_of(
                         &self.snapshot.data_centers[dc],
@@ -741,34 +741,33 @@ impl<'a> Scheduler<'a> {
 
     /// Evicts what `plan` needs evicted and explains the decision.
     fn carry_out(&mut self, w: usize, plan: Plan, decided: &[bool]) -> Decision {
-        let Plan {
-            filtered,
-            scored,
-            assignment,
-            free_room,
-            preempting,
-            reason,
-        } = plan;
         // Evict only once the placement that needs it is final: a gang that
         // does not fit whole must not cost anybody their replicas.
-        let preemptions = if preempting {
-            self.evict(w, &scored.candidates, &assignment, decided)
+        let preemptions = if plan.preempting {
+            self.evict(w, &plan.scored.candidates, &plan.assignment, decided)
         } else {
             Vec::new()
         };
         let preempted_room: BTreeMap<String, u32> = if preemptions.is_empty() {
             BTreeMap::new()
         } else {
-            scored
+            plan.scored
                 .candidates
                 .iter()
-                .zip(&assignment)
-                .zip(&free_room)
+                .zip(&plan.assignment)
+                .zip(&plan.free_room)
                 .filter(|((_, a), free)| **a > **free)
                 .map(|((c, a), free)| (self.snapshot.data_centers[c.dc].name.clone(), a - free))
                 .collect()
         };
-        let mut decision = self.explain(w, filtered, &scored, &assignment, reason, preemptions);
+        let mut decision = self.explain(
+            w,
+            plan.filtered,
+            &plan.scored,
+            &plan.assignment,
+            plan.reason,
+            preemptions,
+        );
         decision.preempted_room = preempted_room;
         decision
     }

@@ -20,26 +20,7 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 
 const WAIT: Duration = Duration::from_secs(60);
-const MEMBERS: [Member; 3] = [
-    Member {
-        name: "municipal-core",
-        tier: "municipal",
-        region: "city",
-        zone: "core-a",
-    },
-    Member {
-        name: "edge-east",
-        tier: "edge",
-        region: "city",
-        zone: "east-1",
-    },
-    Member {
-        name: "partner-cloud",
-        tier: "partner",
-        region: "city",
-        zone: "dc-2",
-    },
-];
+const MEMBERS: [Member; 3] = civicgrid_tests::pool::CITY;
 
 /// The control cluster, the members by data center name, and the operator.
 struct Pool {
