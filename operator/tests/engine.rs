@@ -1936,3 +1936,33 @@ proptest! {
         );
     }
 }
+
+/// Sums of held capacity saturate; releasing a workload from a saturated
+/// data center counts it again instead of subtracting, so the kept pool
+/// still decides what a fresh snapshot decides.
+#[test]
+fn a_pool_released_from_a_saturated_data_center_decides_like_a_fresh_one() {
+    let mut huge = dc("a", Tier::Municipal, "r", "z", 0, 0);
+    huge.capacity.cpu_millis = u64::MAX;
+    huge.capacity.memory_bytes = u64::MAX;
+    let mut pool = Pool::new(snapshot(vec![huge], Vec::new()));
+    let key = |name: &str| WorkloadKey::new("ns", name);
+    let mut hog = workload("hog", 1, 0, 0);
+    hog.demand.cpu_millis = u64::MAX - 5;
+    pool.set_workload(hog);
+    pool.set_placement(&key("hog"), BTreeMap::from([("a".into(), 1)]));
+    let mut other = workload("other", 1, 0, 0);
+    other.demand.cpu_millis = 1000;
+    pool.set_workload(other);
+    pool.set_placement(&key("other"), BTreeMap::from([("a".into(), 1)]));
+    pool.set_placement(&key("other"), BTreeMap::new());
+    let mut newcomer = workload("new", 1, 0, 0);
+    newcomer.demand.cpu_millis = 500;
+    pool.set_workload(newcomer);
+    let fresh = pool.snapshot().clone();
+    let only = BTreeSet::from([key("new")]);
+    let kept = pool.schedule_only(fresh.now_unix, &only, &Options::default());
+    assert_eq!(kept, schedule_only(&fresh, &only, &Options::default()));
+    // Five millicores are left: the newcomer's 500 do not fit.
+    assert!(kept.decisions[0].placement.is_empty(), "{:?}", kept.decisions[0]);
+}

@@ -73,18 +73,23 @@ pub(super) async fn list_children(
     let mut push =
         |kind: &'static str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
             let labels = meta.labels.clone().unwrap_or_default();
+            let (namespace, name) = (
+                meta.namespace.clone().unwrap_or_default(),
+                meta.name.clone().unwrap_or_default(),
+            );
+            // A copy is named as its workload; an object whose labels name
+            // another is not the operator's, whatever its labels say.
+            if labels.get(children::WORKLOAD_NAMESPACE) != Some(&namespace)
+                || labels.get(children::WORKLOAD_NAME) != Some(&name)
+            {
+                return;
+            }
             found.push(ChildRef {
                 kind,
-                namespace: meta.namespace.clone().unwrap_or_default(),
-                name: meta.name.clone().unwrap_or_default(),
-                workload_namespace: labels
-                    .get(children::WORKLOAD_NAMESPACE)
-                    .cloned()
-                    .unwrap_or_default(),
-                workload_name: labels
-                    .get(children::WORKLOAD_NAME)
-                    .cloned()
-                    .unwrap_or_default(),
+                workload_namespace: namespace.clone(),
+                workload_name: name.clone(),
+                namespace,
+                name,
             });
         };
     for d in Api::<Deployment>::all(member.clone())

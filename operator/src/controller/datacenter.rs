@@ -83,8 +83,11 @@ pub(super) async fn reconcile(dc: Arc<DataCenter>, ctx: Arc<Context>) -> Result<
     );
     match &probe {
         Ok((_, observed)) => {
+            // One written in the future (a clock ahead, another leader's)
+            // is due now, not when this clock reaches it.
             let due = previous.last_heartbeat.as_ref().is_none_or(|at| {
-                Timestamp::now().duration_since(at.0).unsigned_abs() >= STATUS_REPORT_EVERY
+                let age = Timestamp::now().duration_since(at.0);
+                age.is_negative() || age.unsigned_abs() >= STATUS_REPORT_EVERY
             });
             if due {
                 status.last_heartbeat = Some(Time(Timestamp::now()));

@@ -361,7 +361,13 @@ impl Members {
         // A client replaced by a new one (its Secret changed) starts over.
         lock(&present).insert((data_center.clone(), kind), Present::default());
         tokio::spawn(async move {
-            let config = watcher::Config::default().labels(&children::managed_selector());
+            // This data center's copies only: data centers may share a
+            // member cluster, and one's copies are never another's.
+            let config = watcher::Config::default().labels(&format!(
+                "{},{}={data_center}",
+                children::managed_selector(),
+                children::DATA_CENTER
+            ));
             let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
             while let Some(event) = stream.next().await {
                 let Ok(event) = event else { continue };
@@ -392,6 +398,13 @@ impl Members {
                 ) else {
                     continue;
                 };
+                // A copy is named as its workload. An object whose labels
+                // name another is not one: acting on the labels would let
+                // whoever can label an object in the member have the
+                // operator delete a different one.
+                if copy.namespace().as_ref() != Some(namespace) || copy.name_any() != *name {
+                    continue;
+                }
                 {
                     // Keyed by owner, as listing by the owner's labels
                     // would find it (a copy is named as its workload).

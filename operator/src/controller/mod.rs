@@ -489,7 +489,26 @@ pub async fn run(client: Client, config: Config, shutdown: Shutdown) -> Stopped 
                 tracing::warn!(%error, "DataCenter watch");
             }
         });
-    let dc_controller = Controller::for_shared_stream(dc_changed, dc_store);
+    // A data center's reconcile wakes on its spec, not on its status: its
+    // own status writes would wake it at once, so a failing member's probes
+    // would run back to back instead of a heartbeat apart (three missed
+    // probes in a second, not three heartbeats), and every write would
+    // cost one more probe. The heartbeat's requeue wakes it otherwise.
+    let specs_seen = Mutex::new(std::collections::HashMap::new());
+    let dc_spec_changed = dc_changed.filter(move |dc: &Arc<DataCenter>| {
+        let seen = (
+            dc.metadata.uid.clone(),
+            dc.metadata.generation,
+            dc.metadata.deletion_timestamp.is_some(),
+        );
+        let changed = specs_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(kube::ResourceExt::name_any(&**dc), seen.clone())
+            != Some(seen);
+        std::future::ready(changed)
+    });
+    let dc_controller = Controller::for_shared_stream(dc_spec_changed, dc_store);
     let cw_controller = Controller::new(cw_api, watcher::Config::default());
     let (requeue, requeued) = futures::channel::mpsc::unbounded();
     let (copy_changed, copies_changed) = futures::channel::mpsc::unbounded();

@@ -27,7 +27,7 @@ use crate::crd::{
     PreemptedByEntry,
 };
 use crate::engine::model::{
-    NoExecute, Reachability, ReplicaDemand, Snapshot, Toleration, Workload, no_execute,
+    NoExecute, Reachability, ReplicaDemand, Snapshot, Toleration, Workload, WorkloadKey, no_execute,
 };
 use crate::engine::{Decision, Options, Outcome};
 
@@ -246,8 +246,11 @@ fn decide(
         }
         None => Evictions::default(),
     };
-    record_preemptions_made(ctx, &mut decided, snapshot, &decision);
+    let victims_left = victims_left(snapshot, &decision);
+    // Back before anything is recorded: record_placement keeps the pool in
+    // step with every placement it records, the victims' included.
     decided.kept = Some(kept);
+    record_preemptions_made(ctx, &mut decided, victims_left, &decision);
     decided.record_placement(key.clone(), decision.placement.clone());
     let reusable = may_reuse(keeps, all_reachable, &decision).then(|| super::Reusable {
         uid: cw.uid(),
@@ -316,28 +319,50 @@ fn pace_evictions(
     evictions
 }
 
-/// Remembers what `decision`'s preemptions leave each victim, for its own
-/// reconcile to record in its status and an Event, and asks for the
-/// victims to be looked at again.
-fn record_preemptions_made(
-    ctx: &Context,
-    decided: &mut super::Decided,
+/// What `decision`'s preemptions leave each victim, one entry per
+/// preemption, from the placements in `snapshot`.
+fn victims_left(
     snapshot: &Snapshot,
     decision: &Decision,
-) {
+) -> Vec<(WorkloadKey, BTreeMap<String, u32>)> {
+    let mut left: Vec<(WorkloadKey, BTreeMap<String, u32>)> = Vec::new();
     for preemption in &decision.preemptions {
-        let mut victim = snapshot
-            .current
-            .get(&preemption.victim)
-            .cloned()
-            .unwrap_or_default();
+        // A victim preempted in two data centers loses both.
+        let mut victim = left
+            .iter()
+            .rev()
+            .find(|(key, _)| *key == preemption.victim)
+            .map(|(_, placement)| placement.clone())
+            .unwrap_or_else(|| {
+                snapshot
+                    .current
+                    .get(&preemption.victim)
+                    .cloned()
+                    .unwrap_or_default()
+            });
         if let Some(n) = victim.get_mut(&preemption.data_center) {
             *n = n.saturating_sub(preemption.replicas);
         }
         victim.retain(|_, n| *n > 0);
-        decided.record_placement(preemption.victim.clone(), victim);
+        left.push((preemption.victim.clone(), victim));
+    }
+    left
+}
+
+/// Remembers what `decision`'s preemptions leave each victim
+/// (`victims_left`, one entry per preemption), for its own reconcile to
+/// record in its status and an Event, and asks for the victims to be
+/// looked at again.
+fn record_preemptions_made(
+    ctx: &Context,
+    decided: &mut super::Decided,
+    victims_left: Vec<(WorkloadKey, BTreeMap<String, u32>)>,
+    decision: &Decision,
+) {
+    for (preemption, (victim, left)) in decision.preemptions.iter().zip(victims_left) {
+        decided.record_placement(victim.clone(), left);
         decided.record_preempted(
-            preemption.victim.clone(),
+            victim,
             PreemptedByEntry {
                 time: Time(Timestamp::now()),
                 preemptor: decision.workload.to_string(),
@@ -1321,7 +1346,51 @@ async fn cleanup(cw: Arc<ComputeWorkload>, ctx: Arc<Context>) -> Result<Action, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::model::WorkloadKey;
+
+    /// A victim preempted in two data centers by one decision loses both;
+    /// one preempted twice in one data center loses the sum.
+    #[test]
+    fn what_preemptions_leave_a_victim_adds_up_across_data_centers() {
+        let victim = WorkloadKey::new("ns", "v");
+        let other = WorkloadKey::new("ns", "o");
+        let snapshot = Snapshot {
+            now_unix: 0,
+            data_centers: Vec::new(),
+            workloads: Vec::new(),
+            current: BTreeMap::from([
+                (
+                    victim.clone(),
+                    BTreeMap::from([("a".into(), 3), ("b".into(), 2)]),
+                ),
+                (other.clone(), BTreeMap::from([("a".into(), 1)])),
+            ]),
+        };
+        let preempt = |who: &WorkloadKey, dc: &str, replicas| crate::engine::Preemption {
+            victim: who.clone(),
+            data_center: dc.into(),
+            replicas,
+        };
+        let mut decision = Decision::scheduled(WorkloadKey::new("ns", "p"), BTreeMap::new());
+        decision.preemptions = vec![
+            preempt(&victim, "a", 1),
+            preempt(&other, "a", 1),
+            preempt(&victim, "b", 2),
+            preempt(&victim, "a", 1),
+        ];
+        let left = victims_left(&snapshot, &decision);
+        assert_eq!(
+            left,
+            [
+                (
+                    victim.clone(),
+                    BTreeMap::from([("a".into(), 2), ("b".into(), 2)])
+                ),
+                (other, BTreeMap::new()),
+                (victim.clone(), BTreeMap::from([("a".into(), 2)])),
+                (victim, BTreeMap::from([("a".into(), 1)])),
+            ]
+        );
+    }
 
     fn status(ready: i32, rule: &str, message: &str) -> ComputeWorkloadStatus {
         ComputeWorkloadStatus {

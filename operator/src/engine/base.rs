@@ -121,11 +121,22 @@ impl Base {
     }
 
     /// Forgets what workload `w` holds.
-    fn release(&mut self, dcs: &[DataCenter], workload: &Workload, w: usize) {
+    fn release(&mut self, dcs: &[DataCenter], workloads: &[Workload], w: usize) {
+        let workload = &workloads[w];
+        let mut saturated = Vec::new();
         for &(dc, replicas) in std::mem::take(&mut self.current[w]).iter() {
+            // Sums saturate, so subtracting from a saturated one would not
+            // undo what was added: count that data center again instead.
+            if self.held_total[dc].saturated() {
+                saturated.push(dc);
+                continue;
+            }
             let res = demand_of(&dcs[dc], &workload.demand, u64::from(replicas));
             self.held_total[dc].sub(&res);
             held_at(&mut self.held_by_priority[dc], workload.priority).sub(&res);
+        }
+        for dc in saturated {
+            self.recount(dcs, workloads, dc);
         }
     }
 
@@ -197,7 +208,7 @@ impl Pool {
         let dcs = &self.snapshot.data_centers;
         match self.index.get(&workload.key) {
             Some(&w) => {
-                self.base.release(dcs, &self.snapshot.workloads[w], w);
+                self.base.release(dcs, &self.snapshot.workloads, w);
                 self.snapshot.workloads[w] = workload;
                 self.hold_current(w);
             }
@@ -218,7 +229,7 @@ impl Pool {
             return;
         };
         self.base
-            .release(&self.snapshot.data_centers, &self.snapshot.workloads[w], w);
+            .release(&self.snapshot.data_centers, &self.snapshot.workloads, w);
         self.snapshot.workloads.swap_remove(w);
         self.base.current.swap_remove(w);
         if let Some(moved) = self.snapshot.workloads.get(w) {
@@ -235,7 +246,7 @@ impl Pool {
         }
         if let Some(&w) = self.index.get(key) {
             self.base
-                .release(&self.snapshot.data_centers, &self.snapshot.workloads[w], w);
+                .release(&self.snapshot.data_centers, &self.snapshot.workloads, w);
             self.hold_current(w);
         }
     }

@@ -123,6 +123,13 @@ pub struct Resources {
 }
 
 impl Resources {
+    /// Whether any resource is at its maximum (a sum that may have
+    /// saturated).
+    pub fn saturated(&self) -> bool {
+        [self.cpu_millis, self.memory_bytes, self.ephemeral_bytes].contains(&u64::MAX)
+            || self.gpus.values().any(|&n| n == u64::MAX)
+    }
+
     /// `self - other`, floored at zero per resource.
     pub fn saturating_sub(&self, other: &Resources) -> Resources {
         let mut gpus = self.gpus.clone();

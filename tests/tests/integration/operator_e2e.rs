@@ -374,35 +374,50 @@ async fn workload_is_propagated_scaled_survives_an_operator_kill_and_leaves_noth
 
     // A copy whose workload does not exist (left behind while its member
     // was away, say) goes at the member's next heartbeat, found through the
-    // member's watches; the operator's copies of live workloads stay.
+    // member's watches. What stays: the copies of live workloads; a copy
+    // another data center sharing this member made (labelled for it); an
+    // object whose labels name a third one (deleting what the labels name
+    // would let whoever can label an object in the member have the
+    // operator delete any other), and that third one.
     let edge = pool
         .members
         .get("edge-east")
         .context("edge")?
         .client()
         .await?;
-    let mut orphan: Deployment = serde_json::from_value(serde_json::json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": { "name": "gone", "namespace": "traffic", "labels": {
+    let deployment = |name: &str, labels: serde_json::Value| -> anyhow::Result<Deployment> {
+        Ok(serde_json::from_value(serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": { "name": name, "namespace": "traffic", "labels": labels },
+            "spec": {
+                "replicas": 1,
+                "selector": { "matchLabels": { "app": name } },
+                "template": {
+                    "metadata": { "labels": { "app": name } },
+                    "spec": { "containers": [{ "name": "c", "image": "c:1" }] }
+                }
+            }
+        }))?)
+    };
+    let copy_labels = |owner: &str, dc: &str| {
+        serde_json::json!({
             children::MANAGED_BY.0: children::MANAGED_BY.1,
             children::WORKLOAD_NAMESPACE: "traffic",
-            children::WORKLOAD_NAME: "gone",
-            children::DATA_CENTER: "edge-east",
-        } },
-        "spec": {
-            "replicas": 1,
-            "selector": { "matchLabels": { "app": "gone" } },
-            "template": {
-                "metadata": { "labels": { "app": "gone" } },
-                "spec": { "containers": [{ "name": "c", "image": "c:1" }] }
-            }
-        }
-    }))?;
-    orphan.metadata.resource_version = None;
+            children::WORKLOAD_NAME: owner,
+            children::DATA_CENTER: dc,
+        })
+    };
     let edge_deployments: Api<Deployment> = Api::namespaced(edge, "traffic");
-    edge_deployments
-        .create(&PostParams::default(), &orphan)
-        .await?;
+    for object in [
+        deployment("bystander", serde_json::json!({ "app": "bystander" }))?,
+        deployment("decoy", copy_labels("bystander", "edge-east"))?,
+        deployment("elsewhere", copy_labels("elsewhere", "another-dc"))?,
+        deployment("gone", copy_labels("gone", "edge-east"))?,
+    ] {
+        edge_deployments
+            .create(&PostParams::default(), &object)
+            .await?;
+    }
     eventually("the orphaned copy removed", WAIT, || async {
         edge_deployments
             .get_opt("gone")
@@ -412,6 +427,15 @@ async fn workload_is_propagated_scaled_survives_an_operator_kill_and_leaves_noth
             .then_some(())
     })
     .await?;
+    for stays in ["bystander", "decoy", "elsewhere"] {
+        assert!(
+            edge_deployments.get_opt(stays).await?.is_some(),
+            "{stays} went with the orphan"
+        );
+        edge_deployments
+            .delete(stays, &DeleteParams::default())
+            .await?;
+    }
     assert!(
         Api::<StatefulSet>::namespaced(edge_deployments.into_client(), "traffic")
             .get_opt("cams")
@@ -807,6 +831,14 @@ async fn replicas_move_after_the_grace_period_and_the_returning_member_is_cleane
         .context("edge")?
         .stop_apiserver();
     let data_centers: Api<DataCenter> = Api::all(pool.client.clone());
+    // Missed probes are a heartbeat (500 ms here) apart, however often the
+    // status they write changes: the third comes at least two heartbeats
+    // after the first.
+    let first_missed = eventually("a first missed probe", WAIT, || async {
+        let status = data_centers.get("edge-east").await.ok()?.status?;
+        (status.failed_probes >= 1).then(std::time::Instant::now)
+    })
+    .await?;
     let lost = eventually("edge-east Reachable=False", WAIT, || async {
         let status = data_centers.get("edge-east").await.ok()?.status?;
         status
@@ -822,6 +854,11 @@ async fn replicas_move_after_the_grace_period_and_the_returning_member_is_cleane
         lost.failed_probes >= 3,
         "unreachable after {} missed probes",
         lost.failed_probes
+    );
+    assert!(
+        first_missed.elapsed() >= Duration::from_millis(700),
+        "three missed probes within {:?}",
+        first_missed.elapsed()
     );
     // Within the grace period nothing moves.
     tokio::time::sleep(Duration::from_secs(3)).await;
