@@ -329,8 +329,17 @@ fn contended(quick: bool) {
             .data_centers
             .iter()
             .map(|dc| {
+                // As the controller sees a probed data center: a version,
+                // and Reachable.
                 let mut crd = as_crd(dc);
                 crd.metadata.resource_version = Some("0".to_owned());
+                crd.status = Some(
+                    serde_json::from_value(serde_json::json!({ "conditions": [{
+                        "type": "Reachable", "status": "True", "reason": "Answering",
+                        "message": "", "lastTransitionTime": "2026-12-01T00:00:00Z",
+                    }]}))
+                    .expect("a valid status"),
+                );
                 Arc::new(crd)
             })
             .collect();

@@ -1907,6 +1907,12 @@ fn pool_changed_step_by_step(s: &Snapshot, seed: u64) -> Pool {
                 added.name = format!("{}-new", dc.name);
                 pool.set_data_center(added);
             }
+            4 => {
+                // "Any GPU" now means another model there.
+                let mut regpu = dc.clone();
+                regpu.capacity.gpus = BTreeMap::from([("h100".into(), 3)]);
+                pool.set_data_center(regpu);
+            }
             _ => {}
         }
     }
@@ -1964,5 +1970,40 @@ fn a_pool_released_from_a_saturated_data_center_decides_like_a_fresh_one() {
     let kept = pool.schedule_only(fresh.now_unix, &only, &Options::default());
     assert_eq!(kept, schedule_only(&fresh, &only, &Options::default()));
     // Five millicores are left: the newcomer's 500 do not fit.
-    assert!(kept.decisions[0].placement.is_empty(), "{:?}", kept.decisions[0]);
+    assert!(
+        kept.decisions[0].placement.is_empty(),
+        "{:?}",
+        kept.decisions[0]
+    );
+}
+
+/// "Any GPU" means a data center's most plentiful model: when its models
+/// change, what its running replicas hold changes with them, in the kept
+/// pool as in a fresh snapshot.
+#[test]
+fn a_pool_follows_a_data_centers_gpu_models_into_what_replicas_hold() {
+    let mut g = dc("g", Tier::Municipal, "r", "z", 64, 256);
+    g.capacity.gpus = BTreeMap::from([("l4".into(), 2)]);
+    let key = |name: &str| WorkloadKey::new("ns", name);
+    let gpu_workload = |name: &str, replicas| {
+        let mut w = workload(name, replicas, 1, 1);
+        w.demand.gpu_count = 1;
+        w.demand.gpu_model = None;
+        w
+    };
+    let mut pool = Pool::new(snapshot(vec![g.clone()], vec![gpu_workload("a", 2)]));
+    pool.set_placement(&key("a"), BTreeMap::from([("g".into(), 2)]));
+    g.capacity.gpus = BTreeMap::from([("h100".into(), 2)]);
+    pool.set_data_center(g);
+    pool.set_workload(gpu_workload("b", 1));
+    let fresh = pool.snapshot().clone();
+    let only = BTreeSet::from([key("b")]);
+    let kept = pool.schedule_only(fresh.now_unix, &only, &Options::default());
+    assert_eq!(kept, schedule_only(&fresh, &only, &Options::default()));
+    // a's two replicas hold both H100s now: b does not fit.
+    assert!(
+        kept.decisions[0].placement.is_empty(),
+        "{:?}",
+        kept.decisions[0]
+    );
 }

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use super::model::{self, DataCenter, Reachability, Resources, Snapshot, Workload, WorkloadKey};
-use super::{Options, Schedule, Scheduler, demand_of, held_at, intern};
+use super::{Options, Schedule, Scheduler, any_gpu_model, demand_of, held_at, intern};
 
 /// What depends only on the data centers' names and domains.
 #[derive(Debug)]
@@ -54,7 +54,10 @@ pub(super) struct Base {
     /// The same, by priority, sorted by priority.
     pub(super) held_by_priority: Vec<Vec<(i32, Resources)>>,
     /// Current replicas per workload index, per data center index.
-    pub(super) current: Vec<Arc<Vec<(usize, u32)>>>,
+    /// Shared whole between the pool and a decision, copied only when a
+    /// decision changes it (a preemption): copying ten thousand small
+    /// vectors, or counting references to each, cost more than deciding.
+    pub(super) current: Arc<Vec<Vec<(usize, u32)>>>,
     /// Cordoned, unreachable or NoSchedule/NoExecute-tainted data centers.
     pub(super) troubled: Vec<usize>,
 }
@@ -81,7 +84,7 @@ impl Base {
             shape: Arc::new(Shape::new(dcs)),
             held_total: vec![Resources::default(); dcs.len()],
             held_by_priority: vec![Vec::new(); dcs.len()],
-            current: vec![Arc::default(); snapshot.workloads.len()],
+            current: Arc::new(vec![Vec::new(); snapshot.workloads.len()]),
             troubled: troubled(dcs),
         };
         // Walk the current placements once (a map lookup per workload would
@@ -112,7 +115,7 @@ impl Base {
             if let Some(&dc) = self.shape.dc_index.get(name.as_str())
                 && replicas > 0
             {
-                Arc::make_mut(&mut self.current[w]).push((dc, replicas));
+                Arc::make_mut(&mut self.current)[w].push((dc, replicas));
                 let res = demand_of(&dcs[dc], &workload.demand, u64::from(replicas));
                 self.held_total[dc].add(&res);
                 held_at(&mut self.held_by_priority[dc], workload.priority).add(&res);
@@ -124,7 +127,7 @@ impl Base {
     fn release(&mut self, dcs: &[DataCenter], workloads: &[Workload], w: usize) {
         let workload = &workloads[w];
         let mut saturated = Vec::new();
-        for &(dc, replicas) in std::mem::take(&mut self.current[w]).iter() {
+        for &(dc, replicas) in &std::mem::take(&mut Arc::make_mut(&mut self.current)[w]) {
             // Sums saturate, so subtracting from a saturated one would not
             // undo what was added: count that data center again instead.
             if self.held_total[dc].saturated() {
@@ -216,7 +219,7 @@ impl Pool {
                 let w = self.snapshot.workloads.len();
                 self.index.insert(workload.key.clone(), w);
                 self.snapshot.workloads.push(workload);
-                self.base.current.push(Arc::default());
+                Arc::make_mut(&mut self.base.current).push(Vec::new());
                 self.hold_current(w);
             }
         }
@@ -231,7 +234,7 @@ impl Pool {
         self.base
             .release(&self.snapshot.data_centers, &self.snapshot.workloads, w);
         self.snapshot.workloads.swap_remove(w);
-        self.base.current.swap_remove(w);
+        Arc::make_mut(&mut self.base.current).swap_remove(w);
         if let Some(moved) = self.snapshot.workloads.get(w) {
             self.index.insert(moved.key.clone(), w);
         }
@@ -272,8 +275,12 @@ impl Pool {
             self.base.shape = Arc::new(Shape::new(&self.snapshot.data_centers));
         }
         self.base.troubled = troubled(&self.snapshot.data_centers);
-        self.base
-            .recount(&self.snapshot.data_centers, &self.snapshot.workloads, i);
+        // What a replica holds depends on its data center only through the
+        // GPU model "any GPU" means there.
+        if any_gpu_model(&old) != any_gpu_model(&self.snapshot.data_centers[i]) {
+            self.base
+                .recount(&self.snapshot.data_centers, &self.snapshot.workloads, i);
+        }
     }
 
     /// Removes the data center named `name`.

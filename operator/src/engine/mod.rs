@@ -329,7 +329,7 @@ struct Scheduler<'a> {
     /// Current replicas per workload index, per data center index; reduced
     /// when a workload is preempted. Shared with the [`Base`] it came from
     /// until then.
-    current: Vec<Arc<Vec<(usize, u32)>>>,
+    current: Arc<Vec<Vec<(usize, u32)>>>,
     /// Per workload index, what it lost to preemption this round.
     preempted_by: Vec<Vec<PreemptedBy>>,
     /// Per data center, room preemption freed beyond its need, by the
@@ -618,11 +618,11 @@ impl<'a> Scheduler<'a> {
             .map(|(name, &n)| (self.shape.dc_index[name.as_str()], n))
             .collect();
         self.uncommit(w, &decision.placement);
-        let ran = std::mem::replace(&mut self.current[w], Arc::new(placed_first));
+        let ran = std::mem::replace(&mut Arc::make_mut(&mut self.current)[w], placed_first);
         let plan = self.plan(w);
         // Moves count from what ran before the round, as in the first
         // decision.
-        self.current[w] = ran;
+        Arc::make_mut(&mut self.current)[w] = ran;
         let candidates = &plan.scored.candidates;
         let first: Vec<u32> = candidates.iter().map(|c| c.current).collect();
         let rank = |a: &[u32]| {

@@ -374,7 +374,7 @@ impl Scheduler<'_> {
                 released.add(&res);
                 self.held_total[c.dc].sub(&res);
                 held_at(&mut self.held_by_priority[c.dc], victim.priority).sub(&res);
-                if let Some(slot) = Arc::make_mut(&mut self.current[v])
+                if let Some(slot) = Arc::make_mut(&mut self.current)[v]
                     .iter_mut()
                     .find(|(d, _)| *d == c.dc)
                 {
