@@ -358,11 +358,14 @@ fn contended(quick: bool) {
             let workload = &running.workloads[(i * 37) % running.workloads.len()];
             let key = workload.key.clone();
             let only = BTreeSet::from([key.clone()]);
-            // A heartbeat: one data center's object changed since the last
-            // decision, so it is converted and accounted again.
+            // A heartbeat: the watch reported one data center's object
+            // changed since the last decision, so it is converted and
+            // accounted again. Once a second the controller also looks at
+            // every one (measured below).
             let beat = (i * 7) % crds.len();
             Arc::make_mut(&mut crds[beat]).metadata.resource_version = Some((i + 1).to_string());
-            let (_, sync) = time(|| converted.sync(&crds, 0, &mut pool));
+            let changed = [crds[beat].clone()];
+            let (_, sync) = time(|| converted.sync_changed(&changed, 0, &mut pool));
             let (_, decision) = time(|| {
                 pool.set_workload(workload.clone());
                 pool.set_placement(&key, running.current.get(&key).cloned().unwrap_or_default());
@@ -397,6 +400,14 @@ fn contended(quick: bool) {
             rebuilt,
         );
         report_latency("    of which the data-center sync", syncs, Vec::new());
+        let walks: Vec<Duration> = (0..50)
+            .map(|_| time(|| converted.sync(&crds, 0, &mut pool)).1)
+            .collect();
+        report_latency(
+            "    a look at all 1000 data centers (once a second)",
+            walks,
+            Vec::new(),
+        );
         report_latency(
             "    of which the engine on the kept pool",
             decisions,

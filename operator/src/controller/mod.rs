@@ -403,6 +403,8 @@ pub struct Context {
     decided: Mutex<Decided>,
     /// Asks for every workload to be reconciled again (after a preemption).
     requeue: futures::channel::mpsc::UnboundedSender<()>,
+    /// Data centers whose object changed since the kept pool last looked.
+    data_centers_changed: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Context {
@@ -527,6 +529,7 @@ pub async fn run(client: Client, config: Config, shutdown: Shutdown) -> Stopped 
         config,
         decided: Mutex::new(Decided::default()),
         requeue,
+        data_centers_changed: Arc::default(),
     });
     // A dependency changed in the control cluster: copy it again into the
     // members of every workload that names it. Metadata only: what changed
@@ -557,11 +560,16 @@ pub async fn run(client: Client, config: Config, shutdown: Shutdown) -> Stopped 
     // Workloads are placed again when a data center changes in a way the
     // engine sees, not on every heartbeat.
     let every_workload = context.workloads.clone();
+    let data_centers_changed = context.data_centers_changed.clone();
     let seen = Mutex::new(std::collections::HashMap::<String, u64>::new());
     let workloads = cw_controller
         .watches_shared_stream(dc_changed_for_workloads, move |dc: Arc<DataCenter>| {
             let fingerprint = pool::placement_fingerprint(&dc);
             let name = kube::ResourceExt::name_any(&*dc);
+            data_centers_changed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(name.clone());
             let changed = seen
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -76,7 +76,14 @@ pub(super) struct KeptPool {
     pool: crate::engine::Pool,
     data_centers: ConvertedDataCenters,
     built: std::time::Instant,
+    /// When every data center in the cache was last looked at.
+    walked: std::time::Instant,
 }
+
+/// How often every data center in the cache is looked at, not only those
+/// the watch reported changed: the watch does not report a data center
+/// gone from the cache.
+const WALK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Data centers as the engine sees them, converted again only when their
 /// object changed or their conversion stopped holding.
@@ -107,6 +114,37 @@ impl ConvertedDataCenters {
         data_centers
     }
 
+    /// Whether a conversion has stopped holding at `now`.
+    pub fn due(&self, now: i64) -> bool {
+        self.converted_from
+            .values()
+            .any(|(_, until)| until.is_some_and(|until| now >= until))
+    }
+
+    /// Converts again `changed` (data centers the watch reported) into
+    /// `pool`.
+    pub fn sync_changed(
+        &mut self,
+        changed: &[std::sync::Arc<DataCenter>],
+        now: i64,
+        pool: &mut crate::engine::Pool,
+    ) {
+        for dc in changed {
+            self.convert_into(dc, now, pool);
+        }
+    }
+
+    fn convert_into(&mut self, dc: &DataCenter, now: i64, pool: &mut crate::engine::Pool) {
+        let name = dc.name_any();
+        let (model, holds_until) = engine_data_center(dc, now);
+        match model {
+            Some(model) => pool.set_data_center(model),
+            None => pool.remove_data_center(&name),
+        }
+        self.converted_from
+            .insert(name, (dc.resource_version(), holds_until));
+    }
+
     /// Brings `pool` up to `state`: converts again only the data centers
     /// whose object changed, or whose conversion stopped holding, since the
     /// last call; removes those that are gone.
@@ -126,17 +164,9 @@ impl ConvertedDataCenters {
                     was.as_deref() == dc.metadata.resource_version.as_deref()
                         && until.is_none_or(|until| now < until)
                 });
-            if fresh {
-                continue;
+            if !fresh {
+                self.convert_into(dc, now, pool);
             }
-            let name = dc.name_any();
-            let (model, holds_until) = engine_data_center(dc, now);
-            match model {
-                Some(model) => pool.set_data_center(model),
-                None => pool.remove_data_center(&name),
-            }
-            self.converted_from
-                .insert(name, (dc.resource_version(), holds_until));
         }
         if state.len() != self.converted_from.len() {
             let present: std::collections::HashSet<String> =
@@ -214,6 +244,7 @@ impl KeptPool {
             }),
             data_centers: converted,
             built: std::time::Instant::now(),
+            walked: std::time::Instant::now(),
         }
     }
 
@@ -221,10 +252,32 @@ impl KeptPool {
         self.built.elapsed() >= REBUILD_AFTER
     }
 
-    /// Brings the data centers up to the cache's.
+    /// Brings the data centers up to the cache's: those the watch reported
+    /// changed, and every one once a second or when a conversion stops
+    /// holding. Looking at each of a thousand data centers costs a cache
+    /// miss or three apiece, several times what the changed ones cost.
     pub(super) fn sync_data_centers(&mut self, ctx: &Context, now: i64) {
+        let changed = std::mem::take(
+            &mut *ctx
+                .data_centers_changed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        if self.walked.elapsed() >= WALK_EVERY || self.data_centers.due(now) {
+            self.walked = std::time::Instant::now();
+            self.data_centers
+                .sync(&ctx.data_centers.state(), now, &mut self.pool);
+            return;
+        }
+        let changed: Vec<std::sync::Arc<DataCenter>> = changed
+            .iter()
+            .filter_map(|name| {
+                ctx.data_centers
+                    .get(&kube::runtime::reflector::ObjectRef::new(name))
+            })
+            .collect();
         self.data_centers
-            .sync(&ctx.data_centers.state(), now, &mut self.pool);
+            .sync_changed(&changed, now, &mut self.pool);
     }
 
     pub(super) fn pool(&mut self) -> &mut crate::engine::Pool {

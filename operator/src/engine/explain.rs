@@ -170,7 +170,7 @@ impl Scheduler<'_> {
             rejected_by_rule,
             scores,
             preemptions,
-            preempted_by: self.preempted_by[w].clone(),
+            preempted_by: self.preempted_by.get(&w).cloned().unwrap_or_default(),
             preempted_room: BTreeMap::new(),
             moved_replicas,
         }

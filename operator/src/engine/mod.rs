@@ -331,7 +331,9 @@ struct Scheduler<'a> {
     /// until then.
     current: Arc<Vec<Vec<(usize, u32)>>>,
     /// Per workload index, what it lost to preemption this round.
-    preempted_by: Vec<Vec<PreemptedBy>>,
+    /// Sparse: a round preempts few workloads, and a dense vector the
+    /// size of the pool cost a decision as much as placing one.
+    preempted_by: HashMap<usize, Vec<PreemptedBy>>,
     /// Per data center, room preemption freed beyond its need, by the
     /// priority it is held at for the rest of the round (also counted in
     /// `held_total` and `held_by_priority`).
@@ -426,7 +428,7 @@ impl<'a> Scheduler<'a> {
             free: vec![[0; 3]; n],
             capacity_divisors: vec![OnceCell::new(); n],
             current,
-            preempted_by: vec![Vec::new(); snapshot.workloads.len()],
+            preempted_by: HashMap::new(),
             reserved: vec![Vec::new(); n],
             troubled,
             classes: HashMap::new(),
@@ -523,7 +525,10 @@ impl<'a> Scheduler<'a> {
         // A gang victim that no longer fits whole after a preemption
         // gives up its room because of it: that room stays held this
         // round. (Room a victim gives up for its own reasons is free.)
-        if !self.preempted_by[w].is_empty()
+        if self
+            .preempted_by
+            .get(&w)
+            .is_some_and(|lost| !lost.is_empty())
             && workload.placement.gang
             && decision.placement.is_empty()
         {

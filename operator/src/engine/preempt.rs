@@ -386,12 +386,13 @@ impl Scheduler<'_> {
                     replicas: evicted,
                 });
                 // A second chance of the preemptor may evict here again.
-                match self.preempted_by[v]
+                let lost = self.preempted_by.entry(v).or_default();
+                match lost
                     .iter_mut()
                     .find(|p| p.preemptor == workload.key && p.data_center == dc.name)
                 {
                     Some(earlier) => earlier.replicas += evicted,
-                    None => self.preempted_by[v].push(PreemptedBy {
+                    None => lost.push(PreemptedBy {
                         preemptor: workload.key.clone(),
                         data_center: dc.name.clone(),
                         replicas: evicted,
