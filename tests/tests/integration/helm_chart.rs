@@ -89,6 +89,59 @@ fn chart_lints_and_its_committed_rendering_is_current() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// values.schema.json stops a value the operator would refuse (or ignore)
+/// before anything is applied, naming it; the PodDisruptionBudget comes
+/// with more than one replica only.
+#[test]
+fn values_outside_the_schema_are_refused_naming_the_value() -> anyhow::Result<()> {
+    for (set, says) in [
+        ("heartbeatSeconds=0", "/heartbeatSeconds"),
+        ("replicas=0", "/replicas"),
+        ("replicass=3", "'replicass' not allowed"),
+        ("memberFailureThreshold=0", "/memberFailureThreshold"),
+        (
+            "leaderElection.leaseName=Not_A_Name",
+            "/leaderElection/leaseName",
+        ),
+        ("metrics.port=70000", "/metrics/port"),
+        ("runners.directory=http://plain:4000", "/runners/directory"),
+        ("runners.pools[0].name=p", "/runners/pools/0"),
+        ("resources.limits.memory=lots", "/resources/limits/memory"),
+    ] {
+        let refused = render_with(&["--set", set])
+            .err()
+            .with_context(|| format!("--set {set} was accepted"))?;
+        assert!(
+            refused.to_string().contains(says),
+            "--set {set}: {refused:#}"
+        );
+    }
+    let refused = render_with(&["--set-string", "maxEvictionsPerMinute=ten"])
+        .err()
+        .context("maxEvictionsPerMinute=ten was accepted")?;
+    assert!(
+        refused.to_string().contains("/maxEvictionsPerMinute"),
+        "{refused:#}"
+    );
+
+    let budget = "kind: PodDisruptionBudget";
+    assert!(
+        render()?.contains(budget),
+        "two replicas, no PodDisruptionBudget"
+    );
+    let single = render_with(&[
+        "--set",
+        "replicas=1",
+        "--set",
+        "leaderElection.enabled=false",
+    ])?;
+    assert!(
+        !single.contains(budget),
+        "a budget for a single replica blocks every drain"
+    );
+    Ok(())
+}
+
 /// The operator container's arguments in a rendering of the chart.
 fn operator_args(rendered: &str) -> anyhow::Result<Vec<String>> {
     for document in serde_yaml::Deserializer::from_str(rendered) {
