@@ -1406,8 +1406,8 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() -> anyh
     };
     assert!(plain_refused, "plain HTTP/2 got through");
 
-    // The CLI speaks the same TLS: --ca to check the server, --cert/--key
-    // (or CIVICGRID_CA/_CERT/_KEY) to be let in.
+    // The CLI speaks the same TLS: --tls-ca to check the server, --tls-cert/--tls-key
+    // (or CIVICGRID_TLS_CA/_CERT/_KEY) to be let in.
     let files = tempfile::tempdir()?;
     let write = |name: &str, pem: &str| -> anyhow::Result<String> {
         let path = files.path().join(name);
@@ -1445,7 +1445,16 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() -> anyh
     };
     let (ok, stdout, stderr) = cli(
         &[
-            "--server", &https, "--ca", &ca, "--cert", &cert, "--key", &key, "--output", "json",
+            "--server",
+            &https,
+            "--tls-ca",
+            &ca,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--output",
+            "json",
             "whoami",
         ],
         &[],
@@ -1456,9 +1465,9 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() -> anyh
     let (ok, stdout, stderr) = cli(
         &["--server", &https, "--output", "json", "whoami"],
         &[
-            ("CIVICGRID_CA", &ca),
-            ("CIVICGRID_CERT", &cert),
-            ("CIVICGRID_KEY", &key),
+            ("CIVICGRID_TLS_CA", &ca),
+            ("CIVICGRID_TLS_CERT", &cert),
+            ("CIVICGRID_TLS_KEY", &key),
         ],
     )
     .await?;
@@ -1466,18 +1475,25 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() -> anyh
     for (who, args, says) in [
         (
             "without a certificate",
-            vec!["--ca", ca.as_str()],
-            "if it asks for a client certificate, pass --cert and --key",
+            vec!["--tls-ca", ca.as_str()],
+            "if it asks for a client certificate, pass --tls-cert and --tls-key",
         ),
         (
             "with a rogue CA's certificate",
-            vec!["--ca", &ca, "--cert", &rogue_cert, "--key", &rogue_key],
-            "it may not trust --cert",
+            vec![
+                "--tls-ca",
+                &ca,
+                "--tls-cert",
+                &rogue_cert,
+                "--tls-key",
+                &rogue_key,
+            ],
+            "it may not trust --tls-cert",
         ),
         // The system's roots do not know the city's CA.
         (
             "not trusting the server",
-            vec!["--cert", &cert, "--key", &key],
+            vec!["--tls-cert", &cert, "--tls-key", &key],
             "invalid peer certificate: UnknownIssuer",
         ),
     ] {
@@ -1491,16 +1507,16 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() -> anyh
             "{who}: {stderr}"
         );
     }
-    let (ok, _, stderr) = cli(&["--server", &https, "--cert", &cert, "whoami"], &[]).await?;
+    let (ok, _, stderr) = cli(&["--server", &https, "--tls-cert", &cert, "whoami"], &[]).await?;
     assert!(
-        !ok && stderr.contains("--key"),
+        !ok && stderr.contains("--tls-key"),
         "a certificate without its key: {stderr}"
     );
     let (ok, _, stderr) = cli(
         &[
             "--server",
             &format!("http://{address}"),
-            "--ca",
+            "--tls-ca",
             &ca,
             "whoami",
         ],
@@ -1508,16 +1524,16 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() -> anyh
     )
     .await?;
     assert!(
-        !ok && stderr.contains("--ca, --cert and --key are for an https:// server"),
+        !ok && stderr.contains("--tls-ca, --tls-cert and --tls-key are for an https:// server"),
         "TLS options for a plain server: {stderr}"
     );
     let (ok, _, stderr) = cli(
-        &["--server", &https, "--ca", "/no/such/ca.pem", "whoami"],
+        &["--server", &https, "--tls-ca", "/no/such/ca.pem", "whoami"],
         &[],
     )
     .await?;
     assert!(
-        !ok && stderr.contains("--ca: reading /no/such/ca.pem"),
+        !ok && stderr.contains("--tls-ca: reading /no/such/ca.pem"),
         "{stderr}"
     );
 

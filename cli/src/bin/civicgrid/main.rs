@@ -42,21 +42,21 @@ struct Cli {
     token: Option<String>,
     /// The CA certificate (PEM) that signed the server's, for an https://
     /// server; without it, the system's trusted roots.
-    #[arg(long, global = true, env = "CIVICGRID_CA")]
-    ca: Option<PathBuf>,
+    #[arg(long, global = true, env = "CIVICGRID_TLS_CA")]
+    tls_ca: Option<PathBuf>,
     /// Your client certificate (PEM), for a server that asks for one
     /// (`civicgrid-marketplace serve --client-ca`).
-    #[arg(long, global = true, env = "CIVICGRID_CERT", requires = "key")]
-    cert: Option<PathBuf>,
-    /// The private key (PEM) of `--cert`.
+    #[arg(long, global = true, env = "CIVICGRID_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `--tls-cert`.
     #[arg(
         long,
         global = true,
-        env = "CIVICGRID_KEY",
-        requires = "cert",
+        env = "CIVICGRID_TLS_KEY",
+        requires = "tls_cert",
         hide_env_values = true
     )]
-    key: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     /// How to print results.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -511,7 +511,7 @@ async fn connect(cli: &Cli) -> anyhow::Result<Clients> {
 }
 
 /// The server's endpoint, with TLS for an https:// server: the server is
-/// checked against `--ca` (or the system's roots), and `--cert`/`--key`
+/// checked against `--tls-ca` (or the system's roots), and `--tls-cert`/`--tls-key`
 /// are presented when given.
 fn endpoint(cli: &Cli) -> anyhow::Result<tonic::transport::Endpoint> {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
@@ -520,8 +520,8 @@ fn endpoint(cli: &Cli) -> anyhow::Result<tonic::transport::Endpoint> {
     let https = endpoint.uri().scheme_str() == Some("https");
     if !https {
         anyhow::ensure!(
-            cli.ca.is_none() && cli.cert.is_none(),
-            "--ca, --cert and --key are for an https:// server; --server is {}",
+            cli.tls_ca.is_none() && cli.tls_cert.is_none(),
+            "--tls-ca, --tls-cert and --tls-key are for an https:// server; --server is {}",
             cli.server
         );
         return Ok(endpoint);
@@ -529,19 +529,21 @@ fn endpoint(cli: &Cli) -> anyhow::Result<tonic::transport::Endpoint> {
     let read = |flag: &str, path: &Path| {
         std::fs::read(path).with_context(|| format!("{flag}: reading {}", path.display()))
     };
-    let mut tls = match &cli.ca {
-        Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--ca", ca)?)),
+    let mut tls = match &cli.tls_ca {
+        Some(ca) => {
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--tls-ca", ca)?))
+        }
         None => ClientTlsConfig::new().with_native_roots(),
     };
-    if let (Some(cert), Some(key)) = (&cli.cert, &cli.key) {
+    if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
         tls = tls.identity(Identity::from_pem(
-            read("--cert", cert)?,
-            read("--key", key)?,
+            read("--tls-cert", cert)?,
+            read("--tls-key", key)?,
         ));
     }
     endpoint
         .tls_config(tls)
-        .context("--ca, --cert, --key: not a usable TLS configuration")
+        .context("--tls-ca, --tls-cert, --tls-key: not a usable TLS configuration")
 }
 
 /// Prints a query result (an Arrow IPC stream) as a table, CSV or JSON.
@@ -1292,7 +1294,7 @@ async fn audit(c: &mut Clients, output: Output, command: AuditCommand) -> anyhow
 async fn main() {
     let cli = Cli::parse();
     let tls = cli.server.starts_with("https://");
-    let presented_certificate = cli.cert.is_some();
+    let presented_certificate = cli.tls_cert.is_some();
     match run(cli).await {
         Ok(code) => std::process::exit(code),
         Err(error) => {
@@ -1309,9 +1311,9 @@ async fn main() {
                     eprintln!(
                         "{}",
                         if presented_certificate {
-                            "hint: the server closed the connection; it may not trust --cert (signed by a CA it does not accept)"
+                            "hint: the server closed the connection; it may not trust --tls-cert (signed by a CA it does not accept)"
                         } else {
-                            "hint: the server closed the connection; if it asks for a client certificate, pass --cert and --key"
+                            "hint: the server closed the connection; if it asks for a client certificate, pass --tls-cert and --tls-key"
                         }
                     );
                 }
