@@ -754,9 +754,14 @@ pub struct ComputeWorkloadStatus {
     /// Scheduled, Propagated, Available.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-    /// Every data center not chosen, and why.
+    /// Why data centers were not chosen: the nearest misses (those that
+    /// passed the most rules), at most twenty; `rejectedByRule` counts them
+    /// all. `civicgrid-operator plan --explain` explains every one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub explanation: Vec<ExplanationEntry>,
+    /// Data centers not chosen, by the first rule that rejected each.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rejected_by_rule: BTreeMap<String, i32>,
     /// Replicas failover moved off unreachable data centers in the last
     /// minute: what `failover.maxEvictionsPerMinute` is counted against.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -986,6 +986,9 @@ async fn report(ctx: &Context, cw: &ComputeWorkload, report: Report<'_>) -> Resu
     Ok(Action::requeue(wait))
 }
 
+/// Data centers not chosen that a workload's status explains one by one.
+const EXPLAINED_DATA_CENTERS: usize = 20;
+
 fn status_of(
     previous: &ComputeWorkloadStatus,
     decision: &Decision,
@@ -1007,15 +1010,31 @@ fn status_of(
         .collect();
     status.placed_replicas = status.placement.iter().map(|p| p.replicas).sum();
     status.ready_replicas = status.placement.iter().map(|p| p.ready_replicas).sum();
-    status.explanation = decision
-        .rejections
+    // A status naming every data center not chosen grows with the pool (a
+    // thousand entries, a hundred kilobytes, rewritten with every change);
+    // the nearest misses say what to change, the counts say the rest.
+    let mut nearest: Vec<&crate::engine::Rejection> = decision.rejections.iter().collect();
+    nearest.sort_by(|a, b| {
+        b.rule
+            .cmp(&a.rule)
+            .then_with(|| a.data_center.cmp(&b.data_center))
+    });
+    status.explanation = nearest
         .iter()
+        .take(EXPLAINED_DATA_CENTERS)
         .map(|r| ExplanationEntry {
             data_center: r.data_center.clone(),
             rule: format!("{:?}", r.rule),
             message: r.message.clone(),
         })
         .collect();
+    status.rejected_by_rule = BTreeMap::new();
+    for r in &decision.rejections {
+        *status
+            .rejected_by_rule
+            .entry(format!("{:?}", r.rule))
+            .or_default() += 1;
+    }
     let (scheduled, reason) = match decision.outcome {
         Outcome::Scheduled => (true, "Scheduled"),
         Outcome::PartiallyScheduled => (false, "PartiallyScheduled"),
@@ -1402,6 +1421,48 @@ mod tests {
             }],
             ..ComputeWorkloadStatus::default()
         }
+    }
+
+    /// A status explains the twenty nearest misses of a thousand data
+    /// centers not chosen, and counts them all by rule.
+    #[test]
+    fn a_status_explains_the_nearest_misses_and_counts_every_rejection() {
+        use crate::engine::{Rejection, Rule};
+        let mut decision = Decision::scheduled(
+            WorkloadKey::new("city", "p"),
+            BTreeMap::from([("dc-0000".to_owned(), 1)]),
+        );
+        let rules = [Rule::Region, Rule::Capacity, Rule::Score, Rule::Tier];
+        decision.rejections = (1..1000)
+            .map(|i| Rejection {
+                data_center: format!("dc-{i:04}"),
+                rule: rules[i % rules.len()],
+                message: format!("m{i}"),
+                score: None,
+            })
+            .collect();
+        let status = status_of(
+            &ComputeWorkloadStatus::default(),
+            &decision,
+            &BTreeMap::new(),
+            &[],
+            1,
+            Some(1),
+        );
+        // Score is the last rule checked: those passed every other one.
+        assert_eq!(status.explanation.len(), 20);
+        assert!(status.explanation.iter().all(|e| e.rule == "Score"));
+        assert_eq!(status.explanation[0].data_center, "dc-0002");
+        assert_eq!(status.explanation[19].data_center, "dc-0078");
+        assert_eq!(
+            status.rejected_by_rule,
+            BTreeMap::from([
+                ("Capacity".to_owned(), 250),
+                ("Region".to_owned(), 249),
+                ("Score".to_owned(), 250),
+                ("Tier".to_owned(), 250),
+            ])
+        );
     }
 
     /// The eviction budget kept replicas on a lost data center that the
