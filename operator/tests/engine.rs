@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use civicgrid_operator::engine::model::*;
-use civicgrid_operator::engine::{Options, Outcome, Pool, Rule, Schedule, schedule, schedule_only};
+use civicgrid_operator::engine::{
+    Decision, Options, Outcome, Pool, Rule, Schedule, schedule, schedule_only,
+};
 use proptest::prelude::*;
 
 const GIB: u64 = 1 << 30;
@@ -1965,16 +1967,19 @@ fn a_pool_released_from_a_saturated_data_center_decides_like_a_fresh_one() {
     let mut newcomer = workload("new", 1, 0, 0);
     newcomer.demand.cpu_millis = 500;
     pool.set_workload(newcomer);
+    // Five millicores are left: the newcomer's 500 do not fit.
+    let decided = decided_like_a_fresh_snapshot(&mut pool, "new");
+    assert!(decided.placement.is_empty(), "{decided:?}");
+}
+
+/// The kept pool's decision for `name`, once checked to be the one a
+/// snapshot made from scratch gives.
+fn decided_like_a_fresh_snapshot(pool: &mut Pool, name: &str) -> Decision {
     let fresh = pool.snapshot().clone();
-    let only = BTreeSet::from([key("new")]);
+    let only = BTreeSet::from([WorkloadKey::new("ns", name)]);
     let kept = pool.schedule_only(fresh.now_unix, &only, &Options::default());
     assert_eq!(kept, schedule_only(&fresh, &only, &Options::default()));
-    // Five millicores are left: the newcomer's 500 do not fit.
-    assert!(
-        kept.decisions[0].placement.is_empty(),
-        "{:?}",
-        kept.decisions[0]
-    );
+    kept.decisions[0].clone()
 }
 
 /// "Any GPU" means a data center's most plentiful model: when its models
@@ -1996,14 +2001,7 @@ fn a_pool_follows_a_data_centers_gpu_models_into_what_replicas_hold() {
     g.capacity.gpus = BTreeMap::from([("h100".into(), 2)]);
     pool.set_data_center(g);
     pool.set_workload(gpu_workload("b", 1));
-    let fresh = pool.snapshot().clone();
-    let only = BTreeSet::from([key("b")]);
-    let kept = pool.schedule_only(fresh.now_unix, &only, &Options::default());
-    assert_eq!(kept, schedule_only(&fresh, &only, &Options::default()));
     // a's two replicas hold both H100s now: b does not fit.
-    assert!(
-        kept.decisions[0].placement.is_empty(),
-        "{:?}",
-        kept.decisions[0]
-    );
+    let decided = decided_like_a_fresh_snapshot(&mut pool, "b");
+    assert!(decided.placement.is_empty(), "{decided:?}");
 }
