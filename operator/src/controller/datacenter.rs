@@ -294,11 +294,7 @@ fn placed_here(ctx: &Context, data_center: &str) -> (Vec<String>, Capacity, u32)
     let mut decided = ctx.decided();
     for cw in ctx.workloads.state() {
         let key = super::pool::key_of(&cw);
-        let replicas = match decided.placement(&key) {
-            Some(placement) => placement.get(data_center).copied(),
-            None => convert::current_placement(&cw).get(data_center).copied(),
-        };
-        let Some(replicas) = replicas else {
+        let Some(&replicas) = decided.placement_or_status(&key, &cw).get(data_center) else {
             continue;
         };
         names.push(format!(

@@ -269,6 +269,18 @@ impl Decided {
         self.placements.get(key)
     }
 
+    /// Where `cw` (under `key`) runs as far as this process knows: its
+    /// latest decision, else the placement its status records.
+    fn placement_or_status(
+        &self,
+        key: &WorkloadKey,
+        cw: &ComputeWorkload,
+    ) -> BTreeMap<String, u32> {
+        self.placement(key)
+            .cloned()
+            .unwrap_or_else(|| crate::convert::current_placement(cw))
+    }
+
     /// Remembers `placement` as decided for `key` (its own decision, or
     /// what a preemption left it).
     fn record_placement(&mut self, key: WorkloadKey, placement: BTreeMap<String, u32>) {

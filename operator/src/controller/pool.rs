@@ -55,11 +55,7 @@ pub(super) fn key_of(cw: &ComputeWorkload) -> WorkloadKey {
 /// Where `cw` runs as far as this process knows: its latest decision, else
 /// the placement its status records.
 pub(super) fn current(ctx: &Context, cw: &ComputeWorkload) -> BTreeMap<String, u32> {
-    ctx.decided()
-        .placements
-        .get(&key_of(cw))
-        .cloned()
-        .unwrap_or_else(|| convert::current_placement(cw))
+    ctx.decided().placement_or_status(&key_of(cw), cw)
 }
 
 /// How long a kept pool is trusted before it is made again from the caches.
@@ -155,8 +151,8 @@ impl ConvertedDataCenters {
         pool: &mut crate::engine::Pool,
     ) {
         for dc in state {
-            // Compared in place: a thousand data centers are looked at for
-            // every decision, and only the changed one is worth a copy.
+            // Compared in place: all of a thousand data centers are looked
+            // at, and only a changed one is worth a copy.
             let fresh = self
                 .converted_from
                 .get(dc.metadata.name.as_deref().unwrap_or_default())
@@ -223,10 +219,7 @@ impl KeptPool {
         let mut current = BTreeMap::new();
         for cw in ctx.workloads.state() {
             let key = key_of(&cw);
-            let placement = decided
-                .placement(&key)
-                .cloned()
-                .unwrap_or_else(|| convert::current_placement(&cw));
+            let placement = decided.placement_or_status(&key, &cw);
             // A workload deleted and made again under the same name starts
             // at generation 1 again; the uid tells them apart.
             let seen = (cw.uid(), cw.metadata.generation);

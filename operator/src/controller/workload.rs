@@ -212,10 +212,7 @@ fn decide(
     };
     let key = workload.key.clone();
     let tolerations = workload.placement.tolerations.clone();
-    let mine = decided
-        .placement(&key)
-        .cloned()
-        .unwrap_or_else(|| convert::current_placement(cw));
+    let mine = decided.placement_or_status(&key, cw);
     let engine_pool = kept.pool();
     engine_pool.set_workload(workload);
     engine_pool.set_placement(&key, mine);
