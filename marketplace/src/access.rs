@@ -203,37 +203,20 @@ impl Access {
                 store::casbin_rules::add_policy(connection, role, object, action).await?;
             }
         }
-        let mut policies = Vec::new();
-        let mut groupings = Vec::new();
-        for (ptype, rule) in store::casbin_rules::all(connection).await? {
-            match ptype.as_str() {
-                "p" => policies.push(rule),
-                "g" => groupings.push(rule),
-                other => return Err(MarketError::Corrupt(format!("casbin rule type {other:?}"))),
-            }
-        }
-        let model = DefaultModel::from_str(MODEL).await.map_err(casbin_error)?;
-        let mut enforcer = CachedEnforcer::new(model, MemoryAdapter::default())
-            .await
-            .map_err(casbin_error)?;
-        // casbin's default holds 200 decisions; a city's users times their
-        // permissions need far more to stay warm.
-        enforcer.set_cache(Box::new(DefaultCache::new(DECISION_CACHE_ENTRIES)));
-        if !policies.is_empty() {
-            enforcer
-                .add_policies(policies)
-                .await
-                .map_err(casbin_error)?;
-        }
-        if !groupings.is_empty() {
-            enforcer
-                .add_grouping_policies(groupings)
-                .await
-                .map_err(casbin_error)?;
-        }
         Ok(Self {
-            enforcer: RwLock::new(enforcer),
+            enforcer: RwLock::new(enforcer_from(connection).await?),
         })
+    }
+
+    /// Reads every rule again, as another server on the database changed
+    /// some: the enforcer (and its cache of decisions) is replaced whole.
+    ///
+    /// # Errors
+    /// Database or casbin failures; the enforcer is then left as it was.
+    pub async fn reload(&self, connection: &mut AnyConnection) -> Result<()> {
+        let enforcer = enforcer_from(connection).await?;
+        *self.enforcer.write().await = enforcer;
+        Ok(())
     }
 
     /// Whether `user` holds `permission` in `tenant`.
@@ -289,7 +272,14 @@ impl Access {
         domain: &str,
         bound: bool,
     ) -> Result<bool> {
-        store::casbin_rules::set_grouping(connection, user, role, domain, bound).await
+        let changed =
+            store::casbin_rules::set_grouping(connection, user, role, domain, bound).await?;
+        if changed {
+            let backend = store::Backend::of(connection);
+            store::replicas::announce(connection, backend, &store::replicas::Change::Access)
+                .await?;
+        }
+        Ok(changed)
     }
 
     /// Applies a committed role binding to the enforcer.
@@ -318,4 +308,37 @@ impl Access {
         }
         Ok(())
     }
+}
+
+/// An enforcer with every rule in `casbin_rules`.
+async fn enforcer_from(connection: &mut AnyConnection) -> Result<CachedEnforcer> {
+    let mut policies = Vec::new();
+    let mut groupings = Vec::new();
+    for (ptype, rule) in store::casbin_rules::all(connection).await? {
+        match ptype.as_str() {
+            "p" => policies.push(rule),
+            "g" => groupings.push(rule),
+            other => return Err(MarketError::Corrupt(format!("casbin rule type {other:?}"))),
+        }
+    }
+    let model = DefaultModel::from_str(MODEL).await.map_err(casbin_error)?;
+    let mut enforcer = CachedEnforcer::new(model, MemoryAdapter::default())
+        .await
+        .map_err(casbin_error)?;
+    // casbin's default holds 200 decisions; a city's users times their
+    // permissions need far more to stay warm.
+    enforcer.set_cache(Box::new(DefaultCache::new(DECISION_CACHE_ENTRIES)));
+    if !policies.is_empty() {
+        enforcer
+            .add_policies(policies)
+            .await
+            .map_err(casbin_error)?;
+    }
+    if !groupings.is_empty() {
+        enforcer
+            .add_grouping_policies(groupings)
+            .await
+            .map_err(casbin_error)?;
+    }
+    Ok(enforcer)
 }

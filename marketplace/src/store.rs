@@ -24,6 +24,7 @@ pub mod identity;
 pub(crate) mod ledger;
 pub mod products;
 pub(crate) mod queries;
+pub mod replicas;
 
 /// Which database is behind the pool, for the few statements that differ.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +63,17 @@ pub struct Store {
     reader: AnyPool,
     backend: Backend,
     grouped: mpsc::Sender<GroupedWork>,
+    listen_url: Option<Redacted>,
+}
+
+/// A database URL kept out of `Debug` output: it may carry a password.
+#[derive(Clone)]
+struct Redacted(String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// Work run inside a shared transaction: it returns how to tell its caller
@@ -171,7 +183,14 @@ impl Store {
             reader,
             backend,
             grouped,
+            listen_url: (backend == Backend::Postgres).then(|| Redacted(url.clone())),
         })
+    }
+
+    /// The PostgreSQL URL change notices are listened for on (see
+    /// [`replicas::announce`]); `None` on SQLite.
+    pub(crate) fn listen_url(&self) -> Option<&str> {
+        self.listen_url.as_ref().map(|url| url.0.as_str())
     }
 
     /// The connection pool.

@@ -20,6 +20,9 @@ use tonic::transport::Channel;
 /// create databases in (`scripts/postgres.sh` prints one).
 pub const POSTGRES_URL_ENV: &str = "CIVICGRID_TEST_POSTGRES_URL";
 
+/// The audit log's origin in every test market.
+pub const TEST_LOG_ORIGIN: &str = "audit.civicgrid.test";
+
 /// Residents in the sample data every test market holds.
 pub const SAMPLE_ROWS: usize = 1000;
 
@@ -44,6 +47,8 @@ pub struct TestMarket {
     pub admin_token: String,
     /// The database URL, for tests that tamper with it directly.
     pub database_url: String,
+    /// Where products' folders are.
+    pub data_dir: std::path::PathBuf,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -97,14 +102,49 @@ impl TestMarket {
             &dir.path().join("products/population"),
             SAMPLE_ROWS,
         )?;
-        let market =
-            Marketplace::open(store, key, "audit.civicgrid.test", dir.path().to_owned()).await?;
+        let market = Marketplace::open(store, key, TEST_LOG_ORIGIN, dir.path().to_owned()).await?;
         let admin_token = market
             .bootstrap("platform", "admin@city.example")
             .await?
             .secret
             .expose()
             .to_owned();
+        let data_dir = dir.path().to_owned();
+        Self::serve(market, admin_token, database_url, data_dir, dir).await
+    }
+
+    /// Starts another server over this one's database and products' folders,
+    /// with the same signing key and origin: a second replica behind the
+    /// same load balancer.
+    ///
+    /// # Errors
+    /// When the database or the server cannot be started.
+    pub async fn start_replica(&self) -> anyhow::Result<Self> {
+        let store = Store::open(&Location::Url(self.database_url.clone())).await?;
+        let market = Marketplace::open(
+            store,
+            ed25519_dalek_key(),
+            TEST_LOG_ORIGIN,
+            self.data_dir.clone(),
+        )
+        .await?;
+        Self::serve(
+            market,
+            self.admin_token.clone(),
+            self.database_url.clone(),
+            self.data_dir.clone(),
+            tempfile::tempdir()?,
+        )
+        .await
+    }
+
+    async fn serve(
+        market: Arc<Marketplace>,
+        admin_token: String,
+        database_url: String,
+        data_dir: std::path::PathBuf,
+        dir: tempfile::TempDir,
+    ) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -124,6 +164,7 @@ impl TestMarket {
             market,
             admin_token,
             database_url,
+            data_dir,
             shutdown: Some(shutdown),
             server: Some(server),
             _dir: dir,
@@ -154,7 +195,8 @@ impl TestMarket {
 }
 
 /// The signing key tests use: fixed, so checkpoints are reproducible.
-fn ed25519_dalek_key() -> civicgrid_marketplace::audit::checkpoint::SigningKey {
+#[must_use]
+pub fn ed25519_dalek_key() -> civicgrid_marketplace::audit::checkpoint::SigningKey {
     civicgrid_marketplace::audit::checkpoint::SigningKey::from_bytes(&[42u8; 32])
 }
 

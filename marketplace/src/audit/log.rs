@@ -61,7 +61,10 @@ pub async fn head(connection: &mut AnyConnection, _backend: Backend) -> Result<F
 }
 
 /// The head, locked for an append until the caller's transaction ends.
-async fn head_for_append(connection: &mut AnyConnection, backend: Backend) -> Result<Frontier> {
+pub(crate) async fn head_for_append(
+    connection: &mut AnyConnection,
+    backend: Backend,
+) -> Result<Frontier> {
     let sql = format!(
         "SELECT {HEAD_FOR_APPEND_COLUMNS} FROM audit_head AS head WHERE head.id = 1{}",
         head_for_append_lock(backend)

@@ -176,8 +176,7 @@ async fn main() -> anyhow::Result<()> {
                 tracing::warn!(%error, "transparent huge pages stay on: expect a longer latency tail");
             }
             let market = open(&args.common).await?;
-            let interrupted =
-                civicgrid_marketplace::queries::recover_interrupted(market.store()).await?;
+            let interrupted = market.recover_interrupted().await?;
             if interrupted > 0 {
                 tracing::warn!(
                     interrupted,

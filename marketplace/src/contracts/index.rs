@@ -67,6 +67,13 @@ impl ContractIndex {
         Ok(index)
     }
 
+    /// Takes every grant from `fresh`, an index loaded since another server
+    /// changed contracts this one may not have heard of.
+    pub fn replace_with(&self, fresh: Self) {
+        let grants = fresh.grants.into_inner().expect("contract index lock");
+        *self.grants.write().expect("contract index lock") = grants;
+    }
+
     /// Brings the index in line with a committed contract.
     pub fn update(&self, contract: &Contract) {
         let key = (

@@ -101,7 +101,9 @@ pub async fn serve(
     // Without TCP_NODELAY, small responses wait for the client's delayed ACK
     // (about 40 ms a call; measured by benches/benches/queries.rs).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    builder
+    // The lease and the other servers' notices, for as long as this serves.
+    let upkeep = market.start_upkeep();
+    let served = builder
         .layer(auth::AuthenticateLayer::new(Arc::clone(&market)))
         .add_service(health)
         .add_service(reflection)
@@ -122,7 +124,9 @@ pub async fn serve(
         )))
         .add_service(proto::audit_server::AuditServer::new(AuditService(market)))
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        .await;
+    upkeep.stop().await;
+    served
 }
 
 /// The address a listener is bound to, for logs.

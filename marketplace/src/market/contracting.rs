@@ -217,6 +217,12 @@ impl Marketplace {
             reason,
         )
         .await?;
+        crate::store::replicas::announce(
+            &mut transaction,
+            self.store.backend(),
+            &crate::store::replicas::Change::Contract(contract.id.clone()),
+        )
+        .await?;
         transaction.commit().await?;
         self.contracts.update(&contract);
         Ok(contract)

@@ -9,6 +9,7 @@ mod audit_reads;
 mod contracting;
 mod querying;
 mod registration;
+pub mod replication;
 mod tenancy;
 
 pub use accounts::Deposit;
@@ -41,6 +42,7 @@ pub struct Marketplace {
     engine: std::sync::OnceLock<Arc<QueryEngine>>,
     runners: std::sync::OnceLock<Arc<dyn queries::remote::Runners>>,
     metrics: Arc<crate::metrics::Metrics>,
+    replica_id: String,
 }
 
 impl Marketplace {
@@ -64,17 +66,25 @@ impl Marketplace {
         let mut transaction = store.begin().await?;
         let access = Access::load(&mut transaction).await?;
         let contracts = ContractIndex::load(&mut transaction).await?;
+        let signer = NoteSigner::new(origin, signing_key);
+        crate::store::replicas::claim_log_identity(
+            &mut transaction,
+            origin,
+            &signer.verifier().to_string(),
+        )
+        .await?;
         transaction.commit().await?;
         Ok(Arc::new(Self {
             store,
             access,
             contracts,
-            signer: NoteSigner::new(origin, signing_key),
+            signer,
             origin: origin.to_owned(),
             data_dir,
             engine: std::sync::OnceLock::new(),
             runners: std::sync::OnceLock::new(),
             metrics: Arc::default(),
+            replica_id: identity::new_id("r"),
         }))
     }
 
@@ -287,5 +297,9 @@ impl queries::Market for Marketplace {
 
     fn runners(&self) -> Option<Arc<dyn queries::remote::Runners>> {
         self.runners.get().cloned()
+    }
+
+    fn replica_id(&self) -> &str {
+        &self.replica_id
     }
 }

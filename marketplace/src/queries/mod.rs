@@ -53,14 +53,26 @@ pub const MAX_SQL_BYTES: usize = 64 << 10;
 /// Splits an IPC stream into response chunks of at most this many bytes.
 pub const RESULT_CHUNK_BYTES: usize = 1 << 20;
 
-/// Deletes queries left `running` by a process that stopped mid-query: none
-/// was charged or released, their holds vanish with them, and each is audited
-/// as interrupted. Call before serving.
+/// Deletes queries left `running` by servers that stopped mid-query (every
+/// server but `me` that has not renewed its lease for `lease`): none was
+/// charged or released, their holds vanish with them, and each is audited
+/// as interrupted. Servers call it at start and then every few seconds.
 ///
 /// # Errors
 /// Database failures.
-pub async fn recover_interrupted(store: &Store) -> Result<u64> {
-    store::queries::remove_running(store, None, "the server stopped while the query ran").await
+pub async fn recover_interrupted(
+    store: &Store,
+    me: &str,
+    lease: std::time::Duration,
+) -> Result<u64> {
+    let which = store::queries::Interrupted::OfStoppedReplicas {
+        me,
+        lease_ms: i64::try_from(lease.as_millis()).unwrap_or(i64::MAX),
+    };
+    if store::queries::count_interrupted(store, which).await? == 0 {
+        return Ok(0);
+    }
+    store::queries::remove_running(store, which, "the server running it stopped").await
 }
 
 /// What the query path needs of the marketplace around it: its permission
@@ -87,6 +99,10 @@ pub trait Market: Send + Sync {
     /// The runners queries go to, when the marketplace routes them; `None`
     /// runs them in this process.
     fn runners(&self) -> Option<std::sync::Arc<dyn remote::Runners>>;
+    /// This server's id among the servers sharing its database: the
+    /// queries it runs carry it, so that no other gives them up while it
+    /// lives.
+    fn replica_id(&self) -> &str;
 }
 
 /// Runs one query for `principal`, from authorization to settlement.
@@ -331,8 +347,12 @@ async fn settle_in_turn(
         _ => "settling it failed",
     };
     if settled.is_err()
-        && let Err(cleanup) =
-            store::queries::remove_running(market.store(), Some(&query_id), why).await
+        && let Err(cleanup) = store::queries::remove_running(
+            market.store(),
+            store::queries::Interrupted::One(&query_id),
+            why,
+        )
+        .await
     {
         tracing::error!(error = %cleanup, query = %query_id, "could not release a hold");
     }

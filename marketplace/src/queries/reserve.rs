@@ -242,6 +242,7 @@ pub(super) async fn reserve(
             data_center: runner
                 .as_ref()
                 .map_or("", |runner| runner.data_center.as_str()),
+            replica: market.replica_id(),
         },
     )
     .await?;
@@ -311,7 +312,10 @@ async fn terms_and_standing(
     asked: &Asked<'_>,
     mut seen: Option<Arc<StoredProduct>>,
 ) -> Result<(Arc<StoredProduct>, Terms, Standing)> {
-    loop {
+    // Each pass that does not return corrects the index from the database,
+    // so a contract cannot send the loop round twice; the bound is for the
+    // bug that would.
+    for _ in 0..8 {
         let (product, from_memory) = match seen.take() {
             Some(product) => (product, true),
             None => {
@@ -349,11 +353,21 @@ async fn terms_and_standing(
             ProductAsRead::of(read, spec),
         )
         .await?;
+        if !standing.contract_active {
+            // Revoked (or ended) by another server whose notice has not
+            // arrived: the stored contract decides, and corrects the index.
+            let contract = store::contracts::get(connection, &terms.contract_id).await?;
+            market.contract_index().update(&contract);
+            continue;
+        }
         if from_memory && !standing.product_unchanged {
             continue;
         }
         return Ok((product, terms, standing));
     }
+    Err(MarketError::Corrupt(
+        "the contract index and the stored contracts keep disagreeing".into(),
+    ))
 }
 
 /// The compute units a query may use: its own choice, or the server's

@@ -63,13 +63,23 @@ pub(super) async fn settle(
         },
         Err(failure) => Err(failure),
     };
-    let (usage, audit_head) = store::queries::usage_and_audit_head(
+    let (usage, audit_head, still_running) = store::queries::usage_and_audit_head(
         connection,
         backend,
         &reservation.contract_id,
         &reservation.period,
+        &reservation.query_id,
     )
     .await?;
+    if !still_running {
+        // Another server took this one for stopped (it stalled beyond its
+        // lease) and gave the query up: nothing of it may be charged now.
+        return Err(MarketError::Aborted(
+            "the query was given up as interrupted while it ran, and nothing was charged; \
+             retry under the same idempotency key"
+                .into(),
+        ));
+    }
     let Settled {
         mut summary,
         result,

@@ -60,17 +60,77 @@ fn error_of(row: &sqlx::any::AnyRow) -> Result<Option<(Unanswered, String)>> {
     })
 }
 
-/// Removes running queries (one, or all) with an `query.interrupted` audit
-/// entry each, in one transaction.
-pub(crate) async fn remove_running(store: &Store, only: Option<&str>, why: &str) -> Result<u64> {
+/// Which running queries to give up as interrupted.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Interrupted<'a> {
+    /// This one, whose settlement failed in a live server.
+    One(&'a str),
+    /// Those of replicas, other than `me`, that have not renewed their
+    /// lease for `lease_ms` (see [`super::replicas`]).
+    OfStoppedReplicas { me: &'a str, lease_ms: i64 },
+}
+
+impl Interrupted<'_> {
+    fn condition(self, backend: Backend) -> String {
+        match self {
+            Self::One(_) => "id = $1".into(),
+            Self::OfStoppedReplicas { .. } => super::replicas::of_stopped_replica(backend),
+        }
+    }
+
+    fn bind<'q>(
+        self,
+        query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+        match self {
+            Self::One(id) => query.bind(id.to_owned()),
+            Self::OfStoppedReplicas { me, lease_ms } => query.bind(me.to_owned()).bind(lease_ms),
+        }
+    }
+}
+
+/// How many running queries `which` names, read without a lock: the
+/// periodic sweep takes the log's lock only when there is something to do.
+pub(crate) async fn count_interrupted(store: &Store, which: Interrupted<'_>) -> Result<i64> {
+    let sql = format!(
+        "SELECT COUNT(*) AS n FROM queries WHERE state = 'running' AND {}",
+        which.condition(store.backend())
+    );
+    let row = which
+        .bind(sqlx::query(sqlx::AssertSqlSafe(sql)))
+        .fetch_one(store.reader())
+        .await?;
+    Ok(row.try_get("n")?)
+}
+
+/// Removes the running queries `which` names, with a `query.interrupted`
+/// audit entry each, in one transaction.
+///
+/// The log's head is locked first, as a settlement locks it before it
+/// confirms its query still runs: the two queue on one lock in one order,
+/// so a query is either settled or given up, never both, and they never
+/// deadlock.
+pub(crate) async fn remove_running(
+    store: &Store,
+    which: Interrupted<'_>,
+    why: &str,
+) -> Result<u64> {
+    let backend = store.backend();
     let mut transaction = store.begin().await?;
-    let rows = sqlx::query(
+    let frontier = log::head_for_append(&mut transaction, backend).await?;
+    let condition = which.condition(backend);
+    let sql = format!(
         "SELECT id, consumer_organization_id, product_id, idempotency_key, held_minor \
-         FROM queries WHERE state = 'running' AND ($1 = '' OR id = $1)",
-    )
-    .bind(only.unwrap_or(""))
-    .fetch_all(&mut *transaction)
-    .await?;
+         FROM queries WHERE state = 'running' AND {condition}"
+    );
+    let rows = which
+        .bind(sqlx::query(sqlx::AssertSqlSafe(sql)))
+        .fetch_all(&mut *transaction)
+        .await?;
+    if rows.is_empty() {
+        transaction.rollback().await?;
+        return Ok(0);
+    }
     let mut events = Vec::with_capacity(rows.len());
     for row in &rows {
         let id: String = row.try_get("id")?;
@@ -87,30 +147,46 @@ pub(crate) async fn remove_running(store: &Store, only: Option<&str>, why: &str)
             }),
         });
     }
-    sqlx::query("DELETE FROM queries WHERE state = 'running' AND ($1 = '' OR id = $1)")
-        .bind(only.unwrap_or(""))
+    let sql = format!("DELETE FROM queries WHERE state = 'running' AND {condition}");
+    which
+        .bind(sqlx::query(sqlx::AssertSqlSafe(sql)))
         .execute(&mut *transaction)
         .await?;
-    log::append(&mut transaction, store.backend(), &events).await?;
+    let mut batch = WriteBatch::new();
+    log::append_after(&mut batch, backend, frontier, &events)?;
+    batch.execute(&mut transaction).await?;
     transaction.commit().await?;
     Ok(rows.len() as u64)
 }
 
 /// What a settlement reads, in one statement (on SQLite one trip to the
 /// writer's thread instead of two): the contract's use in the period so far,
-/// and the audit log's head, locked for the settlement's append.
+/// the audit log's head, locked for the settlement's append, and whether
+/// query `query_id` still runs. A server that stalled beyond its lease may
+/// find its query given up as interrupted by another (see
+/// [`remove_running`]); it must then not charge for it.
 pub(crate) async fn usage_and_audit_head(
     connection: &mut AnyConnection,
     backend: Backend,
     contract_id: &str,
     period: &str,
-) -> Result<(PeriodUsage, Frontier)> {
+    query_id: &str,
+) -> Result<(PeriodUsage, Frontier, bool)> {
+    // On PostgreSQL the head's lock may be waited for, and a subquery here
+    // would still see the rows as they were before the wait: the query is
+    // confirmed by a statement of its own once the lock is held.
+    let still_running = match backend {
+        Backend::Sqlite => {
+            "(SELECT COUNT(*) FROM queries WHERE id = $3 AND state = 'running') AS still_running"
+        }
+        Backend::Postgres => "1 AS still_running",
+    };
     let sql = format!(
         "SELECT COALESCE(counters.queries, 0) AS queries, \
          COALESCE(counters.compute_units, 0) AS compute_units, \
          COALESCE(counters.rows_released, 0) AS rows_released, \
          COALESCE(counters.subscription_charged, 0) AS subscription_charged, \
-         {head} \
+         {still_running}, {head} \
          FROM audit_head AS head \
          LEFT JOIN usage_counters AS counters \
            ON counters.contract_id = $1 AND counters.period = $2 \
@@ -118,12 +194,27 @@ pub(crate) async fn usage_and_audit_head(
         head = log::HEAD_FOR_APPEND_COLUMNS,
         lock = log::head_for_append_lock(backend),
     );
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+    let mut statement = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(contract_id)
-        .bind(period)
-        .fetch_one(&mut *connection)
-        .await?;
-    Ok((usage_from_row(&row)?, log::head_for_append_from_row(&row)?))
+        .bind(period);
+    if backend == Backend::Sqlite {
+        statement = statement.bind(query_id);
+    }
+    let row = statement.fetch_one(&mut *connection).await?;
+    let mut still_running = row.try_get::<i64, _>("still_running")? == 1;
+    if backend == Backend::Postgres {
+        still_running =
+            sqlx::query("SELECT id FROM queries WHERE id = $1 AND state = 'running' FOR UPDATE")
+                .bind(query_id)
+                .fetch_optional(&mut *connection)
+                .await?
+                .is_some();
+    }
+    Ok((
+        usage_from_row(&row)?,
+        log::head_for_append_from_row(&row)?,
+        still_running,
+    ))
 }
 
 /// A contract's use in a period, from a row with the `usage_counters`
@@ -150,6 +241,9 @@ pub(crate) struct Standing {
     /// Whether the product's row is still the one the reservation's terms
     /// were worked out from.
     pub product_unchanged: bool,
+    /// Whether the contract is still active as stored: another server may
+    /// have revoked it since this one's index was last told.
+    pub contract_active: bool,
 }
 
 /// Reads a reservation's [`Standing`] in one statement. On SQLite every
@@ -169,6 +263,7 @@ const STANDING: &str = concat!(
      COALESCE(counters.rows_released, 0) AS rows_released, \
      COALESCE(counters.subscription_charged, 0) AS subscription_charged, \
      (SELECT COUNT(*) FROM queries WHERE contract_id = $1 AND state = 'running') AS running, \
+     (SELECT COUNT(*) FROM contracts WHERE id = $1 AND state = 'active') AS contract_active, \
      COALESCE(account.balance_minor, 0) AS balance, ",
     super::ledger::open_holds_sum!("$4", "$5"),
     " AS held, \
@@ -243,6 +338,7 @@ pub(crate) async fn standing(
         held: row.try_get("held")?,
         privacy_spent: row.try_get("privacy_spent")?,
         product_unchanged: row.try_get::<i64, _>("product_unchanged")? == 1,
+        contract_active: row.try_get::<i64, _>("contract_active")? == 1,
     })
 }
 
@@ -318,6 +414,8 @@ pub(crate) struct RunningQuery<'a> {
     pub created_at: i64,
     /// The data center whose runner will run it (empty: this server).
     pub data_center: &'a str,
+    /// The server that runs it (see [`super::replicas`]).
+    pub replica: &'a str,
 }
 
 /// Records a query as running with its hold open; `false` when its
@@ -330,9 +428,9 @@ pub(crate) async fn insert_running(
         "INSERT INTO queries (id, consumer_organization_id, user_id, product_id, \
          provider_organization_id, contract_id, plan_id, idempotency_key, request_sha256, \
          sql_text, algorithm_sha256, period, state, error, error_code, currency, held_minor, \
-         hold_open, created_at, data_center) \
+         hold_open, created_at, data_center, replica_id) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'running', '', 0, $13, $14, \
-         1, $15, $16)",
+         1, $15, $16, $17)",
     )
     .bind(query.id)
     .bind(query.consumer)
@@ -350,6 +448,7 @@ pub(crate) async fn insert_running(
     .bind(query.held_minor)
     .bind(query.created_at)
     .bind(query.data_center)
+    .bind(query.replica)
     .execute(&mut *connection)
     .await;
     match inserted {

@@ -16,3 +16,4 @@ mod runner;
 mod runners_e2e;
 mod sandbox;
 mod sandbox_split;
+mod scale_out;

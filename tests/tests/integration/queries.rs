@@ -18,7 +18,7 @@ use civicgrid_tests::market::{
 };
 use tonic::Code;
 
-const BY_DISTRICT: &str =
+pub(crate) const BY_DISTRICT: &str =
     "SELECT district, COUNT(*) AS people FROM residents GROUP BY district ORDER BY district";
 
 /// A market whose server runs queries in the real sandbox.
@@ -27,11 +27,22 @@ async fn start(db: Db) -> anyhow::Result<(TestMarket, Cast)> {
 }
 
 /// [`start`] with the engine's configuration changed by `configure`.
-async fn start_with(
+pub(crate) async fn start_with(
     db: Db,
     configure: impl FnOnce(&mut EngineConfig),
 ) -> anyhow::Result<(TestMarket, Cast)> {
     let market = TestMarket::start(db).await?;
+    attach_engine(&market, configure).await?;
+    let cast = Cast::create(&market).await?;
+    Ok((market, cast))
+}
+
+/// Gives `market` a query engine on the real sandbox, configured by
+/// `configure` from the tests' defaults.
+pub(crate) async fn attach_engine(
+    market: &TestMarket,
+    configure: impl FnOnce(&mut EngineConfig),
+) -> anyhow::Result<()> {
     let guest = civicgrid_tests::sandbox::guest_dir().join("civicgrid_sandbox_guest.wasm");
     let cache = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/sandbox-cache");
     let mut config = EngineConfig::new(guest, cache);
@@ -39,12 +50,15 @@ async fn start_with(
     configure(&mut config);
     let engine = tokio::task::spawn_blocking(move || QueryEngine::open(config)).await??;
     market.market.attach_engine(engine)?;
-    let cast = Cast::create(&market).await?;
-    Ok((market, cast))
+    Ok(())
 }
 
 /// Publishes `population` and gives acme an active contract on it.
-async fn contract(market: &TestMarket, cast: &Cast, quota: i64) -> anyhow::Result<String> {
+pub(crate) async fn contract(
+    market: &TestMarket,
+    cast: &Cast,
+    quota: i64,
+) -> anyhow::Result<String> {
     publish(market, cast, "population").await?;
     let mut request = contract_request("population");
     request.monthly_query_quota = quota;
@@ -76,7 +90,7 @@ async fn approved_contract(
     Ok(contract_id)
 }
 
-fn query(sql: &str, key: &str) -> proto::RunQueryRequest {
+pub(crate) fn query(sql: &str, key: &str) -> proto::RunQueryRequest {
     proto::RunQueryRequest {
         product_id: "population".into(),
         sql: sql.into(),
@@ -85,18 +99,27 @@ fn query(sql: &str, key: &str) -> proto::RunQueryRequest {
     }
 }
 
-struct Answer {
-    summary: proto::QuerySummary,
-    ipc: Vec<u8>,
-    batches: Vec<RecordBatch>,
+pub(crate) struct Answer {
+    pub(crate) summary: proto::QuerySummary,
+    pub(crate) ipc: Vec<u8>,
+    pub(crate) batches: Vec<RecordBatch>,
 }
 
-async fn run(
+pub(crate) async fn run(
     market: &TestMarket,
     token: &str,
     request: proto::RunQueryRequest,
 ) -> Result<Answer, tonic::Status> {
-    let mut client = QueriesClient::new(market.channel.clone());
+    run_on(&market.channel, token, request).await
+}
+
+/// [`run`] through any server's channel.
+pub(crate) async fn run_on(
+    channel: &tonic::transport::Channel,
+    token: &str,
+    request: proto::RunQueryRequest,
+) -> Result<Answer, tonic::Status> {
+    let mut client = QueriesClient::new(channel.clone());
     let mut stream = client.run_query(authed(token, request)).await?.into_inner();
     let mut summary = None;
     let mut ipc = Vec::new();
@@ -122,7 +145,7 @@ async fn run(
     })
 }
 
-fn total_people(batches: &[RecordBatch]) -> anyhow::Result<i64> {
+pub(crate) fn total_people(batches: &[RecordBatch]) -> anyhow::Result<i64> {
     let mut total = 0;
     for batch in batches {
         let people = batch
@@ -136,7 +159,11 @@ fn total_people(batches: &[RecordBatch]) -> anyhow::Result<i64> {
     Ok(total)
 }
 
-async fn balance(market: &TestMarket, token: &str, org: &str) -> anyhow::Result<proto::Balance> {
+pub(crate) async fn balance(
+    market: &TestMarket,
+    token: &str,
+    org: &str,
+) -> anyhow::Result<proto::Balance> {
     let mut billing = BillingClient::new(market.channel.clone());
     Ok(billing
         .get_balance(authed(
@@ -153,7 +180,7 @@ async fn balance(market: &TestMarket, token: &str, org: &str) -> anyhow::Result<
         .unwrap_or_default())
 }
 
-async fn ledger(market: &TestMarket) -> anyhow::Result<proto::LedgerSummary> {
+pub(crate) async fn ledger(market: &TestMarket) -> anyhow::Result<proto::LedgerSummary> {
     let mut billing = BillingClient::new(market.channel.clone());
     Ok(billing
         .get_ledger_summary(authed(
@@ -164,7 +191,7 @@ async fn ledger(market: &TestMarket) -> anyhow::Result<proto::LedgerSummary> {
         .into_inner())
 }
 
-fn assert_sound(ledger: &proto::LedgerSummary) {
+pub(crate) fn assert_sound(ledger: &proto::LedgerSummary) {
     assert!(
         ledger.totals_minor.values().all(|total| *total == 0),
         "the ledger sums to zero: {ledger:?}"
@@ -173,7 +200,7 @@ fn assert_sound(ledger: &proto::LedgerSummary) {
     assert_eq!(ledger.open_holds, 0, "no hold is left open: {ledger:?}");
 }
 
-async fn deposit(market: &TestMarket, amount: i64) -> anyhow::Result<proto::Balance> {
+pub(crate) async fn deposit(market: &TestMarket, amount: i64) -> anyhow::Result<proto::Balance> {
     let mut billing = BillingClient::new(market.channel.clone());
     Ok(billing
         .deposit(authed(
@@ -827,8 +854,7 @@ async fn bad_requests_quota_and_interrupted_queries(db: Db) -> anyhow::Result<()
         ),
         "{retry_while_running:?}"
     );
-    let recovered =
-        civicgrid_marketplace::queries::recover_interrupted(market.market.store()).await?;
+    let recovered = market.market.recover_interrupted().await?;
     assert_eq!(recovered, 1);
     let after = balance(&market, &cast.consumer_admin, "").await?;
     assert_eq!((after.balance_minor, after.held_minor), (9_500, 0));
@@ -1722,6 +1748,32 @@ async fn aggregate_contract(
     .await
 }
 
+/// Publishes `population-open`, the sample data with every column public
+/// and nothing withheld, priced per compute unit (1 minor unit each), so a
+/// query's budget is the consumer's and its cost exact; gives acme an
+/// aggregate contract on it and returns the contract's id.
+pub(crate) async fn open_product_contract(
+    market: &TestMarket,
+    cast: &Cast,
+) -> anyhow::Result<String> {
+    let mut open = sample_spec();
+    open.storage_location = "products/population-open".into();
+    for column in &mut open.tables[0].columns {
+        column.sensitivity = proto::Sensitivity::Public as i32;
+    }
+    open.output_policy = Some(proto::OutputPolicy {
+        min_aggregation_count: 1,
+        max_result_bytes: 1 << 20,
+        ..Default::default()
+    });
+    open.price_plans = vec![per_compute_unit()];
+    civicgrid_marketplace::quality::write_sample_population(
+        &market.market.data_dir().join("products/population-open"),
+        SAMPLE_ROWS,
+    )?;
+    aggregate_contract(market, cast, "population-open", open).await
+}
+
 fn per_compute_unit() -> proto::PricePlan {
     proto::PricePlan {
         id: "per-unit".into(),
@@ -1766,22 +1818,7 @@ async fn a_querys_cost_counts_no_withheld_rows(db: Db) -> anyhow::Result<()> {
     );
 
     let guarded = aggregate_contract(&market, &cast, "population", sample_spec()).await?;
-    let mut open = sample_spec();
-    open.storage_location = "products/population-open".into();
-    for column in &mut open.tables[0].columns {
-        column.sensitivity = proto::Sensitivity::Public as i32;
-    }
-    open.output_policy = Some(proto::OutputPolicy {
-        min_aggregation_count: 1,
-        max_result_bytes: 1 << 20,
-        ..Default::default()
-    });
-    open.price_plans = vec![per_compute_unit()];
-    civicgrid_marketplace::quality::write_sample_population(
-        &market.market.data_dir().join("products/population-open"),
-        SAMPLE_ROWS,
-    )?;
-    aggregate_contract(&market, &cast, "population-open", open).await?;
+    open_product_contract(&market, &cast).await?;
     deposit(&market, 1_000_000).await?;
     let token = &cast.consumer_analyst;
 

@@ -167,7 +167,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let key = crate::signing_key(&data_dir.join("audit-signing.key"))?;
     let origin = "civicgrid.local/audit";
     let market = Marketplace::open(store, key, origin, data_dir.clone()).await?;
-    civicgrid_marketplace::queries::recover_interrupted(market.store()).await?;
+    market.recover_interrupted().await?;
     eprintln!("loading the SQL guest {} …", guest.display());
     let engine = tokio::task::spawn_blocking(move || EngineFlags::open(config))
         .await?

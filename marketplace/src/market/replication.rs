@@ -1,0 +1,212 @@
+//! Several servers on one database (docs/marketplace.md, "Several servers
+//! on one PostgreSQL"): each renews a lease while it lives, gives up the
+//! queries of servers that stopped, and hears from the others, through
+//! PostgreSQL `LISTEN`/`NOTIFY`, which contracts and role bindings they
+//! changed, so that what it keeps in memory follows within a second.
+//!
+//! What must hold across servers the database holds itself: a query's hold
+//! and idempotency key are rows with unique keys, every ledger and audit
+//! write queues on row locks, and a revoked contract is refused by the
+//! reservation's own read of it, whatever this server's index says.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+
+use super::Marketplace;
+use crate::contracts::ContractIndex;
+use crate::error::Result;
+use crate::store::replicas::{self, CHANGES_CHANNEL, Change};
+
+/// How often a server renews its lease and looks for stopped servers'
+/// queries.
+pub const RENEW_EVERY: Duration = Duration::from_secs(2);
+
+/// How long a server that stopped renewing counts as alive. A server that
+/// stalls this long (a paused VM) finds its running queries given up, and
+/// their settlement refused rather than charged twice.
+pub const REPLICA_LEASE: Duration = Duration::from_secs(10);
+
+/// The wait before listening again after the notice connection failed.
+const RELISTEN_AFTER: Duration = Duration::from_secs(1);
+
+/// The background work that lets a server share its database: stop it when
+/// the server stops serving.
+#[derive(Debug)]
+pub struct Upkeep {
+    market: Arc<Marketplace>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Upkeep {
+    /// Stops renewing and listening, and removes this server's lease, so
+    /// the others need not wait for it to lapse.
+    pub async fn stop(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        let left = async {
+            let mut connection = self.market.store.acquire().await?;
+            replicas::leave(&mut connection, &self.market.replica_id).await
+        };
+        if let Err(error) = left.await {
+            tracing::warn!(%error, "could not remove this server's lease; it lapses by itself");
+        }
+    }
+}
+
+impl Marketplace {
+    /// This server's id among those sharing its database.
+    #[must_use]
+    pub fn replica_id(&self) -> &str {
+        &self.replica_id
+    }
+
+    /// Records this server's lease, then gives up the queries that servers
+    /// which stopped left running (see [`crate::queries::recover_interrupted`]).
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn recover_interrupted(&self) -> Result<u64> {
+        self.renew_lease().await?;
+        crate::queries::recover_interrupted(&self.store, &self.replica_id, REPLICA_LEASE).await
+    }
+
+    async fn renew_lease(&self) -> Result<()> {
+        let mut connection = self.store.acquire().await?;
+        replicas::renew(
+            &mut connection,
+            self.store.backend(),
+            &self.replica_id,
+            &host_name(),
+        )
+        .await
+    }
+
+    /// Starts renewing this server's lease, sweeping stopped servers'
+    /// queries and, on PostgreSQL, following the other servers' changes.
+    #[must_use]
+    pub fn start_upkeep(self: &Arc<Self>) -> Upkeep {
+        let mut tasks = vec![tokio::spawn(renew_and_sweep(Arc::clone(self)))];
+        if let Some(url) = self.store.listen_url() {
+            tasks.push(tokio::spawn(follow_changes(
+                Arc::clone(self),
+                url.to_owned(),
+            )));
+        }
+        Upkeep {
+            market: Arc::clone(self),
+            tasks,
+        }
+    }
+
+    /// Reads again everything other servers may have changed: the contract
+    /// index and casbin's rules.
+    ///
+    /// # Errors
+    /// Database or casbin failures; what was kept stays as it was.
+    pub async fn reload_shared_state(&self) -> Result<()> {
+        let mut connection = self.store.reader().acquire().await?;
+        let contracts = ContractIndex::load(&mut connection).await?;
+        self.access.reload(&mut connection).await?;
+        self.contracts.replace_with(contracts);
+        Ok(())
+    }
+
+    async fn apply_change(&self, change: Option<Change>) -> Result<()> {
+        match change {
+            Some(Change::Contract(id)) => {
+                let mut connection = self.store.reader().acquire().await?;
+                let contract = crate::store::contracts::get(&mut connection, &id).await?;
+                self.contracts.update(&contract);
+                Ok(())
+            }
+            Some(Change::Access) => {
+                let mut connection = self.store.reader().acquire().await?;
+                self.access.reload(&mut connection).await
+            }
+            Some(Change::Runners) => Ok(()),
+            None => self.reload_shared_state().await,
+        }
+    }
+}
+
+fn host_name() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    format!("{host} pid {}", std::process::id())
+}
+
+async fn renew_and_sweep(market: Arc<Marketplace>) {
+    let mut ticks = tokio::time::interval(RENEW_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if let Err(error) = market.renew_lease().await {
+            tracing::warn!(%error, "could not renew this server's lease");
+            continue;
+        }
+        match crate::queries::recover_interrupted(&market.store, &market.replica_id, REPLICA_LEASE)
+            .await
+        {
+            Ok(0) => {}
+            Ok(interrupted) => tracing::warn!(
+                interrupted,
+                "gave up queries another server left running when it stopped (none was charged)"
+            ),
+            Err(error) => tracing::warn!(%error, "could not look for stopped servers' queries"),
+        }
+        let forgotten = async {
+            let mut connection = market.store.acquire().await?;
+            replicas::forget_stopped(
+                &mut connection,
+                market.store.backend(),
+                &market.replica_id,
+                i64::try_from(REPLICA_LEASE.as_millis()).unwrap_or(i64::MAX),
+            )
+            .await
+        };
+        if let Err(error) = forgotten.await {
+            tracing::warn!(%error, "could not forget stopped servers");
+        }
+    }
+}
+
+/// Listens for the other servers' change notices. Notices sent while no
+/// connection listened are lost, so every (re)connection starts with a
+/// full read of what they could have changed.
+async fn follow_changes(market: Arc<Marketplace>, url: String) {
+    loop {
+        let listening = async {
+            let mut listener = PgListener::connect(&url).await?;
+            listener.listen(CHANGES_CHANNEL).await?;
+            Ok::<_, crate::error::MarketError>(listener)
+        };
+        let mut listener = match listening.await {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for other servers' changes; retrying");
+                tokio::time::sleep(RELISTEN_AFTER).await;
+                continue;
+            }
+        };
+        if let Err(error) = market.reload_shared_state().await {
+            tracing::warn!(%error, "cannot read contracts and roles again; retrying");
+            tokio::time::sleep(RELISTEN_AFTER).await;
+            continue;
+        }
+        // `None` or an error: the connection was lost, so listen anew and
+        // read everything.
+        while let Ok(Some(notice)) = listener.try_recv().await {
+            let change = Change::parse(notice.payload());
+            if let Err(error) = market.apply_change(change).await {
+                tracing::warn!(%error, "cannot apply another server's change; reading everything again");
+                if let Err(error) = market.reload_shared_state().await {
+                    tracing::warn!(%error, "cannot read contracts and roles again");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(RELISTEN_AFTER).await;
+    }
+}
