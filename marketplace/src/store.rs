@@ -25,6 +25,7 @@ pub(crate) mod ledger;
 pub mod products;
 pub(crate) mod queries;
 pub mod replicas;
+pub mod runner_reports;
 
 /// Which database is behind the pool, for the few statements that differ.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -236,6 +236,9 @@ async fn main() -> anyhow::Result<()> {
                     client_tls,
                     std::time::Duration::from_secs(args.runner_ttl_secs.max(1)),
                 );
+                // Runners report to whichever server the load balancer
+                // picks; on PostgreSQL every server hears of them all.
+                let _sharing = directory.share_through(market.store().clone());
                 market.attach_runners(directory.clone())?;
                 let listener = tokio::net::TcpListener::bind(address)
                     .await

@@ -14,10 +14,13 @@ use civicgrid_sandbox::{Outcome, RunFailure, SandboxError};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
 
+use prost::Message as _;
+
 use crate::error::MarketError;
 use crate::queries::remote::{
     MeasureJob, RemoteJob, RemoteMeasure, RemoteRun, RunnerChoice, Runners,
 };
+use crate::store::{Backend, Store, runner_reports};
 
 /// How long a runner counts as ready after a heartbeat, unless configured.
 pub const DEFAULT_RUNNER_TTL: Duration = Duration::from_secs(15);
@@ -40,11 +43,23 @@ const ANSWER_MARGIN: Duration = Duration::from_secs(30);
 /// every declared column once).
 const MEASURE_WITHIN: Duration = Duration::from_secs(600);
 
+/// How often a server reads the runners' reports other servers received.
+const SHARED_REPORTS_EVERY: Duration = Duration::from_secs(1);
+
 #[derive(Debug)]
 struct Registered {
     channel: Channel,
     status: proto::RunnerStatus,
     seen: Instant,
+    /// When it last failed to take a query: it is not picked again until a
+    /// report newer than that.
+    down_since: Option<Instant>,
+}
+
+impl Registered {
+    fn ready(&self, ttl: Duration) -> bool {
+        self.seen.elapsed() < ttl && self.down_since.is_none_or(|down| self.seen > down)
+    }
 }
 
 /// The runners that have reported, by data center and endpoint.
@@ -52,6 +67,8 @@ pub struct RunnerDirectory {
     runners: RwLock<HashMap<String, HashMap<String, Registered>>>,
     client_tls: ClientTlsConfig,
     ttl: Duration,
+    /// Where reports are shared with the other servers on the database.
+    shared: std::sync::OnceLock<Store>,
 }
 
 impl std::fmt::Debug for RunnerDirectory {
@@ -72,16 +89,71 @@ impl RunnerDirectory {
             runners: RwLock::default(),
             client_tls,
             ttl,
+            shared: std::sync::OnceLock::new(),
         })
     }
 
-    fn record(&self, mut status: proto::RunnerStatus) -> Result<(), Status> {
+    /// Shares reports with the other servers on `store`'s database: each
+    /// report this server receives is stored, and every second the reports
+    /// the others received are read, so a runner that reports to any server
+    /// behind the load balancer takes queries from all. Only PostgreSQL
+    /// serves several servers; on SQLite this does nothing.
+    pub fn share_through(self: &Arc<Self>, store: Store) -> Option<tokio::task::JoinHandle<()>> {
+        if store.backend() != Backend::Postgres || self.shared.set(store.clone()).is_err() {
+            return None;
+        }
+        let directory = Arc::clone(self);
+        Some(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(SHARED_REPORTS_EVERY);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let kept_ms =
+                i64::try_from(directory.ttl.saturating_mul(4).as_millis()).unwrap_or(i64::MAX);
+            loop {
+                ticks.tick().await;
+                match runner_reports::recent(store.reader(), store.backend(), kept_ms).await {
+                    Ok(reports) => directory.merge(reports),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot read the runners' reports other servers received");
+                    }
+                }
+            }
+        }))
+    }
+
+    /// Takes in reports other servers received (and checked), each as of
+    /// when it was received.
+    fn merge(&self, reports: Vec<runner_reports::StoredReport>) {
+        for report in reports {
+            let Ok(status) = proto::RunnerStatus::decode(report.status.as_slice()) else {
+                tracing::warn!(data_center = %report.data_center, "a stored runner report does not decode");
+                continue;
+            };
+            if status.data_center != report.data_center || status.endpoint != report.endpoint {
+                tracing::warn!(data_center = %report.data_center, "a stored runner report names another runner");
+                continue;
+            }
+            let age = Duration::from_millis(u64::try_from(report.age_ms).unwrap_or(0));
+            let seen = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            if let Err(status) = self.note(status, seen) {
+                tracing::debug!(%status, "a stored runner report is not taken");
+            }
+        }
+    }
+
+    fn record(&self, mut status: proto::RunnerStatus) -> Result<proto::RunnerStatus, Status> {
         status.endpoint = canonical_endpoint(&status.endpoint)?;
         if status.version.chars().count() > MAX_VERSION_CHARS {
             return Err(Status::invalid_argument(format!(
                 "version: at most {MAX_VERSION_CHARS} characters"
             )));
         }
+        self.note(status.clone(), Instant::now())?;
+        Ok(status)
+    }
+
+    /// Notes a checked report received at `seen`; an older one than what is
+    /// known changes nothing.
+    fn note(&self, status: proto::RunnerStatus, seen: Instant) -> Result<(), Status> {
         let name = certificate_name(&status.data_center);
         let endpoint = Endpoint::from_shared(status.endpoint.clone())
             .map_err(|error| Status::invalid_argument(format!("endpoint: {error}")))?
@@ -100,8 +172,13 @@ impl RunnerDirectory {
         let forgotten = self.ttl.saturating_mul(4);
         at.retain(|_, registered| registered.seen.elapsed() < forgotten);
         if let Some(known) = at.get_mut(&status.endpoint) {
-            known.status = status;
-            known.seen = Instant::now();
+            if seen > known.seen {
+                known.status = status;
+                known.seen = seen;
+            }
+            return Ok(());
+        }
+        if seen.elapsed() >= forgotten {
             return Ok(());
         }
         if at.len() >= MAX_RUNNERS_PER_DATA_CENTER {
@@ -116,7 +193,8 @@ impl RunnerDirectory {
             Registered {
                 channel: endpoint.connect_lazy(),
                 status,
-                seen: Instant::now(),
+                seen,
+                down_since: None,
             },
         );
         Ok(())
@@ -131,7 +209,7 @@ impl RunnerDirectory {
             .get(data_center)
             .map_or(0, |at| {
                 at.values()
-                    .filter(|registered| registered.seen.elapsed() < self.ttl)
+                    .filter(|registered| registered.ready(self.ttl))
                     .count()
             })
     }
@@ -147,9 +225,7 @@ impl RunnerDirectory {
             .get_mut(&choice.data_center)
             .and_then(|at| at.get_mut(&choice.endpoint))
         {
-            registered.seen = Instant::now()
-                .checked_sub(self.ttl)
-                .unwrap_or(registered.seen);
+            registered.down_since = Some(Instant::now());
         }
     }
 
@@ -189,7 +265,23 @@ impl Directory for DirectoryService {
                 "data_center: this certificate does not name {name}"
             )));
         }
-        self.0.record(status)?;
+        let status = self.0.record(status)?;
+        if let Some(store) = self.0.shared.get() {
+            let shared = async {
+                let mut connection = store.acquire().await?;
+                runner_reports::record(
+                    &mut connection,
+                    store.backend(),
+                    &status.data_center,
+                    &status.endpoint,
+                    &status.encode_to_vec(),
+                )
+                .await
+            };
+            if let Err(error) = shared.await {
+                tracing::warn!(%error, data_center = %status.data_center, "cannot share a runner's report with the other servers");
+            }
+        }
         Ok(Response::new(proto::HeartbeatReply {
             ttl_ms: u64::try_from(self.0.ttl.as_millis()).unwrap_or(u64::MAX),
         }))
@@ -231,7 +323,7 @@ impl Runners for RunnerDirectory {
             .iter()
             .filter_map(|data_center| Some((data_center, runners.get(data_center)?)))
             .flat_map(|(data_center, at)| at.values().map(move |r| (data_center, r)))
-            .filter(|(_, registered)| registered.seen.elapsed() < self.ttl)
+            .filter(|(_, registered)| registered.ready(self.ttl))
             // The least busy, and among equals any: a random tie-break
             // spreads queries over runners that report alike.
             .min_by_key(|(_, registered)| {
@@ -565,6 +657,44 @@ pub async fn serve_directory(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A report another server received counts as of when it was received:
+    /// it makes a runner ready, but does not undo a failure seen after it,
+    /// and one naming another runner than its row, or older than the TTL,
+    /// is not taken.
+    #[tokio::test]
+    async fn a_shared_report_counts_as_of_when_it_was_received() {
+        let directory = RunnerDirectory::new(ClientTlsConfig::new(), Duration::from_secs(1));
+        let status = proto::RunnerStatus {
+            data_center: "edge-1".into(),
+            endpoint: "https://127.0.0.1:1".into(),
+            version: "test".into(),
+            slots: 1,
+            busy_slots: 0,
+        };
+        let stored = |age_ms| runner_reports::StoredReport {
+            data_center: "edge-1".into(),
+            endpoint: status.endpoint.clone(),
+            status: status.encode_to_vec(),
+            age_ms,
+        };
+        let hosts = ["edge-1".to_owned()];
+        directory.merge(vec![stored(1_500)]);
+        assert_eq!(directory.pick(&hosts), None, "older than the TTL");
+        directory.merge(vec![stored(100)]);
+        let choice = directory.pick(&hosts).expect("ready from a shared report");
+        directory.mark_down(&choice);
+        assert_eq!(directory.pick(&hosts), None);
+        directory.merge(vec![stored(50)]);
+        assert_eq!(directory.pick(&hosts), None, "received before it failed");
+        std::thread::sleep(Duration::from_millis(5));
+        directory.merge(vec![stored(0)]);
+        assert_eq!(directory.pick(&hosts), Some(choice), "received after");
+        let mut elsewhere = stored(0);
+        elsewhere.data_center = "core".into();
+        directory.merge(vec![elsewhere]);
+        assert_eq!(directory.pick(&["core".to_owned()]), None);
+    }
 
     fn ran(privacy_spent: f64) -> proto::Ran {
         proto::Ran {

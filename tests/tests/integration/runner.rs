@@ -623,6 +623,107 @@ async fn queries_run_on_a_runner_where_the_product_is_hosted() -> anyhow::Result
     Ok(())
 }
 
+/// Two servers on one PostgreSQL behind a load balancer: a runner reports
+/// to one of them, and the other routes its queries there too, within a
+/// couple of seconds; once the runner's reports stop, neither picks it.
+#[tokio::test]
+async fn a_runner_reporting_to_one_server_takes_queries_from_another() -> anyhow::Result<()> {
+    use civicgrid_marketplace::grpc::runners::{RunnerDirectory, serve_directory};
+    use civicgrid_marketplace::queries::remote::Runners as _;
+    use civicgrid_tests::market::{Db, SAMPLE_ROWS};
+
+    let pki = Pki::generate()?;
+    let (a, cast) = market_with_a_contract_on(Db::Postgres, 10_000).await?;
+    let b = a.start_replica().await?;
+    super::queries::attach_engine(&b, |_| {}).await?;
+    let client_tls = || {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&pki.ca))
+            .identity(Identity::from_pem(&pki.directory.0, &pki.directory.1))
+    };
+    let ttl = Duration::from_secs(2);
+    let directory_a = RunnerDirectory::new(client_tls(), ttl);
+    let _sharing_a = directory_a
+        .share_through(a.market.store().clone())
+        .context("PostgreSQL shares reports")?;
+    a.market.attach_runners(directory_a.clone())?;
+    let directory_b = RunnerDirectory::new(client_tls(), ttl);
+    let _sharing_b = directory_b
+        .share_through(b.market.store().clone())
+        .context("PostgreSQL shares reports")?;
+    b.market.attach_runners(directory_b.clone())?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let directory_address = listener.local_addr()?;
+    let (_stop_directory, directory_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve_directory(
+        directory_a.clone(),
+        listener,
+        civicgrid_runner::mutual_tls(&pki.directory.0, &pki.directory.1, &pki.ca),
+        async {
+            let _ = directory_stopped.await;
+        },
+    ));
+    // Both servers' own copy of the product goes: answers come from the runner.
+    std::fs::remove_dir_all(a.data_dir.join("products/population"))?;
+    let data = tempfile::tempdir()?;
+    civicgrid_marketplace::quality::write_sample_population(
+        &data.path().join("products/population"),
+        SAMPLE_ROWS,
+    )?;
+    let runner = start_runner(data.path(), &pki.municipal, &pki).await?;
+    let stop_heartbeats = heartbeats(
+        directory_address,
+        &pki,
+        &pki.municipal,
+        "municipal-core",
+        &runner,
+    );
+    let hosts = ["municipal-core".to_owned()];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while directory_b.pick(&hosts).is_none() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "B never heard of the runner that reports to A"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ask = |key: &str| civicgrid_marketplace::proto::RunQueryRequest {
+        product_id: "population".into(),
+        sql: "SELECT district, COUNT(*) AS people FROM residents GROUP BY district".into(),
+        idempotency_key: key.into(),
+        ..Default::default()
+    };
+    let answer = super::queries::run(&b, &cast.consumer_analyst, ask("k-via-b")).await?;
+    assert_eq!(answer.summary.state, "completed", "{:?}", answer.summary);
+    assert_eq!(answer.summary.data_center, "municipal-core");
+    assert!(
+        super::queries::total_people(&answer.batches)? > 0,
+        "{:?}",
+        answer.summary
+    );
+
+    // The runner stops reporting: once its last report is older than the
+    // TTL (by the database's clock), B no longer picks it either.
+    drop(stop_heartbeats);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while directory_b.pick(&hosts).is_some() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "B keeps a runner whose reports stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = super::queries::run(&b, &cast.consumer_analyst, ask("k-gone"))
+        .await
+        .err()
+        .context("no runner is ready")?;
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    drop(runner);
+    b.stop().await;
+    a.stop().await;
+    Ok(())
+}
+
 /// One of a data center's runners dies: the next query sent to it is
 /// passed to the data center's other runner, the dead one is counted gone
 /// at once, and no query is refused, failed or charged twice for it.
@@ -684,19 +785,24 @@ async fn market_with_a_contract(
     civicgrid_tests::market::TestMarket,
     civicgrid_tests::market::Cast,
 )> {
+    market_with_a_contract_on(civicgrid_tests::market::Db::Sqlite, deposit).await
+}
+
+/// [`market_with_a_contract`] on `db`.
+async fn market_with_a_contract_on(
+    db: civicgrid_tests::market::Db,
+    deposit: i64,
+) -> anyhow::Result<(
+    civicgrid_tests::market::TestMarket,
+    civicgrid_tests::market::Cast,
+)> {
     use civicgrid_marketplace::proto::{
         billing_client::BillingClient, contracts_client::ContractsClient,
     };
-    use civicgrid_marketplace::queries::{EngineConfig, QueryEngine};
-    use civicgrid_tests::market::{Cast, Db, TestMarket, authed, contract_request, publish};
+    use civicgrid_tests::market::{Cast, TestMarket, authed, contract_request, publish};
 
-    let market = TestMarket::start(Db::Sqlite).await?;
-    let guest = civicgrid_tests::sandbox::guest_dir().join("civicgrid_sandbox_guest.wasm");
-    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/sandbox-cache");
-    let engine =
-        tokio::task::spawn_blocking(move || QueryEngine::open(EngineConfig::new(guest, cache)))
-            .await??;
-    market.market.attach_engine(engine)?;
+    let market = TestMarket::start(db).await?;
+    super::queries::attach_engine(&market, |_| {}).await?;
     let cast = Cast::create(&market).await?;
     publish(&market, &cast, "population").await?;
     let mut contracts = ContractsClient::new(market.channel.clone());
