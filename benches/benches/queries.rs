@@ -16,7 +16,8 @@
 //! Run: `bash sandbox/build-guests.sh && cargo bench -p civicgrid-benches
 //! --bench queries` (`-- --queries N` per client count and per rate; default
 //! 400; `--concurrent-queries N` for the sandbox's concurrent runs, the
-//! server flag of that name; default the engine's).
+//! server flag of that name; default the engine's). `-- --scale-out` instead
+//! compares one server with two on one PostgreSQL.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -197,14 +198,70 @@ async fn bench(
     } else {
         println!("== {db:?}");
     }
-    let market = TestMarket::start(db).await?;
-    let mut config = EngineConfig::new(guest_path(), cache_dir());
-    config.default_compute_units = 1_000;
-    if let Some(concurrent) = concurrent_queries {
-        config.concurrent_queries = concurrent;
+    let (market, cast) = serving_market(db, concurrent_queries).await?;
+    // The runner reads its own copy of the product's files; the marketplace
+    // sends it every query.
+    let runner_data = tempfile::tempdir()?;
+    let _routed = if routed {
+        civicgrid_marketplace::quality::write_sample_population(
+            &runner_data.path().join("products/population"),
+            civicgrid_tests::market::SAMPLE_ROWS,
+        )?;
+        Some(
+            civicgrid_tests::runners::route(&market, "municipal-core", runner_data.path(), 1)
+                .await?,
+        )
+    } else {
+        None
+    };
+    let mut client = QueriesClient::new(market.channel.clone());
+    for i in 0..20 {
+        one_query(&mut client, &cast.consumer_analyst, format!("warm-{i}")).await;
     }
-    let engine = tokio::task::spawn_blocking(move || QueryEngine::open(config)).await??;
-    market.market.attach_engine(engine)?;
+    for clients in [1_usize, 32, 64] {
+        let before = market.market.metrics().encode();
+        let cpu_before = CpuTimes::now();
+        let (latencies, elapsed) = closed_loop(
+            &[&market],
+            &cast.consumer_analyst,
+            clients,
+            queries,
+            &format!("c{clients}"),
+        )
+        .await?;
+        let answered = latencies.len();
+        report(&format!("{clients:>2} client(s)"), latencies, elapsed);
+        println!(
+            "      {}",
+            CpuTimes::now().per_query_since(&cpu_before, answered)
+        );
+        let after = market.market.metrics().encode();
+        let before: std::collections::HashMap<_, _> = stage_means(&before)
+            .into_iter()
+            .map(|(stage, mean, count)| (stage, (mean, count)))
+            .collect();
+        for (stage, mean, count) in stage_means(&after) {
+            let (old_mean, old_count) = before.get(&stage).copied().unwrap_or((0.0, 0));
+            let new = count.saturating_sub(old_count).max(1) as f64;
+            let stage_mean = (mean * count as f64 - old_mean * old_count as f64) / new;
+            println!("      {stage:>9}: {:>6.2} ms mean", stage_mean * 1e3);
+        }
+    }
+    for rate in rates {
+        open_loop(&market, &cast.consumer_analyst, *rate, queries).await?;
+    }
+    market.stop().await;
+    Ok(())
+}
+
+/// A server with the sandbox, a published product and a funded consumer
+/// with a contract on it.
+async fn serving_market(
+    db: Db,
+    concurrent_queries: Option<u32>,
+) -> anyhow::Result<(TestMarket, Cast)> {
+    let market = TestMarket::start(db).await?;
+    attach_engine(&market, concurrent_queries).await?;
     let cast = Cast::create(&market).await?;
     publish(&market, &cast, "population").await?;
     let mut contracts = ContractsClient::new(market.channel.clone());
@@ -234,73 +291,114 @@ async fn bench(
             },
         ))
         .await?;
-    // The runner reads its own copy of the product's files; the marketplace
-    // sends it every query.
-    let runner_data = tempfile::tempdir()?;
-    let _routed = if routed {
-        civicgrid_marketplace::quality::write_sample_population(
-            &runner_data.path().join("products/population"),
-            civicgrid_tests::market::SAMPLE_ROWS,
-        )?;
-        Some(
-            civicgrid_tests::runners::route(&market, "municipal-core", runner_data.path(), 1)
-                .await?,
-        )
-    } else {
-        None
-    };
-    let mut client = QueriesClient::new(market.channel.clone());
-    for i in 0..20 {
-        one_query(&mut client, &cast.consumer_analyst, format!("warm-{i}")).await;
+    Ok((market, cast))
+}
+
+/// Gives `market` the engine every server of this bench runs.
+async fn attach_engine(market: &TestMarket, concurrent_queries: Option<u32>) -> anyhow::Result<()> {
+    let mut config = EngineConfig::new(guest_path(), cache_dir());
+    config.default_compute_units = 1_000;
+    if let Some(concurrent) = concurrent_queries {
+        config.concurrent_queries = concurrent;
     }
-    for clients in [1_usize, 32, 64] {
-        let before = market.market.metrics().encode();
-        let cpu_before = CpuTimes::now();
-        let per_client = queries.div_ceil(clients);
-        let started = Instant::now();
-        let mut tasks = Vec::new();
-        for c in 0..clients {
-            let mut client = QueriesClient::new(market.channel.clone());
-            let token = cast.consumer_analyst.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut latencies = Vec::with_capacity(per_client);
-                for q in 0..per_client {
-                    latencies
-                        .push(one_query(&mut client, &token, format!("c{clients}-{c}-{q}")).await);
-                }
-                latencies
-            }));
-        }
-        let mut latencies = Vec::new();
-        for task in tasks {
-            latencies.extend(task.await?);
-        }
-        let answered = latencies.len();
-        report(
-            &format!("{clients:>2} client(s)"),
-            latencies,
-            started.elapsed(),
+    let engine = tokio::task::spawn_blocking(move || QueryEngine::open(config)).await??;
+    market.market.attach_engine(engine)?;
+    Ok(())
+}
+
+/// `clients` closed-loop clients, spread in turn over `servers`, each
+/// sending its share of `queries`; the latencies and the time it took.
+async fn closed_loop(
+    servers: &[&TestMarket],
+    token: &str,
+    clients: usize,
+    queries: usize,
+    tag: &str,
+) -> anyhow::Result<(Vec<Duration>, Duration)> {
+    let per_client = queries.div_ceil(clients);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let mut client = QueriesClient::new(servers[c % servers.len()].channel.clone());
+        let token = token.to_owned();
+        let tag = tag.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(per_client);
+            for q in 0..per_client {
+                latencies.push(one_query(&mut client, &token, format!("{tag}-{c}-{q}")).await);
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await?);
+    }
+    Ok((latencies, started.elapsed()))
+}
+
+/// Queries per second with one server and with two servers on one
+/// PostgreSQL, 32 clients either way (spread over both in the second), in
+/// turns: one, two, one, two. Both servers run in this process, as two
+/// replicas would on one machine: with fewer cores than the work needs they
+/// share them, and two servers cannot be faster than one.
+async fn scale_out(queries: usize, concurrent_queries: Option<u32>) -> anyhow::Result<()> {
+    println!("== PostgreSQL, one server against two on one database, 32 clients");
+    let (one, cast) = serving_market(Db::Postgres, concurrent_queries).await?;
+    let two = one.start_replica().await?;
+    attach_engine(&two, concurrent_queries).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while two.market.contract_index().is_empty() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the second server never heard of the contract"
         );
-        println!(
-            "      {}",
-            CpuTimes::now().per_query_since(&cpu_before, answered)
-        );
-        let after = market.market.metrics().encode();
-        let before: std::collections::HashMap<_, _> = stage_means(&before)
-            .into_iter()
-            .map(|(stage, mean, count)| (stage, (mean, count)))
-            .collect();
-        for (stage, mean, count) in stage_means(&after) {
-            let (old_mean, old_count) = before.get(&stage).copied().unwrap_or((0.0, 0));
-            let new = count.saturating_sub(old_count).max(1) as f64;
-            let stage_mean = (mean * count as f64 - old_mean * old_count as f64) / new;
-            println!("      {stage:>9}: {:>6.2} ms mean", stage_mean * 1e3);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let token = &cast.consumer_analyst;
+    for (server, name) in [(&one, "one"), (&two, "two")] {
+        let mut client = QueriesClient::new(server.channel.clone());
+        for i in 0..20 {
+            one_query(&mut client, token, format!("warm-{name}-{i}")).await;
         }
     }
-    for rate in rates {
-        open_loop(&market, &cast.consumer_analyst, *rate, queries).await?;
+    let (mut alone, mut shared) = (Vec::new(), Vec::new());
+    for turn in 0..2 {
+        for (servers, label) in [(vec![&one], "1 server "), (vec![&one, &two], "2 servers")] {
+            let cpu_before = CpuTimes::now();
+            let (latencies, elapsed) = closed_loop(
+                &servers,
+                token,
+                32,
+                queries,
+                &format!("t{turn}-{}", servers.len()),
+            )
+            .await?;
+            let answered = latencies.len();
+            let rate = answered as f64 / elapsed.as_secs_f64();
+            report(label, latencies, elapsed);
+            println!(
+                "      {}",
+                CpuTimes::now().per_query_since(&cpu_before, answered)
+            );
+            if servers.len() == 1 {
+                alone.push(rate);
+            } else {
+                shared.push(rate);
+            }
+        }
     }
-    market.stop().await;
+    let mean = |rates: &[f64]| rates.iter().sum::<f64>() / rates.len() as f64;
+    println!(
+        "two servers against one: {:.2}x ({:.1} against {:.1} queries/s, mean of {} turns; {} cores here)",
+        mean(&shared) / mean(&alone),
+        mean(&shared),
+        mean(&alone),
+        alone.len(),
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+    );
+    two.stop().await;
+    one.stop().await;
     Ok(())
 }
 
@@ -427,6 +525,10 @@ struct Args {
     /// the engine's default unless given.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     concurrent_queries: Option<u32>,
+    /// Only compare one server with two on one PostgreSQL
+    /// (`CIVICGRID_TEST_POSTGRES_URL`).
+    #[arg(long)]
+    scale_out: bool,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -439,6 +541,9 @@ async fn main() -> anyhow::Result<()> {
     civicgrid_marketplace::process::disable_transparent_huge_pages()?;
     let queries = usize::try_from(args.queries)?;
     let (rates, concurrent_queries) = (args.rates, args.concurrent_queries);
+    if args.scale_out {
+        return scale_out(queries, concurrent_queries).await;
+    }
     tokio::task::spawn_blocking(move || baseline(queries)).await??;
     bench(Db::Sqlite, queries, &rates, concurrent_queries, false).await?;
     // The same path with the sandbox in a runner, for the price of the hop.

@@ -383,6 +383,14 @@ async fn commit_group(
     delivers: &mut Vec<Deliver>,
 ) -> Result<()> {
     let mut transaction = pool.begin().await?;
+    if Backend::of(&transaction) == Backend::Postgres {
+        // Reservations lock consumers' accounts and settlements lock the
+        // log's head, then accounts. Two groups (two servers on one
+        // database, or this server's group and a deposit) holding one each
+        // and waiting for the other would deadlock: every writer that
+        // locks both takes the head first (see `audit::log::lock_head`).
+        crate::audit::log::lock_head(&mut transaction, Backend::Postgres).await?;
+    }
     let mut opening = OPEN;
     let mut last_failed = false;
     for work in group {

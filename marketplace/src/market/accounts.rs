@@ -46,6 +46,7 @@ impl Marketplace {
         self.require(principal, "platform:cross-tenant", "billing:deposit")
             .await?;
         let mut transaction = self.store.begin().await?;
+        log::lock_head(&mut transaction, self.store.backend()).await?;
         let organization = identity::find_organization(&mut transaction, deposit.organization_id)
             .await?
             .ok_or_else(|| MarketError::NotFound {
