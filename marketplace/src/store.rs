@@ -91,6 +91,14 @@ type Deliver = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
 /// not hold every caller behind it.
 const MAX_GROUP: usize = 64;
 
+/// Every PostgreSQL session's settings. A server that stalls inside a
+/// transaction (a paused VM) would hold the log's head, and with it every
+/// server's writes, until its socket died; PostgreSQL ends such a
+/// transaction after a few idle seconds instead, well inside a server's
+/// lease (`market::replication::REPLICA_LEASE`), and the stalled server's
+/// work fails when it resumes.
+const POSTGRES_SESSION: &str = "SET idle_in_transaction_session_timeout = '5s'";
+
 /// Read-only connections beside SQLite's one writer.
 const SQLITE_READERS: u32 = 4;
 
@@ -147,6 +155,12 @@ impl Store {
                 AnyPoolOptions::new()
                     .max_connections(16)
                     .acquire_timeout(Duration::from_secs(10))
+                    .after_connect(|connection, _| {
+                        Box::pin(async move {
+                            connection.execute(POSTGRES_SESSION).await?;
+                            Ok(())
+                        })
+                    })
                     .connect_with(options.clone())
                     .await?
             }
@@ -323,6 +337,12 @@ async fn spawn_committer(source: CommitterPool, works: mpsc::Receiver<GroupedWor
                     CommitterPool::Own(options) => match AnyPoolOptions::new()
                         .max_connections(1)
                         .acquire_timeout(Duration::from_secs(10))
+                        .after_connect(|connection, _| {
+                            Box::pin(async move {
+                                connection.execute(POSTGRES_SESSION).await?;
+                                Ok(())
+                            })
+                        })
                         .connect_with(options)
                         .await
                     {

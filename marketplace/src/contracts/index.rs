@@ -91,6 +91,9 @@ impl ContractIndex {
                 plan_id: contract.plan_id.clone(),
                 monthly_query_quota: contract.monthly_query_quota,
             });
+            // In one order whatever order the grants were heard in, so every
+            // server runs a query under the same contract.
+            entry.sort_by(|a, b| a.contract_id.cmp(&b.contract_id));
         }
         if entry.is_empty() {
             grants.remove(&key);

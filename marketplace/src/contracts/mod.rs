@@ -222,7 +222,13 @@ pub async fn decide(
     }
     let now = now_ms();
     let expires_at = (decision == Decision::Approve).then(|| now + contract.duration_days * DAY_MS);
-    store::contracts::save_decision(connection, id, next, now, expires_at, reason).await?;
+    if !store::contracts::save_decision(connection, id, (needed, next), now, expires_at, reason)
+        .await?
+    {
+        return Err(MarketError::FailedPrecondition(format!(
+            "contract {id} was decided by someone else just now; read it again"
+        )));
+    }
     let contract = get(connection, id).await?;
     audit(connection, backend, &contract, kind, actor).await?;
     Ok(contract)

@@ -68,6 +68,9 @@ impl From<MarketError> for Status {
     }
 }
 
+/// How long serving waits to follow the other servers' changes.
+const FOLLOWING_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves every service, reflection and health on `listener` until `shutdown`
 /// resolves.
 ///
@@ -101,8 +104,15 @@ pub async fn serve(
     // Without TCP_NODELAY, small responses wait for the client's delayed ACK
     // (about 40 ms a call; measured by benches/benches/queries.rs).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    // The lease and the other servers' notices, for as long as this serves.
-    let upkeep = market.start_upkeep();
+    // The lease and the other servers' notices, for as long as this serves;
+    // what was loaded at open may be minutes old, so serving waits (a
+    // while) until the server follows the others.
+    let mut upkeep = market.start_upkeep();
+    if !upkeep.following(FOLLOWING_WITHIN).await {
+        tracing::warn!(
+            "not yet following the other servers' changes; serving what was loaded at start"
+        );
+    }
     let served = builder
         .layer(auth::AuthenticateLayer::new(Arc::clone(&market)))
         .add_service(health)

@@ -31,20 +31,45 @@ pub const REPLICA_LEASE: Duration = Duration::from_secs(10);
 /// The wait before listening again after the notice connection failed.
 const RELISTEN_AFTER: Duration = Duration::from_secs(1);
 
+/// How often a server sends itself a notice through the database. A
+/// listening connection that stops delivering even those (a socket left
+/// half-open by a failover or a partition) is replaced after three.
+const PING_EVERY: Duration = Duration::from_secs(2);
+
+/// How often a server reads contracts and roles again whatever it heard: a
+/// bound on staleness that does not depend on notices at all.
+const RELOAD_EVERY: Duration = Duration::from_secs(60);
+
+/// The longest a lease renewal may take before it is tried afresh.
+const RENEWAL_WITHIN: Duration = Duration::from_secs(4);
+
 /// The background work that lets a server share its database: stop it when
 /// the server stops serving.
 #[derive(Debug)]
 pub struct Upkeep {
     market: Arc<Marketplace>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    following: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Upkeep {
+    /// Waits, at most `within`, until this server follows the others'
+    /// changes (on PostgreSQL: listens, and has read contracts and roles
+    /// since); `false` if it does not by then. What it loaded at open may
+    /// be minutes old by the time it serves.
+    pub async fn following(&mut self, within: Duration) -> bool {
+        tokio::time::timeout(within, self.following.wait_for(|following| *following))
+            .await
+            .is_ok_and(|following| following.is_ok())
+    }
+
     /// Stops renewing and listening, and removes this server's lease, so
     /// the others need not wait for it to lapse.
     pub async fn stop(self) {
-        for task in &self.tasks {
+        for task in self.tasks {
             task.abort();
+            // A renewal in flight must not land after the lease is removed.
+            let _ = task.await;
         }
         let left = async {
             let mut connection = self.market.store.acquire().await?;
@@ -88,16 +113,26 @@ impl Marketplace {
     /// queries and, on PostgreSQL, following the other servers' changes.
     #[must_use]
     pub fn start_upkeep(self: &Arc<Self>) -> Upkeep {
-        let mut tasks = vec![tokio::spawn(renew_and_sweep(Arc::clone(self)))];
+        let mut tasks = vec![
+            tokio::spawn(keep_lease(Arc::clone(self))),
+            tokio::spawn(sweep(Arc::clone(self))),
+        ];
+        let (followed, following) = tokio::sync::watch::channel(false);
         if let Some(url) = self.store.listen_url() {
             tasks.push(tokio::spawn(follow_changes(
                 Arc::clone(self),
                 url.to_owned(),
+                followed,
             )));
+            tasks.push(tokio::spawn(ping(Arc::clone(self))));
+        } else {
+            // One server per SQLite file: nothing to follow.
+            followed.send_replace(true);
         }
         Upkeep {
             market: Arc::clone(self),
             tasks,
+            following,
         }
     }
 
@@ -126,7 +161,7 @@ impl Marketplace {
                 let mut connection = self.store.reader().acquire().await?;
                 self.access.reload(&mut connection).await
             }
-            Some(Change::Runners) => Ok(()),
+            Some(Change::Runners | Change::Ping) => Ok(()),
             None => self.reload_shared_state().await,
         }
     }
@@ -137,15 +172,53 @@ fn host_name() -> String {
     format!("{host} pid {}", std::process::id())
 }
 
-async fn renew_and_sweep(market: Arc<Marketplace>) {
+/// Renews this server's lease every [`RENEW_EVERY`], on a connection of its
+/// own on PostgreSQL: a pool exhausted by requests, or a sweep waiting for
+/// a lock, must not let a live server's lease lapse.
+async fn keep_lease(market: Arc<Marketplace>) {
+    let mut ticks = tokio::time::interval(RENEW_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut own: Option<sqlx::AnyConnection> = None;
+    loop {
+        ticks.tick().await;
+        let renewal = async {
+            let backend = market.store.backend();
+            let host = host_name();
+            match market.store.listen_url() {
+                Some(url) => {
+                    if own.is_none() {
+                        own = Some(<sqlx::AnyConnection as sqlx::Connection>::connect(url).await?);
+                    }
+                    let connection = own.as_mut().expect("connected just now");
+                    replicas::renew(connection, backend, &market.replica_id, &host).await
+                }
+                None => {
+                    let mut connection = market.store.acquire().await?;
+                    replicas::renew(&mut connection, backend, &market.replica_id, &host).await
+                }
+            }
+        };
+        match tokio::time::timeout(RENEWAL_WITHIN, renewal).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "could not renew this server's lease");
+                own = None;
+            }
+            Err(_) => {
+                tracing::warn!("renewing this server's lease took too long; reconnecting");
+                own = None;
+            }
+        }
+    }
+}
+
+/// Gives up, every [`RENEW_EVERY`], the queries of servers whose leases
+/// lapsed, and forgets those servers.
+async fn sweep(market: Arc<Marketplace>) {
     let mut ticks = tokio::time::interval(RENEW_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        if let Err(error) = market.renew_lease().await {
-            tracing::warn!(%error, "could not renew this server's lease");
-            continue;
-        }
         match crate::queries::recover_interrupted(&market.store, &market.replica_id, REPLICA_LEASE)
             .await
         {
@@ -172,10 +245,33 @@ async fn renew_and_sweep(market: Arc<Marketplace>) {
     }
 }
 
+/// Sends a ping notice every [`PING_EVERY`], which every server's listener
+/// expects to hear.
+async fn ping(market: Arc<Marketplace>) {
+    let mut ticks = tokio::time::interval(PING_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let sent = async {
+            let mut connection = market.store.acquire().await?;
+            replicas::announce(&mut connection, market.store.backend(), &Change::Ping).await
+        };
+        if let Err(error) = sent.await {
+            tracing::debug!(%error, "could not send a ping notice");
+        }
+    }
+}
+
 /// Listens for the other servers' change notices. Notices sent while no
 /// connection listened are lost, so every (re)connection starts with a
-/// full read of what they could have changed.
-async fn follow_changes(market: Arc<Marketplace>, url: String) {
+/// full read of what they could have changed; so does every
+/// [`RELOAD_EVERY`]. A connection that delivers nothing, not even pings,
+/// for three ping periods is replaced.
+async fn follow_changes(
+    market: Arc<Marketplace>,
+    url: String,
+    followed: tokio::sync::watch::Sender<bool>,
+) {
     loop {
         let listening = async {
             let mut listener = PgListener::connect(&url).await?;
@@ -195,10 +291,28 @@ async fn follow_changes(market: Arc<Marketplace>, url: String) {
             tokio::time::sleep(RELISTEN_AFTER).await;
             continue;
         }
-        // `None` or an error: the connection was lost, so listen anew and
-        // read everything.
-        while let Ok(Some(notice)) = listener.try_recv().await {
-            let change = Change::parse(notice.payload());
+        followed.send_replace(true);
+        let mut reloads = tokio::time::interval(RELOAD_EVERY);
+        reloads.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        reloads.tick().await;
+        loop {
+            let notice = tokio::select! {
+                notice = tokio::time::timeout(PING_EVERY * 3, listener.try_recv()) => notice,
+                _ = reloads.tick() => {
+                    if let Err(error) = market.reload_shared_state().await {
+                        tracing::warn!(%error, "cannot read contracts and roles again");
+                    }
+                    continue;
+                }
+            };
+            let change = match notice {
+                Ok(Ok(Some(notice))) => Change::parse(notice.payload()),
+                Ok(Ok(None) | Err(_)) => break,
+                Err(_) => {
+                    tracing::warn!("no notice, not even a ping, for a while; listening anew");
+                    break;
+                }
+            };
             if let Err(error) = market.apply_change(change).await {
                 tracing::warn!(%error, "cannot apply another server's change; reading everything again");
                 if let Err(error) = market.reload_shared_state().await {

@@ -50,6 +50,11 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 /// output policy must not let count withheld rows.
 pub const MAX_SQL_BYTES: usize = 64 << 10;
 
+/// How often, and how long apart, a server tries again to release the hold
+/// of a query whose settlement failed.
+const RELEASE_ATTEMPTS: u32 = 30;
+const RELEASE_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Splits an IPC stream into response chunks of at most this many bytes.
 pub const RESULT_CHUNK_BYTES: usize = 1 << 20;
 
@@ -354,7 +359,29 @@ async fn settle_in_turn(
         )
         .await
     {
-        tracing::error!(error = %cleanup, query = %query_id, "could not release a hold");
+        // Left running, the query would hold its hold, count against its
+        // quota and keep its key busy until this server stopped: no other
+        // server gives up a live server's queries.
+        tracing::warn!(error = %cleanup, query = %query_id, "could not release a hold; retrying");
+        let store = market.store().clone();
+        tokio::spawn(async move {
+            for _ in 0..RELEASE_ATTEMPTS {
+                tokio::time::sleep(RELEASE_RETRY_AFTER).await;
+                match store::queries::remove_running(
+                    &store,
+                    store::queries::Interrupted::One(&query_id),
+                    why,
+                )
+                .await
+                {
+                    Ok(_) => return,
+                    Err(error) => {
+                        tracing::warn!(%error, query = %query_id, "could not release a hold");
+                    }
+                }
+            }
+            tracing::error!(query = %query_id, "gave up releasing a hold; it goes when this server restarts");
+        });
     }
     if settled.is_ok() {
         market.metrics().stage("settle", started.elapsed());

@@ -122,24 +122,29 @@ pub(crate) async fn insert_requested(
 
 /// Records a decision: the new state, when, the expiry an approval sets
 /// (`None` keeps the stored one) and the reason.
+/// Moves contract `id` from state `from` to `state`; `false` when it was no
+/// longer in `from` (another decision, perhaps on another server, came
+/// first).
 pub(crate) async fn save_decision(
     connection: &mut AnyConnection,
     id: &str,
-    state: ContractState,
+    (from, state): (ContractState, ContractState),
     decided_at: i64,
     expires_at: Option<i64>,
     reason: &str,
-) -> Result<()> {
-    sqlx::query(
+) -> Result<bool> {
+    let changed = sqlx::query(
         "UPDATE contracts SET state = $1, decided_at = $2, expires_at = COALESCE($3, expires_at), reason = $4 \
-         WHERE id = $5",
+         WHERE id = $5 AND state = $6",
     )
     .bind(state.name())
     .bind(decided_at)
     .bind(expires_at)
     .bind(reason)
     .bind(id)
+    .bind(from.name())
     .execute(&mut *connection)
-    .await?;
-    Ok(())
+    .await?
+    .rows_affected();
+    Ok(changed == 1)
 }

@@ -60,6 +60,12 @@ fn error_of(row: &sqlx::any::AnyRow) -> Result<Option<(Unanswered, String)>> {
     })
 }
 
+/// How old a running query stored without a server's id (by a version
+/// before several servers shared a database, perhaps still running in a
+/// rolling upgrade) must be before it is given up: longer than any query
+/// may run, so one such server still running it is not robbed of it.
+const LEGACY_RUN_GRACE_MS: i64 = 15 * 60 * 1000;
+
 /// Which running queries to give up as interrupted.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Interrupted<'a> {
@@ -84,7 +90,10 @@ impl Interrupted<'_> {
     ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
         match self {
             Self::One(id) => query.bind(id.to_owned()),
-            Self::OfStoppedReplicas { me, lease_ms } => query.bind(me.to_owned()).bind(lease_ms),
+            Self::OfStoppedReplicas { me, lease_ms } => query
+                .bind(me.to_owned())
+                .bind(lease_ms)
+                .bind(LEGACY_RUN_GRACE_MS),
         }
     }
 }
@@ -117,11 +126,21 @@ pub(crate) async fn remove_running(
 ) -> Result<u64> {
     let backend = store.backend();
     let mut transaction = store.begin().await?;
+    if backend == Backend::Postgres {
+        // A sweep that waits long for the head would hold up nothing of its
+        // own, but its next round comes soon: give up this one.
+        sqlx::query("SET LOCAL lock_timeout = '2s'")
+            .execute(&mut *transaction)
+            .await?;
+    }
     let frontier = log::head_for_append(&mut transaction, backend).await?;
-    let condition = which.condition(backend);
+    // One statement decides and removes: a lease renewed in between cannot
+    // leave a query audited as given up but still running, or removed
+    // without its audit entry.
     let sql = format!(
-        "SELECT id, consumer_organization_id, product_id, idempotency_key, held_minor \
-         FROM queries WHERE state = 'running' AND {condition}"
+        "DELETE FROM queries WHERE state = 'running' AND {} \
+         RETURNING id, consumer_organization_id, product_id, idempotency_key, held_minor",
+        which.condition(backend)
     );
     let rows = which
         .bind(sqlx::query(sqlx::AssertSqlSafe(sql)))
@@ -147,11 +166,6 @@ pub(crate) async fn remove_running(
             }),
         });
     }
-    let sql = format!("DELETE FROM queries WHERE state = 'running' AND {condition}");
-    which
-        .bind(sqlx::query(sqlx::AssertSqlSafe(sql)))
-        .execute(&mut *transaction)
-        .await?;
     let mut batch = WriteBatch::new();
     log::append_after(&mut batch, backend, frontier, &events)?;
     batch.execute(&mut transaction).await?;

@@ -78,14 +78,16 @@ pub(crate) async fn forget_stopped(
 }
 
 /// The condition, on `queries`, that a row belongs to a replica other than
-/// `$1` that has not renewed for `$2` milliseconds (or to none: rows stored
-/// before replicas were recorded).
+/// `$1` that has not renewed for `$2` milliseconds, or to none (stored by a
+/// version before replicas were recorded) and is older than `$3`
+/// milliseconds.
 #[must_use]
 pub(crate) fn of_stopped_replica(backend: Backend) -> String {
+    let now = database_now_ms(backend);
     format!(
-        "replica_id <> $1 AND replica_id NOT IN \
-         (SELECT id FROM marketplace_replicas WHERE seen_at >= {} - $2)",
-        database_now_ms(backend)
+        "replica_id <> $1 AND (replica_id <> '' OR created_at < {now} - $3) \
+         AND replica_id NOT IN \
+         (SELECT id FROM marketplace_replicas WHERE seen_at >= {now} - $2)"
     )
 }
 
@@ -141,6 +143,8 @@ pub enum Change {
     Access,
     /// A runner's report.
     Runners,
+    /// Nothing: a server checking that its listening connection delivers.
+    Ping,
 }
 
 impl Change {
@@ -151,6 +155,7 @@ impl Change {
             Self::Contract(id) => format!("contract:{id}"),
             Self::Access => "access".into(),
             Self::Runners => "runners".into(),
+            Self::Ping => "ping".into(),
         }
     }
 
@@ -163,6 +168,7 @@ impl Change {
             _ => match payload {
                 "access" => Some(Self::Access),
                 "runners" => Some(Self::Runners),
+                "ping" => Some(Self::Ping),
                 _ => None,
             },
         }
@@ -200,6 +206,7 @@ mod tests {
             Change::Contract("c_1:x".into()),
             Change::Access,
             Change::Runners,
+            Change::Ping,
         ] {
             assert_eq!(Change::parse(&change.payload()), Some(change));
         }

@@ -538,3 +538,133 @@ async fn a_server_with_another_log_key_refuses_to_start() -> anyhow::Result<()> 
     a.stop().await;
     Ok(())
 }
+
+/// The listening connections are cut (a failover, a proxy's idle timeout):
+/// a role revoked while no server listened still reaches the other server
+/// within a few seconds, by the full read that follows every reconnection.
+#[tokio::test]
+async fn a_change_made_while_nobody_listened_still_reaches_the_other_server() -> anyhow::Result<()>
+{
+    let (a, cast) = start_with(Db::Postgres, |_| {}).await?;
+    let b = a.start_replica().await?;
+    let analyst = IdentityClient::new(a.channel.clone())
+        .who_am_i(authed(&cast.consumer_analyst, proto::WhoAmIRequest {}))
+        .await?
+        .into_inner()
+        .user
+        .context("who am I names the user")?
+        .id;
+    let pool = a.raw_pool().await?;
+    let listeners = async || -> anyhow::Result<i64> {
+        Ok(sqlx::query(
+            "SELECT COUNT(*) AS n FROM pg_stat_activity \
+             WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+        )
+        .fetch_one(&pool)
+        .await?
+        .try_get("n")?)
+    };
+    eventually("both servers listen", Duration::from_secs(10), async || {
+        Ok(listeners().await? == 2)
+    })
+    .await?;
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+    )
+    .execute(&pool)
+    .await?;
+    IdentityClient::new(a.channel.clone())
+        .revoke_role(authed(
+            &a.admin_token,
+            proto::RoleBindingRequest {
+                user_id: analyst.clone(),
+                role: "consumer-analyst".into(),
+            },
+        ))
+        .await?;
+    eventually(
+        "B forgets a role revoked while it did not listen",
+        Duration::from_secs(5),
+        async || {
+            Ok(!b
+                .market
+                .access()
+                .allows(&analyst, "acme", "query:run")
+                .await?)
+        },
+    )
+    .await?;
+    eventually("both listen again", Duration::from_secs(10), async || {
+        Ok(listeners().await? == 2)
+    })
+    .await?;
+    pool.close().await;
+    b.stop().await;
+    a.stop().await;
+    Ok(())
+}
+
+/// An approval on one server and a rejection on the other at once: one
+/// wins, the other is refused, and both servers' indexes agree with the
+/// stored contract.
+#[tokio::test]
+async fn racing_decisions_on_two_servers_leave_one_outcome() -> anyhow::Result<()> {
+    let (a, cast) = start_with(Db::Postgres, |_| {}).await?;
+    let b = a.start_replica().await?;
+    civicgrid_tests::market::publish(&a, &cast, "population").await?;
+    for round in 0..5 {
+        let contract_id = ContractsClient::new(a.channel.clone())
+            .request_contract(authed(
+                &cast.consumer_admin,
+                civicgrid_tests::market::contract_request("population"),
+            ))
+            .await?
+            .into_inner()
+            .id;
+        let action = || {
+            authed(
+                &cast.provider_admin,
+                proto::ContractAction {
+                    contract_id: contract_id.clone(),
+                    reason: format!("round {round}"),
+                },
+            )
+        };
+        let (mut via_a, mut via_b) = (
+            ContractsClient::new(a.channel.clone()),
+            ContractsClient::new(b.channel.clone()),
+        );
+        let (approved, rejected) = tokio::join!(
+            via_a.approve_contract(action()),
+            via_b.reject_contract(action()),
+        );
+        let stored = ContractsClient::new(a.channel.clone())
+            .get_contract(action())
+            .await?
+            .into_inner();
+        match (approved, rejected) {
+            (Ok(_), Err(refused)) => {
+                assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+                assert_eq!(stored.state, proto::ContractState::Active as i32);
+            }
+            (Err(refused), Ok(_)) => {
+                assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+                assert_eq!(stored.state, proto::ContractState::Rejected as i32);
+            }
+            other => anyhow::bail!("round {round}: both or neither decided: {other:?}"),
+        }
+        let active = usize::from(stored.state == proto::ContractState::Active as i32);
+        let expected = a.market.contract_index().len() - active;
+        within_a_second("both indexes agree with the store", async || {
+            Ok(
+                a.market.contract_index().len() == b.market.contract_index().len()
+                    && a.market.contract_index().len() == expected + active,
+            )
+        })
+        .await?;
+    }
+    b.stop().await;
+    a.stop().await;
+    Ok(())
+}
