@@ -66,6 +66,15 @@ bash tools/helm/build.sh >/dev/null
 log "versitygw"
 bash tools/versitygw/build.sh >/dev/null
 
+# umoci writes the images' OCI layout (built from the Go module proxy), and
+# runc, from Debian's packages, runs them in the tests: no container daemon.
+log "umoci and runc"
+bash tools/umoci/build.sh >/dev/null
+if ! command -v runc >/dev/null; then
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq runc >&2
+fi
+
 # PostgreSQL from Debian's packages, with a cluster of our own for the
 # marketplace tests (the same suite runs on SQLite and PostgreSQL).
 log "PostgreSQL"

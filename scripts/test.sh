@@ -17,6 +17,8 @@ CIVICGRID_HELM=$(bash tools/helm/build.sh)
 export CIVICGRID_HELM
 CIVICGRID_VERSITYGW=$(bash tools/versitygw/build.sh)
 export CIVICGRID_VERSITYGW
+CIVICGRID_UMOCI=$(bash tools/umoci/build.sh)
+export CIVICGRID_UMOCI
 CIVICGRID_TEST_POSTGRES_URL=$(bash scripts/postgres.sh)
 export CIVICGRID_TEST_POSTGRES_URL
 echo "==> Wasm guests (wasm32-wasip1)" >&2

@@ -38,7 +38,7 @@ struct Args {
     #[arg(long, env = "CIVICGRID_OBJECT_STORE")]
     object_store: Option<String>,
     /// The SQL guest (`civicgrid_sandbox_guest.wasm`).
-    #[arg(long)]
+    #[arg(long, env = "CIVICGRID_SQL_GUEST")]
     sql_guest: PathBuf,
     /// Compiled modules (default: `<data-dir>/../runner-module-cache`, or
     /// `runner-module-cache` in the working directory with an object store).

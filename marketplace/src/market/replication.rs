@@ -89,13 +89,20 @@ impl Marketplace {
     }
 
     /// Records this server's lease, then gives up the queries that servers
-    /// which stopped left running (see [`crate::queries::recover_interrupted`]).
+    /// which stopped left running (see [`crate::queries::recover_interrupted`]):
+    /// at once on SQLite, once their leases lapse on PostgreSQL.
     ///
     /// # Errors
     /// Database failures.
     pub async fn recover_interrupted(&self) -> Result<u64> {
         self.renew_lease().await?;
-        crate::queries::recover_interrupted(&self.store, &self.replica_id, REPLICA_LEASE).await
+        // SQLite has one server per file: whoever left queries running is
+        // this server's previous run, stopped for certain.
+        let lease = match self.store.backend() {
+            crate::store::Backend::Sqlite => Duration::ZERO,
+            crate::store::Backend::Postgres => REPLICA_LEASE,
+        };
+        crate::queries::recover_interrupted(&self.store, &self.replica_id, lease).await
     }
 
     async fn renew_lease(&self) -> Result<()> {

@@ -5,6 +5,7 @@ mod controlplane_smoke;
 mod crd_validation;
 mod dependencies;
 mod helm_chart;
+mod images;
 mod leader_election;
 mod lineage_property;
 mod marketplace;
