@@ -86,6 +86,102 @@ fn chart_lints_and_its_committed_rendering_is_current() -> anyhow::Result<()> {
          $(bash tools/helm/build.sh) template civicgrid charts/civicgrid --namespace {NAMESPACE} \
          --kube-version 1.35.0 --include-crds > charts/rendered/civicgrid.yaml"
     );
+    let committed =
+        std::fs::read_to_string(repo_root().join("charts/rendered/civicgrid-city.yaml"))?;
+    assert!(
+        render_city(&[])? == committed,
+        "charts/rendered/civicgrid-city.yaml is stale: regenerate it with\n  \
+         $(bash tools/helm/build.sh) template civicgrid charts/civicgrid --namespace {NAMESPACE} \
+         --kube-version 1.35.0 -f charts/examples/city-values.yaml \
+         > charts/rendered/civicgrid-city.yaml"
+    );
+    Ok(())
+}
+
+/// The whole stack (charts/examples/city-values.yaml), with `extra`.
+fn render_city(extra: &[&str]) -> anyhow::Result<String> {
+    let mut args = vec!["-f", "charts/examples/city-values.yaml"];
+    args.extend_from_slice(extra);
+    render_with(&args)
+}
+
+/// A Deployment's first container in a rendering: its arguments and the
+/// names of its environment variables.
+fn container_of(rendered: &str, name: &str) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    for document in serde_yaml::Deserializer::from_str(rendered) {
+        let value = serde_yaml::Value::deserialize(document)?;
+        let named = |field: &serde_yaml::Value, wanted: &str| field.as_str() == Some(wanted);
+        if !named(&value["kind"], "Deployment") || !named(&value["metadata"]["name"], name) {
+            continue;
+        }
+        let deployment: Deployment = serde_yaml::from_value(value)?;
+        let container = deployment
+            .spec
+            .and_then(|spec| spec.template.spec)
+            .and_then(|spec| spec.containers.into_iter().next())
+            .context("the Deployment has a container")?;
+        let env = container
+            .env
+            .unwrap_or_default()
+            .into_iter()
+            .map(|var| var.name)
+            .collect();
+        return Ok((container.args.unwrap_or_default(), env));
+    }
+    bail!("the chart renders no Deployment {name}")
+}
+
+/// Every flag and environment variable the chart gives the marketplace is
+/// one `civicgrid-marketplace serve` takes: the binary parses the flags
+/// (`--help` last) and names the variables in its help.
+#[test]
+fn the_marketplace_accepts_every_argument_the_chart_passes() -> anyhow::Result<()> {
+    let operator = std::env::var(civicgrid_tests::operator::BIN_ENV)
+        .with_context(|| format!("{} is not set", civicgrid_tests::operator::BIN_ENV))?;
+    let marketplace = std::path::Path::new(&operator).with_file_name("civicgrid-marketplace");
+    let plain = container_of(&render_city(&[])?, "civicgrid-marketplace")?;
+    let everything = container_of(
+        &render_city(&[
+            "--set",
+            "marketplace.clientCertificates=true,marketplace.database.bundled.enabled=false",
+            "--set",
+            "marketplace.extraArgs[0]=--default-compute-units=20000",
+            "--set",
+            "tracing.otlpEndpoint=http://otel:4317",
+        ])?,
+        "civicgrid-marketplace",
+    )?;
+    ensure!(
+        everything
+            .0
+            .contains(&"--client-ca=/etc/civicgrid/tls/ca.crt".to_owned())
+            && everything
+                .0
+                .contains(&"--default-compute-units=20000".to_owned())
+            && plain
+                .0
+                .contains(&"--runners-listen=0.0.0.0:7443".to_owned()),
+        "the values reach the marketplace: {everything:?} {plain:?}"
+    );
+    for (args, env) in [plain, everything] {
+        let out = Command::new(&marketplace)
+            .args(&args)
+            .arg("--help")
+            .output()
+            .with_context(|| format!("running {}", marketplace.display()))?;
+        ensure!(
+            out.status.success(),
+            "the marketplace refuses the chart's arguments {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let help = String::from_utf8(out.stdout)?;
+        for name in env.iter().filter(|name| name.starts_with("CIVICGRID_")) {
+            ensure!(
+                help.contains(&format!("env: {name}")),
+                "the marketplace reads no {name}"
+            );
+        }
+    }
     Ok(())
 }
 
@@ -107,6 +203,13 @@ fn values_outside_the_schema_are_refused_naming_the_value() -> anyhow::Result<()
         ("runners.directory=http://plain:4000", "/runners/directory"),
         ("runners.pools[0].name=p", "/runners/pools/0"),
         ("resources.limits.memory=lots", "/resources/limits/memory"),
+        ("marketplace.replicas=0", "/marketplace/replicas"),
+        ("marketplace.logOrigin=audit city", "/marketplace/logOrigin"),
+        ("marketplace.extraArgs[0]=serve", "/marketplace/extraArgs/0"),
+        (
+            "marketplace.tlsSecret=Not_A_Secret",
+            "/marketplace/tlsSecret",
+        ),
     ] {
         let refused = render_with(&["--set", set])
             .err()
@@ -122,6 +225,19 @@ fn values_outside_the_schema_are_refused_naming_the_value() -> anyhow::Result<()
     assert!(
         refused.to_string().contains("/maxEvictionsPerMinute"),
         "{refused:#}"
+    );
+
+    let nowhere = render_with(&[
+        "--set",
+        "marketplace.enabled=true,marketplace.database.urlSecret=",
+    ])
+    .err()
+    .context("a marketplace with no database was accepted")?;
+    assert!(
+        nowhere
+            .to_string()
+            .contains("marketplace.database: set urlSecret"),
+        "{nowhere:#}"
     );
 
     let budget = "kind: PodDisruptionBudget";
@@ -498,6 +614,161 @@ fn runner_pools_land_only_where_their_dataset_is() -> anyhow::Result<()> {
                     rejection["rule"]
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+/// helm installs the operator alone on a real API server, then upgrades the
+/// same release to the whole stack (charts/examples/city-values.yaml): the
+/// marketplace's Deployment becomes available (simulated pods) with its
+/// Services and disruption budget, the bundled PostgreSQL and the runner
+/// pool appear; a further upgrade scales the marketplace, and a rollback
+/// returns it.
+#[tokio::test]
+async fn helm_installs_the_operator_then_upgrades_the_release_to_the_whole_stack()
+-> anyhow::Result<()> {
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+
+    let clusters = start_clusters(&["control"]).await?;
+    let control = &clusters[0];
+    control.add_nodes("node", 2, &NodeShape::default()).await?;
+    let admin = control.client().await?;
+    let scratch = tempfile::tempdir()?;
+    let kubeconfig = scratch.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, control.kubeconfig_yaml())?;
+    let kubeconfig = kubeconfig.display().to_string();
+    // The harness's API server, built from source without release flags,
+    // reports version v0.0.0-master, which the chart's kubeVersion
+    // (>= 1.30) refuses: install a copy without that one line.
+    let chart = scratch.path().join("civicgrid");
+    copy_dir(&repo_root().join("charts/civicgrid"), &chart)?;
+    let metadata = std::fs::read_to_string(chart.join("Chart.yaml"))?;
+    std::fs::write(
+        chart.join("Chart.yaml"),
+        metadata
+            .lines()
+            .filter(|line| !line.starts_with("kubeVersion:"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )?;
+    let chart = chart.display().to_string();
+    let release = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend([
+            "civicgrid",
+            &chart,
+            "--namespace",
+            NAMESPACE,
+            "--kubeconfig",
+            &kubeconfig,
+        ]);
+        helm(&all)
+    };
+    release(&["install", "--create-namespace"])?;
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), NAMESPACE);
+    let available = |name: &'static str, replicas: i32| {
+        let deployments = deployments.clone();
+        async move {
+            eventually(
+                &format!("{name} available with {replicas} replicas"),
+                WAIT,
+                || async {
+                    let d = deployments.get(name).await.ok()?;
+                    let ready =
+                        d.status?.available_replicas? == replicas && d.spec?.replicas? == replicas;
+                    ready.then_some(())
+                },
+            )
+            .await
+        }
+    };
+    available("civicgrid-operator", 2).await?;
+    ensure!(
+        deployments
+            .get_opt("civicgrid-marketplace")
+            .await?
+            .is_none(),
+        "the operator alone, by default"
+    );
+
+    release(&["upgrade", "-f", "charts/examples/city-values.yaml"])?;
+    available("civicgrid-marketplace", 2).await?;
+    let services: Api<Service> = Api::namespaced(admin.clone(), NAMESPACE);
+    let ports: Vec<_> = services
+        .get("civicgrid-marketplace")
+        .await?
+        .spec
+        .and_then(|spec| spec.ports)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|port| (port.name.unwrap_or_default(), port.port))
+        .collect();
+    assert_eq!(
+        ports,
+        [("grpc".to_owned(), 50051), ("runners".to_owned(), 7443)]
+    );
+    ensure!(
+        services
+            .get_opt("civicgrid-marketplace-metrics")
+            .await?
+            .is_some()
+            && services.get_opt("civicgrid-postgres").await?.is_some(),
+        "the metrics and database Services"
+    );
+    let budget = Api::<PodDisruptionBudget>::namespaced(admin.clone(), NAMESPACE)
+        .get("civicgrid-marketplace")
+        .await?;
+    assert_eq!(
+        budget.spec.and_then(|spec| spec.max_unavailable),
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+    ensure!(
+        Api::<StatefulSet>::namespaced(admin.clone(), NAMESPACE)
+            .get_opt("civicgrid-postgres")
+            .await?
+            .is_some(),
+        "the bundled PostgreSQL"
+    );
+    ensure!(
+        Api::<ComputeWorkload>::namespaced(admin.clone(), NAMESPACE)
+            .get_opt("runner-population")
+            .await?
+            .is_some(),
+        "the runner pool"
+    );
+
+    release(&[
+        "upgrade",
+        "--reuse-values",
+        "--set",
+        "marketplace.replicas=3",
+    ])?;
+    available("civicgrid-marketplace", 3).await?;
+    helm(&[
+        "rollback",
+        "civicgrid",
+        "2",
+        "--namespace",
+        NAMESPACE,
+        "--kubeconfig",
+        &kubeconfig,
+    ])?;
+    available("civicgrid-marketplace", 2).await?;
+    Ok(())
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
         }
     }
     Ok(())
