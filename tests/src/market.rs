@@ -128,14 +128,34 @@ impl TestMarket {
             self.data_dir.clone(),
         )
         .await?;
+        Self::serve_beside(market, self).await
+    }
+
+    /// Serves `market` (over `other`'s database and products' folders) on a
+    /// port of its own, with `other`'s admin token.
+    ///
+    /// # Errors
+    /// When the server cannot be started.
+    pub async fn serve_beside(market: Arc<Marketplace>, other: &Self) -> anyhow::Result<Self> {
         Self::serve(
             market,
-            self.admin_token.clone(),
-            self.database_url.clone(),
-            self.data_dir.clone(),
+            other.admin_token.clone(),
+            other.database_url.clone(),
+            other.data_dir.clone(),
             tempfile::tempdir()?,
         )
         .await
+    }
+
+    /// Stops the server but keeps its database and folders, for another
+    /// server to open.
+    pub async fn halt(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
     }
 
     async fn serve(

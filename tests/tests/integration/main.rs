@@ -18,3 +18,4 @@ mod runners_e2e;
 mod sandbox;
 mod sandbox_split;
 mod scale_out;
+mod upgrade;
