@@ -432,6 +432,22 @@ fn heartbeats(
     stop
 }
 
+/// The municipal core's runner over its own copy of the sample data,
+/// reporting to the directory at `directory` until the sender is dropped.
+async fn municipal_runner(
+    directory: SocketAddr,
+    pki: &Pki,
+) -> anyhow::Result<(tempfile::TempDir, Runner, tokio::sync::oneshot::Sender<()>)> {
+    let data = tempfile::tempdir()?;
+    civicgrid_marketplace::quality::write_sample_population(
+        &data.path().join("products/population"),
+        civicgrid_tests::market::SAMPLE_ROWS,
+    )?;
+    let runner = start_runner(data.path(), &pki.municipal, pki).await?;
+    let stop = heartbeats(directory, pki, &pki.municipal, "municipal-core", &runner);
+    Ok((data, runner, stop))
+}
+
 /// The marketplace routes each query to a runner in a data center hosting
 /// the product and never reads the product's files itself; with no ready
 /// runner there, a query fails fast as unavailable, naming the data center,
@@ -518,19 +534,7 @@ async fn queries_run_on_a_runner_where_the_product_is_hosted() -> anyhow::Result
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
 
     // The municipal core's runner, over its own copy of the data.
-    let data = tempfile::tempdir()?;
-    civicgrid_marketplace::quality::write_sample_population(
-        &data.path().join("products/population"),
-        SAMPLE_ROWS,
-    )?;
-    let runner = start_runner(data.path(), &pki.municipal, &pki).await?;
-    let stop_heartbeats = heartbeats(
-        directory_address,
-        &pki,
-        &pki.municipal,
-        "municipal-core",
-        &runner,
-    );
+    let (_data, runner, stop_heartbeats) = municipal_runner(directory_address, &pki).await?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     use civicgrid_marketplace::queries::remote::Runners as _;
     while directory.pick(&["municipal-core".into()]).is_none() {
@@ -630,7 +634,7 @@ async fn queries_run_on_a_runner_where_the_product_is_hosted() -> anyhow::Result
 async fn a_runner_reporting_to_one_server_takes_queries_from_another() -> anyhow::Result<()> {
     use civicgrid_marketplace::grpc::runners::{RunnerDirectory, serve_directory};
     use civicgrid_marketplace::queries::remote::Runners as _;
-    use civicgrid_tests::market::{Db, SAMPLE_ROWS};
+    use civicgrid_tests::market::Db;
 
     let pki = Pki::generate()?;
     let (a, cast) = market_with_a_contract_on(Db::Postgres, 10_000).await?;
@@ -665,19 +669,7 @@ async fn a_runner_reporting_to_one_server_takes_queries_from_another() -> anyhow
     ));
     // Both servers' own copy of the product goes: answers come from the runner.
     std::fs::remove_dir_all(a.data_dir.join("products/population"))?;
-    let data = tempfile::tempdir()?;
-    civicgrid_marketplace::quality::write_sample_population(
-        &data.path().join("products/population"),
-        SAMPLE_ROWS,
-    )?;
-    let runner = start_runner(data.path(), &pki.municipal, &pki).await?;
-    let stop_heartbeats = heartbeats(
-        directory_address,
-        &pki,
-        &pki.municipal,
-        "municipal-core",
-        &runner,
-    );
+    let (_data, runner, stop_heartbeats) = municipal_runner(directory_address, &pki).await?;
     let hosts = ["municipal-core".to_owned()];
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while directory_b.pick(&hosts).is_none() {

@@ -41,6 +41,15 @@ fn slow_query(key: &str, units: i64) -> proto::RunQueryRequest {
     }
 }
 
+/// A server on PostgreSQL with `population-open` (consumer-chosen, exact
+/// budgets), acme's contract on it and 1,000,000 minor units deposited.
+async fn open_product_market() -> anyhow::Result<(TestMarket, civicgrid_tests::market::Cast)> {
+    let (market, cast) = start_with(Db::Postgres, |_| {}).await?;
+    open_product_contract(&market, &cast).await?;
+    deposit(&market, 1_000_000).await?;
+    Ok((market, cast))
+}
+
 /// Waits until `check` holds, for at most a second (the promise for how
 /// soon a change on one server reaches the others); returns how long it took.
 async fn within_a_second(
@@ -306,9 +315,7 @@ async fn queries_through_two_servers_are_charged_once_in_one_log() -> anyhow::Re
 /// the retry runs afresh and is charged once.
 #[tokio::test]
 async fn a_stalled_servers_query_is_given_up_and_never_charged() -> anyhow::Result<()> {
-    let (a, cast) = start_with(Db::Postgres, |_| {}).await?;
-    open_product_contract(&a, &cast).await?;
-    deposit(&a, 1_000_000).await?;
+    let (a, cast) = open_product_market().await?;
     let token = &cast.consumer_analyst;
     let slow = slow_query("k-stalled", 40_000);
     let stalled = async {
@@ -378,9 +385,7 @@ async fn a_stalled_servers_query_is_given_up_and_never_charged() -> anyhow::Resu
 /// runs afresh and is charged once.
 #[tokio::test]
 async fn a_killed_servers_query_is_given_up_once_by_the_other() -> anyhow::Result<()> {
-    let (a, cast) = start_with(Db::Postgres, |_| {}).await?;
-    open_product_contract(&a, &cast).await?;
-    deposit(&a, 1_000_000).await?;
+    let (a, cast) = open_product_market().await?;
     let token = &cast.consumer_analyst;
 
     // The other server is the real binary, in a process of its own, over
