@@ -41,6 +41,25 @@ fn slow_query(key: &str, units: i64) -> proto::RunQueryRequest {
     }
 }
 
+/// Two servers on one PostgreSQL, both running queries.
+async fn two_servers() -> anyhow::Result<(TestMarket, TestMarket, civicgrid_tests::market::Cast)> {
+    let (a, cast) = start_with(Db::Postgres, |_| {}).await?;
+    let b = a.start_replica().await?;
+    attach_engine(&b, |_| {}).await?;
+    Ok((a, b, cast))
+}
+
+/// The id of the user `token` signs in as.
+async fn user_id(market: &TestMarket, token: &str) -> anyhow::Result<String> {
+    Ok(IdentityClient::new(market.channel.clone())
+        .who_am_i(authed(token, proto::WhoAmIRequest {}))
+        .await?
+        .into_inner()
+        .user
+        .context("who am I names the user")?
+        .id)
+}
+
 /// A server on PostgreSQL with `population-open` (consumer-chosen, exact
 /// budgets), acme's contract on it and 1,000,000 minor units deposited.
 async fn open_product_market() -> anyhow::Result<(TestMarket, civicgrid_tests::market::Cast)> {
@@ -118,9 +137,7 @@ async fn eventually(
 /// other within a second.
 #[tokio::test]
 async fn contract_and_role_changes_reach_the_other_server() -> anyhow::Result<()> {
-    let (a, cast) = start_with(Db::Postgres, |_| {}).await?;
-    let b = a.start_replica().await?;
-    attach_engine(&b, |_| {}).await?;
+    let (a, b, cast) = two_servers().await?;
     deposit(&a, 10_000).await?;
     let token = &cast.consumer_analyst;
 
@@ -171,13 +188,7 @@ async fn contract_and_role_changes_reach_the_other_server() -> anyhow::Result<()
     .await?;
 
     // A role revoked on A is gone from B within a second.
-    let analyst = IdentityClient::new(a.channel.clone())
-        .who_am_i(authed(token, proto::WhoAmIRequest {}))
-        .await?
-        .into_inner()
-        .user
-        .context("who am I names the user")?
-        .id;
+    let analyst = user_id(&a, token).await?;
     assert!(
         b.market
             .access()
@@ -217,9 +228,7 @@ async fn contract_and_role_changes_reach_the_other_server() -> anyhow::Result<()
 /// servers append to one log and sign the same checkpoint of it.
 #[tokio::test]
 async fn queries_through_two_servers_are_charged_once_in_one_log() -> anyhow::Result<()> {
-    let (a, cast) = start_with(Db::Postgres, |_| {}).await?;
-    let b = a.start_replica().await?;
-    attach_engine(&b, |_| {}).await?;
+    let (a, b, cast) = two_servers().await?;
     contract(&a, &cast, 0).await?;
     deposit(&a, 100_000).await?;
     within_a_second("B hears of the contract", async || {
@@ -552,13 +561,7 @@ async fn a_change_made_while_nobody_listened_still_reaches_the_other_server() ->
 {
     let (a, cast) = start_with(Db::Postgres, |_| {}).await?;
     let b = a.start_replica().await?;
-    let analyst = IdentityClient::new(a.channel.clone())
-        .who_am_i(authed(&cast.consumer_analyst, proto::WhoAmIRequest {}))
-        .await?
-        .into_inner()
-        .user
-        .context("who am I names the user")?
-        .id;
+    let analyst = user_id(&a, &cast.consumer_analyst).await?;
     let pool = a.raw_pool().await?;
     let listeners = async || -> anyhow::Result<i64> {
         Ok(sqlx::query(
