@@ -408,8 +408,8 @@ async fn commit_group(
         // log's head, then accounts. Two groups (two servers on one
         // database, or this server's group and a deposit) holding one each
         // and waiting for the other would deadlock: every writer that
-        // locks both takes the head first (see `audit::log::lock_head`).
-        crate::audit::log::lock_head(&mut transaction, Backend::Postgres).await?;
+        // locks both takes the head first (see `lock_audit_head`).
+        lock_audit_head(&mut transaction).await?;
     }
     let mut opening = OPEN;
     let mut last_failed = false;
@@ -438,6 +438,23 @@ async fn commit_group(
             .await?;
     }
     transaction.commit().await?;
+    Ok(())
+}
+
+/// Locks the audit log's head until the caller's transaction ends, on
+/// PostgreSQL (SQLite's one writer serialises transactions already). The
+/// head is the first lock of every transaction that both appends to the
+/// log and locks rows the query path locks too (ledger accounts): one
+/// order, so no deadlock.
+///
+/// # Errors
+/// Database failures.
+pub(crate) async fn lock_audit_head(connection: &mut AnyConnection) -> Result<()> {
+    if Backend::of(connection) == Backend::Postgres {
+        sqlx::query("SELECT id FROM audit_head WHERE id = 1 FOR UPDATE")
+            .fetch_one(&mut *connection)
+            .await?;
+    }
     Ok(())
 }
 

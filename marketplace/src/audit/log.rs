@@ -60,20 +60,6 @@ pub async fn head(connection: &mut AnyConnection, _backend: Backend) -> Result<F
     .await
 }
 
-/// Locks the head until the caller's transaction ends (on SQLite, whose one
-/// writer serialises transactions, does nothing). The head is the first
-/// lock of every transaction that both appends and locks other rows that
-/// the query path locks too (ledger accounts): one order, so no deadlock.
-///
-/// # Errors
-/// Database failures.
-pub(crate) async fn lock_head(connection: &mut AnyConnection, backend: Backend) -> Result<()> {
-    if backend == Backend::Postgres {
-        head_for_append(connection, backend).await?;
-    }
-    Ok(())
-}
-
 /// The head, locked for an append until the caller's transaction ends.
 pub(crate) async fn head_for_append(
     connection: &mut AnyConnection,

@@ -46,7 +46,7 @@ impl Marketplace {
         self.require(principal, "platform:cross-tenant", "billing:deposit")
             .await?;
         let mut transaction = self.store.begin().await?;
-        log::lock_head(&mut transaction, self.store.backend()).await?;
+        crate::store::lock_audit_head(&mut transaction).await?;
         let organization = identity::find_organization(&mut transaction, deposit.organization_id)
             .await?
             .ok_or_else(|| MarketError::NotFound {
