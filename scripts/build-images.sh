@@ -13,6 +13,9 @@
 # Prints the layout's path on stdout, progress on stderr.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# The layers record modes as they are on disk: nothing in an image may be
+# writable by a group or others, whatever the caller's umask.
+umask 022
 
 profile=release
 out=""
@@ -46,6 +49,11 @@ if [ "$build" = 1 ]; then
 fi
 [ -f "$guest" ] || { echo "no SQL guest at $guest: run bash sandbox/build-guests.sh" >&2; exit 1; }
 umoci=$(bash tools/umoci/build.sh)
+case $(uname -m) in
+    x86_64) architecture=amd64 ;;
+    aarch64) architecture=arm64 ;;
+    *) echo "images for $(uname -m) are not built here" >&2; exit 1 ;;
+esac
 
 layout=$out/oci
 rm -rf "$layout"
@@ -63,9 +71,12 @@ base_rootfs() {
     printf 'root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/var/lib/civicgrid:/sbin/nologin\n' \
         > "$root/etc/passwd"
     printf 'root:x:0:\nnonroot:x:65532:\n' > "$root/etc/group"
-    if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
-        cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/"
-    fi
+    [ -f /etc/ssl/certs/ca-certificates.crt ] || {
+        echo "no CA bundle at /etc/ssl/certs/ca-certificates.crt: apt-get install ca-certificates" >&2
+        exit 1
+    }
+    install -m 0644 /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/"
+    chmod 0644 "$root/etc/passwd" "$root/etc/group"
 }
 
 # A binary and the shared libraries it links, at the paths the loader
@@ -76,7 +87,7 @@ add_binary() {
     ldd "$binary" | awk '/=>/ {print $3} /^\t\/[^ ]+ \(/ {print $1}' | while read -r library; do
         [ -e "$library" ] || continue
         mkdir -p "$root$(dirname "$library")"
-        cp -L "$library" "$root$library"
+        install -m 0755 "$(readlink -f "$library")" "$root$library"
         package=$(dpkg -S "$(readlink -f "$library")" 2>/dev/null | head -1 | cut -d: -f1 || true)
         if [ -n "$package" ] && [ -f "/usr/share/doc/$package/copyright" ]; then
             install -D -m 0644 "/usr/share/doc/$package/copyright" \
@@ -92,6 +103,12 @@ for image in operator marketplace runner; do
     root=$scratch/$image/files
     base_rootfs "$root"
     add_binary "$root" "$binary"
+    # A dynamically linked binary needs its loader; a static one, or one
+    # for another machine, would leave the image without one.
+    find "$root" -name 'ld-linux*.so*' | grep -q . || {
+        echo "$binary: no dynamic loader found by ldd (built for this machine?)" >&2
+        exit 1
+    }
     env=(--config.env "CIVICGRID_DATA_DIR=/var/lib/civicgrid")
     if [ "$image" != operator ]; then
         install -m 0644 "$guest" "$root/usr/share/civicgrid/civicgrid_sandbox_guest.wasm"
@@ -104,7 +121,7 @@ for image in operator marketplace runner; do
     cp -a "$root/." "$bundle/rootfs/"
     "$umoci" repack --image "$reference" "$bundle" >&2
     "$umoci" config --image "$reference" \
-        --os linux --architecture amd64 \
+        --os linux --architecture "$architecture" \
         --config.user 65532:65532 \
         --config.workingdir /var/lib/civicgrid \
         --config.entrypoint "/usr/local/bin/civicgrid-$image" \

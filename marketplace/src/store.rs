@@ -4,6 +4,8 @@
 
 use std::path::Path;
 use std::str::FromStr as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt as _;
@@ -65,6 +67,8 @@ pub struct Store {
     backend: Backend,
     grouped: mpsc::Sender<GroupedWork>,
     listen_url: Option<Redacted>,
+    /// When the group in commit began (Unix ms), 0 when none is.
+    group_since_ms: Arc<AtomicI64>,
 }
 
 /// A database URL kept out of `Debug` output: it may carry a password.
@@ -189,17 +193,29 @@ impl Store {
             pool.clone()
         };
         let (grouped, works) = mpsc::channel(1024);
-        match backend {
-            Backend::Sqlite => spawn_committer(CommitterPool::Shared(pool.clone()), works).await?,
-            Backend::Postgres => spawn_committer(CommitterPool::Own(options), works).await?,
-        }
+        let group_since_ms = Arc::new(AtomicI64::new(0));
+        let source = match backend {
+            Backend::Sqlite => CommitterPool::Shared(pool.clone()),
+            Backend::Postgres => CommitterPool::Own(options),
+        };
+        spawn_committer(source, works, Arc::clone(&group_since_ms)).await?;
         Ok(Self {
             pool,
             reader,
             backend,
             grouped,
             listen_url: (backend == Backend::Postgres).then(|| Redacted(url.clone())),
+            group_since_ms,
         })
+    }
+
+    /// How long the group commit in progress has been running, if one is:
+    /// a server whose writes hang (a socket left half-open by a failover)
+    /// stops renewing its lease, so that other servers take its queries over.
+    #[must_use]
+    pub fn writes_stalled_for(&self) -> Option<Duration> {
+        let since = self.group_since_ms.load(Ordering::Relaxed);
+        (since > 0).then(|| Duration::from_millis(u64::try_from(now_ms() - since).unwrap_or(0)))
     }
 
     /// The PostgreSQL URL change notices are listened for on (see
@@ -316,7 +332,11 @@ enum CommitterPool {
 /// reservation and settlement queued behind the committer. Here nothing else
 /// is queued. The thread takes the opener's tracing subscriber, so the
 /// works' spans go where the caller's do; it ends when the store is dropped.
-async fn spawn_committer(source: CommitterPool, works: mpsc::Receiver<GroupedWork>) -> Result<()> {
+async fn spawn_committer(
+    source: CommitterPool,
+    works: mpsc::Receiver<GroupedWork>,
+    group_since_ms: Arc<AtomicI64>,
+) -> Result<()> {
     let io_error = |source| MarketError::Io {
         context: "starting the database committer".into(),
         source,
@@ -332,29 +352,19 @@ async fn spawn_committer(source: CommitterPool, works: mpsc::Receiver<GroupedWor
         .spawn(move || {
             let _subscriber = tracing::dispatcher::set_default(&dispatch);
             runtime.block_on(async move {
-                let pool = match source {
-                    CommitterPool::Shared(pool) => pool,
-                    CommitterPool::Own(options) => match AnyPoolOptions::new()
-                        .max_connections(1)
-                        .acquire_timeout(Duration::from_secs(10))
-                        .after_connect(|connection, _| {
-                            Box::pin(async move {
-                                connection.execute(POSTGRES_SESSION).await?;
-                                Ok(())
-                            })
-                        })
-                        .connect_with(options)
-                        .await
-                    {
-                        Ok(pool) => pool,
-                        Err(error) => {
+                let (pool, reconnect) = match source {
+                    CommitterPool::Shared(pool) => (pool, None),
+                    CommitterPool::Own(options) => {
+                        let pool = committer_pool(options.clone());
+                        if let Err(error) = pool.acquire().await {
                             let _ = opened.send(Err(error.into()));
                             return;
                         }
-                    },
+                        (pool, Some(options))
+                    }
                 };
                 let _ = opened.send(Ok(()));
-                commit_in_groups(pool, works).await;
+                commit_in_groups(pool, reconnect, works, group_since_ms).await;
             });
         })
         .map_err(io_error)?;
@@ -363,9 +373,36 @@ async fn spawn_committer(source: CommitterPool, works: mpsc::Receiver<GroupedWor
     })?
 }
 
+/// The committer's own PostgreSQL connection, opened when first needed.
+fn committer_pool(options: AnyConnectOptions) -> AnyPool {
+    AnyPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .after_connect(|connection, _| {
+            Box::pin(async move {
+                connection.execute(POSTGRES_SESSION).await?;
+                Ok(())
+            })
+        })
+        .connect_lazy_with(options)
+}
+
+/// The longest one group commit may take. Groups take milliseconds; one
+/// that takes this long waits on a connection that will not answer (a
+/// socket left half-open by a failover, which the kernel would give up on
+/// only after many minutes).
+const GROUP_WITHIN: Duration = Duration::from_secs(30);
+
 /// The group committer: takes every work waiting when a transaction starts
-/// (up to [`MAX_GROUP`]) into it, then commits once.
-async fn commit_in_groups(pool: AnyPool, mut works: mpsc::Receiver<GroupedWork>) {
+/// (up to [`MAX_GROUP`]) into it, then commits once. A group that does not
+/// finish within [`GROUP_WITHIN`] fails, and on PostgreSQL (`reconnect`)
+/// the next group has a new connection.
+async fn commit_in_groups(
+    mut pool: AnyPool,
+    reconnect: Option<AnyConnectOptions>,
+    mut works: mpsc::Receiver<GroupedWork>,
+    group_since_ms: Arc<AtomicI64>,
+) {
     while let Some(first) = works.recv().await {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -375,12 +412,31 @@ async fn commit_in_groups(pool: AnyPool, mut works: mpsc::Receiver<GroupedWork>)
             }
         }
         let mut delivers = Vec::with_capacity(group.len());
-        let committed = commit_group(&pool, group, &mut delivers)
-            .await
-            .map_err(|error| {
-                tracing::error!(%error, "a group commit failed");
-                error.to_string()
-            });
+        group_since_ms.store(now_ms(), Ordering::Relaxed);
+        let committed =
+            match tokio::time::timeout(GROUP_WITHIN, commit_group(&pool, group, &mut delivers))
+                .await
+            {
+                Ok(committed) => committed.map_err(|error| {
+                    tracing::error!(%error, "a group commit failed");
+                    error.to_string()
+                }),
+                Err(_) => {
+                    tracing::error!(
+                        within = ?GROUP_WITHIN,
+                        "a group commit did not finish; its connection is dropped"
+                    );
+                    if let Some(options) = &reconnect {
+                        let stuck = std::mem::replace(&mut pool, committer_pool(options.clone()));
+                        tokio::spawn(async move { stuck.close().await });
+                    }
+                    Err(format!(
+                        "the database did not answer within {} s",
+                        GROUP_WITHIN.as_secs()
+                    ))
+                }
+            };
+        group_since_ms.store(0, Ordering::Relaxed);
         for deliver in delivers {
             deliver(committed.clone());
         }

@@ -17,6 +17,7 @@ use sqlx::postgres::PgListener;
 use super::Marketplace;
 use crate::contracts::ContractIndex;
 use crate::error::Result;
+use crate::store::queries::LEGACY_RUN_GRACE;
 use crate::store::replicas::{self, CHANGES_CHANNEL, Change};
 
 /// How often a server renews its lease and looks for stopped servers'
@@ -31,9 +32,9 @@ pub const REPLICA_LEASE: Duration = Duration::from_secs(10);
 /// The wait before listening again after the notice connection failed.
 const RELISTEN_AFTER: Duration = Duration::from_secs(1);
 
-/// How often a server sends itself a notice through the database. A
-/// listening connection that stops delivering even those (a socket left
-/// half-open by a failover or a partition) is replaced after three.
+/// How often a server sends itself a notice on its listening connection. A
+/// connection that stops delivering even those (a socket left half-open by
+/// a failover or a partition) is replaced after three periods of silence.
 const PING_EVERY: Duration = Duration::from_secs(2);
 
 /// How often a server reads contracts and roles again whatever it heard: a
@@ -43,6 +44,16 @@ const RELOAD_EVERY: Duration = Duration::from_secs(60);
 /// The longest a lease renewal may take before it is tried afresh.
 const RENEWAL_WITHIN: Duration = Duration::from_secs(4);
 
+/// How long this server's writes may hang before it stops renewing its
+/// lease: its queries could not settle, so others should give them up.
+const WRITES_STALLED_AFTER: Duration = Duration::from_secs(8);
+
+/// How long a server's own renewals must have succeeded without a gap
+/// before it gives up others' queries: after the database was out for a
+/// while, every lease has lapsed, and the first server back must not take
+/// the others' live queries for stopped before they could renew.
+const SWEEP_AFTER_RENEWING_FOR: Duration = Duration::from_secs(12);
+
 /// The background work that lets a server share its database: stop it when
 /// the server stops serving.
 #[derive(Debug)]
@@ -50,6 +61,16 @@ pub struct Upkeep {
     market: Arc<Marketplace>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     following: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Drop for Upkeep {
+    /// Dropped without [`Upkeep::stop`] (the serving future was dropped):
+    /// the lease is no longer renewed, and lapses.
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
 }
 
 impl Upkeep {
@@ -65,10 +86,9 @@ impl Upkeep {
 
     /// Stops renewing and listening, and removes this server's lease, so
     /// the others need not wait for it to lapse.
-    pub async fn stop(self) {
-        for task in self.tasks {
+    pub async fn stop(mut self) {
+        for task in std::mem::take(&mut self.tasks) {
             task.abort();
-            // A renewal in flight must not land after the lease is removed.
             let _ = task.await;
         }
         let left = async {
@@ -98,11 +118,12 @@ impl Marketplace {
         self.renew_lease().await?;
         // SQLite has one server per file: whoever left queries running is
         // this server's previous run, stopped for certain.
-        let lease = match self.store.backend() {
-            crate::store::Backend::Sqlite => Duration::ZERO,
-            crate::store::Backend::Postgres => REPLICA_LEASE,
+        let (lease, legacy_grace) = match self.store.backend() {
+            crate::store::Backend::Sqlite => (Duration::ZERO, Duration::ZERO),
+            crate::store::Backend::Postgres => (REPLICA_LEASE, LEGACY_RUN_GRACE),
         };
-        crate::queries::recover_interrupted(&self.store, &self.replica_id, lease).await
+        crate::queries::recover_interrupted(&self.store, &self.replica_id, lease, legacy_grace)
+            .await
     }
 
     async fn renew_lease(&self) -> Result<()> {
@@ -120,9 +141,10 @@ impl Marketplace {
     /// queries and, on PostgreSQL, following the other servers' changes.
     #[must_use]
     pub fn start_upkeep(self: &Arc<Self>) -> Upkeep {
+        let renewing_since = Arc::new(std::sync::Mutex::new(None));
         let mut tasks = vec![
-            tokio::spawn(keep_lease(Arc::clone(self))),
-            tokio::spawn(sweep(Arc::clone(self))),
+            tokio::spawn(keep_lease(Arc::clone(self), Arc::clone(&renewing_since))),
+            tokio::spawn(sweep(Arc::clone(self), renewing_since)),
         ];
         let (followed, following) = tokio::sync::watch::channel(false);
         if let Some(url) = self.store.listen_url() {
@@ -131,7 +153,6 @@ impl Marketplace {
                 url.to_owned(),
                 followed,
             )));
-            tasks.push(tokio::spawn(ping(Arc::clone(self))));
         } else {
             // One server per SQLite file: nothing to follow.
             followed.send_replace(true);
@@ -174,6 +195,13 @@ impl Marketplace {
     }
 }
 
+/// `url` with an `application_name`, so that `pg_stat_activity` tells a
+/// server's connections apart.
+fn named_connection(url: &str, name: &str) -> String {
+    let joiner = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{joiner}application_name={name}")
+}
+
 fn host_name() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_default();
     format!("{host} pid {}", std::process::id())
@@ -182,19 +210,41 @@ fn host_name() -> String {
 /// Renews this server's lease every [`RENEW_EVERY`], on a connection of its
 /// own on PostgreSQL: a pool exhausted by requests, or a sweep waiting for
 /// a lock, must not let a live server's lease lapse.
-async fn keep_lease(market: Arc<Marketplace>) {
+async fn keep_lease(market: Arc<Marketplace>, renewing_since: RenewingSince) {
     let mut ticks = tokio::time::interval(RENEW_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut own: Option<sqlx::AnyConnection> = None;
+    let set_since = |since: Option<std::time::Instant>| {
+        *renewing_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = since;
+    };
     loop {
         ticks.tick().await;
+        if market
+            .store
+            .writes_stalled_for()
+            .is_some_and(|stalled| stalled > WRITES_STALLED_AFTER)
+        {
+            tracing::warn!(
+                "this server's writes hang; not renewing its lease, so others take its queries over"
+            );
+            set_since(None);
+            continue;
+        }
         let renewal = async {
             let backend = market.store.backend();
             let host = host_name();
             match market.store.listen_url() {
                 Some(url) => {
                     if own.is_none() {
-                        own = Some(<sqlx::AnyConnection as sqlx::Connection>::connect(url).await?);
+                        own = Some(
+                            <sqlx::AnyConnection as sqlx::Connection>::connect(&named_connection(
+                                url,
+                                "civicgrid-lease",
+                            ))
+                            .await?,
+                        );
                     }
                     let connection = own.as_mut().expect("connected just now");
                     replicas::renew(connection, backend, &market.replica_id, &host).await
@@ -206,28 +256,50 @@ async fn keep_lease(market: Arc<Marketplace>) {
             }
         };
         match tokio::time::timeout(RENEWAL_WITHIN, renewal).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => {
+                let mut since = renewing_since
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                since.get_or_insert_with(std::time::Instant::now);
+            }
             Ok(Err(error)) => {
                 tracing::warn!(%error, "could not renew this server's lease");
                 own = None;
+                set_since(None);
             }
             Err(_) => {
                 tracing::warn!("renewing this server's lease took too long; reconnecting");
                 own = None;
+                set_since(None);
             }
         }
     }
 }
 
+/// Since when this server's lease renewals have succeeded without a gap.
+type RenewingSince = Arc<std::sync::Mutex<Option<std::time::Instant>>>;
+
 /// Gives up, every [`RENEW_EVERY`], the queries of servers whose leases
 /// lapsed, and forgets those servers.
-async fn sweep(market: Arc<Marketplace>) {
+async fn sweep(market: Arc<Marketplace>, renewing_since: RenewingSince) {
     let mut ticks = tokio::time::interval(RENEW_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        match crate::queries::recover_interrupted(&market.store, &market.replica_id, REPLICA_LEASE)
-            .await
+        let renewing_long_enough = renewing_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|since| since.elapsed() >= SWEEP_AFTER_RENEWING_FOR);
+        if !renewing_long_enough {
+            continue;
+        }
+        match crate::queries::recover_interrupted(
+            &market.store,
+            &market.replica_id,
+            REPLICA_LEASE,
+            LEGACY_RUN_GRACE,
+        )
+        .await
         {
             Ok(0) => {}
             Ok(interrupted) => tracing::warn!(
@@ -252,23 +324,6 @@ async fn sweep(market: Arc<Marketplace>) {
     }
 }
 
-/// Sends a ping notice every [`PING_EVERY`], which every server's listener
-/// expects to hear.
-async fn ping(market: Arc<Marketplace>) {
-    let mut ticks = tokio::time::interval(PING_EVERY);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticks.tick().await;
-        let sent = async {
-            let mut connection = market.store.acquire().await?;
-            replicas::announce(&mut connection, market.store.backend(), &Change::Ping).await
-        };
-        if let Err(error) = sent.await {
-            tracing::debug!(%error, "could not send a ping notice");
-        }
-    }
-}
-
 /// Listens for the other servers' change notices. Notices sent while no
 /// connection listened are lost, so every (re)connection starts with a
 /// full read of what they could have changed; so does every
@@ -281,7 +336,8 @@ async fn follow_changes(
 ) {
     loop {
         let listening = async {
-            let mut listener = PgListener::connect(&url).await?;
+            let mut listener =
+                PgListener::connect(&named_connection(&url, "civicgrid-changes")).await?;
             listener.listen(CHANGES_CHANNEL).await?;
             Ok::<_, crate::error::MarketError>(listener)
         };
@@ -302,6 +358,10 @@ async fn follow_changes(
         let mut reloads = tokio::time::interval(RELOAD_EVERY);
         reloads.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         reloads.tick().await;
+        // The ping goes out on the listening connection itself: it tests
+        // that very socket, and needs nothing of the request pool.
+        let mut pings = tokio::time::interval(PING_EVERY);
+        pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let notice = tokio::select! {
                 notice = tokio::time::timeout(PING_EVERY * 3, listener.try_recv()) => notice,
@@ -310,6 +370,19 @@ async fn follow_changes(
                         tracing::warn!(%error, "cannot read contracts and roles again");
                     }
                     continue;
+                }
+                _ = pings.tick() => {
+                    let ping = sqlx::query("SELECT pg_notify($1, $2)")
+                        .bind(CHANGES_CHANNEL)
+                        .bind(Change::Ping.payload())
+                        .execute(&mut listener);
+                    match tokio::time::timeout(PING_EVERY, ping).await {
+                        Ok(Ok(_)) => continue,
+                        _ => {
+                            tracing::warn!("cannot ping through the listening connection; listening anew");
+                            break;
+                        }
+                    }
                 }
             };
             let change = match notice {

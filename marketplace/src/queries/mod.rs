@@ -50,16 +50,17 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 /// output policy must not let count withheld rows.
 pub const MAX_SQL_BYTES: usize = 64 << 10;
 
-/// How often, and how long apart, a server tries again to release the hold
-/// of a query whose settlement failed.
-const RELEASE_ATTEMPTS: u32 = 30;
+/// How long apart a server tries again, until it succeeds, to release the
+/// hold of a query whose settlement failed: at first, and at most.
 const RELEASE_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+const RELEASE_RETRY_AT_MOST: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Splits an IPC stream into response chunks of at most this many bytes.
 pub const RESULT_CHUNK_BYTES: usize = 1 << 20;
 
 /// Deletes queries left `running` by servers that stopped mid-query (every
-/// server but `me` that has not renewed its lease for `lease`): none was
+/// server but `me` that has not renewed its lease for `lease`, and queries
+/// stored with no server more than `legacy_grace` ago): none was
 /// charged or released, their holds vanish with them, and each is audited
 /// as interrupted. Servers call it at start and then every few seconds.
 ///
@@ -69,10 +70,14 @@ pub async fn recover_interrupted(
     store: &Store,
     me: &str,
     lease: std::time::Duration,
+    legacy_grace: std::time::Duration,
 ) -> Result<u64> {
+    let millis =
+        |duration: std::time::Duration| i64::try_from(duration.as_millis()).unwrap_or(i64::MAX);
     let which = store::queries::Interrupted::OfStoppedReplicas {
         me,
-        lease_ms: i64::try_from(lease.as_millis()).unwrap_or(i64::MAX),
+        lease_ms: millis(lease),
+        legacy_grace_ms: millis(legacy_grace),
     };
     if store::queries::count_interrupted(store, which).await? == 0 {
         return Ok(0);
@@ -365,8 +370,9 @@ async fn settle_in_turn(
         tracing::warn!(error = %cleanup, query = %query_id, "could not release a hold; retrying");
         let store = market.store().clone();
         tokio::spawn(async move {
-            for _ in 0..RELEASE_ATTEMPTS {
-                tokio::time::sleep(RELEASE_RETRY_AFTER).await;
+            let mut wait = RELEASE_RETRY_AFTER;
+            loop {
+                tokio::time::sleep(wait).await;
                 match store::queries::remove_running(
                     &store,
                     store::queries::Interrupted::One(&query_id),
@@ -377,10 +383,10 @@ async fn settle_in_turn(
                     Ok(_) => return,
                     Err(error) => {
                         tracing::warn!(%error, query = %query_id, "could not release a hold");
+                        wait = (wait * 2).min(RELEASE_RETRY_AT_MOST);
                     }
                 }
             }
-            tracing::error!(query = %query_id, "gave up releasing a hold; it goes when this server restarts");
         });
     }
     if settled.is_ok() {

@@ -62,9 +62,9 @@ fn error_of(row: &sqlx::any::AnyRow) -> Result<Option<(Unanswered, String)>> {
 
 /// How old a running query stored without a server's id (by a version
 /// before several servers shared a database, perhaps still running in a
-/// rolling upgrade) must be before it is given up: longer than any query
-/// may run, so one such server still running it is not robbed of it.
-const LEGACY_RUN_GRACE_MS: i64 = 15 * 60 * 1000;
+/// rolling upgrade) must be before a sweep gives it up: longer than any
+/// query may run, so one such server still running it is not robbed of it.
+pub(crate) const LEGACY_RUN_GRACE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 /// Which running queries to give up as interrupted.
 #[derive(Clone, Copy, Debug)]
@@ -72,8 +72,13 @@ pub(crate) enum Interrupted<'a> {
     /// This one, whose settlement failed in a live server.
     One(&'a str),
     /// Those of replicas, other than `me`, that have not renewed their
-    /// lease for `lease_ms` (see [`super::replicas`]).
-    OfStoppedReplicas { me: &'a str, lease_ms: i64 },
+    /// lease for `lease_ms` (see [`super::replicas`]), and those stored
+    /// with no replica more than `legacy_grace_ms` ago.
+    OfStoppedReplicas {
+        me: &'a str,
+        lease_ms: i64,
+        legacy_grace_ms: i64,
+    },
 }
 
 impl Interrupted<'_> {
@@ -90,10 +95,14 @@ impl Interrupted<'_> {
     ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
         match self {
             Self::One(id) => query.bind(id.to_owned()),
-            Self::OfStoppedReplicas { me, lease_ms } => query
+            Self::OfStoppedReplicas {
+                me,
+                lease_ms,
+                legacy_grace_ms,
+            } => query
                 .bind(me.to_owned())
                 .bind(lease_ms)
-                .bind(LEGACY_RUN_GRACE_MS),
+                .bind(legacy_grace_ms),
         }
     }
 }
@@ -126,7 +135,7 @@ pub(crate) async fn remove_running(
 ) -> Result<u64> {
     let backend = store.backend();
     let mut transaction = store.begin().await?;
-    if backend == Backend::Postgres {
+    if backend == Backend::Postgres && matches!(which, Interrupted::OfStoppedReplicas { .. }) {
         // A sweep that waits long for the head would hold up nothing of its
         // own, but its next round comes soon: give up this one.
         sqlx::query("SET LOCAL lock_timeout = '2s'")

@@ -104,6 +104,23 @@ fn files_under(root: &Path) -> anyhow::Result<Vec<String>> {
     Ok(found)
 }
 
+/// The files and folders (but `/tmp`, which is sticky) that a group or
+/// other users may write.
+fn writable_by_others(root: &Path, files: &[String]) -> anyhow::Result<Vec<String>> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut writable = Vec::new();
+    for file in files {
+        let metadata = std::fs::symlink_metadata(root.join(file.trim_end_matches('/')))?;
+        if metadata.file_type().is_symlink() || file == "tmp/" {
+            continue;
+        }
+        if metadata.permissions().mode() & 0o022 != 0 {
+            writable.push(file.clone());
+        }
+    }
+    Ok(writable)
+}
+
 static CONTAINERS: AtomicUsize = AtomicUsize::new(0);
 
 /// Runs `args` in the bundle with runc: the image's user, its root file
@@ -163,17 +180,27 @@ fn each_image_runs_its_binary_as_a_non_root_user_on_a_read_only_root() -> anyhow
         assert_eq!(process["cwd"], "/var/lib/civicgrid", "{image}");
 
         let files = files_under(&bundle.dir.join("rootfs"))?;
+        // A file is allowed when it is one of ALLOWED or inside one that is
+        // a folder; a folder, when it leads to one.
         let strays: Vec<_> = files
             .iter()
             .filter(|file| {
-                !ALLOWED
-                    .iter()
-                    .any(|allowed| file.starts_with(allowed) || allowed.starts_with(file.as_str()))
+                !ALLOWED.iter().any(|allowed| {
+                    *file == allowed
+                        || **file == format!("{allowed}/")
+                        || (allowed.ends_with('/') && file.starts_with(allowed))
+                        || (file.ends_with('/') && allowed.starts_with(file.as_str()))
+                })
             })
             .collect();
         assert!(
             strays.is_empty(),
             "{image} holds more than it needs: {strays:?}"
+        );
+        let writable: Vec<_> = writable_by_others(&bundle.dir.join("rootfs"), &files)?;
+        assert!(
+            writable.is_empty(),
+            "{image}: writable by group or others: {writable:?}"
         );
         for absent in ["bin/sh", "bin/bash", "usr/bin/apt", "usr/bin/dpkg"] {
             assert!(

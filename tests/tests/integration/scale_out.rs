@@ -326,7 +326,9 @@ async fn queries_through_two_servers_are_charged_once_in_one_log() -> anyhow::Re
 async fn a_stalled_servers_query_is_given_up_and_never_charged() -> anyhow::Result<()> {
     let (a, cast) = open_product_market().await?;
     let token = &cast.consumer_analyst;
-    let slow = slow_query("k-stalled", 40_000);
+    // Long enough to still run after a second server has started beside
+    // it on a loaded machine.
+    let slow = slow_query("k-stalled", 100_000);
     let stalled = async {
         eventually("the slow query runs", Duration::from_secs(30), async || {
             Ok(!queries_in(&a, "running").await?.is_empty())
@@ -380,7 +382,7 @@ async fn a_stalled_servers_query_is_given_up_and_never_charged() -> anyhow::Resu
     let after = balance(&a, &cast.consumer_admin, "").await?;
     assert_eq!(
         (after.balance_minor, after.held_minor),
-        (1_000_000 - 40_000, 0)
+        (1_000_000 - 100_000, 0)
     );
     assert_sound(&ledger(&a).await?);
     b.stop().await;
@@ -412,9 +414,16 @@ async fn a_killed_servers_query_is_given_up_once_by_the_other() -> anyhow::Resul
         .context("CIVICGRID_OPERATOR_BIN is not set (scripts/test.sh sets it)")?;
     let binary = std::path::Path::new(&operator).with_file_name("civicgrid-marketplace");
     let guest = civicgrid_tests::sandbox::guest_dir().join("civicgrid_sandbox_guest.wasm");
+    // The password apart from the URL, in PGPASSWORD, as the chart gives
+    // it to the servers of a bundled PostgreSQL.
+    let (scheme, rest) = a.database_url.split_once("://").context("a URL")?;
+    let (user_info, place) = rest.split_once('@').context("a URL with a user")?;
+    let (user, password) = user_info.split_once(':').context("a URL with a password")?;
+    let without_password = format!("{scheme}://{user}@{place}");
     let mut killed = tokio::process::Command::new(&binary)
         .arg("serve")
-        .args(["--database-url", &a.database_url])
+        .args(["--database-url", &without_password])
+        .env("PGPASSWORD", password)
         .arg("--data-dir")
         .arg(&a.data_dir)
         .arg("--signing-key-file")
@@ -566,7 +575,7 @@ async fn a_change_made_while_nobody_listened_still_reaches_the_other_server() ->
     let listeners = async || -> anyhow::Result<i64> {
         Ok(sqlx::query(
             "SELECT COUNT(*) AS n FROM pg_stat_activity \
-             WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+             WHERE datname = current_database() AND application_name = 'civicgrid-changes'",
         )
         .fetch_one(&pool)
         .await?
@@ -578,7 +587,7 @@ async fn a_change_made_while_nobody_listened_still_reaches_the_other_server() ->
     .await?;
     sqlx::query(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+         WHERE datname = current_database() AND application_name = 'civicgrid-changes'",
     )
     .execute(&pool)
     .await?;
@@ -662,13 +671,17 @@ async fn racing_decisions_on_two_servers_leave_one_outcome() -> anyhow::Result<(
             }
             other => anyhow::bail!("round {round}: both or neither decided: {other:?}"),
         }
-        let active = usize::from(stored.state == proto::ContractState::Active as i32);
-        let expected = a.market.contract_index().len() - active;
+        let pool = a.raw_pool().await?;
+        let stored_active: i64 =
+            sqlx::query("SELECT COUNT(*) AS n FROM contracts WHERE state = 'active'")
+                .fetch_one(&pool)
+                .await?
+                .try_get("n")?;
+        pool.close().await;
+        let stored_active = usize::try_from(stored_active)?;
         within_a_second("both indexes agree with the store", async || {
-            Ok(
-                a.market.contract_index().len() == b.market.contract_index().len()
-                    && a.market.contract_index().len() == expected + active,
-            )
+            Ok(a.market.contract_index().len() == stored_active
+                && b.market.contract_index().len() == stored_active)
         })
         .await?;
     }

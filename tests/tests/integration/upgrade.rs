@@ -41,9 +41,9 @@ async fn back_to_the_previous_release(market: &TestMarket, db: Db) -> anyhow::Re
 /// A server of this release opens a database the previous release wrote
 /// (organizations, a product, a contract, a deposit, a settled query, the
 /// audit log, and a query its server was still running): the schema goes
-/// forward, every record is still there and still adds up, the old query
-/// keeps its hold while its server might still run it, and is given up
-/// once it is older than any query may run.
+/// forward, every record is still there and still adds up, and the old
+/// query is given up once, at once on SQLite, and on PostgreSQL once it is
+/// older than any query may run (its server might still be running it).
 async fn a_database_from_the_previous_release_is_migrated_forward(db: Db) -> anyhow::Result<()> {
     let (mut old, cast) = start_with(db, |_| {}).await?;
     let contract_id = contract(&old, &cast, 0).await?;
@@ -96,13 +96,20 @@ async fn a_database_from_the_previous_release_is_migrated_forward(db: Db) -> any
         "{versions:?}"
     );
     assert_eq!(market.contract_index().len(), 1, "the contract is served");
-    // Younger than any query may run: its old server may still be running
-    // it, so it keeps its hold.
-    assert_eq!(market.recover_interrupted().await?, 0);
-    sqlx::query("UPDATE queries SET created_at = 0 WHERE id = 'q_old'")
-        .execute(&pool)
-        .await?;
-    assert_eq!(market.recover_interrupted().await?, 1);
+    match db {
+        // One server per file: the old one has stopped for certain.
+        Db::Sqlite => assert_eq!(market.recover_interrupted().await?, 1),
+        // Younger than any query may run, its old server may still be
+        // running it (an upgrade without the full stop docs/install.md
+        // asks for): it keeps its hold until then.
+        Db::Postgres => {
+            assert_eq!(market.recover_interrupted().await?, 0);
+            sqlx::query("UPDATE queries SET created_at = 0 WHERE id = 'q_old'")
+                .execute(&pool)
+                .await?;
+            assert_eq!(market.recover_interrupted().await?, 1);
+        }
+    }
 
     let upgraded = TestMarket::serve_beside(market, &old).await?;
     super::queries::attach_engine(&upgraded, |_| {}).await?;
