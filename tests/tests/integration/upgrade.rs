@@ -145,3 +145,46 @@ async fn a_database_from_the_previous_release_is_migrated_forward(db: Db) -> any
 }
 
 civicgrid_tests::on_both_databases!(a_database_from_the_previous_release_is_migrated_forward);
+
+/// Migrations only go forward: a migration a release shipped is never
+/// edited (sqlx refuses to start on a database where an applied
+/// migration's file changed), and a new one comes after every shipped one.
+/// marketplace/migrations/released.sha256 lists what has shipped; append
+/// to it when a release ships new migrations.
+#[test]
+fn shipped_migrations_are_never_edited_and_new_ones_come_after() -> anyhow::Result<()> {
+    let migrations =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../marketplace/migrations");
+    let checked = std::process::Command::new("sha256sum")
+        .args(["--check", "--quiet", "released.sha256"])
+        .current_dir(&migrations)
+        .output()?;
+    anyhow::ensure!(
+        checked.status.success(),
+        "a shipped migration changed: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let shipped: Vec<String> = std::fs::read_to_string(migrations.join("released.sha256"))?
+        .lines()
+        .filter_map(|line| line.split_once("  ").map(|(_, path)| path.to_owned()))
+        .collect();
+    let version = |path: &str| -> i64 {
+        path.rsplit('/')
+            .next()
+            .and_then(|file| file.split('_').next())
+            .and_then(|digits| digits.parse().ok())
+            .unwrap_or(0)
+    };
+    let last_shipped = shipped.iter().map(|path| version(path)).max().unwrap_or(0);
+    for backend in ["postgres", "sqlite"] {
+        for entry in std::fs::read_dir(migrations.join(backend))? {
+            let path = format!("{backend}/{}", entry?.file_name().to_string_lossy());
+            anyhow::ensure!(
+                shipped.contains(&path) || version(&path) > last_shipped,
+                "{path} is new but comes before the last shipped migration ({last_shipped})"
+            );
+        }
+    }
+    Ok(())
+}
