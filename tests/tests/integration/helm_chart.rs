@@ -697,25 +697,20 @@ async fn helm_installs_the_operator_then_upgrades_the_release_to_the_whole_stack
     release(&["upgrade", "-f", "charts/examples/city-values.yaml"])?;
     available("civicgrid-marketplace", 2).await?;
     let services: Api<Service> = Api::namespaced(admin.clone(), NAMESPACE);
-    let ports: Vec<_> = services
-        .get("civicgrid-marketplace")
-        .await?
-        .spec
-        .and_then(|spec| spec.ports)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|port| (port.name.unwrap_or_default(), port.port))
-        .collect();
+    let ports_of = async |name: &str| -> anyhow::Result<Vec<(String, i32)>> {
+        Ok(services
+            .get(name)
+            .await?
+            .spec
+            .and_then(|spec| spec.ports)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|port| (port.name.unwrap_or_default(), port.port))
+            .collect())
+    };
+    let ports = ports_of("civicgrid-marketplace").await?;
     assert_eq!(ports, [("grpc".to_owned(), 50051)]);
-    let runners: Vec<_> = services
-        .get("civicgrid-marketplace-runners")
-        .await?
-        .spec
-        .and_then(|spec| spec.ports)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|port| (port.name.unwrap_or_default(), port.port))
-        .collect();
+    let runners = ports_of("civicgrid-marketplace-runners").await?;
     assert_eq!(
         runners,
         [("runners".to_owned(), 7443)],
