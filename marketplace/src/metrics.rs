@@ -58,6 +58,9 @@ pub struct Metrics {
     /// Refused or failed queries, by consumer organization: a consumer
     /// probing the output policy shows here first.
     pub unanswered: Family<ConsumerLabel, Counter>,
+    /// Whether the server serves, following the other servers' changes
+    /// (`/readyz`).
+    pub ready: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Metrics {
@@ -71,6 +74,7 @@ impl Default for Metrics {
             }),
             charged_minor: Family::default(),
             unanswered: Family::default(),
+            ready: std::sync::atomic::AtomicBool::new(false),
         };
         let r = &mut metrics.registry;
         r.register(
@@ -146,9 +150,23 @@ impl Metrics {
     }
 }
 
-/// `/metrics` and `/healthz` over HTTP.
+/// `/metrics`, `/healthz` (the process answers) and `/readyz` (it serves,
+/// following the other servers' changes) over HTTP.
 pub fn router(metrics: std::sync::Arc<Metrics>) -> Router {
-    civicgrid_telemetry::metrics::router(metrics, Metrics::encode)
+    let readiness = std::sync::Arc::clone(&metrics);
+    civicgrid_telemetry::metrics::router(metrics, Metrics::encode).route(
+        "/readyz",
+        axum::routing::get(move || {
+            let ready = readiness.ready.load(std::sync::atomic::Ordering::Relaxed);
+            async move {
+                if ready {
+                    (axum::http::StatusCode::OK, "ready")
+                } else {
+                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, "starting")
+                }
+            }
+        }),
+    )
 }
 
 /// Serves [`router`] on `address` in the background; returns the bound address.
@@ -167,4 +185,42 @@ pub async fn spawn(
         }
     });
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    async fn status_of(address: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).await?;
+        Ok(reply.lines().next().unwrap_or_default().to_owned())
+    }
+
+    /// `/healthz` answers while the process runs; `/readyz` only while the
+    /// server serves, so a load balancer sends nothing to one still
+    /// starting or stopping.
+    #[tokio::test]
+    async fn readiness_follows_serving_and_health_the_process() -> std::io::Result<()> {
+        let metrics = std::sync::Arc::new(Metrics::default());
+        let address = spawn("127.0.0.1:0".parse().expect("an address"), metrics.clone()).await?;
+        assert_eq!(status_of(address, "/healthz").await?, "HTTP/1.1 200 OK");
+        assert_eq!(
+            status_of(address, "/readyz").await?,
+            "HTTP/1.1 503 Service Unavailable"
+        );
+        metrics
+            .ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(status_of(address, "/readyz").await?, "HTTP/1.1 200 OK");
+        Ok(())
+    }
 }

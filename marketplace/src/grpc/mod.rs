@@ -113,6 +113,10 @@ pub async fn serve(
             "not yet following the other servers' changes; serving what was loaded at start"
         );
     }
+    let metrics = Arc::clone(market.metrics());
+    metrics
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let served = builder
         .layer(auth::AuthenticateLayer::new(Arc::clone(&market)))
         .add_service(health)
@@ -135,6 +139,9 @@ pub async fn serve(
         .add_service(proto::audit_server::AuditServer::new(AuditService(market)))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
+    metrics
+        .ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
     upkeep.stop().await;
     served
 }

@@ -325,6 +325,7 @@ async fn settle_in_turn(
     let query_id = reservation.query_id.clone();
     let settled = match outcome {
         Ok(outcome) => {
+            let outcome = settle::encode(outcome);
             let backend = market.store().backend();
             let platform_fee_bps = engine.config().platform_fee_bps;
             let (principal, request) = (principal.clone(), Arc::clone(request));

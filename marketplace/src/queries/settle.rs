@@ -46,23 +46,13 @@ pub(super) async fn settle(
     principal: &Principal,
     request: &QueryRequest,
     reservation: Reservation,
-    outcome: std::result::Result<civicgrid_sandbox::Outcome, RunFailure>,
+    outcome: Encoded,
 ) -> Result<QueryOutcome> {
     let SettleContext {
         backend,
         platform_fee_bps,
         metrics,
     } = context;
-    let outcome = match outcome {
-        Ok(outcome) => match civicgrid_sandbox::ipc::write_stream(&outcome.batches) {
-            Ok(bytes) => Ok((outcome, bytes)),
-            Err(error) => Err(RunFailure {
-                error: SandboxError::Data(format!("encoding the result: {error}")),
-                fuel: outcome.metering.fuel,
-            }),
-        },
-        Err(failure) => Err(failure),
-    };
     let (usage, audit_head, still_running) = store::queries::usage_and_audit_head(
         connection,
         backend,
@@ -128,6 +118,27 @@ pub(super) async fn settle(
         result,
         error,
     })
+}
+
+/// A run's outcome with its result encoded as an Arrow IPC stream.
+pub(super) type Encoded = std::result::Result<(civicgrid_sandbox::Outcome, Vec<u8>), RunFailure>;
+
+/// Encodes a run's result for the consumer. Done before the settlement's
+/// transaction: that holds the audit log's head, which every server's
+/// writes queue on, and a large result would hold them all.
+pub(super) fn encode(
+    outcome: std::result::Result<civicgrid_sandbox::Outcome, RunFailure>,
+) -> Encoded {
+    match outcome {
+        Ok(outcome) => match civicgrid_sandbox::ipc::write_stream(&outcome.batches) {
+            Ok(bytes) => Ok((outcome, bytes)),
+            Err(error) => Err(RunFailure {
+                error: SandboxError::Data(format!("encoding the result: {error}")),
+                fuel: outcome.metering.fuel,
+            }),
+        },
+        Err(failure) => Err(failure),
+    }
 }
 
 /// A settled run before anything is written: what the consumer is told,

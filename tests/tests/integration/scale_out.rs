@@ -218,7 +218,15 @@ async fn contract_and_role_changes_reach_the_other_server() -> anyhow::Result<()
         .context("a revoked role runs no query on any server")?;
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
     pool.close().await;
+    // Ready (`/readyz`) while it serves, following the others; not once
+    // it has stopped.
+    let ready = |metrics: &civicgrid_marketplace::metrics::Metrics| {
+        metrics.ready.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let b_metrics = std::sync::Arc::clone(b.market.metrics());
+    assert!(ready(&b_metrics));
     b.stop().await;
+    assert!(!ready(&b_metrics));
     a.stop().await;
     Ok(())
 }
