@@ -32,10 +32,11 @@ pub const REPLICA_LEASE: Duration = Duration::from_secs(10);
 /// The wait before listening again after the notice connection failed.
 const RELISTEN_AFTER: Duration = Duration::from_secs(1);
 
-/// How often a server sends itself a notice on its listening connection. A
-/// connection that stops delivering even those (a socket left half-open by
-/// a failover or a partition) is replaced after three periods of silence.
-const PING_EVERY: Duration = Duration::from_secs(2);
+/// How often each server sends a ping notice (with its lease renewal). A
+/// listening connection that delivers not even those (a socket left
+/// half-open by a failover or a partition) is replaced after three periods
+/// of silence.
+const PING_EVERY: Duration = RENEW_EVERY;
 
 /// How often a server reads contracts and roles again whatever it heard: a
 /// bound on staleness that does not depend on notices at all.
@@ -247,7 +248,9 @@ async fn keep_lease(market: Arc<Marketplace>, renewing_since: RenewingSince) {
                         );
                     }
                     let connection = own.as_mut().expect("connected just now");
-                    replicas::renew(connection, backend, &market.replica_id, &host).await
+                    replicas::renew(connection, backend, &market.replica_id, &host).await?;
+                    // Every server's listener expects to hear these.
+                    replicas::announce(connection, backend, &Change::Ping).await
                 }
                 None => {
                     let mut connection = market.store.acquire().await?;
@@ -355,39 +358,34 @@ async fn follow_changes(
             continue;
         }
         followed.send_replace(true);
+        // The listener only ever waits for notices, in a task of its own
+        // (a wait that is given up midway could leave its connection
+        // half-read); what it hears comes here.
+        let (heard, mut notices) = tokio::sync::mpsc::channel::<String>(256);
+        let receiving = tokio::spawn(async move {
+            while let Ok(Some(notice)) = listener.try_recv().await {
+                if heard.send(notice.payload().to_owned()).await.is_err() {
+                    return;
+                }
+            }
+        });
         let mut reloads = tokio::time::interval(RELOAD_EVERY);
         reloads.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         reloads.tick().await;
-        // The ping goes out on the listening connection itself: it tests
-        // that very socket, and needs nothing of the request pool.
-        let mut pings = tokio::time::interval(PING_EVERY);
-        pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let notice = tokio::select! {
-                notice = tokio::time::timeout(PING_EVERY * 3, listener.try_recv()) => notice,
+            let payload = tokio::select! {
+                payload = tokio::time::timeout(PING_EVERY * 3, notices.recv()) => payload,
                 _ = reloads.tick() => {
                     if let Err(error) = market.reload_shared_state().await {
                         tracing::warn!(%error, "cannot read contracts and roles again");
                     }
                     continue;
                 }
-                _ = pings.tick() => {
-                    let ping = sqlx::query("SELECT pg_notify($1, $2)")
-                        .bind(CHANGES_CHANNEL)
-                        .bind(Change::Ping.payload())
-                        .execute(&mut listener);
-                    match tokio::time::timeout(PING_EVERY, ping).await {
-                        Ok(Ok(_)) => continue,
-                        _ => {
-                            tracing::warn!("cannot ping through the listening connection; listening anew");
-                            break;
-                        }
-                    }
-                }
             };
-            let change = match notice {
-                Ok(Ok(Some(notice))) => Change::parse(notice.payload()),
-                Ok(Ok(None) | Err(_)) => break,
+            let change = match payload {
+                Ok(Some(payload)) => Change::parse(&payload),
+                // The connection was lost: listen anew and read everything.
+                Ok(None) => break,
                 Err(_) => {
                     tracing::warn!("no notice, not even a ping, for a while; listening anew");
                     break;
@@ -401,6 +399,7 @@ async fn follow_changes(
                 }
             }
         }
+        receiving.abort();
         tokio::time::sleep(RELISTEN_AFTER).await;
     }
 }
