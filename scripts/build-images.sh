@@ -49,6 +49,8 @@ if [ "$build" = 1 ]; then
 fi
 [ -f "$guest" ] || { echo "no SQL guest at $guest: run bash sandbox/build-guests.sh" >&2; exit 1; }
 umoci=$(bash tools/umoci/build.sh)
+source_date=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
+created=$(date -u -d "@$source_date" +%Y-%m-%dT%H:%M:%SZ)
 case $(uname -m) in
     x86_64) architecture=amd64 ;;
     aarch64) architecture=arm64 ;;
@@ -119,8 +121,11 @@ for image in operator marketplace runner; do
     "$umoci" new --image "$reference"
     "$umoci" unpack --rootless --image "$reference" "$bundle" >&2
     cp -a "$root/." "$bundle/rootfs/"
-    "$umoci" repack --image "$reference" "$bundle" >&2
-    "$umoci" config --image "$reference" \
+    # Every time in the image is the commit's: the same sources and
+    # binaries give the same image, byte for byte.
+    find "$bundle/rootfs" -exec touch -h -d "@$source_date" {} +
+    "$umoci" repack --no-history --image "$reference" "$bundle" >&2
+    "$umoci" config --image "$reference" --no-history --created "$created" \
         --os linux --architecture "$architecture" \
         --config.user 65532:65532 \
         --config.workingdir /var/lib/civicgrid \
