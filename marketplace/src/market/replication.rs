@@ -190,7 +190,7 @@ impl Marketplace {
                 let mut connection = self.store.reader().acquire().await?;
                 self.access.reload(&mut connection).await
             }
-            Some(Change::Runners | Change::Ping) => Ok(()),
+            Some(Change::Ping) => Ok(()),
             None => self.reload_shared_state().await,
         }
     }
@@ -252,10 +252,7 @@ async fn keep_lease(market: Arc<Marketplace>, renewing_since: RenewingSince) {
                     // Every server's listener expects to hear these.
                     replicas::announce(connection, backend, &Change::Ping).await
                 }
-                None => {
-                    let mut connection = market.store.acquire().await?;
-                    replicas::renew(&mut connection, backend, &market.replica_id, &host).await
-                }
+                None => market.renew_lease().await,
             }
         };
         match tokio::time::timeout(RENEWAL_WITHIN, renewal).await {

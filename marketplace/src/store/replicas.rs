@@ -141,8 +141,6 @@ pub enum Change {
     Contract(String),
     /// A role binding (casbin's rules).
     Access,
-    /// A runner's report.
-    Runners,
     /// Nothing: a server checking that its listening connection delivers.
     Ping,
 }
@@ -154,7 +152,6 @@ impl Change {
         match self {
             Self::Contract(id) => format!("contract:{id}"),
             Self::Access => "access".into(),
-            Self::Runners => "runners".into(),
             Self::Ping => "ping".into(),
         }
     }
@@ -167,7 +164,6 @@ impl Change {
             Some(("contract", id)) if !id.is_empty() => Some(Self::Contract(id.to_owned())),
             _ => match payload {
                 "access" => Some(Self::Access),
-                "runners" => Some(Self::Runners),
                 "ping" => Some(Self::Ping),
                 _ => None,
             },
@@ -205,7 +201,6 @@ mod tests {
         for change in [
             Change::Contract("c_1:x".into()),
             Change::Access,
-            Change::Runners,
             Change::Ping,
         ] {
             assert_eq!(Change::parse(&change.payload()), Some(change));
