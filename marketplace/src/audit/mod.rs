@@ -3,9 +3,35 @@
 //! signed in the C2SP tlog-checkpoint format (the regulator's verifier is
 //! `civicgrid_cli::verify`).
 
-pub mod checkpoint;
+pub use civicgrid_tlog::{checkpoint, cosignature, merkle};
+
 pub mod log;
-pub mod merkle;
+
+/// Reads the log's Ed25519 signing key from `path` (32 raw bytes), creating
+/// it (mode 0600) on first use. The key lives in a file of its own, never in
+/// the database.
+///
+/// # Errors
+/// `InvalidArgument` naming `signing-key-file` for a file that is not a key;
+/// an I/O error when it cannot be read or created.
+pub fn load_or_create_signing_key(
+    path: &std::path::Path,
+) -> crate::error::Result<checkpoint::SigningKey> {
+    use civicgrid_tlog::key_file::{self, KeyFileError};
+    key_file::load_or_create(path).map_err(|error| match error {
+        KeyFileError::WrongLength { .. } => {
+            crate::error::MarketError::invalid("signing-key-file", error.to_string())
+        }
+        KeyFileError::Io {
+            context,
+            path,
+            source,
+        } => crate::error::MarketError::Io {
+            context: format!("{context} {}", path.display()),
+            source,
+        },
+    })
+}
 
 /// Most audit entries one `GetEntries` call returns: the server pages by it,
 /// and the verifier asks for no more at once.

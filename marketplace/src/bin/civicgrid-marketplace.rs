@@ -143,7 +143,9 @@ async fn open(common: &CommonArgs) -> anyhow::Result<std::sync::Arc<Marketplace>
 }
 
 fn load_or_create_key(path: &Path) -> anyhow::Result<SigningKey> {
-    Ok(civicgrid_marketplace::audit::checkpoint::load_or_create_signing_key(path)?)
+    Ok(civicgrid_marketplace::audit::load_or_create_signing_key(
+        path,
+    )?)
 }
 
 #[tokio::main]

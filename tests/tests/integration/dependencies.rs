@@ -12,6 +12,11 @@ use serde_json::Value;
 /// build dependencies; dev-dependencies are the tests' business).
 const ALLOWED: &[(&str, &[&str])] = &[
     ("civicgrid-telemetry", &[]),
+    ("civicgrid-tlog", &[]),
+    (
+        "civicgrid-witness",
+        &["civicgrid-telemetry", "civicgrid-tlog"],
+    ),
     ("civicgrid-guest-protocol", &[]),
     ("civicgrid-sandbox", &["civicgrid-guest-protocol"]),
     ("civicgrid-sandbox-guest", &["civicgrid-guest-protocol"]),
@@ -27,6 +32,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "civicgrid-runner",
             "civicgrid-sandbox",
             "civicgrid-telemetry",
+            "civicgrid-tlog",
         ],
     ),
     (
@@ -35,6 +41,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "civicgrid-marketplace",
             "civicgrid-runner",
             "civicgrid-sandbox",
+            "civicgrid-tlog",
         ],
     ),
     (
@@ -46,6 +53,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "civicgrid-runner",
             "civicgrid-sandbox",
             "civicgrid-sandbox-guest",
+            "civicgrid-tlog",
+            "civicgrid-witness",
         ],
     ),
     (
@@ -84,6 +93,21 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
         "civicgrid-runner",
         &["sqlx", "casbin", "civicgrid-marketplace", "kube"],
     ),
+    // A witness is run by someone other than the log's operator: it
+    // checks checkpoints and knows nothing of the marketplace or its data.
+    (
+        "civicgrid-witness",
+        &[
+            "civicgrid-marketplace",
+            "sqlx",
+            "casbin",
+            "wasmtime",
+            "datafusion",
+            "kube",
+        ],
+    ),
+    // The log's formats are plain data and hashing, for every verifier.
+    ("civicgrid-tlog", &["tokio", "sqlx", "tonic", "wasmtime"]),
     // The sandbox knows nothing of the marketplace's storage or network.
     ("civicgrid-sandbox", &["sqlx", "casbin", "tonic", "kube"]),
     // What guests link builds for wasm32: no host runtime, no engine.
@@ -434,6 +458,8 @@ fn no_crate_has_a_loop_between_its_modules() {
         "runner",
         "cli",
         "telemetry",
+        "tlog",
+        "witness",
     ] {
         let graph = module_graph(&root.join(crate_dir).join("src"));
         assert!(

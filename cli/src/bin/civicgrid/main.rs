@@ -671,7 +671,9 @@ fn action(id: String, reason: String) -> proto::ProductAction {
 }
 
 fn signing_key(path: &std::path::Path) -> anyhow::Result<ed25519_dalek::SigningKey> {
-    Ok(civicgrid_marketplace::audit::checkpoint::load_or_create_signing_key(path)?)
+    Ok(civicgrid_marketplace::audit::load_or_create_signing_key(
+        path,
+    )?)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<i32> {

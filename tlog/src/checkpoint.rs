@@ -14,7 +14,7 @@ pub use ed25519_dalek::SigningKey;
 use ed25519_dalek::{Signer as _, Verifier as _, VerifyingKey};
 use sha2::{Digest, Sha256};
 
-use super::merkle::Hash;
+use crate::merkle::Hash;
 
 const ED25519_ALGORITHM: u8 = 0x01;
 
@@ -68,13 +68,97 @@ pub enum NoteError {
 }
 
 fn key_hash(name: &str, key: &VerifyingKey) -> [u8; 4] {
+    key_id(name, ED25519_ALGORITHM, key)
+}
+
+/// A signed-note key ID: the first four bytes of
+/// `SHA-256(name || "\n" || algorithm || public key)`.
+pub(crate) fn key_id(name: &str, algorithm: u8, key: &VerifyingKey) -> [u8; 4] {
     let mut hasher = Sha256::new();
     hasher.update(name.as_bytes());
     hasher.update(b"\n");
-    hasher.update([ED25519_ALGORITHM]);
+    hasher.update([algorithm]);
     hasher.update(key.as_bytes());
     let digest = hasher.finalize();
     [digest[0], digest[1], digest[2], digest[3]]
+}
+
+/// One signature line of a note: the signer's name and the decoded
+/// `key ID || signature` blob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignatureLine {
+    /// The key name.
+    pub name: String,
+    /// Key ID (4 bytes) followed by the signature.
+    pub blob: Vec<u8>,
+}
+
+/// A signed note split into its body (ending in a newline) and its
+/// signature lines.
+///
+/// # Errors
+/// [`NoteError::Malformed`] when there is no blank line before the
+/// signatures or a signature line is not `— name base64`.
+pub fn split_note(note: &str) -> Result<(String, Vec<SignatureLine>), NoteError> {
+    let (body, signatures) = note
+        .split_once("\n\n")
+        .ok_or(NoteError::Malformed("no blank line before the signatures"))?;
+    let mut lines = Vec::new();
+    for line in signatures.lines() {
+        let rest = line.strip_prefix("\u{2014} ").ok_or(NoteError::Malformed(
+            "a signature line must start with '— '",
+        ))?;
+        let (name, blob) = rest.split_once(' ').ok_or(NoteError::Malformed(
+            "a signature line is '— name signature'",
+        ))?;
+        let blob = STANDARD
+            .decode(blob)
+            .map_err(|_| NoteError::Malformed("signature is not base64"))?;
+        lines.push(SignatureLine {
+            name: name.to_owned(),
+            blob,
+        });
+    }
+    Ok((format!("{body}\n"), lines))
+}
+
+impl Checkpoint {
+    /// The checkpoint in a note body (extension lines after the root are
+    /// allowed and ignored).
+    ///
+    /// # Errors
+    /// [`NoteError::Malformed`] naming the line that is wrong.
+    pub fn parse_body(body: &str) -> Result<Self, NoteError> {
+        let mut lines = body.lines();
+        let origin = lines.next().ok_or(NoteError::Malformed("no origin line"))?;
+        if origin.is_empty() {
+            return Err(NoteError::Malformed("the origin line is empty"));
+        }
+        let size_line = lines
+            .next()
+            .ok_or(NoteError::Malformed("no tree size line"))?;
+        if size_line.len() > 1 && size_line.starts_with('0') {
+            return Err(NoteError::Malformed("tree size has leading zeroes"));
+        }
+        let size = size_line
+            .parse::<u64>()
+            .map_err(|_| NoteError::Malformed("tree size is not a decimal number"))?;
+        let root = STANDARD
+            .decode(
+                lines
+                    .next()
+                    .ok_or(NoteError::Malformed("no root hash line"))?,
+            )
+            .map_err(|_| NoteError::Malformed("root hash is not base64"))?;
+        let root: Hash = root
+            .try_into()
+            .map_err(|_| NoteError::Malformed("root hash is not 32 bytes"))?;
+        Ok(Self {
+            origin: origin.to_owned(),
+            size,
+            root,
+        })
+    }
 }
 
 /// The log's signing key with the name its signature lines carry.
@@ -131,19 +215,11 @@ pub struct NoteVerifier {
 
 impl std::fmt::Display for NoteVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut encoded = vec![ED25519_ALGORITHM];
-        encoded.extend_from_slice(self.key.as_bytes());
-        let hash = key_hash(&self.name, &self.key);
-        write!(
-            f,
-            "{}+{:02x}{:02x}{:02x}{:02x}+{}",
-            self.name,
-            hash[0],
-            hash[1],
-            hash[2],
-            hash[3],
-            STANDARD.encode(encoded)
-        )
+        f.write_str(&format_verifier_key(
+            &self.name,
+            ED25519_ALGORITHM,
+            &self.key,
+        ))
     }
 }
 
@@ -151,44 +227,65 @@ impl std::str::FromStr for NoteVerifier {
     type Err = NoteError;
 
     fn from_str(text: &str) -> Result<Self, NoteError> {
-        // Names cannot contain '+'; base64 keys can.
-        let mut parts = text.trim().splitn(3, '+');
-        let name = parts.next().ok_or(NoteError::MalformedKey("no name"))?;
-        let hash = parts.next().ok_or(NoteError::MalformedKey("no key hash"))?;
-        let key = parts.next().ok_or(NoteError::MalformedKey("no key"))?;
-        if name.is_empty() {
-            return Err(NoteError::MalformedKey("empty name"));
-        }
-        let key = STANDARD
-            .decode(key)
-            .map_err(|_| NoteError::MalformedKey("key is not base64"))?;
-        let (algorithm, key) = key
-            .split_first()
-            .ok_or(NoteError::MalformedKey("empty key"))?;
-        if *algorithm != ED25519_ALGORITHM {
-            return Err(NoteError::MalformedKey("not an Ed25519 key"));
-        }
-        let key: [u8; 32] = key
-            .try_into()
-            .map_err(|_| NoteError::MalformedKey("an Ed25519 key is 32 bytes"))?;
-        let key = VerifyingKey::from_bytes(&key)
-            .map_err(|_| NoteError::MalformedKey("not a valid Ed25519 point"))?;
-        let verifier = Self {
-            name: name.to_owned(),
-            key,
-        };
-        let expected = key_hash(name, &key);
-        let expected = format!(
-            "{:02x}{:02x}{:02x}{:02x}",
-            expected[0], expected[1], expected[2], expected[3]
-        );
-        if hash != expected {
-            return Err(NoteError::MalformedKey(
-                "the key hash does not match the name and key",
-            ));
-        }
-        Ok(verifier)
+        let (name, key) = parse_verifier_key(text, ED25519_ALGORITHM)?;
+        Ok(Self { name, key })
     }
+}
+
+/// A verifier key, `<name>+<key ID hex>+<base64(algorithm || public key)>`.
+pub(crate) fn format_verifier_key(name: &str, algorithm: u8, key: &VerifyingKey) -> String {
+    let mut encoded = vec![algorithm];
+    encoded.extend_from_slice(key.as_bytes());
+    let id = key_id(name, algorithm, key);
+    format!(
+        "{name}+{:02x}{:02x}{:02x}{:02x}+{}",
+        id[0],
+        id[1],
+        id[2],
+        id[3],
+        STANDARD.encode(encoded)
+    )
+}
+
+/// The name and Ed25519 key of a verifier key of signature type
+/// `algorithm`, after checking its key ID.
+pub(crate) fn parse_verifier_key(
+    text: &str,
+    algorithm: u8,
+) -> Result<(String, VerifyingKey), NoteError> {
+    // Names cannot contain '+'; base64 keys can.
+    let mut parts = text.trim().splitn(3, '+');
+    let name = parts.next().ok_or(NoteError::MalformedKey("no name"))?;
+    let hash = parts.next().ok_or(NoteError::MalformedKey("no key hash"))?;
+    let key = parts.next().ok_or(NoteError::MalformedKey("no key"))?;
+    if name.is_empty() || name.chars().any(char::is_whitespace) {
+        return Err(NoteError::MalformedKey("the name is empty or has spaces"));
+    }
+    let key = STANDARD
+        .decode(key)
+        .map_err(|_| NoteError::MalformedKey("key is not base64"))?;
+    let (found, key) = key
+        .split_first()
+        .ok_or(NoteError::MalformedKey("empty key"))?;
+    if *found != algorithm {
+        return Err(NoteError::MalformedKey(if algorithm == ED25519_ALGORITHM {
+            "not an Ed25519 signing key (type 0x01)"
+        } else {
+            "not an Ed25519 cosignature key (type 0x04)"
+        }));
+    }
+    let key: [u8; 32] = key
+        .try_into()
+        .map_err(|_| NoteError::MalformedKey("an Ed25519 key is 32 bytes"))?;
+    let key = VerifyingKey::from_bytes(&key)
+        .map_err(|_| NoteError::MalformedKey("not a valid Ed25519 point"))?;
+    let id = key_id(name, algorithm, &key);
+    if hash != format!("{:02x}{:02x}{:02x}{:02x}", id[0], id[1], id[2], id[3]) {
+        return Err(NoteError::MalformedKey(
+            "the key hash does not match the name and key",
+        ));
+    }
+    Ok((name.to_owned(), key))
 }
 
 impl NoteVerifier {
@@ -199,32 +296,18 @@ impl NoteVerifier {
     /// [`NoteError`] when the note is malformed, unsigned by this key, altered,
     /// or for another log.
     pub fn verify(&self, note: &str, origin: &str) -> Result<Checkpoint, NoteError> {
-        let (body, signatures) = note
-            .split_once("\n\n")
-            .ok_or(NoteError::Malformed("no blank line before the signatures"))?;
-        let body = format!("{body}\n");
+        let (body, signatures) = split_note(note)?;
         let expected_hash = key_hash(&self.name, &self.key);
         let mut found = false;
-        for line in signatures.lines() {
-            let Some(rest) = line.strip_prefix("\u{2014} ") else {
-                return Err(NoteError::Malformed(
-                    "a signature line must start with '— '",
-                ));
-            };
-            let (name, blob) = rest.split_once(' ').ok_or(NoteError::Malformed(
-                "a signature line is '— name signature'",
-            ))?;
-            if name != self.name {
-                continue;
-            }
-            let blob = STANDARD
-                .decode(blob)
-                .map_err(|_| NoteError::Malformed("signature is not base64"))?;
-            if blob.len() != 4 + 64 || blob[..4] != expected_hash {
+        for line in signatures {
+            if line.name != self.name
+                || line.blob.len() != 4 + 64
+                || line.blob[..4] != expected_hash
+            {
                 continue;
             }
             found = true;
-            let signature = ed25519_dalek::Signature::from_slice(&blob[4..])
+            let signature = ed25519_dalek::Signature::from_slice(&line.blob[4..])
                 .map_err(|_| NoteError::Malformed("signature has the wrong length"))?;
             self.key
                 .verify(body.as_bytes(), &signature)
@@ -233,83 +316,20 @@ impl NoteVerifier {
         if !found {
             return Err(NoteError::NoSignatureByKey(self.name.clone()));
         }
-        let mut lines = body.lines();
-        let found_origin = lines.next().ok_or(NoteError::Malformed("no origin line"))?;
-        let size = lines
-            .next()
-            .ok_or(NoteError::Malformed("no tree size line"))?
-            .parse::<u64>()
-            .map_err(|_| NoteError::Malformed("tree size is not a decimal number"))?;
-        let root = STANDARD
-            .decode(
-                lines
-                    .next()
-                    .ok_or(NoteError::Malformed("no root hash line"))?,
-            )
-            .map_err(|_| NoteError::Malformed("root hash is not base64"))?;
-        let root: Hash = root
-            .try_into()
-            .map_err(|_| NoteError::Malformed("root hash is not 32 bytes"))?;
-        if found_origin != origin {
+        let checkpoint = Checkpoint::parse_body(&body)?;
+        if checkpoint.origin != origin {
             return Err(NoteError::WrongOrigin {
                 expected: origin.to_owned(),
-                found: found_origin.to_owned(),
+                found: checkpoint.origin,
             });
         }
-        Ok(Checkpoint {
-            origin: found_origin.to_owned(),
-            size,
-            root,
-        })
+        Ok(checkpoint)
     }
 
     /// The key's name (conventionally the log's origin).
     #[must_use]
     pub fn name(&self) -> &str {
         &self.name
-    }
-}
-
-/// Reads the log's ed25519 signing key from `path` (32 raw bytes), creating
-/// it (mode 0600) on first use.
-///
-/// # Errors
-/// When the file cannot be read or created, or does not hold 32 bytes.
-pub fn load_or_create_signing_key(path: &std::path::Path) -> crate::error::Result<SigningKey> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let io = |context: String| {
-        move |source: std::io::Error| crate::error::MarketError::Io { context, source }
-    };
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            let bytes: [u8; 32] = bytes.try_into().map_err(|_| {
-                crate::error::MarketError::invalid(
-                    "signing-key-file",
-                    format!("{} must hold exactly 32 bytes", path.display()),
-                )
-            })?;
-            Ok(SigningKey::from_bytes(&bytes))
-        }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            let key = SigningKey::generate(&mut rand::rngs::OsRng);
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(io(format!("creating {}", parent.display())))?;
-            }
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(io(format!("creating {}", path.display())))?;
-            file.write_all(&key.to_bytes())
-                .and_then(|()| file.sync_all())
-                .map_err(io(format!("writing {}", path.display())))?;
-            tracing::info!(path = %path.display(), "created a new audit signing key");
-            Ok(key)
-        }
-        Err(error) => Err(io(format!("reading {}", path.display()))(error)),
     }
 }
 
