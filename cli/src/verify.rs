@@ -17,6 +17,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use civicgrid_marketplace::audit::checkpoint::{Checkpoint, NoteError, NoteVerifier};
+use civicgrid_marketplace::audit::cosignature::CosignatureVerifier;
 use civicgrid_marketplace::audit::merkle::{self, Hash};
 use civicgrid_marketplace::proto;
 use civicgrid_marketplace::proto::audit_client::AuditClient;
@@ -146,6 +147,9 @@ pub struct Report {
     pub entries_checked: u64,
     /// What is wrong; empty when the log is intact.
     pub findings: Vec<Finding>,
+    /// Each required witness's name and when (POSIX seconds) it cosigned
+    /// the checkpoint, in the order they were required.
+    pub cosigned_at: Vec<(String, u64)>,
 }
 
 /// Why verification could not be carried out at all.
@@ -160,6 +164,14 @@ pub enum VerifyError {
     /// The server sent a hash that is not 32 bytes.
     #[error("the server sent a malformed hash")]
     MalformedHash,
+    /// A required witness's cosignature is missing or does not verify.
+    #[error("witness {witness}: {error}")]
+    NotWitnessed {
+        /// The witness's name.
+        witness: String,
+        /// What is wrong with its cosignature.
+        error: NoteError,
+    },
 }
 
 fn hash(bytes: &[u8]) -> Result<Hash, VerifyError> {
@@ -178,11 +190,41 @@ pub async fn verify_log(
     origin: &str,
     saved_note: Option<&str>,
 ) -> Result<Report, VerifyError> {
+    verify_log_witnessed(client, key, origin, saved_note, &[]).await
+}
+
+/// [`verify_log`] against the newest checkpoint that each of `witnesses`
+/// cosigned, instead of the live head (when `witnesses` is not empty): the
+/// log's own key alone does not show that history was not rewritten and
+/// re-signed; a witness that checked consistency before cosigning does.
+///
+/// # Errors
+/// As [`verify_log`], and [`VerifyError::NotWitnessed`] when a witness's
+/// cosignature is missing or invalid.
+pub async fn verify_log_witnessed(
+    client: &mut AuthedAuditClient,
+    key: &NoteVerifier,
+    origin: &str,
+    saved_note: Option<&str>,
+    witnesses: &[CosignatureVerifier],
+) -> Result<Report, VerifyError> {
     let latest = client
-        .get_checkpoint(proto::GetCheckpointRequest {})
+        .get_checkpoint(proto::GetCheckpointRequest {
+            witnessed: !witnesses.is_empty(),
+        })
         .await?
         .into_inner();
     let checkpoint = key.verify(&latest.note, origin)?;
+    let mut cosigned_at = Vec::with_capacity(witnesses.len());
+    for witness in witnesses {
+        let time = witness
+            .verify(&latest.note)
+            .map_err(|error| VerifyError::NotWitnessed {
+                witness: witness.name().to_owned(),
+                error,
+            })?;
+        cosigned_at.push((witness.name().to_owned(), time));
+    }
     let mut findings = Vec::new();
     if let Some(saved_note) = saved_note {
         let saved = key.verify(saved_note, origin)?;
@@ -251,6 +293,7 @@ pub async fn verify_log(
         note: latest.note,
         entries_checked: size,
         findings,
+        cosigned_at,
     })
 }
 

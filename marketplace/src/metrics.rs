@@ -29,6 +29,13 @@ pub struct StageLabel {
     pub stage: &'static str,
 }
 
+/// A witness, by its name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WitnessLabel {
+    /// The witness's key name.
+    pub witness: String,
+}
+
 /// A consumer organization.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConsumerLabel {
@@ -61,6 +68,10 @@ pub struct Metrics {
     /// Whether the server serves, following the other servers' changes
     /// (`/readyz`).
     pub ready: std::sync::atomic::AtomicBool,
+    /// Rounds in which a witness did not cosign, by witness.
+    pub witness_failures: Family<WitnessLabel, Counter>,
+    /// The largest tree every witness cosigned (0 before the first).
+    pub audit_cosigned_tree_size: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Default for Metrics {
@@ -75,6 +86,8 @@ impl Default for Metrics {
             charged_minor: Family::default(),
             unanswered: Family::default(),
             ready: std::sync::atomic::AtomicBool::new(false),
+            witness_failures: Family::default(),
+            audit_cosigned_tree_size: prometheus_client::metrics::gauge::Gauge::default(),
         };
         let r = &mut metrics.registry;
         r.register(
@@ -101,6 +114,16 @@ impl Default for Metrics {
             "unanswered_queries",
             "Refused or failed queries, by consumer organization",
             metrics.unanswered.clone(),
+        );
+        r.register(
+            "audit_witness_failures",
+            "Rounds in which a witness did not cosign the log's checkpoint",
+            metrics.witness_failures.clone(),
+        );
+        r.register(
+            "audit_cosigned_tree_size",
+            "The largest audit tree every witness cosigned",
+            metrics.audit_cosigned_tree_size.clone(),
         );
         metrics
     }

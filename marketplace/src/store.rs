@@ -21,6 +21,7 @@ mod batch;
 pub use batch::{Param, WriteBatch};
 pub(crate) mod casbin_rules;
 pub(crate) mod contracts;
+pub(crate) mod cosigned;
 pub mod demands;
 pub mod identity;
 pub(crate) mod ledger;

@@ -91,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
+            println!("listening on {}", listener.local_addr()?);
             tracing::info!(
                 address = %listener.local_addr()?,
                 witness = %signer.verifier(),

@@ -121,6 +121,15 @@ struct ServeArgs {
     /// The CA that signs runners' certificates (PEM).
     #[arg(long, requires = "runners_listen")]
     runners_ca: Option<PathBuf>,
+    /// A witness to get the audit log's checkpoints cosigned by:
+    /// `'<verifier key> <URL>'` (`civicgrid-witness key` prints the key).
+    /// Repeat for several; a checkpoint is stored as witnessed once every
+    /// one has cosigned it.
+    #[arg(long = "witness", env = "CIVICGRID_WITNESSES", value_delimiter = ',')]
+    witnesses: Vec<civicgrid_marketplace::market::WitnessEndpoint>,
+    /// Seconds between submissions of a grown log to the witnesses.
+    #[arg(long, default_value_t = 10)]
+    witness_interval_secs: u64,
     /// How long a runner counts as ready after its last heartbeat.
     #[arg(long, default_value_t = 15, requires = "runners_listen")]
     runner_ttl_secs: u64,
@@ -258,6 +267,16 @@ async fn main() -> anyhow::Result<()> {
                         tracing::error!(%error, "the runner directory stopped");
                     }
                 });
+            }
+            if !args.witnesses.is_empty() {
+                tracing::info!(
+                    witnesses = args.witnesses.len(),
+                    "submitting checkpoints to witnesses"
+                );
+                market.spawn_witnessing(
+                    args.witnesses.clone(),
+                    std::time::Duration::from_secs(args.witness_interval_secs.max(1)),
+                );
             }
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await

@@ -21,7 +21,11 @@ impl proto::audit_server::Audit for AuditService {
         request: Request<proto::GetCheckpointRequest>,
     ) -> Result<Response<proto::Checkpoint>, Status> {
         let principal = auth::principal(&request)?;
-        let signed = self.0.checkpoint(&principal).await?;
+        let signed = if request.get_ref().witnessed {
+            self.0.witnessed_checkpoint(&principal).await?
+        } else {
+            self.0.checkpoint(&principal).await?
+        };
         Ok(Response::new(proto::Checkpoint {
             note: signed.note,
             tree_size: i64::try_from(signed.checkpoint.size).unwrap_or(i64::MAX),

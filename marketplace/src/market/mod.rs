@@ -11,11 +11,13 @@ mod querying;
 mod registration;
 pub mod replication;
 mod tenancy;
+mod witnessing;
 
 pub use accounts::Deposit;
 pub use audit_reads::{EntryRange, SignedCheckpoint};
 pub use contracting::OperationCheck;
 pub use tenancy::RoleBinding;
+pub use witnessing::WitnessEndpoint;
 
 use std::sync::Arc;
 

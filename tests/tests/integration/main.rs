@@ -19,3 +19,4 @@ mod sandbox;
 mod sandbox_split;
 mod scale_out;
 mod upgrade;
+mod witness;

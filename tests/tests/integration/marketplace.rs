@@ -33,7 +33,7 @@ fn check(
 async fn save_checkpoint(market: &TestMarket, token: &str) -> anyhow::Result<String> {
     let mut audit = AuditClient::new(market.channel.clone());
     Ok(audit
-        .get_checkpoint(authed(token, proto::GetCheckpointRequest {}))
+        .get_checkpoint(authed(token, proto::GetCheckpointRequest::default()))
         .await?
         .into_inner()
         .note)
@@ -559,7 +559,7 @@ async fn call(
             .await
             .map(drop),
         "GetCheckpoint" => audit
-            .get_checkpoint(authed(token, proto::GetCheckpointRequest {}))
+            .get_checkpoint(authed(token, proto::GetCheckpointRequest::default()))
             .await
             .map(drop),
         "ExportCatalog" => registry

@@ -289,7 +289,10 @@ async fn queries_through_two_servers_are_charged_once_in_one_log() -> anyhow::Re
     // sign the same checkpoint of it (Ed25519 signatures are deterministic).
     let checkpoint = async |server: &TestMarket| {
         AuditClient::new(server.channel.clone())
-            .get_checkpoint(authed(&cast.regulator, proto::GetCheckpointRequest {}))
+            .get_checkpoint(authed(
+                &cast.regulator,
+                proto::GetCheckpointRequest::default(),
+            ))
             .await
             .map(tonic::Response::into_inner)
     };

@@ -3,8 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use civicgrid_cli::verify::{BearerToken, verify_log};
+use civicgrid_cli::verify::{BearerToken, verify_log_witnessed};
 use civicgrid_marketplace::audit::checkpoint::NoteVerifier;
+use civicgrid_marketplace::audit::cosignature::CosignatureVerifier;
 use civicgrid_marketplace::proto::{
     self, audit_client::AuditClient, billing_client::BillingClient,
     contracts_client::ContractsClient, identity_client::IdentityClient,
@@ -476,6 +477,14 @@ enum AuditCommand {
         /// After a clean verification, overwrite --checkpoint with the new one.
         #[arg(long, requires = "checkpoint")]
         update: bool,
+        /// Verify against the newest checkpoint this witness cosigned (its
+        /// verifier key, from its operator); repeat to require several.
+        #[arg(long = "witness-key", value_name = "VERIFIER_KEY")]
+        witness_keys: Vec<String>,
+        /// Fail when a required witness's cosignature is older than this
+        /// many seconds (the server stopped getting its log witnessed).
+        #[arg(long, requires = "witness_keys")]
+        max_witness_age_secs: Option<u64>,
     },
 }
 
@@ -1198,7 +1207,7 @@ async fn audit(c: &mut Clients, output: Output, command: AuditCommand) -> anyhow
         AuditCommand::Checkpoint { save } => {
             let checkpoint = c
                 .audit
-                .get_checkpoint(proto::GetCheckpointRequest {})
+                .get_checkpoint(proto::GetCheckpointRequest::default())
                 .await?
                 .into_inner();
             if let Some(path) = save {
@@ -1259,8 +1268,17 @@ async fn audit(c: &mut Clients, output: Output, command: AuditCommand) -> anyhow
             origin,
             checkpoint,
             update,
+            witness_keys,
+            max_witness_age_secs,
         } => {
             let key: NoteVerifier = key.parse().context("--key")?;
+            let witnesses = witness_keys
+                .iter()
+                .map(|key| {
+                    key.parse::<CosignatureVerifier>()
+                        .with_context(|| format!("--witness-key {key:?}"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let origin = origin.unwrap_or_else(|| key.name().to_owned());
             let saved = checkpoint
                 .as_ref()
@@ -1269,8 +1287,22 @@ async fn audit(c: &mut Clients, output: Output, command: AuditCommand) -> anyhow
                         .with_context(|| format!("--checkpoint: reading {}", path.display()))
                 })
                 .transpose()?;
-            let report = verify_log(&mut c.audit, &key, &origin, saved.as_deref()).await?;
-            let findings: Vec<String> = report.findings.iter().map(ToString::to_string).collect();
+            let report =
+                verify_log_witnessed(&mut c.audit, &key, &origin, saved.as_deref(), &witnesses)
+                    .await?;
+            let mut findings: Vec<String> =
+                report.findings.iter().map(ToString::to_string).collect();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |elapsed| elapsed.as_secs());
+            for (witness, time) in &report.cosigned_at {
+                let age = now.saturating_sub(*time);
+                if max_witness_age_secs.is_some_and(|most| age > most) {
+                    findings.push(format!(
+                        "witness {witness} last cosigned {age} s ago: the log has not been witnessed since"
+                    ));
+                }
+            }
             print(
                 output,
                 &serde_json::json!({
@@ -1278,6 +1310,7 @@ async fn audit(c: &mut Clients, output: Output, command: AuditCommand) -> anyhow
                     "tree_size": report.checkpoint.size,
                     "entries_checked": report.entries_checked,
                     "findings": findings.join("; "),
+                    "witnessed_by": report.cosigned_at.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(","),
                 }),
             )?;
             if !findings.is_empty() {
