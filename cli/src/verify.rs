@@ -347,3 +347,113 @@ async fn localise(
     }
     Ok(findings)
 }
+
+/// A receipt that checked out: the entry, where it is, and the checkpoint
+/// whose signed tree holds it.
+#[derive(Clone, Debug)]
+pub struct VerifiedReceipt {
+    /// The entry's index.
+    pub index: u64,
+    /// The entry, parsed (canonical JSON).
+    pub entry: serde_json::Value,
+    /// The checkpoint the proof is against.
+    pub checkpoint: Checkpoint,
+    /// Each required witness's name and cosignature time (POSIX seconds).
+    pub cosigned_at: Vec<(String, u64)>,
+}
+
+/// Why a receipt does not check out.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiptError {
+    /// The checkpoint's signature or format.
+    #[error("checkpoint: {0}")]
+    Note(#[from] NoteError),
+    /// A required witness did not cosign it.
+    #[error("witness {witness}: {error}")]
+    NotWitnessed {
+        /// The witness's name.
+        witness: String,
+        /// What is wrong with its cosignature.
+        error: NoteError,
+    },
+    /// A proof hash is not 32 bytes.
+    #[error("the receipt holds a malformed hash")]
+    MalformedHash,
+    /// The entry is not in the signed tree at its index: it, its index or
+    /// the proof was altered.
+    #[error("entry {index} is not in the signed tree of {size} entries")]
+    NotIncluded {
+        /// The index the receipt claims.
+        index: u64,
+        /// The checkpoint's size.
+        size: u64,
+    },
+    /// The entry is not JSON (the log never writes such entries).
+    #[error("the entry is not a JSON object")]
+    NotAnEntry,
+}
+
+/// Checks a receipt offline: the checkpoint is signed by `key` for
+/// `origin` (and cosigned by each of `witnesses`), and the entry's leaf
+/// hash is in its tree at the receipt's index.
+///
+/// # Errors
+/// [`ReceiptError`] saying which check failed.
+pub fn verify_receipt(
+    receipt: &proto::Receipt,
+    key: &NoteVerifier,
+    origin: &str,
+    witnesses: &[CosignatureVerifier],
+) -> Result<VerifiedReceipt, ReceiptError> {
+    let checkpoint = key.verify(&receipt.checkpoint, origin)?;
+    let mut cosigned_at = Vec::with_capacity(witnesses.len());
+    for witness in witnesses {
+        let time =
+            witness
+                .verify(&receipt.checkpoint)
+                .map_err(|error| ReceiptError::NotWitnessed {
+                    witness: witness.name().to_owned(),
+                    error,
+                })?;
+        cosigned_at.push((witness.name().to_owned(), time));
+    }
+    let index = u64::try_from(receipt.entry_index).map_err(|_| ReceiptError::NotIncluded {
+        index: 0,
+        size: checkpoint.size,
+    })?;
+    let path = receipt
+        .inclusion_path
+        .iter()
+        .map(|h| Hash::try_from(h.as_slice()).map_err(|_| ReceiptError::MalformedHash))
+        .collect::<Result<Vec<_>, _>>()?;
+    let leaf = merkle::leaf_hash(&receipt.entry);
+    merkle::verify_inclusion(index, checkpoint.size, &leaf, &path, &checkpoint.root).map_err(
+        |_| ReceiptError::NotIncluded {
+            index,
+            size: checkpoint.size,
+        },
+    )?;
+    let entry: serde_json::Value =
+        serde_json::from_slice(&receipt.entry).map_err(|_| ReceiptError::NotAnEntry)?;
+    if !entry.is_object() {
+        return Err(ReceiptError::NotAnEntry);
+    }
+    Ok(VerifiedReceipt {
+        index,
+        entry,
+        checkpoint,
+        cosigned_at,
+    })
+}
+
+/// Whether `result` (the Arrow IPC bytes a query returned) is the result
+/// its audit entry records: the entry's `details.result_sha256`.
+#[must_use]
+pub fn result_matches_entry(entry: &[u8], result: &[u8]) -> bool {
+    use sha2::Digest as _;
+    let Ok(entry) = serde_json::from_slice::<serde_json::Value>(entry) else {
+        return false;
+    };
+    entry["details"]["result_sha256"].as_str()
+        == Some(hex::encode(sha2::Sha256::digest(result)).as_str())
+}

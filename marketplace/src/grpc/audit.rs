@@ -77,6 +77,19 @@ impl proto::audit_server::Audit for AuditService {
         }))
     }
 
+    async fn get_receipt(
+        &self,
+        request: Request<proto::GetReceiptRequest>,
+    ) -> Result<Response<proto::Receipt>, Status> {
+        let principal = auth::principal(&request)?;
+        let request = request.into_inner();
+        let receipt = self
+            .0
+            .receipt(&principal, request.entry_index, request.witnessed)
+            .await?;
+        Ok(Response::new(super::convert::receipt_to_proto(receipt)))
+    }
+
     async fn get_consistency_proof(
         &self,
         request: Request<proto::GetConsistencyProofRequest>,

@@ -16,9 +16,10 @@ use crate::registry::{CatalogFilter, Product, ProductState, RegistrationEvent};
 /// going missing from the API.
 macro_rules! move_fields {
     ($value:expr, $from:path => $to:path { $($field:ident),* $(,)? }
-        $(converting { $($converted:ident: $conversion:expr),* $(,)? })?) => {{
+        $(converting { $($converted:ident: $conversion:expr),* $(,)? })?
+        $(adding { $($added:ident: $addition:expr),* $(,)? })?) => {{
         let $from { $($field,)* $($($converted,)*)? } = $value;
-        $to { $($field,)* $($($converted: $conversion,)*)? }
+        $to { $($field,)* $($($converted: $conversion,)*)? $($($added: $addition,)*)? }
     }};
 }
 
@@ -134,7 +135,18 @@ pub(super) fn query_summary(summary: QuerySummary) -> proto::QuerySummary {
         wall_time_ms, currency, held_minor, charge_minor, audit_index, replayed, sql,
         algorithm_sha256, consumer_organization_id, product_id, user_id, created_at_unix_ms,
         provider_organization_id, data_center,
+    } adding {
+        receipt: None,
     })
+}
+
+pub(super) fn receipt_to_proto(receipt: crate::market::Receipt) -> proto::Receipt {
+    proto::Receipt {
+        entry_index: i64::try_from(receipt.index).unwrap_or(i64::MAX),
+        entry: receipt.entry,
+        checkpoint: receipt.checkpoint,
+        inclusion_path: receipt.path.iter().map(|hash| hash.to_vec()).collect(),
+    }
 }
 
 pub(super) fn product_state_to_proto(state: ProductState) -> proto::ProductState {

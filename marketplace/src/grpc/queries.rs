@@ -41,12 +41,21 @@ impl proto::queries_server::Queries for QueriesService {
             }
             .into());
         }
+        // The query was charged: a receipt that cannot be made now must not
+        // cost its consumer the result (GetReceipt makes one later).
+        let receipt = match self.0.query_receipt(outcome.summary.audit_index).await {
+            Ok(receipt) => Some(convert::receipt_to_proto(receipt)),
+            Err(error) => {
+                tracing::warn!(query = %outcome.summary.query_id, %error, "no receipt for a settled query");
+                None
+            }
+        };
+        let mut summary = convert::query_summary(outcome.summary);
+        summary.receipt = receipt;
         let mut messages =
             Vec::with_capacity(1 + outcome.result.len() / queries::RESULT_CHUNK_BYTES + 1);
         messages.push(Ok(proto::RunQueryResponse {
-            message: Some(proto::run_query_response::Message::Summary(
-                convert::query_summary(outcome.summary),
-            )),
+            message: Some(proto::run_query_response::Message::Summary(summary)),
         }));
         for chunk in outcome.result.chunks(queries::RESULT_CHUNK_BYTES) {
             messages.push(Ok(proto::RunQueryResponse {

@@ -8,6 +8,7 @@ mod accounts;
 mod audit_reads;
 mod contracting;
 mod querying;
+mod receipts;
 mod registration;
 pub mod replication;
 mod tenancy;
@@ -16,6 +17,7 @@ mod witnessing;
 pub use accounts::Deposit;
 pub use audit_reads::{EntryRange, SignedCheckpoint};
 pub use contracting::OperationCheck;
+pub use receipts::Receipt;
 pub use tenancy::RoleBinding;
 pub use witnessing::WitnessEndpoint;
 

@@ -268,6 +268,11 @@ impl Marketplace {
     ) -> Result<super::SignedCheckpoint> {
         self.require(principal, "platform:cross-tenant", "audit:read")
             .await?;
+        self.cosigned_checkpoint().await
+    }
+
+    /// The newest cosigned checkpoint, for any caller already allowed it.
+    pub(crate) async fn cosigned_checkpoint(&self) -> Result<super::SignedCheckpoint> {
         let note = crate::store::cosigned::latest(self.store.pool())
             .await?
             .ok_or_else(|| {

@@ -36,6 +36,9 @@ pub(super) struct Reservation {
     pub(super) consumer: String,
     pub(super) provider: String,
     pub(super) product_id: String,
+    /// The product's registration version the query ran under (its spec:
+    /// tables, policy, storage); the audit entry records it.
+    pub(super) product_version: i64,
     pub(super) contract_id: String,
     pub(super) plan: PricePlan,
     pub(super) period: String,
@@ -258,6 +261,7 @@ pub(super) async fn reserve(
         consumer,
         provider: product.provider_organization_id.clone(),
         product_id: product.id.clone(),
+        product_version: product.version,
         contract_id,
         plan,
         period,

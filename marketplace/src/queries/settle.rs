@@ -343,6 +343,7 @@ fn audit_into(
         "query": reservation.query_id,
         "contract": reservation.contract_id,
         "provider": reservation.provider,
+        "product_version": reservation.product_version,
         "plan": reservation.plan.id,
         "idempotency_key": request.idempotency_key,
         "sql_sha256": sha256_hex(request.sql.as_bytes()),

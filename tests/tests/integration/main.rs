@@ -12,6 +12,7 @@ mod marketplace;
 mod objectstore;
 mod operator_e2e;
 mod queries;
+mod receipts;
 mod red_team;
 mod runner;
 mod runners_e2e;

@@ -24,9 +24,9 @@ use tokio::io::AsyncBufReadExt as _;
 
 const WITNESS_NAME: &str = "witness.civicgrid.test/w1";
 
-struct RunningWitness {
-    url: String,
-    key: CosignatureVerifier,
+pub(crate) struct RunningWitness {
+    pub(crate) url: String,
+    pub(crate) key: CosignatureVerifier,
     state_dir: std::path::PathBuf,
     _process: tokio::process::Child,
     _dir: tempfile::TempDir,
@@ -39,7 +39,7 @@ fn witness_binary() -> anyhow::Result<std::path::PathBuf> {
 }
 
 /// Starts a witness that trusts `log_key` and nothing else.
-async fn start_witness(log_key: &str) -> anyhow::Result<RunningWitness> {
+pub(crate) async fn start_witness(log_key: &str) -> anyhow::Result<RunningWitness> {
     let dir = tempfile::tempdir()?;
     let binary = witness_binary()?;
     let key_file = dir.path().join("witness.key");
@@ -112,7 +112,7 @@ async fn wait_witnessed(market: &TestMarket, token: &str) -> anyhow::Result<prot
     anyhow::bail!("the log of {size} entries was not cosigned within 10 s")
 }
 
-fn endpoint(witness: &RunningWitness) -> anyhow::Result<WitnessEndpoint> {
+pub(crate) fn endpoint(witness: &RunningWitness) -> anyhow::Result<WitnessEndpoint> {
     Ok(format!("{} {}", witness.key, witness.url).parse()?)
 }
 

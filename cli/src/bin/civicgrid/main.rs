@@ -101,6 +101,10 @@ enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Receipts: proof that an audit entry (a query of yours, or on your
+    /// products) is in the signed log.
+    #[command(subcommand)]
+    Receipt(ReceiptCommand),
     /// Run SQL (or an approved algorithm) on a product under your contract.
     /// The result goes to stdout; the usage and charge to stderr.
     Query(QueryArgs),
@@ -162,6 +166,14 @@ struct QueryArgs {
     /// How to print the result rows.
     #[arg(long, value_enum, default_value_t = RowFormat::Table)]
     format: RowFormat,
+    /// Save the query's receipt (its audit entry, a signed checkpoint and
+    /// the inclusion proof) here, as JSON, for `civicgrid receipt verify`.
+    #[arg(long, value_name = "FILE")]
+    receipt: Option<PathBuf>,
+    /// Also save the result exactly as returned (an Arrow IPC stream),
+    /// whose SHA-256 the receipt's entry records.
+    #[arg(long, value_name = "FILE")]
+    result_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -441,6 +453,41 @@ enum ContractCommand {
 }
 
 #[derive(Subcommand)]
+enum ReceiptCommand {
+    /// Fetch the receipt of an audit entry that concerns your organization
+    /// (a query's entry index is in its summary and in `usage`).
+    Get {
+        #[arg(long)]
+        index: i64,
+        /// Prove it against the newest checkpoint the witnesses cosigned.
+        #[arg(long)]
+        witnessed: bool,
+        /// Write it here (JSON) instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        save: Option<PathBuf>,
+    },
+    /// Check a saved receipt offline with the log's verifier key: needs no
+    /// server and no token. Exits 2 when it does not check out.
+    Verify {
+        /// The receipt (JSON), from `query --receipt` or `receipt get`.
+        file: PathBuf,
+        /// The log's verifier key (name+hash+key), given out of band.
+        #[arg(long, env = "CIVICGRID_LOG_KEY")]
+        key: String,
+        /// The log's origin; defaults to the key's name.
+        #[arg(long)]
+        origin: Option<String>,
+        /// Require a cosignature by this witness (repeatable).
+        #[arg(long = "witness-key", value_name = "VERIFIER_KEY")]
+        witness_keys: Vec<String>,
+        /// The query's result as saved by `query --result-file`: it must be
+        /// the result the entry records.
+        #[arg(long, value_name = "FILE")]
+        result: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum AuditCommand {
     /// The latest signed checkpoint; --save writes the note to a file.
     Checkpoint {
@@ -692,6 +739,22 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             up::up(args.clone()).await?;
             return Ok(0);
         }
+        Command::Receipt(ReceiptCommand::Verify {
+            file,
+            key,
+            origin,
+            witness_keys,
+            result,
+        }) => {
+            return verify_receipt_file(
+                output,
+                file,
+                key,
+                origin.as_deref(),
+                witness_keys,
+                result.as_deref(),
+            );
+        }
         Command::Demo(args) => {
             let server = std::env::var("CIVICGRID_SERVER")
                 .ok()
@@ -793,7 +856,29 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Usage(args) => return usage(&mut c, output, args).await,
         Command::Billing(command) => return billing(&mut c, output, command).await,
         Command::Audit(command) => return audit(&mut c, output, command).await,
-        Command::Up(_) | Command::Demo(_) => unreachable!("handled before connecting"),
+        Command::Receipt(ReceiptCommand::Get {
+            index,
+            witnessed,
+            save,
+        }) => {
+            let receipt = c
+                .audit
+                .get_receipt(proto::GetReceiptRequest {
+                    entry_index: index,
+                    witnessed,
+                })
+                .await?
+                .into_inner();
+            let json = serde_json::to_string_pretty(&receipt)?;
+            match save {
+                Some(path) => std::fs::write(&path, json + "\n")
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => println!("{json}"),
+            }
+        }
+        Command::Up(_) | Command::Demo(_) | Command::Receipt(ReceiptCommand::Verify { .. }) => {
+            unreachable!("handled before connecting")
+        }
     }
     Ok(0)
 }
@@ -1125,6 +1210,8 @@ async fn query(c: &mut Clients, args: QueryArgs) -> anyhow::Result<i32> {
         key,
         max_compute_units,
         format,
+        receipt: receipt_file,
+        result_file,
     } = args;
     let algorithm_wasm = match &algorithm {
         Some(path) => std::fs::read(path)
@@ -1156,6 +1243,29 @@ async fn query(c: &mut Clients, args: QueryArgs) -> anyhow::Result<i32> {
         }
     }
     let summary = summary.context("the server sent no query summary")?;
+    match &summary.receipt {
+        Some(receipt) => {
+            if !civicgrid_cli::verify::result_matches_entry(&receipt.entry, &ipc) {
+                anyhow::bail!(
+                    "the result received is not the result audit entry {} records: do not use it",
+                    summary.audit_index
+                );
+            }
+            if let Some(path) = &receipt_file {
+                std::fs::write(path, serde_json::to_string_pretty(receipt)? + "\n")
+                    .with_context(|| format!("--receipt: writing {}", path.display()))?;
+            }
+        }
+        None if receipt_file.is_some() => eprintln!(
+            "the server made no receipt now; fetch it later with `civicgrid receipt get --index {}`",
+            summary.audit_index
+        ),
+        None => {}
+    }
+    if let Some(path) = &result_file {
+        std::fs::write(path, &ipc)
+            .with_context(|| format!("--result-file: writing {}", path.display()))?;
+    }
     print_rows(&ipc, format)?;
     eprintln!(
         "query {} ({}{}): {} rows released{}, {} compute units{}, \
@@ -1176,6 +1286,75 @@ async fn query(c: &mut Clients, args: QueryArgs) -> anyhow::Result<i32> {
         summary.currency,
         summary.audit_index,
     );
+    Ok(0)
+}
+
+/// Checks a saved receipt offline; 2 when it does not check out.
+fn verify_receipt_file(
+    output: Output,
+    file: &Path,
+    key: &str,
+    origin: Option<&str>,
+    witness_keys: &[String],
+    result: Option<&Path>,
+) -> anyhow::Result<i32> {
+    let key: NoteVerifier = key.parse().context("--key")?;
+    let origin = origin.unwrap_or(key.name()).to_owned();
+    let witnesses = witness_keys
+        .iter()
+        .map(|key| {
+            key.parse::<CosignatureVerifier>()
+                .with_context(|| format!("--witness-key {key:?}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let receipt: proto::Receipt = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a receipt", file.display()))?;
+    let verified = match civicgrid_cli::verify::verify_receipt(&receipt, &key, &origin, &witnesses)
+    {
+        Ok(verified) => verified,
+        Err(error) => {
+            print(
+                output,
+                &serde_json::json!({ "verified": false, "finding": error.to_string() }),
+            )?;
+            return Ok(2);
+        }
+    };
+    if let Some(path) = result {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("--result: reading {}", path.display()))?;
+        if !civicgrid_cli::verify::result_matches_entry(&receipt.entry, &bytes) {
+            print(
+                output,
+                &serde_json::json!({
+                    "verified": false,
+                    "finding": format!("{} is not the result entry {} records", path.display(), verified.index),
+                }),
+            )?;
+            return Ok(2);
+        }
+    }
+    let details = &verified.entry["details"];
+    print(
+        output,
+        &serde_json::json!({
+            "verified": true,
+            "entry_index": verified.index,
+            "tree_size": verified.checkpoint.size,
+            "kind": verified.entry["kind"],
+            "at_unix_ms": verified.entry["at_unix_ms"],
+            "tenant": verified.entry["tenant"],
+            "subject": verified.entry["subject"],
+            "query": details["query"],
+            "product_version": details["product_version"],
+            "result_sha256": details["result_sha256"],
+            "charge_minor": details["charge_minor"],
+            "currency": details["currency"],
+            "witnessed_by": verified.cosigned_at.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(","),
+        }),
+    )?;
     Ok(0)
 }
 
