@@ -53,6 +53,7 @@ pub fn catalog(
     platform_name: &str,
     products: &[Product],
     providers: &HashMap<String, String>,
+    open_reports: &crate::feedback::OpenByProduct,
 ) -> Value {
     let base = base_uri.trim_end_matches('/');
     let datasets: Vec<Value> = products
@@ -93,6 +94,8 @@ pub fn catalog(
             if let Some(frequency) = frequency(&spec.update_frequency) {
                 dataset["dct:accrualPeriodicity"] = json!({"@id": frequency});
             }
+            dataset["dqv:hasQualityMeasurement"] =
+                quality_measurements(base, product, open_reports.get(&product.id).copied());
             dataset
         })
         .collect();
@@ -104,6 +107,7 @@ pub fn catalog(
             "adms": "http://www.w3.org/ns/adms#",
             "skos": "http://www.w3.org/2004/02/skos/core#",
             "xsd": "http://www.w3.org/2001/XMLSchema#",
+            "dqv": "http://www.w3.org/ns/dqv#",
         },
         "@id": format!("{base}/catalog"),
         "@type": "dcat:Catalog",
@@ -112,6 +116,41 @@ pub fn catalog(
         "dct:publisher": {"@type": "foaf:Agent", "foaf:name": platform_name},
         "dcat:dataset": datasets,
     })
+}
+
+/// The product's measured quality and its consumers' open reports, as
+/// W3C Data Quality Vocabulary measurements; each metric has a URI under
+/// `base`.
+fn quality_measurements(
+    base: &str,
+    product: &Product,
+    open: Option<crate::feedback::OpenReports>,
+) -> Value {
+    let measurement = |metric: &str, value: Value| {
+        json!({
+            "@type": "dqv:QualityMeasurement",
+            "dqv:isMeasurementOf": {"@id": format!("{base}/metrics/{metric}")},
+            "dqv:value": value,
+        })
+    };
+    let mut measurements = Vec::new();
+    if let Some(quality) = &product.spec.quality {
+        measurements.push(measurement("completeness", json!(quality.completeness)));
+        measurements.push(measurement("validity", json!(quality.validity)));
+        measurements.push(measurement(
+            "freshness-seconds",
+            json!(quality.freshness_seconds),
+        ));
+    }
+    let open = open.unwrap_or_default();
+    measurements.push(measurement("open-quality-reports", json!(open.count)));
+    if open.count > 0 {
+        measurements.push(measurement(
+            "oldest-open-quality-report",
+            json!({"@value": iso_datetime(open.oldest_unix_ms), "@type": "xsd:dateTime"}),
+        ));
+    }
+    Value::Array(measurements)
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ pub mod contracts;
 pub mod dcat;
 pub mod demand;
 pub mod error;
+pub mod feedback;
 pub mod grpc;
 pub mod identity;
 pub mod market;

@@ -26,6 +26,7 @@ pub mod demands;
 pub mod identity;
 pub(crate) mod ledger;
 pub mod products;
+pub(crate) mod quality_reports;
 pub(crate) mod queries;
 pub mod replicas;
 pub mod runner_reports;

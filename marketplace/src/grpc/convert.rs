@@ -169,6 +169,34 @@ pub(super) fn product_to_proto(product: Product) -> proto::Product {
     } converting {
         state: product_state_to_proto(state) as i32,
         spec: Some(spec),
+    } adding {
+        open_quality_reports: 0,
+        oldest_open_quality_report_unix_ms: 0,
+    })
+}
+
+/// A catalog view of `product`: with its open quality reports.
+pub(super) fn catalog_product_to_proto(
+    product: Product,
+    open: &crate::feedback::OpenByProduct,
+) -> proto::Product {
+    let reports = open.get(&product.id).copied().unwrap_or_default();
+    proto::Product {
+        open_quality_reports: reports.count,
+        oldest_open_quality_report_unix_ms: reports.oldest_unix_ms,
+        ..product_to_proto(product)
+    }
+}
+
+pub(super) fn quality_report_to_proto(
+    report: crate::feedback::QualityReport,
+) -> proto::QualityReport {
+    move_fields!(report, crate::feedback::QualityReport => proto::QualityReport {
+        id, product_id, product_version, column, description, query_id,
+        reporter_organization_id, reporter_user_id, answer, fixed_in_version,
+        created_at_unix_ms, updated_at_unix_ms,
+    } converting {
+        state: state.name().to_owned(),
     })
 }
 

@@ -154,7 +154,10 @@ impl proto::registry_server::Registry for RegistryService {
             .0
             .product(&principal, &request.get_ref().product_id)
             .await?;
-        Ok(Response::new(product_to_proto(product)))
+        let open = self.0.open_quality_reports().await?;
+        Ok(Response::new(super::convert::catalog_product_to_proto(
+            product, &open,
+        )))
     }
 
     async fn list_registration_events(
@@ -181,8 +184,88 @@ impl proto::registry_server::Registry for RegistryService {
         let principal = auth::principal(&request)?;
         let filter = catalog_filter_from_proto(request.into_inner());
         let products = self.0.search_catalog(&principal, &filter).await?;
+        let open = self.0.open_quality_reports().await?;
         Ok(Response::new(proto::SearchCatalogResponse {
-            products: products.into_iter().map(product_to_proto).collect(),
+            products: products
+                .into_iter()
+                .map(|product| super::convert::catalog_product_to_proto(product, &open))
+                .collect(),
+        }))
+    }
+
+    async fn report_quality_issue(
+        &self,
+        request: Request<proto::ReportQualityIssueRequest>,
+    ) -> Result<Response<proto::QualityReport>, Status> {
+        let principal = auth::principal(&request)?;
+        let request = request.into_inner();
+        let report = self
+            .0
+            .report_quality_issue(
+                &principal,
+                crate::feedback::NewReport {
+                    product_id: request.product_id,
+                    column: request.column,
+                    description: request.description,
+                    query_id: request.query_id,
+                },
+            )
+            .await?;
+        Ok(Response::new(super::convert::quality_report_to_proto(
+            report,
+        )))
+    }
+
+    async fn answer_quality_report(
+        &self,
+        request: Request<proto::AnswerQualityReportRequest>,
+    ) -> Result<Response<proto::QualityReport>, Status> {
+        let principal = auth::principal(&request)?;
+        let request = request.into_inner();
+        let report = self
+            .0
+            .answer_quality_report(
+                &principal,
+                &request.report_id,
+                &request.message,
+                request.fixed_in_version,
+            )
+            .await?;
+        Ok(Response::new(super::convert::quality_report_to_proto(
+            report,
+        )))
+    }
+
+    async fn reopen_quality_report(
+        &self,
+        request: Request<proto::ReopenQualityReportRequest>,
+    ) -> Result<Response<proto::QualityReport>, Status> {
+        let principal = auth::principal(&request)?;
+        let request = request.into_inner();
+        let report = self
+            .0
+            .reopen_quality_report(&principal, &request.report_id, &request.reason)
+            .await?;
+        Ok(Response::new(super::convert::quality_report_to_proto(
+            report,
+        )))
+    }
+
+    async fn list_quality_reports(
+        &self,
+        request: Request<proto::ListQualityReportsRequest>,
+    ) -> Result<Response<proto::ListQualityReportsResponse>, Status> {
+        let principal = auth::principal(&request)?;
+        let request = request.into_inner();
+        let reports = self
+            .0
+            .quality_reports(&principal, &request.product_id, request.open_only)
+            .await?;
+        Ok(Response::new(proto::ListQualityReportsResponse {
+            reports: reports
+                .into_iter()
+                .map(super::convert::quality_report_to_proto)
+                .collect(),
         }))
     }
 

@@ -7,6 +7,7 @@
 mod accounts;
 mod audit_reads;
 mod contracting;
+mod feedback;
 mod querying;
 mod receipts;
 mod registration;

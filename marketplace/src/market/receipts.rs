@@ -33,7 +33,8 @@ fn not_found(index: i64) -> MarketError {
 }
 
 /// Whether the entry `body` concerns `organization`: it is the entry's
-/// tenant, or the provider of the product a query entry is about.
+/// tenant, or the provider of the product a query or quality-report entry
+/// is about.
 fn concerns(body: &[u8], organization: &str) -> bool {
     let Ok(entry) = serde_json::from_slice::<serde_json::Value>(body) else {
         return false;
@@ -41,7 +42,9 @@ fn concerns(body: &[u8], organization: &str) -> bool {
     let tenant = entry["tenant"].as_str();
     let kind = entry["kind"].as_str().unwrap_or_default();
     let provider = entry["details"]["provider"].as_str();
-    tenant == Some(organization) || (kind.starts_with("query.") && provider == Some(organization))
+    tenant == Some(organization)
+        || ((kind.starts_with("query.") || kind.starts_with("quality."))
+            && provider == Some(organization))
 }
 
 impl Marketplace {
@@ -147,6 +150,10 @@ mod tests {
         assert!(concerns(query, "acme"));
         assert!(concerns(query, "city-data"));
         assert!(!concerns(query, "rival"));
+        let fixed =
+            br#"{"kind":"quality.fixed","tenant":"acme","details":{"provider":"city-data"}}"#;
+        assert!(concerns(fixed, "city-data"));
+        assert!(!concerns(fixed, "rival"));
         // A provider named in another kind of entry does not make it theirs.
         let contract =
             br#"{"kind":"contract.approved","tenant":"acme","details":{"provider":"city-data"}}"#;

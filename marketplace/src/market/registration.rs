@@ -223,7 +223,8 @@ impl Marketplace {
             .into_iter()
             .map(|o| (o.id, o.display_name))
             .collect();
-        let document = crate::dcat::catalog(&base_uri, &platform, &products, &names);
+        let open = crate::feedback::open_by_product(&mut connection).await?;
+        let document = crate::dcat::catalog(&base_uri, &platform, &products, &names, &open);
         serde_json::to_string_pretty(&document).map_err(|e| MarketError::Corrupt(e.to_string()))
     }
 

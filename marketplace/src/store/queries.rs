@@ -374,6 +374,19 @@ pub(crate) struct StoredQuery {
     pub result: Vec<u8>,
 }
 
+/// The consumer organization and product of query `query_id`, if any.
+pub(crate) async fn consumer_and_product(
+    connection: &mut AnyConnection,
+    query_id: &str,
+) -> Result<Option<(String, String)>> {
+    let row = sqlx::query("SELECT consumer_organization_id, product_id FROM queries WHERE id = $1")
+        .bind(query_id)
+        .fetch_optional(&mut *connection)
+        .await?;
+    row.map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .transpose()
+}
+
 /// The query under `consumer`'s idempotency `key`, if any.
 pub(crate) async fn find_by_key(
     connection: &mut AnyConnection,

@@ -11,6 +11,7 @@ mod lineage_property;
 mod marketplace;
 mod objectstore;
 mod operator_e2e;
+mod quality_feedback;
 mod queries;
 mod receipts;
 mod red_team;

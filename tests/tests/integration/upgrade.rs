@@ -15,7 +15,8 @@ use super::queries::{
 };
 
 /// The last migration of the release before scale-out: every migration
-/// since (server leases, runner reports, cosigned checkpoints) is taken out,
+/// since (server leases, runner reports, cosigned checkpoints, quality
+/// reports) is taken out,
 /// so the test covers the longest upgrade path still supported.
 const PREVIOUS_RELEASE: i64 = 20261207000014;
 
@@ -27,6 +28,7 @@ async fn back_to_the_previous_release(market: &TestMarket, db: Db) -> anyhow::Re
         "DROP TABLE log_identity",
         "DROP TABLE runner_reports",
         "DROP TABLE cosigned_checkpoints",
+        "DROP TABLE quality_reports",
         "ALTER TABLE queries DROP COLUMN replica_id",
     ] {
         sqlx::query(statement).execute(&pool).await?;
@@ -36,7 +38,7 @@ async fn back_to_the_previous_release(market: &TestMarket, db: Db) -> anyhow::Re
         .execute(&pool)
         .await?
         .rows_affected();
-    anyhow::ensure!(removed == 3, "{db:?}: took {removed} migrations back out");
+    anyhow::ensure!(removed == 4, "{db:?}: took {removed} migrations back out");
     pool.close().await;
     Ok(())
 }
@@ -95,7 +97,7 @@ async fn a_database_from_the_previous_release_is_migrated_forward(db: Db) -> any
         .map(|row| row.try_get("version"))
         .collect::<Result<_, _>>()?;
     assert!(
-        versions.iter().filter(|v| **v > PREVIOUS_RELEASE).count() == 3,
+        versions.iter().filter(|v| **v > PREVIOUS_RELEASE).count() == 4,
         "{versions:?}"
     );
     assert_eq!(market.contract_index().len(), 1, "the contract is served");

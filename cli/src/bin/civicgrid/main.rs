@@ -101,6 +101,10 @@ enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Quality feedback: report a problem in a product's data, answer or
+    /// reopen a report, list reports.
+    #[command(subcommand)]
+    Quality(QualityCommand),
     /// Receipts: proof that an audit entry (a query of yours, or on your
     /// products) is in the signed log.
     #[command(subcommand)]
@@ -449,6 +453,50 @@ enum ContractCommand {
         columns: Vec<String>,
         #[arg(long, default_value = "")]
         algorithm: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum QualityCommand {
+    /// Report a problem in a product's data (your organization has or had
+    /// a contract on it).
+    Report {
+        #[arg(long)]
+        product: String,
+        /// The column, as table.column (empty: the product as a whole).
+        #[arg(long, default_value = "")]
+        column: String,
+        /// What is wrong.
+        #[arg(long)]
+        description: String,
+        /// A query of yours on the product that shows it.
+        #[arg(long, default_value = "")]
+        query: String,
+    },
+    /// Answer a report on your product; --fixed-in-version marks it fixed.
+    Answer {
+        #[arg(long)]
+        report: String,
+        #[arg(long)]
+        message: String,
+        #[arg(long, default_value_t = 0)]
+        fixed_in_version: i64,
+    },
+    /// Reopen a report of yours marked fixed that is not.
+    Reopen {
+        #[arg(long)]
+        report: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Reports you may see: yours, on your products, or all (platform
+    /// admins and regulators).
+    List {
+        #[arg(long, default_value = "")]
+        product: String,
+        /// Only those not fixed.
+        #[arg(long)]
+        open: bool,
     },
 }
 
@@ -856,6 +904,63 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Usage(args) => return usage(&mut c, output, args).await,
         Command::Billing(command) => return billing(&mut c, output, command).await,
         Command::Audit(command) => return audit(&mut c, output, command).await,
+        Command::Quality(command) => {
+            let registry = &mut c.registry;
+            match command {
+                QualityCommand::Report {
+                    product,
+                    column,
+                    description,
+                    query,
+                } => print(
+                    output,
+                    &registry
+                        .report_quality_issue(proto::ReportQualityIssueRequest {
+                            product_id: product,
+                            column,
+                            description,
+                            query_id: query,
+                        })
+                        .await?
+                        .into_inner(),
+                )?,
+                QualityCommand::Answer {
+                    report,
+                    message,
+                    fixed_in_version,
+                } => print(
+                    output,
+                    &registry
+                        .answer_quality_report(proto::AnswerQualityReportRequest {
+                            report_id: report,
+                            message,
+                            fixed_in_version,
+                        })
+                        .await?
+                        .into_inner(),
+                )?,
+                QualityCommand::Reopen { report, reason } => print(
+                    output,
+                    &registry
+                        .reopen_quality_report(proto::ReopenQualityReportRequest {
+                            report_id: report,
+                            reason,
+                        })
+                        .await?
+                        .into_inner(),
+                )?,
+                QualityCommand::List { product, open } => print(
+                    output,
+                    &registry
+                        .list_quality_reports(proto::ListQualityReportsRequest {
+                            product_id: product,
+                            open_only: open,
+                        })
+                        .await?
+                        .into_inner(),
+                )?,
+            }
+        }
         Command::Receipt(ReceiptCommand::Get {
             index,
             witnessed,

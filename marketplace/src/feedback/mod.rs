@@ -1,0 +1,324 @@
+//! Quality feedback: a consumer who finds a problem in a product's data
+//! reports it (a column, what is wrong, optionally the query that showed
+//! it); the provider answers and marks it fixed in a version; the reporter
+//! checks and may reopen it. Open reports and their age show in the catalog
+//! and its DCAT export, so every buyer sees how a provider keeps its data.
+
+use std::collections::HashMap;
+
+use sqlx::AnyConnection;
+
+use crate::audit::log::{self, Event};
+use crate::error::{MarketError, Result, check_text};
+use crate::identity::new_id;
+use crate::registry::Product;
+use crate::store::{self, Backend};
+
+/// Most characters of a description, an answer or a reason.
+pub const MAX_TEXT: usize = 2000;
+
+/// Where a report stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReportState {
+    /// Waiting for a fix (answered or not).
+    Open,
+    /// The provider says a version fixed it.
+    Fixed,
+}
+
+impl ReportState {
+    /// The stored name.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Fixed => "fixed",
+        }
+    }
+
+    /// The state of a stored name.
+    ///
+    /// # Errors
+    /// `Corrupt` for a name no state has.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "open" => Ok(Self::Open),
+            "fixed" => Ok(Self::Fixed),
+            other => Err(MarketError::Corrupt(format!(
+                "quality report state {other:?}"
+            ))),
+        }
+    }
+}
+
+/// A report on a product's data.
+#[derive(Clone, Debug)]
+pub struct QualityReport {
+    /// `qr-…`.
+    pub id: String,
+    /// The product.
+    pub product_id: String,
+    /// The product's version it was found in.
+    pub product_version: i64,
+    /// The column (`table.column`), or empty for the product as a whole.
+    pub column: String,
+    /// What is wrong.
+    pub description: String,
+    /// The reporter's query that showed it, if given.
+    pub query_id: String,
+    /// Who reported it.
+    pub reporter_organization_id: String,
+    /// The reporting user.
+    pub reporter_user_id: String,
+    /// Open or fixed.
+    pub state: ReportState,
+    /// The provider's latest answer (or the reporter's reason to reopen).
+    pub answer: String,
+    /// The version that fixed it (0 while open).
+    pub fixed_in_version: i64,
+    /// When it was reported (Unix ms).
+    pub created_at_unix_ms: i64,
+    /// When it last changed (Unix ms).
+    pub updated_at_unix_ms: i64,
+}
+
+/// A new report.
+#[derive(Clone, Debug, Default)]
+pub struct NewReport {
+    /// The product.
+    pub product_id: String,
+    /// `table.column`, or empty.
+    pub column: String,
+    /// What is wrong.
+    pub description: String,
+    /// The query that showed it, or empty.
+    pub query_id: String,
+}
+
+/// A product's open reports: how many, and when the oldest was filed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenReports {
+    /// Open reports.
+    pub count: i64,
+    /// When the oldest open one was filed (Unix ms; 0 when none).
+    pub oldest_unix_ms: i64,
+}
+
+pub use crate::store::quality_reports::{get, list, open_by_product};
+
+async fn audit(
+    connection: &mut AnyConnection,
+    backend: Backend,
+    kind: &str,
+    actor: &str,
+    report: &QualityReport,
+    provider: &str,
+    details: serde_json::Value,
+) -> Result<()> {
+    let mut details = details;
+    details["report"] = report.id.clone().into();
+    details["provider"] = provider.into();
+    details["product_version"] = report.product_version.into();
+    log::append(
+        connection,
+        backend,
+        &[Event {
+            kind: format!("quality.{kind}"),
+            actor: actor.to_owned(),
+            tenant: report.reporter_organization_id.clone(),
+            subject: report.product_id.clone(),
+            details,
+        }],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Checks `column` names a declared column of `product` as `table.column`.
+fn check_column(product: &Product, column: &str) -> Result<()> {
+    if column.is_empty() {
+        return Ok(());
+    }
+    let declared = product.spec.tables.iter().any(|table| {
+        table
+            .columns
+            .iter()
+            .any(|c| format!("{}.{}", table.name, c.name) == column)
+    });
+    if declared {
+        Ok(())
+    } else {
+        Err(MarketError::invalid(
+            "column",
+            format!(
+                "{column:?} is not a column of product {}; name it as table.column",
+                product.id
+            ),
+        ))
+    }
+}
+
+/// Files `request` for `reporter`, who has or had a contract on the
+/// product; a query named must be the reporter's own on this product.
+///
+/// # Errors
+/// `InvalidArgument` naming the field; `NotFound` for a query that is not
+/// the reporter's on this product.
+pub async fn report(
+    connection: &mut AnyConnection,
+    backend: Backend,
+    actor: &str,
+    reporter: &str,
+    product: &Product,
+    request: &NewReport,
+) -> Result<QualityReport> {
+    check_text("description", &request.description, MAX_TEXT, true)?;
+    check_text("column", &request.column, 200, false)?;
+    check_column(product, &request.column)?;
+    if !request.query_id.is_empty() {
+        let owner = store::queries::consumer_and_product(connection, &request.query_id).await?;
+        if owner
+            .as_ref()
+            .is_none_or(|(consumer, on)| consumer != reporter || on != &product.id)
+        {
+            return Err(MarketError::NotFound {
+                what: "query",
+                id: request.query_id.clone(),
+            });
+        }
+    }
+    let report = QualityReport {
+        id: new_id("qr"),
+        product_id: product.id.clone(),
+        product_version: product.version,
+        column: request.column.clone(),
+        description: request.description.clone(),
+        query_id: request.query_id.clone(),
+        reporter_organization_id: reporter.to_owned(),
+        reporter_user_id: actor.to_owned(),
+        state: ReportState::Open,
+        answer: String::new(),
+        fixed_in_version: 0,
+        created_at_unix_ms: store::now_ms(),
+        updated_at_unix_ms: store::now_ms(),
+    };
+    store::quality_reports::insert(connection, &report).await?;
+    audit(
+        connection,
+        backend,
+        "reported",
+        actor,
+        &report,
+        &product.provider_organization_id,
+        serde_json::json!({"column": report.column, "query": report.query_id}),
+    )
+    .await?;
+    Ok(report)
+}
+
+/// The provider answers `report`; with `fixed_in_version` (not 0) it marks
+/// it fixed in that version of the product, which must exist and not
+/// predate the version the report was about.
+///
+/// # Errors
+/// `InvalidArgument` naming `message` or `fixed_in_version`;
+/// `FailedPrecondition` for a report fixed already.
+pub async fn answer(
+    connection: &mut AnyConnection,
+    backend: Backend,
+    actor: &str,
+    product: &Product,
+    report: QualityReport,
+    message: &str,
+    fixed_in_version: i64,
+) -> Result<QualityReport> {
+    check_text("message", message, MAX_TEXT, true)?;
+    if report.state == ReportState::Fixed {
+        return Err(MarketError::FailedPrecondition(format!(
+            "report {} is fixed already; its reporter may reopen it",
+            report.id
+        )));
+    }
+    if fixed_in_version != 0
+        && !(report.product_version..=product.version).contains(&fixed_in_version)
+    {
+        return Err(MarketError::invalid(
+            "fixed_in_version",
+            format!(
+                "must be a version of product {} from {} (the version reported) to {} (its current one)",
+                product.id, report.product_version, product.version
+            ),
+        ));
+    }
+    let report = QualityReport {
+        state: if fixed_in_version == 0 {
+            ReportState::Open
+        } else {
+            ReportState::Fixed
+        },
+        answer: message.to_owned(),
+        fixed_in_version,
+        updated_at_unix_ms: store::now_ms(),
+        ..report
+    };
+    store::quality_reports::update(connection, &report, ReportState::Open).await?;
+    audit(
+        connection,
+        backend,
+        if fixed_in_version == 0 {
+            "answered"
+        } else {
+            "fixed"
+        },
+        actor,
+        &report,
+        &product.provider_organization_id,
+        serde_json::json!({"fixed_in_version": fixed_in_version}),
+    )
+    .await?;
+    Ok(report)
+}
+
+/// The reporter reopens a report marked fixed that is not.
+///
+/// # Errors
+/// `InvalidArgument` naming `reason`; `FailedPrecondition` for a report
+/// that is open.
+pub async fn reopen(
+    connection: &mut AnyConnection,
+    backend: Backend,
+    actor: &str,
+    product: &Product,
+    report: QualityReport,
+    reason: &str,
+) -> Result<QualityReport> {
+    check_text("reason", reason, MAX_TEXT, true)?;
+    if report.state != ReportState::Fixed {
+        return Err(MarketError::FailedPrecondition(format!(
+            "report {} is open",
+            report.id
+        )));
+    }
+    let report = QualityReport {
+        state: ReportState::Open,
+        answer: reason.to_owned(),
+        fixed_in_version: 0,
+        updated_at_unix_ms: store::now_ms(),
+        ..report
+    };
+    store::quality_reports::update(connection, &report, ReportState::Fixed).await?;
+    audit(
+        connection,
+        backend,
+        "reopened",
+        actor,
+        &report,
+        &product.provider_organization_id,
+        serde_json::json!({}),
+    )
+    .await?;
+    Ok(report)
+}
+
+/// Open reports per product, for the catalog.
+pub type OpenByProduct = HashMap<String, OpenReports>;
