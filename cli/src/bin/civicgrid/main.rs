@@ -289,6 +289,23 @@ enum RoleCommand {
 
 #[derive(Subcommand)]
 enum ProductCommand {
+    /// Draft a spec from a Parquet or CSV file's schema: types, suggested
+    /// sensitivities and the output policy's defaults. Needs no server;
+    /// review every suggestion, fill in the rest, then `product create`.
+    Scaffold {
+        /// The data file (.parquet or .csv).
+        #[arg(long = "from", value_name = "FILE")]
+        from: PathBuf,
+        /// The product's id (its storage location is products/ID).
+        #[arg(long)]
+        id: String,
+        /// The table's name (default: from the file's name).
+        #[arg(long)]
+        table: Option<String>,
+        /// Write the spec here instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
     /// Create a draft from a spec file (proto3 JSON of ProductSpec).
     Create {
         id: String,
@@ -787,6 +804,24 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             up::up(args.clone()).await?;
             return Ok(0);
         }
+        Command::Product(ProductCommand::Scaffold {
+            from,
+            id,
+            table,
+            out,
+        }) => {
+            let drafted = civicgrid_cli::scaffold::scaffold(from, id, table.as_deref())?;
+            let json = serde_json::to_string_pretty(&drafted.spec)? + "\n";
+            match out {
+                Some(path) => std::fs::write(path, json)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => print!("{json}"),
+            }
+            for note in &drafted.notes {
+                eprintln!("{note}");
+            }
+            return Ok(0);
+        }
         Command::Receipt(ReceiptCommand::Verify {
             file,
             key,
@@ -992,6 +1027,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
 async fn product(c: &mut Clients, output: Output, command: ProductCommand) -> anyhow::Result<i32> {
     let r = &mut c.registry;
     let product = match command {
+        ProductCommand::Scaffold { .. } => unreachable!("handled before connecting"),
         ProductCommand::Create { id, spec } => {
             r.create_product(proto::CreateProductRequest {
                 id,
