@@ -130,6 +130,10 @@ struct ServeArgs {
     /// Seconds between submissions of a grown log to the witnesses.
     #[arg(long, default_value_t = 10)]
     witness_interval_secs: u64,
+    /// Seconds after which an unchanged log is cosigned again, so that
+    /// verifiers can tell from a cosignature's age that witnessing goes on.
+    #[arg(long, default_value_t = civicgrid_marketplace::market::COSIGNATURE_REFRESH.as_secs())]
+    witness_refresh_secs: u64,
     /// How long a runner counts as ready after its last heartbeat.
     #[arg(long, default_value_t = 15, requires = "runners_listen")]
     runner_ttl_secs: u64,
@@ -276,6 +280,7 @@ async fn main() -> anyhow::Result<()> {
                 market.spawn_witnessing(
                     args.witnesses.clone(),
                     std::time::Duration::from_secs(args.witness_interval_secs.max(1)),
+                    std::time::Duration::from_secs(args.witness_refresh_secs.max(1)),
                 );
             }
             let listener = tokio::net::TcpListener::bind(args.listen)

@@ -20,7 +20,7 @@ pub use audit_reads::{EntryRange, SignedCheckpoint};
 pub use contracting::OperationCheck;
 pub use receipts::Receipt;
 pub use tenancy::RoleBinding;
-pub use witnessing::WitnessEndpoint;
+pub use witnessing::{COSIGNATURE_REFRESH, WitnessEndpoint};
 
 use std::sync::Arc;
 

@@ -25,6 +25,12 @@ use super::Marketplace;
 /// How long a witness may take to answer.
 const WITNESS_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often an unchanged head is cosigned again by default, so that a
+/// cosignature's age tells a verifier how long ago the witnesses last saw
+/// the log (`audit verify --max-witness-age-secs`), even when nothing is
+/// logged.
+pub const COSIGNATURE_REFRESH: Duration = Duration::from_secs(300);
+
 /// A witness the log submits to: its verifier key and where it listens.
 #[derive(Clone, Debug)]
 pub struct WitnessEndpoint {
@@ -74,6 +80,13 @@ enum Failure {
     Log(#[from] MarketError),
 }
 
+/// The largest tree every witness cosigned, and when.
+#[derive(Clone, Copy)]
+struct Cosigned {
+    size: u64,
+    at: tokio::time::Instant,
+}
+
 struct Submitter {
     endpoint: WitnessEndpoint,
     /// The size this witness last cosigned, as far as this server knows.
@@ -81,12 +94,14 @@ struct Submitter {
 }
 
 impl Marketplace {
-    /// Starts submitting checkpoints to `witnesses` every `every`; dropping
-    /// the handle does not stop it, aborting it does.
+    /// Starts submitting checkpoints to `witnesses` every `every` when the
+    /// log grew, and every `refresh` when it did not; dropping the handle
+    /// does not stop it, aborting it does.
     pub fn spawn_witnessing(
         self: &Arc<Self>,
         witnesses: Vec<WitnessEndpoint>,
         every: Duration,
+        refresh: Duration,
     ) -> tokio::task::JoinHandle<()> {
         let market = Arc::clone(self);
         tokio::spawn(async move {
@@ -104,16 +119,19 @@ impl Marketplace {
                     known_size: 0,
                 })
                 .collect();
-            let mut cosigned = 0u64;
+            let mut cosigned = Cosigned {
+                size: 0,
+                at: tokio::time::Instant::now(),
+            };
             let mut ticks = tokio::time::interval(every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
                 match market
-                    .witness_round(&client, &mut submitters, cosigned)
+                    .witness_round(&client, &mut submitters, cosigned, refresh)
                     .await
                 {
-                    Ok(size) => cosigned = size,
+                    Ok(now) => cosigned = now,
                     Err(error) => {
                         tracing::warn!(%error, "could not read the log's head to witness it")
                     }
@@ -122,20 +140,22 @@ impl Marketplace {
         })
     }
 
-    /// One round: when the log has grown past `cosigned`, gets its head
-    /// cosigned by every witness and stores the note. Returns the size now
-    /// cosigned by all.
+    /// One round: when the log has grown past `cosigned` (or its
+    /// cosignatures are due a refresh), gets its head cosigned by every
+    /// witness and stores the note. Returns what is now cosigned by all.
     async fn witness_round(
         &self,
         client: &reqwest::Client,
         submitters: &mut [Submitter],
-        cosigned: u64,
-    ) -> Result<u64> {
+        cosigned: Cosigned,
+        refresh: Duration,
+    ) -> Result<Cosigned> {
         let head = {
             let mut connection = self.store.acquire().await?;
             log::head(&mut connection, self.store.backend()).await?
         };
-        if head.size() == 0 || head.size() <= cosigned {
+        let grown = head.size() > cosigned.size;
+        if head.size() == 0 || !(grown || cosigned.at.elapsed() >= refresh) {
             return Ok(cosigned);
         }
         let checkpoint = Checkpoint {
@@ -172,7 +192,10 @@ impl Marketplace {
         self.metrics
             .audit_cosigned_tree_size
             .set(i64::try_from(checkpoint.size).unwrap_or(i64::MAX));
-        Ok(checkpoint.size)
+        Ok(Cosigned {
+            size: checkpoint.size,
+            at: tokio::time::Instant::now(),
+        })
     }
 
     /// Posts `note` to one witness, learning its size on a 409 and trying

@@ -5,15 +5,16 @@ use sqlx::{AnyPool, Row as _};
 
 use crate::error::Result;
 
-/// Keeps the cosigned `note` of the tree of `tree_size` entries (the first
-/// one stored for a size stays: any later one is the same tree).
+/// Keeps the cosigned `note` of the tree of `tree_size` entries; a later
+/// note for the same size (the same tree, cosigned again with newer
+/// timestamps) replaces it.
 ///
 /// # Errors
 /// Database failures.
 pub async fn record(pool: &AnyPool, tree_size: u64, note: &str) -> Result<()> {
     sqlx::query(
         "INSERT INTO cosigned_checkpoints (tree_size, note, cosigned_at) VALUES ($1, $2, $3) \
-         ON CONFLICT (tree_size) DO NOTHING",
+         ON CONFLICT (tree_size) DO UPDATE SET note = excluded.note, cosigned_at = excluded.cosigned_at",
     )
     .bind(i64::try_from(tree_size).unwrap_or(i64::MAX))
     .bind(note)

@@ -190,9 +190,11 @@ async fn a_witnessed_receipt_verifies_with_the_cli_and_an_edited_one_exits_2() -
     contract(&market, &cast, 0).await?;
     deposit(&market, 10_000).await?;
     let witness = start_witness(&market.market.verifier_key()).await?;
-    let witnessing = market
-        .market
-        .spawn_witnessing(vec![endpoint(&witness)?], Duration::from_millis(100));
+    let witnessing = market.market.spawn_witnessing(
+        vec![endpoint(&witness)?],
+        Duration::from_millis(100),
+        Duration::from_secs(300),
+    );
     let answer = run(&market, &cast.consumer_analyst, query(BY_DISTRICT, "k-w")).await?;
     let index = answer.summary.audit_index;
     let mut receipt = None;

@@ -122,9 +122,11 @@ async fn a_rewritten_history_is_caught_by_the_witness(db: Db) -> anyhow::Result<
     publish(&honest, &cast, "population").await?;
     let log_key: NoteVerifier = honest.market.verifier_key().parse()?;
     let witness = start_witness(&honest.market.verifier_key()).await?;
-    let witnessing = honest
-        .market
-        .spawn_witnessing(vec![endpoint(&witness)?], Duration::from_millis(100));
+    let witnessing = honest.market.spawn_witnessing(
+        vec![endpoint(&witness)?],
+        Duration::from_millis(100),
+        Duration::from_secs(300),
+    );
 
     // The regulator's view: the checkpoint the witness cosigned, and every
     // entry hashing to it.
@@ -183,9 +185,11 @@ async fn a_rewritten_history_is_caught_by_the_witness(db: Db) -> anyhow::Result<
         "the rewritten log ({rewritten_size}) must outgrow the cosigned one ({})",
         cosigned.tree_size
     );
-    let witnessing = rewritten
-        .market
-        .spawn_witnessing(vec![endpoint(&witness)?], Duration::from_millis(100));
+    let witnessing = rewritten.market.spawn_witnessing(
+        vec![endpoint(&witness)?],
+        Duration::from_millis(100),
+        Duration::from_secs(300),
+    );
     let failures = || {
         rewritten
             .market
@@ -238,13 +242,34 @@ async fn a_rewritten_history_is_caught_by_the_witness(db: Db) -> anyhow::Result<
 
     // The honest log, still witnessed, goes on: the witness cosigns its
     // next checkpoint because it extends the one it saw.
-    let witnessing = honest
-        .market
-        .spawn_witnessing(vec![endpoint(&witness)?], Duration::from_millis(100));
+    let witnessing = honest.market.spawn_witnessing(
+        vec![endpoint(&witness)?],
+        Duration::from_millis(100),
+        Duration::from_secs(1),
+    );
     publish(&honest, &cast, "population-3").await?;
     let next = wait_witnessed(&honest, &cast.regulator).await?;
-    witnessing.abort();
     assert!(next.tree_size > cosigned.tree_size);
+    // With nothing logged, the same tree is cosigned again (here every
+    // second), so a verifier can tell witnessing goes on.
+    let first_time = verify_log_witnessed(&mut audit, &log_key, TEST_LOG_ORIGIN, None, &witnesses)
+        .await?
+        .cosigned_at[0]
+        .1;
+    let mut refreshed = None;
+    for _ in 0..80 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let report =
+            verify_log_witnessed(&mut audit, &log_key, TEST_LOG_ORIGIN, None, &witnesses).await?;
+        if report.cosigned_at[0].1 > first_time {
+            refreshed = Some(report);
+            break;
+        }
+    }
+    witnessing.abort();
+    let refreshed = refreshed.expect("a newer cosignature of the same tree within 8 s");
+    assert_eq!(refreshed.checkpoint.size, next.tree_size as u64);
+    assert_eq!(refreshed.findings, vec![]);
     rewritten.stop().await;
     honest.stop().await;
     Ok(())
