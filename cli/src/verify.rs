@@ -150,6 +150,11 @@ pub struct Report {
     /// Each required witness's name and when (POSIX seconds) it cosigned
     /// the checkpoint, in the order they were required.
     pub cosigned_at: Vec<(String, u64)>,
+    /// With witnesses: the live log's size, and when (Unix ms) the oldest
+    /// entry the witnesses have not yet seen was logged (none when they
+    /// have seen them all). A log whose witnessing stalled shows here,
+    /// however fresh the cosignatures of its old size are.
+    pub unwitnessed: Option<(u64, i64)>,
 }
 
 /// Why verification could not be carried out at all.
@@ -226,6 +231,11 @@ pub async fn verify_log_witnessed(
         cosigned_at.push((witness.name().to_owned(), time));
     }
     let mut findings = Vec::new();
+    let unwitnessed = if witnesses.is_empty() {
+        None
+    } else {
+        live_beyond(client, key, origin, &checkpoint, &mut findings).await?
+    };
     if let Some(saved_note) = saved_note {
         let saved = key.verify(saved_note, origin)?;
         if checkpoint.size < saved.size {
@@ -294,7 +304,81 @@ pub async fn verify_log_witnessed(
         entries_checked: size,
         findings,
         cosigned_at,
+        unwitnessed,
     })
+}
+
+/// The live head beyond the witnessed `checkpoint`: it must extend it (a
+/// consistency proof; otherwise a finding), and the oldest entry after it
+/// tells how long the witnesses have not seen the log grow.
+async fn live_beyond(
+    client: &mut AuthedAuditClient,
+    key: &NoteVerifier,
+    origin: &str,
+    witnessed: &Checkpoint,
+    findings: &mut Vec<Finding>,
+) -> Result<Option<(u64, i64)>, VerifyError> {
+    let live = client
+        .get_checkpoint(proto::GetCheckpointRequest::default())
+        .await?
+        .into_inner();
+    let live = key.verify(&live.note, origin)?;
+    if live.size < witnessed.size {
+        findings.push(Finding::Shrunk {
+            saved: witnessed.size,
+            now: live.size,
+        });
+        return Ok(None);
+    }
+    if live.size == witnessed.size {
+        if live.root != witnessed.root {
+            findings.push(Finding::Inconsistent {
+                saved: witnessed.size,
+            });
+        }
+        return Ok(None);
+    }
+    let proof = client
+        .get_consistency_proof(proto::GetConsistencyProofRequest {
+            old_size: witnessed.size as i64,
+            new_size: live.size as i64,
+        })
+        .await?
+        .into_inner();
+    let path = proof
+        .path
+        .iter()
+        .map(|h| hash(h))
+        .collect::<Result<Vec<_>, _>>()?;
+    if merkle::verify_consistency(
+        witnessed.size,
+        live.size,
+        &path,
+        &witnessed.root,
+        &live.root,
+    )
+    .is_err()
+    {
+        findings.push(Finding::Inconsistent {
+            saved: witnessed.size,
+        });
+        return Ok(None);
+    }
+    let first = client
+        .get_entries(proto::GetEntriesRequest {
+            start: witnessed.size as i64,
+            end: witnessed.size as i64 + 1,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .entries;
+    let logged_at = first
+        .first()
+        .and_then(|entry| serde_json::from_slice::<serde_json::Value>(&entry.body).ok())
+        .and_then(|entry| entry["at_unix_ms"].as_i64())
+        .unwrap_or(0);
+    Ok(Some((live.size, logged_at)))
 }
 
 /// Names the entries that differ from the signed tree, using the leaf hash

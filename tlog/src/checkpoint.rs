@@ -71,6 +71,10 @@ fn key_hash(name: &str, key: &VerifyingKey) -> [u8; 4] {
     key_id(name, ED25519_ALGORITHM, key)
 }
 
+/// Most signature lines a note may carry (as the Go reference allows):
+/// each costs a verification, and a witness verifies under its lock.
+pub const MAX_SIGNATURES: usize = 100;
+
 /// A signed-note key ID: the first four bytes of
 /// `SHA-256(name || "\n" || algorithm || public key)`.
 pub(crate) fn key_id(name: &str, algorithm: u8, key: &VerifyingKey) -> [u8; 4] {
@@ -103,8 +107,22 @@ pub fn split_note(note: &str) -> Result<(String, Vec<SignatureLine>), NoteError>
     let (body, signatures) = note
         .split_once("\n\n")
         .ok_or(NoteError::Malformed("no blank line before the signatures"))?;
+    if body.is_empty() {
+        return Err(NoteError::Malformed("the note has no text"));
+    }
+    if note.chars().any(|c| c.is_control() && c != '\n') {
+        return Err(NoteError::Malformed(
+            "a note holds no control characters but newlines",
+        ));
+    }
+    let signatures = signatures
+        .strip_suffix('\n')
+        .ok_or(NoteError::Malformed("a note ends in a newline"))?;
     let mut lines = Vec::new();
-    for line in signatures.lines() {
+    for line in signatures.split('\n') {
+        if lines.len() == MAX_SIGNATURES {
+            return Err(NoteError::Malformed("more than 100 signatures"));
+        }
         let rest = line.strip_prefix("\u{2014} ").ok_or(NoteError::Malformed(
             "a signature line must start with '— '",
         ))?;
@@ -137,6 +155,9 @@ impl Checkpoint {
         let size_line = lines
             .next()
             .ok_or(NoteError::Malformed("no tree size line"))?;
+        if size_line.is_empty() || !size_line.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(NoteError::Malformed("tree size is not a decimal number"));
+        }
         if size_line.len() > 1 && size_line.starts_with('0') {
             return Err(NoteError::Malformed("tree size has leading zeroes"));
         }
@@ -384,6 +405,33 @@ mod tests {
         assert!(matches!(
             signer().verifier().verify(&note, "another.log"),
             Err(NoteError::WrongOrigin { .. })
+        ));
+    }
+
+    #[test]
+    fn notes_outside_the_signed_note_grammar_are_refused() {
+        let note = signer().sign(&checkpoint());
+        let verifier = signer().verifier();
+        for (bad, why) in [
+            (note.replacen("\n42\n", "\n42\r\n", 1), "a carriage return"),
+            (note.trim_end_matches('\n').to_owned(), "no final newline"),
+            (
+                format!("{note}{}", note.lines().last().unwrap().to_owned() + "\n").repeat(1)
+                    + &(note.lines().last().unwrap().to_owned() + "\n").repeat(100),
+                "more than 100 signatures",
+            ),
+        ] {
+            assert!(
+                matches!(
+                    verifier.verify(&bad, "audit.civicgrid.test"),
+                    Err(NoteError::Malformed(_))
+                ),
+                "{why}"
+            );
+        }
+        assert!(matches!(
+            Checkpoint::parse_body("audit.civicgrid.test\n+42\nAAAA\n"),
+            Err(NoteError::Malformed(_))
         ));
     }
 

@@ -163,36 +163,41 @@ impl AddCheckpoint {
             .map_err(|e| bad(e.to_string()))
     }
 
-    /// What a witness checks before cosigning: a signature by one of
-    /// `trusted` (the keys it trusts for this origin), `old_size` equal to
-    /// what it last cosigned (`latest`), and a consistency proof from that
-    /// tree to this one. Returns the checkpoint to record and cosign; the
-    /// caller must record it atomically with reading `latest`.
+    /// The checkpoint, once a signature by one of `trusted` (the keys the
+    /// witness trusts for its origin) verifies. Needs no state: a witness
+    /// checks this before taking its lock.
     ///
     /// # Errors
-    /// The [`Refusal`] the protocol prescribes.
-    pub fn check(
-        &self,
-        trusted: &[NoteVerifier],
-        latest: Option<Cosigned>,
-    ) -> Result<Checkpoint, Refusal> {
+    /// [`Refusal::UnknownLog`] without trusted keys, [`Refusal::Forbidden`]
+    /// when none verifies, [`Refusal::BadRequest`] for a malformed note.
+    pub fn verify(&self, trusted: &[NoteVerifier]) -> Result<Checkpoint, Refusal> {
         let origin = self.origin()?;
         if trusted.is_empty() {
             return Err(Refusal::UnknownLog(origin));
         }
-        let mut checkpoint = None;
         let mut why = String::new();
         for key in trusted {
             match key.verify(&self.note, &origin) {
-                Ok(verified) => {
-                    checkpoint = Some(verified);
-                    break;
-                }
+                Ok(verified) => return Ok(verified),
                 Err(error @ NoteError::Malformed(_)) => return Err(bad(error.to_string())),
                 Err(error) => why = error.to_string(),
             }
         }
-        let checkpoint = checkpoint.ok_or(Refusal::Forbidden(why))?;
+        Err(Refusal::Forbidden(why))
+    }
+
+    /// Whether the verified `checkpoint` may be cosigned after `latest`,
+    /// the checkpoint last cosigned for its log: `old_size` must be its
+    /// size, and the proof must show the checkpoint extends it. The caller
+    /// reads `latest` and records the checkpoint atomically.
+    ///
+    /// # Errors
+    /// The [`Refusal`] the protocol prescribes.
+    pub fn extends(
+        &self,
+        checkpoint: &Checkpoint,
+        latest: Option<Cosigned>,
+    ) -> Result<(), Refusal> {
         if self.old_size > checkpoint.size {
             return Err(bad("the old size is above the checkpoint's size"));
         }
@@ -207,7 +212,7 @@ impl AddCheckpoint {
             if !self.proof.is_empty() {
                 return Err(bad("the proof must be empty when the old size is 0"));
             }
-            return Ok(checkpoint);
+            return Ok(());
         };
         if latest.size == checkpoint.size {
             if latest.root != checkpoint.root {
@@ -218,7 +223,7 @@ impl AddCheckpoint {
             if !self.proof.is_empty() {
                 return Err(bad("the proof must be empty when the sizes are equal"));
             }
-            return Ok(checkpoint);
+            return Ok(());
         }
         merkle::verify_consistency(
             latest.size,
@@ -229,7 +234,20 @@ impl AddCheckpoint {
         )
         .map_err(|_| Refusal::Inconsistent {
             old_size: latest.size,
-        })?;
+        })
+    }
+
+    /// [`Self::verify`] then [`Self::extends`].
+    ///
+    /// # Errors
+    /// The [`Refusal`] the protocol prescribes.
+    pub fn check(
+        &self,
+        trusted: &[NoteVerifier],
+        latest: Option<Cosigned>,
+    ) -> Result<Checkpoint, Refusal> {
+        let checkpoint = self.verify(trusted)?;
+        self.extends(&checkpoint, latest)?;
         Ok(checkpoint)
     }
 }

@@ -136,15 +136,19 @@ impl State {
         Ok(())
     }
 
-    /// Keeps a refused request whose checkpoint the log did sign: evidence
-    /// that the log presented a history inconsistent with what it showed
-    /// before.
-    fn keep_evidence(&self, origin: &str, request: &str) {
-        let digest = hex::encode(Sha256::digest(request.as_bytes()));
+    /// Keeps a fork: the checkpoint `note` the log signed for a size whose
+    /// other tree this witness cosigned. With the note on record, the two
+    /// signed notes prove the log showed two histories.
+    fn keep_evidence(&self, origin: &str, note: &str) {
+        let recorded = std::fs::read_to_string(self.path(origin)).unwrap_or_default();
+        let evidence = format!(
+            "the checkpoint this witness cosigned:\n{recorded}\nanother checkpoint the log signed for the same size:\n{note}"
+        );
+        let digest = hex::encode(Sha256::digest(note.as_bytes()));
         let folder = self.folder.join("evidence");
         let path = folder.join(format!("{digest}.txt"));
         let written =
-            std::fs::create_dir_all(&folder).and_then(|()| std::fs::write(&path, request));
+            std::fs::create_dir_all(&folder).and_then(|()| std::fs::write(&path, evidence));
         if let Err(error) = written {
             tracing::error!(origin, path = %path.display(), %error, "could not keep the evidence");
         }
@@ -205,24 +209,31 @@ impl Witness {
             Err(refusal) => return Ok(Err(refusal)),
         };
         let trusted = self.logs.get(&origin).map_or(&[][..], Vec::as_slice);
-        let state = self.state.lock().await;
-        let latest = state.latest(&origin)?;
-        let checkpoint = match request.check(trusted, latest) {
+        // Signatures are checked before the lock: a flood of forged notes
+        // must not hold up the log's own submissions.
+        let checkpoint = match request.verify(trusted) {
             Ok(checkpoint) => checkpoint,
             Err(refusal) => {
-                if matches!(refusal, Refusal::Inconsistent { .. } | Refusal::Fork { .. }) {
-                    tracing::error!(
-                        origin,
-                        %refusal,
-                        "the log signed a checkpoint inconsistent with the one this witness cosigned"
-                    );
-                    state.keep_evidence(&origin, body);
-                } else {
-                    tracing::info!(origin, %refusal, "not cosigned");
-                }
+                tracing::info!(origin, %refusal, "not cosigned");
                 return Ok(Err(refusal));
             }
         };
+        let state = self.state.lock().await;
+        let latest = state.latest(&origin)?;
+        if let Err(refusal) = request.extends(&checkpoint, latest) {
+            match refusal {
+                // Two signed trees of one size: the log's own signatures
+                // prove it forked, whoever sent them.
+                Refusal::Fork { .. } => {
+                    tracing::error!(origin, %refusal, "the log signed two trees of the same size");
+                    state.keep_evidence(&origin, &request.note);
+                }
+                // The proof is not signed: anyone can send a bad one, so a
+                // failure is not evidence against the log.
+                _ => tracing::warn!(origin, %refusal, "not cosigned"),
+            }
+            return Ok(Err(refusal));
+        }
         if latest.is_none_or(|latest| latest.size != checkpoint.size) {
             state.record(&origin, &request.note)?;
         }
@@ -392,7 +403,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_inconsistent_checkpoint_is_kept_as_evidence_and_not_recorded() {
+    async fn a_bad_proof_is_refused_without_evidence_and_a_fork_is_kept() {
         let folder = tempfile::tempdir().unwrap();
         let all = leaves(10);
         let witness = witness(folder.path());
@@ -401,19 +412,46 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        let mut rewritten = all.clone();
-        rewritten[2] = leaf_hash(b"rewritten");
-        let forged = request(&rewritten, 6, 10);
-        assert_eq!(
-            witness.add_checkpoint(&forged, 2).await.unwrap(),
-            Err(Refusal::Inconsistent { old_size: 6 })
-        );
-        let evidence = std::fs::read_dir(folder.path().join("evidence"))
-            .unwrap()
-            .count();
-        assert_eq!(evidence, 1);
+        // Anyone can post the log's signed checkpoint with a made-up proof:
+        // refused, and not held against the log (nor filling the disk).
+        for i in 0..100u8 {
+            let forged = AddCheckpoint {
+                old_size: 6,
+                proof: vec![[i; 32]],
+                note: log().sign(&Checkpoint {
+                    origin: ORIGIN.into(),
+                    size: 10,
+                    root: root_of(&all),
+                }),
+            }
+            .encode();
+            assert_eq!(
+                witness.add_checkpoint(&forged, 2).await.unwrap(),
+                Err(Refusal::Inconsistent { old_size: 6 })
+            );
+        }
+        assert!(!folder.path().join("evidence").exists());
         let latest = witness.state.lock().await.latest(ORIGIN).unwrap().unwrap();
         assert_eq!((latest.size, latest.root), (6, root_of(&all[..6])));
+        // A second signed tree of size 6 is a fork, proven by the log's own
+        // signatures: both notes are kept.
+        let mut rewritten = all.clone();
+        rewritten[2] = leaf_hash(b"rewritten");
+        let fork = request(&rewritten, 6, 6);
+        assert_eq!(
+            witness.add_checkpoint(&fork, 3).await.unwrap(),
+            Err(Refusal::Fork { latest: 6 })
+        );
+        let kept: Vec<_> = std::fs::read_dir(folder.path().join("evidence"))
+            .unwrap()
+            .map(|entry| std::fs::read_to_string(entry.unwrap().path()).unwrap())
+            .collect();
+        assert_eq!(kept.len(), 1);
+        let root = |leaves: &[Hash]| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(root_of(leaves))
+        };
+        assert!(kept[0].contains(&root(&all[..6])) && kept[0].contains(&root(&rewritten[..6])));
     }
 
     #[tokio::test]

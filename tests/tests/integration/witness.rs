@@ -139,6 +139,7 @@ async fn a_rewritten_history_is_caught_by_the_witness(db: Db) -> anyhow::Result<
     assert_eq!(report.checkpoint.size, cosigned.tree_size as u64);
     assert_eq!(report.cosigned_at.len(), 1);
     assert_eq!(report.cosigned_at[0].0, WITNESS_NAME);
+    assert_eq!(report.unwitnessed, None, "the witness has seen every entry");
     // A key for another witness finds no cosignature by it.
     let stranger: CosignatureVerifier =
         civicgrid_marketplace::audit::cosignature::CosignatureSigner::new(
@@ -173,7 +174,49 @@ async fn a_rewritten_history_is_caught_by_the_witness(db: Db) -> anyhow::Result<
     pool.close().await;
     witnessing.abort();
 
-    // 2. The operator starts the log over with the same key and origin: a
+    // 2. Witnessing stops while the log grows: however fresh the old
+    //    cosignature, the verifier sees entries waiting for the witnesses,
+    //    and the CLI fails once they have waited longer than allowed.
+    publish(&honest, &cast, "population-2").await?;
+    let stalled =
+        verify_log_witnessed(&mut audit, &log_key, TEST_LOG_ORIGIN, None, &witnesses).await?;
+    assert_eq!(stalled.findings, vec![]);
+    assert_eq!(stalled.checkpoint.size, cosigned.tree_size as u64);
+    let live = head_size(&honest, &cast.regulator).await? as u64;
+    assert!(matches!(stalled.unwitnessed, Some((size, at)) if size == live && at > 0));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let operator = std::env::var_os("CIVICGRID_OPERATOR_BIN").context("CIVICGRID_OPERATOR_BIN")?;
+    let verified =
+        tokio::process::Command::new(std::path::Path::new(&operator).with_file_name("civicgrid"))
+            .args([
+                "--output",
+                "json",
+                "--server",
+                &format!("http://{}", honest.address),
+            ])
+            .args(["--token", &cast.regulator, "audit", "verify", "--key"])
+            .arg(honest.market.verifier_key())
+            .args([
+                "--witness-key",
+                &witness.key.to_string(),
+                "--max-witness-age-secs",
+                "0",
+            ])
+            .output()
+            .await?;
+    assert_eq!(verified.status.code(), Some(2), "{verified:?}");
+    let printed: serde_json::Value = serde_json::from_slice(&verified.stdout)?;
+    assert!(
+        printed["findings"]
+            .as_str()
+            .is_some_and(|f| f.contains(&format!(
+                "entries {} to {live} have waited",
+                cosigned.tree_size
+            )) && f.contains("witnessing has stalled")),
+        "{printed}"
+    );
+
+    // 3. The operator starts the log over with the same key and origin: a
     //    fresh database, another history, at least as long.
     let rewritten = TestMarket::start(db).await?;
     let cast_b = Cast::create(&rewritten).await?;
@@ -222,9 +265,10 @@ async fn a_rewritten_history_is_caught_by_the_witness(db: Db) -> anyhow::Result<
         matches!(&refused, Err(VerifyError::Rpc(status)) if status.code() == tonic::Code::FailedPrecondition),
         "{refused:?}"
     );
-    // kept the signed, inconsistent checkpoint as evidence,
-    let evidence = std::fs::read_dir(witness.state_dir.join("evidence"))?.count();
-    assert_eq!(evidence, 1, "one distinct refused checkpoint");
+    // kept no evidence (a proof that fails is not signed, so it proves
+    // nothing against the log: anyone could have sent it; only a fork
+    // does, see the witness's own tests),
+    assert!(!witness.state_dir.join("evidence").exists());
     // and the honest cosigned note, copied into the new database, does not
     // match the entries it now serves.
     let pool = rewritten.raw_pool().await?;
@@ -238,9 +282,18 @@ async fn a_rewritten_history_is_caught_by_the_witness(db: Db) -> anyhow::Result<
     pool.close().await;
     let report =
         verify_log_witnessed(&mut audit_b, &log_key, TEST_LOG_ORIGIN, None, &witnesses).await?;
-    assert_eq!(report.findings, vec![Finding::RootMismatch]);
+    // The live log does not extend it either.
+    assert_eq!(
+        report.findings,
+        vec![
+            Finding::Inconsistent {
+                saved: cosigned.tree_size as u64
+            },
+            Finding::RootMismatch
+        ]
+    );
 
-    // The honest log, still witnessed, goes on: the witness cosigns its
+    // 4. The honest log, witnessed again, goes on: the witness cosigns its
     // next checkpoint because it extends the one it saw.
     let witnessing = honest.market.spawn_witnessing(
         vec![endpoint(&witness)?],

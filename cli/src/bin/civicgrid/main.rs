@@ -1616,10 +1616,28 @@ async fn audit(c: &mut Clients, output: Output, command: AuditCommand) -> anyhow
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |elapsed| elapsed.as_secs());
             for (witness, time) in &report.cosigned_at {
+                // A witness's clock may run a little ahead; far ahead, its
+                // timestamp says nothing about when it saw the log.
+                if *time > now + 300 {
+                    findings.push(format!(
+                        "witness {witness} cosigned at {time}, in the future"
+                    ));
+                }
                 let age = now.saturating_sub(*time);
                 if max_witness_age_secs.is_some_and(|most| age > most) {
                     findings.push(format!(
                         "witness {witness} last cosigned {age} s ago: the log has not been witnessed since"
+                    ));
+                }
+            }
+            if let (Some(most), Some((live, logged_at))) =
+                (max_witness_age_secs, report.unwitnessed)
+            {
+                let waiting = now.saturating_sub(u64::try_from(logged_at / 1000).unwrap_or(0));
+                if waiting > most {
+                    findings.push(format!(
+                        "entries {} to {live} have waited {waiting} s for the witnesses: witnessing has stalled",
+                        report.checkpoint.size
                     ));
                 }
             }
@@ -1631,6 +1649,7 @@ async fn audit(c: &mut Clients, output: Output, command: AuditCommand) -> anyhow
                     "entries_checked": report.entries_checked,
                     "findings": findings.join("; "),
                     "witnessed_by": report.cosigned_at.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(","),
+                    "live_tree_size": report.unwitnessed.map_or(report.checkpoint.size, |(live, _)| live),
                 }),
             )?;
             if !findings.is_empty() {
