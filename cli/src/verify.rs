@@ -530,6 +530,23 @@ pub fn verify_receipt(
     })
 }
 
+/// Whether the receipt's entry (at `index`) records the query `summary`
+/// describes: its index, query id, product and charge.
+#[must_use]
+pub fn entry_records_query(entry: &[u8], index: i64, summary: &proto::QuerySummary) -> bool {
+    let Ok(entry) = serde_json::from_slice::<serde_json::Value>(entry) else {
+        return false;
+    };
+    let details = &entry["details"];
+    index == summary.audit_index
+        && entry["kind"]
+            .as_str()
+            .is_some_and(|kind| kind.starts_with("query."))
+        && details["query"].as_str() == Some(summary.query_id.as_str())
+        && entry["subject"].as_str() == Some(summary.product_id.as_str())
+        && details["charge_minor"].as_i64() == Some(summary.charge_minor)
+}
+
 /// Whether `result` (the Arrow IPC bytes a query returned) is the result
 /// its audit entry records: the entry's `details.result_sha256`.
 #[must_use]

@@ -17,6 +17,21 @@ use crate::store::{self, Backend};
 /// Most characters of a description, an answer or a reason.
 pub const MAX_TEXT: usize = 2000;
 
+/// Most open reports one organization may have on one product: enough for
+/// every real problem, too few to bury the provider's list.
+pub const MAX_OPEN_PER_REPORTER: i64 = 20;
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+/// A changed report's time: never the time it was read, so that the
+/// conditional update of a concurrent change cannot match it.
+fn changed_at(read: &QualityReport) -> i64 {
+    store::now_ms().max(read.updated_at_unix_ms + 1)
+}
+
 /// Where a report stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReportState {
@@ -175,6 +190,13 @@ pub async fn report(
     check_text("description", &request.description, MAX_TEXT, true)?;
     check_text("column", &request.column, 200, false)?;
     check_column(product, &request.column)?;
+    let open = store::quality_reports::open_count_of(connection, reporter, &product.id).await?;
+    if open >= MAX_OPEN_PER_REPORTER {
+        return Err(MarketError::ResourceExhausted(format!(
+            "{reporter} has {open} open reports on product {}: wait for answers before filing more",
+            product.id
+        )));
+    }
     if !request.query_id.is_empty() {
         let owner = store::queries::consumer_and_product(connection, &request.query_id).await?;
         if owner
@@ -210,7 +232,11 @@ pub async fn report(
         actor,
         &report,
         &product.provider_organization_id,
-        serde_json::json!({"column": report.column, "query": report.query_id}),
+        serde_json::json!({
+            "column": report.column,
+            "query": report.query_id,
+            "description_sha256": sha256_hex(&report.description),
+        }),
     )
     .await?;
     Ok(report)
@@ -240,16 +266,24 @@ pub async fn answer(
         )));
     }
     if fixed_in_version != 0
-        && !(report.product_version..=product.version).contains(&fixed_in_version)
+        && !(report.product_version + 1..=product.version).contains(&fixed_in_version)
     {
         return Err(MarketError::invalid(
             "fixed_in_version",
-            format!(
-                "must be a version of product {} from {} (the version reported) to {} (its current one)",
-                product.id, report.product_version, product.version
-            ),
+            if product.version > report.product_version {
+                format!(
+                    "must be a version of product {} after {} (the version reported), up to {} (its current one)",
+                    product.id, report.product_version, product.version
+                )
+            } else {
+                format!(
+                    "product {} has no version after {} (the version reported) yet: revise it, then mark the report fixed",
+                    product.id, report.product_version
+                )
+            },
         ));
     }
+    let read = report.clone();
     let report = QualityReport {
         state: if fixed_in_version == 0 {
             ReportState::Open
@@ -258,10 +292,10 @@ pub async fn answer(
         },
         answer: message.to_owned(),
         fixed_in_version,
-        updated_at_unix_ms: store::now_ms(),
+        updated_at_unix_ms: changed_at(&read),
         ..report
     };
-    store::quality_reports::update(connection, &report, ReportState::Open).await?;
+    store::quality_reports::update(connection, &report, &read).await?;
     audit(
         connection,
         backend,
@@ -273,7 +307,10 @@ pub async fn answer(
         actor,
         &report,
         &product.provider_organization_id,
-        serde_json::json!({"fixed_in_version": fixed_in_version}),
+        serde_json::json!({
+            "fixed_in_version": fixed_in_version,
+            "message_sha256": sha256_hex(message),
+        }),
     )
     .await?;
     Ok(report)
@@ -299,14 +336,15 @@ pub async fn reopen(
             report.id
         )));
     }
+    let read = report.clone();
     let report = QualityReport {
         state: ReportState::Open,
         answer: reason.to_owned(),
         fixed_in_version: 0,
-        updated_at_unix_ms: store::now_ms(),
+        updated_at_unix_ms: changed_at(&read),
         ..report
     };
-    store::quality_reports::update(connection, &report, ReportState::Fixed).await?;
+    store::quality_reports::update(connection, &report, &read).await?;
     audit(
         connection,
         backend,
@@ -314,7 +352,7 @@ pub async fn reopen(
         actor,
         &report,
         &product.provider_organization_id,
-        serde_json::json!({}),
+        serde_json::json!({"reason_sha256": sha256_hex(reason)}),
     )
     .await?;
     Ok(report)

@@ -43,6 +43,14 @@ impl Marketplace {
                         ContractState::Active | ContractState::Revoked | ContractState::Expired
                     )
             });
+        // A product out of the catalog is none of a stranger's business: it
+        // gets the answer a missing id gets.
+        if !contracted && product.state != crate::registry::ProductState::Published {
+            return Err(MarketError::NotFound {
+                what: "product",
+                id: product.id,
+            });
+        }
         if !contracted {
             return Err(MarketError::denied(
                 "quality:report",
@@ -157,27 +165,13 @@ impl Marketplace {
         self.require(principal, &organization, "catalog:search")
             .await?;
         let everything = self.cross_tenant(principal, "product:read").await?;
+        let viewer = if everything {
+            ""
+        } else {
+            organization.as_str()
+        };
         let mut connection = self.store.acquire().await?;
-        let reports = feedback::list(&mut connection, product_id, open_only).await?;
-        if everything {
-            return Ok(reports);
-        }
-        let mut providers = std::collections::HashMap::new();
-        let mut visible = Vec::with_capacity(reports.len());
-        for report in reports {
-            if report.reporter_organization_id == organization {
-                visible.push(report);
-                continue;
-            }
-            if !providers.contains_key(&report.product_id) {
-                let product = registry::get(&mut connection, &report.product_id).await?;
-                providers.insert(report.product_id.clone(), product.provider_organization_id);
-            }
-            if providers.get(&report.product_id) == Some(&organization) {
-                visible.push(report);
-            }
-        }
-        Ok(visible)
+        feedback::list(&mut connection, product_id, viewer, open_only).await
     }
 
     /// Open reports per product, for catalog views the caller may already

@@ -32,9 +32,10 @@ fn not_found(index: i64) -> MarketError {
     }
 }
 
-/// Whether the entry `body` concerns `organization`: it is the entry's
-/// tenant, or the provider of the product a query or quality-report entry
-/// is about.
+/// Whether the entry `body` is one `organization` may have a receipt for:
+/// a query or a quality report, whose consumer (the entry's tenant) or
+/// product's provider it is. Other entries of its tenant (role grants,
+/// tokens, contracts) stay with those who read the log.
 fn concerns(body: &[u8], organization: &str) -> bool {
     let Ok(entry) = serde_json::from_slice::<serde_json::Value>(body) else {
         return false;
@@ -42,9 +43,8 @@ fn concerns(body: &[u8], organization: &str) -> bool {
     let tenant = entry["tenant"].as_str();
     let kind = entry["kind"].as_str().unwrap_or_default();
     let provider = entry["details"]["provider"].as_str();
-    tenant == Some(organization)
-        || ((kind.starts_with("query.") || kind.starts_with("quality."))
-            && provider == Some(organization))
+    (kind.starts_with("query.") || kind.starts_with("quality."))
+        && (tenant == Some(organization) || provider == Some(organization))
 }
 
 impl Marketplace {

@@ -50,23 +50,25 @@ pub(crate) async fn insert(connection: &mut AnyConnection, report: &QualityRepor
     Ok(())
 }
 
-/// Saves `report`'s state, answer and fix, only if it is still in `from`
-/// (a concurrent change makes this fail rather than be overwritten).
+/// Saves `report`'s state, answer and fix, only if it is still as read
+/// (`read`): a concurrent change makes this fail rather than be
+/// overwritten.
 pub(crate) async fn update(
     connection: &mut AnyConnection,
     report: &QualityReport,
-    from: ReportState,
+    read: &QualityReport,
 ) -> Result<()> {
     let updated = sqlx::query(
         "UPDATE quality_reports SET state = $1, answer = $2, fixed_in_version = $3, updated_at = $4 \
-         WHERE id = $5 AND state = $6",
+         WHERE id = $5 AND state = $6 AND updated_at = $7",
     )
     .bind(report.state.name())
     .bind(&report.answer)
     .bind(report.fixed_in_version)
     .bind(report.updated_at_unix_ms)
     .bind(&report.id)
-    .bind(from.name())
+    .bind(read.state.name())
+    .bind(read.updated_at_unix_ms)
     .execute(&mut *connection)
     .await?
     .rows_affected();
@@ -98,25 +100,51 @@ pub async fn get(connection: &mut AnyConnection, id: &str) -> Result<QualityRepo
     from_row(&row)
 }
 
-/// Reports on `product` (every product when empty), open ones only when
-/// `open_only`; newest first, at most 1,000.
+/// Reports on `product` (every product when empty) that `viewer` may see
+/// (its own and those on its products; every one when `viewer` is empty),
+/// open ones only when `open_only`; newest first, at most 1,000.
 ///
 /// # Errors
 /// Database failures.
 pub async fn list(
     connection: &mut AnyConnection,
     product: &str,
+    viewer: &str,
     open_only: bool,
 ) -> Result<Vec<QualityReport>> {
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM quality_reports WHERE ($1 = '' OR product_id = $1) \
-         AND ($2 = 0 OR state = 'open') ORDER BY created_at DESC, id LIMIT 1000"
+         AND ($2 = 0 OR state = 'open') \
+         AND ($3 = '' OR reporter_organization_id = $3 OR product_id IN \
+              (SELECT id FROM products WHERE provider_organization_id = $3)) \
+         ORDER BY created_at DESC, id LIMIT 1000"
     )))
     .bind(product)
     .bind(i64::from(open_only))
+    .bind(viewer)
     .fetch_all(&mut *connection)
     .await?;
     rows.iter().map(from_row).collect()
+}
+
+/// How many open reports `reporter` has on `product`.
+///
+/// # Errors
+/// Database failures.
+pub(crate) async fn open_count_of(
+    connection: &mut AnyConnection,
+    reporter: &str,
+    product: &str,
+) -> Result<i64> {
+    let row = sqlx::query(
+        "SELECT COUNT(*) FROM quality_reports \
+         WHERE reporter_organization_id = $1 AND product_id = $2 AND state = 'open'",
+    )
+    .bind(reporter)
+    .bind(product)
+    .fetch_one(&mut *connection)
+    .await?;
+    Ok(row.try_get(0)?)
 }
 
 /// Open reports per product.

@@ -16,6 +16,11 @@ use tonic::Code;
 
 use super::queries::{BY_DISTRICT, contract, deposit, query, run, start_with};
 
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
 fn report(
     product: &str,
     column: &str,
@@ -246,12 +251,38 @@ async fn reports_answers_fixes_and_reopens(db: Db) -> anyhow::Result<()> {
         (answered.state.as_str(), answered.answer.as_str()),
         ("open", "looking into it")
     );
-    let fixed = answer(&cast.provider_admin, "blank bands filled", 1)
+    // Not fixed in the very version it was found in: a fix is a later one.
+    let status = answer(&cast.provider_admin, "blank bands filled", 1)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .contains("has no version after 1 (the version reported) yet"),
+        "{status:?}"
+    );
+    let mut revised = civicgrid_tests::market::sample_spec();
+    revised.description =
+        "Registered residents per district and age band, monthly; blank bands filled".into();
+    let product = RegistryClient::new(market.channel.clone())
+        .revise_product(authed(
+            &cast.provider_admin,
+            proto::ReviseProductRequest {
+                product_id: "population".into(),
+                spec: Some(revised),
+                reason: "blank age bands filled".into(),
+            },
+        ))
         .await?
         .into_inner();
-    assert_eq!((fixed.state.as_str(), fixed.fixed_in_version), ("fixed", 1));
+    assert_eq!(product.version, 2);
+    let fixed = answer(&cast.provider_admin, "blank bands filled", 2)
+        .await?
+        .into_inner();
+    assert_eq!((fixed.state.as_str(), fixed.fixed_in_version), ("fixed", 2));
     assert_eq!(
-        answer(&cast.provider_admin, "again", 1)
+        answer(&cast.provider_admin, "again", 2)
             .await
             .unwrap_err()
             .code(),
@@ -327,6 +358,11 @@ async fn reports_answers_fixes_and_reopens(db: Db) -> anyhow::Result<()> {
             "quality.fixed",
             "quality.reopened"
         ]
+    );
+    let reported: serde_json::Value = serde_json::from_slice(&entries[0].body)?;
+    assert_eq!(
+        reported["details"]["description_sha256"],
+        sha256_hex("ten rows have a blank age band")
     );
     let fixed_entry = entries[3].index;
     let mut audit = AuditClient::new(market.channel.clone());
@@ -412,6 +448,78 @@ async fn another_organizations_query_is_not_evidence() -> anyhow::Result<()> {
             format!("query {:?} not found", ran.summary.query_id).as_str()
         )
     );
+    market.stop().await;
+    Ok(())
+}
+
+/// A rival cannot bury other organizations' reports under its own, nor learn
+/// of a product out of the catalog by reporting on it.
+#[tokio::test]
+async fn reports_are_capped_per_reporter_and_unlisted_products_do_not_exist() -> anyhow::Result<()>
+{
+    let (market, cast) = start_with(Db::Sqlite, |_| {}).await?;
+    contract(&market, &cast, 0).await?;
+    let mut registry = RegistryClient::new(market.channel.clone());
+    for i in 0..20 {
+        registry
+            .report_quality_issue(authed(
+                &cast.consumer_analyst,
+                report("population", "", &format!("problem {i}"), ""),
+            ))
+            .await?;
+    }
+    let status = registry
+        .report_quality_issue(authed(
+            &cast.consumer_analyst,
+            report("population", "", "one more", ""),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("acme has 20 open reports on product population"),
+        "{status:?}"
+    );
+    assert_eq!(
+        listed(&market, &cast.consumer_admin, false).await?.len(),
+        20
+    );
+    assert_eq!(
+        listed(&market, &cast.provider_analyst, true).await?.len(),
+        20
+    );
+    assert!(
+        listed(&market, &cast.rival_consumer_admin, false)
+            .await?
+            .is_empty()
+    );
+
+    // A rival provider's draft: to a consumer, as missing as a made-up id.
+    registry
+        .create_product(authed(
+            &cast.rival_provider_admin,
+            proto::CreateProductRequest {
+                id: "unannounced".into(),
+                spec: Some({
+                    let mut spec = civicgrid_tests::market::sample_spec();
+                    spec.storage_location = "products/unannounced".into();
+                    spec
+                }),
+            },
+        ))
+        .await?;
+    for id in ["unannounced", "made-up"] {
+        let status = registry
+            .report_quality_issue(authed(&cast.consumer_analyst, report(id, "", "x", "")))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (status.code(), status.message()),
+            (Code::NotFound, format!("product {id:?} not found").as_str())
+        );
+    }
     market.stop().await;
     Ok(())
 }

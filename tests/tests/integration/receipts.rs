@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use civicgrid_cli::verify::{ReceiptError, result_matches_entry, verify_receipt};
+use civicgrid_cli::verify::{
+    ReceiptError, entry_records_query, result_matches_entry, verify_receipt,
+};
 use civicgrid_marketplace::audit::checkpoint::{NoteSigner, NoteVerifier, SigningKey};
 use civicgrid_marketplace::proto::{self, audit_client::AuditClient};
 use civicgrid_tests::market::{Db, TEST_LOG_ORIGIN, authed};
@@ -63,6 +65,23 @@ async fn a_querys_receipt_proves_what_ran_and_what_it_cost(db: Db) -> anyhow::Re
     assert_eq!(details["product_version"], 1);
     assert_eq!(details["charge_minor"], summary.charge_minor);
     assert!(result_matches_entry(&receipt.entry, &answer.ipc));
+    assert!(entry_records_query(
+        &receipt.entry,
+        receipt.entry_index,
+        summary
+    ));
+    let mut other_query = summary.clone();
+    other_query.query_id = "q-another".into();
+    assert!(!entry_records_query(
+        &receipt.entry,
+        receipt.entry_index,
+        &other_query
+    ));
+    assert!(!entry_records_query(
+        &receipt.entry,
+        receipt.entry_index - 1,
+        summary
+    ));
     let mut other_result = answer.ipc.clone();
     *other_result.last_mut().expect("a result") ^= 1;
     assert!(!result_matches_entry(&receipt.entry, &other_result));

@@ -1386,6 +1386,17 @@ async fn query(c: &mut Clients, args: QueryArgs) -> anyhow::Result<i32> {
     let summary = summary.context("the server sent no query summary")?;
     match &summary.receipt {
         Some(receipt) => {
+            if !civicgrid_cli::verify::entry_records_query(
+                &receipt.entry,
+                receipt.entry_index,
+                &summary,
+            ) {
+                anyhow::bail!(
+                    "the receipt's entry is not this query's (query {}, audit entry {}): do not rely on it",
+                    summary.query_id,
+                    summary.audit_index
+                );
+            }
             if !civicgrid_cli::verify::result_matches_entry(&receipt.entry, &ipc) {
                 anyhow::bail!(
                     "the result received is not the result audit entry {} records: do not use it",
