@@ -148,9 +148,17 @@ fn the_marketplace_accepts_every_argument_the_chart_passes() -> anyhow::Result<(
             "marketplace.extraArgs[0]=--default-compute-units=20000",
             "--set",
             "tracing.otlpEndpoint=http://otel:4317",
+            "--set-json",
+            &format!(
+                r#"marketplace.witnesses=[{{"key":"{WITNESS_KEY}","url":"https://witness.regulator.example"}}]"#
+            ),
         ])?,
         "civicgrid-marketplace",
     )?;
+    ensure!(
+        everything.1.contains(&"CIVICGRID_WITNESSES".to_owned()),
+        "the witnesses reach the marketplace: {everything:?}"
+    );
     ensure!(
         everything
             .0
@@ -182,6 +190,45 @@ fn the_marketplace_accepts_every_argument_the_chart_passes() -> anyhow::Result<(
             );
         }
     }
+    Ok(())
+}
+
+/// A witness's verifier key (`civicgrid-witness key` prints such keys).
+const WITNESS_KEY: &str =
+    "witness.regulator.example/civicgrid+b6206d33+BN4P53D9yNy0b0S4vcVg3xQU5GmPlZL3KnygUagQZuzQ";
+
+/// The witnesses a release names reach the marketplace as one value it
+/// parses, each key and URL intact.
+#[test]
+fn witnesses_reach_the_marketplace_as_it_parses_them() -> anyhow::Result<()> {
+    let rendered = render_city(&[
+        "--set-json",
+        &format!(
+            r#"marketplace.witnesses=[{{"key":"{WITNESS_KEY}","url":"https://w1.example"}},{{"key":"{WITNESS_KEY}","url":"http://w2:7380"}}]"#
+        ),
+    ])?;
+    let line = rendered
+        .lines()
+        .skip_while(|line| !line.contains("name: CIVICGRID_WITNESSES"))
+        .nth(1)
+        .context("CIVICGRID_WITNESSES has a value")?;
+    let value: String = serde_yaml::from_str(line.trim().trim_start_matches("value:").trim())?;
+    let parsed = value
+        .split(',')
+        .map(str::parse::<civicgrid_marketplace::market::WitnessEndpoint>)
+        .collect::<Result<Vec<_>, _>>()?;
+    let urls: Vec<&str> = parsed.iter().map(|w| w.url.as_str()).collect();
+    ensure!(urls == ["https://w1.example", "http://w2:7380"], "{urls:?}");
+    ensure!(parsed.iter().all(|w| w.verifier.to_string() == WITNESS_KEY));
+    let refused = render_city(&[
+        "--set-json",
+        r#"marketplace.witnesses=[{"key":"not a key","url":"https://w"}]"#,
+    ])
+    .expect_err("a key with a space is refused");
+    ensure!(
+        refused.to_string().contains("/marketplace/witnesses/0/key"),
+        "{refused}"
+    );
     Ok(())
 }
 
