@@ -75,6 +75,12 @@ if ! command -v runc >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq runc >&2
 fi
 
+# tlog-reference checks the audit log's formats with the Go reference
+# implementations (x/mod's signed notes, transparency-dev's formats and
+# merkle; built from the Go module proxy).
+log "tlog-reference"
+bash tools/tlog-reference/build.sh >/dev/null
+
 # PostgreSQL from Debian's packages, with a cluster of our own for the
 # marketplace tests (the same suite runs on SQLite and PostgreSQL).
 log "PostgreSQL"

@@ -19,6 +19,8 @@ CIVICGRID_VERSITYGW=$(bash tools/versitygw/build.sh)
 export CIVICGRID_VERSITYGW
 CIVICGRID_UMOCI=$(bash tools/umoci/build.sh)
 export CIVICGRID_UMOCI
+CIVICGRID_TLOG_REFERENCE=$(bash tools/tlog-reference/build.sh)
+export CIVICGRID_TLOG_REFERENCE
 CIVICGRID_TEST_POSTGRES_URL=$(bash scripts/postgres.sh)
 export CIVICGRID_TEST_POSTGRES_URL
 echo "==> Wasm guests (wasm32-wasip1)" >&2

@@ -104,8 +104,9 @@ pub struct SignatureLine {
 /// [`NoteError::Malformed`] when there is no blank line before the
 /// signatures or a signature line is not `— name base64`.
 pub fn split_note(note: &str) -> Result<(String, Vec<SignatureLine>), NoteError> {
+    // The signatures follow the last blank line (C2SP signed-note).
     let (body, signatures) = note
-        .split_once("\n\n")
+        .rsplit_once("\n\n")
         .ok_or(NoteError::Malformed("no blank line before the signatures"))?;
     if body.is_empty() {
         return Err(NoteError::Malformed("the note has no text"));
@@ -129,9 +130,19 @@ pub fn split_note(note: &str) -> Result<(String, Vec<SignatureLine>), NoteError>
         let (name, blob) = rest.split_once(' ').ok_or(NoteError::Malformed(
             "a signature line is '— name signature'",
         ))?;
+        if name.is_empty() || name.contains('+') {
+            return Err(NoteError::Malformed(
+                "a signature's key name is empty or has a '+'",
+            ));
+        }
         let blob = STANDARD
             .decode(blob)
             .map_err(|_| NoteError::Malformed("signature is not base64"))?;
+        if blob.len() < 5 {
+            return Err(NoteError::Malformed(
+                "a signature is a 4-byte key ID and at least one byte",
+            ));
+        }
         lines.push(SignatureLine {
             name: name.to_owned(),
             blob,
@@ -147,6 +158,9 @@ impl Checkpoint {
     /// # Errors
     /// [`NoteError::Malformed`] naming the line that is wrong.
     pub fn parse_body(body: &str) -> Result<Self, NoteError> {
+        if body.split('\n').rev().skip(1).any(str::is_empty) {
+            return Err(NoteError::Malformed("a checkpoint has no empty lines"));
+        }
         let mut lines = body.lines();
         let origin = lines.next().ok_or(NoteError::Malformed("no origin line"))?;
         if origin.is_empty() {
@@ -321,11 +335,13 @@ impl NoteVerifier {
         let expected_hash = key_hash(&self.name, &self.key);
         let mut found = false;
         for line in signatures {
-            if line.name != self.name
-                || line.blob.len() != 4 + 64
-                || line.blob[..4] != expected_hash
-            {
+            if line.name != self.name || line.blob[..4] != expected_hash {
                 continue;
+            }
+            // A line under this key's name and ID must verify: one that
+            // cannot (any length but 64) condemns the note, as the spec asks.
+            if line.blob.len() != 4 + 64 {
+                return Err(NoteError::BadSignature(self.name.clone()));
             }
             found = true;
             let signature = ed25519_dalek::Signature::from_slice(&line.blob[4..])

@@ -113,8 +113,11 @@ impl CosignatureVerifier {
         let id = key_id(&self.name, COSIGNATURE_V1, &self.key);
         let mut newest = None;
         for line in lines {
-            if line.name != self.name || line.blob.len() != 4 + 8 + 64 || line.blob[..4] != id {
+            if line.name != self.name || line.blob[..4] != id {
                 continue;
+            }
+            if line.blob.len() != 4 + 8 + 64 {
+                return Err(NoteError::BadSignature(self.name.clone()));
             }
             let mut time = [0u8; 8];
             time.copy_from_slice(&line.blob[4..12]);

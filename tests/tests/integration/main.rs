@@ -20,5 +20,6 @@ mod runners_e2e;
 mod sandbox;
 mod sandbox_split;
 mod scale_out;
+mod tlog_interop;
 mod upgrade;
 mod witness;
