@@ -7,7 +7,8 @@
 //!   batch, durable: WAL with synchronous=FULL), against one transaction per
 //!   entry; on PostgreSQL too when `CIVICGRID_TEST_POSTGRES_URL` is set;
 //! - inclusion and consistency proof time from the store at the log size the
-//!   append run reached.
+//!   append run reached, and a query's receipt (head, signed checkpoint,
+//!   inclusion proof) against the inclusion proof alone.
 //!
 //! Run: `cargo bench -p civicgrid-benches --bench marketplace` (add
 //! `-- --entries N` to change the log size; default 200,000).
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use casbin::{CoreApi as _, DefaultModel, Enforcer, MemoryAdapter, MgmtApi as _};
 use civicgrid_marketplace::access::Access;
+use civicgrid_marketplace::audit::checkpoint::{Checkpoint, NoteSigner, SigningKey};
 use civicgrid_marketplace::audit::log::{self, Event};
 use civicgrid_marketplace::contracts::{Check, ContractIndex};
 use civicgrid_marketplace::contracts::{Contract, ContractState, OperationKind, OperationQuestion};
@@ -235,6 +237,31 @@ async fn appends(name: &str, store: &Store, entries: usize) -> anyhow::Result<()
         percentile(&inclusion, 0.99),
         percentile(&consistency, 0.5),
         percentile(&consistency, 0.99)
+    );
+    // What a query's receipt adds to its answer: the head, a signed
+    // checkpoint of it and the entry's inclusion proof, as the server makes
+    // it; against the inclusion proof alone (above) as the baseline.
+    let signer = NoteSigner::new("bench.civicgrid/audit", SigningKey::from_bytes(&[3u8; 32]));
+    let mut receipts = Vec::new();
+    for _ in 0..500 {
+        let index = rng.next(size as usize) as u64;
+        let started = Instant::now();
+        let head = log::head(&mut connection, store.backend()).await?;
+        let note = signer.sign(&Checkpoint {
+            origin: "bench.civicgrid/audit".into(),
+            size: head.size(),
+            root: head.root(),
+        });
+        log::inclusion_proof(&mut connection, store.backend(), index, head.size()).await?;
+        std::hint::black_box(note);
+        receipts.push(started.elapsed());
+    }
+    receipts.sort_unstable();
+    println!(
+        "receipt at {size} entries: p50 {:?} p99 {:?}; {:.2}x the inclusion proof alone at p50",
+        percentile(&receipts, 0.5),
+        percentile(&receipts, 0.99),
+        percentile(&receipts, 0.5).as_secs_f64() / percentile(&inclusion, 0.5).as_secs_f64()
     );
     Ok(())
 }
