@@ -3,7 +3,7 @@
 use sqlx::{AnyConnection, Row as _};
 
 use crate::error::{MarketError, Result};
-use crate::feedback::{OpenByProduct, OpenReports, QualityReport, ReportState};
+use crate::feedback::model::{OpenByProduct, OpenReports, QualityReport, ReportState};
 
 const COLUMNS: &str = "id, product_id, product_version, column_name, description, query_id, \
      reporter_organization_id, reporter_user_id, state, answer, fixed_in_version, created_at, updated_at";
