@@ -47,6 +47,11 @@ enum Command {
         /// Connect and request timeout against a member cluster, in seconds.
         #[arg(long, env = "CIVICGRID_MEMBER_TIMEOUT_SECONDS", default_value = "5", value_parser = positive_seconds)]
         member_timeout_seconds: Duration,
+        /// Seconds a member's client is used before its kubeconfig Secret is
+        /// read again (at once after a failed probe). A Secret deleted or
+        /// emptied takes the operator's access away within this time.
+        #[arg(long, env = "CIVICGRID_MEMBER_SECRET_REREAD_SECONDS", default_value = "60", value_parser = positive_seconds)]
+        member_secret_reread_seconds: Duration,
         /// Probes in a row a reachable member must miss before it is
         /// marked unreachable.
         #[arg(long, env = "CIVICGRID_MEMBER_FAILURE_THRESHOLD", default_value = "3", value_parser = clap::value_parser!(u32).range(1..))]
@@ -104,6 +109,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run {
             heartbeat_seconds,
             member_timeout_seconds,
+            member_secret_reread_seconds,
             member_failure_threshold,
             member_success_threshold,
             max_evictions_per_minute,
@@ -118,6 +124,7 @@ fn main() -> anyhow::Result<()> {
             let mut config = civicgrid_operator::controller::Config {
                 heartbeat: heartbeat_seconds,
                 member_timeout: member_timeout_seconds,
+                member_secret_reread: member_secret_reread_seconds,
                 failure_threshold: member_failure_threshold,
                 success_threshold: member_success_threshold,
                 pool_evictions_per_minute: max_evictions_per_minute,

@@ -30,6 +30,12 @@ pub use crate::crd::{GPU_MODEL_LABEL, GPU_RESOURCE};
 pub struct Members {
     clients: Mutex<HashMap<String, Member>>,
     timeout: Duration,
+    /// How long a member's client is used without reading its kubeconfig
+    /// Secret again, while probes succeed: reading it on every heartbeat
+    /// costs the control API server a request per data center per
+    /// heartbeat. A failed probe reads it again at once (see
+    /// [`Members::read_secret_again`]).
+    secret_reread: Duration,
     changes: UnboundedSender<ObjectRef<ComputeWorkload>>,
     copies: Arc<Mutex<HashMap<CopyKey, CopyState>>>,
     /// Which copies each member's watches have seen, by kind: looking for a
@@ -47,12 +53,6 @@ struct Present {
     /// (copy namespace, copy name).
     copies: HashSet<(String, String)>,
 }
-
-/// How long a member's client is used without reading its kubeconfig
-/// Secret again, while probes succeed: reading it on every heartbeat costs
-/// the control API server a request per data center per heartbeat. A failed
-/// probe reads it again at once (see [`Members::read_secret_again`]).
-const SECRET_READ_EVERY: Duration = Duration::from_secs(60);
 
 /// The kinds of copy the operator makes.
 pub const KINDS: [&str; 3] = ["Deployment", "StatefulSet", "Job"];
@@ -95,10 +95,17 @@ impl Members {
     /// an unreachable data center is noticed quickly.
     /// `changes` receives the workload of every copy that changes in a
     /// member.
-    pub fn new(timeout: Duration, changes: UnboundedSender<ObjectRef<ComputeWorkload>>) -> Self {
+    /// `secret_reread` is how long a client is used before its Secret is
+    /// read again.
+    pub fn new(
+        timeout: Duration,
+        secret_reread: Duration,
+        changes: UnboundedSender<ObjectRef<ComputeWorkload>>,
+    ) -> Self {
         Self {
             clients: Mutex::new(HashMap::new()),
             timeout,
+            secret_reread,
             changes,
             copies: Arc::default(),
             present: Arc::default(),
@@ -222,10 +229,34 @@ impl Members {
     /// The client of `dc`, made from its kubeconfig Secret (read through
     /// `control`) unless the cached one was made from the same Secret version.
     ///
+    /// A Secret that is gone, or no longer holds a kubeconfig that loads,
+    /// also drops the cached client: deleting or emptying the Secret is how
+    /// a platform engineer takes the operator's access to a member away, and
+    /// the old credentials must not go on being used. (A failure to read the
+    /// Secret from the control cluster keeps it.)
+    ///
     /// # Errors
     /// No Secret reference, a missing Secret or key, or a kubeconfig that
     /// does not load.
     pub async fn connect(&self, control: &Client, dc: &DataCenter) -> Result<Client, Error> {
+        let connected = self.connect_from_secret(control, dc).await;
+        if let Err(Error::Kubeconfig { data_center, .. }) = &connected {
+            if self.lock().contains_key(data_center) {
+                tracing::warn!(
+                    data_center,
+                    "dropping the member's client: its kubeconfig Secret no longer gives one"
+                );
+            }
+            self.forget(data_center);
+        }
+        connected
+    }
+
+    async fn connect_from_secret(
+        &self,
+        control: &Client,
+        dc: &DataCenter,
+    ) -> Result<Client, Error> {
         let name = dc.name_any();
         let invalid = |message: String| Error::Kubeconfig {
             data_center: name.clone(),
@@ -245,7 +276,7 @@ impl Members {
             && member.secret == source
             && member
                 .read_at
-                .is_some_and(|at| at.elapsed() < SECRET_READ_EVERY)
+                .is_some_and(|at| at.elapsed() < self.secret_reread)
         {
             return Ok(member.client.clone());
         }
@@ -580,7 +611,7 @@ mod tests {
     #[test]
     fn copies_are_known_from_the_watches_only_once_every_kind_has_listed() {
         let (changes, _) = futures::channel::mpsc::unbounded();
-        let members = Members::new(Duration::from_secs(1), changes);
+        let members = Members::new(Duration::from_secs(1), Duration::from_secs(60), changes);
         let set = |kind: &'static str, synced: bool, copies: &[(&str, &str)]| {
             lock(&members.present).insert(
                 ("edge-east".to_owned(), kind),

@@ -74,6 +74,9 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Connect and request timeout against a member cluster.
     pub member_timeout: Duration,
+    /// How long a member's client is used before its kubeconfig Secret is
+    /// read again while probes succeed (see `members::Members::connect`).
+    pub member_secret_reread: Duration,
     /// Probes in a row a reachable member must miss to be `Reachable=False`:
     /// one lost probe is not a lost data center.
     pub failure_threshold: u32,
@@ -102,6 +105,7 @@ impl Default for Config {
         Self {
             heartbeat: Duration::from_secs(10),
             member_timeout: Duration::from_secs(5),
+            member_secret_reread: Duration::from_secs(60),
             failure_threshold: 3,
             success_threshold: 2,
             pool_evictions_per_minute: None,
@@ -534,7 +538,11 @@ pub async fn run(client: Client, config: Config, shutdown: Shutdown) -> Stopped 
                 instance: Some(config.instance.clone()),
             },
         ),
-        members: members::Members::new(config.member_timeout, copy_changed),
+        members: members::Members::new(
+            config.member_timeout,
+            config.member_secret_reread,
+            copy_changed,
+        ),
         data_centers: dc_controller.store(),
         workloads: cw_controller.store(),
         client,

@@ -733,6 +733,66 @@ async fn a_no_execute_taint_moves_replicas_away_at_the_eviction_pace() -> anyhow
     Ok(())
 }
 
+/// Deleting a member's kubeconfig Secret takes the operator's access to it
+/// away at once, not only once enough probes have failed to call the data
+/// center unreachable: a change made meanwhile (here, with a failure
+/// threshold that never calls it unreachable) is not applied there with the
+/// old credentials the operator kept.
+#[tokio::test]
+async fn a_deleted_kubeconfig_secret_stops_the_operator_using_the_member() -> anyhow::Result<()> {
+    let pool = Pool::start_running(
+        &MEMBERS,
+        &[
+            "--member-secret-reread-seconds=1",
+            "--member-failure-threshold=1000",
+        ],
+    )
+    .await?;
+    let api = pool.workloads();
+    api.create(
+        &PostParams::default(),
+        &workload("plates", 2, edge_first(), 60)?,
+    )
+    .await?;
+    pool.wait_copies("plates", &[("edge-east", 2)]).await?;
+    let data_centers: Api<DataCenter> = Api::all(pool.client.clone());
+    let reference = data_centers
+        .get("edge-east")
+        .await?
+        .spec
+        .kubeconfig_secret_ref
+        .context("edge-east names its kubeconfig Secret")?;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(pool.client.clone(), &reference.namespace);
+    secrets
+        .delete(&reference.name, &DeleteParams::default())
+        .await?;
+    let missing = format!(
+        "Secret {}/{} not found",
+        reference.namespace, reference.name
+    );
+    eventually("edge-east's probe missing its Secret", WAIT, || async {
+        let dc = data_centers.get("edge-east").await.ok()?;
+        dc.status?
+            .conditions
+            .iter()
+            .any(|c| {
+                c.type_ == "Reachable" && c.reason == "MissedProbes" && c.message.contains(&missing)
+            })
+            .then_some(())
+    })
+    .await?;
+    scale(&api, "plates", 3).await?;
+    pool.wait_event("plates", "PropagationFailed").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        pool.copies("plates").await?,
+        BTreeMap::from([("edge-east".to_owned(), 2)]),
+        "the operator changed a member whose kubeconfig Secret is gone"
+    );
+    Ok(())
+}
+
 /// Losing a data center that runs many workloads moves no more replicas a
 /// minute than the pool-wide limit, although no workload has a limit of
 /// its own; the ones held back say so.
