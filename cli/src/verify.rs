@@ -220,16 +220,8 @@ pub async fn verify_log_witnessed(
         .await?
         .into_inner();
     let checkpoint = key.verify(&latest.note, origin)?;
-    let mut cosigned_at = Vec::with_capacity(witnesses.len());
-    for witness in witnesses {
-        let time = witness
-            .verify(&latest.note)
-            .map_err(|error| VerifyError::NotWitnessed {
-                witness: witness.name().to_owned(),
-                error,
-            })?;
-        cosigned_at.push((witness.name().to_owned(), time));
-    }
+    let cosigned_at = cosignatures(&latest.note, witnesses)
+        .map_err(|(witness, error)| VerifyError::NotWitnessed { witness, error })?;
     let mut findings = Vec::new();
     let unwitnessed = if witnesses.is_empty() {
         None
@@ -238,36 +230,7 @@ pub async fn verify_log_witnessed(
     };
     if let Some(saved_note) = saved_note {
         let saved = key.verify(saved_note, origin)?;
-        if checkpoint.size < saved.size {
-            findings.push(Finding::Shrunk {
-                saved: saved.size,
-                now: checkpoint.size,
-            });
-        } else {
-            let proof = client
-                .get_consistency_proof(proto::GetConsistencyProofRequest {
-                    old_size: saved.size as i64,
-                    new_size: checkpoint.size as i64,
-                })
-                .await?
-                .into_inner();
-            let path = proof
-                .path
-                .iter()
-                .map(|h| hash(h))
-                .collect::<Result<Vec<_>, _>>()?;
-            if merkle::verify_consistency(
-                saved.size,
-                checkpoint.size,
-                &path,
-                &saved.root,
-                &checkpoint.root,
-            )
-            .is_err()
-            {
-                findings.push(Finding::Inconsistent { saved: saved.size });
-            }
-        }
+        findings.extend(extends(client, &saved, &checkpoint).await?);
     }
     // Download every entry of the signed tree.
     let size = checkpoint.size;
@@ -308,6 +271,58 @@ pub async fn verify_log_witnessed(
     })
 }
 
+/// Each of `witnesses`' name and the time of its valid cosignature on
+/// `note`, or the first witness whose cosignature is missing or invalid.
+fn cosignatures(
+    note: &str,
+    witnesses: &[CosignatureVerifier],
+) -> Result<Vec<(String, u64)>, (String, NoteError)> {
+    witnesses
+        .iter()
+        .map(|witness| {
+            let name = witness.name().to_owned();
+            match witness.verify(note) {
+                Ok(time) => Ok((name, time)),
+                Err(error) => Err((name, error)),
+            }
+        })
+        .collect()
+}
+
+/// What is wrong with `new` as an extension of the earlier checkpoint
+/// `old` (both verified): nothing, a shrunk log, or one whose consistency
+/// proof from `old` fails (a rewritten history).
+async fn extends(
+    client: &mut AuthedAuditClient,
+    old: &Checkpoint,
+    new: &Checkpoint,
+) -> Result<Option<Finding>, VerifyError> {
+    if new.size < old.size {
+        return Ok(Some(Finding::Shrunk {
+            saved: old.size,
+            now: new.size,
+        }));
+    }
+    let path = if new.size == old.size {
+        Vec::new()
+    } else {
+        client
+            .get_consistency_proof(proto::GetConsistencyProofRequest {
+                old_size: old.size as i64,
+                new_size: new.size as i64,
+            })
+            .await?
+            .into_inner()
+            .path
+            .iter()
+            .map(|h| hash(h))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    let consistent =
+        merkle::verify_consistency(old.size, new.size, &path, &old.root, &new.root).is_ok();
+    Ok((!consistent).then_some(Finding::Inconsistent { saved: old.size }))
+}
+
 /// The live head beyond the witnessed `checkpoint`: it must extend it (a
 /// consistency proof; otherwise a finding), and the oldest entry after it
 /// tells how long the witnesses have not seen the log grow.
@@ -323,45 +338,11 @@ async fn live_beyond(
         .await?
         .into_inner();
     let live = key.verify(&live.note, origin)?;
-    if live.size < witnessed.size {
-        findings.push(Finding::Shrunk {
-            saved: witnessed.size,
-            now: live.size,
-        });
+    if let Some(finding) = extends(client, witnessed, &live).await? {
+        findings.push(finding);
         return Ok(None);
     }
     if live.size == witnessed.size {
-        if live.root != witnessed.root {
-            findings.push(Finding::Inconsistent {
-                saved: witnessed.size,
-            });
-        }
-        return Ok(None);
-    }
-    let proof = client
-        .get_consistency_proof(proto::GetConsistencyProofRequest {
-            old_size: witnessed.size as i64,
-            new_size: live.size as i64,
-        })
-        .await?
-        .into_inner();
-    let path = proof
-        .path
-        .iter()
-        .map(|h| hash(h))
-        .collect::<Result<Vec<_>, _>>()?;
-    if merkle::verify_consistency(
-        witnessed.size,
-        live.size,
-        &path,
-        &witnessed.root,
-        &live.root,
-    )
-    .is_err()
-    {
-        findings.push(Finding::Inconsistent {
-            saved: witnessed.size,
-        });
         return Ok(None);
     }
     let first = client
@@ -490,17 +471,8 @@ pub fn verify_receipt(
     witnesses: &[CosignatureVerifier],
 ) -> Result<VerifiedReceipt, ReceiptError> {
     let checkpoint = key.verify(&receipt.checkpoint, origin)?;
-    let mut cosigned_at = Vec::with_capacity(witnesses.len());
-    for witness in witnesses {
-        let time =
-            witness
-                .verify(&receipt.checkpoint)
-                .map_err(|error| ReceiptError::NotWitnessed {
-                    witness: witness.name().to_owned(),
-                    error,
-                })?;
-        cosigned_at.push((witness.name().to_owned(), time));
-    }
+    let cosigned_at = cosignatures(&receipt.checkpoint, witnesses)
+        .map_err(|(witness, error)| ReceiptError::NotWitnessed { witness, error })?;
     let index = u64::try_from(receipt.entry_index).map_err(|_| ReceiptError::NotIncluded {
         index: 0,
         size: checkpoint.size,
