@@ -66,13 +66,7 @@ impl Marketplace {
             self.require(principal, &principal.organization.id, "usage:read")
                 .await?;
         }
-        let position = u64::try_from(index).map_err(|_| not_found(index))?;
-        let mut connection = self.store.acquire().await?;
-        let entry = log::entries(&mut connection, position, position + 1, "", "", 1)
-            .await?
-            .pop()
-            .ok_or_else(|| not_found(index))?;
-        drop(connection);
+        let entry = self.entry_at(index).await?;
         if !everything && !concerns(&entry.body, &principal.organization.id) {
             return Err(not_found(index));
         }
@@ -128,14 +122,18 @@ impl Marketplace {
     /// # Errors
     /// Database failures.
     pub(crate) async fn query_receipt(&self, index: i64) -> Result<Receipt> {
+        let entry = self.entry_at(index).await?;
+        self.prove(entry.index, entry.body, false).await
+    }
+
+    /// Entry `index`, or `NotFound` (also for a negative index).
+    async fn entry_at(&self, index: i64) -> Result<log::StoredEntry> {
         let position = u64::try_from(index).map_err(|_| not_found(index))?;
         let mut connection = self.store.acquire().await?;
-        let entry = log::entries(&mut connection, position, position + 1, "", "", 1)
+        log::entries(&mut connection, position, position + 1, "", "", 1)
             .await?
             .pop()
-            .ok_or_else(|| not_found(index))?;
-        drop(connection);
-        self.prove(entry.index, entry.body, false).await
+            .ok_or_else(|| not_found(index))
     }
 }
 
