@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds CivicGrid's three images — operator, marketplace, runner — into one
+# Builds CivicGrid's four images — operator, marketplace, runner, and the
+# witness an independent party runs for the audit log — into one
 # OCI image layout, with no container daemon: each image's root file system
 # is the binary, the few shared libraries it links (glibc, libgcc, from this
 # Debian machine), CA certificates, a non-root user and, for the marketplace
@@ -44,7 +45,7 @@ log() { printf '==> %s\n' "$*" >&2; }
 if [ "$build" = 1 ]; then
     log "building the binaries ($profile)"
     cargo build --locked --profile "$profile" -p civicgrid-operator -p civicgrid-marketplace \
-        -p civicgrid-runner >&2
+        -p civicgrid-runner -p civicgrid-witness >&2
     [ -f "$guest" ] || bash sandbox/build-guests.sh >&2
 fi
 [ -f "$guest" ] || { echo "no SQL guest at $guest: run bash sandbox/build-guests.sh" >&2; exit 1; }
@@ -98,7 +99,7 @@ add_binary() {
     done
 }
 
-for image in operator marketplace runner; do
+for image in operator marketplace runner witness; do
     binary=$bin_dir/civicgrid-$image
     [ -x "$binary" ] || { echo "no $binary: build it, or drop --no-build" >&2; exit 1; }
     log "assembling the $image image"
@@ -112,7 +113,8 @@ for image in operator marketplace runner; do
         exit 1
     }
     env=(--config.env "CIVICGRID_DATA_DIR=/var/lib/civicgrid")
-    if [ "$image" != operator ]; then
+    # The SQL guest goes where queries run.
+    if [ "$image" = marketplace ] || [ "$image" = runner ]; then
         install -m 0644 "$guest" "$root/usr/share/civicgrid/civicgrid_sandbox_guest.wasm"
         env+=(--config.env "CIVICGRID_SQL_GUEST=/usr/share/civicgrid/civicgrid_sandbox_guest.wasm")
     fi

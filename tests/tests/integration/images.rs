@@ -10,7 +10,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context as _, ensure};
 
-const IMAGES: [&str; 3] = ["operator", "marketplace", "runner"];
+const IMAGES: [&str; 4] = ["operator", "marketplace", "runner", "witness"];
+
+/// The images that run queries, and so carry the SQL guest.
+fn runs_queries(image: &str) -> bool {
+    matches!(image, "marketplace" | "runner")
+}
 
 /// Where an image's files may be; anything else (a shell, a package
 /// manager) is a finding.
@@ -220,7 +225,7 @@ fn each_image_runs_its_binary_as_a_non_root_user_on_a_read_only_root() -> anyhow
         let guest = "usr/share/civicgrid/civicgrid_sandbox_guest.wasm".to_owned();
         assert_eq!(
             files.contains(&guest),
-            image != "operator",
+            runs_queries(image),
             "{image}: the SQL guest"
         );
         assert!(
@@ -287,6 +292,35 @@ fn each_image_runs_its_binary_as_a_non_root_user_on_a_read_only_root() -> anyhow
         stderr.contains("/usr/local/data") && stderr.contains("Read-only file system"),
         "{stderr}"
     );
+
+    // The witness makes its key in the data folder and prints the
+    // verifier key a log's operator is given.
+    let witness = unpack(
+        &layout,
+        &format!("witness-{version}"),
+        &scratch.path().join("witness-key"),
+    )?;
+    let key = run_in(
+        &witness,
+        &[
+            "/usr/local/bin/civicgrid-witness",
+            "key",
+            "--name",
+            "witness.regulator.example/civicgrid",
+            "--key-file",
+            "/var/lib/civicgrid/witness.key",
+        ],
+        true,
+    )?;
+    assert!(key.status.success(), "{key:?}");
+    let printed = String::from_utf8(key.stdout)?;
+    assert!(
+        printed
+            .trim()
+            .parse::<civicgrid_marketplace::audit::cosignature::CosignatureVerifier>()
+            .is_ok_and(|key| key.name() == "witness.regulator.example/civicgrid"),
+        "{printed}"
+    );
     Ok(())
 }
 
@@ -336,7 +370,7 @@ fn the_dockerfile_builds_what_the_script_builds() -> anyhow::Result<()> {
             stage.contains(
                 "ENV CIVICGRID_SQL_GUEST=/usr/share/civicgrid/civicgrid_sandbox_guest.wasm"
             ),
-            image != "operator",
+            runs_queries(image),
             "{image}"
         );
     }
