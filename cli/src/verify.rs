@@ -345,18 +345,44 @@ async fn live_beyond(
     if live.size == witnessed.size {
         return Ok(None);
     }
-    let first = client
+    // The first unwitnessed entry's time, from an entry proven to be the
+    // one the signed live tree holds at that index: a server cannot make a
+    // stalled witnessing look recent with a body it made up.
+    let index = witnessed.size;
+    let entry = client
         .get_entries(proto::GetEntriesRequest {
-            start: witnessed.size as i64,
-            end: witnessed.size as i64 + 1,
+            start: index as i64,
+            end: index as i64 + 1,
             ..Default::default()
         })
         .await?
         .into_inner()
-        .entries;
-    let logged_at = first
-        .first()
-        .and_then(|entry| serde_json::from_slice::<serde_json::Value>(&entry.body).ok())
+        .entries
+        .into_iter()
+        .find(|entry| entry.index == index as i64);
+    let Some(entry) = entry else {
+        findings.push(Finding::Missing { index });
+        return Ok(None);
+    };
+    let proof = client
+        .get_inclusion_proof(proto::GetInclusionProofRequest {
+            index: index as i64,
+            tree_size: live.size as i64,
+        })
+        .await?
+        .into_inner();
+    let path = proof
+        .path
+        .iter()
+        .map(|h| hash(h))
+        .collect::<Result<Vec<_>, _>>()?;
+    let leaf = merkle::leaf_hash(&entry.body);
+    if merkle::verify_inclusion(index, live.size, &leaf, &path, &live.root).is_err() {
+        findings.push(Finding::Changed { index });
+        return Ok(None);
+    }
+    let logged_at = serde_json::from_slice::<serde_json::Value>(&entry.body)
+        .ok()
         .and_then(|entry| entry["at_unix_ms"].as_i64())
         .unwrap_or(0);
     Ok(Some((live.size, logged_at)))

@@ -98,7 +98,13 @@ impl State {
             path: path.clone(),
             message,
         };
-        let (body, _) = split_note(&text).map_err(|e| damaged(e.to_string()))?;
+        // Only the checkpoint matters here; the signature lines kept with it
+        // were checked when it was cosigned (and may include lines a relay
+        // added that a stricter parser would refuse).
+        let body = text
+            .split_once("\n\n")
+            .map(|(body, _)| format!("{body}\n"))
+            .ok_or_else(|| damaged("no blank line after the checkpoint".to_owned()))?;
         let checkpoint = Checkpoint::parse_body(&body).map_err(|e| damaged(e.to_string()))?;
         if checkpoint.origin != origin {
             return Err(damaged(format!("it is for log {:?}", checkpoint.origin)));
@@ -144,7 +150,10 @@ impl State {
         let evidence = format!(
             "the checkpoint this witness cosigned:\n{recorded}\nanother checkpoint the log signed for the same size:\n{note}"
         );
-        let digest = hex::encode(Sha256::digest(note.as_bytes()));
+        // Named by the checkpoint, not the whole note: signature lines of
+        // unknown keys, which anyone can add, do not make another file.
+        let body = note.split_once("\n\n").map_or(note, |(body, _)| body);
+        let digest = hex::encode(Sha256::digest(body.as_bytes()));
         let folder = self.folder.join("evidence");
         let path = folder.join(format!("{digest}.txt"));
         let written =
@@ -440,6 +449,17 @@ mod tests {
         let fork = request(&rewritten, 6, 6);
         assert_eq!(
             witness.add_checkpoint(&fork, 3).await.unwrap(),
+            Err(Refusal::Fork { latest: 6 })
+        );
+        // The same fork with a signature line of an unknown key added (which
+        // anyone can do) is the same evidence, not another file.
+        let padded = fork.replace(
+            "\n\n\u{2014}",
+            "\n\n\u{2014} stranger.example AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n\u{2014}",
+        );
+        assert_ne!(padded, fork);
+        assert_eq!(
+            witness.add_checkpoint(&padded, 4).await.unwrap(),
             Err(Refusal::Fork { latest: 6 })
         );
         let kept: Vec<_> = std::fs::read_dir(folder.path().join("evidence"))

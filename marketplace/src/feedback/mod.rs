@@ -104,6 +104,9 @@ pub async fn report(
     check_text("description", &request.description, MAX_TEXT, true)?;
     check_text("column", &request.column, 200, false)?;
     check_column(product, &request.column)?;
+    // Concurrent reports count one after another: every audited write
+    // takes the log's head anyway, so taking it first costs nothing.
+    store::lock_audit_head(connection).await?;
     let open = store::quality_reports::open_count_of(connection, reporter, &product.id).await?;
     if open >= MAX_OPEN_PER_REPORTER {
         return Err(MarketError::ResourceExhausted(format!(

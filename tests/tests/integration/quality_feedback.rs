@@ -523,3 +523,38 @@ async fn reports_are_capped_per_reporter_and_unlisted_products_do_not_exist() ->
     market.stop().await;
     Ok(())
 }
+
+/// Concurrent reports on PostgreSQL cannot pass the cap together: with 19
+/// open, one of thirty at once is filed and the rest are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reports_do_not_overshoot_the_cap() -> anyhow::Result<()> {
+    let (market, cast) = start_with(Db::Postgres, |_| {}).await?;
+    contract(&market, &cast, 0).await?;
+    let registry = RegistryClient::new(market.channel.clone());
+    for i in 0..19 {
+        registry
+            .clone()
+            .report_quality_issue(authed(
+                &cast.consumer_analyst,
+                report("population", "", &format!("problem {i}"), ""),
+            ))
+            .await?;
+    }
+    let attempts = (0..30).map(|i| {
+        let mut registry = registry.clone();
+        let request = authed(
+            &cast.consumer_analyst,
+            report("population", "", &format!("at once {i}"), ""),
+        );
+        async move { registry.report_quality_issue(request).await }
+    });
+    let outcomes = futures::future::join_all(attempts).await;
+    let filed = outcomes.iter().filter(|o| o.is_ok()).count();
+    let refused = outcomes
+        .iter()
+        .filter(|o| matches!(o, Err(status) if status.code() == Code::ResourceExhausted))
+        .count();
+    assert_eq!((filed, refused), (1, 29), "{outcomes:?}");
+    market.stop().await;
+    Ok(())
+}

@@ -216,6 +216,37 @@ async fn a_rewritten_history_is_caught_by_the_witness(db: Db) -> anyhow::Result<
         "{printed}"
     );
 
+    // A server cannot pass a stall off as recent by dating the first
+    // unwitnessed entry now: that entry is checked against the live tree.
+    let pool = honest.raw_pool().await?;
+    let waiting_index = cosigned.tree_size;
+    let (original,): (Vec<u8>,) = sqlx::query_as("SELECT body FROM audit_entries WHERE idx = $1")
+        .bind(waiting_index)
+        .fetch_one(&pool)
+        .await?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
+    sqlx::query("UPDATE audit_entries SET body = $1 WHERE idx = $2")
+        .bind(format!("{{\"at_unix_ms\":{now_ms},\"kind\":\"tenant.nothing\"}}").into_bytes())
+        .bind(waiting_index)
+        .execute(&pool)
+        .await?;
+    let redated =
+        verify_log_witnessed(&mut audit, &log_key, TEST_LOG_ORIGIN, None, &witnesses).await?;
+    assert_eq!(
+        redated.findings,
+        vec![Finding::Changed {
+            index: waiting_index as u64
+        }]
+    );
+    sqlx::query("UPDATE audit_entries SET body = $1 WHERE idx = $2")
+        .bind(original)
+        .bind(waiting_index)
+        .execute(&pool)
+        .await?;
+    pool.close().await;
+
     // 3. The operator starts the log over with the same key and origin: a
     //    fresh database, another history, at least as long.
     let rewritten = TestMarket::start(db).await?;

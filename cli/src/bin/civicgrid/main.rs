@@ -1363,7 +1363,7 @@ async fn query(c: &mut Clients, args: QueryArgs) -> anyhow::Result<i32> {
     let mut stream = c
         .queries
         .run_query(proto::RunQueryRequest {
-            product_id: product,
+            product_id: product.clone(),
             sql,
             algorithm_wasm,
             idempotency_key: key.clone(),
@@ -1386,11 +1386,15 @@ async fn query(c: &mut Clients, args: QueryArgs) -> anyhow::Result<i32> {
     let summary = summary.context("the server sent no query summary")?;
     match &summary.receipt {
         Some(receipt) => {
-            if !civicgrid_cli::verify::entry_records_query(
-                &receipt.entry,
-                receipt.entry_index,
-                &summary,
-            ) {
+            // The summary is the server's word too: the entry must record
+            // the product asked for.
+            if summary.product_id != product
+                || !civicgrid_cli::verify::entry_records_query(
+                    &receipt.entry,
+                    receipt.entry_index,
+                    &summary,
+                )
+            {
                 anyhow::bail!(
                     "the receipt's entry is not this query's (query {}, audit entry {}): do not rely on it",
                     summary.query_id,
@@ -1644,7 +1648,14 @@ async fn audit(c: &mut Clients, output: Output, command: AuditCommand) -> anyhow
             if let (Some(most), Some((live, logged_at))) =
                 (max_witness_age_secs, report.unwitnessed)
             {
-                let waiting = now.saturating_sub(u64::try_from(logged_at / 1000).unwrap_or(0));
+                let logged = u64::try_from(logged_at / 1000).unwrap_or(0);
+                if logged > now + 300 {
+                    findings.push(format!(
+                        "entry {} is dated {logged}, in the future",
+                        report.checkpoint.size
+                    ));
+                }
+                let waiting = now.saturating_sub(logged);
                 if waiting > most {
                     findings.push(format!(
                         "entries {} to {live} have waited {waiting} s for the witnesses: witnessing has stalled",
