@@ -549,10 +549,9 @@ pub fn entry_records_query(entry: &[u8], index: i64, summary: &proto::QuerySumma
 /// its audit entry records: the entry's `details.result_sha256`.
 #[must_use]
 pub fn result_matches_entry(entry: &[u8], result: &[u8]) -> bool {
-    use sha2::Digest as _;
     let Ok(entry) = serde_json::from_slice::<serde_json::Value>(entry) else {
         return false;
     };
     entry["details"]["result_sha256"].as_str()
-        == Some(hex::encode(sha2::Sha256::digest(result)).as_str())
+        == Some(civicgrid_marketplace::audit::sha256_hex(result).as_str())
 }

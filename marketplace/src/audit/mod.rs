@@ -33,6 +33,15 @@ pub fn load_or_create_signing_key(
     })
 }
 
+/// The lower-case hex SHA-256 of `bytes`: how entries record what they
+/// stand for (SQL, results, report texts) without holding it, so that a
+/// receipt covers it. Verifiers recompute it the same way.
+#[must_use]
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
 /// Most audit entries one `GetEntries` call returns: the server pages by it,
 /// and the verifier asks for no more at once.
 pub const MAX_ENTRIES_PER_CALL: u64 = 1000;

@@ -7,6 +7,7 @@
 use sqlx::AnyConnection;
 
 use crate::audit::log::{self, Event};
+use crate::audit::sha256_hex;
 use crate::error::{MarketError, Result, check_text};
 use crate::identity::new_id;
 use crate::registry::Product;
@@ -18,11 +19,6 @@ pub const MAX_TEXT: usize = 2000;
 /// Most open reports one organization may have on one product: enough for
 /// every real problem, too few to bury the provider's list.
 pub const MAX_OPEN_PER_REPORTER: i64 = 20;
-
-fn sha256_hex(text: &str) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(text.as_bytes()))
-}
 
 /// A changed report's time: never the time it was read, so that the
 /// conditional update of a concurrent change cannot match it.
@@ -152,7 +148,7 @@ pub async fn report(
         serde_json::json!({
             "column": report.column,
             "query": report.query_id,
-            "description_sha256": sha256_hex(&report.description),
+            "description_sha256": sha256_hex(report.description.as_bytes()),
         }),
     )
     .await?;
@@ -226,7 +222,7 @@ pub async fn answer(
         &product.provider_organization_id,
         serde_json::json!({
             "fixed_in_version": fixed_in_version,
-            "message_sha256": sha256_hex(message),
+            "message_sha256": sha256_hex(message.as_bytes()),
         }),
     )
     .await?;
@@ -269,7 +265,7 @@ pub async fn reopen(
         actor,
         &report,
         &product.provider_organization_id,
-        serde_json::json!({"reason_sha256": sha256_hex(reason)}),
+        serde_json::json!({"reason_sha256": sha256_hex(reason.as_bytes())}),
     )
     .await?;
     Ok(report)

@@ -143,7 +143,7 @@ pub async fn run(
     let algorithm_sha256 = if request.algorithm_wasm.is_empty() {
         String::new()
     } else {
-        model::sha256_hex(&request.algorithm_wasm)
+        crate::audit::sha256_hex(&request.algorithm_wasm)
     };
     let digest = request.digest(&algorithm_sha256);
     let admission = engine.admit(&consumer)?;

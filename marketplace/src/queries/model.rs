@@ -179,7 +179,3 @@ pub struct UsageQuery {
     /// At most this many (0: 1,000).
     pub limit: i64,
 }
-
-pub(super) fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}

@@ -13,10 +13,10 @@ use crate::metering::Metering;
 use crate::spec::PriceKind;
 use crate::store::{self, Backend, WriteBatch};
 
-use super::model::sha256_hex;
 use super::reserve::Reservation;
 use super::sandbox_run::classify;
 use super::{Market, PLATFORM_ACCOUNT, QueryOutcome, QueryRequest, QuerySummary};
+use crate::audit::sha256_hex;
 
 /// The server's side of a settlement: where it writes, the platform's fee,
 /// and where it times its ledger and audit steps.
