@@ -91,6 +91,7 @@ pub const ROLE_PERMISSIONS: &[(&str, &[&str])] = &[
             "product:publish",
             "product:retire",
             "product:revise",
+            "product:upload",
             "contract:read",
             "contract:decide",
             "contract:revoke",

@@ -25,6 +25,7 @@ pub mod quality;
 pub mod queries;
 pub mod registry;
 pub mod store;
+pub mod versions;
 
 /// The generated gRPC types and clients, with the documents they carry.
 pub mod proto {

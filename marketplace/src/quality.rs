@@ -119,6 +119,31 @@ pub fn measure(dir: &Path, tables: &[Table], now_ms: i64) -> Result<QualityMetri
     ))
 }
 
+/// Measures version `manifest` of the product in `dir` (the embedded
+/// default) at `now_ms`.
+///
+/// # Errors
+/// As [`recorded`]; `FailedPrecondition` when a version's file is missing
+/// or not the one it lists.
+pub fn measure_version(
+    dir: &Path,
+    manifest: &civicgrid_sandbox::manifest::Manifest,
+    tables: &[Table],
+    now_ms: i64,
+) -> Result<QualityMetrics> {
+    let store = civicgrid_sandbox::VersionTables::local(dir, manifest, &std::sync::Arc::default())
+        .map_err(|error| {
+            MarketError::FailedPrecondition(format!(
+                "cannot read the product's data version: {error}"
+            ))
+        })?;
+    recorded(civicgrid_sandbox::quality::measure(
+        &store,
+        &declared(tables),
+        now_ms,
+    ))
+}
+
 /// The city's districts.
 pub const DISTRICTS: [&str; 12] = [
     "harbour",

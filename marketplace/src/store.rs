@@ -22,6 +22,7 @@ pub use batch::{Param, WriteBatch};
 pub(crate) mod casbin_rules;
 pub(crate) mod contracts;
 pub(crate) mod cosigned;
+pub(crate) mod data_versions;
 pub mod demands;
 pub mod identity;
 pub(crate) mod ledger;

@@ -8,7 +8,9 @@
 pub mod heartbeat;
 pub mod metrics;
 pub mod service;
+pub mod staging;
 pub mod storage;
+pub mod uploads;
 pub mod wire;
 
 /// The generated runner API, server and client.

@@ -40,6 +40,12 @@ struct Args {
     /// The SQL guest (`civicgrid_sandbox_guest.wasm`).
     #[arg(long, env = "CIVICGRID_SQL_GUEST")]
     sql_guest: PathBuf,
+    /// Where providers' uploads are staged until they are checked and
+    /// stored (default: `.staging` in the data directory, or the system's
+    /// temporary directory with an object store). Give it room for the
+    /// largest upload twice over: the staged file and its canonical Parquet.
+    #[arg(long)]
+    staging_dir: Option<PathBuf>,
     /// Compiled modules (default: `<data-dir>/../runner-module-cache`, or
     /// `runner-module-cache` in the working directory with an object store).
     #[arg(long)]
@@ -137,18 +143,20 @@ async fn main() -> anyhow::Result<()> {
         Ok::<_, civicgrid_sandbox::SandboxError>((sandbox, guest))
     })
     .await??;
-    let service = Arc::new(
-        RunnerService::new(
-            Arc::new(sandbox),
-            sql_guest,
-            products.clone(),
-            Ceilings {
-                memory_bytes,
-                wall_time: Duration::from_secs(args.max_wall_time_secs),
-            },
-        )
-        .answering(args.marketplace_name.clone()),
-    );
+    let mut service = RunnerService::new(
+        Arc::new(sandbox),
+        sql_guest,
+        products.clone(),
+        Ceilings {
+            memory_bytes,
+            wall_time: Duration::from_secs(args.max_wall_time_secs),
+        },
+    )
+    .answering(args.marketplace_name.clone());
+    if let Some(dir) = &args.staging_dir {
+        service = service.staging_in(dir);
+    }
+    let service = Arc::new(service);
     if let Some(address) = args.metrics_listen {
         let bound = civicgrid_runner::metrics::spawn(address, Arc::clone(service.metrics()))
             .await

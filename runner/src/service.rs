@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use civicgrid_sandbox::manifest::Manifest;
 use civicgrid_sandbox::policy::OutputPolicy;
 use civicgrid_sandbox::{
     DeclaredColumns, FooterCache, Guest, GuestRole, Job, Limits, RunFailure, Sandbox, SandboxError,
@@ -13,9 +14,17 @@ use civicgrid_sandbox::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::proto::{self, run_reply};
+use crate::proto::{self, ingest_reply, run_reply};
+use crate::staging::Staging;
 use crate::storage::{ProductStore, StorageError};
+use crate::uploads::{IngestJob, IngestOutcome};
 use crate::wire;
+
+/// Where a runner serving a data directory stages uploads: inside it, so a
+/// staged file is renamed into place on the same disk. Staged files are
+/// named by upload id, never `<table>.parquet`, and a version names only
+/// `data/<table>/<sha256>.parquet`: nothing staged is ever a table.
+pub const DIRECTORY_STAGING: &str = ".staging";
 
 /// Chunks of the released Arrow IPC stream: at most this many bytes each.
 pub const RESULT_CHUNK_BYTES: usize = 1 << 20;
@@ -40,6 +49,7 @@ pub struct RunnerService {
     ceilings: Ceilings,
     metrics: Arc<crate::Metrics>,
     measuring: Arc<tokio::sync::Semaphore>,
+    staging: Staging,
 }
 
 impl std::fmt::Debug for RunnerService {
@@ -62,7 +72,13 @@ impl RunnerService {
         products: impl Into<ProductStore>,
         ceilings: Ceilings,
     ) -> Self {
+        let products = products.into();
+        let staging = Staging::new(match &products {
+            ProductStore::Directory(dir) => dir.join(DIRECTORY_STAGING),
+            ProductStore::Objects { .. } => std::env::temp_dir().join("civicgrid-runner-staging"),
+        });
         Self {
+            staging,
             client_name: crate::MARKETPLACE_NAME.to_owned(),
             metrics: Arc::new(crate::Metrics::new(sandbox.slots())),
             measuring: Arc::new(tokio::sync::Semaphore::new(
@@ -71,7 +87,7 @@ impl RunnerService {
             sandbox,
             sql_guest,
             footers: Arc::default(),
-            products: products.into(),
+            products,
             ceilings,
         }
     }
@@ -84,6 +100,14 @@ impl RunnerService {
     #[must_use]
     pub fn answering(mut self, name: impl Into<String>) -> Self {
         self.client_name = name.into();
+        self
+    }
+
+    /// Stages uploads in `dir` (by default `.staging` in the data
+    /// directory, or the system's temporary directory with an object store).
+    #[must_use]
+    pub fn staging_in(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.staging = Staging::new(dir);
         self
     }
 
@@ -105,6 +129,7 @@ struct Checked {
     algorithm: Vec<u8>,
     as_of_unix_seconds: u64,
     limits: Limits,
+    version: Option<Manifest>,
 }
 
 impl RunnerService {
@@ -149,7 +174,13 @@ impl RunnerService {
                 self.ceilings.wall_time.as_millis()
             )));
         }
+        let version = request
+            .version
+            .map(wire::version_from_proto)
+            .transpose()
+            .map_err(|error| Status::invalid_argument(format!("version: {error}")))?;
         Ok(Checked {
+            version,
             product_id: request.product_id,
             location: request.storage_location,
             declared: request
@@ -171,12 +202,32 @@ impl RunnerService {
         })
     }
 
-    /// The product's tables as they are now in this data center's store.
-    async fn open(&self, product_id: &str, location: &str) -> Result<Arc<dyn TableStore>, Status> {
-        self.products
-            .tables(location, &self.footers)
-            .await
-            .map_err(|error| match error {
+    /// The product's tables in this data center's store: version
+    /// `version`'s files, or (for a product with no version) its folder's
+    /// tables as they are now.
+    async fn open(
+        &self,
+        product_id: &str,
+        location: &str,
+        version: Option<&Manifest>,
+    ) -> Result<Arc<dyn TableStore>, Status> {
+        let opened = match version {
+            Some(manifest) => {
+                self.products
+                    .version(location, manifest, &self.footers)
+                    .await
+            }
+            None => self.products.tables(location, &self.footers).await,
+        };
+        opened.map_err(|error| match error {
+                // Which file is missing or changed is the operator's to
+                // know: the marketplace is told the version cannot be read.
+                StorageError::Version(why) => {
+                    tracing::error!(product = %product_id, %why, "a version's file is missing or changed");
+                    Status::data_loss(format!(
+                        "product {product_id}'s data in this data center is not the version it should be; the runner logged why"
+                    ))
+                }
                 StorageError::Location(error) => Status::failed_precondition(format!(
                     "storage_location of product {product_id}: {error}"
                 )),
@@ -281,7 +332,11 @@ impl proto::runner_server::Runner for Arc<RunnerService> {
             self.metrics.ended("refused", 0, 0, 0);
         })?;
         let files = self
-            .open(&checked.product_id, &checked.location)
+            .open(
+                &checked.product_id,
+                &checked.location,
+                checked.version.as_ref(),
+            )
             .await
             .inspect_err(|_| self.metrics.ended("refused", 0, 0, 0))?;
         let service = Arc::clone(self);
@@ -329,8 +384,17 @@ impl proto::runner_server::Runner for Arc<RunnerService> {
             .acquire()
             .await
             .map_err(|_| Status::unavailable("this runner is shutting down"))?;
+        let version = request
+            .version
+            .map(wire::version_from_proto)
+            .transpose()
+            .map_err(|error| Status::invalid_argument(format!("version: {error}")))?;
         let files = self
-            .open(&request.product_id, &request.storage_location)
+            .open(
+                &request.product_id,
+                &request.storage_location,
+                version.as_ref(),
+            )
             .await?;
         let declared = wire::declared_from_proto(request.tables);
         let now_ms = request.now_ms;
@@ -359,6 +423,111 @@ impl proto::runner_server::Runner for Arc<RunnerService> {
                     other => Status::failed_precondition(other.to_string()),
                 }
             })
+    }
+
+    async fn stage(
+        &self,
+        request: Request<proto::StageRequest>,
+    ) -> Result<Response<proto::StageReply>, Status> {
+        self.answers(&request)?;
+        self.stage_chunk(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn ingest(
+        &self,
+        request: Request<proto::IngestRequest>,
+    ) -> Result<Response<proto::IngestReply>, Status> {
+        self.answers(&request)?;
+        let _permit = self
+            .measuring
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("this runner is shutting down"))?;
+        self.ingest_staged(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+}
+
+impl RunnerService {
+    async fn stage_chunk(&self, request: proto::StageRequest) -> Result<proto::StageReply, Status> {
+        let staging = self.staging.clone();
+        let staged = tokio::task::spawn_blocking(move || {
+            staging.stage(&request.upload_id, request.offset, &request.data)
+        })
+        .await
+        .map_err(|_| Status::internal("the staging task failed"))?
+        .map_err(|error| match error {
+            crate::staging::StagingError::Id => Status::invalid_argument(error.to_string()),
+            crate::staging::StagingError::Io(why) => {
+                tracing::error!(%why, "staging an upload failed");
+                Status::unavailable("this runner could not stage the chunk")
+            }
+        })?;
+        Ok(proto::StageReply {
+            staged_bytes: staged,
+        })
+    }
+
+    async fn ingest_staged(
+        &self,
+        request: proto::IngestRequest,
+    ) -> Result<proto::IngestReply, Status> {
+        let table = request
+            .table
+            .ok_or_else(|| Status::invalid_argument("table is required"))?;
+        let format = civicgrid_sandbox::ingest::Format::parse(&request.format)
+            .ok_or_else(|| Status::invalid_argument("format: parquet or csv"))?;
+        self.products
+            .check_name(&request.storage_location)
+            .map_err(|error| {
+                Status::failed_precondition(format!(
+                    "storage_location of product {}: {error}",
+                    request.product_id
+                ))
+            })?;
+        let job = IngestJob {
+            upload_id: request.upload_id,
+            location: request.storage_location,
+            table: wire::declared_from_proto(vec![table]).remove(0),
+            format,
+            sha256: request.sha256,
+            bytes: request.bytes,
+            adopt: wire::declared_from_proto(request.adopt),
+        };
+        let product = request.product_id;
+        let outcome = crate::uploads::ingest(&self.products, &self.staging, job)
+            .await
+            .map_err(|error| {
+                tracing::error!(%product, %error, "ingesting an upload failed");
+                match error {
+                    StorageError::Location(error) => Status::failed_precondition(format!(
+                        "storage_location of product {product}: {error}"
+                    )),
+                    _ => Status::unavailable(
+                        "this data center's store did not take the upload; the runner logged why",
+                    ),
+                }
+            })?;
+        let outcome = match outcome {
+            IngestOutcome::Ingested { upload, adopted } => {
+                ingest_reply::Outcome::Ingested(proto::Ingested {
+                    upload: Some(wire::file_to_proto(&upload)),
+                    adopted: adopted
+                        .iter()
+                        .map(|(table, file)| {
+                            wire::version_table_to_proto(table, std::slice::from_ref(file))
+                        })
+                        .collect(),
+                })
+            }
+            IngestOutcome::Refused(why) => ingest_reply::Outcome::Refused(why),
+        };
+        Ok(proto::IngestReply {
+            outcome: Some(outcome),
+        })
     }
 }
 

@@ -7,10 +7,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use civicgrid_sandbox::location::{self, LocationError};
+use civicgrid_sandbox::manifest::Manifest;
 use civicgrid_sandbox::object_store::aws::AmazonS3Builder;
 use civicgrid_sandbox::object_store::path::Path as ObjectPath;
-use civicgrid_sandbox::object_store::{self, ObjectStore};
-use civicgrid_sandbox::{FooterCache, LocalDirectory, ObjectTables, TableStore};
+use civicgrid_sandbox::object_store::{self, ObjectStore, ObjectStoreExt as _};
+use civicgrid_sandbox::{FooterCache, LocalDirectory, ObjectTables, TableStore, VersionTables};
 use tokio::runtime::Handle;
 
 /// A data center's product storage.
@@ -53,6 +54,9 @@ pub enum StorageError {
     /// The store did not answer.
     #[error("the data center's store did not answer: {0}")]
     Store(String),
+    /// A version's file is missing or is not the one the version lists.
+    #[error("{0}")]
+    Version(String),
 }
 
 /// Why a store's address was refused.
@@ -130,6 +134,15 @@ impl ProductStore {
         }
     }
 
+    /// Refuses a location that could never be a folder of this store, whether
+    /// or not it exists yet (an upload makes it).
+    ///
+    /// # Errors
+    /// The location's [`LocationError`].
+    pub fn check_name(&self, location: &str) -> Result<(), LocationError> {
+        location::check(location)
+    }
+
     /// The tables of the product at `location`, as they are now, with
     /// Parquet footers kept in `footers`.
     ///
@@ -168,6 +181,240 @@ impl ProductStore {
         }
     }
 }
+
+impl ProductStore {
+    /// The tables of version `manifest` of the product at `location`:
+    /// exactly its files, each checked against its length and hash.
+    ///
+    /// # Errors
+    /// A location refused, a file missing or not the one listed
+    /// ([`StorageError::Version`]), or a store that does not answer.
+    pub async fn version(
+        &self,
+        location: &str,
+        manifest: &Manifest,
+        footers: &Arc<FooterCache>,
+    ) -> Result<Arc<dyn TableStore>, StorageError> {
+        match self {
+            Self::Directory(dir) => {
+                let folder = location::resolve(dir, location)?;
+                let (manifest, footers) = (manifest.clone(), Arc::clone(footers));
+                let tables = tokio::task::spawn_blocking(move || {
+                    VersionTables::local(&folder, &manifest, &footers)
+                })
+                .await
+                .map_err(|error| StorageError::Store(error.to_string()))?
+                .map_err(StorageError::Version)?;
+                Ok(Arc::new(tables))
+            }
+            Self::Objects {
+                store,
+                root,
+                runtime,
+            } => {
+                let folder = civicgrid_sandbox::object_folder(root, location)?;
+                let tables = VersionTables::objects(
+                    Arc::clone(store),
+                    runtime.clone(),
+                    &folder,
+                    manifest,
+                    footers,
+                )
+                .await
+                .map_err(|error| match error {
+                    civicgrid_sandbox::ListError::Missing(what) => {
+                        StorageError::Version(format!("{what}: missing from the store"))
+                    }
+                    civicgrid_sandbox::ListError::Store(why) => StorageError::Version(why),
+                })?;
+                Ok(Arc::new(tables))
+            }
+        }
+    }
+
+    /// Stores the canonical file `file` (in the staging directory) as
+    /// `table`'s file with content `sha256` in the product at `location`,
+    /// creating the product's folder if it has none yet. Storing the same
+    /// content twice is a no-op: the path is the content's.
+    ///
+    /// # Errors
+    /// A location refused, or a store that fails.
+    pub async fn put_file(
+        &self,
+        location: &str,
+        table: &str,
+        sha256: &str,
+        file: &std::path::Path,
+    ) -> Result<String, StorageError> {
+        let relative = Manifest::file_path(table, sha256);
+        match self {
+            Self::Directory(dir) => {
+                location::check(location)?;
+                let (dir, location, relative_path, file, sha256) = (
+                    dir.clone(),
+                    location.to_owned(),
+                    relative.clone(),
+                    file.to_owned(),
+                    sha256.to_owned(),
+                );
+                tokio::task::spawn_blocking(move || {
+                    std::fs::create_dir_all(dir.join(&location))
+                        .map_err(|error| StorageError::Store(error.to_string()))?;
+                    let folder = location::resolve(&dir, &location)?;
+                    let target = folder.join(&relative_path);
+                    let parent = target.parent().unwrap_or(&folder).to_owned();
+                    std::fs::create_dir_all(&parent)
+                        .map_err(|error| StorageError::Store(error.to_string()))?;
+                    // The folders under the product's were just made by us,
+                    // but someone with the disk could have linked one away.
+                    location::resolve(
+                        &folder,
+                        &parent
+                            .strip_prefix(&folder)
+                            .unwrap_or(&parent)
+                            .to_string_lossy(),
+                    )?;
+                    std::fs::File::open(&file)
+                        .and_then(|f| f.sync_all())
+                        .map_err(|error| StorageError::Store(error.to_string()))?;
+                    if std::fs::rename(&file, &target).is_err() {
+                        // Another file system: copy beside the target, then
+                        // rename, so no half file ever has the content's name.
+                        let partial = parent.join(format!(".{sha256}.partial"));
+                        std::fs::copy(&file, &partial)
+                            .and_then(|_| std::fs::File::open(&partial)?.sync_all())
+                            .and_then(|()| std::fs::rename(&partial, &target))
+                            .map_err(|error| StorageError::Store(error.to_string()))?;
+                        let _ = std::fs::remove_file(&file);
+                    }
+                    std::fs::File::open(&parent)
+                        .and_then(|d| d.sync_all())
+                        .map_err(|error| StorageError::Store(error.to_string()))?;
+                    Ok::<_, StorageError>(())
+                })
+                .await
+                .map_err(|error| StorageError::Store(error.to_string()))??;
+            }
+            Self::Objects { store, root, .. } => {
+                let folder = civicgrid_sandbox::object_folder(root, location)?;
+                let path = relative
+                    .split('/')
+                    .fold(folder, |path, part| path.join(part));
+                put_object(store.as_ref(), &path, file)
+                    .await
+                    .map_err(|error| StorageError::Store(error.to_string()))?;
+                let _ = tokio::fs::remove_file(file).await;
+            }
+        }
+        Ok(relative)
+    }
+
+    /// Copies table `table`'s file as the product's folder holds it
+    /// (`<table>.parquet`) to `into`, to be made part of a first version;
+    /// `false` when the folder (or the file) is not there.
+    ///
+    /// # Errors
+    /// A location refused, a file reached through a link, or a store that
+    /// fails.
+    pub async fn fetch_table(
+        &self,
+        location: &str,
+        table: &str,
+        into: &std::path::Path,
+    ) -> Result<bool, StorageError> {
+        let name = format!("{table}.parquet");
+        match self {
+            Self::Directory(dir) => {
+                let folder = match location::resolve(dir, location) {
+                    Ok(folder) => folder,
+                    Err(LocationError::Missing(_)) => return Ok(false),
+                    Err(other) => return Err(other.into()),
+                };
+                let source = folder.join(&name);
+                if !source.exists() && std::fs::symlink_metadata(&source).is_err() {
+                    return Ok(false);
+                }
+                let into = into.to_owned();
+                tokio::task::spawn_blocking(move || {
+                    // Not through a link, as a query would not read one.
+                    let mut from = civicgrid_sandbox::open_plain_file(&source)
+                        .map_err(StorageError::Version)?;
+                    let mut to = std::fs::File::create(&into)
+                        .map_err(|error| StorageError::Store(error.to_string()))?;
+                    std::io::copy(&mut from, &mut to)
+                        .map_err(|error| StorageError::Store(error.to_string()))?;
+                    Ok::<_, StorageError>(true)
+                })
+                .await
+                .map_err(|error| StorageError::Store(error.to_string()))?
+            }
+            Self::Objects { store, root, .. } => {
+                use futures::StreamExt as _;
+                use tokio::io::AsyncWriteExt as _;
+                let path = civicgrid_sandbox::object_folder(root, location)?.join(name.as_str());
+                let got = match store.get(&path).await {
+                    Ok(got) => got,
+                    Err(object_store::Error::NotFound { .. }) => return Ok(false),
+                    Err(other) => return Err(StorageError::Store(other.to_string())),
+                };
+                let mut stream = got.into_stream();
+                let mut to = tokio::fs::File::create(into)
+                    .await
+                    .map_err(|error| StorageError::Store(error.to_string()))?;
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(|error| StorageError::Store(error.to_string()))?;
+                    to.write_all(&chunk)
+                        .await
+                        .map_err(|error| StorageError::Store(error.to_string()))?;
+                }
+                to.flush()
+                    .await
+                    .map_err(|error| StorageError::Store(error.to_string()))?;
+                Ok(true)
+            }
+        }
+    }
+}
+
+/// Uploads `file` to `path` in parts, so a file of gigabytes never sits in
+/// memory; the object appears whole when the upload completes, or not at all.
+async fn put_object(
+    store: &dyn ObjectStore,
+    path: &ObjectPath,
+    file: &std::path::Path,
+) -> Result<(), object_store::Error> {
+    use tokio::io::AsyncReadExt as _;
+    let upload = store.put_multipart(path).await?;
+    let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+    let mut source =
+        tokio::fs::File::open(file)
+            .await
+            .map_err(|error| object_store::Error::Generic {
+                store: "staging",
+                source: Box::new(error),
+            })?;
+    let mut buffer = vec![0u8; PART_BYTES];
+    loop {
+        let read =
+            source
+                .read(&mut buffer)
+                .await
+                .map_err(|error| object_store::Error::Generic {
+                    store: "staging",
+                    source: Box::new(error),
+                })?;
+        if read == 0 {
+            break;
+        }
+        writer.wait_for_capacity(4).await?;
+        writer.write(&buffer[..read]);
+    }
+    writer.finish().await?;
+    Ok(())
+}
+
+/// Parts of a multipart upload: S3's minimum is 5 MiB.
+const PART_BYTES: usize = 8 << 20;
 
 #[cfg(test)]
 mod tests {

@@ -9,7 +9,9 @@
 
 pub use civicgrid_guest_protocol::{ipc, policy, protocol};
 
+pub mod ingest;
 pub mod location;
+pub mod manifest;
 pub mod quality;
 
 /// The object-store client product data is read with, for callers that
@@ -21,6 +23,6 @@ pub use host::{
     BATCH_ROWS, CacheOutcome, DeclaredColumns, FUEL_PER_COMPUTE_UNIT, FooterCache, Guest,
     GuestRole, Job, Limits, ListError, LocalDirectory, MAX_ARROW_OBJECT_BYTES, MAX_PARTS,
     MIN_UNITS_METADATA, Metering, ObjectTables, Outcome, RunFailure, SHARE_ROWS, Sandbox,
-    SandboxConfig, SandboxError, ScanFilter, TableScan, TableStore, keeps_touched_pages_resident,
-    object_folder,
+    SandboxConfig, SandboxError, ScanFilter, TableScan, TableStore, VersionTables,
+    keeps_touched_pages_resident, object_folder, open_plain_file,
 };

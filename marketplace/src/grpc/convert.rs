@@ -118,7 +118,7 @@ pub(super) fn demand_query_from_proto(
 
 pub(super) fn query_request(request: proto::RunQueryRequest) -> QueryRequest {
     move_fields!(request, proto::RunQueryRequest => QueryRequest {
-        product_id, sql, algorithm_wasm, idempotency_key, max_compute_units,
+        product_id, sql, algorithm_wasm, idempotency_key, max_compute_units, data_version,
     })
 }
 
@@ -165,7 +165,7 @@ pub(super) fn product_to_proto(product: Product) -> proto::Product {
     move_fields!(product, Product => proto::Product {
         id, provider_organization_id, version, registration_number, approved_by_user_id,
         registered_at_unix_ms, public_notice_ends_at_unix_ms, updated_at_unix_ms,
-        pending_revision,
+        pending_revision, data_version,
     } converting {
         state: product_state_to_proto(state) as i32,
         spec: Some(spec),
@@ -304,4 +304,53 @@ pub(super) fn ledger_summary_to_proto(summary: LedgerSummary) -> proto::LedgerSu
     } converting {
         totals_minor: totals_minor.into_iter().collect(),
     })
+}
+
+pub(super) fn upload_to_proto(upload: crate::versions::Upload) -> proto::Upload {
+    proto::Upload {
+        id: upload.id,
+        product_id: upload.product_id,
+        table: upload.table,
+        format: upload.format,
+        append: upload.append,
+        size_bytes: upload.size_bytes,
+        sha256: upload.sha256,
+        received_bytes: upload.received_bytes,
+        state: upload.state.name().to_owned(),
+        message: upload.message,
+        data_version: upload.data_version,
+        data_center: upload.data_center,
+        created_at_unix_ms: upload.created_at_unix_ms,
+    }
+}
+
+pub(super) fn data_version_to_proto(version: crate::versions::DataVersion) -> proto::DataVersion {
+    proto::DataVersion {
+        product_id: version.product_id,
+        version: version.version,
+        fingerprint: version.fingerprint,
+        rows: version.rows,
+        bytes: version.bytes,
+        quality: Some(version.quality),
+        created_at_unix_ms: version.created_at_unix_ms,
+        audit_index: version.audit_index,
+        tables: version
+            .manifest
+            .tables
+            .into_iter()
+            .map(|table| proto::DataVersionTable {
+                name: table.name,
+                files: table
+                    .files
+                    .into_iter()
+                    .map(|file| proto::DataVersionFile {
+                        path: file.path,
+                        sha256: file.sha256,
+                        bytes: i64::try_from(file.bytes).unwrap_or(i64::MAX),
+                        rows: i64::try_from(file.rows).unwrap_or(i64::MAX),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
 }

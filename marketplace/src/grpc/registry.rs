@@ -269,6 +269,92 @@ impl proto::registry_server::Registry for RegistryService {
         }))
     }
 
+    async fn begin_upload(
+        &self,
+        request: Request<proto::BeginUploadRequest>,
+    ) -> Result<Response<proto::Upload>, Status> {
+        let principal = auth::principal(&request)?;
+        let request = request.into_inner();
+        let upload = self
+            .0
+            .begin_upload(
+                &principal,
+                crate::versions::NewUpload {
+                    product_id: request.product_id,
+                    table: request.table,
+                    format: request.format,
+                    append: request.append,
+                    size_bytes: request.size_bytes,
+                    sha256: request.sha256,
+                },
+            )
+            .await?;
+        Ok(Response::new(super::convert::upload_to_proto(upload)))
+    }
+
+    async fn put_upload_chunk(
+        &self,
+        request: Request<proto::PutUploadChunkRequest>,
+    ) -> Result<Response<proto::Upload>, Status> {
+        let principal = auth::principal(&request)?;
+        let request = request.into_inner();
+        let upload = self
+            .0
+            .put_upload_chunk(
+                &principal,
+                &request.upload_id,
+                request.offset,
+                request.data,
+                &request.sha256,
+            )
+            .await?;
+        Ok(Response::new(super::convert::upload_to_proto(upload)))
+    }
+
+    async fn get_upload(
+        &self,
+        request: Request<proto::GetUploadRequest>,
+    ) -> Result<Response<proto::Upload>, Status> {
+        let principal = auth::principal(&request)?;
+        let upload = self
+            .0
+            .upload(&principal, &request.into_inner().upload_id)
+            .await?;
+        Ok(Response::new(super::convert::upload_to_proto(upload)))
+    }
+
+    async fn commit_upload(
+        &self,
+        request: Request<proto::GetUploadRequest>,
+    ) -> Result<Response<proto::CommitUploadResponse>, Status> {
+        let principal = auth::principal(&request)?;
+        let (upload, version) = self
+            .0
+            .commit_upload(&principal, &request.into_inner().upload_id)
+            .await?;
+        Ok(Response::new(proto::CommitUploadResponse {
+            upload: Some(super::convert::upload_to_proto(upload)),
+            version: Some(super::convert::data_version_to_proto(version)),
+        }))
+    }
+
+    async fn list_data_versions(
+        &self,
+        request: Request<proto::ListDataVersionsRequest>,
+    ) -> Result<Response<proto::ListDataVersionsResponse>, Status> {
+        let principal = auth::principal(&request)?;
+        let versions = self
+            .0
+            .data_versions(&principal, &request.into_inner().product_id)
+            .await?;
+        Ok(Response::new(proto::ListDataVersionsResponse {
+            versions: versions
+                .into_iter()
+                .map(super::convert::data_version_to_proto)
+                .collect(),
+        }))
+    }
+
     async fn export_catalog(
         &self,
         request: Request<proto::ExportCatalogRequest>,

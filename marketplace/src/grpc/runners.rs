@@ -9,6 +9,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use civicgrid_runner::proto::{self, directory_server::Directory, run_reply};
+use civicgrid_runner::uploads::IngestOutcome;
 use civicgrid_runner::{certificate_name, certificate_names, wire};
 use civicgrid_sandbox::{Outcome, RunFailure, SandboxError};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
@@ -18,7 +19,8 @@ use prost::Message as _;
 
 use crate::error::MarketError;
 use crate::queries::remote::{
-    MeasureJob, RemoteJob, RemoteMeasure, RemoteRun, RunnerChoice, Runners,
+    IngestRequest, MeasureJob, RemoteIngest, RemoteJob, RemoteMeasure, RemoteRun, RemoteStage,
+    RunnerChoice, Runners,
 };
 use crate::store::{Backend, Store, runner_reports};
 
@@ -289,6 +291,20 @@ impl Directory for DirectoryService {
 }
 
 impl Runners for RunnerDirectory {
+    fn stage(
+        &self,
+        choice: RunnerChoice,
+        upload_id: String,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> RemoteStage<'_> {
+        Box::pin(async move { self.stage_on(&choice, upload_id, offset, data).await })
+    }
+
+    fn ingest(&self, choice: RunnerChoice, request: IngestRequest) -> RemoteIngest<'_> {
+        Box::pin(async move { self.ingest_on(&choice, request).await })
+    }
+
     fn measure(
         &self,
         choice: RunnerChoice,
@@ -374,6 +390,113 @@ impl Runners for RunnerDirectory {
 }
 
 impl RunnerDirectory {
+    fn client(
+        &self,
+        choice: &RunnerChoice,
+    ) -> crate::error::Result<proto::runner_client::RunnerClient<Channel>> {
+        self.channel(choice)
+            .map(proto::runner_client::RunnerClient::new)
+            .ok_or_else(|| {
+                MarketError::Unavailable(format!(
+                    "the runner in {} holding this upload is gone; start the upload again",
+                    choice.data_center
+                ))
+            })
+    }
+
+    async fn stage_on(
+        &self,
+        choice: &RunnerChoice,
+        upload_id: String,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> crate::error::Result<u64> {
+        let reply = tokio::time::timeout(
+            STAGE_WITHIN,
+            self.client(choice)?.stage(proto::StageRequest {
+                upload_id,
+                offset,
+                data,
+            }),
+        )
+        .await
+        .map_err(|_| MarketError::Unavailable("the runner did not stage the chunk in time; send it again".into()))?
+        .map_err(|status| {
+            tracing::warn!(data_center = %choice.data_center, endpoint = %choice.endpoint, %status, "a runner did not stage a chunk");
+            MarketError::Unavailable("the runner did not stage the chunk; send it again".into())
+        })?;
+        Ok(reply.into_inner().staged_bytes)
+    }
+
+    async fn ingest_on(
+        &self,
+        choice: &RunnerChoice,
+        request: IngestRequest,
+    ) -> crate::error::Result<IngestOutcome> {
+        let job = request.job;
+        let message = proto::IngestRequest {
+            upload_id: job.upload_id.clone(),
+            product_id: request.product_id.clone(),
+            storage_location: job.location.clone(),
+            table: wire::declared_to_proto(std::slice::from_ref(&job.table)).pop(),
+            format: match job.format {
+                civicgrid_sandbox::ingest::Format::Parquet => "parquet".into(),
+                civicgrid_sandbox::ingest::Format::Csv => "csv".into(),
+            },
+            sha256: job.sha256.clone(),
+            bytes: job.bytes,
+            adopt: wire::declared_to_proto(&job.adopt),
+        };
+        let reply = tokio::time::timeout(INGEST_WITHIN, self.client(choice)?.ingest(message))
+            .await
+            .map_err(|_| {
+                MarketError::Unavailable(format!(
+                    "ingesting the upload took longer than {} s; commit again",
+                    INGEST_WITHIN.as_secs()
+                ))
+            })?;
+        let reply = reply.map_err(|status| {
+            tracing::warn!(data_center = %choice.data_center, endpoint = %choice.endpoint, %status, "a runner did not ingest an upload");
+            match status.code() {
+                tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => {
+                    MarketError::FailedPrecondition(status.message().to_owned())
+                }
+                _ => MarketError::Unavailable(
+                    "the data center's runner did not take the upload; commit again".into(),
+                ),
+            }
+        })?;
+        match reply.into_inner().outcome {
+            Some(proto::ingest_reply::Outcome::Refused(why)) => Ok(IngestOutcome::Refused(why)),
+            Some(proto::ingest_reply::Outcome::Ingested(ingested)) => {
+                let upload = ingested.upload.ok_or_else(|| {
+                    MarketError::Corrupt("a runner's ingest named no file".into())
+                })?;
+                let mut adopted = Vec::with_capacity(ingested.adopted.len());
+                for table in ingested.adopted {
+                    for file in table.files {
+                        adopted.push((table.name.clone(), wire::file_from_proto(file)));
+                    }
+                }
+                Ok(IngestOutcome::Ingested {
+                    upload: wire::file_from_proto(upload),
+                    adopted,
+                })
+            }
+            None => Err(MarketError::Corrupt(
+                "a runner's ingest sent no outcome".into(),
+            )),
+        }
+    }
+}
+
+/// A chunk is a few MiB written to a runner's disk.
+const STAGE_WITHIN: Duration = Duration::from_secs(60);
+
+/// Hashing, converting and storing an upload of up to 16 GiB.
+const INGEST_WITHIN: Duration = Duration::from_secs(3600);
+
+impl RunnerDirectory {
     async fn measure_on(
         &self,
         choice: &RunnerChoice,
@@ -394,6 +517,7 @@ impl RunnerDirectory {
             storage_location: job.storage_location.clone(),
             tables: wire::declared_to_proto(&job.tables),
             now_ms: job.now_ms,
+            version: job.version.as_ref().map(wire::version_to_proto),
         };
         // A measurement that runs long is not the runner's failure: it is
         // not counted gone, and the measurement not started again elsewhere.
@@ -585,6 +709,7 @@ fn run_request(job: RemoteJob) -> Result<proto::RunRequest, String> {
         sql: job.sql,
         algorithm_wasm: job.algorithm,
         as_of_unix_seconds: job.as_of_unix_seconds,
+        version: job.version.as_ref().map(wire::version_to_proto),
         limits: Some(proto::Limits {
             fuel: job.limits.fuel,
             wall_time_ms: u64::try_from(job.limits.wall_time.as_millis()).unwrap_or(u64::MAX),

@@ -13,6 +13,7 @@ mod receipts;
 mod registration;
 pub mod replication;
 mod tenancy;
+mod uploading;
 mod witnessing;
 
 pub use accounts::Deposit;

@@ -338,7 +338,7 @@ impl Marketplace {
         let measured = match (&before.pending_revision, approve) {
             (Some(revised), true) => Some((
                 revised.clone(),
-                self.measure_quality(product_id, revised).await?,
+                self.measure_quality(&before, revised).await?,
             )),
             (None, true) => {
                 return Err(MarketError::FailedPrecondition(format!(
@@ -393,7 +393,7 @@ impl Marketplace {
                 .readable_product(principal, product_id, permission)
                 .await?;
             if before.state == ProductState::Draft {
-                let quality = self.measure_quality(product_id, &before.spec).await?;
+                let quality = self.measure_quality(&before, &before.spec).await?;
                 Some((before.spec, quality))
             } else {
                 None
@@ -454,15 +454,31 @@ impl Marketplace {
     /// marketplace's own data directory in the embedded default.
     async fn measure_quality(
         &self,
+        product: &Product,
+        spec: &ProductSpec,
+    ) -> Result<QualityMetrics> {
+        let version = self
+            .newest_manifest(product)
+            .await?
+            .map(|(_, manifest)| std::sync::Arc::new(manifest));
+        self.measure_quality_of(&product.id, spec, version).await
+    }
+
+    /// As [`Self::measure_quality`], of data version `version` (or, with
+    /// none, the product's folder as it is).
+    pub(super) async fn measure_quality_of(
+        &self,
         product_id: &str,
         spec: &ProductSpec,
+        version: Option<std::sync::Arc<civicgrid_sandbox::manifest::Manifest>>,
     ) -> Result<QualityMetrics> {
         let now_ms = crate::store::now_ms();
         let Some(runners) = self.runners.get().cloned() else {
             let dir = crate::quality::resolve_location(self.data_dir(), &spec.storage_location)?;
             let tables = spec.tables.clone();
-            return tokio::task::spawn_blocking(move || {
-                crate::quality::measure(&dir, &tables, now_ms)
+            return tokio::task::spawn_blocking(move || match version {
+                Some(manifest) => crate::quality::measure_version(&dir, &manifest, &tables, now_ms),
+                None => crate::quality::measure(&dir, &tables, now_ms),
             })
             .await
             .map_err(|error| MarketError::Corrupt(format!("quality measurement task: {error}")))?;
@@ -479,6 +495,7 @@ impl Marketplace {
             storage_location: spec.storage_location.clone(),
             tables: crate::quality::declared(&spec.tables),
             now_ms,
+            version: version.map(|manifest| manifest.as_ref().clone()),
         };
         crate::quality::recorded_remote(runners.measure(choice, hosts, job).await)
     }

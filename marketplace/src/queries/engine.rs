@@ -204,6 +204,10 @@ pub struct QueryEngine {
     /// runs on a stale state, spec or price. Products are never deleted, so
     /// this holds at most one entry per product in the catalog.
     products_seen: std::sync::RwLock<HashMap<String, Arc<StoredProduct>>>,
+    /// Data versions as queries read them, by (product, version): immutable
+    /// once published.
+    pub(super) versions_read:
+        std::sync::RwLock<HashMap<(String, i64), Arc<super::reserve::ReadVersion>>>,
     /// Each consumer organization's recent refused or failed queries and
     /// its queries running, for [`EngineConfig::unanswered_per_minute`].
     unanswered: std::sync::Mutex<HashMap<String, RecentRefusals>>,
@@ -352,6 +356,7 @@ impl QueryEngine {
             config,
             footers: Arc::default(),
             products_seen: std::sync::RwLock::default(),
+            versions_read: std::sync::RwLock::default(),
             unanswered: std::sync::Mutex::default(),
         })
     }

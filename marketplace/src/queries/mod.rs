@@ -274,6 +274,11 @@ async fn run_in_sandbox_task(
                 engine.sql_guest.initial_memory_bytes(),
             ),
             data_centers: reservation.hosting_data_centers.clone(),
+            version: reservation
+                .storage
+                .version
+                .as_ref()
+                .map(|read| read.manifest.clone()),
         };
         let started = std::time::Instant::now();
         let outcome = runners.run(choice, job).await;

@@ -21,6 +21,8 @@ pub struct QueryRequest {
     pub idempotency_key: String,
     /// Most compute units the query may use (0: the server's default).
     pub max_compute_units: i64,
+    /// The product's data version to read (0: the newest).
+    pub data_version: i64,
 }
 
 impl QueryRequest {
@@ -74,6 +76,12 @@ impl QueryRequest {
         ] {
             hasher.update((part.len() as u64).to_le_bytes());
             hasher.update(part);
+        }
+        // Only when pinned, so that a query stored before versions existed
+        // replays under the digest it was stored with.
+        if self.data_version != 0 {
+            hasher.update(b"data_version");
+            hasher.update(self.data_version.to_le_bytes());
         }
         hex::encode(hasher.finalize())
     }

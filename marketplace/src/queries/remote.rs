@@ -9,6 +9,8 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 
+use civicgrid_runner::uploads::{IngestJob, IngestOutcome};
+use civicgrid_sandbox::manifest::Manifest;
 use civicgrid_sandbox::policy::OutputPolicy;
 use civicgrid_sandbox::quality::{DeclaredTable, Quality};
 use civicgrid_sandbox::{Limits, Outcome, RunFailure};
@@ -51,6 +53,9 @@ pub struct RemoteJob {
     /// The data centers hosting the product: where the query may run if
     /// the chosen runner does not take it.
     pub data_centers: Vec<String>,
+    /// The data version to read (its files, checked), or `None` for a
+    /// product with none: its folder as it is.
+    pub version: Option<Manifest>,
 }
 
 /// What a runner needs to measure a product's data at submission: the
@@ -65,7 +70,24 @@ pub struct MeasureJob {
     pub tables: Vec<DeclaredTable>,
     /// The measurement's clock, Unix milliseconds.
     pub now_ms: i64,
+    /// As in [`RemoteJob::version`].
+    pub version: Option<Manifest>,
 }
+
+/// What a runner needs to ingest a staged upload.
+#[derive(Clone, Debug)]
+pub struct IngestRequest {
+    /// The product.
+    pub product_id: String,
+    /// What to ingest.
+    pub job: IngestJob,
+}
+
+/// A chunk staged on a runner: the staged file's length after it.
+pub type RemoteStage<'a> = Pin<Box<dyn Future<Output = Result<u64>> + Send + 'a>>;
+
+/// An ingest on a runner.
+pub type RemoteIngest<'a> = Pin<Box<dyn Future<Output = Result<IngestOutcome>> + Send + 'a>>;
 
 /// A measurement on a runner: the figures, `InvalidArgument` naming the
 /// spec's column that does not match the files, `FailedPrecondition` for a
@@ -101,4 +123,15 @@ pub trait Runners: Send + Sync + std::fmt::Debug {
         data_centers: Vec<String>,
         job: MeasureJob,
     ) -> RemoteMeasure<'_>;
+    /// Writes a chunk of upload `upload_id` at `offset` on `choice`, the
+    /// runner staging it (`Unavailable` when it is gone).
+    fn stage(
+        &self,
+        choice: RunnerChoice,
+        upload_id: String,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> RemoteStage<'_>;
+    /// Ingests an upload staged on `choice`.
+    fn ingest(&self, choice: RunnerChoice, request: IngestRequest) -> RemoteIngest<'_>;
 }

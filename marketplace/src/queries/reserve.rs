@@ -67,7 +67,74 @@ pub(super) struct ProductFiles {
     pub(super) location: String,
     pub(super) dir: Option<PathBuf>,
     pub(super) declared: HashMap<String, Vec<String>>,
+    /// The data version read, or `None` for a product with none.
+    pub(super) version: Option<Arc<ReadVersion>>,
 }
+
+/// A data version as a query reads it.
+#[derive(Debug)]
+pub(crate) struct ReadVersion {
+    pub(crate) version: i64,
+    pub(crate) fingerprint: String,
+    pub(crate) manifest: civicgrid_sandbox::manifest::Manifest,
+}
+
+/// The data version a query on `product` reads: the one asked for, or
+/// the newest. Versions are immutable, so each is read from the database
+/// once per process.
+async fn read_version(
+    connection: &mut AnyConnection,
+    engine: &QueryEngine,
+    product: &Product,
+    asked: i64,
+) -> Result<Option<Arc<ReadVersion>>> {
+    let version = match asked {
+        0 => product.data_version,
+        asked if asked < 0 => {
+            return Err(MarketError::invalid(
+                "data_version",
+                "0 (the newest) or a version number",
+            ));
+        }
+        asked if asked > product.data_version => {
+            return Err(MarketError::NotFound {
+                what: "data version",
+                id: format!("{}@{asked}", product.id),
+            });
+        }
+        asked => asked,
+    };
+    if version == 0 {
+        return Ok(None);
+    }
+    let key = (product.id.clone(), version);
+    if let Some(known) = engine
+        .versions_read
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&key)
+    {
+        return Ok(Some(Arc::clone(known)));
+    }
+    let stored = crate::versions::get_version(connection, &product.id, version).await?;
+    let read = Arc::new(ReadVersion {
+        version,
+        fingerprint: stored.fingerprint,
+        manifest: stored.manifest,
+    });
+    let mut cache = engine
+        .versions_read
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if cache.len() >= MAX_VERSIONS_READ {
+        cache.clear();
+    }
+    cache.insert(key, Arc::clone(&read));
+    Ok(Some(read))
+}
+
+/// Versions kept read at once; past it the cache starts over.
+const MAX_VERSIONS_READ: usize = 4096;
 
 /// What a product and the consumer's contract on it set for a query,
 /// worked out before the consumer's standing is read.
@@ -136,6 +203,7 @@ fn query_terms(
     };
     let storage = ProductFiles {
         location: spec.storage_location.clone(),
+        version: None,
         dir,
         declared: spec
             .tables
@@ -200,6 +268,8 @@ pub(super) async fn reserve(
         storage,
         dp_epsilon_budget,
     } = terms;
+    let mut storage = storage;
+    storage.version = read_version(connection, engine, product, request.data_version).await?;
     let runner = choose_runner(market, product)?;
     let metering = Metering::for_product(&product.spec, &policy);
     let compute_units = compute_budget(engine, request, product, &plan, metering)?;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use civicgrid_sandbox::policy::OutputPolicy;
 use civicgrid_sandbox::{
     DeclaredColumns, FUEL_PER_COMPUTE_UNIT, GuestRole, Job, Limits, LocalDirectory, RunFailure,
-    SandboxError, TableStore,
+    SandboxError, TableStore, VersionTables,
 };
 
 use crate::error::Unanswered;
@@ -66,13 +66,21 @@ pub(super) fn run_in_sandbox(
     let (privacy_budget, compute_units, as_of_unix_seconds) =
         (*privacy_budget, *compute_units, *as_of_unix_seconds);
     let algorithm = algorithm.as_deref();
-    let files: Arc<dyn TableStore> = Arc::new(
-        LocalDirectory::discover(storage.dir.as_ref().ok_or_else(|| {
-            SandboxError::Internal("this server keeps no copy of the product's files".into())
-        })?)
-        .map_err(|error| SandboxError::Data(format!("the product's files: {error}")))?
-        .with_footer_cache(Arc::clone(&engine.footers)),
-    );
+    let dir = storage.dir.as_ref().ok_or_else(|| {
+        SandboxError::Internal("this server keeps no copy of the product's files".into())
+    })?;
+    let files: Arc<dyn TableStore> = match &storage.version {
+        Some(read) => Arc::new(
+            VersionTables::local(dir, &read.manifest, &engine.footers).map_err(|error| {
+                SandboxError::Data(format!("the product's data version: {error}"))
+            })?,
+        ),
+        None => Arc::new(
+            LocalDirectory::discover(dir)
+                .map_err(|error| SandboxError::Data(format!("the product's files: {error}")))?
+                .with_footer_cache(Arc::clone(&engine.footers)),
+        ),
+    };
     let tables: Arc<dyn TableStore> =
         Arc::new(DeclaredColumns::new(files, storage.declared.clone()));
     let guest = match algorithm {

@@ -344,6 +344,12 @@ fn audit_into(
         "contract": reservation.contract_id,
         "provider": reservation.provider,
         "product_version": reservation.product_version,
+        "data_version": reservation.storage.version.as_ref().map_or(0, |read| read.version),
+        "data_fingerprint": reservation
+            .storage
+            .version
+            .as_ref()
+            .map_or("", |read| read.fingerprint.as_str()),
         "plan": reservation.plan.id,
         "idempotency_key": request.idempotency_key,
         "sql_sha256": sha256_hex(request.sql.as_bytes()),

@@ -85,6 +85,8 @@ pub struct Product {
     pub public_notice_ends_at_unix_ms: i64,
     /// Its last change.
     pub updated_at_unix_ms: i64,
+    /// Its newest data version (0: its folder as it is; it has none).
+    pub data_version: i64,
     /// A revision waiting for review; `spec` serves until it is approved.
     /// Shown to the product's provider and platform admins only.
     pub pending_revision: Option<ProductSpec>,

@@ -12,7 +12,7 @@ use crate::spec::ProductSpec;
 use crate::store::{Backend, now_ms};
 
 const PRODUCT_COLUMNS: &str = "id, provider_organization_id, version, state, spec, registration_number, \
-     approved_by, registered_at, public_notice_ends_at, updated_at, pending_spec";
+     approved_by, registered_at, public_notice_ends_at, updated_at, pending_spec, data_version";
 
 fn product_from_row(row: &sqlx::any::AnyRow) -> Result<Product> {
     let spec: Vec<u8> = row.try_get("spec")?;
@@ -37,6 +37,7 @@ fn product_from_row(row: &sqlx::any::AnyRow) -> Result<Product> {
             .try_get::<Option<i64>, _>("public_notice_ends_at")?
             .unwrap_or_default(),
         updated_at_unix_ms: row.try_get("updated_at")?,
+        data_version: row.try_get("data_version")?,
         pending_revision: row
             .try_get::<Option<Vec<u8>>, _>("pending_spec")?
             .map(|bytes| {

@@ -195,6 +195,9 @@ pub const SHARE_ROWS: u64 = 4 * 1024 * 1024;
 pub struct FooterCache {
     entries: Mutex<HashMap<String, (Identity, ArrowReaderMetadata)>>,
     parsed: AtomicU64,
+    /// Files whose bytes were hashed and matched a manifest, as they were
+    /// then: a file replaced since has another identity and is hashed again.
+    verified: Mutex<HashMap<String, (Identity, String)>>,
 }
 
 /// The most footers kept; past it the cache starts over, so a host serving
@@ -205,7 +208,7 @@ const FOOTER_CACHE_ENTRIES: usize = 4096;
 /// it was renamed over, a new length or modification time when it was
 /// rewritten in place. In an object store: a new entity tag (or, where the
 /// store gives none, a new size or modification time).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Identity {
     inode: u64,
     len: u64,
@@ -214,7 +217,7 @@ pub(crate) struct Identity {
 }
 
 impl Identity {
-    fn of(file: &File, path: &Path) -> Result<Self, String> {
+    pub(crate) fn of(file: &File, path: &Path) -> Result<Self, String> {
         let metadata = file
             .metadata()
             .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -270,6 +273,23 @@ impl FooterCache {
             entries.clear();
         }
         entries.insert(key.to_owned(), (identity, metadata));
+    }
+
+    /// Whether the file `identity` names was hashed to `sha256` before.
+    pub(crate) fn was_verified(&self, key: &str, identity: &Identity, sha256: &str) -> bool {
+        let verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        verified
+            .get(key)
+            .is_some_and(|(known, hash)| known == identity && hash == sha256)
+    }
+
+    /// Remembers that the file `identity` names hashed to `sha256`.
+    pub(crate) fn mark_verified(&self, key: &str, identity: Identity, sha256: &str) {
+        let mut verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        if verified.len() >= FOOTER_CACHE_ENTRIES && !verified.contains_key(key) {
+            verified.clear();
+        }
+        verified.insert(key.to_owned(), (identity, sha256.to_owned()));
     }
 
     /// The footer of `file`, opened from `path`: cached, or parsed and cached.
@@ -375,7 +395,7 @@ impl LocalDirectory {
 /// in a product's folder could lead to any file the server can read.
 /// Checked after opening, against what was opened, so a link swapped in
 /// between the check and the open is caught too.
-fn open(path: &Path) -> Result<File, String> {
+pub fn open(path: &Path) -> Result<File, String> {
     use std::os::unix::fs::MetadataExt;
     let failed = |e: std::io::Error| format!("{}: {e}", path.display());
     let file = File::open(path).map_err(failed)?;

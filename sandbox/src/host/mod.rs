@@ -18,6 +18,7 @@ mod release;
 mod run;
 mod slots;
 mod split;
+mod versioned;
 mod wasi;
 
 use std::collections::{HashMap, HashSet};
@@ -35,6 +36,7 @@ use wasmtime::{
 
 pub use cache::CacheOutcome;
 pub use config::{FUEL_PER_COMPUTE_UNIT, Limits, SandboxConfig, keeps_touched_pages_resident};
+pub use data::open as open_plain_file;
 pub use data::{
     BATCH_ROWS, DeclaredColumns, FooterCache, LocalDirectory, MAX_PARTS, SHARE_ROWS, TableScan,
     TableStore,
@@ -43,6 +45,7 @@ pub use error::{RunFailure, SandboxError};
 pub use filter::ScanFilter;
 pub use objects::{ListError, MAX_ARROW_OBJECT_BYTES, ObjectTables, folder as object_folder};
 pub use release::MIN_UNITS_METADATA;
+pub use versioned::VersionTables;
 
 use config::TICK;
 use instance::describe;

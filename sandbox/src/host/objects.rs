@@ -29,6 +29,7 @@ use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 use parquet::arrow::async_reader::AsyncFileReader;
 use parquet::errors::ParquetError;
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
+use sha2::{Digest as _, Sha256};
 use tokio::runtime::Handle;
 
 use super::data::{
@@ -182,6 +183,72 @@ impl ObjectTables {
     pub fn with_share_rows(mut self, rows: u64) -> Self {
         self.share_rows = rows.max(1);
         self
+    }
+
+    /// Only the tables `names`, each of which must have been listed.
+    ///
+    /// # Errors
+    /// [`ListError::Missing`] naming the first table not listed.
+    pub fn only(mut self, names: &[String], folder: &ObjectPath) -> Result<Self, ListError> {
+        if let Some(missing) = names
+            .iter()
+            .find(|name| !self.tables.iter().any(|stored| &stored.name == *name))
+        {
+            return Err(ListError::Missing(format!("{folder}/{missing}")));
+        }
+        self.tables.retain(|stored| names.contains(&stored.name));
+        Ok(self)
+    }
+
+    /// Checks that table `name`'s object holds `bytes` bytes hashing to
+    /// `sha256`: read whole the first time, then trusted while its entity
+    /// tag is the one that was hashed.
+    ///
+    /// # Errors
+    /// A differing length or hash, or a store that does not answer.
+    pub fn verify(&self, name: &str, sha256: &str, bytes: u64) -> Result<(), String> {
+        let stored = self.table(name)?;
+        let location = &stored.object.location;
+        if stored.object.size != bytes {
+            return Err(format!(
+                "{location}: holds {} bytes where the version lists {bytes}",
+                stored.object.size
+            ));
+        }
+        let key = format!("{}/{location}", self.store);
+        let identity = Identity::object(
+            stored.object.size,
+            SystemTime::from(stored.object.last_modified),
+            stored.object.e_tag.clone(),
+        );
+        if self.footers.was_verified(&key, &identity, sha256) {
+            return Ok(());
+        }
+        let reader = self.reader(stored);
+        let hashed = wait(&self.runtime, async move {
+            let options = GetOptions {
+                if_match: reader.object.e_tag.clone(),
+                ..GetOptions::default()
+            };
+            let mut stream = reader
+                .store
+                .get_opts(&reader.object.location, options)
+                .await?
+                .into_stream();
+            let mut hasher = Sha256::new();
+            while let Some(chunk) = stream.next().await {
+                hasher.update(chunk?);
+            }
+            Ok::<_, object_store::Error>(hex::encode(hasher.finalize()))
+        })
+        .map_err(|error| format!("{location}: {error}"))?;
+        if hashed != sha256 {
+            return Err(format!(
+                "{location}: its content is not the one the version lists"
+            ));
+        }
+        self.footers.mark_verified(&key, identity, sha256);
+        Ok(())
     }
 
     fn table(&self, table: &str) -> Result<&StoredTable, String> {

@@ -18,7 +18,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &["civicgrid-telemetry", "civicgrid-tlog"],
     ),
     ("civicgrid-guest-protocol", &[]),
-    ("civicgrid-sandbox", &["civicgrid-guest-protocol"]),
+    (
+        "civicgrid-sandbox",
+        &["civicgrid-guest-protocol", "civicgrid-tlog"],
+    ),
     ("civicgrid-sandbox-guest", &["civicgrid-guest-protocol"]),
     ("civicgrid-example-algorithm", &["civicgrid-guest-protocol"]),
     (

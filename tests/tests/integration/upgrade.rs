@@ -29,6 +29,9 @@ async fn back_to_the_previous_release(market: &TestMarket, db: Db) -> anyhow::Re
         "DROP TABLE runner_reports",
         "DROP TABLE cosigned_checkpoints",
         "DROP TABLE quality_reports",
+        "DROP TABLE product_data_versions",
+        "DROP TABLE product_uploads",
+        "ALTER TABLE products DROP COLUMN data_version",
         "ALTER TABLE queries DROP COLUMN replica_id",
     ] {
         sqlx::query(statement).execute(&pool).await?;
@@ -38,7 +41,7 @@ async fn back_to_the_previous_release(market: &TestMarket, db: Db) -> anyhow::Re
         .execute(&pool)
         .await?
         .rows_affected();
-    anyhow::ensure!(removed == 4, "{db:?}: took {removed} migrations back out");
+    anyhow::ensure!(removed == 5, "{db:?}: took {removed} migrations back out");
     pool.close().await;
     Ok(())
 }
@@ -97,7 +100,7 @@ async fn a_database_from_the_previous_release_is_migrated_forward(db: Db) -> any
         .map(|row| row.try_get("version"))
         .collect::<Result<_, _>>()?;
     assert!(
-        versions.iter().filter(|v| **v > PREVIOUS_RELEASE).count() == 4,
+        versions.iter().filter(|v| **v > PREVIOUS_RELEASE).count() == 5,
         "{versions:?}"
     );
     assert_eq!(market.contract_index().len(), 1, "the contract is served");

@@ -1,0 +1,468 @@
+//! Providers' uploads and the data versions they make
+//! ([`crate::versions`]). The bytes go where the product's data lives: a
+//! runner in a data center hosting the product stages, checks, converts
+//! and stores them, or, in the embedded default, this server's own data
+//! directory. The marketplace keeps only the upload's progress and the
+//! versions' manifests.
+
+use std::sync::Arc;
+
+use civicgrid_runner::ProductStore;
+use civicgrid_runner::staging::Staging;
+use civicgrid_runner::uploads::{IngestJob, IngestOutcome};
+use civicgrid_sandbox::ingest::Format;
+use civicgrid_sandbox::manifest::Manifest;
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{MarketError, Result};
+use crate::identity::Principal;
+use crate::queries::remote::{IngestRequest, RunnerChoice};
+use crate::registry::{self, Product};
+use crate::spec::QualityMetrics;
+use crate::versions::{self, DataVersion, NewUpload, Upload, UploadState};
+
+use super::Marketplace;
+
+/// Where the embedded default stages uploads, in its data directory (see
+/// [`civicgrid_runner::service::DIRECTORY_STAGING`]).
+fn local_staging(data_dir: &std::path::Path) -> Staging {
+    Staging::new(data_dir.join(civicgrid_runner::service::DIRECTORY_STAGING))
+}
+
+fn upload_not_found(id: &str) -> MarketError {
+    MarketError::NotFound {
+        what: "upload",
+        id: id.to_owned(),
+    }
+}
+
+/// Tries at publishing a version before giving up to concurrent uploads.
+const PUBLISH_ATTEMPTS: usize = 3;
+
+impl Marketplace {
+    /// Starts an upload of one table's rows (`product:upload` on the
+    /// product's provider). The staging runner is chosen now, and every
+    /// chunk goes to it.
+    ///
+    /// # Errors
+    /// `PermissionDenied`, `NotFound`, `InvalidArgument` naming the field,
+    /// `Unavailable` when no runner of the product's data centers is ready.
+    pub async fn begin_upload(&self, principal: &Principal, request: NewUpload) -> Result<Upload> {
+        let product = self
+            .uploadable_product(principal, &request.product_id)
+            .await?;
+        versions::check(&product, &request)?;
+        let (data_center, endpoint) = match self.runners.get() {
+            Some(runners) => {
+                let hosts = &product.spec.hosting_data_centers;
+                let choice = runners.pick(hosts).ok_or_else(|| {
+                    MarketError::Unavailable(format!(
+                        "no runner is ready in {} to take product {}'s data; retry later",
+                        hosts.join(" or "),
+                        product.id
+                    ))
+                })?;
+                (choice.data_center, choice.endpoint)
+            }
+            None => (String::new(), String::new()),
+        };
+        let now = crate::store::now_ms();
+        let upload = Upload {
+            id: versions::new_upload_id(),
+            product_id: product.id.clone(),
+            organization_id: product.provider_organization_id.clone(),
+            table: request.table,
+            format: request.format,
+            append: request.append,
+            size_bytes: request.size_bytes,
+            sha256: request.sha256,
+            received_bytes: 0,
+            data_center,
+            endpoint,
+            state: UploadState::Receiving,
+            message: String::new(),
+            data_version: 0,
+            created_by: principal.user.id.clone(),
+            created_at_unix_ms: now,
+            updated_at_unix_ms: now,
+        };
+        let mut connection = self.store.acquire().await?;
+        versions::insert_upload(&mut connection, &upload).await?;
+        Ok(upload)
+    }
+
+    /// An upload, to its provider (to resume it, or see why it was
+    /// refused); to anyone else it does not exist.
+    ///
+    /// # Errors
+    /// `NotFound`, `PermissionDenied`.
+    pub async fn upload(&self, principal: &Principal, upload_id: &str) -> Result<Upload> {
+        let mut connection = self.store.acquire().await?;
+        let upload = versions::get_upload(&mut connection, upload_id)
+            .await
+            .map_err(|_| upload_not_found(upload_id))?;
+        drop(connection);
+        self.own_upload(principal, upload).await
+    }
+
+    async fn own_upload(&self, principal: &Principal, upload: Upload) -> Result<Upload> {
+        if upload.organization_id != principal.organization.id {
+            return Err(upload_not_found(&upload.id));
+        }
+        self.require(principal, &upload.organization_id, "product:upload")
+            .await?;
+        Ok(upload)
+    }
+
+    /// Writes `data` at `offset` of the upload. `sha256` is the chunk's own
+    /// hash, checked before it is passed on. A chunk that does not start
+    /// where the upload stands is refused, naming where to resume.
+    ///
+    /// # Errors
+    /// `NotFound`, `PermissionDenied`, `InvalidArgument` naming the field,
+    /// `FailedPrecondition` (resume elsewhere, or the upload has ended),
+    /// `Unavailable` when the staging runner is gone.
+    pub async fn put_upload_chunk(
+        &self,
+        principal: &Principal,
+        upload_id: &str,
+        offset: i64,
+        data: Vec<u8>,
+        sha256: &str,
+    ) -> Result<Upload> {
+        let upload = self.upload(principal, upload_id).await?;
+        if upload.state != UploadState::Receiving {
+            return Err(MarketError::FailedPrecondition(format!(
+                "upload {upload_id} is {}; start another",
+                upload.state.name()
+            )));
+        }
+        if data.is_empty() || data.len() > versions::MAX_CHUNK_BYTES {
+            return Err(MarketError::invalid(
+                "data",
+                format!("1 to {} bytes a chunk", versions::MAX_CHUNK_BYTES),
+            ));
+        }
+        if hex::encode(Sha256::digest(&data)) != sha256 {
+            return Err(MarketError::invalid(
+                "sha256",
+                "the chunk's bytes do not hash to it; it was damaged on the way, send it again",
+            ));
+        }
+        if offset != upload.received_bytes {
+            return Err(MarketError::FailedPrecondition(format!(
+                "upload {upload_id} has {} bytes; resume from offset {}",
+                upload.received_bytes, upload.received_bytes
+            )));
+        }
+        let end = offset.saturating_add(i64::try_from(data.len()).unwrap_or(i64::MAX));
+        if end > upload.size_bytes {
+            return Err(MarketError::invalid(
+                "data",
+                format!(
+                    "the chunk ends at byte {end}, past the {} bytes declared",
+                    upload.size_bytes
+                ),
+            ));
+        }
+        let offset_bytes = u64::try_from(offset).unwrap_or_default();
+        let staged = match self.runners.get() {
+            Some(runners) => {
+                let choice = RunnerChoice {
+                    data_center: upload.data_center.clone(),
+                    endpoint: upload.endpoint.clone(),
+                };
+                runners
+                    .stage(choice, upload.id.clone(), offset_bytes, data)
+                    .await?
+            }
+            None => {
+                let staging = local_staging(self.data_dir());
+                let id = upload.id.clone();
+                tokio::task::spawn_blocking(move || staging.stage(&id, offset_bytes, &data))
+                    .await
+                    .map_err(|error| MarketError::Corrupt(format!("staging task: {error}")))?
+                    .map_err(|error| {
+                        tracing::error!(%error, "staging an upload failed");
+                        MarketError::Unavailable(
+                            "this server could not stage the chunk; send it again".into(),
+                        )
+                    })?
+            }
+        };
+        let staged = i64::try_from(staged).unwrap_or(i64::MAX);
+        let mut next = upload.clone();
+        // The stager's length is the truth: after a runner restarted with
+        // an empty staging directory the upload resumes from what it has.
+        next.received_bytes = staged.min(end);
+        next.updated_at_unix_ms = crate::store::now_ms().max(upload.updated_at_unix_ms + 1);
+        let mut connection = self.store.acquire().await?;
+        versions::update_upload(&mut connection, &next, &upload).await?;
+        if staged != end {
+            return Err(MarketError::FailedPrecondition(format!(
+                "upload {upload_id} has {staged} bytes where it is staged; resume from offset {staged}"
+            )));
+        }
+        Ok(next)
+    }
+
+    /// Ends an upload with every byte received: checks, converts and stores
+    /// it, measures the new version and publishes it. A refused upload
+    /// (its hash, a value that is not of its column's type) says why, and
+    /// leaves the product's data as it was. Committing an upload already
+    /// ingested answers with the version it made.
+    ///
+    /// # Errors
+    /// `NotFound`, `PermissionDenied`, `FailedPrecondition` naming what was
+    /// refused, `Unavailable`, `Aborted` when other uploads kept winning.
+    pub async fn commit_upload(
+        &self,
+        principal: &Principal,
+        upload_id: &str,
+    ) -> Result<(Upload, DataVersion)> {
+        let upload = self.upload(principal, upload_id).await?;
+        match upload.state {
+            UploadState::Ingested => {
+                let mut connection = self.store.acquire().await?;
+                let version =
+                    versions::get_version(&mut connection, &upload.product_id, upload.data_version)
+                        .await?;
+                return Ok((upload, version));
+            }
+            UploadState::Refused => {
+                return Err(MarketError::FailedPrecondition(format!(
+                    "upload {upload_id} was refused: {}",
+                    upload.message
+                )));
+            }
+            UploadState::Receiving => {}
+        }
+        if upload.received_bytes != upload.size_bytes {
+            return Err(MarketError::FailedPrecondition(format!(
+                "upload {upload_id} has {} of its {} bytes; resume from offset {}",
+                upload.received_bytes, upload.size_bytes, upload.received_bytes
+            )));
+        }
+        let product = self
+            .uploadable_product(principal, &upload.product_id)
+            .await?;
+        let table = versions::declared_table(&product, &upload.table)?;
+        let format = Format::parse(&upload.format)
+            .ok_or_else(|| MarketError::Corrupt(format!("upload format {:?}", upload.format)))?;
+        let base = self.newest_manifest(&product).await?;
+        // A product with no version yet carries its folder's other tables
+        // into its first one.
+        let adopt = if base.is_none() {
+            crate::quality::declared(&product.spec.tables)
+                .into_iter()
+                .filter(|declared| declared.name != upload.table)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let job = IngestJob {
+            upload_id: upload.id.clone(),
+            location: product.spec.storage_location.clone(),
+            table,
+            format,
+            sha256: upload.sha256.clone(),
+            bytes: u64::try_from(upload.size_bytes).unwrap_or_default(),
+            adopt,
+        };
+        let outcome = self.ingest(&upload, &product, job).await?;
+        let (file, adopted) = match outcome {
+            IngestOutcome::Ingested {
+                upload: file,
+                adopted,
+            } => (file, adopted),
+            IngestOutcome::Refused(why) => {
+                let mut refused = upload.clone();
+                refused.state = UploadState::Refused;
+                refused.message.clone_from(&why);
+                refused.updated_at_unix_ms =
+                    crate::store::now_ms().max(upload.updated_at_unix_ms + 1);
+                let mut connection = self.store.acquire().await?;
+                // A concurrent commit of the same upload may have won: its
+                // outcome stands.
+                if versions::update_upload(&mut connection, &refused, &upload)
+                    .await
+                    .is_err()
+                {
+                    let now = versions::get_upload(&mut connection, upload_id).await?;
+                    if now.state == UploadState::Ingested {
+                        let version = versions::get_version(
+                            &mut connection,
+                            &now.product_id,
+                            now.data_version,
+                        )
+                        .await?;
+                        return Ok((now, version));
+                    }
+                }
+                return Err(MarketError::FailedPrecondition(format!(
+                    "upload {upload_id} was refused: {why}"
+                )));
+            }
+        };
+        let mut product = product;
+        let mut base = base;
+        for _ in 0..PUBLISH_ATTEMPTS {
+            let mut manifest = base
+                .as_ref()
+                .map_or_else(Manifest::default, |(_, manifest)| manifest.clone());
+            for (table, adopted) in &adopted {
+                manifest = manifest.with_files(table, vec![adopted.clone()], false);
+            }
+            manifest = manifest.with_files(&upload.table, vec![file.clone()], upload.append);
+            let quality = self.measure_version(&product, &manifest).await?;
+            let base_version = base.as_ref().map_or(0, |(version, _)| *version);
+            let mut transaction = self.store.begin().await?;
+            let published = versions::publish(
+                &mut transaction,
+                self.store.backend(),
+                &principal.user.id,
+                &product,
+                base_version,
+                manifest,
+                quality,
+                &upload,
+            )
+            .await;
+            match published {
+                Ok(version) => {
+                    transaction.commit().await?;
+                    let mut connection = self.store.acquire().await?;
+                    let upload = versions::get_upload(&mut connection, upload_id).await?;
+                    return Ok((upload, version));
+                }
+                Err(MarketError::Aborted(_)) => {
+                    transaction.rollback().await?;
+                    product = self
+                        .uploadable_product(principal, &upload.product_id)
+                        .await?;
+                    base = self.newest_manifest(&product).await?;
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        Err(MarketError::Aborted(format!(
+            "other versions of product {} kept being published; commit upload {upload_id} again",
+            upload.product_id
+        )))
+    }
+
+    /// A product's data versions, newest first, to whoever may see the
+    /// product. Which files make each version is shown to its provider,
+    /// platform admins and regulators only.
+    ///
+    /// # Errors
+    /// `NotFound`, `PermissionDenied`.
+    pub async fn data_versions(
+        &self,
+        principal: &Principal,
+        product_id: &str,
+    ) -> Result<Vec<DataVersion>> {
+        let product = self.product(principal, product_id).await?;
+        let insider = self
+            .require(principal, &product.provider_organization_id, "product:read")
+            .await
+            .is_ok();
+        let mut connection = self.store.acquire().await?;
+        let mut listed =
+            versions::list_versions(&mut connection, product_id, versions::MAX_LISTED).await?;
+        if !insider {
+            for version in &mut listed {
+                version.manifest = Manifest::default();
+            }
+        }
+        Ok(listed)
+    }
+
+    async fn uploadable_product(&self, principal: &Principal, product_id: &str) -> Result<Product> {
+        let mut connection = self.store.acquire().await?;
+        let product = registry::get(&mut connection, product_id).await?;
+        drop(connection);
+        // Another provider's product is not there, as far as uploads go.
+        if product.provider_organization_id != principal.organization.id {
+            return Err(MarketError::NotFound {
+                what: "product",
+                id: product_id.to_owned(),
+            });
+        }
+        self.require(
+            principal,
+            &product.provider_organization_id,
+            "product:upload",
+        )
+        .await?;
+        Ok(product)
+    }
+
+    /// The product's newest version and its manifest, if it has one.
+    pub(super) async fn newest_manifest(
+        &self,
+        product: &Product,
+    ) -> Result<Option<(i64, Manifest)>> {
+        if product.data_version == 0 {
+            return Ok(None);
+        }
+        let mut connection = self.store.acquire().await?;
+        let version =
+            versions::get_version(&mut connection, &product.id, product.data_version).await?;
+        Ok(Some((version.version, version.manifest)))
+    }
+
+    async fn ingest(
+        &self,
+        upload: &Upload,
+        product: &Product,
+        job: IngestJob,
+    ) -> Result<IngestOutcome> {
+        match self.runners.get() {
+            Some(runners) => {
+                let choice = RunnerChoice {
+                    data_center: upload.data_center.clone(),
+                    endpoint: upload.endpoint.clone(),
+                };
+                runners
+                    .ingest(
+                        choice,
+                        IngestRequest {
+                            product_id: product.id.clone(),
+                            job,
+                        },
+                    )
+                    .await
+            }
+            None => {
+                let store = ProductStore::Directory(self.data_dir().to_owned());
+                civicgrid_runner::uploads::ingest(&store, &local_staging(self.data_dir()), job)
+                    .await
+                    .map_err(|error| {
+                        tracing::error!(%error, product = %product.id, "ingesting an upload failed");
+                        match error {
+                            civicgrid_runner::storage::StorageError::Location(error) => {
+                                MarketError::FailedPrecondition(format!(
+                                    "product {}'s storage location: {error}",
+                                    product.id
+                                ))
+                            }
+                            _ => MarketError::Unavailable(
+                                "this server could not store the upload; commit again".into(),
+                            ),
+                        }
+                    })
+            }
+        }
+    }
+
+    /// The quality of `manifest`'s data, measured where it is stored.
+    pub(super) async fn measure_version(
+        &self,
+        product: &Product,
+        manifest: &Manifest,
+    ) -> Result<QualityMetrics> {
+        self.measure_quality_of(&product.id, &product.spec, Some(Arc::new(manifest.clone())))
+            .await
+    }
+}

@@ -1,0 +1,250 @@
+//! The `product_data_versions` and `product_uploads` tables.
+
+use civicgrid_sandbox::manifest::Manifest;
+use sqlx::{AnyConnection, Row as _};
+
+use crate::error::{MarketError, Result};
+use crate::spec::QualityMetrics;
+use crate::versions::model::{DataVersion, Upload, UploadState};
+
+const VERSION_COLUMNS: &str = "product_id, version, manifest, fingerprint, row_count, byte_count, \
+     completeness, validity, freshness_seconds, upload_id, created_by, created_at, audit_index";
+
+const UPLOAD_COLUMNS: &str = "id, product_id, organization_id, table_name, format, append_rows, \
+     size_bytes, sha256, received_bytes, data_center, endpoint, state, message, data_version, \
+     created_by, created_at, updated_at";
+
+fn version_from_row(row: &sqlx::any::AnyRow) -> Result<DataVersion> {
+    let manifest: String = row.try_get("manifest")?;
+    let manifest: Manifest = serde_json::from_str(&manifest)
+        .map_err(|error| MarketError::Corrupt(format!("stored manifest: {error}")))?;
+    Ok(DataVersion {
+        product_id: row.try_get("product_id")?,
+        version: row.try_get("version")?,
+        manifest,
+        fingerprint: row.try_get("fingerprint")?,
+        rows: row.try_get("row_count")?,
+        bytes: row.try_get("byte_count")?,
+        quality: QualityMetrics {
+            completeness: row.try_get("completeness")?,
+            validity: row.try_get("validity")?,
+            freshness_seconds: row.try_get("freshness_seconds")?,
+        },
+        upload_id: row.try_get("upload_id")?,
+        created_by: row.try_get("created_by")?,
+        created_at_unix_ms: row.try_get("created_at")?,
+        audit_index: row.try_get("audit_index")?,
+    })
+}
+
+fn upload_from_row(row: &sqlx::any::AnyRow) -> Result<Upload> {
+    Ok(Upload {
+        id: row.try_get("id")?,
+        product_id: row.try_get("product_id")?,
+        organization_id: row.try_get("organization_id")?,
+        table: row.try_get("table_name")?,
+        format: row.try_get("format")?,
+        append: row.try_get::<i64, _>("append_rows")? != 0,
+        size_bytes: row.try_get("size_bytes")?,
+        sha256: row.try_get("sha256")?,
+        received_bytes: row.try_get("received_bytes")?,
+        data_center: row.try_get("data_center")?,
+        endpoint: row.try_get("endpoint")?,
+        state: UploadState::parse(&row.try_get::<String, _>("state")?)?,
+        message: row.try_get("message")?,
+        data_version: row.try_get("data_version")?,
+        created_by: row.try_get("created_by")?,
+        created_at_unix_ms: row.try_get("created_at")?,
+        updated_at_unix_ms: row.try_get("updated_at")?,
+    })
+}
+
+/// Stores a new version.
+pub(crate) async fn insert_version(
+    connection: &mut AnyConnection,
+    version: &DataVersion,
+) -> Result<()> {
+    let manifest = serde_json::to_string(&version.manifest)
+        .map_err(|error| MarketError::Corrupt(format!("manifest: {error}")))?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO product_data_versions ({VERSION_COLUMNS}) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+    )))
+    .bind(&version.product_id)
+    .bind(version.version)
+    .bind(manifest)
+    .bind(&version.fingerprint)
+    .bind(version.rows)
+    .bind(version.bytes)
+    .bind(version.quality.completeness)
+    .bind(version.quality.validity)
+    .bind(version.quality.freshness_seconds)
+    .bind(&version.upload_id)
+    .bind(&version.created_by)
+    .bind(version.created_at_unix_ms)
+    .bind(version.audit_index)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+/// Makes `version` the product's newest, if `previous` still is.
+///
+/// # Errors
+/// `Aborted` when another version was published meanwhile.
+pub(crate) async fn publish_version(
+    connection: &mut AnyConnection,
+    product_id: &str,
+    previous: i64,
+    version: i64,
+    now_ms: i64,
+) -> Result<()> {
+    let updated = sqlx::query(
+        // Never the time it had: a reservation's cached product is confirmed
+        // by that time, and must see the new version.
+        "UPDATE products SET data_version = $1, \
+         updated_at = CASE WHEN updated_at >= $2 THEN updated_at + 1 ELSE $2 END \
+         WHERE id = $3 AND data_version = $4",
+    )
+    .bind(version)
+    .bind(now_ms)
+    .bind(product_id)
+    .bind(previous)
+    .execute(&mut *connection)
+    .await?
+    .rows_affected();
+    if updated == 1 {
+        Ok(())
+    } else {
+        Err(MarketError::Aborted(format!(
+            "another version of product {product_id}'s data was published meanwhile; commit again"
+        )))
+    }
+}
+
+/// Version `version` of a product.
+///
+/// # Errors
+/// `NotFound`.
+pub(crate) async fn get_version(
+    connection: &mut AnyConnection,
+    product_id: &str,
+    version: i64,
+) -> Result<DataVersion> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {VERSION_COLUMNS} FROM product_data_versions WHERE product_id = $1 AND version = $2"
+    )))
+    .bind(product_id)
+    .bind(version)
+    .fetch_optional(&mut *connection)
+    .await?
+    .ok_or_else(|| MarketError::NotFound {
+        what: "data version",
+        id: format!("{product_id}@{version}"),
+    })?;
+    version_from_row(&row)
+}
+
+/// A product's versions, newest first, at most `limit`.
+pub(crate) async fn list_versions(
+    connection: &mut AnyConnection,
+    product_id: &str,
+    limit: i64,
+) -> Result<Vec<DataVersion>> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {VERSION_COLUMNS} FROM product_data_versions WHERE product_id = $1 \
+         ORDER BY version DESC LIMIT $2"
+    )))
+    .bind(product_id)
+    .bind(limit)
+    .fetch_all(&mut *connection)
+    .await?
+    .iter()
+    .map(version_from_row)
+    .collect()
+}
+
+/// Stores a new upload.
+pub(crate) async fn insert_upload(connection: &mut AnyConnection, upload: &Upload) -> Result<()> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO product_uploads ({UPLOAD_COLUMNS}) VALUES \
+         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+    )))
+    .bind(&upload.id)
+    .bind(&upload.product_id)
+    .bind(&upload.organization_id)
+    .bind(&upload.table)
+    .bind(&upload.format)
+    .bind(i64::from(upload.append))
+    .bind(upload.size_bytes)
+    .bind(&upload.sha256)
+    .bind(upload.received_bytes)
+    .bind(&upload.data_center)
+    .bind(&upload.endpoint)
+    .bind(upload.state.name())
+    .bind(&upload.message)
+    .bind(upload.data_version)
+    .bind(&upload.created_by)
+    .bind(upload.created_at_unix_ms)
+    .bind(upload.updated_at_unix_ms)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+/// An upload by id.
+///
+/// # Errors
+/// `NotFound`.
+pub(crate) async fn get_upload(connection: &mut AnyConnection, id: &str) -> Result<Upload> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {UPLOAD_COLUMNS} FROM product_uploads WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(&mut *connection)
+    .await?
+    .ok_or_else(|| MarketError::NotFound {
+        what: "upload",
+        id: id.to_owned(),
+    })?;
+    upload_from_row(&row)
+}
+
+/// Saves `upload`'s progress and outcome, only if it is still as `read`
+/// (a concurrent chunk or commit makes this fail rather than be lost).
+///
+/// # Errors
+/// `Aborted` when it changed meanwhile.
+pub(crate) async fn update_upload(
+    connection: &mut AnyConnection,
+    upload: &Upload,
+    read: &Upload,
+) -> Result<()> {
+    let updated = sqlx::query(
+        "UPDATE product_uploads SET received_bytes = $1, data_center = $2, endpoint = $3, \
+         state = $4, message = $5, data_version = $6, updated_at = $7 \
+         WHERE id = $8 AND state = $9 AND received_bytes = $10 AND updated_at = $11",
+    )
+    .bind(upload.received_bytes)
+    .bind(&upload.data_center)
+    .bind(&upload.endpoint)
+    .bind(upload.state.name())
+    .bind(&upload.message)
+    .bind(upload.data_version)
+    .bind(upload.updated_at_unix_ms)
+    .bind(&upload.id)
+    .bind(read.state.name())
+    .bind(read.received_bytes)
+    .bind(read.updated_at_unix_ms)
+    .execute(&mut *connection)
+    .await?
+    .rows_affected();
+    if updated == 1 {
+        Ok(())
+    } else {
+        Err(MarketError::Aborted(format!(
+            "upload {} changed meanwhile; ask for it and resume",
+            upload.id
+        )))
+    }
+}

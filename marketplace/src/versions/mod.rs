@@ -1,0 +1,199 @@
+//! Versions of a product's data, and the uploads that make them.
+//!
+//! A provider uploads one table's rows at a time (Parquet or CSV), in
+//! chunks staged where the product's data lives; committing the upload
+//! checks it against the length and SHA-256 declared up front, rewrites it
+//! as Parquet typed by the product's declared table, stores it under its
+//! content's name, measures the new version's quality, and publishes the
+//! version: immutable, fingerprinted, and recorded in the audit log.
+//! Queries read the newest version, or one a consumer pins.
+
+use civicgrid_sandbox::manifest::Manifest;
+use rand::RngCore as _;
+use sqlx::AnyConnection;
+
+use crate::audit::log::{self, Event};
+use crate::error::{MarketError, Result};
+use crate::registry::Product;
+use crate::spec::QualityMetrics;
+use crate::store::{self, Backend};
+
+pub(crate) mod model;
+
+pub use model::{DataVersion, Upload, UploadState};
+
+/// The largest upload: a day's partition of a city-wide table fits many
+/// times over; larger loads are several uploads appended.
+pub const MAX_UPLOAD_BYTES: i64 = 16 << 30;
+
+/// The largest chunk: under gRPC's 4 MiB message limit with room for the
+/// request's other fields.
+pub const MAX_CHUNK_BYTES: usize = 3 << 20;
+
+/// Most versions listed at once.
+pub const MAX_LISTED: i64 = 1000;
+
+/// What a provider asks to upload.
+#[derive(Clone, Debug)]
+pub struct NewUpload {
+    /// The product.
+    pub product_id: String,
+    /// The declared table.
+    pub table: String,
+    /// parquet or csv.
+    pub format: String,
+    /// Adds rows to the table instead of replacing them.
+    pub append: bool,
+    /// The file's length.
+    pub size_bytes: i64,
+    /// Its SHA-256, lowercase hex.
+    pub sha256: String,
+}
+
+/// A new upload id: 32 lowercase hex digits, the form a runner stages under.
+#[must_use]
+pub fn new_upload_id() -> String {
+    let mut bytes = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+/// Checks `request` against `product`: a declared table, a known format,
+/// a length within bounds, a well-formed hash.
+///
+/// # Errors
+/// `InvalidArgument` naming the field; `FailedPrecondition` for a retired
+/// product.
+pub fn check(product: &Product, request: &NewUpload) -> Result<()> {
+    if product.state == crate::registry::ProductState::Retired {
+        return Err(MarketError::FailedPrecondition(format!(
+            "product {} is retired; it takes no new data",
+            product.id
+        )));
+    }
+    if !product.spec.tables.iter().any(|t| t.name == request.table) {
+        return Err(MarketError::invalid(
+            "table",
+            format!(
+                "{:?} is not a table of product {}; declare it in a revision first",
+                request.table, product.id
+            ),
+        ));
+    }
+    if civicgrid_sandbox::ingest::Format::parse(&request.format).is_none() {
+        return Err(MarketError::invalid("format", "parquet or csv"));
+    }
+    if !(1..=MAX_UPLOAD_BYTES).contains(&request.size_bytes) {
+        return Err(MarketError::invalid(
+            "size_bytes",
+            format!("1 to {MAX_UPLOAD_BYTES} bytes; split larger loads into appended uploads"),
+        ));
+    }
+    let hex = request.sha256.len() == 64
+        && request
+            .sha256
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !hex {
+        return Err(MarketError::invalid(
+            "sha256",
+            "the file's SHA-256 as 64 lowercase hex digits",
+        ));
+    }
+    Ok(())
+}
+
+/// The declared table `name` of `product`, typed, as the ingest takes it.
+///
+/// # Errors
+/// `FailedPrecondition` when the product no longer declares it.
+pub fn declared_table(
+    product: &Product,
+    name: &str,
+) -> Result<civicgrid_sandbox::quality::DeclaredTable> {
+    crate::quality::declared(&product.spec.tables)
+        .into_iter()
+        .find(|table| table.name == name)
+        .ok_or_else(|| {
+            MarketError::FailedPrecondition(format!(
+                "product {} no longer declares table {name}",
+                product.id
+            ))
+        })
+}
+
+/// Publishes `manifest` as `product`'s next data version, made by `upload`:
+/// stored, made the newest, the upload marked ingested, and the audit entry
+/// appended, in the caller's transaction. The product must still be at
+/// the version the manifest was built on.
+///
+/// # Errors
+/// `Aborted` when another version or the upload changed meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub async fn publish(
+    connection: &mut AnyConnection,
+    backend: Backend,
+    actor: &str,
+    product: &Product,
+    base_version: i64,
+    manifest: Manifest,
+    quality: QualityMetrics,
+    upload: &Upload,
+) -> Result<DataVersion> {
+    store::lock_audit_head(connection).await?;
+    let now = store::now_ms();
+    let version = base_version + 1;
+    store::data_versions::publish_version(connection, &product.id, base_version, version, now)
+        .await?;
+    let fingerprint = manifest.fingerprint();
+    let rows = i64::try_from(manifest.rows()).unwrap_or(i64::MAX);
+    let bytes = i64::try_from(manifest.bytes()).unwrap_or(i64::MAX);
+    let index = log::append(
+        connection,
+        backend,
+        &[Event {
+            kind: "product.data_version".into(),
+            actor: actor.to_owned(),
+            tenant: product.provider_organization_id.clone(),
+            subject: product.id.clone(),
+            details: serde_json::json!({
+                "data_version": version,
+                "fingerprint": fingerprint,
+                "rows": rows,
+                "bytes": bytes,
+                "upload": upload.id,
+                "table": upload.table,
+                "append": upload.append,
+                "upload_sha256": upload.sha256,
+                "completeness": quality.completeness,
+                "validity": quality.validity,
+                "freshness_seconds": quality.freshness_seconds,
+            }),
+        }],
+    )
+    .await?[0];
+    let stored = DataVersion {
+        product_id: product.id.clone(),
+        version,
+        manifest,
+        fingerprint,
+        rows,
+        bytes,
+        quality,
+        upload_id: upload.id.clone(),
+        created_by: actor.to_owned(),
+        created_at_unix_ms: now,
+        audit_index: i64::try_from(index).unwrap_or(i64::MAX),
+    };
+    store::data_versions::insert_version(connection, &stored).await?;
+    let mut done = upload.clone();
+    done.state = UploadState::Ingested;
+    done.data_version = version;
+    done.updated_at_unix_ms = now.max(upload.updated_at_unix_ms + 1);
+    store::data_versions::update_upload(connection, &done, upload).await?;
+    Ok(stored)
+}
+
+pub(crate) use crate::store::data_versions::{
+    get_upload, get_version, insert_upload, list_versions, update_upload,
+};
