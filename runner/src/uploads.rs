@@ -86,11 +86,17 @@ async fn ingest_staged(
         )));
     }
     let canonical = staging.scratch(&job.upload_id, "parquet").map_err(failed)?;
-    let upload =
-        match canonical_file(staged, job.format, job.table.clone(), canonical.clone()).await? {
-            Ok(ingested) => ingested,
-            Err(refused) => return Ok(IngestOutcome::Refused(refused.to_string())),
-        };
+    let upload = match canonical_file(
+        staged,
+        Some(job.format),
+        job.table.clone(),
+        canonical.clone(),
+    )
+    .await?
+    {
+        Ok(ingested) => ingested,
+        Err(refused) => return Ok(IngestOutcome::Refused(refused.to_string())),
+    };
     let path = products
         .put_file(&job.location, &job.table.name, &upload.sha256, &canonical)
         .await?;
@@ -123,9 +129,7 @@ async fn ingest_staged(
         let canonical = staging
             .scratch(&job.upload_id, &format!("{}.parquet", table.name))
             .map_err(failed)?;
-        let file = match canonical_file(copied, Format::Parquet, table.clone(), canonical.clone())
-            .await?
-        {
+        let file = match canonical_file(copied, None, table.clone(), canonical.clone()).await? {
             Ok(file) => file,
             Err(refused) => {
                 return Ok(IngestOutcome::Refused(format!(
@@ -150,14 +154,19 @@ async fn ingest_staged(
     Ok(IngestOutcome::Ingested { upload, adopted })
 }
 
+/// The canonical file of `input`: an upload in `format`, or (`None`) a
+/// table as a product's folder holds it, its undeclared columns left out.
 async fn canonical_file(
     input: std::path::PathBuf,
-    format: Format,
+    format: Option<Format>,
     table: DeclaredTable,
     output: std::path::PathBuf,
 ) -> Result<Result<ingest::Ingested, ingest::IngestError>, StorageError> {
-    let ingested =
-        blocking(move || ingest::canonical_parquet(&input, format, &table, &output)).await?;
+    let ingested = blocking(move || match format {
+        Some(format) => ingest::canonical_parquet(&input, format, &table, &output),
+        None => ingest::canonical_parquet_of_declared(&input, &table, &output),
+    })
+    .await?;
     match ingested {
         Err(ingest::IngestError::Io(why)) => Err(StorageError::Store(why)),
         other => Ok(other),

@@ -175,6 +175,30 @@ pub fn canonical_parquet(
     table: &DeclaredTable,
     output: &Path,
 ) -> Result<Ingested, IngestError> {
+    canonical(input, format, table, output, false)
+}
+
+/// [`canonical_parquet`] of a Parquet file already in a product's folder,
+/// leaving out the columns the product does not declare: they were never
+/// served, and carrying a folder into a first version must not fail on them.
+///
+/// # Errors
+/// As [`canonical_parquet`], but never [`IngestError::UndeclaredColumn`].
+pub fn canonical_parquet_of_declared(
+    input: &Path,
+    table: &DeclaredTable,
+    output: &Path,
+) -> Result<Ingested, IngestError> {
+    canonical(input, Format::Parquet, table, output, true)
+}
+
+fn canonical(
+    input: &Path,
+    format: Format,
+    table: &DeclaredTable,
+    output: &Path,
+    leave_out_undeclared: bool,
+) -> Result<Ingested, IngestError> {
     let kinds = declared_kinds(table)?;
     let schema = Arc::new(Schema::new(
         table
@@ -188,7 +212,12 @@ pub fn canonical_parquet(
     // or schema never touches `output`.
     let mut source = match format {
         Format::Csv => Source::Csv(Box::new(CsvSource::open(input, table, &kinds)?)),
-        Format::Parquet => Source::Parquet(ParquetSource::open(input, table, &kinds)?),
+        Format::Parquet => Source::Parquet(ParquetSource::open(
+            input,
+            table,
+            &kinds,
+            leave_out_undeclared,
+        )?),
     };
     let file = File::create(output).map_err(io)?;
     let mut partial = Partial {
@@ -381,6 +410,7 @@ fn match_columns(
     file: &[&str],
     table: &DeclaredTable,
     what: &str,
+    leave_out_undeclared: bool,
 ) -> Result<Vec<usize>, IngestError> {
     for (i, name) in file.iter().enumerate() {
         if file[..i].contains(name) {
@@ -403,6 +433,7 @@ fn match_columns(
     if let Some(extra) = file
         .iter()
         .find(|f| !table.columns.iter().any(|(name, _)| name == *f))
+        .filter(|_| !leave_out_undeclared)
     {
         return Err(IngestError::UndeclaredColumn {
             column: (*extra).to_owned(),
@@ -435,7 +466,12 @@ struct ParquetSource {
 }
 
 impl ParquetSource {
-    fn open(input: &Path, table: &DeclaredTable, kinds: &[Kind]) -> Result<Self, IngestError> {
+    fn open(
+        input: &Path,
+        table: &DeclaredTable,
+        kinds: &[Kind],
+        leave_out_undeclared: bool,
+    ) -> Result<Self, IngestError> {
         let unreadable = |error: &dyn std::fmt::Display| {
             tracing::debug!(%error, "not a readable Parquet file");
             IngestError::Unreadable("the file is not a readable Parquet file".into())
@@ -444,7 +480,7 @@ impl ParquetSource {
         let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| unreadable(&e))?;
         let schema = Arc::clone(builder.schema());
         let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-        let positions = match_columns(&names, table, "file")?;
+        let positions = match_columns(&names, table, "file", leave_out_undeclared)?;
         for ((&position, (name, declared)), kind) in positions.iter().zip(&table.columns).zip(kinds)
         {
             let actual = schema.field(position).data_type();
@@ -553,7 +589,7 @@ impl<'a> CsvSource<'a> {
             ));
         }
         let names: Vec<&str> = header.fields().iter().map(|f| f.name().as_str()).collect();
-        let positions = match_columns(&names, table, "header")?;
+        let positions = match_columns(&names, table, "header", false)?;
         let width = names.len();
         file.seek(SeekFrom::Start(bom)).map_err(read_error)?;
         let decoder = ReaderBuilder::new(text_schema(width))

@@ -252,10 +252,11 @@ impl Marketplace {
         let base = self.newest_manifest(&product).await?;
         // A product with no version yet carries its folder's other tables
         // into its first one.
+        // An append carries the uploaded table's own rows too.
         let adopt = if base.is_none() {
             crate::quality::declared(&product.spec.tables)
                 .into_iter()
-                .filter(|declared| declared.name != upload.table)
+                .filter(|declared| declared.name != upload.table || upload.append)
                 .collect()
         } else {
             Vec::new()

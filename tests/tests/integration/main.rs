@@ -3,6 +3,7 @@
 
 mod controlplane_smoke;
 mod crd_validation;
+mod data_versions;
 mod dependencies;
 mod helm_chart;
 mod images;

@@ -161,6 +161,7 @@ fn request(sql: &str) -> proto::RunRequest {
             wall_time_ms: 30_000,
             memory_bytes: 512 << 20,
         }),
+        version: None,
     }
 }
 
@@ -860,6 +861,20 @@ impl proto::runner_server::Runner for BreaksOffMidStream {
         &self,
         _request: tonic::Request<proto::MeasureRequest>,
     ) -> Result<tonic::Response<proto::MeasureReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+
+    async fn stage(
+        &self,
+        _request: tonic::Request<proto::StageRequest>,
+    ) -> Result<tonic::Response<proto::StageReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+
+    async fn ingest(
+        &self,
+        _request: tonic::Request<proto::IngestRequest>,
+    ) -> Result<tonic::Response<proto::IngestReply>, tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
     }
 }

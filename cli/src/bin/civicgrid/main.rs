@@ -167,6 +167,10 @@ struct QueryArgs {
     /// must be 0 on a product that withholds rows).
     #[arg(long, default_value_t = 0)]
     max_compute_units: i64,
+    /// The product's data version to read (0: the newest); the receipt
+    /// records its fingerprint.
+    #[arg(long = "version", default_value_t = 0)]
+    data_version: i64,
     /// How to print the result rows.
     #[arg(long, value_enum, default_value_t = RowFormat::Table)]
     format: RowFormat,
@@ -305,6 +309,31 @@ enum ProductCommand {
         /// Write the spec here instead of stdout.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+    },
+    /// Upload one table's rows (Parquet, or CSV with a header naming the
+    /// declared columns) as a new version of the product's data. Sent in
+    /// checksummed chunks; rerun with --resume UPLOAD_ID after a cut.
+    Upload {
+        id: String,
+        /// The declared table the rows are of.
+        #[arg(long)]
+        table: String,
+        /// The file.
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+        /// Add the rows to the table's instead of replacing them.
+        #[arg(long)]
+        append: bool,
+        /// parquet or csv (default: from the file's extension).
+        #[arg(long)]
+        format: Option<String>,
+        /// Resume this upload instead of starting another.
+        #[arg(long, value_name = "UPLOAD_ID")]
+        resume: Option<String>,
+    },
+    /// The product's data versions, newest first.
+    Versions {
+        id: String,
     },
     /// Create a draft from a spec file (proto3 JSON of ProductSpec).
     Create {
@@ -1074,6 +1103,25 @@ async fn product(c: &mut Clients, output: Output, command: ProductCommand) -> an
             r.get_product(proto::GetProductRequest { product_id: id })
                 .await?
         }
+        ProductCommand::Upload {
+            id,
+            table,
+            file,
+            append,
+            format,
+            resume,
+        } => {
+            let committed = upload(r, &id, &table, &file, append, format, resume).await?;
+            print(output, &committed)?;
+            return Ok(0);
+        }
+        ProductCommand::Versions { id } => {
+            let versions = r
+                .list_data_versions(proto::ListDataVersionsRequest { product_id: id })
+                .await?;
+            print(output, &versions.into_inner())?;
+            return Ok(0);
+        }
         ProductCommand::Events { id } => {
             let events = r
                 .list_registration_events(proto::GetProductRequest { product_id: id })
@@ -1084,6 +1132,95 @@ async fn product(c: &mut Clients, output: Output, command: ProductCommand) -> an
     };
     print(output, &product.into_inner())?;
     Ok(0)
+}
+
+/// Bytes sent per chunk: under the server's 3 MiB.
+const UPLOAD_CHUNK_BYTES: usize = 2 << 20;
+
+/// Uploads `file` as table `table`'s rows of product `id`, resuming
+/// `resume` if given, and commits it.
+async fn upload(
+    r: &mut RegistryClient<Authed>,
+    id: &str,
+    table: &str,
+    file: &std::path::Path,
+    append: bool,
+    format: Option<String>,
+    resume: Option<String>,
+) -> anyhow::Result<proto::CommitUploadResponse> {
+    use sha2::Digest as _;
+    use std::io::{Read as _, Seek as _};
+    let format = match format {
+        Some(format) => format,
+        None => match file.extension().and_then(|e| e.to_str()) {
+            Some("parquet") => "parquet".to_owned(),
+            Some("csv") => "csv".to_owned(),
+            _ => anyhow::bail!("--format: parquet or csv (the file's extension says neither)"),
+        },
+    };
+    let mut source =
+        std::fs::File::open(file).with_context(|| format!("--file: opening {}", file.display()))?;
+    let mut hasher = sha2::Sha256::new();
+    let size = std::io::copy(&mut source, &mut hasher)
+        .with_context(|| format!("--file: reading {}", file.display()))?;
+    let sha256 = hex::encode(hasher.finalize());
+    let started = match resume {
+        Some(upload_id) => {
+            let upload = r
+                .get_upload(proto::GetUploadRequest { upload_id })
+                .await?
+                .into_inner();
+            if upload.sha256 != sha256 {
+                anyhow::bail!(
+                    "--resume: upload {} is of another file (SHA-256 {})",
+                    upload.id,
+                    upload.sha256
+                );
+            }
+            upload
+        }
+        None => r
+            .begin_upload(proto::BeginUploadRequest {
+                product_id: id.to_owned(),
+                table: table.to_owned(),
+                format,
+                append,
+                size_bytes: i64::try_from(size)?,
+                sha256,
+            })
+            .await?
+            .into_inner(),
+    };
+    eprintln!(
+        "upload {} ({size} bytes; resume with --resume {})",
+        started.id, started.id
+    );
+    let mut offset = u64::try_from(started.received_bytes)?;
+    source.seek(std::io::SeekFrom::Start(offset))?;
+    let mut buffer = vec![0u8; UPLOAD_CHUNK_BYTES];
+    while offset < size {
+        let read = source.read(&mut buffer)?;
+        if read == 0 {
+            anyhow::bail!("--file: {} ended before its {size} bytes", file.display());
+        }
+        let chunk = buffer[..read].to_vec();
+        let upload = r
+            .put_upload_chunk(proto::PutUploadChunkRequest {
+                upload_id: started.id.clone(),
+                offset: i64::try_from(offset)?,
+                sha256: hex::encode(sha2::Sha256::digest(&chunk)),
+                data: chunk,
+            })
+            .await?
+            .into_inner();
+        offset = u64::try_from(upload.received_bytes)?;
+        source.seek(std::io::SeekFrom::Start(offset))?;
+    }
+    Ok(r.commit_upload(proto::GetUploadRequest {
+        upload_id: started.id.clone(),
+    })
+    .await?
+    .into_inner())
 }
 
 /// The demand list.
@@ -1350,6 +1487,7 @@ async fn query(c: &mut Clients, args: QueryArgs) -> anyhow::Result<i32> {
         algorithm,
         key,
         max_compute_units,
+        data_version,
         format,
         receipt: receipt_file,
         result_file,
@@ -1368,6 +1506,7 @@ async fn query(c: &mut Clients, args: QueryArgs) -> anyhow::Result<i32> {
             algorithm_wasm,
             idempotency_key: key.clone(),
             max_compute_units,
+            data_version,
         })
         .await
         .inspect_err(|_| eprintln!("idempotency key: {key} (retry with --key {key})"))?
