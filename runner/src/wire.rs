@@ -244,6 +244,70 @@ pub fn measured_from_proto(
     }
 }
 
+/// A version's manifest as sent.
+#[must_use]
+pub fn version_to_proto(manifest: &Manifest) -> proto::DataVersion {
+    proto::DataVersion {
+        tables: manifest
+            .tables
+            .iter()
+            .map(|table| version_table_to_proto(&table.name, &table.files))
+            .collect(),
+    }
+}
+
+/// A table's files as sent.
+#[must_use]
+pub fn version_table_to_proto(name: &str, files: &[ManifestFile]) -> proto::VersionTable {
+    proto::VersionTable {
+        name: name.to_owned(),
+        files: files.iter().map(file_to_proto).collect(),
+    }
+}
+
+/// A file as sent.
+#[must_use]
+pub fn file_to_proto(file: &ManifestFile) -> proto::VersionFile {
+    proto::VersionFile {
+        path: file.path.clone(),
+        sha256: file.sha256.clone(),
+        bytes: file.bytes,
+        rows: file.rows,
+    }
+}
+
+/// A file as received.
+#[must_use]
+pub fn file_from_proto(file: proto::VersionFile) -> ManifestFile {
+    ManifestFile {
+        path: file.path,
+        sha256: file.sha256,
+        bytes: file.bytes,
+        rows: file.rows,
+    }
+}
+
+/// A version's manifest as received; checked before any file is named.
+///
+/// # Errors
+/// The manifest's [`civicgrid_sandbox::manifest::ManifestError`].
+pub fn version_from_proto(
+    version: proto::DataVersion,
+) -> Result<Manifest, civicgrid_sandbox::manifest::ManifestError> {
+    let manifest = Manifest {
+        tables: version
+            .tables
+            .into_iter()
+            .map(|table| ManifestTable {
+                name: table.name,
+                files: table.files.into_iter().map(file_from_proto).collect(),
+            })
+            .collect(),
+    };
+    manifest.check()?;
+    Ok(manifest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,68 +387,4 @@ mod tests {
         };
         assert_eq!(metering_from_proto(&metering_to_proto(&metering)), metering);
     }
-}
-
-/// A version's manifest as sent.
-#[must_use]
-pub fn version_to_proto(manifest: &Manifest) -> proto::DataVersion {
-    proto::DataVersion {
-        tables: manifest
-            .tables
-            .iter()
-            .map(|table| version_table_to_proto(&table.name, &table.files))
-            .collect(),
-    }
-}
-
-/// A table's files as sent.
-#[must_use]
-pub fn version_table_to_proto(name: &str, files: &[ManifestFile]) -> proto::VersionTable {
-    proto::VersionTable {
-        name: name.to_owned(),
-        files: files.iter().map(file_to_proto).collect(),
-    }
-}
-
-/// A file as sent.
-#[must_use]
-pub fn file_to_proto(file: &ManifestFile) -> proto::VersionFile {
-    proto::VersionFile {
-        path: file.path.clone(),
-        sha256: file.sha256.clone(),
-        bytes: file.bytes,
-        rows: file.rows,
-    }
-}
-
-/// A file as received.
-#[must_use]
-pub fn file_from_proto(file: proto::VersionFile) -> ManifestFile {
-    ManifestFile {
-        path: file.path,
-        sha256: file.sha256,
-        bytes: file.bytes,
-        rows: file.rows,
-    }
-}
-
-/// A version's manifest as received; checked before any file is named.
-///
-/// # Errors
-/// The manifest's [`civicgrid_sandbox::manifest::ManifestError`].
-pub fn version_from_proto(
-    version: proto::DataVersion,
-) -> Result<Manifest, civicgrid_sandbox::manifest::ManifestError> {
-    let manifest = Manifest {
-        tables: version
-            .tables
-            .into_iter()
-            .map(|table| ManifestTable {
-                name: table.name,
-                files: table.files.into_iter().map(file_from_proto).collect(),
-            })
-            .collect(),
-    };
-    manifest.check()?;
-    Ok(manifest)
 }

@@ -23,7 +23,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// `count` residents of `district`, person ids from `first`, as CSV.
-fn residents_csv(district: &str, first: i64, count: i64) -> Vec<u8> {
+pub(crate) fn residents_csv(district: &str, first: i64, count: i64) -> Vec<u8> {
     let mut csv = String::from("person_id,district,age_band\n");
     for id in first..first + count {
         csv.push_str(&format!("{id},{district},30-39\n"));
@@ -52,7 +52,7 @@ fn chunk(upload: &str, offset: usize, data: &[u8]) -> proto::PutUploadChunkReque
 }
 
 /// Uploads `file` whole in one chunk and commits it.
-async fn upload(
+pub(crate) async fn upload(
     market: &TestMarket,
     token: &str,
     append: bool,
@@ -77,7 +77,7 @@ async fn upload(
         .into_inner())
 }
 
-fn entry_details(summary: &proto::QuerySummary) -> serde_json::Value {
+pub(crate) fn entry_details(summary: &proto::QuerySummary) -> serde_json::Value {
     let receipt = summary.receipt.as_ref().expect("a receipt");
     let entry: serde_json::Value = serde_json::from_slice(&receipt.entry).expect("JSON entry");
     entry["details"].clone()

@@ -421,3 +421,156 @@ async fn the_marketplace_measures_and_queries_through_the_runner_alone() -> anyh
     );
     Ok(())
 }
+
+/// An upload through a runner whose data center keeps products in an
+/// object store: the file is stored with a multipart upload under the
+/// product's folder, the first version carries the folder's table over
+/// (undeclared columns left out), and queries read the version from the
+/// store. A new product with no folder at all gets one from its first upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_are_stored_in_the_data_centers_object_store() -> anyhow::Result<()> {
+    use civicgrid_marketplace::proto::{self as api, registry_client::RegistryClient};
+    use civicgrid_marketplace::queries::{EngineConfig, QueryEngine};
+    use civicgrid_tests::market::{Cast, Db, SAMPLE_ROWS, TestMarket, action, authed, sample_spec};
+
+    use super::data_versions::{entry_details, residents_csv, upload};
+    use super::queries::{BY_DISTRICT, contract, deposit, query, run as run_query, total_people};
+
+    const CORE: &str = "municipal-core";
+    let server = ObjectStoreServer::start(&[CORE]).await?;
+    let market = TestMarket::start(Db::Sqlite).await?;
+    let guest = civicgrid_tests::sandbox::guest_dir().join("civicgrid_sandbox_guest.wasm");
+    let cache = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/sandbox-cache");
+    let engine =
+        tokio::task::spawn_blocking(move || QueryEngine::open(EngineConfig::new(guest, cache)))
+            .await??;
+    market.market.attach_engine(engine)?;
+    let local = market.market.data_dir().join("products/population");
+    server
+        .upload_folder(CORE, "products/population", &local)
+        .await?;
+    std::fs::remove_dir_all(&local)?;
+    let products =
+        ProductStore::s3_with(server.builder(), &format!("s3://{CORE}"), Handle::current())?;
+    let _routed = civicgrid_tests::runners::route_to(&market, CORE, products.clone(), 1).await?;
+    let cast = Cast::create(&market).await?;
+    contract(&market, &cast, 0).await?;
+    deposit(&market, 100_000).await?;
+
+    let committed = upload(
+        &market,
+        &cast.provider_admin,
+        true,
+        &residents_csv("new-town", 700_000, 40),
+    )
+    .await?;
+    let version = committed.version.expect("a version");
+    assert_eq!(version.rows, i64::try_from(SAMPLE_ROWS)? + 40);
+    let answer = run_query(&market, &cast.consumer_analyst, query(BY_DISTRICT, "k-s3")).await?;
+    assert_eq!(
+        total_people(&answer.batches)?,
+        i64::try_from(SAMPLE_ROWS)? + 40
+    );
+    assert_eq!(
+        entry_details(&answer.summary)["data_fingerprint"],
+        version.fingerprint.as_str()
+    );
+    // Every file of the version is in the store, where the manifest says.
+    let footers = Arc::default();
+    let manifest = civicgrid_sandbox::manifest::Manifest {
+        tables: version
+            .tables
+            .iter()
+            .map(|t| civicgrid_sandbox::manifest::ManifestTable {
+                name: t.name.clone(),
+                files: t
+                    .files
+                    .iter()
+                    .map(|f| civicgrid_sandbox::manifest::ManifestFile {
+                        path: f.path.clone(),
+                        sha256: f.sha256.clone(),
+                        bytes: u64::try_from(f.bytes).unwrap_or_default(),
+                        rows: u64::try_from(f.rows).unwrap_or_default(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    };
+    let opened = products
+        .version("products/population", &manifest, &footers)
+        .await?;
+    assert_eq!(opened.tables(), ["residents"]);
+    assert_eq!(
+        opened
+            .schema("residents")
+            .map_err(anyhow::Error::msg)?
+            .fields()
+            .len(),
+        3,
+        "household_size, undeclared, was left out"
+    );
+
+    // A new product with no folder in the store: its first upload makes it.
+    let mut registry = RegistryClient::new(market.channel.clone());
+    let mut transit = sample_spec();
+    transit.storage_location = "products/transit".into();
+    registry
+        .create_product(authed(
+            &cast.provider_admin,
+            api::CreateProductRequest {
+                id: "transit".into(),
+                spec: Some(transit),
+            },
+        ))
+        .await?;
+    let early = registry
+        .submit_product(authed(&cast.provider_admin, action("transit", "")))
+        .await
+        .expect_err("no data yet");
+    assert_eq!(early.code(), tonic::Code::FailedPrecondition, "{early:?}");
+    let file = residents_csv("harbour", 1, 30);
+    let mut started = registry
+        .begin_upload(authed(
+            &cast.provider_admin,
+            api::BeginUploadRequest {
+                product_id: "transit".into(),
+                table: "residents".into(),
+                format: "csv".into(),
+                append: false,
+                size_bytes: i64::try_from(file.len())?,
+                sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&file)),
+            },
+        ))
+        .await?
+        .into_inner();
+    started = registry
+        .put_upload_chunk(authed(
+            &cast.provider_admin,
+            api::PutUploadChunkRequest {
+                upload_id: started.id.clone(),
+                offset: 0,
+                sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&file)),
+                data: file.clone(),
+            },
+        ))
+        .await?
+        .into_inner();
+    let committed = registry
+        .commit_upload(authed(
+            &cast.provider_admin,
+            api::GetUploadRequest {
+                upload_id: started.id,
+            },
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(committed.version.expect("a version").rows, 30);
+    // Its registration measures the version.
+    let submitted = registry
+        .submit_product(authed(&cast.provider_admin, action("transit", "")))
+        .await?
+        .into_inner();
+    assert_eq!(submitted.data_version, 1);
+    market.stop().await;
+    Ok(())
+}

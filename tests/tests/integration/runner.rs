@@ -772,6 +772,123 @@ async fn a_data_center_keeps_answering_when_one_of_its_runners_dies() -> anyhow:
 /// A marketplace with a query engine, the sample cast, the population
 /// product published, acme's contract on it approved, and `deposit` EUR
 /// cents on acme's balance.
+/// Uploads go to a runner in a data center hosting the product: it stages
+/// the chunks, converts and stores the file in its own data directory, and
+/// measures the version; queries then read that version there, and the
+/// marketplace's disk never holds a byte of it. A file swapped in the data
+/// center's store is refused by the runner.
+#[tokio::test]
+async fn uploads_land_in_the_hosting_data_centers_store() -> anyhow::Result<()> {
+    use civicgrid_marketplace::grpc::runners::{RunnerDirectory, serve_directory};
+    use civicgrid_marketplace::queries::remote::Runners as _;
+    use civicgrid_tests::market::SAMPLE_ROWS;
+
+    use super::data_versions::{entry_details, residents_csv, upload};
+    use super::queries::{BY_DISTRICT, query, run as run_query, total_people};
+
+    let pki = Pki::generate()?;
+    let (market, cast) = market_with_a_contract(100_000).await?;
+    let directory = RunnerDirectory::new(
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&pki.ca))
+            .identity(Identity::from_pem(&pki.directory.0, &pki.directory.1)),
+        Duration::from_secs(2),
+    );
+    market.market.attach_runners(directory.clone())?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let directory_address = listener.local_addr()?;
+    let (_stop_directory, directory_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve_directory(
+        directory.clone(),
+        listener,
+        civicgrid_runner::mutual_tls(&pki.directory.0, &pki.directory.1, &pki.ca),
+        async {
+            let _ = directory_stopped.await;
+        },
+    ));
+    std::fs::remove_dir_all(market.market.data_dir().join("products/population"))?;
+    let (data, _runner, _heartbeats) = municipal_runner(directory_address, &pki).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while directory.pick(&["municipal-core".into()]).is_none() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the runner never registered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let committed = upload(
+        &market,
+        &cast.provider_admin,
+        true,
+        &residents_csv("new-town", 500_000, 40),
+    )
+    .await?;
+    let upload_state = committed.upload.expect("the upload");
+    assert_eq!(upload_state.data_center, "municipal-core");
+    let version = committed.version.expect("a version");
+    assert_eq!(version.rows, i64::try_from(SAMPLE_ROWS)? + 40);
+    for file in version.tables.iter().flat_map(|t| &t.files) {
+        assert!(
+            data.path()
+                .join("products/population")
+                .join(&file.path)
+                .is_file()
+        );
+        assert!(
+            !market
+                .market
+                .data_dir()
+                .join("products/population")
+                .join(&file.path)
+                .exists()
+        );
+    }
+    assert!(
+        std::fs::read_dir(
+            data.path()
+                .join(civicgrid_runner::service::DIRECTORY_STAGING)
+        )?
+        .next()
+        .is_none(),
+        "the staged upload is gone once ingested"
+    );
+    let answer = run_query(
+        &market,
+        &cast.consumer_analyst,
+        query(BY_DISTRICT, "k-runner"),
+    )
+    .await?;
+    assert_eq!(
+        total_people(&answer.batches)?,
+        i64::try_from(SAMPLE_ROWS)? + 40
+    );
+    assert_eq!(
+        entry_details(&answer.summary)["data_fingerprint"],
+        version.fingerprint.as_str()
+    );
+
+    // The appended file, truncated in the data center's store: refused.
+    let appended = version
+        .tables
+        .iter()
+        .flat_map(|t| &t.files)
+        .find(|f| f.rows == 40)
+        .expect("the appended file");
+    let path = data.path().join("products/population").join(&appended.path);
+    let bytes = std::fs::read(&path)?;
+    std::fs::write(&path, &bytes[..bytes.len() - 1])?;
+    match run_query(&market, &cast.consumer_analyst, query(BY_DISTRICT, "k-cut")).await {
+        Ok(answer) => {
+            assert!(answer.batches.is_empty(), "rows from a damaged version");
+            assert_ne!(answer.summary.state, "completed", "{:?}", answer.summary);
+        }
+        Err(status) => assert_ne!(status.code(), tonic::Code::Ok),
+    }
+    market.stop().await;
+    Ok(())
+}
+
 async fn market_with_a_contract(
     deposit: i64,
 ) -> anyhow::Result<(
