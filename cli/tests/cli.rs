@@ -226,6 +226,61 @@ fn cli_walks_registration_contract_and_audit_and_verify_catches_tampering() {
     );
     let contract_id = contract["id"].as_str().unwrap().to_owned();
     json(&server, &provider, &["contract", "approve", &contract_id]);
+
+    // The provider appends a day's residents as CSV: the first version
+    // carries the folder's rows over and adds these.
+    let day = data.path().join("2026-12-07.csv");
+    let mut csv = String::from("district,age_band,household_size,person_id\n");
+    for id in 0..30 {
+        csv.push_str(&format!("new-town,30-39,2,{}\n", 9_000_000 + id));
+    }
+    std::fs::write(&day, csv).unwrap();
+    let day_arg = day.to_str().unwrap();
+    let committed = json(
+        &server,
+        &provider,
+        &[
+            "product",
+            "upload",
+            "population",
+            "--table",
+            "residents",
+            "--file",
+            day_arg,
+            "--append",
+        ],
+    );
+    assert_eq!(committed["upload"]["state"], "ingested", "{committed}");
+    assert_eq!(committed["version"]["version"], "1", "{committed}");
+    let versions = json(&server, &consumer, &["product", "versions", "population"]);
+    assert_eq!(
+        versions["versions"][0]["fingerprint"],
+        committed["version"]["fingerprint"]
+    );
+    assert!(
+        versions["versions"][0]["tables"]
+            .as_array()
+            .is_none_or(Vec::is_empty),
+        "the consumer sees no files: {versions}"
+    );
+    let (code, _, stderr) = civicgrid(
+        &server,
+        &consumer,
+        &[
+            "product",
+            "upload",
+            "population",
+            "--table",
+            "residents",
+            "--file",
+            day_arg,
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("NotFound"),
+        "a consumer cannot upload: {stderr}"
+    );
     let (code, _, _) = civicgrid(
         &server,
         &consumer,

@@ -26,6 +26,9 @@ use crate::wire;
 /// `data/<table>/<sha256>.parquet`: nothing staged is ever a table.
 pub const DIRECTORY_STAGING: &str = ".staging";
 
+/// Uploads ingested at once on one runner.
+pub const INGESTS_AT_ONCE: usize = 2;
+
 /// Chunks of the released Arrow IPC stream: at most this many bytes each.
 pub const RESULT_CHUNK_BYTES: usize = 1 << 20;
 
@@ -49,6 +52,9 @@ pub struct RunnerService {
     ceilings: Ceilings,
     metrics: Arc<crate::Metrics>,
     measuring: Arc<tokio::sync::Semaphore>,
+    /// Ingests at once: each reads, converts and writes a whole upload, and
+    /// must leave the runs and measurements their slots.
+    ingesting: Arc<tokio::sync::Semaphore>,
     staging: Staging,
 }
 
@@ -77,8 +83,10 @@ impl RunnerService {
             ProductStore::Directory(dir) => dir.join(DIRECTORY_STAGING),
             ProductStore::Objects { .. } => std::env::temp_dir().join("civicgrid-runner-staging"),
         });
+        staging.sweep();
         Self {
             staging,
+            ingesting: Arc::new(tokio::sync::Semaphore::new(INGESTS_AT_ONCE)),
             client_name: crate::MARKETPLACE_NAME.to_owned(),
             metrics: Arc::new(crate::Metrics::new(sandbox.slots())),
             measuring: Arc::new(tokio::sync::Semaphore::new(
@@ -108,6 +116,7 @@ impl RunnerService {
     #[must_use]
     pub fn staging_in(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
         self.staging = Staging::new(dir);
+        self.staging.sweep();
         self
     }
 
@@ -441,7 +450,7 @@ impl proto::runner_server::Runner for Arc<RunnerService> {
     ) -> Result<Response<proto::IngestReply>, Status> {
         self.answers(&request)?;
         let _permit = self
-            .measuring
+            .ingesting
             .acquire()
             .await
             .map_err(|_| Status::unavailable("this runner is shutting down"))?;
@@ -496,6 +505,16 @@ impl RunnerService {
             sha256: request.sha256,
             bytes: request.bytes,
             adopt: wire::declared_from_proto(request.adopt),
+            guard: request.guard.map(|guard| crate::uploads::ChangeGuard {
+                unit_column: guard.unit_column,
+                min_units: guard.min_units,
+                append: guard.append,
+                previous: guard
+                    .previous
+                    .into_iter()
+                    .map(wire::file_from_proto)
+                    .collect(),
+            }),
         };
         let product = request.product_id;
         let outcome = crate::uploads::ingest(&self.products, &self.staging, job)

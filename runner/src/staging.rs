@@ -64,6 +64,11 @@ impl Staging {
         let path = self.path(upload_id)?;
         std::fs::create_dir_all(&self.dir)?;
         let fresh = !path.exists();
+        if fresh && offset > 0 {
+            // Sealed for its ingest, or lost with a restart: nothing to
+            // add to, and nothing is made that a sweep would have to find.
+            return Ok(0);
+        }
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -81,6 +86,30 @@ impl Staging {
         file.write_all(data)?;
         file.sync_data()?;
         Ok(offset + data.len() as u64)
+    }
+
+    /// Takes the upload's staged file out of reach of further chunks, for
+    /// its ingest: what is hashed and converted is what was staged when the
+    /// ingest began, and a second ingest of the same upload finds nothing.
+    ///
+    /// # Errors
+    /// A bad id, or no staged file (`NotFound`).
+    pub fn seal(&self, upload_id: &str) -> Result<PathBuf, StagingError> {
+        let staged = self.path(upload_id)?;
+        let sealed = staged.with_extension("sealed");
+        std::fs::rename(&staged, &sealed)?;
+        Ok(sealed)
+    }
+
+    /// The length and SHA-256 (hex) of the file at `path`.
+    ///
+    /// # Errors
+    /// No such file.
+    pub fn digest_of(path: &Path) -> Result<(u64, String), StagingError> {
+        let mut file = std::fs::File::open(path)?;
+        let mut hasher = Sha256::new();
+        let length = std::io::copy(&mut file, &mut hasher)?;
+        Ok((length, hex::encode(hasher.finalize())))
     }
 
     /// The length and SHA-256 (hex) of the upload's staged file.
@@ -123,7 +152,7 @@ impl Staging {
     }
 
     /// Removes staged files nobody wrote to for [`ABANDONED_AFTER`].
-    fn sweep(&self) {
+    pub fn sweep(&self) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
@@ -167,7 +196,15 @@ mod tests {
         let (length, sha) = staging.digest(ID).unwrap();
         assert_eq!(length, 11);
         assert_eq!(sha, hex::encode(Sha256::digest(b"hello world")));
+        // Sealed for its ingest: a late chunk neither reaches it nor makes a
+        // new file.
+        let sealed = staging.seal(ID).unwrap();
+        assert_eq!(staging.stage(ID, 11, b"!").unwrap(), 0);
+        assert!(!staging.path(ID).unwrap().exists());
+        assert_eq!(Staging::digest_of(&sealed).unwrap().0, 11);
+        assert!(staging.seal(ID).is_err(), "a second ingest finds nothing");
         staging.discard(ID);
+        assert!(!sealed.exists());
         assert!(staging.digest(ID).is_err());
     }
 

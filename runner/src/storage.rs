@@ -337,8 +337,13 @@ impl ProductStore {
                 let into = into.to_owned();
                 tokio::task::spawn_blocking(move || {
                     // Not through a link, as a query would not read one.
-                    let mut from = civicgrid_sandbox::open_plain_file(&source)
-                        .map_err(StorageError::Version)?;
+                    // The runner's paths are its own: the provider is told
+                    // which table, not where it lives.
+                    let mut from = civicgrid_sandbox::open_plain_file(&source).map_err(|_| {
+                        StorageError::Version(
+                            "its file is reached through a link or cannot be opened".into(),
+                        )
+                    })?;
                     let mut to = std::fs::File::create(&into)
                         .map_err(|error| StorageError::Store(error.to_string()))?;
                     std::io::copy(&mut from, &mut to)

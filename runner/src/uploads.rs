@@ -29,6 +29,24 @@ pub struct IngestJob {
     /// Tables the product's folder holds as `<table>.parquet`, to copy into
     /// its first version.
     pub adopt: Vec<DeclaredTable>,
+    /// When the product's policy aggregates over privacy units: how far the
+    /// new version may differ from the one before.
+    pub guard: Option<ChangeGuard>,
+}
+
+/// What keeps two versions from singling anyone out: the table's rows
+/// change for no privacy unit, or for at least `min_units` of them.
+#[derive(Debug, Clone)]
+pub struct ChangeGuard {
+    /// The privacy unit column (only a table that has it is guarded).
+    pub unit_column: String,
+    /// The output policy's minimum aggregation count.
+    pub min_units: u64,
+    /// Whether the upload adds to the table's rows (else replaces them).
+    pub append: bool,
+    /// The table's files in the version before (empty: it had none, or the
+    /// product had no version and its folder's table is adopted).
+    pub previous: Vec<ManifestFile>,
 }
 
 /// What became of an upload.
@@ -55,27 +73,41 @@ pub async fn ingest(
     staging: &Staging,
     job: IngestJob,
 ) -> Result<IngestOutcome, StorageError> {
-    let outcome = ingest_staged(products, staging, &job).await;
+    let failed = |error: crate::staging::StagingError| StorageError::Store(error.to_string());
+    let sealed = {
+        let (staging, id) = (staging.clone(), job.upload_id.clone());
+        blocking(move || staging.seal(&id)).await?
+    };
+    // Only the ingest that sealed the upload cleans up after it: a second
+    // one for the same upload finds nothing, and leaves the first's files.
+    let staged = match sealed {
+        Ok(sealed) => sealed,
+        Err(crate::staging::StagingError::Io(error))
+            if error.kind() == std::io::ErrorKind::NotFound =>
+        {
+            return Ok(IngestOutcome::Refused(
+                "nothing is staged for this upload (ingested or lost already); send it again"
+                    .into(),
+            ));
+        }
+        Err(other) => return Err(failed(other)),
+    };
+    let outcome = ingest_sealed(products, staging, &job, staged).await;
     let (staging, id) = (staging.clone(), job.upload_id.clone());
     let _ = tokio::task::spawn_blocking(move || staging.discard(&id)).await;
     outcome
 }
 
-async fn ingest_staged(
+async fn ingest_sealed(
     products: &ProductStore,
     staging: &Staging,
     job: &IngestJob,
+    staged: std::path::PathBuf,
 ) -> Result<IngestOutcome, StorageError> {
     let failed = |error: crate::staging::StagingError| StorageError::Store(error.to_string());
-    let staged = staging.path(&job.upload_id).map_err(failed)?;
-    if !staged.exists() {
-        return Ok(IngestOutcome::Refused(
-            "nothing is staged for this upload; send it again".into(),
-        ));
-    }
     let digest = {
-        let (staging, id) = (staging.clone(), job.upload_id.clone());
-        blocking(move || staging.digest(&id))
+        let staged = staged.clone();
+        blocking(move || Staging::digest_of(&staged))
             .await?
             .map_err(failed)?
     };
@@ -85,27 +117,6 @@ async fn ingest_staged(
             digest.0, digest.1, job.bytes, job.sha256
         )));
     }
-    let canonical = staging.scratch(&job.upload_id, "parquet").map_err(failed)?;
-    let upload = match canonical_file(
-        staged,
-        Some(job.format),
-        job.table.clone(),
-        canonical.clone(),
-    )
-    .await?
-    {
-        Ok(ingested) => ingested,
-        Err(refused) => return Ok(IngestOutcome::Refused(refused.to_string())),
-    };
-    let path = products
-        .put_file(&job.location, &job.table.name, &upload.sha256, &canonical)
-        .await?;
-    let upload = ManifestFile {
-        path,
-        sha256: upload.sha256,
-        bytes: upload.bytes,
-        rows: upload.rows,
-    };
     let mut adopted = Vec::with_capacity(job.adopt.len());
     for table in &job.adopt {
         let copied = staging
@@ -151,7 +162,105 @@ async fn ingest_staged(
             },
         ));
     }
+    let canonical = staging.scratch(&job.upload_id, "parquet").map_err(failed)?;
+    let upload = match canonical_file(
+        staged,
+        Some(job.format),
+        job.table.clone(),
+        canonical.clone(),
+    )
+    .await?
+    {
+        Ok(ingested) => ingested,
+        Err(refused) => return Ok(IngestOutcome::Refused(refused.to_string())),
+    };
+    if let Some(guard) = &job.guard
+        && let Some(refused) = guard_change(products, staging, job, guard, &adopted).await?
+    {
+        return Ok(IngestOutcome::Refused(refused));
+    }
+    let path = products
+        .put_file(&job.location, &job.table.name, &upload.sha256, &canonical)
+        .await?;
+    let upload = ManifestFile {
+        path,
+        sha256: upload.sha256,
+        bytes: upload.bytes,
+        rows: upload.rows,
+    };
     Ok(IngestOutcome::Ingested { upload, adopted })
+}
+
+/// Why the new version would differ from the one before in too few privacy
+/// units, if it would. The upload's canonical file is in the staging
+/// directory; the table before is `guard.previous` in the store, or the
+/// folder's table adopted into the first version, or nothing (no consumer
+/// has seen this table: nothing to compare with).
+async fn guard_change(
+    products: &ProductStore,
+    staging: &Staging,
+    job: &IngestJob,
+    guard: &ChangeGuard,
+    adopted: &[(String, ManifestFile)],
+) -> Result<Option<String>, StorageError> {
+    use civicgrid_sandbox::change::{changed_units, unit_summaries};
+    use civicgrid_sandbox::manifest::{Manifest, ManifestTable};
+
+    let table = job.table.name.clone();
+    if !job
+        .table
+        .columns
+        .iter()
+        .any(|(name, _)| *name == guard.unit_column)
+    {
+        return Ok(None);
+    }
+    let mut previous = guard.previous.clone();
+    previous.extend(
+        adopted
+            .iter()
+            .filter(|(name, _)| *name == table)
+            .map(|(_, file)| file.clone()),
+    );
+    if previous.is_empty() {
+        return Ok(None);
+    }
+    let footers = std::sync::Arc::new(civicgrid_sandbox::FooterCache::new());
+    let before = if guard.append {
+        None
+    } else {
+        let manifest = Manifest {
+            tables: vec![ManifestTable {
+                name: table.clone(),
+                files: previous,
+            }],
+        };
+        Some(products.version(&job.location, &manifest, &footers).await?)
+    };
+    let uploaded: std::sync::Arc<dyn civicgrid_sandbox::TableStore> = std::sync::Arc::new(
+        civicgrid_sandbox::LocalDirectory::new(staging.dir(), [job.upload_id.clone()]),
+    );
+    let (unit, id) = (guard.unit_column.clone(), job.upload_id.clone());
+    let changed = blocking(move || {
+        let after = unit_summaries(uploaded.as_ref(), &id, &unit)?;
+        match before {
+            // An append changes every unit it has rows of.
+            None => Ok::<_, String>(after.len()),
+            Some(before) => Ok(changed_units(
+                &unit_summaries(before.as_ref(), &table, &unit)?,
+                &after,
+            )),
+        }
+    })
+    .await?
+    .map_err(StorageError::Store)?;
+    let min = usize::try_from(guard.min_units).unwrap_or(usize::MAX);
+    Ok((changed > 0 && changed < min).then(|| {
+        format!(
+            "the upload changes the rows of {changed} of the table's {column} values, and a version changes none or at least {min} (the product's minimum aggregation count): comparing two versions must not single anyone out",
+            column = guard.unit_column
+        )
+    }))
 }
 
 /// The canonical file of `input`: an upload in `format`, or (`None`) a

@@ -9,6 +9,7 @@
 
 pub use civicgrid_guest_protocol::{ipc, policy, protocol};
 
+pub mod change;
 pub mod ingest;
 pub mod location;
 pub mod manifest;

@@ -3,6 +3,8 @@
 -- and its fingerprint is the Merkle root over those files that a query's
 -- audit entry records. `products.data_version` is the newest published one
 -- (0: the product's folder as it is, for products with no version yet).
+-- `data_center` is where its files are stored ("" in the embedded default):
+-- queries on it run there.
 CREATE TABLE product_data_versions (
     product_id TEXT NOT NULL REFERENCES products (id),
     version BIGINT NOT NULL,
@@ -14,6 +16,7 @@ CREATE TABLE product_data_versions (
     validity DOUBLE PRECISION NOT NULL,
     freshness_seconds BIGINT NOT NULL,
     upload_id TEXT NOT NULL,
+    data_center TEXT NOT NULL,
     created_by TEXT NOT NULL,
     created_at BIGINT NOT NULL,
     audit_index BIGINT NOT NULL,

@@ -446,6 +446,12 @@ impl RunnerDirectory {
             sha256: job.sha256.clone(),
             bytes: job.bytes,
             adopt: wire::declared_to_proto(&job.adopt),
+            guard: job.guard.as_ref().map(|guard| proto::ChangeGuard {
+                unit_column: guard.unit_column.clone(),
+                min_units: guard.min_units,
+                append: guard.append,
+                previous: guard.previous.iter().map(wire::file_to_proto).collect(),
+            }),
         };
         let reply = tokio::time::timeout(INGEST_WITHIN, self.client(choice)?.ingest(message))
             .await

@@ -458,9 +458,9 @@ impl Marketplace {
         spec: &ProductSpec,
     ) -> Result<QualityMetrics> {
         let version = self
-            .newest_manifest(product)
+            .newest_version(product)
             .await?
-            .map(|(_, manifest)| std::sync::Arc::new(manifest));
+            .map(|version| (std::sync::Arc::new(version.manifest), version.data_center));
         self.measure_quality_of(&product.id, spec, version).await
     }
 
@@ -470,20 +470,29 @@ impl Marketplace {
         &self,
         product_id: &str,
         spec: &ProductSpec,
-        version: Option<std::sync::Arc<civicgrid_sandbox::manifest::Manifest>>,
+        version: Option<(
+            std::sync::Arc<civicgrid_sandbox::manifest::Manifest>,
+            String,
+        )>,
     ) -> Result<QualityMetrics> {
         let now_ms = crate::store::now_ms();
         let Some(runners) = self.runners.get().cloned() else {
             let dir = crate::quality::resolve_location(self.data_dir(), &spec.storage_location)?;
             let tables = spec.tables.clone();
             return tokio::task::spawn_blocking(move || match version {
-                Some(manifest) => crate::quality::measure_version(&dir, &manifest, &tables, now_ms),
+                Some((manifest, _)) => {
+                    crate::quality::measure_version(&dir, &manifest, &tables, now_ms)
+                }
                 None => crate::quality::measure(&dir, &tables, now_ms),
             })
             .await
             .map_err(|error| MarketError::Corrupt(format!("quality measurement task: {error}")))?;
         };
-        let hosts = spec.hosting_data_centers.clone();
+        // A version is measured where its files are.
+        let hosts = match &version {
+            Some((_, data_center)) if !data_center.is_empty() => vec![data_center.clone()],
+            _ => spec.hosting_data_centers.clone(),
+        };
         let choice = runners.pick(&hosts).ok_or_else(|| {
             MarketError::Unavailable(format!(
                 "no runner is ready in {} to measure product {product_id}'s data; retry later",
@@ -495,7 +504,7 @@ impl Marketplace {
             storage_location: spec.storage_location.clone(),
             tables: crate::quality::declared(&spec.tables),
             now_ms,
-            version: version.map(|manifest| manifest.as_ref().clone()),
+            version: version.map(|(manifest, _)| manifest.as_ref().clone()),
         };
         crate::quality::recorded_remote(runners.measure(choice, hosts, job).await)
     }

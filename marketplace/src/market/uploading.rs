@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use civicgrid_runner::ProductStore;
 use civicgrid_runner::staging::Staging;
-use civicgrid_runner::uploads::{IngestJob, IngestOutcome};
+use civicgrid_runner::uploads::{ChangeGuard, IngestJob, IngestOutcome};
 use civicgrid_sandbox::ingest::Format;
 use civicgrid_sandbox::manifest::Manifest;
 use sha2::{Digest as _, Sha256};
@@ -54,7 +54,16 @@ impl Marketplace {
         versions::check(&product, &request)?;
         let (data_center, endpoint) = match self.runners.get() {
             Some(runners) => {
-                let hosts = &product.spec.hosting_data_centers;
+                // A product's versions stay in the store that holds its
+                // first: a version never spans two data centers' stores.
+                let stored_in = self
+                    .newest_version(&product)
+                    .await?
+                    .map(|version| vec![version.data_center])
+                    .filter(|dc| !dc[0].is_empty());
+                let hosts = stored_in
+                    .as_ref()
+                    .unwrap_or(&product.spec.hosting_data_centers);
                 let choice = runners.pick(hosts).ok_or_else(|| {
                     MarketError::Unavailable(format!(
                         "no runner is ready in {} to take product {}'s data; retry later",
@@ -87,6 +96,18 @@ impl Marketplace {
             updated_at_unix_ms: now,
         };
         let mut connection = self.store.acquire().await?;
+        let receiving = versions::count_receiving(
+            &mut connection,
+            &upload.organization_id,
+            now - versions::ABANDONED_AFTER_MS,
+        )
+        .await?;
+        if receiving >= versions::MAX_RECEIVING_PER_PROVIDER {
+            return Err(MarketError::ResourceExhausted(format!(
+                "{} has {receiving} uploads unfinished; finish or abandon some first",
+                upload.organization_id
+            )));
+        }
         versions::insert_upload(&mut connection, &upload).await?;
         Ok(upload)
     }
@@ -249,18 +270,33 @@ impl Marketplace {
         let table = versions::declared_table(&product, &upload.table)?;
         let format = Format::parse(&upload.format)
             .ok_or_else(|| MarketError::Corrupt(format!("upload format {:?}", upload.format)))?;
-        let base = self.newest_manifest(&product).await?;
+        let base = self.newest_version(&product).await?;
         // A product with no version yet carries its folder's other tables
         // into its first one.
-        // An append carries the uploaded table's own rows too.
+        // The uploaded table's own folder file too: an append carries its
+        // rows over, and a replacement is compared with it.
         let adopt = if base.is_none() {
             crate::quality::declared(&product.spec.tables)
-                .into_iter()
-                .filter(|declared| declared.name != upload.table || upload.append)
-                .collect()
         } else {
             Vec::new()
         };
+        let guard = product
+            .spec
+            .output_policy
+            .as_ref()
+            .filter(|policy| {
+                policy.min_aggregation_count > 0 && !policy.privacy_unit_column.is_empty()
+            })
+            .map(|policy| ChangeGuard {
+                unit_column: policy.privacy_unit_column.clone(),
+                min_units: u64::try_from(policy.min_aggregation_count).unwrap_or(u64::MAX),
+                append: upload.append,
+                previous: base
+                    .as_ref()
+                    .and_then(|base| base.manifest.table(&upload.table))
+                    .map(|table| table.files.clone())
+                    .unwrap_or_default(),
+            });
         let job = IngestJob {
             upload_id: upload.id.clone(),
             location: product.spec.storage_location.clone(),
@@ -269,6 +305,7 @@ impl Marketplace {
             sha256: upload.sha256.clone(),
             bytes: u64::try_from(upload.size_bytes).unwrap_or_default(),
             adopt,
+            guard,
         };
         let outcome = self.ingest(&upload, &product, job).await?;
         let (file, adopted) = match outcome {
@@ -310,13 +347,33 @@ impl Marketplace {
         for _ in 0..PUBLISH_ATTEMPTS {
             let mut manifest = base
                 .as_ref()
-                .map_or_else(Manifest::default, |(_, manifest)| manifest.clone());
-            for (table, adopted) in &adopted {
-                manifest = manifest.with_files(table, vec![adopted.clone()], false);
+                .map_or_else(Manifest::default, |base| base.manifest.clone());
+            // The folder's tables start a first version only: once another
+            // upload has published one, it carries them already, and laying
+            // them over it again would undo that upload.
+            if base.is_none() {
+                for (table, adopted) in &adopted {
+                    // A replaced table's folder rows were only compared with.
+                    if *table == upload.table && !upload.append {
+                        continue;
+                    }
+                    manifest = manifest.with_files(table, vec![adopted.clone()], false);
+                }
             }
             manifest = manifest.with_files(&upload.table, vec![file.clone()], upload.append);
-            let quality = self.measure_version(&product, &manifest).await?;
-            let base_version = base.as_ref().map_or(0, |(version, _)| *version);
+            if let Some(base) = base
+                .as_ref()
+                .filter(|base| base.data_center != upload.data_center)
+            {
+                return Err(MarketError::FailedPrecondition(format!(
+                    "product {}'s data is stored in {:?}, not where upload {upload_id} was staged; upload it again",
+                    product.id, base.data_center
+                )));
+            }
+            let quality = self
+                .measure_version(&product, &manifest, &upload.data_center)
+                .await?;
+            let base_version = base.as_ref().map_or(0, |base| base.version);
             let mut transaction = self.store.begin().await?;
             let published = versions::publish(
                 &mut transaction,
@@ -341,7 +398,7 @@ impl Marketplace {
                     product = self
                         .uploadable_product(principal, &upload.product_id)
                         .await?;
-                    base = self.newest_manifest(&product).await?;
+                    base = self.newest_version(&product).await?;
                 }
                 Err(other) => return Err(other),
             }
@@ -371,9 +428,13 @@ impl Marketplace {
         let mut connection = self.store.acquire().await?;
         let mut listed =
             versions::list_versions(&mut connection, product_id, versions::MAX_LISTED).await?;
+        // Row and byte counts per version tell how many rows each append
+        // added: the provider's to know, not every buyer's.
         if !insider {
             for version in &mut listed {
                 version.manifest = Manifest::default();
+                version.rows = 0;
+                version.bytes = 0;
             }
         }
         Ok(listed)
@@ -390,6 +451,11 @@ impl Marketplace {
                 id: product_id.to_owned(),
             });
         }
+        if product.state == crate::registry::ProductState::Retired {
+            return Err(MarketError::FailedPrecondition(format!(
+                "product {product_id} is retired; it takes no new data"
+            )));
+        }
         self.require(
             principal,
             &product.provider_organization_id,
@@ -399,18 +465,15 @@ impl Marketplace {
         Ok(product)
     }
 
-    /// The product's newest version and its manifest, if it has one.
-    pub(super) async fn newest_manifest(
-        &self,
-        product: &Product,
-    ) -> Result<Option<(i64, Manifest)>> {
+    /// The product's newest version, if it has one.
+    pub(super) async fn newest_version(&self, product: &Product) -> Result<Option<DataVersion>> {
         if product.data_version == 0 {
             return Ok(None);
         }
         let mut connection = self.store.acquire().await?;
-        let version =
-            versions::get_version(&mut connection, &product.id, product.data_version).await?;
-        Ok(Some((version.version, version.manifest)))
+        Ok(Some(
+            versions::verified(&mut connection, &product.id, product.data_version).await?,
+        ))
     }
 
     async fn ingest(
@@ -457,13 +520,19 @@ impl Marketplace {
         }
     }
 
-    /// The quality of `manifest`'s data, measured where it is stored.
+    /// The quality of `manifest`'s data, measured where it is stored: in
+    /// `data_center`'s store ("" in the embedded default).
     pub(super) async fn measure_version(
         &self,
         product: &Product,
         manifest: &Manifest,
+        data_center: &str,
     ) -> Result<QualityMetrics> {
-        self.measure_quality_of(&product.id, &product.spec, Some(Arc::new(manifest.clone())))
-            .await
+        self.measure_quality_of(
+            &product.id,
+            &product.spec,
+            Some((Arc::new(manifest.clone()), data_center.to_owned())),
+        )
+        .await
     }
 }

@@ -75,6 +75,8 @@ pub(super) struct ProductFiles {
 #[derive(Debug)]
 pub(crate) struct ReadVersion {
     pub(crate) version: i64,
+    /// Where its files are ("" in the embedded default).
+    pub(crate) data_center: String,
     pub(crate) fingerprint: String,
     pub(crate) manifest: civicgrid_sandbox::manifest::Manifest,
 }
@@ -116,9 +118,10 @@ async fn read_version(
     {
         return Ok(Some(Arc::clone(known)));
     }
-    let stored = crate::versions::get_version(connection, &product.id, version).await?;
+    let stored = crate::versions::verified(connection, &product.id, version).await?;
     let read = Arc::new(ReadVersion {
         version,
+        data_center: stored.data_center,
         fingerprint: stored.fingerprint,
         manifest: stored.manifest,
     });
@@ -270,7 +273,7 @@ pub(super) async fn reserve(
     } = terms;
     let mut storage = storage;
     storage.version = read_version(connection, engine, product, request.data_version).await?;
-    let runner = choose_runner(market, product)?;
+    let runner = choose_runner(market, product, storage.version.as_deref())?;
     let metering = Metering::for_product(&product.spec, &policy);
     let compute_units = compute_budget(engine, request, product, &plan, metering)?;
     let hold = check_quota_and_funds(
@@ -326,7 +329,10 @@ pub(super) async fn reserve(
     }
     Ok(Reservation {
         runner,
-        hosting_data_centers: product.spec.hosting_data_centers.clone(),
+        hosting_data_centers: match storage.version.as_deref() {
+            Some(read) if !read.data_center.is_empty() => vec![read.data_center.clone()],
+            _ => product.spec.hosting_data_centers.clone(),
+        },
         query_id,
         consumer,
         provider: product.provider_organization_id.clone(),
@@ -351,11 +357,22 @@ pub(super) async fn reserve(
 /// A ready runner in a data center hosting `product`, when queries are
 /// routed; refused as unavailable, naming the data centers, before anything
 /// is held.
-fn choose_runner(market: &dyn Market, product: &Product) -> Result<Option<RunnerChoice>> {
+fn choose_runner(
+    market: &dyn Market,
+    product: &Product,
+    version: Option<&ReadVersion>,
+) -> Result<Option<RunnerChoice>> {
     let Some(runners) = market.runners() else {
         return Ok(None);
     };
-    let hosts = &product.spec.hosting_data_centers;
+    // A version's files are in the store of the data center that took its
+    // upload; elsewhere there is nothing to read.
+    let stored_in = version
+        .filter(|read| !read.data_center.is_empty())
+        .map(|read| vec![read.data_center.clone()]);
+    let hosts = stored_in
+        .as_ref()
+        .unwrap_or(&product.spec.hosting_data_centers);
     runners.pick(hosts).map(Some).ok_or_else(|| {
         MarketError::Unavailable(format!(
             "no runner is ready in {} to run queries on product {}; retry later",

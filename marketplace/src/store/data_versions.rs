@@ -8,7 +8,8 @@ use crate::spec::QualityMetrics;
 use crate::versions::model::{DataVersion, Upload, UploadState};
 
 const VERSION_COLUMNS: &str = "product_id, version, manifest, fingerprint, row_count, byte_count, \
-     completeness, validity, freshness_seconds, upload_id, created_by, created_at, audit_index";
+     completeness, validity, freshness_seconds, upload_id, data_center, created_by, created_at, \
+     audit_index";
 
 const UPLOAD_COLUMNS: &str = "id, product_id, organization_id, table_name, format, append_rows, \
      size_bytes, sha256, received_bytes, data_center, endpoint, state, message, data_version, \
@@ -31,6 +32,7 @@ fn version_from_row(row: &sqlx::any::AnyRow) -> Result<DataVersion> {
             freshness_seconds: row.try_get("freshness_seconds")?,
         },
         upload_id: row.try_get("upload_id")?,
+        data_center: row.try_get("data_center")?,
         created_by: row.try_get("created_by")?,
         created_at_unix_ms: row.try_get("created_at")?,
         audit_index: row.try_get("audit_index")?,
@@ -68,7 +70,7 @@ pub(crate) async fn insert_version(
         .map_err(|error| MarketError::Corrupt(format!("manifest: {error}")))?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO product_data_versions ({VERSION_COLUMNS}) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
     )))
     .bind(&version.product_id)
     .bind(version.version)
@@ -80,6 +82,7 @@ pub(crate) async fn insert_version(
     .bind(version.quality.validity)
     .bind(version.quality.freshness_seconds)
     .bind(&version.upload_id)
+    .bind(&version.data_center)
     .bind(&version.created_by)
     .bind(version.created_at_unix_ms)
     .bind(version.audit_index)
@@ -247,4 +250,22 @@ pub(crate) async fn update_upload(
             upload.id
         )))
     }
+}
+
+/// Uploads of `organization` still receiving that were started since
+/// `since_ms`.
+pub(crate) async fn count_receiving(
+    connection: &mut AnyConnection,
+    organization: &str,
+    since_ms: i64,
+) -> Result<i64> {
+    let row = sqlx::query(
+        "SELECT COUNT(*) AS n FROM product_uploads \
+         WHERE organization_id = $1 AND state = 'receiving' AND created_at >= $2",
+    )
+    .bind(organization)
+    .bind(since_ms)
+    .fetch_one(&mut *connection)
+    .await?;
+    Ok(row.try_get("n")?)
 }

@@ -30,6 +30,15 @@ pub const MAX_UPLOAD_BYTES: i64 = 16 << 30;
 /// request's other fields.
 pub const MAX_CHUNK_BYTES: usize = 3 << 20;
 
+/// Most uploads one provider may have receiving at once (an upload left
+/// unfinished for [`ABANDONED_AFTER_MS`] no longer counts): each holds staged
+/// bytes on a runner's disk.
+pub const MAX_RECEIVING_PER_PROVIDER: i64 = 10;
+
+/// When an unfinished upload counts as abandoned (a runner removes its
+/// staged bytes after as long).
+pub const ABANDONED_AFTER_MS: i64 = 2 * 24 * 3600 * 1000;
+
 /// Most versions listed at once.
 pub const MAX_LISTED: i64 = 1000;
 
@@ -162,9 +171,14 @@ pub async fn publish(
                 "rows": rows,
                 "bytes": bytes,
                 "upload": upload.id,
+                "data_center": upload.data_center,
                 "table": upload.table,
                 "append": upload.append,
                 "upload_sha256": upload.sha256,
+                // Every file, so that anyone holding the log recomputes
+                // the fingerprint without asking the operator.
+                "manifest": serde_json::to_value(&manifest)
+                    .map_err(|error| MarketError::Corrupt(format!("manifest: {error}")))?,
                 "completeness": quality.completeness,
                 "validity": quality.validity,
                 "freshness_seconds": quality.freshness_seconds,
@@ -181,6 +195,7 @@ pub async fn publish(
         bytes,
         quality,
         upload_id: upload.id.clone(),
+        data_center: upload.data_center.clone(),
         created_by: actor.to_owned(),
         created_at_unix_ms: now,
         audit_index: i64::try_from(index).unwrap_or(i64::MAX),
@@ -194,6 +209,50 @@ pub async fn publish(
     Ok(stored)
 }
 
+/// Version `version` of `product_id`, checked against the signed log: its
+/// manifest names only files in its data folder, hashes to the stored
+/// fingerprint, and is the one the version's audit entry recorded. A row
+/// edited in the database (another version's files under this number) is
+/// `Corrupt`, never read.
+///
+/// # Errors
+/// `NotFound`; `Corrupt` for a version that does not match its entry.
+pub async fn verified(
+    connection: &mut AnyConnection,
+    product_id: &str,
+    version: i64,
+) -> Result<DataVersion> {
+    let stored = get_version(connection, product_id, version).await?;
+    let corrupt = |why: &str| {
+        tracing::error!(product = %product_id, version, why, "a data version does not match its audit entry");
+        MarketError::Corrupt(format!(
+            "version {version} of product {product_id}'s data does not match its audit entry"
+        ))
+    };
+    if stored.manifest.check().is_err() {
+        return Err(corrupt("its manifest names files outside its data folder"));
+    }
+    if stored.manifest.fingerprint() != stored.fingerprint {
+        return Err(corrupt("its manifest does not hash to its fingerprint"));
+    }
+    let index = u64::try_from(stored.audit_index).map_err(|_| corrupt("no audit entry"))?;
+    let entries = log::entries(connection, index, index + 1, "product.data_version", "", 1).await?;
+    let entry: serde_json::Value = entries
+        .first()
+        .and_then(|entry| serde_json::from_slice(&entry.body).ok())
+        .ok_or_else(|| corrupt("its audit entry is missing"))?;
+    let recorded: Option<Manifest> =
+        serde_json::from_value(entry["details"]["manifest"].clone()).ok();
+    let matches = entry["subject"] == product_id
+        && entry["details"]["data_version"] == version
+        && entry["details"]["fingerprint"] == stored.fingerprint.as_str()
+        && recorded.as_ref() == Some(&stored.manifest);
+    if !matches {
+        return Err(corrupt("its audit entry records another version"));
+    }
+    Ok(stored)
+}
+
 pub(crate) use crate::store::data_versions::{
-    get_upload, get_version, insert_upload, list_versions, update_upload,
+    count_receiving, get_upload, get_version, insert_upload, list_versions, update_upload,
 };

@@ -100,6 +100,9 @@ pub struct DataVersion {
     pub quality: QualityMetrics,
     /// The upload that made it.
     pub upload_id: String,
+    /// The data center whose store holds its files ("" in the embedded
+    /// default): queries on it run there.
+    pub data_center: String,
     /// Who uploaded it.
     pub created_by: String,
     /// When, Unix ms.

@@ -204,15 +204,19 @@ pub struct FooterCache {
 /// very many files holds at most this many footers in memory.
 const FOOTER_CACHE_ENTRIES: usize = 4096;
 
-/// What tells a file from its replacement. On a local disk: a new inode when
-/// it was renamed over, a new length or modification time when it was
-/// rewritten in place. In an object store: a new entity tag (or, where the
-/// store gives none, a new size or modification time).
+/// What tells a file from its replacement. On a local disk: a new device
+/// or inode when it was renamed over, a new length, modification or change
+/// time when it was rewritten in place (the change time is the kernel's: a
+/// writer can set the modification time back, not the change time). In an
+/// object store: a new entity tag (or, where the store gives none, a new
+/// size or modification time).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Identity {
+    device: u64,
     inode: u64,
     len: u64,
     modified: Option<SystemTime>,
+    changed: (i64, i64),
     tag: Option<String>,
 }
 
@@ -221,14 +225,13 @@ impl Identity {
         let metadata = file
             .metadata()
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        #[cfg(unix)]
-        let inode = std::os::unix::fs::MetadataExt::ino(&metadata);
-        #[cfg(not(unix))]
-        let inode = 0;
+        use std::os::unix::fs::MetadataExt as _;
         Ok(Self {
-            inode,
+            device: metadata.dev(),
+            inode: metadata.ino(),
             len: metadata.len(),
             modified: metadata.modified().ok(),
+            changed: (metadata.ctime(), metadata.ctime_nsec()),
             tag: None,
         })
     }
@@ -236,9 +239,11 @@ impl Identity {
     /// An object's identity: its size, modification time and entity tag.
     pub(crate) fn object(len: u64, modified: SystemTime, tag: Option<String>) -> Self {
         Self {
+            device: 0,
             inode: 0,
             len,
             modified: Some(modified),
+            changed: (0, 0),
             tag,
         }
     }
@@ -322,6 +327,8 @@ pub struct LocalDirectory {
     tables: Vec<String>,
     footers: Arc<FooterCache>,
     share_rows: u64,
+    /// SHA-256 every table's file must hash to, where a version says.
+    expected: Option<Arc<HashMap<String, String>>>,
 }
 
 impl LocalDirectory {
@@ -335,7 +342,43 @@ impl LocalDirectory {
             tables: tables.into_iter().map(Into::into).collect(),
             footers: Arc::default(),
             share_rows: SHARE_ROWS,
+            expected: None,
         }
+    }
+
+    /// The same tables, each of whose file must hash to `expected[table]`:
+    /// checked on the handle every read goes through (hashed the first time
+    /// a file is opened, then trusted while it is the same file), so a file
+    /// renamed over one that was checked is never read.
+    #[must_use]
+    pub fn with_expected_hashes(mut self, expected: HashMap<String, String>) -> Self {
+        self.expected = Some(Arc::new(expected));
+        self
+    }
+
+    /// Opens `table`'s file at `path`, checked against its expected hash.
+    fn open_table(&self, table: &str, path: &Path) -> Result<File, String> {
+        use std::io::{Seek as _, SeekFrom};
+        let mut file = open(path)?;
+        let Some(sha256) = self.expected.as_ref().and_then(|hashes| hashes.get(table)) else {
+            return Ok(file);
+        };
+        let identity = Identity::of(&file, path)?;
+        let key = path.to_string_lossy();
+        if !self.footers.was_verified(&key, &identity, sha256) {
+            let failed = |e: std::io::Error| format!("{}: {e}", path.display());
+            let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+            std::io::copy(&mut file, &mut hasher).map_err(failed)?;
+            if hex::encode(sha2::Digest::finalize(hasher)) != *sha256 {
+                return Err(format!(
+                    "{}: its content is not the one the version lists",
+                    path.display()
+                ));
+            }
+            file.seek(SeekFrom::Start(0)).map_err(failed)?;
+            self.footers.mark_verified(&key, identity, sha256);
+        }
+        Ok(file)
     }
 
     /// The same tables, split into shares of at most `rows` rows instead of
@@ -415,7 +458,7 @@ impl TableStore for LocalDirectory {
 
     fn schema(&self, table: &str) -> Result<SchemaRef, String> {
         let (path, is_parquet) = self.file(table)?;
-        let file = open(&path)?;
+        let file = self.open_table(table, &path)?;
         if is_parquet {
             let footer = self.footers.metadata(&path, &file)?;
             Ok(Arc::new(
@@ -444,7 +487,12 @@ impl TableStore for LocalDirectory {
 
     fn modified(&self, table: &str) -> Option<SystemTime> {
         let (path, _) = self.file(table).ok()?;
-        open(&path).ok()?.metadata().ok()?.modified().ok()
+        self.open_table(table, &path)
+            .ok()?
+            .metadata()
+            .ok()?
+            .modified()
+            .ok()
     }
 
     /// A Parquet table stored in more than one row group splits into shares
@@ -456,7 +504,9 @@ impl TableStore for LocalDirectory {
         if !is_parquet {
             return Ok(1);
         }
-        let footer = self.footers.metadata(&path, &open(&path)?)?;
+        let footer = self
+            .footers
+            .metadata(&path, &self.open_table(table, &path)?)?;
         Ok(shares_of(&footer, self.share_rows))
     }
 
@@ -486,7 +536,7 @@ impl LocalDirectory {
         share: Option<(usize, usize)>,
     ) -> Result<TableScan, String> {
         let (path, is_parquet) = self.file(table)?;
-        let file = open(&path)?;
+        let file = self.open_table(table, &path)?;
         let name = path.display().to_string();
         if is_parquet {
             let footer = self.footers.metadata(&path, &file)?;

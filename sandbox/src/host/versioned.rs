@@ -61,8 +61,11 @@ impl VersionTables {
                 verify_local(&folder.join(&file.path), &file.sha256, file.bytes, footers)?;
             }
             let hashes: Vec<String> = table.files.iter().map(|f| f.sha256.clone()).collect();
-            let files =
-                LocalDirectory::new(dir, hashes.clone()).with_footer_cache(Arc::clone(footers));
+            // Each file is named by its hash, and read only through a handle
+            // checked against it.
+            let files = LocalDirectory::new(dir, hashes.clone())
+                .with_footer_cache(Arc::clone(footers))
+                .with_expected_hashes(hashes.iter().map(|h| (h.clone(), h.clone())).collect());
             tables.push(VersionTable {
                 name: table.name.clone(),
                 files: Arc::new(files),
@@ -371,6 +374,53 @@ mod tests {
         );
         std::fs::remove_file(&path).unwrap();
         assert!(VersionTables::local(dir.path(), &manifest, &footers).is_err());
+    }
+
+    #[test]
+    fn a_file_rewritten_in_place_with_its_old_times_is_hashed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let listed = stored(dir.path(), "counts", 0..3, 1024);
+        let other = stored(dir.path(), "counts", 5..8, 1024);
+        let manifest = Manifest::default().with_files("counts", vec![listed.clone()], false);
+        let footers = Arc::new(FooterCache::new());
+        VersionTables::local(dir.path(), &manifest, &footers).unwrap();
+        let path = dir.path().join(&listed.path);
+        let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let mut forged = std::fs::read(dir.path().join(&other.path)).unwrap();
+        forged.resize(listed.bytes as usize, 0);
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut &file, &forged).unwrap();
+        file.set_modified(modified).unwrap();
+        drop(file);
+        let error = VersionTables::local(dir.path(), &manifest, &footers).unwrap_err();
+        assert!(
+            error.ends_with("its content is not the one the version lists"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_file_renamed_over_one_already_checked_is_never_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let listed = stored(dir.path(), "counts", 0..3, 1024);
+        let manifest = Manifest::default().with_files("counts", vec![listed.clone()], false);
+        let footers = Arc::new(FooterCache::new());
+        // Checked when the run opened the version...
+        let tables = VersionTables::local(dir.path(), &manifest, &footers).unwrap();
+        // ...and swapped before the scan opens it again.
+        let path = dir.path().join(&listed.path);
+        let forged = stored(dir.path(), "other", 50..53, 1024);
+        std::fs::rename(dir.path().join(&forged.path), &path).unwrap();
+        let error = match tables.scan("counts", &[0]) {
+            Err(error) => error,
+            Ok(scan) => scan
+                .collect::<Result<Vec<_>, _>>()
+                .expect_err("the swapped file is refused"),
+        };
+        assert!(
+            error.ends_with("its content is not the one the version lists"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -383,6 +383,108 @@ async fn uploads_make_versions_that_queries_read_and_pin(db: Db) -> anyhow::Resu
     std::fs::write(&path, &original)?;
     let restored = run(&market, &cast.consumer_analyst, query(by_band, "k-6")).await?;
     assert_eq!(total_people(&restored.batches)?, 25);
+
+    // Two versions that differ in the rows of fewer people than the policy's
+    // minimum (10) would single those people out: a consumer queries both
+    // and subtracts. Appending 3 people, or dropping 1, is refused; a change
+    // of none, or of at least 10, is not.
+    let few = upload(
+        &market,
+        &cast.provider_admin,
+        true,
+        &residents_csv("old-town", 900, 3),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(few.code(), Code::FailedPrecondition);
+    assert!(
+        few.message()
+            .contains("changes the rows of 3 of the table's person_id values")
+            && few.message().contains("at least 10"),
+        "{few:?}"
+    );
+    let one_less = upload(
+        &market,
+        &cast.provider_admin,
+        false,
+        &residents_csv("old-town", 1, 24),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        one_less.message().contains("changes the rows of 1 of"),
+        "{one_less:?}"
+    );
+    let mut moved = String::from_utf8(residents_csv("old-town", 1, 25))?;
+    moved = moved.replacen("1,old-town,30-39", "1,harbour,30-39", 1);
+    let one_moved = upload(&market, &cast.provider_admin, false, moved.as_bytes())
+        .await
+        .unwrap_err();
+    assert!(
+        one_moved.message().contains("changes the rows of 1 of"),
+        "{one_moved:?}"
+    );
+    let same = upload(
+        &market,
+        &cast.provider_admin,
+        false,
+        &residents_csv("old-town", 1, 25),
+    )
+    .await?;
+    let third = same.version.expect("an unchanged version is allowed");
+    assert_eq!(third.version, 3);
+    assert_eq!(
+        third.tables, second.tables,
+        "the same content, the same file"
+    );
+
+    // An operator who edits a version's row in the database (its files and
+    // fingerprint made another version's) is caught against the audit log:
+    // the version is never read.
+    let pool = market.raw_pool().await?;
+    let (manifest, fingerprint): (String, String) = {
+        use sqlx::Row as _;
+        let row = sqlx::query(
+            "SELECT manifest, fingerprint FROM product_data_versions \
+             WHERE product_id = 'population' AND version = 1",
+        )
+        .fetch_one(&pool)
+        .await?;
+        (row.try_get("manifest")?, row.try_get("fingerprint")?)
+    };
+    let fourth = upload(
+        &market,
+        &cast.provider_admin,
+        true,
+        &residents_csv("riverside", 800, 12),
+    )
+    .await?;
+    let fourth = fourth.version.expect("a version");
+    sqlx::query(
+        "UPDATE product_data_versions SET manifest = $1, fingerprint = $2 \
+         WHERE product_id = 'population' AND version = $3",
+    )
+    .bind(&manifest)
+    .bind(&fingerprint)
+    .bind(fourth.version)
+    .execute(&pool)
+    .await?;
+    let tampered = run(&market, &cast.consumer_analyst, query(BY_DISTRICT, "k-7"))
+        .await
+        .err()
+        .expect("a tampered version is not read");
+    assert_eq!(tampered.code(), Code::Internal, "{tampered:?}");
+    assert!(!tampered.message().contains(&fingerprint), "{tampered:?}");
+    let blocked = upload(
+        &market,
+        &cast.provider_admin,
+        true,
+        &residents_csv("riverside", 850, 12),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(blocked.code(), Code::Internal, "{blocked:?}");
+    pool.close().await;
     market.stop().await;
     Ok(())
 }
