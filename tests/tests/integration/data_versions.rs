@@ -489,6 +489,76 @@ async fn uploads_make_versions_that_queries_read_and_pin(db: Db) -> anyhow::Resu
     Ok(())
 }
 
+/// Two providers' engineers commit appends at once on a product with no
+/// version yet: both land, one after the other, and neither undoes the
+/// other (the second does not lay the folder's rows over the first's
+/// version again).
+async fn concurrent_first_appends_both_land(db: Db) -> anyhow::Result<()> {
+    let (market, cast) = start_with(db, |_| {}).await?;
+    contract(&market, &cast, 0).await?;
+    let mut registry = RegistryClient::new(market.channel.clone());
+    let mut started = Vec::new();
+    for (district, first) in [("north-gate", 200_000), ("south-gate", 300_000)] {
+        let file = residents_csv(district, first, 15);
+        let upload = registry
+            .begin_upload(authed(
+                &cast.provider_admin,
+                begin("population", true, &file),
+            ))
+            .await?
+            .into_inner();
+        registry
+            .put_upload_chunk(authed(&cast.provider_admin, chunk(&upload.id, 0, &file)))
+            .await?;
+        started.push(upload.id);
+    }
+    let commits = started.iter().map(|id| {
+        let mut registry = registry.clone();
+        let request = authed(
+            &cast.provider_admin,
+            proto::GetUploadRequest {
+                upload_id: id.clone(),
+            },
+        );
+        async move { registry.commit_upload(request).await }
+    });
+    let outcomes = futures::future::join_all(commits).await;
+    let mut versions: Vec<i64> = outcomes
+        .into_iter()
+        .map(|outcome| Ok(outcome?.into_inner().version.expect("a version").version))
+        .collect::<Result<_, tonic::Status>>()?;
+    versions.sort_unstable();
+    assert_eq!(versions, vec![1, 2]);
+    let newest = registry
+        .list_data_versions(authed(
+            &cast.provider_admin,
+            proto::ListDataVersionsRequest {
+                product_id: "population".into(),
+            },
+        ))
+        .await?
+        .into_inner()
+        .versions
+        .remove(0);
+    assert_eq!(
+        newest.rows,
+        i64::try_from(civicgrid_tests::market::SAMPLE_ROWS)? + 30,
+        "the folder's rows once, and both appends: {newest:?}"
+    );
+    market.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_first_appends_both_land_on_sqlite() -> anyhow::Result<()> {
+    concurrent_first_appends_both_land(Db::Sqlite).await
+}
+
+#[tokio::test]
+async fn concurrent_first_appends_both_land_on_postgres() -> anyhow::Result<()> {
+    concurrent_first_appends_both_land(Db::Postgres).await
+}
+
 #[tokio::test]
 async fn uploads_make_versions_that_queries_read_and_pin_on_sqlite() -> anyhow::Result<()> {
     uploads_make_versions_that_queries_read_and_pin(Db::Sqlite).await
