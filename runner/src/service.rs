@@ -444,6 +444,27 @@ impl proto::runner_server::Runner for Arc<RunnerService> {
             .map(Response::new)
     }
 
+    async fn remove(
+        &self,
+        request: Request<proto::RemoveRequest>,
+    ) -> Result<Response<proto::RemoveReply>, Status> {
+        self.answers(&request)?;
+        let request = request.into_inner();
+        self.products
+            .remove(&request.storage_location, &request.paths)
+            .await
+            .map_err(|error| {
+                tracing::error!(product = %request.product_id, %error, "removing a withdrawn version's files failed");
+                match error {
+                    StorageError::Location(_) | StorageError::Version(_) => {
+                        Status::invalid_argument(error.to_string())
+                    }
+                    _ => Status::unavailable("this data center's store did not remove the files"),
+                }
+            })?;
+        Ok(Response::new(proto::RemoveReply {}))
+    }
+
     async fn ingest(
         &self,
         request: Request<proto::IngestRequest>,

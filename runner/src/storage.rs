@@ -381,6 +381,50 @@ impl ProductStore {
     }
 }
 
+impl ProductStore {
+    /// Deletes the version files `paths` (each `data/<table>/<sha256>.parquet`)
+    /// of the product at `location`; one already gone is no error.
+    ///
+    /// # Errors
+    /// A location refused, a path that is not a version's file
+    /// ([`StorageError::Version`]), or a store that fails.
+    pub async fn remove(&self, location: &str, paths: &[String]) -> Result<(), StorageError> {
+        if let Some(path) = paths.iter().find(|path| !Manifest::is_file_path(path)) {
+            return Err(StorageError::Version(format!(
+                "{path} is not a data version's file"
+            )));
+        }
+        match self {
+            Self::Directory(dir) => {
+                let folder = match location::resolve(dir, location) {
+                    Ok(folder) => folder,
+                    Err(LocationError::Missing(_)) => return Ok(()),
+                    Err(other) => return Err(other.into()),
+                };
+                for path in paths {
+                    match std::fs::remove_file(folder.join(path)) {
+                        Ok(()) => {}
+                        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(error) => return Err(StorageError::Store(error.to_string())),
+                    }
+                }
+                Ok(())
+            }
+            Self::Objects { store, root, .. } => {
+                let folder = civicgrid_sandbox::object_folder(root, location)?;
+                for path in paths {
+                    let object = path.split('/').fold(folder.clone(), |p, part| p.join(part));
+                    match store.delete(&object).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                        Err(error) => return Err(StorageError::Store(error.to_string())),
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Uploads `file` to `path` in parts, so a file of gigabytes never sits in
 /// memory; the object appears whole when the upload completes, or not at all.
 async fn put_object(

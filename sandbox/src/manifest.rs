@@ -66,6 +66,29 @@ impl Manifest {
         format!("{DATA_FOLDER}/{table}/{sha256}.parquet")
     }
 
+    /// Whether `path` is a path a version's file can have,
+    /// `data/<table>/<sha256>.parquet`: nothing else in a product's folder
+    /// is ever removed as a version's file.
+    #[must_use]
+    pub fn is_file_path(path: &str) -> bool {
+        let mut parts = path.split('/');
+        let (Some(DATA_FOLDER), Some(table), Some(name), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return false;
+        };
+        let Some(sha256) = name.strip_suffix(".parquet") else {
+            return false;
+        };
+        let hex = sha256.len() == 64
+            && sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let named =
+            !table.is_empty() && table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        hex && named
+    }
+
     /// The table named `name`.
     #[must_use]
     pub fn table(&self, name: &str) -> Option<&ManifestTable> {
@@ -256,5 +279,16 @@ mod tests {
             ],
         };
         assert_eq!(twice.check(), Err(ManifestError::Order("a".into())));
+        let sha: String = std::iter::repeat_n('a', 64).collect();
+        assert!(Manifest::is_file_path(&Manifest::file_path("people", &sha)));
+        for not_a_file in [
+            format!("data/people/{sha}.parquet/x"),
+            format!("data/../{sha}.parquet"),
+            format!("people/{sha}.parquet"),
+            "data/people/residents.parquet".to_owned(),
+            "residents.parquet".to_owned(),
+        ] {
+            assert!(!Manifest::is_file_path(&not_a_file), "{not_a_file}");
+        }
     }
 }

@@ -456,6 +456,7 @@ pub fn sample_spec() -> proto::ProductSpec {
             validity: 0.995,
             freshness_seconds: 86_400,
         }),
+        version_retention_days: 0,
     }
 }
 

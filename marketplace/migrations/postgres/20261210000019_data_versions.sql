@@ -4,7 +4,9 @@
 -- audit entry records. `products.data_version` is the newest published one
 -- (0: the product's folder as it is, for products with no version yet).
 -- `data_center` is where its files are stored ("" in the embedded default):
--- queries on it run there.
+-- queries on it run there. A version withdrawn (by its provider, or when
+-- the product's retention ran out) can no longer be read; once no live
+-- version lists its files, they are deleted (`files_deleted_at`).
 CREATE TABLE product_data_versions (
     product_id TEXT NOT NULL REFERENCES products (id),
     version BIGINT NOT NULL,
@@ -20,6 +22,10 @@ CREATE TABLE product_data_versions (
     created_by TEXT NOT NULL,
     created_at BIGINT NOT NULL,
     audit_index BIGINT NOT NULL,
+    superseded_at BIGINT NOT NULL,
+    withdrawn_at BIGINT NOT NULL,
+    withdrawn_reason TEXT NOT NULL,
+    files_deleted_at BIGINT NOT NULL,
     PRIMARY KEY (product_id, version)
 );
 -- Uploads in progress and done. The bytes are staged where the product's

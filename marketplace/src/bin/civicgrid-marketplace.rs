@@ -134,6 +134,10 @@ struct ServeArgs {
     /// verifiers can tell from a cosignature's age that witnessing goes on.
     #[arg(long, default_value_t = civicgrid_marketplace::market::COSIGNATURE_REFRESH.as_secs())]
     witness_refresh_secs: u64,
+    /// Seconds between sweeps that withdraw data versions past their
+    /// product's retention and delete the files no readable version lists.
+    #[arg(long, default_value_t = 3600)]
+    retention_sweep_secs: u64,
     /// How long a runner counts as ready after its last heartbeat.
     #[arg(long, default_value_t = 15, requires = "runners_listen")]
     runner_ttl_secs: u64,
@@ -283,6 +287,9 @@ async fn main() -> anyhow::Result<()> {
                     std::time::Duration::from_secs(args.witness_refresh_secs.max(1)),
                 );
             }
+            market.spawn_data_retention(std::time::Duration::from_secs(
+                args.retention_sweep_secs.max(1),
+            ));
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .with_context(|| format!("binding {}", args.listen))?;

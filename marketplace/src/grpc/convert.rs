@@ -334,6 +334,8 @@ pub(super) fn data_version_to_proto(version: crate::versions::DataVersion) -> pr
         quality: Some(version.quality),
         created_at_unix_ms: version.created_at_unix_ms,
         audit_index: version.audit_index,
+        withdrawn_at_unix_ms: version.withdrawn_at_unix_ms,
+        withdrawn_reason: version.withdrawn_reason,
         tables: version
             .manifest
             .tables

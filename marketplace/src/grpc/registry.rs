@@ -355,6 +355,26 @@ impl proto::registry_server::Registry for RegistryService {
         }))
     }
 
+    async fn withdraw_data_version(
+        &self,
+        request: Request<proto::WithdrawDataVersionRequest>,
+    ) -> Result<Response<proto::DataVersion>, Status> {
+        let principal = auth::principal(&request)?;
+        let request = request.into_inner();
+        let version = self
+            .0
+            .withdraw_data_version(
+                &principal,
+                &request.product_id,
+                request.version,
+                &request.reason,
+            )
+            .await?;
+        Ok(Response::new(super::convert::data_version_to_proto(
+            version,
+        )))
+    }
+
     async fn export_catalog(
         &self,
         request: Request<proto::ExportCatalogRequest>,

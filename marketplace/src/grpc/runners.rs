@@ -305,6 +305,42 @@ impl Runners for RunnerDirectory {
         Box::pin(async move { self.ingest_on(&choice, request).await })
     }
 
+    fn remove(
+        &self,
+        data_center: String,
+        product_id: String,
+        location: String,
+        paths: Vec<String>,
+    ) -> RemoteStage<'_> {
+        Box::pin(async move {
+            let choice = self
+                .pick(std::slice::from_ref(&data_center))
+                .ok_or_else(|| {
+                    MarketError::Unavailable(format!(
+                        "no runner is ready in {data_center} to delete withdrawn files"
+                    ))
+                })?;
+            let count = paths.len() as u64;
+            tokio::time::timeout(
+                STAGE_WITHIN,
+                self.client(&choice)?.remove(proto::RemoveRequest {
+                    product_id,
+                    storage_location: location,
+                    paths,
+                }),
+            )
+            .await
+            .map_err(|_| {
+                MarketError::Unavailable("the runner did not delete the files in time".into())
+            })?
+            .map_err(|status| {
+                tracing::warn!(%data_center, %status, "a runner did not delete withdrawn files");
+                MarketError::Unavailable("the runner did not delete the files".into())
+            })?;
+            Ok(count)
+        })
+    }
+
     fn measure(
         &self,
         choice: RunnerChoice,

@@ -12,6 +12,7 @@ mod querying;
 mod receipts;
 mod registration;
 pub mod replication;
+mod retention;
 mod tenancy;
 mod uploading;
 mod witnessing;

@@ -440,7 +440,11 @@ impl Marketplace {
         Ok(listed)
     }
 
-    async fn uploadable_product(&self, principal: &Principal, product_id: &str) -> Result<Product> {
+    pub(super) async fn uploadable_product(
+        &self,
+        principal: &Principal,
+        product_id: &str,
+    ) -> Result<Product> {
         let mut connection = self.store.acquire().await?;
         let product = registry::get(&mut connection, product_id).await?;
         drop(connection);

@@ -134,4 +134,13 @@ pub trait Runners: Send + Sync + std::fmt::Debug {
     ) -> RemoteStage<'_>;
     /// Ingests an upload staged on `choice`.
     fn ingest(&self, choice: RunnerChoice, request: IngestRequest) -> RemoteIngest<'_>;
+    /// Deletes withdrawn versions' files `paths` of the product at
+    /// `location` through a ready runner of `data_center`.
+    fn remove(
+        &self,
+        data_center: String,
+        product_id: String,
+        location: String,
+        paths: Vec<String>,
+    ) -> RemoteStage<'_>;
 }

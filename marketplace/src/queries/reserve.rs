@@ -109,12 +109,16 @@ async fn read_version(
     if version == 0 {
         return Ok(None);
     }
+    // Only the newest version is kept read: it cannot be withdrawn, while
+    // an older one may be at any time, on any server.
+    let newest = version == product.data_version;
     let key = (product.id.clone(), version);
-    if let Some(known) = engine
-        .versions_read
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get(&key)
+    if newest
+        && let Some(known) = engine
+            .versions_read
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
     {
         return Ok(Some(Arc::clone(known)));
     }
@@ -125,14 +129,16 @@ async fn read_version(
         fingerprint: stored.fingerprint,
         manifest: stored.manifest,
     });
-    let mut cache = engine
-        .versions_read
-        .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if cache.len() >= MAX_VERSIONS_READ {
-        cache.clear();
+    if newest {
+        let mut cache = engine
+            .versions_read
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() >= MAX_VERSIONS_READ {
+            cache.clear();
+        }
+        cache.insert(key, Arc::clone(&read));
     }
-    cache.insert(key, Arc::clone(&read));
     Ok(Some(read))
 }
 

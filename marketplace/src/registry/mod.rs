@@ -516,6 +516,7 @@ pub(crate) mod tests {
                 ..Default::default()
             }],
             quality: None,
+            version_retention_days: 0,
         }
     }
 

@@ -29,6 +29,9 @@ fn valid_type(name: &str) -> bool {
         .is_some_and(|(p, s)| (1..=38).contains(&p) && s <= p)
 }
 
+/// The longest a superseded data version may stay readable: ten years.
+pub const MAX_RETENTION_DAYS: i64 = 3650;
+
 /// Checks a product spec; the error names the first bad field.
 ///
 /// # Errors
@@ -53,6 +56,12 @@ fn validate_description(spec: &ProductSpec) -> Result<()> {
     check_text("spec.storage_location", &spec.storage_location, 1000, true)?;
     crate::quality::check_location(&spec.storage_location)?;
     check_text("spec.region", &spec.region, 100, true)?;
+    if !(0..=MAX_RETENTION_DAYS).contains(&spec.version_retention_days) {
+        return Err(MarketError::invalid(
+            "spec.version_retention_days",
+            format!("0 (keep until withdrawn) to {MAX_RETENTION_DAYS} days"),
+        ));
+    }
     if !KNOWN_TIERS.contains(&spec.tier.as_str()) {
         return Err(MarketError::invalid(
             "spec.tier",

@@ -9,7 +9,7 @@ use crate::versions::model::{DataVersion, Upload, UploadState};
 
 const VERSION_COLUMNS: &str = "product_id, version, manifest, fingerprint, row_count, byte_count, \
      completeness, validity, freshness_seconds, upload_id, data_center, created_by, created_at, \
-     audit_index";
+     audit_index, superseded_at, withdrawn_at, withdrawn_reason, files_deleted_at";
 
 const UPLOAD_COLUMNS: &str = "id, product_id, organization_id, table_name, format, append_rows, \
      size_bytes, sha256, received_bytes, data_center, endpoint, state, message, data_version, \
@@ -36,6 +36,10 @@ fn version_from_row(row: &sqlx::any::AnyRow) -> Result<DataVersion> {
         created_by: row.try_get("created_by")?,
         created_at_unix_ms: row.try_get("created_at")?,
         audit_index: row.try_get("audit_index")?,
+        superseded_at_unix_ms: row.try_get("superseded_at")?,
+        withdrawn_at_unix_ms: row.try_get("withdrawn_at")?,
+        withdrawn_reason: row.try_get("withdrawn_reason")?,
+        files_deleted_at_unix_ms: row.try_get("files_deleted_at")?,
     })
 }
 
@@ -70,7 +74,7 @@ pub(crate) async fn insert_version(
         .map_err(|error| MarketError::Corrupt(format!("manifest: {error}")))?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO product_data_versions ({VERSION_COLUMNS}) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
     )))
     .bind(&version.product_id)
     .bind(version.version)
@@ -86,6 +90,10 @@ pub(crate) async fn insert_version(
     .bind(&version.created_by)
     .bind(version.created_at_unix_ms)
     .bind(version.audit_index)
+    .bind(version.superseded_at_unix_ms)
+    .bind(version.withdrawn_at_unix_ms)
+    .bind(&version.withdrawn_reason)
+    .bind(version.files_deleted_at_unix_ms)
     .execute(&mut *connection)
     .await?;
     Ok(())
@@ -268,4 +276,116 @@ pub(crate) async fn count_receiving(
     .fetch_one(&mut *connection)
     .await?;
     Ok(row.try_get("n")?)
+}
+
+/// Marks version `version` superseded at `now_ms` (a newer one was
+/// published).
+pub(crate) async fn supersede(
+    connection: &mut AnyConnection,
+    product_id: &str,
+    version: i64,
+    now_ms: i64,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE product_data_versions SET superseded_at = $1 \
+         WHERE product_id = $2 AND version = $3 AND superseded_at = 0",
+    )
+    .bind(now_ms)
+    .bind(product_id)
+    .bind(version)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+/// Withdraws a version still readable; `false` when it was withdrawn
+/// already.
+pub(crate) async fn withdraw(
+    connection: &mut AnyConnection,
+    product_id: &str,
+    version: i64,
+    now_ms: i64,
+    reason: &str,
+) -> Result<bool> {
+    Ok(sqlx::query(
+        "UPDATE product_data_versions SET withdrawn_at = $1, withdrawn_reason = $2 \
+         WHERE product_id = $3 AND version = $4 AND withdrawn_at = 0",
+    )
+    .bind(now_ms)
+    .bind(reason)
+    .bind(product_id)
+    .bind(version)
+    .execute(&mut *connection)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// Versions superseded and still readable: (product, version, superseded at).
+pub(crate) async fn superseded_readable(
+    connection: &mut AnyConnection,
+) -> Result<Vec<(String, i64, i64)>> {
+    sqlx::query(
+        "SELECT product_id, version, superseded_at FROM product_data_versions \
+         WHERE superseded_at > 0 AND withdrawn_at = 0 ORDER BY product_id, version",
+    )
+    .fetch_all(&mut *connection)
+    .await?
+    .iter()
+    .map(|row| {
+        Ok((
+            row.try_get("product_id")?,
+            row.try_get("version")?,
+            row.try_get("superseded_at")?,
+        ))
+    })
+    .collect()
+}
+
+/// Products with a withdrawn version whose files are not deleted yet.
+pub(crate) async fn with_files_to_delete(connection: &mut AnyConnection) -> Result<Vec<String>> {
+    sqlx::query(
+        "SELECT DISTINCT product_id FROM product_data_versions \
+         WHERE withdrawn_at > 0 AND files_deleted_at = 0 ORDER BY product_id",
+    )
+    .fetch_all(&mut *connection)
+    .await?
+    .iter()
+    .map(|row| Ok(row.try_get("product_id")?))
+    .collect()
+}
+
+/// Every version of a product, oldest first.
+pub(crate) async fn all_versions(
+    connection: &mut AnyConnection,
+    product_id: &str,
+) -> Result<Vec<DataVersion>> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {VERSION_COLUMNS} FROM product_data_versions WHERE product_id = $1 ORDER BY version"
+    )))
+    .bind(product_id)
+    .fetch_all(&mut *connection)
+    .await?
+    .iter()
+    .map(version_from_row)
+    .collect()
+}
+
+/// Records that a withdrawn version's files no live version lists are gone.
+pub(crate) async fn files_deleted(
+    connection: &mut AnyConnection,
+    product_id: &str,
+    version: i64,
+    now_ms: i64,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE product_data_versions SET files_deleted_at = $1 \
+         WHERE product_id = $2 AND version = $3 AND withdrawn_at > 0",
+    )
+    .bind(now_ms)
+    .bind(product_id)
+    .bind(version)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
 }

@@ -199,7 +199,12 @@ pub async fn publish(
         created_by: actor.to_owned(),
         created_at_unix_ms: now,
         audit_index: i64::try_from(index).unwrap_or(i64::MAX),
+        superseded_at_unix_ms: 0,
+        withdrawn_at_unix_ms: 0,
+        withdrawn_reason: String::new(),
+        files_deleted_at_unix_ms: 0,
     };
+    store::data_versions::supersede(connection, &product.id, base_version, now).await?;
     store::data_versions::insert_version(connection, &stored).await?;
     let mut done = upload.clone();
     done.state = UploadState::Ingested;
@@ -223,6 +228,12 @@ pub async fn verified(
     version: i64,
 ) -> Result<DataVersion> {
     let stored = get_version(connection, product_id, version).await?;
+    if stored.withdrawn_at_unix_ms > 0 {
+        return Err(MarketError::NotFound {
+            what: "data version",
+            id: format!("{product_id}@{version} (withdrawn)"),
+        });
+    }
     let corrupt = |why: &str| {
         tracing::error!(product = %product_id, version, why, "a data version does not match its audit entry");
         MarketError::Corrupt(format!(
@@ -254,5 +265,57 @@ pub async fn verified(
 }
 
 pub(crate) use crate::store::data_versions::{
-    count_receiving, get_upload, get_version, insert_upload, list_versions, update_upload,
+    all_versions, count_receiving, files_deleted, get_upload, get_version, insert_upload,
+    list_versions, superseded_readable, update_upload, with_files_to_delete,
 };
+
+/// Withdraws version `version` of `product`: it can no longer be read, and
+/// the audit log says who withdrew it and why. The newest version cannot be
+/// withdrawn (publish a corrected one first), so a product always has data
+/// to answer with once it has any.
+///
+/// # Errors
+/// `FailedPrecondition` for the newest version or one withdrawn already,
+/// `NotFound`, `InvalidArgument` naming `reason`.
+pub async fn withdraw(
+    connection: &mut AnyConnection,
+    backend: Backend,
+    actor: &str,
+    product: &Product,
+    version: i64,
+    reason: &str,
+) -> Result<u64> {
+    crate::error::check_text("reason", reason, 2000, true)?;
+    store::lock_audit_head(connection).await?;
+    let stored = get_version(connection, &product.id, version).await?;
+    if version >= product.data_version {
+        return Err(MarketError::FailedPrecondition(format!(
+            "version {version} is product {}'s newest data; publish a corrected version first",
+            product.id
+        )));
+    }
+    let now = store::now_ms();
+    if !store::data_versions::withdraw(connection, &product.id, version, now, reason).await? {
+        return Err(MarketError::FailedPrecondition(format!(
+            "version {version} of product {} was withdrawn already",
+            product.id
+        )));
+    }
+    let index = log::append(
+        connection,
+        backend,
+        &[Event {
+            kind: "product.data_version_withdrawn".into(),
+            actor: actor.to_owned(),
+            tenant: product.provider_organization_id.clone(),
+            subject: product.id.clone(),
+            details: serde_json::json!({
+                "data_version": version,
+                "fingerprint": stored.fingerprint,
+                "reason": reason,
+            }),
+        }],
+    )
+    .await?[0];
+    Ok(index)
+}

@@ -109,4 +109,12 @@ pub struct DataVersion {
     pub created_at_unix_ms: i64,
     /// The audit entry recording it.
     pub audit_index: i64,
+    /// When a newer version was published (0 while it is the newest).
+    pub superseded_at_unix_ms: i64,
+    /// When it was withdrawn (0 while it can be read).
+    pub withdrawn_at_unix_ms: i64,
+    /// Why.
+    pub withdrawn_reason: String,
+    /// When its files no live version lists were deleted (0 before).
+    pub files_deleted_at_unix_ms: i64,
 }

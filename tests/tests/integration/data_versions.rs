@@ -549,6 +549,215 @@ async fn concurrent_first_appends_both_land(db: Db) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn withdraw(product: &str, version: i64, reason: &str) -> proto::WithdrawDataVersionRequest {
+    proto::WithdrawDataVersionRequest {
+        product_id: product.into(),
+        version,
+        reason: reason.into(),
+    }
+}
+
+async fn versions_of(market: &TestMarket, token: &str) -> anyhow::Result<Vec<proto::DataVersion>> {
+    Ok(RegistryClient::new(market.channel.clone())
+        .list_data_versions(authed(
+            token,
+            proto::ListDataVersionsRequest {
+                product_id: "population".into(),
+            },
+        ))
+        .await?
+        .into_inner()
+        .versions)
+}
+
+/// A provider withdraws an older version (rows published by mistake, or
+/// that must be erased): it can no longer be pinned, and its files that no
+/// readable version lists are deleted, with an audit entry saying who and
+/// why. Versions superseded longer ago than the product's retention are
+/// withdrawn by the sweep the same way.
+async fn withdrawn_and_expired_versions_are_gone(db: Db) -> anyhow::Result<()> {
+    let (market, cast) = start_with(db, |_| {}).await?;
+    contract(&market, &cast, 0).await?;
+    deposit(&market, 100_000).await?;
+    let mut registry = RegistryClient::new(market.channel.clone());
+    let first = upload(
+        &market,
+        &cast.provider_admin,
+        true,
+        &residents_csv("north-gate", 200_000, 15),
+    )
+    .await?
+    .version
+    .expect("v1");
+    let second = upload(
+        &market,
+        &cast.provider_admin,
+        false,
+        &residents_csv("old-town", 1, 25),
+    )
+    .await?
+    .version
+    .expect("v2");
+    let mut pinned = query(BY_DISTRICT, "k-pin-1");
+    pinned.data_version = 1;
+    run(&market, &cast.consumer_analyst, pinned).await?;
+
+    // Only the provider, only an older version, only with a reason.
+    for token in [&cast.rival_provider_admin, &cast.consumer_admin] {
+        let status = registry
+            .withdraw_data_version(authed(token, withdraw("population", 1, "mine now")))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    }
+    let newest = registry
+        .withdraw_data_version(authed(
+            &cast.provider_admin,
+            withdraw("population", 2, "oops"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(newest.code(), Code::FailedPrecondition, "{newest:?}");
+    let unexplained = registry
+        .withdraw_data_version(authed(&cast.provider_admin, withdraw("population", 1, "")))
+        .await
+        .unwrap_err();
+    assert_eq!(unexplained.code(), Code::InvalidArgument, "{unexplained:?}");
+
+    let withdrawn = registry
+        .withdraw_data_version(authed(
+            &cast.provider_admin,
+            withdraw("population", 1, "north-gate rows published before consent"),
+        ))
+        .await?
+        .into_inner();
+    assert!(withdrawn.withdrawn_at_unix_ms > 0);
+    let mut pinned = query(BY_DISTRICT, "k-pin-2");
+    pinned.data_version = 1;
+    let gone = run(&market, &cast.consumer_analyst, pinned)
+        .await
+        .err()
+        .expect("withdrawn");
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    let folder = market.data_dir.join("products/population");
+    for file in first.tables.iter().flat_map(|t| &t.files) {
+        assert!(
+            !folder.join(&file.path).exists(),
+            "{} was deleted",
+            file.path
+        );
+    }
+    for file in second.tables.iter().flat_map(|t| &t.files) {
+        assert!(
+            folder.join(&file.path).exists(),
+            "{} is still read",
+            file.path
+        );
+    }
+    let newest = run(
+        &market,
+        &cast.consumer_analyst,
+        query(BY_DISTRICT, "k-newest"),
+    )
+    .await?;
+    assert_eq!(total_people(&newest.batches)?, 25);
+    let entries =
+        civicgrid_marketplace::proto::audit_client::AuditClient::new(market.channel.clone())
+            .get_entries(authed(
+                &market.admin_token,
+                proto::GetEntriesRequest {
+                    start: 0,
+                    end: 1_000_000,
+                    kind_prefix: "product.data_version_withdrawn".into(),
+                    tenant: String::new(),
+                },
+            ))
+            .await?
+            .into_inner()
+            .entries;
+    assert_eq!(entries.len(), 1);
+    assert!(
+        String::from_utf8_lossy(&entries[0].body).contains("before consent"),
+        "{entries:?}"
+    );
+
+    // Retention: a version superseded more than 30 days ago goes in the
+    // sweep; the newest stays whatever its age.
+    let mut spec = civicgrid_tests::market::sample_spec();
+    spec.version_retention_days = 30;
+    registry
+        .revise_product(authed(
+            &cast.provider_admin,
+            proto::ReviseProductRequest {
+                product_id: "population".into(),
+                spec: Some(spec),
+                reason: "keep versions 30 days".into(),
+            },
+        ))
+        .await?;
+    let third = upload(
+        &market,
+        &cast.provider_admin,
+        true,
+        &residents_csv("riverside", 400_000, 12),
+    )
+    .await?
+    .version
+    .expect("v3");
+    let now = civicgrid_marketplace::store::now_ms();
+    assert_eq!(
+        market
+            .market
+            .sweep_data_retention(now + 29 * 86_400_000)
+            .await?,
+        0
+    );
+    assert_eq!(
+        market
+            .market
+            .sweep_data_retention(now + 31 * 86_400_000)
+            .await?,
+        1
+    );
+    let listed = versions_of(&market, &cast.provider_admin).await?;
+    let state: Vec<(i64, bool)> = listed
+        .iter()
+        .map(|v| (v.version, v.withdrawn_at_unix_ms > 0))
+        .collect();
+    assert_eq!(state, vec![(3, false), (2, true), (1, true)]);
+    assert!(
+        listed[1].withdrawn_reason.starts_with("retention"),
+        "{listed:?}"
+    );
+    // v2's file is v3's too (an append keeps it): still there.
+    for file in third.tables.iter().flat_map(|t| &t.files) {
+        assert!(
+            folder.join(&file.path).exists(),
+            "{} is still read",
+            file.path
+        );
+    }
+    let newest = run(
+        &market,
+        &cast.consumer_analyst,
+        query(BY_DISTRICT, "k-after-sweep"),
+    )
+    .await?;
+    assert_eq!(total_people(&newest.batches)?, 37);
+    market.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn withdrawn_and_expired_versions_are_gone_on_sqlite() -> anyhow::Result<()> {
+    withdrawn_and_expired_versions_are_gone(Db::Sqlite).await
+}
+
+#[tokio::test]
+async fn withdrawn_and_expired_versions_are_gone_on_postgres() -> anyhow::Result<()> {
+    withdrawn_and_expired_versions_are_gone(Db::Postgres).await
+}
+
 #[tokio::test]
 async fn concurrent_first_appends_both_land_on_sqlite() -> anyhow::Result<()> {
     concurrent_first_appends_both_land(Db::Sqlite).await

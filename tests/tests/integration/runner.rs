@@ -994,6 +994,13 @@ impl proto::runner_server::Runner for BreaksOffMidStream {
     ) -> Result<tonic::Response<proto::IngestReply>, tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
     }
+
+    async fn remove(
+        &self,
+        _request: tonic::Request<proto::RemoveRequest>,
+    ) -> Result<tonic::Response<proto::RemoveReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
 }
 
 /// A query cut off mid-stream is reported failed, settled once under the

@@ -335,6 +335,15 @@ enum ProductCommand {
     Versions {
         id: String,
     },
+    /// Withdraw an older data version: it can no longer be read, and its
+    /// files no readable version lists are deleted.
+    WithdrawVersion {
+        id: String,
+        #[arg(long)]
+        version: i64,
+        #[arg(long)]
+        reason: String,
+    },
     /// Create a draft from a spec file (proto3 JSON of ProductSpec).
     Create {
         id: String,
@@ -1120,6 +1129,21 @@ async fn product(c: &mut Clients, output: Output, command: ProductCommand) -> an
                 .list_data_versions(proto::ListDataVersionsRequest { product_id: id })
                 .await?;
             print(output, &versions.into_inner())?;
+            return Ok(0);
+        }
+        ProductCommand::WithdrawVersion {
+            id,
+            version,
+            reason,
+        } => {
+            let withdrawn = r
+                .withdraw_data_version(proto::WithdrawDataVersionRequest {
+                    product_id: id,
+                    version,
+                    reason,
+                })
+                .await?;
+            print(output, &withdrawn.into_inner())?;
             return Ok(0);
         }
         ProductCommand::Events { id } => {

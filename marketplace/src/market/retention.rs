@@ -1,0 +1,199 @@
+//! Withdrawing data versions, by their provider or when the product's
+//! retention runs out, and deleting the files no readable version lists
+//! ([`crate::versions`]).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{MarketError, Result};
+use crate::identity::Principal;
+use crate::registry::{self, Product};
+use crate::versions;
+
+use super::Marketplace;
+
+const DAY_MS: i64 = 86_400_000;
+
+impl Marketplace {
+    /// Withdraws a version of a product's data (`product:upload` on its
+    /// provider): it can no longer be read, and its files no other readable
+    /// version lists are deleted from the data center's store. To anyone but
+    /// the provider the product is not there.
+    ///
+    /// # Errors
+    /// `NotFound`, `PermissionDenied`, `FailedPrecondition` for the newest
+    /// version, `InvalidArgument` naming `reason`.
+    pub async fn withdraw_data_version(
+        &self,
+        principal: &Principal,
+        product_id: &str,
+        version: i64,
+        reason: &str,
+    ) -> Result<versions::DataVersion> {
+        let product = self.uploadable_product(principal, product_id).await?;
+        let mut transaction = self.store.begin().await?;
+        // Read again in the transaction: a version published meanwhile
+        // changes which one is the newest.
+        let product = Product {
+            data_version: registry::get(&mut transaction, &product.id)
+                .await?
+                .data_version,
+            ..product
+        };
+        versions::withdraw(
+            &mut transaction,
+            self.store.backend(),
+            &principal.user.id,
+            &product,
+            version,
+            reason,
+        )
+        .await?;
+        transaction.commit().await?;
+        if let Err(error) = self.delete_withdrawn_files(&product).await {
+            // The retention sweep tries again.
+            tracing::warn!(product = %product.id, %error, "withdrawn files not deleted yet");
+        }
+        let mut connection = self.store.acquire().await?;
+        versions::get_version(&mut connection, product_id, version).await
+    }
+
+    /// Withdraws every version superseded longer ago than its product's
+    /// retention allows, as of `now_ms`, then deletes the files of every
+    /// withdrawn version that no readable version lists. Returns how many
+    /// versions it withdrew.
+    ///
+    /// # Errors
+    /// Database failures; a store that does not answer is logged and tried
+    /// again next time.
+    pub async fn sweep_data_retention(&self, now_ms: i64) -> Result<usize> {
+        let mut connection = self.store.acquire().await?;
+        let superseded = versions::superseded_readable(&mut connection).await?;
+        let mut products: HashMap<String, Product> = HashMap::new();
+        for (product_id, _, _) in &superseded {
+            if !products.contains_key(product_id) {
+                let product = registry::get(&mut connection, product_id).await?;
+                products.insert(product_id.clone(), product);
+            }
+        }
+        drop(connection);
+        let mut withdrawn = 0;
+        for (product_id, version, superseded_at) in superseded {
+            let product = &products[&product_id];
+            let days = product.spec.version_retention_days;
+            if days <= 0 || superseded_at.saturating_add(days.saturating_mul(DAY_MS)) > now_ms {
+                continue;
+            }
+            let mut transaction = self.store.begin().await?;
+            let result = versions::withdraw(
+                &mut transaction,
+                self.store.backend(),
+                "system",
+                product,
+                version,
+                &format!("retention: superseded more than {days} days ago"),
+            )
+            .await;
+            match result {
+                Ok(_) => {
+                    transaction.commit().await?;
+                    withdrawn += 1;
+                }
+                // Withdrawn by its provider meanwhile.
+                Err(MarketError::FailedPrecondition(_)) => transaction.rollback().await?,
+                Err(other) => return Err(other),
+            }
+        }
+        let mut connection = self.store.acquire().await?;
+        let pending = versions::with_files_to_delete(&mut connection).await?;
+        drop(connection);
+        for product_id in pending {
+            let product = match products.get(&product_id) {
+                Some(product) => product.clone(),
+                None => {
+                    let mut connection = self.store.acquire().await?;
+                    registry::get(&mut connection, &product_id).await?
+                }
+            };
+            if let Err(error) = self.delete_withdrawn_files(&product).await {
+                tracing::warn!(product = %product_id, %error, "withdrawn files not deleted yet");
+            }
+        }
+        Ok(withdrawn)
+    }
+
+    /// Deletes the files of `product`'s withdrawn versions that no readable
+    /// version lists, where they are stored, and records it.
+    async fn delete_withdrawn_files(&self, product: &Product) -> Result<()> {
+        let mut connection = self.store.acquire().await?;
+        let all = versions::all_versions(&mut connection, &product.id).await?;
+        drop(connection);
+        let kept: HashSet<&str> = all
+            .iter()
+            .filter(|version| version.withdrawn_at_unix_ms == 0)
+            .flat_map(|version| version.manifest.files().map(|(_, file)| file.path.as_str()))
+            .collect();
+        for version in all
+            .iter()
+            .filter(|v| v.withdrawn_at_unix_ms > 0 && v.files_deleted_at_unix_ms == 0)
+        {
+            let paths: Vec<String> = version
+                .manifest
+                .files()
+                .map(|(_, file)| file.path.clone())
+                .filter(|path| !kept.contains(path.as_str()))
+                .collect();
+            if !paths.is_empty() {
+                match self.runners.get() {
+                    Some(runners) => {
+                        runners
+                            .remove(
+                                version.data_center.clone(),
+                                product.id.clone(),
+                                product.spec.storage_location.clone(),
+                                paths,
+                            )
+                            .await?;
+                    }
+                    None => {
+                        let store =
+                            civicgrid_runner::ProductStore::Directory(self.data_dir().to_owned());
+                        store
+                            .remove(&product.spec.storage_location, &paths)
+                            .await
+                            .map_err(|error| MarketError::Unavailable(error.to_string()))?;
+                    }
+                }
+            }
+            let mut connection = self.store.acquire().await?;
+            versions::files_deleted(
+                &mut connection,
+                &product.id,
+                version.version,
+                crate::store::now_ms(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Sweeps retention every `every` until the process ends.
+    pub fn spawn_data_retention(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let market = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                match market.sweep_data_retention(crate::store::now_ms()).await {
+                    Ok(0) => {}
+                    Ok(withdrawn) => {
+                        tracing::info!(withdrawn, "data versions past their retention withdrawn");
+                    }
+                    Err(error) => tracing::warn!(%error, "the retention sweep failed"),
+                }
+            }
+        })
+    }
+}
