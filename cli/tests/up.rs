@@ -406,3 +406,103 @@ fn sigkill_mid_query(database_url: Option<&str>) {
         );
     }
 }
+
+/// An upload cut off by a server killed with SIGKILL leaves the product's
+/// data as it was (no version, nothing read from the half upload), and
+/// resumes after a restart from where the restarted server says it stands,
+/// to a version that holds every row exactly once.
+#[test]
+fn sigkill_mid_upload_leaves_no_half_version_and_resumes() {
+    use std::io::Write as _;
+
+    let data = tempfile::tempdir().unwrap();
+    let (mut server, _) = up(data.path());
+    let provider = token(data.path(), "city_data_admin");
+    let tickets = 400_000;
+    let csv = data.path().join("tickets.csv");
+    {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&csv).unwrap());
+        writeln!(
+            out,
+            "ticket_id,caller_id,district,category,channel,opened_on,hours_to_resolve"
+        )
+        .unwrap();
+        for i in 0..tickets {
+            writeln!(
+                out,
+                "{},{},harbour,noise,phone,2026-12-0{},{}.5",
+                50_000_000 + i,
+                70_000_000 + i % 5_000,
+                1 + i % 7,
+                i % 48
+            )
+            .unwrap();
+        }
+    }
+    let csv_arg = csv.to_str().unwrap().to_owned();
+    let upload_args = [
+        "--output",
+        "json",
+        "product",
+        "upload",
+        "hotline-tickets",
+        "--table",
+        "tickets",
+        "--file",
+        csv_arg.as_str(),
+        "--append",
+    ];
+    let mut uploading = Command::new(env!("CARGO_BIN_EXE_civicgrid"))
+        .args(upload_args)
+        .env("CIVICGRID_SERVER", &server.url)
+        .env("CIVICGRID_TOKEN", &provider)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut started = String::new();
+    BufReader::new(uploading.stderr.take().unwrap())
+        .read_line(&mut started)
+        .unwrap();
+    let upload_id = started
+        .strip_prefix("upload ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no upload id in {started:?}"))
+        .to_owned();
+    // Some chunks in, never the commit.
+    std::thread::sleep(Duration::from_millis(150));
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let status = uploading.wait().unwrap();
+    assert!(!status.success(), "the upload was cut off");
+
+    let (restarted, _) = up(data.path());
+    let (code, versions, stderr) = cli(
+        &restarted.url,
+        &provider,
+        &["--output", "json", "product", "versions", "hotline-tickets"],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let versions: serde_json::Value = serde_json::from_str(&versions).unwrap();
+    assert!(
+        versions["versions"].as_array().is_none_or(Vec::is_empty),
+        "no half version: {versions}"
+    );
+    let mut resumed = upload_args.to_vec();
+    resumed.extend(["--resume", upload_id.as_str()]);
+    let (code, committed, stderr) = cli(&restarted.url, &provider, &resumed);
+    assert_eq!(code, 0, "{stderr}");
+    let committed: serde_json::Value = serde_json::from_str(&committed).unwrap();
+    assert_eq!(committed["upload"]["id"], upload_id.as_str());
+    assert_eq!(committed["version"]["version"], "1", "{committed}");
+    let appended: i64 = committed["version"]["tables"][0]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|file| number(&file["rows"]))
+        .filter(|rows| *rows == tickets)
+        .count()
+        .try_into()
+        .unwrap();
+    assert_eq!(appended, 1, "the upload's rows, once: {committed}");
+}

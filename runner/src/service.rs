@@ -83,6 +83,7 @@ impl RunnerService {
             ProductStore::Directory(dir) => dir.join(DIRECTORY_STAGING),
             ProductStore::Objects { .. } => std::env::temp_dir().join("civicgrid-runner-staging"),
         });
+        staging.recover();
         staging.sweep();
         Self {
             staging,
@@ -116,6 +117,7 @@ impl RunnerService {
     #[must_use]
     pub fn staging_in(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
         self.staging = Staging::new(dir);
+        self.staging.recover();
         self.staging.sweep();
         self
     }

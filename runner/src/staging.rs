@@ -151,6 +151,31 @@ impl Staging {
         }
     }
 
+    /// Puts back, at a runner's start, what ingests cut off by its stop left:
+    /// a sealed upload becomes staged again (its commit resumes with every
+    /// byte there), and half-written scratch files go. Only for a staging
+    /// directory one runner process uses, as each runner's own is.
+    pub fn recover(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(name) = path.file_name().and_then(|name| name.to_str()) else {
+                continue;
+            };
+            match name.split_once('.') {
+                Some((id, "sealed")) if self.path(id).is_ok() => {
+                    let _ = std::fs::rename(&path, self.dir.join(id));
+                }
+                Some((id, _)) if self.path(id).is_ok() => {
+                    let _ = std::fs::remove_file(&path);
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Removes staged files nobody wrote to for [`ABANDONED_AFTER`].
     pub fn sweep(&self) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
@@ -206,6 +231,21 @@ mod tests {
         staging.discard(ID);
         assert!(!sealed.exists());
         assert!(staging.digest(ID).is_err());
+    }
+
+    #[test]
+    fn an_ingest_cut_off_by_a_stop_is_staged_again_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = Staging::new(dir.path());
+        staging.stage(ID, 0, b"all of it").unwrap();
+        staging.seal(ID).unwrap();
+        std::fs::write(staging.scratch(ID, "parquet").unwrap(), b"half").unwrap();
+        std::fs::write(dir.path().join("unrelated.txt"), b"kept").unwrap();
+        staging.recover();
+        assert_eq!(staging.digest(ID).unwrap().0, 9);
+        assert!(!staging.scratch(ID, "parquet").unwrap().exists());
+        assert!(!staging.scratch(ID, "sealed").unwrap().exists());
+        assert!(dir.path().join("unrelated.txt").exists());
     }
 
     #[test]

@@ -305,6 +305,10 @@ impl Runners for RunnerDirectory {
         Box::pin(async move { self.ingest_on(&choice, request).await })
     }
 
+    fn registered(&self, choice: &RunnerChoice) -> bool {
+        self.channel(choice).is_some()
+    }
+
     fn remove(
         &self,
         data_center: String,

@@ -36,6 +36,27 @@ fn upload_not_found(id: &str) -> MarketError {
     }
 }
 
+/// The runner staging `upload`: the one it started on while it is
+/// registered, else another of the same data center (a version's files
+/// never leave the data center that holds them).
+fn stager(runners: &dyn crate::queries::remote::Runners, upload: &Upload) -> Result<RunnerChoice> {
+    let pinned = RunnerChoice {
+        data_center: upload.data_center.clone(),
+        endpoint: upload.endpoint.clone(),
+    };
+    if runners.registered(&pinned) {
+        return Ok(pinned);
+    }
+    runners
+        .pick(std::slice::from_ref(&upload.data_center))
+        .ok_or_else(|| {
+            MarketError::Unavailable(format!(
+                "no runner is ready in {} to take upload {}; retry later",
+                upload.data_center, upload.id
+            ))
+        })
+}
+
 /// Tries at publishing a version before giving up to concurrent uploads.
 const PUBLISH_ATTEMPTS: usize = 3;
 
@@ -187,12 +208,11 @@ impl Marketplace {
             ));
         }
         let offset_bytes = u64::try_from(offset).unwrap_or_default();
+        let mut endpoint = upload.endpoint.clone();
         let staged = match self.runners.get() {
             Some(runners) => {
-                let choice = RunnerChoice {
-                    data_center: upload.data_center.clone(),
-                    endpoint: upload.endpoint.clone(),
-                };
+                let choice = stager(runners.as_ref(), &upload)?;
+                endpoint.clone_from(&choice.endpoint);
                 runners
                     .stage(choice, upload.id.clone(), offset_bytes, data)
                     .await?
@@ -216,6 +236,7 @@ impl Marketplace {
         // The stager's length is the truth: after a runner restarted with
         // an empty staging directory the upload resumes from what it has.
         next.received_bytes = staged.min(end);
+        next.endpoint = endpoint;
         next.updated_at_unix_ms = crate::store::now_ms().max(upload.updated_at_unix_ms + 1);
         let mut connection = self.store.acquire().await?;
         versions::update_upload(&mut connection, &next, &upload).await?;
@@ -488,10 +509,29 @@ impl Marketplace {
     ) -> Result<IngestOutcome> {
         match self.runners.get() {
             Some(runners) => {
-                let choice = RunnerChoice {
-                    data_center: upload.data_center.clone(),
-                    endpoint: upload.endpoint.clone(),
-                };
+                let choice = stager(runners.as_ref(), upload)?;
+                if choice.endpoint != upload.endpoint {
+                    // Another runner of the data center took over: it has
+                    // the staged bytes if the data center stages on shared
+                    // storage, else the upload resumes from what it has.
+                    let size = u64::try_from(upload.size_bytes).unwrap_or_default();
+                    let staged = runners
+                        .stage(choice.clone(), upload.id.clone(), size, Vec::new())
+                        .await?;
+                    if staged != size {
+                        let mut moved = upload.clone();
+                        moved.endpoint.clone_from(&choice.endpoint);
+                        moved.received_bytes = i64::try_from(staged).unwrap_or_default();
+                        moved.updated_at_unix_ms =
+                            crate::store::now_ms().max(upload.updated_at_unix_ms + 1);
+                        let mut connection = self.store.acquire().await?;
+                        versions::update_upload(&mut connection, &moved, upload).await?;
+                        return Err(MarketError::FailedPrecondition(format!(
+                            "upload {} has {staged} bytes where it is staged now; resume from offset {staged}",
+                            upload.id
+                        )));
+                    }
+                }
                 runners
                     .ingest(
                         choice,

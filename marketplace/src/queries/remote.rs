@@ -132,6 +132,8 @@ pub trait Runners: Send + Sync + std::fmt::Debug {
         offset: u64,
         data: Vec<u8>,
     ) -> RemoteStage<'_>;
+    /// Whether `choice` is still a registered runner.
+    fn registered(&self, choice: &RunnerChoice) -> bool;
     /// Ingests an upload staged on `choice`.
     fn ingest(&self, choice: RunnerChoice, request: IngestRequest) -> RemoteIngest<'_>;
     /// Deletes withdrawn versions' files `paths` of the product at

@@ -1220,31 +1220,67 @@ async fn upload(
         started.id, started.id
     );
     let mut offset = u64::try_from(started.received_bytes)?;
-    source.seek(std::io::SeekFrom::Start(offset))?;
     let mut buffer = vec![0u8; UPLOAD_CHUNK_BYTES];
-    while offset < size {
-        let read = source.read(&mut buffer)?;
-        if read == 0 {
-            anyhow::bail!("--file: {} ended before its {size} bytes", file.display());
-        }
-        let chunk = buffer[..read].to_vec();
-        let upload = r
-            .put_upload_chunk(proto::PutUploadChunkRequest {
-                upload_id: started.id.clone(),
-                offset: i64::try_from(offset)?,
-                sha256: hex::encode(sha2::Sha256::digest(&chunk)),
-                data: chunk,
-            })
-            .await?
-            .into_inner();
-        offset = u64::try_from(upload.received_bytes)?;
+    // A server may find the upload staged shorter than it recorded (its
+    // runner was replaced): it says where to resume, and the rest is sent
+    // again, a few times at most.
+    for _ in 0..UPLOAD_RESUMES {
         source.seek(std::io::SeekFrom::Start(offset))?;
+        while offset < size {
+            let read = source.read(&mut buffer)?;
+            if read == 0 {
+                anyhow::bail!("--file: {} ended before its {size} bytes", file.display());
+            }
+            let chunk = buffer[..read].to_vec();
+            let sent = r
+                .put_upload_chunk(proto::PutUploadChunkRequest {
+                    upload_id: started.id.clone(),
+                    offset: i64::try_from(offset)?,
+                    sha256: hex::encode(sha2::Sha256::digest(&chunk)),
+                    data: chunk,
+                })
+                .await;
+            offset = match sent {
+                Ok(upload) => u64::try_from(upload.into_inner().received_bytes)?,
+                Err(status) if resumes_elsewhere(&status) => received(r, &started.id).await?,
+                Err(status) => return Err(status.into()),
+            };
+            source.seek(std::io::SeekFrom::Start(offset))?;
+        }
+        let committed = r
+            .commit_upload(proto::GetUploadRequest {
+                upload_id: started.id.clone(),
+            })
+            .await;
+        match committed {
+            Ok(committed) => return Ok(committed.into_inner()),
+            Err(status) if resumes_elsewhere(&status) => offset = received(r, &started.id).await?,
+            Err(status) => return Err(status.into()),
+        }
     }
-    Ok(r.commit_upload(proto::GetUploadRequest {
-        upload_id: started.id.clone(),
-    })
-    .await?
-    .into_inner())
+    anyhow::bail!(
+        "upload {} kept being cut off; resume it later with --resume {}",
+        started.id,
+        started.id
+    )
+}
+
+/// Times an upload resumes from where the server says it stands.
+const UPLOAD_RESUMES: usize = 3;
+
+fn resumes_elsewhere(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition
+        && status.message().contains("resume from offset")
+}
+
+async fn received(r: &mut RegistryClient<Authed>, upload_id: &str) -> anyhow::Result<u64> {
+    let upload = r
+        .get_upload(proto::GetUploadRequest {
+            upload_id: upload_id.to_owned(),
+        })
+        .await?
+        .into_inner();
+    Ok(u64::try_from(upload.received_bytes)?)
 }
 
 /// The demand list.
