@@ -457,6 +457,7 @@ pub fn sample_spec() -> proto::ProductSpec {
             freshness_seconds: 86_400,
         }),
         version_retention_days: 0,
+        quality_minimums: None,
     }
 }
 

@@ -334,34 +334,7 @@ impl Marketplace {
                 upload: file,
                 adopted,
             } => (file, adopted),
-            IngestOutcome::Refused(why) => {
-                let mut refused = upload.clone();
-                refused.state = UploadState::Refused;
-                refused.message.clone_from(&why);
-                refused.updated_at_unix_ms =
-                    crate::store::now_ms().max(upload.updated_at_unix_ms + 1);
-                let mut connection = self.store.acquire().await?;
-                // A concurrent commit of the same upload may have won: its
-                // outcome stands.
-                if versions::update_upload(&mut connection, &refused, &upload)
-                    .await
-                    .is_err()
-                {
-                    let now = versions::get_upload(&mut connection, upload_id).await?;
-                    if now.state == UploadState::Ingested {
-                        let version = versions::get_version(
-                            &mut connection,
-                            &now.product_id,
-                            now.data_version,
-                        )
-                        .await?;
-                        return Ok((now, version));
-                    }
-                }
-                return Err(MarketError::FailedPrecondition(format!(
-                    "upload {upload_id} was refused: {why}"
-                )));
-            }
+            IngestOutcome::Refused(why) => return self.refuse(&upload, &why).await,
         };
         let mut product = product;
         let mut base = base;
@@ -394,6 +367,11 @@ impl Marketplace {
             let quality = self
                 .measure_version(&product, &manifest, &upload.data_center)
                 .await?;
+            if let Some(minimums) = &product.spec.quality_minimums
+                && let Some(why) = versions::below_minimums(&quality, minimums)
+            {
+                return self.refuse(&upload, &why).await;
+            }
             let base_version = base.as_ref().map_or(0, |base| base.version);
             let mut transaction = self.store.begin().await?;
             let published = versions::publish(
@@ -488,6 +466,32 @@ impl Marketplace {
         )
         .await?;
         Ok(product)
+    }
+
+    /// Records `upload` refused, and says why: unless a concurrent commit of
+    /// the same upload won, whose outcome stands.
+    async fn refuse(&self, upload: &Upload, why: &str) -> Result<(Upload, DataVersion)> {
+        let mut refused = upload.clone();
+        refused.state = UploadState::Refused;
+        refused.message = why.to_owned();
+        refused.updated_at_unix_ms = crate::store::now_ms().max(upload.updated_at_unix_ms + 1);
+        let mut connection = self.store.acquire().await?;
+        if versions::update_upload(&mut connection, &refused, upload)
+            .await
+            .is_err()
+        {
+            let now = versions::get_upload(&mut connection, &upload.id).await?;
+            if now.state == UploadState::Ingested {
+                let version =
+                    versions::get_version(&mut connection, &now.product_id, now.data_version)
+                        .await?;
+                return Ok((now, version));
+            }
+        }
+        Err(MarketError::FailedPrecondition(format!(
+            "upload {} was refused: {why}",
+            upload.id
+        )))
     }
 
     /// The product's newest version, if it has one.

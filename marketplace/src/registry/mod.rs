@@ -517,6 +517,7 @@ pub(crate) mod tests {
             }],
             quality: None,
             version_retention_days: 0,
+            quality_minimums: None,
         }
     }
 

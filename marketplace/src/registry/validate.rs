@@ -314,21 +314,25 @@ fn validate_price_plans(spec: &ProductSpec) -> Result<()> {
 
 /// Declared quality figures, where given, within their ranges.
 fn validate_quality(spec: &ProductSpec) -> Result<()> {
-    if let Some(quality) = &spec.quality {
+    for (field, quality) in [
+        ("quality", &spec.quality),
+        ("quality_minimums", &spec.quality_minimums),
+    ] {
+        let Some(quality) = quality else { continue };
         for (name, value) in [
             ("completeness", quality.completeness),
             ("validity", quality.validity),
         ] {
             if !(0.0..=1.0).contains(&value) {
                 return Err(MarketError::invalid(
-                    format!("spec.quality.{name}"),
+                    format!("spec.{field}.{name}"),
                     "must be between 0 and 1",
                 ));
             }
         }
         if quality.freshness_seconds < 0 {
             return Err(MarketError::invalid(
-                "spec.quality.freshness_seconds",
+                format!("spec.{field}.freshness_seconds"),
                 "must not be negative",
             ));
         }

@@ -319,3 +319,33 @@ pub async fn withdraw(
     .await?[0];
     Ok(index)
 }
+
+/// Why `measured` falls short of the provider's `minimums`, if it does.
+#[must_use]
+pub fn below_minimums(measured: &QualityMetrics, minimums: &QualityMetrics) -> Option<String> {
+    let mut short = Vec::new();
+    if measured.completeness < minimums.completeness {
+        short.push(format!(
+            "completeness {:.4} is below {:.4}",
+            measured.completeness, minimums.completeness
+        ));
+    }
+    if measured.validity < minimums.validity {
+        short.push(format!(
+            "validity {:.4} is below {:.4}",
+            measured.validity, minimums.validity
+        ));
+    }
+    if minimums.freshness_seconds > 0 && measured.freshness_seconds > minimums.freshness_seconds {
+        short.push(format!(
+            "the newest data is {} s old, more than {} s",
+            measured.freshness_seconds, minimums.freshness_seconds
+        ));
+    }
+    (!short.is_empty()).then(|| {
+        format!(
+            "the new version's quality is below the product's minimums: {}",
+            short.join("; ")
+        )
+    })
+}

@@ -744,6 +744,48 @@ async fn withdrawn_and_expired_versions_are_gone(db: Db) -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(total_people(&newest.batches)?, 37);
+
+    // The provider's bar: a version whose measured completeness falls below
+    // it is not published, and the upload says which figure fell short.
+    let mut spec = civicgrid_tests::market::sample_spec();
+    spec.version_retention_days = 30;
+    spec.quality_minimums = Some(proto::QualityMetrics {
+        completeness: 0.95,
+        validity: 0.0,
+        freshness_seconds: 0,
+    });
+    registry
+        .revise_product(authed(
+            &cast.provider_admin,
+            proto::ReviseProductRequest {
+                product_id: "population".into(),
+                spec: Some(spec),
+                reason: "no more gaps".into(),
+            },
+        ))
+        .await?;
+    let gappy = String::from_utf8(residents_csv("west-end", 600_000, 40))?.replace(",30-39", ",");
+    let refused = upload(&market, &cast.provider_admin, true, gappy.as_bytes())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused
+            .message()
+            .contains("quality is below the product's minimums: completeness"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        versions_of(&market, &cast.provider_admin).await?[0].version,
+        3
+    );
+    upload(
+        &market,
+        &cast.provider_admin,
+        true,
+        &residents_csv("west-end", 600_000, 40),
+    )
+    .await?;
     market.stop().await;
     Ok(())
 }
