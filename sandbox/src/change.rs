@@ -6,18 +6,21 @@
 //! policy's minimum aggregation count, of the privacy units.
 //!
 //! Each unit's rows are summarised as the wrapping sum of a hash of each row
-//! (every column's value as text), which does not depend on row order or on
-//! how the rows are split into files; a unit changes when its sum does.
+//! (its arrow-row encoding: every column's value, comparable as bytes), which
+//! does not depend on row order or on how the rows are split into files; a
+//! unit changes when its sum does. Both sides must have the same schema, as
+//! a version's canonical files do.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash as _, Hasher as _};
 
-use arrow_cast::display::{ArrayFormatter, FormatOptions};
+use arrow_row::{RowConverter, SortField};
 
 use crate::TableStore;
 
-/// Each privacy unit's rows in `table` of `store`, summarised: unit (its
-/// value as text) → wrapping sum of its rows' hashes.
+/// Each privacy unit's rows in `table` of `store`, summarised: unit (a
+/// 128-bit hash of its value's row encoding) → wrapping sum of its rows'
+/// hashes.
 ///
 /// # Errors
 /// A table that cannot be read, or that has no column `unit_column`.
@@ -25,39 +28,57 @@ pub fn unit_summaries(
     store: &dyn TableStore,
     table: &str,
     unit_column: &str,
-) -> Result<HashMap<String, u64>, String> {
+) -> Result<HashMap<u128, u64>, String> {
     let schema = store.schema(table)?;
     let unit = schema
         .index_of(unit_column)
         .map_err(|_| format!("table {table} has no column {unit_column}"))?;
     let columns: Vec<usize> = (0..schema.fields().len()).collect();
-    let options = FormatOptions::default().with_null("\u{0}null");
-    let mut summaries: HashMap<String, u64> = HashMap::new();
+    let rows = RowConverter::new(
+        schema
+            .fields()
+            .iter()
+            .map(|field| SortField::new(field.data_type().clone()))
+            .collect(),
+    )
+    .map_err(|error| error.to_string())?;
+    let units = RowConverter::new(vec![SortField::new(schema.field(unit).data_type().clone())])
+        .map_err(|error| error.to_string())?;
+    let mut summaries: HashMap<u128, u64> = HashMap::new();
     for batch in store.scan(table, &columns)? {
         let batch = batch?;
-        let formatters = batch
-            .columns()
-            .iter()
-            .map(|column| ArrayFormatter::try_new(column.as_ref(), &options))
-            .collect::<Result<Vec<_>, _>>()
+        let encoded = rows
+            .convert_columns(batch.columns())
+            .map_err(|error| error.to_string())?;
+        let keys = units
+            .convert_columns(std::slice::from_ref(batch.column(unit)))
             .map_err(|error| error.to_string())?;
         for row in 0..batch.num_rows() {
             let mut hasher = DefaultHasher::new();
-            for formatter in &formatters {
-                formatter.value(row).to_string().hash(&mut hasher);
-            }
-            let key = formatters[unit].value(row).to_string();
-            let sum = summaries.entry(key).or_default();
+            encoded.row(row).as_ref().hash(&mut hasher);
+            let sum = summaries.entry(key(keys.row(row).as_ref())).or_default();
             *sum = sum.wrapping_add(hasher.finish());
         }
     }
     Ok(summaries)
 }
 
+/// A unit's key: two independent 64-bit hashes of its value, so that two
+/// units collide with odds of about one in 2^64 even among millions.
+fn key(value: &[u8]) -> u128 {
+    let half = |salt: u8| {
+        let mut hasher = DefaultHasher::new();
+        salt.hash(&mut hasher);
+        value.hash(&mut hasher);
+        hasher.finish()
+    };
+    (u128::from(half(0)) << 64) | u128::from(half(1))
+}
+
 /// How many units `after` differs from `before` in: present in one only,
 /// or with other rows.
 #[must_use]
-pub fn changed_units(before: &HashMap<String, u64>, after: &HashMap<String, u64>) -> usize {
+pub fn changed_units(before: &HashMap<u128, u64>, after: &HashMap<u128, u64>) -> usize {
     let gone_or_changed = before
         .iter()
         .filter(|(unit, sum)| after.get(*unit) != Some(sum))
@@ -73,9 +94,9 @@ pub fn changed_units(before: &HashMap<String, u64>, after: &HashMap<String, u64>
 mod tests {
     use super::*;
 
-    fn summaries(rows: &[(&str, u64)]) -> HashMap<String, u64> {
+    fn summaries(rows: &[(&str, u64)]) -> HashMap<u128, u64> {
         rows.iter()
-            .map(|(unit, sum)| ((*unit).to_owned(), *sum))
+            .map(|(unit, sum)| (key(unit.as_bytes()), *sum))
             .collect()
     }
 
