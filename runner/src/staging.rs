@@ -101,15 +101,34 @@ impl Staging {
         Ok(sealed)
     }
 
-    /// The length and SHA-256 (hex) of the file at `path`.
+    /// The length and SHA-256 (hex) of the file at `path`, and the length
+    /// of its longest line (bytes between line feeds).
     ///
     /// # Errors
     /// No such file.
-    pub fn digest_of(path: &Path) -> Result<(u64, String), StagingError> {
+    pub fn digest_of(path: &Path) -> Result<(u64, String, u64), StagingError> {
+        use std::io::Read as _;
         let mut file = std::fs::File::open(path)?;
         let mut hasher = Sha256::new();
-        let length = std::io::copy(&mut file, &mut hasher)?;
-        Ok((length, hex::encode(hasher.finalize())))
+        let mut buffer = vec![0u8; 1 << 20];
+        let (mut length, mut line, mut longest) = (0u64, 0u64, 0u64);
+        loop {
+            let read = file.read(&mut buffer)?;
+            if read == 0 {
+                break;
+            }
+            let chunk = &buffer[..read];
+            hasher.update(chunk);
+            length += read as u64;
+            for piece in chunk.split_inclusive(|b| *b == b'\n') {
+                line += piece.len() as u64;
+                longest = longest.max(line);
+                if piece.last() == Some(&b'\n') {
+                    line = 0;
+                }
+            }
+        }
+        Ok((length, hex::encode(hasher.finalize()), longest))
     }
 
     /// The length and SHA-256 (hex) of the upload's staged file.
@@ -227,6 +246,7 @@ mod tests {
         assert_eq!(staging.stage(ID, 11, b"!").unwrap(), 0);
         assert!(!staging.path(ID).unwrap().exists());
         assert_eq!(Staging::digest_of(&sealed).unwrap().0, 11);
+        assert_eq!(Staging::digest_of(&sealed).unwrap().2, 11, "one line");
         assert!(staging.seal(ID).is_err(), "a second ingest finds nothing");
         staging.discard(ID);
         assert!(!sealed.exists());

@@ -11,6 +11,10 @@ use civicgrid_sandbox::quality::DeclaredTable;
 use crate::staging::Staging;
 use crate::storage::{ProductStore, StorageError};
 
+/// The longest line a CSV upload may have: far beyond any row of a table,
+/// small enough that reading one never strains a runner's memory.
+pub const MAX_CSV_LINE_BYTES: u64 = 1 << 20;
+
 /// One upload to ingest.
 #[derive(Debug, Clone)]
 pub struct IngestJob {
@@ -111,10 +115,18 @@ async fn ingest_sealed(
             .await?
             .map_err(failed)?
     };
-    if digest != (job.bytes, job.sha256.clone()) {
+    if (digest.0, &digest.1) != (job.bytes, &job.sha256) {
         return Ok(IngestOutcome::Refused(format!(
             "the upload's {} bytes hash to {}, not the declared {} bytes with SHA-256 {}",
             digest.0, digest.1, job.bytes, job.sha256
+        )));
+    }
+    // A CSV reader holds a record whole: a file of one endless line would
+    // take as much memory as it is long.
+    if job.format == Format::Csv && digest.2 > MAX_CSV_LINE_BYTES {
+        return Ok(IngestOutcome::Refused(format!(
+            "a line of the CSV is {} bytes long; at most {MAX_CSV_LINE_BYTES}",
+            digest.2
         )));
     }
     let mut adopted = Vec::with_capacity(job.adopt.len());

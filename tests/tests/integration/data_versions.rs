@@ -295,6 +295,21 @@ async fn uploads_make_versions_that_queries_read_and_pin(db: Db) -> anyhow::Resu
         .into_inner();
     assert_eq!(product.data_version, 2);
 
+    // One endless line would take its length in a runner's memory.
+    let mut endless = b"person_id,district,age_band\n7,".to_vec();
+    endless.extend(std::iter::repeat_n(b'x', (1 << 20) + 10));
+    endless.extend_from_slice(b",20-29\n");
+    let refused = upload(&market, &cast.provider_admin, true, &endless)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused
+            .message()
+            .contains("a line of the CSV is 1048595 bytes long"),
+        "{refused:?}"
+    );
+
     // Strangers: another provider and a consumer cannot write into the
     // product, nor see the provider's upload.
     for token in [&cast.rival_provider_admin, &cast.consumer_admin] {
