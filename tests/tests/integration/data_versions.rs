@@ -564,6 +564,27 @@ async fn concurrent_first_appends_both_land(db: Db) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The provider revises the sample product to `spec` (a change that takes
+/// effect at once: no review).
+async fn revise(
+    registry: &mut RegistryClient<tonic::transport::Channel>,
+    token: &str,
+    spec: proto::ProductSpec,
+    reason: &str,
+) -> anyhow::Result<()> {
+    registry
+        .revise_product(authed(
+            token,
+            proto::ReviseProductRequest {
+                product_id: "population".into(),
+                spec: Some(spec),
+                reason: reason.into(),
+            },
+        ))
+        .await?;
+    Ok(())
+}
+
 fn withdraw(product: &str, version: i64, reason: &str) -> proto::WithdrawDataVersionRequest {
     proto::WithdrawDataVersionRequest {
         product_id: product.into(),
@@ -700,16 +721,13 @@ async fn withdrawn_and_expired_versions_are_gone(db: Db) -> anyhow::Result<()> {
     // sweep; the newest stays whatever its age.
     let mut spec = civicgrid_tests::market::sample_spec();
     spec.version_retention_days = 30;
-    registry
-        .revise_product(authed(
-            &cast.provider_admin,
-            proto::ReviseProductRequest {
-                product_id: "population".into(),
-                spec: Some(spec),
-                reason: "keep versions 30 days".into(),
-            },
-        ))
-        .await?;
+    revise(
+        &mut registry,
+        &cast.provider_admin,
+        spec,
+        "keep versions 30 days",
+    )
+    .await?;
     let third = upload(
         &market,
         &cast.provider_admin,
@@ -769,16 +787,7 @@ async fn withdrawn_and_expired_versions_are_gone(db: Db) -> anyhow::Result<()> {
         validity: 0.0,
         freshness_seconds: 0,
     });
-    registry
-        .revise_product(authed(
-            &cast.provider_admin,
-            proto::ReviseProductRequest {
-                product_id: "population".into(),
-                spec: Some(spec),
-                reason: "no more gaps".into(),
-            },
-        ))
-        .await?;
+    revise(&mut registry, &cast.provider_admin, spec, "no more gaps").await?;
     let gappy = String::from_utf8(residents_csv("west-end", 600_000, 40))?.replace(",30-39", ",");
     let refused = upload(&market, &cast.provider_admin, true, gappy.as_bytes())
         .await

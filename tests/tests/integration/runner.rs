@@ -779,7 +779,6 @@ async fn a_data_center_keeps_answering_when_one_of_its_runners_dies() -> anyhow:
 /// center's store is refused by the runner.
 #[tokio::test]
 async fn uploads_land_in_the_hosting_data_centers_store() -> anyhow::Result<()> {
-    use civicgrid_marketplace::grpc::runners::{RunnerDirectory, serve_directory};
     use civicgrid_marketplace::queries::remote::Runners as _;
     use civicgrid_tests::market::SAMPLE_ROWS;
 
@@ -788,24 +787,8 @@ async fn uploads_land_in_the_hosting_data_centers_store() -> anyhow::Result<()> 
 
     let pki = Pki::generate()?;
     let (market, cast) = market_with_a_contract(100_000).await?;
-    let directory = RunnerDirectory::new(
-        ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&pki.ca))
-            .identity(Identity::from_pem(&pki.directory.0, &pki.directory.1)),
-        Duration::from_secs(2),
-    );
-    market.market.attach_runners(directory.clone())?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let directory_address = listener.local_addr()?;
-    let (_stop_directory, directory_stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve_directory(
-        directory.clone(),
-        listener,
-        civicgrid_runner::mutual_tls(&pki.directory.0, &pki.directory.1, &pki.ca),
-        async {
-            let _ = directory_stopped.await;
-        },
-    ));
+    let (directory, directory_address, _stop_directory) =
+        serve_a_directory(&market, &pki, Duration::from_secs(2)).await?;
     std::fs::remove_dir_all(market.market.data_dir().join("products/population"))?;
     let (data, _runner, _heartbeats) = municipal_runner(directory_address, &pki).await?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -887,6 +870,39 @@ async fn uploads_land_in_the_hosting_data_centers_store() -> anyhow::Result<()> 
     }
     market.stop().await;
     Ok(())
+}
+
+/// The marketplace's runner directory for `market`, attached to it and
+/// serving until the returned sender is dropped.
+async fn serve_a_directory(
+    market: &civicgrid_tests::market::TestMarket,
+    pki: &Pki,
+    ttl: Duration,
+) -> anyhow::Result<(
+    Arc<civicgrid_marketplace::grpc::runners::RunnerDirectory>,
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+)> {
+    use civicgrid_marketplace::grpc::runners::{RunnerDirectory, serve_directory};
+    let directory = RunnerDirectory::new(
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&pki.ca))
+            .identity(Identity::from_pem(&pki.directory.0, &pki.directory.1)),
+        ttl,
+    );
+    market.market.attach_runners(directory.clone())?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve_directory(
+        directory.clone(),
+        listener,
+        civicgrid_runner::mutual_tls(&pki.directory.0, &pki.directory.1, &pki.ca),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    Ok((directory, address, stop))
 }
 
 async fn market_with_a_contract(
@@ -1008,30 +1024,13 @@ impl proto::runner_server::Runner for BreaksOffMidStream {
 /// retry under the same key gives the same answer and runs nothing again.
 #[tokio::test]
 async fn a_query_cut_off_mid_stream_fails_once_and_is_charged_once() -> anyhow::Result<()> {
-    use civicgrid_marketplace::grpc::runners::{RunnerDirectory, serve_directory};
     use civicgrid_marketplace::proto::queries_client::QueriesClient;
     use civicgrid_tests::market::authed;
 
     let pki = Pki::generate()?;
     let (market, cast) = market_with_a_contract(10_000).await?;
-    let directory = RunnerDirectory::new(
-        ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&pki.ca))
-            .identity(Identity::from_pem(&pki.directory.0, &pki.directory.1)),
-        Duration::from_secs(5),
-    );
-    market.market.attach_runners(directory.clone())?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let directory_address = listener.local_addr()?;
-    let (_stop_directory, directory_stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve_directory(
-        directory.clone(),
-        listener,
-        civicgrid_runner::mutual_tls(&pki.directory.0, &pki.directory.1, &pki.ca),
-        async {
-            let _ = directory_stopped.await;
-        },
-    ));
+    let (directory, directory_address, _stop_directory) =
+        serve_a_directory(&market, &pki, Duration::from_secs(5)).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let tls = civicgrid_runner::mutual_tls(&pki.municipal.0, &pki.municipal.1, &pki.ca);
