@@ -566,6 +566,7 @@ impl RunnerService {
                 })
             }
             IngestOutcome::Refused(why) => ingest_reply::Outcome::Refused(why),
+            IngestOutcome::InProgress => ingest_reply::Outcome::InProgress(true),
         };
         Ok(proto::IngestReply {
             outcome: Some(outcome),

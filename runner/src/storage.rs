@@ -332,6 +332,9 @@ impl ProductStore {
                 };
                 let source = folder.join(&name);
                 if !source.exists() && std::fs::symlink_metadata(&source).is_err() {
+                    if folder.join(format!("{table}.arrow")).exists() {
+                        return Err(arrow_not_carried());
+                    }
                     return Ok(false);
                 }
                 let into = into.to_owned();
@@ -359,7 +362,15 @@ impl ProductStore {
                 let path = civicgrid_sandbox::object_folder(root, location)?.join(name.as_str());
                 let got = match store.get(&path).await {
                     Ok(got) => got,
-                    Err(object_store::Error::NotFound { .. }) => return Ok(false),
+                    Err(object_store::Error::NotFound { .. }) => {
+                        let arrow = civicgrid_sandbox::object_folder(root, location)?
+                            .join(format!("{table}.arrow").as_str());
+                        return match store.head(&arrow).await {
+                            Ok(_) => Err(arrow_not_carried()),
+                            Err(object_store::Error::NotFound { .. }) => Ok(false),
+                            Err(other) => Err(StorageError::Store(other.to_string())),
+                        };
+                    }
                     Err(other) => return Err(StorageError::Store(other.to_string())),
                 };
                 let mut stream = got.into_stream();
@@ -423,6 +434,12 @@ impl ProductStore {
             }
         }
     }
+}
+
+/// A folder table in Arrow IPC cannot be carried into a first version
+/// (versions hold Parquet): left out, consumers would lose it unannounced.
+fn arrow_not_carried() -> StorageError {
+    StorageError::Version("it is stored as Arrow IPC, which a version does not carry over".into())
 }
 
 /// Uploads `file` to `path` in parts, so a file of gigabytes never sits in

@@ -65,6 +65,8 @@ pub enum IngestOutcome {
     },
     /// The provider's file was refused, and why (for the provider).
     Refused(String),
+    /// Another ingest of the same upload is under way here.
+    InProgress,
 }
 
 /// Ingests `job`'s staged upload into `products`. The staged file is
@@ -89,6 +91,10 @@ pub async fn ingest(
         Err(crate::staging::StagingError::Io(error))
             if error.kind() == std::io::ErrorKind::NotFound =>
         {
+            let sealed = staging.scratch(&job.upload_id, "sealed").map_err(failed)?;
+            if sealed.exists() {
+                return Ok(IngestOutcome::InProgress);
+            }
             return Ok(IngestOutcome::Refused(
                 "nothing is staged for this upload (ingested or lost already); send it again"
                     .into(),
@@ -215,7 +221,7 @@ async fn guard_change(
     guard: &ChangeGuard,
     adopted: &[(String, ManifestFile)],
 ) -> Result<Option<String>, StorageError> {
-    use civicgrid_sandbox::change::{changed_units, unit_summaries};
+    use civicgrid_sandbox::change::{appended, changed_units, unit_summaries};
     use civicgrid_sandbox::manifest::{Manifest, ManifestTable};
 
     let table = job.table.name.clone();
@@ -257,7 +263,7 @@ async fn guard_change(
         let after = unit_summaries(uploaded.as_ref(), &id, &unit)?;
         match before {
             // An append changes every unit it has rows of.
-            None => Ok::<_, String>(after.len()),
+            None => Ok::<_, String>(appended(&after)),
             Some(before) => Ok(changed_units(
                 &unit_summaries(before.as_ref(), &table, &unit)?,
                 &after,
@@ -267,9 +273,11 @@ async fn guard_change(
     .await?
     .map_err(StorageError::Store)?;
     let min = usize::try_from(guard.min_units).unwrap_or(usize::MAX);
-    Ok((changed > 0 && changed < min).then(|| {
+    Ok((!changed.allowed(min)).then(|| {
         format!(
-            "the upload changes the rows of {changed} of the table's {column} values, and a version changes none or at least {min} (the product's minimum aggregation count): comparing two versions must not single anyone out",
+            "the upload changes the rows of {} of the table's {column} values{}, and a version changes none or at least {min} (the product's minimum aggregation count): comparing two versions must not single anyone out",
+            changed.units,
+            if changed.no_unit { " and rows with none" } else { "" },
             column = guard.unit_column
         )
     }))

@@ -56,7 +56,14 @@ pub fn unit_summaries(
         for row in 0..batch.num_rows() {
             let mut hasher = DefaultHasher::new();
             encoded.row(row).as_ref().hash(&mut hasher);
-            let sum = summaries.entry(key(keys.row(row).as_ref())).or_default();
+            // Rows with no unit count for no one in a query's distinct
+            // count, and are kept apart: see [`Change::no_unit`].
+            let unit_key = if batch.column(unit).is_null(row) {
+                NO_UNIT
+            } else {
+                key(keys.row(row).as_ref())
+            };
+            let sum = summaries.entry(unit_key).or_default();
             *sum = sum.wrapping_add(hasher.finish());
         }
     }
@@ -75,19 +82,51 @@ fn key(value: &[u8]) -> u128 {
     (u128::from(half(0)) << 64) | u128::from(half(1))
 }
 
-/// How many units `after` differs from `before` in: present in one only,
-/// or with other rows.
+/// The key of rows whose unit is null.
+const NO_UNIT: u128 = u128::MAX;
+
+/// How two summaries differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Change {
+    /// Units present in one only, or with other rows.
+    pub units: usize,
+    /// Whether rows with no unit changed: no query counts them as anyone,
+    /// so such a change is safe to publish only beside at least the
+    /// minimum of real units.
+    pub no_unit: bool,
+}
+
+impl Change {
+    /// Whether a version with this change keeps two versions from singling
+    /// anyone out: nothing changed, or at least `min_units` real units did.
+    #[must_use]
+    pub fn allowed(self, min_units: usize) -> bool {
+        (self.units == 0 && !self.no_unit) || self.units >= min_units
+    }
+}
+
+/// How `after` differs from `before`.
 #[must_use]
-pub fn changed_units(before: &HashMap<u128, u64>, after: &HashMap<u128, u64>) -> usize {
-    let gone_or_changed = before
-        .iter()
-        .filter(|(unit, sum)| after.get(*unit) != Some(sum))
-        .count();
-    let new = after
+pub fn changed_units(before: &HashMap<u128, u64>, after: &HashMap<u128, u64>) -> Change {
+    let differs = |unit: &u128| before.get(unit) != after.get(unit);
+    let units = before
         .keys()
-        .filter(|unit| !before.contains_key(*unit))
+        .chain(after.keys().filter(|unit| !before.contains_key(*unit)))
+        .filter(|unit| **unit != NO_UNIT && differs(unit))
         .count();
-    gone_or_changed + new
+    Change {
+        units,
+        no_unit: differs(&NO_UNIT),
+    }
+}
+
+/// The change an append of rows summarised as `appended` makes.
+#[must_use]
+pub fn appended(appended: &HashMap<u128, u64>) -> Change {
+    Change {
+        units: appended.keys().filter(|unit| **unit != NO_UNIT).count(),
+        no_unit: appended.contains_key(&NO_UNIT),
+    }
 }
 
 #[cfg(test)]
@@ -105,10 +144,27 @@ mod tests {
         let before = summaries(&[("a", 1), ("b", 2), ("c", 3)]);
         let after = summaries(&[("a", 1), ("b", 9), ("d", 4)]);
         assert_eq!(
-            changed_units(&before, &after),
+            changed_units(&before, &after).units,
             3,
             "b changed, c gone, d new"
         );
-        assert_eq!(changed_units(&before, &before), 0);
+        assert_eq!(changed_units(&before, &before).units, 0);
+        assert!(changed_units(&before, &before).allowed(10));
+        // Nine real people and a row with no unit are not ten.
+        let mut nulls = after.clone();
+        nulls.insert(NO_UNIT, 7);
+        let change = changed_units(&after, &nulls);
+        assert_eq!(
+            change,
+            Change {
+                units: 0,
+                no_unit: true
+            }
+        );
+        assert!(!change.allowed(10));
+        assert!(
+            !appended(&nulls).allowed(10),
+            "three units and no-unit rows"
+        );
     }
 }

@@ -514,6 +514,7 @@ impl RunnerDirectory {
         })?;
         match reply.into_inner().outcome {
             Some(proto::ingest_reply::Outcome::Refused(why)) => Ok(IngestOutcome::Refused(why)),
+            Some(proto::ingest_reply::Outcome::InProgress(_)) => Ok(IngestOutcome::InProgress),
             Some(proto::ingest_reply::Outcome::Ingested(ingested)) => {
                 let upload = ingested.upload.ok_or_else(|| {
                     MarketError::Corrupt("a runner's ingest named no file".into())

@@ -15,10 +15,16 @@ use super::Marketplace;
 
 const DAY_MS: i64 = 86_400_000;
 
+/// How long a withdrawn version's files stay before they are deleted: an
+/// upload of the same content stored just before the withdrawal has this
+/// long to be published (its version then keeps the file).
+pub const DELETION_GRACE_MS: i64 = 3_600_000;
+
 impl Marketplace {
     /// Withdraws a version of a product's data (`product:upload` on its
-    /// provider): it can no longer be read, and its files no other readable
-    /// version lists are deleted from the data center's store. To anyone but
+    /// provider): it can no longer be read at once, and its files no other
+    /// readable version lists are deleted from the data center's store by
+    /// the next retention sweep after [`DELETION_GRACE_MS`]. To anyone but
     /// the provider the product is not there.
     ///
     /// # Errors
@@ -51,10 +57,7 @@ impl Marketplace {
         )
         .await?;
         transaction.commit().await?;
-        if let Err(error) = self.delete_withdrawn_files(&product).await {
-            // The retention sweep tries again.
-            tracing::warn!(product = %product.id, %error, "withdrawn files not deleted yet");
-        }
+
         let mut connection = self.store.acquire().await?;
         versions::get_version(&mut connection, product_id, version).await
     }
@@ -116,64 +119,118 @@ impl Marketplace {
                     registry::get(&mut connection, &product_id).await?
                 }
             };
-            if let Err(error) = self.delete_withdrawn_files(&product).await {
+            if let Err(error) = self.delete_withdrawn_files(&product, now_ms).await {
                 tracing::warn!(product = %product_id, %error, "withdrawn files not deleted yet");
             }
         }
         Ok(withdrawn)
     }
 
-    /// Deletes the files of `product`'s withdrawn versions that no readable
-    /// version lists, where they are stored, and records it.
-    async fn delete_withdrawn_files(&self, product: &Product) -> Result<()> {
+    /// Files in `product`'s folder that a readable version lists: of this
+    /// product, or of any other of its provider's products pointing at the
+    /// same folder (content-addressed paths are shared between them).
+    async fn files_in_use(&self, product: &Product) -> Result<HashSet<String>> {
+        use prost::Message as _;
+        let mut connection = self.store.acquire().await?;
+        let mut sharing = Vec::new();
+        for (id, spec) in crate::store::products::provider_specs(
+            &mut connection,
+            &product.provider_organization_id,
+        )
+        .await?
+        {
+            let spec = crate::spec::ProductSpec::decode(spec.as_slice()).unwrap_or_default();
+            if id == product.id || spec.storage_location == product.spec.storage_location {
+                sharing.push(id);
+            }
+        }
+        let mut kept = HashSet::new();
+        for id in sharing {
+            for version in versions::all_versions(&mut connection, &id).await? {
+                if version.withdrawn_at_unix_ms == 0 {
+                    kept.extend(version.manifest.files().map(|(_, file)| file.path.clone()));
+                }
+            }
+        }
+        Ok(kept)
+    }
+
+    /// Deletes `paths` of `product`'s folder in `data_center`'s store, but
+    /// those a readable version lists.
+    pub(super) async fn delete_unused(
+        &self,
+        product: &Product,
+        data_center: &str,
+        paths: Vec<String>,
+    ) -> Result<Vec<String>> {
+        let kept = self.files_in_use(product).await?;
+        let paths: Vec<String> = paths.into_iter().filter(|p| !kept.contains(p)).collect();
+        if paths.is_empty() {
+            return Ok(paths);
+        }
+        match self.runners.get() {
+            Some(runners) => {
+                runners
+                    .remove(
+                        data_center.to_owned(),
+                        product.id.clone(),
+                        product.spec.storage_location.clone(),
+                        paths.clone(),
+                    )
+                    .await?;
+            }
+            None => {
+                let store = civicgrid_runner::ProductStore::Directory(self.data_dir().to_owned());
+                store
+                    .remove(&product.spec.storage_location, &paths)
+                    .await
+                    .map_err(|error| MarketError::Unavailable(error.to_string()))?;
+            }
+        }
+        Ok(paths)
+    }
+
+    /// Deletes the files of `product`'s versions withdrawn at least
+    /// [`DELETION_GRACE_MS`] ago that no readable version lists, where they
+    /// are stored, and audits it. The grace lets an upload of the same
+    /// content that was stored before the withdrawal be published.
+    async fn delete_withdrawn_files(&self, product: &Product, now_ms: i64) -> Result<()> {
         let mut connection = self.store.acquire().await?;
         let all = versions::all_versions(&mut connection, &product.id).await?;
         drop(connection);
-        let kept: HashSet<&str> = all
-            .iter()
-            .filter(|version| version.withdrawn_at_unix_ms == 0)
-            .flat_map(|version| version.manifest.files().map(|(_, file)| file.path.as_str()))
-            .collect();
-        for version in all
-            .iter()
-            .filter(|v| v.withdrawn_at_unix_ms > 0 && v.files_deleted_at_unix_ms == 0)
-        {
+        for version in all.iter().filter(|v| {
+            v.withdrawn_at_unix_ms > 0
+                && v.files_deleted_at_unix_ms == 0
+                && v.withdrawn_at_unix_ms + DELETION_GRACE_MS <= now_ms
+        }) {
             let paths: Vec<String> = version
                 .manifest
                 .files()
                 .map(|(_, file)| file.path.clone())
-                .filter(|path| !kept.contains(path.as_str()))
                 .collect();
-            if !paths.is_empty() {
-                match self.runners.get() {
-                    Some(runners) => {
-                        runners
-                            .remove(
-                                version.data_center.clone(),
-                                product.id.clone(),
-                                product.spec.storage_location.clone(),
-                                paths,
-                            )
-                            .await?;
-                    }
-                    None => {
-                        let store =
-                            civicgrid_runner::ProductStore::Directory(self.data_dir().to_owned());
-                        store
-                            .remove(&product.spec.storage_location, &paths)
-                            .await
-                            .map_err(|error| MarketError::Unavailable(error.to_string()))?;
-                    }
-                }
-            }
-            let mut connection = self.store.acquire().await?;
-            versions::files_deleted(
-                &mut connection,
-                &product.id,
-                version.version,
-                crate::store::now_ms(),
+            let deleted = self
+                .delete_unused(product, &version.data_center, paths)
+                .await?;
+            let mut transaction = self.store.begin().await?;
+            crate::store::lock_audit_head(&mut transaction).await?;
+            versions::files_deleted(&mut transaction, &product.id, version.version, now_ms).await?;
+            crate::audit::log::append(
+                &mut transaction,
+                self.store.backend(),
+                &[crate::audit::log::Event {
+                    kind: "product.data_files_deleted".into(),
+                    actor: "system".into(),
+                    tenant: product.provider_organization_id.clone(),
+                    subject: product.id.clone(),
+                    details: serde_json::json!({
+                        "data_version": version.version,
+                        "data_center": version.data_center,
+                        "deleted": deleted,
+                    }),
+                }],
             )
             .await?;
+            transaction.commit().await?;
         }
         Ok(())
     }

@@ -335,10 +335,30 @@ impl Marketplace {
                 adopted,
             } => (file, adopted),
             IngestOutcome::Refused(why) => return self.refuse(&upload, &why).await,
+            IngestOutcome::InProgress => {
+                return Err(MarketError::Aborted(format!(
+                    "upload {upload_id} is being committed already; ask for it shortly"
+                )));
+            }
         };
         let mut product = product;
         let mut base = base;
+        // What the runner compared a replacement with: a version published
+        // since makes that comparison stale.
+        let compared_with = base.as_ref().map_or(0, |base| base.version);
+        let stored: Vec<String> = std::iter::once(file.path.clone())
+            .chain(adopted.iter().map(|(_, file)| file.path.clone()))
+            .collect();
         for _ in 0..PUBLISH_ATTEMPTS {
+            if !upload.append && base.as_ref().map_or(0, |base| base.version) != compared_with {
+                self.forget_stored(&product, &upload, stored).await;
+                return self
+                    .refuse(
+                        &upload,
+                        "another version was published while this replacement was compared with the one before it; upload it again",
+                    )
+                    .await;
+            }
             let mut manifest = base
                 .as_ref()
                 .map_or_else(Manifest::default, |base| base.manifest.clone());
@@ -370,6 +390,7 @@ impl Marketplace {
             if let Some(minimums) = &product.spec.quality_minimums
                 && let Some(why) = versions::below_minimums(&quality, minimums)
             {
+                self.forget_stored(&product, &upload, stored).await;
                 return self.refuse(&upload, &why).await;
             }
             let base_version = base.as_ref().map_or(0, |base| base.version);
@@ -394,6 +415,13 @@ impl Marketplace {
                 }
                 Err(MarketError::Aborted(_)) => {
                     transaction.rollback().await?;
+                    // A concurrent commit of this same upload settled it.
+                    let mut connection = self.store.acquire().await?;
+                    let now = versions::get_upload(&mut connection, upload_id).await?;
+                    drop(connection);
+                    if now.state != UploadState::Receiving {
+                        return self.refuse(&now, &now.message).await;
+                    }
                     product = self
                         .uploadable_product(principal, &upload.product_id)
                         .await?;
@@ -429,11 +457,16 @@ impl Marketplace {
             versions::list_versions(&mut connection, product_id, versions::MAX_LISTED).await?;
         // Row and byte counts per version tell how many rows each append
         // added: the provider's to know, not every buyer's.
+        // Quality is measured over every declared column, blocked ones too
+        // (freshness can be one person's timestamp), and a withdrawal's
+        // reason may name whom it protects.
         if !insider {
             for version in &mut listed {
                 version.manifest = Manifest::default();
                 version.rows = 0;
                 version.bytes = 0;
+                version.quality = crate::spec::QualityMetrics::default();
+                version.withdrawn_reason.clear();
             }
         }
         Ok(listed)
@@ -468,6 +501,19 @@ impl Marketplace {
         Ok(product)
     }
 
+    /// Deletes what an upload stored and no version will list (it was
+    /// refused after it was stored): rows its provider was told are not
+    /// published do not stay in the store. Best effort: what a store does
+    /// not delete now stays until its folder is cleaned.
+    async fn forget_stored(&self, product: &Product, upload: &Upload, paths: Vec<String>) {
+        if let Err(error) = self
+            .delete_unused(product, &upload.data_center, paths)
+            .await
+        {
+            tracing::warn!(product = %product.id, upload = %upload.id, %error, "a refused upload's files were not deleted");
+        }
+    }
+
     /// Records `upload` refused, and says why: unless a concurrent commit of
     /// the same upload won, whose outcome stands.
     async fn refuse(&self, upload: &Upload, why: &str) -> Result<(Upload, DataVersion)> {
@@ -476,9 +522,10 @@ impl Marketplace {
         refused.message = why.to_owned();
         refused.updated_at_unix_ms = crate::store::now_ms().max(upload.updated_at_unix_ms + 1);
         let mut connection = self.store.acquire().await?;
-        if versions::update_upload(&mut connection, &refused, upload)
-            .await
-            .is_err()
+        if upload.state != UploadState::Receiving
+            || versions::update_upload(&mut connection, &refused, upload)
+                .await
+                .is_err()
         {
             let now = versions::get_upload(&mut connection, &upload.id).await?;
             if now.state == UploadState::Ingested {

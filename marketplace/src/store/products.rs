@@ -134,6 +134,20 @@ pub(crate) async fn other_providers_specs(
     Ok(specs)
 }
 
+/// The ids and serving specs of `provider`'s products.
+pub(crate) async fn provider_specs(
+    connection: &mut AnyConnection,
+    provider: &str,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    sqlx::query("SELECT id, spec FROM products WHERE provider_organization_id = $1")
+        .bind(provider)
+        .fetch_all(&mut *connection)
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get("id")?, row.try_get("spec")?)))
+        .collect()
+}
+
 async fn save_version(
     connection: &mut AnyConnection,
     id: &str,

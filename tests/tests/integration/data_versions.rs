@@ -51,16 +51,27 @@ fn chunk(upload: &str, offset: usize, data: &[u8]) -> proto::PutUploadChunkReque
     }
 }
 
-/// Uploads `file` whole in one chunk and commits it.
+/// Uploads `file` whole in one chunk to the sample product and commits it.
 pub(crate) async fn upload(
     market: &TestMarket,
     token: &str,
     append: bool,
     file: &[u8],
 ) -> Result<proto::CommitUploadResponse, tonic::Status> {
+    upload_to(market, token, "population", append, file).await
+}
+
+/// Uploads `file` whole in one chunk to `product` and commits it.
+pub(crate) async fn upload_to(
+    market: &TestMarket,
+    token: &str,
+    product: &str,
+    append: bool,
+    file: &[u8],
+) -> Result<proto::CommitUploadResponse, tonic::Status> {
     let mut registry = RegistryClient::new(market.channel.clone());
     let started = registry
-        .begin_upload(authed(token, begin("population", append, file)))
+        .begin_upload(authed(token, begin(product, append, file)))
         .await?
         .into_inner();
     registry
@@ -418,6 +429,17 @@ async fn uploads_make_versions_that_queries_read_and_pin(db: Db) -> anyhow::Resu
             && few.message().contains("at least 10"),
         "{few:?}"
     );
+    let mut nine_and_nobody = residents_csv("old-town", 950, 9);
+    nine_and_nobody.extend_from_slice(b",old-town,30-39\n");
+    let nobody = upload(&market, &cast.provider_admin, true, &nine_and_nobody)
+        .await
+        .unwrap_err();
+    assert!(
+        nobody
+            .message()
+            .contains("changes the rows of 9 of the table's person_id values and rows with none"),
+        "a row with no unit is no one in a distinct count: {nobody:?}"
+    );
     let one_less = upload(
         &market,
         &cast.provider_admin,
@@ -660,6 +682,41 @@ async fn withdrawn_and_expired_versions_are_gone(db: Db) -> anyhow::Result<()> {
         .unwrap_err();
     assert_eq!(unexplained.code(), Code::InvalidArgument, "{unexplained:?}");
 
+    // Another of the provider's products reads the same folder, and its
+    // first version shares the folder's carried-over file with v1.
+    registry
+        .create_product(authed(
+            &cast.provider_admin,
+            proto::CreateProductRequest {
+                id: "population-copy".into(),
+                spec: Some(civicgrid_tests::market::sample_spec()),
+            },
+        ))
+        .await?;
+    let copy = upload_to(
+        &market,
+        &cast.provider_admin,
+        "population-copy",
+        true,
+        &residents_csv("south-gate", 300_000, 15),
+    )
+    .await?
+    .version
+    .expect("the copy's v1");
+    let shared: Vec<&str> = first
+        .tables
+        .iter()
+        .flat_map(|t| &t.files)
+        .filter(|f| {
+            copy.tables
+                .iter()
+                .flat_map(|t| &t.files)
+                .any(|c| c.path == f.path)
+        })
+        .map(|f| f.path.as_str())
+        .collect();
+    assert_eq!(shared.len(), 1, "the folder's carried-over file");
+
     let withdrawn = registry
         .withdraw_data_version(authed(
             &cast.provider_admin,
@@ -675,11 +732,27 @@ async fn withdrawn_and_expired_versions_are_gone(db: Db) -> anyhow::Result<()> {
         .err()
         .expect("withdrawn");
     assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    // Its files go after the grace an upload of the same content may need,
+    // except those another readable version lists.
     let folder = market.data_dir.join("products/population");
+    let now = civicgrid_marketplace::store::now_ms();
+    assert_eq!(market.market.sweep_data_retention(now).await?, 0);
     for file in first.tables.iter().flat_map(|t| &t.files) {
         assert!(
-            !folder.join(&file.path).exists(),
-            "{} was deleted",
+            folder.join(&file.path).exists(),
+            "{} waits for the grace",
+            file.path
+        );
+    }
+    market
+        .market
+        .sweep_data_retention(now + 2 * 3_600_000)
+        .await?;
+    for file in first.tables.iter().flat_map(|t| &t.files) {
+        assert_eq!(
+            folder.join(&file.path).exists(),
+            shared.contains(&file.path.as_str()),
+            "{}: deleted unless the copy reads it",
             file.path
         );
     }
@@ -716,6 +789,21 @@ async fn withdrawn_and_expired_versions_are_gone(db: Db) -> anyhow::Result<()> {
         String::from_utf8_lossy(&entries[0].body).contains("before consent"),
         "{entries:?}"
     );
+    let deletions =
+        civicgrid_marketplace::proto::audit_client::AuditClient::new(market.channel.clone())
+            .get_entries(authed(
+                &market.admin_token,
+                proto::GetEntriesRequest {
+                    start: 0,
+                    end: 1_000_000,
+                    kind_prefix: "product.data_files_deleted".into(),
+                    tenant: String::new(),
+                },
+            ))
+            .await?
+            .into_inner()
+            .entries;
+    assert_eq!(deletions.len(), 1, "the deletion is audited");
 
     // Retention: a version superseded more than 30 days ago goes in the
     // sweep; the newest stays whatever its age.
@@ -803,6 +891,21 @@ async fn withdrawn_and_expired_versions_are_gone(db: Db) -> anyhow::Result<()> {
         versions_of(&market, &cast.provider_admin).await?[0].version,
         3
     );
+    // Nothing of the refused upload stays in the store.
+    let listed: std::collections::HashSet<String> = versions_of(&market, &cast.provider_admin)
+        .await?
+        .iter()
+        .chain(std::iter::once(&copy))
+        .flat_map(|v| {
+            v.tables
+                .iter()
+                .flat_map(|t| t.files.iter().map(|f| f.path.clone()))
+        })
+        .collect();
+    for entry in std::fs::read_dir(folder.join("data/residents"))? {
+        let path = format!("data/residents/{}", entry?.file_name().to_string_lossy());
+        assert!(listed.contains(&path), "{path} is no version's file");
+    }
     upload(
         &market,
         &cast.provider_admin,
