@@ -6,7 +6,10 @@
 -- `data_center` is where its files are stored ("" in the embedded default):
 -- queries on it run there. A version withdrawn (by its provider, or when
 -- the product's retention ran out) can no longer be read; once no live
--- version lists its files, they are deleted (`files_deleted_at`).
+-- version lists its files, they are deleted (`files_deleted_at`). A
+-- candidate (1) is the data uploaded for a revision waiting for review:
+-- numbered after the newest version, read by no query, and published when
+-- the revision is approved (or deleted when it is rejected).
 CREATE TABLE product_data_versions (
     product_id TEXT NOT NULL REFERENCES products (id),
     version BIGINT NOT NULL,
@@ -26,6 +29,7 @@ CREATE TABLE product_data_versions (
     withdrawn_at BIGINT NOT NULL,
     withdrawn_reason TEXT NOT NULL,
     files_deleted_at BIGINT NOT NULL,
+    candidate BIGINT NOT NULL,
     PRIMARY KEY (product_id, version)
 );
 -- Uploads in progress and done. The bytes are staged where the product's
@@ -38,6 +42,7 @@ CREATE TABLE product_uploads (
     table_name TEXT NOT NULL,
     format TEXT NOT NULL,
     append_rows BIGINT NOT NULL,
+    for_revision BIGINT NOT NULL,
     size_bytes BIGINT NOT NULL,
     sha256 TEXT NOT NULL,
     received_bytes BIGINT NOT NULL,

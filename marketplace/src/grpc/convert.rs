@@ -336,6 +336,7 @@ pub(super) fn data_version_to_proto(version: crate::versions::DataVersion) -> pr
         audit_index: version.audit_index,
         withdrawn_at_unix_ms: version.withdrawn_at_unix_ms,
         withdrawn_reason: version.withdrawn_reason,
+        candidate: version.candidate,
         tables: version
             .manifest
             .tables

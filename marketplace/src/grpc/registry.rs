@@ -284,6 +284,7 @@ impl proto::registry_server::Registry for RegistryService {
                     table: request.table,
                     format: request.format,
                     append: request.append,
+                    for_revision: request.for_revision,
                     size_bytes: request.size_bytes,
                     sha256: request.sha256,
                 },

@@ -335,10 +335,27 @@ impl Marketplace {
         let before = self
             .readable_product(principal, product_id, "product:review")
             .await?;
+        let mut connection = self.store.acquire().await?;
+        let candidate = crate::versions::candidate(&mut connection, product_id).await?;
+        drop(connection);
         let measured = match (&before.pending_revision, approve) {
+            // Data uploaded for the revision is what it will serve.
             (Some(revised), true) => Some((
                 revised.clone(),
-                self.measure_quality(&before, revised).await?,
+                match &candidate {
+                    Some(candidate) => {
+                        self.measure_quality_of(
+                            product_id,
+                            revised,
+                            Some((
+                                std::sync::Arc::new(candidate.manifest.clone()),
+                                candidate.data_center.clone(),
+                            )),
+                        )
+                        .await?
+                    }
+                    None => self.measure_quality(&before, revised).await?,
+                },
             )),
             (None, true) => {
                 return Err(MarketError::FailedPrecondition(format!(
@@ -358,6 +375,28 @@ impl Marketplace {
             Some(_) => return Err(changed_while_measured(product_id)),
             None => None,
         };
+        match (&candidate, approve) {
+            (Some(candidate), true) => {
+                crate::versions::promote_candidate(
+                    &mut transaction,
+                    self.store.backend(),
+                    &principal.user.id,
+                    &product,
+                    candidate,
+                )
+                .await?;
+            }
+            (Some(_), false) => {
+                crate::versions::discard_candidate(
+                    &mut transaction,
+                    self.store.backend(),
+                    &principal.user.id,
+                    &product,
+                )
+                .await?;
+            }
+            (None, _) => {}
+        }
         let product = registry::decide_revision(
             &mut transaction,
             self.store.backend(),
@@ -368,6 +407,19 @@ impl Marketplace {
         )
         .await?;
         transaction.commit().await?;
+        if let (Some(candidate), false) = (&candidate, approve) {
+            let paths = candidate
+                .manifest
+                .files()
+                .map(|(_, f)| f.path.clone())
+                .collect();
+            if let Err(error) = self
+                .delete_unused(&product, &candidate.data_center, paths)
+                .await
+            {
+                tracing::warn!(product = %product_id, %error, "a rejected revision's data was not deleted");
+            }
+        }
         Ok(product)
     }
 

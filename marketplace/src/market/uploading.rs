@@ -104,6 +104,7 @@ impl Marketplace {
             table: request.table,
             format: request.format,
             append: request.append,
+            for_revision: request.for_revision,
             size_bytes: request.size_bytes,
             sha256: request.sha256,
             received_bytes: 0,
@@ -288,10 +289,11 @@ impl Marketplace {
         let product = self
             .uploadable_product(principal, &upload.product_id)
             .await?;
-        let table = versions::declared_table(&product, &upload.table)?;
+        let spec = versions::typed_by(&product, upload.for_revision)?.clone();
+        let table = versions::declared_table(&product, &spec, &upload.table)?;
         let format = Format::parse(&upload.format)
             .ok_or_else(|| MarketError::Corrupt(format!("upload format {:?}", upload.format)))?;
-        let base = self.newest_version(&product).await?;
+        let base = self.base_for(&product, &upload).await?;
         // A product with no version yet carries its folder's other tables
         // into its first one.
         // The uploaded table's own folder file too: an append carries its
@@ -301,10 +303,12 @@ impl Marketplace {
         } else {
             Vec::new()
         };
-        let guard = product
-            .spec
+        // Data for a revision changes the schema: its rows are not compared
+        // with the old ones (the revision's review is the check).
+        let guard = spec
             .output_policy
             .as_ref()
+            .filter(|_| !upload.for_revision)
             .filter(|policy| {
                 policy.min_aggregation_count > 0 && !policy.privacy_unit_column.is_empty()
             })
@@ -318,6 +322,7 @@ impl Marketplace {
                     .map(|table| table.files.clone())
                     .unwrap_or_default(),
             });
+        let guarded = guard.is_some();
         let job = IngestJob {
             upload_id: upload.id.clone(),
             location: product.spec.storage_location.clone(),
@@ -350,7 +355,10 @@ impl Marketplace {
             .chain(adopted.iter().map(|(_, file)| file.path.clone()))
             .collect();
         for _ in 0..PUBLISH_ATTEMPTS {
-            if !upload.append && base.as_ref().map_or(0, |base| base.version) != compared_with {
+            if guarded
+                && !upload.append
+                && base.as_ref().map_or(0, |base| base.version) != compared_with
+            {
                 self.forget_stored(&product, &upload, stored).await;
                 return self
                     .refuse(
@@ -385,9 +393,9 @@ impl Marketplace {
                 )));
             }
             let quality = self
-                .measure_version(&product, &manifest, &upload.data_center)
+                .measure_version(&product, &spec, &manifest, &upload.data_center)
                 .await?;
-            if let Some(minimums) = &product.spec.quality_minimums
+            if let Some(minimums) = &spec.quality_minimums
                 && let Some(why) = versions::below_minimums(&quality, minimums)
             {
                 self.forget_stored(&product, &upload, stored).await;
@@ -425,7 +433,7 @@ impl Marketplace {
                     product = self
                         .uploadable_product(principal, &upload.product_id)
                         .await?;
-                    base = self.newest_version(&product).await?;
+                    base = self.base_for(&product, &upload).await?;
                 }
                 Err(other) => return Err(other),
             }
@@ -461,6 +469,7 @@ impl Marketplace {
         // (freshness can be one person's timestamp), and a withdrawal's
         // reason may name whom it protects.
         if !insider {
+            listed.retain(|version| !version.candidate);
             for version in &mut listed {
                 version.manifest = Manifest::default();
                 version.rows = 0;
@@ -615,17 +624,59 @@ impl Marketplace {
         }
     }
 
-    /// The quality of `manifest`'s data, measured where it is stored: in
-    /// `data_center`'s store ("" in the embedded default).
+    /// What an upload's version is built on: the newest version, or, for
+    /// data uploaded for a revision, the data uploaded for it so far (else
+    /// the newest version without the tables the revision changes), as of
+    /// the newest version's number.
+    async fn base_for(&self, product: &Product, upload: &Upload) -> Result<Option<DataVersion>> {
+        let mut connection = self.store.acquire().await?;
+        let candidate = versions::candidate(&mut connection, &product.id).await?;
+        drop(connection);
+        let newest = self.newest_version(product).await?;
+        if !upload.for_revision {
+            if candidate.is_some() {
+                return Err(MarketError::FailedPrecondition(format!(
+                    "data uploaded for product {}'s revision waits for its review; upload for the revision (--for-revision) or after the decision",
+                    product.id
+                )));
+            }
+            return Ok(newest);
+        }
+        let revised = versions::typed_by(product, true)?;
+        let Some(newest) = newest else {
+            return Err(MarketError::FailedPrecondition(format!(
+                "product {} has no data version yet: its revision is measured against its folder; upload after the decision",
+                product.id
+            )));
+        };
+        if let Some(candidate) = candidate.filter(|c| c.version == newest.version + 1) {
+            return Ok(Some(DataVersion {
+                version: newest.version,
+                ..candidate
+            }));
+        }
+        let mut base = newest;
+        base.manifest.tables.retain(|table| {
+            let before = product.spec.tables.iter().find(|t| t.name == table.name);
+            let after = revised.tables.iter().find(|t| t.name == table.name);
+            before.is_some() && before == after
+        });
+        Ok(Some(base))
+    }
+
+    /// The quality of `manifest`'s data as `spec` declares it, measured
+    /// where it is stored: in `data_center`'s store ("" in the embedded
+    /// default).
     pub(super) async fn measure_version(
         &self,
         product: &Product,
+        spec: &crate::spec::ProductSpec,
         manifest: &Manifest,
         data_center: &str,
     ) -> Result<QualityMetrics> {
         self.measure_quality_of(
             &product.id,
-            &product.spec,
+            spec,
             Some((Arc::new(manifest.clone()), data_center.to_owned())),
         )
         .await

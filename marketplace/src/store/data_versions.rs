@@ -9,9 +9,9 @@ use crate::versions::model::{DataVersion, Upload, UploadState};
 
 const VERSION_COLUMNS: &str = "product_id, version, manifest, fingerprint, row_count, byte_count, \
      completeness, validity, freshness_seconds, upload_id, data_center, created_by, created_at, \
-     audit_index, superseded_at, withdrawn_at, withdrawn_reason, files_deleted_at";
+     audit_index, superseded_at, withdrawn_at, withdrawn_reason, files_deleted_at, candidate";
 
-const UPLOAD_COLUMNS: &str = "id, product_id, organization_id, table_name, format, append_rows, \
+const UPLOAD_COLUMNS: &str = "id, product_id, organization_id, table_name, format, append_rows, for_revision, \
      size_bytes, sha256, received_bytes, data_center, endpoint, state, message, data_version, \
      created_by, created_at, updated_at";
 
@@ -40,6 +40,7 @@ fn version_from_row(row: &sqlx::any::AnyRow) -> Result<DataVersion> {
         withdrawn_at_unix_ms: row.try_get("withdrawn_at")?,
         withdrawn_reason: row.try_get("withdrawn_reason")?,
         files_deleted_at_unix_ms: row.try_get("files_deleted_at")?,
+        candidate: row.try_get::<i64, _>("candidate")? != 0,
     })
 }
 
@@ -51,6 +52,7 @@ fn upload_from_row(row: &sqlx::any::AnyRow) -> Result<Upload> {
         table: row.try_get("table_name")?,
         format: row.try_get("format")?,
         append: row.try_get::<i64, _>("append_rows")? != 0,
+        for_revision: row.try_get::<i64, _>("for_revision")? != 0,
         size_bytes: row.try_get("size_bytes")?,
         sha256: row.try_get("sha256")?,
         received_bytes: row.try_get("received_bytes")?,
@@ -74,7 +76,7 @@ pub(crate) async fn insert_version(
         .map_err(|error| MarketError::Corrupt(format!("manifest: {error}")))?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO product_data_versions ({VERSION_COLUMNS}) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
     )))
     .bind(&version.product_id)
     .bind(version.version)
@@ -94,6 +96,7 @@ pub(crate) async fn insert_version(
     .bind(version.withdrawn_at_unix_ms)
     .bind(&version.withdrawn_reason)
     .bind(version.files_deleted_at_unix_ms)
+    .bind(i64::from(version.candidate))
     .execute(&mut *connection)
     .await?;
     Ok(())
@@ -179,7 +182,7 @@ pub(crate) async fn list_versions(
 pub(crate) async fn insert_upload(connection: &mut AnyConnection, upload: &Upload) -> Result<()> {
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO product_uploads ({UPLOAD_COLUMNS}) VALUES \
-         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
     )))
     .bind(&upload.id)
     .bind(&upload.product_id)
@@ -187,6 +190,7 @@ pub(crate) async fn insert_upload(connection: &mut AnyConnection, upload: &Uploa
     .bind(&upload.table)
     .bind(&upload.format)
     .bind(i64::from(upload.append))
+    .bind(i64::from(upload.for_revision))
     .bind(upload.size_bytes)
     .bind(&upload.sha256)
     .bind(upload.received_bytes)
@@ -388,4 +392,54 @@ pub(crate) async fn files_deleted(
     .execute(&mut *connection)
     .await?;
     Ok(())
+}
+
+/// Publishes candidate `version`: no longer a candidate.
+pub(crate) async fn promote(
+    connection: &mut AnyConnection,
+    product_id: &str,
+    version: i64,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE product_data_versions SET candidate = 0 \
+         WHERE product_id = $1 AND version = $2 AND candidate = 1",
+    )
+    .bind(product_id)
+    .bind(version)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+/// Deletes candidate `version` (its revision was rejected, or new data was
+/// uploaded for it).
+pub(crate) async fn delete_candidate(
+    connection: &mut AnyConnection,
+    product_id: &str,
+    version: i64,
+) -> Result<()> {
+    sqlx::query(
+        "DELETE FROM product_data_versions WHERE product_id = $1 AND version = $2 AND candidate = 1",
+    )
+    .bind(product_id)
+    .bind(version)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+/// The product's candidate version, if it has one.
+pub(crate) async fn candidate(
+    connection: &mut AnyConnection,
+    product_id: &str,
+) -> Result<Option<DataVersion>> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {VERSION_COLUMNS} FROM product_data_versions WHERE product_id = $1 AND candidate = 1"
+    )))
+    .bind(product_id)
+    .fetch_optional(&mut *connection)
+    .await?
+    .as_ref()
+    .map(version_from_row)
+    .transpose()
 }

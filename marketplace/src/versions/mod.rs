@@ -53,6 +53,9 @@ pub struct NewUpload {
     pub format: String,
     /// Adds rows to the table instead of replacing them.
     pub append: bool,
+    /// Typed by the revision waiting for review: the upload becomes that
+    /// revision's data, published when it is approved.
+    pub for_revision: bool,
     /// The file's length.
     pub size_bytes: i64,
     /// Its SHA-256, lowercase hex.
@@ -80,12 +83,19 @@ pub fn check(product: &Product, request: &NewUpload) -> Result<()> {
             product.id
         )));
     }
-    if !product.spec.tables.iter().any(|t| t.name == request.table) {
+    let spec = typed_by(product, request.for_revision)?;
+    if !spec.tables.iter().any(|t| t.name == request.table) {
         return Err(MarketError::invalid(
             "table",
             format!(
-                "{:?} is not a table of product {}; declare it in a revision first",
-                request.table, product.id
+                "{:?} is not a table of product {}{}; declare it in a revision first",
+                request.table,
+                product.id,
+                if request.for_revision {
+                    "'s revision"
+                } else {
+                    ""
+                }
             ),
         ));
     }
@@ -112,15 +122,33 @@ pub fn check(product: &Product, request: &NewUpload) -> Result<()> {
     Ok(())
 }
 
-/// The declared table `name` of `product`, typed, as the ingest takes it.
+/// The spec an upload is typed by: the one that serves, or the revision
+/// waiting for review.
+///
+/// # Errors
+/// `FailedPrecondition` for an upload for a revision when none waits.
+pub fn typed_by(product: &Product, for_revision: bool) -> Result<&crate::spec::ProductSpec> {
+    if !for_revision {
+        return Ok(&product.spec);
+    }
+    product.pending_revision.as_ref().ok_or_else(|| {
+        MarketError::FailedPrecondition(format!(
+            "product {} has no revision waiting for review to upload data for",
+            product.id
+        ))
+    })
+}
+
+/// The declared table `name` of `spec`, typed, as the ingest takes it.
 ///
 /// # Errors
 /// `FailedPrecondition` when the product no longer declares it.
 pub fn declared_table(
     product: &Product,
+    spec: &crate::spec::ProductSpec,
     name: &str,
 ) -> Result<civicgrid_sandbox::quality::DeclaredTable> {
-    crate::quality::declared(&product.spec.tables)
+    crate::quality::declared(&spec.tables)
         .into_iter()
         .find(|table| table.name == name)
         .ok_or_else(|| {
@@ -152,8 +180,26 @@ pub async fn publish(
     store::lock_audit_head(connection).await?;
     let now = store::now_ms();
     let version = base_version + 1;
-    store::data_versions::publish_version(connection, &product.id, base_version, version, now)
-        .await?;
+    let candidate = upload.for_revision;
+    if candidate {
+        // Data for a revision: numbered after the newest version, which must
+        // still be the one it was built on, and replacing any earlier data
+        // uploaded for the revision.
+        if crate::registry::get(connection, &product.id)
+            .await?
+            .data_version
+            != base_version
+        {
+            return Err(MarketError::Aborted(format!(
+                "another version of product {}'s data was published meanwhile; commit again",
+                product.id
+            )));
+        }
+        store::data_versions::delete_candidate(connection, &product.id, version).await?;
+    } else {
+        store::data_versions::publish_version(connection, &product.id, base_version, version, now)
+            .await?;
+    }
     let fingerprint = manifest.fingerprint();
     let rows = i64::try_from(manifest.rows()).unwrap_or(i64::MAX);
     let bytes = i64::try_from(manifest.bytes()).unwrap_or(i64::MAX);
@@ -175,6 +221,7 @@ pub async fn publish(
                 "table": upload.table,
                 "append": upload.append,
                 "upload_sha256": upload.sha256,
+                "candidate": candidate,
                 // Every file, so that anyone holding the log recomputes
                 // the fingerprint without asking the operator.
                 "manifest": serde_json::to_value(&manifest)
@@ -203,8 +250,11 @@ pub async fn publish(
         withdrawn_at_unix_ms: 0,
         withdrawn_reason: String::new(),
         files_deleted_at_unix_ms: 0,
+        candidate,
     };
-    store::data_versions::supersede(connection, &product.id, base_version, now).await?;
+    if !candidate {
+        store::data_versions::supersede(connection, &product.id, base_version, now).await?;
+    }
     store::data_versions::insert_version(connection, &stored).await?;
     let mut done = upload.clone();
     done.state = UploadState::Ingested;
@@ -265,8 +315,8 @@ pub async fn verified(
 }
 
 pub(crate) use crate::store::data_versions::{
-    all_versions, count_receiving, files_deleted, get_upload, get_version, insert_upload,
-    list_versions, superseded_readable, update_upload, with_files_to_delete,
+    all_versions, candidate, count_receiving, files_deleted, get_upload, get_version,
+    insert_upload, list_versions, superseded_readable, update_upload, with_files_to_delete,
 };
 
 /// Withdraws version `version` of `product`: it can no longer be read, and
@@ -348,4 +398,83 @@ pub fn below_minimums(measured: &QualityMetrics, minimums: &QualityMetrics) -> O
             short.join("; ")
         )
     })
+}
+
+/// Publishes `product`'s candidate version with the approval of the revision
+/// it was uploaded for, in the caller's transaction (which approves it).
+///
+/// # Errors
+/// `FailedPrecondition` when a version was published after the candidate's
+/// base (its data would be lost).
+pub async fn promote_candidate(
+    connection: &mut AnyConnection,
+    backend: Backend,
+    actor: &str,
+    product: &Product,
+    candidate: &DataVersion,
+) -> Result<()> {
+    store::lock_audit_head(connection).await?;
+    let now = store::now_ms();
+    let base = candidate.version - 1;
+    store::data_versions::publish_version(connection, &product.id, base, candidate.version, now)
+        .await
+        .map_err(|_| {
+            MarketError::FailedPrecondition(format!(
+                "product {}'s data changed after the revision's data was uploaded; upload it again",
+                product.id
+            ))
+        })?;
+    store::data_versions::supersede(connection, &product.id, base, now).await?;
+    store::data_versions::promote(connection, &product.id, candidate.version).await?;
+    log::append(
+        connection,
+        backend,
+        &[Event {
+            kind: "product.data_version_published".into(),
+            actor: actor.to_owned(),
+            tenant: product.provider_organization_id.clone(),
+            subject: product.id.clone(),
+            details: serde_json::json!({
+                "data_version": candidate.version,
+                "fingerprint": candidate.fingerprint,
+                "with_revision": true,
+            }),
+        }],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Drops `product`'s candidate version (its revision was rejected), in the
+/// caller's transaction; the candidate, if there was one.
+///
+/// # Errors
+/// Database failures.
+pub async fn discard_candidate(
+    connection: &mut AnyConnection,
+    backend: Backend,
+    actor: &str,
+    product: &Product,
+) -> Result<Option<DataVersion>> {
+    let Some(candidate) = store::data_versions::candidate(connection, &product.id).await? else {
+        return Ok(None);
+    };
+    store::lock_audit_head(connection).await?;
+    store::data_versions::delete_candidate(connection, &product.id, candidate.version).await?;
+    log::append(
+        connection,
+        backend,
+        &[Event {
+            kind: "product.data_version_discarded".into(),
+            actor: actor.to_owned(),
+            tenant: product.provider_organization_id.clone(),
+            subject: product.id.clone(),
+            details: serde_json::json!({
+                "data_version": candidate.version,
+                "fingerprint": candidate.fingerprint,
+            }),
+        }],
+    )
+    .await?;
+    Ok(Some(candidate))
 }

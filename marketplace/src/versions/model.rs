@@ -57,6 +57,8 @@ pub struct Upload {
     /// Adds the rows to the table's (a new partition) instead of replacing
     /// them.
     pub append: bool,
+    /// Typed by the revision waiting for review, whose data it becomes.
+    pub for_revision: bool,
     /// The file's length, declared up front.
     pub size_bytes: i64,
     /// Its SHA-256, declared up front.
@@ -117,4 +119,7 @@ pub struct DataVersion {
     pub withdrawn_reason: String,
     /// When its files no live version lists were deleted (0 before).
     pub files_deleted_at_unix_ms: i64,
+    /// Data for a revision waiting for review: read by no query until the
+    /// revision is approved.
+    pub candidate: bool,
 }

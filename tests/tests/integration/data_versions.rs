@@ -37,6 +37,7 @@ fn begin(product: &str, append: bool, file: &[u8]) -> proto::BeginUploadRequest 
         table: "residents".into(),
         format: "csv".into(),
         append,
+        for_revision: false,
         size_bytes: i64::try_from(file.len()).unwrap(),
         sha256: sha256_hex(file),
     }
@@ -915,6 +916,197 @@ async fn withdrawn_and_expired_versions_are_gone(db: Db) -> anyhow::Result<()> {
     .await?;
     market.stop().await;
     Ok(())
+}
+
+/// A revision that changes a table's columns, on a product that has data
+/// versions: the provider uploads data typed by the revision, which no
+/// query reads while the revision waits; approved, that data is published
+/// with it; rejected, it is dropped. Without it, the revision cannot be
+/// approved (the data lacks the new column).
+async fn revisions_carry_their_own_data(db: Db) -> anyhow::Result<()> {
+    let (market, cast) = start_with(db, |_| {}).await?;
+    contract(&market, &cast, 0).await?;
+    deposit(&market, 100_000).await?;
+    let mut registry = RegistryClient::new(market.channel.clone());
+    upload(
+        &market,
+        &cast.provider_admin,
+        true,
+        &residents_csv("north-gate", 200_000, 15),
+    )
+    .await?;
+    let mut spec = civicgrid_tests::market::sample_spec();
+    spec.tables[0].columns.push(proto::Column {
+        name: "household_size".into(),
+        r#type: "int32".into(),
+        sensitivity: proto::Sensitivity::Public as i32,
+        description: String::new(),
+    });
+    revise(
+        &mut registry,
+        &cast.provider_admin,
+        spec.clone(),
+        "household sizes",
+    )
+    .await?;
+    let approve = |registry: &mut RegistryClient<tonic::transport::Channel>| {
+        let mut registry = registry.clone();
+        let token = market.admin_token.clone();
+        async move {
+            registry
+                .approve_revision(authed(
+                    &token,
+                    civicgrid_tests::market::action("population", ""),
+                ))
+                .await
+        }
+    };
+    let lacking = approve(&mut registry).await.unwrap_err();
+    assert_eq!(lacking.code(), Code::InvalidArgument, "{lacking:?}");
+
+    // Data typed by the revision: a candidate, read by nobody yet.
+    let mut csv = String::from("person_id,district,age_band,household_size\n");
+    for id in 0..30 {
+        csv.push_str(&format!("{},harbour,30-39,{}\n", 5_000 + id, 1 + id % 2));
+    }
+    let started = registry
+        .begin_upload(authed(
+            &cast.provider_admin,
+            proto::BeginUploadRequest {
+                for_revision: true,
+                ..begin("population", false, csv.as_bytes())
+            },
+        ))
+        .await?
+        .into_inner();
+    registry
+        .put_upload_chunk(authed(
+            &cast.provider_admin,
+            chunk(&started.id, 0, csv.as_bytes()),
+        ))
+        .await?;
+    let candidate = registry
+        .commit_upload(authed(
+            &cast.provider_admin,
+            proto::GetUploadRequest {
+                upload_id: started.id.clone(),
+            },
+        ))
+        .await?
+        .into_inner()
+        .version
+        .expect("a candidate");
+    assert!(candidate.candidate);
+    assert_eq!((candidate.version, candidate.rows), (2, 30));
+    assert!(
+        versions_of(&market, &cast.consumer_analyst)
+            .await?
+            .iter()
+            .all(|v| !v.candidate),
+        "consumers do not see a candidate"
+    );
+    let newest = run(
+        &market,
+        &cast.consumer_analyst,
+        query(BY_DISTRICT, "k-before"),
+    )
+    .await?;
+    assert_eq!(
+        total_people(&newest.batches)?,
+        i64::try_from(civicgrid_tests::market::SAMPLE_ROWS)? + 15
+    );
+    let mut pinned = query(BY_DISTRICT, "k-candidate");
+    pinned.data_version = 2;
+    let hidden = run(&market, &cast.consumer_analyst, pinned)
+        .await
+        .err()
+        .expect("unread");
+    assert_eq!(hidden.code(), Code::NotFound);
+    let blocked = upload(
+        &market,
+        &cast.provider_admin,
+        true,
+        &residents_csv("harbour", 9_000, 12),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        blocked.message().contains("waits for its review"),
+        "{blocked:?}"
+    );
+
+    // Approved, the revision serves the data uploaded for it.
+    let approved = approve(&mut registry).await?.into_inner();
+    assert_eq!(approved.data_version, 2);
+    let by_size =
+        "SELECT household_size, COUNT(*) AS people FROM residents GROUP BY household_size";
+    let after = run(&market, &cast.consumer_analyst, query(by_size, "k-after")).await?;
+    assert_eq!(total_people(&after.batches)?, 30);
+
+    // Rejected, a revision's data goes with it.
+    spec.tables[0].columns.pop();
+    revise(
+        &mut registry,
+        &cast.provider_admin,
+        spec,
+        "sizes were a mistake",
+    )
+    .await?;
+    let started = registry
+        .begin_upload(authed(
+            &cast.provider_admin,
+            proto::BeginUploadRequest {
+                for_revision: true,
+                ..begin("population", false, &residents_csv("harbour", 7_000, 20))
+            },
+        ))
+        .await?
+        .into_inner();
+    registry
+        .put_upload_chunk(authed(
+            &cast.provider_admin,
+            chunk(&started.id, 0, &residents_csv("harbour", 7_000, 20)),
+        ))
+        .await?;
+    let dropped = registry
+        .commit_upload(authed(
+            &cast.provider_admin,
+            proto::GetUploadRequest {
+                upload_id: started.id,
+            },
+        ))
+        .await?
+        .into_inner()
+        .version
+        .expect("a candidate");
+    registry
+        .reject_revision(authed(
+            &market.admin_token,
+            civicgrid_tests::market::action("population", "keep the sizes"),
+        ))
+        .await?;
+    let listed = versions_of(&market, &cast.provider_admin).await?;
+    assert_eq!(listed[0].version, 2, "the candidate is gone: {listed:?}");
+    let folder = market.data_dir.join("products/population");
+    for file in dropped.tables.iter().flat_map(|t| &t.files) {
+        assert!(
+            !folder.join(&file.path).exists(),
+            "{} was deleted",
+            file.path
+        );
+    }
+    market.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn revisions_carry_their_own_data_on_sqlite() -> anyhow::Result<()> {
+    revisions_carry_their_own_data(Db::Sqlite).await
+}
+
+#[tokio::test]
+async fn revisions_carry_their_own_data_on_postgres() -> anyhow::Result<()> {
+    revisions_carry_their_own_data(Db::Postgres).await
 }
 
 #[tokio::test]

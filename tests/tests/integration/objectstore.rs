@@ -537,6 +537,7 @@ async fn uploads_are_stored_in_the_data_centers_object_store() -> anyhow::Result
                 table: "residents".into(),
                 format: "csv".into(),
                 append: false,
+                for_revision: false,
                 size_bytes: i64::try_from(file.len())?,
                 sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&file)),
             },

@@ -330,6 +330,10 @@ enum ProductCommand {
         /// Resume this upload instead of starting another.
         #[arg(long, value_name = "UPLOAD_ID")]
         resume: Option<String>,
+        /// Typed by the product's revision waiting for review: the data it
+        /// will serve once approved.
+        #[arg(long)]
+        for_revision: bool,
     },
     /// The product's data versions, newest first.
     Versions {
@@ -1119,8 +1123,18 @@ async fn product(c: &mut Clients, output: Output, command: ProductCommand) -> an
             append,
             format,
             resume,
+            for_revision,
         } => {
-            let committed = upload(r, &id, &table, &file, append, format, resume).await?;
+            let committed = upload(
+                r,
+                &id,
+                &table,
+                &file,
+                (append, for_revision),
+                format,
+                resume,
+            )
+            .await?;
             print(output, &committed)?;
             return Ok(0);
         }
@@ -1168,7 +1182,7 @@ async fn upload(
     id: &str,
     table: &str,
     file: &std::path::Path,
-    append: bool,
+    (append, for_revision): (bool, bool),
     format: Option<String>,
     resume: Option<String>,
 ) -> anyhow::Result<proto::CommitUploadResponse> {
@@ -1209,6 +1223,7 @@ async fn upload(
                 table: table.to_owned(),
                 format,
                 append,
+                for_revision,
                 size_bytes: i64::try_from(size)?,
                 sha256,
             })
