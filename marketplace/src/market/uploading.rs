@@ -303,12 +303,21 @@ impl Marketplace {
         } else {
             Vec::new()
         };
-        // Data for a revision changes the schema: its rows are not compared
-        // with the old ones (the revision's review is the check).
+        // Data for a revision that changes this table's columns is not
+        // compared row by row with the old (the revision's review is the
+        // check); for a table the revision leaves as it is, it is compared
+        // with the version consumers read now.
+        let declared_alike = product.spec.tables.iter().find(|t| t.name == upload.table)
+            == spec.tables.iter().find(|t| t.name == upload.table);
+        let compared = if upload.for_revision {
+            self.newest_version(&product).await?
+        } else {
+            base.clone()
+        };
         let guard = spec
             .output_policy
             .as_ref()
-            .filter(|_| !upload.for_revision)
+            .filter(|_| !upload.for_revision || declared_alike)
             .filter(|policy| {
                 policy.min_aggregation_count > 0 && !policy.privacy_unit_column.is_empty()
             })
@@ -316,7 +325,7 @@ impl Marketplace {
                 unit_column: policy.privacy_unit_column.clone(),
                 min_units: u64::try_from(policy.min_aggregation_count).unwrap_or(u64::MAX),
                 append: upload.append,
-                previous: base
+                previous: compared
                     .as_ref()
                     .and_then(|base| base.manifest.table(&upload.table))
                     .map(|table| table.files.clone())

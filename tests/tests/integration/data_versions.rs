@@ -1048,7 +1048,7 @@ async fn revisions_carry_their_own_data(db: Db) -> anyhow::Result<()> {
     revise(
         &mut registry,
         &cast.provider_admin,
-        spec,
+        spec.clone(),
         "sizes were a mistake",
     )
     .await?;
@@ -1095,6 +1095,60 @@ async fn revisions_carry_their_own_data(db: Db) -> anyhow::Result<()> {
             file.path
         );
     }
+
+    // A revision that leaves the table's columns as they are is no way
+    // around the change rule: its data is compared with what consumers
+    // read now, and one person dropped is refused.
+    let mut policy_only = spec.clone();
+    policy_only.tables[0].columns.push(proto::Column {
+        name: "household_size".into(),
+        r#type: "int32".into(),
+        sensitivity: proto::Sensitivity::Public as i32,
+        description: String::new(),
+    });
+    if let Some(policy) = policy_only.output_policy.as_mut() {
+        policy.max_list_rows = 500;
+    }
+    revise(
+        &mut registry,
+        &cast.provider_admin,
+        policy_only,
+        "fewer list rows",
+    )
+    .await?;
+    let mut one_less = String::from("person_id,district,age_band,household_size\n");
+    for id in 1..30 {
+        one_less.push_str(&format!("{},harbour,30-39,{}\n", 5_000 + id, 1 + id % 2));
+    }
+    let started = registry
+        .begin_upload(authed(
+            &cast.provider_admin,
+            proto::BeginUploadRequest {
+                for_revision: true,
+                ..begin("population", false, one_less.as_bytes())
+            },
+        ))
+        .await?
+        .into_inner();
+    registry
+        .put_upload_chunk(authed(
+            &cast.provider_admin,
+            chunk(&started.id, 0, one_less.as_bytes()),
+        ))
+        .await?;
+    let refused = registry
+        .commit_upload(authed(
+            &cast.provider_admin,
+            proto::GetUploadRequest {
+                upload_id: started.id,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        refused.message().contains("changes the rows of 1 of"),
+        "{refused:?}"
+    );
     market.stop().await;
     Ok(())
 }
