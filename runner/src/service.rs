@@ -467,6 +467,73 @@ impl proto::runner_server::Runner for Arc<RunnerService> {
         Ok(Response::new(proto::RemoveReply {}))
     }
 
+    async fn list_incoming(
+        &self,
+        request: Request<proto::ListIncomingRequest>,
+    ) -> Result<Response<proto::ListIncomingReply>, Status> {
+        self.answers(&request)?;
+        let request = request.into_inner();
+        let files = self
+            .products
+            .list_incoming(&request.storage_location, &request.tables)
+            .await
+            .map_err(|error| {
+                tracing::warn!(product = %request.product_id, %error, "listing a refresh folder failed");
+                Status::unavailable("this data center's store did not list the refresh folder")
+            })?;
+        Ok(Response::new(proto::ListIncomingReply {
+            files: files
+                .into_iter()
+                .map(|file| proto::IncomingFile {
+                    table: file.table,
+                    name: file.name,
+                    bytes: file.bytes,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn take_incoming(
+        &self,
+        request: Request<proto::TakeIncomingRequest>,
+    ) -> Result<Response<proto::TakeIncomingReply>, Status> {
+        self.answers(&request)?;
+        let request = request.into_inner();
+        let file = request
+            .file
+            .ok_or_else(|| Status::invalid_argument("file is required"))?;
+        let incoming = crate::storage::Incoming {
+            table: file.table,
+            name: file.name,
+            bytes: file.bytes,
+        };
+        let taken = crate::uploads::take_incoming(
+            &self.products,
+            &self.staging,
+            &request.upload_id,
+            &request.storage_location,
+            &incoming,
+        )
+        .await
+        .map_err(|error| {
+            tracing::warn!(product = %request.product_id, %error, "taking a refresh file failed");
+            match error {
+                StorageError::Location(_) | StorageError::Version(_) => {
+                    Status::invalid_argument(error.to_string())
+                }
+                _ => Status::unavailable("this data center's store did not give the refresh file"),
+            }
+        })?;
+        Ok(Response::new(match taken {
+            Some((bytes, sha256)) => proto::TakeIncomingReply {
+                taken: true,
+                bytes,
+                sha256,
+            },
+            None => proto::TakeIncomingReply::default(),
+        }))
+    }
+
     async fn ingest(
         &self,
         request: Request<proto::IngestRequest>,

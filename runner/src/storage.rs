@@ -436,6 +436,186 @@ impl ProductStore {
     }
 }
 
+/// The folder, inside a product's location, a refresh picks new files up
+/// from: `incoming/<table>/<name>.csv` or `.parquet`.
+pub const INCOMING_FOLDER: &str = "incoming";
+
+/// A file waiting in a product's refresh folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incoming {
+    /// The declared table it holds rows of.
+    pub table: String,
+    /// Its name in `incoming/<table>/`.
+    pub name: String,
+    /// Its length.
+    pub bytes: u64,
+}
+
+/// Whether `name` is a file a refresh takes: a plain name ending in `.csv`
+/// or `.parquet`.
+#[must_use]
+pub fn is_incoming_name(name: &str) -> bool {
+    let plain = !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    plain && (name.ends_with(".csv") || name.ends_with(".parquet"))
+}
+
+impl ProductStore {
+    /// The files waiting in `incoming/<table>/` of the product at
+    /// `location`, for each of `tables`, oldest name first.
+    ///
+    /// # Errors
+    /// A location refused, or a store that fails.
+    pub async fn list_incoming(
+        &self,
+        location: &str,
+        tables: &[String],
+    ) -> Result<Vec<Incoming>, StorageError> {
+        let mut found = Vec::new();
+        match self {
+            Self::Directory(dir) => {
+                let folder = match location::resolve(dir, location) {
+                    Ok(folder) => folder,
+                    Err(LocationError::Missing(_)) => return Ok(found),
+                    Err(other) => return Err(other.into()),
+                };
+                for table in tables {
+                    let Ok(entries) = std::fs::read_dir(folder.join(INCOMING_FOLDER).join(table))
+                    else {
+                        continue;
+                    };
+                    for entry in entries.flatten() {
+                        let name = entry.file_name().to_string_lossy().into_owned();
+                        let metadata = entry.metadata();
+                        if is_incoming_name(&name)
+                            && let Ok(metadata) = metadata
+                            && metadata.is_file()
+                        {
+                            found.push(Incoming {
+                                table: table.clone(),
+                                name,
+                                bytes: metadata.len(),
+                            });
+                        }
+                    }
+                }
+            }
+            Self::Objects { store, root, .. } => {
+                let folder = civicgrid_sandbox::object_folder(root, location)?;
+                for table in tables {
+                    let prefix = folder.clone().join(INCOMING_FOLDER).join(table.as_str());
+                    let listed = store
+                        .list_with_delimiter(Some(&prefix))
+                        .await
+                        .map_err(|error| StorageError::Store(error.to_string()))?;
+                    for object in listed.objects {
+                        let Some(name) = object.location.filename().map(str::to_owned) else {
+                            continue;
+                        };
+                        if is_incoming_name(&name) {
+                            found.push(Incoming {
+                                table: table.clone(),
+                                name,
+                                bytes: object.size,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        found.sort_by(|a, b| (&a.table, &a.name).cmp(&(&b.table, &b.name)));
+        Ok(found)
+    }
+
+    /// Moves the waiting file `incoming` to `into` (a staging path): `false`
+    /// when it is gone (another server took it first).
+    ///
+    /// # Errors
+    /// A location or name refused, or a store that fails.
+    pub async fn take_incoming(
+        &self,
+        location: &str,
+        incoming: &Incoming,
+        into: &std::path::Path,
+    ) -> Result<bool, StorageError> {
+        let table_named = !incoming.table.is_empty()
+            && incoming
+                .table
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !is_incoming_name(&incoming.name) || !table_named {
+            return Err(StorageError::Version(format!(
+                "{}/{} is not a refresh file",
+                incoming.table, incoming.name
+            )));
+        }
+        match self {
+            Self::Directory(dir) => {
+                let folder = location::resolve(dir, location)?;
+                let source = folder
+                    .join(INCOMING_FOLDER)
+                    .join(&incoming.table)
+                    .join(&incoming.name);
+                let into = into.to_owned();
+                tokio::task::spawn_blocking(move || {
+                    // Taken by renaming it away first: of two servers, one
+                    // gets it.
+                    let taken = source.with_extension("taken");
+                    if std::fs::rename(&source, &taken).is_err() {
+                        return Ok(false);
+                    }
+                    let mut from = civicgrid_sandbox::open_plain_file(&taken).map_err(|_| {
+                        StorageError::Version("the refresh file is reached through a link".into())
+                    })?;
+                    let mut to = std::fs::File::create(&into)
+                        .map_err(|error| StorageError::Store(error.to_string()))?;
+                    std::io::copy(&mut from, &mut to)
+                        .map_err(|error| StorageError::Store(error.to_string()))?;
+                    to.sync_all()
+                        .map_err(|error| StorageError::Store(error.to_string()))?;
+                    let _ = std::fs::remove_file(&taken);
+                    Ok(true)
+                })
+                .await
+                .map_err(|error| StorageError::Store(error.to_string()))?
+            }
+            Self::Objects { store, root, .. } => {
+                use futures::StreamExt as _;
+                use tokio::io::AsyncWriteExt as _;
+                let path = civicgrid_sandbox::object_folder(root, location)?
+                    .join(INCOMING_FOLDER)
+                    .join(incoming.table.as_str())
+                    .join(incoming.name.as_str());
+                let got = match store.get(&path).await {
+                    Ok(got) => got,
+                    Err(object_store::Error::NotFound { .. }) => return Ok(false),
+                    Err(other) => return Err(StorageError::Store(other.to_string())),
+                };
+                let mut stream = got.into_stream();
+                let mut to = tokio::fs::File::create(into)
+                    .await
+                    .map_err(|error| StorageError::Store(error.to_string()))?;
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(|error| StorageError::Store(error.to_string()))?;
+                    to.write_all(&chunk)
+                        .await
+                        .map_err(|error| StorageError::Store(error.to_string()))?;
+                }
+                to.sync_all()
+                    .await
+                    .map_err(|error| StorageError::Store(error.to_string()))?;
+                match store.delete(&path).await {
+                    Ok(()) => Ok(true),
+                    Err(object_store::Error::NotFound { .. }) => Ok(false),
+                    Err(other) => Err(StorageError::Store(other.to_string())),
+                }
+            }
+        }
+    }
+}
+
 /// A folder table in Arrow IPC cannot be carried into a first version
 /// (versions hold Parquet): left out, consumers would lose it unannounced.
 fn arrow_not_carried() -> StorageError {

@@ -309,3 +309,29 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|error| StorageError::Store(format!("an ingest task failed: {error}")))
 }
+
+/// Moves a file waiting in the product's refresh folder into staging as
+/// upload `upload_id`: its length and SHA-256, or `None` when another took
+/// it first.
+///
+/// # Errors
+/// A bad id, location or name, or a store that fails.
+pub async fn take_incoming(
+    products: &ProductStore,
+    staging: &Staging,
+    upload_id: &str,
+    location: &str,
+    incoming: &crate::storage::Incoming,
+) -> Result<Option<(u64, String)>, StorageError> {
+    let failed = |error: crate::staging::StagingError| StorageError::Store(error.to_string());
+    let staged = staging.path(upload_id).map_err(failed)?;
+    std::fs::create_dir_all(staging.dir())
+        .map_err(|error| StorageError::Store(error.to_string()))?;
+    if !products.take_incoming(location, incoming, &staged).await? {
+        return Ok(None);
+    }
+    let digest = blocking(move || Staging::digest_of(&staged))
+        .await?
+        .map_err(failed)?;
+    Ok(Some((digest.0, digest.1)))
+}

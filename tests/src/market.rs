@@ -458,6 +458,7 @@ pub fn sample_spec() -> proto::ProductSpec {
         }),
         version_retention_days: 0,
         quality_minimums: None,
+        refresh_minutes: 0,
     }
 }
 

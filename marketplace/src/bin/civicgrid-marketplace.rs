@@ -287,7 +287,7 @@ async fn main() -> anyhow::Result<()> {
                     std::time::Duration::from_secs(args.witness_refresh_secs.max(1)),
                 );
             }
-            market.spawn_data_retention(std::time::Duration::from_secs(
+            market.spawn_data_upkeep(std::time::Duration::from_secs(
                 args.retention_sweep_secs.max(1),
             ));
             let listener = tokio::net::TcpListener::bind(args.listen)

@@ -376,6 +376,23 @@ impl proto::registry_server::Registry for RegistryService {
         )))
     }
 
+    async fn list_uploads(
+        &self,
+        request: Request<proto::ListUploadsRequest>,
+    ) -> Result<Response<proto::ListUploadsResponse>, Status> {
+        let principal = auth::principal(&request)?;
+        let uploads = self
+            .0
+            .uploads(&principal, &request.into_inner().product_id)
+            .await?;
+        Ok(Response::new(proto::ListUploadsResponse {
+            uploads: uploads
+                .into_iter()
+                .map(super::convert::upload_to_proto)
+                .collect(),
+        }))
+    }
+
     async fn export_catalog(
         &self,
         request: Request<proto::ExportCatalogRequest>,

@@ -19,8 +19,8 @@ use prost::Message as _;
 
 use crate::error::MarketError;
 use crate::queries::remote::{
-    IngestRequest, MeasureJob, RemoteIngest, RemoteJob, RemoteMeasure, RemoteRun, RemoteStage,
-    RunnerChoice, Runners,
+    IngestRequest, MeasureJob, RemoteIngest, RemoteJob, RemoteListIncoming, RemoteMeasure,
+    RemoteRun, RemoteStage, RemoteTakeIncoming, RunnerChoice, Runners,
 };
 use crate::store::{Backend, Store, runner_reports};
 
@@ -307,6 +307,83 @@ impl Runners for RunnerDirectory {
 
     fn registered(&self, choice: &RunnerChoice) -> bool {
         self.channel(choice).is_some()
+    }
+
+    fn list_incoming(
+        &self,
+        data_center: String,
+        product_id: String,
+        location: String,
+        tables: Vec<String>,
+    ) -> RemoteListIncoming<'_> {
+        Box::pin(async move {
+            let choice = self
+                .pick(std::slice::from_ref(&data_center))
+                .ok_or_else(|| {
+                    MarketError::Unavailable(format!(
+                        "no runner is ready in {data_center} to look at the refresh folder"
+                    ))
+                })?;
+            let reply = tokio::time::timeout(
+                STAGE_WITHIN,
+                self.client(&choice)?
+                    .list_incoming(proto::ListIncomingRequest {
+                        product_id,
+                        storage_location: location,
+                        tables,
+                    }),
+            )
+            .await
+            .map_err(|_| MarketError::Unavailable("the runner did not list in time".into()))?
+            .map_err(|status| {
+                tracing::warn!(%data_center, %status, "a runner did not list a refresh folder");
+                MarketError::Unavailable("the runner did not list the refresh folder".into())
+            })?;
+            let files = reply
+                .into_inner()
+                .files
+                .into_iter()
+                .map(|file| civicgrid_runner::storage::Incoming {
+                    table: file.table,
+                    name: file.name,
+                    bytes: file.bytes,
+                })
+                .collect();
+            Ok((choice, files))
+        })
+    }
+
+    fn take_incoming(
+        &self,
+        choice: RunnerChoice,
+        upload_id: String,
+        product_id: String,
+        location: String,
+        incoming: civicgrid_runner::storage::Incoming,
+    ) -> RemoteTakeIncoming<'_> {
+        Box::pin(async move {
+            let reply = tokio::time::timeout(
+                INGEST_WITHIN,
+                self.client(&choice)?.take_incoming(proto::TakeIncomingRequest {
+                    upload_id,
+                    product_id,
+                    storage_location: location,
+                    file: Some(proto::IncomingFile {
+                        table: incoming.table,
+                        name: incoming.name,
+                        bytes: incoming.bytes,
+                    }),
+                }),
+            )
+            .await
+            .map_err(|_| MarketError::Unavailable("the runner did not take the file in time".into()))?
+            .map_err(|status| {
+                tracing::warn!(data_center = %choice.data_center, %status, "a runner did not take a refresh file");
+                MarketError::Unavailable("the runner did not take the refresh file".into())
+            })?
+            .into_inner();
+            Ok(reply.taken.then_some((reply.bytes, reply.sha256)))
+        })
     }
 
     fn remove(

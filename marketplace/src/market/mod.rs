@@ -10,6 +10,7 @@ mod contracting;
 mod feedback;
 mod querying;
 mod receipts;
+mod refresh;
 mod registration;
 pub mod replication;
 mod retention;
@@ -50,6 +51,8 @@ pub struct Marketplace {
     runners: std::sync::OnceLock<Arc<dyn queries::remote::Runners>>,
     metrics: Arc<crate::metrics::Metrics>,
     replica_id: String,
+    /// When this server last looked at each product's refresh folder.
+    refreshed: std::sync::Mutex<std::collections::HashMap<String, i64>>,
 }
 
 impl Marketplace {
@@ -92,6 +95,7 @@ impl Marketplace {
             runners: std::sync::OnceLock::new(),
             metrics: Arc::default(),
             replica_id: identity::new_id("r"),
+            refreshed: std::sync::Mutex::default(),
         }))
     }
 

@@ -235,14 +235,29 @@ impl Marketplace {
         Ok(())
     }
 
-    /// Sweeps retention every `every` until the process ends.
-    pub fn spawn_data_retention(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+    /// Looks at refresh folders every minute (each product as often as its
+    /// `refresh_minutes` says) and sweeps retention every `retention_every`,
+    /// until the process ends.
+    pub fn spawn_data_upkeep(
+        self: &Arc<Self>,
+        retention_every: Duration,
+    ) -> tokio::task::JoinHandle<()> {
         let market = Arc::clone(self);
         tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(every);
+            let mut ticks = tokio::time::interval(Duration::from_secs(60).min(retention_every));
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut retention_due = tokio::time::Instant::now();
             loop {
                 ticks.tick().await;
+                match market.sweep_refresh(crate::store::now_ms()).await {
+                    Ok(0) => {}
+                    Ok(published) => tracing::info!(published, "refreshed data versions published"),
+                    Err(error) => tracing::warn!(%error, "the refresh sweep failed"),
+                }
+                if tokio::time::Instant::now() < retention_due {
+                    continue;
+                }
+                retention_due = tokio::time::Instant::now() + retention_every;
                 match market.sweep_data_retention(crate::store::now_ms()).await {
                     Ok(0) => {}
                     Ok(withdrawn) => {

@@ -286,9 +286,40 @@ impl Marketplace {
                 upload.received_bytes, upload.size_bytes, upload.received_bytes
             )));
         }
-        let product = self
-            .uploadable_product(principal, &upload.product_id)
+        self.uploadable_product(principal, &upload.product_id)
             .await?;
+        self.commit_checked(&principal.user.id, upload).await
+    }
+
+    /// The product `upload` is for, still its uploader's and not retired.
+    async fn owned_product(&self, upload: &Upload) -> Result<Product> {
+        let mut connection = self.store.acquire().await?;
+        let product = registry::get(&mut connection, &upload.product_id).await?;
+        if product.provider_organization_id != upload.organization_id {
+            return Err(MarketError::NotFound {
+                what: "product",
+                id: upload.product_id.clone(),
+            });
+        }
+        if product.state == crate::registry::ProductState::Retired {
+            return Err(MarketError::FailedPrecondition(format!(
+                "product {} is retired; it takes no new data",
+                product.id
+            )));
+        }
+        Ok(product)
+    }
+
+    /// Commits `upload` (every byte received, its uploader authorized) for
+    /// `actor`.
+    pub(super) async fn commit_checked(
+        &self,
+        actor: &str,
+        upload: Upload,
+    ) -> Result<(Upload, DataVersion)> {
+        let upload_id = upload.id.clone();
+        let upload_id = upload_id.as_str();
+        let product = self.owned_product(&upload).await?;
         let spec = versions::typed_by(&product, upload.for_revision)?.clone();
         let table = versions::declared_table(&product, &spec, &upload.table)?;
         let format = Format::parse(&upload.format)
@@ -415,7 +446,7 @@ impl Marketplace {
             let published = versions::publish(
                 &mut transaction,
                 self.store.backend(),
-                &principal.user.id,
+                actor,
                 &product,
                 base_version,
                 manifest,
@@ -439,9 +470,7 @@ impl Marketplace {
                     if now.state != UploadState::Receiving {
                         return self.refuse(&now, &now.message).await;
                     }
-                    product = self
-                        .uploadable_product(principal, &upload.product_id)
-                        .await?;
+                    product = self.owned_product(&upload).await?;
                     base = self.base_for(&product, &upload).await?;
                 }
                 Err(other) => return Err(other),

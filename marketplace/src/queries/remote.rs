@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 
+use civicgrid_runner::storage::Incoming;
 use civicgrid_runner::uploads::{IngestJob, IngestOutcome};
 use civicgrid_sandbox::manifest::Manifest;
 use civicgrid_sandbox::policy::OutputPolicy;
@@ -86,6 +87,14 @@ pub struct IngestRequest {
 /// A chunk staged on a runner: the staged file's length after it.
 pub type RemoteStage<'a> = Pin<Box<dyn Future<Output = Result<u64>> + Send + 'a>>;
 
+/// A refresh folder listed by a runner.
+pub type RemoteListIncoming<'a> =
+    Pin<Box<dyn Future<Output = Result<(RunnerChoice, Vec<Incoming>)>> + Send + 'a>>;
+
+/// A refresh file taken into a runner's staging.
+pub type RemoteTakeIncoming<'a> =
+    Pin<Box<dyn Future<Output = Result<Option<(u64, String)>>> + Send + 'a>>;
+
 /// An ingest on a runner.
 pub type RemoteIngest<'a> = Pin<Box<dyn Future<Output = Result<IngestOutcome>> + Send + 'a>>;
 
@@ -136,6 +145,26 @@ pub trait Runners: Send + Sync + std::fmt::Debug {
     fn registered(&self, choice: &RunnerChoice) -> bool;
     /// Ingests an upload staged on `choice`.
     fn ingest(&self, choice: RunnerChoice, request: IngestRequest) -> RemoteIngest<'_>;
+    /// The files waiting in the refresh folder of the product at `location`,
+    /// through a ready runner of `data_center`, and the runner that listed
+    /// them.
+    fn list_incoming(
+        &self,
+        data_center: String,
+        product_id: String,
+        location: String,
+        tables: Vec<String>,
+    ) -> RemoteListIncoming<'_>;
+    /// Moves a waiting file into `choice`'s staging as upload `upload_id`:
+    /// its length and SHA-256, or `None` when another took it first.
+    fn take_incoming(
+        &self,
+        choice: RunnerChoice,
+        upload_id: String,
+        product_id: String,
+        location: String,
+        incoming: Incoming,
+    ) -> RemoteTakeIncoming<'_>;
     /// Deletes withdrawn versions' files `paths` of the product at
     /// `location` through a ready runner of `data_center`.
     fn remove(

@@ -518,6 +518,7 @@ pub(crate) mod tests {
             quality: None,
             version_retention_days: 0,
             quality_minimums: None,
+            refresh_minutes: 0,
         }
     }
 

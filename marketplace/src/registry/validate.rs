@@ -29,6 +29,9 @@ fn valid_type(name: &str) -> bool {
         .is_some_and(|(p, s)| (1..=38).contains(&p) && s <= p)
 }
 
+/// The longest between two looks at a refresh folder: a week.
+pub const MAX_REFRESH_MINUTES: i64 = 10_080;
+
 /// The longest a superseded data version may stay readable: ten years.
 pub const MAX_RETENTION_DAYS: i64 = 3650;
 
@@ -56,6 +59,12 @@ fn validate_description(spec: &ProductSpec) -> Result<()> {
     check_text("spec.storage_location", &spec.storage_location, 1000, true)?;
     crate::quality::check_location(&spec.storage_location)?;
     check_text("spec.region", &spec.region, 100, true)?;
+    if !(0..=MAX_REFRESH_MINUTES).contains(&spec.refresh_minutes) {
+        return Err(MarketError::invalid(
+            "spec.refresh_minutes",
+            format!("0 (no refresh) to {MAX_REFRESH_MINUTES} minutes"),
+        ));
+    }
     if !(0..=MAX_RETENTION_DAYS).contains(&spec.version_retention_days) {
         return Err(MarketError::invalid(
             "spec.version_retention_days",

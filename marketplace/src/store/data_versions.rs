@@ -443,3 +443,32 @@ pub(crate) async fn candidate(
     .map(version_from_row)
     .transpose()
 }
+
+/// A product's uploads, newest first, at most `limit`.
+pub(crate) async fn list_uploads(
+    connection: &mut AnyConnection,
+    product_id: &str,
+    limit: i64,
+) -> Result<Vec<Upload>> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {UPLOAD_COLUMNS} FROM product_uploads WHERE product_id = $1 \
+         ORDER BY created_at DESC, id LIMIT $2"
+    )))
+    .bind(product_id)
+    .bind(limit)
+    .fetch_all(&mut *connection)
+    .await?
+    .iter()
+    .map(upload_from_row)
+    .collect()
+}
+
+/// Every product's id.
+pub(crate) async fn product_ids(connection: &mut AnyConnection) -> Result<Vec<String>> {
+    sqlx::query("SELECT id FROM products ORDER BY id")
+        .fetch_all(&mut *connection)
+        .await?
+        .iter()
+        .map(|row| Ok(row.try_get("id")?))
+        .collect()
+}

@@ -316,7 +316,8 @@ pub async fn verified(
 
 pub(crate) use crate::store::data_versions::{
     all_versions, candidate, count_receiving, files_deleted, get_upload, get_version,
-    insert_upload, list_versions, superseded_readable, update_upload, with_files_to_delete,
+    insert_upload, list_uploads, list_versions, product_ids, superseded_readable, update_upload,
+    with_files_to_delete,
 };
 
 /// Withdraws version `version` of `product`: it can no longer be read, and

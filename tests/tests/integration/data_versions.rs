@@ -1153,6 +1153,95 @@ async fn revisions_carry_their_own_data(db: Db) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refresh on a schedule: files dropped in the product's refresh folder
+/// become versions at its cadence, with every check an upload gets; a
+/// refused file goes, and its upload says why.
+async fn refresh_folders_become_versions(db: Db) -> anyhow::Result<()> {
+    let (market, cast) = start_with(db, |_| {}).await?;
+    contract(&market, &cast, 0).await?;
+    deposit(&market, 100_000).await?;
+    let mut registry = RegistryClient::new(market.channel.clone());
+    let mut spec = civicgrid_tests::market::sample_spec();
+    spec.refresh_minutes = 15;
+    revise(&mut registry, &cast.provider_admin, spec, "daily files").await?;
+    let incoming = market
+        .data_dir
+        .join("products/population/incoming/residents");
+    std::fs::create_dir_all(&incoming)?;
+    std::fs::write(
+        incoming.join("2026-12-07.csv"),
+        residents_csv("docklands", 800_000, 12),
+    )?;
+    std::fs::write(
+        incoming.join("2026-12-08.csv"),
+        b"person_id,district,age_band\n1,x,seven,extra\n",
+    )?;
+    std::fs::write(incoming.join("notes.txt"), b"not data")?;
+    let now = civicgrid_marketplace::store::now_ms();
+    assert_eq!(market.market.sweep_refresh(now).await?, 1);
+    // Taken, both; the note is not a refresh file.
+    assert!(!incoming.join("2026-12-07.csv").exists());
+    assert!(!incoming.join("2026-12-08.csv").exists());
+    assert!(incoming.join("notes.txt").exists());
+    let listed = versions_of(&market, &cast.provider_admin).await?;
+    assert_eq!(
+        (listed[0].version, listed[0].rows),
+        (1, i64::try_from(civicgrid_tests::market::SAMPLE_ROWS)? + 12)
+    );
+    let answer = run(
+        &market,
+        &cast.consumer_analyst,
+        query(BY_DISTRICT, "k-refreshed"),
+    )
+    .await?;
+    assert_eq!(entry_details(&answer.summary)["data_version"], 1);
+    let uploads = registry
+        .list_uploads(authed(
+            &cast.provider_admin,
+            proto::ListUploadsRequest {
+                product_id: "population".into(),
+            },
+        ))
+        .await?
+        .into_inner()
+        .uploads;
+    let refused = uploads
+        .iter()
+        .find(|u| u.state == "refused")
+        .expect("the bad file's upload");
+    assert!(refused.message.contains("line 2"), "{refused:?}");
+    // Not due again until its cadence has passed; then the next file.
+    std::fs::write(
+        incoming.join("2026-12-09.csv"),
+        residents_csv("docklands", 810_000, 12),
+    )?;
+    assert_eq!(market.market.sweep_refresh(now + 60_000).await?, 0);
+    assert_eq!(market.market.sweep_refresh(now + 15 * 60_000).await?, 1);
+    // Strangers see no uploads.
+    let status = registry
+        .list_uploads(authed(
+            &cast.rival_provider_admin,
+            proto::ListUploadsRequest {
+                product_id: "population".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    market.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn refresh_folders_become_versions_on_sqlite() -> anyhow::Result<()> {
+    refresh_folders_become_versions(Db::Sqlite).await
+}
+
+#[tokio::test]
+async fn refresh_folders_become_versions_on_postgres() -> anyhow::Result<()> {
+    refresh_folders_become_versions(Db::Postgres).await
+}
+
 #[tokio::test]
 async fn revisions_carry_their_own_data_on_sqlite() -> anyhow::Result<()> {
     revisions_carry_their_own_data(Db::Sqlite).await

@@ -851,6 +851,39 @@ async fn uploads_land_in_the_hosting_data_centers_store() -> anyhow::Result<()> 
         version.fingerprint.as_str()
     );
 
+    // A refresh folder in the data center's store, read through its runner.
+    let mut spec = civicgrid_tests::market::sample_spec();
+    spec.refresh_minutes = 5;
+    civicgrid_marketplace::proto::registry_client::RegistryClient::new(market.channel.clone())
+        .revise_product(civicgrid_tests::market::authed(
+            &cast.provider_admin,
+            civicgrid_marketplace::proto::ReviseProductRequest {
+                product_id: "population".into(),
+                spec: Some(spec),
+                reason: "refresh".into(),
+            },
+        ))
+        .await?;
+    let incoming = data.path().join("products/population/incoming/residents");
+    std::fs::create_dir_all(&incoming)?;
+    std::fs::write(
+        incoming.join("day.csv"),
+        residents_csv("harbour", 600_000, 11),
+    )?;
+    let now = civicgrid_marketplace::store::now_ms();
+    assert_eq!(market.market.sweep_refresh(now).await?, 1);
+    assert!(!incoming.join("day.csv").exists(), "taken by the runner");
+    let refreshed = run_query(
+        &market,
+        &cast.consumer_analyst,
+        query(BY_DISTRICT, "k-refresh"),
+    )
+    .await?;
+    assert_eq!(
+        total_people(&refreshed.batches)?,
+        i64::try_from(SAMPLE_ROWS)? + 40 + 11
+    );
+
     // The appended file, truncated in the data center's store: refused.
     let appended = version
         .tables
@@ -1015,6 +1048,20 @@ impl proto::runner_server::Runner for BreaksOffMidStream {
         &self,
         _request: tonic::Request<proto::RemoveRequest>,
     ) -> Result<tonic::Response<proto::RemoveReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+
+    async fn list_incoming(
+        &self,
+        _request: tonic::Request<proto::ListIncomingRequest>,
+    ) -> Result<tonic::Response<proto::ListIncomingReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+
+    async fn take_incoming(
+        &self,
+        _request: tonic::Request<proto::TakeIncomingRequest>,
+    ) -> Result<tonic::Response<proto::TakeIncomingReply>, tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
     }
 }

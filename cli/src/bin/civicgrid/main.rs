@@ -339,6 +339,11 @@ enum ProductCommand {
     Versions {
         id: String,
     },
+    /// The product's uploads, newest first, its refreshes' included, with
+    /// why any was refused (its provider only).
+    Uploads {
+        id: String,
+    },
     /// Withdraw an older data version: it can no longer be read, and its
     /// files no readable version lists are deleted.
     WithdrawVersion {
@@ -1136,6 +1141,13 @@ async fn product(c: &mut Clients, output: Output, command: ProductCommand) -> an
             )
             .await?;
             print(output, &committed)?;
+            return Ok(0);
+        }
+        ProductCommand::Uploads { id } => {
+            let uploads = r
+                .list_uploads(proto::ListUploadsRequest { product_id: id })
+                .await?;
+            print(output, &uploads.into_inner())?;
             return Ok(0);
         }
         ProductCommand::Versions { id } => {
