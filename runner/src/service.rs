@@ -475,7 +475,11 @@ impl proto::runner_server::Runner for Arc<RunnerService> {
         let request = request.into_inner();
         let files = self
             .products
-            .list_incoming(&request.storage_location, &request.tables)
+            .list_incoming(
+                &request.storage_location,
+                &request.product_id,
+                &request.tables,
+            )
             .await
             .map_err(|error| {
                 tracing::warn!(product = %request.product_id, %error, "listing a refresh folder failed");
@@ -511,7 +515,7 @@ impl proto::runner_server::Runner for Arc<RunnerService> {
             &self.products,
             &self.staging,
             &request.upload_id,
-            &request.storage_location,
+            (&request.storage_location, &request.product_id),
             &incoming,
         )
         .await

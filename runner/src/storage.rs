@@ -437,7 +437,7 @@ impl ProductStore {
 }
 
 /// The folder, inside a product's location, a refresh picks new files up
-/// from: `incoming/<table>/<name>.csv` or `.parquet`.
+/// from: `incoming/<product>/<table>/<name>.csv` or `.parquet`.
 pub const INCOMING_FOLDER: &str = "incoming";
 
 /// A file waiting in a product's refresh folder.
@@ -445,10 +445,18 @@ pub const INCOMING_FOLDER: &str = "incoming";
 pub struct Incoming {
     /// The declared table it holds rows of.
     pub table: String,
-    /// Its name in `incoming/<table>/`.
+    /// Its name in `incoming/<product>/<table>/`.
     pub name: String,
     /// Its length.
     pub bytes: u64,
+}
+
+/// A product's refresh folder for `table`, relative to its location:
+/// `incoming/<product>/<table>`, so products of one provider sharing a
+/// folder never take each other's files.
+#[must_use]
+pub fn incoming_path(product_id: &str, table: &str) -> String {
+    format!("{INCOMING_FOLDER}/{product_id}/{table}")
 }
 
 /// Whether `name` is a file a refresh takes: a plain name ending in `.csv`
@@ -463,7 +471,7 @@ pub fn is_incoming_name(name: &str) -> bool {
 }
 
 impl ProductStore {
-    /// The files waiting in `incoming/<table>/` of the product at
+    /// The files waiting in `incoming/<product>/<table>/` of the product at
     /// `location`, for each of `tables`, oldest name first.
     ///
     /// # Errors
@@ -471,6 +479,7 @@ impl ProductStore {
     pub async fn list_incoming(
         &self,
         location: &str,
+        product_id: &str,
         tables: &[String],
     ) -> Result<Vec<Incoming>, StorageError> {
         let mut found = Vec::new();
@@ -482,8 +491,14 @@ impl ProductStore {
                     Err(other) => return Err(other.into()),
                 };
                 for table in tables {
-                    let Ok(entries) = std::fs::read_dir(folder.join(INCOMING_FOLDER).join(table))
+                    // Reached through no link: a provider who can write its
+                    // folder could otherwise point it at anyone's files.
+                    let Ok(incoming) =
+                        location::resolve(&folder, &incoming_path(product_id, table))
                     else {
+                        continue;
+                    };
+                    let Ok(entries) = std::fs::read_dir(incoming) else {
                         continue;
                     };
                     for entry in entries.flatten() {
@@ -505,7 +520,11 @@ impl ProductStore {
             Self::Objects { store, root, .. } => {
                 let folder = civicgrid_sandbox::object_folder(root, location)?;
                 for table in tables {
-                    let prefix = folder.clone().join(INCOMING_FOLDER).join(table.as_str());
+                    let prefix = folder
+                        .clone()
+                        .join(INCOMING_FOLDER)
+                        .join(product_id)
+                        .join(table.as_str());
                     let listed = store
                         .list_with_delimiter(Some(&prefix))
                         .await
@@ -537,6 +556,7 @@ impl ProductStore {
     pub async fn take_incoming(
         &self,
         location: &str,
+        product_id: &str,
         incoming: &Incoming,
         into: &std::path::Path,
     ) -> Result<bool, StorageError> {
@@ -554,15 +574,15 @@ impl ProductStore {
         match self {
             Self::Directory(dir) => {
                 let folder = location::resolve(dir, location)?;
-                let source = folder
-                    .join(INCOMING_FOLDER)
-                    .join(&incoming.table)
-                    .join(&incoming.name);
+                let source =
+                    location::resolve(&folder, &incoming_path(product_id, &incoming.table))?
+                        .join(&incoming.name);
                 let into = into.to_owned();
+                let claimed = format!(".{}.taking", incoming.name);
                 tokio::task::spawn_blocking(move || {
                     // Taken by renaming it away first: of two servers, one
-                    // gets it.
-                    let taken = source.with_extension("taken");
+                    // gets it (a dot name is never listed).
+                    let taken = source.with_file_name(claimed);
                     if std::fs::rename(&source, &taken).is_err() {
                         return Ok(false);
                     }
@@ -586,6 +606,7 @@ impl ProductStore {
                 use tokio::io::AsyncWriteExt as _;
                 let path = civicgrid_sandbox::object_folder(root, location)?
                     .join(INCOMING_FOLDER)
+                    .join(product_id)
                     .join(incoming.table.as_str())
                     .join(incoming.name.as_str());
                 let got = match store.get(&path).await {

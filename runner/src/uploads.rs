@@ -320,14 +320,17 @@ pub async fn take_incoming(
     products: &ProductStore,
     staging: &Staging,
     upload_id: &str,
-    location: &str,
+    (location, product_id): (&str, &str),
     incoming: &crate::storage::Incoming,
 ) -> Result<Option<(u64, String)>, StorageError> {
     let failed = |error: crate::staging::StagingError| StorageError::Store(error.to_string());
     let staged = staging.path(upload_id).map_err(failed)?;
     std::fs::create_dir_all(staging.dir())
         .map_err(|error| StorageError::Store(error.to_string()))?;
-    if !products.take_incoming(location, incoming, &staged).await? {
+    if !products
+        .take_incoming(location, product_id, incoming, &staged)
+        .await?
+    {
         return Ok(None);
     }
     let digest = blocking(move || Staging::digest_of(&staged))

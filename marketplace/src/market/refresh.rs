@@ -1,5 +1,5 @@
 //! Refresh on a schedule: a product's provider (or its ETL) drops files in
-//! the product's refresh folder, `incoming/<table>/` in its data center's
+//! the product's refresh folder, `incoming/<product>/<table>/` in its data center's
 //! store, and every `spec.refresh_minutes` each one is taken and appended
 //! as a new version, with every check an upload gets: typed by the declared
 //! table, the change rule, the provider's quality minimums. A refused file
@@ -19,6 +19,9 @@ use super::Marketplace;
 
 /// Who a refresh's versions are by, in the audit log.
 pub const REFRESH_ACTOR: &str = "system:refresh";
+
+/// Most files one product's refresh takes in one sweep.
+const FILES_PER_SWEEP: usize = 20;
 
 /// Most uploads listed at once.
 const MAX_UPLOADS_LISTED: i64 = 200;
@@ -87,19 +90,27 @@ impl Marketplace {
             None => {
                 let store = ProductStore::Directory(self.data_dir().to_owned());
                 let files = store
-                    .list_incoming(&location, &tables)
+                    .list_incoming(&location, &product.id, &tables)
                     .await
                     .map_err(|error| MarketError::Unavailable(error.to_string()))?;
                 (None, files)
             }
         };
         let mut published = 0;
-        for incoming in waiting {
-            if self
-                .refresh_one(product, choice.as_ref(), &incoming)
-                .await?
-            {
-                published += 1;
+        // A folder of thousands of files is taken over several sweeps, and
+        // one file that fails does not hold the others up.
+        for incoming in waiting.iter().take(FILES_PER_SWEEP) {
+            let size = i64::try_from(incoming.bytes).unwrap_or(i64::MAX);
+            if !(1..=versions::MAX_UPLOAD_BYTES).contains(&size) {
+                tracing::warn!(product = %product.id, file = %incoming.name, bytes = incoming.bytes, "a refresh file is empty or too large; left where it is");
+                continue;
+            }
+            match self.refresh_one(product, choice.as_ref(), incoming).await {
+                Ok(true) => published += 1,
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(product = %product.id, file = %incoming.name, %error, "a refresh file was not taken");
+                }
             }
         }
         Ok(published)
@@ -133,7 +144,11 @@ impl Marketplace {
                         .join(civicgrid_runner::service::DIRECTORY_STAGING),
                 );
                 civicgrid_runner::uploads::take_incoming(
-                    &store, &staging, &upload_id, &location, incoming,
+                    &store,
+                    &staging,
+                    &upload_id,
+                    (&location, &product.id),
+                    incoming,
                 )
                 .await
                 .map_err(|error| MarketError::Unavailable(error.to_string()))?
@@ -175,14 +190,28 @@ impl Marketplace {
         let mut connection = self.store.acquire().await?;
         versions::insert_upload(&mut connection, &upload).await?;
         drop(connection);
+        let id = upload.id.clone();
         match self.commit_checked(REFRESH_ACTOR, upload).await {
             Ok(_) => Ok(true),
-            // Refused: the upload says why, for its provider.
-            Err(MarketError::FailedPrecondition(why)) => {
-                tracing::info!(product = %product.id, file = %incoming.name, %why, "a refresh file was refused");
+            // The file is out of the folder now: whatever stopped it, its
+            // upload says why, for its provider, and counts no longer.
+            Err(error) => {
+                tracing::info!(product = %product.id, file = %incoming.name, %error, "a refresh file was refused");
+                let mut connection = self.store.acquire().await?;
+                let read = versions::get_upload(&mut connection, &id).await?;
+                if read.state == UploadState::Receiving {
+                    let mut refused = read.clone();
+                    refused.state = UploadState::Refused;
+                    refused.message = match &error {
+                        MarketError::FailedPrecondition(why) => why.clone(),
+                        other => format!("not published: {other}"),
+                    };
+                    refused.updated_at_unix_ms =
+                        crate::store::now_ms().max(read.updated_at_unix_ms + 1);
+                    versions::update_upload(&mut connection, &refused, &read).await?;
+                }
                 Ok(false)
             }
-            Err(other) => Err(other),
         }
     }
 

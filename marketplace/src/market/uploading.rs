@@ -427,10 +427,12 @@ impl Marketplace {
                 .as_ref()
                 .filter(|base| base.data_center != upload.data_center)
             {
-                return Err(MarketError::FailedPrecondition(format!(
+                let why = format!(
                     "product {}'s data is stored in {:?}, not where upload {upload_id} was staged; upload it again",
                     product.id, base.data_center
-                )));
+                );
+                self.forget_stored(&product, &upload, stored).await;
+                return self.refuse(&upload, &why).await;
             }
             let quality = self
                 .measure_version(&product, &spec, &manifest, &upload.data_center)

@@ -1166,7 +1166,26 @@ async fn refresh_folders_become_versions(db: Db) -> anyhow::Result<()> {
     revise(&mut registry, &cast.provider_admin, spec, "daily files").await?;
     let incoming = market
         .data_dir
-        .join("products/population/incoming/residents");
+        .join("products/population/incoming/population/residents");
+    // A provider who can write its folder links the refresh folder to files
+    // that are not its own: nothing there is taken.
+    let elsewhere = market
+        .data_dir
+        .join("products/another-providers/data/residents");
+    std::fs::create_dir_all(&elsewhere)?;
+    std::fs::write(
+        elsewhere.join("theirs.csv"),
+        residents_csv("docklands", 900_000, 12),
+    )?;
+    std::fs::create_dir_all(incoming.parent().expect("a parent"))?;
+    std::os::unix::fs::symlink(&elsewhere, &incoming)?;
+    let now = civicgrid_marketplace::store::now_ms();
+    assert_eq!(market.market.sweep_refresh(now - 3_600_000).await?, 0);
+    assert!(
+        elsewhere.join("theirs.csv").exists(),
+        "not taken through the link"
+    );
+    std::fs::remove_file(&incoming)?;
     std::fs::create_dir_all(&incoming)?;
     std::fs::write(
         incoming.join("2026-12-07.csv"),
@@ -1177,7 +1196,6 @@ async fn refresh_folders_become_versions(db: Db) -> anyhow::Result<()> {
         b"person_id,district,age_band\n1,x,seven,extra\n",
     )?;
     std::fs::write(incoming.join("notes.txt"), b"not data")?;
-    let now = civicgrid_marketplace::store::now_ms();
     assert_eq!(market.market.sweep_refresh(now).await?, 1);
     // Taken, both; the note is not a refresh file.
     assert!(!incoming.join("2026-12-07.csv").exists());

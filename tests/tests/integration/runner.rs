@@ -864,7 +864,9 @@ async fn uploads_land_in_the_hosting_data_centers_store() -> anyhow::Result<()> 
             },
         ))
         .await?;
-    let incoming = data.path().join("products/population/incoming/residents");
+    let incoming = data
+        .path()
+        .join("products/population/incoming/population/residents");
     std::fs::create_dir_all(&incoming)?;
     std::fs::write(
         incoming.join("day.csv"),
