@@ -70,9 +70,33 @@ pub(crate) async fn upload_to(
     append: bool,
     file: &[u8],
 ) -> Result<proto::CommitUploadResponse, tonic::Status> {
+    upload_as(market, token, begin(product, append, file), file).await
+}
+
+/// Uploads `file` to the sample product for its revision waiting for
+/// review, replacing the table's rows, and commits it.
+async fn upload_for_revision(
+    market: &TestMarket,
+    token: &str,
+    file: &[u8],
+) -> Result<proto::CommitUploadResponse, tonic::Status> {
+    let request = proto::BeginUploadRequest {
+        for_revision: true,
+        ..begin("population", false, file)
+    };
+    upload_as(market, token, request, file).await
+}
+
+/// Begins `request`, sends `file` whole in one chunk, and commits it.
+async fn upload_as(
+    market: &TestMarket,
+    token: &str,
+    request: proto::BeginUploadRequest,
+    file: &[u8],
+) -> Result<proto::CommitUploadResponse, tonic::Status> {
     let mut registry = RegistryClient::new(market.channel.clone());
     let started = registry
-        .begin_upload(authed(token, begin(product, append, file)))
+        .begin_upload(authed(token, request))
         .await?
         .into_inner();
     registry
@@ -969,31 +993,8 @@ async fn revisions_carry_their_own_data(db: Db) -> anyhow::Result<()> {
     for id in 0..30 {
         csv.push_str(&format!("{},harbour,30-39,{}\n", 5_000 + id, 1 + id % 2));
     }
-    let started = registry
-        .begin_upload(authed(
-            &cast.provider_admin,
-            proto::BeginUploadRequest {
-                for_revision: true,
-                ..begin("population", false, csv.as_bytes())
-            },
-        ))
+    let candidate = upload_for_revision(&market, &cast.provider_admin, csv.as_bytes())
         .await?
-        .into_inner();
-    registry
-        .put_upload_chunk(authed(
-            &cast.provider_admin,
-            chunk(&started.id, 0, csv.as_bytes()),
-        ))
-        .await?;
-    let candidate = registry
-        .commit_upload(authed(
-            &cast.provider_admin,
-            proto::GetUploadRequest {
-                upload_id: started.id.clone(),
-            },
-        ))
-        .await?
-        .into_inner()
         .version
         .expect("a candidate");
     assert!(candidate.candidate);
@@ -1052,33 +1053,14 @@ async fn revisions_carry_their_own_data(db: Db) -> anyhow::Result<()> {
         "sizes were a mistake",
     )
     .await?;
-    let started = registry
-        .begin_upload(authed(
-            &cast.provider_admin,
-            proto::BeginUploadRequest {
-                for_revision: true,
-                ..begin("population", false, &residents_csv("harbour", 7_000, 20))
-            },
-        ))
-        .await?
-        .into_inner();
-    registry
-        .put_upload_chunk(authed(
-            &cast.provider_admin,
-            chunk(&started.id, 0, &residents_csv("harbour", 7_000, 20)),
-        ))
-        .await?;
-    let dropped = registry
-        .commit_upload(authed(
-            &cast.provider_admin,
-            proto::GetUploadRequest {
-                upload_id: started.id,
-            },
-        ))
-        .await?
-        .into_inner()
-        .version
-        .expect("a candidate");
+    let dropped = upload_for_revision(
+        &market,
+        &cast.provider_admin,
+        &residents_csv("harbour", 7_000, 20),
+    )
+    .await?
+    .version
+    .expect("a candidate");
     registry
         .reject_revision(authed(
             &market.admin_token,
@@ -1120,29 +1102,7 @@ async fn revisions_carry_their_own_data(db: Db) -> anyhow::Result<()> {
     for id in 1..30 {
         one_less.push_str(&format!("{},harbour,30-39,{}\n", 5_000 + id, 1 + id % 2));
     }
-    let started = registry
-        .begin_upload(authed(
-            &cast.provider_admin,
-            proto::BeginUploadRequest {
-                for_revision: true,
-                ..begin("population", false, one_less.as_bytes())
-            },
-        ))
-        .await?
-        .into_inner();
-    registry
-        .put_upload_chunk(authed(
-            &cast.provider_admin,
-            chunk(&started.id, 0, one_less.as_bytes()),
-        ))
-        .await?;
-    let refused = registry
-        .commit_upload(authed(
-            &cast.provider_admin,
-            proto::GetUploadRequest {
-                upload_id: started.id,
-            },
-        ))
+    let refused = upload_for_revision(&market, &cast.provider_admin, one_less.as_bytes())
         .await
         .unwrap_err();
     assert!(
