@@ -357,8 +357,6 @@ impl ProductStore {
                 .map_err(|error| StorageError::Store(error.to_string()))?
             }
             Self::Objects { store, root, .. } => {
-                use futures::StreamExt as _;
-                use tokio::io::AsyncWriteExt as _;
                 let path = civicgrid_sandbox::object_folder(root, location)?.join(name.as_str());
                 let got = match store.get(&path).await {
                     Ok(got) => got,
@@ -373,19 +371,7 @@ impl ProductStore {
                     }
                     Err(other) => return Err(StorageError::Store(other.to_string())),
                 };
-                let mut stream = got.into_stream();
-                let mut to = tokio::fs::File::create(into)
-                    .await
-                    .map_err(|error| StorageError::Store(error.to_string()))?;
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.map_err(|error| StorageError::Store(error.to_string()))?;
-                    to.write_all(&chunk)
-                        .await
-                        .map_err(|error| StorageError::Store(error.to_string()))?;
-                }
-                to.flush()
-                    .await
-                    .map_err(|error| StorageError::Store(error.to_string()))?;
+                write_whole(got, into).await?;
                 Ok(true)
             }
         }
@@ -602,8 +588,6 @@ impl ProductStore {
                 .map_err(|error| StorageError::Store(error.to_string()))?
             }
             Self::Objects { store, root, .. } => {
-                use futures::StreamExt as _;
-                use tokio::io::AsyncWriteExt as _;
                 let path = civicgrid_sandbox::object_folder(root, location)?
                     .join(INCOMING_FOLDER)
                     .join(product_id)
@@ -614,19 +598,7 @@ impl ProductStore {
                     Err(object_store::Error::NotFound { .. }) => return Ok(false),
                     Err(other) => return Err(StorageError::Store(other.to_string())),
                 };
-                let mut stream = got.into_stream();
-                let mut to = tokio::fs::File::create(into)
-                    .await
-                    .map_err(|error| StorageError::Store(error.to_string()))?;
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.map_err(|error| StorageError::Store(error.to_string()))?;
-                    to.write_all(&chunk)
-                        .await
-                        .map_err(|error| StorageError::Store(error.to_string()))?;
-                }
-                to.sync_all()
-                    .await
-                    .map_err(|error| StorageError::Store(error.to_string()))?;
+                write_whole(got, into).await?;
                 match store.delete(&path).await {
                     Ok(()) => Ok(true),
                     Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -635,6 +607,27 @@ impl ProductStore {
             }
         }
     }
+}
+
+/// Writes the object `got` to the local file `into`, synced, without
+/// holding it in memory.
+async fn write_whole(
+    got: object_store::GetResult,
+    into: &std::path::Path,
+) -> Result<(), StorageError> {
+    use futures::StreamExt as _;
+    use tokio::io::AsyncWriteExt as _;
+    let failed = |error: &dyn std::fmt::Display| StorageError::Store(error.to_string());
+    let mut stream = got.into_stream();
+    let mut to = tokio::fs::File::create(into)
+        .await
+        .map_err(|e| failed(&e))?;
+    while let Some(chunk) = stream.next().await {
+        to.write_all(&chunk.map_err(|e| failed(&e))?)
+            .await
+            .map_err(|e| failed(&e))?;
+    }
+    to.sync_all().await.map_err(|e| failed(&e))
 }
 
 /// A folder table in Arrow IPC cannot be carried into a first version

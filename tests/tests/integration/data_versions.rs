@@ -632,6 +632,25 @@ async fn revise(
     Ok(())
 }
 
+/// The audit log's entries of `kind`, as a platform admin reads them.
+async fn audit_entries(market: &TestMarket, kind: &str) -> anyhow::Result<Vec<proto::AuditEntry>> {
+    Ok(
+        civicgrid_marketplace::proto::audit_client::AuditClient::new(market.channel.clone())
+            .get_entries(authed(
+                &market.admin_token,
+                proto::GetEntriesRequest {
+                    start: 0,
+                    end: 1_000_000,
+                    kind_prefix: kind.into(),
+                    tenant: String::new(),
+                },
+            ))
+            .await?
+            .into_inner()
+            .entries,
+    )
+}
+
 fn withdraw(product: &str, version: i64, reason: &str) -> proto::WithdrawDataVersionRequest {
     proto::WithdrawDataVersionRequest {
         product_id: product.into(),
@@ -795,39 +814,13 @@ async fn withdrawn_and_expired_versions_are_gone(db: Db) -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(total_people(&newest.batches)?, 25);
-    let entries =
-        civicgrid_marketplace::proto::audit_client::AuditClient::new(market.channel.clone())
-            .get_entries(authed(
-                &market.admin_token,
-                proto::GetEntriesRequest {
-                    start: 0,
-                    end: 1_000_000,
-                    kind_prefix: "product.data_version_withdrawn".into(),
-                    tenant: String::new(),
-                },
-            ))
-            .await?
-            .into_inner()
-            .entries;
+    let entries = audit_entries(&market, "product.data_version_withdrawn").await?;
     assert_eq!(entries.len(), 1);
     assert!(
         String::from_utf8_lossy(&entries[0].body).contains("before consent"),
         "{entries:?}"
     );
-    let deletions =
-        civicgrid_marketplace::proto::audit_client::AuditClient::new(market.channel.clone())
-            .get_entries(authed(
-                &market.admin_token,
-                proto::GetEntriesRequest {
-                    start: 0,
-                    end: 1_000_000,
-                    kind_prefix: "product.data_files_deleted".into(),
-                    tenant: String::new(),
-                },
-            ))
-            .await?
-            .into_inner()
-            .entries;
+    let deletions = audit_entries(&market, "product.data_files_deleted").await?;
     assert_eq!(deletions.len(), 1, "the deletion is audited");
 
     // Retention: a version superseded more than 30 days ago goes in the
