@@ -86,6 +86,7 @@ pub fn city(workloads: usize, data_centers: usize, seed: u64) -> Snapshot {
                 datasets: Default::default(),
                 cordoned: false,
                 reachability: Reachability::Reachable,
+                cluster: None,
             }
         })
         .collect();
@@ -206,6 +207,7 @@ pub fn contended_city(workloads: usize, data_centers: usize, seed: u64) -> Snaps
                     .collect(),
                 cordoned: false,
                 reachability: Reachability::Reachable,
+                cluster: None,
             }
         })
         .collect();
@@ -320,6 +322,7 @@ pub fn contended_city(workloads: usize, data_centers: usize, seed: u64) -> Snaps
         &snapshot,
         &civicgrid_operator::engine::Options {
             explain: false,
+            explain_nearest: None,
             exhaustive: false,
         },
     );

@@ -182,6 +182,7 @@ pub fn data_center(
         datasets: spec.datasets.iter().cloned().collect(),
         cordoned: spec.cordoned,
         reachability,
+        cluster: dc.status.as_ref().and_then(|s| s.cluster_id.clone()),
     })
 }
 

@@ -236,7 +236,7 @@ fn default_kubeconfig_key() -> String {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DataCenterStatus {
-    /// Ready, Reachable, Cordoned.
+    /// Ready, Reachable, Cordoned, ClusterIdentified.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Capacity in use by the pool (from the spec or the member's nodes).
@@ -262,6 +262,12 @@ pub struct DataCenterStatus {
     /// gives no `timeAdded`: tolerations' seconds count from here.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub no_execute_since: BTreeMap<String, Time>,
+    /// The member cluster's identity: the UID of its `kube-system`
+    /// namespace, as Karmada identifies clusters. Data centers with the same
+    /// one share a member cluster, and a workload is placed in at most one
+    /// of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)]

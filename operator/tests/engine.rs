@@ -34,6 +34,7 @@ fn dc(name: &str, tier: Tier, region: &str, zone: &str, cores: u64, gib: u64) ->
         datasets: BTreeSet::new(),
         cordoned: false,
         reachability: Reachability::Reachable,
+        cluster: None,
     }
 }
 
@@ -418,6 +419,58 @@ fn duplicated_runs_a_full_copy_per_zone_within_spread_bounds() {
     assert_eq!(p.len(), 2);
     assert!(p.values().all(|n| *n == 3));
     assert_eq!(s.decisions[0].outcome, Outcome::Scheduled);
+}
+
+/// Two data centers of one member cluster would hold a workload's copies as
+/// one object under one name: a workload gets at most one of them, whatever
+/// the strategy, and the other is explained by the cluster it shares.
+#[test]
+fn a_workload_runs_in_one_data_center_per_member_cluster() {
+    let mut dcs = three_dcs();
+    dcs[0].cluster = Some("uid-shared".into());
+    dcs[1].cluster = Some("uid-shared".into());
+    dcs[2].cluster = Some("uid-partner".into());
+    let mut copies = workload("copies", 2, 1, 1);
+    copies.placement.strategy = StrategyKind::Duplicated;
+    // More than partner and the larger of core and edge can hold together
+    // without the smaller one.
+    let mut wide = workload("wide", 12, 4, 4);
+    wide.placement.strategy = StrategyKind::AvailableCapacity;
+    let s = run(&snapshot(dcs.clone(), vec![copies, wide]));
+    assert_eq!(
+        placement(&s, "copies"),
+        BTreeMap::from([("core".to_owned(), 2), ("partner".to_owned(), 2)])
+    );
+    assert_eq!(rule_for(&s, "copies", "edge"), Some(Rule::SharedCluster));
+    let why = s
+        .decision(&WorkloadKey::new("ns", "copies"))
+        .unwrap()
+        .rejections
+        .iter()
+        .find(|r| r.data_center == "edge")
+        .unwrap()
+        .message
+        .clone();
+    assert!(why.contains("shares its member cluster with core"), "{why}");
+    let wide = placement(&s, "wide");
+    assert!(!wide.contains_key("edge"), "{wide:?}");
+    assert_eq!(rule_for(&s, "wide", "edge"), Some(Rule::SharedCluster));
+    let counted = &s
+        .decision(&WorkloadKey::new("ns", "wide"))
+        .unwrap()
+        .rejected_by_rule;
+    assert_eq!(counted.get(&Rule::SharedCluster), Some(&1));
+
+    // Where the workload already runs is the one it keeps, though core
+    // scores as well.
+    let mut s = snapshot(dcs, vec![workload("settled", 2, 1, 1)]);
+    running(&mut s, "settled", "edge", 2);
+    let out = run(&s);
+    assert_eq!(
+        placement(&out, "settled"),
+        BTreeMap::from([("edge".to_owned(), 2)])
+    );
+    assert_eq!(rule_for(&out, "settled", "core"), Some(Rule::SharedCluster));
 }
 
 /// `minDomains` counts domains, not data centers, for every strategy: two
@@ -1338,6 +1391,7 @@ fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
             0u64..160,
             any::<bool>(),
             0u64..4,
+            0usize..4,
         ),
         1..8,
     );
@@ -1361,7 +1415,7 @@ fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
         let data_centers: Vec<DataCenter> = dcs
             .into_iter()
             .enumerate()
-            .map(|(i, (t, r, z, cores, gib, cordoned, gpus))| {
+            .map(|(i, (t, r, z, cores, gib, cordoned, gpus, cluster))| {
                 let mut d = dc(
                     &format!("dc{i}"),
                     tiers[t],
@@ -1375,6 +1429,13 @@ fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
                     d.capacity.gpus.insert("l4".into(), gpus);
                 }
                 d.cost_per_core_hour = (seed >> (i % 32)) & 7;
+                // Clusters 1 and 2 may be shared; 0 is a cluster not yet
+                // identified.
+                d.cluster = match cluster {
+                    0 => None,
+                    1 | 2 => Some(format!("shared-{cluster}")),
+                    _ => Some(format!("own-{i}")),
+                };
                 d
             })
             .collect();
@@ -1622,6 +1683,51 @@ proptest! {
                 prop_assert!(victim.priority < w.priority);
                 prop_assert_eq!(w.preemption, PreemptionPolicy::PreemptLowerPriority);
             }
+        }
+    }
+
+    #[test]
+    fn no_workload_runs_in_two_data_centers_of_one_member_cluster(s in arb_snapshot(), seed in any::<u64>()) {
+        let mut s = s;
+        // Current placements that broke the rule (the cluster's identity
+        // learned late) are mended too.
+        for (i, w) in s.workloads.iter().enumerate() {
+            if (seed >> (i % 64)) & 1 == 1 {
+                let everywhere = s.data_centers.iter().map(|d| (d.name.clone(), 1)).collect();
+                s.current.insert(w.key.clone(), everywhere);
+            }
+        }
+        let cluster_of: BTreeMap<&str, Option<&str>> = s
+            .data_centers
+            .iter()
+            .map(|d| (d.name.as_str(), d.cluster.as_deref()))
+            .collect();
+        for d in &run(&s).decisions {
+            let mut seen = BTreeSet::new();
+            for dc in d.placement.keys() {
+                if let Some(cluster) = cluster_of[dc.as_str()] {
+                    prop_assert!(seen.insert(cluster), "{}: two data centers of {cluster}: {:?}", d.workload, d.placement);
+                }
+            }
+        }
+    }
+
+    /// Explaining only the nearest misses decides the same and counts the
+    /// same, and keeps exactly the rejections a status would pick from the
+    /// full explanation, messages included.
+    #[test]
+    fn explaining_the_nearest_misses_keeps_what_a_full_explanation_ranks_first(s in arb_snapshot(), n in 0usize..5) {
+        let full = run(&s);
+        let nearest = schedule(&s, &Options { explain_nearest: Some(n), ..Options::default() });
+        for (f, d) in full.decisions.iter().zip(&nearest.decisions) {
+            prop_assert_eq!(&f.placement, &d.placement);
+            prop_assert_eq!(&f.rejected_by_rule, &d.rejected_by_rule);
+            prop_assert_eq!(&f.reason, &d.reason);
+            let mut ranked: Vec<&civicgrid_operator::engine::Rejection> = f.rejections.iter().collect();
+            ranked.sort_by(|a, b| b.rule.cmp(&a.rule).then_with(|| a.data_center.cmp(&b.data_center)));
+            let mut expected: Vec<_> = ranked.into_iter().take(n).cloned().collect();
+            expected.sort_by(|a, b| a.data_center.cmp(&b.data_center));
+            prop_assert_eq!(&expected, &d.rejections);
         }
     }
 
@@ -1908,6 +2014,12 @@ fn pool_changed_step_by_step(s: &Snapshot, seed: u64) -> Pool {
                 let mut added = dc.clone();
                 added.name = format!("{}-new", dc.name);
                 pool.set_data_center(added);
+            }
+            5 => {
+                // Its member cluster identified as another's.
+                let mut joined = dc.clone();
+                joined.cluster = Some("shared-1".into());
+                pool.set_data_center(joined);
             }
             4 => {
                 // "Any GPU" now means another model there.

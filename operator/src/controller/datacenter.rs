@@ -136,6 +136,48 @@ pub(super) async fn reconcile(dc: Arc<DataCenter>, ctx: Arc<Context>) -> Result<
             .entry(key.clone())
             .or_insert_with(|| Time(Timestamp::now()));
     }
+    // Data centers that share a member cluster are told apart by its
+    // identity: a workload may run in only one of them.
+    let mut unidentified = None;
+    if let Ok((member, _)) = &probe {
+        match ctx.members.cluster_id(&name, member).await {
+            Ok(id) => {
+                set_condition(
+                    &mut status.conditions,
+                    condition(
+                        "ClusterIdentified",
+                        true,
+                        "Identified",
+                        format!("member cluster {id} (the UID of its kube-system namespace)"),
+                        generation,
+                    ),
+                );
+                status.cluster_id = Some(id);
+            }
+            Err(e) => {
+                let message = format!(
+                    "cannot read namespace kube-system in the member, so data centers that \
+                     share its cluster cannot be told apart: {e}"
+                );
+                set_condition(
+                    &mut status.conditions,
+                    condition(
+                        "ClusterIdentified",
+                        false,
+                        "Unidentified",
+                        message.clone(),
+                        generation,
+                    ),
+                );
+                unidentified = Some(message);
+            }
+        }
+    }
+    let was_identified = previous
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "ClusterIdentified")
+        .is_none_or(|c| c.status == "True");
     let mut checked = (*dc).clone();
     checked.status = Some(status.clone());
     let valid = convert::data_center(&checked, now_unix(), Reachability::Reachable);
@@ -198,6 +240,18 @@ pub(super) async fn reconcile(dc: Arc<DataCenter>, ctx: Arc<Context>) -> Result<
     }
     if let Err(e) = &valid {
         publish(&ctx, &dc, EventType::Warning, "InvalidSpec", e.to_string()).await;
+    }
+    if let Some(message) = unidentified
+        && was_identified
+    {
+        publish(
+            &ctx,
+            &dc,
+            EventType::Warning,
+            "ClusterUnidentified",
+            message,
+        )
+        .await;
     }
     if let Ok((member, _)) = &probe {
         remove_orphans(&ctx, member, &name).await?;

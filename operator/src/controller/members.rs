@@ -9,7 +9,7 @@ use futures::StreamExt as _;
 use futures::channel::mpsc::UnboundedSender;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Node, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Node, Secret};
 use kube::api::{Api, ListParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::reflector::ObjectRef;
@@ -43,6 +43,11 @@ pub struct Members {
     /// member.
     present: Arc<Mutex<HashMap<(String, &'static str), Present>>>,
     namespaces: Mutex<HashSet<(String, String)>>,
+    /// How many times each data center's client was dropped (its access
+    /// taken away, or the data center deleted). A connect that began before
+    /// a drop must not put back the client it made from what it read then.
+    /// Locked after `clients`.
+    dropped: Mutex<HashMap<String, u64>>,
 }
 
 /// The copies of one kind a member's watch has seen.
@@ -79,6 +84,8 @@ struct Member {
     secret: (String, String, String),
     read_at: Option<std::time::Instant>,
     client: Client,
+    /// The member cluster's identity, once read.
+    cluster_id: Option<String>,
     watches: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -110,6 +117,7 @@ impl Members {
             copies: Arc::default(),
             present: Arc::default(),
             namespaces: Mutex::default(),
+            dropped: Mutex::default(),
         }
     }
 
@@ -232,8 +240,10 @@ impl Members {
     /// A Secret that is gone, or no longer holds a kubeconfig that loads,
     /// also drops the cached client: deleting or emptying the Secret is how
     /// a platform engineer takes the operator's access to a member away, and
-    /// the old credentials must not go on being used. (A failure to read the
-    /// Secret from the control cluster keeps it.)
+    /// the old credentials must not go on being used. So does the control
+    /// cluster refusing the operator the Secret (403): taking that right
+    /// away is the other way to do it. (Any other failure to read the
+    /// Secret keeps the client.)
     ///
     /// # Errors
     /// No Secret reference, a missing Secret or key, or a kubeconfig that
@@ -280,11 +290,18 @@ impl Members {
         {
             return Ok(member.client.clone());
         }
+        let drops_before = self.drops(&name);
         let secrets: Api<Secret> = Api::namespaced(control.clone(), &reference.namespace);
         let secret = secrets
             .get_opt(&reference.name)
             .await
-            .map_err(Error::Kube)?
+            .map_err(|e| match e {
+                kube::Error::Api(status) if status.code == 403 => invalid(format!(
+                    "the operator may not read Secret {}/{} (forbidden)",
+                    reference.namespace, reference.name
+                )),
+                e => Error::Kube(e),
+            })?
             .ok_or_else(|| {
                 invalid(format!(
                     "Secret {}/{} not found",
@@ -323,6 +340,14 @@ impl Members {
             .map_err(|e| invalid(format!("no client from the kubeconfig: {e}")))?;
         let client = request_client(config, self.timeout)
             .map_err(|e| invalid(format!("no client from the kubeconfig: {e}")))?;
+        // Checked, watched and recorded under one lock: a drop in between
+        // would otherwise be undone.
+        let mut clients = self.lock();
+        if self.drops(&name) != drops_before {
+            return Err(invalid(
+                "the operator's access was taken away while it connected".to_owned(),
+            ));
+        }
         let watches = vec![
             self.watch_copies::<Deployment>(&name, &watching, "Deployment", |d| {
                 children::ready_replicas(&Child::Deployment(d.clone()))
@@ -334,16 +359,18 @@ impl Members {
                 children::ready_replicas(&Child::Job(j.clone()))
             }),
         ];
-        self.lock().insert(
+        clients.insert(
             name,
             Member {
                 version,
                 secret: source,
                 read_at: Some(std::time::Instant::now()),
                 client: client.clone(),
+                cluster_id: None,
                 watches,
             },
         );
+        drop(clients);
         Ok(client)
     }
 
@@ -357,8 +384,47 @@ impl Members {
 
     /// Forgets the client of a deleted data center.
     pub fn forget(&self, dc: &str) {
-        self.lock().remove(dc);
+        let mut clients = self.lock();
+        clients.remove(dc);
+        *lock(&self.dropped).entry(dc.to_owned()).or_default() += 1;
+        drop(clients);
         lock(&self.present).retain(|(member, _), _| member != dc);
+    }
+
+    fn drops(&self, dc: &str) -> u64 {
+        lock(&self.dropped).get(dc).copied().unwrap_or(0)
+    }
+
+    /// The identity of `dc`'s member cluster (`member` is its client): the
+    /// UID of its `kube-system` namespace, as Karmada identifies clusters.
+    /// Read once per client.
+    ///
+    /// # Errors
+    /// The member does not answer, or does not let the operator read the
+    /// namespace.
+    pub async fn cluster_id(&self, dc: &str, member: &Client) -> Result<String, Error> {
+        if let Some(id) = self.lock().get(dc).and_then(|m| m.cluster_id.clone()) {
+            return Ok(id);
+        }
+        let namespaces: Api<Namespace> = Api::all(member.clone());
+        let id = namespaces
+            .get("kube-system")
+            .await
+            .map_err(|source| Error::Member {
+                data_center: dc.to_owned(),
+                source,
+            })?
+            .metadata
+            .uid
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "the member of data center `{dc}` gave namespace kube-system no UID"
+                ))
+            })?;
+        if let Some(m) = self.lock().get_mut(dc) {
+            m.cluster_id = Some(id.clone());
+        }
+        Ok(id)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Member>> {
@@ -606,6 +672,161 @@ mod tests {
         // the same connection: counted from the idle start it would time out.
         tokio::time::sleep(Duration::from_millis(450)).await;
         assert_eq!(slow().await.unwrap(), "answered");
+    }
+
+    /// A control API server for `connect`: it serves the kubeconfig Secret
+    /// `civicgrid-system/edge-kubeconfig`, or 403 while `forbidden` is set,
+    /// and holds each answer until `release` lets it go (when `hold` is
+    /// set), telling `asked` when a request arrives.
+    struct ControlApi {
+        address: std::net::SocketAddr,
+        forbidden: Arc<std::sync::atomic::AtomicBool>,
+        hold: Arc<std::sync::atomic::AtomicBool>,
+        asked: Arc<tokio::sync::Notify>,
+        release: Arc<tokio::sync::Notify>,
+    }
+
+    impl ControlApi {
+        async fn start() -> Self {
+            use std::sync::atomic::{AtomicBool, Ordering};
+            let kubeconfig = "apiVersion: v1\nkind: Config\n\
+                clusters: [{name: m, cluster: {server: 'http://127.0.0.1:9'}}]\n\
+                users: [{name: u, user: {token: t}}]\n\
+                contexts: [{name: c, context: {cluster: m, user: u}}]\n\
+                current-context: c\n";
+            let secret = Secret {
+                metadata: kube::api::ObjectMeta {
+                    name: Some("edge-kubeconfig".into()),
+                    namespace: Some("civicgrid-system".into()),
+                    resource_version: Some("1".into()),
+                    ..Default::default()
+                },
+                data: Some(BTreeMap::from([(
+                    "kubeconfig".to_owned(),
+                    k8s_openapi::ByteString(kubeconfig.as_bytes().to_vec()),
+                )])),
+                ..Default::default()
+            };
+            let body = serde_json::to_string(&secret).unwrap();
+            let forbidden = Arc::new(AtomicBool::new(false));
+            let hold = Arc::new(AtomicBool::new(false));
+            let asked = Arc::new(tokio::sync::Notify::new());
+            let release = Arc::new(tokio::sync::Notify::new());
+            let state = (
+                forbidden.clone(),
+                hold.clone(),
+                asked.clone(),
+                release.clone(),
+            );
+            let app = axum::Router::new().route(
+                "/api/v1/namespaces/civicgrid-system/secrets/edge-kubeconfig",
+                axum::routing::get(move || {
+                    let (forbidden, hold, asked, release) = state.clone();
+                    let body = body.clone();
+                    async move {
+                        asked.notify_one();
+                        if hold.load(Ordering::SeqCst) {
+                            release.notified().await;
+                        }
+                        if forbidden.load(Ordering::SeqCst) {
+                            return (
+                                http::StatusCode::FORBIDDEN,
+                                r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"secrets \"edge-kubeconfig\" is forbidden","reason":"Forbidden","code":403}"#.to_owned(),
+                            );
+                        }
+                        (http::StatusCode::OK, body)
+                    }
+                }),
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            Self {
+                address,
+                forbidden,
+                hold,
+                asked,
+                release,
+            }
+        }
+
+        fn client(&self) -> Client {
+            let config = kube::Config::new(format!("http://{}", self.address).parse().unwrap());
+            Client::try_from(config).unwrap()
+        }
+    }
+
+    fn edge() -> DataCenter {
+        DataCenter::new(
+            "edge",
+            serde_json::from_value(serde_json::json!({
+                "tier": "edge", "region": "city",
+                "kubeconfigSecretRef": {
+                    "name": "edge-kubeconfig", "namespace": "civicgrid-system", "key": "kubeconfig"
+                }
+            }))
+            .unwrap(),
+        )
+    }
+
+    /// The control cluster refusing the operator the Secret (its right to
+    /// read it taken away) drops the client it had, as a deleted Secret
+    /// does; other failures would keep it.
+    #[tokio::test]
+    async fn a_forbidden_secret_drops_the_members_client() {
+        let api = ControlApi::start().await;
+        let (changes, _) = futures::channel::mpsc::unbounded();
+        let members = Members::new(Duration::from_secs(1), Duration::ZERO, changes);
+        members.connect(&api.client(), &edge()).await.unwrap();
+        assert!(members.cached("edge").is_some());
+        api.forbidden
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let Err(refused) = members.connect(&api.client(), &edge()).await else {
+            panic!("connected with a Secret the operator may not read");
+        };
+        assert!(
+            refused
+                .to_string()
+                .contains("the operator may not read Secret civicgrid-system/edge-kubeconfig"),
+            "{refused}"
+        );
+        assert!(members.cached("edge").is_none());
+    }
+
+    /// A connect that read the Secret before the data center's client was
+    /// dropped (its Secret deleted, its right revoked, the data center
+    /// deleted) does not put a client back; the next connect does.
+    #[tokio::test]
+    async fn a_connect_under_way_when_the_client_is_dropped_keeps_nothing() {
+        use std::sync::atomic::Ordering;
+        let api = ControlApi::start().await;
+        let (changes, _) = futures::channel::mpsc::unbounded();
+        let members = Arc::new(Members::new(
+            Duration::from_secs(1),
+            Duration::ZERO,
+            changes,
+        ));
+        api.hold.store(true, Ordering::SeqCst);
+        let asked = api.asked.notified();
+        let connecting = tokio::spawn({
+            let members = members.clone();
+            let client = api.client();
+            async move { members.connect(&client, &edge()).await }
+        });
+        asked.await;
+        members.forget("edge");
+        api.release.notify_one();
+        let Err(late) = connecting.await.unwrap() else {
+            panic!("a connect under way put a client back");
+        };
+        assert!(
+            late.to_string().contains("taken away while it connected"),
+            "{late}"
+        );
+        assert!(members.cached("edge").is_none());
+        api.hold.store(false, Ordering::SeqCst);
+        members.connect(&api.client(), &edge()).await.unwrap();
+        assert!(members.cached("edge").is_some());
     }
 
     #[test]

@@ -217,7 +217,13 @@ fn decide(
     engine_pool.set_workload(workload);
     engine_pool.set_placement(&key, mine);
     let only = BTreeSet::from([key.clone()]);
-    let mut schedule = engine_pool.schedule_only(now, &only, &Options::default());
+    // The status explains the nearest misses only: the engine builds no
+    // message for the rest.
+    let options = Options {
+        explain_nearest: Some(EXPLAINED_DATA_CENTERS),
+        ..Options::default()
+    };
+    let mut schedule = engine_pool.schedule_only(now, &only, &options);
     let mut decision = schedule.decisions.remove(0);
     let snapshot = engine_pool.snapshot();
     let pool_left = pool_budget_left(ctx, &mut decided, now);
@@ -1025,13 +1031,11 @@ fn status_of(
             message: r.message.clone(),
         })
         .collect();
-    status.rejected_by_rule = BTreeMap::new();
-    for r in &decision.rejections {
-        *status
-            .rejected_by_rule
-            .entry(format!("{:?}", r.rule))
-            .or_default() += 1;
-    }
+    status.rejected_by_rule = decision
+        .rejected_by_rule
+        .iter()
+        .map(|(rule, &n)| (format!("{rule:?}"), i32::try_from(n).unwrap_or(i32::MAX)))
+        .collect();
     let (scheduled, reason) = match decision.outcome {
         Outcome::Scheduled => (true, "Scheduled"),
         Outcome::PartiallyScheduled => (false, "PartiallyScheduled"),
@@ -1438,6 +1442,10 @@ mod tests {
                 score: None,
             })
             .collect();
+        // As the engine counts them, whether it explains each or not.
+        for r in &decision.rejections {
+            *decision.rejected_by_rule.entry(r.rule).or_insert(0) += 1;
+        }
         let status = status_of(
             &ComputeWorkloadStatus::default(),
             &decision,

@@ -21,6 +21,12 @@ pub(super) struct Shape {
     pub(super) name_rank: Vec<u32>,
     pub(super) zone_ids: Vec<usize>,
     pub(super) region_ids: Vec<usize>,
+    /// Each data center's member cluster, interned, where two or more share
+    /// one (`None` for the rest): the only data centers a workload must
+    /// choose between.
+    pub(super) shared_cluster: Vec<Option<usize>>,
+    /// Whether any data centers share a member cluster.
+    pub(super) any_shared: bool,
 }
 
 impl Shape {
@@ -36,11 +42,28 @@ impl Shape {
         for (rank, &dc) in by_name.iter().enumerate() {
             name_rank[dc] = u32::try_from(rank).unwrap_or(u32::MAX);
         }
+        let mut sharing: HashMap<&str, u32> = HashMap::new();
+        for cluster in dcs.iter().filter_map(|dc| dc.cluster.as_deref()) {
+            *sharing.entry(cluster).or_default() += 1;
+        }
+        let cluster_ids = intern(dcs.iter().map(|dc| dc.cluster.as_deref()));
+        let shared_cluster: Vec<Option<usize>> = dcs
+            .iter()
+            .zip(cluster_ids)
+            .map(|(dc, id)| {
+                dc.cluster
+                    .as_deref()
+                    .filter(|cluster| sharing[cluster] > 1)
+                    .map(|_| id)
+            })
+            .collect();
         Self {
             dc_index,
             name_rank,
             zone_ids: intern(dcs.iter().map(|dc| (dc.region.as_str(), dc.zone.as_str()))),
             region_ids: intern(dcs.iter().map(|dc| dc.region.as_str())),
+            any_shared: shared_cluster.iter().any(Option::is_some),
+            shared_cluster,
         }
     }
 }
@@ -271,7 +294,7 @@ impl Pool {
         };
         let old = std::mem::replace(&mut self.snapshot.data_centers[i], dc);
         let new = &self.snapshot.data_centers[i];
-        if (&old.region, &old.zone) != (&new.region, &new.zone) {
+        if (&old.region, &old.zone, &old.cluster) != (&new.region, &new.zone, &new.cluster) {
             self.base.shape = Arc::new(Shape::new(&self.snapshot.data_centers));
         }
         self.base.troubled = troubled(&self.snapshot.data_centers);

@@ -51,7 +51,9 @@ impl Scheduler<'_> {
                 scores.insert(dc.name.clone(), scored.breakdown(c));
                 continue;
             }
-            let (rule, message) = if c.available == 0 && c.keep_only {
+            // The rule first: the message is built only for a rejection
+            // that is kept.
+            let (rule, miss) = if c.available == 0 && c.keep_only {
                 (
                     if dc.cordoned {
                         Rule::Cordoned
@@ -60,60 +62,47 @@ impl Scheduler<'_> {
                     } else {
                         Rule::Unreachable
                     },
-                    msg!(self, "takes no new replicas"),
+                    Miss::TakesNothingNew,
                 )
             } else if c.available == 0 {
-                (
-                    Rule::Capacity,
-                    if explain {
-                        capacity_message(dc, &workload.demand, self, c.dc)
-                    } else {
-                        String::new()
-                    },
-                )
+                (Rule::Capacity, Miss::NoRoom)
             } else if gang_broken {
-                (Rule::Capacity, msg!(self, "gang could not be placed whole"))
+                (Rule::Capacity, Miss::GangBroken)
             } else if let Some(max) = rules.spread.max_domains
                 && !used_domains.contains(&c.domain)
                 && used_domains.len() >= max as usize
             {
-                (
-                    Rule::Spread,
-                    msg!(
-                        self,
-                        "spread allows at most {max} {:?} domains",
-                        rules.spread.by
-                    ),
-                )
+                (Rule::Spread, Miss::Spread(max))
             } else if chosen_best_group.is_some_and(|g| c.group > g) {
-                (
-                    Rule::Fallback,
-                    msg!(
-                        self,
+                (Rule::Fallback, Miss::Fallback)
+            } else {
+                (Rule::Score, Miss::Score)
+            };
+            *rejected_by_rule.entry(rule).or_insert(0) += 1;
+            if explain && rejections.wants(rule, self.shape.name_rank[c.dc]) {
+                let message = match miss {
+                    Miss::TakesNothingNew => "takes no new replicas".to_owned(),
+                    Miss::NoRoom => capacity_message(dc, &workload.demand, self, c.dc),
+                    Miss::GangBroken => "gang could not be placed whole".to_owned(),
+                    Miss::Spread(max) => {
+                        format!("spread allows at most {max} {:?} domains", rules.spread.by)
+                    }
+                    Miss::Fallback => format!(
                         "fallback group `{}` not needed: an earlier group had room",
                         group_name(workload, c.group)
                     ),
-                )
-            } else {
-                (
-                    Rule::Score,
-                    msg!(
-                        self,
+                    Miss::Score => format!(
                         "scored {} against {} for the lowest chosen data center",
                         c.total,
                         lowest_chosen.unwrap_or(0)
                     ),
-                )
-            };
-            *rejected_by_rule.entry(rule).or_insert(0) += 1;
-            if explain {
+                };
                 let score = matches!(rule, Rule::Score | Rule::Fallback | Rule::Spread)
                     .then(|| scored.breakdown(c));
                 rejections.push(self.rejection(c.dc, rule, message, score));
             }
         }
-        rejections.sort_unstable_by_key(|(rank, _)| *rank);
-        let rejections = rejections.into_iter().map(|(_, r)| r).collect();
+        let rejections = rejections.into_sorted();
 
         let placed = placed_total(workload, assignment);
         // Scheduled means the spread held too: copies in two data centers of
@@ -194,6 +183,16 @@ impl Scheduler<'_> {
             },
         )
     }
+}
+
+/// Why a candidate got none of the replicas, before its message is built.
+enum Miss {
+    TakesNothingNew,
+    NoRoom,
+    GangBroken,
+    Spread(u32),
+    Fallback,
+    Score,
 }
 
 pub(super) fn capacity_message(

@@ -10,8 +10,9 @@ use super::model::{
     self, DataCenter, FallbackGroup, Reachability, Selector, StrategyKind, TaintEffect, Tier,
     Toleration, Workload,
 };
-use super::score::StaticParts;
-use super::{EXCLUDED, KEEP_ONLY, Rejection, Rule, Scheduler, Verdict};
+use super::nearest::Rejections;
+use super::score::{Scored, StaticParts};
+use super::{Candidate, EXCLUDED, KEEP_ONLY, Rule, Scheduler, Verdict};
 
 /// What the hard rules that ignore current placement say about every data
 /// center, for one class of workloads with the same rules. Computed once per
@@ -72,8 +73,8 @@ pub(super) const MAX_CLASSES: usize = 1024;
 
 /// What the filter leaves for scoring and explaining.
 pub(super) struct Filtered {
-    /// Rejections so far, keyed by name rank (empty unless explaining).
-    pub(super) rejections: Vec<(u32, Rejection)>,
+    /// Rejections so far (none unless explaining).
+    pub(super) rejections: Rejections,
     /// Rejections per rule so far.
     pub(super) rejected_by_rule: BTreeMap<Rule, u32>,
     /// Static score components over the data centers that passed.
@@ -87,7 +88,7 @@ impl<'a> Scheduler<'a> {
     pub(super) fn filter(&mut self, workload: &Workload, class: &RuleClass) -> Filtered {
         let dcs = &self.snapshot.data_centers;
         let explain = self.options.explain;
-        let mut rejections: Vec<(u32, Rejection)> = Vec::new();
+        let mut rejections = Rejections::new(self.options.explain_nearest);
         let mut rejected_by_rule = class.rejected_by_rule.clone();
         let mut same_set = true;
         for t in 0..self.troubled.len() {
@@ -112,7 +113,7 @@ impl<'a> Scheduler<'a> {
                         }
                     }
                     *rejected_by_rule.entry(rule).or_insert(0) += 1;
-                    if explain {
+                    if explain && rejections.wants(rule, self.shape.name_rank[dc]) {
                         rejections.push(self.rejection(dc, rule, message, None));
                     }
                 }
@@ -122,8 +123,17 @@ impl<'a> Scheduler<'a> {
             for (dc, verdict) in class.verdicts.iter().enumerate() {
                 if let Err((rule, message)) = verdict
                     && self.trouble[dc] != EXCLUDED
+                    && rejections.wants(*rule, self.shape.name_rank[dc])
                 {
-                    rejections.push(self.rejection(dc, *rule, message.clone(), None));
+                    let message = if self.options.explain_nearest.is_some() {
+                        match self.static_rules(workload, &dcs[dc], true) {
+                            Err((_, message)) => message,
+                            Ok(_) => String::new(),
+                        }
+                    } else {
+                        message.clone()
+                    };
+                    rejections.push(self.rejection(dc, *rule, message, None));
                 }
             }
         }
@@ -145,15 +155,94 @@ impl<'a> Scheduler<'a> {
         }
     }
 
+    /// Leaves the workload one candidate per member cluster that data
+    /// centers share, and rejects the rest by [`Rule::SharedCluster`]: a
+    /// copy is one object under the workload's name in its member, so two
+    /// data centers of one cluster cannot both hold one. The one kept is
+    /// where the workload runs (most replicas), else the earliest fallback
+    /// group, then one without a discouraging taint, the one where more of
+    /// its replicas fit, the best score, the first name.
+    pub(super) fn one_per_cluster(
+        &self,
+        workload: &Workload,
+        filtered: &mut Filtered,
+        scored: &mut Scored,
+    ) {
+        if !self.shape.any_shared {
+            return;
+        }
+        let shared = &self.shape.shared_cluster;
+        let wanted = workload.replicas;
+        let preference = |c: &Candidate| {
+            (
+                c.current,
+                std::cmp::Reverse(c.group),
+                !c.discouraged,
+                c.available.min(wanted),
+                c.total,
+                std::cmp::Reverse(c.rank),
+            )
+        };
+        // Cluster -> (candidate index, data center) of the one kept.
+        let mut kept: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
+        for (i, c) in scored.candidates.iter().enumerate() {
+            let Some(cluster) = shared[c.dc] else {
+                continue;
+            };
+            let better = kept
+                .get(&cluster)
+                .is_none_or(|&(k, _)| preference(c) > preference(&scored.candidates[k]));
+            if better {
+                kept.insert(cluster, (i, c.dc));
+            }
+        }
+        if kept.is_empty() {
+            return;
+        }
+        let dcs = &self.snapshot.data_centers;
+        let candidates = std::mem::take(&mut scored.candidates);
+        for (i, c) in candidates.into_iter().enumerate() {
+            match shared[c.dc].map(|cluster| kept[&cluster]) {
+                Some((k, chosen)) if k != i => {
+                    *filtered
+                        .rejected_by_rule
+                        .entry(Rule::SharedCluster)
+                        .or_insert(0) += 1;
+                    if self.options.explain
+                        && filtered
+                            .rejections
+                            .wants(Rule::SharedCluster, self.shape.name_rank[c.dc])
+                    {
+                        let message = format!(
+                            "shares its member cluster with {}, which this workload runs in or \
+                             prefers: it runs in one data center per member cluster",
+                            dcs[chosen].name
+                        );
+                        filtered.rejections.push(self.rejection(
+                            c.dc,
+                            Rule::SharedCluster,
+                            message,
+                            Some(scored.breakdown(&c)),
+                        ));
+                    }
+                }
+                _ => scored.candidates.push(c),
+            }
+        }
+    }
+
     pub(super) fn rule_class(&mut self, workload: &'a Workload) -> Rc<RuleClass> {
         let key = ClassKey::of(workload);
         if let Some(class) = self.classes.get(&key) {
             return Rc::clone(class);
         }
         let dcs = &self.snapshot.data_centers;
+        // Explaining only the nearest misses, the few kept get their
+        // message when they are kept ([`Scheduler::filter`]).
+        let messages = self.options.explain && self.options.explain_nearest.is_none();
         let verdicts: Vec<_> = dcs
             .iter()
-            .map(|dc| self.static_rules(workload, dc))
+            .map(|dc| self.static_rules(workload, dc, messages))
             .collect();
         let pass: Vec<usize> = (0..dcs.len()).filter(|&i| verdicts[i].is_ok()).collect();
         let mut rejected_by_rule = BTreeMap::new();
@@ -257,13 +346,19 @@ impl<'a> Scheduler<'a> {
 
     /// The hard rules after cordon and reachability, in order; they read
     /// only what [`ClassKey`] holds. `Ok((group, discouraged))`.
-    pub(super) fn static_rules(&self, workload: &Workload, dc: &DataCenter) -> Verdict {
+    /// `messages`: whether to say what failed (only the rule otherwise).
+    pub(super) fn static_rules(
+        &self,
+        workload: &Workload,
+        dc: &DataCenter,
+        messages: bool,
+    ) -> Verdict {
         let rules = &workload.placement;
         if !rules.required_tiers.is_empty() && !rules.required_tiers.contains(&dc.tier) {
             return Err((
                 Rule::Tier,
                 msg!(
-                    self,
+                    if messages,
                     "tier {:?} is not one of the required tiers {:?}",
                     dc.tier,
                     rules.required_tiers
@@ -274,7 +369,7 @@ impl<'a> Scheduler<'a> {
             return Err((
                 Rule::Region,
                 msg!(
-                    self,
+                    if messages,
                     "region `{}` is outside the allowed regions {:?}",
                     dc.region,
                     rules.allowed_regions
@@ -289,7 +384,7 @@ impl<'a> Scheduler<'a> {
                 None => {
                     return Err((
                         Rule::FallbackGroup,
-                        msg!(self, "in none of the fallback groups"),
+                        msg!(if messages, "in none of the fallback groups"),
                     ));
                 }
             }
@@ -299,7 +394,7 @@ impl<'a> Scheduler<'a> {
         {
             return Err((
                 Rule::Selector,
-                msg!(self, "labels do not match dataCenterSelector"),
+                msg!(if messages, "labels do not match dataCenterSelector"),
             ));
         }
         let untolerated = |effect: TaintEffect| {
@@ -316,7 +411,7 @@ impl<'a> Scheduler<'a> {
         {
             return Err((
                 Rule::Dataset,
-                msg!(self, "does not host required dataset `{missing}`"),
+                msg!(if messages, "does not host required dataset `{missing}`"),
             ));
         }
         if let Some((site, max_ms)) = &rules.max_latency {
@@ -324,13 +419,13 @@ impl<'a> Scheduler<'a> {
                 None => {
                     return Err((
                         Rule::Latency,
-                        msg!(self, "no latency known to site `{site}`"),
+                        msg!(if messages, "no latency known to site `{site}`"),
                     ));
                 }
                 Some(ms) if ms > max_ms => {
                     return Err((
                         Rule::Latency,
-                        msg!(self, "{ms} ms to `{site}` exceeds the {max_ms} ms bound"),
+                        msg!(if messages, "{ms} ms to `{site}` exceeds the {max_ms} ms bound"),
                     ));
                 }
                 Some(_) => {}
@@ -347,11 +442,13 @@ impl<'a> Scheduler<'a> {
                     Rule::Gpu,
                     match &demand.gpu_model {
                         Some(model) => msg!(
-                            self,
+                            if messages,
                             "has {has} `{model}` GPUs; a replica needs {}",
                             demand.gpu_count
                         ),
-                        None => msg!(self, "has no GPU model with {} GPUs", demand.gpu_count),
+                        None => {
+                            msg!(if messages, "has no GPU model with {} GPUs", demand.gpu_count)
+                        }
                     },
                 ));
             }
@@ -359,7 +456,10 @@ impl<'a> Scheduler<'a> {
         if rules.strategy == StrategyKind::StaticWeights
             && rules.static_weights.get(&dc.name).copied().unwrap_or(0) == 0
         {
-            return Err((Rule::StaticWeight, msg!(self, "has no static weight")));
+            return Err((
+                Rule::StaticWeight,
+                msg!(if messages, "has no static weight"),
+            ));
         }
         let discouraged = untolerated(TaintEffect::PreferNoSchedule).is_some();
         Ok((group, discouraged))

@@ -54,6 +54,11 @@ pub struct Options {
     /// Record a rejection for every data center not chosen. With `false`, only
     /// counts per rule are kept (for very large what-if runs).
     pub explain: bool,
+    /// With `explain`, build only the rejections of this many nearest
+    /// misses (those rejected by the latest rule, then by name), as a
+    /// workload's status shows them; `rejected_by_rule` still counts every
+    /// one. `None` explains every data center.
+    pub explain_nearest: Option<usize>,
     /// Order every candidate even where the strategy reads only the best
     /// few. The decisions are the same, only slower: tests use it to check
     /// the shortcut.
@@ -64,6 +69,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             explain: true,
+            explain_nearest: None,
             exhaustive: false,
         }
     }
@@ -94,6 +100,9 @@ pub enum Rule {
     Gpu,
     /// No StaticWeights entry for it.
     StaticWeight,
+    /// Shares its member cluster with a data center the workload is placed
+    /// in or may use instead.
+    SharedCluster,
     /// Not enough free capacity for one replica.
     Capacity,
     /// Excluded by the spread bounds.
@@ -353,6 +362,9 @@ struct Scheduler<'a> {
 /// A rejection message, built only when explaining: formatting a message for
 /// each of a thousand data centers would dominate a large run.
 macro_rules! msg {
+    (if $messages:ident, $($arg:tt)*) => {
+        if $messages { format!($($arg)*) } else { String::new() }
+    };
     ($self:ident, $($arg:tt)*) => {
         if $self.options.explain { format!($($arg)*) } else { String::new() }
     };
@@ -362,6 +374,7 @@ mod base;
 mod divide;
 mod explain;
 mod filter;
+mod nearest;
 mod preempt;
 mod score;
 
@@ -701,8 +714,9 @@ impl<'a> Scheduler<'a> {
         for &(dc, replicas) in self.current[w].iter() {
             self.here[dc] = replicas;
         }
-        let filtered = self.filter(workload, &class);
+        let mut filtered = self.filter(workload, &class);
         let mut scored = self.score(workload, &class.pass, &class.verdicts, &filtered.parts);
+        self.one_per_cluster(workload, &mut filtered, &mut scored);
         for &dc in &self.troubled {
             self.trouble[dc] = UNTROUBLED;
         }

@@ -312,6 +312,11 @@ pub struct DataCenter {
     pub cordoned: bool,
     /// Member cluster reachability.
     pub reachability: Reachability,
+    /// The member cluster's identity (its `kube-system` namespace's UID),
+    /// once known. Data centers that share a member cluster share it, and a
+    /// workload runs in at most one of them: its copies there would be one
+    /// object under one name.
+    pub cluster: Option<String>,
 }
 
 /// What one replica needs.

@@ -473,6 +473,10 @@ async fn chart_applies_and_its_service_account_runs_the_operator_with_least_priv
             Duration::from_secs(15),
         )),
         metrics: Default::default(),
+        // Revoking its right to the Secret (below) must show within a
+        // second, and must not look like a lost member.
+        member_secret_reread: Duration::from_secs(1),
+        failure_threshold: 1000,
         ..controller::Config::default()
     };
     let operator = tokio::spawn(controller::run(
@@ -538,6 +542,63 @@ async fn chart_applies_and_its_service_account_runs_the_operator_with_least_priv
         },
     )
     .await?;
+
+    // Taking away the chart's binding to the member Secrets takes the
+    // operator's access to the member away, as deleting the Secret does:
+    // the API server refuses it the Secret (403), it drops the client it
+    // had, and changes nothing more in the member with old credentials.
+    let bindings: Api<k8s_openapi::api::rbac::v1::RoleBinding> =
+        Api::namespaced(admin.clone(), NAMESPACE);
+    bindings
+        .delete("civicgrid-operator-member-secrets", &Default::default())
+        .await?;
+    eventually("edge-east's probe refused its Secret", WAIT, || async {
+        let dc = data_centers.get("edge-east").await.ok()?;
+        dc.status?
+            .conditions
+            .iter()
+            .any(|c| {
+                c.type_ == "Reachable"
+                    && c.reason == "MissedProbes"
+                    && c.message.contains("may not read Secret")
+            })
+            .then_some(())
+    })
+    .await?;
+    workloads
+        .patch(
+            "cams",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "spec": { "replicas": 3 } })),
+        )
+        .await?;
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(admin.clone(), "traffic");
+    eventually(
+        "the scale-up failing to propagate for want of the member",
+        WAIT,
+        || async {
+            events
+                .list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("PropagationFailed")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("cams")
+                })
+                .then_some(())
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let replicas = in_member.get("cams").await?.spec.and_then(|s| s.replicas);
+    assert_eq!(
+        replicas,
+        Some(2),
+        "the operator changed a member whose Secret it may no longer read"
+    );
     operator.abort();
     Ok(())
 }

@@ -1219,3 +1219,109 @@ async fn a_workload_preempted_out_of_a_member_leaves_no_copy_there() -> anyhow::
     assert_eq!(lost, vec![("traffic/emergency", "edge-east", 2)]);
     Ok(())
 }
+
+/// Three data centers over two member clusters (dc-000 and dc-002 share
+/// member-0): each reports its cluster's identity, the UID of the member's
+/// kube-system namespace, and a Duplicated workload gets one copy per
+/// member cluster. Its copies in dc-000 and dc-002 would be one Deployment
+/// under one name, which two placements would fight over; dc-002 is
+/// explained by the cluster it shares instead.
+#[tokio::test]
+async fn data_centers_sharing_a_member_cluster_hold_one_copy_of_a_workload() -> anyhow::Result<()> {
+    let shape = civicgrid_tests::controlplane::NodeShape {
+        cpu: "8".into(),
+        memory: "32Gi".into(),
+        ..Default::default()
+    };
+    let shared = pool::SharedPool::start(3, 2, 2, &shape, &["traffic"]).await?;
+    let _operator = OperatorProcess::start(
+        &shared.control,
+        &OperatorOptions {
+            instance: "shared".into(),
+            heartbeat: Duration::from_millis(500),
+            member_timeout: Duration::from_secs(2),
+            readiness_poll: Duration::from_secs(120),
+            leader_election: None,
+            extra_args: Vec::new(),
+        },
+    )?;
+    shared.wait_ready().await?;
+
+    let mut uids = Vec::new();
+    for cluster in &shared.clusters {
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> =
+            Api::all(cluster.client().await?);
+        uids.push(namespaces.get("kube-system").await?.metadata.uid);
+    }
+    let data_centers: Api<DataCenter> = Api::all(shared.client.clone());
+    let identified = eventually("every data center's cluster identified", WAIT, || async {
+        let mut ids = Vec::new();
+        for name in ["dc-000", "dc-001", "dc-002"] {
+            ids.push(data_centers.get(name).await.ok()?.status?.cluster_id?);
+        }
+        Some(ids)
+    })
+    .await?;
+    assert_eq!(
+        identified.into_iter().map(Some).collect::<Vec<_>>(),
+        vec![uids[0].clone(), uids[1].clone(), uids[0].clone()]
+    );
+
+    let api: Api<ComputeWorkload> = Api::namespaced(shared.client.clone(), "traffic");
+    api.create(
+        &PostParams::default(),
+        &workload(
+            "plates",
+            2,
+            serde_json::json!({ "strategy": { "type": "Duplicated" } }),
+            60,
+        )?,
+    )
+    .await?;
+    let status = eventually("plates Scheduled", WAIT, || async {
+        let status = api.get("plates").await.ok()?.status?;
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Scheduled" && c.status == "True")
+            .then_some(status)
+    })
+    .await?;
+    let placed: BTreeMap<&str, i32> = status
+        .placement
+        .iter()
+        .map(|p| (p.data_center.as_str(), p.replicas))
+        .collect();
+    assert_eq!(placed, BTreeMap::from([("dc-000", 2), ("dc-001", 2)]));
+    assert_eq!(
+        status.rejected_by_rule,
+        BTreeMap::from([("SharedCluster".to_owned(), 1)])
+    );
+    let why = status
+        .explanation
+        .iter()
+        .find(|e| e.data_center == "dc-002")
+        .context("dc-002 explained")?;
+    assert_eq!(why.rule, "SharedCluster");
+    assert!(why.message.contains("dc-000"), "{}", why.message);
+
+    // One copy in member-0, labelled with the data center that holds it.
+    for (cluster, data_center) in [(0, "dc-000"), (1, "dc-001")] {
+        let deployments: Api<Deployment> =
+            Api::namespaced(shared.clusters[cluster].client().await?, "traffic");
+        let copy = eventually(&format!("the copy in member-{cluster}"), WAIT, || async {
+            deployments.get_opt("plates").await.ok()?
+        })
+        .await?;
+        assert_eq!(
+            copy.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(children::DATA_CENTER))
+                .map(String::as_str),
+            Some(data_center)
+        );
+        assert_eq!(copy.spec.and_then(|s| s.replicas), Some(2));
+    }
+    Ok(())
+}
