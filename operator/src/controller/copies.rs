@@ -4,8 +4,8 @@
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
-use kube::Client;
-use kube::api::{Api, DeleteParams, ListParams};
+use kube::api::{Api, DeleteParams, ListParams, Preconditions};
+use kube::{Client, ResourceExt as _};
 
 use super::children;
 use super::{Context, Error};
@@ -116,7 +116,10 @@ pub(super) async fn list_children(
     Ok(found)
 }
 
-/// Deletes one copy (and, in the background, its pods).
+/// Deletes one copy (and, in the background, its pods), if it is still
+/// `data_center`'s: in a member cluster that data centers share, the
+/// object under the workload's name may have become another's (the
+/// workload moved to it, and applying its copy relabelled the object).
 pub(super) async fn delete_child(
     ctx: &Context,
     member: &Client,
@@ -128,20 +131,31 @@ pub(super) async fn delete_child(
         child.workload_namespace.clone(),
         child.workload_name.clone(),
     ));
-    let params = DeleteParams::background();
     let result = match child.kind {
-        "Deployment" => Api::<Deployment>::namespaced(member.clone(), &child.namespace)
-            .delete(&child.name, &params)
+        "Deployment" => {
+            delete_if_of(
+                Api::<Deployment>::namespaced(member.clone(), &child.namespace),
+                &child.name,
+                data_center,
+            )
             .await
-            .map(|_| ()),
-        "StatefulSet" => Api::<StatefulSet>::namespaced(member.clone(), &child.namespace)
-            .delete(&child.name, &params)
+        }
+        "StatefulSet" => {
+            delete_if_of(
+                Api::<StatefulSet>::namespaced(member.clone(), &child.namespace),
+                &child.name,
+                data_center,
+            )
             .await
-            .map(|_| ()),
-        _ => Api::<Job>::namespaced(member.clone(), &child.namespace)
-            .delete(&child.name, &params)
+        }
+        _ => {
+            delete_if_of(
+                Api::<Job>::namespaced(member.clone(), &child.namespace),
+                &child.name,
+                data_center,
+            )
             .await
-            .map(|_| ()),
+        }
     };
     match result {
         Ok(()) => Ok(()),
@@ -151,4 +165,32 @@ pub(super) async fn delete_child(
             source,
         }),
     }
+}
+
+/// Deletes `name` if its data-center label still names `data_center`, on
+/// the condition that it is the object just read (a relabelling in between
+/// makes the delete fail, to be looked at again).
+async fn delete_if_of<K>(api: Api<K>, name: &str, data_center: &str) -> Result<(), kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let Some(object) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    if object
+        .labels()
+        .get(children::DATA_CENTER)
+        .map(String::as_str)
+        != Some(data_center)
+    {
+        return Ok(());
+    }
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: object.uid(),
+            resource_version: object.resource_version(),
+        }),
+        ..DeleteParams::background()
+    };
+    api.delete(name, &params).await.map(|_| ())
 }

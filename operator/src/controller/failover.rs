@@ -85,12 +85,20 @@ impl PoolEvictions {
 /// in `failed` (relative to `before`). Receivers in `trim_first` (where the
 /// engine preempted to make room) give up replicas before the others, so
 /// fewer preemptions are made for replicas that will not come.
+///
+/// `cluster_of` names the member cluster of data centers that share one.
+/// Replicas that go from a failed data center to another of its cluster
+/// stay in the same object there: they do not move, so they cost nothing,
+/// and replicas held back stay with that other data center rather than
+/// returning to the failed one (a workload runs in one data center per
+/// member cluster).
 pub fn limit_evictions(
     before: &BTreeMap<String, u32>,
     decided: &mut BTreeMap<String, u32>,
     failed: &BTreeSet<String>,
     budget: u32,
     trim_first: &BTreeSet<String>,
+    cluster_of: &BTreeMap<String, String>,
 ) -> Evictions {
     let was = |dc: &str| before.get(dc).copied().unwrap_or(0);
     let now = |decided: &BTreeMap<String, u32>, dc: &str| decided.get(dc).copied().unwrap_or(0);
@@ -105,6 +113,25 @@ pub fn limit_evictions(
         .map(|(dc, &n)| (dc.clone(), n.saturating_sub(was(dc))))
         .filter(|(_, n)| *n > 0)
         .collect();
+    // A receiver in the failed data center's own cluster, if any.
+    let sibling = |decided: &BTreeMap<String, u32>, dc: &str| -> Option<String> {
+        let cluster = cluster_of.get(dc)?;
+        decided
+            .keys()
+            .find(|other| other.as_str() != dc && cluster_of.get(*other) == Some(cluster))
+            .cloned()
+    };
+    for (dc, n) in &mut lost {
+        if let Some(kept_in) = sibling(decided, dc)
+            && let Some((_, g)) = gained.iter_mut().find(|(r, _)| *r == kept_in)
+        {
+            let stays = (*n).min(*g);
+            *n -= stays;
+            *g -= stays;
+        }
+    }
+    lost.retain(|(_, n)| *n > 0);
+    gained.retain(|(_, n)| *n > 0);
     let total_lost: u32 = lost.iter().map(|(_, n)| n).sum();
     let total_gained: u32 = gained.iter().map(|(_, n)| n).sum();
     let moves = total_lost.min(total_gained);
@@ -122,7 +149,8 @@ pub fn limit_evictions(
     let mut left = deferred;
     for (dc, n) in &lost {
         let back = left.min(*n);
-        *decided.entry(dc.clone()).or_insert(0) += back;
+        let to = sibling(decided, dc).unwrap_or_else(|| dc.clone());
+        *decided.entry(to).or_insert(0) += back;
         left -= back;
     }
     // Take as many from the receivers, largest gain first, one at a time so
@@ -273,6 +301,43 @@ mod tests {
         ));
     }
 
+    /// A workload moving off a failed data center into another of the same
+    /// member cluster stays in the same object: that costs no budget, and
+    /// what the budget holds back stays with the other data center, never
+    /// in two data centers of one cluster.
+    #[test]
+    fn a_move_within_one_member_cluster_is_not_an_eviction() {
+        let clusters: BTreeMap<String, String> = [("edge-a", "x"), ("edge-b", "x")]
+            .iter()
+            .map(|(dc, c)| ((*dc).to_owned(), (*c).to_owned()))
+            .collect();
+        let before = map(&[("edge-a", 10)]);
+        let mut decided = map(&[("edge-b", 10)]);
+        let evictions = limit_evictions(
+            &before,
+            &mut decided,
+            &failed(&["edge-a"]),
+            3,
+            &BTreeSet::new(),
+            &clusters,
+        );
+        assert_eq!(decided, map(&[("edge-b", 10)]));
+        assert_eq!(evictions.deferred, 0);
+        // Part to the sibling, part to another cluster: only the latter
+        // counts, and what it holds back stays with the sibling.
+        let mut decided = map(&[("edge-b", 6), ("core", 4)]);
+        let evictions = limit_evictions(
+            &before,
+            &mut decided,
+            &failed(&["edge-a"]),
+            3,
+            &BTreeSet::new(),
+            &clusters,
+        );
+        assert_eq!(decided, map(&[("edge-b", 7), ("core", 3)]));
+        assert_eq!((evictions.moved, evictions.deferred), (3, 1));
+    }
+
     fn map(entries: &[(&str, u32)]) -> BTreeMap<String, u32> {
         entries.iter().map(|(d, n)| ((*d).to_owned(), *n)).collect()
     }
@@ -291,6 +356,7 @@ mod tests {
             &failed(&["edge"]),
             3,
             &BTreeSet::new(),
+            &BTreeMap::new(),
         );
         assert_eq!(
             evictions,
@@ -313,6 +379,7 @@ mod tests {
             &failed(&["edge"]),
             2,
             &BTreeSet::new(),
+            &BTreeMap::new(),
         );
         assert_eq!(
             evictions,
@@ -338,6 +405,7 @@ mod tests {
             &failed(&["edge"]),
             0,
             &BTreeSet::new(),
+            &BTreeMap::new(),
         );
         assert_eq!(evictions.deferred, 2);
         assert_eq!(decided, before);
@@ -353,6 +421,7 @@ mod tests {
             &failed(&["edge"]),
             0,
             &BTreeSet::new(),
+            &BTreeMap::new(),
         );
         assert_eq!(evictions, Evictions::default());
         assert_eq!(decided, map(&[("core", 3)]));
@@ -368,6 +437,7 @@ mod tests {
             &failed(&["edge-a", "edge-b"]),
             1,
             &BTreeSet::new(),
+            &BTreeMap::new(),
         );
         assert_eq!(
             evictions,

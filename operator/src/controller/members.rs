@@ -344,6 +344,11 @@ impl Members {
         // would otherwise be undone.
         let mut clients = self.lock();
         if self.drops(&name) != drops_before {
+            // A connect that began after the drop may have made a client
+            // already: that one stands.
+            if let Some(member) = clients.get(&name) {
+                return Ok(member.client.clone());
+            }
             return Err(invalid(
                 "the operator's access was taken away while it connected".to_owned(),
             ));

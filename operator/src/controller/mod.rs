@@ -499,14 +499,6 @@ pub async fn run(client: Client, config: Config, shutdown: Shutdown) -> Stopped 
         tracing::error!("the shared DataCenter store refused a subscriber");
         return Stopped::Shutdown;
     };
-    let dc_watch = watcher(dc_api, watcher::Config::default())
-        .default_backoff()
-        .reflect_shared(dc_writer)
-        .for_each(|event| async move {
-            if let Err(error) = event {
-                tracing::warn!(%error, "DataCenter watch");
-            }
-        });
     // A data center's reconcile wakes on its spec, not on its status: its
     // own status writes would wake it at once, so a failing member's probes
     // would run back to back instead of a heartbeat apart (three missed
@@ -615,6 +607,23 @@ pub async fn run(client: Client, config: Config, shutdown: Shutdown) -> Stopped 
             if let Err(error) = result {
                 tracing::debug!(%error, "workload reconcile");
             }
+        });
+    // A deleted data center's client goes with it (the reconciler does not
+    // see deletions: data centers have no finalizer), and with it the old
+    // credentials and the watches on its member.
+    let forgetting = context.clone();
+    let dc_watch = watcher(dc_api, watcher::Config::default())
+        .default_backoff()
+        .reflect_shared(dc_writer)
+        .for_each(move |event| {
+            match event {
+                Ok(watcher::Event::Delete(dc)) => {
+                    forgetting.members.forget(&kube::ResourceExt::name_any(&dc));
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "DataCenter watch"),
+            }
+            std::future::ready(())
         });
     let control = context.client.clone();
     let data_centers = dc_controller

@@ -43,6 +43,9 @@ pub(super) fn placement_fingerprint(dc: &DataCenter) -> u64 {
         serde_json::to_string(&status.allocatable)
             .unwrap_or_default()
             .hash(&mut hasher);
+        // Learning that two data centers share a cluster changes where a
+        // workload may run.
+        status.cluster_id.hash(&mut hasher);
     }
     hasher.finish()
 }
@@ -319,6 +322,26 @@ mod tests {
             }))
             .expect("a valid DataCenter"),
         )
+    }
+
+    /// A data center found to share its member cluster is a change the
+    /// engine must see: workloads that reuse their last decision while
+    /// nothing they read changed must be placed again.
+    #[test]
+    fn learning_a_data_centers_cluster_changes_its_placement_fingerprint() {
+        let unidentified = data_center("edge", "1", 8, None);
+        let mut identified = (*unidentified).clone();
+        identified.status.as_mut().expect("a status").cluster_id = Some("uid-shared".into());
+        assert_ne!(
+            placement_fingerprint(&unidentified),
+            placement_fingerprint(&identified)
+        );
+        let mut other = identified.clone();
+        other.status.as_mut().expect("a status").cluster_id = Some("uid-other".into());
+        assert_ne!(
+            placement_fingerprint(&identified),
+            placement_fingerprint(&other)
+        );
     }
 
     fn seen(pool: &Pool) -> Vec<(String, u64, Option<u32>)> {

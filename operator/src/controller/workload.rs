@@ -311,12 +311,18 @@ fn pace_evictions(
         .collect();
     let engine_placement = decision.placement.clone();
     let preempted_in: BTreeSet<String> = decision.preempted_room.keys().cloned().collect();
+    let cluster_of: BTreeMap<String, String> = snapshot
+        .data_centers
+        .iter()
+        .filter_map(|dc| Some((dc.name.clone(), dc.cluster.clone()?)))
+        .collect();
     let evictions = limit_evictions(
         &before,
         &mut decision.placement,
         &failed,
         budget,
         &preempted_in,
+        &cluster_of,
     );
     drop_unused_preemptions(decision, &engine_placement);
     evictions

@@ -547,6 +547,7 @@ async fn chart_applies_and_its_service_account_runs_the_operator_with_least_priv
     // operator's access to the member away, as deleting the Secret does:
     // the API server refuses it the Secret (403), it drops the client it
     // had, and changes nothing more in the member with old credentials.
+    let revoked_at = k8s_openapi::jiff::Timestamp::now();
     let bindings: Api<k8s_openapi::api::rbac::v1::RoleBinding> =
         Api::namespaced(admin.clone(), NAMESPACE);
     bindings
@@ -587,6 +588,7 @@ async fn chart_applies_and_its_service_account_runs_the_operator_with_least_priv
                 .any(|e| {
                     e.reason.as_deref() == Some("PropagationFailed")
                         && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("cams")
+                        && e.event_time.as_ref().is_some_and(|t| t.0 > revoked_at)
                 })
                 .then_some(())
         },

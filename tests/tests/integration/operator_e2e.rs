@@ -1323,5 +1323,48 @@ async fn data_centers_sharing_a_member_cluster_hold_one_copy_of_a_workload() -> 
         );
         assert_eq!(copy.spec.and_then(|s| s.replicas), Some(2));
     }
+
+    // Draining dc-000 moves the workload to dc-002, its sibling: the same
+    // Deployment, relabelled, never deleted as dc-000's stale copy.
+    let in_member_0: Api<Deployment> =
+        Api::namespaced(shared.clusters[0].client().await?, "traffic");
+    let uid = in_member_0.get("plates").await?.metadata.uid;
+    data_centers
+        .patch(
+            "dc-000",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({
+                "spec": { "taints": [{ "key": "drain", "effect": "NoExecute" }] }
+            })),
+        )
+        .await?;
+    eventually("plates in dc-001 and dc-002", WAIT, || async {
+        let status = api.get("plates").await.ok()?.status?;
+        let placed: BTreeMap<String, i32> = status
+            .placement
+            .iter()
+            .map(|p| (p.data_center.clone(), p.replicas))
+            .collect();
+        (placed == BTreeMap::from([("dc-001".to_owned(), 2), ("dc-002".to_owned(), 2)]))
+            .then_some(())
+    })
+    .await?;
+    for _ in 0..10 {
+        let copy = in_member_0.get("plates").await?;
+        assert_eq!(
+            copy.metadata.uid, uid,
+            "member-0's copy was deleted and made again"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let copy = in_member_0.get("plates").await?;
+    assert_eq!(
+        copy.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(children::DATA_CENTER))
+            .map(String::as_str),
+        Some("dc-002")
+    );
     Ok(())
 }
