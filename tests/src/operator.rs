@@ -38,6 +38,24 @@ pub struct OperatorOptions {
     pub extra_args: Vec<String>,
 }
 
+impl OperatorOptions {
+    /// What the end-to-end tests run with: a heartbeat of half a second, a
+    /// member timeout of two, no leader election, and readiness polled only
+    /// every two minutes (longer than any wait: readiness must come back
+    /// through the member watches).
+    #[must_use]
+    pub fn e2e(instance: &str) -> Self {
+        Self {
+            instance: instance.into(),
+            heartbeat: Duration::from_millis(500),
+            member_timeout: Duration::from_secs(2),
+            readiness_poll: Duration::from_secs(120),
+            leader_election: None,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
 /// A running `civicgrid-operator run`. Dropping it kills it.
 pub struct OperatorProcess {
     instance: String,

@@ -77,14 +77,9 @@ impl Pool {
         lease: Option<Duration>,
     ) -> anyhow::Result<OperatorProcess> {
         let options = OperatorOptions {
-            instance: instance.into(),
-            heartbeat: Duration::from_millis(500),
-            member_timeout: Duration::from_secs(2),
-            // Longer than any wait: readiness must come back through the
-            // member watches, not polling.
-            readiness_poll: Duration::from_secs(120),
             leader_election: lease.map(|lease| ("civicgrid-system".to_owned(), lease)),
             extra_args: self.operator_args.clone(),
+            ..OperatorOptions::e2e(instance)
         };
         Ok(OperatorProcess::start(&self.control, &options)?)
     }
@@ -1234,17 +1229,7 @@ async fn data_centers_sharing_a_member_cluster_hold_one_copy_of_a_workload() -> 
         ..Default::default()
     };
     let shared = pool::SharedPool::start(3, 2, 2, &shape, &["traffic"]).await?;
-    let _operator = OperatorProcess::start(
-        &shared.control,
-        &OperatorOptions {
-            instance: "shared".into(),
-            heartbeat: Duration::from_millis(500),
-            member_timeout: Duration::from_secs(2),
-            readiness_poll: Duration::from_secs(120),
-            leader_election: None,
-            extra_args: Vec::new(),
-        },
-    )?;
+    let _operator = OperatorProcess::start(&shared.control, &OperatorOptions::e2e("shared"))?;
     shared.wait_ready().await?;
 
     let mut uids = Vec::new();

@@ -288,17 +288,7 @@ async fn runner_pools_run_next_to_their_data_and_a_lost_data_center_is_survived(
         ..NodeShape::default()
     };
     let mut city = pool::Pool::start(&MEMBERS, 1, &shape, &[NAMESPACE]).await?;
-    let _operator = OperatorProcess::start(
-        &city.control,
-        &OperatorOptions {
-            instance: "runners".into(),
-            heartbeat: Duration::from_millis(500),
-            member_timeout: Duration::from_secs(2),
-            readiness_poll: Duration::from_secs(120),
-            leader_election: None,
-            extra_args: Vec::new(),
-        },
-    )?;
+    let _operator = OperatorProcess::start(&city.control, &OperatorOptions::e2e("runners"))?;
     let data_centers: Api<DataCenter> = Api::all(city.client.clone());
     for (name, datasets) in [
         (CORE, vec!["population-register"]),
