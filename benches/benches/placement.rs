@@ -16,6 +16,11 @@ use civicgrid_operator::engine::model::{
 };
 use civicgrid_operator::engine::{Options, Pool, schedule, schedule_only};
 
+// The operator's own allocator (operator/src/main.rs), for the engine and
+// every baseline alike.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const FAST: Options = Options {
     explain: false,
     explain_nearest: None,
