@@ -10,7 +10,6 @@ use civicgrid_operator::controller::leader::LeaseConfig;
 use civicgrid_operator::plan::{self, Format};
 use clap::{Parser, Subcommand};
 
-/// CivicGrid operator.
 // A decision frees what the one before it built (the engine's per-decision
 // accounting, candidates and explanations): with glibc's allocator, the
 // data-center sync that follows paid for consolidating those frees, 0.23 ms
@@ -19,6 +18,7 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// CivicGrid operator.
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {

@@ -168,8 +168,9 @@ pub(super) async fn delete_child(
 }
 
 /// Deletes `name` if its data-center label still names `data_center`, on
-/// the condition that it is the object just read (a relabelling in between
-/// makes the delete fail, to be looked at again).
+/// the condition that it is the object just read (its uid: a status write
+/// in between must not fail the delete; a relabelling in the moment
+/// between the read and the delete is not covered).
 async fn delete_if_of<K>(api: Api<K>, name: &str, data_center: &str) -> Result<(), kube::Error>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
@@ -188,7 +189,7 @@ where
     let params = DeleteParams {
         preconditions: Some(Preconditions {
             uid: object.uid(),
-            resource_version: object.resource_version(),
+            resource_version: None,
         }),
         ..DeleteParams::background()
     };

@@ -88,10 +88,9 @@ impl PoolEvictions {
 ///
 /// `cluster_of` names the member cluster of data centers that share one.
 /// Replicas that go from a failed data center to another of its cluster
-/// stay in the same object there: they do not move, so they cost nothing,
-/// and replicas held back stay with that other data center rather than
-/// returning to the failed one (a workload runs in one data center per
-/// member cluster).
+/// stay in the same object there, relabelled: they cost no budget. When
+/// replicas are held back, the failed data center keeps that share too,
+/// so the workload never stands in two data centers of one cluster.
 pub fn limit_evictions(
     before: &BTreeMap<String, u32>,
     decided: &mut BTreeMap<String, u32>,
@@ -121,6 +120,9 @@ pub fn limit_evictions(
             .find(|other| other.as_str() != dc && cluster_of.get(*other) == Some(cluster))
             .cloned()
     };
+    // Per failed data center: the sibling its replicas went to, and how
+    // many.
+    let mut relabelled: BTreeMap<String, (String, u32)> = BTreeMap::new();
     for (dc, n) in &mut lost {
         if let Some(kept_in) = sibling(decided, dc)
             && let Some((_, g)) = gained.iter_mut().find(|(r, _)| *r == kept_in)
@@ -128,6 +130,7 @@ pub fn limit_evictions(
             let stays = (*n).min(*g);
             *n -= stays;
             *g -= stays;
+            relabelled.insert(dc.clone(), (kept_in, stays));
         }
     }
     lost.retain(|(_, n)| *n > 0);
@@ -149,8 +152,22 @@ pub fn limit_evictions(
     let mut left = deferred;
     for (dc, n) in &lost {
         let back = left.min(*n);
-        let to = sibling(decided, dc).unwrap_or_else(|| dc.clone());
-        *decided.entry(to).or_insert(0) += back;
+        if back == 0 {
+            continue;
+        }
+        // Held back, the failed data center keeps what it has: what went
+        // to its sibling comes back too (the sibling's room was found for
+        // that share only), and the workload stays in one data center of
+        // the cluster.
+        let mut stay = back;
+        if let Some((sibling, share)) = relabelled.get(dc)
+            && let Some(placed) = decided.get_mut(sibling)
+        {
+            let share = (*share).min(*placed);
+            *placed -= share;
+            stay += share;
+        }
+        *decided.entry(dc.clone()).or_insert(0) += stay;
         left -= back;
     }
     // Take as many from the receivers, largest gain first, one at a time so
@@ -324,7 +341,9 @@ mod tests {
         assert_eq!(decided, map(&[("edge-b", 10)]));
         assert_eq!(evictions.deferred, 0);
         // Part to the sibling, part to another cluster: only the latter
-        // counts, and what it holds back stays with the sibling.
+        // counts, and once some are held back the failed data center keeps
+        // the sibling's share too (room was found there for that share
+        // only), never both of one cluster.
         let mut decided = map(&[("edge-b", 6), ("core", 4)]);
         let evictions = limit_evictions(
             &before,
@@ -334,8 +353,19 @@ mod tests {
             &BTreeSet::new(),
             &clusters,
         );
-        assert_eq!(decided, map(&[("edge-b", 7), ("core", 3)]));
+        assert_eq!(decided, map(&[("edge-a", 7), ("core", 3)]));
         assert_eq!((evictions.moved, evictions.deferred), (3, 1));
+        // No budget at all: everything stays where it ran.
+        let mut decided = map(&[("edge-b", 6), ("core", 4)]);
+        limit_evictions(
+            &before,
+            &mut decided,
+            &failed(&["edge-a"]),
+            0,
+            &BTreeSet::new(),
+            &clusters,
+        );
+        assert_eq!(decided, map(&[("edge-a", 10)]));
     }
 
     fn map(entries: &[(&str, u32)]) -> BTreeMap<String, u32> {
